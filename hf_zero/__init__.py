@@ -1,0 +1,1 @@
+"""hf_zero: ZeRO sharding and offload for transformers.Trainer."""
