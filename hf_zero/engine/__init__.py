@@ -1,0 +1,26 @@
+"""The hf_zero engine: ZeRO sharding on torch.distributed collectives.
+
+[Note: vocabulary]
+- full param: an ``nn.Parameter`` as the model's modules see it, with its full shape.
+- flat buffer: one contiguous 1-D tensor per dtype holding many trainable full params back to
+  back; each full param's ``.data`` is a view into it (``FlatParamBuffer``).
+- bucket: a contiguous range of a flat buffer, padded to a multiple of the world size W, that is
+  communicated as one collective (``Bucket``). Buckets are numbered in backward order.
+- shard: rank r's 1/W slice of a bucket, ``[start + r*S, start + (r+1)*S)`` with S = bucket
+  size / W. Each element of a flat buffer is owned by exactly one rank.
+- staging gradient: a bucket-sized tensor where the full params' gradients land during backward,
+  before the bucket's reduce-scatter.
+- main grad shard: the fp32 reduced gradient of one bucket's shard, what the optimizer reads.
+- fp32 master shard: the fp32 copy of the local shard that the optimizer updates; when the model
+  is already fp32 it is a view into the flat buffer itself (no copy).
+- piece: the intersection of one full param with the local shard; the optimizer sees one piece
+  per param (so per-param-group settings such as weight decay keep working).
+- offloaded shard: a master shard / optimizer state kept in host memory or on NVMe (issue 7).
+
+Stage differences live in ``stages.py``; collectives in ``collectives.py``.
+"""
+
+from hf_zero.engine.engine import ZeroEngine
+from hf_zero.engine.module import ZeroModule
+
+__all__ = ["ZeroEngine", "ZeroModule"]

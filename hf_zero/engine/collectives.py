@@ -1,0 +1,79 @@
+"""Collectives as start/wait pairs with typed handles, and the per-step collective counter.
+
+Every collective the engine issues goes through this file, so the counts in
+``hf_zero_report.json`` are complete. At world size 1 no collective is issued: the "reduce" of
+one rank is a copy, and that is not counted.
+
+``wait_*`` is idempotent: waiting on a finished handle again does nothing.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from typing import NamedTuple
+
+import torch
+import torch.distributed as dist
+
+# torch >= 2.13 names the tensor-to-tensor collectives *_single; older releases only have the
+# *_into_tensor / *_tensor spellings. Same semantics.
+_all_gather = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
+_reduce_scatter = getattr(dist, "reduce_scatter_single", None) or dist.reduce_scatter_tensor
+
+
+class CommContext:
+    """The process group the engine talks over, and how many collectives of each kind it issued."""
+
+    def __init__(self, group: dist.ProcessGroup | None = None) -> None:
+        self.group = group
+        self.distributed = dist.is_available() and dist.is_initialized()
+        self.world_size = dist.get_world_size(group) if self.distributed else 1
+        self.rank = dist.get_rank(group) if self.distributed else 0
+        self.counts: Counter[str] = Counter()
+
+    def take_counts(self) -> dict[str, int]:
+        """Counts since the last call (one optimizer step when called once per step)."""
+        out = dict(self.counts)
+        self.counts.clear()
+        return out
+
+
+class Handle(NamedTuple):
+    """An in-flight collective: ``work`` is None when it completed synchronously."""
+
+    work: dist.Work | None
+    output: torch.Tensor
+
+
+def start_reduce_scatter(ctx: CommContext, output: torch.Tensor, input: torch.Tensor) -> Handle:
+    """Sum ``input`` (W shards back to back) over ranks; rank r receives shard r in ``output``."""
+    if ctx.world_size == 1:
+        output.copy_(input)
+        return Handle(None, output)
+    ctx.counts["reduce_scatter"] += 1
+    return Handle(_reduce_scatter(output, input, group=ctx.group, async_op=True), output)
+
+
+def start_all_gather(ctx: CommContext, output: torch.Tensor, input: torch.Tensor) -> Handle:
+    """Concatenate every rank's ``input`` into ``output`` (``input`` may alias its own slot)."""
+    if ctx.world_size == 1:
+        if input.data_ptr() != output.data_ptr():
+            output.copy_(input)
+        return Handle(None, output)
+    ctx.counts["all_gather"] += 1
+    return Handle(_all_gather(output, input, group=ctx.group, async_op=True), output)
+
+
+def start_all_reduce(ctx: CommContext, tensor: torch.Tensor) -> Handle:
+    """Sum ``tensor`` over ranks in place."""
+    if ctx.world_size == 1:
+        return Handle(None, tensor)
+    ctx.counts["all_reduce"] += 1
+    return Handle(dist.all_reduce(tensor, group=ctx.group, async_op=True), tensor)
+
+
+def wait(handle: Handle) -> torch.Tensor:
+    """Block (the current stream, on GPU) until the collective is done; return its output."""
+    if handle.work is not None:
+        handle.work.wait()
+    return handle.output

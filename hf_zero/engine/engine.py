@@ -1,0 +1,200 @@
+"""``ZeroEngine``: ZeRO stages 1 and 2 around an existing model and torch optimizer.
+
+Construction (see [Note: vocabulary] in ``__init__``):
+1. trainable full params are packed into one ``FlatParamBuffer`` per (dtype, device);
+2. each bucket gets an fp32 master shard (a view of the buffer when the model is fp32) and an
+   fp32 main grad shard;
+3. the optimizer's param groups are rewritten in place to hold one piece per full param that
+   meets the local shard (so weight decay groups and every per-group setting survive), each
+   piece's ``.grad`` a view of the main grad shard;
+4. a post-accumulate-grad hook on every full param moves its gradient into its bucket's staging
+   tensor; optimizer step pre/post hooks finish the reduction and all-gather the new params.
+
+The optimizer object stays the user's: ``trainer.optimizer`` and LR schedulers keep working;
+its state is the local shard's state.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+
+import torch
+from torch import nn
+from torch.utils.hooks import RemovableHandle
+
+from hf_zero.engine import collectives as C
+from hf_zero.engine.grad_sync import GradBucket, GradSync
+from hf_zero.engine.layout import FlatParamBuffer
+from hf_zero.engine.stages import strategy_for
+
+
+class ZeroEngine:
+    """Shards optimizer state (stage 1) and gradients (stage 2) of ``model`` over ``group``."""
+
+    def __init__(
+        self,
+        model: nn.Module,
+        optimizer: torch.optim.Optimizer,
+        *,
+        stage: int,
+        bucket_numel: int,
+        group=None,
+    ) -> None:
+        self.strategy = strategy_for(stage)
+        self.model, self.optimizer = model, optimizer
+        self.ctx = C.CommContext(group)
+        if optimizer.state:
+            raise ValueError("ZeroEngine needs an optimizer that has not stepped yet (its state is not empty)")
+
+        named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+        by_kind: dict[tuple, list] = defaultdict(list)
+        for name, param in named:
+            by_kind[(param.dtype, param.device)].append((name, param))
+        self.buffers = [
+            FlatParamBuffer(ps, world_size=self.ctx.world_size, rank=self.ctx.rank, bucket_numel=bucket_numel)
+            for ps in by_kind.values()
+        ]
+        grad_buckets = [GradBucket(buf, b) for buf in self.buffers for b in buf.buckets]
+        self.grad_sync = GradSync(self.ctx, grad_buckets)
+
+        # Side tables (no attributes on parameters): full param -> (bucket runtime, slot index).
+        self._where: dict[nn.Parameter, tuple[GradBucket, int]] = {}
+        for gb in grad_buckets:
+            for slot_index in gb.bucket.slots:
+                self._where[gb.buffer.params[slot_index]] = (gb, slot_index)
+
+        self.masters: list[torch.Tensor] = []  # one fp32 master shard per grad bucket
+        self._pieces: dict[nn.Parameter, nn.Parameter] = {}
+        self._piece_grads: list[tuple[nn.Parameter, torch.Tensor]] = []
+        for gb in grad_buckets:
+            shard = gb.buffer.view(gb.bucket.shard)
+            master = shard if shard.dtype == torch.float32 else shard.detach().float()
+            self.masters.append(master)
+            for slot_index, local in gb.buffer.pieces(gb.bucket):
+                piece = nn.Parameter(master[local.start : local.end], requires_grad=True)
+                self._pieces[gb.buffer.params[slot_index]] = piece
+                self._piece_grads.append((piece, gb.main_grad[local.start : local.end]))
+        self._rewrite_optimizer()
+
+        self._in_backward = False
+        self._hooks: list[RemovableHandle] = [
+            p.register_post_accumulate_grad_hook(self._on_grad) for p in self._where
+        ]
+        self._hooks.append(optimizer.register_step_pre_hook(lambda *_: self.finish_grad_sync()))
+        self._hooks.append(optimizer.register_step_post_hook(lambda *_: self._after_step()))
+
+    # ---- optimizer wiring -------------------------------------------------------------------
+
+    def _rewrite_optimizer(self) -> None:
+        seen = set()
+        for group in self.optimizer.param_groups:
+            pieces = []
+            for p in group["params"]:
+                if p not in self._where:
+                    raise ValueError(
+                        f"the optimizer holds a parameter of shape {tuple(p.shape)} that is not a trainable "
+                        "parameter of the model; hf_zero can only shard the model's own parameters"
+                    )
+                seen.add(p)
+                if p in self._pieces:
+                    pieces.append(self._pieces[p])
+            group["params"] = pieces
+        missing = [p for p in self._where if p not in seen]
+        if missing:
+            # Trainable params the optimizer does not update: their gradients are still reduced
+            # (they may feed clipping), but they get no optimizer state.
+            for p in missing:
+                self._pieces.pop(p, None)
+        if not any(g["params"] for g in self.optimizer.param_groups):
+            # This rank's shards hold only padding: give the optimizer an empty tensor to step.
+            empty = nn.Parameter(torch.zeros(0, device=self.buffers[0].device))
+            empty.grad = torch.zeros(0, device=self.buffers[0].device)
+            self.optimizer.param_groups[0]["params"] = [empty]
+
+    # ---- gradient path ----------------------------------------------------------------------
+
+    def _on_grad(self, param: nn.Parameter) -> None:
+        if not self._in_backward:
+            self._in_backward = True
+            self.grad_sync.begin_backward()
+            torch.autograd.Variable._execution_engine.queue_callback(self._on_backward_end)
+        bucket, slot_index = self._where[param]
+        if bucket.state.name in ("REDUCING", "REDUCED"):
+            raise AssertionError(
+                f"parameter {bucket.buffer.slots[slot_index].name} received a second gradient in one backward "
+                "after its bucket was reduced (reentrant gradient checkpointing with shared weights?)"
+            )
+        bucket.add_grad(slot_index, param.grad)
+        param.grad = None
+        self.grad_sync.on_bucket_progress()
+
+    def _on_backward_end(self) -> None:
+        self._in_backward = False
+        self.grad_sync.on_backward_end()
+
+    def set_gradient_sync(self, enabled: bool) -> None:
+        """False between gradient-accumulation boundaries; only stage 1 then skips communication."""
+        self.grad_sync.sync_enabled = enabled or self.strategy.reduce_every_microstep
+
+    def finish_grad_sync(self) -> None:
+        """Idempotent: all reductions of this step done, and the optimizer's pieces see them."""
+        self.grad_sync.finish()
+        for piece, grad in self._piece_grads:
+            piece.grad = grad
+
+    # ---- clipping ---------------------------------------------------------------------------
+
+    def grad_norm(self) -> torch.Tensor:
+        """Global L2 norm of the reduced gradients, as ``clip_grad_norm_`` of plain DDP reports it."""
+        self.finish_grad_sync()
+        local = torch.zeros((), dtype=torch.float32, device=self.buffers[0].device)
+        for gb in self.grad_sync.buckets:
+            local += gb.main_grad.pow(2).sum()
+        return C.wait(C.start_all_reduce(self.ctx, local)).sqrt()
+
+    def clip_grad_norm_(self, max_norm: float) -> torch.Tensor:
+        """Scale the main grads so their global norm is at most ``max_norm``; return the norm before."""
+        total = self.grad_norm()
+        if max_norm != float("inf"):
+            coef = torch.clamp(max_norm / (total + 1e-6), max=1.0)
+            for gb in self.grad_sync.buckets:
+                gb.main_grad.mul_(coef)
+        return total
+
+    # ---- after the optimizer step -----------------------------------------------------------
+
+    def _after_step(self) -> None:
+        handles = []
+        with torch.no_grad():
+            for gb, master in zip(self.grad_sync.buckets, self.masters):
+                shard = gb.buffer.view(gb.bucket.shard)
+                if master.data_ptr() != shard.data_ptr():
+                    shard.copy_(master)
+                handles.append(C.start_all_gather(self.ctx, gb.buffer.view(gb.bucket.range), shard))
+        for h in handles:
+            C.wait(h)
+        self.grad_sync.start_next_step()
+
+    # ---- accounting -------------------------------------------------------------------------
+
+    def held_bytes(self) -> dict[str, int]:
+        """Bytes this rank holds right now, measured from the tensors themselves."""
+
+        def nbytes(t: torch.Tensor) -> int:
+            return t.numel() * t.element_size()
+
+        buffered = {p for buf in self.buffers for p in buf.params}
+        params = sum(nbytes(buf.data) for buf in self.buffers)
+        params += sum(nbytes(p) for p in self.model.parameters() if p not in buffered)
+        masters = sum(nbytes(m) for m, gb in zip(self.masters, self.grad_sync.buckets)
+                      if m.data_ptr() != gb.buffer.view(gb.bucket.shard).data_ptr())
+        state = sum(nbytes(v) for s in self.optimizer.state.values() for v in s.values()
+                    if torch.is_tensor(v) and v.dim() > 0)
+        grads = sum(gb.held_bytes() for gb in self.grad_sync.buckets)
+        return {"params": params, "grads": grads, "peak_grads": self.grad_sync.peak_grad_bytes,
+                "optimizer_state": state + masters}
+
+    def close(self) -> None:
+        for h in self._hooks:
+            h.remove()
+        self._hooks.clear()

@@ -1,0 +1,163 @@
+"""Gradient path of ZeRO-1/2: full param grads -> staging -> reduce-scatter -> main grad shard.
+
+Timeline of one backward with 3 buckets (bucket 0 holds the last layers, so it fills first):
+
+    backward:   [ grads of bucket 0 ][ grads of bucket 1 ][ grads of bucket 2 ]
+    collective:                      [ RS 0 ]             [ RS 1 ]             [ RS 2 ]
+    main grad:                                   += 0                 += 1          += 2 (at finish)
+
+Buckets are launched strictly in index order on every rank (a bucket whose grads are all in
+waits for its predecessors), so all ranks issue the same collectives in the same order even
+when some params get no gradient on some ranks. Buckets still incomplete when backward ends
+are launched then; at most ``MAX_IN_FLIGHT`` reduce-scatters are outstanding, so the staging
+memory of stage 2 stays bounded by a few buckets.
+"""
+
+from __future__ import annotations
+
+import enum
+
+import torch
+
+from hf_zero.engine import collectives as C
+from hf_zero.engine.layout import Bucket, FlatParamBuffer
+
+MAX_IN_FLIGHT = 2
+
+
+class BucketState(enum.Enum):
+    IDLE = "idle"  # no gradient arrived in this backward
+    FILLING = "filling"  # some of its params' grads are in the staging tensor
+    READY = "ready"  # all grads in; waiting for predecessors to launch
+    REDUCING = "reducing"  # reduce-scatter in flight
+    REDUCED = "reduced"  # main grad shard updated for this backward
+
+
+class GradBucket:
+    """Runtime state of one bucket's gradients (geometry lives in ``layout.Bucket``)."""
+
+    def __init__(self, buffer: FlatParamBuffer, bucket: Bucket) -> None:
+        self.buffer, self.bucket = buffer, bucket
+        self.state = BucketState.IDLE
+        self.missing = len(bucket.slots)
+        self.staging: torch.Tensor | None = None
+        self.handle: C.Handle | None = None
+        self.main_grad = torch.zeros(bucket.shard_size, dtype=torch.float32, device=buffer.device)
+        self.main_grad_fresh = True  # True: main_grad holds nothing of this optimizer step yet
+
+    def _expect(self, *states: BucketState) -> None:
+        if self.state not in states:
+            raise AssertionError(f"bucket {self.bucket.index}: state {self.state.name}, expected {[s.name for s in states]}")
+
+    def staging_tensor(self) -> torch.Tensor:
+        if self.staging is None:
+            self.staging = torch.zeros(self.bucket.range.size, dtype=self.buffer.dtype, device=self.buffer.device)
+        return self.staging
+
+    def add_grad(self, slot_index: int, grad: torch.Tensor) -> None:
+        self._expect(BucketState.IDLE, BucketState.FILLING)
+        r = self.buffer.slots[slot_index].range.shift(self.bucket.range.start)
+        self.staging_tensor()[r.start : r.end].add_(grad.reshape(-1))
+        self.missing -= 1
+        self.state = BucketState.READY if self.missing == 0 else BucketState.FILLING
+
+    def start_reduce(self, ctx: C.CommContext) -> None:
+        self._expect(BucketState.IDLE, BucketState.FILLING, BucketState.READY)
+        staging = self.staging_tensor()
+        if ctx.world_size > 1:
+            staging.div_(ctx.world_size)  # average like DDP; pre-divided to keep bf16 sums in range
+        direct = self.main_grad_fresh and staging.dtype == torch.float32
+        out = self.main_grad if direct else torch.empty(self.bucket.shard_size, dtype=staging.dtype, device=staging.device)
+        self.handle = C.start_reduce_scatter(ctx, out, staging)
+        self.state = BucketState.REDUCING
+
+    def finish_reduce(self) -> None:
+        """Idempotent: wait for the reduce-scatter and fold it into the main grad shard."""
+        if self.state is not BucketState.REDUCING:
+            return
+        out = C.wait(self.handle)
+        if out is not self.main_grad:
+            if self.main_grad_fresh:
+                self.main_grad.copy_(out)
+            else:
+                self.main_grad.add_(out)
+        self.main_grad_fresh = False
+        self.handle, self.staging = None, None
+        self.state = BucketState.REDUCED
+
+    def reset_for_backward(self, keep_staging: bool) -> None:
+        """Called when a backward ends without communication (stage 1 accumulation)."""
+        if not keep_staging:
+            self.staging = None
+        self.missing = len(self.bucket.slots)
+        self.state = BucketState.IDLE
+
+    def held_bytes(self) -> int:
+        staging = self.staging.numel() * self.staging.element_size() if self.staging is not None else 0
+        return staging + self.main_grad.numel() * self.main_grad.element_size()
+
+
+class GradSync:
+    """All grad buckets of the engine, launched in one global order."""
+
+    def __init__(self, ctx: C.CommContext, buckets: list[GradBucket]) -> None:
+        self.ctx = ctx
+        self.buckets = buckets
+        self.next_launch = 0
+        self.sync_enabled = True  # False inside ZeroModule.no_sync() (stage 1 accumulation)
+        self.peak_grad_bytes = 0
+
+    def on_bucket_progress(self) -> None:
+        if self.sync_enabled:
+            self._launch_ready(force=False)
+        self._track_memory()
+
+    def _launch_ready(self, force: bool) -> None:
+        while self.next_launch < len(self.buckets):
+            bucket = self.buckets[self.next_launch]
+            if not force and bucket.state is not BucketState.READY:
+                return
+            bucket.start_reduce(self.ctx)
+            self.next_launch += 1
+            if self.next_launch > MAX_IN_FLIGHT:
+                self.buckets[self.next_launch - 1 - MAX_IN_FLIGHT].finish_reduce()
+
+    def on_backward_end(self) -> None:
+        """Launch what is left (params without grads count as zero), or keep accumulating."""
+        if self.sync_enabled:
+            self._launch_ready(force=True)
+        else:
+            for bucket in self.buckets:
+                bucket.reset_for_backward(keep_staging=True)
+        self._track_memory()
+
+    def finish(self) -> None:
+        """Idempotent: every bucket's reduce-scatter done, main grads complete for this step."""
+        if any(b.staging is not None for b in self.buckets[self.next_launch :]):
+            self._launch_ready(force=True)  # grads accumulated without a synced backward
+        for bucket in self.buckets:
+            bucket.finish_reduce()
+            if bucket.main_grad_fresh:
+                bucket.main_grad.zero_()  # no gradient reached it in this step
+                bucket.main_grad_fresh = False
+        self._track_memory()
+
+    def start_next_step(self) -> None:
+        """After the optimizer step: main grads were consumed; the next backward overwrites them."""
+        for bucket in self.buckets:
+            bucket.reset_for_backward(keep_staging=False)
+            bucket.main_grad_fresh = True
+        self.next_launch = 0
+
+    def begin_backward(self) -> None:
+        """Called at the first gradient of a backward, after a synced backward has completed."""
+        if self.next_launch:
+            # A synced backward already ran in this step (stage 2, several micro-steps): its
+            # reductions are folded into the main grads, and this backward fills fresh staging.
+            for bucket in self.buckets:
+                bucket.finish_reduce()
+                bucket.reset_for_backward(keep_staging=False)
+            self.next_launch = 0
+
+    def _track_memory(self) -> None:
+        self.peak_grad_bytes = max(self.peak_grad_bytes, sum(b.held_bytes() for b in self.buckets))

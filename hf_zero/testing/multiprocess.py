@@ -1,0 +1,106 @@
+"""Run a function on N gloo ranks in fresh processes, for tests and examples.
+
+``run_on_ranks(fn, world_size, *args)`` spawns ``world_size`` processes, initializes a gloo
+process group in each, calls ``fn(rank, world_size, *args)`` and returns the list of per-rank
+return values (rank order). If any rank raises, or the run outlasts ``timeout`` seconds, every
+rank is stopped and a ``RankFailure`` is raised carrying each failing rank's full traceback.
+
+``fn`` and ``args`` must be picklable (a module-level function), as with ``torch.multiprocessing``.
+"""
+
+from __future__ import annotations
+
+import multiprocessing as mp
+import os
+import queue
+import socket
+import traceback
+from typing import Any, Callable
+
+import torch
+import torch.distributed as dist
+
+
+class RankFailure(RuntimeError):
+    """One or more ranks raised or hung; the message holds every rank's traceback."""
+
+
+def free_port() -> int:
+    """A TCP port on localhost that nothing listens on right now."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _worker(rank: int, world_size: int, port: int, fn: Callable, args: tuple, results: Any) -> None:
+    os.environ.update(
+        MASTER_ADDR="127.0.0.1",
+        MASTER_PORT=str(port),
+        RANK=str(rank),
+        WORLD_SIZE=str(world_size),
+        LOCAL_RANK=str(rank),
+        LOCAL_WORLD_SIZE=str(world_size),
+    )
+    torch.set_num_threads(1)
+    try:
+        dist.init_process_group("gloo", rank=rank, world_size=world_size)
+        out = fn(rank, world_size, *args)
+        results.put((rank, "ok", out))
+    except BaseException:  # noqa: BLE001 - every failure must reach the parent
+        results.put((rank, "error", traceback.format_exc()))
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+
+
+def run_on_ranks(fn: Callable, world_size: int, *args: Any, timeout: float = 120.0) -> list[Any]:
+    """Run ``fn(rank, world_size, *args)`` on ``world_size`` gloo ranks; return per-rank results."""
+    if world_size < 1:
+        raise ValueError(f"world_size must be >= 1, got {world_size}")
+    ctx = mp.get_context("spawn")
+    results = ctx.Queue()
+    port = free_port()
+    procs = [
+        ctx.Process(target=_worker, args=(r, world_size, port, fn, args, results), daemon=True)
+        for r in range(world_size)
+    ]
+    for p in procs:
+        p.start()
+    outcomes: dict[int, tuple[str, Any]] = {}
+    try:
+        while len(outcomes) < world_size:
+            try:
+                rank, status, payload = results.get(timeout=timeout)
+            except queue.Empty:
+                missing = sorted(set(range(world_size)) - set(outcomes))
+                raise RankFailure(_describe(outcomes, f"timed out after {timeout}s; ranks {missing} did not finish"))
+            outcomes[rank] = (status, payload)
+            if status == "error":
+                # One rank failed: the others may be blocked in a collective. Give them a moment to report.
+                _drain(results, outcomes, world_size, grace=5.0)
+                raise RankFailure(_describe(outcomes, "a rank raised"))
+    finally:
+        for p in procs:
+            p.join(timeout=10)
+            if p.is_alive():
+                p.kill()
+                p.join()
+    return [outcomes[r][1] for r in range(world_size)]
+
+
+def _drain(results: Any, outcomes: dict, world_size: int, grace: float) -> None:
+    while len(outcomes) < world_size:
+        try:
+            rank, status, payload = results.get(timeout=grace)
+        except queue.Empty:
+            return
+        outcomes[rank] = (status, payload)
+
+
+def _describe(outcomes: dict[int, tuple[str, Any]], headline: str) -> str:
+    parts = [f"run_on_ranks: {headline}"]
+    for rank in sorted(outcomes):
+        status, payload = outcomes[rank]
+        if status == "error":
+            parts.append(f"--- rank {rank} traceback ---\n{payload}")
+    return "\n".join(parts)
