@@ -1,0 +1,125 @@
+"""The Trainer seams hf_zero uses: the one place where the integration touches ``transformers``.
+
+``install()`` wraps these ``transformers.Trainer`` methods (so every subclass, Seq2SeqTrainer and
+SFT-style trainers included, inherits them). Each wrapper calls the original and only adds
+behaviour for a Trainer that has a ``ZeroSession``; a Trainer created while hf_zero is not
+active behaves exactly as before.
+
+| method              | what hf_zero adds                                                       |
+|---------------------|-------------------------------------------------------------------------|
+| ``__init__``        | resolves the config against TrainingArguments, adds the report callback |
+| ``create_optimizer``| stage >= 1: builds the ZeroEngine around the optimizer just created     |
+| ``_wrap_model``     | stage >= 1: trains a ``ZeroModule`` where DDP would stand               |
+| ``_clip_grad_norm`` | stage >= 1: global norm over the gradient shards, then clip             |
+| ``_get_grad_norm``  | stage >= 1: the same norm when clipping is off                          |
+"""
+
+from __future__ import annotations
+
+import functools
+import weakref
+
+from transformers import Trainer
+
+from hf_zero.engine import ZeroEngine, ZeroModule
+from hf_zero.trainer import session as S
+
+_ORIGINALS: dict[str, object] = {}
+
+
+def _seam(fn):
+    """Mark ``fn`` as the wrapper of the Trainer method of the same name."""
+    _SEAMS[fn.__name__] = fn
+    return fn
+
+
+_SEAMS: dict[str, object] = {}
+
+
+def _original(name: str):
+    return _ORIGINALS[name]
+
+
+@_seam
+def __init__(self, *args, **kwargs):
+    _original("__init__")(self, *args, **kwargs)
+    config = S.active_config()
+    if config is None or S.session_of(self) is not None:
+        return
+    from hf_zero.config import resolve_config
+    from hf_zero.trainer.report import ReportCallback
+
+    model_config = getattr(self.model, "config", None)
+    resolved = resolve_config(
+        config,
+        self.args,
+        world_size=self.args.world_size,
+        hidden_size=getattr(model_config, "hidden_size", None),
+    )
+    if resolved.zero.stage >= 1 and resolved.precision.dtype == "fp16":
+        raise NotImplementedError(
+            "fp16 with zero_optimization.stage >= 1 is not implemented yet in hf_zero; use bf16 or fp32"
+        )
+    session = S.ZeroSession(config=resolved, trainer_ref=weakref.ref(self))
+    S.attach(self, session)
+    self.add_callback(ReportCallback(session))
+
+
+@_seam
+def create_optimizer(self, model=None):
+    optimizer = _original("create_optimizer")(self, model)
+    session = S.session_of(self)
+    if session is not None and session.stage >= 1 and session.engine is None:
+        session.engine = ZeroEngine(
+            self.model,
+            self.optimizer,
+            stage=session.stage,
+            bucket_numel=int(session.config.zero.reduce_bucket_size),
+        )
+    return optimizer
+
+
+@_seam
+def _wrap_model(self, model, training=True, dataloader=None):
+    session = S.session_of(self)
+    if session is None or session.engine is None or not training:
+        return _original("_wrap_model")(self, model, training, dataloader)
+    if isinstance(model, ZeroModule):
+        return model
+    wrapped = ZeroModule(model, session.engine)
+    # Autocast and compilation as accelerate would apply them, without its DDP wrapping.
+    return self.accelerator.prepare_model(wrapped, device_placement=False, evaluation_mode=True)
+
+
+@_seam
+def _clip_grad_norm(self, model):
+    session = S.session_of(self)
+    if session is None or session.engine is None:
+        return _original("_clip_grad_norm")(self, model)
+    self.accelerator.unscale_gradients()
+    return session.engine.clip_grad_norm_(self.args.max_grad_norm)
+
+
+@_seam
+def _get_grad_norm(self, model, grad_norm=None):
+    session = S.session_of(self)
+    if session is not None and session.engine is not None and grad_norm is None:
+        grad_norm = session.engine.grad_norm()
+    return _original("_get_grad_norm")(self, model, grad_norm)
+
+
+def install() -> None:
+    """Wrap the Trainer methods above; idempotent."""
+    for name, wrapper in _SEAMS.items():
+        if name in _ORIGINALS:
+            continue
+        original = getattr(Trainer, name)
+        _ORIGINALS[name] = original
+        setattr(Trainer, name, functools.wraps(original)(wrapper))
+
+
+def uninstall() -> None:
+    """Put the original Trainer methods back."""
+    for name, original in _ORIGINALS.items():
+        setattr(Trainer, name, original)
+    _ORIGINALS.clear()

@@ -1,0 +1,47 @@
+"""``ZeroSession``: what hf_zero knows about one Trainer, kept in a side table (not on the Trainer)."""
+
+from __future__ import annotations
+
+import weakref
+from dataclasses import dataclass, field
+from typing import Any
+
+from hf_zero.engine import ZeroEngine
+
+_ACTIVE: dict[str, Any] = {"config": None}
+_SESSIONS: "weakref.WeakKeyDictionary[Any, ZeroSession]" = weakref.WeakKeyDictionary()
+
+
+@dataclass
+class ZeroSession:
+    """The resolved config for one Trainer and the engine built for it (stage >= 1)."""
+
+    config: Any  # hf_zero.config.HfZeroConfig, no "auto" left
+    trainer_ref: Any  # weakref to the Trainer
+    engine: ZeroEngine | None = None
+    figures: dict = field(default_factory=dict)
+
+    @property
+    def stage(self) -> int:
+        return self.config.zero.stage
+
+    @property
+    def trainer(self):
+        return self.trainer_ref()
+
+
+def active_config():
+    """The config passed to ``hf_zero.activate`` in this process, or None."""
+    return _ACTIVE["config"]
+
+
+def set_active_config(config) -> None:
+    _ACTIVE["config"] = config
+
+
+def session_of(trainer) -> ZeroSession | None:
+    return _SESSIONS.get(trainer)
+
+
+def attach(trainer, session: ZeroSession) -> None:
+    _SESSIONS[trainer] = session
