@@ -42,26 +42,60 @@ class ZeroEngine:
     ) -> None:
         self.strategy = strategy_for(stage)
         self.model, self.optimizer = model, optimizer
+        self.bucket_numel = bucket_numel
         self.ctx = C.CommContext(group)
         if optimizer.state:
             raise ValueError("ZeroEngine needs an optimizer that has not stepped yet (its state is not empty)")
 
         named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+        self._names = {p: n for n, p in named}
+        # The optimizer's groups as the user built them, in full params; rewritten into pieces.
+        self._groups_full = [list(g["params"]) for g in optimizer.param_groups]
+        self._build(named)
+        # Until the first backward has shown the order in which gradients arrive, the layout
+        # follows registration order; see _on_backward_end.
+        self._arrival: list[nn.Parameter] | None = []
+
+        self._in_backward = False
+        self._grad_hooks: list[RemovableHandle] = [
+            p.register_post_accumulate_grad_hook(self._on_grad) for p in self._where
+        ]
+        self._hooks: list[RemovableHandle] = []
+        self._hooks.append(optimizer.register_step_pre_hook(lambda *_: self.finish_grad_sync()))
+        self._hooks.append(optimizer.register_step_post_hook(lambda *_: self._after_step()))
+
+    # ---- layout -------------------------------------------------------------------------------
+
+    def _build(self, named: list[tuple[str, nn.Parameter]], old: "GradSync | None" = None) -> None:
+        """Pack ``named`` (forward order) into buffers, build buckets, masters and pieces, and point
+        the optimizer at the pieces. With ``old``, carry its un-reduced staging gradients over."""
         by_kind: dict[tuple, list] = defaultdict(list)
         for name, param in named:
             by_kind[(param.dtype, param.device)].append((name, param))
+        old_grads = {}
+        if old is not None:
+            for gb in old.buckets:
+                if gb.staging is not None:
+                    for i in gb.bucket.slots:
+                        r = gb.buffer.slots[i].range.shift(gb.bucket.range.start)
+                        old_grads[gb.buffer.params[i]] = gb.staging[r.start : r.end]
         self.buffers = [
-            FlatParamBuffer(ps, world_size=self.ctx.world_size, rank=self.ctx.rank, bucket_numel=bucket_numel)
+            FlatParamBuffer(ps, world_size=self.ctx.world_size, rank=self.ctx.rank, bucket_numel=self.bucket_numel)
             for ps in by_kind.values()
         ]
         grad_buckets = [GradBucket(buf, b) for buf in self.buffers for b in buf.buckets]
+        sync_enabled = old.sync_enabled if old is not None else True
         self.grad_sync = GradSync(self.ctx, grad_buckets)
+        self.grad_sync.sync_enabled = sync_enabled
 
         # Side tables (no attributes on parameters): full param -> (bucket runtime, slot index).
         self._where: dict[nn.Parameter, tuple[GradBucket, int]] = {}
         for gb in grad_buckets:
             for slot_index in gb.bucket.slots:
-                self._where[gb.buffer.params[slot_index]] = (gb, slot_index)
+                param = gb.buffer.params[slot_index]
+                self._where[param] = (gb, slot_index)
+                if param in old_grads:
+                    gb.carry_grad(slot_index, old_grads[param])
 
         self.masters: list[torch.Tensor] = []  # one fp32 master shard per grad bucket
         self._pieces: dict[nn.Parameter, nn.Parameter] = {}
@@ -76,20 +110,13 @@ class ZeroEngine:
                 self._piece_grads.append((piece, gb.main_grad[local.start : local.end]))
         self._rewrite_optimizer()
 
-        self._in_backward = False
-        self._hooks: list[RemovableHandle] = [
-            p.register_post_accumulate_grad_hook(self._on_grad) for p in self._where
-        ]
-        self._hooks.append(optimizer.register_step_pre_hook(lambda *_: self.finish_grad_sync()))
-        self._hooks.append(optimizer.register_step_post_hook(lambda *_: self._after_step()))
-
     # ---- optimizer wiring -------------------------------------------------------------------
 
     def _rewrite_optimizer(self) -> None:
         seen = set()
-        for group in self.optimizer.param_groups:
+        for group, full_params in zip(self.optimizer.param_groups, self._groups_full):
             pieces = []
-            for p in group["params"]:
+            for p in full_params:
                 if p not in self._where:
                     raise ValueError(
                         f"the optimizer holds a parameter of shape {tuple(p.shape)} that is not a trainable "
@@ -104,7 +131,8 @@ class ZeroEngine:
             # Trainable params the optimizer does not update: their gradients are still reduced
             # (they may feed clipping), but they get no optimizer state.
             for p in missing:
-                self._pieces.pop(p, None)
+                piece = self._pieces.pop(p, None)
+                self._piece_grads = [(q, g) for q, g in self._piece_grads if q is not piece]
         if not any(g["params"] for g in self.optimizer.param_groups):
             # This rank's shards hold only padding: give the optimizer an empty tensor to step.
             empty = nn.Parameter(torch.zeros(0, device=self.buffers[0].device))
@@ -118,6 +146,8 @@ class ZeroEngine:
             self._in_backward = True
             self.grad_sync.begin_backward()
             torch.autograd.Variable._execution_engine.queue_callback(self._on_backward_end)
+        if self._arrival is not None:
+            self._arrival.append(param)
         bucket, slot_index = self._where[param]
         if bucket.state.name in ("REDUCING", "REDUCED"):
             raise AssertionError(
@@ -126,11 +156,41 @@ class ZeroEngine:
             )
         bucket.add_grad(slot_index, param.grad)
         param.grad = None
-        self.grad_sync.on_bucket_progress()
+        if self._arrival is None:  # the first backward only stages: its layout is provisional
+            self.grad_sync.on_bucket_progress()
 
     def _on_backward_end(self) -> None:
         self._in_backward = False
+        if self._arrival is not None:
+            self._relayout_by_arrival()
         self.grad_sync.on_backward_end()
+
+    def _relayout_by_arrival(self) -> None:
+        """After the first backward: re-pack buffers so buckets follow gradient arrival order.
+
+        Buckets launch strictly in index order, so a bucket holding one late gradient (say a
+        layer's input norm, registered after its attention) would hold back every later bucket.
+        As DDP does after its first iteration, the layout is rebuilt once from the observed
+        order; the optimizer has not stepped yet, and the staged gradients are carried over.
+        """
+        params = list(self._names)
+        index = {p: i for i, p in enumerate(params)}
+        arrived = [index[p] for p in dict.fromkeys(self._arrival)]
+        self._arrival = None
+        if self.ctx.world_size > 1:  # every rank must build the same buckets: rank 0's order wins
+            box = [arrived]
+            torch.distributed.broadcast_object_list(box, src=0, group=self.ctx.group)
+            arrived = box[0]
+        seen = set(arrived)
+        rest = [i for i in range(len(params)) if i not in seen]
+        order = [params[i] for i in reversed(arrived)] + [params[i] for i in rest]  # packed in reverse
+        current = [p for buf in self.buffers for p in reversed(buf.params)]
+        if [id(p) for p in order] == [id(p) for p in current]:
+            return
+        for h in self._grad_hooks:
+            h.remove()
+        self._build([(self._names[p], p) for p in order], old=self.grad_sync)
+        self._grad_hooks = [p.register_post_accumulate_grad_hook(self._on_grad) for p in self._where]
 
     def set_gradient_sync(self, enabled: bool) -> None:
         """False between gradient-accumulation boundaries; only stage 1 then skips communication."""
@@ -194,7 +254,12 @@ class ZeroEngine:
         return {"params": params, "grads": grads, "peak_grads": self.grad_sync.peak_grad_bytes,
                 "optimizer_state": state + masters}
 
+    def reset_peak(self) -> None:
+        """Start a new window for ``held_bytes()["peak_grads"]``."""
+        self.grad_sync.peak_grad_bytes = 0
+
     def close(self) -> None:
-        for h in self._hooks:
+        for h in self._hooks + self._grad_hooks:
             h.remove()
         self._hooks.clear()
+        self._grad_hooks.clear()

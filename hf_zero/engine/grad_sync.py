@@ -61,6 +61,13 @@ class GradBucket:
         self.missing -= 1
         self.state = BucketState.READY if self.missing == 0 else BucketState.FILLING
 
+    def carry_grad(self, slot_index: int, grad: torch.Tensor) -> None:
+        """Take over a staged, not yet reduced gradient from a previous layout (re-layout)."""
+        r = self.buffer.slots[slot_index].range.shift(self.bucket.range.start)
+        self.staging_tensor()[r.start : r.end].copy_(grad)
+        self.missing -= 1
+        self.state = BucketState.READY if self.missing == 0 else BucketState.FILLING
+
     def start_reduce(self, ctx: C.CommContext) -> None:
         self._expect(BucketState.IDLE, BucketState.FILLING, BucketState.READY)
         staging = self.staging_tensor()

@@ -14,6 +14,10 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 
+class NotAvailableYet(NotImplementedError, ValueError):
+    """A config asks for a feature this version of hf_zero does not implement yet."""
+
+
 @dataclass(frozen=True)
 class StageStrategy:
     """The knobs that make one stage differ from another."""
@@ -35,7 +39,7 @@ def strategy_for(stage: int) -> StageStrategy:
     if stage in AVAILABLE_STAGES:
         return AVAILABLE_STAGES[stage]
     if stage == 3:
-        raise NotImplementedError(
+        raise NotAvailableYet(
             "ZeRO stage 3 (parameter sharding) is not implemented yet in hf_zero; "
             "use zero_optimization.stage 0, 1 or 2"
         )
@@ -48,7 +52,7 @@ def check_supported(stage: int, offload_optimizer: str = "none", offload_param: 
         strategy_for(stage)
     for key, device in (("offload_optimizer", offload_optimizer), ("offload_param", offload_param)):
         if device != "none":
-            raise NotImplementedError(
+            raise NotAvailableYet(
                 f"zero_optimization.{key}.device = {device!r}: offload is not implemented yet in hf_zero; "
                 "use 'none'"
             )

@@ -7,16 +7,14 @@ from __future__ import annotations
 from hf_zero.trainer.session import active_config, session_of
 
 
-def activate(config) -> object:
-    """Validate ``config`` (a path, a dict or an ``HfZeroConfig``) and turn hf_zero on.
+def check(config) -> object:
+    """Load ``config`` and check this version can run it, without side effects.
 
-    Raises ``hf_zero.config.ConfigError`` for a bad file and ``NotImplementedError`` for a
-    feature this version does not have, before any process group or model exists.
-    Returns the loaded (not yet resolved) config.
+    Raises ``hf_zero.config.ConfigError`` for a bad file and ``NotAvailableYet`` (both a
+    ``ValueError`` and a ``NotImplementedError``) for a feature not implemented yet.
     """
     from hf_zero.config import load_config
     from hf_zero.engine.stages import check_supported
-    from hf_zero.trainer import seams, session
 
     loaded = load_config(config)
     check_supported(
@@ -24,6 +22,19 @@ def activate(config) -> object:
         loaded.zero.offload_optimizer.device,
         loaded.zero.offload_param.device if loaded.zero.stage == 3 else "none",
     )
+    return loaded
+
+
+def activate(config) -> object:
+    """Validate ``config`` (a path, a dict or an ``HfZeroConfig``) and turn hf_zero on.
+
+    Raises ``hf_zero.config.ConfigError`` for a bad file and ``NotImplementedError`` for a
+    feature this version does not have, before any process group or model exists.
+    Returns the loaded (not yet resolved) config.
+    """
+    from hf_zero.trainer import seams, session
+
+    loaded = check(config)
     session.set_active_config(loaded)
     seams.install()
     return loaded
@@ -37,4 +48,4 @@ def deactivate() -> None:
     seams.uninstall()
 
 
-__all__ = ["activate", "deactivate", "active_config", "session_of"]
+__all__ = ["check", "activate", "deactivate", "active_config", "session_of"]

@@ -65,6 +65,10 @@ class ReportCallback(TrainerCallback):
             engine.ctx.take_counts()
         self._start = time.perf_counter()
 
+    def on_step_begin(self, args, state, control, **kwargs):
+        if self.session.engine is not None:
+            self.session.engine.reset_peak()  # peak_grads: the peak of the last step
+
     def on_pre_optimizer_step(self, args, state, control, model=None, optimizer=None, **kwargs):
         engine = self.session.engine
         if engine is not None:

@@ -74,7 +74,7 @@ def create_optimizer(self, model=None):
             self.model,
             self.optimizer,
             stage=session.stage,
-            bucket_numel=int(session.config.zero.reduce_bucket_size),
+            bucket_numel=max(1, int(session.config.zero.reduce_bucket_size)),  # 0: a bucket per param
         )
     return optimizer
 

@@ -7,14 +7,14 @@ from torch import nn
 from transformers import AutoModelForCausalLM, LlamaConfig
 
 
-def tiny_llama(seed: int = 0, *, tied: bool = True, odd: bool = True) -> nn.Module:
+def tiny_llama(seed: int = 0, *, tied: bool = True, odd: bool = True, layers: int = 2) -> nn.Module:
     """A 2-layer Llama; ``odd`` picks sizes that do not divide by 2 or 4."""
     torch.manual_seed(seed)
     cfg = LlamaConfig(
         vocab_size=101 if odd else 128,
         hidden_size=36 if odd else 32,
         intermediate_size=50 if odd else 64,
-        num_hidden_layers=2,
+        num_hidden_layers=layers,
         num_attention_heads=4,
         num_key_value_heads=2,
         head_dim=10 if odd else 8,

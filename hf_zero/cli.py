@@ -1,0 +1,89 @@
+"""The `hf-zero` command: one subcommand per job, each a thin handler.
+
+    hf-zero launch [FLAGS] SCRIPT [ARGS...]        start a job (see docs/launcher.md)
+    hf-zero check-config FILE [--world_size N]     validate a config file, print it as JSON
+
+A handler takes the parsed `argparse.Namespace` and returns the exit code.
+"""
+
+import argparse
+import json
+import sys
+from collections.abc import Sequence
+
+from hf_zero.launcher import launch
+from hf_zero.launcher.args import add_launch_parser, split_launch_argv
+
+
+def _check_world_size(config, world_size: int) -> None:
+    """DeepSpeed's invariant train_batch_size = micro batch * accumulation steps * world size,
+    checked for the factors the file fixes ("auto" ones are filled at training time)."""
+    batch = config.train_batch_size
+    if not isinstance(batch, int) or isinstance(batch, bool):
+        return
+    factors = {
+        "train_micro_batch_size_per_gpu": config.train_micro_batch_size_per_gpu,
+        "gradient_accumulation_steps": config.gradient_accumulation_steps,
+    }
+    fixed = {k: v for k, v in factors.items() if isinstance(v, int) and not isinstance(v, bool)}
+    product = world_size
+    for value in fixed.values():
+        product *= value
+    terms = " * ".join([f"{k} ({v})" for k, v in fixed.items()] + [f"world_size ({world_size})"])
+    if len(fixed) == len(factors) and batch != product:
+        raise ValueError(f"train_batch_size = {batch} in {config.source} but {terms} = {product}; "
+                         'make them equal or set train_batch_size to "auto"')
+    if batch % product:
+        raise ValueError(f"train_batch_size = {batch} in {config.source} is not divisible by {terms} "
+                         f'= {product}; set it to "auto" or a multiple of {product}')
+
+
+def check_config(args: argparse.Namespace) -> int:
+    """Print the loaded config as JSON, or `hf_zero: <message>` and exit code 2."""
+    from hf_zero.config import config_to_dict, load_config
+
+    try:
+        if args.world_size is not None and args.world_size < 1:
+            raise ValueError(f"--world_size must be a positive integer, got {args.world_size}")
+        config = load_config(args.file)
+        if args.world_size is not None:
+            _check_world_size(config, args.world_size)
+    except ValueError as error:
+        print(f"hf_zero: {error}", file=sys.stderr)
+        return 2
+    print(json.dumps(config_to_dict(config), indent=2))
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="hf-zero",
+        description="ZeRO sharding and offload for transformers.Trainer",
+        allow_abbrev=False,
+    )
+    subcommands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    add_launch_parser(subcommands).set_defaults(handler=launch.main)
+    check = subcommands.add_parser(
+        "check-config",
+        help="validate a --zero_config file and print it as JSON",
+        description="Load FILE as hf_zero would and print the resulting config as JSON.",
+        allow_abbrev=False,
+    )
+    check.add_argument("file", metavar="FILE", help="the JSON file given to --zero_config")
+    check.add_argument("--world_size", "--world-size", type=int, metavar="N",
+                       help="also check train_batch_size against a job of N ranks")
+    check.set_defaults(handler=check_config)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    parser = build_parser()
+    if argv[:1] == ["launch"]:
+        # SCRIPT ARGS are cut off before argparse, which would drop a `--` in them.
+        launcher_argv, script_args = split_launch_argv(argv[1:])
+        args = parser.parse_args(["launch", *launcher_argv])
+        args.script_args = script_args
+    else:
+        args = parser.parse_args(argv)
+    return args.handler(args)

@@ -1,0 +1,170 @@
+"""DeepSpeed keys hf_zero accepts but does not act on, and the one warning that names them.
+
+Real DeepSpeed files carry many keys for features hf_zero does not have or does differently.
+Refusing them would make every existing file unusable; silently dropping them would hide
+that a setting has no effect. So: a file may contain any key listed in :data:`NOT_APPLIED`,
+and loading it emits **one** ``UserWarning`` naming every such key whose value would have
+changed DeepSpeed's behaviour (values listed in ``quiet`` are what hf_zero does anyway).
+
+A path naming a block (``"aio"``) covers everything inside it; its contents are not checked.
+Edit this table when the engine starts honouring a key: remove the entry, map the key in
+:mod:`hf_zero.config.deepspeed` (usually by adding a field), and regenerate the docs.
+"""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Iterable
+from typing import Any, NamedTuple
+
+
+class NotApplied(NamedTuple):
+    """Why a DeepSpeed key is ignored, and which of its values need no warning."""
+
+    reason: str
+    quiet: tuple[Any, ...] = ()
+
+
+class _Disabled:
+    """Quiet marker: a block whose ``"enabled"`` is false, whatever else it holds."""
+
+    def __repr__(self) -> str:
+        return '{"enabled": false, ...}'
+
+
+_OFF = _Disabled()
+_LOGGER = "a DeepSpeed monitor; use TrainingArguments.report_to"
+
+NOT_APPLIED: dict[str, NotApplied] = {
+    # top level
+    "steps_per_print": NotApplied("the Trainer's logging_steps governs printing", (10,)),
+    "wall_clock_breakdown": NotApplied("use the torch profiler; hf_zero labels each phase", (False,)),
+    "zero_allow_untested_optimizer": NotApplied("hf_zero shards any torch optimizer", (True, False)),
+    "zero_force_ds_cpu_optimizer": NotApplied("hf_zero runs the given optimizer on offloaded state", (True, False)),
+    "aio": NotApplied("NVMe offload does its own file I/O; libaio tuning does not apply"),
+    "activation_checkpointing": NotApplied("use TrainingArguments.gradient_checkpointing"),
+    "flops_profiler": NotApplied("use the torch profiler", (_OFF,)),
+    "tensorboard": NotApplied(_LOGGER, (_OFF,)),
+    "wandb": NotApplied(_LOGGER, (_OFF,)),
+    "csv_monitor": NotApplied(_LOGGER, (_OFF,)),
+    "comet": NotApplied(_LOGGER, (_OFF,)),
+    "comms_logger": NotApplied("use the torch profiler to see collectives", (_OFF,)),
+    "communication_data_type": NotApplied("gradients are reduced in the gradient dtype", (None,)),
+    "prescale_gradients": NotApplied("gradients are averaged once, after reduction", (False,)),
+    "gradient_predivide_factor": NotApplied("gradients are averaged once, after reduction", (1, 1.0)),
+    "sparse_gradients": NotApplied("sparse gradients are not supported", (False,)),
+    "amp": NotApplied("NVIDIA apex AMP is not supported; use bf16/fp16", (_OFF,)),
+    "torch_autocast": NotApplied("the Trainer controls autocast", (_OFF,)),
+    "checkpoint": NotApplied("checkpoint layout follows the Trainer's save settings"),
+    "data_types": NotApplied("gradient accumulation dtype follows precision.dtype"),
+    "memory_breakdown": NotApplied("use torch.cuda memory statistics", (False,)),
+    "dump_state": NotApplied("DeepSpeed debug output", (False,)),
+    "disable_allgather": NotApplied("parameter gathering cannot be disabled", (False,)),
+    "fp32_allreduce": NotApplied("gradients are reduced in the gradient dtype", (False,)),
+    "elasticity": NotApplied("elastic training is not supported", (_OFF,)),
+    "autotuning": NotApplied("the DeepSpeed autotuner is not supported", (_OFF,)),
+    "compression_training": NotApplied("DeepSpeed compression is not supported"),
+    "data_efficiency": NotApplied("DeepSpeed data efficiency is not supported", (_OFF,)),
+    "curriculum_learning": NotApplied("curriculum learning is not supported", (_OFF,)),
+    "tensor_parallel": NotApplied("tensor parallelism is not supported"),
+    "pipeline": NotApplied("pipeline parallelism is not supported"),
+    "compile": NotApplied("use TrainingArguments.torch_compile"),
+    # bf16 / fp16 blocks
+    "bf16.immediate_grad_update": NotApplied("gradients are accumulated in the engine's buffers", (False,)),
+    "bf16.check_grad_overflow": NotApplied("bf16 does not loss-scale, so overflow is not checked", (False,)),
+    "fp16.auto_cast": NotApplied("the Trainer casts inputs", (False,)),
+    "fp16.consecutive_hysteresis": NotApplied("hysteresis counts overflows, consecutive or not", (False,)),
+    "fp16.fp16_master_weights_and_grads": NotApplied("master weights are always fp32", (False,)),
+    # zero_optimization
+    "zero_optimization.contiguous_gradients": NotApplied("the engine always uses contiguous buffers", (True,)),
+    "zero_optimization.round_robin_gradients": NotApplied("offloaded gradients are copied per bucket", (False,)),
+    "zero_optimization.sub_group_size": NotApplied("the offloaded optimizer step is not tiled", (1_000_000_000,)),
+    "zero_optimization.stage3_max_reuse_distance": NotApplied(
+        "gathered parameters are freed by the prefetch schedule", (1_000_000_000,)),
+    "zero_optimization.allgather_partitions": NotApplied("updated shards are always all-gathered", (True,)),
+    "zero_optimization.ignore_unused_parameters": NotApplied("unused parameters are always tolerated", (True,)),
+    "zero_optimization.load_from_fp32_weights": NotApplied("checkpoints restore fp32 master weights", (True,)),
+    "zero_optimization.elastic_checkpoint": NotApplied("elastic checkpoints are not supported", (False,)),
+    "zero_optimization.memory_efficient_linear": NotApplied("hf_zero never patches F.linear", (True, False)),
+    "zero_optimization.override_module_apply": NotApplied("hf_zero never patches nn.Module.apply", (True, False)),
+    "zero_optimization.zero_hpz_partition_size": NotApplied("ZeRO++ hierarchical partitioning is not supported", (1,)),
+    "zero_optimization.zero_quantized_weights": NotApplied("ZeRO++ quantized weights are not supported", (False,)),
+    "zero_optimization.zero_quantized_nontrainable_weights": NotApplied(
+        "ZeRO++ quantized weights are not supported", (False,)),
+    "zero_optimization.zero_quantized_gradients": NotApplied("ZeRO++ quantized gradients are not supported", (False,)),
+    "zero_optimization.zeropp_loco_param": NotApplied("ZeRO++ LoCo is not supported", (None,)),
+    "zero_optimization.mics_shard_size": NotApplied("MiCS sharding is not supported", (-1,)),
+    "zero_optimization.mics_hierarchical_params_gather": NotApplied("MiCS sharding is not supported", (False,)),
+    "zero_optimization.stage3_module_granularity_threshold": NotApplied(
+        "parameters are fetched per module", (0,)),
+    "zero_optimization.stage3_model_persistence_threshold": NotApplied(
+        "only stage3_param_persistence_threshold bounds unsharded parameters", (9223372036854775807,)),
+    "zero_optimization.stage3_use_all_reduce_for_fetch_params": NotApplied("parameters are all-gathered", (False,)),
+    "zero_optimization.stage3_allgather_sequential": NotApplied("parameters are gathered in buckets", (False,)),
+    "zero_optimization.stage3_partition_stream_chunk_size": NotApplied(
+        "parameters are partitioned on the meta device, never materialised whole", (0,)),
+    "zero_optimization.leaf_module": NotApplied("fetch granularity is one module's own parameters", ({},)),
+    "zero_optimization.log_trace_cache_warnings": NotApplied("there is no trace cache", (False,)),
+    "zero_optimization.use_multi_rank_bucket_allreduce": NotApplied("buckets are reduce-scattered", (True, False)),
+    "zero_optimization.legacy_stage1": NotApplied("there is one stage-1 implementation", (False,)),
+    "zero_optimization.pipeline_loading_checkpoint": NotApplied("pipeline parallelism is not supported", (False,)),
+    "zero_optimization.enable_sanity_checks": NotApplied("invariants are always checked", (False, True)),
+    "zero_optimization.save_muon_momentum_buffer_in_memory": NotApplied("Muon is not special-cased", (False,)),
+    "zero_optimization.zenflow": NotApplied("ZenFlow is not supported", (None,)),
+    "zero_optimization.cpu_offload": NotApplied(
+        'deprecated DeepSpeed alias; write offload_optimizer: {"device": "cpu"}', (False, None)),
+    "zero_optimization.cpu_offload_param": NotApplied(
+        'deprecated DeepSpeed alias; write offload_param: {"device": "cpu"}', (False, None)),
+    "zero_optimization.cpu_offload_use_pin_memory": NotApplied(
+        "deprecated DeepSpeed alias; write pin_memory inside offload_*", (False, None)),
+    "zero_optimization.offload_param.max_in_cpu": NotApplied(
+        "NVMe-offloaded parameters are not cached in host memory", (1_000_000_000,)),
+    "zero_optimization.offload_optimizer.pipeline_read": NotApplied("the offloaded step is not tiled", (False,)),
+    "zero_optimization.offload_optimizer.pipeline_write": NotApplied("the offloaded step is not tiled", (False,)),
+    "zero_optimization.offload_optimizer.pipeline": NotApplied("the offloaded step is not tiled", (False,)),
+    "zero_optimization.offload_optimizer.fast_init": NotApplied("optimizer state is created lazily", (False,)),
+    "zero_optimization.offload_optimizer.super_offload": NotApplied("Superchip offload is not supported", (False,)),
+    "zero_optimization.offload_optimizer.convert_grad_on_cpu": NotApplied(
+        "gradients are converted where they are reduced", (True, False)),
+    "zero_optimization.offload_optimizer.cpuadam_cores_perc": NotApplied(
+        "CPU threads follow torch.get_num_threads()", (0.8,)),
+}
+"""DeepSpeed key path -> why hf_zero ignores it. See the module docstring."""
+
+
+def is_quiet(path: str, value: Any) -> bool:
+    """True if ``value`` at ``path`` needs no warning (it is what hf_zero does anyway)."""
+    return any(_same(value, quiet) for quiet in NOT_APPLIED[path].quiet)
+
+
+def _same(value: Any, quiet: Any) -> bool:
+    if quiet is _OFF:
+        return isinstance(value, dict) and value.get("enabled") is False
+    if isinstance(value, bool) or isinstance(quiet, bool):
+        return value is quiet  # JSON true is not 1
+    return type(value) in (int, float, str, dict, type(None)) and value == quiet
+
+
+def warn_not_applied(keys: Iterable[str], source: str) -> None:
+    """Emit one UserWarning naming every key in ``keys`` (sorted), or nothing."""
+    keys = sorted(set(keys))
+    if not keys:
+        return
+    reasons = "; ".join(f"{key}: {_reason(key)}" for key in keys)
+    warnings.warn(
+        f"hf_zero accepts but does not apply these keys of {source}: {', '.join(keys)} ({reasons})",
+        UserWarning,
+        stacklevel=4,
+    )
+
+
+def _reason(key: str) -> str:
+    for path in (key, *_parents(key)):
+        if path in NOT_APPLIED:
+            return NOT_APPLIED[path].reason
+    return "this value is ignored"
+
+
+def _parents(key: str) -> list[str]:
+    parts = key.split(".")
+    return [".".join(parts[:i]) for i in range(len(parts) - 1, 0, -1)]

@@ -1,0 +1,174 @@
+"""HfZeroConfig, the whole configuration, and the optimizer/scheduler specs it may carry.
+
+All config classes are frozen keyword-only dataclasses validated on construction; every
+field is declared with :func:`hf_zero.config.fields.setting` so it carries its own docs.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+from hf_zero.config import checks
+from hf_zero.config.auto import AUTO, Auto
+from hf_zero.config.fields import setting
+from hf_zero.config.precision import PrecisionConfig
+from hf_zero.config.zero import OffloadConfig, ZeroConfig
+
+OPTIMIZER_AUTO_KEYS = ("lr", "betas", "eps", "weight_decay")
+"""Optimizer params that may be "auto" (filled from TrainingArguments, as HF does)."""
+
+SCHEDULER_AUTO_KEYS = ("warmup_min_lr", "warmup_max_lr", "warmup_num_steps", "total_num_steps")
+"""Scheduler params that may be "auto" (filled from TrainingArguments and num_training_steps)."""
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class OptimizerSpec:
+    """An optimizer named in the config file (DeepSpeed's ``optimizer`` block)."""
+
+    type: str = setting(
+        deepspeed="type",
+        doc="""Optimizer name as DeepSpeed spells it ("AdamW", "Adam", ...). Required: the
+        block exists to name one; leave the block out to use the Trainer's optimizer.""",
+    )
+    params: dict[str, Any] = setting(
+        default_factory=dict,
+        deepspeed="params",
+        doc="""Keyword arguments for the optimizer. `lr`, `betas`, `eps` and `weight_decay`
+        may be "auto" (TrainingArguments.learning_rate, [adam_beta1, adam_beta2],
+        adam_epsilon, weight_decay). Default: no arguments.""",
+    )
+
+    def __post_init__(self) -> None:
+        checks.text(self, "type")
+        checks.json_params(self, "params", OPTIMIZER_AUTO_KEYS)
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class SchedulerSpec:
+    """A learning-rate scheduler named in the config file (DeepSpeed's ``scheduler`` block)."""
+
+    type: str = setting(
+        deepspeed="type",
+        doc="""Scheduler name as DeepSpeed spells it ("WarmupLR", "WarmupDecayLR",
+        "WarmupCosineLR", ...). Required; leave the block out to use the Trainer's
+        scheduler.""",
+    )
+    params: dict[str, Any] = setting(
+        default_factory=dict,
+        deepspeed="params",
+        doc="""Keyword arguments for the scheduler. `warmup_min_lr` ("auto": 0),
+        `warmup_max_lr` (learning_rate), `warmup_num_steps` and `total_num_steps` (from the
+        Trainer's step count) may be "auto". Default: no arguments.""",
+    )
+
+    def __post_init__(self) -> None:
+        checks.text(self, "type")
+        checks.json_params(self, "params", SCHEDULER_AUTO_KEYS)
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class HfZeroConfig:
+    """Everything hf_zero reads from a ``--zero_config`` file.
+
+    Load with :func:`hf_zero.config.load_config`; fill "auto" with
+    :func:`hf_zero.config.resolve_config`.
+    """
+
+    zero: ZeroConfig = setting(
+        default_factory=ZeroConfig,
+        deepspeed="zero_optimization",
+        nested=ZeroConfig,
+        doc="""ZeRO stage, bucket sizes and offload. Default: stage 0, no offload.""",
+    )
+    precision: PrecisionConfig = setting(
+        default_factory=PrecisionConfig,
+        nested=PrecisionConfig,
+        doc="""Training dtype and fp16 loss scaling. Default: dtype follows
+        TrainingArguments.""",
+    )
+    gradient_clipping: float | Auto = setting(
+        AUTO,
+        deepspeed="gradient_clipping",
+        doc="""Clip the global gradient norm to this value; 0 disables clipping. "auto" (the
+        default, also when a DeepSpeed file omits the key): TrainingArguments.max_grad_norm,
+        so the Trainer's flag decides unless the file says otherwise.""",
+    )
+    train_batch_size: int | Auto | None = setting(
+        None,
+        deepspeed="train_batch_size",
+        doc="""Global batch size: micro batch * gradient accumulation steps * world size.
+        null/absent or "auto" (default): computed from TrainingArguments. A number must equal
+        that product.""",
+    )
+    train_micro_batch_size_per_gpu: int | Auto | None = setting(
+        None,
+        deepspeed="train_micro_batch_size_per_gpu",
+        doc="""Samples per rank per forward pass. null/absent or "auto" (default):
+        TrainingArguments.per_device_train_batch_size; a number must equal it.""",
+    )
+    gradient_accumulation_steps: int | Auto | None = setting(
+        None,
+        deepspeed="gradient_accumulation_steps",
+        doc="""Micro batches per optimizer step. null/absent or "auto" (default):
+        TrainingArguments.gradient_accumulation_steps; a number must equal it.""",
+    )
+    optimizer: OptimizerSpec | None = setting(
+        None,
+        deepspeed="optimizer",
+        nested=OptimizerSpec,
+        doc="""Optimizer to build. null/absent (default): the Trainer builds its own from
+        TrainingArguments.optim.""",
+    )
+    scheduler: SchedulerSpec | None = setting(
+        None,
+        deepspeed="scheduler",
+        nested=SchedulerSpec,
+        doc="""Scheduler to build. null/absent (default): the Trainer builds its own from
+        TrainingArguments.lr_scheduler_type.""",
+    )
+    steps_per_print: int = setting(
+        10,
+        deepspeed="steps_per_print",
+        doc="""DeepSpeed's progress-print interval. Accepted for compatibility; the Trainer's
+        logging_steps governs logging. Default 10 (DeepSpeed's).""",
+    )
+    wall_clock_breakdown: bool = setting(
+        False,
+        deepspeed="wall_clock_breakdown",
+        doc="""DeepSpeed's per-phase timing printout. Accepted for compatibility; use the
+        torch profiler (hf_zero labels every phase). Default false.""",
+    )
+    source: str | None = setting(
+        None,
+        compare=False,
+        doc="""Where the config came from (file path, "<dict>"), for messages. Not part of
+        the configuration: not written by config_to_dict and ignored by ==.""",
+    )
+
+    def __post_init__(self) -> None:
+        for name, cls in (("zero", ZeroConfig), ("precision", PrecisionConfig)):
+            if not isinstance(getattr(self, name), cls):
+                raise checks.fail(self, name, f"not a {cls.__name__}", value=getattr(self, name),
+                                  allowed=f"a {cls.__name__}")
+        for name, cls in (("optimizer", OptimizerSpec), ("scheduler", SchedulerSpec)):
+            if getattr(self, name) is not None and not isinstance(getattr(self, name), cls):
+                raise checks.fail(self, name, f"not a {cls.__name__}", value=getattr(self, name),
+                                  allowed=f"a {cls.__name__} or null")
+        checks.number(self, "gradient_clipping", minimum=0.0, auto=True)
+        for name in ("train_batch_size", "train_micro_batch_size_per_gpu", "gradient_accumulation_steps"):
+            checks.integer(self, name, minimum=1, auto=True, none=True)
+        checks.integer(self, "steps_per_print", minimum=0)
+        checks.boolean(self, "wall_clock_breakdown")
+        checks.text(self, "source", none=True)
+
+
+__all__ = [
+    "AUTO",
+    "HfZeroConfig",
+    "OffloadConfig",
+    "OptimizerSpec",
+    "PrecisionConfig",
+    "SchedulerSpec",
+    "ZeroConfig",
+]

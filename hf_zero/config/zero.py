@@ -1,0 +1,216 @@
+"""ZeroConfig (what is sharded, how buckets are sized) and OffloadConfig (where shards live).
+
+Sizes are counted in *elements*, not bytes, as in DeepSpeed: a bucket of 5e8 fp32 elements
+is 2 GB. Integer fields accept integral floats because JSON writers put ``5e8``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Literal
+
+from hf_zero.config import checks
+from hf_zero.config.auto import Auto
+from hf_zero.config.fields import setting
+
+OFFLOAD_DEVICES = ("none", "cpu", "nvme")
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class OffloadConfig:
+    """Where one kind of state (optimizer state, or parameters) lives between uses."""
+
+    device: Literal["none", "cpu", "nvme"] = setting(
+        "none",
+        deepspeed="device",
+        doc="""Tier that holds the state: "none" keeps it on the accelerator, "cpu" in host
+        memory, "nvme" in files under `nvme_path`. Default "none": offload trades step time for
+        memory and is only worth it when the model does not fit.""",
+    )
+    pin_memory: bool = setting(
+        False,
+        deepspeed="pin_memory",
+        doc="""Use page-locked host buffers so host<->device copies can run asynchronously.
+        Default false (as DeepSpeed): pinned memory is a scarce OS resource and large pinned
+        allocations can starve the rest of the machine.""",
+    )
+    nvme_path: str | None = setting(
+        None,
+        deepspeed="nvme_path",
+        doc="""Directory for the swap files when `device` is "nvme"; required then, unused
+        otherwise. No default: there is no safe guess for a fast local disk.""",
+    )
+    buffer_count: int = setting(
+        4,
+        deepspeed="buffer_count",
+        doc="""Number of staging buffers for NVMe transfers. DeepSpeed's default is 4 for
+        optimizer state (Adam keeps 4 tensors per parameter: param, grad, exp_avg, exp_avg_sq)
+        and 5 for parameters; `zero.offload_param` uses 5.""",
+    )
+    buffer_size: int = setting(
+        100_000_000,
+        deepspeed="buffer_size",
+        doc="""Elements per NVMe staging buffer. Default 1e8 (DeepSpeed's): must hold the
+        largest single parameter that is swapped.""",
+    )
+    ratio: float = setting(
+        1.0,
+        deepspeed="ratio",
+        doc="""Fraction of optimizer state that is offloaded, in (0, 1]; the rest stays on the
+        accelerator. Only for `offload_optimizer` with stage 3 (DeepSpeed's rule). Default 1.0:
+        offload everything.""",
+    )
+
+    def __post_init__(self) -> None:
+        device = checks.choice(self, "device", OFFLOAD_DEVICES)
+        checks.boolean(self, "pin_memory")
+        nvme_path = checks.text(self, "nvme_path", none=True)
+        checks.integer(self, "buffer_count", minimum=1)
+        checks.integer(self, "buffer_size", minimum=1)
+        checks.number(self, "ratio", minimum=0.0, maximum=1.0, min_open=True)
+        if device == "nvme" and nvme_path is None:
+            raise checks.fail(self, "nvme_path", 'required when device is "nvme"',
+                              value=None, allowed="a directory path string")
+
+
+def _param_offload() -> OffloadConfig:
+    return OffloadConfig(buffer_count=5)
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class ZeroConfig:
+    """ZeRO stage and communication sizing (DeepSpeed's ``zero_optimization`` block)."""
+
+    stage: int = setting(
+        0,
+        deepspeed="stage",
+        doc="""0: plain data parallel; 1: shard optimizer state; 2: also shard gradients;
+        3: also shard parameters. Default 0 (DeepSpeed's): sharding is opt-in.""",
+    )
+    reduce_bucket_size: int | Auto = setting(
+        500_000_000,
+        deepspeed="reduce_bucket_size",
+        doc="""Elements per gradient reduce(-scatter) bucket. Larger buckets mean fewer, more
+        efficient collectives but more memory held while they are in flight. Default 5e8
+        (DeepSpeed's). "auto": hidden_size * hidden_size.""",
+    )
+    allgather_bucket_size: int | Auto = setting(
+        500_000_000,
+        deepspeed="allgather_bucket_size",
+        doc="""Elements per all-gather bucket when updated parameter shards are gathered
+        after the optimizer step (stages 1 and 2). Default 5e8 (DeepSpeed's). "auto":
+        hidden_size * hidden_size, like `reduce_bucket_size`.""",
+    )
+    overlap_comm: bool | None = setting(
+        None,
+        deepspeed="overlap_comm",
+        doc="""Overlap gradient reduction with the backward pass. Costs extra bucket memory.
+        Default: true for stage 3 and false otherwise, DeepSpeed's stage-dependent default
+        (left unset, it is filled in from `stage`).""",
+    )
+    contiguous_gradients: bool = setting(
+        True,
+        deepspeed="contiguous_gradients",
+        doc="""Copy gradients into one contiguous buffer as they are produced. Accepted for
+        compatibility; hf_zero always uses contiguous gradient buffers. Default true.""",
+    )
+    reduce_scatter: bool = setting(
+        True,
+        deepspeed="reduce_scatter",
+        doc="""Average gradients with reduce-scatter (each rank receives only its shard) rather
+        than all-reduce. Default true (DeepSpeed's): it moves half the bytes.""",
+    )
+    prefetch_bucket_size: int | Auto = setting(
+        50_000_000,
+        deepspeed="stage3_prefetch_bucket_size",
+        doc="""Stage 3: elements of upcoming parameters gathered ahead of use. Default 5e7
+        (DeepSpeed's). "auto": int(0.9 * hidden_size * hidden_size).""",
+    )
+    param_persistence_threshold: int | Auto = setting(
+        100_000,
+        deepspeed="stage3_param_persistence_threshold",
+        doc="""Stage 3: parameters with fewer elements stay unsharded (biases, norms), since
+        gathering them costs more latency than they save memory. Default 1e5 (DeepSpeed's).
+        "auto": 10 * hidden_size.""",
+    )
+    max_live_parameters: int = setting(
+        1_000_000_000,
+        deepspeed="stage3_max_live_parameters",
+        doc="""Stage 3: upper bound on gathered (full) parameter elements resident at once;
+        lower it to trade communication for memory. Default 1e9 (DeepSpeed's).""",
+    )
+    max_reuse_distance: int = setting(
+        1_000_000_000,
+        deepspeed="stage3_max_reuse_distance",
+        doc="""Stage 3: keep a gathered parameter if it is used again within this many
+        parameter elements. Default 1e9 (DeepSpeed's).""",
+    )
+    gather_16bit_weights_on_model_save: bool | Auto = setting(
+        False,
+        deepspeed="stage3_gather_16bit_weights_on_model_save",
+        doc="""Stage 3: gather the full weights when the Trainer saves the model, so the
+        checkpoint is a normal Hugging Face model. Default false (DeepSpeed's: gathering a
+        huge model on one rank may not fit). "auto": true.""",
+    )
+    sub_group_size: int = setting(
+        1_000_000_000,
+        deepspeed="sub_group_size",
+        doc="""Elements per optimizer-step tile with offload (DeepSpeed ZeRO-Infinity).
+        Default 1e9 (DeepSpeed's).""",
+    )
+    round_robin_gradients: bool = setting(
+        False,
+        deepspeed="round_robin_gradients",
+        doc="""DeepSpeed stage 1/2 CPU-offload gradient copy scheduling. Default false
+        (DeepSpeed's).""",
+    )
+    offload_optimizer: OffloadConfig = setting(
+        default_factory=OffloadConfig,
+        deepspeed="offload_optimizer",
+        nested=OffloadConfig,
+        doc="""Where fp32 master weights and optimizer state live, and where the optimizer
+        step runs (stages 1-3). Default: on the accelerator.""",
+    )
+    offload_param: OffloadConfig = setting(
+        default_factory=_param_offload,
+        deepspeed="offload_param",
+        nested=OffloadConfig,
+        defaults={"buffer_count": 5},
+        doc="""Stage 3: where parameter shards live between uses. Default: on the
+        accelerator (with DeepSpeed's `buffer_count` 5).""",
+    )
+
+    def __post_init__(self) -> None:
+        stage = checks.integer(self, "stage", minimum=0, maximum=3)
+        for name in ("reduce_bucket_size", "allgather_bucket_size", "prefetch_bucket_size",
+                     "param_persistence_threshold"):
+            checks.integer(self, name, minimum=0, auto=True)
+        for name in ("max_live_parameters", "max_reuse_distance", "sub_group_size"):
+            checks.integer(self, name, minimum=0)
+        if checks.boolean(self, "overlap_comm", none=True) is None:
+            object.__setattr__(self, "overlap_comm", stage == 3)
+        for name in ("contiguous_gradients", "reduce_scatter", "round_robin_gradients"):
+            checks.boolean(self, name)
+        checks.boolean(self, "gather_16bit_weights_on_model_save", auto=True)
+        for name in ("offload_optimizer", "offload_param"):
+            if not isinstance(getattr(self, name), OffloadConfig):
+                raise checks.fail(self, name, "not an OffloadConfig", value=getattr(self, name),
+                                  allowed="an object with device, pin_memory, nvme_path, ...")
+        self._check_offload(stage)
+
+    def _check_offload(self, stage: int) -> None:
+        if self.offload_optimizer.device != "none" and stage == 0:
+            raise checks.fail(self, "offload_optimizer.device", "optimizer offload needs ZeRO stage 1, 2 or 3",
+                              value=self.offload_optimizer.device, allowed='"none" with stage 0')
+        if self.offload_optimizer.ratio < 1.0 and stage != 3:
+            raise checks.fail(self, "offload_optimizer.ratio", "partial offload needs ZeRO stage 3",
+                              value=self.offload_optimizer.ratio, allowed="1.0 with stage 0-2")
+        if self.offload_param.device != "none" and stage != 3:
+            raise checks.fail(self, "offload_param.device", "parameter offload needs ZeRO stage 3",
+                              value=self.offload_param.device, allowed='"none" with stage 0-2')
+        if self.offload_param.ratio != 1.0:
+            raise checks.fail(self, "offload_param.ratio", "ratio applies to offload_optimizer only",
+                              value=self.offload_param.ratio, allowed="1.0")
+
+
+__all__ = ["OFFLOAD_DEVICES", "OffloadConfig", "ZeroConfig"]

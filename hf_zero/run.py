@@ -1,0 +1,67 @@
+"""Run an unmodified training script as one rank of an hf_zero job.
+
+    python -m hf_zero.run [--module] SCRIPT_OR_MODULE [SCRIPT ARGS...]
+
+Started once per rank by `hf-zero launch`, torchrun, srun or `accelerate launch`. It
+1. removes `--zero_config FILE` from the script's arguments and loads the config: a bad
+   config stops every rank with `hf_zero: <message>` and exit code 2, before any process
+   group exists;
+2. maps SLURM_* onto RANK/WORLD_SIZE/LOCAL_RANK/... when srun started it without torchrun
+   (`hf_zero.launcher.slurm`);
+3. calls `hf_zero.trainer.activate(config)` (only with `--zero_config`); a config this
+   version cannot run (NotImplementedError) also stops with `hf_zero: <message>`, exit 2;
+4. runs the script as `python SCRIPT ARGS` (or `python -m MODULE ARGS`) would:
+   `__name__ == "__main__"`, `sys.argv` without `--zero_config`, and for a file
+   `sys.path[0]` its directory.
+"""
+
+import os
+import runpy
+import sys
+from collections.abc import Sequence
+from typing import NoReturn
+
+from hf_zero.launcher.slurm import torch_env_from_slurm
+from hf_zero.launcher.zero_config_arg import load_zero_config, pop_zero_config
+
+USAGE = "usage: python -m hf_zero.run [--module] SCRIPT_OR_MODULE [ARGS...]"
+
+
+def _fail(message: str) -> NoReturn:
+    print(f"hf_zero: {message}", file=sys.stderr)
+    raise SystemExit(2)
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    as_module = argv[:1] == ["--module"]
+    if as_module:
+        argv = argv[1:]
+    if not argv or argv[0].startswith("-"):
+        _fail(f"no script to run\n{USAGE}")
+    target, script_args = argv[0], argv[1:]
+    try:
+        config_path, script_args = pop_zero_config(script_args)
+        if not as_module and not os.path.isfile(target):
+            raise ValueError(f"script {target!r} not found (from {os.getcwd()})")
+        config = load_zero_config(config_path) if config_path is not None else None
+        os.environ.update(torch_env_from_slurm(os.environ))
+    except ValueError as error:
+        _fail(str(error))
+    if config is not None:
+        from hf_zero.trainer import activate
+
+        try:
+            activate(config)
+        except (ValueError, NotImplementedError) as error:  # a feature this version lacks
+            _fail(str(error))
+    sys.argv = [target, *script_args]
+    if as_module:
+        runpy.run_module(target, run_name="__main__", alter_sys=True)
+    else:
+        sys.path[0] = os.path.dirname(os.path.realpath(target))
+        runpy.run_path(target, run_name="__main__")
+
+
+if __name__ == "__main__":
+    main()
