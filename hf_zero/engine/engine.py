@@ -20,6 +20,7 @@ from collections import defaultdict
 
 import torch
 from torch import nn
+from torch.nn.utils import get_total_norm
 from torch.utils.hooks import RemovableHandle
 
 from hf_zero.engine import collectives as C
@@ -83,7 +84,7 @@ class ZeroEngine:
             FlatParamBuffer(ps, world_size=self.ctx.world_size, rank=self.ctx.rank, bucket_numel=self.bucket_numel)
             for ps in by_kind.values()
         ]
-        grad_buckets = [GradBucket(buf, b) for buf in self.buffers for b in buf.buckets]
+        grad_buckets = [GradBucket(buf, b, self.ctx.world_size) for buf in self.buffers for b in buf.buckets]
         sync_enabled = old.sync_enabled if old is not None else True
         self.grad_sync = GradSync(self.ctx, grad_buckets)
         self.grad_sync.sync_enabled = sync_enabled
@@ -207,18 +208,15 @@ class ZeroEngine:
     def grad_norm(self) -> torch.Tensor:
         """Global L2 norm of the reduced gradients, as ``clip_grad_norm_`` of plain DDP reports it."""
         self.finish_grad_sync()
-        local = torch.zeros((), dtype=torch.float32, device=self.buffers[0].device)
-        for gb in self.grad_sync.buckets:
-            local += gb.main_grad.pow(2).sum()
+        local = get_total_norm([gb.main_grad for gb in self.grad_sync.buckets]).pow(2)
         return C.wait(C.start_all_reduce(self.ctx, local)).sqrt()
 
     def clip_grad_norm_(self, max_norm: float) -> torch.Tensor:
         """Scale the main grads so their global norm is at most ``max_norm``; return the norm before."""
         total = self.grad_norm()
         if max_norm != float("inf"):
-            coef = torch.clamp(max_norm / (total + 1e-6), max=1.0)
-            for gb in self.grad_sync.buckets:
-                gb.main_grad.mul_(coef)
+            coef = torch.clamp(max_norm / (total + 1e-6), max=1.0)  # as torch's clip_grad_norm_
+            torch._foreach_mul_([gb.main_grad for gb in self.grad_sync.buckets], coef)
         return total
 
     # ---- after the optimizer step -----------------------------------------------------------

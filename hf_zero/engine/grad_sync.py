@@ -36,8 +36,11 @@ class BucketState(enum.Enum):
 class GradBucket:
     """Runtime state of one bucket's gradients (geometry lives in ``layout.Bucket``)."""
 
-    def __init__(self, buffer: FlatParamBuffer, bucket: Bucket) -> None:
+    def __init__(self, buffer: FlatParamBuffer, bucket: Bucket, world_size: int) -> None:
         self.buffer, self.bucket = buffer, bucket
+        # One rank and an fp32 model: the main grad shard is the whole bucket, so gradients
+        # accumulate straight into it (no staging tensor, no copy).
+        self.alias_main = world_size == 1 and buffer.dtype == torch.float32
         self.state = BucketState.IDLE
         self.missing = len(bucket.slots)
         self.staging: torch.Tensor | None = None
@@ -50,6 +53,11 @@ class GradBucket:
             raise AssertionError(f"bucket {self.bucket.index}: state {self.state.name}, expected {[s.name for s in states]}")
 
     def staging_tensor(self) -> torch.Tensor:
+        if self.staging is None and self.alias_main:
+            if self.main_grad_fresh:
+                self.main_grad.zero_()
+                self.main_grad_fresh = False
+            self.staging = self.main_grad
         if self.staging is None:
             self.staging = torch.zeros(self.bucket.range.size, dtype=self.buffer.dtype, device=self.buffer.device)
         return self.staging
@@ -71,6 +79,10 @@ class GradBucket:
     def start_reduce(self, ctx: C.CommContext) -> None:
         self._expect(BucketState.IDLE, BucketState.FILLING, BucketState.READY)
         staging = self.staging_tensor()
+        if self.alias_main:
+            self.handle = C.Handle(None, self.main_grad)
+            self.state = BucketState.REDUCING
+            return
         if ctx.world_size > 1:
             staging.div_(ctx.world_size)  # average like DDP; pre-divided to keep bf16 sums in range
         direct = self.main_grad_fresh and staging.dtype == torch.float32
@@ -100,7 +112,9 @@ class GradBucket:
         self.state = BucketState.IDLE
 
     def held_bytes(self) -> int:
-        staging = self.staging.numel() * self.staging.element_size() if self.staging is not None else 0
+        staging = 0
+        if self.staging is not None and self.staging is not self.main_grad:
+            staging = self.staging.numel() * self.staging.element_size()
         return staging + self.main_grad.numel() * self.main_grad.element_size()
 
 
