@@ -1,0 +1,274 @@
+"""A plain Hugging Face Trainer job used as the benchmark workload.
+
+This is the script a user would write: it imports nothing from hf_zero. It builds a randomly
+initialised Llama from a config, trains it on synthetic tokens with the Trainer's own command-line
+flags (`--bf16`, `--deepspeed`, `--fsdp`, `--optim`, `--gradient_checkpointing`, ...), and at the
+end rank 0 writes one JSON line to `--bench_out`.
+
+    torchrun --nproc_per_node 1 bench/job.py --preset 1b1 --seq_len 2048 \
+        --per_device_train_batch_size 4 --max_steps 20 --bf16 --bench_out /tmp/plain.jsonl
+
+[Note: throughput] A step is one optimizer step (grad_accum micro-batches on every rank). Step
+wall times are the gaps between consecutive `on_step_end` callbacks, each taken after a
+`torch.cuda.synchronize()`, so they include data loading, forward, backward, the optimizer and
+the per-step logging, exactly what a user waits for. The first `--bench_warmup_steps` steps (CUDA
+context, allocator growth, kernel autotuning, lazy sharding) are left out:
+
+    tok/s = steady_steps * micro_batch * seq_len * grad_accum * world_size / steady_seconds
+"""
+
+import gc
+import json
+import os
+import resource
+import tempfile
+import time
+from collections import Counter
+from dataclasses import dataclass, field
+
+import torch
+import torch.distributed as dist
+from torch.utils.data import Dataset
+from transformers import (
+    AutoModelForCausalLM,
+    HfArgumentParser,
+    LlamaConfig,
+    Trainer,
+    TrainerCallback,
+    TrainingArguments,
+    set_seed,
+)
+
+# hidden, layers, intermediate, heads, kv heads, vocab
+PRESETS = {
+    "tiny": (64, 2, 128, 4, 2, 256),
+    "1b1": (2048, 22, 5632, 32, 4, 32000),
+    "7b": (4096, 32, 11008, 32, 32, 32000),
+}
+GIB = 1024**3
+
+
+@dataclass(kw_only=True)
+class BenchArguments:
+    """Model shape, data and benchmark output; everything else is `TrainingArguments`."""
+
+    preset: str = field(default="1b1", metadata={"help": f"model size preset: {', '.join(PRESETS)}"})
+    hidden_size: int | None = field(default=None, metadata={"help": "overrides the preset"})
+    num_layers: int | None = field(default=None, metadata={"help": "overrides the preset"})
+    intermediate_size: int | None = field(default=None, metadata={"help": "overrides the preset"})
+    num_heads: int | None = field(default=None, metadata={"help": "overrides the preset"})
+    num_kv_heads: int | None = field(default=None, metadata={"help": "overrides the preset"})
+    vocab_size: int | None = field(default=None, metadata={"help": "overrides the preset"})
+    seq_len: int = field(default=2048, metadata={"help": "tokens per sample"})
+    model_dtype: str = field(
+        default="fp32",
+        metadata={"help": "dtype the model is built in: fp32 (Trainer mixed precision) or bf16 (pure bf16 params)"},
+    )
+    # Not `--warmup_steps`: that is the Trainer's learning-rate warmup.
+    bench_warmup_steps: int = field(default=3, metadata={"help": "optimizer steps left out of tok/s"})
+    bench_out: str | None = field(default=None, metadata={"help": "JSON line written by rank 0 at the end"})
+
+    def __post_init__(self):
+        if self.preset not in PRESETS:
+            raise ValueError(f"--preset {self.preset!r} is not one of {sorted(PRESETS)}")
+        if self.model_dtype not in ("fp32", "bf16"):
+            raise ValueError(f"--model_dtype {self.model_dtype!r} is not one of ['bf16', 'fp32']")
+
+
+def llama_config(bench: BenchArguments) -> LlamaConfig:
+    hidden, layers, inter, heads, kv, vocab = PRESETS[bench.preset]
+    return LlamaConfig(
+        hidden_size=bench.hidden_size or hidden,
+        num_hidden_layers=bench.num_layers or layers,
+        intermediate_size=bench.intermediate_size or inter,
+        num_attention_heads=bench.num_heads or heads,
+        num_key_value_heads=bench.num_kv_heads or kv,
+        vocab_size=bench.vocab_size or vocab,
+        max_position_embeddings=max(2048, bench.seq_len),
+        use_cache=False,
+    )
+
+
+def count_params(c: LlamaConfig) -> int:
+    """Parameter count from the config, so it is right even when the model is born sharded."""
+    head_dim = c.hidden_size // c.num_attention_heads
+    attn = 2 * c.hidden_size * c.hidden_size + 2 * c.hidden_size * c.num_key_value_heads * head_dim
+    layer = attn + 3 * c.hidden_size * c.intermediate_size + 2 * c.hidden_size
+    return c.num_hidden_layers * layer + 2 * c.vocab_size * c.hidden_size + c.hidden_size
+
+
+class RandomTokens(Dataset):
+    """`rows` samples of uniform random token ids; row i depends only on (seed, i)."""
+
+    def __init__(self, rows: int, seq_len: int, vocab_size: int, seed: int):
+        self.rows, self.seq_len, self.vocab_size, self.seed = rows, seq_len, vocab_size, seed
+
+    def __len__(self):
+        return self.rows
+
+    def __getitem__(self, i):
+        gen = torch.Generator().manual_seed(self.seed * 1_000_003 + i)
+        ids = torch.randint(0, self.vocab_size, (self.seq_len,), generator=gen)
+        return {"input_ids": ids, "labels": ids.clone()}
+
+
+_PER_STEP_KEYS = {"loss", "grad_norm", "learning_rate", "epoch"}
+
+
+class StepTimer(TrainerCallback):
+    """Wall time of every optimizer step and the logged loss; see [Note: throughput]."""
+
+    def __init__(self, cuda: bool):
+        self.cuda = cuda
+        self.ends: list[float] = []
+        self.compute_s: list[float] = []
+        self.losses: list[float] = []
+        self.logged: dict = {}  # last value of every other logged key (train_runtime, extra metrics)
+        self._begin = None
+        self.train_begin = None
+
+    def _now(self) -> float:
+        if self.cuda:
+            torch.cuda.synchronize()
+        return time.perf_counter()
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        self.train_begin = self._now()
+
+    def on_step_begin(self, args, state, control, **kwargs):
+        self._begin = self._now()
+
+    def on_step_end(self, args, state, control, **kwargs):
+        now = self._now()
+        self.ends.append(now)
+        if self._begin is not None:
+            self.compute_s.append(now - self._begin)
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        logs = logs or {}
+        if "loss" in logs:
+            self.losses.append(float(logs["loss"]))
+        self.logged.update((k, v) for k, v in logs.items() if k not in _PER_STEP_KEYS)
+
+    def step_seconds(self) -> list[float]:
+        """Gap between consecutive step ends; the first step is measured from train begin."""
+        starts = [self.train_begin] + self.ends[:-1]
+        return [end - start for start, end in zip(starts, self.ends)]
+
+
+def rank_stats(cuda: bool) -> dict:
+    stats = {"host_rss_gib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / GIB}
+    stats["peak_alloc_gib"] = torch.cuda.max_memory_allocated() / GIB if cuda else None
+    stats["peak_reserved_gib"] = torch.cuda.max_memory_reserved() / GIB if cuda else None
+    return stats
+
+
+def gather(obj) -> list:
+    """Every rank's `obj`, in rank order (a one-element list when not distributed)."""
+    if not (dist.is_available() and dist.is_initialized()):
+        return [obj]
+    out = [None] * dist.get_world_size()
+    dist.all_gather_object(out, obj)
+    return out
+
+
+def summarize(bench, targs, timer, per_rank, model, n_params, build_s, train_s) -> dict:
+    steps = timer.step_seconds()
+    steady = steps[bench.bench_warmup_steps :]
+    world = targs.world_size
+    tokens_per_step = targs.per_device_train_batch_size * bench.seq_len * targs.gradient_accumulation_steps * world
+    tok_s = len(steady) * tokens_per_step / sum(steady) if steady else None
+    # Model FLOPs per token: 6N for the matmuls plus 12 * layers * hidden * seq for attention scores.
+    cfg = model.config
+    flops_per_token = 6 * n_params + 12 * cfg.num_hidden_layers * cfg.hidden_size * bench.seq_len
+    cuda = targs.device.type == "cuda"
+
+    def column(key):
+        return [r[key] for r in per_rank]
+
+    def peak(key):
+        values = [v for v in column(key) if v is not None]
+        return max(values) if values else None
+
+    return {
+        "tok_per_s": tok_s,
+        "tflops_per_gpu": tok_s * flops_per_token / world / 1e12 if tok_s else None,
+        "mean_step_s": sum(steady) / len(steady) if steady else None,
+        "mean_compute_s": _mean(timer.compute_s[bench.bench_warmup_steps :]),
+        "step_s": steps,
+        "steady_steps": len(steady),
+        "tokens_per_step": tokens_per_step,
+        "world_size": world,
+        "peak_alloc_gib": peak("peak_alloc_gib"),
+        "peak_reserved_gib": peak("peak_reserved_gib"),
+        "host_rss_gib": peak("host_rss_gib"),
+        "per_rank": per_rank,
+        "final_loss": timer.losses[-1] if timer.losses else None,
+        "losses": timer.losses,
+        "logged": timer.logged,
+        "param_dtypes": dict(Counter(str(p.dtype).removeprefix("torch.") for p in model.parameters())),
+        "n_params": n_params,
+        "attn_implementation": cfg._attn_implementation,
+        "device_name": torch.cuda.get_device_name() if cuda else "cpu",
+        "gpu_count": torch.cuda.device_count() if cuda else 0,
+        "build_s": build_s,
+        "train_s": train_s,
+    }
+
+
+def _mean(xs):
+    return sum(xs) / len(xs) if xs else None
+
+
+def main():
+    parser = HfArgumentParser((BenchArguments, TrainingArguments))
+    parser.set_defaults(
+        output_dir=os.path.join(tempfile.gettempdir(), "hf_zero_bench_out"),
+        report_to="none",
+        save_strategy="no",
+        logging_steps=1,
+        disable_tqdm=True,
+    )
+    bench, targs = parser.parse_args_into_dataclasses()
+    if targs.max_steps <= bench.bench_warmup_steps:
+        raise ValueError(f"--max_steps {targs.max_steps} must exceed --bench_warmup_steps {bench.bench_warmup_steps}")
+    record = train(bench, targs)
+    if record is not None:
+        print(f"[bench] tok/s={record['tok_per_s']} peak_alloc_gib={record['peak_alloc_gib']}", flush=True)
+        if bench.bench_out:
+            with open(bench.bench_out, "w") as f:
+                f.write(json.dumps(record) + "\n")
+    # Free the trainer and model while the process group still exists, then close it.
+    gc.collect()
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
+
+def train(bench: BenchArguments, targs: TrainingArguments) -> dict | None:
+    """Build, train, measure; the summary on rank 0, None on the other ranks."""
+    # The model is built after TrainingArguments, as the Trainer docs ask (ZeRO-3 init hooks).
+    set_seed(targs.seed)  # same initial weights on every rank and in every mode
+    t0 = time.perf_counter()
+    config = llama_config(bench)
+    dtype = torch.bfloat16 if bench.model_dtype == "bf16" else torch.float32
+    model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+    build_s = time.perf_counter() - t0
+    n_params = count_params(config)
+
+    rows = targs.max_steps * targs.per_device_train_batch_size * targs.gradient_accumulation_steps
+    data = RandomTokens(rows * targs.world_size, bench.seq_len, config.vocab_size, targs.seed)
+    cuda = targs.device.type == "cuda"
+    timer = StepTimer(cuda)
+    trainer = Trainer(model=model, args=targs, train_dataset=data, callbacks=[timer])
+    t0 = time.perf_counter()
+    trainer.train()
+    train_s = time.perf_counter() - t0
+
+    per_rank = gather(rank_stats(cuda))
+    if not trainer.is_world_process_zero():
+        return None
+    return summarize(bench, targs, timer, per_rank, model, n_params, build_s, train_s)
+
+
+if __name__ == "__main__":
+    main()

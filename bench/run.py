@@ -1,0 +1,286 @@
+"""Run `bench/job.py` under several training modes, one fresh subprocess each, and tabulate.
+
+    python bench/run.py --modes plain,hfzero-s2,ds-z2 --preset 1b1 --world_size 1 --name h100_1b1
+
+Every mode runs the same job with the same flags under `torchrun --nproc_per_node W` (also for
+W = 1, so process setup is alike across modes); only the mode's own switch differs:
+
+    plain           the Trainer alone (DDP when W > 1)
+    hfzero-sN       python -m hf_zero.run bench/job.py ... --zero_config bench/configs/hfzero_sN.json
+    ds-zN           the Trainer's --deepspeed bench/configs/ds_zN.json
+    fsdp2           the Trainer's --fsdp "full_shard auto_wrap" --fsdp_config bench/configs/fsdp2.json
+
+A mode that fails (OOM, import error, timeout) is recorded with the tail of its output and the run
+goes on. After each mode `<results_dir>/<name>.json` (list of records) and `<name>.md` (table) are
+rewritten, and every mode's full output is appended to `<name>.log`.
+"""
+
+import argparse
+import json
+import os
+import re
+import shlex
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+import tomllib
+from pathlib import Path
+
+from report import markdown
+
+ROOT = Path(__file__).resolve().parent.parent
+CONFIGS = "bench/configs"
+
+_HFZERO = ("-m", "hf_zero.run")
+# mode -> (runner placed between torchrun and the script, arguments appended to the job)
+MODES: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {
+    "plain": ((), ()),
+    **{f"hfzero-s{n}": (_HFZERO, ("--zero_config", f"{CONFIGS}/hfzero_s{n}.json")) for n in range(4)},
+    **{f"hfzero-s{n}-offload": (_HFZERO, ("--zero_config", f"{CONFIGS}/hfzero_s{n}_offload.json")) for n in (2, 3)},
+    **{f"ds-z{n}": ((), ("--deepspeed", f"{CONFIGS}/ds_z{n}.json")) for n in (2, 3)},
+    **{f"ds-z{n}-offload": ((), ("--deepspeed", f"{CONFIGS}/ds_z{n}_offload.json")) for n in (2, 3)},
+    "fsdp2": ((), ("--fsdp", "full_shard auto_wrap", "--fsdp_config", f"{CONFIGS}/fsdp2.json")),
+}
+DEFAULT_MODES = "plain,hfzero-s0,hfzero-s1,hfzero-s2,hfzero-s3,ds-z2,ds-z3,fsdp2"
+
+# Runs in a child so that this process never creates a CUDA context of its own.
+_PROBE = """
+import json, importlib.metadata as md, platform, torch
+def version(dist):
+    try:
+        return md.version(dist)
+    except md.PackageNotFoundError:
+        return None
+cuda = torch.cuda.is_available()
+print(json.dumps({
+    "cuda": cuda,
+    "device_name": torch.cuda.get_device_name(0) if cuda else "cpu",
+    "gpu_count": torch.cuda.device_count() if cuda else 0,
+    "versions": {"python": platform.python_version(), "torch": torch.__version__,
+                 **{d: version(d) for d in ("transformers", "accelerate", "deepspeed", "hf-zero")}},
+}))
+"""
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--modes", default=DEFAULT_MODES, help=f"comma list of: {', '.join(MODES)}")
+    p.add_argument("--preset", default="1b1", help="job.py model preset: tiny, 1b1, 7b")
+    p.add_argument("--world_size", type=int, default=1, help="processes (GPUs) per mode")
+    p.add_argument("--seq_len", type=int, default=2048)
+    p.add_argument("--micro_batch", type=int, default=4, help="per-device train batch size")
+    p.add_argument("--grad_accum", type=int, default=1)
+    p.add_argument("--max_steps", type=int, default=20)
+    p.add_argument("--warmup_steps", type=int, default=3, help="optimizer steps left out of tok/s")
+    p.add_argument("--name", default=None, help="results file stem (default: preset, world, time)")
+    p.add_argument("--extra", default="", help="extra Trainer arguments appended to every mode, one string")
+    p.add_argument("--timeout", type=float, default=600, help="seconds per mode before it is killed")
+    p.add_argument("--exit_grace", type=float, default=60, help="seconds a job may linger after writing results")
+    p.add_argument("--results_dir", default=str(ROOT / "bench" / "results"))
+    p.add_argument("--device", choices=("auto", "cuda", "cpu"), default="auto", help="cpu: --use_cpu, no bf16")
+    p.add_argument("--git_commit", default=None, help="recorded commit when the tree has no .git")
+    opts = p.parse_args(argv)
+    opts.modes = [m.strip() for m in opts.modes.split(",") if m.strip()]
+    unknown = [m for m in opts.modes if m not in MODES]
+    if unknown:
+        p.error(f"unknown mode(s) {unknown}; choose from {list(MODES)}")
+    if opts.max_steps <= opts.warmup_steps:
+        p.error(f"--max_steps {opts.max_steps} must exceed --warmup_steps {opts.warmup_steps}")
+    opts.name = opts.name or f"{opts.preset}_w{opts.world_size}_{time.strftime('%Y%m%d_%H%M%S')}"
+    return opts
+
+
+def probe_environment() -> dict:
+    out = subprocess.run([sys.executable, "-c", _PROBE], capture_output=True, text=True, cwd=ROOT)
+    if out.returncode != 0:
+        raise RuntimeError(f"environment probe failed:\n{out.stderr[-3000:]}")
+    info = json.loads(out.stdout.strip().splitlines()[-1])
+    if info["versions"]["hf-zero"] is None:  # run from a source tree that is not pip-installed
+        with open(ROOT / "pyproject.toml", "rb") as f:
+            info["versions"]["hf-zero"] = tomllib.load(f)["project"]["version"] + " (source tree)"
+    return info
+
+
+def git_commit() -> str | None:
+    try:
+        head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True, check=True)
+        dirty = subprocess.run(["git", "status", "--porcelain"], cwd=ROOT, capture_output=True, text=True)
+    except (OSError, subprocess.CalledProcessError):
+        return None
+    return head.stdout.strip() + ("-dirty" if dirty.stdout.strip() else "")
+
+
+def job_arguments(opts, cuda: bool) -> list[str]:
+    """The flags every mode shares: the issue's job (AdamW, bf16 autocast on GPU)."""
+    args = [
+        "--preset", opts.preset,
+        "--seq_len", str(opts.seq_len),
+        "--per_device_train_batch_size", str(opts.micro_batch),
+        "--gradient_accumulation_steps", str(opts.grad_accum),
+        "--max_steps", str(opts.max_steps),
+        "--bench_warmup_steps", str(opts.warmup_steps),
+    ]  # fmt: skip
+    args += ["--bf16", "--optim", "adamw_torch_fused"] if cuda else ["--use_cpu", "--optim", "adamw_torch"]
+    # The Trainer's DDP default (find unused parameters) costs an extra graph walk every step.
+    args += ["--ddp_find_unused_parameters", "False"]
+    return args
+
+
+def mode_command(mode: str, opts, shared: list[str], bench_out: Path, output_dir: Path) -> list[str]:
+    runner, mode_args = MODES[mode]
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(opts.world_size)]
+    job = ["bench/job.py", *shared, "--bench_out", str(bench_out), "--output_dir", str(output_dir)]
+    return [*torchrun, *runner, *job, *shlex.split(opts.extra), *mode_args]
+
+
+def _kill_group(proc: subprocess.Popen) -> None:
+    """SIGTERM the mode's process group (torchrun passes it on to the ranks), then SIGKILL."""
+    for sig, grace in ((signal.SIGTERM, 15), (signal.SIGKILL, 15)):
+        try:
+            os.killpg(proc.pid, sig)
+            proc.wait(timeout=grace)
+            return
+        except ProcessLookupError:
+            return
+        except subprocess.TimeoutExpired:
+            continue
+
+
+def run_logged(cmd, log_path: Path, timeout: float, done_file: Path, exit_grace: float):
+    """Run `cmd` in its own process group with output to `log_path`.
+
+    Returns (return code, seconds, why it was killed or None). A job is killed at `timeout`, or
+    `exit_grace` seconds after it wrote `done_file` if it is still running then (a rank stuck in
+    process-group teardown must not cost the rest of the run its time).
+    """
+    env = dict(os.environ, PYTHONUNBUFFERED="1")
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (str(ROOT), env.get("PYTHONPATH")) if p)
+    start = time.perf_counter()
+    done_at, killed = None, None
+    with open(log_path, "w") as log:
+        log.write(f"$ {shlex.join(cmd)}\n")
+        log.flush()
+        proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+        while proc.poll() is None:
+            now = time.perf_counter()
+            if done_at is None and done_file.exists():
+                done_at = now
+            if now - start > timeout:
+                killed = f"timeout after {timeout:.0f} s"
+            elif done_at is not None and now - done_at > exit_grace:
+                killed = f"still running {exit_grace:.0f} s after writing its results"
+            if killed:
+                _kill_group(proc)
+                log.write(f"\n[bench] killed: {killed}\n")
+                break
+            time.sleep(0.5)
+    return proc.returncode, time.perf_counter() - start, killed
+
+
+# What a failed mode's log says went wrong, most telling first.
+_NOISE = re.compile(r"ChildFailedError|SignalException")  # the launcher reporting, not the cause
+_FAILURE_PATTERNS = [
+    re.compile(r"^hf_zero: .*"),
+    re.compile(r"^\s*(\[rank\d+\]:\s*)?(torch\.[\w.]*OutOfMemoryError|[\w.]*(Error|Exception))\b.*"),
+    re.compile(r"No module named .*|CUDA error.*|NCCL error.*"),
+    re.compile(r"terminate called.*|Killed|Segmentation fault.*"),
+    re.compile(r"^\s*exitcode\s*:\s*-?\d+.*"),
+]
+
+
+def failure_summary(text: str) -> tuple[str, str]:
+    """(one-line error, output tail) from a failed mode's log."""
+    lines = text.rstrip().splitlines()
+    error = None
+    for pattern in _FAILURE_PATTERNS:
+        hits = [ln.strip() for ln in lines if pattern.search(ln) and not _NOISE.search(ln)]
+        if hits:
+            error = hits[-1]
+            break
+    error = error or (lines[-1].strip() if lines else "no output")
+    return error[:300], "\n".join(lines[-60:])[-6000:]
+
+
+def run_mode(mode: str, opts, env_info: dict, commit: str | None, workdir: Path, log_all: Path) -> dict:
+    bench_out = workdir / f"{mode}.jsonl"
+    cmd = mode_command(mode, opts, job_arguments(opts, env_info["cuda"]), bench_out, workdir / f"out_{mode}")
+    log_path = workdir / f"{mode}.log"
+    rc, wall, killed = run_logged(cmd, log_path, opts.timeout, bench_out, opts.exit_grace)
+    text = log_path.read_text(errors="replace")
+    with open(log_all, "a") as f:
+        f.write(f"\n{'=' * 30} {mode} (rc={rc}, {wall:.0f} s) {'=' * 30}\n{text}")
+
+    record = {
+        "name": opts.name,
+        "mode": mode,
+        "status": "failed",
+        "error": None,
+        "error_tail": None,
+        "command": shlex.join(cmd),
+        "returncode": rc,
+        "wall_s": wall,
+        "device_name": env_info["device_name"],
+        "gpu_count": env_info["gpu_count"],
+        "world_size": opts.world_size,
+        "versions": env_info["versions"],
+        "git_commit": commit,
+        "settings": {k: getattr(opts, k) for k in ("preset", "seq_len", "micro_batch", "grad_accum", "max_steps")}
+        | {"warmup_steps": opts.warmup_steps, "extra": opts.extra, "device": "cuda" if env_info["cuda"] else "cpu"},
+        "tok_per_s": None,
+        "x_plain": None,
+        "exit_note": None,
+    }
+    if bench_out.exists():  # every rank finished training: the numbers stand even if exit went wrong
+        record.update(json.loads(bench_out.read_text()))
+        record["status"] = "ok"
+        if rc != 0:
+            record["exit_note"] = killed or f"exit code {rc} after writing its results"
+    else:
+        record["error"], record["error_tail"] = failure_summary(text)
+        if killed:
+            record["error"] = f"{killed}; last: {record['error']}"
+    return record
+
+
+def write_results(records: list[dict], opts) -> str:
+    plain = next((r["tok_per_s"] for r in records if r["mode"] == "plain" and r["status"] == "ok"), None)
+    for r in records:
+        r["x_plain"] = r["tok_per_s"] / plain if plain and r["tok_per_s"] else None
+    out = Path(opts.results_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / f"{opts.name}.json").write_text(json.dumps(records, indent=2) + "\n")
+    table = markdown(records)
+    (out / f"{opts.name}.md").write_text(table)
+    return table
+
+
+def main(argv=None) -> int:
+    opts = parse_args(argv)
+    env_info = probe_environment()
+    if opts.device != "auto":
+        env_info["cuda"] = opts.device == "cuda"
+    commit = opts.git_commit or git_commit()
+    results_dir = Path(opts.results_dir)
+    results_dir.mkdir(parents=True, exist_ok=True)
+    log_all = results_dir / f"{opts.name}.log"
+    log_all.write_text("")
+    print(f"[bench] {opts.name}: {env_info['device_name']} x{env_info['gpu_count']}, modes {opts.modes}", flush=True)
+
+    records: list[dict] = []
+    with tempfile.TemporaryDirectory(prefix="hf_zero_bench_") as tmp:
+        for mode in opts.modes:
+            print(f"[bench] {mode} ...", flush=True)
+            record = run_mode(mode, opts, env_info, commit, Path(tmp), log_all)
+            records.append(record)
+            table = write_results(records, opts)
+            shown = f"{record['tok_per_s']:.0f} tok/s" if record["status"] == "ok" else record["error"]
+            print(f"[bench] {mode}: {record['status']} in {record['wall_s']:.0f} s: {shown}", flush=True)
+    print(table, flush=True)
+    print(f"[bench] wrote {results_dir / opts.name}.json, .md, .log", flush=True)
+    return 0 if all(r["status"] == "ok" for r in records) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
