@@ -39,11 +39,14 @@ class ZeroEngine:
         *,
         stage: int,
         bucket_numel: int,
+        param_dtype: torch.dtype | None = None,
         group=None,
     ) -> None:
         self.strategy = strategy_for(stage)
         self.model, self.optimizer = model, optimizer
         self.bucket_numel = bucket_numel
+        # bf16/fp16 runs keep the model's trainable params in that dtype and an fp32 master shard.
+        self.param_dtype = param_dtype
         self.ctx = C.CommContext(group)
         if optimizer.state:
             raise ValueError("ZeroEngine needs an optimizer that has not stepped yet (its state is not empty)")
@@ -54,8 +57,8 @@ class ZeroEngine:
         self._groups_full = [list(g["params"]) for g in optimizer.param_groups]
         self._build(named)
         # Until the first backward has shown the order in which gradients arrive, the layout
-        # follows registration order; see _on_backward_end.
-        self._arrival: list[nn.Parameter] | None = []
+        # follows registration order; see _on_backward_end. One rank has nothing to overlap.
+        self._arrival: list[nn.Parameter] | None = [] if self.ctx.world_size > 1 else None
 
         self._in_backward = False
         self._grad_hooks: list[RemovableHandle] = [
@@ -81,7 +84,8 @@ class ZeroEngine:
                         r = gb.buffer.slots[i].range.shift(gb.bucket.range.start)
                         old_grads[gb.buffer.params[i]] = gb.staging[r.start : r.end]
         self.buffers = [
-            FlatParamBuffer(ps, world_size=self.ctx.world_size, rank=self.ctx.rank, bucket_numel=self.bucket_numel)
+            FlatParamBuffer(ps, world_size=self.ctx.world_size, rank=self.ctx.rank,
+                            bucket_numel=self.bucket_numel, dtype=self.param_dtype)
             for ps in by_kind.values()
         ]
         grad_buckets = [GradBucket(buf, b, self.ctx.world_size) for buf in self.buffers for b in buf.buckets]

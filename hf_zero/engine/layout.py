@@ -2,7 +2,8 @@
 
 ``FlatParamBuffer`` packs trainable full params of one dtype into one 1-D tensor, in backward
 order (the model's last registered params first), and cuts it into buckets of about
-``bucket_numel`` elements. Each bucket is padded to a multiple of the world size so that it
+``bucket_numel`` elements (in ``dtype`` when given: the params are cast, as DeepSpeed casts a
+bf16 run's model). Each bucket is padded to a multiple of the world size so that it
 splits into W equal shards. After construction every full param's ``.data`` is a view into
 ``buffer.data``; nothing else about the param changes.
 """
@@ -57,13 +58,14 @@ class FlatParamBuffer:
         world_size: int,
         rank: int,
         bucket_numel: int,
+        dtype: torch.dtype | None = None,
     ) -> None:
         if not named_params:
             raise AssertionError("FlatParamBuffer needs at least one parameter")
         if bucket_numel < 1:
             raise ValueError(f"bucket size must be >= 1 element, got {bucket_numel}")
         first = named_params[0][1]
-        self.dtype, self.device = first.dtype, first.device
+        self.dtype, self.device = dtype or first.dtype, first.device
         self.world_size, self.rank = world_size, rank
         self.params: list[nn.Parameter] = []
         self.slots: list[ParamSlot] = []

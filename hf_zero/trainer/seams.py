@@ -19,12 +19,16 @@ from __future__ import annotations
 import functools
 import weakref
 
+import torch
 from transformers import Trainer
 
 from hf_zero.engine import ZeroEngine, ZeroModule
 from hf_zero.trainer import session as S
 
 _ORIGINALS: dict[str, object] = {}
+# A bf16 run keeps trainable params in bf16 and the fp32 master shard in the engine (as DeepSpeed
+# does); fp32 keeps them as the model has them.
+_PARAM_DTYPES = {"bf16": torch.bfloat16, "fp32": None}
 
 
 def _seam(fn):
@@ -75,6 +79,7 @@ def create_optimizer(self, model=None):
             self.optimizer,
             stage=session.stage,
             bucket_numel=max(1, int(session.config.zero.reduce_bucket_size)),  # 0: a bucket per param
+            param_dtype=_PARAM_DTYPES[session.config.precision.dtype],
         )
     return optimizer
 

@@ -106,3 +106,35 @@ def test_collective_counts(stage, expected_rs_per_step):
     (_, counts_small, n_small), _ = run_on_ranks(_counts, 2, stage, 4, 1, timeout=240)
     assert n_small > 3 * n_buckets
     assert counts_small["all_gather"] == STEPS * n_small
+
+
+def _bf16_params(rank, world):
+    """bf16 params with fp32 master shards: the master moves like an fp32 reference model
+    started from the bf16-rounded weights, and the params are its bf16 rounding."""
+    ref = tiny_llama(0)
+    with torch.no_grad():
+        for p in ref.parameters():
+            p.copy_(p.bfloat16().float())  # the engine's master starts from the rounded weights
+    model = copy.deepcopy(ref)
+    ddp = DDP(ref)
+    ref_opt = torch.optim.SGD(ref.parameters(), lr=0.1)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    engine = ZeroEngine(model, opt, stage=2, bucket_numel=2000, param_dtype=torch.bfloat16)
+    assert all(p.dtype == torch.bfloat16 for p in model.parameters())
+    inputs = batch(rank, 0, 0, ref.config.vocab_size)
+    for step in range(3):
+        ddp(**inputs).loss.backward()
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            model(**inputs).loss.backward()
+        ref_opt.step(); ref_opt.zero_grad()
+        opt.step()
+    # bf16 forward/backward: gradients agree to bf16 precision, so params do to ~1e-2 relative
+    for p, q in zip(model.parameters(), ref.parameters()):
+        assert _rel(p.detach().float(), q.detach()) < 2e-2
+    masters_numel = sum(m.numel() for m in engine.masters)
+    assert all(m.dtype == torch.float32 for m in engine.masters)
+    return masters_numel
+
+
+def test_bf16_params_fp32_master():
+    run_on_ranks(_bf16_params, 2, timeout=240)
