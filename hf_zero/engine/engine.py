@@ -26,6 +26,7 @@ from torch.utils.hooks import RemovableHandle
 from hf_zero.engine import collectives as C
 from hf_zero.engine.grad_sync import GradBucket, GradSync
 from hf_zero.engine.layout import FlatParamBuffer
+from hf_zero.engine.ranges import Range
 from hf_zero.engine.stages import strategy_for
 
 
@@ -104,7 +105,7 @@ class ZeroEngine:
 
         self.masters: list[torch.Tensor] = []  # one fp32 master shard per grad bucket
         self._pieces: dict[nn.Parameter, nn.Parameter] = {}
-        self._piece_grads: list[tuple[nn.Parameter, torch.Tensor]] = []
+        self._piece_grads: list[tuple[nn.Parameter, GradBucket, Range]] = []
         for gb in grad_buckets:
             shard = gb.buffer.view(gb.bucket.shard)
             master = shard if shard.dtype == torch.float32 else shard.detach().float()
@@ -112,7 +113,7 @@ class ZeroEngine:
             for slot_index, local in gb.buffer.pieces(gb.bucket):
                 piece = nn.Parameter(master[local.start : local.end], requires_grad=True)
                 self._pieces[gb.buffer.params[slot_index]] = piece
-                self._piece_grads.append((piece, gb.main_grad[local.start : local.end]))
+                self._piece_grads.append((piece, gb, local))
         self._rewrite_optimizer()
 
     # ---- optimizer wiring -------------------------------------------------------------------
@@ -137,7 +138,7 @@ class ZeroEngine:
             # (they may feed clipping), but they get no optimizer state.
             for p in missing:
                 piece = self._pieces.pop(p, None)
-                self._piece_grads = [(q, g) for q, g in self._piece_grads if q is not piece]
+                self._piece_grads = [t for t in self._piece_grads if t[0] is not piece]
         if not any(g["params"] for g in self.optimizer.param_groups):
             # This rank's shards hold only padding: give the optimizer an empty tensor to step.
             empty = nn.Parameter(torch.zeros(0, device=self.buffers[0].device))
@@ -204,8 +205,8 @@ class ZeroEngine:
     def finish_grad_sync(self) -> None:
         """Idempotent: all reductions of this step done, and the optimizer's pieces see them."""
         self.grad_sync.finish()
-        for piece, grad in self._piece_grads:
-            piece.grad = grad
+        for piece, gb, local in self._piece_grads:
+            piece.grad = gb.main_grad[local.start : local.end]
 
     # ---- clipping ---------------------------------------------------------------------------
 
@@ -235,6 +236,8 @@ class ZeroEngine:
                 handles.append(C.start_all_gather(self.ctx, gb.buffer.view(gb.bucket.range), shard))
         for h in handles:
             C.wait(h)
+        for piece, _, _ in self._piece_grads:
+            piece.grad = None  # let the main grads go until the next backward
         self.grad_sync.start_next_step()
 
     # ---- accounting -------------------------------------------------------------------------

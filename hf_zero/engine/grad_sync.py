@@ -45,8 +45,9 @@ class GradBucket:
         self.missing = len(bucket.slots)
         self.staging: torch.Tensor | None = None
         self.handle: C.Handle | None = None
-        self.main_grad = torch.zeros(bucket.shard_size, dtype=torch.float32, device=buffer.device)
-        self.main_grad_fresh = True  # True: main_grad holds nothing of this optimizer step yet
+        # fp32, allocated when the first reduction of a step lands and released after the optimizer
+        # step, so it takes no memory during forward, when activations peak. None: nothing yet.
+        self.main_grad: torch.Tensor | None = None
 
     def _expect(self, *states: BucketState) -> None:
         if self.state not in states:
@@ -54,9 +55,8 @@ class GradBucket:
 
     def staging_tensor(self) -> torch.Tensor:
         if self.staging is None and self.alias_main:
-            if self.main_grad_fresh:
-                self.main_grad.zero_()
-                self.main_grad_fresh = False
+            if self.main_grad is None:
+                self.main_grad = self._new_main(torch.zeros)
             self.staging = self.main_grad
         if self.staging is None:
             self.staging = torch.zeros(self.bucket.range.size, dtype=self.buffer.dtype, device=self.buffer.device)
@@ -85,8 +85,10 @@ class GradBucket:
             return
         if ctx.world_size > 1:
             staging.div_(ctx.world_size)  # average like DDP; pre-divided to keep bf16 sums in range
-        direct = self.main_grad_fresh and staging.dtype == torch.float32
-        out = self.main_grad if direct else torch.empty(self.bucket.shard_size, dtype=staging.dtype, device=staging.device)
+        if self.main_grad is None and staging.dtype == torch.float32:
+            self.main_grad = out = self._new_main(torch.empty)  # reduce straight into it
+        else:
+            out = torch.empty(self.bucket.shard_size, dtype=staging.dtype, device=staging.device)
         self.handle = C.start_reduce_scatter(ctx, out, staging)
         self.state = BucketState.REDUCING
 
@@ -96,11 +98,10 @@ class GradBucket:
             return
         out = C.wait(self.handle)
         if out is not self.main_grad:
-            if self.main_grad_fresh:
-                self.main_grad.copy_(out)
+            if self.main_grad is None:
+                self.main_grad = out.float() if out.dtype != torch.float32 else out
             else:
                 self.main_grad.add_(out)
-        self.main_grad_fresh = False
         self.handle, self.staging = None, None
         self.state = BucketState.REDUCED
 
@@ -112,10 +113,19 @@ class GradBucket:
         self.state = BucketState.IDLE
 
     def held_bytes(self) -> int:
-        staging = 0
-        if self.staging is not None and self.staging is not self.main_grad:
-            staging = self.staging.numel() * self.staging.element_size()
-        return staging + self.main_grad.numel() * self.main_grad.element_size()
+        held = [t for t in (self.staging, self.main_grad) if t is not None]
+        if len(held) == 2 and held[0] is held[1]:
+            held = held[:1]
+        return sum(t.numel() * t.element_size() for t in held)
+
+    def _new_main(self, factory) -> torch.Tensor:
+        return factory(self.bucket.shard_size, dtype=torch.float32, device=self.buffer.device)
+
+    def ensure_main_grad(self) -> torch.Tensor:
+        """The main grad shard; zeros if no gradient reached this bucket in this step."""
+        if self.main_grad is None:
+            self.main_grad = self._new_main(torch.zeros)
+        return self.main_grad
 
 
 class GradSync:
@@ -158,16 +168,14 @@ class GradSync:
             self._launch_ready(force=True)  # grads accumulated without a synced backward
         for bucket in self.buckets:
             bucket.finish_reduce()
-            if bucket.main_grad_fresh:
-                bucket.main_grad.zero_()  # no gradient reached it in this step
-                bucket.main_grad_fresh = False
+            bucket.ensure_main_grad()
         self._track_memory()
 
     def start_next_step(self) -> None:
         """After the optimizer step: main grads were consumed; the next backward overwrites them."""
         for bucket in self.buckets:
             bucket.reset_for_backward(keep_staging=False)
-            bucket.main_grad_fresh = True
+            bucket.main_grad = None
         self.next_launch = 0
 
     def begin_backward(self) -> None:
