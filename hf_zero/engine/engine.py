@@ -236,6 +236,12 @@ class ZeroEngine:
                 handles.append(C.start_all_gather(self.ctx, gb.buffer.view(gb.bucket.range), shard))
         for h in handles:
             C.wait(h)
+        self.zero_grad()
+
+    def zero_grad(self) -> None:
+        """Idempotent: forget this step's gradients (consumed by the step, or the step was skipped)."""
+        for bucket in self.grad_sync.buckets:
+            bucket.finish_reduce()  # no collective may be left in flight
         for piece, _, _ in self._piece_grads:
             piece.grad = None  # let the main grads go until the next backward
         self.grad_sync.start_next_step()

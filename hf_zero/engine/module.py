@@ -35,6 +35,11 @@ class ZeroModule(nn.Module):
         finally:
             self._engine.set_gradient_sync(True)
 
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        """Drop this step's gradients, also those of a step the fp16 scaler skipped."""
+        self.module.zero_grad(set_to_none)
+        self._engine.zero_grad()
+
     def __getattr__(self, name: str):
         try:
             return super().__getattr__(name)

@@ -24,11 +24,12 @@ from transformers import Trainer
 
 from hf_zero.engine import ZeroEngine, ZeroModule
 from hf_zero.trainer import session as S
+from hf_zero.trainer.loss_scaling import check_loss_scaling, sharded_grad_scaler
 
 _ORIGINALS: dict[str, object] = {}
 # A bf16 run keeps trainable params in bf16 and the fp32 master shard in the engine (as DeepSpeed
 # does); fp32 keeps them as the model has them.
-_PARAM_DTYPES = {"bf16": torch.bfloat16, "fp32": None}
+_PARAM_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": None}
 
 
 def _seam(fn):
@@ -61,9 +62,7 @@ def __init__(self, *args, **kwargs):
         hidden_size=getattr(model_config, "hidden_size", None),
     )
     if resolved.zero.stage >= 1 and resolved.precision.dtype == "fp16":
-        raise NotImplementedError(
-            "fp16 with zero_optimization.stage >= 1 is not implemented yet in hf_zero; use bf16 or fp32"
-        )
+        check_loss_scaling(resolved.precision)
     session = S.ZeroSession(config=resolved, trainer_ref=weakref.ref(self))
     S.attach(self, session)
     self.add_callback(ReportCallback(session))
@@ -74,6 +73,10 @@ def create_optimizer(self, model=None):
     optimizer = _original("create_optimizer")(self, model)
     session = S.session_of(self)
     if session is not None and session.stage >= 1 and session.engine is None:
+        if session.config.precision.dtype == "fp16" and self.accelerator.scaler is not None:
+            # Where accelerate scales fp16 losses (not on CPU), every rank must agree on overflow.
+            # Set before accelerate wraps the optimizer, which captures the scaler it has then.
+            self.accelerator.scaler = sharded_grad_scaler(session.config.precision, self.args.device)
         session.engine = ZeroEngine(
             self.model,
             self.optimizer,
@@ -101,7 +104,8 @@ def _clip_grad_norm(self, model):
     session = S.session_of(self)
     if session is None or session.engine is None:
         return _original("_clip_grad_norm")(self, model)
-    self.accelerator.unscale_gradients()
+    session.engine.finish_grad_sync()  # the optimizer's pieces see their gradients ...
+    self.accelerator.unscale_gradients()  # ... so an fp16 run's scaler can unscale them
     return session.engine.clip_grad_norm_(self.args.max_grad_norm)
 
 
@@ -109,6 +113,8 @@ def _clip_grad_norm(self, model):
 def _get_grad_norm(self, model, grad_norm=None):
     session = S.session_of(self)
     if session is not None and session.engine is not None and grad_norm is None:
+        session.engine.finish_grad_sync()
+        self.accelerator.unscale_gradients()
         grad_norm = session.engine.grad_norm()
     return _original("_get_grad_norm")(self, model, grad_norm)
 

@@ -1,0 +1,47 @@
+"""fp16 dynamic loss scaling for stages >= 1: torch's ``ShardedGradScaler``.
+
+Each rank holds only its gradient shard, so whether any gradient overflowed must be agreed on by
+all ranks: ``ShardedGradScaler`` all-reduces the found-inf flag, then every rank skips the step
+(and halves the scale) together, as the Trainer and DeepSpeed do. The engine drops the skipped
+step's gradients when the Trainer calls ``model.zero_grad()``.
+"""
+
+from __future__ import annotations
+
+import warnings
+
+import torch
+from torch.distributed.fsdp.sharded_grad_scaler import ShardedGradScaler
+
+from hf_zero.engine.stages import NotAvailableYet
+
+
+def check_loss_scaling(precision) -> None:
+    """Refuse what cannot be honoured; warn about what torch's scaler does differently."""
+    if precision.loss_scale > 0:
+        raise NotAvailableYet(
+            f"fp16.loss_scale = {precision.loss_scale}: a static loss scale is not implemented yet in hf_zero "
+            "with zero_optimization.stage >= 1; use 0 (dynamic loss scaling)"
+        )
+    ignored = []
+    if precision.hysteresis != 1:
+        ignored.append(f"fp16.hysteresis = {precision.hysteresis}")
+    if precision.min_loss_scale != 1:
+        ignored.append(f"fp16.min_loss_scale = {precision.min_loss_scale}")
+    if ignored:
+        warnings.warn(
+            "hf_zero does not apply " + ", ".join(ignored) + ": torch's GradScaler halves the scale at every "
+            "overflowing step (hysteresis 1) and has no floor",
+            UserWarning,
+            stacklevel=3,
+        )
+
+
+def sharded_grad_scaler(precision, device: torch.device) -> ShardedGradScaler:
+    """The scaler for an fp16 run: initial scale 2**initial_scale_power, doubled after
+    loss_scale_window steps without overflow, halved on overflow."""
+    return ShardedGradScaler(
+        device=device.type,
+        init_scale=2.0 ** precision.initial_scale_power,
+        growth_interval=precision.loss_scale_window,
+    )
