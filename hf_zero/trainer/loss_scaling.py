@@ -11,6 +11,7 @@ from __future__ import annotations
 import warnings
 
 import torch
+import torch.distributed as dist
 from torch.distributed.fsdp.sharded_grad_scaler import ShardedGradScaler
 
 from hf_zero.engine.stages import NotAvailableYet
@@ -37,10 +38,12 @@ def check_loss_scaling(precision) -> None:
         )
 
 
-def sharded_grad_scaler(precision, device: torch.device) -> ShardedGradScaler:
+def sharded_grad_scaler(precision, device: torch.device) -> torch.amp.GradScaler:
     """The scaler for an fp16 run: initial scale 2**initial_scale_power, doubled after
-    loss_scale_window steps without overflow, halved on overflow."""
-    return ShardedGradScaler(
+    loss_scale_window steps without overflow, halved on overflow. Sharded (overflow agreed on
+    by all ranks) when a process group exists; one rank alone has nothing to agree on."""
+    cls = ShardedGradScaler if dist.is_available() and dist.is_initialized() else torch.amp.GradScaler
+    return cls(
         device=device.type,
         init_scale=2.0 ** precision.initial_scale_power,
         growth_interval=precision.loss_scale_window,
