@@ -123,6 +123,8 @@ class ZeroEngine:
         for group, full_params in zip(self.optimizer.param_groups, self._groups_full):
             pieces = []
             for p in full_params:
+                if not p.requires_grad and any(p is q for q in self.model.parameters()):
+                    continue  # frozen: it never gets a gradient, so the optimizer never moves it
                 if p not in self._where:
                     raise ValueError(
                         f"the optimizer holds a parameter of shape {tuple(p.shape)} that is not a trainable "
