@@ -62,6 +62,8 @@ class ZeroEngine:
         self._arrival: list[nn.Parameter] | None = [] if self.ctx.world_size > 1 else None
 
         self._in_backward = False
+        self._used: set[nn.Parameter] = set()  # params that got a gradient in this step, this rank
+        self._unused: set[nn.Parameter] | None = None  # no gradient on any rank (finish_grad_sync)
         self._grad_hooks: list[RemovableHandle] = [
             p.register_post_accumulate_grad_hook(self._on_grad) for p in self._where
         ]
@@ -105,7 +107,7 @@ class ZeroEngine:
 
         self.masters: list[torch.Tensor] = []  # one fp32 master shard per grad bucket
         self._pieces: dict[nn.Parameter, nn.Parameter] = {}
-        self._piece_grads: list[tuple[nn.Parameter, GradBucket, Range]] = []
+        self._piece_grads: list[tuple[nn.Parameter, GradBucket, Range, nn.Parameter]] = []
         for gb in grad_buckets:
             shard = gb.buffer.view(gb.bucket.shard)
             master = shard if shard.dtype == torch.float32 else shard.detach().float()
@@ -113,7 +115,7 @@ class ZeroEngine:
             for slot_index, local in gb.buffer.pieces(gb.bucket):
                 piece = nn.Parameter(master[local.start : local.end], requires_grad=True)
                 self._pieces[gb.buffer.params[slot_index]] = piece
-                self._piece_grads.append((piece, gb, local))
+                self._piece_grads.append((piece, gb, local, gb.buffer.params[slot_index]))
         self._rewrite_optimizer()
 
     # ---- optimizer wiring -------------------------------------------------------------------
@@ -154,6 +156,7 @@ class ZeroEngine:
             self._in_backward = True
             self.grad_sync.begin_backward()
             torch.autograd.Variable._execution_engine.queue_callback(self._on_backward_end)
+        self._used.add(param)
         if self._arrival is not None:
             self._arrival.append(param)
         bucket, slot_index = self._where[param]
@@ -205,10 +208,21 @@ class ZeroEngine:
         self.grad_sync.sync_enabled = enabled or self.strategy.reduce_every_microstep
 
     def finish_grad_sync(self) -> None:
-        """Idempotent: all reductions of this step done, and the optimizer's pieces see them."""
+        """Idempotent: all reductions of this step done, and the optimizer's pieces see them.
+
+        As under DDP, a param that got no gradient on any rank in this step keeps ``grad = None``,
+        so the optimizer leaves it alone (no weight decay, no moment decay)."""
         self.grad_sync.finish()
-        for piece, gb, local in self._piece_grads:
-            piece.grad = gb.main_grad[local.start : local.end]
+        if self._unused is None:
+            self._unused = self._globally_unused()
+        for piece, gb, local, param in self._piece_grads:
+            piece.grad = None if param in self._unused else gb.main_grad[local.start : local.end]
+
+    def _globally_unused(self) -> set:
+        params = list(self._names)
+        used = torch.tensor([p in self._used for p in params], dtype=torch.int32, device=self.buffers[0].device)
+        C.wait(C.start_all_reduce(self.ctx, used))  # one tiny all-reduce per step, W > 1 only
+        return {p for p, u in zip(params, used.tolist()) if u == 0}
 
     # ---- clipping ---------------------------------------------------------------------------
 
@@ -244,8 +258,9 @@ class ZeroEngine:
         """Idempotent: forget this step's gradients (consumed by the step, or the step was skipped)."""
         for bucket in self.grad_sync.buckets:
             bucket.finish_reduce()  # no collective may be left in flight
-        for piece, _, _ in self._piece_grads:
+        for piece, *_ in self._piece_grads:
             piece.grad = None  # let the main grads go until the next backward
+        self._used, self._unused = set(), None
         self.grad_sync.start_next_step()
 
     # ---- accounting -------------------------------------------------------------------------

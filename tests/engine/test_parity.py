@@ -18,8 +18,9 @@ RTOL = 1e-5
 
 
 def _optimizer(model: nn.Module, kind: str) -> torch.optim.Optimizer:
-    decay = [p for n, p in model.named_parameters() if p.requires_grad and p.dim() > 1]
-    no_decay = [p for n, p in model.named_parameters() if p.requires_grad and p.dim() <= 1]
+    # The unused param decays: a param without gradient must be skipped by the optimizer, as under DDP.
+    decay = [p for n, p in model.named_parameters() if p.requires_grad and (p.dim() > 1 or n == "unused_bias")]
+    no_decay = [p for n, p in model.named_parameters() if p.requires_grad and p.dim() <= 1 and n != "unused_bias"]
     groups = [{"params": decay, "weight_decay": 0.1}, {"params": no_decay, "weight_decay": 0.0}]
     if kind == "adamw":
         return torch.optim.AdamW(groups, lr=1e-2, foreach=True)
@@ -95,13 +96,13 @@ def _counts(rank, world, stage, grad_accum, bucket_numel):
 @pytest.mark.parametrize("stage,expected_rs_per_step", [(1, 1), (2, 4)])
 def test_collective_counts(stage, expected_rs_per_step):
     """Per optimizer step: one reduce-scatter per bucket per communicating backward (stage 1 only on
-    the boundary of 4 micro-steps, stage 2 on each), one all-gather per bucket, one all-reduce for
-    the clipping norm."""
+    the boundary of 4 micro-steps, stage 2 on each), one all-gather per bucket, two all-reduces (the
+    clipping norm, and which params got a gradient on any rank)."""
     (_, counts, n_buckets), _ = run_on_ranks(_counts, 2, stage, 4, 4000, timeout=240)
     assert n_buckets > 1
     assert counts["reduce_scatter"] == STEPS * expected_rs_per_step * n_buckets
     assert counts["all_gather"] == STEPS * n_buckets
-    assert counts["all_reduce"] == STEPS
+    assert counts["all_reduce"] == 2 * STEPS
     # bucketing really reduces collectives: far fewer than one per parameter
     (_, counts_small, n_small), _ = run_on_ranks(_counts, 2, stage, 4, 1, timeout=240)
     assert n_small > 3 * n_buckets
