@@ -41,7 +41,7 @@ def reference(tmp_path_factory):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("stage", [0, 1, 2])
+@pytest.mark.parametrize("stage", [0, 1, 2, 3])
 def test_launch_matches_torchrun(stage, reference, tmp_path):
     cmd = [sys.executable, "-m", "hf_zero", "launch", "--nproc_per_node", "2", "--master_port", str(free_port()),
            SCRIPT, "--zero_config", os.path.join(HERE, "configs", f"zero{stage}.json")]

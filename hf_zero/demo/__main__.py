@@ -16,7 +16,7 @@ import sys
 import time
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-STAGE = 2  # the highest ZeRO stage this version implements
+STAGE = 3  # the highest ZeRO stage this version implements
 
 
 def _mib(n: int) -> str:

@@ -16,6 +16,7 @@ its state is the local shard's state.
 
 from __future__ import annotations
 
+import contextlib
 from collections import defaultdict
 
 import torch
@@ -28,6 +29,7 @@ from hf_zero.engine.grad_sync import GradBucket, GradSync
 from hf_zero.engine.layout import FlatParamBuffer
 from hf_zero.engine.ranges import Range
 from hf_zero.engine.stages import strategy_for
+from hf_zero.engine.units import ParamUnit, UnitState, find_blocks, output_tensors
 
 
 class ZeroEngine:
@@ -59,7 +61,8 @@ class ZeroEngine:
         self._build(named)
         # Until the first backward has shown the order in which gradients arrive, the layout
         # follows registration order; see _on_backward_end. One rank has nothing to overlap.
-        self._arrival: list[nn.Parameter] | None = [] if self.ctx.world_size > 1 else None
+        relayout = self.ctx.world_size > 1 and not self.strategy.shard_params  # stage 3: unit order
+        self._arrival: list[nn.Parameter] | None = [] if relayout else None
 
         self._in_backward = False
         self._used: set[nn.Parameter] = set()  # params that got a gradient in this step, this rank
@@ -68,6 +71,8 @@ class ZeroEngine:
             p.register_post_accumulate_grad_hook(self._on_grad) for p in self._where
         ]
         self._hooks: list[RemovableHandle] = []
+        if self.units:
+            self._install_unit_hooks()
         self._hooks.append(optimizer.register_step_pre_hook(lambda *_: self.finish_grad_sync()))
         self._hooks.append(optimizer.register_step_post_hook(lambda *_: self._after_step()))
 
@@ -86,11 +91,18 @@ class ZeroEngine:
                     for i in gb.bucket.slots:
                         r = gb.buffer.slots[i].range.shift(gb.bucket.range.start)
                         old_grads[gb.buffer.params[i]] = gb.staging[r.start : r.end]
+        groups = self._unit_params(named) if self.strategy.shard_params else list(by_kind.values())
+        bucket_numel = 2**62 if self.strategy.shard_params else self.bucket_numel  # stage 3: one per unit
         self.buffers = [
             FlatParamBuffer(ps, world_size=self.ctx.world_size, rank=self.ctx.rank,
-                            bucket_numel=self.bucket_numel, dtype=self.param_dtype)
-            for ps in by_kind.values()
+                            bucket_numel=bucket_numel, dtype=self.param_dtype)
+            for ps in groups
         ]
+        self.units: list[ParamUnit] = []
+        if self.strategy.shard_params:
+            owners = self._unit_modules
+            self.units = [ParamUnit(i, owners[i], buf, self.ctx, root=owners[i] is self.model)
+                          for i, buf in enumerate(self.buffers)]
         grad_buckets = [GradBucket(buf, b, self.ctx.world_size) for buf in self.buffers for b in buf.buckets]
         sync_enabled = old.sync_enabled if old is not None else True
         self.grad_sync = GradSync(self.ctx, grad_buckets)
@@ -108,8 +120,8 @@ class ZeroEngine:
         self.masters: list[torch.Tensor] = []  # one fp32 master shard per grad bucket
         self._pieces: dict[nn.Parameter, nn.Parameter] = {}
         self._piece_grads: list[tuple[nn.Parameter, GradBucket, Range, nn.Parameter]] = []
-        for gb in grad_buckets:
-            shard = gb.buffer.view(gb.bucket.shard)
+        for i, gb in enumerate(grad_buckets):
+            shard = self.units[i].local if self.units else gb.buffer.view(gb.bucket.shard)
             master = shard if shard.dtype == torch.float32 else shard.detach().float()
             self.masters.append(master)
             for slot_index, local in gb.buffer.pieces(gb.bucket):
@@ -117,6 +129,112 @@ class ZeroEngine:
                 self._pieces[gb.buffer.params[slot_index]] = piece
                 self._piece_grads.append((piece, gb, local, gb.buffer.params[slot_index]))
         self._rewrite_optimizer()
+
+    # ---- stage 3 units ------------------------------------------------------------------------
+
+    def _unit_params(self, named: list[tuple[str, nn.Parameter]]) -> list[list[tuple[str, nn.Parameter]]]:
+        """Trainable params grouped by unit, in backward order: last block first, root last."""
+        blocks = find_blocks(self.model)
+        owner: dict[int, int] = {}
+        for b, block in enumerate(blocks):
+            for p in block.parameters():
+                owner.setdefault(id(p), b)
+        per_block: list[list] = [[] for _ in blocks]
+        root: list = []
+        for name, p in named:
+            (per_block[owner[id(p)]] if id(p) in owner else root).append((name, p))
+        order = [(blocks[b], per_block[b]) for b in reversed(range(len(blocks))) if per_block[b]]
+        if root:
+            order.append((self.model, root))
+        for module, params in order:
+            dtypes = {self.param_dtype or p.dtype for _, p in params}
+            if len(dtypes) > 1:
+                raise ValueError(
+                    f"stage 3 needs one dtype per unit; {type(module).__name__} has trainable params of "
+                    f"{sorted(map(str, dtypes))}: load the model in one dtype or enable bf16/fp16"
+                )
+        self._unit_modules = [m for m, _ in order]
+        return [ps for _, ps in order]
+
+    def _install_unit_hooks(self) -> None:
+        self._unit_of_bucket = {id(gb): u for gb, u in zip(self.grad_sync.buckets, self.units)}
+        for unit in self.units:
+            self._hooks.append(unit.module.register_forward_pre_hook(self._make_pre_forward(unit)))
+            self._hooks.append(unit.module.register_forward_hook(self._make_post_forward(unit)))
+
+    def _make_pre_forward(self, unit: ParamUnit):
+        def pre_forward(module, args):
+            unit.unshard()
+        return pre_forward
+
+    def _make_post_forward(self, unit: ParamUnit):
+        def post_forward(module, args, output):
+            tensors = output_tensors(output)
+            if tensors:
+                def pre_backward(_grad):
+                    unit.backward_pending = True
+                    unit.unshard()
+                torch.autograd.graph.register_multi_grad_hook(tensors, pre_backward, mode="any")
+            if unit.backward_pending:
+                return  # recomputed inside backward (gradient checkpointing): its backward comes next
+            if not unit.root or not tensors:
+                unit.reshard()  # the root stays gathered from the model's forward to its backward
+        return post_forward
+
+    @contextlib.contextmanager
+    def gathered(self, modifier_rank: int | None = None):
+        """Inside: every trainable param holds its full value (stage 3 gathers all units).
+
+        With ``modifier_rank``, edits that rank makes to the params inside are kept: its values are
+        broadcast to every rank and written back into the shards (and fp32 master shards) on exit.
+        Without it, edits are discarded at stage 3. Call it on every rank (it communicates).
+        """
+        was_sharded = [u.state is UnitState.SHARDED for u in self.units]
+        for unit in self.units:
+            unit.unshard()
+        try:
+            yield
+        finally:
+            if modifier_rank is not None:
+                self._write_back(modifier_rank)
+            for unit, sharded in zip(self.units, was_sharded):
+                if sharded:
+                    unit.reshard()
+
+    @torch.no_grad()
+    def full_state_dict(self, *, to_cpu_on: int | None = 0) -> dict[str, torch.Tensor] | None:
+        """The model's state dict with full values, gathered unit by unit (all ranks must call).
+
+        Rank ``to_cpu_on`` (``None``: every rank) receives CPU copies; other ranks get ``None``.
+        Tied params stay one tensor, so ``save_pretrained`` still sees them as tied.
+        """
+        keep = to_cpu_on is None or self.ctx.rank == to_cpu_on
+        full: dict[nn.Parameter, torch.Tensor] = {}
+        for unit in self.units:
+            sharded = unit.state is UnitState.SHARDED
+            unit.unshard()
+            if keep:
+                for p in unit.buffer.params:
+                    full[p] = p.detach().to("cpu", copy=True)
+            if sharded:
+                unit.reshard()
+        if not keep:
+            return None
+        return {name: full[t] if t in full else t.detach().to("cpu", copy=True)
+                for name, t in self.model.state_dict(keep_vars=True).items()}
+
+    @torch.no_grad()
+    def _write_back(self, src: int) -> None:
+        for i, gb in enumerate(self.grad_sync.buckets):
+            full = gb.buffer.view(gb.bucket.range)
+            if self.ctx.world_size > 1:
+                torch.distributed.broadcast(full, src=torch.distributed.get_global_rank(self.ctx.group, src)
+                                            if self.ctx.group is not None else src, group=self.ctx.group)
+            shard = self.units[i].local if self.units else gb.buffer.view(gb.bucket.shard)
+            if self.units:
+                shard.copy_(gb.buffer.view(gb.bucket.shard))
+            if self.masters[i].data_ptr() != shard.data_ptr():
+                self.masters[i].copy_(shard)
 
     # ---- optimizer wiring -------------------------------------------------------------------
 
@@ -167,11 +285,18 @@ class ZeroEngine:
             )
         bucket.add_grad(slot_index, param.grad)
         param.grad = None
+        if self.units and bucket.state.name == "READY":
+            unit = self._unit_of_bucket[id(bucket)]
+            unit.backward_pending = False
+            unit.reshard()  # every gradient of the unit is in: its full params can go
         if self._arrival is None:  # the first backward only stages: its layout is provisional
             self.grad_sync.on_bucket_progress()
 
     def _on_backward_end(self) -> None:
         self._in_backward = False
+        for unit in self.units:
+            unit.backward_pending = False
+            unit.reshard()
         if self._arrival is not None:
             self._relayout_by_arrival()
         self.grad_sync.on_backward_end()
@@ -245,11 +370,12 @@ class ZeroEngine:
     def _after_step(self) -> None:
         handles = []
         with torch.no_grad():
-            for gb, master in zip(self.grad_sync.buckets, self.masters):
-                shard = gb.buffer.view(gb.bucket.shard)
+            for i, (gb, master) in enumerate(zip(self.grad_sync.buckets, self.masters)):
+                shard = self.units[i].local if self.units else gb.buffer.view(gb.bucket.shard)
                 if master.data_ptr() != shard.data_ptr():
                     shard.copy_(master)
-                handles.append(C.start_all_gather(self.ctx, gb.buffer.view(gb.bucket.range), shard))
+                if not self.units:  # stage 3 gathers at the next forward instead
+                    handles.append(C.start_all_gather(self.ctx, gb.buffer.view(gb.bucket.range), shard))
         for h in handles:
             C.wait(h)
         self.zero_grad()
@@ -272,10 +398,13 @@ class ZeroEngine:
             return t.numel() * t.element_size()
 
         buffered = {p for buf in self.buffers for p in buf.params}
-        params = sum(nbytes(buf.data) for buf in self.buffers)
+        if self.units:
+            params = sum(u.held_bytes() for u in self.units)
+        else:
+            params = sum(nbytes(buf.data) for buf in self.buffers)
         params += sum(nbytes(p) for p in self.model.parameters() if p not in buffered)
-        masters = sum(nbytes(m) for m, gb in zip(self.masters, self.grad_sync.buckets)
-                      if m.data_ptr() != gb.buffer.view(gb.bucket.shard).data_ptr())
+        shards = [u.local for u in self.units] or [gb.buffer.view(gb.bucket.shard) for gb in self.grad_sync.buckets]
+        masters = sum(nbytes(m) for m, shard in zip(self.masters, shards) if m.data_ptr() != shard.data_ptr())
         state = sum(nbytes(v) for s in self.optimizer.state.values() for v in s.values()
                     if torch.is_tensor(v) and v.dim() > 0)
         grads = sum(gb.held_bytes() for gb in self.grad_sync.buckets)

@@ -85,7 +85,9 @@ class FlatParamBuffer:
             offset = self._close_bucket(bucket_start, offset, members)
         self.numel = offset
 
-        self.data = torch.zeros(self.numel, dtype=self.dtype, device=self.device)
+        self.shapes = {slot.name: param.shape for param, slot in zip(self.params, self.slots)}
+        # Stage 3 sets ``data`` to None while the buffer's unit is sharded (see units.py).
+        self.data: torch.Tensor | None = torch.zeros(self.numel, dtype=self.dtype, device=self.device)
         with torch.no_grad():
             for param, slot in zip(self.params, self.slots):
                 view = self.data[slot.range.start : slot.range.end].view_as(param)

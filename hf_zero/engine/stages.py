@@ -4,7 +4,7 @@
 |-------|-----------------|-----------------------------------------|------------|
 | 1     | sharded (1/W)   | full while accumulating; reduce-scattered once, on the last micro-step | full |
 | 2     | sharded (1/W)   | reduce-scattered every micro-step, only the shard is kept | full |
-| 3     | sharded (1/W)   | as stage 2                              | sharded (not yet available) |
+| 3     | sharded (1/W)   | as stage 2, one bucket per unit         | sharded in units, gathered around use |
 
 Stage 0 is the Trainer's own data parallelism (DDP); no engine is built for it.
 """
@@ -26,11 +26,15 @@ class StageStrategy:
     reduce_every_microstep: bool
     """Stage 2 cannot keep full gradients across micro-steps, so it reduces after each backward;
     stage 1 keeps them and communicates only on the gradient-accumulation boundary."""
+    shard_params: bool = False
+    """Stage 3: params live as shards in units (units.py), gathered around forward and backward;
+    buckets are the units, and the optimizer step needs no all-gather afterwards."""
 
 
 AVAILABLE_STAGES = {
     1: StageStrategy(stage=1, reduce_every_microstep=False),
     2: StageStrategy(stage=2, reduce_every_microstep=True),
+    3: StageStrategy(stage=3, reduce_every_microstep=True, shard_params=True),
 }
 
 
@@ -38,11 +42,6 @@ def strategy_for(stage: int) -> StageStrategy:
     """The strategy of ``stage``; a clear error for a stage this version does not implement."""
     if stage in AVAILABLE_STAGES:
         return AVAILABLE_STAGES[stage]
-    if stage == 3:
-        raise NotAvailableYet(
-            "ZeRO stage 3 (parameter sharding) is not implemented yet in hf_zero; "
-            "use zero_optimization.stage 0, 1 or 2"
-        )
     raise ValueError(f"zero_optimization.stage must be one of 0, 1, 2, 3; got {stage!r}")
 
 

@@ -6,6 +6,8 @@ return values (rank order). If any rank raises, or the run outlasts ``timeout`` 
 rank is stopped and a ``RankFailure`` is raised carrying each failing rank's full traceback.
 
 ``fn`` and ``args`` must be picklable (a module-level function), as with ``torch.multiprocessing``.
+Return plain Python values (``tensor.tolist()``): a tensor sent back through the queue lives in the
+rank's shared memory, which is gone once the rank exits.
 """
 
 from __future__ import annotations

@@ -12,6 +12,7 @@ active behaves exactly as before.
 | ``_wrap_model``     | stage >= 1: trains a ``ZeroModule`` where DDP would stand               |
 | ``_clip_grad_norm`` | stage >= 1: global norm over the gradient shards, then clip             |
 | ``_get_grad_norm``  | stage >= 1: the same norm when clipping is off                          |
+| ``save_model``      | stage 3: every rank gathers unit by unit; rank 0 writes full weights    |
 """
 
 from __future__ import annotations
@@ -117,6 +118,17 @@ def _get_grad_norm(self, model, grad_norm=None):
         self.accelerator.unscale_gradients()
         grad_norm = session.engine.grad_norm()
     return _original("_get_grad_norm")(self, model, grad_norm)
+
+
+@_seam
+def save_model(self, output_dir=None, _internal_call=False):
+    session = S.session_of(self)
+    if session is None or session.engine is None or not session.engine.units:
+        return _original("save_model")(self, output_dir, _internal_call)
+    state_dict = session.engine.full_state_dict(to_cpu_on=0)  # a collective: every rank calls
+    self._save(output_dir if output_dir is not None else self.args.output_dir, state_dict=state_dict)
+    if self.args.push_to_hub and not _internal_call:
+        self.push_to_hub(commit_message="Model save", revision=self.args.hub_revision)
 
 
 def install() -> None:
