@@ -1,7 +1,7 @@
 """``python -m hf_zero.demo``: the main job on an embedded default, end to end.
 
 Fine-tunes a tiny Llama-shaped model on the bundled sentences on 2 CPU ranks (gloo) through
-``hf-zero launch ... --zero_config zero2.json``, the path a user takes; then prints the falling
+``hf-zero launch ... --zero_config zero3.json``, the path a user takes; then prints the falling
 loss, what each rank held, tokens/s and where the model went, and reloads it with plain
 ``AutoModelForCausalLM.from_pretrained`` to generate a line.
 """

@@ -36,7 +36,9 @@ class ParamUnit:
             raise AssertionError("a stage-3 unit is one bucket")
         self.index, self.module, self.buffer, self.ctx, self.root = index, module, buffer, ctx, root
         self.bucket = buffer.buckets[0]
-        self.local = buffer.view(self.bucket.shard).clone()  # this rank's shard, kept for good
+        # One rank: its shard is the whole unit, so the params stay views of it (nothing to gather).
+        self.single = ctx.world_size == 1
+        self.local = buffer.data if self.single else buffer.view(self.bucket.shard).clone()
         self.backward_pending = False  # set between the pre-backward hook and the last param grad
         self._empty = torch.empty(0, dtype=buffer.dtype, device=buffer.device)
         self.state = UnitState.UNSHARDED
@@ -55,7 +57,7 @@ class ParamUnit:
 
     def reshard(self) -> None:
         """Idempotent: drop the full params, keep the shard."""
-        if self.state is UnitState.SHARDED:
+        if self.state is UnitState.SHARDED or self.single:
             return
         for param in self.buffer.params:
             param.data = self._empty
@@ -63,7 +65,9 @@ class ParamUnit:
         self.state = UnitState.SHARDED
 
     def held_bytes(self) -> int:
-        full = self.buffer.data.numel() * self.buffer.data.element_size() if self.buffer.data is not None else 0
+        full = 0
+        if self.buffer.data is not None and self.buffer.data is not self.local:
+            full = self.buffer.data.numel() * self.buffer.data.element_size()
         return full + self.local.numel() * self.local.element_size()
 
 
