@@ -1,4 +1,4 @@
-"""The engine under NCCL on GPUs vs DDP + the same optimizer, step by step.
+"""The engine (stages 1-3) under NCCL on GPUs vs DDP + the same optimizer, step by step.
 
     torchrun --nproc_per_node 2 integration_tests/gpu/nccl_parity.py
 
@@ -46,10 +46,11 @@ def case(stage: int, grad_accum: int, device: torch.device, rank: int) -> str | 
         opt.step(); wrapped.zero_grad()
         if abs(n.item() - n_ref.item()) > RTOL * n_ref.item():
             return f"step {step}: grad norm {n.item()} vs {n_ref.item()}"
-        for (name, p), q in zip(model.named_parameters(), ref.parameters()):
-            rel = ((p - q).norm() / q.norm().clamp_min(1e-12)).item()
-            if rel > RTOL:
-                return f"step {step}: {name} rel error {rel:.2e}"
+        with engine.gathered():
+            for (name, p), q in zip(model.named_parameters(), ref.parameters()):
+                rel = ((p - q).norm() / q.norm().clamp_min(1e-12)).item()
+                if rel > RTOL:
+                    return f"step {step}: {name} rel error {rel:.2e}"
     engine.close()
     return None
 
@@ -62,7 +63,7 @@ def main() -> int:
     device = torch.device("cuda", int(os.environ["LOCAL_RANK"]))
     torch.cuda.set_device(device)
     failed = 0
-    for stage, grad_accum in [(1, 1), (2, 1), (1, 4), (2, 4)]:
+    for stage, grad_accum in [(1, 1), (2, 1), (3, 1), (1, 4), (2, 4), (3, 4)]:
         error = case(stage, grad_accum, device, rank)
         flags = torch.tensor([0 if error is None else 1], device=device)
         dist.all_reduce(flags)
