@@ -161,6 +161,13 @@ class ZeroEngine:
         for unit in self.units:
             self._hooks.append(unit.module.register_forward_pre_hook(self._make_pre_forward(unit)))
             self._hooks.append(unit.module.register_forward_hook(self._make_post_forward(unit)))
+            if unit.root:
+                # Root params are also used outside the model's own forward (generate() runs the
+                # encoder alone, then the decoder): the modules that own them gather on use too.
+                owned = {id(p) for p in unit.buffer.params}
+                for module in self.model.modules():
+                    if module is not self.model and any(id(p) in owned for p in module.parameters(recurse=False)):
+                        self._hooks.append(module.register_forward_pre_hook(self._make_pre_forward(unit)))
 
     def _make_pre_forward(self, unit: ParamUnit):
         def pre_forward(module, args):

@@ -13,6 +13,8 @@ active behaves exactly as before.
 | ``_clip_grad_norm`` | stage >= 1: global norm over the gradient shards, then clip             |
 | ``_get_grad_norm``  | stage >= 1: the same norm when clipping is off                          |
 | ``save_model``      | stage 3: every rank gathers unit by unit; rank 0 writes full weights    |
+| ``_load_optimizer_and_scheduler`` | stage >= 1: refuses to resume (not implemented yet) before training |
+| ``Seq2SeqTrainer.prediction_step`` | stage 3, W > 1: ``synced_gpus=True`` for generate, as for DeepSpeed ZeRO-3 |
 """
 
 from __future__ import annotations
@@ -21,9 +23,10 @@ import functools
 import weakref
 
 import torch
-from transformers import Trainer
+from transformers import Seq2SeqTrainer, Trainer
 
 from hf_zero.engine import ZeroEngine, ZeroModule
+from hf_zero.engine.stages import NotAvailableYet
 from hf_zero.trainer import session as S
 from hf_zero.trainer.loss_scaling import check_loss_scaling, sharded_grad_scaler
 
@@ -33,17 +36,17 @@ _ORIGINALS: dict[str, object] = {}
 _PARAM_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": None}
 
 
-def _seam(fn):
-    """Mark ``fn`` as the wrapper of the Trainer method of the same name."""
-    _SEAMS[fn.__name__] = fn
+def _seam(fn, cls=Trainer):
+    """Mark ``fn`` as the wrapper of the ``cls`` method of the same name."""
+    _SEAMS[f"{cls.__name__}.{fn.__name__}"] = (cls, fn)
     return fn
 
 
-_SEAMS: dict[str, object] = {}
+_SEAMS: dict[str, tuple[type, object]] = {}
 
 
-def _original(name: str):
-    return _ORIGINALS[name]
+def _original(name: str, cls=Trainer):
+    return _ORIGINALS[f"{cls.__name__}.{name}"]
 
 
 @_seam
@@ -131,18 +134,46 @@ def save_model(self, output_dir=None, _internal_call=False):
         self.push_to_hub(commit_message="Model save", revision=self.args.hub_revision)
 
 
+@_seam
+def _load_optimizer_and_scheduler(self, checkpoint):
+    session = S.session_of(self)
+    if session is not None and session.engine is not None and checkpoint is not None:
+        raise NotAvailableYet(
+            f"resume_from_checkpoint={checkpoint!r}: resuming a run with zero_optimization.stage "
+            f"{session.stage} is not implemented yet in hf_zero (the Trainer checkpoint holds only rank 0's "
+            "optimizer shard); the checkpoint is left untouched. Model weights in it load with from_pretrained"
+        )
+    return _original("_load_optimizer_and_scheduler")(self, checkpoint)
+
+
+def prediction_step(self, model, inputs, prediction_loss_only, ignore_keys=None, **gen_kwargs):
+    session = S.session_of(self)
+    if session is not None and session.engine is not None and session.engine.units and self.args.world_size > 1:
+        # Every rank must run the same number of decoding steps, or their gathers fall out of step.
+        if not gen_kwargs and hasattr(self, "_gen_kwargs"):
+            gen_kwargs = self._gen_kwargs.copy()  # what prediction_step itself would use
+        gen_kwargs.setdefault("synced_gpus", True)
+    return _original("prediction_step", Seq2SeqTrainer)(
+        self, model, inputs, prediction_loss_only, ignore_keys=ignore_keys, **gen_kwargs
+    )
+
+
+_seam(prediction_step, Seq2SeqTrainer)
+
+
 def install() -> None:
-    """Wrap the Trainer methods above; idempotent."""
-    for name, wrapper in _SEAMS.items():
-        if name in _ORIGINALS:
+    """Wrap the methods above; idempotent."""
+    for key, (cls, wrapper) in _SEAMS.items():
+        if key in _ORIGINALS:
             continue
-        original = getattr(Trainer, name)
-        _ORIGINALS[name] = original
-        setattr(Trainer, name, functools.wraps(original)(wrapper))
+        original = cls.__dict__[wrapper.__name__]
+        _ORIGINALS[key] = original
+        setattr(cls, wrapper.__name__, functools.wraps(original)(wrapper))
 
 
 def uninstall() -> None:
-    """Put the original Trainer methods back."""
-    for name, original in _ORIGINALS.items():
-        setattr(Trainer, name, original)
+    """Put the original methods back."""
+    for key, original in _ORIGINALS.items():
+        cls, wrapper = _SEAMS[key]
+        setattr(cls, wrapper.__name__, original)
     _ORIGINALS.clear()
