@@ -17,6 +17,7 @@ its state is the local shard's state.
 from __future__ import annotations
 
 import contextlib
+import warnings
 from collections import defaultdict
 
 import torch
@@ -53,6 +54,13 @@ class ZeroEngine:
         self.ctx = C.CommContext(group)
         if optimizer.state:
             raise ValueError("ZeroEngine needs an optimizer that has not stepped yet (its state is not empty)")
+        if type(optimizer).__name__ == "Adafactor":
+            warnings.warn(
+                "Adafactor under hf_zero steps on flat pieces of each param (1-D), so it keeps unfactored "
+                "second moments: a different (more memory-hungry) update than Adafactor on whole matrices",
+                UserWarning,
+                stacklevel=2,
+            )
 
         named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
         self._names = {p: n for n, p in named}
