@@ -30,7 +30,7 @@ from hf_zero.engine.grad_sync import GradBucket, GradSync
 from hf_zero.engine.layout import FlatParamBuffer
 from hf_zero.engine.ranges import Range
 from hf_zero.engine.stages import strategy_for
-from hf_zero.engine.units import ParamUnit, UnitState, find_blocks, output_tensors
+from hf_zero.engine.units import ParamUnit, UnitHooks, UnitState, group_by_unit
 
 
 class ZeroEngine:
@@ -80,7 +80,8 @@ class ZeroEngine:
         ]
         self._hooks: list[RemovableHandle] = []
         if self.units:
-            self._install_unit_hooks()
+            self._unit_hooks = UnitHooks(self.model, self.units, self.grad_sync.buckets)
+            self._hooks.extend(self._unit_hooks.install())
         self._hooks.append(optimizer.register_step_pre_hook(lambda *_: self.finish_grad_sync()))
         self._hooks.append(optimizer.register_step_post_hook(lambda *_: self._after_step()))
 
@@ -141,60 +142,8 @@ class ZeroEngine:
     # ---- stage 3 units ------------------------------------------------------------------------
 
     def _unit_params(self, named: list[tuple[str, nn.Parameter]]) -> list[list[tuple[str, nn.Parameter]]]:
-        """Trainable params grouped by unit, in backward order: last block first, root last."""
-        blocks = find_blocks(self.model)
-        owner: dict[int, int] = {}
-        for b, block in enumerate(blocks):
-            for p in block.parameters():
-                owner.setdefault(id(p), b)
-        per_block: list[list] = [[] for _ in blocks]
-        root: list = []
-        for name, p in named:
-            (per_block[owner[id(p)]] if id(p) in owner else root).append((name, p))
-        order = [(blocks[b], per_block[b]) for b in reversed(range(len(blocks))) if per_block[b]]
-        if root:
-            order.append((self.model, root))
-        for module, params in order:
-            dtypes = {self.param_dtype or p.dtype for _, p in params}
-            if len(dtypes) > 1:
-                raise ValueError(
-                    f"stage 3 needs one dtype per unit; {type(module).__name__} has trainable params of "
-                    f"{sorted(map(str, dtypes))}: load the model in one dtype or enable bf16/fp16"
-                )
-        self._unit_modules = [m for m, _ in order]
-        return [ps for _, ps in order]
-
-    def _install_unit_hooks(self) -> None:
-        self._unit_of_bucket = {id(gb): u for gb, u in zip(self.grad_sync.buckets, self.units)}
-        for unit in self.units:
-            self._hooks.append(unit.module.register_forward_pre_hook(self._make_pre_forward(unit)))
-            self._hooks.append(unit.module.register_forward_hook(self._make_post_forward(unit)))
-            if unit.root:
-                # Root params are also used outside the model's own forward (generate() runs the
-                # encoder alone, then the decoder): the modules that own them gather on use too.
-                owned = {id(p) for p in unit.buffer.params}
-                for module in self.model.modules():
-                    if module is not self.model and any(id(p) in owned for p in module.parameters(recurse=False)):
-                        self._hooks.append(module.register_forward_pre_hook(self._make_pre_forward(unit)))
-
-    def _make_pre_forward(self, unit: ParamUnit):
-        def pre_forward(module, args):
-            unit.unshard()
-        return pre_forward
-
-    def _make_post_forward(self, unit: ParamUnit):
-        def post_forward(module, args, output):
-            tensors = output_tensors(output)
-            if tensors:
-                def pre_backward(_grad):
-                    unit.backward_pending = True
-                    unit.unshard()
-                torch.autograd.graph.register_multi_grad_hook(tensors, pre_backward, mode="any")
-            if unit.backward_pending:
-                return  # recomputed inside backward (gradient checkpointing): its backward comes next
-            if not unit.root or not tensors:
-                unit.reshard()  # the root stays gathered from the model's forward to its backward
-        return post_forward
+        self._unit_modules, groups = group_by_unit(self.model, named, self.param_dtype)
+        return groups
 
     @contextlib.contextmanager
     def gathered(self, modifier_rank: int | None = None):
@@ -301,17 +250,14 @@ class ZeroEngine:
         bucket.add_grad(slot_index, param.grad)
         param.grad = None
         if self.units and bucket.state.name == "READY":
-            unit = self._unit_of_bucket[id(bucket)]
-            unit.backward_pending = False
-            unit.reshard()  # every gradient of the unit is in: its full params can go
+            self._unit_hooks.on_grads_done(bucket)
         if self._arrival is None:  # the first backward only stages: its layout is provisional
             self.grad_sync.on_bucket_progress()
 
     def _on_backward_end(self) -> None:
         self._in_backward = False
-        for unit in self.units:
-            unit.backward_pending = False
-            unit.reshard()
+        if self.units:
+            self._unit_hooks.on_backward_end()
         if self._arrival is not None:
             self._relayout_by_arrival()
         self.grad_sync.on_backward_end()

@@ -99,3 +99,83 @@ def output_tensors(output) -> list[torch.Tensor]:
         elif isinstance(item, dict):
             stack.extend(item.values())
     return found
+
+
+def group_by_unit(model: nn.Module, named: list[tuple[str, nn.Parameter]], param_dtype: torch.dtype | None):
+    """Trainable params grouped by unit, in backward order: last block first, root last.
+
+    Returns (unit modules, groups of (name, param)); the root's module is ``model`` itself."""
+    blocks = find_blocks(model)
+    owner: dict[int, int] = {}
+    for b, block in enumerate(blocks):
+        for p in block.parameters():
+            owner.setdefault(id(p), b)
+    per_block: list[list] = [[] for _ in blocks]
+    root: list = []
+    for name, p in named:
+        (per_block[owner[id(p)]] if id(p) in owner else root).append((name, p))
+    order = [(blocks[b], per_block[b]) for b in reversed(range(len(blocks))) if per_block[b]]
+    if root:
+        order.append((model, root))
+    for module, params in order:
+        dtypes = {param_dtype or p.dtype for _, p in params}
+        if len(dtypes) > 1:
+            raise ValueError(
+                f"stage 3 needs one dtype per unit; {type(module).__name__} has trainable params of "
+                f"{sorted(map(str, dtypes))}: load the model in one dtype or enable bf16/fp16"
+            )
+    return [m for m, _ in order], [ps for _, ps in order]
+
+
+class UnitHooks:
+    """When each unit is gathered and dropped: module hooks for forward, grad hooks for backward."""
+
+    def __init__(self, model: nn.Module, units: list[ParamUnit], buckets: list) -> None:
+        self.model, self.units = model, units
+        self._unit_of_bucket = {id(b): u for b, u in zip(buckets, units)}
+
+    def install(self) -> list:
+        handles = []
+        for unit in self.units:
+            handles.append(unit.module.register_forward_pre_hook(self._pre_forward(unit)))
+            handles.append(unit.module.register_forward_hook(self._post_forward(unit)))
+            if unit.root:
+                # Root params are also used outside the model's own forward (generate() runs the
+                # encoder alone, then the decoder): the modules that own them gather on use too.
+                owned = {id(p) for p in unit.buffer.params}
+                for module in self.model.modules():
+                    if module is not self.model and any(id(p) in owned for p in module.parameters(recurse=False)):
+                        handles.append(module.register_forward_pre_hook(self._pre_forward(unit)))
+        return handles
+
+    def on_grads_done(self, bucket) -> None:
+        """Every gradient of the bucket's unit is in: its full params can go."""
+        unit = self._unit_of_bucket[id(bucket)]
+        unit.backward_pending = False
+        unit.reshard()
+
+    def on_backward_end(self) -> None:
+        for unit in self.units:
+            unit.backward_pending = False
+            unit.reshard()
+
+    @staticmethod
+    def _pre_forward(unit: ParamUnit):
+        def pre_forward(module, args):
+            unit.unshard()
+        return pre_forward
+
+    @staticmethod
+    def _post_forward(unit: ParamUnit):
+        def post_forward(module, args, output):
+            tensors = output_tensors(output)
+            if tensors:
+                def pre_backward(_grad):
+                    unit.backward_pending = True
+                    unit.unshard()
+                torch.autograd.graph.register_multi_grad_hook(tensors, pre_backward, mode="any")
+            if unit.backward_pending:
+                return  # recomputed inside backward (gradient checkpointing): its backward comes next
+            if not unit.root or not tensors:
+                unit.reshard()  # the root stays gathered from the model's forward to its backward
+        return post_forward
