@@ -350,6 +350,49 @@ class ZeroEngine:
         self._used, self._unused = set(), None
         self.grad_sync.start_next_step()
 
+    # ---- checkpoint state ---------------------------------------------------------------------
+
+    def layout(self) -> list[str]:
+        """Trainable param names in packing order (forward order per buffer): defines the pieces."""
+        return [buf.slots[i].name for buf in self.buffers for i in reversed(range(len(buf.params)))]
+
+    def adopt_layout(self, names: list[str]) -> None:
+        """Re-pack the buffers in a saved layout's order, before the optimizer has any state (resume)."""
+        if self.optimizer.state:
+            raise AssertionError("adopt_layout needs an optimizer without state")
+        by_name = {n: p for p, n in self._names.items()}
+        if sorted(names) != sorted(by_name):
+            raise AssertionError("adopt_layout got another set of params")
+        self._arrival = None  # the saved order already is the arrival order
+        if names == self.layout():
+            return
+        if self.units:
+            raise AssertionError("stage 3 units are laid out by module order, never re-packed")
+        for h in self._grad_hooks:
+            h.remove()
+        self._build([(n, by_name[n]) for n in names])
+        self._grad_hooks = [p.register_post_accumulate_grad_hook(self._on_grad) for p in self._where]
+
+    def checkpoint_state(self) -> dict:
+        """This rank's optimizer shard, fp32 master shards and what they belong to."""
+        return {
+            "stage": self.strategy.stage,
+            "world_size": self.ctx.world_size,
+            "rank": self.ctx.rank,
+            "layout": self.layout(),
+            "optimizer": self.optimizer.state_dict(),
+            "masters": [m.detach().to("cpu", copy=True) for m in self.masters],
+        }
+
+    @torch.no_grad()
+    def load_checkpoint_state(self, state: dict) -> None:
+        """Restore ``checkpoint_state()`` of the same stage, world size and model (checked by the caller)."""
+        self.adopt_layout(state["layout"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        for master, saved in zip(self.masters, state["masters"]):
+            master.copy_(saved)
+        self._after_step()  # params from the restored masters, as after an optimizer step
+
     # ---- accounting -------------------------------------------------------------------------
 
     def held_bytes(self) -> dict[str, int]:

@@ -13,20 +13,22 @@ active behaves exactly as before.
 | ``_clip_grad_norm`` | stage >= 1: global norm over the gradient shards, then clip             |
 | ``_get_grad_norm``  | stage >= 1: the same norm when clipping is off                          |
 | ``save_model``      | stage 3: every rank gathers unit by unit; rank 0 writes full weights    |
-| ``_load_optimizer_and_scheduler`` | stage >= 1: refuses to resume (not implemented yet) before training |
+| ``_save_optimizer_and_scheduler`` | stage >= 1: every rank writes its optimizer shard (checkpoint.py) |
+| ``_load_optimizer_and_scheduler`` | stage >= 1: every rank checks and restores its shard before training |
 | ``Seq2SeqTrainer.prediction_step`` | stage 3, W > 1: ``synced_gpus=True`` for generate, as for DeepSpeed ZeRO-3 |
 """
 
 from __future__ import annotations
 
 import functools
+import os
 import weakref
 
 import torch
 from transformers import Seq2SeqTrainer, Trainer
 
 from hf_zero.engine import ZeroEngine, ZeroModule
-from hf_zero.engine.stages import NotAvailableYet
+from hf_zero.trainer import checkpoint
 from hf_zero.trainer import session as S
 from hf_zero.trainer.loss_scaling import check_loss_scaling, sharded_grad_scaler
 
@@ -135,15 +137,24 @@ def save_model(self, output_dir=None, _internal_call=False):
 
 
 @_seam
-def _load_optimizer_and_scheduler(self, checkpoint):
+def _save_optimizer_and_scheduler(self, output_dir):
     session = S.session_of(self)
-    if session is not None and session.engine is not None and checkpoint is not None:
-        raise NotAvailableYet(
-            f"resume_from_checkpoint={checkpoint!r}: resuming a run with zero_optimization.stage "
-            f"{session.stage} is not implemented yet in hf_zero (the Trainer checkpoint holds only rank 0's "
-            "optimizer shard); the checkpoint is left untouched. Model weights in it load with from_pretrained"
-        )
-    return _original("_load_optimizer_and_scheduler")(self, checkpoint)
+    if session is None or session.engine is None:
+        return _original("_save_optimizer_and_scheduler")(self, output_dir)
+    checkpoint.save(session.engine, output_dir)  # every rank its own shard
+    if self.args.should_save:
+        torch.save(self.lr_scheduler.state_dict(), os.path.join(output_dir, checkpoint.SCHEDULER_NAME))
+
+
+@_seam
+def _load_optimizer_and_scheduler(self, checkpoint_dir):
+    session = S.session_of(self)
+    if session is None or session.engine is None or checkpoint_dir is None:
+        return _original("_load_optimizer_and_scheduler")(self, checkpoint_dir)
+    checkpoint.load(session.engine, checkpoint_dir)
+    scheduler = os.path.join(checkpoint_dir, checkpoint.SCHEDULER_NAME)
+    if os.path.isfile(scheduler):
+        self.lr_scheduler.load_state_dict(torch.load(scheduler, weights_only=True))
 
 
 def prediction_step(self, model, inputs, prediction_loss_only, ignore_keys=None, **gen_kwargs):
