@@ -4,12 +4,15 @@ A checkpoint directory written by the Trainer holds, besides what the Trainer wr
 (full model weights, scheduler, RNG states per rank, trainer state), one file per rank:
 ``hf_zero_optim_rank{r}_of_{W}.pt`` with that rank's optimizer state, fp32 master shards, the
 stage, the world size and the param layout. Each file is written under a temporary name and
-renamed when complete. Resuming needs the same stage, world size and model: anything else is
+renamed when complete, and once every rank is done rank 0 writes ``hf_zero_complete.json``:
+``resume_from_checkpoint=True`` takes the newest checkpoint that has it, so a save cut short
+(a crash, a killed rank) leaves the previous checkpoint in use. Resuming needs the same stage, world size and model: anything else is
 refused with an error naming the file and what differs, before training starts.
 """
 
 from __future__ import annotations
 
+import json
 import os
 
 import torch
@@ -17,6 +20,7 @@ import torch
 from hf_zero.engine.stages import NotAvailableYet
 
 SCHEDULER_NAME = "scheduler.pt"  # the Trainer's own file name
+COMPLETE_NAME = "hf_zero_complete.json"  # written last, once every rank has finished its part
 
 
 def shard_path(directory: str, rank: int, world_size: int) -> str:
@@ -62,3 +66,23 @@ def load(engine, checkpoint: str) -> None:
             f"this model {extra}"
         )
     engine.load_checkpoint_state(state)
+
+
+def mark_complete(directory: str, world_size: int, stage: int) -> None:
+    """Rank 0, after a barrier: the checkpoint in ``directory`` is whole."""
+    tmp = os.path.join(directory, COMPLETE_NAME + ".tmp")
+    with open(tmp, "w") as f:
+        json.dump({"world_size": world_size, "stage": stage}, f)
+    os.replace(tmp, os.path.join(directory, COMPLETE_NAME))
+
+
+def newest_complete(output_dir: str) -> str | None:
+    """The newest ``checkpoint-N`` in ``output_dir`` that hf_zero marked complete, or None."""
+    if not os.path.isdir(output_dir):
+        return None
+    steps = []
+    for name in os.listdir(output_dir):
+        prefix, _, step = name.partition("-")
+        if prefix == "checkpoint" and step.isdigit() and os.path.isfile(os.path.join(output_dir, name, COMPLETE_NAME)):
+            steps.append(int(step))
+    return os.path.join(output_dir, f"checkpoint-{max(steps)}") if steps else None

@@ -14,6 +14,8 @@ active behaves exactly as before.
 | ``_get_grad_norm``  | stage >= 1: the same norm when clipping is off                          |
 | ``save_model``      | stage 3: every rank gathers unit by unit; rank 0 writes full weights    |
 | ``_save_optimizer_and_scheduler`` | stage >= 1: every rank writes its optimizer shard (checkpoint.py) |
+| ``_save_checkpoint``| stage >= 1: after every rank's part, rank 0 marks the checkpoint complete |
+| ``train``           | stage >= 1: ``resume_from_checkpoint=True`` takes the newest complete one |
 | ``_load_optimizer_and_scheduler`` | stage >= 1: every rank checks and restores its shard before training |
 | ``Seq2SeqTrainer.prediction_step`` | stage 3, W > 1: ``synced_gpus=True`` for generate, as for DeepSpeed ZeRO-3 |
 """
@@ -144,6 +146,32 @@ def _save_optimizer_and_scheduler(self, output_dir):
     checkpoint.save(session.engine, output_dir)  # every rank its own shard
     if self.args.should_save:
         torch.save(self.lr_scheduler.state_dict(), os.path.join(output_dir, checkpoint.SCHEDULER_NAME))
+
+
+@_seam
+def _save_checkpoint(self, model, trial):
+    _original("_save_checkpoint")(self, model, trial)
+    session = S.session_of(self)
+    if session is None or session.engine is None:
+        return
+    if torch.distributed.is_initialized():
+        torch.distributed.barrier()  # every rank has written its part
+    if self.args.should_save:
+        folder = os.path.join(self._get_output_dir(trial=trial), f"checkpoint-{self.state.global_step}")
+        checkpoint.mark_complete(folder, self.args.world_size, session.stage)
+
+
+@_seam
+def train(self, resume_from_checkpoint=None, trial=None, **kwargs):
+    session = S.session_of(self)
+    if session is not None and session.stage >= 1 and resume_from_checkpoint is True:
+        resume_from_checkpoint = checkpoint.newest_complete(self.args.output_dir)
+        if resume_from_checkpoint is None:
+            raise ValueError(
+                f"resume_from_checkpoint=True: no complete hf_zero checkpoint (checkpoint-N with "
+                f"{checkpoint.COMPLETE_NAME}) in {self.args.output_dir}"
+            )
+    return _original("train")(self, resume_from_checkpoint=resume_from_checkpoint, trial=trial, **kwargs)
 
 
 @_seam

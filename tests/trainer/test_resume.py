@@ -28,10 +28,11 @@ def _run(rank, world, out, stage, resume_from):
     zt.activate({"zero_optimization": {"stage": stage}})
     try:
         trainer = Trainer(model=model, args=args, train_dataset=data)
-        trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)
+        trainer.train(resume_from_checkpoint=resume_from if resume_from in (None, True) else str(resume_from))
     finally:
         zt.deactivate()
-    return {h["step"]: h["loss"] for h in trainer.state.log_history if "loss" in h}
+    losses = {h["step"]: h["loss"] for h in trainer.state.log_history if "loss" in h}
+    return losses if resume_from is not True else trainer.state.global_step
 
 
 @pytest.mark.parametrize("stage", [1, 2, 3])
@@ -54,3 +55,19 @@ def test_resume_refuses_another_stage_or_world_size(tmp_path):
         run_on_ranks(_run, 1, tmp_path / "c", 2, ckpt, timeout=300)
     for name in ("hf_zero_optim_rank0_of_2.pt", "hf_zero_optim_rank1_of_2.pt"):
         assert (ckpt / name).exists()  # a refused resume never touches the checkpoint
+
+
+def test_resume_true_skips_an_incomplete_newest_checkpoint(tmp_path):
+    import shutil
+
+    run_on_ranks(_run, 2, tmp_path / "a", 2, None, timeout=300)
+    for step in (3, 6):
+        assert (tmp_path / "a" / f"checkpoint-{step}" / "hf_zero_complete.json").exists()
+    # A save cut short: the newest folder lacks the marker (and a rank's shard).
+    broken = tmp_path / "a" / "checkpoint-3"
+    shutil.copytree(tmp_path / "a" / "checkpoint-6", tmp_path / "a" / "checkpoint-9")
+    for name in ("hf_zero_complete.json", "hf_zero_optim_rank1_of_2.pt"):
+        (tmp_path / "a" / "checkpoint-9" / name).unlink()
+    steps = run_on_ranks(_run, 2, tmp_path / "a", 2, True, timeout=300)
+    assert steps == [6, 6]  # resumed from checkpoint-6, not the incomplete checkpoint-9
+    assert broken.exists()
