@@ -56,11 +56,23 @@ def main(argv: Sequence[str] | None = None) -> None:
         except (ValueError, NotImplementedError) as error:  # a feature this version lacks
             _fail(str(error))
     sys.argv = [target, *script_args]
-    if as_module:
-        runpy.run_module(target, run_name="__main__", alter_sys=True)
-    else:
-        sys.path[0] = os.path.dirname(os.path.realpath(target))
-        runpy.run_path(target, run_name="__main__")
+    try:
+        if as_module:
+            runpy.run_module(target, run_name="__main__", alter_sys=True)
+        else:
+            sys.path[0] = os.path.dirname(os.path.realpath(target))
+            runpy.run_path(target, run_name="__main__")
+    finally:
+        _teardown()
+
+
+def _teardown() -> None:
+    """Destroy a process group the script left open, so the backend's threads stop before the
+    interpreter does (a gloo group left to interpreter exit can abort the process)."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
 
 
 if __name__ == "__main__":
