@@ -2,6 +2,7 @@
 
     hf-zero launch [FLAGS] SCRIPT [ARGS...]        start a job (see docs/launcher.md)
     hf-zero check-config FILE [--world_size N]     validate a config file, print it as JSON
+    hf-zero estimate MODEL_CONFIG [--world N] ...  per-rank memory per ZeRO stage (docs/estimate.md)
 
 A handler takes the parsed `argparse.Namespace` and returns the exit code.
 """
@@ -55,6 +56,17 @@ def check_config(args: argparse.Namespace) -> int:
     return 0
 
 
+def estimate(args: argparse.Namespace) -> int:
+    """Print the per-stage memory table, or `hf_zero: <message>` and exit code 2."""
+    from hf_zero.estimate import run
+
+    try:
+        return run(args)
+    except ValueError as error:
+        print(f"hf_zero: {error}", file=sys.stderr)
+        return 2
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="hf-zero",
@@ -73,6 +85,29 @@ def build_parser() -> argparse.ArgumentParser:
     check.add_argument("--world_size", "--world-size", type=int, metavar="N",
                        help="also check train_batch_size against a job of N ranks")
     check.set_defaults(handler=check_config)
+    est = subcommands.add_parser(
+        "estimate",
+        help="estimate per-rank memory of a model under ZeRO stages 0-3",
+        description="Per-rank bytes of params, gradients, optimizer state (incl. fp32 master shards) and an "
+                    "activation estimate, from a model config built on the meta device (docs/estimate.md).",
+        allow_abbrev=False,
+    )
+    est.add_argument("model_config", metavar="MODEL_CONFIG", help="a config.json or a model directory")
+    est.add_argument("--world", type=int, default=8, metavar="N", help="total number of ranks (default 8)")
+    est.add_argument("--nodes", type=int, default=1, metavar="M",
+                     help="nodes the N ranks are spread over; adds a per-node total (default 1)")
+    est.add_argument("--stage", default="all", choices=["0", "1", "2", "3", "all"], help="default: all")
+    est.add_argument("--dtype", default="bf16", choices=["fp32", "bf16", "fp16"], help="run precision (default bf16)")
+    est.add_argument("--model_dtype", default="fp32", choices=["fp32", "bf16", "fp16"],
+                     help="dtype the model is loaded in; stage 0 trains in it (default fp32)")
+    est.add_argument("--optimizer", default="adamw", choices=["adamw", "sgd", "sgd_momentum"], help="default: adamw")
+    est.add_argument("--reduce_bucket_size", default="500000000", metavar="ELEMENTS|auto",
+                     help="stage 1/2 gradient bucket in elements; auto = hidden_size**2 (default 5e8)")
+    est.add_argument("--micro_batch", type=int, default=1, metavar="B", help="per-rank micro batch (default 1)")
+    est.add_argument("--seq_len", type=int, default=2048, metavar="L", help="tokens per sample (default 2048)")
+    est.add_argument("--gradient_checkpointing", action="store_true", help="activation estimate with checkpointing")
+    est.add_argument("--plot", metavar="FILE.png", help="also write a stacked bar chart (needs matplotlib)")
+    est.set_defaults(handler=estimate)
     return parser
 
 

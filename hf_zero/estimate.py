@@ -1,0 +1,396 @@
+"""``hf-zero estimate``: bytes per rank of a model under each ZeRO stage, before any run.
+
+The model is built on the meta device from its config (no weights, no download), so parameter
+counts are exact: per stage-3 unit (one ``_no_split_modules`` block each, plus the root),
+tied weights counted once. The byte arithmetic is in pure functions mirroring the engine:
+
+* ``bucket_layout``      how ``layout.FlatParamBuffer`` pads params and buckets;
+* ``estimate_bytes``     params, grads and optimizer state per rank at the optimizer step, the
+                         figures ``hf_zero_report.json`` measures (see ``trainer/report.py``);
+* ``activation_bytes``   an *estimate* of activation memory for decoder-only transformers.
+
+Vocabulary as in ``hf_zero.engine`` ([Note: vocabulary]): full param, flat buffer, shard, bucket,
+fp32 master shard. W is the world size; "param dtype" is bf16/fp16 for such runs, else the
+model's dtype. Bytes per trainable element (before padding) at the optimizer step:
+
+| stage | params              | grads at step | optimizer state (AdamW)       |
+|-------|---------------------|---------------|-------------------------------|
+| 0     | p (model dtype)     | p             | 2p                            |
+| 1, 2  | p'                  | 4/W           | 8/W (+ 4/W master if p' != 4) |
+| 3     | p'/W                | 4/W           | 8/W (+ 4/W master if p' != 4) |
+
+p: bytes of the model dtype, p': bytes of the param dtype. Frozen params are replicated at p.
+Offload (CPU/NVMe) is not implemented in hf_zero yet, so it has no column here.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+from dataclasses import dataclass
+
+import torch
+
+from hf_zero.engine.grad_sync import MAX_IN_FLIGHT
+from hf_zero.engine.layout import PARAM_ALIGN
+
+DTYPE_BYTES = {"fp32": 4, "bf16": 2, "fp16": 2}
+# Optimizer state per element of the local shard, in the state's dtype (fp32 under stages 1-3,
+# where the optimizer steps on fp32 master shards): AdamW exp_avg + exp_avg_sq; SGD momentum_buffer.
+STATE_TENSORS = {"adamw": 2, "sgd": 0, "sgd_momentum": 1}
+DEFAULT_BUCKET = 500_000_000  # DeepSpeed's reduce_bucket_size, hf_zero's default too
+STAGES = (0, 1, 2, 3)
+OFFLOAD_LINE = "offload (optimizer/param to cpu or nvme): not implemented in hf_zero yet, so no offload columns"
+
+
+@dataclass(frozen=True)
+class ParamCounts:
+    """Exact element counts of one model, as the engine groups them."""
+
+    units: tuple[tuple[int, ...], ...]
+    """Trainable param numels per stage-3 unit, in the engine's order: last block first, root last;
+    inside a unit in registration order. Stage 1/2 pack the same params, all in one order."""
+    root_index: int | None = None
+    """Index of the root unit (embeddings, final norm, head) in ``units``; None if it has no params."""
+    frozen: int = 0
+    """Elements of frozen params: replicated on every rank, in the model dtype."""
+    hidden_size: int | None = None
+    """The model's hidden size: sizes "auto" buckets (hidden_size ** 2, DeepSpeed's rule)."""
+
+    @property
+    def trainable(self) -> int:
+        return sum(sum(u) for u in self.units)
+
+    @property
+    def total(self) -> int:
+        return self.trainable + self.frozen
+
+    @property
+    def root(self) -> int:
+        return 0 if self.root_index is None else sum(self.units[self.root_index])
+
+    @property
+    def blocks(self) -> list[int]:
+        return [sum(u) for i, u in enumerate(self.units) if i != self.root_index]
+
+    def packing_order(self) -> list[int]:
+        """Stage 1/2 buffer order before the first backward: registration order, reversed.
+
+        The engine re-packs once by gradient arrival order at W > 1; that moves params between
+        buckets but changes only alignment padding (< PARAM_ALIGN elements per param)."""
+        blocks = [u for i, u in enumerate(self.units) if i != self.root_index][::-1]  # forward order
+        forward = [n for u in blocks for n in u]
+        if self.root_index is not None:
+            forward = list(self.units[self.root_index]) + forward  # embeddings come first
+        return forward[::-1]
+
+
+def _round_up(n: int, multiple: int) -> int:
+    return (n + multiple - 1) // multiple * multiple
+
+
+def bucket_layout(numels: list[int], *, world: int, bucket_numel: int) -> list[tuple[int, int]]:
+    """(padded size, real elements) per bucket, as ``FlatParamBuffer`` lays out ``numels``.
+
+    Each param starts at a multiple of PARAM_ALIGN; a bucket closes once it holds at least
+    ``bucket_numel`` elements and is padded to a multiple of W * PARAM_ALIGN. Example, W = 2,
+    PARAM_ALIGN = 32, one bucket of params [10, 40]: 10 at [0, 10), 40 at [32, 72) -> padded to 128;
+    each rank's shard is 64 elements, of which 50 in total are real.
+    """
+    if world < 1:
+        raise ValueError(f"world size must be >= 1, got {world}")
+    buckets, offset, start, real = [], 0, 0, 0
+    for n in numels:
+        offset = _round_up(offset, PARAM_ALIGN) + n
+        real += n
+        if offset - start >= bucket_numel:
+            padded = _round_up(max(offset - start, 1), world * PARAM_ALIGN)
+            buckets.append((padded, real))
+            offset = start = start + padded
+            real = 0
+    if real or offset > start:
+        buckets.append((_round_up(max(offset - start, 1), world * PARAM_ALIGN), real))
+    return buckets
+
+
+def _bucket_numel(reduce_bucket_size: int | str, hidden_size: int | None) -> int:
+    if reduce_bucket_size == "auto":
+        return hidden_size * hidden_size if hidden_size else DEFAULT_BUCKET
+    if isinstance(reduce_bucket_size, bool) or not isinstance(reduce_bucket_size, int) or reduce_bucket_size < 0:
+        raise ValueError(f"reduce_bucket_size must be a non-negative integer or 'auto', got {reduce_bucket_size!r}")
+    return max(1, reduce_bucket_size)  # 0: a bucket per param, as the Trainer seam maps it
+
+
+def _check(name: str, value, allowed) -> None:
+    if value not in allowed:
+        raise ValueError(f"{name} must be one of {', '.join(map(str, allowed))}; got {value!r}")
+
+
+def estimate_bytes(
+    counts: ParamCounts,
+    *,
+    stage: int,
+    world: int,
+    dtype: str,
+    optimizer: str,
+    model_dtype: str = "fp32",
+    reduce_bucket_size: int | str = DEFAULT_BUCKET,
+) -> dict[str, int]:
+    """Bytes one rank holds at the optimizer step, keyed as ``hf_zero_report.json``'s ``bytes``.
+
+    ``dtype`` is the run's precision; ``model_dtype`` the dtype the model was loaded in (what
+    stage 0 trains in, and the param dtype of fp32-precision runs). Per-rank figures of
+    sharded quantities are the mean over ranks (padding makes the last rank's real share smaller).
+
+    * params: stage 0-2 the full params (1/2: padded flat buffers); stage 3 the 1/W shards
+      (every unit is resharded when backward ends); frozen params replicated.
+    * grads_at_step: stage 0 full grads in the model dtype; 1-3 the fp32 main grad shards.
+    * peak_grads: grads_at_step plus the staging tensors (param dtype) that may coexist:
+      stage 1 every bucket (it accumulates full gradients), stage 2/3 at most MAX_IN_FLIGHT + 1
+      buckets (the reduce-scatters in flight plus the one filling). An upper bound.
+    * optimizer_state: state tensors (fp32 under 1-3, on the real elements of the local shard)
+      plus fp32 master shards when the param dtype is not fp32.
+    """
+    _check("stage", stage, STAGES)
+    _check("dtype", dtype, tuple(DTYPE_BYTES))
+    _check("model_dtype", model_dtype, tuple(DTYPE_BYTES))
+    _check("optimizer", optimizer, tuple(STATE_TENSORS))
+    if isinstance(world, bool) or not isinstance(world, int) or world < 1:
+        raise ValueError(f"world must be a positive integer, got {world!r}")
+    p_model = DTYPE_BYTES[model_dtype]
+    p = DTYPE_BYTES[dtype] if dtype in ("bf16", "fp16") else p_model
+    frozen = counts.frozen * p_model
+    n = counts.trainable
+    if stage == 0:
+        return {"params": counts.total * p_model, "grads_at_step": n * p_model, "peak_grads": n * p_model,
+                "optimizer_state": STATE_TENSORS[optimizer] * n * p_model}
+
+    if stage == 3:
+        buckets = [b for u in counts.units for b in bucket_layout(list(u), world=world, bucket_numel=2**62)]
+    else:
+        buckets = bucket_layout(counts.packing_order(), world=world,
+                                bucket_numel=_bucket_numel(reduce_bucket_size, counts.hidden_size))
+    padded = sum(b for b, _ in buckets)
+    shard = padded // world
+    params = (shard if stage == 3 else padded) * p + frozen
+    main_grads = 4 * shard
+    staged = sorted((b for b, _ in buckets), reverse=True)
+    if stage >= 2:
+        staged = staged[: MAX_IN_FLIGHT + 1]
+    alias = world == 1 and p == 4  # one rank, fp32: gradients accumulate into the main grad itself
+    peak = main_grads if alias else main_grads + sum(staged) * p
+    masters = 0 if p == 4 else 4 * shard
+    state = 4 * STATE_TENSORS[optimizer] * n / world
+    return {"params": params, "grads_at_step": main_grads, "peak_grads": peak,
+            "optimizer_state": round(state) + masters}
+
+
+def gathered_params_bytes(counts: ParamCounts, *, world: int, dtype: str, model_dtype: str = "fp32") -> int:
+    """Stage 3 only: the full params gathered on top of the shards at the worst moment.
+
+    The root unit stays gathered from the model's forward to its backward (units.py), and one
+    block is gathered at a time around its forward and backward: root + the largest block."""
+    if world == 1:
+        return 0  # one rank: the shard is the whole unit, nothing is gathered
+    p = DTYPE_BYTES[dtype] if dtype in ("bf16", "fp16") else DTYPE_BYTES[model_dtype]
+    sizes = [bucket_layout(list(u), world=world, bucket_numel=2**62)[0][0] for u in counts.units]
+    root = sizes[counts.root_index] if counts.root_index is not None else 0
+    blocks = [s for i, s in enumerate(sizes) if i != counts.root_index]
+    return (root + max(blocks, default=0)) * p
+
+
+@dataclass(frozen=True)
+class ActivationShape:
+    """What the activation estimate needs of a decoder-only model."""
+
+    layers: int
+    hidden: int
+    heads: int
+    vocab: int
+
+
+def activation_bytes(shape: ActivationShape, *, micro_batch: int, seq_len: int, dtype: str,
+                     gradient_checkpointing: bool) -> int:
+    """An ESTIMATE of activation memory per rank for one micro-batch of a decoder-only model.
+
+    Korthikanti et al. 2022 ("Reducing Activation Recomputation in Large Transformer Models"),
+    per layer, 16-bit activations: s*b*h*(34 + 5*a*s/h) bytes. The 5*a*s/h term is the s x s
+    attention scores and softmax; fused attention (SDPA flash / memory-efficient, HF's default on
+    GPU) does not keep it, so it is left out here. Scaled by bytes/2 for fp32 activations.
+    Plus the logits: the head's output and HF's fp32 upcast for the loss, ~ s*b*V*(p + 4) bytes.
+
+    * without checkpointing: L * 34*s*b*h*(p/2) + logits
+    * with gradient checkpointing: every layer keeps only its input (L * s*b*h*p), and one
+      layer's activations are rebuilt at a time during backward (34*s*b*h*(p/2)) + logits
+    """
+    s, b, h = seq_len, micro_batch, shape.hidden
+    p = DTYPE_BYTES[dtype]
+    layer = 34 * s * b * h * p // 2
+    logits = s * b * shape.vocab * (p + 4)
+    if gradient_checkpointing:
+        return shape.layers * s * b * h * p + layer + logits
+    return shape.layers * layer + logits
+
+
+# ---- model counting -----------------------------------------------------------------------------
+
+
+def load_model_config(path: str):
+    """The transformers config at ``path`` (a config.json or a model directory), never downloaded."""
+    from transformers import AutoConfig
+
+    if not os.path.exists(path):
+        raise ValueError(f"MODEL_CONFIG {path!r} does not exist; give a config.json or a model directory")
+    if os.path.isdir(path) and not os.path.isfile(os.path.join(path, "config.json")):
+        raise ValueError(f"MODEL_CONFIG {path!r} is a directory without a config.json")
+    try:
+        return AutoConfig.from_pretrained(path, local_files_only=True)
+    except (OSError, ValueError, KeyError) as error:
+        raise ValueError(f"MODEL_CONFIG {path!r} could not be read as a transformers config: {error}") from error
+
+
+def meta_model(cfg) -> torch.nn.Module:
+    """The model of ``cfg`` on the meta device: shapes and module structure, no memory."""
+    from transformers import AutoModel, AutoModelForCausalLM, AutoModelForSeq2SeqLM
+
+    seq2seq = getattr(cfg, "is_encoder_decoder", False)
+    auto_classes = [AutoModelForSeq2SeqLM, AutoModel] if seq2seq else [AutoModelForCausalLM, AutoModel]
+    errors = []
+    for auto in auto_classes:
+        try:
+            with torch.device("meta"):
+                return auto.from_config(cfg)
+        except ValueError as error:  # not registered for this auto class
+            errors.append(f"{auto.__name__}: {error}")
+    raise ValueError(f"cannot build a model for config type {cfg.model_type!r}: " + "; ".join(errors))
+
+
+def count_params(model: torch.nn.Module) -> ParamCounts:
+    """Exact counts grouped as the engine groups them (``units.group_by_unit``), tied weights once."""
+    from hf_zero.engine.units import group_by_unit
+
+    named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]  # dedups tied params
+    modules, groups = group_by_unit(model, named, None)
+    root = next((i for i, m in enumerate(modules) if m is model), None)
+    frozen = sum(p.numel() for p in model.parameters() if not p.requires_grad)
+    hidden = getattr(getattr(model, "config", None), "hidden_size", None)
+    return ParamCounts(units=tuple(tuple(p.numel() for _, p in g) for g in groups), root_index=root,
+                       frozen=frozen, hidden_size=hidden)
+
+
+def activation_shape(cfg) -> ActivationShape | None:
+    """Decoder-only configs only; None where the formula does not apply (encoder-decoder)."""
+    if getattr(cfg, "is_encoder_decoder", False):
+        return None
+    text = cfg.get_text_config() if hasattr(cfg, "get_text_config") else cfg
+    fields = [getattr(text, k, None) for k in ("num_hidden_layers", "hidden_size", "num_attention_heads", "vocab_size")]
+    if any(not isinstance(v, int) for v in fields):
+        return None
+    return ActivationShape(*fields)
+
+
+# ---- the command --------------------------------------------------------------------------------
+
+
+def _fmt(n: float | None) -> str:
+    if n is None:
+        return "n/a"
+    for unit, size in (("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
+        if n >= size:
+            return f"{n / size:.2f} {unit}"
+    return f"{int(n)} B"
+
+
+def _parse_bucket(text: str) -> int | str:
+    if text == "auto":
+        return text
+    try:
+        return int(float(text))
+    except ValueError:
+        raise ValueError(f"--reduce_bucket_size must be a number of elements or 'auto', got {text!r}") from None
+
+
+def run(args: argparse.Namespace) -> int:
+    """The ``estimate`` subcommand: print the table (and write the plot); ValueError for bad input."""
+    for name in ("world", "nodes", "micro_batch", "seq_len"):
+        if getattr(args, name) < 1:
+            raise ValueError(f"--{name} must be a positive integer, got {getattr(args, name)}")
+    if args.world % args.nodes:
+        raise ValueError(f"--world {args.world} is not divisible by --nodes {args.nodes}")
+    bucket = _parse_bucket(args.reduce_bucket_size)
+    if args.plot is not None:
+        try:
+            import matplotlib
+        except ImportError:
+            raise ValueError("--plot needs the 'matplotlib' package, which is not installed "
+                             "(pip install matplotlib)") from None
+        matplotlib.use("Agg")
+    cfg = load_model_config(args.model_config)
+    counts = count_params(meta_model(cfg))
+    shape = activation_shape(cfg)
+    act = None if shape is None else activation_bytes(
+        shape, micro_batch=args.micro_batch, seq_len=args.seq_len, dtype=args.dtype,
+        gradient_checkpointing=args.gradient_checkpointing)
+    stages = STAGES if args.stage == "all" else (int(args.stage),)
+    rows = []
+    for stage in stages:
+        b = estimate_bytes(counts, stage=stage, world=args.world, dtype=args.dtype, optimizer=args.optimizer,
+                           model_dtype=args.model_dtype, reduce_bucket_size=bucket)
+        gathered = gathered_params_bytes(counts, world=args.world, dtype=args.dtype,
+                                         model_dtype=args.model_dtype) if stage == 3 else 0
+        states = b["params"] + gathered + b["peak_grads"] + b["optimizer_state"]
+        rows.append((stage, b, gathered, states, None if act is None else states + act))
+    _print_table(args, cfg, counts, rows, act)
+    if args.plot is not None:
+        _plot(args.plot, rows, act)
+        print(f"plot written to {args.plot}")
+    return 0
+
+
+def _print_table(args, cfg, counts: ParamCounts, rows, act) -> None:
+    blocks = counts.blocks
+    print(f"model: {args.model_config} ({cfg.model_type}); params {counts.total:,} "
+          f"(trainable {counts.trainable:,}, frozen {counts.frozen:,}; tied weights counted once)")
+    print(f"  stage-3 units: {len(blocks)} blocks of {max(blocks, default=0):,} params (largest), "
+          f"root {counts.root:,}")
+    print(f"world {args.world} ranks on {args.nodes} node(s); precision {args.dtype}, model loaded in "
+          f"{args.model_dtype}; optimizer {args.optimizer}; micro batch {args.micro_batch}, seq len {args.seq_len}"
+          f"{', gradient checkpointing' if args.gradient_checkpointing else ''}")
+    head = ("stage", "params", "+gathered", "grads@step", "peak grads", "optim+master", "states peak",
+            "activations*", "total*", "per node*")
+    table = [head]
+    per_node = args.world // args.nodes
+    for stage, b, gathered, states, total in rows:
+        table.append((str(stage), _fmt(b["params"]), _fmt(gathered), _fmt(b["grads_at_step"]), _fmt(b["peak_grads"]),
+                      _fmt(b["optimizer_state"]), _fmt(states), _fmt(act), _fmt(total),
+                      _fmt(None if total is None else total * per_node)))
+    widths = [max(len(r[i]) for r in table) for i in range(len(head))]
+    for i, r in enumerate(table):
+        print("  ".join(c.rjust(w) for c, w in zip(r, widths)))
+        if i == 0:
+            print("  ".join("-" * w for w in widths))
+    print("per rank. +gathered: stage-3 full params gathered on top of the shards (root + largest block). "
+          "states peak = params + gathered + peak grads + optimizer state.")
+    print("* activations are an ESTIMATE (docs/estimate.md), decoder-only formula"
+          + ("; not computed for this (encoder-decoder) model" if act is None else ""))
+    print(OFFLOAD_LINE)
+
+
+def _plot(path: str, rows, act) -> None:
+    import matplotlib.pyplot as plt
+
+    parts = [("params", lambda b, g: b["params"] + g), ("peak grads", lambda b, g: b["peak_grads"]),
+             ("optimizer state", lambda b, g: b["optimizer_state"]), ("activations (est.)", lambda b, g: act or 0)]
+    fig, ax = plt.subplots(figsize=(6, 4))
+    labels = [f"stage {r[0]}" for r in rows]
+    bottom = [0.0] * len(rows)
+    for name, get in parts:
+        vals = [get(b, g) / 2**30 for _, b, g, _, _ in rows]
+        ax.bar(labels, vals, bottom=bottom, label=name)
+        bottom = [x + v for x, v in zip(bottom, vals)]
+    ax.set_ylabel("GiB per rank")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+
