@@ -41,12 +41,13 @@ def _check_world_size(config, world_size: int) -> None:
 
 def check_config(args: argparse.Namespace) -> int:
     """Print the loaded config as JSON, or `hf_zero: <message>` and exit code 2."""
-    from hf_zero.config import config_to_dict, load_config
+    from hf_zero.config import config_to_dict
+    from hf_zero.trainer import check  # the launcher's check: the file, then what this version can run
 
     try:
         if args.world_size is not None and args.world_size < 1:
             raise ValueError(f"--world_size must be a positive integer, got {args.world_size}")
-        config = load_config(args.file)
+        config = check(args.file)
         if args.world_size is not None:
             _check_world_size(config, args.world_size)
     except ValueError as error:

@@ -64,7 +64,15 @@ def test_mapping_covers_every_field():
 def test_quiet_sample_emits_no_warning():
     with warnings.catch_warnings():
         warnings.simplefilter("error")
-        load_config(DATA / "zero3.json")  # flops_profiler/tensorboard disabled, defaults elsewhere
+        load_config({"zero_optimization": {"stage": 2, "overlap_comm": True, "contiguous_gradients": True,
+                                           "reduce_scatter": True, "reduce_bucket_size": "auto"},
+                     "bf16": {"enabled": "auto"}, "gradient_clipping": "auto", "steps_per_print": 10})
+
+
+def test_stage3_tuning_keys_not_applied_yet_are_named():
+    with pytest.warns(UserWarning, match="stage3_prefetch_bucket_size") as record:
+        load_config(DATA / "zero3.json")  # flops_profiler/tensorboard disabled: not named
+    assert len(record) == 1 and "flops_profiler" not in str(record[0].message)
 
 
 def test_not_applied_keys_one_warning_naming_all():
@@ -78,7 +86,9 @@ def test_not_applied_keys_one_warning_naming_all():
     message = str(record[0].message)
     assert message.startswith(
         "hf_zero accepts but does not apply these keys of zero3.json: "
-        "aio, flops_profiler, zero_optimization.round_robin_gradients ("
+        "aio, flops_profiler, zero_optimization.round_robin_gradients, "
+        "zero_optimization.stage3_param_persistence_threshold, "
+        "zero_optimization.stage3_prefetch_bucket_size ("
     )
     assert NOT_APPLIED["aio"].reason in message
     assert config.zero.round_robin_gradients is True  # still read and validated
@@ -90,7 +100,7 @@ def test_not_applied_values_are_still_validated():
 
 
 def test_steps_per_print_other_than_default_warns():
-    with pytest.warns(UserWarning, match=r"keys of .*zero3_nvme.json: aio, steps_per_print \("):
+    with pytest.warns(UserWarning, match=r"keys of .*zero3_nvme.json: aio, steps_per_print, zero_optimization.stage3_param_persistence"):
         load_config(DATA / "zero3_nvme.json")
 
 
