@@ -4,7 +4,8 @@
 - full param: an ``nn.Parameter`` as the model's modules see it, with its full shape.
 - flat buffer: one contiguous 1-D tensor per dtype holding many trainable full params back to
   back; each full param's ``.data`` is a view into it (``FlatParamBuffer``).
-- bucket: a contiguous range of a flat buffer, padded to a multiple of the world size W, that is
+- bucket: a contiguous range of a flat buffer (each param starting at a multiple of PARAM_ALIGN = 32
+  elements), padded to a multiple of 32 W elements so its W shards stay aligned, that is
   communicated as one collective (``Bucket``). Buckets are numbered in backward order.
 - shard: rank r's 1/W slice of a bucket, ``[start + r*S, start + (r+1)*S)`` with S = bucket
   size / W. Each element of a flat buffer is owned by exactly one rank.
@@ -15,7 +16,8 @@
   is already fp32 it is a view into the flat buffer itself (no copy).
 - piece: the intersection of one full param with the local shard; the optimizer sees one piece
   per param (so per-param-group settings such as weight decay keep working).
-- offloaded shard: a master shard / optimizer state kept in host memory or on NVMe (issue 7).
+- unit (stage 3): a block of the model's ``_no_split_modules`` (or the root) whose params are one
+  bucket, kept as a shard and gathered around its forward and backward (``units.py``).
 
 Stage differences live in ``stages.py``; collectives in ``collectives.py``.
 """

@@ -1,7 +1,8 @@
 """Collectives as start/wait pairs with typed handles, and the per-step collective counter.
 
-Every collective the engine issues goes through this file, so the counts in
-``hf_zero_report.json`` are complete. At world size 1 no collective is issued: the "reduce" of
+Every collective of the training step goes through this file, so the per-step counts in
+``hf_zero_report.json`` are complete. Two one-off broadcasts outside the step are not counted: the
+layout agreed after the first backward, and ``gathered(modifier_rank=...)`` write-backs. At world size 1 no collective is issued: the "reduce" of
 one rank is a copy, and that is not counted.
 
 ``wait_*`` is idempotent: waiting on a finished handle again does nothing.

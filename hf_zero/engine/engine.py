@@ -1,4 +1,4 @@
-"""``ZeroEngine``: ZeRO stages 1 and 2 around an existing model and torch optimizer.
+"""``ZeroEngine``: ZeRO stages 1, 2 and 3 around an existing model and torch optimizer.
 
 Construction (see [Note: vocabulary] in ``__init__``):
 1. trainable full params are packed into one ``FlatParamBuffer`` per (dtype, device);
@@ -34,7 +34,7 @@ from hf_zero.engine.units import ParamUnit, UnitHooks, UnitState, group_by_unit
 
 
 class ZeroEngine:
-    """Shards optimizer state (stage 1) and gradients (stage 2) of ``model`` over ``group``."""
+    """Shards optimizer state (stage 1), gradients (stage 2) and params (stage 3) of ``model``."""
 
     def __init__(
         self,

@@ -3,7 +3,8 @@
 ``FlatParamBuffer`` packs trainable full params of one dtype into one 1-D tensor, in backward
 order (the model's last registered params first), and cuts it into buckets of about
 ``bucket_numel`` elements (in ``dtype`` when given: the params are cast, as DeepSpeed casts a
-bf16 run's model). Each bucket is padded to a multiple of the world size so that it
+bf16 run's model). Each param starts at a multiple of PARAM_ALIGN elements, and each bucket is padded to a multiple of
+PARAM_ALIGN * world size so that it
 splits into W equal shards. After construction every full param's ``.data`` is a view into
 ``buffer.data``; nothing else about the param changes.
 """

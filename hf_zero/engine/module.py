@@ -1,4 +1,4 @@
-"""``ZeroModule``: what the Trainer trains when hf_zero runs stage 1 or 2.
+"""``ZeroModule``: what the Trainer trains when hf_zero runs stage 1, 2 or 3.
 
 It stands where DDP would: the Trainer (through accelerate) calls ``no_sync()`` on it between
 gradient-accumulation boundaries, exactly as it does for ``DistributedDataParallel``. Forward is

@@ -5,9 +5,11 @@ Coordinate systems (see [Note: vocabulary] in ``hf_zero/engine/__init__.py``):
 - shard range: the local rank's part of a bucket, in buffer coordinates (``Bucket.shard``).
 - local range: offsets inside one shard, 0-based (where a piece sits in the main grad shard).
 
-Worked example, W = 2, one bucket of 10 elements holding params a (6 elements) and b (3), padded
-to 10: rank 0 owns buffer range [0, 5) (a[0:5]), rank 1 owns [5, 10) (a[5:6], b[0:3], 1 pad).
-Rank 1's pieces are a -> local [0, 1) and b -> local [1, 4).
+Worked example, W = 2, PARAM_ALIGN = 32 (layout.py), one bucket holding params a (80 elements)
+and b (3): a sits at [0, 80), b at [96, 99) (starts aligned to 32), and the bucket is padded to
+128 (a multiple of 32 W), so each shard is 64 elements. Rank 0 owns buffer range [0, 64), all of
+it a[0:64]: one piece, a -> local [0, 64). Rank 1 owns [64, 128): a[64:80], 16 pad elements,
+b[0:3], 29 pad: pieces a -> local [0, 16) and b -> local [32, 35).
 """
 
 from __future__ import annotations
