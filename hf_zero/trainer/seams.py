@@ -15,6 +15,7 @@ active behaves exactly as before.
 | ``save_model``      | stage 3: every rank gathers unit by unit; rank 0 writes full weights    |
 | ``_save_optimizer_and_scheduler`` | stage >= 1: every rank writes its optimizer shard (checkpoint.py) |
 | ``_save_checkpoint``| stage >= 1: after every rank's part, rank 0 marks the checkpoint complete |
+| ``_load_best_model``| stage >= 1: loads into gathered params, then back into shards and masters |
 | ``train``           | stage >= 1: ``resume_from_checkpoint=True`` takes the newest complete one |
 | ``_load_optimizer_and_scheduler`` | stage >= 1: every rank checks and restores its shard before training |
 | ``Seq2SeqTrainer.prediction_step`` | stage 3, W > 1: ``synced_gpus=True`` for generate, as for DeepSpeed ZeRO-3 |
@@ -136,6 +137,17 @@ def save_model(self, output_dir=None, _internal_call=False):
     self._save(output_dir if output_dir is not None else self.args.output_dir, state_dict=state_dict)
     if self.args.push_to_hub and not _internal_call:
         self.push_to_hub(commit_message="Model save", revision=self.args.hub_revision)
+
+
+@_seam
+def _load_best_model(self):
+    session = S.session_of(self)
+    if session is None or session.engine is None:
+        return _original("_load_best_model")(self)
+    # Every rank loads the best checkpoint's full weights into the gathered params; rank 0's values
+    # then go back into every rank's shards and fp32 master shards.
+    with torch.no_grad(), session.engine.gathered(modifier_rank=0):
+        _original("_load_best_model")(self)
 
 
 @_seam

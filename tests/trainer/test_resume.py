@@ -71,3 +71,44 @@ def test_resume_true_skips_an_incomplete_newest_checkpoint(tmp_path):
     steps = run_on_ranks(_run, 2, tmp_path / "a", 2, True, timeout=300)
     assert steps == [6, 6]  # resumed from checkpoint-6, not the incomplete checkpoint-9
     assert broken.exists()
+
+
+def _best(rank, world, out, stage):
+    import hf_zero.trainer as zt
+    from safetensors.torch import load_file
+
+    torch.manual_seed(0)
+    cfg = LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2)
+    model = AutoModelForCausalLM.from_config(cfg)
+    g = torch.Generator().manual_seed(3)
+    rows = torch.randint(0, 64, (24, 12), generator=g)
+    data = [{"input_ids": i, "labels": i} for i in rows]
+    args = TrainingArguments(output_dir=str(out), use_cpu=True, report_to="none", max_steps=6, save_steps=2,
+                             eval_strategy="steps", eval_steps=2, load_best_model_at_end=True,
+                             metric_for_best_model="eval_loss", greater_is_better=True,  # pick a non-last one
+                             per_device_train_batch_size=2, learning_rate=5e-2, logging_steps=1,
+                             disable_tqdm=True, seed=0)
+    zt.activate({"zero_optimization": {"stage": stage}})
+    try:
+        trainer = Trainer(model=model, args=args, train_dataset=data, eval_dataset=data[:8])
+        trainer.train()
+        best = trainer.state.best_model_checkpoint
+        saved = load_file(os.path.join(best, "model.safetensors"))
+        engine = zt.session_of(trainer).engine
+        with engine.gathered():
+            current = {n: p.detach().clone() for n, p in model.named_parameters()}
+        after = trainer.evaluate()["eval_loss"]  # the loaded weights are what the model now computes with
+    finally:
+        zt.deactivate()
+    same = all(torch.equal(current[n], saved[n]) for n in saved if n in current)
+    return os.path.basename(best), same, after, trainer.state.best_metric
+
+
+@pytest.mark.parametrize("stage", [2, 3])
+def test_load_best_model_at_end(tmp_path, stage):
+    results = run_on_ranks(_best, 2, tmp_path / "a", stage, timeout=300)
+    best, same, after, best_metric = results[0]
+    assert best != "checkpoint-6"  # the best is an earlier checkpoint, so loading it changes the model
+    assert same and results[1][1]
+    assert abs(after - best_metric) <= 1e-5 * abs(best_metric)
