@@ -12,7 +12,7 @@ active behaves exactly as before.
 | ``_wrap_model``     | stage >= 1: trains a ``ZeroModule`` where DDP would stand               |
 | ``_clip_grad_norm`` | stage >= 1: global norm over the gradient shards, then clip             |
 | ``_get_grad_norm``  | stage >= 1: the same norm when clipping is off                          |
-| ``save_model``      | stage 3: every rank gathers unit by unit; rank 0 writes full weights    |
+| ``save_model``      | stage 3: every rank gathers unit by unit; rank 0 writes full weights; stages >= 1: rank 0 checks every written tensor against the model |
 | ``_save_optimizer_and_scheduler`` | stage >= 1: every rank writes its optimizer shard (checkpoint.py) |
 | ``_save_checkpoint``| stage >= 1: after every rank's part, rank 0 marks the checkpoint complete |
 | ``_load_best_model``| stage >= 1: loads into gathered params, then back into shards and masters |
@@ -32,6 +32,7 @@ from transformers import Seq2SeqTrainer, Trainer
 
 from hf_zero.engine import ZeroEngine, ZeroModule
 from hf_zero.trainer import checkpoint
+from hf_zero.trainer.verify import verify_saved_weights
 from hf_zero.trainer import session as S
 from hf_zero.trainer.loss_scaling import check_loss_scaling, sharded_grad_scaler
 
@@ -131,10 +132,18 @@ def _get_grad_norm(self, model, grad_norm=None):
 @_seam
 def save_model(self, output_dir=None, _internal_call=False):
     session = S.session_of(self)
-    if session is None or session.engine is None or not session.engine.units:
+    if session is None or session.engine is None:
         return _original("save_model")(self, output_dir, _internal_call)
-    state_dict = session.engine.full_state_dict(to_cpu_on=0)  # a collective: every rank calls
-    self._save(output_dir if output_dir is not None else self.args.output_dir, state_dict=state_dict)
+    output_dir = output_dir if output_dir is not None else self.args.output_dir
+    if not session.engine.units:  # stages 1-2: full params on every rank, the Trainer's own save
+        _original("save_model")(self, output_dir, True)
+        state_dict = self.model.state_dict() if self.args.should_save else None
+    else:
+        state_dict = session.engine.full_state_dict(to_cpu_on=0)  # a collective: every rank calls
+        # save_pretrained pops what it writes from the dict it is given: hand it a copy.
+        self._save(output_dir, state_dict=dict(state_dict) if state_dict is not None else None)
+    if self.args.should_save and not _is_peft(self.model):
+        verify_saved_weights(output_dir, state_dict)
     if self.args.push_to_hub and not _internal_call:
         self.push_to_hub(commit_message="Model save", revision=self.args.hub_revision)
 
@@ -210,6 +219,11 @@ def prediction_step(self, model, inputs, prediction_loss_only, ignore_keys=None,
 
 
 _seam(prediction_step, Seq2SeqTrainer)
+
+
+def _is_peft(model) -> bool:
+    # PEFT saves adapter weights under its own names; they are not checked here yet.
+    return type(model).__module__.startswith("peft.")
 
 
 def install() -> None:

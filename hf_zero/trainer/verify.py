@@ -1,0 +1,71 @@
+"""Saves that cannot be silently wrong: check the weight files a save wrote against the model.
+
+After ``save_model`` under hf_zero, rank 0 reads the safetensors headers it just wrote (no tensor
+data is loaded) and checks every written tensor's shape, dtype and byte count against the state
+dict that was saved. A mismatch (an empty shard written as a weight, a wrong dtype, a truncated
+tensor) raises ``SaveVerificationError`` naming the file and the tensor.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import struct
+
+import torch
+
+# safetensors dtype names -> torch dtypes (the ones a model save can produce)
+_DTYPES = {
+    "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+    "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
+    "BOOL": torch.bool,
+}
+
+
+class SaveVerificationError(RuntimeError):
+    """A weight file does not hold what the model has."""
+
+
+def _header(path: str) -> dict:
+    with open(path, "rb") as f:
+        (length,) = struct.unpack("<Q", f.read(8))
+        header = json.loads(f.read(length))
+    header.pop("__metadata__", None)
+    return header
+
+
+def weight_files(directory: str) -> list[str]:
+    index = os.path.join(directory, "model.safetensors.index.json")
+    if os.path.isfile(index):
+        with open(index) as f:
+            return sorted({os.path.join(directory, v) for v in json.load(f)["weight_map"].values()})
+    single = os.path.join(directory, "model.safetensors")
+    return [single] if os.path.isfile(single) else []
+
+
+def verify_saved_weights(directory: str, state_dict: dict[str, torch.Tensor]) -> int:
+    """Check every tensor written in ``directory`` against ``state_dict``; return how many were checked."""
+    files = weight_files(directory)
+    if not files:
+        raise SaveVerificationError(f"{directory}: no model.safetensors (or index) was written")
+    checked = 0
+    for path in files:
+        for name, info in _header(path).items():
+            expected = state_dict.get(name)
+            if expected is None:
+                continue  # a name the model's save format converts; nothing to compare it with
+            shape, dtype = list(info["shape"]), _DTYPES.get(info["dtype"])
+            start, end = info["data_offsets"]
+            problems = []
+            if shape != list(expected.shape):
+                problems.append(f"shape {shape}, the model has {list(expected.shape)}")
+            if dtype is not expected.dtype:
+                problems.append(f"dtype {info['dtype']}, the model has {expected.dtype}")
+            if end - start != expected.numel() * expected.element_size():
+                problems.append(f"{end - start} bytes, the model's tensor has {expected.numel() * expected.element_size()}")
+            if problems:
+                raise SaveVerificationError(f"{path}: tensor {name!r} was written with " + "; ".join(problems))
+            checked += 1
+    if checked == 0:
+        raise SaveVerificationError(f"{directory}: none of the written tensors is a tensor of the model")
+    return checked
