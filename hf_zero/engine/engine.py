@@ -26,7 +26,7 @@ from torch.nn.utils import get_total_norm
 from torch.utils.hooks import RemovableHandle
 
 from hf_zero.engine import collectives as C
-from hf_zero.engine.grad_sync import GradBucket, GradSync
+from hf_zero.engine.grad_sync import BucketState, GradBucket, GradSync
 from hf_zero.engine.layout import FlatParamBuffer
 from hf_zero.engine.ranges import Range
 from hf_zero.engine.stages import strategy_for
@@ -204,10 +204,11 @@ class ZeroEngine:
 
     def _rewrite_optimizer(self) -> None:
         seen = set()
+        model_params = {id(q) for q in self.model.parameters()}
         for group, full_params in zip(self.optimizer.param_groups, self._groups_full):
             pieces = []
             for p in full_params:
-                if not p.requires_grad and any(p is q for q in self.model.parameters()):
+                if not p.requires_grad and id(p) in model_params:
                     continue  # frozen: it never gets a gradient, so the optimizer never moves it
                 if p not in self._where:
                     raise ValueError(
@@ -242,14 +243,14 @@ class ZeroEngine:
         if self._arrival is not None:
             self._arrival.append(param)
         bucket, slot_index = self._where[param]
-        if bucket.state.name in ("REDUCING", "REDUCED"):
+        if bucket.state in (BucketState.REDUCING, BucketState.REDUCED):
             raise AssertionError(
                 f"parameter {bucket.buffer.slots[slot_index].name} received a second gradient in one backward "
                 "after its bucket was reduced (reentrant gradient checkpointing with shared weights?)"
             )
         bucket.add_grad(slot_index, param.grad)
         param.grad = None
-        if self.units and bucket.state.name == "READY":
+        if self.units and bucket.state is BucketState.READY:
             self._unit_hooks.on_grads_done(bucket)
         if self._arrival is None:  # the first backward only stages: its layout is provisional
             self.grad_sync.on_bucket_progress()
