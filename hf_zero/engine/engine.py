@@ -285,10 +285,8 @@ class ZeroEngine:
         current = [p for buf in self.buffers for p in reversed(buf.params)]
         if [id(p) for p in order] == [id(p) for p in current]:
             return
-        for h in self._grad_hooks:
-            h.remove()
+        # Same Parameter objects: their grad hooks stay, and _on_grad reads the new side tables.
         self._build([(self._names[p], p) for p in order], old=self.grad_sync)
-        self._grad_hooks = [p.register_post_accumulate_grad_hook(self._on_grad) for p in self._where]
 
     def set_gradient_sync(self, enabled: bool) -> None:
         """False between gradient-accumulation boundaries; only stage 1 then skips communication."""
@@ -369,10 +367,7 @@ class ZeroEngine:
             return
         if self.units:
             raise AssertionError("stage 3 units are laid out by module order, never re-packed")
-        for h in self._grad_hooks:
-            h.remove()
-        self._build([(n, by_name[n]) for n in names])
-        self._grad_hooks = [p.register_post_accumulate_grad_hook(self._on_grad) for p in self._where]
+        self._build([(n, by_name[n]) for n in names])  # same params: the grad hooks stay
 
     def checkpoint_state(self) -> dict:
         """This rank's optimizer shard, fp32 master shards and what they belong to."""

@@ -141,7 +141,6 @@ class GradSync:
     def on_bucket_progress(self) -> None:
         if self.sync_enabled:
             self._launch_ready(force=False)
-        self._track_memory()
 
     def _launch_ready(self, force: bool) -> None:
         while self.next_launch < len(self.buckets):
@@ -149,6 +148,7 @@ class GradSync:
             if not force and bucket.state is not BucketState.READY:
                 return
             bucket.start_reduce(self.ctx)
+            self._track_memory()  # the high point: staging of this and the in-flight buckets
             self.next_launch += 1
             if self.next_launch > MAX_IN_FLIGHT:
                 self.buckets[self.next_launch - 1 - MAX_IN_FLIGHT].finish_reduce()
