@@ -56,24 +56,34 @@ def main(argv: Sequence[str] | None = None) -> None:
         except (ValueError, NotImplementedError) as error:  # a feature this version lacks
             _fail(str(error))
     sys.argv = [target, *script_args]
+    finished = False
     try:
         if as_module:
             runpy.run_module(target, run_name="__main__", alter_sys=True)
         else:
             sys.path[0] = os.path.dirname(os.path.realpath(target))
             runpy.run_path(target, run_name="__main__")
+        finished = True
     finally:
-        _teardown()
+        _teardown(finished)
 
 
-def _teardown() -> None:
-    """Destroy a process group the script left open, so the backend's threads stop before the
-    interpreter does (a gloo group left to interpreter exit can abort the process)."""
+def _teardown(finished: bool) -> None:
+    """Destroy a process group the script left open while the interpreter is still alive.
+
+    A gloo group left to interpreter exit can abort the process, and one destroyed while a gloo
+    worker thread still releases a finished collective's tensors can hang (it waits for the GIL
+    that the destroying thread holds). After a clean finish, a barrier lets those threads drain
+    first; after an error there is no barrier, since a peer may be gone."""
+    import gc
+
     import torch.distributed as dist
 
     if dist.is_available() and dist.is_initialized():
+        gc.collect()
+        if finished:
+            dist.barrier()
         dist.destroy_process_group()
-
 
 if __name__ == "__main__":
     main()

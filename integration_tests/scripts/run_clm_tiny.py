@@ -5,6 +5,7 @@ random start, modulo the vocabulary), and writes the Trainer's log history to
 OUTPUT_DIR/log_history.json on rank 0.
 """
 
+import gc
 import json
 import os
 from dataclasses import dataclass, field
@@ -59,6 +60,14 @@ def main() -> None:
         os.makedirs(training_args.output_dir, exist_ok=True)
         with open(os.path.join(training_args.output_dir, "log_history.json"), "w") as f:
             json.dump(trainer.state.log_history, f, indent=1)
+    # Close the process group while the interpreter is alive (gloo can abort at exit otherwise), and
+    # only after the Trainer (and its DDP wrapper, which holds the group) is gone: the wrapper's
+    # teardown would otherwise join gloo's threads while holding the GIL they may need (a hang).
+    del trainer, model
+    gc.collect()
+    if torch.distributed.is_initialized():
+        torch.distributed.barrier()
+        torch.distributed.destroy_process_group()
 
 
 if __name__ == "__main__":

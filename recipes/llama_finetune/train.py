@@ -16,6 +16,7 @@ Model: ``--model_name_or_path DIR`` (a local checkpoint directory with its token
 dataset itself (no downloads).
 """
 
+import gc
 import os
 from dataclasses import dataclass, field
 from typing import Optional
@@ -136,6 +137,14 @@ def main() -> None:
     trainer.train()
     trainer.save_model()
     trainer.save_state()
+    # Close the process group while the interpreter is alive (gloo can abort at exit otherwise), and
+    # only after the Trainer (and its DDP wrapper, which holds the group) is gone: the wrapper's
+    # teardown would otherwise join gloo's threads while holding the GIL they may need (a hang).
+    del trainer, model
+    gc.collect()
+    if torch.distributed.is_initialized():
+        torch.distributed.barrier()
+        torch.distributed.destroy_process_group()
 
 
 if __name__ == "__main__":

@@ -16,6 +16,7 @@ Model: ``--model_name_or_path DIR`` (a local T5 checkpoint directory with its to
 (pad id 0, eos id 1, unk id 2 as in T5; ``decoder_start_token_id`` = pad). No downloads.
 """
 
+import gc
 import os
 import re
 from dataclasses import dataclass, field
@@ -173,6 +174,14 @@ def main() -> None:
     trainer.save_metrics("eval", metrics)
     trainer.save_model()
     trainer.save_state()
+    # Close the process group while the interpreter is alive (gloo can abort at exit otherwise), and
+    # only after the Trainer (and its DDP wrapper, which holds the group) is gone: the wrapper's
+    # teardown would otherwise join gloo's threads while holding the GIL they may need (a hang).
+    del trainer, model
+    gc.collect()
+    if torch.distributed.is_initialized():
+        torch.distributed.barrier()
+        torch.distributed.destroy_process_group()
 
 
 if __name__ == "__main__":
