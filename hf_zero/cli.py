@@ -3,6 +3,7 @@
     hf-zero launch [FLAGS] SCRIPT [ARGS...]        start a job (see docs/launcher.md)
     hf-zero check-config FILE [--world_size N]     validate a config file, print it as JSON
     hf-zero estimate MODEL_CONFIG [--world N] ...  per-rank memory per ZeRO stage (docs/estimate.md)
+    hf-zero consolidate CHECKPOINT OUTPUT [--dtype] a sharded checkpoint (hf_zero's or DeepSpeed's) to HF safetensors
 
 A handler takes the parsed `argparse.Namespace` and returns the exit code.
 """
@@ -68,6 +69,20 @@ def estimate(args: argparse.Namespace) -> int:
         return 2
 
 
+def consolidate(args: argparse.Namespace) -> int:
+    """Write the consolidated safetensors and list the files, or `hf_zero: <message>` and exit 2."""
+    from hf_zero.checkpoint.consolidate import consolidate as run
+
+    try:
+        written = run(args.checkpoint, args.output, dtype=args.dtype, max_shard_size=args.max_shard_size)
+    except ValueError as error:
+        print(f"hf_zero: {error}", file=sys.stderr)
+        return 2
+    for path in written:
+        print(path)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="hf-zero",
@@ -109,6 +124,24 @@ def build_parser() -> argparse.ArgumentParser:
     est.add_argument("--gradient_checkpointing", action="store_true", help="activation estimate with checkpointing")
     est.add_argument("--plot", metavar="FILE.png", help="also write a stacked bar chart (needs matplotlib)")
     est.set_defaults(handler=estimate)
+    con = subcommands.add_parser(
+        "consolidate",
+        help="turn a sharded checkpoint (hf_zero's or DeepSpeed's ZeRO 1-3) into HF safetensors",
+        description="Stream a sharded checkpoint into model.safetensors (or numbered shards with an index "
+                    "above --max_shard_size) that plain from_pretrained loads. Reads hf_zero checkpoints "
+                    "(checkpoint-N with hf_zero_sharded/) and DeepSpeed ZeRO 1-3 checkpoints (the folder with "
+                    "`latest`, or global_stepN/). No GPU and no process group needed; peak memory is about the "
+                    "largest tensor.",
+        allow_abbrev=False,
+    )
+    con.add_argument("checkpoint", metavar="CHECKPOINT_DIR")
+    con.add_argument("output", metavar="OUTPUT_DIR")
+    con.add_argument("--dtype", choices=["bf16", "fp16", "fp32"],
+                     help="dtype of the written floating-point tensors (default: the model config's dtype, else "
+                          "the run's param dtype; DeepSpeed: fp32)")
+    con.add_argument("--max_shard_size", default="5GB", metavar="SIZE",
+                     help="largest output file before the model is split into numbered shards (default 5GB)")
+    con.set_defaults(handler=consolidate)
     return parser
 
 

@@ -29,6 +29,7 @@ from hf_zero.engine import collectives as C
 from hf_zero.engine.grad_sync import BucketState, GradBucket, GradSync
 from hf_zero.engine.layout import FlatParamBuffer
 from hf_zero.engine.ranges import Range
+from hf_zero.engine.shard_map import ParamShard, shard_map
 from hf_zero.engine.stages import strategy_for
 from hf_zero.engine.units import ParamUnit, UnitHooks, UnitState, group_by_unit
 
@@ -355,6 +356,10 @@ class ZeroEngine:
         """Trainable param names in packing order (forward order per buffer): defines the pieces."""
         return [buf.slots[i].name for buf in self.buffers for i in reversed(range(len(buf.params)))]
 
+    def shard_map(self) -> list[ParamShard]:
+        """Per trainable param: its full shape and which flat ranges each rank holds (shard_map.py)."""
+        return shard_map(self)
+
     def adopt_layout(self, names: list[str]) -> None:
         """Re-pack the buffers in a saved layout's order, before the optimizer has any state (resume)."""
         if self.optimizer.state:
@@ -369,25 +374,9 @@ class ZeroEngine:
             raise AssertionError("stage 3 units are laid out by module order, never re-packed")
         self._build([(n, by_name[n]) for n in names])  # same params: the grad hooks stay
 
-    def checkpoint_state(self) -> dict:
-        """This rank's optimizer shard, fp32 master shards and what they belong to."""
-        return {
-            "stage": self.strategy.stage,
-            "world_size": self.ctx.world_size,
-            "rank": self.ctx.rank,
-            "layout": self.layout(),
-            "optimizer": self.optimizer.state_dict(),
-            "masters": [m.detach().to("cpu", copy=True) for m in self.masters],
-        }
-
-    @torch.no_grad()
-    def load_checkpoint_state(self, state: dict) -> None:
-        """Restore ``checkpoint_state()`` of the same stage, world size and model (checked by the caller)."""
-        self.adopt_layout(state["layout"])
-        self.optimizer.load_state_dict(state["optimizer"])
-        for master, saved in zip(self.masters, state["masters"]):
-            master.copy_(saved)
-        self._after_step()  # params from the restored masters, as after an optimizer step
+    def sync_params_from_masters(self) -> None:
+        """Copy the fp32 masters into the params, as after an optimizer step (after a resume)."""
+        self._after_step()
 
     # ---- accounting -------------------------------------------------------------------------
 

@@ -113,3 +113,17 @@ class FlatParamBuffer:
             if inter is not None:
                 out.append((i, inter.shift(bucket.shard.start)))
         return out
+
+    def param_chunks(self, slot_index: int) -> list[tuple[int, Range]]:
+        """(rank, range of the param's own flat elements) for every rank that holds part of it:
+        where each rank's shard of the param's bucket meets the param (all ranks, not just this one)."""
+        slot = self.slots[slot_index]
+        bucket = self.buckets[slot.bucket]
+        size = bucket.range.size // self.world_size
+        out = []
+        for q in range(self.world_size):
+            shard = Range(bucket.range.start + q * size, bucket.range.start + (q + 1) * size)
+            inter = slot.range.intersect(shard)
+            if inter is not None:
+                out.append((q, inter.shift(slot.range.start)))
+        return out

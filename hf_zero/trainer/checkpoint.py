@@ -1,13 +1,14 @@
-"""Trainer checkpoints under hf_zero (stage >= 1): every rank saves and loads its own shard.
+"""Trainer checkpoints under hf_zero (stage >= 1): every rank saves and loads its own part.
 
 A checkpoint directory written by the Trainer holds, besides what the Trainer writes itself
-(full model weights, scheduler, RNG states per rank, trainer state), one file per rank:
-``hf_zero_optim_rank{r}_of_{W}.pt`` with that rank's optimizer state, fp32 master shards, the
-stage, the world size and the param layout. Each file is written under a temporary name and
-renamed when complete, and once every rank is done rank 0 writes ``hf_zero_complete.json``:
-``resume_from_checkpoint=True`` takes the newest checkpoint that has it, so a save cut short
-(a crash, a killed rank) leaves the previous checkpoint in use. Resuming needs the same stage, world size and model: anything else is
-refused with an error naming the file and what differs, before training starts.
+(full model weights, scheduler, RNG states per rank, trainer state), the sharded state of the
+engine in ``hf_zero_sharded/`` (hf_zero/checkpoint/sharded.py): fp32 masters and optimizer
+state through ``torch.distributed.checkpoint``, which every rank writes in parallel and which
+loads at any world size and stage. Once every rank is done, rank 0 writes
+``hf_zero_complete.json``: ``resume_from_checkpoint=True`` takes the newest checkpoint that has
+it, so a save cut short (a crash, a killed rank) leaves the previous checkpoint in use.
+A checkpoint of another model, or with a missing or truncated file, is refused with an error
+naming the file and what is wrong, before training starts and before anything is changed.
 """
 
 from __future__ import annotations
@@ -15,57 +16,41 @@ from __future__ import annotations
 import json
 import os
 
-import torch
-
-from hf_zero.engine.stages import NotAvailableYet
+from hf_zero.checkpoint import sharded
+from hf_zero.checkpoint.sharded import CheckpointError
 
 SCHEDULER_NAME = "scheduler.pt"  # the Trainer's own file name
 COMPLETE_NAME = "hf_zero_complete.json"  # written last, once every rank has finished its part
 
 
-def shard_path(directory: str, rank: int, world_size: int) -> str:
-    return os.path.join(directory, f"hf_zero_optim_rank{rank}_of_{world_size}.pt")
-
-
 def save(engine, output_dir: str) -> None:
-    """Write this rank's shard file atomically (temporary name, then rename)."""
+    """Every rank writes its part of the engine's state (a collective: all ranks call it)."""
     os.makedirs(output_dir, exist_ok=True)
-    path = shard_path(output_dir, engine.ctx.rank, engine.ctx.world_size)
-    tmp = path + ".tmp"
-    torch.save(engine.checkpoint_state(), tmp)
-    os.replace(tmp, path)
+    sharded.save(engine, output_dir)
+
+
+def check(checkpoint: str, shapes: dict[str, tuple[int, ...]]) -> None:
+    """Refuse a checkpoint that a model with these trainable params (name -> shape) cannot resume
+    from, naming the file and what is wrong; cheap (reads metadata only)."""
+    if not os.path.isdir(os.path.join(checkpoint, sharded.DIR_NAME)):
+        raise CheckpointError(
+            f"{os.path.join(checkpoint, sharded.DIR_NAME)} is missing: {checkpoint} holds no hf_zero sharded "
+            "state (written without hf_zero, or with stage 0); resume it without --zero_config, or start from "
+            "its model weights"
+        )
+    sharded.check(checkpoint, shapes)
+
+
+def trainable_shapes(model, engine=None) -> dict[str, tuple[int, ...]]:
+    if engine is not None:
+        return {e.name: e.shape for e in engine.shard_map()}
+    return {n: tuple(p.shape) for n, p in model.named_parameters() if p.requires_grad}
 
 
 def load(engine, checkpoint: str) -> None:
-    """Check and restore this rank's shard file from ``checkpoint``."""
-    rank, world = engine.ctx.rank, engine.ctx.world_size
-    path = shard_path(checkpoint, rank, world)
-    if not os.path.isfile(path):
-        found = sorted(f for f in os.listdir(checkpoint) if f.startswith("hf_zero_optim_rank"))
-        if found:
-            raise NotAvailableYet(
-                f"{checkpoint}: this run has world size {world}, but the checkpoint holds {found[0]} ...: resuming "
-                "at another world size is not implemented yet in hf_zero; resume with the world size it was written with"
-            )
-        raise ValueError(
-            f"{path} is missing: {checkpoint} holds no hf_zero optimizer shards (written without hf_zero, or "
-            "with stage 0); resume it without --zero_config, or start from its model weights"
-        )
-    state = torch.load(path, map_location="cpu", weights_only=True)
-    stage = engine.strategy.stage
-    if state["stage"] != stage:
-        raise NotAvailableYet(
-            f"{path} was written at zero_optimization.stage {state['stage']}, this run uses stage {stage}: "
-            "resuming at another stage is not implemented yet in hf_zero"
-        )
-    if state["layout"] != engine.layout() and sorted(state["layout"]) != sorted(engine.layout()):
-        missing = sorted(set(engine.layout()) - set(state["layout"]))[:3]
-        extra = sorted(set(state["layout"]) - set(engine.layout()))[:3]
-        raise ValueError(
-            f"{path} belongs to another model: params of this model not in it {missing}, params in it not in "
-            f"this model {extra}"
-        )
-    engine.load_checkpoint_state(state)
+    """Check and restore the engine's state from ``checkpoint`` (any world size and stage)."""
+    check(checkpoint, trainable_shapes(engine.model, engine))
+    sharded.load(engine, checkpoint)
 
 
 def mark_complete(directory: str, world_size: int, stage: int) -> None:

@@ -8,16 +8,16 @@ active behaves exactly as before.
 | method              | what hf_zero adds                                                       |
 |---------------------|-------------------------------------------------------------------------|
 | ``__init__``        | resolves the config against TrainingArguments, adds the report callback |
-| ``create_optimizer``| stage >= 1: builds the ZeroEngine around the optimizer just created     |
+| ``create_optimizer``| stage >= 1: builds the ZeroEngine around the optimizer just created; stage 3, W > 1: the model's ``generate`` defaults to ``synced_gpus=True`` (generation.py) |
 | ``_wrap_model``     | stage >= 1: trains a ``ZeroModule`` where DDP would stand               |
 | ``_clip_grad_norm`` | stage >= 1: global norm over the gradient shards, then clip             |
 | ``_get_grad_norm``  | stage >= 1: the same norm when clipping is off                          |
 | ``save_model``      | stage 3: every rank gathers unit by unit; rank 0 writes full weights; stages >= 1: rank 0 checks every written tensor against the model |
-| ``_save_optimizer_and_scheduler`` | stage >= 1: every rank writes its optimizer shard (checkpoint.py) |
+| ``_save_optimizer_and_scheduler`` | stage >= 1: every rank writes its part of the sharded state (checkpoint.py) |
 | ``_save_checkpoint``| stage >= 1: after every rank's part, rank 0 marks the checkpoint complete |
 | ``_load_best_model``| stage >= 1: loads into gathered params, then back into shards and masters |
-| ``train``           | stage >= 1: ``resume_from_checkpoint=True`` takes the newest complete one |
-| ``_load_optimizer_and_scheduler`` | stage >= 1: every rank checks and restores its shard before training |
+| ``train``           | stage >= 1: ``resume_from_checkpoint=True`` takes the newest complete one; a checkpoint of another model or with a missing file is refused first |
+| ``_load_optimizer_and_scheduler`` | stage >= 1: every rank reads its part of the sharded state, written at any world size and stage |
 | ``Seq2SeqTrainer.prediction_step`` | stage 3, W > 1: ``synced_gpus=True`` for generate, as for DeepSpeed ZeRO-3 |
 """
 
@@ -32,6 +32,7 @@ from transformers import Seq2SeqTrainer, Trainer
 
 from hf_zero.engine import ZeroEngine, ZeroModule
 from hf_zero.trainer import checkpoint
+from hf_zero.trainer.generation import sync_generate
 from hf_zero.trainer.verify import verify_saved_weights
 from hf_zero.trainer import session as S
 from hf_zero.trainer.loss_scaling import check_loss_scaling, sharded_grad_scaler
@@ -94,6 +95,8 @@ def create_optimizer(self, model=None):
             bucket_numel=max(1, int(session.config.zero.reduce_bucket_size)),  # 0: a bucket per param
             param_dtype=_PARAM_DTYPES[session.config.precision.dtype],
         )
+        if session.engine.units and self.args.world_size > 1:
+            sync_generate(self.model)  # every rank decodes as many steps (and gathers) as the longest
     return optimizer
 
 
@@ -192,6 +195,9 @@ def train(self, resume_from_checkpoint=None, trial=None, **kwargs):
                 f"resume_from_checkpoint=True: no complete hf_zero checkpoint (checkpoint-N with "
                 f"{checkpoint.COMPLETE_NAME}) in {self.args.output_dir}"
             )
+    if session is not None and session.stage >= 1 and isinstance(resume_from_checkpoint, str):
+        # Refuse a checkpoint of another model, or with a missing or cut-short file, before any work.
+        checkpoint.check(resume_from_checkpoint, checkpoint.trainable_shapes(self.model, session.engine))
     return _original("train")(self, resume_from_checkpoint=resume_from_checkpoint, trial=trial, **kwargs)
 
 

@@ -1,6 +1,7 @@
 """Trainer checkpoints under hf_zero resume the same run: on CPU fp32 at the same world size and
-stage, the losses after resuming equal the uninterrupted run's bit for bit. Mismatched resumes
-are refused before training, naming the file and what differs."""
+stage, the losses after resuming equal the uninterrupted run's bit for bit; at another world
+size or stage they match within 1e-5. Checkpoints of another model, or with a missing or cut
+file, are refused before training, naming the file and what is wrong."""
 
 from __future__ import annotations
 
@@ -13,64 +14,85 @@ from transformers import AutoModelForCausalLM, LlamaConfig, Trainer, TrainingArg
 from hf_zero.testing.multiprocess import RankFailure, run_on_ranks
 
 
-def _run(rank, world, out, stage, resume_from):
+def _run(rank, world, out, stage, resume_from, ga=2, layers=2, save_steps=3, kill_rank_at=None):
+    import signal
+
     import hf_zero.trainer as zt
 
+    class KilledMidSave(Trainer):
+        """Rank 1 is killed (SIGKILL) while the checkpoint ``kill_rank_at`` is being written."""
+
+        def _save_optimizer_and_scheduler(self, output_dir):
+            if rank == 1 and output_dir.endswith(f"checkpoint-{kill_rank_at}"):
+                os.makedirs(os.path.join(output_dir, "hf_zero_sharded"), exist_ok=True)
+                with open(os.path.join(output_dir, "hf_zero_sharded", "__1_0.distcp"), "wb") as f:
+                    f.write(b"half a shard")
+                os.kill(os.getpid(), signal.SIGKILL)
+            super()._save_optimizer_and_scheduler(output_dir)
+
     torch.manual_seed(0)
-    cfg = LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+    cfg = LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=layers,
                       num_attention_heads=4, num_key_value_heads=2)
     model = AutoModelForCausalLM.from_config(cfg)
     g = torch.Generator().manual_seed(3)
     data = [{"input_ids": i, "labels": i} for i in torch.randint(0, 64, (48, 12), generator=g)]
-    args = TrainingArguments(output_dir=str(out), use_cpu=True, report_to="none", max_steps=6, save_steps=3,
-                             per_device_train_batch_size=2, gradient_accumulation_steps=2, learning_rate=1e-2,
+    args = TrainingArguments(output_dir=str(out), use_cpu=True, report_to="none", max_steps=6, save_steps=save_steps,
+                             per_device_train_batch_size=2, gradient_accumulation_steps=ga, learning_rate=1e-2,
                              weight_decay=0.1, warmup_steps=2, logging_steps=1, disable_tqdm=True, seed=0)
     zt.activate({"zero_optimization": {"stage": stage}})
     try:
-        trainer = Trainer(model=model, args=args, train_dataset=data)
+        trainer = (KilledMidSave if kill_rank_at else Trainer)(model=model, args=args, train_dataset=data)
         trainer.train(resume_from_checkpoint=resume_from if resume_from in (None, True) else str(resume_from))
     finally:
         zt.deactivate()
     losses = {h["step"]: h["loss"] for h in trainer.state.log_history if "loss" in h}
-    return losses if resume_from is not True else trainer.state.global_step
+    return losses if resume_from is not True else (losses, trainer.state.global_step)
 
 
 @pytest.mark.parametrize("stage", [1, 2, 3])
 def test_resume_is_bitwise_identical(tmp_path, stage):
     full = run_on_ranks(_run, 2, tmp_path / "a", stage, None, timeout=300)[0]
     ckpt = tmp_path / "a" / "checkpoint-3"
-    assert sorted(f for f in os.listdir(ckpt) if f.startswith("hf_zero_optim")) == [
-        "hf_zero_optim_rank0_of_2.pt", "hf_zero_optim_rank1_of_2.pt"]
+    assert sorted(f for f in os.listdir(ckpt / "hf_zero_sharded") if f.endswith(".distcp")) == [
+        "__0_0.distcp", "__1_0.distcp"]  # every rank wrote its part
     resumed = run_on_ranks(_run, 2, tmp_path / "b", stage, ckpt, timeout=300)[0]
     assert {4, 5, 6} <= set(resumed)  # (steps 1-3 come back with the restored trainer state)
     assert [resumed[s] for s in (4, 5, 6)] == [full[s] for s in (4, 5, 6)]
 
 
-def test_resume_refuses_another_stage_or_world_size(tmp_path):
-    run_on_ranks(_run, 2, tmp_path / "a", 2, None, timeout=300)
-    ckpt = tmp_path / "a" / "checkpoint-3"
-    with pytest.raises(RankFailure, match="written at zero_optimization.stage 2, this run uses stage 1"):
-        run_on_ranks(_run, 2, tmp_path / "b", 1, ckpt, timeout=300)
-    with pytest.raises(RankFailure, match="world size 1, but the checkpoint holds hf_zero_optim_rank0_of_2.pt"):
-        run_on_ranks(_run, 1, tmp_path / "c", 2, ckpt, timeout=300)
-    for name in ("hf_zero_optim_rank0_of_2.pt", "hf_zero_optim_rank1_of_2.pt"):
-        assert (ckpt / name).exists()  # a refused resume never touches the checkpoint
-
-
-def test_resume_true_skips_an_incomplete_newest_checkpoint(tmp_path):
+def test_resume_refuses_another_model_or_a_missing_part(tmp_path):
     import shutil
 
     run_on_ranks(_run, 2, tmp_path / "a", 2, None, timeout=300)
-    for step in (3, 6):
-        assert (tmp_path / "a" / f"checkpoint-{step}" / "hf_zero_complete.json").exists()
-    # A save cut short: the newest folder lacks the marker (and a rank's shard).
-    broken = tmp_path / "a" / "checkpoint-3"
-    shutil.copytree(tmp_path / "a" / "checkpoint-6", tmp_path / "a" / "checkpoint-9")
-    for name in ("hf_zero_complete.json", "hf_zero_optim_rank1_of_2.pt"):
-        (tmp_path / "a" / "checkpoint-9" / name).unlink()
-    steps = run_on_ranks(_run, 2, tmp_path / "a", 2, True, timeout=300)
-    assert steps == [6, 6]  # resumed from checkpoint-6, not the incomplete checkpoint-9
-    assert broken.exists()
+    ckpt = tmp_path / "a" / "checkpoint-3"
+    before = sorted(p.name for p in (ckpt / "hf_zero_sharded").iterdir())
+    with pytest.raises(RankFailure, match=r"hf_zero_meta.json belongs to another model: trainable params of this "
+                                          r"model not in it \['model.layers.2"):
+        run_on_ranks(_run, 2, tmp_path / "b", 2, ckpt, 2, 3, timeout=300)
+    cut = tmp_path / "cut"
+    shutil.copytree(ckpt, cut)
+    (cut / "hf_zero_sharded" / "__1_0.distcp").unlink()
+    with pytest.raises(RankFailure, match=r"__1_0.distcp is missing: the checkpoint is incomplete"):
+        run_on_ranks(_run, 2, tmp_path / "c", 2, cut, timeout=300)
+    shutil.copy(ckpt / "hf_zero_sharded" / "__1_0.distcp", cut / "hf_zero_sharded" / "__1_0.distcp")
+    with open(cut / "hf_zero_sharded" / "__1_0.distcp", "r+b") as f:
+        f.truncate(100)
+    with pytest.raises(RankFailure, match=r"__1_0.distcp is truncated: 100 bytes"):
+        run_on_ranks(_run, 2, tmp_path / "d", 2, cut, timeout=300)
+    assert sorted(p.name for p in (ckpt / "hf_zero_sharded").iterdir()) == before  # never touched
+
+
+def test_a_rank_killed_mid_save_leaves_the_previous_checkpoint_in_use(tmp_path):
+    full = run_on_ranks(_run, 2, tmp_path / "a", 2, None, timeout=300)[0]
+    with pytest.raises(RankFailure):
+        run_on_ranks(_run, 2, tmp_path / "b", 2, None, 2, 2, 3, 6, timeout=150)
+    assert (tmp_path / "b" / "checkpoint-3" / "hf_zero_complete.json").exists()
+    assert not (tmp_path / "b" / "checkpoint-6" / "hf_zero_complete.json").exists()  # cut short
+    out = run_on_ranks(_run, 2, tmp_path / "b", 2, True, timeout=300)
+    assert [step for _, step in out] == [6, 6]  # resumed from checkpoint-3, then saved checkpoint-6 anew
+    resumed = out[0][0]
+    assert [resumed[s] for s in (4, 5, 6)] == [full[s] for s in (4, 5, 6)]
+    assert (tmp_path / "b" / "checkpoint-6" / "hf_zero_complete.json").exists()
 
 
 def _best(rank, world, out, stage):
@@ -112,3 +134,25 @@ def test_load_best_model_at_end(tmp_path, stage):
     assert best != "checkpoint-6"  # the best is an earlier checkpoint, so loading it changes the model
     assert same and results[1][1]
     assert abs(after - best_metric) <= 1e-5 * abs(best_metric)
+
+
+def _close(a, b, rtol=1e-5):
+    return abs(a - b) <= rtol * abs(b)
+
+
+def test_resume_at_another_world_size(tmp_path):
+    """2 ranks -> 4 ranks -> 1 rank, the same global batch (8) and data order throughout."""
+    full = run_on_ranks(_run, 2, tmp_path / "a", 2, None, 2, 2, 2, timeout=300)[0]
+    at4 = run_on_ranks(_run, 4, tmp_path / "b", 2, tmp_path / "a" / "checkpoint-2", 1, 2, 2, timeout=400)[0]
+    at1 = run_on_ranks(_run, 1, tmp_path / "c", 2, tmp_path / "b" / "checkpoint-4", 4, 2, 2, timeout=300)[0]
+    for step, got in [(3, at4), (4, at4), (5, at1), (6, at1)]:
+        assert _close(got[step], full[step]), (step, got[step], full[step])
+
+
+def test_resume_at_another_stage(tmp_path):
+    """Stage 2 -> stage 3 -> stage 1 on 2 ranks."""
+    full = run_on_ranks(_run, 2, tmp_path / "a", 2, None, 2, 2, 2, timeout=300)[0]
+    s3 = run_on_ranks(_run, 2, tmp_path / "b", 3, tmp_path / "a" / "checkpoint-2", 2, 2, 2, timeout=300)[0]
+    s1 = run_on_ranks(_run, 2, tmp_path / "c", 1, tmp_path / "b" / "checkpoint-4", 2, 2, 2, timeout=300)[0]
+    for step, got in [(3, s3), (4, s3), (5, s1), (6, s1)]:
+        assert _close(got[step], full[step]), (step, got[step], full[step])

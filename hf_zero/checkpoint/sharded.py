@@ -1,0 +1,285 @@
+"""Sharded checkpoints of the engine's state, through ``torch.distributed.checkpoint`` (DCP).
+
+Every rank writes only what it holds, in parallel, and a checkpoint loads at any world size and
+stage: each param's fp32 master values and each per-element optimizer state (Adam's moments,
+SGD's momentum, ...) are stored in the param's full shape, as the rectangular blocks that this
+rank's flat range covers (``boxes.py``), so DCP reads back whatever blocks a new layout needs.
+
+A checkpoint is one folder (``DIR_NAME``) holding DCP's files and ``META_NAME``:
+
+- ``master/{param}``: fp32 master values, the param's full shape.
+- ``optim/{param}/{key}``: optimizer state; per-element ones in the param's shape, scalars
+  (Adam's ``step``) whole, the same on every rank.
+- ``extra/{name}``: the model's frozen params and persistent buffers (what a consolidated
+  checkpoint needs besides the trainable params); left out for PEFT models, whose frozen base
+  is not part of the fine-tune.
+- ``META_NAME`` (JSON, rank 0): format, stage, world size, the layout (param packing order), the
+  params' shapes and dtype, and the optimizer's class and param-group settings.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+
+import torch
+import torch.distributed as dist
+import torch.distributed.checkpoint as dcp
+from torch.distributed._shard.metadata import ShardMetadata
+from torch.distributed._shard.sharded_tensor import Shard, ShardedTensor
+from torch.distributed._shard.sharded_tensor.metadata import ShardedTensorMetadata, TensorProperties
+
+from hf_zero.checkpoint.boxes import boxes
+from hf_zero.engine.shard_map import ParamShard
+
+DIR_NAME = "hf_zero_sharded"
+META_NAME = "hf_zero_meta.json"
+FORMAT, VERSION = "hf_zero-sharded", 1
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that cannot be used: names the file and what is wrong with it."""
+
+
+# ---- one param's part as DCP sees it ------------------------------------------------------------
+
+
+def _dcp_value(flat: torch.Tensor, entry: ParamShard) -> torch.Tensor | ShardedTensor:
+    """``flat`` (this rank's elements of ``entry``, 1-D) as a tensor of the param's full shape:
+    a plain view when this rank holds the whole param, else a ShardedTensor of boxes."""
+    numel = math.prod(entry.shape)
+    if entry.local.start == 0 and entry.local.end == numel:
+        return flat.view(entry.shape)
+    device = "cpu" if flat.device.type == "cpu" else str(flat.device)
+    rank = dist.get_rank()
+    local = [Shard(flat[b.start : b.start + b.numel].view(b.sizes),
+                   ShardMetadata(list(b.offsets), list(b.sizes), f"rank:{rank}/{device}"))
+             for b in boxes(entry.shape, entry.local.start, entry.local.end)]
+    everyone = [ShardMetadata(list(b.offsets), list(b.sizes), f"rank:{q}/{device}")
+                for q, r in entry.chunks for b in boxes(entry.shape, r.start, r.end)]
+    meta = ShardedTensorMetadata(everyone, torch.Size(entry.shape), TensorProperties(dtype=flat.dtype))
+    return ShardedTensor._init_from_local_shards_and_global_metadata(local, meta)
+
+
+def _extra_tensors(model, trainable: set[str]) -> dict[str, torch.Tensor]:
+    """Frozen params and persistent buffers, by state-dict name (none for PEFT models)."""
+    if hasattr(model, "peft_config"):
+        return {}
+    params = {id(p) for n, p in model.named_parameters() if n in trainable}
+    out = {}
+    for name, t in model.state_dict(keep_vars=True).items():
+        if id(t) not in params and t.numel() > 0:
+            out[name] = t.detach()
+    return out
+
+
+def _jsonable(value):
+    if isinstance(value, tuple):
+        return list(value)
+    if torch.is_tensor(value):
+        return value.item()
+    return value
+
+
+def _like(saved, current):
+    """A saved param-group setting back in the type the optimizer uses now."""
+    if isinstance(current, tuple):
+        return tuple(saved)
+    if torch.is_tensor(current):
+        return torch.tensor(saved, dtype=current.dtype, device=current.device)
+    return saved
+
+
+def _no_dist() -> bool:
+    return not (dist.is_available() and dist.is_initialized())
+
+
+# ---- save -----------------------------------------------------------------------------------------
+
+
+def save(engine, directory: str) -> str:
+    """Every rank writes its part of ``engine``'s state under ``directory/DIR_NAME``; returns it."""
+    path = os.path.join(directory, DIR_NAME)
+    entries = engine.shard_map()
+    state: dict[str, object] = {}
+    py_scalars: dict[str, str] = {}
+    for e in entries:
+        if e.master is None:
+            continue
+        state[f"master/{e.name}"] = _dcp_value(e.master, e)
+        for key, value in engine.optimizer.state.get(e.piece, {}).items() if e.piece is not None else ():
+            name = f"optim/{e.name}/{key}"
+            if torch.is_tensor(value) and value.dim() > 0:
+                if value.numel() != e.master.numel():
+                    raise CheckpointError(
+                        f"optimizer state {key!r} of {e.name} has {value.numel()} elements, not one per param "
+                        f"element ({e.master.numel()}): hf_zero's sharded checkpoints cannot store it"
+                    )
+                state[name] = _dcp_value(value.reshape(-1), e)
+            elif torch.is_tensor(value):
+                state[name] = value
+            elif isinstance(value, (bool, int, float)):
+                py_scalars[key] = type(value).__name__
+                state[name] = torch.tensor(value)
+            else:
+                raise CheckpointError(f"optimizer state {key!r} of {e.name} is a {type(value).__name__}, "
+                                      "which hf_zero's sharded checkpoints cannot store")
+    names = {e.name for e in entries}
+    extra = _extra_tensors(engine.model, names)
+    state.update({f"extra/{n}": t for n, t in extra.items()})
+    dcp.save(state, storage_writer=dcp.FileSystemWriter(path), no_dist=_no_dist())
+    if engine.ctx.rank == 0:
+        _write_meta(engine, path, entries, extra, py_scalars)
+    return path
+
+
+def _write_meta(engine, path: str, entries: list[ParamShard], extra: dict, py_scalars: dict) -> None:
+    groups = []
+    names = {id(e.piece): e.name for e in entries if e.piece is not None}
+    for group in engine.optimizer.param_groups:
+        settings = {k: _jsonable(v) for k, v in group.items() if k != "params"}
+        settings["params"] = [names[id(p)] for p in group["params"] if id(p) in names]
+        groups.append(settings)
+    meta = {
+        "format": FORMAT,
+        "version": VERSION,
+        "stage": engine.strategy.stage,
+        "world_size": engine.ctx.world_size,
+        "layout": engine.layout(),
+        "params": {e.name: list(e.shape) for e in entries},
+        "param_dtype": str(engine.buffers[0].dtype).removeprefix("torch."),
+        "extra": sorted(extra),
+        "optimizer": {"class": type(engine.optimizer).__name__, "param_groups": groups, "python_scalars": py_scalars},
+    }
+    tmp = os.path.join(path, META_NAME + ".tmp")
+    with open(tmp, "w") as f:
+        json.dump(meta, f, indent=1)
+    os.replace(tmp, os.path.join(path, META_NAME))
+
+
+# ---- load -----------------------------------------------------------------------------------------
+
+
+def read_meta(path: str) -> dict:
+    """``META_NAME`` of the sharded checkpoint folder ``path``, checked."""
+    file = os.path.join(path, META_NAME)
+    if not os.path.isfile(file):
+        raise CheckpointError(f"{file} is missing: {path} is not a complete hf_zero sharded checkpoint")
+    try:
+        with open(file) as f:
+            meta = json.load(f)
+    except (OSError, ValueError) as error:
+        raise CheckpointError(f"{file} cannot be read: {error}") from error
+    if not isinstance(meta, dict) or meta.get("format") != FORMAT:
+        raise CheckpointError(f"{file} is not an hf_zero sharded checkpoint description (format {FORMAT!r})")
+    if meta.get("version") != VERSION:
+        raise CheckpointError(f"{file} has format version {meta.get('version')}, this hf_zero reads version {VERSION}")
+    return meta
+
+
+def check_files(path: str) -> dcp.Metadata:
+    """DCP's metadata of ``path``, after checking that every data file it names is there, whole."""
+    reader = dcp.FileSystemReader(path)
+    try:
+        metadata = reader.read_metadata()
+    except Exception as error:  # noqa: BLE001 - DCP raises several kinds for a missing/corrupt file
+        raise CheckpointError(f"{os.path.join(path, '.metadata')} cannot be read ({error}): the checkpoint "
+                              "is incomplete or corrupt") from error
+    needed: dict[str, int] = {}
+    for info in (metadata.storage_data or {}).values():
+        needed[info.relative_path] = max(needed.get(info.relative_path, 0), info.offset + info.length)
+    for rel, size in sorted(needed.items()):
+        file = os.path.join(path, rel)
+        if not os.path.isfile(file):
+            raise CheckpointError(f"{file} is missing: the checkpoint is incomplete (a rank's part was not written)")
+        if os.path.getsize(file) < size:
+            raise CheckpointError(f"{file} is truncated: {os.path.getsize(file)} bytes, the checkpoint's "
+                                  f"metadata needs at least {size}")
+    return metadata
+
+
+def check_model(meta: dict, ours: dict[str, tuple[int, ...]], path: str) -> None:
+    """The checkpoint belongs to this model: the same trainable params (``ours``: name -> shape)."""
+    file = os.path.join(path, META_NAME)
+    saved = {n: tuple(s) for n, s in meta["params"].items()}
+    if saved == ours:
+        return
+    missing = sorted(set(ours) - set(saved))[:3]
+    extra = sorted(set(saved) - set(ours))[:3]
+    shapes = [f"{n}: checkpoint {saved[n]}, model {ours[n]}" for n in sorted(set(saved) & set(ours))
+              if saved[n] != ours[n]][:3]
+    raise CheckpointError(
+        f"{file} belongs to another model: trainable params of this model not in it {missing}, params in "
+        f"it not in this model {extra}, shapes that differ {shapes}"
+    )
+
+
+def check(directory: str, shapes: dict[str, tuple[int, ...]]) -> dict:
+    """Refuse, before any work, a checkpoint in ``directory`` that a model with these trainable
+    params (name -> shape) cannot resume from: missing or truncated files, or another model.
+    Returns the checkpoint's meta."""
+    path = os.path.join(directory, DIR_NAME)
+    meta = read_meta(path)
+    check_files(path)
+    check_model(meta, shapes, path)
+    return meta
+
+
+@torch.no_grad()
+def load(engine, directory: str) -> dict:
+    """Restore ``engine``'s masters and optimizer state from ``directory/DIR_NAME``, written at any
+    world size and stage; returns the checkpoint's meta. Checks come first: nothing is changed
+    when the checkpoint is refused."""
+    path = os.path.join(directory, DIR_NAME)
+    meta = read_meta(path)
+    metadata = check_files(path)
+    check_model(meta, {e.name: e.shape for e in engine.shard_map()}, path)
+    groups = meta["optimizer"]["param_groups"]
+    if len(groups) != len(engine.optimizer.param_groups):
+        raise CheckpointError(f"{os.path.join(path, META_NAME)}: the optimizer had {len(groups)} param groups, "
+                              f"this run's has {len(engine.optimizer.param_groups)}")
+    if not engine.strategy.shard_params:
+        # Stages 1-2 pack in the saved order (a stage-3 save's is its unit order): the same
+        # reduction order as the saved run, and no re-packing after the first backward, which
+        # would drop the optimizer state restored here.
+        engine.adopt_layout(meta["layout"])
+
+    entries = engine.shard_map()
+    state: dict[str, object] = {}
+    targets: dict[int, dict[str, torch.Tensor]] = {}
+    keys = metadata.state_dict_metadata
+    for e in entries:
+        if e.master is None:
+            continue
+        state[f"master/{e.name}"] = _dcp_value(e.master, e)
+        if e.piece is None:
+            continue
+        prefix = f"optim/{e.name}/"
+        for key in (k for k in keys if k.startswith(prefix)):
+            info = keys[key]
+            if len(info.size) == 0:
+                t = torch.zeros((), dtype=info.properties.dtype)
+                state[key] = t
+            else:
+                t = torch.zeros(e.master.numel(), dtype=info.properties.dtype, device=e.master.device)
+                state[key] = _dcp_value(t, e)
+            targets.setdefault(id(e.piece), {})[key[len(prefix):]] = t
+    dcp.load(state, storage_reader=dcp.FileSystemReader(path), no_dist=_no_dist())
+
+    py = meta["optimizer"]["python_scalars"]
+    casts = {"bool": bool, "int": int, "float": float}
+    current = engine.optimizer.state_dict()
+    pieces = [p for g in engine.optimizer.param_groups for p in g["params"]]
+    new_state = {}
+    for index, piece in enumerate(pieces):
+        if id(piece) in targets:
+            new_state[index] = {k: (casts[py[k]](t.item()) if k in py else t) for k, t in targets[id(piece)].items()}
+    new_groups = []
+    for saved, group in zip(groups, current["param_groups"]):
+        restored = dict(group)
+        restored.update({k: _like(v, group[k]) for k, v in saved.items() if k != "params" and k in group})
+        new_groups.append(restored)
+    engine.optimizer.load_state_dict({"state": new_state, "param_groups": new_groups})
+    engine.sync_params_from_masters()
+    return meta
