@@ -28,6 +28,7 @@ from torch.utils.hooks import RemovableHandle
 from hf_zero.engine import collectives as C
 from hf_zero.engine.grad_sync import BucketState, GradBucket, GradSync
 from hf_zero.engine.layout import FlatParamBuffer
+from hf_zero.engine.offload import OptimizerOffload
 from hf_zero.engine.ranges import Range
 from hf_zero.engine.shard_map import ParamShard, shard_map
 from hf_zero.engine.stages import strategy_for
@@ -45,6 +46,7 @@ class ZeroEngine:
         stage: int,
         bucket_numel: int,
         param_dtype: torch.dtype | None = None,
+        offload: OptimizerOffload | None = None,
         group=None,
     ) -> None:
         self.strategy = strategy_for(stage)
@@ -52,6 +54,7 @@ class ZeroEngine:
         self.bucket_numel = bucket_numel
         # bf16/fp16 runs keep the model's trainable params in that dtype and an fp32 master shard.
         self.param_dtype = param_dtype
+        self.offload = offload  # None: the optimizer runs on the params' device (offload.py)
         self.ctx = C.CommContext(group)
         if optimizer.state:
             raise ValueError("ZeroEngine needs an optimizer that has not stepped yet (its state is not empty)")
@@ -128,11 +131,19 @@ class ZeroEngine:
                     gb.carry_grad(slot_index, old_grads[param])
 
         self.masters: list[torch.Tensor] = []  # one fp32 master shard per grad bucket
+        # Buckets whose master, optimizer state and step live on the host (offload.py).
+        sizes = [gb.bucket.shard_size for gb in grad_buckets]
+        self._offloaded = self.offload.offloaded(sizes) if self.offload else [False] * len(sizes)
+        self._host_grads: list[torch.Tensor | None] = [None] * len(sizes)
+        self._grads_on_host = False
         self._pieces: dict[nn.Parameter, nn.Parameter] = {}
         self._piece_grads: list[tuple[nn.Parameter, GradBucket, Range, nn.Parameter]] = []
         for i, gb in enumerate(grad_buckets):
             shard = self.units[i].local if self.units else gb.buffer.view(gb.bucket.shard)
-            master = shard if shard.dtype == torch.float32 else shard.detach().float()
+            if self._offloaded[i]:
+                master = self.offload.host_tensor(shard.detach())
+            else:
+                master = shard if shard.dtype == torch.float32 else shard.detach().float()
             self.masters.append(master)
             for slot_index, local in gb.buffer.pieces(gb.bucket):
                 piece = nn.Parameter(master[local.start : local.end], requires_grad=True)
@@ -301,8 +312,31 @@ class ZeroEngine:
         self.grad_sync.finish()
         if self._unused is None:
             self._unused = self._globally_unused()
+        if any(self._offloaded) and not self._grads_on_host:
+            self._grads_to_host()
+        shards = self._grad_shards()
+        index = {id(gb): i for i, gb in enumerate(self.grad_sync.buckets)}
         for piece, gb, local, param in self._piece_grads:
-            piece.grad = None if param in self._unused else gb.main_grad[local.start : local.end]
+            piece.grad = None if param in self._unused else shards[index[id(gb)]][local.start : local.end]
+
+    def _grads_to_host(self) -> None:
+        """Offloaded buckets: their reduced grads go to the host, and the device copy is freed."""
+        for i, gb in enumerate(self.grad_sync.buckets):
+            if self._offloaded[i]:
+                if self._host_grads[i] is None:
+                    self._host_grads[i] = self.offload.host_buffer(gb.bucket.shard_size)
+                self._host_grads[i].copy_(gb.ensure_main_grad(), non_blocking=True)
+        if self.buffers[0].device.type == "cuda":
+            torch.cuda.current_stream(self.buffers[0].device).synchronize()  # the host step reads them
+        for i, gb in enumerate(self.grad_sync.buckets):
+            if self._offloaded[i]:
+                gb.main_grad = None
+        self._grads_on_host = True
+
+    def _grad_shards(self) -> list[torch.Tensor]:
+        """Each bucket's reduced grad shard this step, where it is now (device, or host if offloaded)."""
+        return [self._host_grads[i] if self._grads_on_host and self._offloaded[i] else gb.main_grad
+                for i, gb in enumerate(self.grad_sync.buckets)]
 
     def _globally_unused(self) -> set:
         params = list(self._names)
@@ -315,7 +349,7 @@ class ZeroEngine:
     def grad_norm(self) -> torch.Tensor:
         """Global L2 norm of the reduced gradients, as ``clip_grad_norm_`` of plain DDP reports it."""
         self.finish_grad_sync()
-        local = get_total_norm([gb.main_grad for gb in self.grad_sync.buckets]).pow(2)
+        local = get_total_norm(self._grad_shards()).pow(2).to(self.buffers[0].device)
         return C.wait(C.start_all_reduce(self.ctx, local)).sqrt()
 
     def clip_grad_norm_(self, max_norm: float) -> torch.Tensor:
@@ -323,7 +357,8 @@ class ZeroEngine:
         total = self.grad_norm()
         if max_norm != float("inf"):
             coef = torch.clamp(max_norm / (total + 1e-6), max=1.0)  # as torch's clip_grad_norm_
-            torch._foreach_mul_([gb.main_grad for gb in self.grad_sync.buckets], coef)
+            for grads in _by_device(self._grad_shards()):
+                torch._foreach_mul_(grads, coef.to(grads[0].device))
         return total
 
     # ---- after the optimizer step -----------------------------------------------------------
@@ -334,7 +369,7 @@ class ZeroEngine:
             for i, (gb, master) in enumerate(zip(self.grad_sync.buckets, self.masters)):
                 shard = self.units[i].local if self.units else gb.buffer.view(gb.bucket.shard)
                 if master.data_ptr() != shard.data_ptr():
-                    shard.copy_(master)
+                    shard.copy_(master, non_blocking=True)  # from pinned host memory when offloaded
                 if not self.units:  # stage 3 gathers at the next forward instead
                     handles.append(C.start_all_gather(self.ctx, gb.buffer.view(gb.bucket.range), shard))
         for h in handles:
@@ -347,6 +382,7 @@ class ZeroEngine:
             bucket.finish_reduce()  # no collective may be left in flight
         for piece, *_ in self._piece_grads:
             piece.grad = None  # let the main grads go until the next backward
+        self._grads_on_host = False
         self._used, self._unused = set(), None
         self.grad_sync.start_next_step()
 
@@ -393,12 +429,26 @@ class ZeroEngine:
             params = sum(nbytes(buf.data) for buf in self.buffers)
         params += sum(nbytes(p) for p in self.model.parameters() if p not in buffered)
         shards = [u.local for u in self.units] or [gb.buffer.view(gb.bucket.shard) for gb in self.grad_sync.buckets]
-        masters = sum(nbytes(m) for m, shard in zip(self.masters, shards) if m.data_ptr() != shard.data_ptr())
-        state = sum(nbytes(v) for s in self.optimizer.state.values() for v in s.values()
-                    if torch.is_tensor(v) and v.dim() > 0)
+        on_host = {id(self.masters[i]) for i, off in enumerate(self._offloaded) if off}
+        masters = host = 0
+        for m, shard in zip(self.masters, shards):
+            if id(m) in on_host:
+                host += nbytes(m)
+            elif m.data_ptr() != shard.data_ptr():
+                masters += nbytes(m)
+        offloaded_pieces = {id(piece) for piece, gb, _, _ in self._piece_grads
+                            if self._offloaded[self.grad_sync.buckets.index(gb)]}
+        state = 0
+        for piece, s in self.optimizer.state.items():
+            n = sum(nbytes(v) for v in s.values() if torch.is_tensor(v) and v.dim() > 0)
+            if id(piece) in offloaded_pieces:
+                host += n
+            else:
+                state += n
+        host += sum(nbytes(g) for g in self._host_grads if g is not None)
         grads = sum(gb.held_bytes() for gb in self.grad_sync.buckets)
         return {"params": params, "grads": grads, "peak_grads": self.grad_sync.peak_grad_bytes,
-                "optimizer_state": state + masters}
+                "optimizer_state": state + masters, "host_offload": host}
 
     def reset_peak(self) -> None:
         """Start a new window for ``held_bytes()["peak_grads"]``."""
@@ -409,3 +459,10 @@ class ZeroEngine:
             h.remove()
         self._hooks.clear()
         self._grad_hooks.clear()
+
+
+def _by_device(tensors: list[torch.Tensor]) -> list[list[torch.Tensor]]:
+    groups: dict[torch.device, list[torch.Tensor]] = defaultdict(list)
+    for t in tensors:
+        groups[t.device].append(t)
+    return list(groups.values())

@@ -31,6 +31,8 @@ import torch
 from transformers import Seq2SeqTrainer, Trainer
 
 from hf_zero.engine import ZeroEngine, ZeroModule
+from hf_zero.engine.offload import OptimizerOffload
+from hf_zero.engine.stages import NotAvailableYet
 from hf_zero.trainer import checkpoint
 from hf_zero.trainer.generation import sync_generate
 from hf_zero.trainer.verify import verify_saved_weights
@@ -94,10 +96,23 @@ def create_optimizer(self, model=None):
             stage=session.stage,
             bucket_numel=max(1, int(session.config.zero.reduce_bucket_size)),  # 0: a bucket per param
             param_dtype=_PARAM_DTYPES[session.config.precision.dtype],
+            offload=_optimizer_offload(session.config),
         )
         if session.engine.units and self.args.world_size > 1:
             sync_generate(self.model)  # every rank decodes as many steps (and gathers) as the longest
     return optimizer
+
+
+def _optimizer_offload(config) -> OptimizerOffload | None:
+    spec = config.zero.offload_optimizer
+    if spec.device == "none":
+        return None
+    if config.precision.dtype == "fp16":
+        raise NotAvailableYet(
+            f"zero_optimization.offload_optimizer.device = {spec.device!r} with fp16: optimizer offload with fp16 "
+            "loss scaling is not implemented yet in hf_zero; use bf16 or fp32, or no offload"
+        )
+    return OptimizerOffload(device=spec.device, pin_memory=spec.pin_memory, ratio=spec.ratio)
 
 
 @_seam

@@ -34,9 +34,9 @@ def test_typo_fails_before_ranks_start(tmp_path):
 
 
 def test_feature_not_built_yet_fails_before_ranks_start(tmp_path):
-    proc = _launch(tmp_path, {"zero_optimization": {"stage": 2, "offload_optimizer": {"device": "cpu"}}})
+    proc = _launch(tmp_path, {"zero_optimization": {"stage": 3, "offload_param": {"device": "cpu"}}})
     assert proc.returncode == 2
-    assert "offload_optimizer" in proc.stderr and "not implemented yet" in proc.stderr
+    assert "offload_param" in proc.stderr and "not implemented yet" in proc.stderr
     assert "torch.distributed.run" not in proc.stderr  # no rank was started
 
 

@@ -1,0 +1,105 @@
+"""Checks of the ``--zero_config`` file: it loads as hf_zero would, and its batch size fits W.
+
+``check_train_batch_size`` is also what ``hf-zero check-config --world_size N`` runs.
+Nothing here imports torch at module level.
+"""
+
+from __future__ import annotations
+
+import warnings
+from typing import Any
+
+from hf_zero.doctor.result import CheckResult, failed, passed, skipped, warned
+
+CONFIG = "config"
+WORLD_SIZE = "world size"
+CONFIG_FIX = ("fix the key/value the message names (docs/troubleshooting.md lists every config message); "
+              "`hf-zero check-config FILE` prints the same message")
+NOT_BUILT_FIX = "change that setting to a value the message allows"
+
+
+def check_train_batch_size(config: Any, world_size: int) -> None:
+    """DeepSpeed's invariant train_batch_size = micro batch * accumulation steps * world size,
+    checked for the factors the file fixes ("auto" ones are filled at training time).
+
+    Raises ValueError naming the file, the keys and their values."""
+    batch = config.train_batch_size
+    if not isinstance(batch, int) or isinstance(batch, bool):
+        return
+    factors = {
+        "train_micro_batch_size_per_gpu": config.train_micro_batch_size_per_gpu,
+        "gradient_accumulation_steps": config.gradient_accumulation_steps,
+    }
+    fixed = {k: v for k, v in factors.items() if isinstance(v, int) and not isinstance(v, bool)}
+    product = world_size
+    for value in fixed.values():
+        product *= value
+    terms = " * ".join([f"{k} ({v})" for k, v in fixed.items()] + [f"world_size ({world_size})"])
+    if len(fixed) == len(factors) and batch != product:
+        raise ValueError(f"train_batch_size = {batch} in {config.source} but {terms} = {product}; "
+                         'make them equal or set train_batch_size to "auto"')
+    if batch % product:
+        raise ValueError(f"train_batch_size = {batch} in {config.source} is not divisible by {terms} "
+                         f'= {product}; set it to "auto" or a multiple of {product}')
+
+
+def load_zero_config(path: str) -> tuple[Any, CheckResult]:
+    """Load ``path`` as hf_zero would: (the config or None, the ``config`` check's result).
+
+    The config comes back even when this version cannot run it (offload not built, say), so the
+    pinned-memory and NVMe checks can still look at what it asks for. Warnings the loader emits
+    (keys accepted but not applied) become a WARN instead of being printed."""
+    from hf_zero.config import ConfigError, load_config
+    from hf_zero.trainer import check
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        try:
+            config = load_config(path)
+        except ConfigError as error:
+            return None, failed(CONFIG, str(error), CONFIG_FIX)
+    try:
+        check(config)  # what `hf-zero launch` and every rank run: features this version has
+    except NotImplementedError as error:
+        return config, failed(CONFIG, str(error), NOT_BUILT_FIX)
+    except ValueError as error:
+        return config, failed(CONFIG, str(error), CONFIG_FIX)
+    messages = [str(w.message) for w in caught if issubclass(w.category, UserWarning)]
+    if messages:
+        return config, warned(CONFIG, "; ".join(messages),
+                              "remove those keys or set them to their no-warning values "
+                              "(docs/configuration.md#accepted-but-not-applied); the run goes on")
+    return config, passed(CONFIG, describe(config))
+
+
+def describe(config: Any) -> str:
+    """``zero3.json: stage 3, dtype "auto", optimizer AdamW``."""
+    optimizer = config.optimizer.type if config.optimizer is not None else "the Trainer's"
+    offload = [f"{key} {getattr(config.zero, key).device}" for key in ("offload_optimizer", "offload_param")
+               if getattr(config.zero, key).device != "none"]
+    text = f"{config.source}: stage {config.zero.stage}, dtype {config.precision.dtype}, optimizer {optimizer}"
+    return text + (f", {', '.join(offload)}" if offload else "")
+
+
+def check_config(path: str | None) -> CheckResult:
+    """The ``config`` check alone (see ``load_zero_config``); SKIP without a file."""
+    if path is None:
+        return skipped(CONFIG, "no --zero_config given")
+    return load_zero_config(path)[1]
+
+
+def check_world_size(config: Any, world_size: int) -> CheckResult:
+    """train_batch_size against ``world_size`` ranks, as ``check-config --world_size`` does."""
+    if config is None:
+        return skipped(WORLD_SIZE, "no config loaded")
+    try:
+        check_train_batch_size(config, world_size)
+    except ValueError as error:
+        return failed(WORLD_SIZE, str(error),
+                      f'set train_batch_size to "auto", or to train_micro_batch_size_per_gpu * '
+                      f"gradient_accumulation_steps * {world_size}, or change the number of ranks")
+    batch = config.train_batch_size
+    if not isinstance(batch, int) or isinstance(batch, bool):
+        return passed(WORLD_SIZE, f'W = {world_size}; train_batch_size is {batch if batch is not None else "unset"} '
+                                  "(filled from TrainingArguments)")
+    return passed(WORLD_SIZE, f"W = {world_size}; train_batch_size = {batch} fits")

@@ -1,0 +1,182 @@
+"""Bytes a run needs, per rank, built from the memory estimator (``hf_zero.estimate``).
+
+Nothing here re-derives the estimator's arithmetic: device bytes are its ``estimate_bytes`` +
+``gathered_params_bytes`` + ``activation_bytes`` (the "total" column of ``hf-zero estimate``).
+On top of that, what the doctor needs and the estimator has no column for:
+
+* offloaded bytes: with ``offload_optimizer.device`` "cpu"/"nvme", a rank keeps the fp32 master
+  shard, a fp32 gradient shard and the optimizer state off the device (``ratio`` of them); with
+  ``offload_param`` (stage 3) its param shard. Pinned (cpu, ``pin_memory`` true, CUDA present):
+  the master and gradient shards of optimizer offload (``engine/offload.py``), the param shard of
+  param offload; the optimizer's own state tensors are ordinary host memory.
+* the host copy every rank loads before it shards (``from_pretrained`` on the CPU, the model's
+  dtype), which is what host RAM must hold per rank on a GPU machine.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field, replace
+from typing import Any
+
+from hf_zero.estimate import (
+    DEFAULT_BUCKET,
+    DTYPE_BYTES,
+    STATE_TENSORS,
+    ActivationShape,
+    ParamCounts,
+    activation_bytes,
+    activation_shape,
+    count_params,
+    estimate_bytes,
+    gathered_params_bytes,
+    load_model_config,
+    meta_model,
+)
+
+_TORCH_DTYPES = {"float32": "fp32", "bfloat16": "bf16", "float16": "fp16"}
+
+
+@dataclass(frozen=True)
+class ModelInfo:
+    """A model as the estimator counts it, built on the meta device from its config."""
+
+    path: str
+    model_type: str
+    counts: ParamCounts
+    shape: ActivationShape | None
+    dtype: str = "fp32"
+    """Dtype ``from_pretrained`` loads it in: the config's ``dtype`` (transformers 5 loads "auto")."""
+
+    def describe(self) -> str:
+        return (f"{self.path} ({self.model_type}): {self.counts.total:,} params, trainable "
+                f"{self.counts.trainable:,}, loads in {self.dtype}")
+
+
+def load_model_info(path: str) -> ModelInfo:
+    """Count the model at ``path`` (a config.json or a model dir); ValueError naming the path."""
+    cfg = load_model_config(path)
+    counts = count_params(meta_model(cfg))
+    raw = getattr(cfg, "dtype", None) or getattr(cfg, "torch_dtype", None)
+    dtype = _TORCH_DTYPES.get(str(raw).replace("torch.", ""), "fp32")
+    return ModelInfo(path=path, model_type=cfg.model_type, counts=counts, shape=activation_shape(cfg), dtype=dtype)
+
+
+@dataclass(frozen=True)
+class RunSpec:
+    """What the config (and the doctor's flags) say about the run, in the estimator's terms."""
+
+    stage: int = 0
+    dtype: str | None = None
+    """fp32/bf16/fp16; None for "auto" (sized as the larger of bf16 and fp32)."""
+    optimizer: str = "adamw"
+    reduce_bucket_size: int | str = DEFAULT_BUCKET
+    micro_batch: int = 1
+    seq_len: int | None = None
+    """None: activations are not counted."""
+    gradient_checkpointing: bool = False
+    offload_optimizer: str = "none"
+    offload_ratio: float = 1.0
+    offload_param: str = "none"
+    pin_optimizer: bool = False
+    pin_param: bool = False
+
+
+def optimizer_kind(spec: Any) -> str:
+    """The estimator's optimizer key for a config's ``optimizer`` block (None: the Trainer's AdamW)."""
+    if spec is None:
+        return "adamw"
+    name = spec.type.lower()
+    if "sgd" in name:
+        momentum = spec.params.get("momentum", 0) if isinstance(spec.params, dict) else 0
+        return "sgd_momentum" if isinstance(momentum, (int, float)) and momentum else "sgd"
+    return "adamw"
+
+
+def spec_from_config(config: Any, *, micro_batch: int | None = None, seq_len: int | None = None,
+                     gradient_checkpointing: bool = False) -> RunSpec:
+    """A RunSpec from a loaded HfZeroConfig (None: hf_zero's defaults, stage 0)."""
+    if config is None:
+        return RunSpec(micro_batch=micro_batch or 1, seq_len=seq_len, gradient_checkpointing=gradient_checkpointing)
+    zero = config.zero
+    dtype = config.precision.dtype if isinstance(config.precision.dtype, str) else None
+    bucket = zero.reduce_bucket_size if isinstance(zero.reduce_bucket_size, int) else "auto"
+    config_micro = config.train_micro_batch_size_per_gpu
+    if micro_batch is None:
+        micro_batch = config_micro if isinstance(config_micro, int) and not isinstance(config_micro, bool) else 1
+    return RunSpec(
+        stage=zero.stage, dtype=dtype, optimizer=optimizer_kind(config.optimizer), reduce_bucket_size=bucket,
+        micro_batch=micro_batch, seq_len=seq_len, gradient_checkpointing=gradient_checkpointing,
+        offload_optimizer=zero.offload_optimizer.device if zero.stage >= 1 else "none",
+        offload_ratio=zero.offload_optimizer.ratio,
+        offload_param=zero.offload_param.device if zero.stage == 3 else "none",
+        pin_optimizer=zero.offload_optimizer.pin_memory, pin_param=zero.offload_param.pin_memory,
+    )
+
+
+@dataclass(frozen=True)
+class RankBytes:
+    """Bytes one rank needs, by where they live."""
+
+    dtype: str
+    device: dict[str, int]
+    """params (incl. stage-3 gathered), grads (peak), optimizer (state + masters), activations."""
+    offloaded: dict[str, int] = field(default_factory=dict)
+    """Offload tier ("cpu"/"nvme") -> bytes kept there."""
+    pinned: int = 0
+    """Host bytes pinned (page-locked) when CUDA is present."""
+
+    @property
+    def device_total(self) -> int:
+        return sum(self.device.values())
+
+    def breakdown(self) -> str:
+        from hf_zero.doctor.result import fmt_bytes
+
+        return ", ".join(f"{k} {fmt_bytes(v)}" for k, v in self.device.items() if v)
+
+
+def _rank_bytes_for(model: ModelInfo, spec: RunSpec, world: int, dtype: str) -> RankBytes:
+    counts = model.counts
+    b = estimate_bytes(counts, stage=spec.stage, world=world, dtype=dtype, optimizer=spec.optimizer,
+                       model_dtype=model.dtype, reduce_bucket_size=spec.reduce_bucket_size)
+    gathered = gathered_params_bytes(counts, world=world, dtype=dtype, model_dtype=model.dtype) if spec.stage == 3 else 0
+    act = 0
+    if model.shape is not None and spec.seq_len is not None:
+        act = activation_bytes(model.shape, micro_batch=spec.micro_batch, seq_len=spec.seq_len, dtype=dtype,
+                               gradient_checkpointing=spec.gradient_checkpointing)
+    params, optimizer = b["params"], b["optimizer_state"]
+    offloaded: dict[str, int] = {}
+    pinned = 0
+    if spec.stage >= 1 and spec.offload_optimizer != "none":
+        shard = b["grads_at_step"] // 4  # elements of this rank's (padded) shard
+        state = 4 * STATE_TENSORS[spec.optimizer] * counts.trainable / world
+        moved = round(spec.offload_ratio * (state + 8 * shard))  # state + fp32 master + fp32 grad buffer
+        offloaded[spec.offload_optimizer] = offloaded.get(spec.offload_optimizer, 0) + moved
+        optimizer = round((1 - spec.offload_ratio) * optimizer)
+        if spec.offload_optimizer == "cpu" and spec.pin_optimizer:
+            pinned += round(spec.offload_ratio * 8 * shard)
+    if spec.stage == 3 and spec.offload_param != "none":
+        shard_params = params - counts.frozen * DTYPE_BYTES[model.dtype]
+        offloaded[spec.offload_param] = offloaded.get(spec.offload_param, 0) + shard_params
+        params -= shard_params
+        if spec.offload_param == "cpu" and spec.pin_param:
+            pinned += shard_params
+    device = {"params": params + gathered, "grads": b["peak_grads"], "optimizer": optimizer, "activations": act}
+    return RankBytes(dtype=dtype, device=device, offloaded=offloaded, pinned=pinned)
+
+
+def rank_bytes(model: ModelInfo, spec: RunSpec, world: int) -> RankBytes:
+    """Per-rank bytes of ``spec`` at ``world`` ranks; "auto" dtype: the larger of bf16 and fp32."""
+    if spec.dtype is not None:
+        return _rank_bytes_for(model, spec, world, spec.dtype)
+    options = [_rank_bytes_for(model, spec, world, d) for d in ("bf16", "fp32")]
+    return max(options, key=lambda r: r.device_total + sum(r.offloaded.values()))
+
+
+def host_load_bytes(model: ModelInfo) -> int:
+    """The full model in its load dtype: what each rank holds on the host before sharding."""
+    return model.counts.total * DTYPE_BYTES[model.dtype]
+
+
+def variant(spec: RunSpec, **changes: Any) -> RunSpec:
+    return replace(spec, **changes)

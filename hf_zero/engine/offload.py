@@ -1,0 +1,59 @@
+"""Optimizer offload: fp32 master shards, optimizer state and the optimizer step on the host.
+
+With ``offload_optimizer.device = "cpu"`` the buckets chosen by ``OptimizerOffload.offloaded``
+keep their fp32 master shard in host memory (pinned when CUDA is there), so the optimizer
+creates its state there too and steps on the CPU (``torch.optim.AdamW(fused=True)`` has a fused
+CPU kernel). Per step, for each offloaded bucket:
+
+    reduce-scatter (device) -> clip (device) -> copy main grad shard to the host grad buffer
+    -> optimizer step (host) -> copy master shard to the device shard (cast to the param dtype)
+    -> all-gather (stages 1-2) or the next forward's gather (stage 3)
+
+The device keeps only the param shards and, during backward, the gradient buckets. ``ratio``
+(stage 3, as DeepSpeed) offloads only that fraction of the optimizer state, counted in
+elements, bucket by bucket; the rest stays on the device.
+
+Not yet: the NVMe tier, parameter offload (stage 3), and overlapping the host step with
+backward (the copies start when the step starts).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass(frozen=True)
+class OptimizerOffload:
+    """Where the optimizer of offloaded buckets runs: ``device`` "cpu" (the only tier built)."""
+
+    device: str = "cpu"
+    pin_memory: bool = True
+    ratio: float = 1.0  # fraction of the optimizer state's elements on the host, in (0, 1]
+
+    def __post_init__(self) -> None:
+        if self.device != "cpu":
+            raise ValueError(f"optimizer offload to {self.device!r} is not built; only 'cpu'")
+        if not 0.0 < self.ratio <= 1.0:
+            raise ValueError(f"offload ratio must be in (0, 1], got {self.ratio}")
+
+    def offloaded(self, shard_sizes: list[int]) -> list[bool]:
+        """Which buckets (by their shard sizes, in bucket order) keep their optimizer on the host:
+        the first ones until ``ratio`` of all elements is reached."""
+        total, acc, out = sum(shard_sizes), 0, []
+        for size in shard_sizes:
+            out.append(acc < self.ratio * total)
+            acc += size
+        return out
+
+    def host_tensor(self, like: torch.Tensor) -> torch.Tensor:
+        """An fp32 host tensor of ``like``'s size, pinned when CUDA can use it, holding its values."""
+        pin = self.pin_memory and torch.cuda.is_available()
+        out = torch.empty(like.shape, dtype=torch.float32, device="cpu", pin_memory=pin)
+        out.copy_(like)
+        return out
+
+    def host_buffer(self, numel: int) -> torch.Tensor:
+        pin = self.pin_memory and torch.cuda.is_available()
+        return torch.empty(numel, dtype=torch.float32, device="cpu", pin_memory=pin)

@@ -1,0 +1,81 @@
+"""Optimizer offload to the host gives the same training as no offload (fp32, CPU gloo ranks),
+keeps the offloaded masters and optimizer state off the params' device, and checkpoints."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+
+from hf_zero.engine import ZeroEngine, ZeroModule
+from hf_zero.engine.offload import OptimizerOffload
+from hf_zero.testing.multiprocess import run_on_ranks
+from tests.engine.models import add_frozen_and_unused, batch, tiny_llama
+
+STEPS = 6
+
+
+def _groups(model):
+    decay = [p for n, p in model.named_parameters() if p.requires_grad and (p.dim() > 1 or n == "unused_bias")]
+    rest = [p for n, p in model.named_parameters() if p.requires_grad and p.dim() <= 1 and n != "unused_bias"]
+    return [{"params": decay, "weight_decay": 0.1}, {"params": rest, "weight_decay": 0.0}]
+
+
+def _train(model, engine, rank, grad_accum=2):
+    wrapped = ZeroModule(model, engine)
+    out = []
+    for step in range(STEPS):
+        for micro in range(grad_accum):
+            last = micro == grad_accum - 1
+            with (wrapped.no_sync() if not last else torch.enable_grad()):
+                (wrapped(**batch(rank, step, micro, model.config.vocab_size)).loss / grad_accum).backward()
+        norm = engine.clip_grad_norm_(0.5)
+        held = engine.held_bytes()
+        engine.optimizer.step()
+        wrapped.zero_grad()
+        out.append((norm.item(), held))
+    with engine.gathered():
+        params = {n: p.detach().clone() for n, p in model.named_parameters()}
+    return out, params
+
+
+def _compare(rank, world, stage, ratio, fused):
+    base = add_frozen_and_unused(tiny_llama(0, tied=True))
+    results = []
+    for offload in (None, OptimizerOffload("cpu", ratio=ratio)):
+        model = copy.deepcopy(base)
+        opt = torch.optim.AdamW(_groups(model), lr=1e-2, fused=fused, foreach=None if fused else True)
+        engine = ZeroEngine(model, opt, stage=stage, bucket_numel=3000, offload=offload)
+        results.append(_train(model, engine, rank))
+        engine.close()
+    (plain, plain_params), (off, off_params) = results
+    assert [n for n, _ in off] == [n for n, _ in plain]  # grad norms identical
+    for name in plain_params:
+        assert torch.equal(off_params[name], plain_params[name]), name
+    held_plain, held_off = plain[-1][1], off[-1][1]
+    assert held_plain["host_offload"] == 0
+    assert held_off["host_offload"] > 0
+    if ratio == 1.0:
+        assert held_off["optimizer_state"] == 0  # masters and moments all on the host
+    else:
+        assert 0 < held_off["optimizer_state"] < held_plain["optimizer_state"] + held_plain["host_offload"]
+    return held_off["host_offload"]
+
+
+@pytest.mark.parametrize("world", [1, 2])
+@pytest.mark.parametrize("stage", [1, 2, 3])
+def test_offload_matches_no_offload(world, stage):
+    run_on_ranks(_compare, world, stage, 1.0, False, timeout=240)
+
+
+def test_partial_offload_and_fused_adamw_at_stage_3():
+    run_on_ranks(_compare, 2, 3, 0.5, True, timeout=240)
+
+
+def test_offload_ratio_picks_buckets_by_elements():
+    spec = OptimizerOffload("cpu", ratio=0.5)
+    assert spec.offloaded([10, 10, 10, 10]) == [True, True, False, False]
+    assert OptimizerOffload("cpu").offloaded([5, 1, 7]) == [True, True, True]
+    with pytest.raises(ValueError, match="only 'cpu'"):
+        OptimizerOffload("nvme")
