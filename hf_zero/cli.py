@@ -4,6 +4,7 @@
     hf-zero check-config FILE [--world_size N]     validate a config file, print it as JSON
     hf-zero estimate MODEL_CONFIG [--world N] ...  per-rank memory per ZeRO stage (docs/estimate.md)
     hf-zero consolidate CHECKPOINT OUTPUT [--dtype] a sharded checkpoint (hf_zero's or DeepSpeed's) to HF safetensors
+    hf-zero doctor [--zero_config F] [--model M] ... preflight checks in seconds (docs/troubleshooting.md#doctor)
 
 A handler takes the parsed `argparse.Namespace` and returns the exit code.
 """
@@ -13,31 +14,10 @@ import json
 import sys
 from collections.abc import Sequence
 
+from hf_zero.doctor.command import add_doctor_parser
+from hf_zero.doctor.config_checks import check_train_batch_size as _check_world_size
 from hf_zero.launcher import launch
 from hf_zero.launcher.args import add_launch_parser, split_launch_argv
-
-
-def _check_world_size(config, world_size: int) -> None:
-    """DeepSpeed's invariant train_batch_size = micro batch * accumulation steps * world size,
-    checked for the factors the file fixes ("auto" ones are filled at training time)."""
-    batch = config.train_batch_size
-    if not isinstance(batch, int) or isinstance(batch, bool):
-        return
-    factors = {
-        "train_micro_batch_size_per_gpu": config.train_micro_batch_size_per_gpu,
-        "gradient_accumulation_steps": config.gradient_accumulation_steps,
-    }
-    fixed = {k: v for k, v in factors.items() if isinstance(v, int) and not isinstance(v, bool)}
-    product = world_size
-    for value in fixed.values():
-        product *= value
-    terms = " * ".join([f"{k} ({v})" for k, v in fixed.items()] + [f"world_size ({world_size})"])
-    if len(fixed) == len(factors) and batch != product:
-        raise ValueError(f"train_batch_size = {batch} in {config.source} but {terms} = {product}; "
-                         'make them equal or set train_batch_size to "auto"')
-    if batch % product:
-        raise ValueError(f"train_batch_size = {batch} in {config.source} is not divisible by {terms} "
-                         f'= {product}; set it to "auto" or a multiple of {product}')
 
 
 def check_config(args: argparse.Namespace) -> int:
@@ -117,6 +97,9 @@ def build_parser() -> argparse.ArgumentParser:
     est.add_argument("--model_dtype", default="fp32", choices=["fp32", "bf16", "fp16"],
                      help="dtype the model is loaded in; stage 0 trains in it (default fp32)")
     est.add_argument("--optimizer", default="adamw", choices=["adamw", "sgd", "sgd_momentum"], help="default: adamw")
+    est.add_argument("--offload", default="none", choices=["none", "cpu", "nvme"],
+                     help="optimizer offload: cpu moves fp32 masters, optimizer state and the grads at the step "
+                          "to the host (column 'host'); nvme is not implemented yet (default none)")
     est.add_argument("--reduce_bucket_size", default="500000000", metavar="ELEMENTS|auto",
                      help="stage 1/2 gradient bucket in elements; auto = hidden_size**2 (default 5e8)")
     est.add_argument("--micro_batch", type=int, default=1, metavar="B", help="per-rank micro batch (default 1)")
@@ -142,6 +125,7 @@ def build_parser() -> argparse.ArgumentParser:
     con.add_argument("--max_shard_size", default="5GB", metavar="SIZE",
                      help="largest output file before the model is split into numbered shards (default 5GB)")
     con.set_defaults(handler=consolidate)
+    add_doctor_parser(subcommands)
     return parser
 
 

@@ -40,7 +40,8 @@ DTYPE_BYTES = {"fp32": 4, "bf16": 2, "fp16": 2}
 STATE_TENSORS = {"adamw": 2, "sgd": 0, "sgd_momentum": 1}
 DEFAULT_BUCKET = 500_000_000  # DeepSpeed's reduce_bucket_size, hf_zero's default too
 STAGES = (0, 1, 2, 3)
-OFFLOAD_LINE = "offload (optimizer/param to cpu or nvme): not implemented in hf_zero yet, so no offload columns"
+OFFLOAD_LINE = ("offload: optimizer offload to the cpu is modelled with --offload cpu (column host); parameter "
+                "offload and nvme are not implemented in hf_zero yet, so they have no columns")
 
 
 @dataclass(frozen=True)
@@ -135,6 +136,7 @@ def estimate_bytes(
     optimizer: str,
     model_dtype: str = "fp32",
     reduce_bucket_size: int | str = DEFAULT_BUCKET,
+    offload_optimizer: bool = False,
 ) -> dict[str, int]:
     """Bytes one rank holds at the optimizer step, keyed as ``hf_zero_report.json``'s ``bytes``.
 
@@ -150,6 +152,10 @@ def estimate_bytes(
       buckets (the reduce-scatters in flight plus the one filling). An upper bound.
     * optimizer_state: state tensors (fp32 under 1-3, on the real elements of the local shard)
       plus fp32 master shards when the param dtype is not fp32.
+    * host_offload: with ``offload_optimizer`` (stages 1-3, engine/offload.py), host bytes: the
+      fp32 master shards (always a separate copy there), the optimizer state and the host copy
+      of the main grad shards; the device then holds no optimizer state, and no main grads at
+      the step (they were moved to the host).
     """
     _check("stage", stage, STAGES)
     _check("dtype", dtype, tuple(DTYPE_BYTES))
@@ -162,8 +168,10 @@ def estimate_bytes(
     frozen = counts.frozen * p_model
     n = counts.trainable
     if stage == 0:
+        if offload_optimizer:
+            raise ValueError("optimizer offload needs stage 1, 2 or 3")
         return {"params": counts.total * p_model, "grads_at_step": n * p_model, "peak_grads": n * p_model,
-                "optimizer_state": STATE_TENSORS[optimizer] * n * p_model}
+                "optimizer_state": STATE_TENSORS[optimizer] * n * p_model, "host_offload": 0}
 
     if stage == 3:
         buckets = [b for u in counts.units for b in bucket_layout(list(u), world=world, bucket_numel=2**62)]
@@ -181,8 +189,11 @@ def estimate_bytes(
     peak = main_grads if alias else main_grads + sum(staged) * p
     masters = 0 if p == 4 else 4 * shard
     state = 4 * STATE_TENSORS[optimizer] * n / world
+    if offload_optimizer:
+        return {"params": params, "grads_at_step": 0, "peak_grads": peak, "optimizer_state": 0,
+                "host_offload": 4 * shard + round(state) + 4 * shard}
     return {"params": params, "grads_at_step": main_grads, "peak_grads": peak,
-            "optimizer_state": round(state) + masters}
+            "optimizer_state": round(state) + masters, "host_offload": 0}
 
 
 def gathered_params_bytes(counts: ParamCounts, *, world: int, dtype: str, model_dtype: str = "fp32") -> int:
@@ -318,6 +329,9 @@ def run(args: argparse.Namespace) -> int:
     if args.world % args.nodes:
         raise ValueError(f"--world {args.world} is not divisible by --nodes {args.nodes}")
     bucket = _parse_bucket(args.reduce_bucket_size)
+    if args.offload == "nvme":
+        raise ValueError("--offload nvme: the NVMe tier is not implemented yet in hf_zero; use cpu or none")
+    offload = args.offload == "cpu"
     if args.plot is not None:
         try:
             import matplotlib
@@ -335,7 +349,8 @@ def run(args: argparse.Namespace) -> int:
     rows = []
     for stage in stages:
         b = estimate_bytes(counts, stage=stage, world=args.world, dtype=args.dtype, optimizer=args.optimizer,
-                           model_dtype=args.model_dtype, reduce_bucket_size=bucket)
+                           model_dtype=args.model_dtype, reduce_bucket_size=bucket,
+                           offload_optimizer=offload and stage > 0)
         gathered = gathered_params_bytes(counts, world=args.world, dtype=args.dtype,
                                          model_dtype=args.model_dtype) if stage == 3 else 0
         states = b["params"] + gathered + b["peak_grads"] + b["optimizer_state"]
@@ -357,13 +372,14 @@ def _print_table(args, cfg, counts: ParamCounts, rows, act) -> None:
           f"{args.model_dtype}; optimizer {args.optimizer}; micro batch {args.micro_batch}, seq len {args.seq_len}"
           f"{', gradient checkpointing' if args.gradient_checkpointing else ''}")
     head = ("stage", "params", "+gathered", "grads@step", "peak grads", "optim+master", "states peak",
-            "activations*", "total*", "per node*")
+            "activations*", "total*", "per node*", "host (offload)")
     table = [head]
     per_node = args.world // args.nodes
     for stage, b, gathered, states, total in rows:
         table.append((str(stage), _fmt(b["params"]), _fmt(gathered), _fmt(b["grads_at_step"]), _fmt(b["peak_grads"]),
                       _fmt(b["optimizer_state"]), _fmt(states), _fmt(act), _fmt(total),
-                      _fmt(None if total is None else total * per_node)))
+                      _fmt(None if total is None else total * per_node),
+                      _fmt(b["host_offload"]) if args.offload == "cpu" and stage > 0 else "-"))
     widths = [max(len(r[i]) for r in table) for i in range(len(head))]
     for i, r in enumerate(table):
         print("  ".join(c.rjust(w) for c, w in zip(r, widths)))

@@ -12,7 +12,10 @@ Started once per rank by `hf-zero launch`, torchrun, srun or `accelerate launch`
    version cannot run (NotImplementedError) also stops with `hf_zero: <message>`, exit 2;
 4. runs the script as `python SCRIPT ARGS` (or `python -m MODULE ARGS`) would:
    `__name__ == "__main__"`, `sys.argv` without `--zero_config`, and for a file
-   `sys.path[0]` its directory.
+   `sys.path[0]` its directory;
+5. if the script raises (or exits non-zero) while hf_zero's watchdog runs, tells the other ranks
+   before re-raising, so they print the job's hang report and exit at once instead of waiting
+   in a collective (`hf_zero/engine/watchdog.py`).
 """
 
 import os
@@ -64,8 +67,21 @@ def main(argv: Sequence[str] | None = None) -> None:
             sys.path[0] = os.path.dirname(os.path.realpath(target))
             runpy.run_path(target, run_name="__main__")
         finished = True
+    except BaseException as error:
+        _report_to_other_ranks(error)
+        raise
     finally:
         _teardown(finished)
+
+
+def _report_to_other_ranks(error: BaseException) -> None:
+    """Publish "rank r raised ..." for the other ranks' watchdogs (only if one runs here)."""
+    watchdog = sys.modules.get("hf_zero.engine.watchdog")  # never imported: no watchdog to tell
+    if watchdog is not None:
+        try:
+            watchdog.report_exception(error)
+        except Exception:  # noqa: BLE001 - the script's own exception is what must come out
+            pass
 
 
 def _teardown(finished: bool) -> None:
@@ -83,6 +99,9 @@ def _teardown(finished: bool) -> None:
         gc.collect()
         if finished:
             dist.barrier()
+        watchdog = sys.modules.get("hf_zero.engine.watchdog")
+        if watchdog is not None:
+            watchdog.stop()  # after the barrier: a rank still waiting there can be told to stop
         dist.destroy_process_group()
 
 if __name__ == "__main__":

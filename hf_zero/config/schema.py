@@ -139,6 +139,18 @@ class HfZeroConfig:
         doc="""DeepSpeed's per-phase timing printout. Accepted for compatibility; use the
         torch profiler (hf_zero labels every phase). Default false.""",
     )
+    comm_timeout_s: float = setting(
+        300.0,
+        deepspeed="comm_timeout_s",
+        doc="""hf_zero extension, also read from DeepSpeed files: seconds an hf_zero collective
+        (a stage-3 unit's gather, a gradient reduce-scatter, ...) may wait before the job is
+        stopped. Each rank's watchdog thread then prints one report on every rank naming the
+        ranks, the collectives and the stage-3 units where they disagree, and exits with code 3;
+        a rank that raises stops the others within about a second the same way. 0 turns the
+        watchdog off. Default 300: far above any step's wait, well under NCCL's and gloo's own
+        timeouts, which stop a hung job after 10-30 minutes without saying which rank went
+        astray. Raise it if one rank legitimately works alone for longer between collectives.""",
+    )
     source: str | None = setting(
         None,
         compare=False,
@@ -160,6 +172,7 @@ class HfZeroConfig:
             checks.integer(self, name, minimum=1, auto=True, none=True)
         checks.integer(self, "steps_per_print", minimum=0)
         checks.boolean(self, "wall_clock_breakdown")
+        checks.number(self, "comm_timeout_s", minimum=0.0)
         checks.text(self, "source", none=True)
 
 

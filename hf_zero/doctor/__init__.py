@@ -14,11 +14,6 @@ Every check is one function returning a ``CheckResult`` (name, ``Status``, detai
 - ``render``: the table, and the launcher's failures-only message.
 - ``command``: the ``doctor`` subcommand's flags and handler.
 
-Nothing here imports torch at module level.
+Importing ``hf_zero.doctor``, ``command``, ``runner`` or ``config_checks`` does not import torch
+(``hf-zero --help`` and a bad flag stay fast); the memory checks import it when they run.
 """
-
-from hf_zero.doctor.render import render_failures, render_table
-from hf_zero.doctor.result import CheckResult, Status
-from hf_zero.doctor.runner import DoctorInputs, preflight, run_doctor
-
-__all__ = ["CheckResult", "DoctorInputs", "Status", "preflight", "render_failures", "render_table", "run_doctor"]

@@ -66,9 +66,11 @@ def offload_note(spec: RunSpec, need: Need, world: int) -> str:
     return f"{', '.join(missing)}: not implemented yet in hf_zero" if missing else "more offload"
 
 
-def fit_suggestions(model: ModelInfo, spec: RunSpec, world: int, budget: float, need: Need) -> str:
+def fit_suggestions(model: ModelInfo, spec: RunSpec, world: int, budget: float, need: Need, *,
+                    offload: bool = True) -> str:
     """Concrete ways to fit ``budget`` per rank: a higher stage, more ranks, gradient checkpointing,
-    a smaller micro batch, offload; each with its per-rank need."""
+    a smaller micro batch, offload (unless ``offload`` is False: CPU ranks gain nothing from it);
+    each with its per-rank need."""
     tried = []
     for stage in range(spec.stage + 1, 4):
         n = need(variant(spec, stage=stage), world)
@@ -90,7 +92,10 @@ def fit_suggestions(model: ModelInfo, spec: RunSpec, world: int, budget: float, 
         if spec.micro_batch > 1:
             n = need(variant(spec, micro_batch=1), world)
             tried.append(f"micro batch 1 ({fmt_bytes(n)} per rank)")
-    tried.append(offload_note(spec, need, world))
+    if offload:
+        tried.append(offload_note(spec, need, world))
+    if not tried:
+        return f"nothing tried fits {fmt_bytes(budget)} per rank: use a smaller model or a larger machine"
     return f"to fit {fmt_bytes(budget)} per rank, try: " + "; or ".join(tried)
 
 
@@ -141,7 +146,8 @@ def check_host_memory(model: ModelInfo | None, spec: RunSpec, world: int, ranks_
     per_rank = host_need_per_rank(model, spec, world, cuda=cuda)
     need = ranks_here * per_rank
     what = ("each loads the model on the host before sharding" if cuda
-            else f"no CUDA: each keeps its training state in host memory ({_run_text(spec, world, rank_bytes(model, spec, world).dtype)})")
+            else "no CUDA: each keeps its training state in host memory; "
+                 + _run_text(spec, world, rank_bytes(model, spec, world).dtype))
     detail = (f"{ranks_here} rank(s) x {fmt_bytes(per_rank)} = {fmt_bytes(need)} ({what}); "
               f"MemAvailable {fmt_bytes(available)}")
     if need <= HEADROOM * available:
@@ -151,7 +157,7 @@ def check_host_memory(model: ModelInfo | None, spec: RunSpec, world: int, ranks_
                "less CPU offload, or free host memory")
     else:
         fix = fit_suggestions(model, spec, world, HEADROOM * available / ranks_here,
-                              lambda s, w: host_need_per_rank(model, s, w, cuda=False))
+                              lambda s, w: host_need_per_rank(model, s, w, cuda=False), offload=False)
     if need > available:
         return failed(HOST_MEMORY, detail, fix)
     return warned(HOST_MEMORY, detail + f" (over {HEADROOM:.0%})", fix)

@@ -15,8 +15,8 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from hf_zero.doctor import environment, memory, nvme, probes
-from hf_zero.doctor.config_checks import check_world_size, load_zero_config
+from hf_zero.doctor import environment, nvme, probes
+from hf_zero.doctor.config_checks import check_config, check_world_size, load_zero_config
 from hf_zero.doctor.result import CheckResult, skipped
 from hf_zero.doctor.versions import check_versions
 
@@ -52,6 +52,7 @@ def nvme_paths(config: Any) -> dict[str, list[str]]:
 
 def run_doctor(inputs: DoctorInputs, environ: Mapping[str, str] | None = None) -> list[CheckResult]:
     """Every check, in table order (cheap ones first)."""
+    from hf_zero.doctor import memory  # imports the estimator, and with it torch
     from hf_zero.doctor.sizing import load_model_info, rank_bytes, spec_from_config
 
     environ = os.environ if environ is None else environ
@@ -62,7 +63,7 @@ def run_doctor(inputs: DoctorInputs, environ: Mapping[str, str] | None = None) -
 
     config = None
     if inputs.zero_config is None:
-        results.append(skipped("config", "no --zero_config given"))
+        results.append(check_config(None))
     else:
         config, result = load_zero_config(inputs.zero_config)
         results.append(result)
@@ -78,8 +79,10 @@ def run_doctor(inputs: DoctorInputs, environ: Mapping[str, str] | None = None) -
     if inputs.model is not None:
         try:
             model = load_model_info(inputs.model)
-        except ValueError as exc:
+        except ValueError as exc:  # the estimator's MODEL_CONFIG messages
             error = str(exc)
+        except Exception as exc:  # a config transformers reads but cannot build: report, keep checking
+            error = f"cannot build the model of --model {inputs.model!r}: {type(exc).__name__}: {exc}"
     results.append(memory.check_model(inputs.model, model, error))
     spec = spec_from_config(config, micro_batch=inputs.micro_batch, seq_len=inputs.seq_len,
                             gradient_checkpointing=inputs.gradient_checkpointing)

@@ -4,9 +4,9 @@ Nothing here re-derives the estimator's arithmetic: device bytes are its ``estim
 ``gathered_params_bytes`` + ``activation_bytes`` (the "total" column of ``hf-zero estimate``).
 On top of that, what the doctor needs and the estimator has no column for:
 
-* offloaded bytes: with ``offload_optimizer.device`` "cpu"/"nvme", a rank keeps the fp32 master
-  shard, a fp32 gradient shard and the optimizer state off the device (``ratio`` of them); with
-  ``offload_param`` (stage 3) its param shard. Pinned (cpu, ``pin_memory`` true, CUDA present):
+* offloaded bytes: with ``offload_optimizer.device`` "cpu"/"nvme", the estimator's ``host_offload``
+  (fp32 master shard, optimizer state, host copy of the fp32 gradient shard), times ``ratio``; with
+  ``offload_param`` (stage 3, not built yet) the rank's param shard. Pinned (cpu, ``pin_memory`` true, CUDA present):
   the master and gradient shards of optimizer offload (``engine/offload.py``), the param shard of
   param offload; the optimizer's own state tensors are ordinary host memory.
 * the host copy every rank loads before it shards (``from_pretrained`` on the CPU, the model's
@@ -21,7 +21,6 @@ from typing import Any
 from hf_zero.estimate import (
     DEFAULT_BUCKET,
     DTYPE_BYTES,
-    STATE_TENSORS,
     ActivationShape,
     ParamCounts,
     activation_bytes,
@@ -148,13 +147,16 @@ def _rank_bytes_for(model: ModelInfo, spec: RunSpec, world: int, dtype: str) -> 
     offloaded: dict[str, int] = {}
     pinned = 0
     if spec.stage >= 1 and spec.offload_optimizer != "none":
-        shard = b["grads_at_step"] // 4  # elements of this rank's (padded) shard
-        state = 4 * STATE_TENSORS[spec.optimizer] * counts.trainable / world
-        moved = round(spec.offload_ratio * (state + 8 * shard))  # state + fp32 master + fp32 grad buffer
-        offloaded[spec.offload_optimizer] = offloaded.get(spec.offload_optimizer, 0) + moved
-        optimizer = round((1 - spec.offload_ratio) * optimizer)
+        # the estimator's host bytes of optimizer offload (fp32 master + state + grad copy), scaled by
+        # ratio: that share of the elements moves to the host, the rest keeps its device state
+        off = estimate_bytes(counts, stage=spec.stage, world=world, dtype=dtype, optimizer=spec.optimizer,
+                             model_dtype=model.dtype, reduce_bucket_size=spec.reduce_bucket_size,
+                             offload_optimizer=True)
+        ratio = spec.offload_ratio
+        offloaded[spec.offload_optimizer] = round(ratio * off["host_offload"])
+        optimizer = round((1 - ratio) * optimizer)
         if spec.offload_optimizer == "cpu" and spec.pin_optimizer:
-            pinned += round(spec.offload_ratio * 8 * shard)
+            pinned += round(ratio * 2 * b["grads_at_step"])  # fp32 master + grad buffer, a shard each
     if spec.stage == 3 and spec.offload_param != "none":
         shard_params = params - counts.frozen * DTYPE_BYTES[model.dtype]
         offloaded[spec.offload_param] = offloaded.get(spec.offload_param, 0) + shard_params

@@ -309,6 +309,8 @@ class ZeroEngine:
 
         As under DDP, a param that got no gradient on any rank in this step keeps ``grad = None``,
         so the optimizer leaves it alone (no weight decay, no moment decay)."""
+        if self._grads_on_host:
+            return  # done for this step; the device main grads of offloaded buckets are gone
         self.grad_sync.finish()
         if self._unused is None:
             self._unused = self._globally_unused()
@@ -341,7 +343,7 @@ class ZeroEngine:
     def _globally_unused(self) -> set:
         params = list(self._names)
         used = torch.tensor([p in self._used for p in params], dtype=torch.int32, device=self.buffers[0].device)
-        C.wait(C.start_all_reduce(self.ctx, used))  # one tiny all-reduce per step, W > 1 only
+        C.wait(C.start_all_reduce(self.ctx, used, label="used-param flags"))  # one tiny all-reduce per step
         return {p for p, u in zip(params, used.tolist()) if u == 0}
 
     # ---- clipping ---------------------------------------------------------------------------
@@ -350,7 +352,7 @@ class ZeroEngine:
         """Global L2 norm of the reduced gradients, as ``clip_grad_norm_`` of plain DDP reports it."""
         self.finish_grad_sync()
         local = get_total_norm(self._grad_shards()).pow(2).to(self.buffers[0].device)
-        return C.wait(C.start_all_reduce(self.ctx, local)).sqrt()
+        return C.wait(C.start_all_reduce(self.ctx, local, label="grad norm")).sqrt()
 
     def clip_grad_norm_(self, max_norm: float) -> torch.Tensor:
         """Scale the main grads so their global norm is at most ``max_norm``; return the norm before."""
@@ -371,7 +373,8 @@ class ZeroEngine:
                 if master.data_ptr() != shard.data_ptr():
                     shard.copy_(master, non_blocking=True)  # from pinned host memory when offloaded
                 if not self.units:  # stage 3 gathers at the next forward instead
-                    handles.append(C.start_all_gather(self.ctx, gb.buffer.view(gb.bucket.range), shard))
+                    handles.append(C.start_all_gather(self.ctx, gb.buffer.view(gb.bucket.range), shard,
+                                                      label=f"params of bucket {i}"))
         for h in handles:
             C.wait(h)
         self.zero_grad()

@@ -89,7 +89,7 @@ class GradBucket:
             self.main_grad = out = self._new_main(torch.empty)  # reduce straight into it
         else:
             out = torch.empty(self.bucket.shard_size, dtype=staging.dtype, device=staging.device)
-        self.handle = C.start_reduce_scatter(ctx, out, staging)
+        self.handle = C.start_reduce_scatter(ctx, out, staging, label=f"grads of bucket {self.bucket.index}")
         self.state = BucketState.REDUCING
 
     def finish_reduce(self) -> None:

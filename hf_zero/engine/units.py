@@ -40,6 +40,7 @@ class ParamUnit:
         self.single = ctx.world_size == 1
         self.local = buffer.data if self.single else buffer.view(self.bucket.shard).clone()
         self.backward_pending = False  # set between the pre-backward hook and the last param grad
+        self.label = unit_label(index, module, buffer, root)  # names its gathers in hang reports
         self._empty = torch.empty(0, dtype=buffer.dtype, device=buffer.device)
         self.state = UnitState.UNSHARDED
         self.reshard()
@@ -49,7 +50,7 @@ class ParamUnit:
         if self.state is UnitState.UNSHARDED:
             return
         full = torch.empty(self.bucket.range.size, dtype=self.buffer.dtype, device=self.buffer.device)
-        C.wait(C.start_all_gather(self.ctx, full, self.local))
+        C.wait(C.start_all_gather(self.ctx, full, self.local, label=self.label))
         self.buffer.data = full
         for param, slot in zip(self.buffer.params, self.buffer.slots):
             param.data = full[slot.range.start : slot.range.end].view(self.buffer.shapes[slot.name])
@@ -69,6 +70,19 @@ class ParamUnit:
         if self.buffer.data is not None and self.buffer.data is not self.local:
             full = self.buffer.data.numel() * self.buffer.data.element_size()
         return full + self.local.numel() * self.local.element_size()
+
+
+def unit_label(index: int, module: nn.Module, buffer: FlatParamBuffer, root: bool) -> str:
+    """``"unit 3 (model.layers.2, LlamaDecoderLayer)"``; the root: ``"unit 4 (root, LlamaForCausalLM)"``.
+
+    The module's path is its first param's full name less the name relative to the module."""
+    path = "root" if root else "?"
+    if not root and buffer.params:
+        relative = {id(p): n for n, p in module.named_parameters()}
+        full, rel = buffer.slots[0].name, relative.get(id(buffer.params[0]))
+        if rel is not None and full.endswith("." + rel):
+            path = full[: -len(rel) - 1]
+    return f"unit {index} ({path}, {type(module).__name__})"
 
 
 def find_blocks(model: nn.Module) -> list[nn.Module]:

@@ -9,6 +9,7 @@ One concept per module:
 - `multinode`: environment exported to remote nodes, and running commands in parallel.
 - `slurm`: SLURM node lists and SLURM_* -> RANK/WORLD_SIZE/... for ranks started by srun.
 - `zero_config_arg`: finding and removing `--zero_config FILE` in a script's arguments.
+- `preflight`: the cheap `hf-zero doctor` checks run before any rank starts (`--skip_doctor`).
 - `launch`: `hf-zero launch` itself, gluing the above.
 
 Nothing here imports torch at module level, so a bad flag or config fails in well under a second.

@@ -42,6 +42,7 @@ _VALUE_FLAGS = (
 _SWITCHES = (
     (("--module",), "module", "SCRIPT is a module name, run like 'python -m SCRIPT'"),
     (("--dry_run",), "dry_run", "print the command each node would run, one per line, and exit"),
+    (("--skip_doctor",), "skip_doctor", "do not run the preflight checks of `hf-zero doctor` before starting"),
 )
 _INT_DESTS = {"nproc_per_node", "num_nodes", "node_rank", "master_port"}
 
@@ -86,6 +87,8 @@ class LaunchOptions:
     """Run `script` as a module (`python -m script`) instead of a file."""
     dry_run: bool = False
     """Print the per-node commands instead of running them."""
+    skip_doctor: bool = False
+    """Skip the preflight checks (`hf_zero.launcher.preflight`) run before any rank starts."""
 
     def __post_init__(self) -> None:
         for name, flag in (("nproc_per_node", "--num_gpus"), ("num_nodes", "--num_nodes")):

@@ -8,7 +8,7 @@ import argparse
 import os
 import sys
 
-from hf_zero.launcher import multinode, plan
+from hf_zero.launcher import multinode, plan, preflight
 from hf_zero.launcher.args import LaunchOptions
 from hf_zero.launcher.commands import format_command
 from hf_zero.launcher.resources import resolve_hosts
@@ -24,8 +24,7 @@ def cuda_device_count() -> int:
 def launch(options: LaunchOptions) -> int:
     """Run (or with `dry_run` print) the job; returns the exit code. User errors raise ValueError."""
     config_path, _ = pop_zero_config(options.script_args)
-    if config_path is not None:
-        load_zero_config(config_path)
+    config = load_zero_config(config_path) if config_path is not None else None
     hosts = resolve_hosts(options, device_count=cuda_device_count)
     launcher = plan.choose_launcher(options, hosts)
     if launcher == "torchrun" and not options.module and not os.path.isfile(options.script):
@@ -38,6 +37,8 @@ def launch(options: LaunchOptions) -> int:
     node_commands = plan.build_commands(
         options, hosts, launcher, python=sys.executable, cwd=cwd, exports=exports
     )
+    if not options.skip_doctor:
+        preflight.check(options, hosts, launcher, config, device_count=cuda_device_count)
     if options.dry_run:
         for command in node_commands:
             print(format_command(command))

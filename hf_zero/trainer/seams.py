@@ -7,7 +7,7 @@ active behaves exactly as before.
 
 | method              | what hf_zero adds                                                       |
 |---------------------|-------------------------------------------------------------------------|
-| ``__init__``        | resolves the config against TrainingArguments, adds the report callback |
+| ``__init__``        | resolves the config against TrainingArguments, adds the report callback, starts the hang watchdog (``comm_timeout_s``) |
 | ``create_optimizer``| stage >= 1: builds the ZeroEngine around the optimizer just created; stage 3, W > 1: the model's ``generate`` defaults to ``synced_gpus=True`` (generation.py) |
 | ``_wrap_model``     | stage >= 1: trains a ``ZeroModule`` where DDP would stand               |
 | ``_clip_grad_norm`` | stage >= 1: global norm over the gradient shards, then clip             |
@@ -79,6 +79,10 @@ def __init__(self, *args, **kwargs):
     session = S.ZeroSession(config=resolved, trainer_ref=weakref.ref(self))
     S.attach(self, session)
     self.add_callback(ReportCallback(session))
+    from hf_zero.engine import watchdog  # hang reports, every stage: a rank that raises stops the others
+
+    watchdog.configure(resolved.comm_timeout_s)
+    watchdog.ensure_running()
 
 
 @_seam

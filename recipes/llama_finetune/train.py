@@ -134,7 +134,7 @@ def main() -> None:
 
     trainer = Trainer(model=model, args=training_args, train_dataset=train_dataset,
                       data_collator=PadCollator(tokenizer.pad_token_id), processing_class=tokenizer)
-    trainer.train()
+    trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint)
     trainer.save_model()
     trainer.save_state()
     # Close the process group while the interpreter is alive (gloo can abort at exit otherwise), and

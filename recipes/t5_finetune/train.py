@@ -167,7 +167,7 @@ def main() -> None:
         data_collator=DataCollatorForSeq2Seq(tokenizer, model=model, label_pad_token_id=-100),
         processing_class=tokenizer, compute_metrics=make_compute_metrics(tokenizer),
     )
-    train_result = trainer.train()
+    train_result = trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint)
     trainer.log_metrics("train", train_result.metrics)
     metrics = trainer.evaluate(metric_key_prefix="eval")
     trainer.log_metrics("eval", metrics)

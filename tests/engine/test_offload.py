@@ -31,6 +31,7 @@ def _train(model, engine, rank, grad_accum=2):
             with (wrapped.no_sync() if not last else torch.enable_grad()):
                 (wrapped(**batch(rank, step, micro, model.config.vocab_size)).loss / grad_accum).backward()
         norm = engine.clip_grad_norm_(0.5)
+        engine.finish_grad_sync()  # called again (the Trainer's report does): idempotent
         held = engine.held_bytes()
         engine.optimizer.step()
         wrapped.zero_grad()
@@ -58,6 +59,7 @@ def _compare(rank, world, stage, ratio, fused):
     assert held_off["host_offload"] > 0
     if ratio == 1.0:
         assert held_off["optimizer_state"] == 0  # masters and moments all on the host
+        assert held_off["grads"] == 0  # the reduced grads too, once the step starts
     else:
         assert 0 < held_off["optimizer_state"] < held_plain["optimizer_state"] + held_plain["host_offload"]
     return held_off["host_offload"]

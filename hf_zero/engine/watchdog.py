@@ -1,0 +1,599 @@
+"""Hang reports: a per-process flight recorder of hf_zero's collectives and a watchdog thread.
+
+When ranks disagree on which collective comes next (a stage-3 unit gathered on one rank but not
+on another, a rank that raised and left the others waiting), NCCL and gloo wait until their own
+timeout (30 minutes by default) and then stop without saying which rank went astray. This module
+stops such a job within ``comm_timeout_s`` with one report, printed on every rank, that names the
+ranks, the collectives and the stage-3 units.
+
+Flight recorder (``RECORDER``, always on, local memory only):
+    ``collectives.start_*`` calls ``RECORDER.start(kind, label, tensor)`` before issuing the
+    collective: a sequence number (per process, so rank r's #57 is the 57th collective rank r
+    started), the kind, a label (``"unit 3 (model.layers.2, LlamaDecoderLayer)"``), the byte
+    count and the start time go into a small record kept in a ring of the last ``RING`` records.
+    ``collectives.wait`` calls ``RECORDER.done``. No communication, no logging, no lock: a few
+    attribute writes (``tests/engine/test_watchdog.py`` measures the pair).
+
+    A record is *pending* until its collective has completed: on CPU (gloo) when ``wait``
+    returns; on CUDA, ``wait`` only orders the current stream after the collective, so it records
+    a CUDA event there, and the record completes when the watchdog sees that event done. A handle
+    dropped without ``wait`` completes when its ``Work`` reports ``is_completed()``.
+
+Watchdog (one daemon thread per rank, ``ensure_running``; started for every ``CommContext`` and
+every Trainer hf_zero attaches to, when the default process group has more than one rank):
+    every ``poll_s`` (1 s, or a quarter of the timeout if that is shorter) it
+    * retires completed records (CUDA events, finished ``Work``s);
+    * stops the job if the oldest pending collective is older than ``comm_timeout_s``;
+    * checks one key in the rendezvous store (the default process group's): another rank asked
+      the job to stop (it timed out, or raised).
+    Stopping (``_Watchdog.stop_job``): publish this rank's report (what it waits in, its last
+    ``PUBLISHED`` records, where its main thread is) to the store; wait up to ``GATHER_S`` for the
+    other ranks' reports; print one report to stderr; ``os._exit(EXIT_CODE)`` so the launcher
+    tears the job down.
+
+A rank that raises (``report_exception``, called by ``python -m hf_zero.run`` before it re-raises,
+and by the ``sys.excepthook`` installed here for scripts that call ``activate()`` themselves)
+publishes ``rank r raised <Type: message> at <file:line in function>``; the other ranks' watchdogs
+see it within a poll, print the report and exit. The raising rank prints the same report and then
+raises as before.
+
+Store keys live under ``hf_zero/watchdog/<restart count>/`` (torchrun keeps its store across
+restarts). A store that cannot be reached never stops the job by itself (a rank that finished
+first may have taken a rank-0-hosted store with it): the timeout still does, with a report of
+this rank alone.
+"""
+
+from __future__ import annotations
+
+import atexit
+import collections
+import json
+import os
+import socket
+import sys
+import threading
+import time
+import traceback
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+DEFAULT_TIMEOUT_S = 300.0  # HfZeroConfig.comm_timeout_s's default (tests/engine/test_watchdog.py checks)
+EXIT_CODE = 3  # a rank stopped by the watchdog; 1 is Python's own for an uncaught exception
+RING = 64  # records kept per process
+PUBLISHED = 32  # records each rank publishes when the job stops (to find where ranks disagree)
+GATHER_S = 5.0  # how long a stopping rank waits for the others' reports
+FULL_REPORT_RANKS = 64  # above this world size only rank 0 and the rank that stopped the job read every report
+STACK_FRAMES = 4  # innermost frames of each rank's main thread in the report
+
+_now = time.monotonic
+
+
+# ---- flight recorder --------------------------------------------------------------------------
+
+
+class CollectiveRecord:
+    """One collective this process started. ``t1`` is None while it is pending."""
+
+    __slots__ = ("seq", "kind", "label", "nbytes", "t0", "t1", "work", "event")
+
+    def __init__(self, seq: int, kind: str, label: str | None, nbytes: int, t0: float) -> None:
+        self.seq, self.kind, self.label, self.nbytes, self.t0 = seq, kind, label, nbytes, t0
+        self.t1: float | None = None
+        self.work = None  # the dist.Work until waited (only while a watchdog runs)
+        self.event = None  # CUDA: the event recorded by wait() on the waiting stream
+
+    def describe(self) -> str:
+        label = f' "{self.label}"' if self.label else ""
+        return f"#{self.seq} {self.kind}{label} ({_size(self.nbytes)})"
+
+
+class FlightRecorder:
+    """The last ``RING`` collectives of this process and the ones still pending (see module doc)."""
+
+    def __init__(self) -> None:
+        self.seq = 0
+        self.ring: collections.deque[CollectiveRecord] = collections.deque(maxlen=RING)
+        self.pending: dict[int, CollectiveRecord] = {}
+        self.watched = False  # a watchdog runs: track completion (pending, Work, CUDA events)
+        self.device_events = False  # CUDA collectives complete when an event after wait() does
+        self._events: list = []  # free CUDA events
+
+    def start(self, kind: str, label: str | None, tensor: torch.Tensor) -> CollectiveRecord:
+        """Called before the collective is issued; ``tensor`` is the larger of its tensors."""
+        self.seq += 1
+        rec = CollectiveRecord(self.seq, kind, label, tensor.nbytes, _now())
+        self.ring.append(rec)
+        if self.watched:
+            self.pending[rec.seq] = rec
+        return rec
+
+    def discard(self, rec: CollectiveRecord) -> None:
+        """Issuing raised: the collective never started."""
+        rec.t1 = _now()
+        self.pending.pop(rec.seq, None)
+
+    def done(self, rec: CollectiveRecord, output: torch.Tensor) -> None:
+        """``wait`` returned. Idempotent."""
+        rec.work = None
+        if rec.t1 is not None or rec.event is not None:
+            return
+        if self.device_events and output.is_cuda:
+            event = self._events.pop() if self._events else torch.cuda.Event()
+            event.record()  # on the stream that now waits for the collective
+            rec.event = event
+        else:
+            rec.t1 = _now()
+            self.pending.pop(rec.seq, None)
+
+    def retire(self) -> None:
+        """Watchdog thread: mark completed what has completed on the device or in the backend."""
+        now = _now()
+        for rec in _values(self.pending):
+            event, work = rec.event, rec.work
+            try:
+                finished = event.query() if event is not None else work is not None and work.is_completed()
+            except Exception:  # noqa: BLE001 - a failed collective: leave it to the main thread
+                finished = False
+            if finished:
+                rec.t1 = rec.t1 or now
+                rec.work = rec.event = None
+                self.pending.pop(rec.seq, None)
+                if event is not None:
+                    self._events.append(event)
+
+    def oldest_pending(self) -> CollectiveRecord | None:
+        pending = [r for r in _values(self.pending) if r.t1 is None]
+        return min(pending, key=lambda r: r.seq) if pending else None
+
+    def recent(self, n: int) -> list[CollectiveRecord]:
+        return list(self.ring)[-n:]
+
+
+def _values(d: dict) -> list:
+    for _ in range(5):
+        try:
+            return list(d.values())
+        except RuntimeError:  # changed size during iteration (another thread)
+            continue
+    return []
+
+
+RECORDER = FlightRecorder()
+
+
+# ---- configuration and the running watchdog ---------------------------------------------------
+
+_STATE: dict[str, Any] = {"timeout_s": DEFAULT_TIMEOUT_S, "watchdog": None, "hooks": False}
+
+
+def configure(timeout_s: float | None) -> None:
+    """Set this process's ``comm_timeout_s`` (0 turns the watchdog off); applies to a running one."""
+    if timeout_s is None:
+        timeout_s = DEFAULT_TIMEOUT_S
+    if isinstance(timeout_s, bool) or not isinstance(timeout_s, (int, float)) or not timeout_s >= 0:
+        raise ValueError(f"comm_timeout_s must be a number >= 0, got {timeout_s!r}")
+    _STATE["timeout_s"] = float(timeout_s)
+    running = _STATE["watchdog"]
+    if running is not None:
+        if timeout_s == 0:
+            stop()
+        else:
+            running.set_timeout(float(timeout_s))
+
+
+def timeout_s() -> float:
+    return _STATE["timeout_s"]
+
+
+def running() -> "_Watchdog | None":
+    wd = _STATE["watchdog"]
+    return wd if wd is not None and wd.is_alive() else None
+
+
+def ensure_running() -> "_Watchdog | None":
+    """Start this rank's watchdog if the default process group has > 1 rank and it is not running.
+
+    Idempotent and cheap; a new default process group (a new store) gets a new watchdog."""
+    if _STATE["timeout_s"] <= 0 or not (dist.is_available() and dist.is_initialized()):
+        return None
+    world = dist.get_world_size()
+    if world < 2:
+        return None
+    store = _default_store()
+    current = _STATE["watchdog"]
+    if current is not None:
+        if current.is_alive() and current.store is store:
+            return current
+        current.stop()
+    wd = _Watchdog(store, dist.get_rank(), world, _STATE["timeout_s"])
+    _STATE["watchdog"] = wd
+    wd.start()
+    if not _STATE["hooks"]:
+        _STATE["hooks"] = True
+        _chain_excepthook()
+        atexit.register(stop)
+    return wd
+
+
+def stop() -> None:
+    """Stop the watchdog thread (end of the run); idempotent."""
+    wd = _STATE["watchdog"]
+    _STATE["watchdog"] = None
+    if wd is not None:
+        wd.stop()
+
+
+def report_exception(error: BaseException) -> None:
+    """This rank raised ``error``: tell the other ranks, print the job's report; return to re-raise.
+
+    No-op without a running watchdog, for a clean ``SystemExit``, for ``KeyboardInterrupt`` (Ctrl-C
+    reaches every rank: stop at once), or once already reported."""
+    if isinstance(error, KeyboardInterrupt) or (isinstance(error, SystemExit) and error.code in (None, 0)):
+        return
+    wd = running()
+    if wd is None:
+        return
+    wd.report_raise(error)
+
+
+def _default_store():
+    try:
+        return dist.distributed_c10d._get_default_store()
+    except Exception:  # noqa: BLE001 - no store: reports are this rank's alone
+        return None
+
+
+def _chain_excepthook() -> None:
+    previous = sys.excepthook
+
+    def excepthook(kind, value, tb):
+        try:
+            report_exception(value)
+        except Exception:  # noqa: BLE001 - never hide the original traceback
+            pass
+        previous(kind, value, tb)
+
+    sys.excepthook = excepthook
+
+
+class _Watchdog:
+    """The thread, the store protocol and the report (see the module docstring)."""
+
+    def __init__(self, store, rank: int, world: int, timeout: float) -> None:
+        self.store, self.rank, self.world = store, rank, world
+        self.set_timeout(timeout)
+        restart = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
+        self.ns = f"hf_zero/watchdog/{restart}/"
+        self.host, self.pid = socket.gethostname(), os.getpid()
+        self._stop = threading.Event()
+        self._claim = threading.Lock()  # whoever takes it (thread or raising main thread) reports
+        self._claimed = False
+        self._reported = threading.Event()  # set once this rank's report is printed
+        self._thread = threading.Thread(target=self._run, name="hf_zero-watchdog", daemon=True)
+
+    def set_timeout(self, timeout: float) -> None:
+        self.timeout = timeout
+        self.poll_s = min(1.0, timeout / 4)
+
+    def start(self) -> None:
+        RECORDER.watched = True
+        RECORDER.device_events = torch.cuda.is_available()
+        self._thread.start()
+
+    def is_alive(self) -> bool:
+        return self._thread.is_alive() and not self._stop.is_set()
+
+    def stop(self) -> None:
+        self._stop.set()
+        RECORDER.watched = False
+        RECORDER.device_events = False
+        for rec in _values(RECORDER.pending):  # handles never waited: let their Work objects go
+            rec.work = rec.event = None
+        RECORDER.pending.clear()
+        if self._thread.is_alive() and self._thread is not threading.current_thread():
+            self._thread.join(timeout=2 * self.poll_s + 1)
+
+    # -- the thread --
+
+    def _run(self) -> None:
+        while not self._stop.wait(self.poll_s):
+            try:
+                self._check()
+            except Exception:  # noqa: BLE001 - the watchdog must outlive any one failed check
+                pass
+
+    def _check(self) -> None:
+        RECORDER.retire()
+        oldest = RECORDER.oldest_pending()
+        if oldest is not None and _now() - oldest.t0 > self.timeout:
+            age = _now() - oldest.t0
+            headline = (f"collective timeout: rank {self.rank} has waited {age:.1f} s (comm_timeout_s = "
+                        f"{self.timeout:g}) in {oldest.describe()}")
+            self.stop_job({"rank": self.rank, "why": "timeout", "headline": headline}, publish_abort=True)
+        if self.store is not None and not self._stop.is_set():
+            if not dist.is_initialized() or _default_store() is not self.store:
+                self.store = None  # the process group is gone (end of the run): nothing more to hear
+                return
+            try:
+                asked = self.store.check([self.ns + "abort"])
+            except Exception:  # noqa: BLE001 - see the module docstring: the store alone never stops
+                self.store = None  # gone (a rank-0-hosted store whose rank finished): stop asking
+                return
+            if asked:
+                abort = self._get_json(self.ns + "abort") or {"rank": "?", "headline": "another rank stopped the job"}
+                if abort.get("rank") != self.rank:
+                    self.stop_job(abort, publish_abort=False)
+
+    # -- stopping --
+
+    def _take_claim(self) -> bool:
+        with self._claim:
+            if self._claimed:
+                return False
+            self._claimed = True
+            return True
+
+    def stop_job(self, abort: dict, publish_abort: bool) -> None:
+        """Watchdog thread: report, then end this process."""
+        if not self._take_claim():
+            return
+        try:
+            self._report(abort, publish_abort, state=None)
+        finally:
+            _flush_briefly()
+            os._exit(EXIT_CODE)
+
+    def report_raise(self, error: BaseException) -> None:
+        """Main thread: this rank raised. Report and return (the caller re-raises)."""
+        if not self._take_claim():
+            # The watchdog thread is already stopping this rank: let it print and exit (code 3)
+            # rather than race it with this exception's traceback.
+            self._reported.wait(GATHER_S + 10)
+            time.sleep(5.0)
+            return
+        what = _exception_text(error)
+        abort, publish = {"rank": self.rank, "why": "raised", "headline": f"rank {self.rank} raised {what}"}, True
+        try:
+            if self.store is not None and self.store.check([self.ns + "abort"]):
+                # Another rank stopped the job first; this exception is likely its consequence
+                # (a collective that failed when that rank left).
+                abort, publish = self._get_json(self.ns + "abort") or abort, False
+        except Exception:  # noqa: BLE001
+            pass
+        tb = traceback.extract_tb(error.__traceback__)[-STACK_FRAMES:] if error.__traceback__ else []
+        self._report(abort, publish, state={"state": "raised", "error": what, "stack": _frames(tb),
+                                            "stack_kind": "raised in"})
+        self._stop.set()
+
+    def _report(self, abort: dict, publish_abort: bool, state: dict | None) -> None:
+        mine = self._own_report(state)
+        reports, reported = {self.rank: mine}, 1
+        full = self.world <= FULL_REPORT_RANKS or self.rank in (0, abort.get("rank"))
+        if self.store is not None:
+            try:
+                if publish_abort:
+                    self.store.set(self.ns + "abort", json.dumps(abort))
+                self.store.set(self.ns + f"report/{self.rank}", json.dumps(mine))
+                reported = self.store.add(self.ns + "reported", 1)
+                deadline = _now() + GATHER_S
+                while reported < self.world and _now() < deadline:
+                    time.sleep(0.1)
+                    reported = self.store.add(self.ns + "reported", 0)
+                if full:
+                    reports = self._read_reports(reports, complete=reported >= self.world)
+            except Exception:  # noqa: BLE001 - a store that went away: report what we know
+                pass
+        text = format_report(abort, reports, self.world, self.rank, self.timeout, full=full)
+        try:
+            os.write(2, text.encode("utf-8", "replace"))
+        except OSError:
+            pass
+        self._reported.set()
+        if self.store is not None:
+            try:  # a rank-0-hosted store must outlive the others' reading of it
+                printed = self.store.add(self.ns + "printed", 1)
+                deadline = _now() + 2.0
+                while printed < reported and _now() < deadline:
+                    time.sleep(0.05)
+                    printed = self.store.add(self.ns + "printed", 0)
+                time.sleep(0.3)  # so that the others' last poll of the count still finds the store
+            except Exception:  # noqa: BLE001
+                pass
+
+    def _read_reports(self, reports: dict, complete: bool) -> dict:
+        others = [r for r in range(self.world) if r not in reports]
+        keys = [self.ns + f"report/{r}" for r in others]
+        if complete and hasattr(self.store, "multi_get"):  # one round trip
+            values = self.store.multi_get(keys)
+        else:  # some ranks never reported: only the keys that exist (get() would block)
+            values = [self.store.get(k) if self.store.check([k]) else None for k in keys]
+        for r, value in zip(others, values):
+            try:
+                reports[r] = json.loads(value.decode()) if value is not None else None
+            except (ValueError, AttributeError):
+                reports[r] = None
+        return {r: v for r, v in reports.items() if v is not None}
+
+    def _get_json(self, key: str):
+        try:
+            return json.loads(self.store.get(key).decode())
+        except Exception:  # noqa: BLE001
+            return None
+
+    def _own_report(self, state: dict | None) -> dict:
+        RECORDER.retire()
+        now = _now()
+        oldest = RECORDER.oldest_pending()
+        records = [[r.seq, r.kind, r.label or "", r.nbytes, None if r.t1 is None else round(now - r.t1, 1),
+                    round(now - r.t0, 1)] for r in RECORDER.recent(PUBLISHED)]
+        report = {"rank": self.rank, "host": self.host, "pid": self.pid, "state": "idle",
+                  "records": records, "last_seq": RECORDER.seq, "stack": _main_stack()}
+        if oldest is not None:
+            report.update(state="waiting", pending=[oldest.seq, oldest.kind, oldest.label or "", oldest.nbytes,
+                                                    round(now - oldest.t0, 1)])
+        if state is not None:
+            report.update(state)
+        return report
+
+
+def _flush_briefly() -> None:
+    """Flush Python's stdout/stderr buffers before ``os._exit``, unless that blocks (a full pipe)."""
+
+    def flush():
+        for stream in (sys.stdout, sys.stderr):
+            try:
+                stream.flush()
+            except Exception:  # noqa: BLE001
+                pass
+
+    helper = threading.Thread(target=flush, daemon=True)
+    helper.start()
+    helper.join(timeout=1.0)
+
+
+def _exception_text(error: BaseException) -> str:
+    if isinstance(error, SystemExit):
+        what = f"SystemExit({error.code!r})"
+    else:
+        message = str(error).strip().splitlines()
+        what = type(error).__name__ + (f": {message[0][:200]}" if message else "")
+    tb = traceback.extract_tb(error.__traceback__) if error.__traceback__ is not None else []
+    if tb:
+        frame = tb[-1]
+        what += f" at {os.path.basename(frame.filename)}:{frame.lineno} in {frame.name}"
+    return what
+
+
+def _main_stack() -> list[str]:
+    frame = sys._current_frames().get(threading.main_thread().ident)
+    if frame is None:
+        return []
+    return _frames(traceback.extract_stack(frame)[-STACK_FRAMES:])
+
+
+def _frames(frames) -> list[str]:
+    """Innermost first: ``["wait (collectives.py:104)", "unshard (units.py:53)", ...]``."""
+    return [f"{f.name} ({os.path.basename(f.filename)}:{f.lineno})" for f in reversed(list(frames))]
+
+
+# ---- the report -------------------------------------------------------------------------------
+
+
+def _size(nbytes: int) -> str:
+    for unit in ("B", "KB", "MB", "GB"):
+        if nbytes < 1024 or unit == "GB":
+            return f"{nbytes} B" if unit == "B" else f"{nbytes:.1f} {unit}"
+        nbytes /= 1024
+    return ""
+
+
+def _rec_text(seq: int, kind: str, label: str, nbytes: int) -> str:
+    label = f' "{label}"' if label else ""
+    return f"#{seq} {kind}{label} ({_size(nbytes)})"
+
+
+def _ranks_text(ranks: list[int]) -> str:
+    ranks = sorted(ranks)
+    spans, start = [], 0
+    for i in range(1, len(ranks) + 1):
+        if i == len(ranks) or ranks[i] != ranks[i - 1] + 1:
+            a, b = ranks[start], ranks[i - 1]
+            spans.append(str(a) if a == b else f"{a}-{b}")
+            start = i
+    word = "rank" if len(ranks) == 1 else "ranks"
+    return f"{word} {', '.join(spans)}"
+
+
+def _status(report: dict) -> tuple[str, str]:
+    """(what the rank does, where its main thread is): the grouping key and the line."""
+    records = report.get("records") or []
+    last = records[-1] if records else None
+    if report.get("state") == "raised":
+        text = f"raised {report.get('error')}"
+        if last:
+            text += f"; last started {_rec_text(*last[:4])}"
+    elif report.get("state") == "waiting":
+        seq, kind, label, nbytes, age = report["pending"]
+        text = f"waiting {age:.1f} s in {_rec_text(seq, kind, label, nbytes)}"
+        later = report.get("last_seq", seq) - seq
+        if later > 0:
+            text += f" (and {later} later: up to #{report['last_seq']})"
+    elif last is None:
+        text = "not in an hf_zero collective; started none yet"
+    else:
+        ago = f", completed {last[4]:.1f} s ago" if last[4] is not None else ""
+        text = f"not in an hf_zero collective; last started {_rec_text(*last[:4])}{ago}"
+    stack = report.get("stack") or []
+    return text, f"{report.get('stack_kind', 'main thread at')} {' < '.join(stack)}" if stack else ""
+
+
+def first_disagreement(reports: dict[int, dict]) -> str | None:
+    """Where the ranks' recorded collectives first differ, or who has not started what others wait in."""
+    by_seq: dict[int, dict[tuple, list[int]]] = collections.defaultdict(lambda: collections.defaultdict(list))
+    for rank, report in reports.items():
+        for seq, kind, label, nbytes, *_ in report.get("records") or []:
+            by_seq[seq][(kind, label, nbytes)].append(rank)
+    for seq in sorted(by_seq):
+        variants = by_seq[seq]
+        if len(variants) > 1:
+            parts = [f"{_ranks_text(ranks)} {_rec_text(seq, *sig)[len(f'#{seq} '):]}"
+                     for sig, ranks in sorted(variants.items(), key=lambda kv: min(kv[1]))]
+            return f"ranks first disagree at #{seq}: " + "; ".join(parts)
+    waiting = {rank: r["pending"][0] for rank, r in reports.items() if r.get("state") == "waiting"}
+    if waiting:
+        seq = min(waiting.values())
+        behind = [rank for rank, r in reports.items() if r.get("last_seq", 0) < seq]
+        if behind:
+            waiters = [rank for rank, s in waiting.items() if s == seq]
+            verb = "waits" if len(waiters) == 1 else "wait"
+            return (f"the recorded collectives agree; {_ranks_text(behind)} never started #{seq}, "
+                    f"which {_ranks_text(waiters)} {verb} in")
+    return None
+
+
+def format_report(abort: dict, reports: dict[int, dict], world: int, me: int, timeout: float,
+                  full: bool = True) -> str:
+    """The text every rank prints (one block, each line prefixed ``hf_zero:``).
+
+    ``full=False`` (large jobs, see ``FULL_REPORT_RANKS``): this rank's own line only."""
+    mine = reports.get(me, {})
+    if not full:
+        reports = {me: mine}
+    lines = [f"watchdog on rank {me} of {world} (host {mine.get('host', '?')}, pid "
+             f"{mine.get('pid', '?')}): {abort.get('headline', 'the job is stopping')}"]
+    groups: dict[tuple, list[int]] = {}
+    for rank in sorted(reports):
+        text, where = _status(reports[rank])
+        key = (_strip_numbers(text), where)
+        groups.setdefault(key, []).append(rank)
+    for (_, where), ranks in sorted(groups.items(), key=lambda kv: min(kv[1])):
+        text, _ = _status(reports[ranks[0]])
+        mark = " (this rank)" if ranks == [me] else f" (this rank: {me})" if me in ranks else ""
+        line = f"  {_ranks_text(ranks)}{mark}: {text}"
+        lines.append(line + (f"; {where}" if where else ""))
+    if not full:
+        others = sorted({0, abort.get("rank", 0)} - {me}) if isinstance(abort.get("rank"), int) else [0]
+        lines.append(f"  every rank's status and where they disagree: in the report of {_ranks_text(others)}")
+    missing = [r for r in range(world) if r not in reports] if full else []
+    if missing:
+        lines.append(f"  {_ranks_text(missing)}: no report within {GATHER_S:g} s (process gone, or its Python "
+                     "thread blocked outside hf_zero collectives)")
+    where = first_disagreement(reports) if full else None
+    if where:
+        lines.append(f"  {where}")
+    if abort.get("why") == "raised" and abort.get("rank") == me:
+        ending = f"rank {me} ends with its exception (traceback below)"
+    else:
+        ending = f"rank {me} exits with code {EXIT_CODE}"
+    lines.append(f"  {ending} so that the launcher stops the job (comm_timeout_s = {timeout:g}); "
+                 "see \"Hangs\" in docs/troubleshooting.md")
+    return "".join(f"hf_zero: {line}\n" for line in lines)
+
+
+def _strip_numbers(text: str) -> str:
+    """Group ranks whose status differs only in ages ("waiting 3.1 s" vs "waiting 3.2 s")."""
+    import re
+
+    return re.sub(r"\d+\.\d s", "_ s", text)

@@ -1,0 +1,153 @@
+"""Memory checks: the estimator's per-rank bytes against free GPU memory, MemAvailable, ulimit -l."""
+
+import pytest
+
+from hf_zero.doctor import memory
+from hf_zero.doctor.memory import check_gpu_memory, check_host_memory, check_model, check_pinned_memory
+from hf_zero.doctor.result import Status
+from hf_zero.doctor.sizing import RunSpec, host_load_bytes, load_model_info, rank_bytes, spec_from_config
+from hf_zero.estimate import estimate_bytes, gathered_params_bytes
+
+from .conftest import REAL_PROBES, GiB
+
+MiB = 2**20
+
+
+@pytest.fixture
+def model(tiny_model):
+    return load_model_info(tiny_model)
+
+
+def test_model_check(tiny_model, tmp_path, model):
+    assert check_model(None, None, None).status is Status.SKIP
+    assert check_model(tiny_model, model, None).status is Status.PASS
+    with pytest.raises(ValueError) as caught:
+        load_model_info(str(tmp_path / "missing"))
+    failed = check_model(str(tmp_path / "missing"), None, str(caught.value))
+    assert failed.status is Status.FAIL
+    assert failed.detail == f"MODEL_CONFIG {str(tmp_path / 'missing')!r} does not exist; give a config.json or a model directory"
+
+
+def test_sizes_are_the_estimators(model):
+    spec = RunSpec(stage=3, dtype="bf16")
+    b = rank_bytes(model, spec, 2)
+    e = estimate_bytes(model.counts, stage=3, world=2, dtype="bf16", optimizer="adamw", model_dtype="fp32")
+    gathered = gathered_params_bytes(model.counts, world=2, dtype="bf16", model_dtype="fp32")
+    assert b.device == {"params": e["params"] + gathered, "grads": e["peak_grads"],
+                        "optimizer": e["optimizer_state"], "activations": 0}
+    assert host_load_bytes(model) == model.counts.total * 4
+
+
+def test_auto_dtype_takes_the_larger(model):
+    auto = rank_bytes(model, RunSpec(stage=0), 1).device_total
+    assert auto == max(rank_bytes(model, RunSpec(stage=0, dtype=d), 1).device_total for d in ("bf16", "fp32"))
+
+
+def test_cpu_offload_moves_optimizer_state_to_the_host(model):
+    base = rank_bytes(model, RunSpec(stage=2, dtype="bf16"), 2)
+    off = rank_bytes(model, RunSpec(stage=2, dtype="bf16", offload_optimizer="cpu", pin_optimizer=True), 2)
+    assert off.device["optimizer"] == 0
+    host = estimate_bytes(model.counts, stage=2, world=2, dtype="bf16", optimizer="adamw", model_dtype="fp32",
+                          offload_optimizer=True)["host_offload"]
+    assert off.offloaded["cpu"] == host > base.device["optimizer"]  # state + masters + the host grad buffer
+    assert 0 < off.pinned < off.offloaded["cpu"]
+    half = rank_bytes(model, RunSpec(stage=3, dtype="bf16", offload_optimizer="cpu", offload_ratio=0.5), 2)
+    full = rank_bytes(model, RunSpec(stage=3, dtype="bf16"), 2)
+    assert half.device["optimizer"] == round(0.5 * full.device["optimizer"])
+
+
+def test_gpu_memory_pass_and_fail(model):
+    spec = RunSpec(stage=1, dtype="bf16", seq_len=64)
+    need = rank_bytes(model, spec, 2).device_total
+    assert check_gpu_memory(model, spec, 2, [80 * GiB, 80 * GiB]).status is Status.PASS
+    assert check_gpu_memory(model, spec, 2, None).status is Status.SKIP
+    assert check_gpu_memory(None, spec, 2, [GiB]).status is Status.SKIP
+    tight = check_gpu_memory(model, spec, 2, [80 * GiB, int(need / 0.95)])
+    assert tight.status is Status.WARN and "GPU 1 has" in tight.detail
+    small = check_gpu_memory(model, spec, 2, [need // 2, need // 2])
+    assert small.status is Status.FAIL
+    assert small.detail.startswith("needs ")
+    assert "stage 1, W = 2, bf16" in small.detail
+    assert "try:" in small.fix and "gradient checkpointing" in small.fix
+
+
+def test_fix_names_the_stage_and_ranks_that_fit(model):
+    spec = RunSpec(stage=0, dtype="fp32")
+    need = rank_bytes(model, spec, 1).device_total
+    budget = int(need * 0.6)
+    fix = check_gpu_memory(model, spec, 1, [budget]).fix
+    assert "zero_optimization.stage" in fix or "ranks in total" in fix
+
+
+def test_fix_says_what_offload_exists(model, monkeypatch):
+    spec = RunSpec(stage=3, dtype="bf16")
+    none_built = {k: False for k in memory.offload_availability()}
+    monkeypatch.setattr(memory, "offload_availability", lambda: none_built)
+    fix = check_gpu_memory(model, spec, 1, [1024]).fix
+    assert fix.endswith("offload (CPU/NVMe) is not implemented yet in hf_zero")
+    monkeypatch.setattr(memory, "offload_availability", lambda: {**none_built, "offload_optimizer cpu": True})
+    fix = check_gpu_memory(model, spec, 1, [1024]).fix
+    assert 'zero_optimization.offload_optimizer.device "cpu" at stage 3' in fix
+
+
+def test_host_memory_cpu_ranks(model):
+    spec = RunSpec(stage=2, dtype="fp32")
+    per_rank = rank_bytes(model, spec, 2).device_total
+    ok = check_host_memory(model, spec, 2, 2, 64 * GiB, cuda=False)
+    assert ok.status is Status.PASS and ok.detail.startswith("2 rank(s) x ")
+    small = check_host_memory(model, spec, 2, 2, per_rank, cuda=False)
+    assert small.status is Status.FAIL
+    assert "MemAvailable" in small.detail
+    assert check_host_memory(model, spec, 2, 2, None, cuda=False).status is Status.SKIP
+
+
+def test_host_memory_gpu_ranks_count_the_loaded_copy(model):
+    spec = RunSpec(stage=3, dtype="bf16")
+    need = 8 * host_load_bytes(model)
+    assert check_host_memory(model, spec, 8, 8, 10 * need, cuda=True).status is Status.PASS
+    result = check_host_memory(model, spec, 8, 8, need // 2, cuda=True)
+    assert result.status is Status.FAIL and "loads the model on the host" in result.detail
+
+
+def test_pinned_memory(model):
+    no_offload = RunSpec(stage=2)
+    assert check_pinned_memory(model, no_offload, 2, 2, GiB, None, cuda=True).status is Status.SKIP
+    assert check_pinned_memory(model, None, 2, 2, GiB, None, cuda=True).status is Status.SKIP
+    unpinned = RunSpec(stage=2, offload_optimizer="cpu", pin_optimizer=False)
+    assert check_pinned_memory(model, unpinned, 2, 2, GiB, None, cuda=True).status is Status.PASS
+    pinned = RunSpec(stage=2, dtype="bf16", offload_optimizer="cpu", pin_optimizer=True)
+    need = 2 * rank_bytes(model, pinned, 2).pinned
+    assert check_pinned_memory(model, pinned, 2, 2, 64 * GiB, None, cuda=True).status is Status.PASS
+    assert check_pinned_memory(model, pinned, 2, 2, 64 * GiB, None, cuda=False).detail == (
+        "no CUDA: host buffers are not pinned")
+    over_limit = check_pinned_memory(model, pinned, 2, 2, 64 * GiB, 64 * 1024, cuda=True)
+    assert over_limit.status is Status.WARN and "ulimit -l" in over_limit.fix
+    half = check_pinned_memory(model, pinned, 2, 2, int(need * 1.5), None, cuda=True)
+    assert half.status is Status.WARN
+    assert check_pinned_memory(model, pinned, 2, 2, need // 2, None, cuda=True).status is Status.FAIL
+    no_model = check_pinned_memory(None, pinned, 2, 2, GiB, 64 * 1024, cuda=True)
+    assert no_model.status is Status.WARN and "pass --model" in no_model.detail
+
+
+def test_spec_from_config(write_config):
+    from hf_zero.config import load_config
+
+    config = load_config(write_config({
+        "zero_optimization": {"stage": 2, "offload_optimizer": {"device": "cpu", "pin_memory": True}},
+        "fp16": {"enabled": True}, "optimizer": {"type": "SGD", "params": {"momentum": 0.9}},
+        "train_micro_batch_size_per_gpu": 4,
+    }))
+    spec = spec_from_config(config, seq_len=128)
+    assert (spec.stage, spec.dtype, spec.optimizer, spec.micro_batch, spec.seq_len) == (2, "fp16", "sgd_momentum", 4, 128)
+    assert (spec.offload_optimizer, spec.pin_optimizer, spec.offload_param) == ("cpu", True, "none")
+    assert spec_from_config(None) == RunSpec()
+
+
+def test_probes(tmp_path):
+    meminfo = tmp_path / "meminfo"
+    meminfo.write_text("MemTotal:       16000000 kB\nMemFree:  100 kB\nMemAvailable:    2048 kB\n")
+    assert REAL_PROBES["mem_available_bytes"](str(meminfo)) == 2048 * 1024
+    assert REAL_PROBES["mem_available_bytes"](str(tmp_path / "none")) is None
+    assert REAL_PROBES["mem_available_bytes"]() > 0  # this machine's /proc/meminfo
+    limit = REAL_PROBES["memlock_limit_bytes"]()
+    assert limit is None or limit >= 0
