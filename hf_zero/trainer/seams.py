@@ -35,7 +35,7 @@ from hf_zero.engine.offload import OptimizerOffload
 from hf_zero.engine.stages import NotAvailableYet
 from hf_zero.trainer import checkpoint
 from hf_zero.trainer.generation import sync_generate
-from hf_zero.trainer.verify import verify_saved_weights
+from hf_zero.trainer.verify import verify_saved_adapter, verify_saved_weights
 from hf_zero.trainer import session as S
 from hf_zero.trainer.loss_scaling import check_loss_scaling, sharded_grad_scaler
 
@@ -164,8 +164,11 @@ def save_model(self, output_dir=None, _internal_call=False):
         state_dict = session.engine.full_state_dict(to_cpu_on=0)  # a collective: every rank calls
         # save_pretrained pops what it writes from the dict it is given: hand it a copy.
         self._save(output_dir, state_dict=dict(state_dict) if state_dict is not None else None)
-    if self.args.should_save and not _is_peft(self.model):
-        verify_saved_weights(output_dir, state_dict)
+    if self.args.should_save:
+        if _is_peft(self.model):
+            verify_saved_adapter(output_dir, self.model, state_dict)
+        else:
+            verify_saved_weights(output_dir, state_dict)
     if self.args.push_to_hub and not _internal_call:
         self.push_to_hub(commit_message="Model save", revision=self.args.hub_revision)
 
@@ -247,7 +250,7 @@ _seam(prediction_step, Seq2SeqTrainer)
 
 
 def _is_peft(model) -> bool:
-    # PEFT saves adapter weights under its own names; they are not checked here yet.
+    # PEFT saves adapter weights under its own names (verify_saved_adapter maps them).
     return type(model).__module__.startswith("peft.")
 
 

@@ -43,6 +43,20 @@ def weight_files(directory: str) -> list[str]:
     return [single] if os.path.isfile(single) else []
 
 
+def _check(path: str, name: str, info: dict, expected: torch.Tensor) -> None:
+    shape, dtype = list(info["shape"]), _DTYPES.get(info["dtype"])
+    start, end = info["data_offsets"]
+    problems = []
+    if shape != list(expected.shape):
+        problems.append(f"shape {shape}, the model has {list(expected.shape)}")
+    if dtype is not expected.dtype:
+        problems.append(f"dtype {info['dtype']}, the model has {expected.dtype}")
+    if end - start != expected.numel() * expected.element_size():
+        problems.append(f"{end - start} bytes, the model's tensor has {expected.numel() * expected.element_size()}")
+    if problems:
+        raise SaveVerificationError(f"{path}: tensor {name!r} was written with " + "; ".join(problems))
+
+
 def verify_saved_weights(directory: str, state_dict: dict[str, torch.Tensor]) -> int:
     """Check every tensor written in ``directory`` against ``state_dict``; return how many were checked."""
     files = weight_files(directory)
@@ -54,18 +68,36 @@ def verify_saved_weights(directory: str, state_dict: dict[str, torch.Tensor]) ->
             expected = state_dict.get(name)
             if expected is None:
                 continue  # a name the model's save format converts; nothing to compare it with
-            shape, dtype = list(info["shape"]), _DTYPES.get(info["dtype"])
-            start, end = info["data_offsets"]
-            problems = []
-            if shape != list(expected.shape):
-                problems.append(f"shape {shape}, the model has {list(expected.shape)}")
-            if dtype is not expected.dtype:
-                problems.append(f"dtype {info['dtype']}, the model has {expected.dtype}")
-            if end - start != expected.numel() * expected.element_size():
-                problems.append(f"{end - start} bytes, the model's tensor has {expected.numel() * expected.element_size()}")
-            if problems:
-                raise SaveVerificationError(f"{path}: tensor {name!r} was written with " + "; ".join(problems))
+            _check(path, name, info, expected)
             checked += 1
     if checked == 0:
         raise SaveVerificationError(f"{directory}: none of the written tensors is a tensor of the model")
     return checked
+
+
+ADAPTER_NAME = "adapter_model.safetensors"
+
+
+def verify_saved_adapter(directory: str, model, state_dict: dict[str, torch.Tensor]) -> int:
+    """A PEFT model's save: every adapter tensor PEFT selects from ``state_dict`` (under the names
+    it writes) is in ``adapter_model.safetensors`` with its shape, dtype and bytes, and nothing
+    else is; returns how many were checked."""
+    from peft import get_peft_model_state_dict
+
+    path = os.path.join(directory, ADAPTER_NAME)
+    if not os.path.isfile(path):
+        if os.path.isfile(os.path.join(directory, "adapter_model.bin")):
+            return 0  # save_safetensors=False: a pickle, whose contents this check does not read
+        raise SaveVerificationError(f"{directory}: no {ADAPTER_NAME} was written")
+    expected = get_peft_model_state_dict(model, state_dict=state_dict)
+    header = _header(path)
+    missing = sorted(set(expected) - set(header))
+    if missing:
+        raise SaveVerificationError(f"{path}: adapter tensors missing from the file: {missing[:3]}"
+                                    + (f" and {len(missing) - 3} more" if len(missing) > 3 else ""))
+    extra = sorted(set(header) - set(expected))
+    if extra:
+        raise SaveVerificationError(f"{path}: tensors that are not adapter weights were written: {extra[:3]}")
+    for name, info in header.items():
+        _check(path, name, info, expected[name])
+    return len(header)
