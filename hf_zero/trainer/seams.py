@@ -14,7 +14,7 @@ active behaves exactly as before.
 | ``_get_grad_norm``  | stage >= 1: the same norm when clipping is off                          |
 | ``save_model``      | stage 3: every rank gathers unit by unit; rank 0 writes full weights; stages >= 1: rank 0 checks every written tensor against the model |
 | ``_save_optimizer_and_scheduler`` | stage >= 1: every rank writes its part of the sharded state (checkpoint.py) |
-| ``_save_checkpoint``| stage >= 1: after every rank's part, rank 0 marks the checkpoint complete |
+| ``_save_checkpoint``| stage >= 1: after every rank's part, rank 0 marks the checkpoint complete, and only then deletes old ones (``save_total_limit``) |
 | ``_load_best_model``| stage >= 1: loads into gathered params, then back into shards and masters |
 | ``train``           | stage >= 1: ``resume_from_checkpoint=True`` takes the newest complete one; a checkpoint of another model or with a missing file is refused first |
 | ``_load_optimizer_and_scheduler`` | stage >= 1: every rank reads its part of the sharded state, written at any world size and stage |
@@ -29,6 +29,11 @@ import weakref
 
 import torch
 from transformers import Seq2SeqTrainer, Trainer
+
+try:  # transformers >= 5.2x: a function; before, the Trainer method _rotate_checkpoints
+    from transformers.trainer_utils import rotate_checkpoints
+except ImportError:  # pragma: no cover - older transformers
+    rotate_checkpoints = None
 
 from hf_zero.engine import ZeroEngine, ZeroModule
 from hf_zero.engine.offload import OptimizerOffload
@@ -196,15 +201,29 @@ def _save_optimizer_and_scheduler(self, output_dir):
 
 @_seam
 def _save_checkpoint(self, model, trial):
-    _original("_save_checkpoint")(self, model, trial)
     session = S.session_of(self)
     if session is None or session.engine is None:
-        return
+        return _original("_save_checkpoint")(self, model, trial)
+    # The Trainer deletes old checkpoints (save_total_limit) at the end of its save, before the
+    # new one is marked complete here: a crash in between would leave no complete checkpoint.
+    # So the rotation waits until the new checkpoint is complete.
+    limit = self.args.save_total_limit
+    self.args.save_total_limit = None
+    try:
+        _original("_save_checkpoint")(self, model, trial)
+    finally:
+        self.args.save_total_limit = limit
     if torch.distributed.is_initialized():
         torch.distributed.barrier()  # every rank has written its part
     if self.args.should_save:
-        folder = os.path.join(self._get_output_dir(trial=trial), f"checkpoint-{self.state.global_step}")
-        checkpoint.mark_complete(folder, self.args.world_size, session.stage)
+        run_dir = self._get_output_dir(trial=trial)
+        checkpoint.mark_complete(os.path.join(run_dir, f"checkpoint-{self.state.global_step}"),
+                                 self.args.world_size, session.stage)
+        if rotate_checkpoints is not None:
+            rotate_checkpoints(output_dir=run_dir, save_total_limit=limit,
+                               best_model_checkpoint=self.state.best_model_checkpoint, use_mtime=True)
+        else:
+            self._rotate_checkpoints(use_mtime=True, output_dir=run_dir)
 
 
 @_seam

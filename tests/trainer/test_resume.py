@@ -14,7 +14,8 @@ from transformers import AutoModelForCausalLM, LlamaConfig, Trainer, TrainingArg
 from hf_zero.testing.multiprocess import RankFailure, run_on_ranks
 
 
-def _run(rank, world, out, stage, resume_from, ga=2, layers=2, save_steps=3, kill_rank_at=None):
+def _run(rank, world, out, stage, resume_from, ga=2, layers=2, save_steps=3, kill_rank_at=None, kill_in="optimizer",
+         save_total_limit=None):
     import signal
 
     import hf_zero.trainer as zt
@@ -23,12 +24,19 @@ def _run(rank, world, out, stage, resume_from, ga=2, layers=2, save_steps=3, kil
         """Rank 1 is killed (SIGKILL) while the checkpoint ``kill_rank_at`` is being written."""
 
         def _save_optimizer_and_scheduler(self, output_dir):
-            if rank == 1 and output_dir.endswith(f"checkpoint-{kill_rank_at}"):
+            if kill_in == "optimizer" and rank == 1 and output_dir.endswith(f"checkpoint-{kill_rank_at}"):
                 os.makedirs(os.path.join(output_dir, "hf_zero_sharded"), exist_ok=True)
                 with open(os.path.join(output_dir, "hf_zero_sharded", "__1_0.distcp"), "wb") as f:
                     f.write(b"half a shard")
                 os.kill(os.getpid(), signal.SIGKILL)
             super()._save_optimizer_and_scheduler(output_dir)
+
+        def _save_rng_state(self, output_dir):
+            # after the sharded state is written: rank 0 goes on to the trainer state (and, with
+            # save_total_limit, to deleting old checkpoints) while this rank dies
+            if kill_in == "rng" and rank == 1 and output_dir.endswith(f"checkpoint-{kill_rank_at}"):
+                os.kill(os.getpid(), signal.SIGKILL)
+            super()._save_rng_state(output_dir)
 
     torch.manual_seed(0)
     cfg = LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=layers,
@@ -36,7 +44,7 @@ def _run(rank, world, out, stage, resume_from, ga=2, layers=2, save_steps=3, kil
     model = AutoModelForCausalLM.from_config(cfg)
     g = torch.Generator().manual_seed(3)
     data = [{"input_ids": i, "labels": i} for i in torch.randint(0, 64, (48, 12), generator=g)]
-    args = TrainingArguments(output_dir=str(out), use_cpu=True, report_to="none", max_steps=6, save_steps=save_steps,
+    args = TrainingArguments(output_dir=str(out), use_cpu=True, report_to="none", max_steps=6, save_steps=save_steps, save_total_limit=save_total_limit,
                              per_device_train_batch_size=2, gradient_accumulation_steps=ga, learning_rate=1e-2,
                              weight_decay=0.1, warmup_steps=2, logging_steps=1, disable_tqdm=True, seed=0)
     zt.activate({"zero_optimization": {"stage": stage}})
@@ -82,10 +90,11 @@ def test_resume_refuses_another_model_or_a_missing_part(tmp_path):
     assert sorted(p.name for p in (ckpt / "hf_zero_sharded").iterdir()) == before  # never touched
 
 
-def test_a_rank_killed_mid_save_leaves_the_previous_checkpoint_in_use(tmp_path):
+@pytest.mark.parametrize("kill_in", ["optimizer", "rng"])
+def test_a_rank_killed_mid_save_leaves_the_previous_checkpoint_in_use(tmp_path, kill_in):
     full = run_on_ranks(_run, 2, tmp_path / "a", 2, None, timeout=300)[0]
-    with pytest.raises(RankFailure):
-        run_on_ranks(_run, 2, tmp_path / "b", 2, None, 2, 2, 3, 6, timeout=150)
+    with pytest.raises(RankFailure):  # save_total_limit=1 must not delete checkpoint-3 before 6 is whole
+        run_on_ranks(_run, 2, tmp_path / "b", 2, None, 2, 2, 3, 6, kill_in, 1, timeout=150)
     assert (tmp_path / "b" / "checkpoint-3" / "hf_zero_complete.json").exists()
     assert not (tmp_path / "b" / "checkpoint-6" / "hf_zero_complete.json").exists()  # cut short
     out = run_on_ranks(_run, 2, tmp_path / "b", 2, True, timeout=300)
