@@ -53,6 +53,12 @@ class HfZeroSource:
     def __init__(self, path: str) -> None:
         self.path = path if os.path.basename(os.path.normpath(path)) == sharded.DIR_NAME else os.path.join(path, sharded.DIR_NAME)
         self.meta = sharded.read_meta(self.path)
+        if self.meta.get("peft"):
+            raise ConsolidateError(
+                f"{self.path} is the sharded state of a PEFT (LoRA) run: it holds the adapter's optimizer state, not a "
+                "model. The adapter itself is in the checkpoint folder as adapter_model.safetensors (PeftModel."
+                "from_pretrained loads it); consolidate is for full fine-tunes"
+            )
         self.metadata = sharded.check_files(self.path)
         self.default_dtype = getattr(torch, self.meta["param_dtype"])
 

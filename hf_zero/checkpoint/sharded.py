@@ -19,9 +19,11 @@ A checkpoint is one folder (``DIR_NAME``) holding DCP's files and ``META_NAME``:
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
+import warnings
 
 import torch
 import torch.distributed as dist
@@ -59,7 +61,8 @@ def _dcp_value(flat: torch.Tensor, entry: ParamShard) -> torch.Tensor | ShardedT
     everyone = [ShardMetadata(list(b.offsets), list(b.sizes), f"rank:{q}/{device}")
                 for q, r in entry.chunks for b in boxes(entry.shape, r.start, r.end)]
     meta = ShardedTensorMetadata(everyone, torch.Size(entry.shape), TensorProperties(dtype=flat.dtype))
-    return ShardedTensor._init_from_local_shards_and_global_metadata(local, meta)
+    with _quiet_sharded_tensor():
+        return ShardedTensor._init_from_local_shards_and_global_metadata(local, meta)
 
 
 def _extra_tensors(model, trainable: set[str]) -> dict[str, torch.Tensor]:
@@ -95,6 +98,16 @@ def _no_dist() -> bool:
     return not (dist.is_available() and dist.is_initialized())
 
 
+@contextlib.contextmanager
+def _quiet_sharded_tensor():
+    """ShardedTensor is how DCP takes arbitrary rectangular blocks of one tensor from each rank;
+    its deprecation notice (pointing to DTensor, which cannot express them) is ours to see, not
+    the user's at every save."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*DTensor instead.*ShardedTensor.*", category=FutureWarning)
+        yield
+
+
 # ---- save -----------------------------------------------------------------------------------------
 
 
@@ -128,7 +141,8 @@ def save(engine, directory: str) -> str:
     names = {e.name for e in entries}
     extra = _extra_tensors(engine.model, names)
     state.update({f"extra/{n}": t for n, t in extra.items()})
-    dcp.save(state, storage_writer=dcp.FileSystemWriter(path), no_dist=_no_dist())
+    with _quiet_sharded_tensor():
+        dcp.save(state, storage_writer=dcp.FileSystemWriter(path), no_dist=_no_dist())
     if engine.ctx.rank == 0:
         _write_meta(engine, path, entries, extra, py_scalars)
     return path
@@ -150,6 +164,7 @@ def _write_meta(engine, path: str, entries: list[ParamShard], extra: dict, py_sc
         "params": {e.name: list(e.shape) for e in entries},
         "param_dtype": str(engine.buffers[0].dtype).removeprefix("torch."),
         "extra": sorted(extra),
+        "peft": hasattr(engine.model, "peft_config"),
         "optimizer": {"class": type(engine.optimizer).__name__, "param_groups": groups, "python_scalars": py_scalars},
     }
     tmp = os.path.join(path, META_NAME + ".tmp")
@@ -265,7 +280,8 @@ def load(engine, directory: str) -> dict:
                 t = torch.zeros(e.master.numel(), dtype=info.properties.dtype, device=e.master.device)
                 state[key] = _dcp_value(t, e)
             targets.setdefault(id(e.piece), {})[key[len(prefix):]] = t
-    dcp.load(state, storage_reader=dcp.FileSystemReader(path), no_dist=_no_dist())
+    with _quiet_sharded_tensor():
+        dcp.load(state, storage_reader=dcp.FileSystemReader(path), no_dist=_no_dist())
 
     py = meta["optimizer"]["python_scalars"]
     casts = {"bool": bool, "int": int, "float": float}

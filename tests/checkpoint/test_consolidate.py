@@ -150,3 +150,26 @@ def test_consolidate_streams_with_memory_about_one_tensor(tmp_path):
     assert grew <= 4 * largest + 24 * 2**20, (grew, largest, total)
     out = load_file(str(tmp_path / "out" / "model.safetensors"))
     assert sum(t.numel() * 4 for t in out.values()) == total
+
+
+def _lora_run(rank, world, out):
+    import hf_zero.trainer as zt
+    from peft import LoraConfig, get_peft_model
+
+    torch.manual_seed(0)
+    model = get_peft_model(AutoModelForCausalLM.from_config(_tiny_config(True)),
+                           LoraConfig(r=4, target_modules=["q_proj"], task_type="CAUSAL_LM"))
+    data = [{"input_ids": i, "labels": i} for i in torch.randint(0, 64, (8, 12))]
+    args = TrainingArguments(output_dir=str(out), use_cpu=True, report_to="none", max_steps=1, save_steps=1,
+                             per_device_train_batch_size=2, disable_tqdm=True)
+    zt.activate({"zero_optimization": {"stage": 2}})
+    try:
+        Trainer(model=model, args=args, train_dataset=data).train()
+    finally:
+        zt.deactivate()
+
+
+def test_a_lora_checkpoint_is_refused_with_where_the_adapter_is(tmp_path):
+    run_on_ranks(_lora_run, 1, tmp_path / "run", timeout=120)
+    with pytest.raises(ConsolidateError, match="PEFT \\(LoRA\\) run.*adapter_model.safetensors"):
+        consolidate(str(tmp_path / "run" / "checkpoint-1"), str(tmp_path / "out"))
