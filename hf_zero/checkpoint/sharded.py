@@ -121,7 +121,8 @@ def save(engine, directory: str) -> str:
         if e.master is None:
             continue
         state[f"master/{e.name}"] = _dcp_value(e.master, e)
-        for key, value in engine.optimizer.state.get(e.piece, {}).items() if e.piece is not None else ():
+        piece_state = engine.optimizer.state.get(e.piece, {}) if e.piece is not None else {}
+        for key, value in piece_state.items():
             name = f"optim/{e.name}/{key}"
             if torch.is_tensor(value) and value.dim() > 0:
                 if value.numel() != e.master.numel():
@@ -230,15 +231,15 @@ def check_model(meta: dict, ours: dict[str, tuple[int, ...]], path: str) -> None
     )
 
 
-def check(directory: str, shapes: dict[str, tuple[int, ...]]) -> dict:
+def check(directory: str, shapes: dict[str, tuple[int, ...]]) -> tuple[dict, dcp.Metadata]:
     """Refuse, before any work, a checkpoint in ``directory`` that a model with these trainable
     params (name -> shape) cannot resume from: missing or truncated files, or another model.
-    Returns the checkpoint's meta."""
+    Returns the checkpoint's meta and DCP's metadata."""
     path = os.path.join(directory, DIR_NAME)
     meta = read_meta(path)
-    check_files(path)
+    metadata = check_files(path)
     check_model(meta, shapes, path)
-    return meta
+    return meta, metadata
 
 
 @torch.no_grad()
@@ -247,9 +248,7 @@ def load(engine, directory: str) -> dict:
     world size and stage; returns the checkpoint's meta. Checks come first: nothing is changed
     when the checkpoint is refused."""
     path = os.path.join(directory, DIR_NAME)
-    meta = read_meta(path)
-    metadata = check_files(path)
-    check_model(meta, {e.name: e.shape for e in engine.shard_map()}, path)
+    meta, metadata = check(directory, {e.name: e.shape for e in engine.shard_map()})
     groups = meta["optimizer"]["param_groups"]
     if len(groups) != len(engine.optimizer.param_groups):
         raise CheckpointError(f"{os.path.join(path, META_NAME)}: the optimizer had {len(groups)} param groups, "

@@ -32,7 +32,8 @@ def check_model(path: str | None, model: ModelInfo | None, error: str | None) ->
     if error is not None:
         return failed(MODEL, error, "give --model a config.json or a model directory holding one "
                                     "(read locally, never downloaded)")
-    assert model is not None
+    if model is None:
+        raise AssertionError("check_model needs the counted model when there is no error")
     return passed(MODEL, model.describe())
 
 

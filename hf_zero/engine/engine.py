@@ -135,6 +135,7 @@ class ZeroEngine:
         sizes = [gb.bucket.shard_size for gb in grad_buckets]
         self._offloaded = self.offload.offloaded(sizes) if self.offload else [False] * len(sizes)
         self._host_grads: list[torch.Tensor | None] = [None] * len(sizes)
+        self._bucket_index = {id(gb): i for i, gb in enumerate(grad_buckets)}
         self._grads_on_host = False
         self._pieces: dict[nn.Parameter, nn.Parameter] = {}
         self._piece_grads: list[tuple[nn.Parameter, GradBucket, Range, nn.Parameter]] = []
@@ -314,12 +315,12 @@ class ZeroEngine:
         self.grad_sync.finish()
         if self._unused is None:
             self._unused = self._globally_unused()
-        if any(self._offloaded) and not self._grads_on_host:
+        if any(self._offloaded):
             self._grads_to_host()
         shards = self._grad_shards()
-        index = {id(gb): i for i, gb in enumerate(self.grad_sync.buckets)}
         for piece, gb, local, param in self._piece_grads:
-            piece.grad = None if param in self._unused else shards[index[id(gb)]][local.start : local.end]
+            grads = shards[self._bucket_index[id(gb)]]
+            piece.grad = None if param in self._unused else grads[local.start : local.end]
 
     def _grads_to_host(self) -> None:
         """Offloaded buckets: their reduced grads go to the host, and the device copy is freed."""
@@ -440,7 +441,7 @@ class ZeroEngine:
             elif m.data_ptr() != shard.data_ptr():
                 masters += nbytes(m)
         offloaded_pieces = {id(piece) for piece, gb, _, _ in self._piece_grads
-                            if self._offloaded[self.grad_sync.buckets.index(gb)]}
+                            if self._offloaded[self._bucket_index[id(gb)]]}
         state = 0
         for piece, s in self.optimizer.state.items():
             n = sum(nbytes(v) for v in s.values() if torch.is_tensor(v) and v.dim() > 0)

@@ -29,15 +29,19 @@ def save(engine, output_dir: str) -> None:
     sharded.save(engine, output_dir)
 
 
-def check(checkpoint: str, shapes: dict[str, tuple[int, ...]]) -> None:
-    """Refuse a checkpoint that a model with these trainable params (name -> shape) cannot resume
-    from, naming the file and what is wrong; cheap (reads metadata only)."""
+def _require_sharded_state(checkpoint: str) -> None:
     if not os.path.isdir(os.path.join(checkpoint, sharded.DIR_NAME)):
         raise CheckpointError(
             f"{os.path.join(checkpoint, sharded.DIR_NAME)} is missing: {checkpoint} holds no hf_zero sharded "
             "state (written without hf_zero, or with stage 0); resume it without --zero_config, or start from "
             "its model weights"
         )
+
+
+def check(checkpoint: str, shapes: dict[str, tuple[int, ...]]) -> None:
+    """Refuse a checkpoint that a model with these trainable params (name -> shape) cannot resume
+    from, naming the file and what is wrong; cheap (reads metadata only)."""
+    _require_sharded_state(checkpoint)
     sharded.check(checkpoint, shapes)
 
 
@@ -48,8 +52,9 @@ def trainable_shapes(model, engine=None) -> dict[str, tuple[int, ...]]:
 
 
 def load(engine, checkpoint: str) -> None:
-    """Check and restore the engine's state from ``checkpoint`` (any world size and stage)."""
-    check(checkpoint, trainable_shapes(engine.model, engine))
+    """Restore the engine's state from ``checkpoint`` (any world size and stage); ``sharded.load``
+    runs the same checks as ``check`` before it changes anything."""
+    _require_sharded_state(checkpoint)
     sharded.load(engine, checkpoint)
 
 
