@@ -15,12 +15,30 @@ the per-step logging, exactly what a user waits for. The first `--bench_warmup_s
 context, allocator growth, kernel autotuning, lazy sharding) are left out:
 
     tok/s = steady_steps * micro_batch * seq_len * grad_accum * world_size / steady_seconds
+
+[Note: profile] `--profile_step N` wraps the N-th optimizer step (1-based; pick one after the
+warm-up) in `torch.profiler` on rank 0, CPU and CUDA activities, no shapes or stacks: profiler
+start at `on_step_begin`, stop at `on_step_end`, so the window is that step's micro-batches,
+gradient reduction, clipping and optimizer step. Rank 0 writes `<profile_out>_stepN.trace.json.gz`
+(chrome trace, one step only) and `<profile_out>_stepN.profile.json`, the summary
+`profile_summary.py` computes from the trace's kernels (NCCL time, compute time, their overlap);
+the summary also lands in the JSON record under `profile`. The profiled step is slower (CUPTI,
+trace export), so it is left out of tok/s; its callback runs before the timer's, so the export
+is charged to that step alone.
+
+[Note: init device] `--init_device cuda` builds the random-init model directly on the rank's GPU (the default, cpu,
+builds it in host memory as a user's script would, and the Trainer moves it). Same steps and
+memory during training; it saves the minute a 7 B fp32 init takes on one CPU thread per rank.
+Under DeepSpeed ZeRO-3 the model is built inside `deepspeed.zero.Init` (born sharded on the GPU)
+either way, so the option does nothing there.
 """
 
+import contextlib
 import gc
 import json
 import os
 import resource
+import sys
 import tempfile
 import time
 from collections import Counter
@@ -67,12 +85,25 @@ class BenchArguments:
     # Not `--warmup_steps`: that is the Trainer's learning-rate warmup.
     bench_warmup_steps: int = field(default=3, metadata={"help": "optimizer steps left out of tok/s"})
     bench_out: str | None = field(default=None, metadata={"help": "JSON line written by rank 0 at the end"})
+    init_device: str = field(
+        default="cpu", metadata={"help": "where the random-init model is built: cpu, or cuda; see [Note: init device]"}
+    )
+    profile_step: int | None = field(
+        default=None, metadata={"help": "profile this optimizer step (1-based) on rank 0; see [Note: profile]"}
+    )
+    profile_out: str | None = field(
+        default=None, metadata={"help": "path prefix of the trace and summary (default: next to --bench_out)"}
+    )
 
     def __post_init__(self):
         if self.preset not in PRESETS:
             raise ValueError(f"--preset {self.preset!r} is not one of {sorted(PRESETS)}")
         if self.model_dtype not in ("fp32", "bf16"):
             raise ValueError(f"--model_dtype {self.model_dtype!r} is not one of ['bf16', 'fp32']")
+        if self.init_device not in ("cpu", "cuda"):
+            raise ValueError(f"--init_device {self.init_device!r} is not one of ['cpu', 'cuda']")
+        if self.profile_step is not None and self.profile_step < 1:
+            raise ValueError(f"--profile_step {self.profile_step} must be >= 1 (optimizer steps count from 1)")
 
 
 def llama_config(bench: BenchArguments) -> LlamaConfig:
@@ -126,6 +157,7 @@ class StepTimer(TrainerCallback):
         self.logged: dict = {}  # last value of every other logged key (train_runtime, extra metrics)
         self._begin = None
         self.train_begin = None
+        self.setup_peaks = (0, 0)  # (allocated, reserved) bytes before training began
 
     def _now(self) -> float:
         if self.cuda:
@@ -134,6 +166,9 @@ class StepTimer(TrainerCallback):
 
     def on_train_begin(self, args, state, control, **kwargs):
         self.train_begin = self._now()
+        if self.cuda:  # set-up's high-water marks (model build, wrapping, sharding), then a fresh window
+            self.setup_peaks = (torch.cuda.max_memory_allocated(), torch.cuda.max_memory_reserved())
+            torch.cuda.reset_peak_memory_stats()
 
     def on_step_begin(self, args, state, control, **kwargs):
         self._begin = self._now()
@@ -156,10 +191,56 @@ class StepTimer(TrainerCallback):
         return [end - start for start, end in zip(starts, self.ends)]
 
 
-def rank_stats(cuda: bool) -> dict:
+class StepProfiler(TrainerCallback):
+    """torch.profiler around one optimizer step on rank 0; see [Note: profile]."""
+
+    def __init__(self, step: int, out_prefix: str, cuda: bool):
+        self.step, self.out_prefix, self.cuda = step, out_prefix, cuda
+        self.summary: dict | None = None
+        self._prof = None
+        self._t0 = None
+
+    def on_step_begin(self, args, state, control, **kwargs):
+        if state.global_step + 1 != self.step or not state.is_world_process_zero:
+            return
+        activities = [torch.profiler.ProfilerActivity.CPU]
+        if self.cuda:
+            activities.append(torch.profiler.ProfilerActivity.CUDA)
+            torch.cuda.synchronize()
+        self._prof = torch.profiler.profile(activities=activities)
+        self._prof.start()
+        self._t0 = time.perf_counter()
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if self._prof is None or state.global_step != self.step:
+            return
+        if self.cuda:
+            torch.cuda.synchronize()
+        wall_us = (time.perf_counter() - self._t0) * 1e6
+        self._prof.stop()
+        trace = f"{self.out_prefix}_step{self.step}.trace.json.gz"
+        self._prof.export_chrome_trace(trace)
+        self._prof = None
+        sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # profile_summary.py, beside this file
+        from profile_summary import describe, summarize_trace
+
+        self.summary = summarize_trace(trace, step_wall_us=wall_us) | {"step": self.step, "trace": trace}
+        self.summary["note"] = describe(self.summary)
+        with open(f"{self.out_prefix}_step{self.step}.profile.json", "w") as f:
+            json.dump(self.summary, f, indent=2)
+        print(f"[bench] profiled step {self.step}: {self.summary['note']}", flush=True)
+
+
+def rank_stats(cuda: bool, timer: StepTimer) -> dict:
+    """Peaks over the whole process (set-up included), and over training alone: a model built on
+    the GPU (`--init_device cuda`) or moved there whole has a set-up peak that training may not reach."""
     stats = {"host_rss_gib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / GIB}
-    stats["peak_alloc_gib"] = torch.cuda.max_memory_allocated() / GIB if cuda else None
-    stats["peak_reserved_gib"] = torch.cuda.max_memory_reserved() / GIB if cuda else None
+    if not cuda:
+        return stats | dict.fromkeys(("peak_alloc_gib", "peak_reserved_gib", "train_peak_alloc_gib"))
+    train_alloc, train_reserved = torch.cuda.max_memory_allocated(), torch.cuda.max_memory_reserved()
+    stats["peak_alloc_gib"] = max(train_alloc, timer.setup_peaks[0]) / GIB
+    stats["peak_reserved_gib"] = max(train_reserved, timer.setup_peaks[1]) / GIB
+    stats["train_peak_alloc_gib"] = train_alloc / GIB
     return stats
 
 
@@ -172,9 +253,11 @@ def gather(obj) -> list:
     return out
 
 
-def summarize(bench, targs, timer, per_rank, model, n_params, build_s, train_s) -> dict:
+def summarize(bench, targs, timer, per_rank, model, n_params, build_s, train_s, profile=None) -> dict:
     steps = timer.step_seconds()
-    steady = steps[bench.bench_warmup_steps :]
+    # The profiled step (if any) ran under the profiler: not a steady step. See [Note: profile].
+    skip = bench.profile_step - 1 if profile is not None else None
+    steady = [s for i, s in enumerate(steps) if i >= bench.bench_warmup_steps and i != skip]
     world = targs.world_size
     tokens_per_step = targs.per_device_train_batch_size * bench.seq_len * targs.gradient_accumulation_steps * world
     tok_s = len(steady) * tokens_per_step / sum(steady) if steady else None
@@ -201,6 +284,7 @@ def summarize(bench, targs, timer, per_rank, model, n_params, build_s, train_s) 
         "world_size": world,
         "peak_alloc_gib": peak("peak_alloc_gib"),
         "peak_reserved_gib": peak("peak_reserved_gib"),
+        "train_peak_alloc_gib": peak("train_peak_alloc_gib"),
         "host_rss_gib": peak("host_rss_gib"),
         "per_rank": per_rank,
         "final_loss": timer.losses[-1] if timer.losses else None,
@@ -213,6 +297,14 @@ def summarize(bench, targs, timer, per_rank, model, n_params, build_s, train_s) 
         "gpu_count": torch.cuda.device_count() if cuda else 0,
         "build_s": build_s,
         "train_s": train_s,
+        "init_device": bench.init_device,
+        # Which activation checkpointing ran: the model's own (the Trainer flag) or FSDP's wrapper.
+        "activation_checkpointing": {
+            "model": any(getattr(model, a, False)
+                         for a in ("is_gradient_checkpointing", "is_activation_checkpointing")),
+            "fsdp_wrapper": any("CheckpointWrapper" in type(m).__name__ for m in model.modules()),
+        },
+        "profile": profile,
     }
 
 
@@ -232,6 +324,8 @@ def main():
     bench, targs = parser.parse_args_into_dataclasses()
     if targs.max_steps <= bench.bench_warmup_steps:
         raise ValueError(f"--max_steps {targs.max_steps} must exceed --bench_warmup_steps {bench.bench_warmup_steps}")
+    if bench.profile_step is not None and bench.profile_step > targs.max_steps:
+        raise ValueError(f"--profile_step {bench.profile_step} is past --max_steps {targs.max_steps}")
     record = train(bench, targs)
     if record is not None:
         print(f"[bench] tok/s={record['tok_per_s']} peak_alloc_gib={record['peak_alloc_gib']}", flush=True)
@@ -251,7 +345,8 @@ def train(bench: BenchArguments, targs: TrainingArguments) -> dict | None:
     t0 = time.perf_counter()
     config = llama_config(bench)
     dtype = torch.bfloat16 if bench.model_dtype == "bf16" else torch.float32
-    model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+    with _init_device(bench, targs):
+        model = AutoModelForCausalLM.from_config(config, dtype=dtype)
     build_s = time.perf_counter() - t0
     n_params = count_params(config)
 
@@ -259,15 +354,33 @@ def train(bench: BenchArguments, targs: TrainingArguments) -> dict | None:
     data = RandomTokens(rows * targs.world_size, bench.seq_len, config.vocab_size, targs.seed)
     cuda = targs.device.type == "cuda"
     timer = StepTimer(cuda)
-    trainer = Trainer(model=model, args=targs, train_dataset=data, callbacks=[timer])
+    callbacks = [timer]
+    profiler = None
+    if bench.profile_step is not None:
+        prefix = bench.profile_out or os.path.splitext(bench.bench_out or os.path.join(targs.output_dir, "bench"))[0]
+        profiler = StepProfiler(bench.profile_step, prefix, cuda)
+        callbacks.insert(0, profiler)  # before the timer: the export is charged to the profiled step
+    trainer = Trainer(model=model, args=targs, train_dataset=data, callbacks=callbacks)
     t0 = time.perf_counter()
     trainer.train()
     train_s = time.perf_counter() - t0
 
-    per_rank = gather(rank_stats(cuda))
+    per_rank = gather(rank_stats(cuda, timer))
     if not trainer.is_world_process_zero():
         return None
-    return summarize(bench, targs, timer, per_rank, model, n_params, build_s, train_s)
+    profile = profiler.summary if profiler is not None else None
+    return summarize(bench, targs, timer, per_rank, model, n_params, build_s, train_s, profile)
+
+
+def _init_device(bench: BenchArguments, targs: TrainingArguments):
+    """Default-device context for building the model; see [Note: init device]."""
+    if bench.init_device == "cpu" or targs.device.type != "cuda":
+        return contextlib.nullcontext()
+    from transformers.integrations import is_deepspeed_zero3_enabled
+
+    if is_deepspeed_zero3_enabled():  # zero.Init places the shards itself
+        return contextlib.nullcontext()
+    return torch.device(targs.device)
 
 
 if __name__ == "__main__":

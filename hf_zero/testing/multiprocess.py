@@ -1,9 +1,13 @@
-"""Run a function on N gloo ranks in fresh processes, for tests and examples.
+"""Run a function on N ranks in fresh processes, for tests and examples.
 
 ``run_on_ranks(fn, world_size, *args)`` spawns ``world_size`` processes, initializes a gloo
 process group in each, calls ``fn(rank, world_size, *args)`` and returns the list of per-rank
 return values (rank order). If any rank raises, or the run outlasts ``timeout`` seconds, every
 rank is stopped and a ``RankFailure`` is raised carrying each failing rank's full traceback.
+
+``backend="nccl"`` gives each rank its own GPU instead: rank r makes ``cuda:r`` its current
+device before the NCCL process group is created (bound to that device), so ``fn`` can allocate
+with ``device="cuda"``. It needs at least ``world_size`` visible GPUs. The gloo path is unchanged.
 
 ``fn`` and ``args`` must be picklable (a module-level function), as with ``torch.multiprocessing``.
 Return plain Python values (``tensor.tolist()``): a tensor sent back through the queue lives in the
@@ -34,7 +38,10 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def _worker(rank: int, world_size: int, port: int, fn: Callable, args: tuple, results: Any) -> None:
+BACKENDS = ("gloo", "nccl")
+
+
+def _worker(rank: int, world_size: int, port: int, fn: Callable, args: tuple, results: Any, backend: str) -> None:
     os.environ.update(
         MASTER_ADDR="127.0.0.1",
         MASTER_PORT=str(port),
@@ -45,7 +52,12 @@ def _worker(rank: int, world_size: int, port: int, fn: Callable, args: tuple, re
     )
     torch.set_num_threads(1)
     try:
-        dist.init_process_group("gloo", rank=rank, world_size=world_size)
+        if backend == "nccl":
+            device = torch.device("cuda", rank)
+            torch.cuda.set_device(device)
+            dist.init_process_group("nccl", rank=rank, world_size=world_size, device_id=device)
+        else:
+            dist.init_process_group("gloo", rank=rank, world_size=world_size)
         out = fn(rank, world_size, *args)
         results.put((rank, "ok", out))
     except BaseException:  # noqa: BLE001 - every failure must reach the parent
@@ -55,15 +67,26 @@ def _worker(rank: int, world_size: int, port: int, fn: Callable, args: tuple, re
             dist.destroy_process_group()
 
 
-def run_on_ranks(fn: Callable, world_size: int, *args: Any, timeout: float = 120.0) -> list[Any]:
-    """Run ``fn(rank, world_size, *args)`` on ``world_size`` gloo ranks; return per-rank results."""
+def run_on_ranks(
+    fn: Callable, world_size: int, *args: Any, timeout: float = 120.0, backend: str = "gloo"
+) -> list[Any]:
+    """Run ``fn(rank, world_size, *args)`` on ``world_size`` ranks; return per-rank results.
+
+    ``backend``: ``"gloo"`` (CPU ranks) or ``"nccl"`` (rank r on ``cuda:r``)."""
     if world_size < 1:
         raise ValueError(f"world_size must be >= 1, got {world_size}")
+    if backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {list(BACKENDS)}, got {backend!r}")
+    if backend == "nccl" and torch.cuda.device_count() < world_size:
+        raise ValueError(
+            f"backend 'nccl' with world_size {world_size} needs {world_size} GPUs; "
+            f"{torch.cuda.device_count()} visible"
+        )
     ctx = mp.get_context("spawn")
     results = ctx.Queue()
     port = free_port()
     procs = [
-        ctx.Process(target=_worker, args=(r, world_size, port, fn, args, results), daemon=True)
+        ctx.Process(target=_worker, args=(r, world_size, port, fn, args, results, backend), daemon=True)
         for r in range(world_size)
     ]
     for p in procs:

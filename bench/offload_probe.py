@@ -1,0 +1,113 @@
+"""Where an optimizer-offload step spends its time: the engine alone (no Trainer), phase by phase.
+
+    torchrun --nproc_per_node 1 bench/offload_probe.py [--preset 1b1] [--steps 6] [--ratio 1.0]
+
+Prints, per step, wall seconds of forward, backward, clip, optimizer step (with the host step's
+own split: waiting for grads, host optimizer, uploads queued), and the raw speed of the host
+optimizer on the same number of elements, so a slow offload step can be blamed on its part.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import time
+
+import torch
+import torch.distributed as dist
+from transformers import LlamaConfig, LlamaForCausalLM
+
+from hf_zero.engine import ZeroEngine
+from hf_zero.engine import host_step as H
+from hf_zero.engine.offload import OptimizerOffload
+
+PRESETS = {"tiny": (64, 2, 128, 4, 2, 256), "1b1": (2048, 22, 5632, 32, 4, 32000)}
+
+
+def main() -> None:
+    p = argparse.ArgumentParser()
+    p.add_argument("--preset", default="1b1")
+    p.add_argument("--steps", type=int, default=6)
+    p.add_argument("--ratio", type=float, default=1.0)
+    p.add_argument("--micro_batch", type=int, default=4)
+    p.add_argument("--seq", type=int, default=2048)
+    args = p.parse_args()
+    dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+    dev = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0))) if torch.cuda.is_available() else torch.device("cpu")
+    if dev.type == "cuda":
+        torch.cuda.set_device(dev)
+    print(f"threads {torch.get_num_threads()}, OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS')}", flush=True)
+    h, layers, inter, heads, kv, vocab = PRESETS[args.preset]
+    cfg = LlamaConfig(hidden_size=h, num_hidden_layers=layers, intermediate_size=inter, num_attention_heads=heads,
+                      num_key_value_heads=kv, vocab_size=vocab)
+    with torch.device(dev):
+        model = LlamaForCausalLM(cfg)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-5, fused=True)
+    engine = ZeroEngine(model, opt, stage=2, bucket_numel=h * h, param_dtype=torch.bfloat16,
+                        offload=OptimizerOffload("cpu", ratio=args.ratio))
+
+    split = {"wait": 0.0, "host_opt": 0.0, "upload": 0.0}
+    orig_step_on, orig_upload = H._step_on, H.HostStep._upload
+
+    def timed_step_on(view, optimizer, pieces):
+        t = time.perf_counter()
+        orig_step_on(view, optimizer, pieces)
+        split["host_opt"] += time.perf_counter() - t
+
+    def timed_upload(self, *a):
+        t = time.perf_counter()
+        orig_upload(self, *a)
+        split["upload"] += time.perf_counter() - t
+
+    H._step_on, H.HostStep._upload = timed_step_on, timed_upload
+    ids = torch.randint(0, vocab, (args.micro_batch, args.seq), device=dev)
+
+    def sync():
+        if dev.type == "cuda":
+            torch.cuda.synchronize()
+
+    for step in range(args.steps):
+        for k in split:
+            split[k] = 0.0
+        sync(); t0 = time.perf_counter()
+        with torch.autocast(dev.type, dtype=torch.bfloat16):
+            loss = model(input_ids=ids, labels=ids).loss
+        sync(); t1 = time.perf_counter()
+        loss.backward()
+        sync(); t2 = time.perf_counter()
+        engine.clip_grad_norm_(1.0)
+        sync(); t3 = time.perf_counter()
+        opt.step()
+        sync(); t4 = time.perf_counter()
+        opt.zero_grad()
+        print(f"step {step}: fwd {t1-t0:.3f} bwd {t2-t1:.3f} clip {t3-t2:.3f} opt {t4-t3:.3f} "
+              f"(host optimizer {split['host_opt']:.3f}, uploads queued {split['upload']:.3f}) "
+              f"total {t4-t0:.3f} s", flush=True)
+
+    n = sum(m.numel() for m in engine.masters)
+    params = [torch.zeros(n // 8, pin_memory=dev.type == "cuda") for _ in range(8)]
+    for q in params:
+        q.grad = torch.randn_like(q)
+    raw = torch.optim.AdamW(params, lr=1e-5, fused=True)
+    for _ in range(2):
+        raw.step()
+    t = time.perf_counter()
+    raw.step()
+    dt = time.perf_counter() - t
+    print(f"raw fused CPU AdamW on {n/1e9:.2f} G elements: {dt:.3f} s ({n/dt/1e9:.2f} Gparam/s)", flush=True)
+    if dev.type == "cuda":
+        g = torch.empty(n // 8, device=dev)
+        host = torch.empty(n // 8, pin_memory=True)
+        torch.cuda.synchronize(); t = time.perf_counter()
+        host.copy_(g, non_blocking=True); torch.cuda.synchronize()
+        d2h = g.numel() * 4 / (time.perf_counter() - t) / 1e9
+        t = time.perf_counter()
+        g.copy_(host, non_blocking=True); torch.cuda.synchronize()
+        h2d = g.numel() * 4 / (time.perf_counter() - t) / 1e9
+        print(f"pinned copies: d2h {d2h:.1f} GB/s, h2d {h2d:.1f} GB/s", flush=True)
+    engine.close()
+    dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main()

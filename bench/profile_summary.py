@@ -1,0 +1,148 @@
+"""How much of one profiled step's communication the GPU hid behind compute.
+
+    python bench/profile_summary.py results/NAME_hfzero-s3_step5.trace.json.gz   # prints the summary
+
+Input: the GPU kernel events of a torch.profiler chrome trace (``"cat": "kernel"``, start ``ts``
+and ``dur`` in microseconds, the CUDA stream in ``args.stream``). Kernels whose name starts with
+``nccl`` are communication; every other kernel is compute. Each class becomes the union of its
+kernels' intervals (kernels of one stream never overlap; kernels of several compute streams may),
+and
+
+    nccl_us      = |union(NCCL kernels)|          (time some NCCL kernel runs)
+    compute_us   = |union(compute kernels)|       (time some compute kernel runs)
+    overlap_us   = |union(NCCL) ∩ union(compute)| (both at once: necessarily on different streams)
+    exposed_nccl_us = nccl_us - overlap_us        (communication nothing hid)
+    hidden_fraction = overlap_us / nccl_us
+
+Worked example: compute runs [0, 10) and [12, 20), NCCL runs [8, 14): nccl_us = 6, overlap_us
+= 2 + 2 = 4 ([8, 10) and [12, 14)), exposed 2 ([10, 12)), hidden_fraction 2/3.
+
+An NCCL kernel's duration includes the time it waits for the slowest rank to arrive, so nccl_us
+is an upper bound on transfer time, and exposed_nccl_us also counts waiting for stragglers.
+Pure Python, no torch: unit tests feed it synthetic intervals (tests/test_profile_summary.py).
+"""
+
+from __future__ import annotations
+
+import gzip
+import json
+import re
+import sys
+from collections import defaultdict
+from collections.abc import Iterable
+
+Interval = tuple[float, float]
+
+_NCCL_KIND = re.compile(r"^nccl(?:Dev)?Kernel_([A-Za-z]+)")
+
+
+def union(intervals: Iterable[Interval]) -> list[Interval]:
+    """Sorted, disjoint intervals covering exactly the points of ``intervals`` (empty ones dropped)."""
+    merged: list[list[float]] = []
+    for start, end in sorted(i for i in intervals if i[1] > i[0]):
+        if merged and start <= merged[-1][1]:
+            merged[-1][1] = max(merged[-1][1], end)
+        else:
+            merged.append([start, end])
+    return [(s, e) for s, e in merged]
+
+
+def length(intervals: Iterable[Interval]) -> float:
+    """Measure of the union of ``intervals`` (overlaps counted once)."""
+    return sum(e - s for s, e in union(intervals))
+
+
+def intersection(a: Iterable[Interval], b: Iterable[Interval]) -> list[Interval]:
+    """Points covered by both ``a`` and ``b``, as sorted disjoint intervals."""
+    a, b = union(a), union(b)
+    out, i, j = [], 0, 0
+    while i < len(a) and j < len(b):
+        start, end = max(a[i][0], b[j][0]), min(a[i][1], b[j][1])
+        if start < end:
+            out.append((start, end))
+        if a[i][1] <= b[j][1]:
+            i += 1
+        else:
+            j += 1
+    return out
+
+
+def is_nccl(name: str) -> bool:
+    return name.lower().startswith("nccl")
+
+
+def collective_kind(name: str) -> str:
+    """``AllGather`` from ``ncclDevKernel_AllGather_RING_LL(...)``; ``other`` if unrecognised."""
+    m = _NCCL_KIND.match(name)
+    return m.group(1) if m else "other"
+
+
+def summarize_kernels(kernels: list[dict], step_wall_us: float | None = None) -> dict:
+    """Summary of kernel dicts with ``name``, ``ts``, ``dur`` (us) and optionally ``stream``."""
+    nccl = [(k["ts"], k["ts"] + k["dur"]) for k in kernels if is_nccl(k["name"])]
+    compute = [(k["ts"], k["ts"] + k["dur"]) for k in kernels if not is_nccl(k["name"])]
+    by_kind: dict[str, list[Interval]] = defaultdict(list)
+    streams: dict[str, set] = {"nccl": set(), "compute": set()}
+    for k in kernels:
+        cls = "nccl" if is_nccl(k["name"]) else "compute"
+        streams[cls].add(k.get("stream"))
+        if cls == "nccl":
+            by_kind[collective_kind(k["name"])].append((k["ts"], k["ts"] + k["dur"]))
+    nccl_us, compute_us = length(nccl), length(compute)
+    overlap_us = length(intersection(nccl, compute))
+    everything = nccl + compute
+    span = (max(e for _, e in everything) - min(s for s, _ in everything)) if everything else 0.0
+    return {
+        "step_wall_us": step_wall_us,
+        "gpu_span_us": span,  # first kernel start to last kernel end
+        "gpu_busy_us": length(everything),
+        "compute_us": compute_us,
+        "nccl_us": nccl_us,
+        "overlap_us": overlap_us,
+        "exposed_nccl_us": nccl_us - overlap_us,
+        "hidden_fraction": overlap_us / nccl_us if nccl_us > 0 else None,
+        "nccl_us_by_collective": {kind: length(iv) for kind, iv in sorted(by_kind.items())},
+        "kernels": len(kernels),
+        "nccl_kernels": len(nccl),
+        "streams": {cls: sorted(s for s in ids if s is not None) for cls, ids in streams.items()},
+    }
+
+
+def kernels_from_trace(trace: dict) -> list[dict]:
+    """The GPU kernel events of a chrome trace as exported by ``torch.profiler``."""
+    out = []
+    for ev in trace.get("traceEvents", []):
+        if ev.get("ph") == "X" and str(ev.get("cat", "")).lower() == "kernel" and "dur" in ev:
+            args = ev.get("args") or {}
+            out.append({"name": ev.get("name", ""), "ts": float(ev["ts"]), "dur": float(ev["dur"]),
+                        "stream": args.get("stream", ev.get("tid"))})
+    return out
+
+
+def load_trace(path: str) -> dict:
+    opener = gzip.open if path.endswith(".gz") else open
+    with opener(path, "rt") as f:
+        return json.load(f)
+
+
+def summarize_trace(path: str, step_wall_us: float | None = None) -> dict:
+    return summarize_kernels(kernels_from_trace(load_trace(path)), step_wall_us)
+
+
+def describe(summary: dict) -> str:
+    """One paragraph for a results note."""
+    s = summary
+    hidden = "n/a" if s["hidden_fraction"] is None else f"{100 * s['hidden_fraction']:.0f}%"
+    wall = "" if s.get("step_wall_us") is None else f"step {s['step_wall_us'] / 1e3:.1f} ms wall, "
+    kinds = ", ".join(f"{k} {v / 1e3:.1f} ms" for k, v in s["nccl_us_by_collective"].items())
+    return (f"{wall}GPU busy {s['gpu_busy_us'] / 1e3:.1f} ms of a {s['gpu_span_us'] / 1e3:.1f} ms span; "
+            f"compute {s['compute_us'] / 1e3:.1f} ms, NCCL {s['nccl_us'] / 1e3:.1f} ms ({kinds}); "
+            f"{s['overlap_us'] / 1e3:.1f} ms of NCCL ran under compute: {hidden} hidden, "
+            f"{s['exposed_nccl_us'] / 1e3:.1f} ms exposed")
+
+
+if __name__ == "__main__":
+    for trace_path in sys.argv[1:]:
+        result = summarize_trace(trace_path)
+        print(json.dumps(result, indent=2))
+        print(describe(result))
