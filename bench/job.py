@@ -158,6 +158,7 @@ class StepTimer(TrainerCallback):
         self._begin = None
         self.train_begin = None
         self.setup_peaks = (0, 0)  # (allocated, reserved) bytes before training began
+        self.running_peaks: list[int] = []  # max allocated so far, at each step's end: where the peak came
 
     def _now(self) -> float:
         if self.cuda:
@@ -176,6 +177,8 @@ class StepTimer(TrainerCallback):
     def on_step_end(self, args, state, control, **kwargs):
         now = self._now()
         self.ends.append(now)
+        if self.cuda:
+            self.running_peaks.append(torch.cuda.max_memory_allocated())
         if self._begin is not None:
             self.compute_s.append(now - self._begin)
 
@@ -289,6 +292,7 @@ def summarize(bench, targs, timer, per_rank, model, n_params, build_s, train_s, 
         "per_rank": per_rank,
         "final_loss": timer.losses[-1] if timer.losses else None,
         "losses": timer.losses,
+        "running_peak_alloc_gib": [round(b / GIB, 3) for b in timer.running_peaks],
         "logged": timer.logged,
         "param_dtypes": dict(Counter(str(p.dtype).removeprefix("torch.") for p in model.parameters())),
         "n_params": n_params,

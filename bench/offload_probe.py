@@ -82,7 +82,8 @@ def main() -> None:
         opt.zero_grad()
         print(f"step {step}: fwd {t1-t0:.3f} bwd {t2-t1:.3f} clip {t3-t2:.3f} opt {t4-t3:.3f} "
               f"(host optimizer {split['host_opt']:.3f}, uploads queued {split['upload']:.3f}) "
-              f"total {t4-t0:.3f} s", flush=True)
+              f"total {t4-t0:.3f} s, peak {torch.cuda.max_memory_allocated() / 2**30 if dev.type == 'cuda' else 0:.2f} GiB",
+              flush=True)
 
     n = sum(m.numel() for m in engine.masters)
     params = [torch.zeros(n // 8, pin_memory=dev.type == "cuda") for _ in range(8)]

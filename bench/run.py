@@ -59,6 +59,9 @@ MODES: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {
     "plain": ((), ()),
     **{f"hfzero-s{n}": (_HFZERO, ("--zero_config", f"{CONFIGS}/hfzero_s{n}.json")) for n in range(4)},
     **{f"hfzero-s{n}-offload": (_HFZERO, ("--zero_config", f"{CONFIGS}/hfzero_s{n}_offload.json")) for n in (2, 3)},
+    # partial optimizer offload: NN% of the optimizer state on the host, the rest stepped on the GPU
+    **{f"hfzero-s2-offload-r{r}": (_HFZERO, ("--zero_config", f"{CONFIGS}/hfzero_s2_offload_r{r}.json"))
+       for r in (80, 70, 60, 50)},
     **{f"ds-z{n}": ((), ("--deepspeed", f"{CONFIGS}/ds_z{n}.json")) for n in (2, 3)},
     **{f"ds-z{n}-offload": ((), ("--deepspeed", f"{CONFIGS}/ds_z{n}_offload.json")) for n in (2, 3)},
     "fsdp2": ((), ("--fsdp", "full_shard auto_wrap", "--fsdp_config", f"{CONFIGS}/fsdp2.json")),

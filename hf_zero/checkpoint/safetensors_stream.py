@@ -4,8 +4,10 @@
 of a model larger than host memory cannot be built that way. The format is simple (an 8-byte
 little-endian header length, a JSON header with each tensor's dtype, shape and byte range, then
 the raw bytes in order), and every tensor's dtype and shape are known before any is read, so
-the header is written first and each tensor's bytes are appended as it arrives. Files written
-here are read back with ``safetensors`` itself in the tests.
+the header is written first and each tensor's bytes are written at their offset as they arrive,
+in any order (a stage-3 save gathers unit by unit, not in file order). Files written here are
+read back with ``safetensors`` itself in the tests; with ``safetensors_order`` the files are byte
+for byte what ``safetensors.torch.save_file`` writes for the same tensors.
 """
 
 from __future__ import annotations
@@ -22,6 +24,9 @@ _DTYPES = {
     torch.int64: "I64", torch.int32: "I32", torch.int16: "I16", torch.int8: "I8", torch.uint8: "U8",
     torch.bool: "BOOL",
 }
+# The order in which ``safetensors`` lays out a file's data: by dtype (its Rust enum, descending),
+# then by name. Only the byte layout depends on it; readers look tensors up by name.
+_SAFETENSORS_RANK = {d: i for i, d in enumerate(["I64", "F64", "F32", "I32", "BF16", "F16", "I16", "I8", "U8", "BOOL"])}
 INDEX_NAME = "model.safetensors.index.json"
 SINGLE_NAME = "model.safetensors"
 
@@ -38,17 +43,19 @@ class TensorSpec:
 
 
 class StreamingWriter:
-    """One safetensors file whose tensors (``specs``, in order) are written one by one."""
+    """One safetensors file whose tensors (``specs``: the data laid out in this order) are written
+    one by one, in any order; the file appears under its name only once every tensor is in."""
 
     def __init__(self, path: str, specs: list[TensorSpec]) -> None:
         for s in specs:
             if s.dtype not in _DTYPES:
                 raise ValueError(f"{s.name}: dtype {s.dtype} cannot be written to safetensors here")
-        self.path, self.specs, self._next = path, specs, 0
+        self.path, self.specs = path, specs
         header: dict[str, object] = {"__metadata__": {"format": "pt"}}
-        offset = 0
+        offsets, offset = {}, 0
         for s in specs:
             header[s.name] = {"dtype": _DTYPES[s.dtype], "shape": list(s.shape), "data_offsets": [offset, offset + s.nbytes]}
+            offsets[s.name] = (s, offset)
             offset += s.nbytes
         raw = json.dumps(header, separators=(",", ":")).encode()
         raw += b" " * (-len(raw) % 8)  # the data starts 8-byte aligned
@@ -56,27 +63,38 @@ class StreamingWriter:
         self._file = open(self._tmp, "wb")
         self._file.write(len(raw).to_bytes(8, "little"))
         self._file.write(raw)
+        start = 8 + len(raw)
+        self._pending = {name: (s, start + off) for name, (s, off) in offsets.items()}
 
     def write(self, name: str, tensor: torch.Tensor) -> None:
-        spec = self.specs[self._next]
-        if name != spec.name or tuple(tensor.shape) != spec.shape or tensor.dtype != spec.dtype:
-            raise AssertionError(f"expected {spec}, got {name} {tuple(tensor.shape)} {tensor.dtype}")
+        """Write ``tensor``'s bytes at ``name``'s offset (each name once)."""
+        spec, position = self._pending.pop(name, (None, None))
+        if spec is None or tuple(tensor.shape) != spec.shape or tensor.dtype != spec.dtype:
+            raise AssertionError(f"{self.path}: {name} {tuple(tensor.shape)} {tensor.dtype} is not a tensor still "
+                                 f"to write here (expected {spec})")
         data = tensor.detach().to("cpu").contiguous().reshape(-1)
-        self._file.write(data.view(torch.uint8).numpy().tobytes() if data.numel() else b"")
-        self._next += 1
+        if self._file.tell() != position:
+            self._file.seek(position)
+        if data.numel():
+            self._file.write(data.view(torch.uint8).numpy())  # the buffer itself, no bytes copy
 
     def close(self) -> None:
         """Finish the file (renamed into place only once every tensor is in)."""
         self._file.close()
-        if self._next != len(self.specs):
+        if self._pending:
             os.unlink(self._tmp)
-            raise AssertionError(f"{self.path}: {len(self.specs) - self._next} tensors were never written")
+            raise AssertionError(f"{self.path}: {len(self._pending)} tensors were never written: {sorted(self._pending)[:3]}")
         os.replace(self._tmp, self.path)
 
     def abort(self) -> None:
         self._file.close()
         if os.path.exists(self._tmp):
             os.unlink(self._tmp)
+
+
+def safetensors_order(specs: list[TensorSpec]) -> list[TensorSpec]:
+    """``specs`` in the order ``safetensors.torch.save_file`` lays out a file's data."""
+    return sorted(specs, key=lambda s: (_SAFETENSORS_RANK[_DTYPES[s.dtype]], s.name))
 
 
 def plan_shards(specs: list[TensorSpec], max_shard_bytes: int) -> list[list[TensorSpec]]:

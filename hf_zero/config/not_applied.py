@@ -79,12 +79,6 @@ NOT_APPLIED: dict[str, NotApplied] = {
     "zero_optimization.reduce_scatter": NotApplied("gradients are always reduce-scattered", (True,)),
     "zero_optimization.allgather_bucket_size": NotApplied(
         "all-gathers follow the gradient buckets (reduce_bucket_size; at stage 3 one unit each)", (500_000_000,)),
-    "zero_optimization.stage3_prefetch_bucket_size": NotApplied(
-        "stage 3 gathers one unit at a time, without prefetch, in this version", (50_000_000,)),
-    "zero_optimization.stage3_param_persistence_threshold": NotApplied(
-        "every trainable stage-3 param is sharded in its unit in this version", (100_000,)),
-    "zero_optimization.stage3_max_live_parameters": NotApplied(
-        "stage 3 keeps at most the root unit and one block gathered in this version", (1_000_000_000,)),
     "zero_optimization.contiguous_gradients": NotApplied("the engine always uses contiguous buffers", (True,)),
     "zero_optimization.round_robin_gradients": NotApplied("offloaded gradients are copied per bucket", (False,)),
     "zero_optimization.sub_group_size": NotApplied("the offloaded optimizer step is not tiled", (1_000_000_000,)),

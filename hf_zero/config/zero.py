@@ -57,8 +57,9 @@ class OffloadConfig:
         1.0,
         deepspeed="ratio",
         doc="""Fraction of optimizer state that is offloaded, in (0, 1]; the rest stays on the
-        accelerator. Only for `offload_optimizer` with stage 3 (DeepSpeed's rule). Default 1.0:
-        offload everything.""",
+        accelerator (stepped there while the host steps the rest). Only for `offload_optimizer`;
+        hf_zero allows it at stages 1-3 (DeepSpeed only at stage 3). Default 1.0: offload
+        everything.""",
     )
 
     def __post_init__(self) -> None:
@@ -123,21 +124,27 @@ class ZeroConfig:
     prefetch_bucket_size: int | Auto = setting(
         50_000_000,
         deepspeed="stage3_prefetch_bucket_size",
-        doc="""Stage 3: elements of upcoming parameters gathered ahead of use. Default 5e7
-        (DeepSpeed's). "auto": int(0.9 * hidden_size * hidden_size).""",
+        doc="""Stage 3: elements of upcoming parameters gathered ahead of use, on a side
+        stream, while the current unit computes: whole units (blocks) in the order the previous
+        forward used them (its reverse in backward), at least one when > 0; 0 turns prefetch
+        off. Default 5e7 (DeepSpeed's). "auto": int(0.9 * hidden_size * hidden_size).""",
     )
     param_persistence_threshold: int | Auto = setting(
         100_000,
         deepspeed="stage3_param_persistence_threshold",
-        doc="""Stage 3: parameters with fewer elements stay unsharded (biases, norms), since
-        gathering them costs more latency than they save memory. Default 1e5 (DeepSpeed's).
+        doc="""Stage 3: trainable parameters with fewer elements stay unsharded (biases,
+        norms), since gathering them costs more latency than they save memory: they are whole on
+        every rank, their gradients are reduce-scattered and their updated shards all-gathered
+        after each optimizer step. 0: every parameter is sharded. Default 1e5 (DeepSpeed's).
         "auto": 10 * hidden_size.""",
     )
     max_live_parameters: int = setting(
         1_000_000_000,
         deepspeed="stage3_max_live_parameters",
-        doc="""Stage 3: upper bound on gathered (full) parameter elements resident at once;
-        lower it to trade communication for memory. Default 1e9 (DeepSpeed's).""",
+        doc="""Stage 3: upper bound on gathered (full) parameter elements resident at once,
+        units in flight included; a prefetch that would pass it is not started (a unit needed
+        now is always gathered). Lower it to trade overlap for memory. Default 1e9
+        (DeepSpeed's).""",
     )
     max_reuse_distance: int = setting(
         1_000_000_000,
@@ -202,9 +209,10 @@ class ZeroConfig:
         if self.offload_optimizer.device != "none" and stage == 0:
             raise checks.fail(self, "offload_optimizer.device", "optimizer offload needs ZeRO stage 1, 2 or 3",
                               value=self.offload_optimizer.device, allowed='"none" with stage 0')
-        if self.offload_optimizer.ratio < 1.0 and stage != 3:
-            raise checks.fail(self, "offload_optimizer.ratio", "partial offload needs ZeRO stage 3",
-                              value=self.offload_optimizer.ratio, allowed="1.0 with stage 0-2")
+        if self.offload_optimizer.ratio < 1.0 and self.offload_optimizer.device == "none":
+            raise checks.fail(self, "offload_optimizer.ratio", "partial offload needs an offload device",
+                              value=self.offload_optimizer.ratio,
+                              allowed='1.0, or set offload_optimizer.device to "cpu"')
         if self.offload_param.device != "none" and stage != 3:
             raise checks.fail(self, "offload_param.device", "parameter offload needs ZeRO stage 3",
                               value=self.offload_param.device, allowed='"none" with stage 0-2')

@@ -27,12 +27,14 @@ from torch.utils.hooks import RemovableHandle
 
 from hf_zero.engine import collectives as C
 from hf_zero.engine.grad_sync import BucketState, GradBucket, GradSync
+from hf_zero.engine.host_step import HostStep
 from hf_zero.engine.layout import FlatParamBuffer
 from hf_zero.engine.offload import OptimizerOffload
 from hf_zero.engine.ranges import Range
 from hf_zero.engine.shard_map import ParamShard, shard_map
 from hf_zero.engine.stages import strategy_for
-from hf_zero.engine.units import ParamUnit, UnitHooks, UnitState, group_by_unit
+from hf_zero.engine.streams import Streams
+from hf_zero.engine.units import ParamUnit, UnitHooks, UnitState, group_by_unit, make_units, split_persistent
 
 
 class ZeroEngine:
@@ -47,11 +49,18 @@ class ZeroEngine:
         bucket_numel: int,
         param_dtype: torch.dtype | None = None,
         offload: OptimizerOffload | None = None,
+        prefetch_numel: int = 0,
+        max_live_numel: int | None = None,
+        persistence_threshold: int = 0,
         group=None,
     ) -> None:
         self.strategy = strategy_for(stage)
         self.model, self.optimizer = model, optimizer
         self.bucket_numel = bucket_numel
+        # Stage 3 (units.py): elements gathered ahead of use (0: none), most full elements at once
+        # (None: no bound), and params below this many elements kept whole (0: none).
+        self.prefetch_numel, self.max_live_numel = prefetch_numel, max_live_numel
+        self.persistence_threshold = persistence_threshold
         # bf16/fp16 runs keep the model's trainable params in that dtype and an fp32 master shard.
         self.param_dtype = param_dtype
         self.offload = offload  # None: the optimizer runs on the params' device (offload.py)
@@ -68,6 +77,7 @@ class ZeroEngine:
 
         named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
         self._names = {p: n for n, p in named}
+        self.streams = Streams.for_device(named[0][1].device if named else torch.device("cpu"))
         # The optimizer's groups as the user built them, in full params; rewritten into pieces.
         self._groups_full = [list(g["params"]) for g in optimizer.param_groups]
         self._build(named)
@@ -77,6 +87,7 @@ class ZeroEngine:
         self._arrival: list[nn.Parameter] | None = [] if relayout else None
 
         self._in_backward = False
+        self._boundary = True  # this backward ends gradient accumulation (set_gradient_sync)
         self._used: set[nn.Parameter] = set()  # params that got a gradient in this step, this rank
         self._unused: set[nn.Parameter] | None = None  # no gradient on any rank (finish_grad_sync)
         self._grad_hooks: list[RemovableHandle] = [
@@ -84,9 +95,10 @@ class ZeroEngine:
         ]
         self._hooks: list[RemovableHandle] = []
         if self.units:
-            self._unit_hooks = UnitHooks(self.model, self.units, self.grad_sync.buckets)
+            self._unit_hooks = UnitHooks(self.model, self.units, self.grad_sync.buckets,
+                                         prefetch_numel=self.prefetch_numel, max_live_numel=self.max_live_numel)
             self._hooks.extend(self._unit_hooks.install())
-        self._hooks.append(optimizer.register_step_pre_hook(lambda *_: self.finish_grad_sync()))
+        self._hooks.append(optimizer.register_step_pre_hook(lambda *_: self._before_step()))
         self._hooks.append(optimizer.register_step_post_hook(lambda *_: self._after_step()))
 
     # ---- layout -------------------------------------------------------------------------------
@@ -113,9 +125,7 @@ class ZeroEngine:
         ]
         self.units: list[ParamUnit] = []
         if self.strategy.shard_params:
-            owners = self._unit_modules
-            self.units = [ParamUnit(i, owners[i], buf, self.ctx, root=owners[i] is self.model)
-                          for i, buf in enumerate(self.buffers)]
+            self.units = make_units(self.model, self._unit_modules, self.buffers, self.ctx, self.streams)
         grad_buckets = [GradBucket(buf, b, self.ctx.world_size) for buf in self.buffers for b in buf.buckets]
         sync_enabled = old.sync_enabled if old is not None else True
         self.grad_sync = GradSync(self.ctx, grad_buckets)
@@ -134,7 +144,11 @@ class ZeroEngine:
         # Buckets whose master, optimizer state and step live on the host (offload.py).
         sizes = [gb.bucket.shard_size for gb in grad_buckets]
         self._offloaded = self.offload.offloaded(sizes) if self.offload else [False] * len(sizes)
-        self._host_grads: list[torch.Tensor | None] = [None] * len(sizes)
+        self._host_step = None
+        if any(self._offloaded):
+            self._host_step = HostStep(self._offloaded, sizes, grad_buckets[0].buffer.device,
+                                       self.offload.pin_memory, self.streams, self.offload.chunk_numel)
+            self.grad_sync.on_reduced = self._on_reduced
         self._bucket_index = {id(gb): i for i, gb in enumerate(grad_buckets)}
         self._grads_on_host = False
         self._pieces: dict[nn.Parameter, nn.Parameter] = {}
@@ -155,7 +169,8 @@ class ZeroEngine:
     # ---- stage 3 units ------------------------------------------------------------------------
 
     def _unit_params(self, named: list[tuple[str, nn.Parameter]]) -> list[list[tuple[str, nn.Parameter]]]:
-        self._unit_modules, groups = group_by_unit(self.model, named, self.param_dtype)
+        modules, groups = group_by_unit(self.model, named, self.param_dtype)
+        self._unit_modules, groups = split_persistent(modules, groups, self.persistence_threshold, self.param_dtype)
         return groups
 
     @contextlib.contextmanager
@@ -303,6 +318,7 @@ class ZeroEngine:
 
     def set_gradient_sync(self, enabled: bool) -> None:
         """False between gradient-accumulation boundaries; only stage 1 then skips communication."""
+        self._boundary = enabled
         self.grad_sync.sync_enabled = enabled or self.strategy.reduce_every_microstep
 
     def finish_grad_sync(self) -> None:
@@ -315,30 +331,57 @@ class ZeroEngine:
         self.grad_sync.finish()
         if self._unused is None:
             self._unused = self._globally_unused()
-        if any(self._offloaded):
-            self._grads_to_host()
-        shards = self._grad_shards()
-        for piece, gb, local, param in self._piece_grads:
-            grads = shards[self._bucket_index[id(gb)]]
-            piece.grad = None if param in self._unused else grads[local.start : local.end]
+        self._point_pieces_at(self._grad_shards())
 
-    def _grads_to_host(self) -> None:
-        """Offloaded buckets: their reduced grads go to the host, and the device copy is freed."""
-        for i, gb in enumerate(self.grad_sync.buckets):
-            if self._offloaded[i]:
-                if self._host_grads[i] is None:
-                    self._host_grads[i] = self.offload.host_buffer(gb.bucket.shard_size)
-                self._host_grads[i].copy_(gb.ensure_main_grad(), non_blocking=True)
-        if self.buffers[0].device.type == "cuda":
-            torch.cuda.current_stream(self.buffers[0].device).synchronize()  # the host step reads them
-        for i, gb in enumerate(self.grad_sync.buckets):
-            if self._offloaded[i]:
-                gb.main_grad = None
+    def _point_pieces_at(self, shards: list[torch.Tensor]) -> None:
+        """Each piece's grad: its slice of the bucket's grad shard. Offloaded pieces live on the
+        host, so they get theirs only once the host step has brought the grads down."""
+        for piece, gb, local, param in self._piece_grads:
+            i = self._bucket_index[id(gb)]
+            if param in self._unused or (self._offloaded[i] and not self._grads_on_host):
+                piece.grad = None
+            else:
+                piece.grad = shards[i][local.start : local.end]
+
+    def _before_step(self) -> None:
+        """The optimizer step's pre-hook: reductions done; offloaded buckets stepped on the host.
+
+        The host step (host_step.py) moves the clipped grads of offloaded buckets down, steps
+        them chunk by chunk with the user's optimizer class and uploads the new params; their
+        pieces then get no grad, so the user's own step only updates the device buckets."""
+        self.finish_grad_sync()
+        if self._host_step is None or self._grads_on_host:
+            return
+        buckets = self.grad_sync.buckets
+        for gb in buckets:
+            if gb.main_grad is not None:
+                self._on_reduced(gb, boundary=True)  # what backward did not send down yet
         self._grads_on_host = True
+        shards = self._grad_shards()
+        self._point_pieces_at(shards)
+        pieces_of = defaultdict(list)
+        for piece, gb, _, _ in self._piece_grads:
+            pieces_of[self._bucket_index[id(gb)]].append(piece)
+        params = [self.units[i].local if self.units else gb.buffer.view(gb.bucket.shard) for i, gb in enumerate(buckets)]
+        on_device = [p for i, ps in pieces_of.items() if not self._offloaded[i] for p in ps]
+        # Device buckets first (ratio < 1): their kernels are queued at once and run on the GPU
+        # while the host steps the rest.
+        self._host_step.run(self.optimizer, pieces_of, self.masters, params, on_device)
+        for piece, *_ in self._piece_grads:
+            piece.grad = None  # stepped already: the user's own step has nothing left to do
+
+    def _on_reduced(self, gb: GradBucket, boundary: bool | None = None) -> None:
+        """An offloaded bucket's reduction has landed: at the last micro-step of an accumulation
+        its main grad goes to the host now, while backward goes on, and leaves the device."""
+        i = self._bucket_index[id(gb)]
+        if not self._offloaded[i] or not (self._boundary if boundary is None else boundary):
+            return
+        self._host_step.download(i, gb.main_grad)
+        gb.main_grad, gb.main_on_host = None, True
 
     def _grad_shards(self) -> list[torch.Tensor]:
         """Each bucket's reduced grad shard this step, where it is now (device, or host if offloaded)."""
-        return [self._host_grads[i] if self._grads_on_host and self._offloaded[i] else gb.main_grad
+        return [self._host_step.host_grads[i] if self._grads_on_host and self._offloaded[i] else gb.main_grad
                 for i, gb in enumerate(self.grad_sync.buckets)]
 
     def _globally_unused(self) -> set:
@@ -352,16 +395,29 @@ class ZeroEngine:
     def grad_norm(self) -> torch.Tensor:
         """Global L2 norm of the reduced gradients, as ``clip_grad_norm_`` of plain DDP reports it."""
         self.finish_grad_sync()
-        local = get_total_norm(self._grad_shards()).pow(2).to(self.buffers[0].device)
+        shards, device = self._grad_shards(), self.buffers[0].device
+        if self._host_step is None:
+            local = get_total_norm(shards).pow(2).to(device)
+        else:  # the same value: get_total_norm is the norm of the per-tensor norms, in order
+            norms = [self._host_step.norm(i) if self._on_host(i) else get_total_norm([g]).to(device)
+                     for i, g in enumerate(shards)]
+            local = torch.linalg.vector_norm(torch.stack(norms), 2).pow(2)
         return C.wait(C.start_all_reduce(self.ctx, local, label="grad norm")).sqrt()
+
+    def _on_host(self, i: int) -> bool:
+        return self._offloaded[i] and self._host_step.downloaded(i)
 
     def clip_grad_norm_(self, max_norm: float) -> torch.Tensor:
         """Scale the main grads so their global norm is at most ``max_norm``; return the norm before."""
         total = self.grad_norm()
         if max_norm != float("inf"):
             coef = torch.clamp(max_norm / (total + 1e-6), max=1.0)  # as torch's clip_grad_norm_
-            for grads in _by_device(self._grad_shards()):
+            shards = self._grad_shards()
+            on_device = [g for i, g in enumerate(shards) if self._host_step is None or not self._on_host(i)]
+            for grads in _by_device(on_device):
                 torch._foreach_mul_(grads, coef.to(grads[0].device))
+            if self._host_step is not None:
+                self._host_step.scale = coef  # the host grads are scaled as the host step reads them
         return total
 
     # ---- after the optimizer step -----------------------------------------------------------
@@ -369,11 +425,16 @@ class ZeroEngine:
     def _after_step(self) -> None:
         handles = []
         with torch.no_grad():
+            if self._host_step is not None:
+                self._host_step.wait_uploads()  # offloaded buckets: uploaded by the host step
             for i, (gb, master) in enumerate(zip(self.grad_sync.buckets, self.masters)):
                 shard = self.units[i].local if self.units else gb.buffer.view(gb.bucket.shard)
-                if master.data_ptr() != shard.data_ptr():
-                    shard.copy_(master, non_blocking=True)  # from pinned host memory when offloaded
-                if not self.units:  # stage 3 gathers at the next forward instead
+                if self._offloaded[i]:
+                    if not self._grads_on_host:  # not stepped this time (a resume): upload now
+                        shard.copy_(master.to(shard.device, non_blocking=True))
+                elif master.data_ptr() != shard.data_ptr():
+                    shard.copy_(master)
+                if not self.units or self.units[i].persistent:  # other stage-3 units: at their next use
                     handles.append(C.start_all_gather(self.ctx, gb.buffer.view(gb.bucket.range), shard,
                                                       label=f"params of bucket {i}"))
         for h in handles:
@@ -387,6 +448,8 @@ class ZeroEngine:
         for piece, *_ in self._piece_grads:
             piece.grad = None  # let the main grads go until the next backward
         self._grads_on_host = False
+        if self._host_step is not None:
+            self._host_step.end_step()
         self._used, self._unused = set(), None
         self.grad_sync.start_next_step()
 
@@ -449,7 +512,7 @@ class ZeroEngine:
                 host += n
             else:
                 state += n
-        host += sum(nbytes(g) for g in self._host_grads if g is not None)
+        host += self._host_step.host_bytes() if self._host_step is not None else 0
         grads = sum(gb.held_bytes() for gb in self.grad_sync.buckets)
         return {"params": params, "grads": grads, "peak_grads": self.grad_sync.peak_grad_bytes,
                 "optimizer_state": state + masters, "host_offload": host}

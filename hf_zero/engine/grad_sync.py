@@ -16,6 +16,7 @@ memory of stage 2 stays bounded by a few buckets.
 from __future__ import annotations
 
 import enum
+from typing import Callable
 
 import torch
 
@@ -48,6 +49,9 @@ class GradBucket:
         # fp32, allocated when the first reduction of a step lands and released after the optimizer
         # step, so it takes no memory during forward, when activations peak. None: nothing yet.
         self.main_grad: torch.Tensor | None = None
+        # Optimizer offload moved this step's main grad to the host (host_step.py): main_grad is
+        # None on purpose, and no zeros are made for it.
+        self.main_on_host = False
 
     def _expect(self, *states: BucketState) -> None:
         if self.state not in states:
@@ -92,10 +96,11 @@ class GradBucket:
         self.handle = C.start_reduce_scatter(ctx, out, staging, label=f"grads of bucket {self.bucket.index}")
         self.state = BucketState.REDUCING
 
-    def finish_reduce(self) -> None:
-        """Idempotent: wait for the reduce-scatter and fold it into the main grad shard."""
+    def finish_reduce(self) -> bool:
+        """Idempotent: wait for the reduce-scatter and fold it into the main grad shard.
+        True when this call did it (the bucket just became REDUCED)."""
         if self.state is not BucketState.REDUCING:
-            return
+            return False
         out = C.wait(self.handle)
         if out is not self.main_grad:
             if self.main_grad is None:
@@ -104,6 +109,7 @@ class GradBucket:
                 self.main_grad.add_(out)
         self.handle, self.staging = None, None
         self.state = BucketState.REDUCED
+        return True
 
     def reset_for_backward(self, keep_staging: bool) -> None:
         """Called when a backward ends without communication (stage 1 accumulation)."""
@@ -122,8 +128,9 @@ class GradBucket:
         return factory(self.bucket.shard_size, dtype=torch.float32, device=self.buffer.device)
 
     def ensure_main_grad(self) -> torch.Tensor:
-        """The main grad shard; zeros if no gradient reached this bucket in this step."""
-        if self.main_grad is None:
+        """The main grad shard; zeros if no gradient reached this bucket in this step (None if
+        it went to the host)."""
+        if self.main_grad is None and not self.main_on_host:
             self.main_grad = self._new_main(torch.zeros)
         return self.main_grad
 
@@ -137,6 +144,13 @@ class GradSync:
         self.next_launch = 0
         self.sync_enabled = True  # False inside ZeroModule.no_sync() (stage 1 accumulation)
         self.peak_grad_bytes = 0
+        # Called with each bucket as its reduction lands in the main grad (optimizer offload
+        # takes it to the host from there, while backward goes on).
+        self.on_reduced: Callable[[GradBucket], None] | None = None
+
+    def _finish(self, bucket: GradBucket) -> None:
+        if bucket.finish_reduce() and self.on_reduced is not None:
+            self.on_reduced(bucket)
 
     def on_bucket_progress(self) -> None:
         if self.sync_enabled:
@@ -151,7 +165,7 @@ class GradSync:
             self._track_memory()  # the high point: staging of this and the in-flight buckets
             self.next_launch += 1
             if self.next_launch > MAX_IN_FLIGHT:
-                self.buckets[self.next_launch - 1 - MAX_IN_FLIGHT].finish_reduce()
+                self._finish(self.buckets[self.next_launch - 1 - MAX_IN_FLIGHT])
 
     def on_backward_end(self) -> None:
         """Launch what is left (params without grads count as zero), or keep accumulating."""
@@ -167,7 +181,7 @@ class GradSync:
         if any(b.staging is not None for b in self.buckets[self.next_launch :]):
             self._launch_ready(force=True)  # grads accumulated without a synced backward
         for bucket in self.buckets:
-            bucket.finish_reduce()
+            self._finish(bucket)
             bucket.ensure_main_grad()
         self._track_memory()
 
@@ -176,6 +190,7 @@ class GradSync:
         for bucket in self.buckets:
             bucket.reset_for_backward(keep_staging=False)
             bucket.main_grad = None
+            bucket.main_on_host = False
         self.next_launch = 0
 
     def begin_backward(self) -> None:
@@ -184,7 +199,7 @@ class GradSync:
             # A synced backward already ran in this step (stage 2, several micro-steps): its
             # reductions are folded into the main grads, and this backward fills fresh staging.
             for bucket in self.buckets:
-                bucket.finish_reduce()
+                self._finish(bucket)
                 bucket.reset_for_backward(keep_staging=False)
             self.next_launch = 0
 

@@ -5,16 +5,17 @@ keep their fp32 master shard in host memory (pinned when CUDA is there), so the 
 creates its state there too and steps on the CPU (``torch.optim.AdamW(fused=True)`` has a fused
 CPU kernel). Per step, for each offloaded bucket:
 
-    reduce-scatter (device) -> clip (device) -> copy main grad shard to the host grad buffer
-    -> optimizer step (host) -> copy master shard to the device shard (cast to the param dtype)
+    reduce-scatter (device) -> copy main grad shard down (during backward) -> clip scale
+    -> optimizer step (host) -> copy master shard up, cast to the param dtype on the device
     -> all-gather (stages 1-2) or the next forward's gather (stage 3)
 
-The device keeps only the param shards and, during backward, the gradient buckets. ``ratio``
-(stage 3, as DeepSpeed) offloads only that fraction of the optimizer state, counted in
-elements, bucket by bucket; the rest stays on the device.
+pipelined as host_step.py describes. The device keeps only the param shards and, during
+backward, a bounded number of gradient buckets. ``ratio`` (any stage; DeepSpeed allows it at
+stage 3 only) offloads only that fraction of the optimizer state, counted in elements, bucket
+by bucket; the rest stays on the device and is stepped there while the host steps the rest.
 
 Not yet: the NVMe tier, parameter offload (stage 3), and overlapping the host step with
-backward (the copies start when the step starts).
+backward or the next forward.
 """
 
 from __future__ import annotations
@@ -31,6 +32,7 @@ class OptimizerOffload:
     device: str = "cpu"
     pin_memory: bool = True
     ratio: float = 1.0  # fraction of the optimizer state's elements on the host, in (0, 1]
+    chunk_numel: int = 1 << 26  # host-step pipeline granularity (host_step.py): elements per chunk
 
     def __post_init__(self) -> None:
         if self.device != "cpu":
@@ -54,6 +56,3 @@ class OptimizerOffload:
         out.copy_(like)
         return out
 
-    def host_buffer(self, numel: int) -> torch.Tensor:
-        pin = self.pin_memory and torch.cuda.is_available()
-        return torch.empty(numel, dtype=torch.float32, device="cpu", pin_memory=pin)

@@ -12,7 +12,7 @@ active behaves exactly as before.
 | ``_wrap_model``     | stage >= 1: trains a ``ZeroModule`` where DDP would stand               |
 | ``_clip_grad_norm`` | stage >= 1: global norm over the gradient shards, then clip             |
 | ``_get_grad_norm``  | stage >= 1: the same norm when clipping is off                          |
-| ``save_model``      | stage 3: every rank gathers unit by unit; rank 0 writes full weights; stages >= 1: rank 0 checks every written tensor against the model |
+| ``save_model``      | stage 3: every rank gathers unit by unit; rank 0 streams full weights to HF's files (streamed_save.py); stages >= 1: rank 0 checks every written tensor against the model |
 | ``_save_optimizer_and_scheduler`` | stage >= 1: every rank writes its part of the sharded state (checkpoint.py) |
 | ``_save_checkpoint``| stage >= 1: after every rank's part, rank 0 marks the checkpoint complete, and only then deletes old ones (``save_total_limit``) |
 | ``_load_best_model``| stage >= 1: loads into gathered params, then back into shards and masters |
@@ -40,6 +40,7 @@ from hf_zero.engine.offload import OptimizerOffload
 from hf_zero.engine.stages import NotAvailableYet
 from hf_zero.trainer import checkpoint
 from hf_zero.trainer.generation import sync_generate
+from hf_zero.trainer.streamed_save import save_stage3
 from hf_zero.trainer.verify import verify_saved_adapter, verify_saved_weights
 from hf_zero.trainer import session as S
 from hf_zero.trainer.loss_scaling import check_loss_scaling, sharded_grad_scaler
@@ -106,6 +107,9 @@ def create_optimizer(self, model=None):
             bucket_numel=max(1, int(session.config.zero.reduce_bucket_size)),  # 0: a bucket per param
             param_dtype=_PARAM_DTYPES[session.config.precision.dtype],
             offload=_optimizer_offload(session.config),
+            prefetch_numel=int(session.config.zero.prefetch_bucket_size),  # stage 3 only, like the next two
+            max_live_numel=int(session.config.zero.max_live_parameters),
+            persistence_threshold=int(session.config.zero.param_persistence_threshold),
         )
         if session.engine.units and self.args.world_size > 1:
             sync_generate(self.model)  # every rank decodes as many steps (and gathers) as the longest
@@ -165,10 +169,8 @@ def save_model(self, output_dir=None, _internal_call=False):
     if not session.engine.units:  # stages 1-2: full params on every rank, the Trainer's own save
         _original("save_model")(self, output_dir, True)
         state_dict = self.model.state_dict() if self.args.should_save else None
-    else:
-        state_dict = session.engine.full_state_dict(to_cpu_on=0)  # a collective: every rank calls
-        # save_pretrained pops what it writes from the dict it is given: hand it a copy.
-        self._save(output_dir, state_dict=dict(state_dict) if state_dict is not None else None)
+    else:  # stage 3: streamed unit by unit, or gathered where it cannot be (a collective: every rank calls)
+        state_dict = save_stage3(self, session.engine, output_dir)
     if self.args.should_save:
         if _is_peft(self.model):
             verify_saved_adapter(output_dir, self.model, state_dict)

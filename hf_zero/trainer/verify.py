@@ -1,9 +1,9 @@
 """Saves that cannot be silently wrong: check the weight files a save wrote against the model.
 
 After ``save_model`` under hf_zero, rank 0 reads the safetensors headers it just wrote (no tensor
-data is loaded) and checks every written tensor's shape, dtype and byte count against the state
-dict that was saved. A mismatch (an empty shard written as a weight, a wrong dtype, a truncated
-tensor) raises ``SaveVerificationError`` naming the file and the tensor.
+data is loaded), checks each file's length against its header, and every written tensor's shape,
+dtype and byte count against the state dict that was saved. A mismatch (an empty shard written
+as a weight, a wrong dtype, a truncated tensor) raises ``SaveVerificationError`` naming the file and the tensor.
 """
 
 from __future__ import annotations
@@ -27,10 +27,15 @@ class SaveVerificationError(RuntimeError):
 
 
 def _header(path: str) -> dict:
+    """The file's tensor entries; a file shorter or longer than its header says is an error (a
+    streamed write cut short would otherwise pass every per-tensor check)."""
     with open(path, "rb") as f:
         (length,) = struct.unpack("<Q", f.read(8))
         header = json.loads(f.read(length))
     header.pop("__metadata__", None)
+    data = max((info["data_offsets"][1] for info in header.values()), default=0)
+    if os.path.getsize(path) != 8 + length + data:
+        raise SaveVerificationError(f"{path}: {os.path.getsize(path)} bytes, its header describes {8 + length + data}")
     return header
 
 

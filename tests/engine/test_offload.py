@@ -22,13 +22,13 @@ def _groups(model):
     return [{"params": decay, "weight_decay": 0.1}, {"params": rest, "weight_decay": 0.0}]
 
 
-def _train(model, engine, rank, grad_accum=2):
+def _train(model, engine, rank, grad_accum=2, use_no_sync=True):
     wrapped = ZeroModule(model, engine)
     out = []
     for step in range(STEPS):
         for micro in range(grad_accum):
             last = micro == grad_accum - 1
-            with (wrapped.no_sync() if not last else torch.enable_grad()):
+            with (wrapped.no_sync() if not last and use_no_sync else torch.enable_grad()):
                 (wrapped(**batch(rank, step, micro, model.config.vocab_size)).loss / grad_accum).backward()
         norm = engine.clip_grad_norm_(0.5)
         engine.finish_grad_sync()  # called again (the Trainer's report does): idempotent
@@ -41,25 +41,33 @@ def _train(model, engine, rank, grad_accum=2):
     return out, params
 
 
-def _compare(rank, world, stage, ratio, fused):
+def _compare(rank, world, stage, ratio, fused, use_no_sync=True):
     base = add_frozen_and_unused(tiny_llama(0, tied=True))
     results = []
-    for offload in (None, OptimizerOffload("cpu", ratio=ratio)):
+    # A small chunk size: the host step pipelines several chunks of buckets (host_step.py).
+    for offload in (None, OptimizerOffload("cpu", ratio=ratio, chunk_numel=5000)):
         model = copy.deepcopy(base)
         opt = torch.optim.AdamW(_groups(model), lr=1e-2, fused=fused, foreach=None if fused else True)
         engine = ZeroEngine(model, opt, stage=stage, bucket_numel=3000, offload=offload)
-        results.append(_train(model, engine, rank))
+        results.append(_train(model, engine, rank, use_no_sync=use_no_sync))
         engine.close()
     (plain, plain_params), (off, off_params) = results
-    assert [n for n, _ in off] == [n for n, _ in plain]  # grad norms identical
-    for name in plain_params:
-        assert torch.equal(off_params[name], plain_params[name]), name
+    if not fused:  # the same arithmetic in the same order: bit for bit
+        assert [n for n, _ in off] == [n for n, _ in plain]  # grad norms identical
+        for name in plain_params:
+            assert torch.equal(off_params[name], plain_params[name]), name
+    else:
+        # Fused Adam(W) on the host folds the clip into its read of the grads (grad / (1/coef)
+        # instead of grad * coef): the last bit of a grad may differ, nothing more.
+        assert [n for n, _ in off] == pytest.approx([n for n, _ in plain], rel=1e-5)
+        for name in plain_params:
+            torch.testing.assert_close(off_params[name], plain_params[name], rtol=1e-5, atol=1e-6)
     held_plain, held_off = plain[-1][1], off[-1][1]
     assert held_plain["host_offload"] == 0
     assert held_off["host_offload"] > 0
     if ratio == 1.0:
         assert held_off["optimizer_state"] == 0  # masters and moments all on the host
-        assert held_off["grads"] == 0  # the reduced grads too, once the step starts
+        assert held_off["grads"] == 0  # the reduced grads went to the host as each bucket landed
     else:
         assert 0 < held_off["optimizer_state"] < held_plain["optimizer_state"] + held_plain["host_offload"]
     return held_off["host_offload"]
@@ -69,6 +77,12 @@ def _compare(rank, world, stage, ratio, fused):
 @pytest.mark.parametrize("stage", [1, 2, 3])
 def test_offload_matches_no_offload(world, stage):
     run_on_ranks(_compare, world, stage, 1.0, False, timeout=240)
+
+
+def test_offload_accumulation_without_no_sync():
+    # Every backward then looks like the last of the accumulation: each bucket goes to the host
+    # after each micro-step, and the later parts are added up there before the step.
+    run_on_ranks(_compare, 2, 2, 1.0, False, False, timeout=240)
 
 
 def test_partial_offload_and_fused_adamw_at_stage_3():
@@ -81,3 +95,13 @@ def test_offload_ratio_picks_buckets_by_elements():
     assert OptimizerOffload("cpu").offloaded([5, 1, 7]) == [True, True, True]
     with pytest.raises(ValueError, match="only 'cpu'"):
         OptimizerOffload("nvme")
+
+
+def test_host_step_chunks_follow_bucket_order_and_skip_device_buckets():
+    from hf_zero.engine.host_step import HostStep
+    from hf_zero.engine.streams import Streams
+
+    step = HostStep([True, True, False, True, True], [3000, 3000, 10, 4000, 500], torch.device("cpu"),
+                    False, Streams.for_device("cpu"), chunk_numel=5000)
+    assert step.chunks == [[0, 1], [3, 4]]
+    assert HostStep([False, True], [10, 10], torch.device("cpu"), False, Streams.for_device("cpu"), 5000).chunks == [[1]]

@@ -47,7 +47,7 @@ def _run(rank, world, out, stage, resume_from, ga=2, layers=2, save_steps=3, kil
     args = TrainingArguments(output_dir=str(out), use_cpu=True, report_to="none", max_steps=6, save_steps=save_steps, save_total_limit=save_total_limit,
                              per_device_train_batch_size=2, gradient_accumulation_steps=ga, learning_rate=1e-2,
                              weight_decay=0.1, warmup_steps=2, logging_steps=1, disable_tqdm=True, seed=0)
-    zt.activate({"zero_optimization": {"stage": stage}})
+    zt.activate({"zero_optimization": {"stage": stage, "stage3_param_persistence_threshold": 0}})
     try:
         trainer = (KilledMidSave if kill_rank_at else Trainer)(model=model, args=args, train_dataset=data)
         trainer.train(resume_from_checkpoint=resume_from if resume_from in (None, True) else str(resume_from))
@@ -120,7 +120,7 @@ def _best(rank, world, out, stage):
                              metric_for_best_model="eval_loss", greater_is_better=True,  # pick a non-last one
                              per_device_train_batch_size=2, learning_rate=5e-2, logging_steps=1,
                              disable_tqdm=True, seed=0)
-    zt.activate({"zero_optimization": {"stage": stage}})
+    zt.activate({"zero_optimization": {"stage": stage, "stage3_param_persistence_threshold": 0}})
     try:
         trainer = Trainer(model=model, args=args, train_dataset=data, eval_dataset=data[:8])
         trainer.train()

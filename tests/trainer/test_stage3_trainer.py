@@ -27,7 +27,7 @@ def _train_and_save(rank, world, out, zero):
                              per_device_train_batch_size=2, learning_rate=1e-2, logging_steps=1,
                              save_strategy="no", disable_tqdm=True)
     if zero:
-        zt.activate({"zero_optimization": {"stage": 3}})
+        zt.activate({"zero_optimization": {"stage": 3, "stage3_param_persistence_threshold": 0}})
     try:
         trainer = Trainer(model=model, args=args, train_dataset=data)
         trainer.train()
@@ -75,7 +75,7 @@ def _t5(rank, world, out, zero):
                                     logging_steps=1, save_strategy="no", disable_tqdm=True,
                                     predict_with_generate=True, generation_max_length=8)
     if zero:
-        zt.activate({"zero_optimization": {"stage": 3}})
+        zt.activate({"zero_optimization": {"stage": 3, "stage3_param_persistence_threshold": 0}})
     try:
         trainer = Seq2SeqTrainer(model=model, args=args, train_dataset=data, eval_dataset=data[:8])
         trainer.train()
@@ -109,7 +109,7 @@ def _checkpointed(rank, world, reentrant, zero):
                              save_strategy="no", gradient_checkpointing=True,
                              gradient_checkpointing_kwargs={"use_reentrant": reentrant}, disable_tqdm=True)
     if zero:
-        zt.activate({"zero_optimization": {"stage": 3}})
+        zt.activate({"zero_optimization": {"stage": 3, "stage3_param_persistence_threshold": 0}})
     try:
         trainer = Trainer(model=model, args=args, train_dataset=data)
         trainer.train()

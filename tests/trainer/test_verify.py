@@ -33,3 +33,11 @@ def test_wrong_tensor_is_named(tmp_path, written, message):
 def test_missing_file_is_an_error(tmp_path):
     with pytest.raises(SaveVerificationError, match="no model.safetensors"):
         verify_saved_weights(str(tmp_path), MODEL)
+
+
+def test_cut_short_file_is_an_error(tmp_path):
+    path = tmp_path / "model.safetensors"
+    save_file(MODEL, str(path))
+    path.write_bytes(path.read_bytes()[:-4])  # a streamed write that stopped early
+    with pytest.raises(SaveVerificationError, match="its header describes"):
+        verify_saved_weights(str(tmp_path), MODEL)

@@ -75,9 +75,12 @@ def args(out: str, *, seq2seq: bool = False, **kw) -> TrainingArguments:
 
 
 def with_zero(stage: int | None, fn):
-    """Run ``fn()`` with hf_zero at ``stage`` (None: plain Trainer, no hf_zero)."""
+    """Run ``fn()`` with hf_zero at ``stage`` (None: plain Trainer, no hf_zero).
+
+    Persistence threshold 0: every param of these tiny models is below DeepSpeed's default 1e5,
+    which would keep them all whole and leave nothing sharded at stage 3."""
     if stage is not None:
-        zt.activate({"zero_optimization": {"stage": stage}})
+        zt.activate({"zero_optimization": {"stage": stage, "stage3_param_persistence_threshold": 0}})
     try:
         return fn()
     finally:

@@ -1,0 +1,255 @@
+"""The optimizer step of offloaded buckets, pipelined with the copies that feed it.
+
+With optimizer offload (``offload.py``) the fp32 masters and optimizer state of some buckets live
+in host memory and their step runs on the CPU. Done naively the step is serial: copy every grad
+down, step everything, copy every param up. Here:
+
+- each offloaded bucket's main grad is copied down (``Streams.d2h``) as soon as its reduction
+  lands, while backward goes on, its norm taken on the device first; the device grad is dropped
+  once its copy is done, with at most ``max_in_flight_bytes`` of grads waiting for their copies
+  (the CPU runs ahead of the GPU in backward: unbounded, every grad of the model would be
+  waiting at once);
+- clipping needs the global norm, known only after backward: the device buckets are scaled
+  there, and the host grads as the host step reads them (fused Adam(W) takes the scale as
+  ``grad_scale``, other optimizers get one multiply per bucket);
+- at the optimizer step the offloaded buckets are stepped in *chunks* (consecutive buckets of at
+  least ``OptimizerOffload.chunk_numel`` elements), each chunk's fp32 masters uploaded
+  (``Streams.h2d``) into a device fp32 scratch and cast to the param dtype there while the CPU
+  steps the next chunk:
+
+    backward:    [grads b0][grads b1] ...                 [grads bN]
+    d2h stream:     [b0]      [b1]     ...                   [bN]
+    CPU:                                                        [step c0][step c1][step c2]
+    h2d stream:                                                          [params c0][params c1][c2]
+
+so a step costs about the host optimizer's own time plus one chunk's upload. The compute stream
+waits for the uploads (``wait_uploads``) before anything reads the params.
+
+Each chunk is stepped by the user's own optimizer class on a *view* of the optimizer
+(``_chunk_view``): the same ``state`` dict and hyperparameters, param groups narrowed to the
+chunk's pieces, no hooks. Optimizer state therefore stays keyed by the same pieces (checkpoints
+and ``trainer.optimizer`` see nothing different), and any per-element optimizer works.
+"""
+
+from __future__ import annotations
+
+import collections
+import contextlib
+
+import torch
+from torch.nn.utils import get_total_norm
+
+from hf_zero.engine.streams import Streams
+
+class HostStep:
+    """The pipelined host step of one layout's offloaded buckets (indices into the grad buckets).
+
+    Per step: ``download`` each offloaded bucket's main grad as its reduction lands (during
+    backward, so the copies hide behind it and the device main grad is freed at once), its norm
+    taken on the device first; ``norm`` for clipping; ``scale`` set by the clip; ``run`` at the
+    optimizer step; ``end_step`` after it."""
+
+    def __init__(self, offloaded: list[bool], shard_sizes: list[int], device: torch.device,
+                 pin_memory: bool, streams: Streams, chunk_numel: int) -> None:
+        self.device, self.streams, self.pin = device, streams, pin_memory and device.type == "cuda"
+        self.chunks: list[list[int]] = []
+        current, size = [], 0
+        for i, (off, n) in enumerate(zip(offloaded, shard_sizes)):
+            if not off:
+                continue
+            current.append(i)
+            size += n
+            if size >= chunk_numel:
+                self.chunks.append(current)
+                current, size = [], 0
+        if current:
+            self.chunks.append(current)
+        self.host_grads: dict[int, torch.Tensor] = {}  # bucket index -> fp32 host grad shard
+        self.scale: torch.Tensor | None = None  # the clip coefficient of this step, if any
+        self._ready: dict[int, list] = {}  # bucket index -> its download events (None without CUDA)
+        self._norms: dict[int, torch.Tensor] = {}  # bucket index -> its grad norm (device)
+        self._extra: dict[int, list[torch.Tensor]] = {}  # later partial grads, added at the step
+        # Device grads whose download is queued: (event, grad, bytes). Kept referenced until the
+        # copy is done, and bounded: the CPU runs ahead of the GPU in backward, so without a bound
+        # every bucket's grad would wait for its copy at once (the whole model's fp32 grads).
+        self._in_flight: collections.deque = collections.deque()
+        self._in_flight_bytes = 0
+        self.max_in_flight_bytes = 4 * chunk_numel  # one chunk of fp32 grads
+        self._uploads: list = []
+        self._scratch: list[torch.Tensor] = []  # device fp32, two chunk-sized, for the upload casts
+
+    # ---- grads down ----------------------------------------------------------------------------
+
+    def downloaded(self, i: int) -> bool:
+        return i in self._ready
+
+    def download(self, i: int, grad: torch.Tensor) -> None:
+        """Copy bucket ``i``'s reduced main grad to the host; the caller then drops ``grad``.
+
+        A second download of the same bucket in one step (gradients accumulated without
+        ``no_sync``) lands in an extra buffer that the step adds in."""
+        norm = get_total_norm([grad])  # on the compute stream, before the grad can go
+        d2h = self.streams.d2h
+        if d2h is not None:
+            d2h.wait_stream(torch.cuda.current_stream(self.device))  # after the reduction landed
+        first = i not in self._ready
+        if first and i not in self.host_grads:
+            self.host_grads[i] = _host_empty(grad.numel(), self.pin)
+        target = self.host_grads[i] if first else _host_empty(grad.numel(), self.pin)
+        with _on(d2h):
+            target.copy_(grad, non_blocking=d2h is not None)
+        event = _record(d2h)
+        self._ready.setdefault(i, []).append(event)
+        if event is not None:
+            self._in_flight.append((event, grad))
+            self._in_flight_bytes += grad.numel() * grad.element_size()
+            while self._in_flight_bytes > self.max_in_flight_bytes:
+                self._release_oldest()
+        if first:
+            self._norms[i] = norm
+        else:
+            self._extra.setdefault(i, []).append(target)
+            self._norms.pop(i, None)
+
+    def _release_oldest(self) -> None:
+        event, grad = self._in_flight.popleft()
+        event.synchronize()  # the CPU waits for the GPU here, at most a chunk's worth behind
+        self._in_flight_bytes -= grad.numel() * grad.element_size()
+
+    def norm(self, i: int) -> torch.Tensor:
+        """Bucket ``i``'s grad norm (a 0-d tensor on the device), as ``get_total_norm`` gives it."""
+        if i not in self._norms:  # partial grads were added up: settle them on the host
+            self._settle(i)
+            self._norms[i] = get_total_norm([self.host_grads[i]]).to(self.device)
+        return self._norms[i]
+
+    def _settle(self, i: int) -> None:
+        """Wait for bucket ``i``'s downloads and fold any partial grads into its host grad."""
+        for event in self._ready[i]:
+            if event is not None:
+                event.synchronize()
+        self._ready[i] = []
+        while self._in_flight and self._in_flight[0][0].query():  # copies done: their grads can go
+            self._release_oldest()
+        for extra in self._extra.pop(i, []):
+            self.host_grads[i].add_(extra)
+
+    # ---- the step ------------------------------------------------------------------------------
+
+    def run(self, optimizer: torch.optim.Optimizer, pieces_of: dict[int, list], masters: list[torch.Tensor],
+            shards: list[torch.Tensor], device_pieces: list) -> None:
+        """Step ``device_pieces`` (queued on the device), then each offloaded chunk on the host as
+        its grads land, uploading its masters into ``shards``."""
+        view = _chunk_view(optimizer)
+        h2d = self.streams.h2d
+        self._uploads = []
+        scale = None if self.scale is None else float(self.scale)
+        if scale is not None and scale != 1.0:
+            if _scales_grads_itself(optimizer):
+                # Adam(W) fused: the kernel divides each grad by grad_scale as it reads it, so
+                # clipping costs no extra pass over the host grads (GradScaler's protocol).
+                view.grad_scale, scale = torch.tensor(1.0 / scale, dtype=torch.float32), None
+        else:
+            scale = None
+        if device_pieces:
+            view_dev = _chunk_view(optimizer)  # without grad_scale: these grads were clipped already
+            _step_on(view_dev, optimizer, device_pieces)
+        for c, chunk in enumerate(self.chunks):
+            for i in chunk:
+                self._settle(i)
+                if scale is not None:
+                    self.host_grads[i].mul_(scale)
+            _step_on(view, optimizer, [p for i in chunk for p in pieces_of[i]])
+            self._upload(c, chunk, masters, shards, h2d)
+        view.param_groups = []
+
+    def end_step(self) -> None:
+        while self._in_flight:
+            self._release_oldest()
+        self._ready.clear()
+        self._norms.clear()
+        self._extra.clear()
+        self.scale = None
+
+    def _upload(self, c: int, chunk: list[int], masters, shards, h2d) -> None:
+        if h2d is None:  # no CUDA: plain copies (casting where the param dtype is not fp32)
+            for i in chunk:
+                shards[i].copy_(masters[i])
+            return
+        scratch = self._scratch_for(c, sum(masters[i].numel() for i in chunk))
+        with torch.cuda.stream(h2d):
+            offset = 0
+            for i in chunk:
+                n = masters[i].numel()
+                if shards[i].dtype == torch.float32:
+                    shards[i].copy_(masters[i], non_blocking=True)
+                else:
+                    part = scratch[offset : offset + n]
+                    part.copy_(masters[i], non_blocking=True)  # fp32 over PCIe, cast on the device
+                    shards[i].copy_(part)
+                    offset += n
+        self._uploads.append(_record(h2d))
+
+    def _scratch_for(self, c: int, numel: int) -> torch.Tensor:
+        """Two device fp32 scratch tensors used alternately; the h2d stream orders their reuse."""
+        if len(self._scratch) < 2:
+            self._scratch = [torch.empty(0, device=self.device) for _ in range(2)]
+        slot = c % 2
+        if self._scratch[slot].numel() < numel:
+            self._scratch[slot] = torch.empty(numel, dtype=torch.float32, device=self.device)
+        return self._scratch[slot]
+
+    def wait_uploads(self) -> None:
+        """The compute stream waits for every upload of this step (no host synchronisation)."""
+        if self._uploads:
+            current = torch.cuda.current_stream(self.device)
+            for event in self._uploads:
+                current.wait_event(event)
+        self._uploads = []
+
+    def host_bytes(self) -> int:
+        return sum(g.numel() * g.element_size() for g in self.host_grads.values())
+
+
+def _scales_grads_itself(optimizer: torch.optim.Optimizer) -> bool:
+    """Whether ``optimizer``'s step honours ``grad_scale`` (torch's fused Adam and AdamW)."""
+    return (type(optimizer) in (torch.optim.Adam, torch.optim.AdamW)
+            and all(group.get("fused") for group in optimizer.param_groups))
+
+
+def _step_on(view: torch.optim.Optimizer, optimizer: torch.optim.Optimizer, pieces: list) -> None:
+    """One step of ``view`` over ``pieces`` only, with each group's current hyperparameters."""
+    wanted = {id(p) for p in pieces}
+    view.param_groups = [{**group, "params": [p for p in group["params"] if id(p) in wanted]}
+                         for group in optimizer.param_groups]
+    view.step()
+
+
+def _chunk_view(optimizer: torch.optim.Optimizer) -> torch.optim.Optimizer:
+    """The user's optimizer without its hooks or instance patches, sharing its ``state``.
+
+    ``step`` wrappers that LR schedulers and accelerate put on the instance are dropped so that
+    the chunk steps do not count as the user's optimizer steps; param groups are set per chunk."""
+    view = object.__new__(type(optimizer))
+    view.__dict__.update(optimizer.__dict__)
+    view.__dict__.pop("step", None)
+    for name in ("_optimizer_step_pre_hooks", "_optimizer_step_post_hooks"):
+        if name in view.__dict__:
+            setattr(view, name, collections.OrderedDict())
+    return view
+
+
+def _host_empty(numel: int, pin: bool) -> torch.Tensor:
+    return torch.empty(numel, dtype=torch.float32, device="cpu", pin_memory=pin)
+
+
+def _on(stream):
+    return torch.cuda.stream(stream) if stream is not None else contextlib.nullcontext()
+
+
+def _record(stream):
+    if stream is None:
+        return None
+    event = torch.cuda.Event()
+    event.record(stream)
+    return event
