@@ -137,6 +137,7 @@ def estimate_bytes(
     model_dtype: str = "fp32",
     reduce_bucket_size: int | str = DEFAULT_BUCKET,
     offload_optimizer: bool = False,
+    persistence_threshold: int = 0,
 ) -> dict[str, int]:
     """Bytes one rank holds at the optimizer step, keyed as ``hf_zero_report.json``'s ``bytes``.
 
@@ -145,7 +146,9 @@ def estimate_bytes(
     sharded quantities are the mean over ranks (padding makes the last rank's real share smaller).
 
     * params: stage 0-2 the full params (1/2: padded flat buffers); stage 3 the 1/W shards
-      (every unit is resharded when backward ends); frozen params replicated.
+      (every unit is resharded when backward ends), except params of fewer than
+      ``persistence_threshold`` elements, which form one whole group (units.split_persistent);
+      frozen params replicated.
     * grads_at_step: stage 0 full grads in the model dtype; 1-3 the fp32 main grad shards.
     * peak_grads: grads_at_step plus the staging tensors (param dtype) that may coexist:
       stage 1 every bucket (it accumulates full gradients), stage 2/3 at most MAX_IN_FLIGHT + 1
@@ -173,14 +176,20 @@ def estimate_bytes(
         return {"params": counts.total * p_model, "grads_at_step": n * p_model, "peak_grads": n * p_model,
                 "optimizer_state": STATE_TENSORS[optimizer] * n * p_model, "host_offload": 0}
 
+    persistent: list[tuple[int, int]] = []
     if stage == 3:
-        buckets = [b for u in counts.units for b in bucket_layout(list(u), world=world, bucket_numel=2**62)]
+        units = [[k for k in u if k >= persistence_threshold] for u in counts.units]
+        small = [k for u in reversed(counts.units) for k in u if k < persistence_threshold]
+        buckets = [b for u in units if u for b in bucket_layout(u, world=world, bucket_numel=2**62)]
+        persistent = bucket_layout(small, world=world, bucket_numel=2**62) if small else []
+        buckets += persistent
     else:
         buckets = bucket_layout(counts.packing_order(), world=world,
                                 bucket_numel=_bucket_numel(reduce_bucket_size, counts.hidden_size))
     padded = sum(b for b, _ in buckets)
     shard = padded // world
-    params = (shard if stage == 3 else padded) * p + frozen
+    whole = sum(b for b, _ in persistent)
+    params = (shard + whole - whole // world if stage == 3 else padded) * p + frozen
     main_grads = 4 * shard
     staged = sorted((b for b, _ in buckets), reverse=True)
     if stage >= 2:

@@ -81,7 +81,9 @@ def test_estimate_matches_report(measured, config_path, stage, world):
     report = measured[stage]
     assert report["world_size"] == world and len(report["ranks"]) == world
     counts = count_params(meta_model(load_model_config(config_path)))
-    predicted = estimate_bytes(counts, stage=stage, world=world, dtype="fp32", optimizer="adamw")
+    # The runs use the config's default stage3_param_persistence_threshold (1e5, DeepSpeed's).
+    predicted = estimate_bytes(counts, stage=stage, world=world, dtype="fp32", optimizer="adamw",
+                               persistence_threshold=100_000)
     for rank in report["ranks"]:
         for key, report_key in CHECKED.items():
             got, want = rank["bytes"][report_key], predicted[key]
@@ -129,3 +131,15 @@ def test_table_for_docs(measured, config_path, capsys):
         for key, report_key in CHECKED.items():
             got = [r["bytes"][report_key] for r in measured[stage]["ranks"]]
             print(f"DOC| {stage} | {world} | {key} | {predicted[key]:,} | {' / '.join(f'{g:,}' for g in got)} |")
+
+
+def test_persistence_threshold_keeps_small_params_whole_at_stage_3(config_path):
+    counts = count_params(meta_model(load_model_config(config_path)))
+    sharded = estimate_bytes(counts, stage=3, world=4, dtype="fp32", optimizer="adamw")
+    small = sum(k for u in counts.units for k in u if k < 100)
+    kept = estimate_bytes(counts, stage=3, world=4, dtype="fp32", optimizer="adamw", persistence_threshold=100)
+    assert small > 0
+    # the small params are held whole (3/4 more of them than their shard), within padding
+    assert abs(kept["params"] - sharded["params"] - 4 * small * 3 / 4) <= 4 * 32 * 4 * len(counts.units)
+    # their grads and masters are still sharded: only alignment padding differs
+    assert abs(kept["grads_at_step"] - sharded["grads_at_step"]) <= 4 * 32 * 4 * len(counts.units)

@@ -29,7 +29,7 @@ from hf_zero.engine import collectives as C
 from hf_zero.engine.grad_sync import BucketState, GradBucket, GradSync
 from hf_zero.engine.host_step import HostStep
 from hf_zero.engine.layout import FlatParamBuffer
-from hf_zero.engine.offload import OptimizerOffload
+from hf_zero.engine.offload import HostMemory, OptimizerOffload
 from hf_zero.engine.ranges import Range
 from hf_zero.engine.shard_map import ParamShard, shard_map
 from hf_zero.engine.stages import strategy_for
@@ -88,6 +88,7 @@ class ZeroEngine:
 
         self._in_backward = False
         self._boundary = True  # this backward ends gradient accumulation (set_gradient_sync)
+        self._boundary_source = None  # or a callable saying so (the Trainer's sync_gradients)
         self._used: set[nn.Parameter] = set()  # params that got a gradient in this step, this rank
         self._unused: set[nn.Parameter] | None = None  # no gradient on any rank (finish_grad_sync)
         self._grad_hooks: list[RemovableHandle] = [
@@ -146,8 +147,9 @@ class ZeroEngine:
         self._offloaded = self.offload.offloaded(sizes) if self.offload else [False] * len(sizes)
         self._host_step = None
         if any(self._offloaded):
+            self._host_memory = HostMemory(self.offload.pin_memory)
             self._host_step = HostStep(self._offloaded, sizes, grad_buckets[0].buffer.device,
-                                       self.offload.pin_memory, self.streams, self.offload.chunk_numel)
+                                       self._host_memory, self.streams, self.offload.chunk_numel)
             self.grad_sync.on_reduced = self._on_reduced
         self._bucket_index = {id(gb): i for i, gb in enumerate(grad_buckets)}
         self._grads_on_host = False
@@ -156,7 +158,7 @@ class ZeroEngine:
         for i, gb in enumerate(grad_buckets):
             shard = self.units[i].local if self.units else gb.buffer.view(gb.bucket.shard)
             if self._offloaded[i]:
-                master = self.offload.host_tensor(shard.detach())
+                master = self._host_memory.like(shard.detach())
             else:
                 master = shard if shard.dtype == torch.float32 else shard.detach().float()
             self.masters.append(master)
@@ -321,6 +323,11 @@ class ZeroEngine:
         self._boundary = enabled
         self.grad_sync.sync_enabled = enabled or self.strategy.reduce_every_microstep
 
+    def set_boundary_source(self, source) -> None:
+        """``source()`` is True in the backward that ends a gradient accumulation (the Trainer's
+        ``accelerator.sync_gradients``). Without one, a backward outside ``no_sync()`` counts."""
+        self._boundary_source = source
+
     def finish_grad_sync(self) -> None:
         """Idempotent: all reductions of this step done, and the optimizer's pieces see them.
 
@@ -353,9 +360,7 @@ class ZeroEngine:
         if self._host_step is None or self._grads_on_host:
             return
         buckets = self.grad_sync.buckets
-        for gb in buckets:
-            if gb.main_grad is not None:
-                self._on_reduced(gb, boundary=True)  # what backward did not send down yet
+        self._flush_offloaded()
         self._grads_on_host = True
         shards = self._grad_shards()
         self._point_pieces_at(shards)
@@ -370,11 +375,22 @@ class ZeroEngine:
         for piece, *_ in self._piece_grads:
             piece.grad = None  # stepped already: the user's own step has nothing left to do
 
+    def _flush_offloaded(self) -> None:
+        """Send down what backward did not: every offloaded bucket's grad is then wholly on the host."""
+        for gb in self.grad_sync.buckets:
+            if gb.main_grad is not None:
+                self._on_reduced(gb, boundary=True)
+
     def _on_reduced(self, gb: GradBucket, boundary: bool | None = None) -> None:
         """An offloaded bucket's reduction has landed: at the last micro-step of an accumulation
         its main grad goes to the host now, while backward goes on, and leaves the device."""
         i = self._bucket_index[id(gb)]
-        if not self._offloaded[i] or not (self._boundary if boundary is None else boundary):
+        if boundary is None:
+            boundary = self._boundary_source() if self._boundary_source is not None else self._boundary
+            # Once a bucket was reduced again after it went down (a loop that accumulates without
+            # telling us), grads wait on the device until the step: one host copy each, no extras.
+            boundary = boundary and not self._host_step.accumulating
+        if not self._offloaded[i] or not boundary:
             return
         self._host_step.download(i, gb.main_grad)
         gb.main_grad, gb.main_on_host = None, True
@@ -399,6 +415,9 @@ class ZeroEngine:
         if self._host_step is None:
             local = get_total_norm(shards).pow(2).to(device)
         else:  # the same value: get_total_norm is the norm of the per-tensor norms, in order
+            if not self._grads_on_host:
+                self._flush_offloaded()
+                shards = self._grad_shards()
             norms = [self._host_step.norm(i) if self._on_host(i) else get_total_norm([g]).to(device)
                      for i, g in enumerate(shards)]
             local = torch.linalg.vector_norm(torch.stack(norms), 2).pow(2)

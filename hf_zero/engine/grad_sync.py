@@ -199,7 +199,8 @@ class GradSync:
             # A synced backward already ran in this step (stage 2, several micro-steps): its
             # reductions are folded into the main grads, and this backward fills fresh staging.
             for bucket in self.buckets:
-                self._finish(bucket)
+                # Not final: another backward follows in this step, so no on_reduced call.
+                bucket.finish_reduce()
                 bucket.reset_for_backward(keep_staging=False)
             self.next_launch = 0
 

@@ -39,6 +39,7 @@ import contextlib
 import torch
 from torch.nn.utils import get_total_norm
 
+from hf_zero.engine.offload import HostMemory
 from hf_zero.engine.streams import Streams
 
 class HostStep:
@@ -50,8 +51,8 @@ class HostStep:
     optimizer step; ``end_step`` after it."""
 
     def __init__(self, offloaded: list[bool], shard_sizes: list[int], device: torch.device,
-                 pin_memory: bool, streams: Streams, chunk_numel: int) -> None:
-        self.device, self.streams, self.pin = device, streams, pin_memory and device.type == "cuda"
+                 host_memory: HostMemory, streams: Streams, chunk_numel: int) -> None:
+        self.device, self.streams, self.memory = device, streams, host_memory
         self.chunks: list[list[int]] = []
         current, size = [], 0
         for i, (off, n) in enumerate(zip(offloaded, shard_sizes)):
@@ -74,6 +75,9 @@ class HostStep:
         # every bucket's grad would wait for its copy at once (the whole model's fp32 grads).
         self._in_flight: collections.deque = collections.deque()
         self._in_flight_bytes = 0
+        # Set once a bucket was downloaded twice in one step (gradients accumulated without a
+        # boundary signal): from then on later parts stay on the device until the step.
+        self.accumulating = False
         self.max_in_flight_bytes = 4 * chunk_numel  # one chunk of fp32 grads
         self._uploads: list = []
         self._scratch: list[torch.Tensor] = []  # device fp32, two chunk-sized, for the upload casts
@@ -94,8 +98,8 @@ class HostStep:
             d2h.wait_stream(torch.cuda.current_stream(self.device))  # after the reduction landed
         first = i not in self._ready
         if first and i not in self.host_grads:
-            self.host_grads[i] = _host_empty(grad.numel(), self.pin)
-        target = self.host_grads[i] if first else _host_empty(grad.numel(), self.pin)
+            self.host_grads[i] = self.memory.empty(grad.numel())
+        target = self.host_grads[i] if first else torch.empty(grad.numel())  # rare: not worth pinning
         with _on(d2h):
             target.copy_(grad, non_blocking=d2h is not None)
         event = _record(d2h)
@@ -110,6 +114,7 @@ class HostStep:
         else:
             self._extra.setdefault(i, []).append(target)
             self._norms.pop(i, None)
+            self.accumulating = True
 
     def _release_oldest(self) -> None:
         event, grad = self._in_flight.popleft()
@@ -237,10 +242,6 @@ def _chunk_view(optimizer: torch.optim.Optimizer) -> torch.optim.Optimizer:
         if name in view.__dict__:
             setattr(view, name, collections.OrderedDict())
     return view
-
-
-def _host_empty(numel: int, pin: bool) -> torch.Tensor:
-    return torch.empty(numel, dtype=torch.float32, device="cpu", pin_memory=pin)
 
 
 def _on(stream):

@@ -111,6 +111,10 @@ def create_optimizer(self, model=None):
             max_live_numel=int(session.config.zero.max_live_parameters),
             persistence_threshold=int(session.config.zero.param_persistence_threshold),
         )
+        # accelerate skips no_sync() on one rank, so the engine asks the Trainer's own flag which
+        # micro-step ends an accumulation (offloaded grads go to the host only then).
+        accelerator = self.accelerator
+        session.engine.set_boundary_source(lambda: accelerator.sync_gradients)
         if session.engine.units and self.args.world_size > 1:
             sync_generate(self.model)  # every rank decodes as many steps (and gathers) as the longest
     return optimizer

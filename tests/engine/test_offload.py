@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from hf_zero.engine import ZeroEngine, ZeroModule
-from hf_zero.engine.offload import OptimizerOffload
+from hf_zero.engine.offload import HostMemory, OptimizerOffload
 from hf_zero.testing.multiprocess import run_on_ranks
 from tests.engine.models import add_frozen_and_unused, batch, tiny_llama
 
@@ -102,6 +102,29 @@ def test_host_step_chunks_follow_bucket_order_and_skip_device_buckets():
     from hf_zero.engine.streams import Streams
 
     step = HostStep([True, True, False, True, True], [3000, 3000, 10, 4000, 500], torch.device("cpu"),
-                    False, Streams.for_device("cpu"), chunk_numel=5000)
+                    HostMemory(False), Streams.for_device("cpu"), chunk_numel=5000)
     assert step.chunks == [[0, 1], [3, 4]]
-    assert HostStep([False, True], [10, 10], torch.device("cpu"), False, Streams.for_device("cpu"), 5000).chunks == [[1]]
+    assert HostStep([False, True], [10, 10], torch.device("cpu"), HostMemory(False), Streams.for_device("cpu"), 5000).chunks == [[1]]
+
+
+def test_host_memory_carves_pinned_slabs_without_power_of_two_waste(monkeypatch):
+    made = []
+
+    def fake_empty(*shape, dtype=None, pin_memory=False, **kw):  # CPU stand-in for pinned slabs
+        t = torch.zeros(*shape, dtype=dtype)
+        made.append((t.numel(), pin_memory))
+        return t
+
+    memory = HostMemory(True)
+    memory.pin = True  # as on a CUDA machine
+    monkeypatch.setattr(torch, "empty", fake_empty)
+    a = memory.empty(3 * (1 << 24))  # 192 MiB: fits the first 256 MiB slab
+    b = memory.empty(1 << 23)  # 32 MiB: the same slab's tail
+    c = memory.empty(100 * (1 << 20))  # 400 MiB: a slab of its own, rounded to 512 MiB
+    d = memory.empty(1000)  # first fit: back in the first slab
+    assert made == [(1 << 28, True), (1 << 29, True)]
+    assert memory.reserved_bytes() == (1 << 28) + (1 << 29)
+    assert a.dtype == torch.float32 and a.numel() == 3 * (1 << 24) and c.numel() == 100 * (1 << 20)
+    assert a.untyped_storage().data_ptr() == b.untyped_storage().data_ptr() == d.untyped_storage().data_ptr()
+    a.fill_(1.0)
+    assert b.sum() == 0 and d.sum() == 0  # views do not overlap

@@ -196,8 +196,13 @@ def test_optimizer_offload_through_the_trainer_and_its_checkpoints(tmp_path):
     from its own checkpoint and from one written without offload."""
     plain = run_on_ranks(_run_offload, 2, tmp_path / "a", False, None, timeout=300)[0]
     off = run_on_ranks(_run_offload, 2, tmp_path / "b", True, None, timeout=300)[0]
-    assert off == plain
+    # The Trainer's fused AdamW takes the clip coefficient on the host as grad_scale (grad / (1/c)
+    # rather than grad * c): the last bit of a grad may differ from the run without offload.
+    assert off.keys() == plain.keys()
+    for step in plain:
+        assert off[step] == pytest.approx(plain[step], rel=1e-6), step
     resumed = run_on_ranks(_run_offload, 2, tmp_path / "c", True, tmp_path / "b" / "checkpoint-3", timeout=300)[0]
     crossed = run_on_ranks(_run_offload, 2, tmp_path / "d", True, tmp_path / "a" / "checkpoint-3", timeout=300)[0]
-    for got in (resumed, crossed):
-        assert [got[s] for s in (4, 5, 6)] == [plain[s] for s in (4, 5, 6)]
+    assert [resumed[s] for s in (4, 5, 6)] == [off[s] for s in (4, 5, 6)]  # its own checkpoint: bit for bit
+    for step in (4, 5, 6):
+        assert crossed[step] == pytest.approx(plain[step], rel=1e-6), step

@@ -1,0 +1,50 @@
+"""Optimizer offload with gradient accumulation on one rank, through the Trainer.
+
+accelerate does not call ``no_sync()`` when there is one process, so the engine learns which
+micro-step ends an accumulation from the Trainer (``accelerator.sync_gradients``): grads go to
+the host once per optimizer step, never a partial copy per micro-step (a 7B model's partial
+copies filled a 125 GiB host)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM, LlamaConfig, Trainer, TrainingArguments
+
+from hf_zero.testing.multiprocess import run_on_ranks
+
+
+def _run(rank, world, out, offload):
+    import hf_zero.trainer as zt
+    from hf_zero.trainer import session as S
+
+    torch.manual_seed(0)
+    cfg = LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2)
+    model = AutoModelForCausalLM.from_config(cfg)
+    g = torch.Generator().manual_seed(3)
+    data = [{"input_ids": i, "labels": i} for i in torch.randint(0, 64, (48, 12), generator=g)]
+    args = TrainingArguments(output_dir=str(out), use_cpu=True, report_to="none", max_steps=3, save_strategy="no",
+                             per_device_train_batch_size=2, gradient_accumulation_steps=4, learning_rate=1e-2,
+                             max_grad_norm=0.5, logging_steps=1, disable_tqdm=True, seed=0)
+    zero = {"stage": 2, "reduce_bucket_size": 2000}
+    if offload:
+        zero["offload_optimizer"] = {"device": "cpu"}
+    zt.activate({"zero_optimization": zero})
+    try:
+        trainer = Trainer(model=model, args=args, train_dataset=data)
+        trainer.train()
+        engine = S.session_of(trainer).engine
+        partial_copies = engine._host_step.accumulating if offload else None
+    finally:
+        zt.deactivate()
+    return [(h["loss"], h["grad_norm"]) for h in trainer.state.log_history if "loss" in h], partial_copies
+
+
+def test_one_rank_accumulation_downloads_once_per_step(tmp_path):
+    plain, _ = run_on_ranks(_run, 1, tmp_path / "a", False, timeout=300)[0]
+    off, partial_copies = run_on_ranks(_run, 1, tmp_path / "b", True, timeout=300)[0]
+    assert partial_copies is False  # no bucket went down before its last micro-step
+    assert len(off) == len(plain) == 3
+    for got, want in zip(off, plain):
+        assert got == pytest.approx(want, rel=1e-6)
