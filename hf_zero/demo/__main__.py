@@ -33,7 +33,11 @@ def main(argv: list[str] | None = None) -> int:
     os.makedirs(opts.output_dir, exist_ok=True)
     config_path = os.path.join(opts.output_dir, f"zero{STAGE}.json")
     with open(config_path, "w") as f:
-        json.dump({"zero_optimization": {"stage": STAGE, "reduce_bucket_size": 50000},
+        # "auto" persistence: 10 x hidden size, so the demo's tiny matrices are sharded and only norms
+        # stay whole (DeepSpeed's default 1e5 would keep every param of this model whole).
+        json.dump({"zero_optimization": {"stage": STAGE, "reduce_bucket_size": 50000,
+                                         "stage3_param_persistence_threshold": "auto",
+                                         "stage3_prefetch_bucket_size": "auto"},
                    "bf16": {"enabled": "auto"}, "gradient_clipping": "auto",
                    "train_micro_batch_size_per_gpu": "auto", "gradient_accumulation_steps": "auto"}, f, indent=2)
     model_dir = os.path.join(opts.output_dir, "model")
