@@ -147,7 +147,7 @@ def estimate_bytes(
 
     * params: stage 0-2 the full params (1/2: padded flat buffers); stage 3 the 1/W shards
       (every unit is resharded when backward ends), except params of fewer than
-      ``persistence_threshold`` elements, which form one whole group (units.split_persistent);
+      ``persistence_threshold`` elements, which form one whole group (units.plan_units);
       frozen params replicated.
     * grads_at_step: stage 0 full grads in the model dtype; 1-3 the fp32 main grad shards.
     * peak_grads: grads_at_step plus the staging tensors (param dtype) that may coexist:
@@ -287,7 +287,7 @@ def meta_model(cfg) -> torch.nn.Module:
 
 def count_params(model: torch.nn.Module) -> ParamCounts:
     """Exact counts grouped as the engine groups them (``units.group_by_unit``), tied weights once."""
-    from hf_zero.engine.units import group_by_unit
+    from hf_zero.engine.unit_plan import group_by_unit
 
     named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]  # dedups tied params
     modules, groups = group_by_unit(model, named, None)

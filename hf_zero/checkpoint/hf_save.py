@@ -4,7 +4,7 @@
 ``save_pretrained`` needs the whole state dict in memory; at stage 3 that means gathering the
 model onto one rank. Yet everything it decides about the files depends only on names, shapes and
 dtypes, which every rank knows without gathering (the units' buffers hold each sharded param's
-full shape; buffers and frozen params are whole on every rank). So:
+full shape, trainable and frozen; buffers and params kept whole are whole on every rank). So:
 
 1. plan (every rank, no data): the state dict as shape-only ``meta`` tensors, each sharded param
    with its full shape and the dtype the gather produces (the unit's buffer dtype), run through
@@ -16,7 +16,7 @@ full shape; buffers and frozen params are whole on every rank). So:
    model raises ``CannotStream`` (the caller then gathers the full state dict, as before).
 2. the writing ranks open every file and write its header (every offset is known);
 3. every rank, unit by unit: ``unshard()`` (the collective), the writers write each param's bytes
-   at its offset, ``reshard()``; then the tensors outside units (buffers, frozen params);
+   at its offset, ``reshard()``; then the tensors outside units (buffers, params kept whole);
 4. the writers close the files (each renamed into place once complete), write the index as
    ``save_pretrained`` does, and the config and generation config.
 
@@ -80,9 +80,9 @@ def unsupported(model) -> str | None:
 
 
 def _full_shapes(units: list[ParamUnit]) -> dict[int, tuple[tuple[int, ...], torch.dtype]]:
-    """id(param) -> (full shape, dtype after the gather) for every sharded param."""
-    return {id(p): (tuple(u.buffer.shapes[slot.name]), u.buffer.dtype)
-            for u in units for p, slot in zip(u.buffer.params, u.buffer.slots)}
+    """id(param) -> (full shape, dtype after the gather) for every sharded param, frozen ones too."""
+    return {id(p): (tuple(part.buffer.shapes[slot.name]), part.buffer.dtype)
+            for u in units for part in u.parts for p, slot in zip(part.buffer.params, part.buffer.slots)}
 
 
 @torch.no_grad()
@@ -161,7 +161,7 @@ def save_streamed(model, units: list[ParamUnit], plan: SavePlan, output_dir: str
             was_full = unit.state is UnitState.UNSHARDED  # a persistent unit always is
             unit.unshard()  # every rank: the all-gather (waits for a prefetch in flight instead)
             try:
-                for p in unit.buffer.params:
+                for p in unit.params():  # trainable and frozen
                     in_units.add(id(p))
                     if writer:
                         write(p)
@@ -170,7 +170,7 @@ def save_streamed(model, units: list[ParamUnit], plan: SavePlan, output_dir: str
                     unit.reshard()
         if writer:
             for t in {id(t): t for t in live.values() if id(t) not in in_units}.values():
-                write(t)  # buffers and frozen params: whole on every rank
+                write(t)  # buffers and params kept whole (below the persistence threshold)
             for w in writers.values():
                 w.close()
     except BaseException:

@@ -11,8 +11,9 @@ A checkpoint is one folder (``DIR_NAME``) holding DCP's files and ``META_NAME``:
 - ``optim/{param}/{key}``: optimizer state; per-element ones in the param's shape, scalars
   (Adam's ``step``) whole, the same on every rank.
 - ``extra/{name}``: the model's frozen params and persistent buffers (what a consolidated
-  checkpoint needs besides the trainable params); left out for PEFT models, whose frozen base
-  is not part of the fine-tune.
+  checkpoint needs besides the trainable params), in their own dtype; frozen params sharded at
+  stage 3 as the blocks each rank holds. Left out for PEFT models, whose frozen base is not part
+  of the fine-tune. Never loaded on resume: frozen params come from the model's own weights.
 - ``META_NAME`` (JSON, rank 0): format, stage, world size, the layout (param packing order), the
   params' shapes and dtype, and the optimizer's class and param-group settings.
 """
@@ -33,7 +34,7 @@ from torch.distributed._shard.sharded_tensor import Shard, ShardedTensor
 from torch.distributed._shard.sharded_tensor.metadata import ShardedTensorMetadata, TensorProperties
 
 from hf_zero.checkpoint.boxes import boxes
-from hf_zero.engine.shard_map import ParamShard
+from hf_zero.engine.shard_map import ParamShard, frozen_shard_map
 
 DIR_NAME = "hf_zero_sharded"
 META_NAME = "hf_zero_meta.json"
@@ -69,11 +70,12 @@ def _extra_tensors(model, trainable: set[str]) -> dict[str, torch.Tensor]:
     """Frozen params and persistent buffers, by state-dict name (none for PEFT models)."""
     if hasattr(model, "peft_config"):
         return {}
-    params = {id(p) for n, p in model.named_parameters() if n in trainable}
+    seen = {id(p) for n, p in model.named_parameters() if n in trainable}
     out = {}
     for name, t in model.state_dict(keep_vars=True).items():
-        if id(t) not in params and t.numel() > 0:
+        if id(t) not in seen and t.numel() > 0:  # 0 elements: a stage-3 shard (frozen_shard_map)
             out[name] = t.detach()
+        seen.add(id(t))  # a tied alias (a frozen tied LM head) is stored once, as save_pretrained does
     return out
 
 
@@ -142,6 +144,11 @@ def save(engine, directory: str) -> str:
     names = {e.name for e in entries}
     extra = _extra_tensors(engine.model, names)
     state.update({f"extra/{n}": t for n, t in extra.items()})
+    if not hasattr(engine.model, "peft_config"):  # stage 3: frozen params are shards, stored as such
+        for e in frozen_shard_map(engine):
+            extra[e.name] = None
+            if e.master is not None:
+                state[f"extra/{e.name}"] = _dcp_value(e.master, e)
     with _quiet_sharded_tensor():
         dcp.save(state, storage_writer=dcp.FileSystemWriter(path), no_dist=_no_dist())
     if engine.ctx.rank == 0:

@@ -16,8 +16,11 @@
   is already fp32 it is a view into the flat buffer itself (no copy).
 - piece: the intersection of one full param with the local shard; the optimizer sees one piece
   per param (so per-param-group settings such as weight decay keep working).
-- unit (stage 3): a block of the model's ``_no_split_modules`` (or the root) whose params are one
-  bucket, kept as a shard and gathered around its forward and backward (``units.py``).
+- unit (stage 3): a block of the model's ``_no_split_modules`` (or the root) whose trainable params
+  are one bucket, kept as a shard and gathered around its forward and backward (``units.py``).
+- frozen buffer (stage 3): a unit's frozen params (``requires_grad=False``, a LoRA base), one flat
+  buffer per dtype in the model's dtype, sharded and gathered with the unit; no grads, masters or
+  optimizer pieces (``unit_buffer.py``).
 
 Stage differences live in ``stages.py``; collectives in ``collectives.py``.
 """

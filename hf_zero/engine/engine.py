@@ -34,7 +34,8 @@ from hf_zero.engine.ranges import Range
 from hf_zero.engine.shard_map import ParamShard, shard_map
 from hf_zero.engine.stages import strategy_for
 from hf_zero.engine.streams import Streams
-from hf_zero.engine.units import ParamUnit, UnitHooks, UnitState, group_by_unit, make_units, split_persistent
+from hf_zero.engine.unit_plan import plan_units
+from hf_zero.engine.units import ParamUnit, UnitHooks, UnitState, make_units
 
 
 class ZeroEngine:
@@ -96,7 +97,7 @@ class ZeroEngine:
         ]
         self._hooks: list[RemovableHandle] = []
         if self.units:
-            self._unit_hooks = UnitHooks(self.model, self.units, self.grad_sync.buckets,
+            self._unit_hooks = UnitHooks(self.model, self.units, list(zip(self.grad_sync.buckets, self._bucket_units)),
                                          prefetch_numel=self.prefetch_numel, max_live_numel=self.max_live_numel)
             self._hooks.extend(self._unit_hooks.install())
         self._hooks.append(optimizer.register_step_pre_hook(lambda *_: self._before_step()))
@@ -125,8 +126,12 @@ class ZeroEngine:
             for ps in groups
         ]
         self.units: list[ParamUnit] = []
+        self._bucket_units: list[ParamUnit] = []  # stage 3: the unit of each grad bucket (one each)
         if self.strategy.shard_params:
-            self.units = make_units(self.model, self._unit_modules, self.buffers, self.ctx, self.streams)
+            if old is not None:
+                raise AssertionError("stage 3 units are built once: their frozen params are sharded already")
+            self.units = make_units(self.model, self._unit_plans, self.buffers, self.ctx, self.streams)
+            self._bucket_units = [u for u in self.units if u.buffer is not None]
         grad_buckets = [GradBucket(buf, b, self.ctx.world_size) for buf in self.buffers for b in buf.buckets]
         sync_enabled = old.sync_enabled if old is not None else True
         self.grad_sync = GradSync(self.ctx, grad_buckets)
@@ -156,7 +161,7 @@ class ZeroEngine:
         self._pieces: dict[nn.Parameter, nn.Parameter] = {}
         self._piece_grads: list[tuple[nn.Parameter, GradBucket, Range, nn.Parameter]] = []
         for i, gb in enumerate(grad_buckets):
-            shard = self.units[i].local if self.units else gb.buffer.view(gb.bucket.shard)
+            shard = self._bucket_units[i].local if self.units else gb.buffer.view(gb.bucket.shard)
             if self._offloaded[i]:
                 master = self._host_memory.like(shard.detach())
             else:
@@ -171,13 +176,15 @@ class ZeroEngine:
     # ---- stage 3 units ------------------------------------------------------------------------
 
     def _unit_params(self, named: list[tuple[str, nn.Parameter]]) -> list[list[tuple[str, nn.Parameter]]]:
-        modules, groups = group_by_unit(self.model, named, self.param_dtype)
-        self._unit_modules, groups = split_persistent(modules, groups, self.persistence_threshold, self.param_dtype)
-        return groups
+        """The trainable groups of the stage-3 units; frozen params are planned into the units too
+        (unit_buffer.py), so that the frozen base of a LoRA fine-tune is sharded as well."""
+        frozen = [(n, p) for n, p in self.model.named_parameters() if not p.requires_grad]
+        self._unit_plans = plan_units(self.model, named, frozen, self.persistence_threshold, self.param_dtype)
+        return [plan.trainable for plan in self._unit_plans if plan.trainable]
 
     @contextlib.contextmanager
     def gathered(self, modifier_rank: int | None = None):
-        """Inside: every trainable param holds its full value (stage 3 gathers all units).
+        """Inside: every param holds its full value (stage 3 gathers all units, frozen params too).
 
         With ``modifier_rank``, edits that rank makes to the params inside are kept: its values are
         broadcast to every rank and written back into the shards (and fp32 master shards) on exit.
@@ -208,7 +215,7 @@ class ZeroEngine:
             sharded = unit.state is UnitState.SHARDED
             unit.unshard()
             if keep:
-                for p in unit.buffer.params:
+                for p in unit.params():
                     full[p] = p.detach().to("cpu", copy=True)
             if sharded:
                 unit.reshard()
@@ -224,11 +231,17 @@ class ZeroEngine:
             if self.ctx.world_size > 1:
                 torch.distributed.broadcast(full, src=torch.distributed.get_global_rank(self.ctx.group, src)
                                             if self.ctx.group is not None else src, group=self.ctx.group)
-            shard = self.units[i].local if self.units else gb.buffer.view(gb.bucket.shard)
+            shard = self._bucket_units[i].local if self.units else gb.buffer.view(gb.bucket.shard)
             if self.units:
                 shard.copy_(gb.buffer.view(gb.bucket.shard))
             if self.masters[i].data_ptr() != shard.data_ptr():
                 self.masters[i].copy_(shard)
+        for unit in self.units:  # stage 3: frozen params, gathered by the caller (gathered())
+            for part in unit.frozen:
+                if self.ctx.world_size > 1:
+                    torch.distributed.broadcast(part.buffer.data, src=torch.distributed.get_global_rank(
+                        self.ctx.group, src) if self.ctx.group is not None else src, group=self.ctx.group)
+                part.keep_edits()
 
     # ---- optimizer wiring -------------------------------------------------------------------
 
@@ -367,7 +380,7 @@ class ZeroEngine:
         pieces_of = defaultdict(list)
         for piece, gb, _, _ in self._piece_grads:
             pieces_of[self._bucket_index[id(gb)]].append(piece)
-        params = [self.units[i].local if self.units else gb.buffer.view(gb.bucket.shard) for i, gb in enumerate(buckets)]
+        params = [self._bucket_units[i].local if self.units else gb.buffer.view(gb.bucket.shard) for i, gb in enumerate(buckets)]
         on_device = [p for i, ps in pieces_of.items() if not self._offloaded[i] for p in ps]
         # Device buckets first (ratio < 1): their kernels are queued at once and run on the GPU
         # while the host steps the rest.
@@ -447,13 +460,13 @@ class ZeroEngine:
             if self._host_step is not None:
                 self._host_step.wait_uploads()  # offloaded buckets: uploaded by the host step
             for i, (gb, master) in enumerate(zip(self.grad_sync.buckets, self.masters)):
-                shard = self.units[i].local if self.units else gb.buffer.view(gb.bucket.shard)
+                shard = self._bucket_units[i].local if self.units else gb.buffer.view(gb.bucket.shard)
                 if self._offloaded[i]:
                     if not self._grads_on_host:  # not stepped this time (a resume): upload now
                         shard.copy_(master.to(shard.device, non_blocking=True))
                 elif master.data_ptr() != shard.data_ptr():
                     shard.copy_(master)
-                if not self.units or self.units[i].persistent:  # other stage-3 units: at their next use
+                if not self.units or self._bucket_units[i].persistent:  # other stage-3 units: at their next use
                     handles.append(C.start_all_gather(self.ctx, gb.buffer.view(gb.bucket.range), shard,
                                                       label=f"params of bucket {i}"))
         for h in handles:
@@ -508,13 +521,13 @@ class ZeroEngine:
         def nbytes(t: torch.Tensor) -> int:
             return t.numel() * t.element_size()
 
-        buffered = {p for buf in self.buffers for p in buf.params}
-        if self.units:
+        buffered = {p for buf in self.buffers for p in buf.params} | {p for u in self.units for p in u.params()}
+        if self.units:  # frozen shards count as params
             params = sum(u.held_bytes() for u in self.units)
         else:
             params = sum(nbytes(buf.data) for buf in self.buffers)
         params += sum(nbytes(p) for p in self.model.parameters() if p not in buffered)
-        shards = [u.local for u in self.units] or [gb.buffer.view(gb.bucket.shard) for gb in self.grad_sync.buckets]
+        shards = [u.local for u in self._bucket_units] or [gb.buffer.view(gb.bucket.shard) for gb in self.grad_sync.buckets]
         on_host = {id(self.masters[i]) for i, off in enumerate(self._offloaded) if off}
         masters = host = 0
         for m, shard in zip(self.masters, shards):

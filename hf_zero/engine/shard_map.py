@@ -33,17 +33,28 @@ def shard_map(engine) -> list[ParamShard]:
     """Every trainable param of ``engine``, in layout order."""
     out = []
     for i, gb in enumerate(engine.grad_sync.buckets):
-        buf, bucket, master = gb.buffer, gb.bucket, engine.masters[i]
-        for slot_index in bucket.slots:
-            slot = buf.slots[slot_index]
-            chunks = tuple(buf.param_chunks(slot_index))
-            local = dict(chunks).get(engine.ctx.rank)
-            view = None
-            if local is not None:
-                # the param's local range, in the master shard's own 0-based coordinates
-                start = slot.range.start + local.start - bucket.shard.start
-                view = master[start : start + local.size]
-            param = buf.params[slot_index]
-            out.append(ParamShard(slot.name, tuple(buf.shapes[slot.name]), chunks, local, view,
-                                  engine._pieces.get(param)))
+        out += _entries(gb.buffer, gb.bucket, engine.masters[i], engine.ctx.rank, engine._pieces)
+    return out
+
+
+def frozen_shard_map(engine) -> list[ParamShard]:
+    """Every frozen param sharded in a stage-3 unit (unit_buffer.py); ``master`` is a view of the
+    local frozen shard, in the model's dtype, and ``piece`` is None (no optimizer state)."""
+    return [e for unit in engine.units for part in unit.frozen
+            for e in _entries(part.buffer, part.bucket, part.local, engine.ctx.rank, {})]
+
+
+def _entries(buf, bucket, shard: torch.Tensor, rank: int, pieces: dict) -> list[ParamShard]:
+    out = []
+    for slot_index in bucket.slots:
+        slot = buf.slots[slot_index]
+        chunks = tuple(buf.param_chunks(slot_index))
+        local = dict(chunks).get(rank)
+        view = None
+        if local is not None:
+            # the param's local range, in the shard's own 0-based coordinates
+            start = slot.range.start + local.start - bucket.shard.start
+            view = shard[start : start + local.size]
+        out.append(ParamShard(slot.name, tuple(buf.shapes[slot.name]), chunks, local, view,
+                              pieces.get(buf.params[slot_index])))
     return out

@@ -1,14 +1,17 @@
-"""Stage 3 parameter units: a module whose trainable params live as a 1/W shard between uses.
+"""Stage 3 parameter units: a module whose params live as a 1/W shard between uses.
 
 A unit is one block of the model's ``_no_split_modules`` (a decoder layer, a T5 block), or the
-root (everything else: embeddings, final norm, LM head), or the persistent unit. Its params are
-packed into a ``FlatParamBuffer`` with a single bucket; the rank keeps only its shard (``local``)
-and the full flat tensor exists only while the unit is GATHERING or UNSHARDED:
+root (everything else: embeddings, final norm, LM head), or the persistent unit (``plan_units``
+in unit_plan.py). Its trainable params are packed into a ``FlatParamBuffer`` with a single
+bucket, its frozen params into one more per dtype (unit_buffer.py; a block with only frozen
+params, such as a LoRA layer without adapters, is a unit all the same). The rank keeps only its
+shard of each (``local``), and the full flat tensors exist only while the unit is GATHERING or
+UNSHARDED:
 
     forward:   pre-hook -> unshard (wait for its prefetch, or gather now); prefetch the next units
                ... post-hook -> reshard (not the root)
     backward:  first grad of the unit's outputs -> unshard; prefetch the next units in backward
-               order; last param grad -> reshard
+               order; last param grad -> reshard (with frozen params: [Note: frozen release])
 
 While SHARDED every param's ``.data`` is an empty tensor; autograd keeps the Parameter objects,
 so the data put back by the next unshard is what backward reads.
@@ -35,8 +38,6 @@ would cost a collective's latency for a few bytes each.
 from __future__ import annotations
 
 import enum
-from collections import defaultdict
-from typing import NamedTuple
 
 import torch
 from torch import nn
@@ -45,6 +46,8 @@ from torch.profiler import record_function
 from hf_zero.engine import collectives as C
 from hf_zero.engine.layout import FlatParamBuffer
 from hf_zero.engine.streams import Streams
+from hf_zero.engine.unit_buffer import PendingGather, UnitBuffer, frozen_buffers
+from hf_zero.engine.unit_plan import UnitPlan
 
 
 class UnitState(enum.Enum):
@@ -53,67 +56,84 @@ class UnitState(enum.Enum):
     UNSHARDED = "unsharded"  # every param's .data is a view of the full flat tensor
 
 
-class PendingGather(NamedTuple):
-    """A unit's all-gather in flight: the collective, its output, and the gather-stream events."""
-
-    handle: C.Handle
-    full: torch.Tensor
-    events: list
-
-
 class ParamUnit:
-    """One stage-3 unit: its module, its flat buffer (one bucket) and its local shard."""
+    """One stage-3 unit: its module and its parts (``UnitBuffer``s, gathered together): the trainable
+    part (``buffer``, ``bucket``, ``local``; None for a unit of frozen params only) and its frozen
+    parts ([Note: frozen gather] in unit_buffer.py)."""
 
-    def __init__(self, index: int, module: nn.Module, buffer: FlatParamBuffer, ctx: C.CommContext, root: bool,
-                 *, persistent: bool = False, streams: Streams | None = None):
-        if len(buffer.buckets) != 1:
-            raise AssertionError("a stage-3 unit is one bucket")
-        self.index, self.module, self.buffer, self.ctx, self.root = index, module, buffer, ctx, root
+    def __init__(self, index: int, module: nn.Module, buffer: FlatParamBuffer | None, ctx: C.CommContext,
+                 root: bool, *, persistent: bool = False, streams: Streams | None = None,
+                 frozen: list[UnitBuffer] = ()):
+        self.index, self.module, self.ctx, self.root = index, module, ctx, root
         self.persistent = persistent
-        self.streams = streams if streams is not None else Streams(device=buffer.device)
-        self.bucket = buffer.buckets[0]
-        self.numel = self.bucket.range.size  # full elements, padding included: the same on every rank
-        # One rank: its shard is the whole unit, so the params stay views of it (nothing to gather).
-        # Persistent: the shard is a view of the full buffer, as a stage-2 bucket's.
+        trainable = [UnitBuffer(buffer, ctx, trainable=True, persistent=persistent)] if buffer is not None else []
+        self.parts: list[UnitBuffer] = trainable + list(frozen)
+        if not self.parts:
+            raise AssertionError(f"unit {index} has no params")
+        self.frozen = list(frozen)
+        self.streams = streams if streams is not None else Streams(device=self.parts[0].buffer.device)
+        self.buffer = buffer
+        self.bucket = trainable[0].bucket if trainable else None
+        self.local = trainable[0].local if trainable else None
+        self.numel = sum(part.numel for part in self.parts)  # full elements of all parts: the same on every rank
+        # One rank: each shard is the whole part, so the params stay views of it (nothing to gather).
         self.single = ctx.world_size == 1
-        if self.single:
-            self.local = buffer.data
-        else:
-            shard = buffer.view(self.bucket.shard)
-            self.local = shard if persistent else shard.clone()
-        self.backward_pending = False  # set between the pre-backward hook and the last param grad
-        self.label = unit_label(index, module, buffer, root, persistent)  # names its gathers in hang reports
-        self._empty = torch.empty(0, dtype=buffer.dtype, device=buffer.device)
-        self._pending: PendingGather | None = None
+        # [Note: frozen gather]: parts of one dtype are gathered by one all-gather, their shards
+        # kept back to back in one tensor (each part's ``local`` a view of it).
+        self._fused = not self.single and not persistent and len(self.parts) > 1 and \
+            len({part.buffer.dtype for part in self.parts}) == 1
+        if self._fused:
+            self._fused_local = torch.cat([part.local for part in self.parts])
+            offset = 0
+            for part in self.parts:
+                part.local = self._fused_local[offset : offset + part.local.numel()]
+                offset += part.local.numel()
+            self.local = self.parts[0].local if trainable else None
+        self.backward_pending = False  # set between the pre-backward hook and the unit's backward end
+        self.label = unit_label(index, module, self.parts[0].buffer, root, persistent)  # names its gathers
+        self._pending: list[PendingGather] | None = None
+        self._events: list = []
         self.state = UnitState.UNSHARDED
         self.reshard()
 
+    def params(self) -> list[nn.Parameter]:
+        """Every full param of the unit, trainable and frozen."""
+        return [p for part in self.parts for p in part.params]
+
     def start_unshard(self) -> None:
-        """Idempotent: launch the all-gather of the full params ([Note: gather stream] in streams.py)."""
+        """Idempotent: launch the all-gathers of every part ([Note: gather stream] in streams.py)."""
         if self.state is not UnitState.SHARDED:
             return
         with record_function("hf_zero::start_unshard"):
-            # Allocated on the current (compute) stream: freed after wait_unshard, in that stream's order.
-            full = torch.empty(self.numel, dtype=self.buffer.dtype, device=self.buffer.device)
-            with self.streams.launch_gather(full.device) as events:
-                handle = C.start_all_gather(self.ctx, full, self.local, label=self.label)
-        self._pending = PendingGather(handle, full, events)
+            with self.streams.launch_gather(self.parts[0].buffer.device) as events:
+                if self._fused:
+                    out = torch.empty(self._fused_local.numel() * self.ctx.world_size,
+                                      dtype=self._fused_local.dtype, device=self._fused_local.device)
+                    pending = [PendingGather(C.start_all_gather(self.ctx, out, self._fused_local, label=self.label), out)]
+                else:
+                    pending = [part.start_gather(self.ctx, self.label) for part in self.parts]
+        self._pending, self._events = pending, events
         self.state = UnitState.GATHERING
 
     def wait_unshard(self) -> None:
-        """Idempotent: the current stream waits for the gather; every param points at its slice."""
+        """Idempotent: the current stream waits for the gathers; every param points at its slice."""
         if self.state is UnitState.UNSHARDED:
             return
         if self.state is not UnitState.GATHERING or self._pending is None:
             raise AssertionError(f"{self.label}: wait_unshard in state {self.state.name}, expected GATHERING")
         pending, self._pending = self._pending, None
         with record_function("hf_zero::wait_unshard"):
-            C.wait(pending.handle)  # on CUDA: orders the current stream after the collective
-            self.streams.wait_event(pending.events)
-        full = pending.full
-        self.buffer.data = full
-        for param, slot in zip(self.buffer.params, self.buffer.slots):
-            param.data = full[slot.range.start : slot.range.end].view(self.buffer.shapes[slot.name])
+            for gather in pending:
+                C.wait(gather.handle)  # on CUDA: orders the current stream after the collective
+            self.streams.wait_event(self._events)
+        fulls = [gather.full for gather in pending]
+        if self._fused:  # rank r's block holds every part's shard r: copy each part's shards out
+            rows, offset, fulls = pending[0].full.view(self.ctx.world_size, -1), 0, []
+            for part in self.parts:
+                fulls.append(rows[:, offset : offset + part.local.numel()].reshape(-1))
+                offset += part.local.numel()
+        for part, full in zip(self.parts, fulls):
+            part.attach(full)
         self.state = UnitState.UNSHARDED
 
     def unshard(self) -> None:
@@ -122,27 +142,22 @@ class ParamUnit:
         self.wait_unshard()
 
     def reshard(self) -> None:
-        """Idempotent: drop the full params, keep the shard. A gather in flight is waited for first:
+        """Idempotent: drop the full params, keep the shards. A gather in flight is waited for first:
         its output must not be freed (and reused) while the collective still writes it."""
         if self.state is UnitState.SHARDED or self.single or self.persistent:
             return
         if self.state is UnitState.GATHERING:
             self.wait_unshard()
-        for param in self.buffer.params:
-            param.data = self._empty
-        self.buffer.data = None
+        for part in self.parts:
+            part.detach()
         self.state = UnitState.SHARDED
 
     def held_bytes(self) -> int:
-        def nbytes(t: torch.Tensor) -> int:
-            return t.numel() * t.element_size()
-
-        full = self._pending.full if self._pending is not None else self.buffer.data
-        if full is None:
-            return nbytes(self.local)
-        if full is self.local or self.persistent:  # the shard is the full buffer, or a view of it
-            return nbytes(full)
-        return nbytes(full) + nbytes(self.local)
+        if self._pending is not None and self._fused:
+            out = self._pending[0].full
+            return out.numel() * out.element_size() + sum(part.held_bytes(None, False) for part in self.parts)
+        fulls = [g.full for g in self._pending] if self._pending is not None else [p.buffer.data for p in self.parts]
+        return sum(part.held_bytes(full, self.persistent) for part, full in zip(self.parts, fulls))
 
 
 def unit_label(index: int, module: nn.Module, buffer: FlatParamBuffer, root: bool, persistent: bool = False) -> str:
@@ -161,21 +176,6 @@ def unit_label(index: int, module: nn.Module, buffer: FlatParamBuffer, root: boo
     return f"unit {index} ({path}, {type(module).__name__})"
 
 
-def find_blocks(model: nn.Module) -> list[nn.Module]:
-    """The outermost modules whose class is in the model's ``_no_split_modules``, in order."""
-    names = set()
-    for module in model.modules():
-        names.update(getattr(module, "_no_split_modules", None) or ())
-    blocks, inside = [], set()
-    for module in model.modules():
-        if id(module) in inside:
-            continue
-        if type(module).__name__ in names:
-            blocks.append(module)
-            inside.update(id(m) for m in module.modules())
-    return blocks
-
-
 def output_tensors(output) -> list[torch.Tensor]:
     """Tensors in a module's output (tensor, tuple, list, dict, ModelOutput) that need a grad."""
     found, stack = [], [output]
@@ -191,59 +191,15 @@ def output_tensors(output) -> list[torch.Tensor]:
     return found
 
 
-def group_by_unit(model: nn.Module, named: list[tuple[str, nn.Parameter]], param_dtype: torch.dtype | None):
-    """Trainable params grouped by unit, in backward order: last block first, root last.
-
-    Returns (unit modules, groups of (name, param)); the root's module is ``model`` itself."""
-    blocks = find_blocks(model)
-    owner: dict[int, int] = {}
-    for b, block in enumerate(blocks):
-        for p in block.parameters():
-            owner.setdefault(id(p), b)
-    per_block: list[list] = [[] for _ in blocks]
-    root: list = []
-    for name, p in named:
-        (per_block[owner[id(p)]] if id(p) in owner else root).append((name, p))
-    order = [(blocks[b], per_block[b]) for b in reversed(range(len(blocks))) if per_block[b]]
-    if root:
-        order.append((model, root))
-    for module, params in order:
-        dtypes = {param_dtype or p.dtype for _, p in params}
-        if len(dtypes) > 1:
-            raise ValueError(
-                f"stage 3 needs one dtype per unit; {type(module).__name__} has trainable params of "
-                f"{sorted(map(str, dtypes))}: load the model in one dtype or enable bf16/fp16"
-            )
-    return [m for m, _ in order], [ps for _, ps in order]
-
-
-def split_persistent(modules: list, groups: list, threshold: int, param_dtype: torch.dtype | None):
-    """Params of fewer than ``threshold`` elements leave their units for persistent groups (one per
-    dtype, placed last, module ``None``); units left empty go. ``threshold`` 0: nothing moves."""
-    if isinstance(threshold, bool) or not isinstance(threshold, int) or threshold < 0:
-        raise ValueError(f"param_persistence_threshold must be an integer >= 0 (elements), got {threshold!r}")
-    if threshold == 0:
-        return modules, groups
-    kept: list[tuple] = []
-    small: dict[torch.dtype, list] = defaultdict(list)
-    for module, params in zip(modules, groups):
-        big = [(n, p) for n, p in params if p.numel() >= threshold]
-        if big:
-            kept.append((module, big))
-    for params in reversed(groups):  # forward order of units, as FlatParamBuffer expects
-        for n, p in params:
-            if p.numel() < threshold:
-                small[param_dtype or p.dtype].append((n, p))
-    kept += [(None, params) for params in small.values()]
-    return [m for m, _ in kept], [g for _, g in kept]
-
-
-def make_units(model: nn.Module, owners: list, buffers: list[FlatParamBuffer], ctx: C.CommContext,
+def make_units(model: nn.Module, plans: list[UnitPlan], buffers: list[FlatParamBuffer], ctx: C.CommContext,
                streams: Streams) -> list[ParamUnit]:
-    """One ParamUnit per buffer; an owner ``None`` is a persistent group (``split_persistent``)."""
-    return [ParamUnit(i, owner if owner is not None else model, buf, ctx, root=owner is model,
-                      persistent=owner is None, streams=streams)
-            for i, (owner, buf) in enumerate(zip(owners, buffers))]
+    """One ParamUnit per plan; ``buffers`` are the trainable buffers of the plans that have trainable
+    params, in order. A module ``None`` is a persistent group."""
+    trainable = iter(buffers)
+    return [ParamUnit(i, plan.module if plan.module is not None else model,
+                      next(trainable) if plan.trainable else None, ctx, root=plan.module is model,
+                      persistent=plan.module is None, streams=streams, frozen=frozen_buffers(plan.frozen, ctx))
+            for i, plan in enumerate(plans)]
 
 
 class Phase(enum.Enum):
@@ -256,14 +212,21 @@ class UnitHooks:
     """When each unit is gathered and dropped: module hooks for forward, grad hooks for backward,
     and the prefetch schedule ([Note: prefetch])."""
 
-    def __init__(self, model: nn.Module, units: list[ParamUnit], buckets: list, *,
+    def __init__(self, model: nn.Module, units: list[ParamUnit], bucket_units: list[tuple], *,
                  prefetch_numel: int = 0, max_live_numel: int | None = None) -> None:
         for name, value in (("prefetch_bucket_size", prefetch_numel), ("max_live_parameters", max_live_numel)):
             if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 0):
                 raise ValueError(f"{name} must be an integer >= 0 (elements), got {value!r}")
         self.model = model
         self.units = [u for u in units if not u.persistent]  # the persistent unit is never gathered
-        self._unit_of_bucket = {id(b): u for b, u in zip(buckets, units)}
+        self._unit_of_bucket = {id(b): u for b, u in bucket_units}  # grad bucket -> its unit
+        # [Note: frozen release] A unit with frozen params is released only once its backward is
+        # over: its trainable grads are all in (``_grads_in``; none to wait for without a trainable
+        # part) and the grads of its inputs are computed (``_inputs_in``), since the frozen weights
+        # are still read for the input grads after the last trainable grad may have arrived. A unit
+        # whose inputs need no grad is released at the end of backward.
+        self._grads_in: set[ParamUnit] = set()
+        self._inputs_in: set[ParamUnit] = set()
         self.prefetch_numel, self.max_live_numel = prefetch_numel, max_live_numel
         self.phase = Phase.IDLE
         self._order: list[ParamUnit] = []  # units in the order the last forward first used them
@@ -282,7 +245,7 @@ class UnitHooks:
             if unit.root:
                 # Root params are also used outside the model's own forward (generate() runs the
                 # encoder alone, then the decoder): the modules that own them gather on use too.
-                owned = {id(p) for p in unit.buffer.params}
+                owned = {id(p) for p in unit.params()}
                 for module in self.model.modules():
                     if module is not self.model and any(id(p) in owned for p in module.parameters(recurse=False)):
                         handles.append(module.register_forward_pre_hook(self._pre_forward(unit)))
@@ -293,6 +256,11 @@ class UnitHooks:
         unit = self._unit_of_bucket[id(bucket)]
         if unit.persistent:
             return
+        self._grads_in.add(unit)
+        if not unit.frozen or unit in self._inputs_in:
+            self._release(unit)
+
+    def _release(self, unit: ParamUnit) -> None:
         unit.backward_pending = False
         self._prefetched.pop(unit, None)
         unit.reshard()
@@ -303,6 +271,7 @@ class UnitHooks:
             unit.backward_pending = False
             unit.reshard()
         self.phase, self._seen, self._current = Phase.IDLE, {}, None
+        self._grads_in, self._inputs_in = set(), set()
 
     # ---- the schedule -------------------------------------------------------------------------
 
@@ -385,7 +354,18 @@ class UnitHooks:
             self._use(unit)
             if first:
                 self._prefetch(self._order, after=unit)
+            if unit.frozen and not unit.root and torch.is_grad_enabled():
+                inputs = output_tensors(args)
+                if inputs:  # [Note: frozen release]
+                    torch.autograd.graph.register_multi_grad_hook(inputs, self._inputs_grad_done(unit), mode="all")
         return pre_forward
+
+    def _inputs_grad_done(self, unit: ParamUnit):
+        def inputs_grad_done(_grads):
+            self._inputs_in.add(unit)
+            if unit.bucket is None or unit in self._grads_in:
+                self._release(unit)
+        return inputs_grad_done
 
     def _pre_backward(self, unit: ParamUnit):
         def pre_backward(_grad):

@@ -1,0 +1,96 @@
+"""One flat buffer of a stage-3 unit and this rank's shard of it (``UnitBuffer``).
+
+A unit (units.py) owns up to a few of these, gathered and dropped together:
+
+- its trainable part: the unit's trainable params in one ``FlatParamBuffer`` (in ``param_dtype``
+  when given). Its shard is what the fp32 master shard mirrors and the optimizer updates.
+- its frozen parts: the unit's frozen params (``requires_grad=False``, e.g. a LoRA base), one
+  buffer per dtype, in the model's own dtype (a bf16 base under fp32 adapters stays bf16). No
+  gradient bucket, fp32 master, optimizer piece or reduce-scatter: only gathered and dropped.
+
+[Note: frozen gather] When all parts of a unit have one dtype (an fp32 model, or a bf16 run of a
+bf16 base), their shards are kept back to back in one tensor and gathered by one all-gather per
+unit; rank r's block of the output then holds every part's shard r, so each part's full buffer
+is copied out of it (as FSDP2's all-gather copy-out): one kernel, and the output lives until the
+copies are made. When the dtypes differ (fp32 adapters on a bf16 base), an all-gather moves one
+dtype, so each part gets its own all-gather, all launched back to back in the same
+``launch_gather`` (on CUDA they queue together on the gather stream) and waited for together:
+one more collective's latency per unit, no copy.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import torch
+
+from hf_zero.engine import collectives as C
+from hf_zero.engine.layout import FlatParamBuffer
+
+
+class PendingGather(NamedTuple):
+    """One part's all-gather in flight: the collective and its output."""
+
+    handle: C.Handle
+    full: torch.Tensor
+
+
+class UnitBuffer:
+    """One part of a unit: its flat buffer (one bucket) and the local shard that outlives gathers."""
+
+    def __init__(self, buffer: FlatParamBuffer, ctx: C.CommContext, *, trainable: bool, persistent: bool = False):
+        if len(buffer.buckets) != 1:
+            raise AssertionError("a stage-3 unit buffer is one bucket")
+        self.buffer, self.bucket, self.trainable = buffer, buffer.buckets[0], trainable
+        self.numel = self.bucket.range.size  # full elements, padding included: the same on every rank
+        if ctx.world_size == 1:
+            self.local = buffer.data  # its shard is the whole buffer: the params stay views of it
+        else:
+            shard = buffer.view(self.bucket.shard)
+            self.local = shard if persistent else shard.clone()
+        self._empty = torch.empty(0, dtype=buffer.dtype, device=buffer.device)
+
+    @property
+    def params(self) -> list:
+        return self.buffer.params
+
+    def start_gather(self, ctx: C.CommContext, label: str) -> PendingGather:
+        # Allocated on the current (compute) stream: freed after the wait, in that stream's order.
+        full = torch.empty(self.numel, dtype=self.buffer.dtype, device=self.buffer.device)
+        return PendingGather(C.start_all_gather(ctx, full, self.local, label=label), full)
+
+    def attach(self, full: torch.Tensor) -> None:
+        """Every param's ``.data`` becomes its slice of the gathered ``full``."""
+        self.buffer.data = full
+        for param, slot in zip(self.buffer.params, self.buffer.slots):
+            param.data = full[slot.range.start : slot.range.end].view(self.buffer.shapes[slot.name])
+
+    def detach(self) -> None:
+        for param in self.buffer.params:
+            param.data = self._empty
+        self.buffer.data = None
+
+    def keep_edits(self) -> None:
+        """Copy the gathered buffer's local shard into the shard kept between gathers."""
+        if self.buffer.data is not None and self.local.data_ptr() != self.buffer.data.data_ptr():
+            self.local.copy_(self.buffer.view(self.bucket.shard))
+
+    def held_bytes(self, full: torch.Tensor | None, persistent: bool) -> int:
+        def nbytes(t: torch.Tensor) -> int:
+            return t.numel() * t.element_size()
+
+        if full is None:
+            return nbytes(self.local)
+        if full is self.local or persistent:  # the shard is the full buffer, or a view of it
+            return nbytes(full)
+        return nbytes(full) + nbytes(self.local)
+
+
+def frozen_buffers(params: list[tuple[str, torch.nn.Parameter]], ctx: C.CommContext) -> list[UnitBuffer]:
+    """A unit's frozen params (forward order) as one ``UnitBuffer`` per dtype, in the params' own dtype."""
+    by_dtype: dict[torch.dtype, list] = {}
+    for name, p in params:
+        by_dtype.setdefault(p.dtype, []).append((name, p))
+    return [UnitBuffer(FlatParamBuffer(ps, world_size=ctx.world_size, rank=ctx.rank, bucket_numel=2**62), ctx,
+                       trainable=False)
+            for ps in by_dtype.values()]
