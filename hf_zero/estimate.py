@@ -148,7 +148,7 @@ def estimate_bytes(
     * params: stage 0-2 the full params (1/2: padded flat buffers); stage 3 the 1/W shards
       (every unit is resharded when backward ends), except params of fewer than
       ``persistence_threshold`` elements, which form one whole group (units.plan_units);
-      frozen params replicated.
+      frozen params replicated (stage 3: sharded too).
     * grads_at_step: stage 0 full grads in the model dtype; 1-3 the fp32 main grad shards.
     * peak_grads: grads_at_step plus the staging tensors (param dtype) that may coexist:
       stage 1 every bucket (it accumulates full gradients), stage 2/3 at most MAX_IN_FLIGHT + 1
@@ -168,7 +168,9 @@ def estimate_bytes(
         raise ValueError(f"world must be a positive integer, got {world!r}")
     p_model = DTYPE_BYTES[model_dtype]
     p = DTYPE_BYTES[dtype] if dtype in ("bf16", "fp16") else p_model
-    frozen = counts.frozen * p_model
+    # Frozen params: replicated at stages 0-2, 1/W shards at stage 3 (units.py; alignment padding
+    # and frozen params under the persistence threshold, held whole, are not modelled).
+    frozen = counts.frozen * p_model // (world if stage == 3 else 1)
     n = counts.trainable
     if stage == 0:
         if offload_optimizer:

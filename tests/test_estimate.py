@@ -143,3 +143,18 @@ def test_persistence_threshold_keeps_small_params_whole_at_stage_3(config_path):
     assert abs(kept["params"] - sharded["params"] - 4 * small * 3 / 4) <= 4 * 32 * 4 * len(counts.units)
     # their grads and masters are still sharded: only alignment padding differs
     assert abs(kept["grads_at_step"] - sharded["grads_at_step"]) <= 4 * 32 * 4 * len(counts.units)
+
+
+def test_frozen_params_are_sharded_at_stage_3_only():
+    from hf_zero.estimate import ParamCounts
+
+    counts = ParamCounts(units=((4096, 4096), (64,)), root_index=1, frozen=1_000_000)
+    for stage in (1, 2):
+        with_frozen = estimate_bytes(counts, stage=stage, world=4, dtype="fp32", optimizer="adamw")
+        without = estimate_bytes(ParamCounts(units=counts.units, root_index=1), stage=stage, world=4,
+                                 dtype="fp32", optimizer="adamw")
+        assert with_frozen["params"] - without["params"] == 4 * 1_000_000  # replicated
+    s3 = estimate_bytes(counts, stage=3, world=4, dtype="fp32", optimizer="adamw")
+    s3_plain = estimate_bytes(ParamCounts(units=counts.units, root_index=1), stage=3, world=4,
+                              dtype="fp32", optimizer="adamw")
+    assert s3["params"] - s3_plain["params"] == 4 * 1_000_000 // 4  # a quarter per rank
