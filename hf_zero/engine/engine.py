@@ -16,7 +16,6 @@ its state is the local shard's state.
 
 from __future__ import annotations
 
-import contextlib
 import warnings
 from collections import defaultdict
 
@@ -25,6 +24,7 @@ from torch import nn
 from torch.nn.utils import get_total_norm
 from torch.utils.hooks import RemovableHandle
 
+from hf_zero.engine import accounting, full_params
 from hf_zero.engine import collectives as C
 from hf_zero.engine.grad_sync import BucketState, GradBucket, GradSync
 from hf_zero.engine.host_step import HostStep
@@ -35,7 +35,7 @@ from hf_zero.engine.shard_map import ParamShard, shard_map
 from hf_zero.engine.stages import strategy_for
 from hf_zero.engine.streams import Streams
 from hf_zero.engine.unit_plan import plan_units
-from hf_zero.engine.units import ParamUnit, UnitHooks, UnitState, make_units
+from hf_zero.engine.units import ParamUnit, UnitHooks, make_units
 
 
 class ZeroEngine:
@@ -182,66 +182,14 @@ class ZeroEngine:
         self._unit_plans = plan_units(self.model, named, frozen, self.persistence_threshold, self.param_dtype)
         return [plan.trainable for plan in self._unit_plans if plan.trainable]
 
-    @contextlib.contextmanager
     def gathered(self, modifier_rank: int | None = None):
-        """Inside: every param holds its full value (stage 3 gathers all units, frozen params too).
+        """Context manager: inside, every param holds its full value; with ``modifier_rank`` that
+        rank's edits are kept (full_params.py). Call it on every rank (it communicates)."""
+        return full_params.gathered(self, modifier_rank)
 
-        With ``modifier_rank``, edits that rank makes to the params inside are kept: its values are
-        broadcast to every rank and written back into the shards (and fp32 master shards) on exit.
-        Without it, edits are discarded at stage 3. Call it on every rank (it communicates).
-        """
-        was_sharded = [u.state is UnitState.SHARDED for u in self.units]
-        for unit in self.units:
-            unit.unshard()
-        try:
-            yield
-        finally:
-            if modifier_rank is not None:
-                self._write_back(modifier_rank)
-            for unit, sharded in zip(self.units, was_sharded):
-                if sharded:
-                    unit.reshard()
-
-    @torch.no_grad()
     def full_state_dict(self, *, to_cpu_on: int | None = 0) -> dict[str, torch.Tensor] | None:
-        """The model's state dict with full values, gathered unit by unit (all ranks must call).
-
-        Rank ``to_cpu_on`` (``None``: every rank) receives CPU copies; other ranks get ``None``.
-        Tied params stay one tensor, so ``save_pretrained`` still sees them as tied.
-        """
-        keep = to_cpu_on is None or self.ctx.rank == to_cpu_on
-        full: dict[nn.Parameter, torch.Tensor] = {}
-        for unit in self.units:
-            sharded = unit.state is UnitState.SHARDED
-            unit.unshard()
-            if keep:
-                for p in unit.params():
-                    full[p] = p.detach().to("cpu", copy=True)
-            if sharded:
-                unit.reshard()
-        if not keep:
-            return None
-        return {name: full[t] if t in full else t.detach().to("cpu", copy=True)
-                for name, t in self.model.state_dict(keep_vars=True).items()}
-
-    @torch.no_grad()
-    def _write_back(self, src: int) -> None:
-        for i, gb in enumerate(self.grad_sync.buckets):
-            full = gb.buffer.view(gb.bucket.range)
-            if self.ctx.world_size > 1:
-                torch.distributed.broadcast(full, src=torch.distributed.get_global_rank(self.ctx.group, src)
-                                            if self.ctx.group is not None else src, group=self.ctx.group)
-            shard = self._bucket_units[i].local if self.units else gb.buffer.view(gb.bucket.shard)
-            if self.units:
-                shard.copy_(gb.buffer.view(gb.bucket.shard))
-            if self.masters[i].data_ptr() != shard.data_ptr():
-                self.masters[i].copy_(shard)
-        for unit in self.units:  # stage 3: frozen params, gathered by the caller (gathered())
-            for part in unit.frozen:
-                if self.ctx.world_size > 1:
-                    torch.distributed.broadcast(part.buffer.data, src=torch.distributed.get_global_rank(
-                        self.ctx.group, src) if self.ctx.group is not None else src, group=self.ctx.group)
-                part.keep_edits()
+        """The model's state dict with full values, gathered unit by unit (full_params.py)."""
+        return full_params.full_state_dict(self, to_cpu_on=to_cpu_on)
 
     # ---- optimizer wiring -------------------------------------------------------------------
 
@@ -516,38 +464,8 @@ class ZeroEngine:
     # ---- accounting -------------------------------------------------------------------------
 
     def held_bytes(self) -> dict[str, int]:
-        """Bytes this rank holds right now, measured from the tensors themselves."""
-
-        def nbytes(t: torch.Tensor) -> int:
-            return t.numel() * t.element_size()
-
-        buffered = {p for buf in self.buffers for p in buf.params} | {p for u in self.units for p in u.params()}
-        if self.units:  # frozen shards count as params
-            params = sum(u.held_bytes() for u in self.units)
-        else:
-            params = sum(nbytes(buf.data) for buf in self.buffers)
-        params += sum(nbytes(p) for p in self.model.parameters() if p not in buffered)
-        shards = [u.local for u in self._bucket_units] or [gb.buffer.view(gb.bucket.shard) for gb in self.grad_sync.buckets]
-        on_host = {id(self.masters[i]) for i, off in enumerate(self._offloaded) if off}
-        masters = host = 0
-        for m, shard in zip(self.masters, shards):
-            if id(m) in on_host:
-                host += nbytes(m)
-            elif m.data_ptr() != shard.data_ptr():
-                masters += nbytes(m)
-        offloaded_pieces = {id(piece) for piece, gb, _, _ in self._piece_grads
-                            if self._offloaded[self._bucket_index[id(gb)]]}
-        state = 0
-        for piece, s in self.optimizer.state.items():
-            n = sum(nbytes(v) for v in s.values() if torch.is_tensor(v) and v.dim() > 0)
-            if id(piece) in offloaded_pieces:
-                host += n
-            else:
-                state += n
-        host += self._host_step.host_bytes() if self._host_step is not None else 0
-        grads = sum(gb.held_bytes() for gb in self.grad_sync.buckets)
-        return {"params": params, "grads": grads, "peak_grads": self.grad_sync.peak_grad_bytes,
-                "optimizer_state": state + masters, "host_offload": host}
+        """Bytes this rank holds right now, measured from the tensors themselves (accounting.py)."""
+        return accounting.held_bytes(self)
 
     def reset_peak(self) -> None:
         """Start a new window for ``held_bytes()["peak_grads"]``."""

@@ -1,0 +1,40 @@
+"""What an engine holds, measured from the tensors themselves (the run report's bytes)."""
+
+from __future__ import annotations
+
+import torch
+
+
+def held_bytes(engine) -> dict[str, int]:
+    """Bytes this rank holds right now, measured from the tensors themselves."""
+
+    def nbytes(t: torch.Tensor) -> int:
+        return t.numel() * t.element_size()
+
+    buffered = {p for buf in engine.buffers for p in buf.params} | {p for u in engine.units for p in u.params()}
+    if engine.units:  # frozen shards count as params
+        params = sum(u.held_bytes() for u in engine.units)
+    else:
+        params = sum(nbytes(buf.data) for buf in engine.buffers)
+    params += sum(nbytes(p) for p in engine.model.parameters() if p not in buffered)
+    shards = [u.local for u in engine._bucket_units] or [gb.buffer.view(gb.bucket.shard) for gb in engine.grad_sync.buckets]
+    on_host = {id(engine.masters[i]) for i, off in enumerate(engine._offloaded) if off}
+    masters = host = 0
+    for m, shard in zip(engine.masters, shards):
+        if id(m) in on_host:
+            host += nbytes(m)
+        elif m.data_ptr() != shard.data_ptr():
+            masters += nbytes(m)
+    offloaded_pieces = {id(piece) for piece, gb, _, _ in engine._piece_grads
+                        if engine._offloaded[engine._bucket_index[id(gb)]]}
+    state = 0
+    for piece, s in engine.optimizer.state.items():
+        n = sum(nbytes(v) for v in s.values() if torch.is_tensor(v) and v.dim() > 0)
+        if id(piece) in offloaded_pieces:
+            host += n
+        else:
+            state += n
+    host += engine._host_step.host_bytes() if engine._host_step is not None else 0
+    grads = sum(gb.held_bytes() for gb in engine.grad_sync.buckets)
+    return {"params": params, "grads": grads, "peak_grads": engine.grad_sync.peak_grad_bytes,
+            "optimizer_state": state + masters, "host_offload": host}

@@ -1,0 +1,78 @@
+"""Whole-parameter access to an engine's model: gather every unit, optionally keep edits, or read a
+full state dict unit by unit (stage 3 shards params; stages 1-2 hold them whole already).
+
+``ZeroEngine.gathered`` and ``ZeroEngine.full_state_dict`` are thin wrappers over these.
+"""
+
+from __future__ import annotations
+
+import contextlib
+
+import torch
+from torch import nn
+
+from hf_zero.engine.units import UnitState
+
+
+@contextlib.contextmanager
+def gathered(engine, modifier_rank: int | None = None):
+    """Inside: every param holds its full value (stage 3 gathers all units, frozen params too).
+
+    With ``modifier_rank``, edits that rank makes to the params inside are kept: its values are
+    broadcast to every rank and written back into the shards (and fp32 master shards) on exit.
+    Without it, edits are discarded at stage 3. Call it on every rank (it communicates).
+    """
+    was_sharded = [u.state is UnitState.SHARDED for u in engine.units]
+    for unit in engine.units:
+        unit.unshard()
+    try:
+        yield
+    finally:
+        if modifier_rank is not None:
+            _write_back(engine, modifier_rank)
+        for unit, sharded in zip(engine.units, was_sharded):
+            if sharded:
+                unit.reshard()
+
+
+@torch.no_grad()
+def full_state_dict(engine, *, to_cpu_on: int | None = 0) -> dict[str, torch.Tensor] | None:
+    """The model's state dict with full values, gathered unit by unit (all ranks must call).
+
+    Rank ``to_cpu_on`` (``None``: every rank) receives CPU copies; other ranks get ``None``.
+    Tied params stay one tensor, so ``save_pretrained`` still sees them as tied.
+    """
+    keep = to_cpu_on is None or engine.ctx.rank == to_cpu_on
+    full: dict[nn.Parameter, torch.Tensor] = {}
+    for unit in engine.units:
+        sharded = unit.state is UnitState.SHARDED
+        unit.unshard()
+        if keep:
+            for p in unit.params():
+                full[p] = p.detach().to("cpu", copy=True)
+        if sharded:
+            unit.reshard()
+    if not keep:
+        return None
+    return {name: full[t] if t in full else t.detach().to("cpu", copy=True)
+            for name, t in engine.model.state_dict(keep_vars=True).items()}
+
+
+@torch.no_grad()
+def _write_back(engine, src: int) -> None:
+    for i, gb in enumerate(engine.grad_sync.buckets):
+        full = gb.buffer.view(gb.bucket.range)
+        if engine.ctx.world_size > 1:
+            torch.distributed.broadcast(full, src=torch.distributed.get_global_rank(engine.ctx.group, src)
+                                        if engine.ctx.group is not None else src, group=engine.ctx.group)
+        shard = engine._bucket_units[i].local if engine.units else gb.buffer.view(gb.bucket.shard)
+        if engine.units:
+            shard.copy_(gb.buffer.view(gb.bucket.shard))
+        if engine.masters[i].data_ptr() != shard.data_ptr():
+            engine.masters[i].copy_(shard)
+    for unit in engine.units:  # stage 3: frozen params, gathered by the caller (gathered())
+        for part in unit.frozen:
+            if engine.ctx.world_size > 1:
+                torch.distributed.broadcast(part.buffer.data, src=torch.distributed.get_global_rank(
+                    engine.ctx.group, src) if engine.ctx.group is not None else src, group=engine.ctx.group)
+            part.keep_edits()
