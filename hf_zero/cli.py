@@ -99,7 +99,8 @@ def build_parser() -> argparse.ArgumentParser:
     est.add_argument("--optimizer", default="adamw", choices=["adamw", "sgd", "sgd_momentum"], help="default: adamw")
     est.add_argument("--offload", default="none", choices=["none", "cpu", "nvme"],
                      help="optimizer offload: cpu moves fp32 masters, optimizer state and the grads at the step "
-                          "to the host (column 'host'); nvme is not implemented yet (default none)")
+                          "to the host (column 'host'); nvme puts masters and state in files (column 'nvme'), "
+                          "the grads on the host (default none)")
     est.add_argument("--reduce_bucket_size", default="500000000", metavar="ELEMENTS|auto",
                      help="stage 1/2 gradient bucket in elements; auto = hidden_size**2 (default 5e8)")
     est.add_argument("--micro_batch", type=int, default=1, metavar="B", help="per-rank micro batch (default 1)")

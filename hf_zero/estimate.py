@@ -20,7 +20,10 @@ model's dtype. Bytes per trainable element (before padding) at the optimizer ste
 | 3     | p'/W                | 4/W           | 8/W (+ 4/W master if p' != 4) |
 
 p: bytes of the model dtype, p': bytes of the param dtype. Frozen params are replicated at p.
-Offload (CPU/NVMe) is not implemented in hf_zero yet, so it has no column here.
+Optimizer offload (``--offload cpu|nvme``) moves the fp32 masters, the optimizer state and the
+grads at the step off the device: column "host" (cpu), or "nvme" for masters and state with the
+grads still in host memory (plus the NVMe tier's chunk buffers, buffer_count x buffer_size x 4 x
+(1 + state tensors) bytes, not in the table). Parameter offload is not implemented yet.
 """
 
 from __future__ import annotations
@@ -40,8 +43,10 @@ DTYPE_BYTES = {"fp32": 4, "bf16": 2, "fp16": 2}
 STATE_TENSORS = {"adamw": 2, "sgd": 0, "sgd_momentum": 1}
 DEFAULT_BUCKET = 500_000_000  # DeepSpeed's reduce_bucket_size, hf_zero's default too
 STAGES = (0, 1, 2, 3)
-OFFLOAD_LINE = ("offload: optimizer offload to the cpu is modelled with --offload cpu (column host); parameter "
-                "offload and nvme are not implemented in hf_zero yet, so they have no columns")
+OFFLOAD_LINE = ("offload: optimizer offload is modelled with --offload cpu (column host) or --offload nvme "
+                "(column nvme: masters and state; host: the grads, plus the chunk buffers of "
+                "offload_optimizer.buffer_count x buffer_size); parameter offload is not implemented in hf_zero "
+                "yet, so it has no column")
 
 
 @dataclass(frozen=True)
@@ -138,6 +143,7 @@ def estimate_bytes(
     reduce_bucket_size: int | str = DEFAULT_BUCKET,
     offload_optimizer: bool = False,
     persistence_threshold: int = 0,
+    offload_device: str = "cpu",
 ) -> dict[str, int]:
     """Bytes one rank holds at the optimizer step, keyed as ``hf_zero_report.json``'s ``bytes``.
 
@@ -158,7 +164,8 @@ def estimate_bytes(
     * host_offload: with ``offload_optimizer`` (stages 1-3, engine/offload.py), host bytes: the
       fp32 master shards (always a separate copy there), the optimizer state and the host copy
       of the main grad shards; the device then holds no optimizer state, and no main grads at
-      the step (they were moved to the host).
+      the step (they were moved to the host). With ``offload_device`` "nvme" the masters and
+      state are in ``nvme_offload`` instead, and ``host_offload`` holds the grads only.
     """
     _check("stage", stage, STAGES)
     _check("dtype", dtype, tuple(DTYPE_BYTES))
@@ -176,7 +183,7 @@ def estimate_bytes(
         if offload_optimizer:
             raise ValueError("optimizer offload needs stage 1, 2 or 3")
         return {"params": counts.total * p_model, "grads_at_step": n * p_model, "peak_grads": n * p_model,
-                "optimizer_state": STATE_TENSORS[optimizer] * n * p_model, "host_offload": 0}
+                "optimizer_state": STATE_TENSORS[optimizer] * n * p_model, "host_offload": 0, "nvme_offload": 0}
 
     persistent: list[tuple[int, int]] = []
     if stage == 3:
@@ -200,11 +207,14 @@ def estimate_bytes(
     peak = main_grads if alias else main_grads + sum(staged) * p
     masters = 0 if p == 4 else 4 * shard
     state = 4 * STATE_TENSORS[optimizer] * n / world
+    if offload_optimizer and offload_device == "nvme":
+        return {"params": params, "grads_at_step": 0, "peak_grads": peak, "optimizer_state": 0,
+                "host_offload": 4 * shard, "nvme_offload": 4 * shard + round(state)}
     if offload_optimizer:
         return {"params": params, "grads_at_step": 0, "peak_grads": peak, "optimizer_state": 0,
-                "host_offload": 4 * shard + round(state) + 4 * shard}
+                "host_offload": 4 * shard + round(state) + 4 * shard, "nvme_offload": 0}
     return {"params": params, "grads_at_step": main_grads, "peak_grads": peak,
-            "optimizer_state": round(state) + masters, "host_offload": 0}
+            "optimizer_state": round(state) + masters, "host_offload": 0, "nvme_offload": 0}
 
 
 def gathered_params_bytes(counts: ParamCounts, *, world: int, dtype: str, model_dtype: str = "fp32") -> int:
@@ -340,9 +350,7 @@ def run(args: argparse.Namespace) -> int:
     if args.world % args.nodes:
         raise ValueError(f"--world {args.world} is not divisible by --nodes {args.nodes}")
     bucket = _parse_bucket(args.reduce_bucket_size)
-    if args.offload == "nvme":
-        raise ValueError("--offload nvme: the NVMe tier is not implemented yet in hf_zero; use cpu or none")
-    offload = args.offload == "cpu"
+    offload = args.offload in ("cpu", "nvme")
     if args.plot is not None:
         try:
             import matplotlib
@@ -361,7 +369,7 @@ def run(args: argparse.Namespace) -> int:
     for stage in stages:
         b = estimate_bytes(counts, stage=stage, world=args.world, dtype=args.dtype, optimizer=args.optimizer,
                            model_dtype=args.model_dtype, reduce_bucket_size=bucket,
-                           offload_optimizer=offload and stage > 0)
+                           offload_optimizer=offload and stage > 0, offload_device=args.offload)
         gathered = gathered_params_bytes(counts, world=args.world, dtype=args.dtype,
                                          model_dtype=args.model_dtype) if stage == 3 else 0
         states = b["params"] + gathered + b["peak_grads"] + b["optimizer_state"]
@@ -383,14 +391,16 @@ def _print_table(args, cfg, counts: ParamCounts, rows, act) -> None:
           f"{args.model_dtype}; optimizer {args.optimizer}; micro batch {args.micro_batch}, seq len {args.seq_len}"
           f"{', gradient checkpointing' if args.gradient_checkpointing else ''}")
     head = ("stage", "params", "+gathered", "grads@step", "peak grads", "optim+master", "states peak",
-            "activations*", "total*", "per node*", "host (offload)")
+            "activations*", "total*", "per node*", "host (offload)") + (("nvme (offload)",) if args.offload == "nvme" else ())
     table = [head]
     per_node = args.world // args.nodes
+    offload = args.offload != "none"
     for stage, b, gathered, states, total in rows:
         table.append((str(stage), _fmt(b["params"]), _fmt(gathered), _fmt(b["grads_at_step"]), _fmt(b["peak_grads"]),
                       _fmt(b["optimizer_state"]), _fmt(states), _fmt(act), _fmt(total),
                       _fmt(None if total is None else total * per_node),
-                      _fmt(b["host_offload"]) if args.offload == "cpu" and stage > 0 else "-"))
+                      _fmt(b["host_offload"]) if offload and stage > 0 else "-")
+                     + ((_fmt(b["nvme_offload"]) if stage > 0 else "-",) if args.offload == "nvme" else ()))
     widths = [max(len(r[i]) for r in table) for i in range(len(head))]
     for i, r in enumerate(table):
         print("  ".join(c.rjust(w) for c, w in zip(r, widths)))

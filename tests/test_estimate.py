@@ -95,6 +95,11 @@ def test_estimate_matches_report_with_optimizer_offload(measured, config_path):
     counts = count_params(meta_model(load_model_config(config_path)))
     predicted = estimate_bytes(counts, stage=2, world=2, dtype="fp32", optimizer="adamw", offload_optimizer=True)
     assert predicted["optimizer_state"] == 0 and predicted["host_offload"] > 0
+    # NVMe: the same bytes, masters and state in the files and the grads on the host
+    nvme = estimate_bytes(counts, stage=2, world=2, dtype="fp32", optimizer="adamw", offload_optimizer=True,
+                          offload_device="nvme")
+    assert nvme["host_offload"] + nvme["nvme_offload"] == predicted["host_offload"]
+    assert nvme["nvme_offload"] - nvme["host_offload"] == round(4 * 2 * counts.trainable / 2)  # the 2 moments
     for rank in report["ranks"]:
         for key, report_key in {**CHECKED, "host_offload": "host_offload"}.items():
             got, want = rank["bytes"][report_key], predicted[key]
@@ -111,8 +116,9 @@ def test_cli_prints_all_stages(config_path, capsys):
     assert "not implemented in hf_zero yet" in out  # param/nvme offload: a line, no invented numbers
     assert main(["estimate", config_path, "--world", "4", "--offload", "cpu"]) == 0
     assert "host (offload)" in capsys.readouterr().out
-    assert main(["estimate", config_path, "--offload", "nvme"]) == 2
-    assert "--offload nvme: the NVMe tier is not implemented yet" in capsys.readouterr().err
+    assert main(["estimate", config_path, "--stage", "2", "--offload", "nvme"]) == 0
+    nvme_out = capsys.readouterr().out
+    assert "nvme (offload)" in nvme_out and "host (offload)" in nvme_out
     assert "ESTIMATE" in out
 
 

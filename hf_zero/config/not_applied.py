@@ -41,7 +41,8 @@ NOT_APPLIED: dict[str, NotApplied] = {
     "wall_clock_breakdown": NotApplied("use the torch profiler; hf_zero labels each phase", (False,)),
     "zero_allow_untested_optimizer": NotApplied("hf_zero shards any torch optimizer", (True, False)),
     "zero_force_ds_cpu_optimizer": NotApplied("hf_zero runs the given optimizer on offloaded state", (True, False)),
-    "aio": NotApplied("NVMe offload does its own file I/O; libaio tuning does not apply"),
+    "aio": NotApplied("NVMe offload does its own file I/O (pread/pwrite in 1 MiB-aligned requests from a "
+                      "thread pool); libaio tuning does not apply"),
     "activation_checkpointing": NotApplied("use TrainingArguments.gradient_checkpointing"),
     "flops_profiler": NotApplied("use the torch profiler", (_OFF,)),
     "tensorboard": NotApplied(_LOGGER, (_OFF,)),
@@ -81,7 +82,9 @@ NOT_APPLIED: dict[str, NotApplied] = {
         "all-gathers follow the gradient buckets (reduce_bucket_size; at stage 3 one unit each)", (500_000_000,)),
     "zero_optimization.contiguous_gradients": NotApplied("the engine always uses contiguous buffers", (True,)),
     "zero_optimization.round_robin_gradients": NotApplied("offloaded gradients are copied per bucket", (False,)),
-    "zero_optimization.sub_group_size": NotApplied("the offloaded optimizer step is not tiled", (1_000_000_000,)),
+    "zero_optimization.sub_group_size": NotApplied(
+        "the offloaded optimizer step is tiled by offload_optimizer.buffer_size (nvme), 2**26 elements (cpu)",
+        (1_000_000_000,)),
     "zero_optimization.stage3_max_reuse_distance": NotApplied(
         "gathered parameters are freed by the prefetch schedule", (1_000_000_000,)),
     "zero_optimization.allgather_partitions": NotApplied("updated shards are always all-gathered", (True,)),
@@ -122,9 +125,12 @@ NOT_APPLIED: dict[str, NotApplied] = {
         "deprecated DeepSpeed alias; write pin_memory inside offload_*", (False, None)),
     "zero_optimization.offload_param.max_in_cpu": NotApplied(
         "NVMe-offloaded parameters are not cached in host memory", (1_000_000_000,)),
-    "zero_optimization.offload_optimizer.pipeline_read": NotApplied("the offloaded step is not tiled", (False,)),
-    "zero_optimization.offload_optimizer.pipeline_write": NotApplied("the offloaded step is not tiled", (False,)),
-    "zero_optimization.offload_optimizer.pipeline": NotApplied("the offloaded step is not tiled", (False,)),
+    "zero_optimization.offload_optimizer.pipeline_read": NotApplied(
+        "NVMe reads are always overlapped with the host step", (True, False)),
+    "zero_optimization.offload_optimizer.pipeline_write": NotApplied(
+        "NVMe writes are always overlapped with the host step", (True, False)),
+    "zero_optimization.offload_optimizer.pipeline": NotApplied(
+        "NVMe reads and writes are always overlapped with the host step", (True, False)),
     "zero_optimization.offload_optimizer.fast_init": NotApplied("optimizer state is created lazily", (False,)),
     "zero_optimization.offload_optimizer.super_offload": NotApplied("Superchip offload is not supported", (False,)),
     "zero_optimization.offload_optimizer.convert_grad_on_cpu": NotApplied(

@@ -79,7 +79,7 @@ def resolve_config(
 
     return dataclasses.replace(
         config,
-        zero=_zero(config.zero, hidden_size),
+        zero=resolve_zero_sizes(config.zero, hidden_size),
         precision=dataclasses.replace(config.precision, dtype=dtype),
         gradient_clipping=clipping,
         train_batch_size=batch,
@@ -200,7 +200,8 @@ def _warmup_steps(args: Any, steps: int) -> int:
     return int(warmup) if warmup >= 1 else math.ceil(steps * warmup)
 
 
-def _zero(zero: ZeroConfig, hidden: int | None) -> ZeroConfig:
+def resolve_zero_sizes(zero: ZeroConfig, hidden: int | None) -> ZeroConfig:
+    """The zero section with its "auto" sizes filled from the model's hidden size (None: defaults)."""
     defaults = {f.name: f.default for f in dataclasses.fields(ZeroConfig)}
 
     def pick(name: str, from_hidden: int | None) -> Any:

@@ -43,15 +43,20 @@ class OffloadConfig:
     buffer_count: int = setting(
         4,
         deepspeed="buffer_count",
-        doc="""Number of staging buffers for NVMe transfers. DeepSpeed's default is 4 for
-        optimizer state (Adam keeps 4 tensors per parameter: param, grad, exp_avg, exp_avg_sq)
-        and 5 for parameters; `zero.offload_param` uses 5.""",
+        doc="""Number of staging buffers for NVMe transfers. For `offload_optimizer`: chunk
+        buffers in host memory, each holding one chunk's masters and optimizer state; while one
+        chunk is stepped, up to `buffer_count` - 2 are read ahead and one is written back.
+        DeepSpeed's default is 4 for optimizer state and 5 for parameters; `zero.offload_param`
+        uses 5.""",
     )
     buffer_size: int = setting(
         100_000_000,
         deepspeed="buffer_size",
-        doc="""Elements per NVMe staging buffer. Default 1e8 (DeepSpeed's): must hold the
-        largest single parameter that is swapped.""",
+        doc="""Elements per NVMe staging buffer. For `offload_optimizer`: the chunk of
+        consecutive buckets stepped between a read and a write (a bucket larger than this is a
+        chunk of its own); host memory for the swap is about `buffer_count` x `buffer_size` x 4
+        bytes x (1 + optimizer state tensors per element). Default 1e8 (DeepSpeed's): must hold
+        the largest single parameter that is swapped.""",
     )
     ratio: float = setting(
         1.0,

@@ -5,7 +5,8 @@ Nothing here re-derives the estimator's arithmetic: device bytes are its ``estim
 On top of that, what the doctor needs and the estimator has no column for:
 
 * offloaded bytes: with ``offload_optimizer.device`` "cpu"/"nvme", the estimator's ``host_offload``
-  (fp32 master shard, optimizer state, host copy of the fp32 gradient shard), times ``ratio``; with
+  (fp32 master shard, optimizer state, host copy of the fp32 gradient shard), times ``ratio``; "nvme"
+  keeps the gradient copy on the host (the NVMe tier's chunk buffers are not counted); with
   ``offload_param`` (stage 3, not built yet) the rank's param shard. Pinned (cpu, ``pin_memory`` true, CUDA present):
   the master and gradient shards of optimizer offload (``engine/offload.py``), the param shard of
   param offload; the optimizer's own state tensors are ordinary host memory.
@@ -155,6 +156,12 @@ def _rank_bytes_for(model: ModelInfo, spec: RunSpec, world: int, dtype: str) -> 
         ratio = spec.offload_ratio
         offloaded[spec.offload_optimizer] = round(ratio * off["host_offload"])
         optimizer = round((1 - ratio) * optimizer)
+        if spec.offload_optimizer == "nvme":  # masters and state in the files; the grad copy stays on the host
+            grads = round(ratio * b["grads_at_step"])
+            offloaded["nvme"] -= grads
+            offloaded["cpu"] = offloaded.get("cpu", 0) + grads
+            if spec.pin_optimizer:
+                pinned += grads
         if spec.offload_optimizer == "cpu" and spec.pin_optimizer:
             pinned += round(ratio * 2 * b["grads_at_step"])  # fp32 master + grad buffer, a shard each
     if spec.stage == 3 and spec.offload_param != "none":

@@ -1,4 +1,7 @@
-"""What an engine holds, measured from the tensors themselves (the run report's bytes)."""
+"""What an engine holds, measured from the tensors themselves (the run report's bytes).
+
+``host_offload``: host memory of optimizer offload (masters, state, grads, chunk buffers);
+``nvme_offload``: the masters and state that NVMe offload keeps in swap files."""
 
 from __future__ import annotations
 
@@ -19,22 +22,28 @@ def held_bytes(engine) -> dict[str, int]:
     params += sum(nbytes(p) for p in engine.model.parameters() if p not in buffered)
     shards = [u.local for u in engine._bucket_units] or [gb.buffer.view(gb.bucket.shard) for gb in engine.grad_sync.buckets]
     on_host = {id(engine.masters[i]) for i, off in enumerate(engine._offloaded) if off}
-    masters = host = 0
+    # NVMe offload: offloaded masters and state are swap-file pages, counted apart from host memory.
+    on_disk = engine._host_step is not None and engine._host_step.tier.on_disk
+    masters = host = disk = 0
     for m, shard in zip(engine.masters, shards):
-        if id(m) in on_host:
+        if id(m) in on_host and on_disk:
+            disk += nbytes(m)
+        elif id(m) in on_host:
             host += nbytes(m)
         elif m.data_ptr() != shard.data_ptr():
             masters += nbytes(m)
     offloaded_pieces = {id(piece) for piece, gb, _, _ in engine._piece_grads
                         if engine._offloaded[engine._bucket_index[id(gb)]]}
     state = 0
-    for piece, s in engine.optimizer.state.items():
+    for piece, s in (engine.optimizer.state.items() if engine.optimizer is not None else ()):
         n = sum(nbytes(v) for v in s.values() if torch.is_tensor(v) and v.dim() > 0)
-        if id(piece) in offloaded_pieces:
+        if id(piece) in offloaded_pieces and on_disk:
+            disk += n
+        elif id(piece) in offloaded_pieces:
             host += n
         else:
             state += n
     host += engine._host_step.host_bytes() if engine._host_step is not None else 0
     grads = sum(gb.held_bytes() for gb in engine.grad_sync.buckets)
     return {"params": params, "grads": grads, "peak_grads": engine.grad_sync.peak_grad_bytes,
-            "optimizer_state": state + masters, "host_offload": host}
+            "optimizer_state": state + masters, "host_offload": host, "nvme_offload": disk}

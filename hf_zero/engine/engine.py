@@ -11,7 +11,9 @@ Construction (see [Note: vocabulary] in ``__init__``):
    tensor; optimizer step pre/post hooks finish the reduction and all-gather the new params.
 
 The optimizer object stays the user's: ``trainer.optimizer`` and LR schedulers keep working;
-its state is the local shard's state.
+its state is the local shard's state. The optimizer may also come later (``attach_optimizer``):
+a model sharded as it loads (hf_zero/init) has an engine before the Trainer builds its optimizer,
+so that it can evaluate and generate before training.
 """
 
 from __future__ import annotations
@@ -29,6 +31,7 @@ from hf_zero.engine import collectives as C
 from hf_zero.engine.grad_sync import BucketState, GradBucket, GradSync
 from hf_zero.engine.host_step import HostStep
 from hf_zero.engine.layout import FlatParamBuffer
+from hf_zero.engine.materialize import materialize_units
 from hf_zero.engine.offload import HostMemory, OptimizerOffload
 from hf_zero.engine.ranges import Range
 from hf_zero.engine.shard_map import ParamShard, shard_map
@@ -44,7 +47,7 @@ class ZeroEngine:
     def __init__(
         self,
         model: nn.Module,
-        optimizer: torch.optim.Optimizer,
+        optimizer: torch.optim.Optimizer | None,
         *,
         stage: int,
         bucket_numel: int,
@@ -54,6 +57,7 @@ class ZeroEngine:
         max_live_numel: int | None = None,
         persistence_threshold: int = 0,
         group=None,
+        source=None,
     ) -> None:
         self.strategy = strategy_for(stage)
         self.model, self.optimizer = model, optimizer
@@ -66,21 +70,20 @@ class ZeroEngine:
         self.param_dtype = param_dtype
         self.offload = offload  # None: the optimizer runs on the params' device (offload.py)
         self.ctx = C.CommContext(group)
-        if optimizer.state:
-            raise ValueError("ZeroEngine needs an optimizer that has not stepped yet (its state is not empty)")
-        if type(optimizer).__name__ == "Adafactor":
-            warnings.warn(
-                "Adafactor under hf_zero steps on flat pieces of each param (1-D), so it keeps unfactored "
-                "second moments: a different (more memory-hungry) update than Adafactor on whole matrices",
-                UserWarning,
-                stacklevel=2,
-            )
+        if optimizer is not None:
+            _check_optimizer(optimizer)
+        # Stage 3 only: a ``materialize.ParamSource`` fills the local shards of a model whose params
+        # are on the meta device (hf_zero/init), so no rank ever holds the full model.
+        self._source = source
+        if source is not None and not self.strategy.shard_params:
+            raise ValueError("a model loaded sharded (hf_zero.init) needs ZeRO stage 3")
 
         named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
         self._names = {p: n for n, p in named}
-        self.streams = Streams.for_device(named[0][1].device if named else torch.device("cpu"))
+        device = source.device if source is not None else named[0][1].device if named else torch.device("cpu")
+        self.streams = Streams.for_device(device)
         # The optimizer's groups as the user built them, in full params; rewritten into pieces.
-        self._groups_full = [list(g["params"]) for g in optimizer.param_groups]
+        self._groups_full = [list(g["params"]) for g in optimizer.param_groups] if optimizer is not None else None
         self._build(named)
         # Until the first backward has shown the order in which gradients arrive, the layout
         # follows registration order; see _on_backward_end. One rank has nothing to overlap.
@@ -100,8 +103,22 @@ class ZeroEngine:
             self._unit_hooks = UnitHooks(self.model, self.units, list(zip(self.grad_sync.buckets, self._bucket_units)),
                                          prefetch_numel=self.prefetch_numel, max_live_numel=self.max_live_numel)
             self._hooks.extend(self._unit_hooks.install())
-        self._hooks.append(optimizer.register_step_pre_hook(lambda *_: self._before_step()))
-        self._hooks.append(optimizer.register_step_post_hook(lambda *_: self._after_step()))
+        if optimizer is not None:
+            self._hook_optimizer()
+
+    def attach_optimizer(self, optimizer: torch.optim.Optimizer) -> None:
+        """Take the optimizer of an engine built without one: its groups are rewritten into pieces."""
+        if self.optimizer is not None:
+            raise ValueError("this ZeroEngine has an optimizer already")
+        _check_optimizer(optimizer)
+        self.optimizer = optimizer
+        self._groups_full = [list(g["params"]) for g in optimizer.param_groups]
+        self._build_masters()
+        self._hook_optimizer()
+
+    def _hook_optimizer(self) -> None:
+        self._hooks.append(self.optimizer.register_step_pre_hook(lambda *_: self._before_step()))
+        self._hooks.append(self.optimizer.register_step_post_hook(lambda *_: self._after_step()))
 
     # ---- layout -------------------------------------------------------------------------------
 
@@ -131,6 +148,8 @@ class ZeroEngine:
             if old is not None:
                 raise AssertionError("stage 3 units are built once: their frozen params are sharded already")
             self.units = make_units(self.model, self._unit_plans, self.buffers, self.ctx, self.streams)
+            if self._source is not None:
+                materialize_units(self.units, self._source)
             self._bucket_units = [u for u in self.units if u.buffer is not None]
         grad_buckets = [GradBucket(buf, b, self.ctx.world_size) for buf in self.buffers for b in buf.buckets]
         sync_enabled = old.sync_enabled if old is not None else True
@@ -146,24 +165,37 @@ class ZeroEngine:
                 if param in old_grads:
                     gb.carry_grad(slot_index, old_grads[param])
 
+        self._bucket_index = {id(gb): i for i, gb in enumerate(grad_buckets)}
+        self._grads_on_host = False
+        # Masters, optimizer pieces and the host step come with the optimizer: a model sharded as it
+        # loads (hf_zero/init) holds only its param shards until the Trainer creates one.
         self.masters: list[torch.Tensor] = []  # one fp32 master shard per grad bucket
+        self._pieces: dict[nn.Parameter, nn.Parameter] = {}
+        self._piece_grads: list[tuple[nn.Parameter, GradBucket, Range, nn.Parameter]] = []
+        self._offloaded = [False] * len(grad_buckets)
+        if getattr(self, "_host_step", None) is not None:
+            self._host_step.close()  # a re-layout: the old swap files go before the new ones are sized
+        self._host_step = None
+        if self.optimizer is not None:
+            self._build_masters()
+
+    def _build_masters(self) -> None:
+        """fp32 master shards (on the host for offloaded buckets), the optimizer's pieces, and the
+        optimizer pointed at them."""
+        grad_buckets = self.grad_sync.buckets
         # Buckets whose master, optimizer state and step live on the host (offload.py).
         sizes = [gb.bucket.shard_size for gb in grad_buckets]
         self._offloaded = self.offload.offloaded(sizes) if self.offload else [False] * len(sizes)
-        self._host_step = None
         if any(self._offloaded):
             self._host_memory = HostMemory(self.offload.pin_memory)
             self._host_step = HostStep(self._offloaded, sizes, grad_buckets[0].buffer.device,
-                                       self._host_memory, self.streams, self.offload.chunk_numel)
+                                       self._host_memory, self.streams, self.offload.chunk_numel,
+                                       offload=self.offload, ctx=self.ctx, optimizer=self.optimizer)
             self.grad_sync.on_reduced = self._on_reduced
-        self._bucket_index = {id(gb): i for i, gb in enumerate(grad_buckets)}
-        self._grads_on_host = False
-        self._pieces: dict[nn.Parameter, nn.Parameter] = {}
-        self._piece_grads: list[tuple[nn.Parameter, GradBucket, Range, nn.Parameter]] = []
         for i, gb in enumerate(grad_buckets):
             shard = self._bucket_units[i].local if self.units else gb.buffer.view(gb.bucket.shard)
             if self._offloaded[i]:
-                master = self._host_memory.like(shard.detach())
+                master = self._host_step.master(i, shard.detach())
             else:
                 master = shard if shard.dtype == torch.float32 else shard.detach().float()
             self.masters.append(master)
@@ -445,7 +477,7 @@ class ZeroEngine:
 
     def adopt_layout(self, names: list[str]) -> None:
         """Re-pack the buffers in a saved layout's order, before the optimizer has any state (resume)."""
-        if self.optimizer.state:
+        if self.optimizer is not None and self.optimizer.state:
             raise AssertionError("adopt_layout needs an optimizer without state")
         by_name = {n: p for p, n in self._names.items()}
         if sorted(names) != sorted(by_name):
@@ -472,10 +504,24 @@ class ZeroEngine:
         self.grad_sync.peak_grad_bytes = 0
 
     def close(self) -> None:
+        if self._host_step is not None:
+            self._host_step.close()  # NVMe offload: this rank's swap files are deleted
         for h in self._hooks + self._grad_hooks:
             h.remove()
         self._hooks.clear()
         self._grad_hooks.clear()
+
+
+def _check_optimizer(optimizer: torch.optim.Optimizer) -> None:
+    if optimizer.state:
+        raise ValueError("ZeroEngine needs an optimizer that has not stepped yet (its state is not empty)")
+    if type(optimizer).__name__ == "Adafactor":
+        warnings.warn(
+            "Adafactor under hf_zero steps on flat pieces of each param (1-D), so it keeps unfactored "
+            "second moments: a different (more memory-hungry) update than Adafactor on whole matrices",
+            UserWarning,
+            stacklevel=3,
+        )
 
 
 def _by_device(tensors: list[torch.Tensor]) -> list[list[torch.Tensor]]:

@@ -25,6 +25,11 @@ down, step everything, copy every param up. Here:
 so a step costs about the host optimizer's own time plus one chunk's upload. The compute stream
 waits for the uploads (``wait_uploads``) before anything reads the params.
 
+Where the masters and optimizer state live between steps is the offload tier's business
+(``offload.Tier``): ``fetch`` before a chunk's step and ``release`` after it. Host memory does
+nothing there; the NVMe tier (``nvme_swap.py``) reads the chunk from its files into a chunk buffer
+ahead of the step and writes it back behind it.
+
 Each chunk is stepped by the user's own optimizer class on a *view* of the optimizer
 (``_chunk_view``): the same ``state`` dict and hyperparameters, param groups narrowed to the
 chunk's pieces, no hooks. Optimizer state therefore stays keyed by the same pieces (checkpoints
@@ -39,7 +44,7 @@ import contextlib
 import torch
 from torch.nn.utils import get_total_norm
 
-from hf_zero.engine.offload import HostMemory
+from hf_zero.engine.offload import HostMemory, OptimizerOffload, make_tier
 from hf_zero.engine.streams import Streams
 
 class HostStep:
@@ -51,7 +56,8 @@ class HostStep:
     optimizer step; ``end_step`` after it."""
 
     def __init__(self, offloaded: list[bool], shard_sizes: list[int], device: torch.device,
-                 host_memory: HostMemory, streams: Streams, chunk_numel: int) -> None:
+                 host_memory: HostMemory, streams: Streams, chunk_numel: int, *,
+                 offload: OptimizerOffload | None = None, ctx=None, optimizer=None) -> None:
         self.device, self.streams, self.memory = device, streams, host_memory
         self.chunks: list[list[int]] = []
         current, size = [], 0
@@ -65,6 +71,7 @@ class HostStep:
                 current, size = [], 0
         if current:
             self.chunks.append(current)
+        self.tier = make_tier(offload, self.chunks, shard_sizes, host_memory, ctx, optimizer)
         self.host_grads: dict[int, torch.Tensor] = {}  # bucket index -> fp32 host grad shard
         self.scale: torch.Tensor | None = None  # the clip coefficient of this step, if any
         self._ready: dict[int, list] = {}  # bucket index -> its download events (None without CUDA)
@@ -81,6 +88,10 @@ class HostStep:
         self.max_in_flight_bytes = 4 * chunk_numel  # one chunk of fp32 grads
         self._uploads: list = []
         self._scratch: list[torch.Tensor] = []  # device fp32, two chunk-sized, for the upload casts
+
+    def master(self, i: int, shard: torch.Tensor) -> torch.Tensor:
+        """Bucket ``i``'s fp32 master, initialised from ``shard``, where the tier keeps it."""
+        return self.tier.master(i, shard)
 
     # ---- grads down ----------------------------------------------------------------------------
 
@@ -159,13 +170,18 @@ class HostStep:
         if device_pieces:
             view_dev = _chunk_view(optimizer)  # without grad_scale: these grads were clipped already
             _step_on(view_dev, optimizer, device_pieces)
-        for c, chunk in enumerate(self.chunks):
-            for i in chunk:
-                self._settle(i)
-                if scale is not None:
-                    self.host_grads[i].mul_(scale)
-            _step_on(view, optimizer, [p for i in chunk for p in pieces_of[i]])
-            self._upload(c, chunk, masters, shards, h2d)
+        self.tier.begin(optimizer, pieces_of)
+        try:
+            for c, chunk in enumerate(self.chunks):
+                for i in chunk:
+                    self._settle(i)
+                    if scale is not None:
+                        self.host_grads[i].mul_(scale)
+                resident = self.tier.fetch(c, masters)  # this chunk's masters and state in host memory
+                _step_on(view, optimizer, [p for i in chunk for p in pieces_of[i]])
+                self.tier.release(c, self._upload(c, chunk, resident, shards, h2d))
+        finally:
+            self.tier.finish()
         view.param_groups = []
 
     def end_step(self) -> None:
@@ -176,11 +192,13 @@ class HostStep:
         self._extra.clear()
         self.scale = None
 
-    def _upload(self, c: int, chunk: list[int], masters, shards, h2d) -> None:
+    def _upload(self, c: int, chunk: list[int], masters: dict[int, torch.Tensor], shards, h2d):
+        """Queue chunk ``c``'s masters up into ``shards``; returns the event after the copies (None
+        without CUDA, where the copies are done on return)."""
         if h2d is None:  # no CUDA: plain copies (casting where the param dtype is not fp32)
             for i in chunk:
                 shards[i].copy_(masters[i])
-            return
+            return None
         scratch = self._scratch_for(c, sum(masters[i].numel() for i in chunk))
         with torch.cuda.stream(h2d):
             offset = 0
@@ -193,7 +211,9 @@ class HostStep:
                     part.copy_(masters[i], non_blocking=True)  # fp32 over PCIe, cast on the device
                     shards[i].copy_(part)
                     offset += n
-        self._uploads.append(_record(h2d))
+        event = _record(h2d)
+        self._uploads.append(event)
+        return event
 
     def _scratch_for(self, c: int, numel: int) -> torch.Tensor:
         """Two device fp32 scratch tensors used alternately; the h2d stream orders their reuse."""
@@ -213,7 +233,11 @@ class HostStep:
         self._uploads = []
 
     def host_bytes(self) -> int:
-        return sum(g.numel() * g.element_size() for g in self.host_grads.values())
+        """Host grads, and the tier's chunk buffers."""
+        return sum(g.numel() * g.element_size() for g in self.host_grads.values()) + self.tier.resident_bytes()
+
+    def close(self) -> None:
+        self.tier.close()
 
 
 def _scales_grads_itself(optimizer: torch.optim.Optimizer) -> bool:

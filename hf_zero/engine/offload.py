@@ -14,31 +14,48 @@ backward, a bounded number of gradient buckets. ``ratio`` (any stage; DeepSpeed 
 stage 3 only) offloads only that fraction of the optimizer state, counted in elements, bucket
 by bucket; the rest stays on the device and is stepped there while the host steps the rest.
 
-Not yet: the NVMe tier, parameter offload (stage 3), and overlapping the host step with
-backward or the next forward.
+With ``device = "nvme"`` the masters and the optimizer's per-element state of those buckets live
+in swap files under ``nvme_path`` instead (``nvme_swap.py``); the host keeps their grads and a
+few chunk-sized buffers, through which the host step streams each chunk: read, step, write.
+
+The tier is behind one small interface (``Tier``): ``HostTier`` here, ``NvmeTier`` in
+``nvme_swap.py``; ``host_step.py`` calls it around each chunk's step.
+
+Not yet: parameter offload (stage 3), and overlapping the host step with backward or the next
+forward.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Protocol
 
 import torch
+
+TIERS = ("cpu", "nvme")
 
 
 @dataclass(frozen=True)
 class OptimizerOffload:
-    """Where the optimizer of offloaded buckets runs: ``device`` "cpu" (the only tier built)."""
+    """Where the optimizer of offloaded buckets runs (on the host, always) and where its masters
+    and state live between steps: ``device`` "cpu" (host memory) or "nvme" (files in ``nvme_path``)."""
 
     device: str = "cpu"
     pin_memory: bool = True
     ratio: float = 1.0  # fraction of the optimizer state's elements on the host, in (0, 1]
     chunk_numel: int = 1 << 26  # host-step pipeline granularity (host_step.py): elements per chunk
+    nvme_path: str | None = None  # "nvme": the directory that holds this run's swap directory
+    buffer_count: int = 4  # "nvme": chunk buffers in host memory (reading ahead, stepping, writing back)
 
     def __post_init__(self) -> None:
-        if self.device != "cpu":
-            raise ValueError(f"optimizer offload to {self.device!r} is not built; only 'cpu'")
+        if self.device not in TIERS:
+            raise ValueError(f"optimizer offload device must be one of {TIERS}, got {self.device!r}")
         if not 0.0 < self.ratio <= 1.0:
             raise ValueError(f"offload ratio must be in (0, 1], got {self.ratio}")
+        if self.device == "nvme" and not self.nvme_path:
+            raise ValueError("optimizer offload to 'nvme' needs nvme_path (a directory)")
+        if self.buffer_count < 1:
+            raise ValueError(f"buffer_count must be >= 1, got {self.buffer_count}")
 
     def offloaded(self, shard_sizes: list[int]) -> list[bool]:
         """Which buckets (by their shard sizes, in bucket order) keep their optimizer on the host:
@@ -86,3 +103,60 @@ class HostMemory:
 
     def reserved_bytes(self) -> int:
         return sum(s[0].numel() for s in self._slabs)
+
+
+class Tier(Protocol):
+    """Where offloaded masters and optimizer state live between host steps (host_step.py).
+
+    Per step: ``begin``; per chunk ``fetch`` (its masters and state where the step reads them),
+    the chunk's step and upload, ``release`` (back where they live); ``finish`` once all are."""
+
+    on_disk: bool  # masters and state outside the step are file pages (accounting)
+
+    def master(self, i: int, shard: torch.Tensor) -> torch.Tensor: ...
+    def begin(self, optimizer: torch.optim.Optimizer, pieces_of: dict[int, list]) -> None: ...
+    def fetch(self, c: int, masters: list[torch.Tensor]) -> dict[int, torch.Tensor]: ...
+    def release(self, c: int, uploaded) -> None: ...
+    def finish(self) -> None: ...
+    def resident_bytes(self) -> int: ...
+    def close(self) -> None: ...
+
+
+class HostTier:
+    """``device = "cpu"``: masters and state stay in host memory; nothing moves around the step."""
+
+    on_disk = False
+
+    def __init__(self, memory: HostMemory, chunks: list[list[int]]) -> None:
+        self.memory, self.chunks = memory, chunks
+
+    def master(self, i: int, shard: torch.Tensor) -> torch.Tensor:
+        return self.memory.like(shard)
+
+    def begin(self, optimizer, pieces_of) -> None:
+        pass
+
+    def fetch(self, c: int, masters: list[torch.Tensor]) -> dict[int, torch.Tensor]:
+        return {i: masters[i] for i in self.chunks[c]}
+
+    def release(self, c: int, uploaded) -> None:
+        pass
+
+    def finish(self) -> None:
+        pass
+
+    def resident_bytes(self) -> int:
+        return 0  # the masters are counted as masters, the state as optimizer state
+
+    def close(self) -> None:
+        pass
+
+
+def make_tier(offload: OptimizerOffload | None, chunks: list[list[int]], shard_sizes: list[int],
+              memory: HostMemory, ctx=None, optimizer=None) -> Tier:
+    """The tier ``offload`` asks for (None: host memory, as in tests that build a HostStep alone)."""
+    if offload is None or offload.device == "cpu":
+        return HostTier(memory, chunks)
+    from hf_zero.engine.nvme_swap import NvmeTier
+
+    return NvmeTier(offload, chunks, shard_sizes, memory, ctx, optimizer)

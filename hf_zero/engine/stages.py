@@ -49,11 +49,9 @@ def check_supported(stage: int, offload_optimizer: str = "none", offload_param: 
     """Raise before any process group exists if the config asks for something not built yet."""
     if stage != 0:
         strategy_for(stage)
-    if offload_optimizer not in ("none", "cpu"):
-        raise NotAvailableYet(
-            f"zero_optimization.offload_optimizer.device = {offload_optimizer!r}: the NVMe tier is not implemented "
-            "yet in hf_zero; use 'cpu' or 'none'"
-        )
+    if offload_optimizer not in ("none", "cpu", "nvme"):
+        raise ValueError(f"zero_optimization.offload_optimizer.device must be one of 'none', 'cpu', 'nvme'; "
+                         f"got {offload_optimizer!r}")
     if offload_param != "none":
         raise NotAvailableYet(
             f"zero_optimization.offload_param.device = {offload_param!r}: parameter offload is not implemented yet "

@@ -23,6 +23,7 @@ from __future__ import annotations
 from typing import NamedTuple
 
 import torch
+from torch import nn
 
 from hf_zero.engine import collectives as C
 from hf_zero.engine.layout import FlatParamBuffer
@@ -43,12 +44,32 @@ class UnitBuffer:
             raise AssertionError("a stage-3 unit buffer is one bucket")
         self.buffer, self.bucket, self.trainable = buffer, buffer.buckets[0], trainable
         self.numel = self.bucket.range.size  # full elements, padding included: the same on every rank
+        self.single, self.persistent = ctx.world_size == 1, persistent
         if ctx.world_size == 1:
             self.local = buffer.data  # its shard is the whole buffer: the params stay views of it
         else:
             shard = buffer.view(self.bucket.shard)
             self.local = shard if persistent else shard.clone()
         self._empty = torch.empty(0, dtype=buffer.dtype, device=buffer.device)
+
+    def materialize(self, device: torch.device, fill, local: torch.Tensor | None = None) -> None:
+        """Give a part built on the meta device real storage on ``device``: ``fill(buffer, range, out)``
+        writes the buffer's elements ``range`` into ``out`` (materialize.py). Only this rank's shard
+        is allocated and filled, unless the params stay whole (one rank, or a persistent unit).
+        ``local``: where the shard goes (a fused unit's slice), else a new tensor."""
+        buf = self.buffer
+        whole = self.single or self.persistent
+        r = self.bucket.range if whole else self.bucket.shard
+        out = local if local is not None else torch.empty(r.size, dtype=buf.dtype, device=device)
+        fill(buf, r, out)  # before the swap below: a source may read the meta params' shapes
+        buf.device = device
+        self._empty = torch.empty(0, dtype=buf.dtype, device=device)
+        for param in buf.params:  # a meta tensor's .data cannot be set to another device's: swap it
+            if param.device != device:
+                torch.utils.swap_tensors(param, nn.Parameter(self._empty, param.requires_grad))
+        if whole:
+            self.attach(out)
+        self.local = buf.view(self.bucket.shard) if self.persistent and not self.single else out
 
     @property
     def params(self) -> list:

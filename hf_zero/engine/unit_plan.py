@@ -1,6 +1,21 @@
 """Which params make up each stage-3 unit (``plan_units``): blocks of the model's
 ``_no_split_modules`` and the root, trainable and frozen params apart, small params moved out
-([Note: persistent unit] in units.py). No tensors are touched here."""
+([Note: persistent unit] in units.py), quantized frozen params left whole. No tensors are touched here.
+
+[Note: quantized frozen params] A unit's frozen params are packed into flat buffers and their
+``.data`` re-pointed into them (unit_buffer.py). That is right for a plain ``nn.Parameter`` of a
+float dtype, and for nothing else: a bitsandbytes 4-bit base weight (``Params4bit``) is packed
+uint8 whose meaning lives in a ``quant_state`` tied to the Parameter object (the original shape,
+the absmax per block); ``Int8Params`` is int8 with its scales (``SCB``) on the object too; other
+quantizers (HQQ, torchao, fp8 checkpoints) use tensor subclasses or 1-byte dtypes likewise. So a
+frozen param stays whole on every rank, outside every unit, as frozen params under the
+persistence threshold do, when its class is not ``nn.Parameter`` itself (a subclass or a tensor
+subclass, whose ops and attributes hf_zero does not know; this also catches a 4-bit base stored
+as bf16, ``bnb_4bit_quant_storage=torch.bfloat16``) or its dtype is not one of
+``SHARDABLE_DTYPES`` (integer, bool or 1-byte float storage: quantized). Decided from the class
+and dtype alone, so bitsandbytes is never imported. Trainable params (the LoRA adapters of a QLoRA
+fine-tune) are sharded as usual. Stages 1-2 never touch frozen params.
+"""
 
 from __future__ import annotations
 
@@ -9,6 +24,16 @@ from typing import NamedTuple
 
 import torch
 from torch import nn
+
+
+# Frozen params of these dtypes, as plain ``nn.Parameter``s, are sharded at stage 3; any other stays
+# whole ([Note: quantized frozen params]).
+SHARDABLE_DTYPES = frozenset({torch.float16, torch.bfloat16, torch.float32, torch.float64})
+
+
+def kept_whole(param: torch.Tensor) -> bool:
+    """Whether a frozen ``param`` stays whole on every rank at stage 3 ([Note: quantized frozen params])."""
+    return type(param) is not nn.Parameter or param.dtype not in SHARDABLE_DTYPES
 
 
 def find_blocks(model: nn.Module) -> list[nn.Module]:
@@ -70,8 +95,9 @@ def plan_units(model: nn.Module, trainable: list, frozen: list, threshold: int,
 
     A block with only frozen params is still a unit (gathered around its forward and backward).
     Params of fewer than ``threshold`` elements leave their units: trainable ones for persistent
-    groups (one per dtype, placed last), frozen ones stay whole on every rank. Units left empty go.
-    ``threshold`` 0: nothing moves."""
+    groups (one per dtype, placed last), frozen ones stay whole on every rank, as do quantized
+    frozen params of any size ([Note: quantized frozen params]). Units left empty go.
+    ``threshold`` 0: nothing moves for its size."""
     if isinstance(threshold, bool) or not isinstance(threshold, int) or threshold < 0:
         raise ValueError(f"param_persistence_threshold must be an integer >= 0 (elements), got {threshold!r}")
     group_by_unit(model, trainable, param_dtype)  # one dtype per unit, checked
@@ -79,6 +105,7 @@ def plan_units(model: nn.Module, trainable: list, frozen: list, threshold: int,
     def big(params: list) -> list:
         return [(n, p) for n, p in params if p.numel() >= threshold]
 
+    frozen = [(n, p) for n, p in frozen if not kept_whole(p)]
     plans = []
     for (module, t), (_, f) in zip(_by_unit(model, trainable), _by_unit(model, frozen)):
         if big(t) or big(f):

@@ -96,6 +96,24 @@ class ParamUnit:
         self.state = UnitState.UNSHARDED
         self.reshard()
 
+    def materialize(self, device: torch.device, fill) -> None:
+        """Built on the meta device (hf_zero/init): allocate and fill this rank's shards on ``device``
+        (``UnitBuffer.materialize``); the unit stays in its state, its params now on ``device``."""
+        if self._fused:
+            self._fused_local = torch.empty(self._fused_local.numel(), dtype=self._fused_local.dtype, device=device)
+            offset = 0
+            for part in self.parts:
+                n = part.local.numel()
+                part.materialize(device, fill, local=self._fused_local[offset : offset + n])
+                offset += n
+        else:
+            for part in self.parts:
+                part.materialize(device, fill)
+        self.local = self.parts[0].local if self.buffer is not None else None
+        if self.state is UnitState.SHARDED:
+            for part in self.parts:
+                part.detach()  # params point at an empty tensor on ``device`` now
+
     def params(self) -> list[nn.Parameter]:
         """Every full param of the unit, trainable and frozen."""
         return [p for part in self.parts for p in part.params]

@@ -33,7 +33,8 @@ def _held_without_engine(model, optimizer) -> dict[str, int]:
     if optimizer is not None:
         state = sum(_nbytes(v) for s in optimizer.state.values() for v in s.values()
                     if torch.is_tensor(v) and v.dim() > 0)
-    return {"params": params, "grads": grads, "peak_grads": grads, "optimizer_state": state, "host_offload": 0}
+    return {"params": params, "grads": grads, "peak_grads": grads, "optimizer_state": state, "host_offload": 0,
+            "nvme_offload": 0}
 
 
 def _peak_memory(device: torch.device) -> dict:

@@ -8,7 +8,7 @@ active behaves exactly as before.
 | method              | what hf_zero adds                                                       |
 |---------------------|-------------------------------------------------------------------------|
 | ``__init__``        | resolves the config against TrainingArguments, adds the report callback, starts the hang watchdog (``comm_timeout_s``) |
-| ``create_optimizer``| stage >= 1: builds the ZeroEngine around the optimizer just created; stage 3, W > 1: the model's ``generate`` defaults to ``synced_gpus=True`` (generation.py) |
+| ``create_optimizer``| stage >= 1: builds the ZeroEngine around the optimizer just created (or gives it to the engine of a model sharded as it loaded, hf_zero/init); stage 3, W > 1: the model's ``generate`` defaults to ``synced_gpus=True`` (generation.py) |
 | ``_wrap_model``     | stage >= 1: trains a ``ZeroModule`` where DDP would stand               |
 | ``_clip_grad_norm`` | stage >= 1: global norm over the gradient shards, then clip             |
 | ``_get_grad_norm``  | stage >= 1: the same norm when clipping is off                          |
@@ -38,6 +38,7 @@ except ImportError:  # pragma: no cover - older transformers
 from hf_zero.engine import ZeroEngine, ZeroModule
 from hf_zero.engine.offload import OptimizerOffload
 from hf_zero.engine.stages import NotAvailableYet
+from hf_zero.init import sharded_load
 from hf_zero.trainer import checkpoint
 from hf_zero.trainer.generation import sync_generate
 from hf_zero.trainer.streamed_save import save_stage3
@@ -100,17 +101,14 @@ def create_optimizer(self, model=None):
             # Where accelerate scales fp16 losses (not on CPU), every rank must agree on overflow.
             # Set before accelerate wraps the optimizer, which captures the scaler it has then.
             self.accelerator.scaler = sharded_grad_scaler(session.config.precision, self.args.device)
-        session.engine = ZeroEngine(
-            self.model,
-            self.optimizer,
-            stage=session.stage,
-            bucket_numel=max(1, int(session.config.zero.reduce_bucket_size)),  # 0: a bucket per param
-            param_dtype=_PARAM_DTYPES[session.config.precision.dtype],
-            offload=_optimizer_offload(session.config),
-            prefetch_numel=int(session.config.zero.prefetch_bucket_size),  # stage 3 only, like the next two
-            max_live_numel=int(session.config.zero.max_live_parameters),
-            persistence_threshold=int(session.config.zero.param_persistence_threshold),
-        )
+        options = engine_options(session.config)
+        prebuilt = sharded_load.engine_of(self.model)  # a model sharded as it loaded (hf_zero/init)
+        if prebuilt is not None:
+            sharded_load.check_options(self.model, options)
+            prebuilt.attach_optimizer(self.optimizer)
+            session.engine = prebuilt
+        else:
+            session.engine = ZeroEngine(self.model, self.optimizer, **options)
         # accelerate skips no_sync() on one rank, so the engine asks the Trainer's own flag which
         # micro-step ends an accumulation (offloaded grads go to the host only then).
         accelerator = self.accelerator
@@ -118,6 +116,20 @@ def create_optimizer(self, model=None):
         if session.engine.units and self.args.world_size > 1:
             sync_generate(self.model)  # every rank decodes as many steps (and gathers) as the longest
     return optimizer
+
+
+def engine_options(config, param_dtype=None) -> dict:
+    """The ZeroEngine keyword arguments for a resolved config (the one place they are mapped).
+    ``param_dtype`` "model": keep the model's own dtype (a load before the precision is known)."""
+    return dict(
+        stage=config.zero.stage,
+        bucket_numel=max(1, int(config.zero.reduce_bucket_size)),  # 0: a bucket per param
+        param_dtype=None if param_dtype == "model" else _PARAM_DTYPES[config.precision.dtype],
+        offload=_optimizer_offload(config),
+        prefetch_numel=int(config.zero.prefetch_bucket_size),  # stage 3 only, like the next two
+        max_live_numel=int(config.zero.max_live_parameters),
+        persistence_threshold=int(config.zero.param_persistence_threshold),
+    )
 
 
 def _optimizer_offload(config) -> OptimizerOffload | None:
@@ -129,6 +141,10 @@ def _optimizer_offload(config) -> OptimizerOffload | None:
             f"zero_optimization.offload_optimizer.device = {spec.device!r} with fp16: optimizer offload with fp16 "
             "loss scaling is not implemented yet in hf_zero; use bf16 or fp32, or no offload"
         )
+    if spec.device == "nvme":  # chunks of buffer_size elements, buffer_count of them in host memory
+        return OptimizerOffload(device="nvme", pin_memory=spec.pin_memory, ratio=spec.ratio,
+                                chunk_numel=spec.buffer_size, nvme_path=spec.nvme_path,
+                                buffer_count=spec.buffer_count)
     return OptimizerOffload(device=spec.device, pin_memory=spec.pin_memory, ratio=spec.ratio)
 
 

@@ -101,8 +101,7 @@ def test_nvme_config(capsys, write_config, tmp_path, monkeypatch, free_port):
     code, out, _, rows = doctor(capsys, "--zero_config", path, "--master_port", str(free_port))
     assert rows[f"nvme {tmp_path}"] == "PASS"
     assert "write 2.50 GB/s, read 3.10 GB/s" in out
-    # this version does not build the NVMe tier: the config row says so, and the exit code is 1
-    assert rows["config"] == "FAIL" and code == 1
+    assert rows["config"] == "PASS"  # optimizer offload to NVMe is built
 
 
 def test_busy_port(capsys, busy_port):

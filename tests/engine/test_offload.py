@@ -93,8 +93,10 @@ def test_offload_ratio_picks_buckets_by_elements():
     spec = OptimizerOffload("cpu", ratio=0.5)
     assert spec.offloaded([10, 10, 10, 10]) == [True, True, False, False]
     assert OptimizerOffload("cpu").offloaded([5, 1, 7]) == [True, True, True]
-    with pytest.raises(ValueError, match="only 'cpu'"):
+    with pytest.raises(ValueError, match="'nvme' needs nvme_path"):
         OptimizerOffload("nvme")
+    with pytest.raises(ValueError, match=r"one of \('cpu', 'nvme'\), got 'disk'"):
+        OptimizerOffload("disk")
 
 
 def test_host_step_chunks_follow_bucket_order_and_skip_device_buckets():

@@ -1,0 +1,207 @@
+"""The swap directory of the NVMe tier: its checks, its name, its files and their block I/O.
+
+Each rank that offloads optimizer state to NVMe owns one directory under ``nvme_path``::
+
+    nvme_path/hf_zero-swap-<host>-<pid>-rank<r>-<n>/   (n: the process's n-th swap, from 0)
+        master.swap            fp32 master shards of the offloaded buckets
+        state.exp_avg.swap     one file per per-element optimizer state tensor (AdamW: two)
+        state.exp_avg_sq.swap
+
+Nothing else is ever created there, and nothing else is ever removed: ``remove_stale`` deletes only
+``*.swap`` files inside directories of this naming whose process (same host, that pid) is gone
+(a crashed run), then the directory if it is empty; ``SwapDir.remove`` does the same for this run's
+own directory at ``close()``, and a finalizer when it is collected or the interpreter exits.
+
+Transfers go through ``os.preadv``/``os.pwrite`` (they release the GIL) in requests of
+``REQUEST_BYTES``, at file offsets and lengths that are multiples of ``BLOCK_BYTES``; a thread
+pool runs them, so one transfer keeps several requests in flight. No O_DIRECT: it fails on tmpfs
+and needs aligned memory; the page cache absorbs the writes.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import socket
+import tempfile
+import weakref
+from concurrent.futures import Future, ThreadPoolExecutor
+
+import torch
+
+from hf_zero.config.errors import ConfigError
+
+KEY = "zero_optimization.offload_optimizer.nvme_path"
+PREFIX = "hf_zero-swap"
+SUFFIX = ".swap"
+BLOCK_BYTES = 1 << 20  # file offsets and transfer lengths are multiples of this (DeepSpeed's aio block_size)
+REQUEST_BYTES = 8 << 20  # one pread/pwrite; a chunk's transfer is split into these
+IO_THREADS = 4  # requests in flight at once, per rank
+_NAME = re.compile(rf"^{PREFIX}-(?P<host>.+)-(?P<pid>\d+)-rank(?P<rank>\d+)-(?P<serial>\d+)$")
+_serial = 0
+
+
+def host_name() -> str:
+    return re.sub(r"[^A-Za-z0-9.]", "_", socket.gethostname()) or "host"
+
+
+def directory_problem(path: str) -> str | None:
+    """Why ``path`` cannot hold swap files (missing, not a directory, not writable), or None."""
+    if not os.path.exists(path):
+        return f"the directory does not exist (create it: mkdir -p {path})"
+    if not os.path.isdir(path):
+        return "not a directory"
+    try:
+        fd, probe = tempfile.mkstemp(prefix=f".{PREFIX}-probe-", dir=path)
+    except OSError as error:
+        return f"the directory is not writable: {error.strerror or error}"
+    os.close(fd)
+    os.remove(probe)
+    return None
+
+
+def free_bytes(path: str) -> int:
+    """Free bytes on the file system of ``path`` (``shutil.disk_usage``; tests replace it)."""
+    return shutil.disk_usage(path).free
+
+
+def nvme_error(path: str, problem: str, allowed: str = "an existing, writable directory, on a local NVMe drive "
+                                                           "for speed") -> ConfigError:
+    return ConfigError(problem, key=KEY, value=path, allowed=allowed)
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True  # another user's process
+    return True
+
+
+def _remove_ours(directory: str) -> None:
+    """Remove our ``*.swap`` files in ``directory``, then the directory if nothing else is left."""
+    try:
+        names = os.listdir(directory)
+    except FileNotFoundError:
+        return
+    for name in names:
+        if name.endswith(SUFFIX):
+            try:
+                os.remove(os.path.join(directory, name))
+            except FileNotFoundError:
+                pass  # another rank of this host removed it first
+    try:
+        os.rmdir(directory)
+    except OSError:
+        pass  # gone already, or holds files we did not create: they stay
+
+
+def remove_stale(path: str) -> list[str]:
+    """Remove the swap files of dead runs of this host in ``path``; returns the directories seen as stale."""
+    host, stale = host_name(), []
+    for name in os.listdir(path):
+        match = _NAME.match(name)
+        full = os.path.join(path, name)
+        if match is None or match["host"] != host or not os.path.isdir(full):
+            continue
+        pid = int(match["pid"])
+        if pid == os.getpid() or _pid_alive(pid):
+            continue
+        _remove_ours(full)
+        stale.append(full)
+    return stale
+
+
+class SwapFile:
+    """One swap file: an fd for block transfers and a shared mmap of the whole file (``view``).
+
+    The mmap is what code outside the optimizer step sees (checkpoints, ``optimizer.state``): on
+    Linux it is coherent with ``pread``/``pwrite`` through the page cache, and its pages are file
+    pages the kernel can drop, not process memory."""
+
+    def __init__(self, path: str, numel: int) -> None:
+        self.path = path
+        self.fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o600)
+        os.ftruncate(self.fd, numel * 4)  # sparse: the disk fills as the first step writes
+        self.view = torch.from_file(path, shared=True, size=numel, dtype=torch.float32)
+
+    def close(self) -> None:
+        os.close(self.fd)
+
+
+class SwapDir:
+    """This rank's swap directory, its files, and the thread pool that moves their blocks."""
+
+    def __init__(self, path: str, rank: int) -> None:
+        global _serial
+        self.path = os.path.join(path, f"{PREFIX}-{host_name()}-{os.getpid()}-rank{rank}-{_serial}")
+        _serial += 1
+        os.mkdir(self.path, 0o700)
+        self.files: dict[str, SwapFile] = {}
+        self._pool = ThreadPoolExecutor(max_workers=IO_THREADS, thread_name_prefix="hf_zero-nvme")
+        # Runs once: at remove(), when this object is collected, or at interpreter exit (atexit).
+        self._finalizer = weakref.finalize(self, _remove_dir, self._pool, self.files, self.path)
+
+    def file(self, kind: str, numel: int) -> SwapFile:
+        """The file of ``kind`` ("master" or a state key), created on first use."""
+        if kind not in self.files:
+            safe = re.sub(r"[^A-Za-z0-9_]", "_", kind)
+            name = "master" if kind == "master" else f"state.{safe}"
+            self.files[kind] = SwapFile(os.path.join(self.path, name + SUFFIX), numel)
+        return self.files[kind]
+
+    def read(self, kind: str, into: torch.Tensor, offset_numel: int) -> list[Future]:
+        """Start reading ``into.numel()`` fp32 elements of ``kind`` at element ``offset_numel``."""
+        return self._transfer(self.files[kind], into, offset_numel, write=False)
+
+    def write(self, kind: str, source: torch.Tensor, offset_numel: int) -> list[Future]:
+        """Start writing ``source`` (fp32) into ``kind`` at element ``offset_numel``."""
+        return self._transfer(self.files[kind], source, offset_numel, write=True)
+
+    def _transfer(self, file: SwapFile, buffer: torch.Tensor, offset_numel: int, *, write: bool) -> list[Future]:
+        start, nbytes = offset_numel * 4, buffer.numel() * 4
+        if start % BLOCK_BYTES or nbytes % BLOCK_BYTES:
+            raise AssertionError(f"swap transfer of {nbytes} bytes at {start} is not in {BLOCK_BYTES}-byte blocks")
+        memory = memoryview(buffer.view(torch.uint8).numpy())
+        io = _pwrite if write else _pread
+        return [self._pool.submit(io, file.fd, memory[at : at + REQUEST_BYTES], start + at, self.path)
+                for at in range(0, nbytes, REQUEST_BYTES)]
+
+    def remove(self) -> None:
+        """Stop the pool (after the transfers in flight), close and delete our files and directory.
+        Idempotent. Views of the files stay readable until dropped (an unlinked file lives on)."""
+        self._finalizer()
+
+    def disk_bytes(self) -> int:
+        """Bytes the files take on disk now (sparse files count only what was written)."""
+        return sum(os.fstat(f.fd).st_blocks * 512 for f in self.files.values())
+
+
+def _remove_dir(pool: ThreadPoolExecutor, files: dict[str, SwapFile], path: str) -> None:
+    pool.shutdown(wait=True)
+    for file in files.values():
+        file.close()
+    files.clear()
+    _remove_ours(path)
+
+
+def _pread(fd: int, memory: memoryview, offset: int, where: str) -> None:
+    done = 0
+    while done < len(memory):
+        n = os.preadv(fd, [memory[done:]], offset + done)
+        if n == 0:
+            raise OSError(f"swap file in {where} ended at byte {offset + done}: it was truncated while training")
+        done += n
+
+
+def _pwrite(fd: int, memory: memoryview, offset: int, where: str) -> None:
+    done = 0
+    try:
+        while done < len(memory):
+            done += os.pwrite(fd, memory[done:], offset + done)
+    except OSError as error:
+        raise OSError(error.errno, f"writing the optimizer swap files in {where} failed: "
+                                   f"{error.strerror or error} ({KEY})") from error

@@ -1,0 +1,300 @@
+"""``NvmeTier``: offloaded fp32 masters and optimizer state in swap files, streamed chunk by chunk.
+
+The host step (host_step.py) steps offloaded buckets in chunks. With this tier a chunk's masters
+and per-element optimizer state (AdamW: ``exp_avg``, ``exp_avg_sq``) are on disk between steps
+(nvme_files.py) and pass through one of ``buffer_count`` chunk-sized host buffers (*slots*,
+pinned when CUDA is there) around its step; chunk c uses slot c mod n. With n = 3:
+
+    slot 0:  [read c0][step c0][write c0]                  [read c3][step c3] ...
+    slot 1:           [read c1][step c1][write c1]                  [read c4] ...
+    slot 2:                    [read c2][step c2][write c2]
+    CPU:              [step c0][step c1][step c2][step c3] ...
+
+while chunk c is stepped, chunk c+1 (up to c + n - 2) is read and chunk c-1 written. A read
+waits for the write of its slot's previous chunk, and (CUDA) for that chunk's upload from the
+slot. Host memory is n slots of (1 + state tensors) x the largest chunk, whatever the model size.
+Per step each offloaded element moves 4 (1 + state tensors) bytes each way (AdamW: 12 read, 12
+written); the first chunk's read and the last chunk's write are not hidden.
+
+[Note: where the pieces point] The optimizer's pieces of offloaded buckets and their state
+tensors are, outside the host step, views of the swap files' shared mmaps (``SwapFile.view``):
+``optimizer.state``, checkpoints (save reads them, load writes the masters in place) and the
+engine's ``masters`` keep working, as file pages the kernel can drop. ``fetch`` points a chunk's
+pieces (``piece.data``) and state at its slot; ``release`` copies in any state tensor the
+optimizer made or replaced (the first step creates them; a resume loads them into memory), starts
+the write, and points them back at the files. ``finish`` waits for the writes: the files, and so
+the views, are current again. Lifecycle of a chunk: ``ChunkState``.
+"""
+
+from __future__ import annotations
+
+import enum
+import os
+from concurrent.futures import Future
+
+import torch
+import torch.distributed as dist
+
+from hf_zero.engine import nvme_files
+from hf_zero.engine.nvme_files import BLOCK_BYTES, SwapDir, nvme_error
+from hf_zero.engine.offload import HostMemory, OptimizerOffload
+from hf_zero.engine.stages import NotAvailableYet
+
+BLOCK = BLOCK_BYTES // 4  # fp32 elements: every chunk starts and is padded to a multiple
+ALIGN = 16  # elements: each bucket starts at a multiple inside its chunk (64 bytes)
+
+
+class ChunkState(enum.Enum):
+    ON_DISK = "on disk"  # the files hold it (a write may still be in flight in WRITING)
+    READING = "reading"  # into its slot
+    RESIDENT = "resident"  # in its slot; pieces and state point there (between fetch and release)
+    WRITING = "writing"  # from its slot back to the files
+
+
+def state_tensors_per_element(optimizer) -> int:
+    """How many fp32 state tensors per element ``optimizer`` will keep (for the free-space check):
+    Adam(W) 2 (3 with amsgrad), SGD 1 with momentum else 0; 2 for anything else (or no optimizer yet)."""
+    if optimizer is None:
+        return 2
+    name, groups = type(optimizer).__name__, optimizer.param_groups
+    if name in ("Adam", "AdamW"):
+        return 2 + any(g.get("amsgrad") for g in groups)
+    if name == "SGD":
+        return int(any(g.get("momentum") for g in groups))
+    return 2
+
+
+def _round_up(n: int, multiple: int) -> int:
+    return -(-n // multiple) * multiple
+
+
+class _Slot:
+    """One chunk-sized host buffer per kind ("master", state keys), and which chunk holds it."""
+
+    def __init__(self) -> None:
+        self.buffers: dict[str, torch.Tensor] = {}
+        self.chunk: int | None = None
+        self.read_kinds: set[str] = set()  # kinds the current chunk's read brought in
+        self.uploaded = None  # CUDA event: the last upload from this slot is done (None: nothing pending)
+
+
+class NvmeTier:
+    """The NVMe tier of ``offload.Tier`` for one layout's offloaded buckets."""
+
+    on_disk = True
+
+    def __init__(self, offload: OptimizerOffload, chunks: list[list[int]], shard_sizes: list[int],
+                 memory: HostMemory, ctx, optimizer) -> None:
+        self.chunks, self.memory = chunks, memory
+        # Layout, the same in every file: chunk c at [start[c], start[c] + span[c]), bucket i at offset[i].
+        self.start, self.span, self.offset, self.numel = [], [], {}, {}
+        end = 0
+        for chunk in chunks:
+            rel = 0
+            for i in chunk:
+                self.offset[i], self.numel[i] = end + rel, shard_sizes[i]
+                rel += _round_up(shard_sizes[i], ALIGN)
+            self.start.append(end)
+            self.span.append(_round_up(max(rel, 1), BLOCK))
+            end += self.span[-1]
+        self.file_numel = end
+        self.slot_numel = max(self.span, default=0)
+        kinds = 1 + state_tensors_per_element(optimizer)
+        _check_directory(offload.nvme_path, kinds * self.file_numel * 4, kinds, ctx)
+        self.dir = SwapDir(offload.nvme_path, ctx.rank if ctx is not None else 0)
+        self.dir.file("master", self.file_numel)
+        n = offload.buffer_count
+        self.slots = [_Slot() for _ in range(n)]
+        self.ahead = max(n - 2, 1) if n > 1 else 0  # chunks read ahead of the one being stepped
+        self.states = [ChunkState.ON_DISK] * len(chunks)
+        self._io: dict[int, list[Future]] = {}
+        self._optimizer, self._pieces_of = None, {}
+        self._piece_at: dict[int, int] = {}  # id(piece) -> its element offset in the files (side table)
+
+    # ---- masters --------------------------------------------------------------------------------
+
+    def master(self, i: int, shard: torch.Tensor) -> torch.Tensor:
+        """Bucket ``i``'s master: a view of the master file, initialised from ``shard``."""
+        view = self.dir.files["master"].view[self.offset[i] : self.offset[i] + self.numel[i]]
+        view.copy_(shard)
+        return view
+
+    # ---- the step -------------------------------------------------------------------------------
+
+    def begin(self, optimizer: torch.optim.Optimizer, pieces_of: dict[int, list]) -> None:
+        self._optimizer, self._pieces_of = optimizer, pieces_of
+        master_file = self.dir.files["master"].view
+        for chunk in self.chunks:
+            for i in chunk:
+                for piece in pieces_of.get(i, []):
+                    if id(piece) not in self._piece_at:
+                        if piece.untyped_storage().data_ptr() != master_file.untyped_storage().data_ptr():
+                            raise AssertionError("an offloaded piece does not view the master swap file")
+                        self._piece_at[id(piece)] = piece.storage_offset()
+        if self.chunks:
+            self._start_read(0)
+
+    def fetch(self, c: int, masters: list[torch.Tensor]) -> dict[int, torch.Tensor]:
+        """Chunk ``c`` in its slot (reads of the next chunks started); its pieces and state point there."""
+        for j in range(c, min(c + 1 + self.ahead, len(self.chunks))):
+            if self.states[j] is ChunkState.ON_DISK:
+                self._start_read(j)
+        self._expect(c, ChunkState.READING)
+        _wait(self._io.pop(c))
+        self.states[c] = ChunkState.RESIDENT
+        slot = self._slot(c)
+        for piece, at in self._chunk_pieces(c):
+            n = piece.numel()
+            piece.data = slot.buffers["master"][at : at + n]
+            state = self._optimizer.state.get(piece)
+            for key, t in (state or {}).items():
+                if not self._per_element(key, t, piece):
+                    continue
+                region = self._region(slot, key)[at : at + n]
+                if self._is_file_view(key, t):
+                    if key not in slot.read_kinds:
+                        raise AssertionError(f"optimizer state {key!r} was not read with its chunk")
+                else:
+                    region.copy_(t)  # made outside the step (loaded from a checkpoint): it is the newest
+                state[key] = region
+        return {i: self._in_slot(slot, i, c) for i in self.chunks[c]}
+
+    def release(self, c: int, uploaded) -> None:
+        """Chunk ``c`` was stepped (and its upload queued, ``uploaded`` its CUDA event or None):
+        start writing it back, and point its pieces and state at the files again."""
+        self._expect(c, ChunkState.RESIDENT)
+        slot = self._slot(c)
+        for piece, at in self._chunk_pieces(c):
+            n, file_at = piece.numel(), self._piece_at[id(piece)]
+            for key, t in (self._optimizer.state.get(piece) or {}).items():
+                if not self._per_element(key, t, piece):
+                    continue
+                region = self._region(slot, key)[at : at + n]
+                if t.data_ptr() != region.data_ptr():
+                    region.copy_(t)  # created (first step) or replaced by the optimizer
+                self._optimizer.state[piece][key] = self.dir.file(key, self.file_numel).view[file_at : file_at + n]
+            piece.data = self.dir.files["master"].view[file_at : file_at + n]
+        span = slice(0, self.span[c])
+        self._io[c] = [f for kind in self.dir.files
+                       for f in self.dir.write(kind, self._region(slot, kind)[span], self.start[c])]
+        slot.uploaded = uploaded
+        self.states[c] = ChunkState.WRITING
+
+    def finish(self) -> None:
+        """Every write of this step done: the files (and the views of them) are current."""
+        for c, futures in list(self._io.items()):
+            _wait(futures)
+            del self._io[c]
+            if self.states[c] is ChunkState.RESIDENT:
+                raise AssertionError(f"chunk {c} was fetched but never released")
+            self.states[c] = ChunkState.ON_DISK
+
+    # ---- slots ------------------------------------------------------------------------------------
+
+    def _slot(self, c: int) -> _Slot:
+        return self.slots[c % len(self.slots)]
+
+    def _start_read(self, c: int) -> None:
+        self._expect(c, ChunkState.ON_DISK)
+        slot = self._slot(c)
+        previous = slot.chunk
+        if previous is not None and previous != c:
+            if self.states[previous] is ChunkState.RESIDENT or self.states[previous] is ChunkState.READING:
+                raise AssertionError(f"slot of chunk {previous} reused while it is {self.states[previous].value}")
+            _wait(self._io.pop(previous, []))
+            self.states[previous] = ChunkState.ON_DISK
+        if slot.uploaded is not None:
+            slot.uploaded.synchronize()  # the device has copied the previous chunk's masters out of it
+            slot.uploaded = None
+        span = slice(0, self.span[c])
+        for kind in self.dir.files:
+            self._region(slot, kind)
+        self._io[c] = [f for kind in self.dir.files
+                       for f in self.dir.read(kind, slot.buffers[kind][span], self.start[c])]
+        slot.chunk, slot.read_kinds = c, set(self.dir.files)
+        self.states[c] = ChunkState.READING
+
+    def _in_slot(self, slot: _Slot, i: int, c: int) -> torch.Tensor:
+        at = self.offset[i] - self.start[c]
+        return slot.buffers["master"][at : at + self.numel[i]]
+
+    def _region(self, slot: _Slot, kind: str) -> torch.Tensor:
+        if kind not in slot.buffers:
+            slot.buffers[kind] = self.memory.empty(self.slot_numel)
+        return slot.buffers[kind]
+
+    def _chunk_pieces(self, c: int):
+        """(piece, its element offset inside the chunk) for every piece of chunk ``c``."""
+        for i in self.chunks[c]:
+            for piece in self._pieces_of.get(i, []):
+                yield piece, self._piece_at[id(piece)] - self.start[c]
+
+    def _per_element(self, key: str, t, piece) -> bool:
+        if not (torch.is_tensor(t) and t.dim() > 0 and t.numel() == piece.numel()):
+            return False  # scalars (Adam's step) and anything else stay where the optimizer keeps them
+        if t.dtype != torch.float32:
+            raise NotAvailableYet(f"optimizer state {key!r} is {t.dtype}: the NVMe tier of optimizer offload swaps "
+                                  "float32 state only; use offload_optimizer.device 'cpu'")
+        return True
+
+    def _is_file_view(self, key: str, t: torch.Tensor) -> bool:
+        file = self.dir.files.get(key)
+        return file is not None and t.untyped_storage().data_ptr() == file.view.untyped_storage().data_ptr()
+
+    def _expect(self, c: int, state: ChunkState) -> None:
+        if self.states[c] is not state:
+            raise AssertionError(f"chunk {c} is {self.states[c].value}, expected {state.value}")
+
+    # ---- accounting and teardown --------------------------------------------------------------------
+
+    def resident_bytes(self) -> int:
+        return sum(b.numel() * b.element_size() for s in self.slots for b in s.buffers.values())
+
+    def disk_bytes(self) -> int:
+        return self.dir.disk_bytes()
+
+    def close(self) -> None:
+        """Wait for the transfers in flight, then delete this rank's swap files and directory."""
+        try:
+            self.finish()
+        finally:
+            self.dir.remove()
+
+
+def _wait(futures: list[Future]) -> None:
+    for f in futures:
+        f.result()
+
+
+def _check_directory(path: str, needed: int, kinds: int, ctx) -> None:
+    """Before any file is made: ``path`` exists, is writable, and has room for the swap files of
+    every rank of this host that uses it. Ranks agree first, so all raise or none does."""
+    problem = nvme_files.directory_problem(path)
+    device, free = None, 0
+    if problem is None:
+        nvme_files.remove_stale(path)  # a crashed run's files: their room is ours again
+        device, free = os.stat(path).st_dev, nvme_files.free_bytes(path)
+    mine = (problem, nvme_files.host_name(), device, needed)
+    everyone = [mine]
+    if ctx is not None and ctx.world_size > 1:
+        everyone = [None] * ctx.world_size
+        dist.all_gather_object(everyone, mine, group=ctx.group)
+    if problem is not None:
+        raise nvme_error(path, problem)
+    others = [(r, p) for r, (p, *_) in enumerate(everyone) if p is not None]
+    if others:
+        r, p = others[0]
+        raise nvme_error(path, f"rank {r} cannot use it: {p}")
+    sharing = [n for (_, host, dev, n) in everyone if (host, dev) == (mine[1], device)]
+    total = sum(sharing)
+    if total > free:
+        from hf_zero.doctor.result import fmt_bytes
+
+        raise nvme_error(
+            path,
+            f"{fmt_bytes(free)} free, {fmt_bytes(total)} needed for the optimizer swap files of {len(sharing)} "
+            f"rank(s) on this host (fp32 masters and {kinds - 1} optimizer state tensors per element, "
+            f"{fmt_bytes(needed)} per rank)",
+            allowed=f"a directory with at least {fmt_bytes(total)} free; or offload less "
+                    "(offload_optimizer.ratio), or use more ranks",
+        )

@@ -1,0 +1,222 @@
+"""Loading a model sharded from the start: no rank ever holds all of it (ZeRO-3 "zero.Init").
+
+``from_pretrained(path)`` builds the model on the meta device (parameters only: buffers such as
+rotary frequencies are computed as usual), lays it out in stage-3 units as the engine would for
+a loaded model, and fills each unit's local shard with this rank's slices of the safetensors
+files (sources.py, engine/materialize.py). ``from_config(config)`` does the same with random
+init. The model comes back with its ZeroEngine (no optimizer yet): forward, ``generate`` and
+``evaluate`` gather units as under training, and the Trainer's ``create_optimizer`` hands its
+optimizer to this engine (``seams.create_optimizer``).
+
+Peak host memory per rank: its shards (model bytes / W), plus one unit's reads in flight, plus
+params kept whole (the persistent unit's small ones), plus the interpreter.
+
+The sharding settings (stage 3, buckets, prefetch, persistence threshold, offload, precision)
+are fixed at load, from the ``zero_config`` given or the one hf_zero runs with (``hf_zero.run``,
+``hf_zero.trainer.activate``). The Trainer's resolved config must agree: ``check_options`` says
+which setting differs otherwise. A precision of "auto" keeps the model's dtype at load.
+
+Not yet: PEFT on a model loaded this way (wrap after loading changes the params the units
+hold), checkpoints that need transformers' weight conversions (fused MoE experts, renamed keys),
+quantized loads.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import weakref
+
+import torch
+from torch import nn
+
+from hf_zero.engine import ZeroEngine
+from hf_zero.init.sources import InitSource, SafetensorsSource
+
+# ZeroEngine option -> the config setting it comes from (what check_options names).
+_SETTINGS = {"param_dtype": "the training dtype (bf16 / fp16 / fp32)",
+             "offload": "zero_optimization.offload_optimizer",
+             "prefetch_numel": "zero_optimization.stage3_prefetch_bucket_size",
+             "max_live_numel": "zero_optimization.stage3_max_live_parameters",
+             "persistence_threshold": "zero_optimization.stage3_param_persistence_threshold"}
+_ENGINES: "weakref.WeakValueDictionary[int, ZeroEngine]" = weakref.WeakValueDictionary()
+_OPTIONS: dict[int, dict] = {}
+
+
+def from_pretrained(path: str, *, zero_config=None, dtype=None, model_class=None, device=None, **config_kwargs):
+    """``model_class.from_pretrained(path)`` (default ``AutoModelForCausalLM``), sharded at stage 3 as it loads.
+
+    ``dtype``: a torch dtype, or None / "auto" for the checkpoint config's own (as transformers);
+    ``device``: where the shards go (default: this rank's GPU, else the CPU)."""
+    from transformers import AutoConfig
+
+    if not os.path.isdir(path):
+        raise FileNotFoundError(f"{path}: not a directory; hf_zero's sharded load reads a local checkpoint "
+                                "directory (config.json and safetensors files)")
+    hf_config = AutoConfig.from_pretrained(path, **config_kwargs)
+    model = _meta_model(hf_config, dtype, model_class)
+
+    def source(dev):
+        return SafetensorsSource(path, dev, prefix=getattr(model, "base_model_prefix", "") or "")
+
+    _shard(model, zero_config, device, source)
+    _load_generation_config(model, path)
+    model.config._name_or_path = path
+    model.name_or_path = path
+    model.eval()  # as from_pretrained returns it
+    return model
+
+
+def from_config(hf_config, *, zero_config=None, dtype=None, model_class=None, device=None, seed: int | None = None):
+    """``model_class.from_config(hf_config)`` with random init, sharded at stage 3 as it is built.
+
+    Every rank gets the same model for a given ``seed`` (default: drawn from torch's RNG on rank 0,
+    so ``set_seed`` before the call makes it reproducible), at any world size."""
+    model = _meta_model(hf_config, dtype, model_class)
+    seed = _common_seed(seed)
+    _shard(model, zero_config, device, lambda dev: InitSource(model, dev, seed))
+    return model
+
+
+def engine_of(model: nn.Module) -> ZeroEngine | None:
+    """The engine a model got when it was loaded sharded, or None."""
+    engine = _ENGINES.get(id(model))
+    return engine if engine is not None and engine.model is model else None
+
+
+def check_options(model: nn.Module, options: dict) -> None:
+    """Refuse a Trainer whose resolved config shards differently from how ``model`` was loaded."""
+    loaded = _OPTIONS[id(model)]
+    if options["stage"] != 3:
+        raise ValueError(f"the model was loaded sharded for ZeRO stage 3 (hf_zero.init), but the Trainer runs "
+                         f"zero_optimization.stage = {options['stage']}: use stage 3, or load it with from_pretrained")
+    model_dtype = next(iter(loaded["_dtypes"]), None)
+    differ = []
+    for key, setting in _SETTINGS.items():
+        at_load, now = loaded[key], options[key]
+        if key == "param_dtype":
+            at_load, now = at_load or model_dtype, now or model_dtype
+        if at_load != now:
+            differ.append(f"{setting}: {at_load} at load, {now} in the Trainer's config")
+    if differ:
+        raise ValueError("the model was sharded at load (hf_zero.init) with other settings than the Trainer's "
+                         "resolved zero config: " + "; ".join(differ) + ". Pass the same zero_config (and the "
+                         "training dtype, e.g. dtype=torch.bfloat16 for a bf16 run) to the load")
+
+
+# ---- steps ------------------------------------------------------------------------------------
+
+
+def _meta_model(hf_config, dtype, model_class) -> nn.Module:
+    from accelerate import init_empty_weights
+    from transformers import AutoModelForCausalLM
+
+    model_class = model_class or AutoModelForCausalLM
+    if dtype in (None, "auto"):
+        dtype = getattr(hf_config, "dtype", None) or torch.float32
+        dtype = getattr(torch, dtype) if isinstance(dtype, str) else dtype
+    if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
+        raise ValueError(f"dtype must be a floating torch dtype, None or 'auto'; got {dtype!r}")
+    with init_empty_weights(include_buffers=False):  # params on meta; buffers computed on the CPU
+        model = model_class.from_config(hf_config, dtype=dtype)
+    model.tie_weights()  # init_empty_weights re-creates each param as it is set, which unties them
+    return model
+
+
+def _shard(model: nn.Module, zero_config, device, make_source) -> ZeroEngine:
+    config = _zero_config(zero_config, model)
+    _init_distributed()
+    device = torch.device(device) if device is not None else _default_device()
+    source = make_source(device)
+    from hf_zero.trainer.seams import engine_options
+
+    from hf_zero.config.auto import is_auto
+
+    options = engine_options(config, param_dtype="model" if is_auto(config.precision.dtype) else None)
+    engine = ZeroEngine(model, None, source=source, **options)
+    _fill_leftovers(model, source, device)
+    _ENGINES[id(model)] = engine
+    options["_dtypes"] = {p.dtype for p in model.parameters()}
+    _OPTIONS[id(model)] = options
+    weakref.finalize(engine, _OPTIONS.pop, id(model), None)
+    if engine.ctx.world_size > 1:
+        from hf_zero.trainer.generation import sync_generate
+
+        sync_generate(model)
+    return engine
+
+
+def _zero_config(zero_config, model: nn.Module):
+    from hf_zero.config import load_config
+    from hf_zero.config.resolve import resolve_zero_sizes
+    from hf_zero.trainer.session import active_config
+
+    config = load_config(zero_config) if zero_config is not None else active_config()
+    if config is None:
+        raise ValueError("hf_zero.init needs a zero config: pass zero_config=..., or run under hf_zero.run / "
+                         "hf-zero launch, or call hf_zero.trainer.activate(...) first")
+    if config.zero.stage != 3:
+        raise ValueError(f"hf_zero.init shards params as they load, which is ZeRO stage 3; the config "
+                         f"{config.source or ''} has zero_optimization.stage = {config.zero.stage}")
+    hidden = getattr(getattr(model, "config", None), "hidden_size", None)
+    return dataclasses.replace(config, zero=resolve_zero_sizes(config.zero, hidden))
+
+
+def _fill_leftovers(model: nn.Module, source, device: torch.device) -> None:
+    """Params the units do not hold (frozen ones kept whole) still on meta: read whole. Buffers:
+    to ``device``, from the checkpoint where it has them."""
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if p.device.type == "meta":
+                value = torch.empty(p.numel(), dtype=p.dtype, device=device)
+                source.read_into(name, p.shape, 0, p.numel(), value)
+                torch.utils.swap_tensors(p, nn.Parameter(value.view(p.shape), p.requires_grad))
+        for module_name, module in model.named_modules():
+            for key, b in list(module._buffers.items()):
+                if b is None:
+                    continue
+                name = f"{module_name}.{key}" if module_name else key
+                b = b.to(device)
+                if source.has(name):
+                    source.read_into(name, b.shape, 0, b.numel(), b.view(-1))
+                module._buffers[key] = b
+    source.unit_done()
+
+
+def _init_distributed() -> None:
+    """Join the job's process group now (torchrun / hf_zero.run set the env), as the Trainer would later."""
+    import torch.distributed as dist
+
+    if dist.is_initialized() or int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+        return
+    if torch.cuda.is_available():
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+        dist.init_process_group("nccl")
+    else:
+        dist.init_process_group("gloo")
+
+
+def _default_device() -> torch.device:
+    if torch.cuda.is_available():
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
+def _common_seed(seed: int | None) -> int:
+    import torch.distributed as dist
+
+    if seed is None:
+        seed = int(torch.randint(0, 2**62, ()).item())
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        box = [seed]
+        dist.broadcast_object_list(box, src=0)
+        seed = box[0]
+    return seed
+
+
+def _load_generation_config(model: nn.Module, path: str) -> None:
+    if not os.path.isfile(os.path.join(path, "generation_config.json")) or not hasattr(model, "generation_config"):
+        return
+    from transformers import GenerationConfig
+
+    model.generation_config = GenerationConfig.from_pretrained(path)

@@ -1,0 +1,62 @@
+"""Optimizer offload to NVMe through the Trainer: a DeepSpeed-style ``offload_optimizer`` block
+with ``device: "nvme"`` trains as CPU offload does, and resumes bit for bit from its checkpoint."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import torch
+from transformers import AutoModelForCausalLM, LlamaConfig, Trainer, TrainingArguments
+
+from hf_zero.testing.multiprocess import run_on_ranks
+
+
+def _run(rank, world, out, offload, resume_from):
+    import hf_zero.trainer as zt
+    from hf_zero.trainer import session as S
+
+    torch.manual_seed(0)
+    cfg = LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2)
+    model = AutoModelForCausalLM.from_config(cfg)
+    g = torch.Generator().manual_seed(3)
+    data = [{"input_ids": i, "labels": i} for i in torch.randint(0, 64, (48, 12), generator=g)]
+    args = TrainingArguments(output_dir=str(out / "run"), use_cpu=True, report_to="none", max_steps=6, save_steps=3,
+                             per_device_train_batch_size=2, gradient_accumulation_steps=2, learning_rate=1e-2,
+                             weight_decay=0.1, max_grad_norm=0.5, logging_steps=1, disable_tqdm=True, seed=0)
+    # buffer_size: chunks of >= 2000 elements, several per step; 3 buffers of them in host memory
+    block = {"device": offload, "buffer_count": 3, "buffer_size": 2000}
+    if offload == "nvme":
+        block["nvme_path"] = str(out)
+    zt.activate({"zero_optimization": {"stage": 2, "reduce_bucket_size": 1000, "offload_optimizer": block}})
+    try:
+        trainer = Trainer(model=model, args=args, train_dataset=data)
+        trainer.train(resume_from_checkpoint=None if resume_from is None else str(resume_from))
+        engine = S.session_of(trainer).engine
+        files = None
+        if offload == "nvme":  # the engine is still the Trainer's: its files are there until exit
+            tier = engine._host_step.tier
+            assert len(tier.chunks) > 3
+            files = sorted(p.name for p in Path(tier.dir.path).iterdir())
+    finally:
+        zt.deactivate()
+    return {h["step"]: (h["loss"], h["grad_norm"]) for h in trainer.state.log_history if "loss" in h}, files
+
+
+def _runs(rank, world, tmp_path):
+    """Three Trainer runs in one process (spawning one costs more than a run)."""
+    (tmp_path / "nvme").mkdir()
+    cpu, _ = _run(rank, world, tmp_path / "cpu", "cpu", None)
+    nvme, files = _run(rank, world, tmp_path / "nvme", "nvme", None)
+    resumed, _ = _run(rank, world, tmp_path / "nvme", "nvme", tmp_path / "nvme" / "run" / "checkpoint-3")
+    return cpu, nvme, files, resumed
+
+
+def test_nvme_offload_through_the_trainer_and_its_checkpoints(tmp_path):
+    cpu, nvme, files, resumed = run_on_ranks(_runs, 1, tmp_path, timeout=300)[0]
+    assert files == ["master.swap", "state.exp_avg.swap", "state.exp_avg_sq.swap"]
+    assert nvme == cpu and len(nvme) == 6  # the same arithmetic, wherever the state lives
+    assert [resumed[s] for s in (4, 5, 6)] == [nvme[s] for s in (4, 5, 6)]
+    # every rank process has exited: no swap directory is left
+    assert [p for p in os.listdir(tmp_path / "nvme") if p.startswith("hf_zero-swap")] == []
