@@ -176,6 +176,17 @@ class ZeroConfig:
         doc="""DeepSpeed stage 1/2 CPU-offload gradient copy scheduling. Default false
         (DeepSpeed's).""",
     )
+    zero3_init_flag: bool = setting(
+        False,
+        deepspeed="zero3_init_flag",
+        doc="""Stage 3, hf_zero extension (accelerate's name for DeepSpeed's `zero.Init`): while
+        hf_zero is active (`hf_zero.run`, `hf-zero launch`, `activate()`), a
+        `from_pretrained` of a local safetensors directory in the script loads the model
+        sharded (`hf_zero.init.from_pretrained`: each rank reads only its slices, no rank holds
+        the whole model). Loads it cannot do so (hub ids, `device_map`, quantization, other
+        keyword arguments) load whole as usual, with a warning. Default false: models load
+        whole and are sharded when the optimizer is created.""",
+    )
     offload_optimizer: OffloadConfig = setting(
         default_factory=OffloadConfig,
         deepspeed="offload_optimizer",
@@ -201,7 +212,7 @@ class ZeroConfig:
             checks.integer(self, name, minimum=0)
         if checks.boolean(self, "overlap_comm", none=True) is None:
             object.__setattr__(self, "overlap_comm", stage == 3)
-        for name in ("contiguous_gradients", "reduce_scatter", "round_robin_gradients"):
+        for name in ("contiguous_gradients", "reduce_scatter", "round_robin_gradients", "zero3_init_flag"):
             checks.boolean(self, name)
         checks.boolean(self, "gather_16bit_weights_on_model_save", auto=True)
         for name in ("offload_optimizer", "offload_param"):

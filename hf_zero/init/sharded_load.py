@@ -43,18 +43,20 @@ _ENGINES: "weakref.WeakValueDictionary[int, ZeroEngine]" = weakref.WeakValueDict
 _OPTIONS: dict[int, dict] = {}
 
 
-def from_pretrained(path: str, *, zero_config=None, dtype=None, model_class=None, device=None, **config_kwargs):
+def from_pretrained(path: str, *, zero_config=None, dtype=None, model_class=None, device=None, config=None,
+                    attn_implementation: str | None = None, **config_kwargs):
     """``model_class.from_pretrained(path)`` (default ``AutoModelForCausalLM``), sharded at stage 3 as it loads.
 
     ``dtype``: a torch dtype, or None / "auto" for the checkpoint config's own (as transformers);
-    ``device``: where the shards go (default: this rank's GPU, else the CPU)."""
+    ``device``: where the shards go (default: this rank's GPU, else the CPU); ``config``: a
+    transformers config to use instead of the directory's (``config_kwargs`` update the latter)."""
     from transformers import AutoConfig
 
     if not os.path.isdir(path):
         raise FileNotFoundError(f"{path}: not a directory; hf_zero's sharded load reads a local checkpoint "
                                 "directory (config.json and safetensors files)")
-    hf_config = AutoConfig.from_pretrained(path, **config_kwargs)
-    model = _meta_model(hf_config, dtype, model_class)
+    hf_config = config if config is not None else AutoConfig.from_pretrained(path, **config_kwargs)
+    model = _meta_model(hf_config, dtype, model_class, attn_implementation)
 
     def source(dev):
         return SafetensorsSource(path, dev, prefix=getattr(model, "base_model_prefix", "") or "")
@@ -107,7 +109,7 @@ def check_options(model: nn.Module, options: dict) -> None:
 # ---- steps ------------------------------------------------------------------------------------
 
 
-def _meta_model(hf_config, dtype, model_class) -> nn.Module:
+def _meta_model(hf_config, dtype, model_class, attn_implementation: str | None = None) -> nn.Module:
     from accelerate import init_empty_weights
     from transformers import AutoModelForCausalLM
 
@@ -117,8 +119,11 @@ def _meta_model(hf_config, dtype, model_class) -> nn.Module:
         dtype = getattr(torch, dtype) if isinstance(dtype, str) else dtype
     if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
         raise ValueError(f"dtype must be a floating torch dtype, None or 'auto'; got {dtype!r}")
+    # AutoModel* classes build with from_config, a concrete model class (the from_pretrained seam) with _from_config.
+    build = getattr(model_class, "from_config", None) or model_class._from_config
+    extra = {"attn_implementation": attn_implementation} if attn_implementation else {}
     with init_empty_weights(include_buffers=False):  # params on meta; buffers computed on the CPU
-        model = model_class.from_config(hf_config, dtype=dtype)
+        model = build(hf_config, dtype=dtype, **extra)
     model.tie_weights()  # init_empty_weights re-creates each param as it is set, which unties them
     return model
 

@@ -1,7 +1,7 @@
 """The Trainer seams hf_zero uses: the one place where the integration touches ``transformers``.
 
 ``install()`` wraps these ``transformers.Trainer`` methods (so every subclass, Seq2SeqTrainer and
-SFT-style trainers included, inherits them). Each wrapper calls the original and only adds
+SFT-style trainers included, inherits them), and ``PreTrainedModel.from_pretrained``. Each wrapper calls the original and only adds
 behaviour for a Trainer that has a ``ZeroSession``; a Trainer created while hf_zero is not
 active behaves exactly as before.
 
@@ -19,6 +19,7 @@ active behaves exactly as before.
 | ``train``           | stage >= 1: ``resume_from_checkpoint=True`` takes the newest complete one; a checkpoint of another model or with a missing file is refused first |
 | ``_load_optimizer_and_scheduler`` | stage >= 1: every rank reads its part of the sharded state, written at any world size and stage |
 | ``Seq2SeqTrainer.prediction_step`` | stage 3, W > 1: ``synced_gpus=True`` for generate, as for DeepSpeed ZeRO-3 |
+| ``PreTrainedModel.from_pretrained`` | stage 3 with ``zero3_init_flag``: a local safetensors checkpoint loads sharded (hf_zero/init/plugin.py); any other load is transformers' own |
 """
 
 from __future__ import annotations
@@ -28,7 +29,7 @@ import os
 import weakref
 
 import torch
-from transformers import Seq2SeqTrainer, Trainer
+from transformers import PreTrainedModel, Seq2SeqTrainer, Trainer
 
 try:  # transformers >= 5.2x: a function; before, the Trainer method _rotate_checkpoints
     from transformers.trainer_utils import rotate_checkpoints
@@ -290,6 +291,20 @@ def prediction_step(self, model, inputs, prediction_loss_only, ignore_keys=None,
 _seam(prediction_step, Seq2SeqTrainer)
 
 
+def from_pretrained(cls, pretrained_model_name_or_path, *model_args, **kwargs):
+    # zero3_init_flag: a local safetensors checkpoint loads sharded (hf_zero/init/plugin.py), else as ever.
+    from hf_zero.init.plugin import sharded_or_none
+
+    model = sharded_or_none(cls, pretrained_model_name_or_path, model_args, kwargs)
+    if model is not None:
+        return model
+    return _original("from_pretrained", PreTrainedModel).__func__(cls, pretrained_model_name_or_path,
+                                                                  *model_args, **kwargs)
+
+
+_seam(from_pretrained, PreTrainedModel)
+
+
 def _is_peft(model) -> bool:
     # PEFT saves adapter weights under its own names (verify_saved_adapter maps them).
     return type(model).__module__.startswith("peft.")
@@ -302,7 +317,10 @@ def install() -> None:
             continue
         original = cls.__dict__[wrapper.__name__]
         _ORIGINALS[key] = original
-        setattr(cls, wrapper.__name__, functools.wraps(original)(wrapper))
+        if isinstance(original, classmethod):  # from_pretrained
+            setattr(cls, wrapper.__name__, classmethod(functools.wraps(original.__func__)(wrapper)))
+        else:
+            setattr(cls, wrapper.__name__, functools.wraps(original)(wrapper))
 
 
 def uninstall() -> None:

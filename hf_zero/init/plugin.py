@@ -1,0 +1,67 @@
+"""``zero3_init_flag``: a script's own ``from_pretrained`` loads sharded while hf_zero is active.
+
+The seam (``seams.from_pretrained``, on ``PreTrainedModel.from_pretrained``, which the ``AutoModel*``
+classes call with the concrete class) asks ``sharded_or_none`` first. It loads sharded only a call
+it can serve exactly as transformers would, and leaves every other call to transformers with a
+warning that says why: the model is then loaded whole and sharded when the optimizer is created,
+as without the flag.
+
+Served: a local directory with safetensors files, and keyword arguments among ``dtype`` /
+``torch_dtype``, ``config``, ``attn_implementation`` and the hub/cache arguments that do not apply
+to a local directory. Not served: hub ids, positional model args, ``device_map``, quantization,
+``state_dict``, adapters (a PEFT adapter directory), and anything else.
+"""
+
+from __future__ import annotations
+
+import os
+import warnings
+
+from hf_zero.init.sources import INDEX_NAME, SINGLE_NAME
+
+_SERVED = {"dtype", "torch_dtype", "config", "attn_implementation"}
+# Arguments that only matter for downloads; a local directory ignores them.
+_HUB_ONLY = {"cache_dir", "force_download", "local_files_only", "token", "revision", "proxies", "subfolder",
+             "use_safetensors", "trust_remote_code", "_from_auto", "_from_pipeline", "_commit_hash",
+             "adapter_kwargs"}
+
+
+def _wanted() -> bool:
+    from hf_zero.trainer.session import active_config
+
+    config = active_config()
+    return config is not None and config.zero.stage == 3 and bool(config.zero.zero3_init_flag)
+
+
+def why_not(path, args: tuple, kwargs: dict) -> str | None:
+    """Why this ``from_pretrained`` call cannot load sharded, or None if it can."""
+    if args:
+        return "positional model arguments"
+    if not isinstance(path, (str, os.PathLike)) or not os.path.isdir(path):
+        return "not a local directory (download it first)"
+    if not any(os.path.isfile(os.path.join(path, n)) for n in (SINGLE_NAME, INDEX_NAME)):
+        return "no safetensors files in it"
+    if os.path.isfile(os.path.join(path, "adapter_config.json")):
+        return "a PEFT adapter directory"
+    unserved = sorted(k for k, v in kwargs.items() if k not in _SERVED | _HUB_ONLY and v is not None)
+    if kwargs.get("use_safetensors") is False:
+        unserved.append("use_safetensors=False")
+    if unserved:
+        return "keyword arguments " + ", ".join(unserved)
+    return None
+
+
+def sharded_or_none(cls, path, args: tuple, kwargs: dict):
+    """The model loaded sharded, or None: the caller loads it whole (transformers' own)."""
+    if not _wanted():
+        return None
+    reason = why_not(path, args, kwargs)
+    if reason is not None:
+        warnings.warn(f"zero_optimization.zero3_init_flag: {path} loads whole ({reason}); hf_zero shards it when "
+                      "the optimizer is created", UserWarning, stacklevel=3)
+        return None
+    from hf_zero.init.sharded_load import from_pretrained
+
+    dtype = kwargs.get("dtype", kwargs.get("torch_dtype"))
+    extra = {"attn_implementation": kwargs["attn_implementation"]} if kwargs.get("attn_implementation") else {}
+    return from_pretrained(os.fspath(path), dtype=dtype, model_class=cls, config=kwargs.get("config"), **extra)
