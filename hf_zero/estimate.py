@@ -23,7 +23,9 @@ p: bytes of the model dtype, p': bytes of the param dtype. Frozen params are rep
 Optimizer offload (``--offload cpu|nvme``) moves the fp32 masters, the optimizer state and the
 grads at the step off the device: column "host" (cpu), or "nvme" for masters and state with the
 grads still in host memory (plus the NVMe tier's chunk buffers, buffer_count x buffer_size x 4 x
-(1 + state tensors) bytes, not in the table). Parameter offload is not implemented yet.
+(1 + state tensors) bytes, not in the table). Parameter offload (stage 3, ``offload_param`` "cpu")
+is not modelled here: it moves the stage-3 "params" column (all but the persistent params) to the
+host (``hf-zero doctor`` counts it so).
 """
 
 from __future__ import annotations
@@ -45,8 +47,8 @@ DEFAULT_BUCKET = 500_000_000  # DeepSpeed's reduce_bucket_size, hf_zero's defaul
 STAGES = (0, 1, 2, 3)
 OFFLOAD_LINE = ("offload: optimizer offload is modelled with --offload cpu (column host) or --offload nvme "
                 "(column nvme: masters and state; host: the grads, plus the chunk buffers of "
-                "offload_optimizer.buffer_count x buffer_size); parameter offload is not implemented in hf_zero "
-                "yet, so it has no column")
+                "offload_optimizer.buffer_count x buffer_size); parameter offload (stage 3, offload_param cpu) "
+                "has no column: it moves the stage-3 params column to the host")
 
 
 @dataclass(frozen=True)

@@ -113,7 +113,7 @@ def test_cli_prints_all_stages(config_path, capsys):
     assert code == 0, out
     rows = [line.split()[0] for line in out.splitlines() if line.strip()[:1].isdigit()]
     assert rows == ["0", "1", "2", "3"], out
-    assert "not implemented in hf_zero yet" in out  # param/nvme offload: a line, no invented numbers
+    assert "parameter offload (stage 3, offload_param cpu) has no column" in out  # a line, no invented numbers
     assert main(["estimate", config_path, "--world", "4", "--offload", "cpu"]) == 0
     assert "host (offload)" in capsys.readouterr().out
     assert main(["estimate", config_path, "--stage", "2", "--offload", "nvme"]) == 0

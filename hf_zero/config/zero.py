@@ -235,6 +235,10 @@ class ZeroConfig:
         if self.offload_param.ratio != 1.0:
             raise checks.fail(self, "offload_param.ratio", "ratio applies to offload_optimizer only",
                               value=self.offload_param.ratio, allowed="1.0")
+        if self.offload_param.device != "none" and self.offload_optimizer.device == "none":
+            raise checks.fail(self, "offload_param.device", "parameter offload needs optimizer offload in hf_zero",
+                              value=self.offload_param.device,
+                              allowed='offload_optimizer.device "cpu" or "nvme" with it, or "none"')
 
 
 __all__ = ["OFFLOAD_DEVICES", "OffloadConfig", "ZeroConfig"]

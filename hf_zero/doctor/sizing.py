@@ -7,7 +7,8 @@ On top of that, what the doctor needs and the estimator has no column for:
 * offloaded bytes: with ``offload_optimizer.device`` "cpu"/"nvme", the estimator's ``host_offload``
   (fp32 master shard, optimizer state, host copy of the fp32 gradient shard), times ``ratio``; "nvme"
   keeps the gradient copy on the host (the NVMe tier's chunk buffers are not counted); with
-  ``offload_param`` (stage 3, not built yet) the rank's param shard. Pinned (cpu, ``pin_memory`` true, CUDA present):
+  ``offload_param`` (stage 3) the rank's param shards, frozen ones included. Pinned (cpu,
+  ``pin_memory`` true, CUDA present):
   the master and gradient shards of optimizer offload (``engine/offload.py``), the param shard of
   param offload; the optimizer's own state tensors are ordinary host memory.
 * the host copy every rank loads before it shards (``from_pretrained`` on the CPU, the model's
@@ -165,7 +166,9 @@ def _rank_bytes_for(model: ModelInfo, spec: RunSpec, world: int, dtype: str) -> 
         if spec.offload_optimizer == "cpu" and spec.pin_optimizer:
             pinned += round(ratio * 2 * b["grads_at_step"])  # fp32 master + grad buffer, a shard each
     if spec.stage == 3 and spec.offload_param != "none":
-        shard_params = params - counts.frozen * DTYPE_BYTES[model.dtype]
+        # every unit's shards, frozen ones too (units.py [Note: host shards]); the persistent
+        # params that stay on the device are a few norms and biases, not modelled
+        shard_params = params
         offloaded[spec.offload_param] = offloaded.get(spec.offload_param, 0) + shard_params
         params -= shard_params
         if spec.offload_param == "cpu" and spec.pin_param:

@@ -21,6 +21,9 @@
 - frozen buffer (stage 3): a unit's frozen params (``requires_grad=False``, a LoRA base), one flat
   buffer per dtype in the model's dtype, sharded and gathered with the unit; no grads, masters or
   optimizer pieces (``unit_buffer.py``).
+- host shard (stage 3, parameter offload): a unit's local shard kept in (pinned) host memory; each
+  use copies it up and gathers from the copy, the optimizer step writes it on the CPU
+  ([Note: host shards] in ``units.py``).
 
 Stage differences live in ``stages.py``; collectives in ``collectives.py``.
 """

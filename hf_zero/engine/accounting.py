@@ -1,6 +1,7 @@
 """What an engine holds, measured from the tensors themselves (the run report's bytes).
 
-``host_offload``: host memory of optimizer offload (masters, state, grads, chunk buffers);
+``host_offload``: host memory of optimizer offload (masters, state, grads, chunk buffers) and of
+parameter offload (the units' param shards: ``params`` then counts only what is on the device);
 ``nvme_offload``: the masters and state that NVMe offload keeps in swap files."""
 
 from __future__ import annotations
@@ -44,6 +45,7 @@ def held_bytes(engine) -> dict[str, int]:
         else:
             state += n
     host += engine._host_step.host_bytes() if engine._host_step is not None else 0
+    host += sum(u.host_bytes() for u in engine.units)  # parameter offload: the param shards
     grads = sum(gb.held_bytes() for gb in engine.grad_sync.buckets)
     return {"params": params, "grads": grads, "peak_grads": engine.grad_sync.peak_grad_bytes,
             "optimizer_state": state + masters, "host_offload": host, "nvme_offload": disk}

@@ -32,7 +32,7 @@ from hf_zero.engine.grad_sync import BucketState, GradBucket, GradSync
 from hf_zero.engine.host_step import HostStep
 from hf_zero.engine.layout import FlatParamBuffer
 from hf_zero.engine.materialize import materialize_units
-from hf_zero.engine.offload import HostMemory, OptimizerOffload
+from hf_zero.engine.offload import HostMemory, OptimizerOffload, ParamOffload
 from hf_zero.engine.ranges import Range
 from hf_zero.engine.shard_map import ParamShard, shard_map
 from hf_zero.engine.stages import strategy_for
@@ -53,6 +53,7 @@ class ZeroEngine:
         bucket_numel: int,
         param_dtype: torch.dtype | None = None,
         offload: OptimizerOffload | None = None,
+        offload_param: ParamOffload | None = None,
         prefetch_numel: int = 0,
         max_live_numel: int | None = None,
         persistence_threshold: int = 0,
@@ -69,6 +70,12 @@ class ZeroEngine:
         # bf16/fp16 runs keep the model's trainable params in that dtype and an fp32 master shard.
         self.param_dtype = param_dtype
         self.offload = offload  # None: the optimizer runs on the params' device (offload.py)
+        # Stage 3: the units' param shards in host memory between uses ([Note: host shards] in units.py).
+        self.offload_param = offload_param
+        if offload_param is not None and not self.strategy.shard_params:
+            raise ValueError(f"parameter offload (offload_param.device = {offload_param.device!r}) needs ZeRO stage 3, "
+                             f"got stage {stage}")
+        self._param_memory = HostMemory(offload_param.pin_memory) if offload_param is not None else None
         self.ctx = C.CommContext(group)
         if optimizer is not None:
             _check_optimizer(optimizer)
@@ -147,7 +154,8 @@ class ZeroEngine:
         if self.strategy.shard_params:
             if old is not None:
                 raise AssertionError("stage 3 units are built once: their frozen params are sharded already")
-            self.units = make_units(self.model, self._unit_plans, self.buffers, self.ctx, self.streams)
+            self.units = make_units(self.model, self._unit_plans, self.buffers, self.ctx, self.streams,
+                                    host=self._param_memory)
             if self._source is not None:
                 materialize_units(self.units, self._source)
             self._bucket_units = [u for u in self.units if u.buffer is not None]
@@ -196,6 +204,8 @@ class ZeroEngine:
             shard = self._bucket_units[i].local if self.units else gb.buffer.view(gb.bucket.shard)
             if self._offloaded[i]:
                 master = self._host_step.master(i, shard.detach())
+            elif self.units and self._bucket_units[i].host is not None:  # a host shard, a device optimizer
+                master = shard.detach().to(gb.buffer.device, torch.float32, copy=True)
             else:
                 master = shard if shard.dtype == torch.float32 else shard.detach().float()
             self.masters.append(master)
@@ -347,8 +357,9 @@ class ZeroEngine:
         """The optimizer step's pre-hook: reductions done; offloaded buckets stepped on the host.
 
         The host step (host_step.py) moves the clipped grads of offloaded buckets down, steps
-        them chunk by chunk with the user's optimizer class and uploads the new params; their
-        pieces then get no grad, so the user's own step only updates the device buckets."""
+        them chunk by chunk with the user's optimizer class and uploads the new params (or, with
+        parameter offload, writes them into the host shards); their pieces then get no grad, so
+        the user's own step only updates the device buckets."""
         self.finish_grad_sync()
         if self._host_step is None or self._grads_on_host:
             return
@@ -361,6 +372,8 @@ class ZeroEngine:
         for piece, gb, _, _ in self._piece_grads:
             pieces_of[self._bucket_index[id(gb)]].append(piece)
         params = [self._bucket_units[i].local if self.units else gb.buffer.view(gb.bucket.shard) for i, gb in enumerate(buckets)]
+        for unit in self._bucket_units:
+            unit.settle_host()  # parameter offload: the host step writes host shards
         on_device = [p for i, ps in pieces_of.items() if not self._offloaded[i] for p in ps]
         # Device buckets first (ratio < 1): their kernels are queued at once and run on the GPU
         # while the host steps the rest.
@@ -436,6 +449,8 @@ class ZeroEngine:
 
     def _after_step(self) -> None:
         handles = []
+        for unit in self._bucket_units:
+            unit.settle_host()  # parameter offload: the shards below may be host shards
         with torch.no_grad():
             if self._host_step is not None:
                 self._host_step.wait_uploads()  # offloaded buckets: uploaded by the host step

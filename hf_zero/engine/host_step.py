@@ -25,6 +25,10 @@ down, step everything, copy every param up. Here:
 so a step costs about the host optimizer's own time plus one chunk's upload. The compute stream
 waits for the uploads (``wait_uploads``) before anything reads the params.
 
+With parameter offload (stage 3, [Note: host shards] in units.py) a bucket's param shard lives on
+the host: its updated masters are cast into it on the CPU right after its chunk's step, and
+nothing goes up now; the unit's next use uploads the shard.
+
 Where the masters and optimizer state live between steps is the offload tier's business
 (``offload.Tier``): ``fetch`` before a chunk's step and ``release`` after it. Host memory does
 nothing there; the NVMe tier (``nvme_swap.py``) reads the chunk from its files into a chunk buffer
@@ -194,15 +198,20 @@ class HostStep:
 
     def _upload(self, c: int, chunk: list[int], masters: dict[int, torch.Tensor], shards, h2d):
         """Queue chunk ``c``'s masters up into ``shards``; returns the event after the copies (None
-        without CUDA, where the copies are done on return)."""
-        if h2d is None:  # no CUDA: plain copies (casting where the param dtype is not fp32)
-            for i in chunk:
-                shards[i].copy_(masters[i])
+        when there is nothing to wait for: no CUDA, or every shard on the host, where the copies
+        are done on return)."""
+        # Parameter offload: host shards are written here, on the CPU (the cast to the param dtype
+        # too); without CUDA every shard is copied so.
+        on_host = [i for i in chunk if h2d is None or shards[i].device.type == "cpu"]
+        for i in on_host:
+            shards[i].copy_(masters[i])
+        up = [i for i in chunk if i not in on_host]
+        if not up:
             return None
-        scratch = self._scratch_for(c, sum(masters[i].numel() for i in chunk))
+        scratch = self._scratch_for(c, sum(masters[i].numel() for i in up))
         with torch.cuda.stream(h2d):
             offset = 0
-            for i in chunk:
+            for i in up:
                 n = masters[i].numel()
                 if shards[i].dtype == torch.float32:
                     shards[i].copy_(masters[i], non_blocking=True)

@@ -21,7 +21,11 @@ few chunk-sized buffers, through which the host step streams each chunk: read, s
 The tier is behind one small interface (``Tier``): ``HostTier`` here, ``NvmeTier`` in
 ``nvme_swap.py``; ``host_step.py`` calls it around each chunk's step.
 
-Not yet: parameter offload (stage 3), and overlapping the host step with backward or the next
+Parameter offload (``ParamOffload``, stage 3, ``offload_param.device = "cpu"``) keeps each unit's
+param shards in host memory too (units.py, [Note: host shards]); the host step then writes the
+updated params into those host shards (a cast on the CPU) instead of uploading them.
+
+Not yet: parameter offload to NVMe, and overlapping the host step with backward or the next
 forward.
 """
 
@@ -67,8 +71,23 @@ class OptimizerOffload:
         return out
 
 
+@dataclass(frozen=True)
+class ParamOffload:
+    """Stage 3: the units' param shards live on the host between uses (``device`` "cpu"), pinned
+    when ``pin_memory`` and CUDA is there; each use uploads the shard and gathers from the copy."""
+
+    device: str = "cpu"
+    pin_memory: bool = True
+
+    def __post_init__(self) -> None:
+        if self.device != "cpu":
+            raise ValueError("parameter offload device must be 'cpu' (NVMe is not implemented yet), "
+                             f"got {self.device!r}")
+
+
 class HostMemory:
-    """fp32 host tensors for offloaded buckets (masters, grads), pinned when CUDA can use them.
+    """Host tensors for offloaded state (fp32 masters and grads; param shards in the params' dtype
+    with parameter offload), pinned when CUDA can use them.
 
     Pinned memory is carved from slabs of at least ``SLAB_BYTES``: torch's pinned allocator
     rounds every request up to a power of two, so a tensor per bucket would waste up to half of
@@ -82,22 +101,23 @@ class HostMemory:
         self.pin = pin and torch.cuda.is_available()
         self._slabs: list[list] = []  # [uint8 tensor, bytes used]
 
-    def empty(self, numel: int) -> torch.Tensor:
+    def empty(self, numel: int, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         if not self.pin:
-            return torch.empty(numel, dtype=torch.float32)
-        nbytes = max(self.ALIGN, -(-numel * 4 // self.ALIGN) * self.ALIGN)
+            return torch.empty(numel, dtype=dtype)
+        size = dtype.itemsize
+        nbytes = max(self.ALIGN, -(-numel * size // self.ALIGN) * self.ALIGN)
         slab = next((s for s in self._slabs if s[0].numel() - s[1] >= nbytes), None)
         if slab is None:
             size = max(self.SLAB_BYTES, 1 << (nbytes - 1).bit_length())  # what the allocator gives anyway
             slab = [torch.empty(size, dtype=torch.uint8, pin_memory=True), 0]
             self._slabs.append(slab)
-        out = slab[0][slab[1] : slab[1] + nbytes].view(torch.float32)[:numel]
+        out = slab[0][slab[1] : slab[1] + nbytes].view(dtype)[:numel]
         slab[1] += nbytes
         return out
 
-    def like(self, src: torch.Tensor) -> torch.Tensor:
-        """A host fp32 copy of ``src``."""
-        out = self.empty(src.numel()).view(src.shape)
+    def like(self, src: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        """A host copy of ``src`` in ``dtype`` (fp32 unless told)."""
+        out = self.empty(src.numel(), dtype).view(src.shape)
         out.copy_(src)
         return out
 

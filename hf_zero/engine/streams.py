@@ -20,6 +20,12 @@ comment, and build it in ``for_device``.
 * ``full(U)`` is freed only after that wait (a unit never drops a tensor a gather still
   writes), so its memory is reused by compute kernels ordered after the collective:
   ``Tensor.record_stream`` is not needed.
+
+With parameter offload ([Note: host shards] in units.py) the gather stream first copies U's host
+shard (pinned) into a device tensor and the all-gather reads that copy; ``ev`` then also marks
+the copy done (``ParamUnit.settle_host`` waits on it before the host writes the shard again):
+
+    gather:   \\--wait--> [h2d copy of shard(U)] all-gather(U) launch --ev-->
 """
 
 from __future__ import annotations

@@ -16,6 +16,9 @@ copies are made. When the dtypes differ (fp32 adapters on a bf16 base), an all-g
 dtype, so each part gets its own all-gather, all launched back to back in the same
 ``launch_gather`` (on CUDA they queue together on the gather stream) and waited for together:
 one more collective's latency per unit, no copy.
+
+With parameter offload the shards (``local``) live on the host ([Note: host shards] in units.py):
+``start_gather`` then gathers from a device copy of the shard that the unit has just uploaded.
 """
 
 from __future__ import annotations
@@ -45,6 +48,7 @@ class UnitBuffer:
         self.buffer, self.bucket, self.trainable = buffer, buffer.buckets[0], trainable
         self.numel = self.bucket.range.size  # full elements, padding included: the same on every rank
         self.single, self.persistent = ctx.world_size == 1, persistent
+        self.on_host = False  # parameter offload: ``local`` is a host tensor (ParamUnit.__init__)
         if ctx.world_size == 1:
             self.local = buffer.data  # its shard is the whole buffer: the params stay views of it
         else:
@@ -75,10 +79,15 @@ class UnitBuffer:
     def params(self) -> list:
         return self.buffer.params
 
-    def start_gather(self, ctx: C.CommContext, label: str) -> PendingGather:
+    def start_gather(self, ctx: C.CommContext, label: str, shard: torch.Tensor | None = None) -> PendingGather:
+        """All-gather ``shard`` (default ``local``; with parameter offload its device copy). At one
+        rank an uploaded shard already is the full buffer: nothing to gather."""
+        shard = self.local if shard is None else shard
+        if ctx.world_size == 1 and shard is not self.local:
+            return PendingGather(C.Handle(None, shard), shard)
         # Allocated on the current (compute) stream: freed after the wait, in that stream's order.
         full = torch.empty(self.numel, dtype=self.buffer.dtype, device=self.buffer.device)
-        return PendingGather(C.start_all_gather(ctx, full, self.local, label=label), full)
+        return PendingGather(C.start_all_gather(ctx, full, shard, label=label), full)
 
     def attach(self, full: torch.Tensor) -> None:
         """Every param's ``.data`` becomes its slice of the gathered ``full``."""
@@ -100,11 +109,12 @@ class UnitBuffer:
         def nbytes(t: torch.Tensor) -> int:
             return t.numel() * t.element_size()
 
+        local = 0 if self.on_host else nbytes(self.local)  # a host shard is counted as host memory
         if full is None:
-            return nbytes(self.local)
+            return local
         if full is self.local or persistent:  # the shard is the full buffer, or a view of it
             return nbytes(full)
-        return nbytes(full) + nbytes(self.local)
+        return nbytes(full) + local
 
 
 def frozen_buffers(params: list[tuple[str, torch.nn.Parameter]], ctx: C.CommContext) -> list[UnitBuffer]:

@@ -28,6 +28,17 @@ arrives, and a param may get no grad on one rank) is not read: in backward such 
 released ([Note: live count] in ``_live_numel``). Prefetches not used by the end of the forward
 or backward that started them are waited for and dropped.
 
+[Note: host shards] With parameter offload (``offload_param.device = "cpu"``, ``host`` given) a
+unit's shards (each part's ``local``, a fused unit's ``_fused_local``) live in host memory
+(``HostMemory``: pinned slabs when CUDA is there), in the params' dtype, and the device holds
+nothing of the unit between uses. ``start_unshard`` uploads them into device copies (from pinned
+memory, on the gather stream, so a prefetch overlaps the upload as well as the all-gather) and
+gathers from those; the copies go once the gather is waited for, the full params at ``reshard``.
+At one rank the upload is the full buffer (no collective); such a unit is then resharded like
+any other (``single`` is False: its params are no longer views of a shard that stays). The
+optimizer step writes the updated params into the host shards (host_step.py), after
+``settle_host`` has made sure no upload still reads them. The persistent unit stays on the device.
+
 [Note: persistent unit] Trainable params of fewer than ``param_persistence_threshold`` elements
 (norms, biases) leave their units for one persistent unit per dtype: never resharded, its params
 are always full; like a stage-2 bucket its grads are reduce-scattered and its updated shard is
@@ -45,6 +56,7 @@ from torch.profiler import record_function
 
 from hf_zero.engine import collectives as C
 from hf_zero.engine.layout import FlatParamBuffer
+from hf_zero.engine.offload import HostMemory
 from hf_zero.engine.streams import Streams
 from hf_zero.engine.unit_buffer import PendingGather, UnitBuffer, frozen_buffers
 from hf_zero.engine.unit_plan import UnitPlan
@@ -63,7 +75,7 @@ class ParamUnit:
 
     def __init__(self, index: int, module: nn.Module, buffer: FlatParamBuffer | None, ctx: C.CommContext,
                  root: bool, *, persistent: bool = False, streams: Streams | None = None,
-                 frozen: list[UnitBuffer] = ()):
+                 frozen: list[UnitBuffer] = (), host: HostMemory | None = None):
         self.index, self.module, self.ctx, self.root = index, module, ctx, root
         self.persistent = persistent
         trainable = [UnitBuffer(buffer, ctx, trainable=True, persistent=persistent)] if buffer is not None else []
@@ -76,19 +88,29 @@ class ParamUnit:
         self.bucket = trainable[0].bucket if trainable else None
         self.local = trainable[0].local if trainable else None
         self.numel = sum(part.numel for part in self.parts)  # full elements of all parts: the same on every rank
-        # One rank: each shard is the whole part, so the params stay views of it (nothing to gather).
-        self.single = ctx.world_size == 1
+        self.host = None if persistent else host  # [Note: host shards]; None: shards on the device
+        # One rank: each shard is the whole part, so the params stay views of it (nothing to gather),
+        # unless the shard lives on the host.
+        self.single = ctx.world_size == 1 and self.host is None
+        for part in self.parts:
+            part.single = part.single and self.single
+            part.on_host = self.host is not None
         # [Note: frozen gather]: parts of one dtype are gathered by one all-gather, their shards
         # kept back to back in one tensor (each part's ``local`` a view of it).
         self._fused = not self.single and not persistent and len(self.parts) > 1 and \
             len({part.buffer.dtype for part in self.parts}) == 1
         if self._fused:
-            self._fused_local = torch.cat([part.local for part in self.parts])
+            self._fused_local = self._new_shard([part.local for part in self.parts])
             offset = 0
             for part in self.parts:
                 part.local = self._fused_local[offset : offset + part.local.numel()]
                 offset += part.local.numel()
-            self.local = self.parts[0].local if trainable else None
+        elif self.host is not None:
+            for part in self.parts:
+                part.local = self._new_shard([part.local])
+        self.local = self.parts[0].local if trainable else None
+        self._host_reads: list = []  # parameter offload: events after the last uploads (settle_host)
+        self._uploads: list[torch.Tensor] = []  # parameter offload: device copies of the shards, in flight
         self.backward_pending = False  # set between the pre-backward hook and the unit's backward end
         self.label = unit_label(index, module, self.parts[0].buffer, root, persistent)  # names its gathers
         self._pending: list[PendingGather] | None = None
@@ -96,11 +118,29 @@ class ParamUnit:
         self.state = UnitState.UNSHARDED
         self.reshard()
 
+    def _new_shard(self, sources: list[torch.Tensor], device: torch.device | None = None) -> torch.Tensor:
+        """One tensor holding ``sources`` back to back: in host memory with parameter offload, else on
+        ``device`` (default: where the sources are). Sources on the meta device are not copied."""
+        numel, dtype = sum(t.numel() for t in sources), sources[0].dtype
+        if self.host is not None:
+            out = self.host.empty(numel, dtype)
+        else:
+            out = torch.empty(numel, dtype=dtype, device=device if device is not None else sources[0].device)
+        offset = 0
+        for t in sources:
+            if t.device.type != "meta":
+                out[offset : offset + t.numel()].copy_(t.reshape(-1))
+            offset += t.numel()
+        return out
+
     def materialize(self, device: torch.device, fill) -> None:
         """Built on the meta device (hf_zero/init): allocate and fill this rank's shards on ``device``
-        (``UnitBuffer.materialize``); the unit stays in its state, its params now on ``device``."""
+        (``UnitBuffer.materialize``; in host memory with parameter offload); the unit stays in its
+        state, its params now on ``device``."""
+        # Host shards were allocated (not filled) in __init__ already: they are filled where they are.
         if self._fused:
-            self._fused_local = torch.empty(self._fused_local.numel(), dtype=self._fused_local.dtype, device=device)
+            if self.host is None:
+                self._fused_local = self._new_shard([part.local for part in self.parts], device)
             offset = 0
             for part in self.parts:
                 n = part.local.numel()
@@ -108,7 +148,7 @@ class ParamUnit:
                 offset += n
         else:
             for part in self.parts:
-                part.materialize(device, fill)
+                part.materialize(device, fill, local=part.local if self.host is not None else None)
         self.local = self.parts[0].local if self.buffer is not None else None
         if self.state is UnitState.SHARDED:
             for part in self.parts:
@@ -122,16 +162,43 @@ class ParamUnit:
         """Idempotent: launch the all-gathers of every part ([Note: gather stream] in streams.py)."""
         if self.state is not UnitState.SHARDED:
             return
+        device = self.parts[0].buffer.device
         with record_function("hf_zero::start_unshard"):
-            with self.streams.launch_gather(self.parts[0].buffer.device) as events:
+            with self.streams.launch_gather(device) as events:
                 if self._fused:
-                    out = torch.empty(self._fused_local.numel() * self.ctx.world_size,
-                                      dtype=self._fused_local.dtype, device=self._fused_local.device)
-                    pending = [PendingGather(C.start_all_gather(self.ctx, out, self._fused_local, label=self.label), out)]
+                    shard = self._upload(self._fused_local, device)
+                    if self.ctx.world_size == 1:  # uploaded: the upload is the full tensor
+                        pending = [PendingGather(C.Handle(None, shard), shard)]
+                    else:
+                        out = torch.empty(shard.numel() * self.ctx.world_size, dtype=shard.dtype, device=device)
+                        pending = [PendingGather(C.start_all_gather(self.ctx, out, shard, label=self.label), out)]
                 else:
-                    pending = [part.start_gather(self.ctx, self.label) for part in self.parts]
+                    uploads = [self._upload(part.local, device) for part in self.parts]
+                    pending = [part.start_gather(self.ctx, self.label, shard)
+                               for part, shard in zip(self.parts, uploads)]
         self._pending, self._events = pending, events
+        if self.host is not None:
+            # The device copies live until the gathers are waited for (the collective reads them).
+            self._uploads = [shard] if self._fused else uploads
+            self._host_reads = list(events)  # recorded after the uploads, on the same stream
         self.state = UnitState.GATHERING
+
+    def _upload(self, shard: torch.Tensor, device: torch.device) -> torch.Tensor:
+        """[Note: host shards] A device copy of the host ``shard`` (a copy even where host and device
+        are both the CPU, so the host shard stays the one the optimizer writes); ``shard`` itself
+        when it lives on the device."""
+        if self.host is None:
+            return shard
+        out = torch.empty(shard.numel(), dtype=shard.dtype, device=device)
+        out.copy_(shard, non_blocking=shard.is_pinned())
+        return out
+
+    def settle_host(self) -> None:
+        """Before the CPU writes the host shards: wait until no upload still reads them. By the
+        optimizer step the device has long done them; nothing to wait for on CPU or without offload."""
+        for event in self._host_reads:
+            event.synchronize()
+        self._host_reads = []
 
     def wait_unshard(self) -> None:
         """Idempotent: the current stream waits for the gathers; every param points at its slice."""
@@ -144,6 +211,7 @@ class ParamUnit:
             for gather in pending:
                 C.wait(gather.handle)  # on CUDA: orders the current stream after the collective
             self.streams.wait_event(self._events)
+        self._uploads = []  # [Note: host shards]: freed after the wait, as the full tensors are
         fulls = [gather.full for gather in pending]
         if self._fused:  # rank r's block holds every part's shard r: copy each part's shards out
             rows, offset, fulls = pending[0].full.view(self.ctx.world_size, -1), 0, []
@@ -170,12 +238,22 @@ class ParamUnit:
             part.detach()
         self.state = UnitState.SHARDED
 
+    def host_bytes(self) -> int:
+        """Bytes of this unit's shards in host memory (parameter offload), else 0."""
+        if self.host is None:
+            return 0
+        shards = [self._fused_local] if self._fused else [part.local for part in self.parts]
+        return sum(t.numel() * t.element_size() for t in shards)
+
     def held_bytes(self) -> int:
+        """Device bytes: the full params while gathered (or in flight), the shards unless on the host,
+        and the uploaded copies of host shards while their gathers are in flight (at W > 1)."""
+        uploads = sum(t.numel() * t.element_size() for t in self._uploads) if self.ctx.world_size > 1 else 0
         if self._pending is not None and self._fused:
             out = self._pending[0].full
-            return out.numel() * out.element_size() + sum(part.held_bytes(None, False) for part in self.parts)
+            return out.numel() * out.element_size() + sum(part.held_bytes(None, False) for part in self.parts) + uploads
         fulls = [g.full for g in self._pending] if self._pending is not None else [p.buffer.data for p in self.parts]
-        return sum(part.held_bytes(full, self.persistent) for part, full in zip(self.parts, fulls))
+        return sum(part.held_bytes(full, self.persistent) for part, full in zip(self.parts, fulls)) + uploads
 
 
 def unit_label(index: int, module: nn.Module, buffer: FlatParamBuffer, root: bool, persistent: bool = False) -> str:
@@ -210,13 +288,15 @@ def output_tensors(output) -> list[torch.Tensor]:
 
 
 def make_units(model: nn.Module, plans: list[UnitPlan], buffers: list[FlatParamBuffer], ctx: C.CommContext,
-               streams: Streams) -> list[ParamUnit]:
+               streams: Streams, host: HostMemory | None = None) -> list[ParamUnit]:
     """One ParamUnit per plan; ``buffers`` are the trainable buffers of the plans that have trainable
-    params, in order. A module ``None`` is a persistent group."""
+    params, in order. A module ``None`` is a persistent group. ``host``: parameter offload, the
+    shards' host memory ([Note: host shards])."""
     trainable = iter(buffers)
     return [ParamUnit(i, plan.module if plan.module is not None else model,
                       next(trainable) if plan.trainable else None, ctx, root=plan.module is model,
-                      persistent=plan.module is None, streams=streams, frozen=frozen_buffers(plan.frozen, ctx))
+                      persistent=plan.module is None, streams=streams, frozen=frozen_buffers(plan.frozen, ctx),
+                      host=host)
             for i, plan in enumerate(plans)]
 
 

@@ -36,6 +36,7 @@ from hf_zero.init.sources import InitSource, SafetensorsSource
 # ZeroEngine option -> the config setting it comes from (what check_options names).
 _SETTINGS = {"param_dtype": "the training dtype (bf16 / fp16 / fp32)",
              "offload": "zero_optimization.offload_optimizer",
+             "offload_param": "zero_optimization.offload_param",
              "prefetch_numel": "zero_optimization.stage3_prefetch_bucket_size",
              "max_live_numel": "zero_optimization.stage3_max_live_parameters",
              "persistence_threshold": "zero_optimization.stage3_param_persistence_threshold"}

@@ -37,7 +37,7 @@ except ImportError:  # pragma: no cover - older transformers
     rotate_checkpoints = None
 
 from hf_zero.engine import ZeroEngine, ZeroModule
-from hf_zero.engine.offload import OptimizerOffload
+from hf_zero.engine.offload import OptimizerOffload, ParamOffload
 from hf_zero.engine.stages import NotAvailableYet
 from hf_zero.init import sharded_load
 from hf_zero.trainer import checkpoint
@@ -127,6 +127,7 @@ def engine_options(config, param_dtype=None) -> dict:
         bucket_numel=max(1, int(config.zero.reduce_bucket_size)),  # 0: a bucket per param
         param_dtype=None if param_dtype == "model" else _PARAM_DTYPES[config.precision.dtype],
         offload=_optimizer_offload(config),
+        offload_param=_param_offload(config),  # stage 3 only (the config refuses it below)
         prefetch_numel=int(config.zero.prefetch_bucket_size),  # stage 3 only, like the next two
         max_live_numel=int(config.zero.max_live_parameters),
         persistence_threshold=int(config.zero.param_persistence_threshold),
@@ -147,6 +148,13 @@ def _optimizer_offload(config) -> OptimizerOffload | None:
                                 chunk_numel=spec.buffer_size, nvme_path=spec.nvme_path,
                                 buffer_count=spec.buffer_count)
     return OptimizerOffload(device=spec.device, pin_memory=spec.pin_memory, ratio=spec.ratio)
+
+
+def _param_offload(config) -> ParamOffload | None:
+    """Stage 3 parameter offload; the config has checked the stage and that the optimizer is
+    offloaded too, ``check_supported`` that the device is "cpu"."""
+    spec = config.zero.offload_param
+    return None if spec.device == "none" else ParamOffload(device=spec.device, pin_memory=spec.pin_memory)
 
 
 @_seam

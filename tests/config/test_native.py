@@ -26,7 +26,8 @@ def test_example_from_the_docs():
 
 
 def test_offload_param_gets_deepspeed_buffer_count():
-    config = load_config({"hf_zero": 1, "zero": {"stage": 3, "offload_param": {"device": "cpu"}}})
+    config = load_config({"hf_zero": 1, "zero": {"stage": 3, "offload_param": {"device": "cpu"},
+                                                  "offload_optimizer": {"device": "cpu"}}})
     assert config.zero.offload_param.buffer_count == 5
 
 

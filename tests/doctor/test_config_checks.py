@@ -35,7 +35,7 @@ def test_no_config_is_skipped():
 
 
 def test_feature_not_built_fails_but_keeps_the_config(write_config, tmp_path):
-    path = write_config({"zero_optimization": {"stage": 3, "offload_param": {
+    path = write_config({"zero_optimization": {"stage": 3, "offload_optimizer": {"device": "cpu"}, "offload_param": {
         "device": "nvme", "nvme_path": str(tmp_path)}}})
     config, result = load_zero_config(path)
     assert result.status is Status.FAIL
