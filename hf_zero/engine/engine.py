@@ -2,11 +2,11 @@
 
 Construction (see [Note: vocabulary] in ``__init__``):
 1. trainable full params are packed into one ``FlatParamBuffer`` per (dtype, device);
-2. each bucket gets an fp32 master shard (a view of the buffer when the model is fp32) and an
-   fp32 main grad shard;
+2. each bucket gets an fp32 main grad shard and, with the optimizer, an fp32 master shard (a
+   view of the buffer when the model is fp32) (pieces.py);
 3. the optimizer's param groups are rewritten in place to hold one piece per full param that
    meets the local shard (so weight decay groups and every per-group setting survive), each
-   piece's ``.grad`` a view of the main grad shard;
+   piece's ``.grad`` a view of the main grad shard (pieces.py);
 4. a post-accumulate-grad hook on every full param moves its gradient into its bucket's staging
    tensor; optimizer step pre/post hooks finish the reduction and all-gather the new params.
 
@@ -18,7 +18,6 @@ so that it can evaluate and generate before training.
 
 from __future__ import annotations
 
-import warnings
 from collections import defaultdict
 
 import torch
@@ -26,10 +25,9 @@ from torch import nn
 from torch.nn.utils import get_total_norm
 from torch.utils.hooks import RemovableHandle
 
-from hf_zero.engine import accounting, full_params
+from hf_zero.engine import accounting, full_params, pieces
 from hf_zero.engine import collectives as C
 from hf_zero.engine.grad_sync import BucketState, GradBucket, GradSync
-from hf_zero.engine.host_step import HostStep
 from hf_zero.engine.layout import FlatParamBuffer
 from hf_zero.engine.materialize import materialize_units
 from hf_zero.engine.offload import HostMemory, OptimizerOffload, ParamOffload
@@ -78,7 +76,7 @@ class ZeroEngine:
         self._param_memory = HostMemory(offload_param.pin_memory) if offload_param is not None else None
         self.ctx = C.CommContext(group)
         if optimizer is not None:
-            _check_optimizer(optimizer)
+            pieces.check_optimizer(optimizer)
         # Stage 3 only: a ``materialize.ParamSource`` fills the local shards of a model whose params
         # are on the meta device (hf_zero/init), so no rank ever holds the full model.
         self._source = source
@@ -117,10 +115,10 @@ class ZeroEngine:
         """Take the optimizer of an engine built without one: its groups are rewritten into pieces."""
         if self.optimizer is not None:
             raise ValueError("this ZeroEngine has an optimizer already")
-        _check_optimizer(optimizer)
+        pieces.check_optimizer(optimizer)
         self.optimizer = optimizer
         self._groups_full = [list(g["params"]) for g in optimizer.param_groups]
-        self._build_masters()
+        pieces.build_masters(self)
         self._hook_optimizer()
 
     def _hook_optimizer(self) -> None:
@@ -185,35 +183,7 @@ class ZeroEngine:
             self._host_step.close()  # a re-layout: the old swap files go before the new ones are sized
         self._host_step = None
         if self.optimizer is not None:
-            self._build_masters()
-
-    def _build_masters(self) -> None:
-        """fp32 master shards (on the host for offloaded buckets), the optimizer's pieces, and the
-        optimizer pointed at them."""
-        grad_buckets = self.grad_sync.buckets
-        # Buckets whose master, optimizer state and step live on the host (offload.py).
-        sizes = [gb.bucket.shard_size for gb in grad_buckets]
-        self._offloaded = self.offload.offloaded(sizes) if self.offload else [False] * len(sizes)
-        if any(self._offloaded):
-            self._host_memory = HostMemory(self.offload.pin_memory)
-            self._host_step = HostStep(self._offloaded, sizes, grad_buckets[0].buffer.device,
-                                       self._host_memory, self.streams, self.offload.chunk_numel,
-                                       offload=self.offload, ctx=self.ctx, optimizer=self.optimizer)
-            self.grad_sync.on_reduced = self._on_reduced
-        for i, gb in enumerate(grad_buckets):
-            shard = self._bucket_units[i].local if self.units else gb.buffer.view(gb.bucket.shard)
-            if self._offloaded[i]:
-                master = self._host_step.master(i, shard.detach())
-            elif self.units and self._bucket_units[i].host is not None:  # a host shard, a device optimizer
-                master = shard.detach().to(gb.buffer.device, torch.float32, copy=True)
-            else:
-                master = shard if shard.dtype == torch.float32 else shard.detach().float()
-            self.masters.append(master)
-            for slot_index, local in gb.buffer.pieces(gb.bucket):
-                piece = nn.Parameter(master[local.start : local.end], requires_grad=True)
-                self._pieces[gb.buffer.params[slot_index]] = piece
-                self._piece_grads.append((piece, gb, local, gb.buffer.params[slot_index]))
-        self._rewrite_optimizer()
+            pieces.build_masters(self)
 
     # ---- stage 3 units ------------------------------------------------------------------------
 
@@ -232,38 +202,6 @@ class ZeroEngine:
     def full_state_dict(self, *, to_cpu_on: int | None = 0) -> dict[str, torch.Tensor] | None:
         """The model's state dict with full values, gathered unit by unit (full_params.py)."""
         return full_params.full_state_dict(self, to_cpu_on=to_cpu_on)
-
-    # ---- optimizer wiring -------------------------------------------------------------------
-
-    def _rewrite_optimizer(self) -> None:
-        seen = set()
-        model_params = {id(q) for q in self.model.parameters()}
-        for group, full_params in zip(self.optimizer.param_groups, self._groups_full):
-            pieces = []
-            for p in full_params:
-                if not p.requires_grad and id(p) in model_params:
-                    continue  # frozen: it never gets a gradient, so the optimizer never moves it
-                if p not in self._where:
-                    raise ValueError(
-                        f"the optimizer holds a parameter of shape {tuple(p.shape)} that is not a trainable "
-                        "parameter of the model; hf_zero can only shard the model's own parameters"
-                    )
-                seen.add(p)
-                if p in self._pieces:
-                    pieces.append(self._pieces[p])
-            group["params"] = pieces
-        missing = [p for p in self._where if p not in seen]
-        if missing:
-            # Trainable params the optimizer does not update: their gradients are still reduced
-            # (they may feed clipping), but they get no optimizer state.
-            for p in missing:
-                piece = self._pieces.pop(p, None)
-                self._piece_grads = [t for t in self._piece_grads if t[0] is not piece]
-        if not any(g["params"] for g in self.optimizer.param_groups):
-            # This rank's shards hold only padding: give the optimizer an empty tensor to step.
-            empty = nn.Parameter(torch.zeros(0, device=self.buffers[0].device))
-            empty.grad = torch.zeros(0, device=self.buffers[0].device)
-            self.optimizer.param_groups[0]["params"] = [empty]
 
     # ---- gradient path ----------------------------------------------------------------------
 
@@ -525,18 +463,6 @@ class ZeroEngine:
             h.remove()
         self._hooks.clear()
         self._grad_hooks.clear()
-
-
-def _check_optimizer(optimizer: torch.optim.Optimizer) -> None:
-    if optimizer.state:
-        raise ValueError("ZeroEngine needs an optimizer that has not stepped yet (its state is not empty)")
-    if type(optimizer).__name__ == "Adafactor":
-        warnings.warn(
-            "Adafactor under hf_zero steps on flat pieces of each param (1-D), so it keeps unfactored "
-            "second moments: a different (more memory-hungry) update than Adafactor on whole matrices",
-            UserWarning,
-            stacklevel=3,
-        )
 
 
 def _by_device(tensors: list[torch.Tensor]) -> list[list[torch.Tensor]]:

@@ -109,17 +109,25 @@ def test_host_step_chunks_follow_bucket_order_and_skip_device_buckets():
     assert HostStep([False, True], [10, 10], torch.device("cpu"), HostMemory(False), Streams.for_device("cpu"), 5000).chunks == [[1]]
 
 
-def test_host_memory_carves_pinned_slabs_without_power_of_two_waste(monkeypatch):
+@pytest.fixture
+def pinned_slabs(monkeypatch):
+    """A HostMemory that carves "pinned" slabs as on a CUDA machine, and the slabs it made
+    (numel, pinned): torch.empty is a CPU stand-in."""
     made = []
 
-    def fake_empty(*shape, dtype=None, pin_memory=False, **kw):  # CPU stand-in for pinned slabs
+    def fake_empty(*shape, dtype=None, pin_memory=False, **kw):
         t = torch.zeros(*shape, dtype=dtype)
         made.append((t.numel(), pin_memory))
         return t
 
     memory = HostMemory(True)
-    memory.pin = True  # as on a CUDA machine
+    memory.pin = True
     monkeypatch.setattr(torch, "empty", fake_empty)
+    return memory, made
+
+
+def test_host_memory_carves_pinned_slabs_without_power_of_two_waste(pinned_slabs):
+    memory, made = pinned_slabs
     a = memory.empty(3 * (1 << 24))  # 192 MiB: fits the first 256 MiB slab
     b = memory.empty(1 << 23)  # 32 MiB: the same slab's tail
     c = memory.empty(100 * (1 << 20))  # 400 MiB: a slab of its own, rounded to 512 MiB
@@ -130,3 +138,14 @@ def test_host_memory_carves_pinned_slabs_without_power_of_two_waste(monkeypatch)
     assert a.untyped_storage().data_ptr() == b.untyped_storage().data_ptr() == d.untyped_storage().data_ptr()
     a.fill_(1.0)
     assert b.sum() == 0 and d.sum() == 0  # views do not overlap
+
+
+def test_host_memory_carves_param_dtypes_from_pinned_slabs(pinned_slabs):
+    memory, made = pinned_slabs
+    a = memory.empty(1000, torch.bfloat16)  # 2000 bytes, 2048 with alignment
+    b = memory.empty(10)  # fp32 right after
+    assert made == [(1 << 28, True)]
+    assert (a.dtype, a.numel(), b.dtype, b.numel()) == (torch.bfloat16, 1000, torch.float32, 10)
+    assert b.data_ptr() - a.data_ptr() == 2048
+    a.fill_(1.0)
+    assert b.sum() == 0

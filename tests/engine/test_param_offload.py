@@ -205,25 +205,3 @@ def test_sharded_load_fills_host_shards():
     for same_logits, differ, params, host, all_on_host in run_on_ranks(_sharded_load, 2, timeout=240):
         assert same_logits and differ == []
         assert params == 0 and host > 0 and all_on_host
-
-
-def test_host_memory_carves_param_dtypes_from_pinned_slabs(monkeypatch):
-    from hf_zero.engine.offload import HostMemory
-
-    made = []
-
-    def fake_empty(*shape, dtype=None, pin_memory=False, **kw):  # CPU stand-in for pinned slabs
-        t = torch.zeros(*shape, dtype=dtype)
-        made.append((t.numel(), pin_memory))
-        return t
-
-    memory = HostMemory(True)
-    memory.pin = True  # as on a CUDA machine
-    monkeypatch.setattr(torch, "empty", fake_empty)
-    a = memory.empty(1000, torch.bfloat16)  # 2000 bytes, 2048 with alignment
-    b = memory.empty(10)  # fp32 right after
-    assert made == [(1 << 28, True)]
-    assert (a.dtype, a.numel(), b.dtype, b.numel()) == (torch.bfloat16, 1000, torch.float32, 10)
-    assert b.data_ptr() - a.data_ptr() == 2048
-    a.fill_(1.0)
-    assert b.sum() == 0

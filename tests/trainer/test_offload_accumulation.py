@@ -8,22 +8,17 @@ copies filled a 125 GiB host)."""
 from __future__ import annotations
 
 import pytest
-import torch
-from transformers import AutoModelForCausalLM, LlamaConfig, Trainer, TrainingArguments
+from transformers import Trainer, TrainingArguments
 
 from hf_zero.testing.multiprocess import run_on_ranks
+from tests.trainer import tiny
 
 
 def _run(rank, world, out, offload):
     import hf_zero.trainer as zt
     from hf_zero.trainer import session as S
 
-    torch.manual_seed(0)
-    cfg = LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                      num_attention_heads=4, num_key_value_heads=2)
-    model = AutoModelForCausalLM.from_config(cfg)
-    g = torch.Generator().manual_seed(3)
-    data = [{"input_ids": i, "labels": i} for i in torch.randint(0, 64, (48, 12), generator=g)]
+    model, data = tiny.offload_job()
     args = TrainingArguments(output_dir=str(out), use_cpu=True, report_to="none", max_steps=3, save_strategy="no",
                              per_device_train_batch_size=2, gradient_accumulation_steps=4, learning_rate=1e-2,
                              max_grad_norm=0.5, logging_steps=1, disable_tqdm=True, seed=0)

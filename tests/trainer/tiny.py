@@ -42,6 +42,18 @@ def llama(seed: int = 0, *, hidden: int = 16, layers: int = 2) -> torch.nn.Modul
     return AutoModelForCausalLM.from_config(cfg, attn_implementation="eager").float()
 
 
+def offload_job() -> tuple[torch.nn.Module, list[dict]]:
+    """The offload and resume tests' job: a 2-layer Llama (hidden 32, seed 0) and 48 rows of 12
+    random tokens (seed 3)."""
+    torch.manual_seed(0)
+    cfg = LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2)
+    model = AutoModelForCausalLM.from_config(cfg)
+    g = torch.Generator().manual_seed(3)
+    data = [{"input_ids": i, "labels": i} for i in torch.randint(0, 64, (48, 12), generator=g)]
+    return model, data
+
+
 def t5(seed: int = 0) -> torch.nn.Module:
     torch.manual_seed(seed)
     cfg = T5Config(vocab_size=VOCAB, d_model=16, d_ff=32, num_layers=1, num_heads=2, d_kv=8,
