@@ -194,10 +194,11 @@ class ZeroEngine:
         self._unit_plans = plan_units(self.model, named, frozen, self.persistence_threshold, self.param_dtype)
         return [plan.trainable for plan in self._unit_plans if plan.trainable]
 
-    def gathered(self, modifier_rank: int | None = None):
-        """Context manager: inside, every param holds its full value; with ``modifier_rank`` that
-        rank's edits are kept (full_params.py). Call it on every rank (it communicates)."""
-        return full_params.gathered(self, modifier_rank)
+    def gathered(self, modifier_rank: int | None = None, *, params=None):
+        """Context manager: inside, every param (or those in ``params``) holds its full value; with
+        ``modifier_rank`` that rank's edits are kept (full_params.py). Call it on every rank (it
+        communicates)."""
+        return full_params.gathered(self, modifier_rank, params)
 
     def full_state_dict(self, *, to_cpu_on: int | None = 0) -> dict[str, torch.Tensor] | None:
         """The model's state dict with full values, gathered unit by unit (full_params.py)."""

@@ -15,24 +15,35 @@ from hf_zero.engine.units import UnitState
 
 
 @contextlib.contextmanager
-def gathered(engine, modifier_rank: int | None = None):
-    """Inside: every param holds its full value (stage 3 gathers all units, frozen params too).
+def gathered(engine, modifier_rank: int | None = None, params=None):
+    """Inside: every param (or those in ``params``) holds its full value; stage 3 gathers their
+    units, frozen params too (DeepSpeed's ``GatheredParameters``).
 
     With ``modifier_rank``, edits that rank makes to the params inside are kept: its values are
     broadcast to every rank and written back into the shards (and fp32 master shards) on exit.
-    Without it, edits are discarded at stage 3. Call it on every rank (it communicates).
+    Without it, edits are discarded at stage 3. Call it on every rank with the same ``params``
+    (it communicates).
     """
-    was_sharded = [u.state is UnitState.SHARDED for u in engine.units]
-    for unit in engine.units:
+    units = _units_of(engine, params)
+    was_sharded = [u.state is UnitState.SHARDED for u in units]
+    for unit in units:
         unit.unshard()
     try:
         yield
     finally:
         if modifier_rank is not None:
-            _write_back(engine, modifier_rank)
-        for unit, sharded in zip(engine.units, was_sharded):
+            _write_back(engine, modifier_rank, units)
+        for unit, sharded in zip(units, was_sharded):
             if sharded:
                 unit.reshard()
+
+
+def _units_of(engine, params) -> list:
+    """The units holding any of ``params`` (None: all). A param in no unit is whole already."""
+    if params is None:
+        return list(engine.units)
+    wanted = {id(p) for p in ([params] if isinstance(params, torch.Tensor) else params)}
+    return [u for u in engine.units if any(id(p) in wanted for p in u.params())]
 
 
 @torch.no_grad()
@@ -59,8 +70,13 @@ def full_state_dict(engine, *, to_cpu_on: int | None = 0) -> dict[str, torch.Ten
 
 
 @torch.no_grad()
-def _write_back(engine, src: int) -> None:
+def _write_back(engine, src: int, units: list) -> None:
+    """``src``'s values of the gathered params (of ``units`` at stage 3) into every rank's shards
+    and fp32 masters (none yet before the optimizer comes: hf_zero/init)."""
+    chosen = {id(u) for u in units}
     for i, gb in enumerate(engine.grad_sync.buckets):
+        if engine.units and id(engine._bucket_units[i]) not in chosen:
+            continue  # not gathered: nothing was edited
         full = gb.buffer.view(gb.bucket.range)
         if engine.ctx.world_size > 1:
             torch.distributed.broadcast(full, src=torch.distributed.get_global_rank(engine.ctx.group, src)
@@ -68,9 +84,9 @@ def _write_back(engine, src: int) -> None:
         shard = engine._bucket_units[i].local if engine.units else gb.buffer.view(gb.bucket.shard)
         if engine.units:
             shard.copy_(gb.buffer.view(gb.bucket.shard))
-        if engine.masters[i].data_ptr() != shard.data_ptr():
+        if i < len(engine.masters) and engine.masters[i].data_ptr() != shard.data_ptr():
             engine.masters[i].copy_(shard)
-    for unit in engine.units:  # stage 3: frozen params, gathered by the caller (gathered())
+    for unit in units:  # stage 3: frozen params, gathered by the caller (gathered())
         for part in unit.frozen:
             if engine.ctx.world_size > 1:
                 torch.distributed.broadcast(part.buffer.data, src=torch.distributed.get_global_rank(

@@ -240,3 +240,36 @@ def test_peak_host_rss_is_a_shard(tmp_path):
         assert out["peak"] <= model_bytes / world + largest + 2**30, out
         assert out["peak"] - out["base"] <= model_bytes / world + 64 * 2**20, (out, model_bytes)
         assert out["held"] <= model_bytes / world + 2**20, out
+
+
+# ---- gathering given params ------------------------------------------------------------------
+
+
+def _gather_some(rank, world, path):
+    import hf_zero.init as zi
+    from hf_zero.engine.units import UnitState
+
+    model = zi.from_pretrained(path, zero_config=ZERO3)
+    engine = zi.engine_of(model)
+    target = model.model.layers[0].mlp.up_proj.weight
+    with torch.no_grad(), engine.gathered(modifier_rank=0, params=[target]):  # no optimizer yet: no masters
+        full_shape = tuple(target.shape)
+        states = sorted(u.state.name for u in engine.units)
+        if rank == 0:
+            target.fill_(0.5)
+        else:
+            target.fill_(-1.0)  # discarded: rank 0 is the modifier
+    state = engine.full_state_dict(to_cpu_on=None)
+    ref = AutoModelForCausalLM.from_pretrained(path).state_dict()
+    others = [k for k in state if k != "model.layers.0.mlp.up_proj.weight" and not torch.equal(state[k], ref[k])]
+    return {"shape": full_shape, "states": states, "edited": bool((state["model.layers.0.mlp.up_proj.weight"] == 0.5).all()),
+            "others_changed": others, "after": sorted({u.state.name for u in engine.units})}
+
+
+def test_gathered_given_params_keeps_the_modifier_ranks_edits_before_any_optimizer(tmp_path):
+    path = _llama_dir(str(tmp_path), tied=False)
+    for out in run_on_ranks(_gather_some, 2, path):
+        assert out["shape"] == (32, 16)
+        assert out["states"].count("UNSHARDED") == 1 and "SHARDED" in out["states"]  # only its unit
+        assert out["edited"] and out["others_changed"] == []
+        assert out["after"] == ["SHARDED"]
