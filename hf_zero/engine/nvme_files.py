@@ -188,13 +188,22 @@ def _remove_dir(pool: ThreadPoolExecutor, files: dict[str, SwapFile], path: str)
     _remove_ours(path)
 
 
-def _pread(fd: int, memory: memoryview, offset: int, where: str) -> None:
+def read_exactly(fd: int, memory: memoryview, offset: int) -> int:
+    """Fill ``memory`` from the file's bytes at ``offset`` (``preadv`` until done, no mapping);
+    returns the bytes read, fewer than ``len(memory)`` only where the file ends first."""
     done = 0
     while done < len(memory):
         n = os.preadv(fd, [memory[done:]], offset + done)
-        if n == 0:
-            raise OSError(f"swap file in {where} ended at byte {offset + done}: it was truncated while training")
+        if n <= 0:
+            break
         done += n
+    return done
+
+
+def _pread(fd: int, memory: memoryview, offset: int, where: str) -> None:
+    done = read_exactly(fd, memory, offset)
+    if done < len(memory):
+        raise OSError(f"swap file in {where} ended at byte {offset + done}: it was truncated while training")
 
 
 def _pwrite(fd: int, memory: memoryview, offset: int, where: str) -> None:

@@ -33,7 +33,7 @@ from torch import nn
 from hf_zero.engine import ZeroEngine
 from hf_zero.init.sources import InitSource, SafetensorsSource
 
-# ZeroEngine option -> the config setting it comes from (what check_options names).
+# ZeroEngine option (and attribute) -> the config setting it comes from (what check_options names).
 _SETTINGS = {"param_dtype": "the training dtype (bf16 / fp16 / fp32)",
              "offload": "zero_optimization.offload_optimizer",
              "offload_param": "zero_optimization.offload_param",
@@ -41,7 +41,6 @@ _SETTINGS = {"param_dtype": "the training dtype (bf16 / fp16 / fp32)",
              "max_live_numel": "zero_optimization.stage3_max_live_parameters",
              "persistence_threshold": "zero_optimization.stage3_param_persistence_threshold"}
 _ENGINES: "weakref.WeakValueDictionary[int, ZeroEngine]" = weakref.WeakValueDictionary()
-_OPTIONS: dict[int, dict] = {}
 
 
 def from_pretrained(path: str, *, zero_config=None, dtype=None, model_class=None, device=None, config=None,
@@ -89,14 +88,14 @@ def engine_of(model: nn.Module) -> ZeroEngine | None:
 
 def check_options(model: nn.Module, options: dict) -> None:
     """Refuse a Trainer whose resolved config shards differently from how ``model`` was loaded."""
-    loaded = _OPTIONS[id(model)]
+    engine = engine_of(model)
     if options["stage"] != 3:
         raise ValueError(f"the model was loaded sharded for ZeRO stage 3 (hf_zero.init), but the Trainer runs "
                          f"zero_optimization.stage = {options['stage']}: use stage 3, or load it with from_pretrained")
-    model_dtype = next(iter(loaded["_dtypes"]), None)
+    model_dtype = next(iter({p.dtype for p in model.parameters()}), None)
     differ = []
     for key, setting in _SETTINGS.items():
-        at_load, now = loaded[key], options[key]
+        at_load, now = getattr(engine, key), options[key]  # the engine keeps each option as it was given
         if key == "param_dtype":
             at_load, now = at_load or model_dtype, now or model_dtype
         if at_load != now:
@@ -134,17 +133,13 @@ def _shard(model: nn.Module, zero_config, device, make_source) -> ZeroEngine:
     _init_distributed()
     device = torch.device(device) if device is not None else _default_device()
     source = make_source(device)
-    from hf_zero.trainer.seams import engine_options
-
     from hf_zero.config.auto import is_auto
+    from hf_zero.trainer.seams import engine_options
 
     options = engine_options(config, param_dtype="model" if is_auto(config.precision.dtype) else None)
     engine = ZeroEngine(model, None, source=source, **options)
     _fill_leftovers(model, source, device)
     _ENGINES[id(model)] = engine
-    options["_dtypes"] = {p.dtype for p in model.parameters()}
-    _OPTIONS[id(model)] = options
-    weakref.finalize(engine, _OPTIONS.pop, id(model), None)
     if engine.ctx.world_size > 1:
         from hf_zero.trainer.generation import sync_generate
 

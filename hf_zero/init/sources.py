@@ -25,6 +25,8 @@ from typing import NamedTuple
 import torch
 from torch import nn
 
+from hf_zero.engine.nvme_files import read_exactly
+
 
 INDEX_NAME, SINGLE_NAME = "model.safetensors.index.json", "model.safetensors"
 STAGING_BYTES = 64 << 20  # each pinned staging buffer of a load onto the GPU
@@ -177,12 +179,8 @@ def _pread_into(fd: int, dest: torch.Tensor, offset: int, path: str) -> None:
     """Fill ``dest`` (contiguous, CPU) with the file's bytes from ``offset``: straight into its
     memory, through the page cache, no mapping (mapped pages would count in the RSS)."""
     view = memoryview(dest.view(torch.uint8).numpy()) if dest.numel() else memoryview(b"")
-    done = 0
-    while done < len(view):
-        n = os.preadv(fd, [view[done:]], offset + done)
-        if n <= 0:
-            raise ValueError(f"{path}: ends before byte {offset + len(view)} (cut short?)")
-        done += n
+    if read_exactly(fd, view, offset) < len(view):
+        raise ValueError(f"{path}: ends before byte {offset + len(view)} (cut short?)")
 
 
 class InitSource:
