@@ -89,6 +89,7 @@ class ZeroEngine:
         self.streams = Streams.for_device(device)
         # The optimizer's groups as the user built them, in full params; rewritten into pieces.
         self._groups_full = [list(g["params"]) for g in optimizer.param_groups] if optimizer is not None else None
+        self._step_in_backward = False  # set_step_in_backward
         self._build(named)
         # Until the first backward has shown the order in which gradients arrive, the layout
         # follows registration order; see _on_backward_end. One rank has nothing to overlap.
@@ -234,6 +235,8 @@ class ZeroEngine:
         if self._arrival is not None:
             self._relayout_by_arrival()
         self.grad_sync.on_backward_end()
+        if self._host_step is not None and self._host_step.early and self._at_boundary():
+            self.grad_sync.finish()  # the last buckets go down (and their chunks to the worker) now
 
     def _relayout_by_arrival(self) -> None:
         """After the first backward: re-pack buffers so buckets follow gradient arrival order.
@@ -283,11 +286,13 @@ class ZeroEngine:
         self._point_pieces_at(self._grad_shards())
 
     def _point_pieces_at(self, shards: list[torch.Tensor]) -> None:
-        """Each piece's grad: its slice of the bucket's grad shard. Offloaded pieces live on the
-        host, so they get theirs only once the host step has brought the grads down."""
+        """Each piece's grad: its slice of the bucket's grad shard. Offloaded pieces are left
+        alone: the host step sets theirs as it steps them (maybe on its worker, right now)."""
         for piece, gb, local, param in self._piece_grads:
             i = self._bucket_index[id(gb)]
-            if param in self._unused or (self._offloaded[i] and not self._grads_on_host):
+            if self._offloaded[i]:
+                continue
+            if param in self._unused:
                 piece.grad = None
             else:
                 piece.grad = shards[i][local.start : local.end]
@@ -297,28 +302,30 @@ class ZeroEngine:
 
         The host step (host_step.py) moves the clipped grads of offloaded buckets down, steps
         them chunk by chunk with the user's optimizer class and uploads the new params (or, with
-        parameter offload, writes them into the host shards); their pieces then get no grad, so
-        the user's own step only updates the device buckets."""
+        parameter offload, writes them into the host shards), or waits for the worker that did so
+        during backward ([Note: step in backward]); the user's own step then only updates the
+        device buckets."""
         self.finish_grad_sync()
         if self._host_step is None or self._grads_on_host:
             return
-        buckets = self.grad_sync.buckets
         self._flush_offloaded()
         self._grads_on_host = True
-        shards = self._grad_shards()
-        self._point_pieces_at(shards)
-        pieces_of = defaultdict(list)
-        for piece, gb, _, _ in self._piece_grads:
-            pieces_of[self._bucket_index[id(gb)]].append(piece)
-        params = [self._bucket_units[i].local if self.units else gb.buffer.view(gb.bucket.shard) for i, gb in enumerate(buckets)]
-        for unit in self._bucket_units:
-            unit.settle_host()  # parameter offload: the host step writes host shards
-        on_device = [p for i, ps in pieces_of.items() if not self._offloaded[i] for p in ps]
+        on_device = [piece for piece, gb, _, _ in self._piece_grads if not self._offloaded[self._bucket_index[id(gb)]]]
         # Device buckets first (ratio < 1): their kernels are queued at once and run on the GPU
         # while the host steps the rest.
-        self._host_step.run(self.optimizer, pieces_of, self.masters, params, on_device)
+        self._host_step.run(self.optimizer, on_device, self._unused)
         for piece, *_ in self._piece_grads:
             piece.grad = None  # stepped already: the user's own step has nothing left to do
+
+    def _param_shard(self, i: int) -> torch.Tensor:
+        """Bucket ``i``'s local param shard (stage 3: its unit's, maybe a host shard)."""
+        gb = self.grad_sync.buckets[i]
+        return self._bucket_units[i].local if self.units else gb.buffer.view(gb.bucket.shard)
+
+    def _settle_param_shard(self, i: int) -> None:
+        """Before the host step writes bucket ``i``'s host param shard: no upload reads it any more."""
+        if self.units:
+            self._bucket_units[i].settle_host()
 
     def _flush_offloaded(self) -> None:
         """Send down what backward did not: every offloaded bucket's grad is then wholly on the host."""
@@ -331,7 +338,7 @@ class ZeroEngine:
         its main grad goes to the host now, while backward goes on, and leaves the device."""
         i = self._bucket_index[id(gb)]
         if boundary is None:
-            boundary = self._boundary_source() if self._boundary_source is not None else self._boundary
+            boundary = self._at_boundary()
             # Once a bucket was reduced again after it went down (a loop that accumulates without
             # telling us), grads wait on the device until the step: one host copy each, no extras.
             boundary = boundary and not self._host_step.accumulating
@@ -339,6 +346,36 @@ class ZeroEngine:
             return
         self._host_step.download(i, gb.main_grad)
         gb.main_grad, gb.main_on_host = None, True
+        if self._host_step.early:
+            self._host_step.ready(i, self._unused_in(gb))
+
+    def _at_boundary(self) -> bool:
+        """Whether the current backward ends a gradient accumulation."""
+        return self._boundary_source() if self._boundary_source is not None else self._boundary
+
+    def _unused_in(self, gb: GradBucket):
+        """[Note: step in backward]: a callable giving the params of bucket ``gb`` that got no
+        gradient on any rank, final now that the bucket is reduced (at W > 1 its flags are
+        all-reduced now, in bucket order on every rank, and waited for when first asked)."""
+        params = [gb.buffer.params[s] for s in gb.bucket.slots]
+        flags = torch.tensor([p in self._used for p in params], dtype=torch.int32, device=gb.buffer.device)
+        handle = C.start_all_reduce(self.ctx, flags, label=f"used-param flags of bucket {self._bucket_index[id(gb)]}")
+        done: list[set] = []
+
+        def unused() -> set:
+            if not done:
+                done.append({p for p, u in zip(params, C.wait(handle).tolist()) if u == 0})
+            return done[0]
+
+        return unused
+
+    def set_step_in_backward(self, enabled: bool) -> None:
+        """Let the host step of offloaded buckets run during backward ([Note: step in backward] in
+        host_step.py): only for runs that never clip (the Trainer: ``max_grad_norm`` 0), since the
+        global norm is known only after backward. Nothing changes without optimizer offload."""
+        self._step_in_backward = enabled
+        if self._host_step is not None:
+            self._host_step.early = enabled
 
     def _grad_shards(self) -> list[torch.Tensor]:
         """Each bucket's reduced grad shard this step, where it is now (device, or host if offloaded)."""
@@ -373,6 +410,11 @@ class ZeroEngine:
 
     def clip_grad_norm_(self, max_norm: float) -> torch.Tensor:
         """Scale the main grads so their global norm is at most ``max_norm``; return the norm before."""
+        if self._host_step is not None and self._host_step.early and max_norm != float("inf"):
+            raise RuntimeError(
+                f"clip_grad_norm_({max_norm}): the optimizer step of offloaded buckets ran during backward "
+                "(ZeroEngine.set_step_in_backward(True), which the Trainer sets when max_grad_norm is 0), so "
+                "their gradients can no longer be clipped; set_step_in_backward(False) to clip")
         total = self.grad_norm()
         if max_norm != float("inf"):
             coef = torch.clamp(max_norm / (total + 1e-6), max=1.0)  # as torch's clip_grad_norm_

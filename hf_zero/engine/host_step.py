@@ -25,6 +25,21 @@ down, step everything, copy every param up. Here:
 so a step costs about the host optimizer's own time plus one chunk's upload. The compute stream
 waits for the uploads (``wait_uploads``) before anything reads the params.
 
+[Note: step in backward] Without clipping nothing waits for the global norm, so a chunk can be
+stepped as soon as its grads are on the host (``early``, ZeroEngine.set_step_in_backward): a
+worker thread steps the chunks in order while backward goes on, and the optimizer step only
+waits for it:
+
+    backward:    [grads b0][grads b1] ...      [grads bN]
+    d2h stream:     [b0]      [b1]     ...        [bN]
+    CPU worker:         [step c0]     [step c1] ...    [step cK]
+    h2d stream:                 [params c0]    [params c1]    [cK]
+
+A bucket's grads are all in once it is reduced, so backward reads none of its params again and
+its update may land at once. Which params got no gradient on any rank (the optimizer leaves them
+alone, as under DDP) is known per bucket: its flags are all-reduced with its download at W > 1
+(``unused``). Clipping after an early step is refused (ZeroEngine.clip_grad_norm_).
+
 With parameter offload (stage 3, [Note: host shards] in units.py) a bucket's param shard lives on
 the host: its updated masters are cast into it on the CPU right after its chunk's step, and
 nothing goes up now; the unit's next use uploads the shard.
@@ -44,6 +59,9 @@ from __future__ import annotations
 
 import collections
 import contextlib
+import os
+from concurrent.futures import Future, ThreadPoolExecutor
+from typing import Callable
 
 import torch
 from torch.nn.utils import get_total_norm
@@ -92,10 +110,30 @@ class HostStep:
         self.max_in_flight_bytes = 4 * chunk_numel  # one chunk of fp32 grads
         self._uploads: list = []
         self._scratch: list[torch.Tensor] = []  # device fp32, two chunk-sized, for the upload casts
+        # What the step reads and writes, from the engine (``bind``): per bucket its pieces
+        # (piece, range in the bucket's shard, full param), its param shard, and a before-write wait.
+        self.masters: list[torch.Tensor] = []
+        self._pieces: dict[int, list] = {}
+        self._shard_of: Callable[[int], torch.Tensor] | None = None
+        self._settle_params: Callable[[int], None] = lambda i: None
+        # [Note: step in backward]: chunks stepped by a worker as their grads land.
+        self.early = False
+        self._worker: ThreadPoolExecutor | None = None
+        self._unused: dict[int, Callable[[], set]] = {}  # bucket -> its params without a gradient anywhere
+        self._submitted: list[Future] = []  # one per chunk handed to the worker this step
+        self._optimizer: torch.optim.Optimizer | None = None
 
     def master(self, i: int, shard: torch.Tensor) -> torch.Tensor:
         """Bucket ``i``'s fp32 master, initialised from ``shard``, where the tier keeps it."""
         return self.tier.master(i, shard)
+
+    def bind(self, optimizer: torch.optim.Optimizer, masters: list[torch.Tensor], pieces: dict[int, list],
+             shard_of: Callable[[int], torch.Tensor], settle_params: Callable[[int], None]) -> None:
+        """What the step works on: ``pieces[i]`` is bucket ``i``'s (piece, range, full param) list,
+        ``shard_of(i)`` its param shard (written with the new params), ``settle_params(i)`` waits
+        until nothing reads that shard any more (parameter offload, before the CPU writes it)."""
+        self._optimizer, self.masters, self._pieces = optimizer, masters, pieces
+        self._shard_of, self._settle_params = shard_of, settle_params
 
     # ---- grads down ----------------------------------------------------------------------------
 
@@ -112,6 +150,11 @@ class HostStep:
         if d2h is not None:
             d2h.wait_stream(torch.cuda.current_stream(self.device))  # after the reduction landed
         first = i not in self._ready
+        if not first and self.early:
+            raise RuntimeError(
+                f"bucket {i} got gradients again after its optimizer step ran in backward "
+                "(ZeroEngine.set_step_in_backward): gradients were accumulated without telling the engine "
+                "which backward ends the accumulation (set_boundary_source, or ZeroModule.no_sync)")
         if first and i not in self.host_grads:
             self.host_grads[i] = self.memory.empty(grad.numel())
         target = self.host_grads[i] if first else torch.empty(grad.numel())  # rare: not worth pinning
@@ -156,13 +199,32 @@ class HostStep:
 
     # ---- the step ------------------------------------------------------------------------------
 
-    def run(self, optimizer: torch.optim.Optimizer, pieces_of: dict[int, list], masters: list[torch.Tensor],
-            shards: list[torch.Tensor], device_pieces: list) -> None:
+    def ready(self, i: int, unused: Callable[[], set]) -> None:
+        """[Note: step in backward]: bucket ``i``'s grads went down at the end of an accumulation;
+        ``unused()`` gives its params that got no gradient on any rank. Hands every chunk whose
+        buckets are all down to the worker, in chunk order."""
+        self._unused[i] = unused
+        while len(self._submitted) < len(self.chunks):
+            c = len(self._submitted)
+            if not all(j in self._unused for j in self.chunks[c]):
+                return
+            if c == 0:
+                self.tier.begin(self._optimizer, self._pieces_of())
+            if self._worker is None:
+                self._worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="hf_zero-host-step")
+                if self.streams.h2d is not None:  # the GPU's feeder thread keeps a core of its own
+                    self._worker.submit(torch.set_num_threads, max(1, (os.cpu_count() or 2) - 1)).result()
+            events = [e for j in self.chunks[c] for e in self._ready[j]]
+            view = _chunk_view(self._optimizer)
+            self._submitted.append(self._worker.submit(self._step_chunk, c, view, None, events))
+
+    def run(self, optimizer: torch.optim.Optimizer, device_pieces: list, unused: set) -> None:
         """Step ``device_pieces`` (queued on the device), then each offloaded chunk on the host as
-        its grads land, uploading its masters into ``shards``."""
+        its grads land, uploading its masters into the param shards; pieces of params in ``unused``
+        (no gradient on any rank) get none. Early (a worker stepped the chunks during backward):
+        only waits for the worker."""
         view = _chunk_view(optimizer)
-        h2d = self.streams.h2d
-        self._uploads = []
+        self._uploads = [] if not self.early else self._uploads
         scale = None if self.scale is None else float(self.scale)
         if scale is not None and scale != 1.0:
             if _scales_grads_itself(optimizer):
@@ -174,34 +236,75 @@ class HostStep:
         if device_pieces:
             view_dev = _chunk_view(optimizer)  # without grad_scale: these grads were clipped already
             _step_on(view_dev, optimizer, device_pieces)
-        self.tier.begin(optimizer, pieces_of)
+        if self.early:
+            try:
+                for future in self._submitted:
+                    future.result()  # the worker's errors surface here
+                if len(self._submitted) != len(self.chunks):
+                    raise AssertionError(f"{len(self._submitted)} of {len(self.chunks)} chunks were stepped in backward")
+            finally:
+                self._submitted = []
+                self.tier.finish()
+            return
+        self.tier.begin(optimizer, self._pieces_of())
         try:
             for c, chunk in enumerate(self.chunks):
                 for i in chunk:
                     self._settle(i)
                     if scale is not None:
                         self.host_grads[i].mul_(scale)
-                resident = self.tier.fetch(c, masters)  # this chunk's masters and state in host memory
-                _step_on(view, optimizer, [p for i in chunk for p in pieces_of[i]])
-                self.tier.release(c, self._upload(c, chunk, resident, shards, h2d))
+                self._step_chunk(c, view, unused, [])
         finally:
             self.tier.finish()
         view.param_groups = []
 
+    def _step_chunk(self, c: int, view: torch.optim.Optimizer, unused: set | None, events: list) -> None:
+        """Chunk ``c``: wait for its downloads (``events``), step its pieces with their host grads,
+        and queue the upload of its masters (or write the host shards)."""
+        chunk = self.chunks[c]
+        for event in events:
+            if event is not None:
+                event.synchronize()
+        resident = self.tier.fetch(c, self.masters)  # this chunk's masters and state in host memory
+        pieces = []
+        for i in chunk:
+            skip = self._unused[i]() if self.early else unused
+            for piece, local, param in self._pieces.get(i, []):
+                piece.grad = None if param in skip else self.host_grads[i][local.start : local.end]
+                pieces.append(piece)
+        _step_on(view, self._optimizer, pieces)
+        for piece in pieces:
+            piece.grad = None
+        for i in chunk:
+            self._settle_params(i)
+        self.tier.release(c, self._upload(c, chunk, resident, self.streams.h2d))
+
+    def _pieces_of(self) -> dict[int, list]:
+        return {i: [p for p, _, _ in ps] for i, ps in self._pieces.items()}
+
     def end_step(self) -> None:
+        if self._submitted:  # early chunks of a step the optimizer never took: no worker runs on
+            try:
+                for future in self._submitted:
+                    future.result()
+            finally:
+                self._submitted = []
+                self.tier.finish()
         while self._in_flight:
             self._release_oldest()
         self._ready.clear()
         self._norms.clear()
         self._extra.clear()
+        self._unused.clear()
         self.scale = None
 
-    def _upload(self, c: int, chunk: list[int], masters: dict[int, torch.Tensor], shards, h2d):
+    def _upload(self, c: int, chunk: list[int], masters: dict[int, torch.Tensor], h2d):
         """Queue chunk ``c``'s masters up into ``shards``; returns the event after the copies (None
         when there is nothing to wait for: no CUDA, or every shard on the host, where the copies
         are done on return)."""
         # Parameter offload: host shards are written here, on the CPU (the cast to the param dtype
         # too); without CUDA every shard is copied so.
+        shards = {i: self._shard_of(i) for i in chunk}
         on_host = [i for i in chunk if h2d is None or shards[i].device.type == "cpu"]
         for i in on_host:
             shards[i].copy_(masters[i])
@@ -246,6 +349,9 @@ class HostStep:
         return sum(g.numel() * g.element_size() for g in self.host_grads.values()) + self.tier.resident_bytes()
 
     def close(self) -> None:
+        if self._worker is not None:
+            self._worker.shutdown(wait=True)
+            self._worker = None
         self.tier.close()
 
 

@@ -61,6 +61,13 @@ def build_masters(engine) -> None:
             engine._pieces[gb.buffer.params[slot_index]] = piece
             engine._piece_grads.append((piece, gb, local, gb.buffer.params[slot_index]))
     rewrite_optimizer(engine)
+    if engine._host_step is not None:
+        by_bucket: dict[int, list] = {}  # after rewrite_optimizer, which drops pieces it does not step
+        for piece, gb, local, param in engine._piece_grads:
+            by_bucket.setdefault(engine._bucket_index[id(gb)], []).append((piece, local, param))
+        engine._host_step.bind(engine.optimizer, engine.masters, by_bucket, engine._param_shard,
+                               engine._settle_param_shard)
+        engine._host_step.early = engine._step_in_backward
 
 
 def rewrite_optimizer(engine) -> None:

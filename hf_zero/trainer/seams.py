@@ -114,6 +114,9 @@ def create_optimizer(self, model=None):
         # micro-step ends an accumulation (offloaded grads go to the host only then).
         accelerator = self.accelerator
         session.engine.set_boundary_source(lambda: accelerator.sync_gradients)
+        # No clipping (the Trainer clips when max_grad_norm > 0): offloaded buckets are stepped on
+        # the host as their grads land, during backward (host_step.py, [Note: step in backward]).
+        session.engine.set_step_in_backward(not (self.args.max_grad_norm and self.args.max_grad_norm > 0))
         if session.engine.units and self.args.world_size > 1:
             sync_generate(self.model)  # every rank decodes as many steps (and gathers) as the longest
     return optimizer

@@ -22,7 +22,7 @@ def _groups(model):
     return [{"params": decay, "weight_decay": 0.1}, {"params": rest, "weight_decay": 0.0}]
 
 
-def _train(model, engine, rank, grad_accum=2, use_no_sync=True):
+def _train(model, engine, rank, grad_accum=2, use_no_sync=True, clip=0.5):
     wrapped = ZeroModule(model, engine)
     out = []
     for step in range(STEPS):
@@ -30,7 +30,11 @@ def _train(model, engine, rank, grad_accum=2, use_no_sync=True):
             last = micro == grad_accum - 1
             with (wrapped.no_sync() if not last and use_no_sync else torch.enable_grad()):
                 (wrapped(**batch(rank, step, micro, model.config.vocab_size)).loss / grad_accum).backward()
-        norm = engine.clip_grad_norm_(0.5)
+        host_step = engine._host_step
+        if host_step is not None and host_step.early:
+            # [Note: step in backward]: every chunk went to the worker before the optimizer step
+            assert len(host_step._submitted) == len(host_step.chunks) > 0
+        norm = engine.clip_grad_norm_(clip) if clip else engine.grad_norm()
         engine.finish_grad_sync()  # called again (the Trainer's report does): idempotent
         held = engine.held_bytes()
         engine.optimizer.step()
@@ -41,7 +45,7 @@ def _train(model, engine, rank, grad_accum=2, use_no_sync=True):
     return out, params
 
 
-def _compare(rank, world, stage, ratio, fused, use_no_sync=True):
+def _compare(rank, world, stage, ratio, fused, use_no_sync=True, early=False):
     base = add_frozen_and_unused(tiny_llama(0, tied=True))
     results = []
     # A small chunk size: the host step pipelines several chunks of buckets (host_step.py).
@@ -49,7 +53,8 @@ def _compare(rank, world, stage, ratio, fused, use_no_sync=True):
         model = copy.deepcopy(base)
         opt = torch.optim.AdamW(_groups(model), lr=1e-2, fused=fused, foreach=None if fused else True)
         engine = ZeroEngine(model, opt, stage=stage, bucket_numel=3000, offload=offload)
-        results.append(_train(model, engine, rank, use_no_sync=use_no_sync))
+        engine.set_step_in_backward(early)  # no-op without offload
+        results.append(_train(model, engine, rank, use_no_sync=use_no_sync, clip=None if early else 0.5))
         engine.close()
     (plain, plain_params), (off, off_params) = results
     if not fused:  # the same arithmetic in the same order: bit for bit
@@ -87,6 +92,41 @@ def test_offload_accumulation_without_no_sync():
 
 def test_partial_offload_and_fused_adamw_at_stage_3():
     run_on_ranks(_compare, 2, 3, 0.5, True, timeout=240)
+
+
+@pytest.mark.parametrize("world", [1, 2])
+@pytest.mark.parametrize("stage", [1, 2, 3])
+def test_step_in_backward_matches_no_offload(world, stage):
+    # No clipping: a worker steps each chunk while backward goes on ([Note: step in backward]);
+    # the same arithmetic as the plain step, bit for bit, the unused param left alone.
+    run_on_ranks(_compare, world, stage, 1.0, False, True, True, timeout=240)
+
+
+def test_step_in_backward_partial_and_fused_at_stage_2():
+    run_on_ranks(_compare, 2, 2, 0.5, True, True, True, timeout=240)
+
+
+def _step_in_backward_refusals(rank, world):
+    model = tiny_llama(0)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    engine = ZeroEngine(model, opt, stage=2, bucket_numel=3000, offload=OptimizerOffload("cpu", chunk_numel=5000))
+    engine.set_step_in_backward(True)
+    wrapped = ZeroModule(model, engine)
+    wrapped(**batch(rank, 0, 0, model.config.vocab_size)).loss.backward()
+    with pytest.raises(RuntimeError, match=r"clip_grad_norm_\(1.0\): the optimizer step of offloaded buckets ran during backward"):
+        engine.clip_grad_norm_(1.0)
+    opt.step()
+    wrapped.zero_grad()
+    # A loop that accumulates without no_sync or a boundary source: the second backward would
+    # add to grads whose step already ran.
+    wrapped(**batch(rank, 1, 0, model.config.vocab_size)).loss.backward()
+    with pytest.raises(RuntimeError, match="got gradients again after its optimizer step ran in backward"):
+        wrapped(**batch(rank, 1, 1, model.config.vocab_size)).loss.backward()
+    engine.close()
+
+
+def test_step_in_backward_refuses_clipping_and_unsignalled_accumulation():
+    run_on_ranks(_step_in_backward_refusals, 1, timeout=120)
 
 
 def test_offload_ratio_picks_buckets_by_elements():

@@ -27,7 +27,7 @@ def _swap_dirs(path) -> list[Path]:
     return sorted(p for p in Path(path).iterdir() if p.name.startswith(nvme_files.PREFIX))
 
 
-def _compare(rank, world, stage, nvme_path, buffer_count):
+def _compare(rank, world, stage, nvme_path, buffer_count, early=False):
     # Stage 3 steps one chunk per unit at least: 4 layers make 5 units, more chunks than buffers.
     base = add_frozen_and_unused(tiny_llama(0, tied=True, layers=4 if stage == 3 else 2))
     offloads = {
@@ -40,7 +40,8 @@ def _compare(rank, world, stage, nvme_path, buffer_count):
         model = copy.deepcopy(base)
         opt = torch.optim.AdamW(_groups(model), lr=1e-2, foreach=True)
         engine = ZeroEngine(model, opt, stage=stage, bucket_numel=3000, offload=offload)
-        results[name] = _train(model, engine, rank)
+        engine.set_step_in_backward(early)  # [Note: step in backward]; no-op without offload
+        results[name] = _train(model, engine, rank, clip=None if early else 0.5)
         if name == "nvme":
             tier = engine._host_step.tier
             mine = Path(tier.dir.path)
@@ -74,6 +75,13 @@ def test_nvme_matches_no_offload_and_cpu_offload(world, stage, tmp_path):
     for rank_files in files:
         assert set(rank_files) == {"master.swap", "state.exp_avg.swap", "state.exp_avg_sq.swap"}
         assert len(set(rank_files.values())) == 1 and rank_files["master.swap"] % nvme_files.BLOCK_BYTES == 0
+    assert _swap_dirs(tmp_path) == []
+
+
+@pytest.mark.parametrize("world,stage", [(1, 2), (2, 3)])
+def test_nvme_step_in_backward(world, stage, tmp_path):
+    # Chunks read, stepped and written back by the step worker while backward goes on.
+    run_on_ranks(_compare, world, stage, str(tmp_path), 2, True, timeout=240)
     assert _swap_dirs(tmp_path) == []
 
 

@@ -151,6 +151,31 @@ def test_checkpoint_resumes_bit_for_bit(tmp_path):
         assert same_norms and differ == [] and kept
 
 
+def _early(rank, world):
+    """[Note: step in backward] with parameter offload: the worker writes the host shards of
+    units whose backward is done while backward goes on."""
+    base = add_frozen_and_unused(tiny_llama(0, tied=True))
+    params = []
+    for offload in (None, 1.0):
+        model, engine = _make(base, offload, offload is not None, 0)
+        engine.set_step_in_backward(True)
+        wrapped = ZeroModule(model, engine)
+        for step in range(STEPS):
+            for micro in range(2):
+                with (wrapped.no_sync() if micro == 0 else torch.enable_grad()):
+                    (wrapped(**batch(rank, step, micro, model.config.vocab_size)).loss / 2).backward()
+            engine.optimizer.step()
+            wrapped.zero_grad()
+        params.append(_full_params(model, engine))
+        engine.close()
+    return sorted(n for n in params[0] if not torch.equal(params[0][n], params[1][n]))
+
+
+@pytest.mark.parametrize("world", [1, 2])
+def test_param_offload_with_step_in_backward(world):
+    assert run_on_ranks(_early, world, timeout=240) == [[]] * world
+
+
 def test_config_asks_for_optimizer_offload_and_cpu():
     ZeroConfig(stage=3, offload_param=OffloadConfig(device="cpu"), offload_optimizer=OffloadConfig(device="cpu"))
     with pytest.raises(ConfigError, match=r'offload_param.device = "cpu".*needs optimizer offload'):
