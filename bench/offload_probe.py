@@ -1,10 +1,15 @@
 """Where an optimizer-offload step spends its time: the engine alone (no Trainer), phase by phase.
 
-    torchrun --nproc_per_node 1 bench/offload_probe.py [--preset 1b1] [--steps 6] [--ratio 1.0]
+    torchrun --nproc_per_node 1 bench/offload_probe.py [--preset 1b1] [--steps 6] [--ratio 1.0] [--early]
 
 Prints, per step, wall seconds of forward, backward, clip, optimizer step (with the host step's
 own split: waiting for grads, host optimizer, uploads queued), and the raw speed of the host
 optimizer on the same number of elements, so a slow offload step can be blamed on its part.
+
+``--early``: no clipping, the host step runs during backward (host_step.py, [Note: step in
+backward]); each step then also prints when the worker stepped its first and last chunk, counted
+from the start of backward, and how long it was busy. ``--worker_threads N``: its CPU threads
+(default: the engine's choice, all cores but one).
 """
 
 from __future__ import annotations
@@ -31,6 +36,9 @@ def main() -> None:
     p.add_argument("--ratio", type=float, default=1.0)
     p.add_argument("--micro_batch", type=int, default=4)
     p.add_argument("--seq", type=int, default=2048)
+    p.add_argument("--early", action="store_true", help="no clipping: the host step runs in backward")
+    p.add_argument("--worker_threads", type=int, default=None)
+    p.add_argument("--chunk_numel", type=int, default=OptimizerOffload.chunk_numel)
     args = p.parse_args()
     dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
     dev = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0))) if torch.cuda.is_available() else torch.device("cpu")
@@ -44,7 +52,19 @@ def main() -> None:
         model = LlamaForCausalLM(cfg)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-5, fused=True)
     engine = ZeroEngine(model, opt, stage=2, bucket_numel=h * h, param_dtype=torch.bfloat16,
-                        offload=OptimizerOffload("cpu", ratio=args.ratio))
+                        offload=OptimizerOffload("cpu", ratio=args.ratio, chunk_numel=args.chunk_numel))
+    engine.set_step_in_backward(args.early)
+    if args.worker_threads:
+        H.os.cpu_count = lambda: args.worker_threads + 1  # the worker takes all cores but one
+    chunks: list[tuple[float, float]] = []  # (start, end) of each chunk's step, this step
+    orig_chunk = H.HostStep._step_chunk
+
+    def timed_chunk(self, *a):
+        t = time.perf_counter()
+        orig_chunk(self, *a)
+        chunks.append((t, time.perf_counter()))
+
+    H.HostStep._step_chunk = timed_chunk
 
     split = {"wait": 0.0, "host_opt": 0.0, "upload": 0.0}
     orig_step_on, orig_upload = H._step_on, H.HostStep._upload
@@ -69,13 +89,15 @@ def main() -> None:
     for step in range(args.steps):
         for k in split:
             split[k] = 0.0
+        chunks.clear()
         sync(); t0 = time.perf_counter()
         with torch.autocast(dev.type, dtype=torch.bfloat16):
             loss = model(input_ids=ids, labels=ids).loss
         sync(); t1 = time.perf_counter()
         loss.backward()
         sync(); t2 = time.perf_counter()
-        engine.clip_grad_norm_(1.0)
+        if not args.early:
+            engine.clip_grad_norm_(1.0)
         sync(); t3 = time.perf_counter()
         opt.step()
         sync(); t4 = time.perf_counter()
@@ -84,6 +106,9 @@ def main() -> None:
               f"(host optimizer {split['host_opt']:.3f}, uploads queued {split['upload']:.3f}) "
               f"total {t4-t0:.3f} s, peak {torch.cuda.max_memory_allocated() / 2**30 if dev.type == 'cuda' else 0:.2f} GiB",
               flush=True)
+        if args.early and chunks:
+            print(f"  worker: {len(chunks)} chunks, first from {chunks[0][0]-t1:.3f}, last until {chunks[-1][1]-t1:.3f} "
+                  f"s after backward began; busy {sum(e - b for b, e in chunks):.3f} s", flush=True)
 
     n = sum(m.numel() for m in engine.masters)
     params = [torch.zeros(n // 8, pin_memory=dev.type == "cuda") for _ in range(8)]
