@@ -64,6 +64,8 @@ MODES: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {
        for r in (80, 70, 60, 50)},
     # optimizer state in swap files under /tmp/hf_zero_nvme (create it first; any disk or tmpfs works)
     "hfzero-s2-nvme": (_HFZERO, ("--zero_config", f"{CONFIGS}/hfzero_s2_nvme.json")),
+    # stage 3, optimizer state in host memory, param shards in swap files under /tmp/hf_zero_nvme
+    "hfzero-s3-nvme-param": (_HFZERO, ("--zero_config", f"{CONFIGS}/hfzero_s3_nvme_param.json")),
     **{f"ds-z{n}": ((), ("--deepspeed", f"{CONFIGS}/ds_z{n}.json")) for n in (2, 3)},
     **{f"ds-z{n}-offload": ((), ("--deepspeed", f"{CONFIGS}/ds_z{n}_offload.json")) for n in (2, 3)},
     "fsdp2": ((), ("--fsdp", "full_shard auto_wrap", "--fsdp_config", f"{CONFIGS}/fsdp2.json")),

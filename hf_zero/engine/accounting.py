@@ -2,7 +2,7 @@
 
 ``host_offload``: host memory of optimizer offload (masters, state, grads, chunk buffers) and of
 parameter offload (the units' param shards: ``params`` then counts only what is on the device);
-``nvme_offload``: the masters and state that NVMe offload keeps in swap files."""
+``nvme_offload``: the masters, state and param shards that NVMe offload keeps in swap files."""
 
 from __future__ import annotations
 
@@ -36,8 +36,10 @@ def held_bytes(engine) -> dict[str, int]:
     offloaded_pieces = {id(piece) for piece, gb, _, _ in engine._piece_grads
                         if engine._offloaded[engine._bucket_index[id(gb)]]}
     state = 0
-    for piece, s in (engine.optimizer.state.items() if engine.optimizer is not None else ()):
-        n = sum(nbytes(v) for v in s.values() if torch.is_tensor(v) and v.dim() > 0)
+    # Copies of the state's items: the host step's worker may be adding state right now (host_step.py,
+    # [Note: step in backward]), so a first step may count part of it.
+    for piece, s in (list(engine.optimizer.state.items()) if engine.optimizer is not None else ()):
+        n = sum(nbytes(v) for v in list(s.values()) if torch.is_tensor(v) and v.dim() > 0)
         if id(piece) in offloaded_pieces and on_disk:
             disk += n
         elif id(piece) in offloaded_pieces:
@@ -45,7 +47,11 @@ def held_bytes(engine) -> dict[str, int]:
         else:
             state += n
     host += engine._host_step.host_bytes() if engine._host_step is not None else 0
-    host += sum(u.host_bytes() for u in engine.units)  # parameter offload: the param shards
+    shard_bytes = sum(u.host_bytes() for u in engine.units)  # parameter offload: the param shards
+    if engine._param_memory is not None and engine._param_memory.on_disk:
+        disk += shard_bytes
+    else:
+        host += shard_bytes
     grads = sum(gb.held_bytes() for gb in engine.grad_sync.buckets)
     return {"params": params, "grads": grads, "peak_grads": engine.grad_sync.peak_grad_bytes,
             "optimizer_state": state + masters, "host_offload": host, "nvme_offload": disk}

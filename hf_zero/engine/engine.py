@@ -30,7 +30,7 @@ from hf_zero.engine import collectives as C
 from hf_zero.engine.grad_sync import BucketState, GradBucket, GradSync
 from hf_zero.engine.layout import FlatParamBuffer
 from hf_zero.engine.materialize import materialize_units
-from hf_zero.engine.offload import HostMemory, OptimizerOffload, ParamOffload
+from hf_zero.engine.offload import OptimizerOffload, ParamOffload
 from hf_zero.engine.ranges import Range
 from hf_zero.engine.shard_map import ParamShard, shard_map
 from hf_zero.engine.stages import strategy_for
@@ -73,8 +73,8 @@ class ZeroEngine:
         if offload_param is not None and not self.strategy.shard_params:
             raise ValueError(f"parameter offload (offload_param.device = {offload_param.device!r}) needs ZeRO stage 3, "
                              f"got stage {stage}")
-        self._param_memory = HostMemory(offload_param.pin_memory) if offload_param is not None else None
         self.ctx = C.CommContext(group)
+        self._param_memory = offload_param.memory(model, self.ctx) if offload_param is not None else None
         if optimizer is not None:
             pieces.check_optimizer(optimizer)
         # Stage 3 only: a ``materialize.ParamSource`` fills the local shards of a model whose params
@@ -89,7 +89,9 @@ class ZeroEngine:
         self.streams = Streams.for_device(device)
         # The optimizer's groups as the user built them, in full params; rewritten into pieces.
         self._groups_full = [list(g["params"]) for g in optimizer.param_groups] if optimizer is not None else None
-        self._step_in_backward = False  # set_step_in_backward
+        self._step_in_backward = (False, False)  # set_step_in_backward: (early, overlap_forward)
+        self._module_buckets: dict[int, list[int]] = {}  # id(module) -> offloaded buckets of its own params
+        self._hidden: list[tuple[dict, list]] = []  # param groups' full lists during the user's step (_before_step)
         self._build(named)
         # Until the first backward has shown the order in which gradients arrive, the layout
         # follows registration order; see _on_backward_end. One rank has nothing to overlap.
@@ -125,6 +127,11 @@ class ZeroEngine:
     def _hook_optimizer(self) -> None:
         self._hooks.append(self.optimizer.register_step_pre_hook(lambda *_: self._before_step()))
         self._hooks.append(self.optimizer.register_step_post_hook(lambda *_: self._after_step()))
+        if self.offload is not None:  # [Note: step in backward]: forward gates, idle unless overlap_forward
+            trainable = set(self._names)
+            for module in self.model.modules():
+                if any(p in trainable for p in module.parameters(recurse=False)):
+                    self._hooks.append(module.register_forward_pre_hook(self._gate))
 
     # ---- layout -------------------------------------------------------------------------------
 
@@ -199,16 +206,20 @@ class ZeroEngine:
         """Context manager: inside, every param (or those in ``params``) holds its full value; with
         ``modifier_rank`` that rank's edits are kept (full_params.py). Call it on every rank (it
         communicates)."""
+        self.settle()
         return full_params.gathered(self, modifier_rank, params)
 
     def full_state_dict(self, *, to_cpu_on: int | None = 0) -> dict[str, torch.Tensor] | None:
         """The model's state dict with full values, gathered unit by unit (full_params.py)."""
+        self.settle()
         return full_params.full_state_dict(self, to_cpu_on=to_cpu_on)
 
     # ---- gradient path ----------------------------------------------------------------------
 
     def _on_grad(self, param: nn.Parameter) -> None:
         if not self._in_backward:
+            if self._host_step is not None:
+                self._host_step.settle()  # the last step's host work: its grads are overwritten now
             self._in_backward = True
             self.grad_sync.begin_backward()
             torch.autograd.Variable._execution_engine.queue_callback(self._on_backward_end)
@@ -314,8 +325,21 @@ class ZeroEngine:
         # Device buckets first (ratio < 1): their kernels are queued at once and run on the GPU
         # while the host steps the rest.
         self._host_step.run(self.optimizer, on_device, self._unused)
-        for piece, *_ in self._piece_grads:
+        for piece in on_device:
             piece.grad = None  # stepped already: the user's own step has nothing left to do
+        if self._host_step.pending:
+            # overlap_forward: the worker is still stepping offloaded pieces (each has a grad while
+            # it does): the user's step, which runs now, sees only the device pieces.
+            self._hidden = [(group, group["params"]) for group in self.optimizer.param_groups]
+            keep = {id(p) for p in on_device}
+            for group in self.optimizer.param_groups:
+                group["params"] = [p for p in group["params"] if id(p) in keep]
+
+    def _show_hidden(self) -> None:
+        """Give the optimizer back the offloaded pieces that ``_before_step`` hid. Idempotent."""
+        for group, params in self._hidden:
+            group["params"] = params
+        self._hidden = []
 
     def _param_shard(self, i: int) -> torch.Tensor:
         """Bucket ``i``'s local param shard (stage 3: its unit's, maybe a host shard)."""
@@ -369,13 +393,39 @@ class ZeroEngine:
 
         return unused
 
-    def set_step_in_backward(self, enabled: bool) -> None:
+    def set_step_in_backward(self, enabled: bool, *, overlap_forward: bool = False) -> None:
         """Let the host step of offloaded buckets run during backward ([Note: step in backward] in
         host_step.py): only for runs that never clip (the Trainer: ``max_grad_norm`` 0), since the
-        global norm is known only after backward. Nothing changes without optimizer offload."""
-        self._step_in_backward = enabled
+        global norm is known only after backward. ``overlap_forward``: and let ``optimizer.step()``
+        return before the host is done, the next forward waiting for each bucket's new params as
+        it needs them; between the step and the next backward, read the params through the
+        engine (``gathered``, state dicts, the Trainer's saves) or call ``settle()`` first.
+        Nothing changes without optimizer offload."""
+        self._step_in_backward = (enabled, enabled and overlap_forward)
         if self._host_step is not None:
-            self._host_step.early = enabled
+            self._host_step.settle()
+            self._host_step.early, self._host_step.defer = self._step_in_backward
+
+    def settle(self) -> None:
+        """Every offloaded bucket's optimizer step is done and its params are in place (the
+        current stream waits for their uploads): a no-op unless ``set_step_in_backward(True,
+        overlap_forward=True)`` left the host step running past ``optimizer.step()``."""
+        self._show_hidden()  # (a user step that raised never reached _after_step)
+        if self._host_step is not None:
+            self._host_step.settle()
+
+    def _gate(self, module: nn.Module, args) -> None:
+        """Forward pre-hook ([Note: step in backward], overlap_forward): the new params of this
+        module's offloaded buckets are in place before it runs."""
+        host_step = self._host_step
+        if host_step is not None and host_step.pending:
+            for i in self._module_buckets.get(id(module), ()):
+                host_step.wait_chunk_of(i)
+
+    def _gate_bucket(self, i: int) -> None:
+        """Before bucket ``i``'s unit gathers (stage 3): its new params are in place."""
+        if self._host_step is not None and self._host_step.pending:
+            self._host_step.wait_chunk_of(i)
 
     def _grad_shards(self) -> list[torch.Tensor]:
         """Each bucket's reduced grad shard this step, where it is now (device, or host if offloaded)."""
@@ -429,6 +479,7 @@ class ZeroEngine:
     # ---- after the optimizer step -----------------------------------------------------------
 
     def _after_step(self) -> None:
+        self._show_hidden()
         handles = []
         for unit in self._bucket_units:
             unit.settle_host()  # parameter offload: the shards below may be host shards
@@ -443,6 +494,8 @@ class ZeroEngine:
                 elif master.data_ptr() != shard.data_ptr():
                     shard.copy_(master)
                 if not self.units or self._bucket_units[i].persistent:  # other stage-3 units: at their next use
+                    if self._offloaded[i] and self.ctx.world_size > 1:  # (one rank gathers nothing)
+                        self._host_step.wait_chunk_of(i)  # overlap_forward: this bucket's step may still run
                     handles.append(C.start_all_gather(self.ctx, gb.buffer.view(gb.bucket.range), shard,
                                                       label=f"params of bucket {i}"))
         for h in handles:
@@ -453,8 +506,9 @@ class ZeroEngine:
         """Idempotent: forget this step's gradients (consumed by the step, or the step was skipped)."""
         for bucket in self.grad_sync.buckets:
             bucket.finish_reduce()  # no collective may be left in flight
-        for piece, *_ in self._piece_grads:
-            piece.grad = None  # let the main grads go until the next backward
+        for piece, gb, _, _ in self._piece_grads:
+            if not self._offloaded[self._bucket_index[id(gb)]]:  # offloaded: the host step's own
+                piece.grad = None  # let the main grads go until the next backward
         self._grads_on_host = False
         if self._host_step is not None:
             self._host_step.end_step()
@@ -487,6 +541,7 @@ class ZeroEngine:
 
     def sync_params_from_masters(self) -> None:
         """Copy the fp32 masters into the params, as after an optimizer step (after a resume)."""
+        self.settle()
         self._after_step()
 
     # ---- accounting -------------------------------------------------------------------------
@@ -500,8 +555,11 @@ class ZeroEngine:
         self.grad_sync.peak_grad_bytes = 0
 
     def close(self) -> None:
+        self.settle()
         if self._host_step is not None:
             self._host_step.close()  # NVMe offload: this rank's swap files are deleted
+        if self._param_memory is not None:
+            self._param_memory.close()  # parameter offload to NVMe: its swap files too
         for h in self._hooks + self._grad_hooks:
             h.remove()
         self._hooks.clear()

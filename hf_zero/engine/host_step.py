@@ -60,7 +60,8 @@ from __future__ import annotations
 import collections
 import contextlib
 import os
-from concurrent.futures import Future, ThreadPoolExecutor
+import threading
+from concurrent.futures import Future
 from typing import Callable
 
 import torch
@@ -118,9 +119,13 @@ class HostStep:
         self._settle_params: Callable[[int], None] = lambda i: None
         # [Note: step in backward]: chunks stepped by a worker as their grads land.
         self.early = False
-        self._worker: ThreadPoolExecutor | None = None
+        self.defer = False  # early, and the next forward waits for each chunk it needs (run)
+        self._worker: _Worker | None = None
         self._unused: dict[int, Callable[[], set]] = {}  # bucket -> its params without a gradient anywhere
-        self._submitted: list[Future] = []  # one per chunk handed to the worker this step
+        self._next_chunk = 0  # chunks handed to the worker this step
+        self._pending: dict[int, Future] = {}  # chunk -> its step on the worker, until settled
+        self._upload_events: dict[int, object] = {}  # chunk -> the event after its upload (worker-written)
+        self._chunk_of = {i: c for c, chunk in enumerate(self.chunks) for i in chunk}
         self._optimizer: torch.optim.Optimizer | None = None
 
     def master(self, i: int, shard: torch.Tensor) -> torch.Tensor:
@@ -202,27 +207,62 @@ class HostStep:
     def ready(self, i: int, unused: Callable[[], set]) -> None:
         """[Note: step in backward]: bucket ``i``'s grads went down at the end of an accumulation;
         ``unused()`` gives its params that got no gradient on any rank. Hands every chunk whose
-        buckets are all down to the worker, in chunk order."""
+        buckets are all down to the worker (with the hyperparameters of now: this step's)."""
         self._unused[i] = unused
-        while len(self._submitted) < len(self.chunks):
-            c = len(self._submitted)
+        while self._next_chunk < len(self.chunks):
+            c = self._next_chunk
             if not all(j in self._unused for j in self.chunks[c]):
                 return
             if c == 0:
                 self.tier.begin(self._optimizer, self._pieces_of())
             if self._worker is None:
-                self._worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="hf_zero-host-step")
-                if self.streams.h2d is not None:  # the GPU's feeder thread keeps a core of its own
-                    self._worker.submit(torch.set_num_threads, max(1, (os.cpu_count() or 2) - 1)).result()
+                # The GPU's feeder thread keeps a core of its own.
+                threads = max(1, (os.cpu_count() or 2) - 1) if self.streams.h2d is not None else None
+                self._worker = _Worker(threads, highest_first=not self.tier.on_disk)
             events = [e for j in self.chunks[c] for e in self._ready[j]]
+            skip = {j: self._unused[j] for j in self.chunks[c]}
             view = _chunk_view(self._optimizer)
-            self._submitted.append(self._worker.submit(self._step_chunk, c, view, None, events))
+            self._pending[c] = self._worker.submit(c, self._step_chunk, c, view, _groups_now(self._optimizer),
+                                                   lambda j, skip=skip: skip[j](), events)
+            self._next_chunk += 1
+
+    @property
+    def pending(self) -> bool:
+        """Chunks handed to the worker and not settled yet."""
+        return bool(self._pending)
+
+    def wait_chunk_of(self, i: int) -> None:
+        """Bucket ``i``'s new params are where they live, and the current stream waits for their
+        upload ([Note: step in backward], with ``defer``: the next forward asks, unit by unit)."""
+        c = self._chunk_of.get(i)
+        future = self._pending.get(c)
+        if future is None:
+            return
+        future.result()
+        event = self._upload_events.get(c)
+        if event is not None:
+            torch.cuda.current_stream(self.device).wait_event(event)
+
+    def settle(self) -> None:
+        """Every chunk handed to the worker is stepped, its writes back in the tier, and the current
+        stream waits for every upload. Idempotent."""
+        if not self._pending:
+            return
+        try:
+            for c in sorted(self._pending):
+                self._pending[c].result()  # the worker's errors surface here
+        finally:
+            self._pending, self._next_chunk = {}, 0
+            self._upload_events = {}
+            self.tier.finish()
+        self.wait_uploads()
 
     def run(self, optimizer: torch.optim.Optimizer, device_pieces: list, unused: set) -> None:
         """Step ``device_pieces`` (queued on the device), then each offloaded chunk on the host as
         its grads land, uploading its masters into the param shards; pieces of params in ``unused``
         (no gradient on any rank) get none. Early (a worker stepped the chunks during backward):
-        only waits for the worker."""
+        waits for the worker, or with ``defer`` leaves it running (the next forward waits for each
+        chunk as it needs it, ``wait_chunk_of``; anything else calls ``settle`` first)."""
         view = _chunk_view(optimizer)
         self._uploads = [] if not self.early else self._uploads
         scale = None if self.scale is None else float(self.scale)
@@ -235,32 +275,31 @@ class HostStep:
             scale = None
         if device_pieces:
             view_dev = _chunk_view(optimizer)  # without grad_scale: these grads were clipped already
-            _step_on(view_dev, optimizer, device_pieces)
+            _step_on(view_dev, _groups_now(optimizer), device_pieces)
         if self.early:
-            try:
-                for future in self._submitted:
-                    future.result()  # the worker's errors surface here
-                if len(self._submitted) != len(self.chunks):
-                    raise AssertionError(f"{len(self._submitted)} of {len(self.chunks)} chunks were stepped in backward")
-            finally:
-                self._submitted = []
-                self.tier.finish()
+            if self._next_chunk != len(self.chunks):
+                raise AssertionError(f"{self._next_chunk} of {len(self.chunks)} chunks were handed to the step worker")
+            if not self.defer:
+                self.settle()
             return
         self.tier.begin(optimizer, self._pieces_of())
         try:
+            groups = _groups_now(optimizer)
             for c, chunk in enumerate(self.chunks):
                 for i in chunk:
                     self._settle(i)
                     if scale is not None:
                         self.host_grads[i].mul_(scale)
-                self._step_chunk(c, view, unused, [])
+                self._step_chunk(c, view, groups, lambda i: unused, [])
         finally:
             self.tier.finish()
         view.param_groups = []
 
-    def _step_chunk(self, c: int, view: torch.optim.Optimizer, unused: set | None, events: list) -> None:
-        """Chunk ``c``: wait for its downloads (``events``), step its pieces with their host grads,
-        and queue the upload of its masters (or write the host shards)."""
+    def _step_chunk(self, c: int, view: torch.optim.Optimizer, groups: list[dict], skip: Callable[[int], set],
+                    events: list) -> None:
+        """Chunk ``c``: wait for its downloads (``events``), step its pieces (``groups``: the
+        hyperparameters to use) with their host grads, those of params in ``skip(i)`` without, and
+        queue the upload of its masters (or write the host shards)."""
         chunk = self.chunks[c]
         for event in events:
             if event is not None:
@@ -268,11 +307,11 @@ class HostStep:
         resident = self.tier.fetch(c, self.masters)  # this chunk's masters and state in host memory
         pieces = []
         for i in chunk:
-            skip = self._unused[i]() if self.early else unused
+            unused = skip(i)
             for piece, local, param in self._pieces.get(i, []):
-                piece.grad = None if param in skip else self.host_grads[i][local.start : local.end]
+                piece.grad = None if param in unused else self.host_grads[i][local.start : local.end]
                 pieces.append(piece)
-        _step_on(view, self._optimizer, pieces)
+        _step_on(view, groups, pieces)
         for piece in pieces:
             piece.grad = None
         for i in chunk:
@@ -283,13 +322,10 @@ class HostStep:
         return {i: [p for p, _, _ in ps] for i, ps in self._pieces.items()}
 
     def end_step(self) -> None:
-        if self._submitted:  # early chunks of a step the optimizer never took: no worker runs on
-            try:
-                for future in self._submitted:
-                    future.result()
-            finally:
-                self._submitted = []
-                self.tier.finish()
+        """After the optimizer step (or instead of it): this step's grads are done with. With
+        ``defer`` the worker may still be stepping; it has what it needs (``ready``)."""
+        if self._pending and not self.defer:
+            self.settle()  # early chunks of a step the optimizer never took: no worker runs on
         while self._in_flight:
             self._release_oldest()
         self._ready.clear()
@@ -325,6 +361,7 @@ class HostStep:
                     offset += n
         event = _record(h2d)
         self._uploads.append(event)
+        self._upload_events[c] = event
         return event
 
     def _scratch_for(self, c: int, numel: int) -> torch.Tensor:
@@ -349,10 +386,13 @@ class HostStep:
         return sum(g.numel() * g.element_size() for g in self.host_grads.values()) + self.tier.resident_bytes()
 
     def close(self) -> None:
-        if self._worker is not None:
-            self._worker.shutdown(wait=True)
-            self._worker = None
-        self.tier.close()
+        try:
+            self.settle()
+        finally:
+            if self._worker is not None:
+                self._worker.close()
+                self._worker = None
+            self.tier.close()
 
 
 def _scales_grads_itself(optimizer: torch.optim.Optimizer) -> bool:
@@ -361,12 +401,62 @@ def _scales_grads_itself(optimizer: torch.optim.Optimizer) -> bool:
             and all(group.get("fused") for group in optimizer.param_groups))
 
 
-def _step_on(view: torch.optim.Optimizer, optimizer: torch.optim.Optimizer, pieces: list) -> None:
-    """One step of ``view`` over ``pieces`` only, with each group's current hyperparameters."""
+def _step_on(view: torch.optim.Optimizer, groups: list[dict], pieces: list) -> None:
+    """One step of ``view`` over ``pieces`` only, with the hyperparameters of ``groups``
+    (``_groups_now``: the optimizer's groups as they were when the step was asked for)."""
     wanted = {id(p) for p in pieces}
-    view.param_groups = [{**group, "params": [p for p in group["params"] if id(p) in wanted]}
-                         for group in optimizer.param_groups]
+    view.param_groups = [{**group, "params": [p for p in group["params"] if id(p) in wanted]} for group in groups]
     view.step()
+
+
+def _groups_now(optimizer: torch.optim.Optimizer) -> list[dict]:
+    """The optimizer's param groups as they are now: an LR scheduler may change them (tensors in
+    place) before a worker steps with them."""
+    return [{k: v.clone() if torch.is_tensor(v) else v for k, v in group.items()} for group in optimizer.param_groups]
+
+
+class _Worker:
+    """The thread that steps chunks ([Note: step in backward]), the highest chunk index first
+    (``highest_first``; else the lowest): the chunks left when backward ends are then stepped in
+    the order the next forward uses them (bucket 0 holds the last layers)."""
+
+    def __init__(self, threads: int | None, highest_first: bool) -> None:
+        self.threads, self.highest_first = threads, highest_first
+        self._cv = threading.Condition()
+        self._queue: dict[int, tuple[Future, Callable, tuple]] = {}
+        self._closed = False
+        self._thread = threading.Thread(target=self._loop, name="hf_zero-host-step", daemon=True)
+        self._thread.start()
+
+    def submit(self, c: int, fn: Callable, *args) -> Future:
+        future: Future = Future()
+        with self._cv:
+            self._queue[c] = (future, fn, args)
+            self._cv.notify()
+        return future
+
+    def _loop(self) -> None:
+        if self.threads is not None:
+            torch.set_num_threads(self.threads)
+        while True:
+            with self._cv:
+                while not self._queue and not self._closed:
+                    self._cv.wait()
+                if not self._queue:
+                    return
+                future, fn, args = self._queue.pop(max(self._queue) if self.highest_first else min(self._queue))
+            if not future.set_running_or_notify_cancel():
+                continue
+            try:
+                future.set_result(fn(*args))
+            except BaseException as error:  # re-raised where the result is asked for
+                future.set_exception(error)
+
+    def close(self) -> None:
+        with self._cv:
+            self._closed = True
+            self._cv.notify()
+        self._thread.join()
 
 
 def _chunk_view(optimizer: torch.optim.Optimizer) -> torch.optim.Optimizer:

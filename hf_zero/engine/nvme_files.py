@@ -66,9 +66,12 @@ def free_bytes(path: str) -> int:
     return shutil.disk_usage(path).free
 
 
+PARAM_KEY = "zero_optimization.offload_param.nvme_path"
+
+
 def nvme_error(path: str, problem: str, allowed: str = "an existing, writable directory, on a local NVMe drive "
-                                                           "for speed") -> ConfigError:
-    return ConfigError(problem, key=KEY, value=path, allowed=allowed)
+                                                           "for speed", key: str = KEY) -> ConfigError:
+    return ConfigError(problem, key=key, value=path, allowed=allowed)
 
 
 def _pid_alive(pid: int) -> bool:
@@ -146,10 +149,11 @@ class SwapDir:
         self._finalizer = weakref.finalize(self, _remove_dir, self._pool, self.files, self.path)
 
     def file(self, kind: str, numel: int) -> SwapFile:
-        """The file of ``kind`` ("master" or a state key), created on first use."""
+        """The file of ``kind`` ("master", a state key, or "param.<n>": a parameter shard of the
+        NVMe parameter tier, nvme_params.py), created on first use."""
         if kind not in self.files:
             safe = re.sub(r"[^A-Za-z0-9_]", "_", kind)
-            name = "master" if kind == "master" else f"state.{safe}"
+            name = kind if kind == "master" or kind.startswith("param.") else f"state.{safe}"
             self.files[kind] = SwapFile(os.path.join(self.path, name + SUFFIX), numel)
         return self.files[kind]
 

@@ -266,9 +266,11 @@ def _wait(futures: list[Future]) -> None:
         f.result()
 
 
-def _check_directory(path: str, needed: int, kinds: int, ctx) -> None:
+def _check_directory(path: str, needed: int, kinds: int, ctx, *, what: str | None = None,
+                     key: str = nvme_files.KEY, less: str = "offload less (offload_optimizer.ratio)") -> None:
     """Before any file is made: ``path`` exists, is writable, and has room for the swap files of
-    every rank of this host that uses it. Ranks agree first, so all raise or none does."""
+    every rank of this host that uses it. Ranks agree first, so all raise or none does.
+    ``what``: the swap files, as the error names them (default: the optimizer's, ``kinds``)."""
     problem = nvme_files.directory_problem(path)
     device, free = None, 0
     if problem is None:
@@ -280,21 +282,21 @@ def _check_directory(path: str, needed: int, kinds: int, ctx) -> None:
         everyone = [None] * ctx.world_size
         dist.all_gather_object(everyone, mine, group=ctx.group)
     if problem is not None:
-        raise nvme_error(path, problem)
+        raise nvme_error(path, problem, key=key)
     others = [(r, p) for r, (p, *_) in enumerate(everyone) if p is not None]
     if others:
         r, p = others[0]
-        raise nvme_error(path, f"rank {r} cannot use it: {p}")
+        raise nvme_error(path, f"rank {r} cannot use it: {p}", key=key)
     sharing = [n for (_, host, dev, n) in everyone if (host, dev) == (mine[1], device)]
     total = sum(sharing)
     if total > free:
         from hf_zero.doctor.result import fmt_bytes
 
+        what = what or f"optimizer swap files (fp32 masters and {kinds - 1} optimizer state tensors per element)"
         raise nvme_error(
             path,
-            f"{fmt_bytes(free)} free, {fmt_bytes(total)} needed for the optimizer swap files of {len(sharing)} "
-            f"rank(s) on this host (fp32 masters and {kinds - 1} optimizer state tensors per element, "
-            f"{fmt_bytes(needed)} per rank)",
-            allowed=f"a directory with at least {fmt_bytes(total)} free; or offload less "
-                    "(offload_optimizer.ratio), or use more ranks",
+            f"{fmt_bytes(free)} free, {fmt_bytes(total)} needed for the {what} of {len(sharing)} "
+            f"rank(s) on this host ({fmt_bytes(needed)} per rank)",
+            allowed=f"a directory with at least {fmt_bytes(total)} free; or {less}, or use more ranks",
+            key=key,
         )

@@ -25,8 +25,10 @@ Parameter offload (``ParamOffload``, stage 3, ``offload_param.device = "cpu"``) 
 param shards in host memory too (units.py, [Note: host shards]); the host step then writes the
 updated params into those host shards (a cast on the CPU) instead of uploading them.
 
-Not yet: parameter offload to NVMe, and overlapping the host step with backward or the next
-forward.
+With ``offload_param.device = "nvme"`` the shards are views of swap files instead (nvme_params.py).
+
+Without clipping the host step runs during backward (host_step.py, [Note: step in backward]).
+Not yet: overlapping it with the next forward.
 """
 
 from __future__ import annotations
@@ -73,16 +75,33 @@ class OptimizerOffload:
 
 @dataclass(frozen=True)
 class ParamOffload:
-    """Stage 3: the units' param shards live on the host between uses (``device`` "cpu"), pinned
-    when ``pin_memory`` and CUDA is there; each use uploads the shard and gathers from the copy."""
+    """Stage 3: the units' param shards live off the device between uses: in host memory
+    (``device`` "cpu"), pinned when ``pin_memory`` and CUDA is there, or in swap files under
+    ``nvme_path`` (``device`` "nvme", nvme_params.py); each use uploads the shard and gathers
+    from the copy."""
 
     device: str = "cpu"
     pin_memory: bool = True
+    nvme_path: str | None = None
 
     def __post_init__(self) -> None:
-        if self.device != "cpu":
-            raise ValueError("parameter offload device must be 'cpu' (NVMe is not implemented yet), "
-                             f"got {self.device!r}")
+        if self.device not in TIERS:
+            raise ValueError(f"parameter offload device must be one of {TIERS}, got {self.device!r}")
+        if self.device == "nvme" and not self.nvme_path:
+            raise ValueError("parameter offload to 'nvme' needs nvme_path (a directory)")
+
+    def memory(self, model, ctx):
+        """Where the shards go: ``HostMemory``, or ``NvmeParamMemory`` (its directory checked for
+        room now: at most the model's params over the ranks, and a block per module for rounding)."""
+        if self.device == "cpu":
+            return HostMemory(self.pin_memory)
+        from hf_zero.engine.nvme_files import BLOCK_BYTES
+        from hf_zero.engine.nvme_params import NvmeParamMemory
+
+        world = ctx.world_size if ctx is not None else 1
+        params = sum(p.numel() * p.element_size() for p in model.parameters())
+        holders = sum(1 for m in model.modules() if any(True for _ in m.parameters(recurse=False)))
+        return NvmeParamMemory(self.nvme_path, -(-params // world) + 2 * BLOCK_BYTES * holders, ctx)
 
 
 class HostMemory:
@@ -96,6 +115,7 @@ class HostMemory:
 
     SLAB_BYTES = 1 << 28  # 256 MiB
     ALIGN = 512
+    on_disk = False  # NvmeParamMemory: True
 
     def __init__(self, pin: bool) -> None:
         self.pin = pin and torch.cuda.is_available()
@@ -123,6 +143,9 @@ class HostMemory:
 
     def reserved_bytes(self) -> int:
         return sum(s[0].numel() for s in self._slabs)
+
+    def close(self) -> None:
+        self._slabs = []
 
 
 class Tier(Protocol):

@@ -52,8 +52,6 @@ def check_supported(stage: int, offload_optimizer: str = "none", offload_param: 
     if offload_optimizer not in ("none", "cpu", "nvme"):
         raise ValueError(f"zero_optimization.offload_optimizer.device must be one of 'none', 'cpu', 'nvme'; "
                          f"got {offload_optimizer!r}")
-    if offload_param not in ("none", "cpu"):
-        raise NotAvailableYet(
-            f"zero_optimization.offload_param.device = {offload_param!r}: parameter offload to NVMe is not "
-            "implemented yet in hf_zero; use 'cpu' (param shards in host memory) or 'none'"
-        )
+    if offload_param not in ("none", "cpu", "nvme"):
+        raise ValueError(f"zero_optimization.offload_param.device must be one of 'none', 'cpu', 'nvme'; "
+                         f"got {offload_param!r}")

@@ -110,6 +110,9 @@ class ParamUnit:
                 part.local = self._new_shard([part.local])
         self.local = self.parts[0].local if trainable else None
         self._host_reads: list = []  # parameter offload: events after the last uploads (settle_host)
+        # Called before each gather, on the gather stream: the optimizer step of this unit's params may
+        # still run on the host (host_step.py, [Note: step in backward]); set by the engine.
+        self.before_gather = None
         self._uploads: list[torch.Tensor] = []  # parameter offload: device copies of the shards, in flight
         self.backward_pending = False  # set between the pre-backward hook and the unit's backward end
         self.label = unit_label(index, module, self.parts[0].buffer, root, persistent)  # names its gathers
@@ -165,6 +168,8 @@ class ParamUnit:
         device = self.parts[0].buffer.device
         with record_function("hf_zero::start_unshard"):
             with self.streams.launch_gather(device) as events:
+                if self.before_gather is not None:
+                    self.before_gather()
                 if self._fused:
                     shard = self._upload(self._fused_local, device)
                     if self.ctx.world_size == 1:  # uploaded: the upload is the full tensor

@@ -16,7 +16,7 @@ active behaves exactly as before.
 | ``_save_optimizer_and_scheduler`` | stage >= 1: every rank writes its part of the sharded state (checkpoint.py) |
 | ``_save_checkpoint``| stage >= 1: after every rank's part, rank 0 marks the checkpoint complete, and only then deletes old ones (``save_total_limit``) |
 | ``_load_best_model``| stage >= 1: loads into gathered params, then back into shards and masters |
-| ``train``           | stage >= 1: ``resume_from_checkpoint=True`` takes the newest complete one; a checkpoint of another model or with a missing file is refused first |
+| ``train``           | stage >= 1: ``resume_from_checkpoint=True`` takes the newest complete one; a checkpoint of another model or with a missing file is refused first; on return the host step of optimizer offload is settled |
 | ``_load_optimizer_and_scheduler`` | stage >= 1: every rank reads its part of the sharded state, written at any world size and stage |
 | ``Seq2SeqTrainer.prediction_step`` | stage 3, W > 1: ``synced_gpus=True`` for generate, as for DeepSpeed ZeRO-3 |
 | ``PreTrainedModel.from_pretrained`` | stage 3 with ``zero3_init_flag``: a local safetensors checkpoint loads sharded (hf_zero/init/plugin.py); any other load is transformers' own |
@@ -116,7 +116,10 @@ def create_optimizer(self, model=None):
         session.engine.set_boundary_source(lambda: accelerator.sync_gradients)
         # No clipping (the Trainer clips when max_grad_norm > 0): offloaded buckets are stepped on
         # the host as their grads land, during backward (host_step.py, [Note: step in backward]).
-        session.engine.set_step_in_backward(not (self.args.max_grad_norm and self.args.max_grad_norm > 0))
+        # The next forward then waits for each bucket's new params as it needs them; the seams below
+        # that read params or optimizer state settle the host step first.
+        session.engine.set_step_in_backward(not (self.args.max_grad_norm and self.args.max_grad_norm > 0),
+                                            overlap_forward=True)
         if session.engine.units and self.args.world_size > 1:
             sync_generate(self.model)  # every rank decodes as many steps (and gathers) as the longest
     return optimizer
@@ -154,10 +157,11 @@ def _optimizer_offload(config) -> OptimizerOffload | None:
 
 
 def _param_offload(config) -> ParamOffload | None:
-    """Stage 3 parameter offload; the config has checked the stage and that the optimizer is
-    offloaded too, ``check_supported`` that the device is "cpu"."""
+    """Stage 3 parameter offload ("cpu" or "nvme"); the config has checked the stage, that the
+    optimizer is offloaded too, and that "nvme" has its nvme_path."""
     spec = config.zero.offload_param
-    return None if spec.device == "none" else ParamOffload(device=spec.device, pin_memory=spec.pin_memory)
+    return None if spec.device == "none" else ParamOffload(device=spec.device, pin_memory=spec.pin_memory,
+                                                           nvme_path=spec.nvme_path)
 
 
 @_seam
@@ -197,6 +201,7 @@ def save_model(self, output_dir=None, _internal_call=False):
     session = S.session_of(self)
     if session is None or session.engine is None:
         return _original("save_model")(self, output_dir, _internal_call)
+    session.engine.settle()  # [Note: step in backward]: the last step's params are all in place
     output_dir = output_dir if output_dir is not None else self.args.output_dir
     if not session.engine.units:  # stages 1-2: full params on every rank, the Trainer's own save
         _original("save_model")(self, output_dir, True)
@@ -228,6 +233,7 @@ def _save_optimizer_and_scheduler(self, output_dir):
     session = S.session_of(self)
     if session is None or session.engine is None:
         return _original("_save_optimizer_and_scheduler")(self, output_dir)
+    session.engine.settle()
     checkpoint.save(session.engine, output_dir)  # every rank its own shard
     if self.args.should_save:
         torch.save(self.lr_scheduler.state_dict(), os.path.join(output_dir, checkpoint.SCHEDULER_NAME))
@@ -241,6 +247,7 @@ def _save_checkpoint(self, model, trial):
     # The Trainer deletes old checkpoints (save_total_limit) at the end of its save, before the
     # new one is marked complete here: a crash in between would leave no complete checkpoint.
     # So the rotation waits until the new checkpoint is complete.
+    session.engine.settle()
     limit = self.args.save_total_limit
     self.args.save_total_limit = None
     try:
@@ -273,7 +280,11 @@ def train(self, resume_from_checkpoint=None, trial=None, **kwargs):
     if session is not None and session.stage >= 1 and isinstance(resume_from_checkpoint, str):
         # Refuse a checkpoint of another model, or with a missing or cut-short file, before any work.
         checkpoint.check(resume_from_checkpoint, checkpoint.trainable_shapes(self.model, session.engine))
-    return _original("train")(self, resume_from_checkpoint=resume_from_checkpoint, trial=trial, **kwargs)
+    try:
+        return _original("train")(self, resume_from_checkpoint=resume_from_checkpoint, trial=trial, **kwargs)
+    finally:
+        if session is not None and session.engine is not None:
+            session.engine.settle()  # the params are the trained ones when train() returns
 
 
 @_seam
@@ -281,6 +292,7 @@ def _load_optimizer_and_scheduler(self, checkpoint_dir):
     session = S.session_of(self)
     if session is None or session.engine is None or checkpoint_dir is None:
         return _original("_load_optimizer_and_scheduler")(self, checkpoint_dir)
+    session.engine.settle()
     checkpoint.load(session.engine, checkpoint_dir)
     scheduler = os.path.join(checkpoint_dir, checkpoint.SCHEDULER_NAME)
     if os.path.isfile(scheduler):

@@ -4,6 +4,7 @@ keeps the offloaded masters and optimizer state off the params' device, and chec
 from __future__ import annotations
 
 import copy
+import time
 
 import pytest
 import torch
@@ -33,7 +34,7 @@ def _train(model, engine, rank, grad_accum=2, use_no_sync=True, clip=0.5):
         host_step = engine._host_step
         if host_step is not None and host_step.early:
             # [Note: step in backward]: every chunk went to the worker before the optimizer step
-            assert len(host_step._submitted) == len(host_step.chunks) > 0
+            assert host_step._next_chunk == len(host_step.chunks) > 0
         norm = engine.clip_grad_norm_(clip) if clip else engine.grad_norm()
         engine.finish_grad_sync()  # called again (the Trainer's report does): idempotent
         held = engine.held_bytes()
@@ -45,15 +46,27 @@ def _train(model, engine, rank, grad_accum=2, use_no_sync=True, clip=0.5):
     return out, params
 
 
-def _compare(rank, world, stage, ratio, fused, use_no_sync=True, early=False):
+def _compare(rank, world, stage, ratio, fused, use_no_sync=True, early=False, overlap_forward=False):
     base = add_frozen_and_unused(tiny_llama(0, tied=True))
     results = []
+    if overlap_forward:
+        # A slow host step: the next forward runs while chunks are still being stepped, so a
+        # module (or unit gather) that did not wait for its chunk would read old params.
+        from hf_zero.engine import host_step as H
+
+        step_chunk = H.HostStep._step_chunk
+
+        def slow(self, *args):
+            time.sleep(0.02)
+            step_chunk(self, *args)
+
+        H.HostStep._step_chunk = slow
     # A small chunk size: the host step pipelines several chunks of buckets (host_step.py).
     for offload in (None, OptimizerOffload("cpu", ratio=ratio, chunk_numel=5000)):
         model = copy.deepcopy(base)
         opt = torch.optim.AdamW(_groups(model), lr=1e-2, fused=fused, foreach=None if fused else True)
         engine = ZeroEngine(model, opt, stage=stage, bucket_numel=3000, offload=offload)
-        engine.set_step_in_backward(early)  # no-op without offload
+        engine.set_step_in_backward(early, overlap_forward=overlap_forward)  # no-op without offload
         results.append(_train(model, engine, rank, use_no_sync=use_no_sync, clip=None if early else 0.5))
         engine.close()
     (plain, plain_params), (off, off_params) = results
@@ -100,6 +113,13 @@ def test_step_in_backward_matches_no_offload(world, stage):
     # No clipping: a worker steps each chunk while backward goes on ([Note: step in backward]);
     # the same arithmetic as the plain step, bit for bit, the unused param left alone.
     run_on_ranks(_compare, world, stage, 1.0, False, True, True, timeout=240)
+
+
+@pytest.mark.parametrize("world,stage", [(1, 2), (1, 3), (2, 2), (2, 3)])
+def test_step_overlapping_the_next_forward_matches_no_offload(world, stage):
+    # overlap_forward: optimizer.step() returns while the worker still steps chunks; each module
+    # (stage 3: each unit's gather) waits for its own, the next backward for all.
+    run_on_ranks(_compare, world, stage, 1.0, False, True, True, True, timeout=240)
 
 
 def test_step_in_backward_partial_and_fused_at_stage_2():

@@ -17,7 +17,7 @@ from hf_zero.config import ConfigError
 from hf_zero.config.schema import OffloadConfig, ZeroConfig
 from hf_zero.engine import ZeroEngine, ZeroModule
 from hf_zero.engine.offload import OptimizerOffload, ParamOffload
-from hf_zero.engine.stages import NotAvailableYet, check_supported
+from hf_zero.engine.stages import check_supported
 from hf_zero.testing.multiprocess import run_on_ranks
 from tests.engine.models import add_frozen_and_unused, batch, tiny_llama
 
@@ -153,12 +153,13 @@ def test_checkpoint_resumes_bit_for_bit(tmp_path):
 
 def _early(rank, world):
     """[Note: step in backward] with parameter offload: the worker writes the host shards of
-    units whose backward is done while backward goes on."""
+    units whose backward is done while backward goes on, and of the rest while the next forward
+    starts (each unit waits for its own before it uploads it)."""
     base = add_frozen_and_unused(tiny_llama(0, tied=True))
     params = []
     for offload in (None, 1.0):
         model, engine = _make(base, offload, offload is not None, 0)
-        engine.set_step_in_backward(True)
+        engine.set_step_in_backward(True, overlap_forward=True)
         wrapped = ZeroModule(model, engine)
         for step in range(STEPS):
             for micro in range(2):
@@ -181,14 +182,17 @@ def test_config_asks_for_optimizer_offload_and_cpu():
     with pytest.raises(ConfigError, match=r'offload_param.device = "cpu".*needs optimizer offload'):
         ZeroConfig(stage=3, offload_param=OffloadConfig(device="cpu"))
     check_supported(3, "cpu", "cpu")
-    with pytest.raises(NotAvailableYet, match="offload_param.device = 'nvme'.*use 'cpu'"):
-        check_supported(3, "nvme", "nvme")
+    check_supported(3, "nvme", "nvme")
+    with pytest.raises(ValueError, match="offload_param.device must be one of 'none', 'cpu', 'nvme'; got 'disk'"):
+        check_supported(3, "cpu", "disk")
     model = tiny_llama(0)
     with pytest.raises(ValueError, match="needs ZeRO stage 3, got stage 2"):
         ZeroEngine(model, torch.optim.SGD(model.parameters(), lr=0.1), stage=2, bucket_numel=100,
                    offload_param=ParamOffload())
-    with pytest.raises(ValueError, match="must be 'cpu'"):
+    with pytest.raises(ValueError, match="'nvme' needs nvme_path"):
         ParamOffload(device="nvme")
+    with pytest.raises(ValueError, match=r"one of \('cpu', 'nvme'\), got 'disk'"):
+        ParamOffload(device="disk")
 
 
 class _StateSource:
@@ -230,3 +234,63 @@ def test_sharded_load_fills_host_shards():
     for same_logits, differ, params, host, all_on_host in run_on_ranks(_sharded_load, 2, timeout=240):
         assert same_logits and differ == []
         assert params == 0 and host > 0 and all_on_host
+
+
+# ---- parameter offload to NVMe (nvme_params.py) ---------------------------------------------------
+
+
+def _nvme(rank, world, nvme_path, early):
+    """The same training with the param shards in swap files as with no offload: bit for bit;
+    the shards are views of this rank's param.<n>.swap files, counted as NVMe bytes."""
+    from pathlib import Path
+
+    base = add_frozen_and_unused(tiny_llama(0, tied=True))
+    runs, seen = [], {}
+    for param_offload in (None, ParamOffload("nvme", nvme_path=nvme_path)):
+        model = copy.deepcopy(base)
+        opt = torch.optim.AdamW(_groups(model), lr=1e-2, foreach=True)
+        offload = OptimizerOffload("cpu", chunk_numel=5000) if param_offload is not None else None
+        engine = ZeroEngine(model, opt, stage=3, bucket_numel=3000, offload=offload, offload_param=param_offload,
+                            prefetch_numel=ALL)
+        engine.set_step_in_backward(early, overlap_forward=early)
+        wrapped = ZeroModule(model, engine)
+        for step in range(STEPS):
+            for micro in range(2):
+                with (wrapped.no_sync() if micro == 0 else torch.enable_grad()):
+                    (wrapped(**batch(rank, step, micro, model.config.vocab_size)).loss / 2).backward()
+            if not early:
+                engine.clip_grad_norm_(0.5)
+            held = engine.held_bytes()
+            engine.optimizer.step()
+            wrapped.zero_grad()
+        runs.append(_full_params(model, engine))
+        if param_offload is not None:
+            mine = Path(engine._param_memory.dir.path)
+            seen = {"files": sorted(p.name for p in mine.iterdir()),
+                    "shards": sum(u.host_bytes() for u in engine.units), "held": held,
+                    "on_disk": all(u.local is None or u.local.untyped_storage().filename is not None
+                                   for u in engine.units if u.host is not None)}
+        engine.close()
+        if param_offload is not None:
+            seen["removed"] = not mine.exists()
+    seen["differ"] = sorted(n for n in runs[0] if not torch.equal(runs[0][n], runs[1][n]))
+    return seen
+
+
+@pytest.mark.parametrize("world,early", [(1, True), (2, False)])
+def test_nvme_param_offload_trains_like_no_offload(world, early, tmp_path):
+    for seen in run_on_ranks(_nvme, world, str(tmp_path), early, timeout=240):
+        assert seen["differ"] == []
+        assert seen["files"] and all(f.startswith("param.") and f.endswith(".swap") for f in seen["files"])
+        assert seen["on_disk"] and seen["removed"]
+        # The shards count as NVMe bytes, not host memory (the host holds the optimizer's masters and state).
+        assert seen["held"]["nvme_offload"] == seen["shards"] > 0
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_nvme_param_offload_refuses_a_missing_directory(tmp_path):
+    model = tiny_llama(0)
+    with pytest.raises(ConfigError, match=r'offload_param.nvme_path = ".*nope": the directory does not exist'):
+        ZeroEngine(model, torch.optim.AdamW(model.parameters()), stage=3, bucket_numel=3000,
+                   offload=OptimizerOffload("cpu"), offload_param=ParamOffload("nvme", nvme_path=str(tmp_path / "nope")))
+    assert list(tmp_path.iterdir()) == []

@@ -33,11 +33,11 @@ def test_typo_fails_before_ranks_start(tmp_path):
     assert not (tmp_path / "out").exists()
 
 
-def test_feature_not_built_yet_fails_before_ranks_start(tmp_path):
+def test_bad_offload_device_fails_before_ranks_start(tmp_path):
     proc = _launch(tmp_path, {"zero_optimization": {"stage": 3, "offload_optimizer": {"device": "cpu"},
-                                                    "offload_param": {"device": "nvme", "nvme_path": str(tmp_path)}}})
+                                                    "offload_param": {"device": "disk"}}})
     assert proc.returncode == 2
-    assert "offload_param" in proc.stderr and "not implemented yet" in proc.stderr
+    assert "offload_param.device" in proc.stderr and '"disk"' in proc.stderr
     assert "torch.distributed.run" not in proc.stderr  # no rank was started
 
 

@@ -1,4 +1,4 @@
-"""Parameter offload (``offload_param.device = "cpu"``) through the Trainer, on 2 CPU gloo ranks:
+"""Parameter offload (``offload_param.device`` "cpu" and "nvme") through the Trainer, on 2 CPU gloo ranks:
 a DeepSpeed-style config trains exactly as optimizer offload alone, ``save_model`` streams the
 same files, and its checkpoints resume bit for bit."""
 
@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import os
 
+import pytest
 from transformers import Trainer, TrainingArguments
 
 from hf_zero.testing.multiprocess import run_on_ranks
@@ -22,7 +23,11 @@ def _run(rank, world, out, offload_param, resume_from=None, max_steps=4):
                              weight_decay=0.1, max_grad_norm=0.5, logging_steps=1, disable_tqdm=True, seed=0)
     zero = {"stage": 3, "stage3_param_persistence_threshold": 0,
             "offload_optimizer": {"device": "cpu", "pin_memory": True}}
-    if offload_param:
+    if offload_param == "nvme":
+        swap = os.path.join(str(out), "swap")
+        os.makedirs(swap, exist_ok=True)
+        zero["offload_param"] = {"device": "nvme", "nvme_path": swap}
+    elif offload_param:
         zero["offload_param"] = {"device": "cpu", "pin_memory": True}
     zt.activate({"zero_optimization": zero})
     try:
@@ -41,18 +46,21 @@ def _run(rank, world, out, offload_param, resume_from=None, max_steps=4):
     return losses, on_host, saved
 
 
-def _three_runs(rank, world, out):
+def _three_runs(rank, world, out, device):
     """Optimizer offload alone, with parameter offload, and the latter resumed from its
     checkpoint-2: three Trainers in one process per rank (one start-up of the ranks)."""
-    return (_run(rank, world, out / "a", False), _run(rank, world, out / "b", True),
-            _run(rank, world, out / "c", True, resume_from=out / "b" / "checkpoint-2"))
+    return (_run(rank, world, out / "a", False), _run(rank, world, out / "b", device),
+            _run(rank, world, out / "c", device, resume_from=out / "b" / "checkpoint-2"))
 
 
-def test_trains_saves_and_resumes_as_optimizer_offload_alone(tmp_path):
+@pytest.mark.parametrize("device", ["cpu", "nvme"])
+def test_trains_saves_and_resumes_as_optimizer_offload_alone(tmp_path, device):
     (plain, plain_units, plain_file), (off, off_units, off_file), (resumed, _, resumed_file) = \
-        run_on_ranks(_three_runs, 2, tmp_path, timeout=300)[0]
+        run_on_ranks(_three_runs, 2, tmp_path, device, timeout=300)[0]
     assert not any(plain_units) and all(off_units)  # persistence threshold 0: every unit's shards on the host
     assert off == plain and len(off) == 4  # same losses and grad norms, bit for bit
     assert off_file == plain_file  # save_model: the same bytes
     assert [resumed[s] for s in (3, 4)] == [off[s] for s in (3, 4)]  # resumed from its checkpoint: bit for bit
     assert resumed_file == off_file
+    if device == "nvme":  # each rank removed its swap files, at the latest when it exited
+        assert not any(p.name.startswith("hf_zero-swap") for p in (tmp_path / "b" / "swap").iterdir())
