@@ -8,7 +8,10 @@ optimizer on the same number of elements, so a slow offload step can be blamed o
 
 ``--early``: no clipping, the host step runs during backward (host_step.py, [Note: step in
 backward]); each step then also prints when the worker stepped its first and last chunk, counted
-from the start of backward, and how long it was busy. ``--worker_threads N``: its CPU threads
+from the start of backward, and how long it was busy. ``--overlap_forward`` as well: no syncs
+inside a step (the worker runs on into the next forward); per step its wall time, the CPU time of
+forward, backward and ``optimizer.step()``, how long the forward's gates waited for chunks, and the
+worker's timeline from the step's start. ``--worker_threads N``: its CPU threads
 (default: the engine's choice, all cores but one).
 """
 
@@ -37,6 +40,8 @@ def main() -> None:
     p.add_argument("--micro_batch", type=int, default=4)
     p.add_argument("--seq", type=int, default=2048)
     p.add_argument("--early", action="store_true", help="no clipping: the host step runs in backward")
+    p.add_argument("--overlap_forward", action="store_true",
+                   help="with --early: optimizer.step() returns before the host is done (no syncs inside a step)")
     p.add_argument("--worker_threads", type=int, default=None)
     p.add_argument("--chunk_numel", type=int, default=OptimizerOffload.chunk_numel)
     args = p.parse_args()
@@ -53,7 +58,7 @@ def main() -> None:
     opt = torch.optim.AdamW(model.parameters(), lr=1e-5, fused=True)
     engine = ZeroEngine(model, opt, stage=2, bucket_numel=h * h, param_dtype=torch.bfloat16,
                         offload=OptimizerOffload("cpu", ratio=args.ratio, chunk_numel=args.chunk_numel))
-    engine.set_step_in_backward(args.early)
+    engine.set_step_in_backward(args.early, overlap_forward=args.overlap_forward)
     if args.worker_threads:
         H.os.cpu_count = lambda: args.worker_threads + 1  # the worker takes all cores but one
     chunks: list[tuple[float, float]] = []  # (start, end) of each chunk's step, this step
@@ -86,6 +91,39 @@ def main() -> None:
         if dev.type == "cuda":
             torch.cuda.synchronize()
 
+    if args.overlap_forward:
+        gate = {"wait": 0.0}
+        orig_wait = H.HostStep.wait_chunk_of
+
+        def timed_wait(self, i):
+            t = time.perf_counter()
+            orig_wait(self, i)
+            gate["wait"] += time.perf_counter() - t
+
+        H.HostStep.wait_chunk_of = timed_wait
+        sync()
+        last = time.perf_counter()
+        for step in range(args.steps):
+            t0, gate["wait"] = last, 0.0
+            done = list(chunks)
+            chunks.clear()
+            with torch.autocast(dev.type, dtype=torch.bfloat16):
+                loss = model(input_ids=ids, labels=ids).loss
+            t1 = time.perf_counter()
+            loss.backward()
+            t2 = time.perf_counter()
+            opt.step()
+            t3 = time.perf_counter()
+            loss.item()  # the GPU is done with this step (the worker may not be)
+            last = time.perf_counter()
+            late = [c for c in done if c[1] > t0]
+            print(f"step {step}: {last - t0:.3f} s; CPU fwd {t1-t0:.3f} (gates waited {gate['wait']:.3f}) bwd "
+                  f"{t2-t1:.3f} step {t3-t2:.3f}; last step's chunks done after this one began: {len(late)}"
+                  + (f", the last at +{late[-1][1] - t0:.3f}" if late else ""), flush=True)
+            if chunks:
+                print(f"  worker (this step so far): {len(chunks)} chunks from +{chunks[0][0]-t0:.3f} to "
+                      f"+{chunks[-1][1]-t0:.3f}; busy {sum(e - b for b, e in chunks):.3f} s", flush=True)
+        args.steps = 0
     for step in range(args.steps):
         for k in split:
             split[k] = 0.0
