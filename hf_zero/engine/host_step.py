@@ -70,6 +70,8 @@ from torch.nn.utils import get_total_norm
 from hf_zero.engine.offload import HostMemory, OptimizerOffload, make_tier
 from hf_zero.engine.streams import Streams
 
+UPLOAD_NUMEL = 1 << 23  # fp32 elements per piece of an upload's cast on the device (32 MiB of scratch)
+
 class HostStep:
     """The pipelined host step of one layout's offloaded buckets (indices into the grad buckets).
 
@@ -110,7 +112,7 @@ class HostStep:
         self.accumulating = False
         self.max_in_flight_bytes = 4 * chunk_numel  # one chunk of fp32 grads
         self._uploads: list = []
-        self._scratch: list[torch.Tensor] = []  # device fp32, two chunk-sized, for the upload casts
+        self._scratch: torch.Tensor | None = None  # device fp32, for the upload casts (_scratch_for)
         # What the step reads and writes, from the engine (``bind``): per bucket its pieces
         # (piece, range in the bucket's shard, full param), its param shard, and a before-write wait.
         self.masters: list[torch.Tensor] = []
@@ -347,31 +349,30 @@ class HostStep:
         up = [i for i in chunk if i not in on_host]
         if not up:
             return None
-        scratch = self._scratch_for(c, sum(masters[i].numel() for i in up))
         with torch.cuda.stream(h2d):
-            offset = 0
             for i in up:
-                n = masters[i].numel()
-                if shards[i].dtype == torch.float32:
-                    shards[i].copy_(masters[i], non_blocking=True)
-                else:
-                    part = scratch[offset : offset + n]
-                    part.copy_(masters[i], non_blocking=True)  # fp32 over PCIe, cast on the device
-                    shards[i].copy_(part)
-                    offset += n
+                master, shard = masters[i], shards[i]
+                if shard.dtype == torch.float32:
+                    shard.copy_(master, non_blocking=True)
+                    continue
+                # fp32 over PCIe, cast on the device, in pieces through one small scratch tensor:
+                # the h2d stream orders its reuse, and the device holds 32 MiB for it, not a chunk.
+                scratch = self._scratch_for()
+                for start in range(0, master.numel(), UPLOAD_NUMEL):
+                    end = min(start + UPLOAD_NUMEL, master.numel())
+                    part = scratch[: end - start]
+                    part.copy_(master[start:end], non_blocking=True)
+                    shard[start:end].copy_(part)
         event = _record(h2d)
         self._uploads.append(event)
         self._upload_events[c] = event
         return event
 
-    def _scratch_for(self, c: int, numel: int) -> torch.Tensor:
-        """Two device fp32 scratch tensors used alternately; the h2d stream orders their reuse."""
-        if len(self._scratch) < 2:
-            self._scratch = [torch.empty(0, device=self.device) for _ in range(2)]
-        slot = c % 2
-        if self._scratch[slot].numel() < numel:
-            self._scratch[slot] = torch.empty(numel, dtype=torch.float32, device=self.device)
-        return self._scratch[slot]
+    def _scratch_for(self) -> torch.Tensor:
+        """The device fp32 scratch of the upload casts (``UPLOAD_NUMEL`` elements), made once."""
+        if self._scratch is None:
+            self._scratch = torch.empty(UPLOAD_NUMEL, dtype=torch.float32, device=self.device)
+        return self._scratch
 
     def wait_uploads(self) -> None:
         """The compute stream waits for every upload of this step (no host synchronisation)."""

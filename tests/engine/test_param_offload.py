@@ -41,16 +41,16 @@ def _make(base, optimizer_offload, param_offload, persist):
     return model, engine
 
 
-def _steps(model, engine, rank, start, stop):
-    """Steps ``start``..``stop`` (2 micro-steps each, clipped); per step: the grad norm, the held
-    bytes before the optimizer step, the collectives counted."""
+def _steps(model, engine, rank, start, stop, clip=0.5):
+    """Steps ``start``..``stop`` (2 micro-steps each, clipped unless ``clip`` is None); per step:
+    the grad norm, the held bytes before the optimizer step, the collectives counted."""
     wrapped, out = ZeroModule(model, engine), []
     engine.ctx.take_counts()
     for step in range(start, stop):
         for micro in range(2):
             with (wrapped.no_sync() if micro == 0 else torch.enable_grad()):
                 (wrapped(**batch(rank, step, micro, model.config.vocab_size)).loss / 2).backward()
-        norm = engine.clip_grad_norm_(0.5).item()
+        norm = (engine.clip_grad_norm_(clip) if clip is not None else engine.grad_norm()).item()
         held = engine.held_bytes()
         engine.optimizer.step()
         wrapped.zero_grad()
@@ -160,13 +160,7 @@ def _early(rank, world):
     for offload in (None, 1.0):
         model, engine = _make(base, offload, offload is not None, 0)
         engine.set_step_in_backward(True, overlap_forward=True)
-        wrapped = ZeroModule(model, engine)
-        for step in range(STEPS):
-            for micro in range(2):
-                with (wrapped.no_sync() if micro == 0 else torch.enable_grad()):
-                    (wrapped(**batch(rank, step, micro, model.config.vocab_size)).loss / 2).backward()
-            engine.optimizer.step()
-            wrapped.zero_grad()
+        _steps(model, engine, rank, 0, STEPS, clip=None)
         params.append(_full_params(model, engine))
         engine.close()
     return sorted(n for n in params[0] if not torch.equal(params[0][n], params[1][n]))
@@ -253,16 +247,7 @@ def _nvme(rank, world, nvme_path, early):
         engine = ZeroEngine(model, opt, stage=3, bucket_numel=3000, offload=offload, offload_param=param_offload,
                             prefetch_numel=ALL)
         engine.set_step_in_backward(early, overlap_forward=early)
-        wrapped = ZeroModule(model, engine)
-        for step in range(STEPS):
-            for micro in range(2):
-                with (wrapped.no_sync() if micro == 0 else torch.enable_grad()):
-                    (wrapped(**batch(rank, step, micro, model.config.vocab_size)).loss / 2).backward()
-            if not early:
-                engine.clip_grad_norm_(0.5)
-            held = engine.held_bytes()
-            engine.optimizer.step()
-            wrapped.zero_grad()
+        held = _steps(model, engine, rank, 0, STEPS, clip=None if early else 0.5)[-1][1]
         runs.append(_full_params(model, engine))
         if param_offload is not None:
             mine = Path(engine._param_memory.dir.path)
