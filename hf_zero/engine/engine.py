@@ -25,7 +25,7 @@ from torch import nn
 from torch.nn.utils import get_total_norm
 from torch.utils.hooks import RemovableHandle
 
-from hf_zero.engine import accounting, full_params, pieces
+from hf_zero.engine import accounting, full_params, pieces, step_overlap
 from hf_zero.engine import collectives as C
 from hf_zero.engine.grad_sync import BucketState, GradBucket, GradSync
 from hf_zero.engine.layout import FlatParamBuffer
@@ -90,8 +90,9 @@ class ZeroEngine:
         # The optimizer's groups as the user built them, in full params; rewritten into pieces.
         self._groups_full = [list(g["params"]) for g in optimizer.param_groups] if optimizer is not None else None
         self._step_in_backward = (False, False)  # set_step_in_backward: (early, overlap_forward)
-        self._module_buckets: dict[int, list[int]] = {}  # id(module) -> offloaded buckets of its own params
-        self._hidden: list[tuple[dict, list]] = []  # param groups' full lists during the user's step (_before_step)
+        # [Note: step in backward] in host_step.py, overlap_forward (step_overlap.py).
+        self._gates = step_overlap.ForwardGates(lambda: self._host_step)
+        self._hidden = step_overlap.HiddenPieces()
         self._build(named)
         # Until the first backward has shown the order in which gradients arrive, the layout
         # follows registration order; see _on_backward_end. One rank has nothing to overlap.
@@ -128,10 +129,7 @@ class ZeroEngine:
         self._hooks.append(self.optimizer.register_step_pre_hook(lambda *_: self._before_step()))
         self._hooks.append(self.optimizer.register_step_post_hook(lambda *_: self._after_step()))
         if self.offload is not None:  # [Note: step in backward]: forward gates, idle unless overlap_forward
-            trainable = set(self._names)
-            for module in self.model.modules():
-                if any(p in trainable for p in module.parameters(recurse=False)):
-                    self._hooks.append(module.register_forward_pre_hook(self._gate))
+            self._hooks.extend(self._gates.install(self.model, set(self._names)))
 
     # ---- layout -------------------------------------------------------------------------------
 
@@ -327,19 +325,8 @@ class ZeroEngine:
         self._host_step.run(self.optimizer, on_device, self._unused)
         for piece in on_device:
             piece.grad = None  # stepped already: the user's own step has nothing left to do
-        if self._host_step.pending:
-            # overlap_forward: the worker is still stepping offloaded pieces (each has a grad while
-            # it does): the user's step, which runs now, sees only the device pieces.
-            self._hidden = [(group, group["params"]) for group in self.optimizer.param_groups]
-            keep = {id(p) for p in on_device}
-            for group in self.optimizer.param_groups:
-                group["params"] = [p for p in group["params"] if id(p) in keep]
-
-    def _show_hidden(self) -> None:
-        """Give the optimizer back the offloaded pieces that ``_before_step`` hid. Idempotent."""
-        for group, params in self._hidden:
-            group["params"] = params
-        self._hidden = []
+        if self._host_step.pending:  # overlap_forward: the worker may be stepping offloaded pieces
+            self._hidden.hide(self.optimizer, on_device)  # until _after_step
 
     def _param_shard(self, i: int) -> torch.Tensor:
         """Bucket ``i``'s local param shard (stage 3: its unit's, maybe a host shard)."""
@@ -371,27 +358,13 @@ class ZeroEngine:
         self._host_step.download(i, gb.main_grad)
         gb.main_grad, gb.main_on_host = None, True
         if self._host_step.early:
-            self._host_step.ready(i, self._unused_in(gb))
+            params = [gb.buffer.params[s] for s in gb.bucket.slots]
+            self._host_step.ready(i, step_overlap.used_flags(self.ctx, params, self._used, gb.buffer.device,
+                                                             f"used-param flags of bucket {i}"))
 
     def _at_boundary(self) -> bool:
         """Whether the current backward ends a gradient accumulation."""
         return self._boundary_source() if self._boundary_source is not None else self._boundary
-
-    def _unused_in(self, gb: GradBucket):
-        """[Note: step in backward]: a callable giving the params of bucket ``gb`` that got no
-        gradient on any rank, final now that the bucket is reduced (at W > 1 its flags are
-        all-reduced now, in bucket order on every rank, and waited for when first asked)."""
-        params = [gb.buffer.params[s] for s in gb.bucket.slots]
-        flags = torch.tensor([p in self._used for p in params], dtype=torch.int32, device=gb.buffer.device)
-        handle = C.start_all_reduce(self.ctx, flags, label=f"used-param flags of bucket {self._bucket_index[id(gb)]}")
-        done: list[set] = []
-
-        def unused() -> set:
-            if not done:
-                done.append({p for p, u in zip(params, C.wait(handle).tolist()) if u == 0})
-            return done[0]
-
-        return unused
 
     def set_step_in_backward(self, enabled: bool, *, overlap_forward: bool = False) -> None:
         """Let the host step of offloaded buckets run during backward ([Note: step in backward] in
@@ -410,22 +383,9 @@ class ZeroEngine:
         """Every offloaded bucket's optimizer step is done and its params are in place (the
         current stream waits for their uploads): a no-op unless ``set_step_in_backward(True,
         overlap_forward=True)`` left the host step running past ``optimizer.step()``."""
-        self._show_hidden()  # (a user step that raised never reached _after_step)
+        self._hidden.show()  # (a user step that raised never reached _after_step)
         if self._host_step is not None:
             self._host_step.settle()
-
-    def _gate(self, module: nn.Module, args) -> None:
-        """Forward pre-hook ([Note: step in backward], overlap_forward): the new params of this
-        module's offloaded buckets are in place before it runs."""
-        host_step = self._host_step
-        if host_step is not None and host_step.pending:
-            for i in self._module_buckets.get(id(module), ()):
-                host_step.wait_chunk_of(i)
-
-    def _gate_bucket(self, i: int) -> None:
-        """Before bucket ``i``'s unit gathers (stage 3): its new params are in place."""
-        if self._host_step is not None and self._host_step.pending:
-            self._host_step.wait_chunk_of(i)
 
     def _grad_shards(self) -> list[torch.Tensor]:
         """Each bucket's reduced grad shard this step, where it is now (device, or host if offloaded)."""
@@ -479,7 +439,7 @@ class ZeroEngine:
     # ---- after the optimizer step -----------------------------------------------------------
 
     def _after_step(self) -> None:
-        self._show_hidden()
+        self._hidden.show()
         handles = []
         for unit in self._bucket_units:
             unit.settle_host()  # parameter offload: the shards below may be host shards

@@ -60,7 +60,6 @@ from __future__ import annotations
 import collections
 import contextlib
 import os
-import threading
 from concurrent.futures import Future
 from typing import Callable
 
@@ -68,6 +67,7 @@ import torch
 from torch.nn.utils import get_total_norm
 
 from hf_zero.engine.offload import HostMemory, OptimizerOffload, make_tier
+from hf_zero.engine.step_overlap import StepWorker, hyperparameters
 from hf_zero.engine.streams import Streams
 
 UPLOAD_NUMEL = 1 << 23  # fp32 elements per piece of an upload's cast on the device (32 MiB of scratch)
@@ -122,7 +122,7 @@ class HostStep:
         # [Note: step in backward]: chunks stepped by a worker as their grads land.
         self.early = False
         self.defer = False  # early, and the next forward waits for each chunk it needs (run)
-        self._worker: _Worker | None = None
+        self._worker: StepWorker | None = None
         self._unused: dict[int, Callable[[], set]] = {}  # bucket -> its params without a gradient anywhere
         self._next_chunk = 0  # chunks handed to the worker this step
         self._pending: dict[int, Future] = {}  # chunk -> its step on the worker, until settled
@@ -220,11 +220,11 @@ class HostStep:
             if self._worker is None:
                 # The GPU's feeder thread keeps a core of its own.
                 threads = max(1, (os.cpu_count() or 2) - 1) if self.streams.h2d is not None else None
-                self._worker = _Worker(threads, highest_first=not self.tier.on_disk)
+                self._worker = StepWorker(threads, highest_first=not self.tier.on_disk)
             events = [e for j in self.chunks[c] for e in self._ready[j]]
             skip = {j: self._unused[j] for j in self.chunks[c]}
             view = _chunk_view(self._optimizer)
-            self._pending[c] = self._worker.submit(c, self._step_chunk, c, view, _groups_now(self._optimizer),
+            self._pending[c] = self._worker.submit(c, self._step_chunk, c, view, hyperparameters(self._optimizer),
                                                    lambda j, skip=skip: skip[j](), events)
             self._next_chunk += 1
 
@@ -277,7 +277,7 @@ class HostStep:
             scale = None
         if device_pieces:
             view_dev = _chunk_view(optimizer)  # without grad_scale: these grads were clipped already
-            _step_on(view_dev, _groups_now(optimizer), device_pieces)
+            _step_on(view_dev, hyperparameters(optimizer), device_pieces)
         if self.early:
             if self._next_chunk != len(self.chunks):
                 raise AssertionError(f"{self._next_chunk} of {len(self.chunks)} chunks were handed to the step worker")
@@ -286,7 +286,7 @@ class HostStep:
             return
         self.tier.begin(optimizer, self._pieces_of())
         try:
-            groups = _groups_now(optimizer)
+            groups = hyperparameters(optimizer)
             for c, chunk in enumerate(self.chunks):
                 for i in chunk:
                     self._settle(i)
@@ -409,55 +409,6 @@ def _step_on(view: torch.optim.Optimizer, groups: list[dict], pieces: list) -> N
     view.param_groups = [{**group, "params": [p for p in group["params"] if id(p) in wanted]} for group in groups]
     view.step()
 
-
-def _groups_now(optimizer: torch.optim.Optimizer) -> list[dict]:
-    """The optimizer's param groups as they are now: an LR scheduler may change them (tensors in
-    place) before a worker steps with them."""
-    return [{k: v.clone() if torch.is_tensor(v) else v for k, v in group.items()} for group in optimizer.param_groups]
-
-
-class _Worker:
-    """The thread that steps chunks ([Note: step in backward]), the highest chunk index first
-    (``highest_first``; else the lowest): the chunks left when backward ends are then stepped in
-    the order the next forward uses them (bucket 0 holds the last layers)."""
-
-    def __init__(self, threads: int | None, highest_first: bool) -> None:
-        self.threads, self.highest_first = threads, highest_first
-        self._cv = threading.Condition()
-        self._queue: dict[int, tuple[Future, Callable, tuple]] = {}
-        self._closed = False
-        self._thread = threading.Thread(target=self._loop, name="hf_zero-host-step", daemon=True)
-        self._thread.start()
-
-    def submit(self, c: int, fn: Callable, *args) -> Future:
-        future: Future = Future()
-        with self._cv:
-            self._queue[c] = (future, fn, args)
-            self._cv.notify()
-        return future
-
-    def _loop(self) -> None:
-        if self.threads is not None:
-            torch.set_num_threads(self.threads)
-        while True:
-            with self._cv:
-                while not self._queue and not self._closed:
-                    self._cv.wait()
-                if not self._queue:
-                    return
-                future, fn, args = self._queue.pop(max(self._queue) if self.highest_first else min(self._queue))
-            if not future.set_running_or_notify_cancel():
-                continue
-            try:
-                future.set_result(fn(*args))
-            except BaseException as error:  # re-raised where the result is asked for
-                future.set_exception(error)
-
-    def close(self) -> None:
-        with self._cv:
-            self._closed = True
-            self._cv.notify()
-        self._thread.join()
 
 
 def _chunk_view(optimizer: torch.optim.Optimizer) -> torch.optim.Optimizer:

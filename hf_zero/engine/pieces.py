@@ -13,7 +13,6 @@ one): a model sharded as it loads (hf_zero/init) holds only its param shards unt
 
 from __future__ import annotations
 
-import functools
 import warnings
 
 import torch
@@ -69,19 +68,13 @@ def build_masters(engine) -> None:
         engine._host_step.bind(engine.optimizer, engine.masters, by_bucket, engine._param_shard,
                                engine._settle_param_shard)
         engine._host_step.early, engine._host_step.defer = engine._step_in_backward
-    # [Note: step in backward], overlap_forward: what the next forward waits for, module by module
-    # (ZeroEngine._gate), and each stage-3 unit before it gathers (ZeroEngine._gate_bucket).
-    engine._module_buckets = {}
-    if engine._host_step is not None:
-        for module in engine.model.modules():
-            own = [engine._bucket_index[id(engine._where[p][0])] for p in module.parameters(recurse=False)
-                   if p in engine._where]
-            own = sorted({i for i in own if engine._offloaded[i]})
-            if own:
-                engine._module_buckets[id(module)] = own
-        for i, unit in enumerate(engine._bucket_units):
-            if engine._offloaded[i]:
-                unit.before_gather = functools.partial(engine._gate_bucket, i)
+
+        # [Note: step in backward], overlap_forward: what the next forward waits for (step_overlap.py).
+        def offloaded_bucket(p):
+            i = engine._bucket_index[id(engine._where[p][0])] if p in engine._where else None
+            return i if i is not None and engine._offloaded[i] else None
+
+        engine._gates.lay_out(engine.model, offloaded_bucket, engine._bucket_units)
 
 
 def rewrite_optimizer(engine) -> None:

@@ -1,0 +1,146 @@
+"""What lets the host step of optimizer offload overlap the GPU ([Note: step in backward] in
+host_step.py), apart from the host step itself:
+
+- ``StepWorker``: the thread that steps chunks, the highest chunk index first;
+- ``hyperparameters``: the optimizer's groups as they are when a chunk is handed over;
+- ``used_flags``: which params of a bucket got a gradient on some rank, all-reduced as the bucket
+  goes down (the step skips the others, as under DDP);
+- ``ForwardGates``: what the next forward waits for, module by module, and each stage-3 unit
+  before it gathers (``overlap_forward``);
+- ``HiddenPieces``: the offloaded pieces kept out of the user's own ``optimizer.step()`` while the
+  worker may be stepping them (each has a grad then).
+"""
+
+from __future__ import annotations
+
+import functools
+import threading
+from concurrent.futures import Future
+from typing import Callable
+
+import torch
+from torch import nn
+
+from hf_zero.engine import collectives as C
+
+
+class StepWorker:
+    """The thread that steps chunks, the highest chunk index first (``highest_first``; else the
+    lowest): the chunks left when backward ends are then stepped in the order the next forward
+    uses them (bucket 0 holds the last layers). ``threads``: its intra-op threads (None: as is)."""
+
+    def __init__(self, threads: int | None, highest_first: bool) -> None:
+        self.threads, self.highest_first = threads, highest_first
+        self._cv = threading.Condition()
+        self._queue: dict[int, tuple[Future, Callable, tuple]] = {}
+        self._closed = False
+        self._thread = threading.Thread(target=self._loop, name="hf_zero-host-step", daemon=True)
+        self._thread.start()
+
+    def submit(self, c: int, fn: Callable, *args) -> Future:
+        future: Future = Future()
+        with self._cv:
+            self._queue[c] = (future, fn, args)
+            self._cv.notify()
+        return future
+
+    def _loop(self) -> None:
+        if self.threads is not None:
+            torch.set_num_threads(self.threads)
+        while True:
+            with self._cv:
+                while not self._queue and not self._closed:
+                    self._cv.wait()
+                if not self._queue:
+                    return
+                future, fn, args = self._queue.pop(max(self._queue) if self.highest_first else min(self._queue))
+            if not future.set_running_or_notify_cancel():
+                continue
+            try:
+                future.set_result(fn(*args))
+            except BaseException as error:  # re-raised where the result is asked for
+                future.set_exception(error)
+
+    def close(self) -> None:
+        with self._cv:
+            self._closed = True
+            self._cv.notify()
+        self._thread.join()
+
+
+def hyperparameters(optimizer: torch.optim.Optimizer) -> list[dict]:
+    """The optimizer's param groups as they are now: an LR scheduler may change them (tensors in
+    place) before a worker steps with them."""
+    return [{k: v.clone() if torch.is_tensor(v) else v for k, v in group.items()} for group in optimizer.param_groups]
+
+
+def used_flags(ctx: C.CommContext, params: list[nn.Parameter], used: set, device: torch.device,
+               label: str) -> Callable[[], set]:
+    """A callable giving those of ``params`` (one bucket's) that got no gradient on any rank.
+    Called when the bucket is reduced, so this rank's ``used`` is final for them; at W > 1 the
+    flags are all-reduced now (in bucket order on every rank) and waited for when first asked."""
+    flags = torch.tensor([p in used for p in params], dtype=torch.int32, device=device)
+    handle = C.start_all_reduce(ctx, flags, label=label)
+    done: list[set] = []
+
+    def unused() -> set:
+        if not done:
+            done.append({p for p, u in zip(params, C.wait(handle).tolist()) if u == 0})
+        return done[0]
+
+    return unused
+
+
+class ForwardGates:
+    """``overlap_forward``: before a module runs, the new params of its offloaded buckets are in
+    place (forward pre-hooks); before a stage-3 unit gathers, its own (``ParamUnit.before_gather``,
+    on the gather stream, so prefetches wait too). Idle while nothing is pending."""
+
+    def __init__(self, host_step_of: Callable[[], object]) -> None:
+        self._host_step_of = host_step_of  # the engine's current host step (a re-layout makes a new one)
+        self._buckets: dict[int, list[int]] = {}  # id(module) -> offloaded buckets of its own params
+
+    def install(self, model: nn.Module, trainable: set) -> list:
+        return [module.register_forward_pre_hook(self._pre_forward) for module in model.modules()
+                if any(p in trainable for p in module.parameters(recurse=False))]
+
+    def lay_out(self, model: nn.Module, bucket_of: Callable[[nn.Parameter], int | None], units: list) -> None:
+        """After each layout: ``bucket_of(p)``: the offloaded bucket of a trainable ``p`` (else None);
+        ``units``: stage 3, the unit of each bucket."""
+        self._buckets = {}
+        for module in model.modules():
+            own = sorted({i for p in module.parameters(recurse=False) if (i := bucket_of(p)) is not None})
+            if own:
+                self._buckets[id(module)] = own
+        offloaded = {i for own in self._buckets.values() for i in own}
+        for i, unit in enumerate(units):
+            unit.before_gather = functools.partial(self.wait_bucket, i) if i in offloaded else None
+
+    def _pre_forward(self, module: nn.Module, args) -> None:
+        for i in self._buckets.get(id(module), ()):
+            self.wait_bucket(i)
+
+    def wait_bucket(self, i: int) -> None:
+        host_step = self._host_step_of()
+        if host_step is not None and host_step.pending:
+            host_step.wait_chunk_of(i)
+
+
+class HiddenPieces:
+    """While the worker may still step offloaded pieces (``overlap_forward``), the user's own
+    ``optimizer.step()``, which runs right after the engine's pre-hook, sees only ``keep``."""
+
+    def __init__(self) -> None:
+        self._hidden: list[tuple[dict, list]] = []  # (group, its full params list)
+
+    def hide(self, optimizer: torch.optim.Optimizer, keep: list) -> None:
+        ids = {id(p) for p in keep}
+        self._hidden = [(group, group["params"]) for group in optimizer.param_groups]
+        for group in optimizer.param_groups:
+            group["params"] = [p for p in group["params"] if id(p) in ids]
+
+    def show(self) -> None:
+        """Idempotent."""
+        for group, params in self._hidden:
+            group["params"] = params
+        self._hidden = []
