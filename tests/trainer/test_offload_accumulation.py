@@ -47,3 +47,52 @@ def test_accumulation_downloads_once_per_step(tmp_path, world, clip):
     assert len(off) == len(plain) == 3
     for got, want in zip(off, plain):
         assert got == pytest.approx(want, rel=1e-6)
+
+
+def _eval_and_save(rank, world, out, offload):
+    """No clipping, so the host step runs on into the next forward (overlap_forward): evaluation
+    after every step, a checkpoint every 2 steps and the final save must all see the new params."""
+    import os
+
+    import hf_zero.trainer as zt
+
+    model, data = tiny.offload_job()
+    args = TrainingArguments(output_dir=str(out), use_cpu=True, report_to="none", max_steps=4, save_steps=2,
+                             eval_strategy="steps", eval_steps=1, per_device_train_batch_size=2,
+                             per_device_eval_batch_size=4, learning_rate=1e-2, max_grad_norm=0.0, logging_steps=1,
+                             disable_tqdm=True, seed=0)
+    zero = {"stage": 3, "stage3_param_persistence_threshold": 0}
+    if offload:
+        zero["offload_optimizer"] = {"device": "cpu"}
+        # A slow host step, so that evaluation and saves start while the worker is still stepping.
+        import time
+
+        from hf_zero.engine import host_step as H
+
+        step_chunk = H.HostStep._step_chunk
+
+        def slow(self, *a):
+            time.sleep(0.05)
+            step_chunk(self, *a)
+
+        H.HostStep._step_chunk = slow
+    zt.activate({"zero_optimization": zero})
+    try:
+        trainer = Trainer(model=model, args=args, train_dataset=data, eval_dataset=data[:8])
+        trainer.train()
+        trainer.save_model(os.path.join(str(out), "final"))
+    finally:
+        zt.deactivate()
+    files = {}
+    if rank == 0:
+        for name in ("checkpoint-2/model.safetensors", "final/model.safetensors"):
+            with open(os.path.join(str(out), name), "rb") as f:
+                files[name] = f.read()
+    return [h["eval_loss"] for h in trainer.state.log_history if "eval_loss" in h], files
+
+
+def test_eval_and_saves_see_the_overlapped_step(tmp_path):
+    plain = run_on_ranks(_eval_and_save, 2, tmp_path / "a", False, timeout=300)[0]
+    off = run_on_ranks(_eval_and_save, 2, tmp_path / "b", True, timeout=300)[0]
+    assert len(off[0]) == 4 and off[0] == plain[0]  # eval loss after every step, bit for bit
+    assert off[1] == plain[1]  # the checkpoint's and the final save's weights
