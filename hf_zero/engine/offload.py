@@ -27,8 +27,8 @@ updated params into those host shards (a cast on the CPU) instead of uploading t
 
 With ``offload_param.device = "nvme"`` the shards are views of swap files instead (nvme_params.py).
 
-Without clipping the host step runs during backward (host_step.py, [Note: step in backward]).
-Not yet: overlapping it with the next forward.
+Without clipping the host step runs during backward and on into the next forward (host_step.py,
+[Note: step in backward]; step_overlap.py).
 """
 
 from __future__ import annotations
