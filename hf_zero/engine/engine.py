@@ -216,8 +216,7 @@ class ZeroEngine:
 
     def _on_grad(self, param: nn.Parameter) -> None:
         if not self._in_backward:
-            if self._host_step is not None:
-                self._host_step.settle()  # the last step's host work: its grads are overwritten now
+            self.settle()  # the last step's host work: its grads are overwritten now
             self._in_backward = True
             self.grad_sync.begin_backward()
             torch.autograd.Variable._execution_engine.queue_callback(self._on_backward_end)

@@ -27,8 +27,10 @@ waits for the uploads (``wait_uploads``) before anything reads the params.
 
 [Note: step in backward] Without clipping nothing waits for the global norm, so a chunk can be
 stepped as soon as its grads are on the host (``early``, ZeroEngine.set_step_in_backward): a
-worker thread steps the chunks in order while backward goes on, and the optimizer step only
-waits for it:
+worker thread (step_overlap.StepWorker) steps the chunks while backward goes on, and the optimizer
+step only waits for it, or with ``defer`` (``overlap_forward``) not even that: the worker steps
+the chunks left when backward ends in the order the next forward uses them, and each module (each
+stage-3 unit, before it gathers) waits for its own (``wait_chunk_of``); ``settle`` waits for all:
 
     backward:    [grads b0][grads b1] ...      [grads bN]
     d2h stream:     [b0]      [b1]     ...        [bN]
@@ -71,6 +73,7 @@ from hf_zero.engine.step_overlap import StepWorker, hyperparameters
 from hf_zero.engine.streams import Streams
 
 UPLOAD_NUMEL = 1 << 23  # fp32 elements per piece of an upload's cast on the device (32 MiB of scratch)
+
 
 class HostStep:
     """The pipelined host step of one layout's offloaded buckets (indices into the grad buckets).
@@ -266,7 +269,8 @@ class HostStep:
         waits for the worker, or with ``defer`` leaves it running (the next forward waits for each
         chunk as it needs it, ``wait_chunk_of``; anything else calls ``settle`` first)."""
         view = _chunk_view(optimizer)
-        self._uploads = [] if not self.early else self._uploads
+        if not self.early:  # (early: the worker has been queueing uploads since backward)
+            self._uploads = []
         scale = None if self.scale is None else float(self.scale)
         if scale is not None and scale != 1.0:
             if _scales_grads_itself(optimizer):
@@ -404,11 +408,10 @@ def _scales_grads_itself(optimizer: torch.optim.Optimizer) -> bool:
 
 def _step_on(view: torch.optim.Optimizer, groups: list[dict], pieces: list) -> None:
     """One step of ``view`` over ``pieces`` only, with the hyperparameters of ``groups``
-    (``_groups_now``: the optimizer's groups as they were when the step was asked for)."""
+    (``hyperparameters``: the optimizer's groups as they were when the step was asked for)."""
     wanted = {id(p) for p in pieces}
     view.param_groups = [{**group, "params": [p for p in group["params"] if id(p) in wanted]} for group in groups]
     view.step()
-
 
 
 def _chunk_view(optimizer: torch.optim.Optimizer) -> torch.optim.Optimizer:

@@ -29,6 +29,7 @@ import weakref
 from concurrent.futures import Future, ThreadPoolExecutor
 
 import torch
+import torch.distributed as dist
 
 from hf_zero.config.errors import ConfigError
 
@@ -72,6 +73,42 @@ PARAM_KEY = "zero_optimization.offload_param.nvme_path"
 def nvme_error(path: str, problem: str, allowed: str = "an existing, writable directory, on a local NVMe drive "
                                                            "for speed", key: str = KEY) -> ConfigError:
     return ConfigError(problem, key=key, value=path, allowed=allowed)
+
+
+def check_directory(path: str, needed: int, kinds: int, ctx, *, what: str | None = None,
+                    key: str = KEY, less: str = "offload less (offload_optimizer.ratio)") -> None:
+    """Before any file is made: ``path`` exists, is writable, and has room for the swap files of
+    every rank of this host that uses it. Ranks agree first, so all raise or none does.
+    ``what``: the swap files, as the error names them (default: the optimizer's, ``kinds``)."""
+    problem = directory_problem(path)
+    device, free = None, 0
+    if problem is None:
+        remove_stale(path)  # a crashed run's files: their room is ours again
+        device, free = os.stat(path).st_dev, free_bytes(path)
+    mine = (problem, host_name(), device, needed)
+    everyone = [mine]
+    if ctx is not None and ctx.world_size > 1:
+        everyone = [None] * ctx.world_size
+        dist.all_gather_object(everyone, mine, group=ctx.group)
+    if problem is not None:
+        raise nvme_error(path, problem, key=key)
+    others = [(r, p) for r, (p, *_) in enumerate(everyone) if p is not None]
+    if others:
+        r, p = others[0]
+        raise nvme_error(path, f"rank {r} cannot use it: {p}", key=key)
+    sharing = [n for (_, host, dev, n) in everyone if (host, dev) == (mine[1], device)]
+    total = sum(sharing)
+    if total > free:
+        from hf_zero.doctor.result import fmt_bytes
+
+        what = what or f"optimizer swap files (fp32 masters and {kinds - 1} optimizer state tensors per element)"
+        raise nvme_error(
+            path,
+            f"{fmt_bytes(free)} free, {fmt_bytes(total)} needed for the {what} of {len(sharing)} "
+            f"rank(s) on this host ({fmt_bytes(needed)} per rank)",
+            allowed=f"a directory with at least {fmt_bytes(total)} free; or {less}, or use more ranks",
+            key=key,
+        )
 
 
 def _pid_alive(pid: int) -> bool:

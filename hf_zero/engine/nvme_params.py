@@ -30,11 +30,9 @@ class NvmeParamMemory:
     on_disk = True  # accounting: the shards are counted as NVMe, not host memory
 
     def __init__(self, nvme_path: str, needed_bytes: int, ctx) -> None:
-        from hf_zero.engine.nvme_swap import _check_directory
-
-        _check_directory(nvme_path, needed_bytes, 0, ctx, key=nvme_files.PARAM_KEY,
-                         what="parameter swap files (each rank's param shards, in the params' dtype)",
-                         less="keep the parameters in host memory (offload_param.device \"cpu\")")
+        nvme_files.check_directory(nvme_path, needed_bytes, 0, ctx, key=nvme_files.PARAM_KEY,
+                                   what="parameter swap files (each rank's param shards, in the params' dtype)",
+                                   less="keep the parameters in host memory (offload_param.device \"cpu\")")
         self.dir = SwapDir(nvme_path, ctx.rank if ctx is not None else 0)
         self._count = 0
 
@@ -48,12 +46,6 @@ class NvmeParamMemory:
         out = self.empty(src.numel(), dtype).view(src.shape)
         out.copy_(src)
         return out
-
-    def reserved_bytes(self) -> int:
-        return 0  # no host memory: file pages
-
-    def disk_bytes(self) -> int:
-        return self.dir.disk_bytes()
 
     def close(self) -> None:
         self.dir.remove()

@@ -29,14 +29,12 @@ the views, are current again. Lifecycle of a chunk: ``ChunkState``.
 from __future__ import annotations
 
 import enum
-import os
 from concurrent.futures import Future
 
 import torch
-import torch.distributed as dist
 
 from hf_zero.engine import nvme_files
-from hf_zero.engine.nvme_files import BLOCK_BYTES, SwapDir, nvme_error
+from hf_zero.engine.nvme_files import BLOCK_BYTES, SwapDir
 from hf_zero.engine.offload import HostMemory, OptimizerOffload
 from hf_zero.engine.stages import NotAvailableYet
 
@@ -100,7 +98,7 @@ class NvmeTier:
         self.file_numel = end
         self.slot_numel = max(self.span, default=0)
         kinds = 1 + state_tensors_per_element(optimizer)
-        _check_directory(offload.nvme_path, kinds * self.file_numel * 4, kinds, ctx)
+        nvme_files.check_directory(offload.nvme_path, kinds * self.file_numel * 4, kinds, ctx)
         self.dir = SwapDir(offload.nvme_path, ctx.rank if ctx is not None else 0)
         self.dir.file("master", self.file_numel)
         n = offload.buffer_count
@@ -264,39 +262,3 @@ class NvmeTier:
 def _wait(futures: list[Future]) -> None:
     for f in futures:
         f.result()
-
-
-def _check_directory(path: str, needed: int, kinds: int, ctx, *, what: str | None = None,
-                     key: str = nvme_files.KEY, less: str = "offload less (offload_optimizer.ratio)") -> None:
-    """Before any file is made: ``path`` exists, is writable, and has room for the swap files of
-    every rank of this host that uses it. Ranks agree first, so all raise or none does.
-    ``what``: the swap files, as the error names them (default: the optimizer's, ``kinds``)."""
-    problem = nvme_files.directory_problem(path)
-    device, free = None, 0
-    if problem is None:
-        nvme_files.remove_stale(path)  # a crashed run's files: their room is ours again
-        device, free = os.stat(path).st_dev, nvme_files.free_bytes(path)
-    mine = (problem, nvme_files.host_name(), device, needed)
-    everyone = [mine]
-    if ctx is not None and ctx.world_size > 1:
-        everyone = [None] * ctx.world_size
-        dist.all_gather_object(everyone, mine, group=ctx.group)
-    if problem is not None:
-        raise nvme_error(path, problem, key=key)
-    others = [(r, p) for r, (p, *_) in enumerate(everyone) if p is not None]
-    if others:
-        r, p = others[0]
-        raise nvme_error(path, f"rank {r} cannot use it: {p}", key=key)
-    sharing = [n for (_, host, dev, n) in everyone if (host, dev) == (mine[1], device)]
-    total = sum(sharing)
-    if total > free:
-        from hf_zero.doctor.result import fmt_bytes
-
-        what = what or f"optimizer swap files (fp32 masters and {kinds - 1} optimizer state tensors per element)"
-        raise nvme_error(
-            path,
-            f"{fmt_bytes(free)} free, {fmt_bytes(total)} needed for the {what} of {len(sharing)} "
-            f"rank(s) on this host ({fmt_bytes(needed)} per rank)",
-            allowed=f"a directory with at least {fmt_bytes(total)} free; or {less}, or use more ranks",
-            key=key,
-        )

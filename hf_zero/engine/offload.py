@@ -100,7 +100,7 @@ class ParamOffload:
 
         world = ctx.world_size if ctx is not None else 1
         params = sum(p.numel() * p.element_size() for p in model.parameters())
-        holders = sum(1 for m in model.modules() if any(True for _ in m.parameters(recurse=False)))
+        holders = sum(1 for m in model.modules() if next(m.parameters(recurse=False), None) is not None)
         return NvmeParamMemory(self.nvme_path, -(-params // world) + 2 * BLOCK_BYTES * holders, ctx)
 
 

@@ -117,8 +117,10 @@ class ForwardGates:
             unit.before_gather = functools.partial(self.wait_bucket, i) if i in offloaded else None
 
     def _pre_forward(self, module: nn.Module, args) -> None:
-        for i in self._buckets.get(id(module), ()):
-            self.wait_bucket(i)
+        host_step = self._host_step_of()
+        if host_step is not None and host_step.pending:  # (every forward passes here: cheap when idle)
+            for i in self._buckets.get(id(module), ()):
+                host_step.wait_chunk_of(i)
 
     def wait_bucket(self, i: int) -> None:
         host_step = self._host_step_of()

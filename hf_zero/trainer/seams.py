@@ -233,8 +233,7 @@ def _save_optimizer_and_scheduler(self, output_dir):
     session = S.session_of(self)
     if session is None or session.engine is None:
         return _original("_save_optimizer_and_scheduler")(self, output_dir)
-    session.engine.settle()
-    checkpoint.save(session.engine, output_dir)  # every rank its own shard
+    checkpoint.save(session.engine, output_dir)  # every rank its own shard (settled: _save_checkpoint)
     if self.args.should_save:
         torch.save(self.lr_scheduler.state_dict(), os.path.join(output_dir, checkpoint.SCHEDULER_NAME))
 
