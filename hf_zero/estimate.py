@@ -36,6 +36,7 @@ from dataclasses import dataclass
 
 import torch
 
+from hf_zero.byte_units import fmt_bytes as _fmt
 from hf_zero.engine.grad_sync import MAX_IN_FLIGHT
 from hf_zero.engine.layout import PARAM_ALIGN
 
@@ -324,15 +325,6 @@ def activation_shape(cfg) -> ActivationShape | None:
 
 
 # ---- the command --------------------------------------------------------------------------------
-
-
-def _fmt(n: float | None) -> str:
-    if n is None:
-        return "n/a"
-    for unit, size in (("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
-        if n >= size:
-            return f"{n / size:.2f} {unit}"
-    return f"{int(n)} B"
 
 
 def _parse_bucket(text: str) -> int | str:

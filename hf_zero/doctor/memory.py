@@ -9,7 +9,8 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
-from hf_zero.doctor.result import CheckResult, failed, fmt_bytes, passed, skipped, warned
+from hf_zero.byte_units import fmt_bytes
+from hf_zero.doctor.result import CheckResult, failed, passed, skipped, warned
 from hf_zero.doctor.sizing import ModelInfo, RunSpec, host_load_bytes, rank_bytes, variant
 
 MODEL = "model"

@@ -13,7 +13,8 @@ import shutil
 import tempfile
 import time
 
-from hf_zero.doctor.result import CheckResult, failed, fmt_bytes, passed, warned
+from hf_zero.byte_units import fmt_bytes
+from hf_zero.doctor.result import CheckResult, failed, passed, warned
 
 NVME = "nvme"
 TEST_BYTES = 64 * 2**20

@@ -49,10 +49,3 @@ def failed(name: str, detail: str, fix: str) -> CheckResult:
 
 def skipped(name: str, detail: str) -> CheckResult:
     return CheckResult(name, Status.SKIP, detail)
-
-
-def fmt_bytes(n: float | None) -> str:
-    """Bytes as the estimator prints them (``1.50 GiB``); ``n/a`` for None."""
-    from hf_zero.estimate import _fmt  # the estimator's own formatting, so both commands agree
-
-    return _fmt(n)

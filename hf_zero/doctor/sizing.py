@@ -131,7 +131,7 @@ class RankBytes:
         return sum(self.device.values())
 
     def breakdown(self) -> str:
-        from hf_zero.doctor.result import fmt_bytes
+        from hf_zero.byte_units import fmt_bytes
 
         return ", ".join(f"{k} {fmt_bytes(v)}" for k, v in self.device.items() if v)
 

@@ -99,7 +99,7 @@ def check_directory(path: str, needed: int, kinds: int, ctx, *, what: str | None
     sharing = [n for (_, host, dev, n) in everyone if (host, dev) == (mine[1], device)]
     total = sum(sharing)
     if total > free:
-        from hf_zero.doctor.result import fmt_bytes
+        from hf_zero.byte_units import fmt_bytes
 
         what = what or f"optimizer swap files (fp32 masters and {kinds - 1} optimizer state tensors per element)"
         raise nvme_error(

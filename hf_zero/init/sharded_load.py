@@ -31,6 +31,7 @@ import torch
 from torch import nn
 
 from hf_zero.engine import ZeroEngine
+from hf_zero.engine.options import engine_options
 from hf_zero.init.sources import InitSource, SafetensorsSource
 
 # ZeroEngine option (and attribute) -> the config setting it comes from (what check_options names).
@@ -134,7 +135,6 @@ def _shard(model: nn.Module, zero_config, device, make_source) -> ZeroEngine:
     device = torch.device(device) if device is not None else _default_device()
     source = make_source(device)
     from hf_zero.config.auto import is_auto
-    from hf_zero.trainer.seams import engine_options
 
     options = engine_options(config, param_dtype="model" if is_auto(config.precision.dtype) else None)
     engine = ZeroEngine(model, None, source=source, **options)

@@ -37,8 +37,7 @@ except ImportError:  # pragma: no cover - older transformers
     rotate_checkpoints = None
 
 from hf_zero.engine import ZeroEngine, ZeroModule
-from hf_zero.engine.offload import OptimizerOffload, ParamOffload
-from hf_zero.engine.stages import NotAvailableYet
+from hf_zero.engine.options import engine_options
 from hf_zero.init import sharded_load
 from hf_zero.trainer import checkpoint
 from hf_zero.trainer.generation import sync_generate
@@ -48,9 +47,6 @@ from hf_zero.trainer import session as S
 from hf_zero.trainer.loss_scaling import check_loss_scaling, sharded_grad_scaler
 
 _ORIGINALS: dict[str, object] = {}
-# A bf16 run keeps trainable params in bf16 and the fp32 master shard in the engine (as DeepSpeed
-# does); fp32 keeps them as the model has them.
-_PARAM_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": None}
 
 
 def _seam(fn, cls=Trainer):
@@ -123,45 +119,6 @@ def create_optimizer(self, model=None):
         if session.engine.units and self.args.world_size > 1:
             sync_generate(self.model)  # every rank decodes as many steps (and gathers) as the longest
     return optimizer
-
-
-def engine_options(config, param_dtype=None) -> dict:
-    """The ZeroEngine keyword arguments for a resolved config (the one place they are mapped).
-    ``param_dtype`` "model": keep the model's own dtype (a load before the precision is known)."""
-    return dict(
-        stage=config.zero.stage,
-        bucket_numel=max(1, int(config.zero.reduce_bucket_size)),  # 0: a bucket per param
-        param_dtype=None if param_dtype == "model" else _PARAM_DTYPES[config.precision.dtype],
-        offload=_optimizer_offload(config),
-        offload_param=_param_offload(config),  # stage 3 only (the config refuses it below)
-        prefetch_numel=int(config.zero.prefetch_bucket_size),  # stage 3 only, like the next two
-        max_live_numel=int(config.zero.max_live_parameters),
-        persistence_threshold=int(config.zero.param_persistence_threshold),
-    )
-
-
-def _optimizer_offload(config) -> OptimizerOffload | None:
-    spec = config.zero.offload_optimizer
-    if spec.device == "none":
-        return None
-    if config.precision.dtype == "fp16":
-        raise NotAvailableYet(
-            f"zero_optimization.offload_optimizer.device = {spec.device!r} with fp16: optimizer offload with fp16 "
-            "loss scaling is not implemented yet in hf_zero; use bf16 or fp32, or no offload"
-        )
-    if spec.device == "nvme":  # chunks of buffer_size elements, buffer_count of them in host memory
-        return OptimizerOffload(device="nvme", pin_memory=spec.pin_memory, ratio=spec.ratio,
-                                chunk_numel=spec.buffer_size, nvme_path=spec.nvme_path,
-                                buffer_count=spec.buffer_count)
-    return OptimizerOffload(device=spec.device, pin_memory=spec.pin_memory, ratio=spec.ratio)
-
-
-def _param_offload(config) -> ParamOffload | None:
-    """Stage 3 parameter offload ("cpu" or "nvme"); the config has checked the stage, that the
-    optimizer is offloaded too, and that "nvme" has its nvme_path."""
-    spec = config.zero.offload_param
-    return None if spec.device == "none" else ParamOffload(device=spec.device, pin_memory=spec.pin_memory,
-                                                           nvme_path=spec.nvme_path)
 
 
 @_seam
