@@ -45,6 +45,7 @@ from hf_zero.trainer.streamed_save import save_stage3
 from hf_zero.trainer.verify import verify_saved_adapter, verify_saved_weights
 from hf_zero.trainer import session as S
 from hf_zero.trainer.loss_scaling import check_loss_scaling, sharded_grad_scaler
+from hf_zero.trainer.seam_check import original_of
 
 _ORIGINALS: dict[str, object] = {}
 
@@ -224,7 +225,7 @@ def _save_checkpoint(self, model, trial):
 
 
 @_seam
-def train(self, resume_from_checkpoint=None, trial=None, **kwargs):
+def train(self, resume_from_checkpoint=None, trial=None, ignore_keys_for_eval=None):
     session = S.session_of(self)
     if session is not None and session.stage >= 1 and resume_from_checkpoint is True:
         resume_from_checkpoint = checkpoint.newest_complete(self.args.output_dir)
@@ -237,14 +238,19 @@ def train(self, resume_from_checkpoint=None, trial=None, **kwargs):
         # Refuse a checkpoint of another model, or with a missing or cut-short file, before any work.
         checkpoint.check(resume_from_checkpoint, checkpoint.trainable_shapes(self.model, session.engine))
     try:
-        return _original("train")(self, resume_from_checkpoint=resume_from_checkpoint, trial=trial, **kwargs)
+        return _original("train")(self, resume_from_checkpoint=resume_from_checkpoint, trial=trial,
+                                  ignore_keys_for_eval=ignore_keys_for_eval)
     finally:
         if session is not None and session.engine is not None:
             session.engine.settle()  # the params are the trained ones when train() returns
 
 
 @_seam
-def _load_optimizer_and_scheduler(self, checkpoint_dir):
+def _load_optimizer_and_scheduler(self, checkpoint):  # transformers' name: callers may pass it by keyword
+    return _load_sharded_state(self, checkpoint)
+
+
+def _load_sharded_state(self, checkpoint_dir):
     session = S.session_of(self)
     if session is None or session.engine is None or checkpoint_dir is None:
         return _original("_load_optimizer_and_scheduler")(self, checkpoint_dir)
@@ -291,10 +297,10 @@ def _is_peft(model) -> bool:
 
 def install() -> None:
     """Wrap the methods above; idempotent."""
-    for key, (cls, wrapper) in _SEAMS.items():
-        if key in _ORIGINALS:
-            continue
-        original = cls.__dict__[wrapper.__name__]
+    # Every method found first (along the MRO: a mixin's too), so a missing one installs nothing.
+    found = {key: original_of(cls, wrapper) for key, (cls, wrapper) in _SEAMS.items() if key not in _ORIGINALS}
+    for key, original in found.items():
+        cls, wrapper = _SEAMS[key]
         _ORIGINALS[key] = original
         if isinstance(original, classmethod):  # from_pretrained
             setattr(cls, wrapper.__name__, classmethod(functools.wraps(original.__func__)(wrapper)))
