@@ -16,6 +16,7 @@ from hf_zero.config.deepspeed import from_deepspeed
 from hf_zero.config.errors import ConfigError, show
 from hf_zero.config.native import VERSION_KEY, from_native
 from hf_zero.config.schema import HfZeroConfig
+from hf_zero.config.small_file import read_small_text
 
 DICT_SOURCE = "<dict>"
 """Source name used in messages for a config passed as a dict."""
@@ -54,13 +55,7 @@ def load_config(
 
 
 def _read_json(path: str | os.PathLike[str], source: str) -> Any:
-    try:
-        with open(path, encoding="utf-8") as handle:
-            text = handle.read()
-    except FileNotFoundError:
-        raise ConfigError(f"config file not found: {os.fspath(path)}") from None
-    except (OSError, UnicodeDecodeError, ValueError) as err:  # ValueError: NUL in the path
-        raise ConfigError(f"cannot read config file {os.fspath(path)}: {err}") from None
+    text = read_small_text(path)  # a regular file of at most 1 MiB: never /dev/zero, a FIFO, a directory
     try:
         return json.loads(text, object_pairs_hook=lambda pairs: _no_duplicates(pairs, source))
     except json.JSONDecodeError as err:

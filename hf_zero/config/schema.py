@@ -147,7 +147,7 @@ class HfZeroConfig:
         stopped. Each rank's watchdog thread then prints one report on every rank naming the
         ranks, the collectives and the stage-3 units where they disagree, and exits with code 3;
         a rank that raises stops the others within about a second the same way. 0 turns the
-        watchdog off. Default 300: far above any step's wait, well under NCCL's and gloo's own
+        watchdog off; otherwise at least 1 (a shorter wait would stop healthy jobs). Default 300: far above any step's wait, well under NCCL's and gloo's own
         timeouts, which stop a hung job after 10-30 minutes without saying which rank went
         astray. Raise it if one rank legitimately works alone for longer between collectives.""",
     )
@@ -172,8 +172,16 @@ class HfZeroConfig:
             checks.integer(self, name, minimum=1, auto=True, none=True)
         checks.integer(self, "steps_per_print", minimum=0)
         checks.boolean(self, "wall_clock_breakdown")
-        checks.number(self, "comm_timeout_s", minimum=0.0)
+        self._check_comm_timeout()
         checks.text(self, "source", none=True)
+
+    def _check_comm_timeout(self) -> None:
+        """0 or at least a second: below that every healthy collective (a gather of a large unit,
+        a reduce-scatter behind a slow rank) would be reported as a hang and the job stopped."""
+        value = checks.number(self, "comm_timeout_s")  # a finite number
+        if value != 0.0 and value < 1.0:
+            raise checks.fail(self, "comm_timeout_s", "out of range", value=value,
+                              allowed="0 (no watchdog) or a finite number of seconds >= 1")
 
 
 __all__ = [

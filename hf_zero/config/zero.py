@@ -205,10 +205,12 @@ class ZeroConfig:
 
     def __post_init__(self) -> None:
         stage = checks.integer(self, "stage", minimum=0, maximum=3)
-        for name in ("reduce_bucket_size", "allgather_bucket_size", "prefetch_bucket_size",
-                     "param_persistence_threshold"):
+        for name in ("reduce_bucket_size", "allgather_bucket_size"):  # a bucket holds at least an element
+            checks.integer(self, name, minimum=1, auto=True)
+        for name in ("prefetch_bucket_size", "param_persistence_threshold"):  # 0: no prefetch, shard all
             checks.integer(self, name, minimum=0, auto=True)
-        for name in ("max_live_parameters", "max_reuse_distance", "sub_group_size"):
+        checks.integer(self, "sub_group_size", minimum=1)
+        for name in ("max_live_parameters", "max_reuse_distance"):  # 0: nothing beyond the unit in use
             checks.integer(self, name, minimum=0)
         if checks.boolean(self, "overlap_comm", none=True) is None:
             object.__setattr__(self, "overlap_comm", stage == 3)

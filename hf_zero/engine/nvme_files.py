@@ -8,8 +8,9 @@ Each rank that offloads optimizer state to NVMe owns one directory under ``nvme_
         state.exp_avg_sq.swap
 
 Nothing else is ever created there, and nothing else is ever removed: ``remove_stale`` deletes only
-``*.swap`` files inside directories of this naming whose process (same host, that pid) is gone
-(a crashed run), then the directory if it is empty; ``SwapDir.remove`` does the same for this run's
+regular files of these names, owned by this user, inside real directories (never through a
+symlink) of this naming, owned by this user, whose process (same host, that pid) is gone (a crashed
+run), then the directory if it is empty; ``SwapDir.remove`` does the same for this run's
 own directory at ``close()``, and a finalizer when it is collected or the interpreter exits.
 
 Transfers go through ``os.preadv``/``os.pwrite`` (they release the GIL) in requests of
@@ -24,6 +25,7 @@ import os
 import re
 import shutil
 import socket
+import stat
 import tempfile
 import weakref
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -40,6 +42,7 @@ BLOCK_BYTES = 1 << 20  # file offsets and transfer lengths are multiples of this
 REQUEST_BYTES = 8 << 20  # one pread/pwrite; a chunk's transfer is split into these
 IO_THREADS = 4  # requests in flight at once, per rank
 _NAME = re.compile(rf"^{PREFIX}-(?P<host>.+)-(?P<pid>\d+)-rank(?P<rank>\d+)-(?P<serial>\d+)$")
+_FILE = re.compile(r"^(master|state\.[A-Za-z0-9_]+|param\.\d+)\.swap$")  # the names SwapDir.file gives
 _serial = 0
 
 
@@ -122,17 +125,28 @@ def _pid_alive(pid: int) -> bool:
 
 
 def _remove_ours(directory: str) -> None:
-    """Remove our ``*.swap`` files in ``directory``, then the directory if nothing else is left."""
+    """Remove our swap files in ``directory``, then the directory if nothing else is left.
+
+    Ours: regular files (``lstat``: a symlink is never followed, a subdirectory never entered) named
+    as ``SwapDir.file`` names them (``_FILE``) and owned by this user. The directory is opened
+    with O_NOFOLLOW and every name is looked up relative to that descriptor, so a directory swapped
+    for a link meanwhile cannot redirect the removals elsewhere."""
     try:
-        names = os.listdir(directory)
-    except FileNotFoundError:
-        return
-    for name in names:
-        if name.endswith(SUFFIX):
+        fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
+    except OSError:
+        return  # gone, or a link / not a directory: nothing of ours
+    try:
+        for name in os.listdir(fd):
+            if _FILE.match(name) is None:
+                continue
             try:
-                os.remove(os.path.join(directory, name))
+                info = os.lstat(name, dir_fd=fd)
+                if stat.S_ISREG(info.st_mode) and info.st_uid == os.getuid():
+                    os.unlink(name, dir_fd=fd)
             except FileNotFoundError:
                 pass  # another rank of this host removed it first
+    finally:
+        os.close(fd)
     try:
         os.rmdir(directory)
     except OSError:
@@ -140,12 +154,21 @@ def _remove_ours(directory: str) -> None:
 
 
 def remove_stale(path: str) -> list[str]:
-    """Remove the swap files of dead runs of this host in ``path``; returns the directories seen as stale."""
+    """Remove the swap files of dead runs of this host in ``path``; returns the directories seen as stale.
+
+    Stale: a real directory (not a link to one) named like ours, of this host, owned by this user,
+    whose process is gone. Only our own files in it are removed (``_remove_ours``)."""
     host, stale = host_name(), []
     for name in os.listdir(path):
         match = _NAME.match(name)
+        if match is None or match["host"] != host:
+            continue
         full = os.path.join(path, name)
-        if match is None or match["host"] != host or not os.path.isdir(full):
+        try:
+            info = os.lstat(full)
+        except FileNotFoundError:
+            continue
+        if not stat.S_ISDIR(info.st_mode) or info.st_uid != os.getuid():
             continue
         pid = int(match["pid"])
         if pid == os.getpid() or _pid_alive(pid):

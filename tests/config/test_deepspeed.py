@@ -146,7 +146,7 @@ def test_unknown_keys(raw, message):
     ("raw", "message"),
     [
         ({"zero_optimization": {"reduce_bucket_size": -5}},
-         "zero_optimization.reduce_bucket_size = -5 in zero2.json: out of range; allowed: an integer >= 0 or \"auto\""),
+         "zero_optimization.reduce_bucket_size = -5 in zero2.json: out of range; allowed: an integer >= 1 or \"auto\""),
         ({"zero_optimization": {"stage": 3, "stage3_prefetch_bucket_size": "big"}},
          "zero_optimization.stage3_prefetch_bucket_size = \"big\" in zero2.json: not an integer"),
         ({"zero_optimization": {"stage3_gather_fp16_weights_on_model_save": 1}},
