@@ -51,11 +51,12 @@ def estimate(args: argparse.Namespace) -> int:
 
 def consolidate(args: argparse.Namespace) -> int:
     """Write the consolidated safetensors and list the files, or `hf_zero: <message>` and exit 2."""
+    from hf_zero.checkpoint.atomic import DiskFullError
     from hf_zero.checkpoint.consolidate import consolidate as run
 
     try:
         written = run(args.checkpoint, args.output, dtype=args.dtype, max_shard_size=args.max_shard_size)
-    except ValueError as error:
+    except (ValueError, DiskFullError) as error:  # DiskFullError: the earlier output is left as it was
         print(f"hf_zero: {error}", file=sys.stderr)
         return 2
     for path in written:

@@ -18,8 +18,9 @@ import torch
 import torch.distributed.checkpoint as dcp
 
 from hf_zero.checkpoint import sharded
+from hf_zero.checkpoint.atomic import Swap
 from hf_zero.checkpoint.safetensors_stream import (INDEX_NAME, SINGLE_NAME, StreamingWriter, TensorSpec,
-                                                   file_names, plan_shards, write_index)
+                                                   file_names, file_size, plan_shards, write_index)
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 COPIED = ("config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json",
@@ -150,33 +151,30 @@ def consolidate(checkpoint_dir: str, output_dir: str, *, dtype: str | None = Non
     specs = [TensorSpec(name, shape, out_dtype[name]) for name, _, shape, _ in entries]
     shards = plan_shards(specs, max_bytes)
     names = file_names(len(shards))
+    copied = [name for name in COPIED if os.path.isfile(os.path.join(folder, name))]
+    needed = sum(file_size(s) for s in shards) + sum(os.path.getsize(os.path.join(folder, n)) for n in copied)
     os.makedirs(output_dir, exist_ok=True)
-    for stale in [SINGLE_NAME, INDEX_NAME] + [f for f in os.listdir(output_dir) if re.fullmatch(r"model-\d+-of-\d+\.safetensors", f)]:
-        if os.path.exists(os.path.join(output_dir, stale)):
-            os.unlink(os.path.join(output_dir, stale))
     stored = {name: (key, shape, dt) for name, key, shape, dt in entries}
-    written = []
-    for file_specs, file in zip(shards, names):
-        writer = StreamingWriter(os.path.join(output_dir, file), file_specs)
-        try:
-            for spec in file_specs:
-                key, shape, dt = stored[spec.name]
-                writer.write(spec.name, source.load(key, shape, dt).to(spec.dtype))
-        except BaseException:
-            writer.abort()
-            raise
-        writer.close()
-        written.append(os.path.join(output_dir, file))
-    if len(shards) > 1:
-        write_index(output_dir, shards, names)
-        written.append(os.path.join(output_dir, INDEX_NAME))
-    for name in COPIED:
-        if os.path.isfile(os.path.join(folder, name)):
-            shutil.copy(os.path.join(folder, name), os.path.join(output_dir, name))
-            written.append(os.path.join(output_dir, name))
-    if os.path.isfile(os.path.join(output_dir, "config.json")):
-        _set_config_dtype(os.path.join(output_dir, "config.json"), target)
-    return written
+    # [Note: write beside, then swap] (atomic.py): an earlier output stays whole until every new file is.
+    with Swap(output_dir, needed) as swap:
+        for file_specs, file in zip(shards, names):
+            writer = StreamingWriter(os.path.join(output_dir, file), file_specs, temp=swap.temp(file))
+            try:
+                for spec in file_specs:
+                    key, shape, dt = stored[spec.name]
+                    writer.write(spec.name, source.load(key, shape, dt).to(spec.dtype))
+            except BaseException:
+                writer.abort()
+                raise
+            writer.close()
+        if len(shards) > 1:
+            write_index(output_dir, shards, names, into=swap.temp(INDEX_NAME))
+        for name in copied:
+            shutil.copyfile(os.path.join(folder, name), swap.temp(name))
+            if name == "config.json":
+                _set_config_dtype(swap.temp(name), target)
+        stale = [SINGLE_NAME, INDEX_NAME] + [f for f in os.listdir(output_dir) if re.fullmatch(r"model-\d+-of-\d+\.safetensors", f)]
+        return swap.commit(stale)
 
 
 def _set_config_dtype(file: str, dtype: torch.dtype) -> None:

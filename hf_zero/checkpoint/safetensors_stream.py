@@ -42,27 +42,49 @@ class TensorSpec:
         return math.prod(self.shape) * torch.empty((), dtype=self.dtype).element_size()
 
 
+def file_size(specs: list[TensorSpec]) -> int:
+    """The bytes of the safetensors file ``StreamingWriter`` writes for ``specs``."""
+    return 8 + len(_header(specs)) + sum(s.nbytes for s in specs)
+
+
+def _header(specs: list[TensorSpec]) -> bytes:
+    header: dict[str, object] = {"__metadata__": {"format": "pt"}}
+    offset = 0
+    for s in specs:
+        header[s.name] = {"dtype": _DTYPES[s.dtype], "shape": list(s.shape), "data_offsets": [offset, offset + s.nbytes]}
+        offset += s.nbytes
+    raw = json.dumps(header, separators=(",", ":")).encode()
+    return raw + b" " * (-len(raw) % 8)  # the data starts 8-byte aligned
+
+
 class StreamingWriter:
     """One safetensors file whose tensors (``specs``: the data laid out in this order) are written
-    one by one, in any order; the file appears under its name only once every tensor is in."""
+    one by one, in any order; the file appears under its name only once every tensor is in.
 
-    def __init__(self, path: str, specs: list[TensorSpec]) -> None:
+    ``temp``: where to write it instead, leaving it there at ``close()`` (a ``Swap`` of several
+    files renames them together, atomic.py); by default a hidden name beside ``path``, renamed to
+    ``path`` at ``close()``."""
+
+    def __init__(self, path: str, specs: list[TensorSpec], *, temp: str | None = None) -> None:
         for s in specs:
             if s.dtype not in _DTYPES:
                 raise ValueError(f"{s.name}: dtype {s.dtype} cannot be written to safetensors here")
         self.path, self.specs = path, specs
-        header: dict[str, object] = {"__metadata__": {"format": "pt"}}
         offsets, offset = {}, 0
         for s in specs:
-            header[s.name] = {"dtype": _DTYPES[s.dtype], "shape": list(s.shape), "data_offsets": [offset, offset + s.nbytes]}
             offsets[s.name] = (s, offset)
             offset += s.nbytes
-        raw = json.dumps(header, separators=(",", ":")).encode()
-        raw += b" " * (-len(raw) % 8)  # the data starts 8-byte aligned
-        self._tmp = path + ".tmp"
+        raw = _header(specs)
+        self._rename = temp is None
+        self._tmp = temp if temp is not None else os.path.join(
+            os.path.dirname(path), f".{os.path.basename(path)}.{os.getpid()}.hf_zero-tmp")
         self._file = open(self._tmp, "wb")
-        self._file.write(len(raw).to_bytes(8, "little"))
-        self._file.write(raw)
+        try:
+            self._file.write(len(raw).to_bytes(8, "little"))
+            self._file.write(raw)
+        except BaseException:
+            self.abort()
+            raise
         start = 8 + len(raw)
         self._pending = {name: (s, start + off) for name, (s, off) in offsets.items()}
 
@@ -79,15 +101,23 @@ class StreamingWriter:
             self._file.write(data.view(torch.uint8).numpy())  # the buffer itself, no bytes copy
 
     def close(self) -> None:
-        """Finish the file (renamed into place only once every tensor is in)."""
-        self._file.close()
+        """Finish the file (renamed into place only once every tensor is in, unless ``temp``)."""
+        try:
+            self._file.close()  # flushes: a full disk may show only now
+        except BaseException:
+            self.abort()
+            raise
         if self._pending:
             os.unlink(self._tmp)
             raise AssertionError(f"{self.path}: {len(self._pending)} tensors were never written: {sorted(self._pending)[:3]}")
-        os.replace(self._tmp, self.path)
+        if self._rename:
+            os.replace(self._tmp, self.path)
 
     def abort(self) -> None:
-        self._file.close()
+        try:
+            self._file.close()
+        except OSError:
+            pass  # the flush of a file being thrown away (a full disk): nothing to keep
         if os.path.exists(self._tmp):
             os.unlink(self._tmp)
 
@@ -117,8 +147,9 @@ def file_names(count: int) -> list[str]:
     return [f"model-{i + 1:05d}-of-{count:05d}.safetensors" for i in range(count)]
 
 
-def write_index(directory: str, shards: list[list[TensorSpec]], names: list[str]) -> None:
+def write_index(directory: str, shards: list[list[TensorSpec]], names: list[str], *, into: str | None = None) -> None:
+    """``INDEX_NAME`` of ``directory`` for these files (written to ``into`` instead when given)."""
     weight_map = {s.name: file for specs, file in zip(shards, names) for s in specs}
     total = sum(s.nbytes for specs in shards for s in specs)
-    with open(os.path.join(directory, INDEX_NAME), "w") as f:
+    with open(into or os.path.join(directory, INDEX_NAME), "w") as f:
         json.dump({"metadata": {"total_size": total}, "weight_map": weight_map}, f, indent=2)

@@ -33,6 +33,7 @@ from torch.distributed._shard.metadata import ShardMetadata
 from torch.distributed._shard.sharded_tensor import Shard, ShardedTensor
 from torch.distributed._shard.sharded_tensor.metadata import ShardedTensorMetadata, TensorProperties
 
+from hf_zero.checkpoint import dcp_disk
 from hf_zero.checkpoint.boxes import boxes
 from hf_zero.engine.shard_map import ParamShard, frozen_shard_map
 
@@ -150,7 +151,7 @@ def save(engine, directory: str) -> str:
             if e.master is not None:
                 state[f"extra/{e.name}"] = _dcp_value(e.master, e)
     with _quiet_sharded_tensor():
-        dcp.save(state, storage_writer=dcp.FileSystemWriter(path), no_dist=_no_dist())
+        dcp.save(state, storage_writer=dcp_disk.FileSystemWriter(path), no_dist=_no_dist())  # ENOSPC: DiskFullError
     if engine.ctx.rank == 0:
         _write_meta(engine, path, entries, extra, py_scalars)
     return path
