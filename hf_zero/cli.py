@@ -53,8 +53,10 @@ def consolidate(args: argparse.Namespace) -> int:
     """Write the consolidated safetensors and list the files, or `hf_zero: <message>` and exit 2."""
     from hf_zero.checkpoint.atomic import DiskFullError
     from hf_zero.checkpoint.consolidate import consolidate as run
+    from hf_zero.checkpoint.consolidate import parse_size
 
     try:
+        parse_size(args.max_shard_size)  # before the checkpoint is opened: a bad size is the first error
         written = run(args.checkpoint, args.output, dtype=args.dtype, max_shard_size=args.max_shard_size)
     except (ValueError, DiskFullError) as error:  # DiskFullError: the earlier output is left as it was
         print(f"hf_zero: {error}", file=sys.stderr)

@@ -125,9 +125,10 @@ def bucket_layout(numels: list[int], *, world: int, bucket_numel: int) -> list[t
 def _bucket_numel(reduce_bucket_size: int | str, hidden_size: int | None) -> int:
     if reduce_bucket_size == "auto":
         return hidden_size * hidden_size if hidden_size else DEFAULT_BUCKET
-    if isinstance(reduce_bucket_size, bool) or not isinstance(reduce_bucket_size, int) or reduce_bucket_size < 0:
-        raise ValueError(f"reduce_bucket_size must be a non-negative integer or 'auto', got {reduce_bucket_size!r}")
-    return max(1, reduce_bucket_size)  # 0: a bucket per param, as the Trainer seam maps it
+    if isinstance(reduce_bucket_size, bool) or not isinstance(reduce_bucket_size, int) or reduce_bucket_size < 1:
+        raise ValueError(f"reduce_bucket_size must be a positive integer or 'auto' (as in a config file), "
+                         f"got {reduce_bucket_size!r}")
+    return reduce_bucket_size
 
 
 def _check(name: str, value, allowed) -> None:
@@ -271,17 +272,25 @@ def activation_bytes(shape: ActivationShape, *, micro_batch: int, seq_len: int, 
 
 
 def load_model_config(path: str):
-    """The transformers config at ``path`` (a config.json or a model directory), never downloaded."""
+    """The transformers config at ``path`` (a config.json or a model directory), never downloaded.
+
+    The shape is checked first (estimate_shape.py); whatever transformers still refuses comes back
+    as one ValueError line, not its traceback."""
     from transformers import AutoConfig
 
-    if not os.path.exists(path):
-        raise ValueError(f"MODEL_CONFIG {path!r} does not exist; give a config.json or a model directory")
-    if os.path.isdir(path) and not os.path.isfile(os.path.join(path, "config.json")):
-        raise ValueError(f"MODEL_CONFIG {path!r} is a directory without a config.json")
+    from hf_zero.estimate_shape import check_shape
+
+    check_shape(path)
     try:
         return AutoConfig.from_pretrained(path, local_files_only=True)
-    except (OSError, ValueError, KeyError) as error:
-        raise ValueError(f"MODEL_CONFIG {path!r} could not be read as a transformers config: {error}") from error
+    except Exception as error:  # noqa: BLE001 - config validators raise their own types (StrictDataclass...)
+        raise ValueError(f"MODEL_CONFIG {path!r} could not be read as a transformers config: "
+                         f"{_first_line(error)}") from error
+
+
+def _first_line(error: Exception) -> str:
+    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+    return f"{type(error).__name__}: " + (lines[-1] if lines else "")
 
 
 def meta_model(cfg) -> torch.nn.Module:
@@ -297,6 +306,8 @@ def meta_model(cfg) -> torch.nn.Module:
                 return auto.from_config(cfg)
         except ValueError as error:  # not registered for this auto class
             errors.append(f"{auto.__name__}: {error}")
+        except Exception as error:  # noqa: BLE001 - a shape the model code cannot build (one line, not a traceback)
+            raise ValueError(f"cannot build a model for config type {cfg.model_type!r}: {_first_line(error)}") from error
     raise ValueError(f"cannot build a model for config type {cfg.model_type!r}: " + "; ".join(errors))
 
 

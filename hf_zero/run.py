@@ -13,7 +13,10 @@ Started once per rank by `hf-zero launch`, torchrun, srun or `accelerate launch`
 4. runs the script as `python SCRIPT ARGS` (or `python -m MODULE ARGS`) would:
    `__name__ == "__main__"`, `sys.argv` without `--zero_config`, and for a file
    `sys.path[0]` its directory;
-5. if the script raises (or exits non-zero) while hf_zero's watchdog runs, tells the other ranks
+5. a ConfigError raised by hf_zero inside the script (the config disagrees with the script's
+   TrainingArguments, found when its Trainer is created) stops with `hf_zero: <message>` and exit
+   code 2, printed once by rank 0 for a disagreement (every rank has the same one);
+6. if the script raises (or exits non-zero) while hf_zero's watchdog runs, tells the other ranks
    before re-raising, so they print the job's hang report and exit at once instead of waiting
    in a collective (`hf_zero/engine/watchdog.py`).
 """
@@ -24,6 +27,8 @@ import sys
 from collections.abc import Sequence
 from typing import NoReturn
 
+from hf_zero.config.errors import ArgumentsMismatch, ConfigError
+from hf_zero.launcher.args import check_script
 from hf_zero.launcher.slurm import torch_env_from_slurm
 from hf_zero.launcher.zero_config_arg import load_zero_config, pop_zero_config
 
@@ -45,8 +50,8 @@ def main(argv: Sequence[str] | None = None) -> None:
     target, script_args = argv[0], argv[1:]
     try:
         config_path, script_args = pop_zero_config(script_args)
-        if not as_module and not os.path.isfile(target):
-            raise ValueError(f"script {target!r} not found (from {os.getcwd()})")
+        if not as_module:
+            check_script(target)
         config = load_zero_config(config_path) if config_path is not None else None
         os.environ.update(torch_env_from_slurm(os.environ))
     except ValueError as error:
@@ -67,6 +72,11 @@ def main(argv: Sequence[str] | None = None) -> None:
             sys.path[0] = os.path.dirname(os.path.realpath(target))
             runpy.run_path(target, run_name="__main__")
         finished = True
+    except ConfigError as error:  # raised by hf_zero inside the script: the config, not the script, is wrong
+        _report_to_other_ranks(error)
+        if not isinstance(error, ArgumentsMismatch) or os.environ.get("RANK", "0") == "0":
+            print(f"hf_zero: {error}", file=sys.stderr)  # the same on every rank: said once
+        raise SystemExit(2) from None
     except BaseException as error:
         _report_to_other_ranks(error)
         raise

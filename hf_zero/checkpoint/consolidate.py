@@ -33,14 +33,19 @@ class ConsolidateError(ValueError):
 
 
 def parse_size(text: str) -> int:
-    """``"5GB"``, ``"500MB"``, ``"2GiB"`` or a number of bytes."""
+    """``"5GB"``, ``"500MB"``, ``"2GiB"`` or a number of bytes; at least 1 byte (0 would put every
+    tensor in a file of its own)."""
+    allowed = f"--max_shard_size {text!r}: allowed: a size of at least 1 byte, such as 5GB, 500MB, 2GiB or a number of bytes"
     m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([KMGT]i?B|B)?\s*", text, re.IGNORECASE)
     if not m:
-        raise ConsolidateError(f"--max_shard_size {text!r}: expected a size such as 5GB, 500MB or 2GiB")
+        raise ConsolidateError(allowed)
     unit = (m.group(2) or "B").upper()
     base = 1024 if "I" in unit else 1000
     power = {"B": 0, "K": 1, "M": 2, "G": 3, "T": 4}[unit[0]]
-    return int(float(m.group(1)) * base**power)
+    size = int(float(m.group(1)) * base**power)
+    if size < 1:
+        raise ConsolidateError(allowed)
+    return size
 
 
 # ---- sources: name, shape, dtype of every tensor, then one tensor at a time -------------------

@@ -78,6 +78,14 @@ class ConfigError(ValueError):
         )
 
 
+class ArgumentsMismatch(ConfigError):
+    """The config disagrees with the script's ``TrainingArguments`` (found when the Trainer is created).
+
+    Every rank resolves the same file against the same arguments, so every rank raises the same
+    error: ``hf_zero.run`` prints it once (rank 0) as one ``hf_zero: ...`` line and exits 2 on every
+    rank, instead of a traceback per rank."""
+
+
 def unknown_key(path: str, key: str, valid: Iterable[str], source: str, elsewhere: str | None = None) -> ConfigError:
     """Error for a key that is not valid at ``path``, naming the closest valid key.
 

@@ -14,7 +14,7 @@ import math
 from typing import Any
 
 from hf_zero.config.auto import AUTO
-from hf_zero.config.errors import ConfigError, show
+from hf_zero.config.errors import ArgumentsMismatch, ConfigError, show
 from hf_zero.config.schema import HfZeroConfig, OptimizerSpec, SchedulerSpec, ZeroConfig
 
 AUTO_SOURCES: tuple[tuple[str, str], ...] = (
@@ -53,8 +53,8 @@ def resolve_config(
     ``training_args`` is a ``transformers.TrainingArguments`` or any object with the same
     attributes. ``hidden_size`` (the model's) sizes "auto" buckets. Scheduler "auto" step
     counts stay "auto" while ``num_training_steps`` is None. After this, the three batch-size
-    fields are ints even if the file left them out. Raises :class:`ConfigError` naming every
-    value that disagrees with TrainingArguments.
+    fields are ints even if the file left them out. Raises :class:`ArgumentsMismatch` (a
+    ConfigError) naming every value that disagrees with TrainingArguments, one line each.
     """
     if not isinstance(config, HfZeroConfig):
         raise TypeError(f"resolve_config needs an HfZeroConfig, got {type(config).__name__}")
@@ -110,7 +110,7 @@ class _Matcher:
 
     def raise_conflicts(self) -> None:
         if self.conflicts:
-            raise ConfigError("\n".join(self.conflicts))
+            raise ArgumentsMismatch("\n".join(self.conflicts))
 
 
 def _equal(a: Any, b: Any) -> bool:
@@ -134,7 +134,7 @@ def _trainer_dtype(args: Any) -> str:
     bf16 = bool(getattr(args, "bf16", False) or getattr(args, "bf16_full_eval", False))
     fp16 = bool(getattr(args, "fp16", False) or getattr(args, "fp16_full_eval", False))
     if bf16 and fp16:
-        raise ConfigError("TrainingArguments asks for both bf16 and fp16; choose one")
+        raise ArgumentsMismatch("TrainingArguments asks for both bf16 and fp16; choose one")
     return "bf16" if bf16 else "fp16" if fp16 else "fp32"
 
 

@@ -10,6 +10,7 @@ Every flag is also accepted with hyphens (`--num-gpus`), like torchrun's.
 
 import argparse
 import dataclasses
+import os
 from collections.abc import Sequence
 
 LAUNCHERS = ("torchrun", "ssh", "slurm")
@@ -123,6 +124,15 @@ class LaunchOptions:
         values = {k: v for k, v in vars(namespace).items() if k in fields and v is not None}
         values["script_args"] = tuple(values.get("script_args", ()))
         return cls(**values)
+
+
+def check_script(path: str) -> None:
+    """ValueError unless ``path`` is an existing file: a directory is named as one, not "not found"."""
+    if os.path.isdir(path):
+        raise ValueError(f"script {path!r} is a directory, not a file; give the training script in it "
+                         "(or --module NAME)")
+    if not os.path.isfile(path):
+        raise ValueError(f"script {path!r} not found (from {os.getcwd()})")
 
 
 def add_launch_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:

@@ -9,7 +9,7 @@ import os
 import sys
 
 from hf_zero.launcher import multinode, plan, preflight
-from hf_zero.launcher.args import LaunchOptions
+from hf_zero.launcher.args import LaunchOptions, check_script
 from hf_zero.launcher.commands import format_command
 from hf_zero.launcher.resources import resolve_hosts
 from hf_zero.launcher.zero_config_arg import load_zero_config, pop_zero_config
@@ -27,8 +27,8 @@ def launch(options: LaunchOptions) -> int:
     config = load_zero_config(config_path) if config_path is not None else None
     hosts = resolve_hosts(options, device_count=cuda_device_count)
     launcher = plan.choose_launcher(options, hosts)
-    if launcher == "torchrun" and not options.module and not os.path.isfile(options.script):
-        raise ValueError(f"script {options.script!r} not found (from {os.getcwd()})")
+    if launcher == "torchrun" and not options.module:
+        check_script(options.script)
     cwd = os.getcwd()
     exports = {}
     if launcher == "ssh":
