@@ -12,6 +12,7 @@ a bare HOST means all of its ids.
     --exclude 'worker-1:0'              everything except id 0 of worker-1
 """
 
+import os
 import re
 from collections.abc import Callable
 
@@ -57,14 +58,13 @@ def parse_hostfile(text: str, name: str) -> dict[str, int]:
 
 
 def read_hostfile(path: str) -> dict[str, int]:
-    try:
-        with open(path, encoding="utf-8") as file:
-            text = file.read()
-    except FileNotFoundError:
-        raise ValueError(f"hostfile {path!r} not found") from None
-    except OSError as error:
-        raise ValueError(f"cannot read hostfile {path!r}: {error.strerror}") from None
-    return parse_hostfile(text, path)
+    """The hostfile's hosts and slots; only a regular file of at most 1 MiB is read (a FIFO or a
+    device would block or never end)."""
+    from hf_zero.config.small_file import read_small_text
+
+    if not os.path.lexists(path):
+        raise ValueError(f"hostfile {path!r} not found")
+    return parse_hostfile(read_small_text(path, what="hostfile", error=ValueError), path)
 
 
 def parse_filter(spec: str, flag: str) -> list[tuple[str, tuple[int, ...] | None]]:

@@ -238,3 +238,12 @@ def test_consolidate_refuses_a_shard_size_below_one_byte(size, tmp_path, capsys)
                                        "such as 5GB, 500MB, 2GiB or a number of bytes\n")
     assert not out.exists()
 
+
+
+def test_launch_with_a_fifo_hostfile_is_one_line_and_exit_2(tmp_path, capsys):
+    path, _ = _odd_file("fifo", tmp_path)
+    script = tmp_path / "train.py"
+    script.write_text("")
+    assert cli.main(["launch", "--dry_run", "--skip_doctor", "--hostfile", path, str(script)]) == 2
+    assert capsys.readouterr().err == (f"hf_zero: cannot read hostfile {path}: it is a FIFO (named pipe), "
+                                       "not a regular file; allowed: a regular file\n")
