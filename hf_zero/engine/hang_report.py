@@ -54,8 +54,30 @@ def _status(report: dict) -> tuple[str, str]:
     else:
         ago = f", completed {last[4]:.1f} s ago" if last[4] is not None else ""
         text = f"not in an hf_zero collective; last started {_rec_text(*last[:4])}{ago}"
+    if report.get("phase"):
+        label, age = report["phase"]
+        text += f'; phase "{label}" for {age:.1f} s'
     stack = report.get("stack") or []
     return text, f"{report.get('stack_kind', 'main thread at')} {' < '.join(stack)}" if stack else ""
+
+
+def stall_headline(stalled: int, stuck: dict[int, tuple[str, float, int]], timeout: float) -> str:
+    """The first line of a report for ranks in different phases ([Note: phases] in phases.py).
+
+    ``stuck``: rank -> (phase label, seconds in it, phase count) for every rank in its phase
+    longer than ``timeout``; ``stalled`` is the rank behind, the others are grouped by phase."""
+    label, age, _ = stuck[stalled]
+    others: dict[str, list[int]] = collections.defaultdict(list)
+    for rank, (other, _, _) in stuck.items():
+        if other != label:
+            others[other].append(rank)
+    parts = []
+    for other, ranks in sorted(others.items(), key=lambda kv: min(kv[1])):
+        least = min(stuck[r][1] for r in ranks)
+        verb = "has" if len(ranks) == 1 else "have"
+        parts.append(f'{_ranks_text(ranks)} {verb} been in "{other}" for {least:.1f} s')
+    return (f'stalled: rank {stalled} has been in "{label}" for {age:.1f} s while {"; ".join(parts)} '
+            f"(comm_timeout_s = {timeout:g})")
 
 
 def first_disagreement(reports: dict[int, dict]) -> str | None:

@@ -25,7 +25,12 @@ every Trainer hf_zero attaches to, when the default process group has more than 
     * retires completed records (CUDA events, finished ``Work``s);
     * stops the job if the oldest pending collective is older than ``comm_timeout_s``;
     * checks one key in the rendezvous store (the default process group's): another rank asked
-      the job to stop (it timed out, or raised).
+      the job to stop (it timed out, or raised);
+    * publishes this rank's phase (``phases.py``: what it is doing, set at the Trainer's seams)
+      when it changed, and, once that phase is older than ``comm_timeout_s``, reads the others':
+      two ranks in different phases for longer than ``comm_timeout_s`` stop the job ([Note:
+      phases]; this covers the Trainer's own collectives and the checkpoint save's barriers,
+      which the recorder does not see).
     Stopping (``_Watchdog.stop_job``): publish this rank's report (what it waits in, its last
     ``PUBLISHED`` records, where its main thread is) to the store; wait up to ``GATHER_S`` for the
     other ranks' reports; print one report to stderr; ``os._exit(EXIT_CODE)`` so the launcher
@@ -59,7 +64,9 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
+from hf_zero.engine import phases
 from hf_zero.engine.hang_report import EXIT_CODE, GATHER_S, _size, first_disagreement, format_report  # noqa: F401
+from hf_zero.engine.hang_report import stall_headline
 
 DEFAULT_TIMEOUT_S = 300.0  # HfZeroConfig.comm_timeout_s's default (tests/engine/test_watchdog.py checks)
 RING = 64  # records kept per process
@@ -161,6 +168,7 @@ def _values(d: dict) -> list:
 
 
 RECORDER = FlightRecorder()
+_UNSET = object()  # no phase published yet (None is a value: "no phase")
 
 
 # ---- configuration and the running watchdog ---------------------------------------------------
@@ -271,6 +279,8 @@ class _Watchdog:
         self._claim = threading.Lock()  # whoever takes it (thread or raising main thread) reports
         self._claimed = False
         self._reported = threading.Event()  # set once this rank's report is printed
+        self._published: Any = _UNSET  # the phase last written to the store
+        self._phases_read_at = 0.0  # when this rank last read the others' phases
         self._thread = threading.Thread(target=self._run, name="hf_zero-watchdog", daemon=True)
 
     def set_timeout(self, timeout: float) -> None:
@@ -323,8 +333,53 @@ class _Watchdog:
                 return
             if asked:
                 abort = self._get_json(self.ns + "abort") or {"rank": "?", "headline": "another rank stopped the job"}
-                if abort.get("rank") != self.rank:
+                if abort.get("by", abort.get("rank")) != self.rank:
                     self.stop_job(abort, publish_abort=False)
+        if self.store is not None and not self._stop.is_set():
+            try:
+                self._check_phases()
+            except Exception:  # noqa: BLE001 - as above: the store alone never stops the job
+                pass
+
+    def _check_phases(self) -> None:
+        """[Note: phases]: publish this rank's phase; if it is older than the timeout, compare."""
+        mine = phases.current()
+        if mine != self._published:
+            value = None if mine is None else [mine.label, mine.since, mine.seq]
+            self.store.set(self.ns + f"phase/{self.rank}", json.dumps(value))
+            self._published = mine
+        now = time.time()
+        if mine is None or now - mine.since <= self.timeout:
+            return
+        # Every rank in one long phase reads the others' at most every timeout / 8 s (W reads each).
+        if _now() - self._phases_read_at < max(self.poll_s, self.timeout / 8):
+            return
+        self._phases_read_at = _now()
+        stuck = {r: (label, now - since, seq) for r, (label, since, seq) in self._read_phases().items()
+                 if now - since > self.timeout}
+        stuck[self.rank] = (mine.label, now - mine.since, mine.seq)
+        if len({label for label, _, _ in stuck.values()}) > 1:
+            stalled = min(stuck, key=lambda r: (stuck[r][2], -stuck[r][1]))  # the rank behind
+            headline = stall_headline(stalled, stuck, self.timeout)
+            self.stop_job({"rank": stalled, "by": self.rank, "why": "stalled", "headline": headline},
+                          publish_abort=True)
+
+    def _read_phases(self) -> dict[int, tuple[str, float, int]]:
+        """The other ranks' published phases (ranks that published none, or None, are left out)."""
+        others = [r for r in range(self.world) if r != self.rank]
+        keys = [self.ns + f"phase/{r}" for r in others]
+        if hasattr(self.store, "multi_get") and self.store.check(keys):  # one round trip
+            values = self.store.multi_get(keys)
+        else:  # a rank whose watchdog has not published yet: get() would block
+            values = [self.store.get(k) if self.store.check([k]) else None for k in keys]
+        out = {}
+        for r, value in zip(others, values):
+            try:
+                label, since, seq = json.loads(value.decode())
+                out[r] = (str(label), float(since), int(seq))
+            except (ValueError, TypeError, AttributeError):  # None, or an unpublished phase
+                continue
+        return out
 
     # -- stopping --
 
@@ -430,6 +485,9 @@ class _Watchdog:
                     round(now - r.t0, 1)] for r in RECORDER.recent(PUBLISHED)]
         report = {"rank": self.rank, "host": self.host, "pid": self.pid, "state": "idle",
                   "records": records, "last_seq": RECORDER.seq, "stack": _main_stack()}
+        phase = phases.current()
+        if phase is not None:
+            report["phase"] = [phase.label, round(time.time() - phase.since, 1)]
         if oldest is not None:
             report.update(state="waiting", pending=[oldest.seq, oldest.kind, oldest.label or "", oldest.nbytes,
                                                     round(now - oldest.t0, 1)])
@@ -470,7 +528,23 @@ def _main_stack() -> list[str]:
     frame = sys._current_frames().get(threading.main_thread().ident)
     if frame is None:
         return []
-    return _frames(traceback.extract_stack(frame)[-STACK_FRAMES:])
+    return _frames(_callers_of_collectives(traceback.extract_stack(frame))[-STACK_FRAMES:])
+
+
+def _callers_of_collectives(frames: list) -> list:
+    """Keep the innermost frame of a torch.distributed collective but drop the frames of torch's
+    own wrappers around it (``c10d_logger``, ``all_gather_object`` calling ``all_gather``), so that
+    the frames shown reach the code that called the collective (the Trainer, DCP)."""
+    kept: list = []
+    for frame in frames:  # outermost first
+        name = os.path.basename(frame.filename)
+        if name == "c10d_logger.py":
+            continue
+        if name == "distributed_c10d.py" and kept and os.path.basename(kept[-1].filename) == "distributed_c10d.py":
+            kept[-1] = frame  # the innermost of a run of c10d frames
+            continue
+        kept.append(frame)
+    return kept
 
 
 def _frames(frames) -> list[str]:

@@ -37,6 +37,7 @@ except ImportError:  # pragma: no cover - older transformers
     rotate_checkpoints = None
 
 from hf_zero.engine import ZeroEngine, ZeroModule
+from hf_zero.engine.phases import set_phase
 from hf_zero.engine.options import engine_options
 from hf_zero.init import sharded_load
 from hf_zero.trainer import checkpoint
@@ -70,6 +71,7 @@ def __init__(self, *args, **kwargs):
     if config is None or S.session_of(self) is not None:
         return
     from hf_zero.config import resolve_config
+    from hf_zero.trainer.phase_callback import PhaseCallback
     from hf_zero.trainer.report import ReportCallback
 
     model_config = getattr(self.model, "config", None)
@@ -84,6 +86,7 @@ def __init__(self, *args, **kwargs):
     session = S.ZeroSession(config=resolved, trainer_ref=weakref.ref(self))
     S.attach(self, session)
     self.add_callback(ReportCallback(session))
+    self.add_callback(PhaseCallback())  # what this rank is doing, for the hang watchdog
     from hf_zero.engine import watchdog  # hang reports, every stage: a rank that raises stops the others
 
     watchdog.configure(resolved.comm_timeout_s)
@@ -191,6 +194,7 @@ def _save_optimizer_and_scheduler(self, output_dir):
     session = S.session_of(self)
     if session is None or session.engine is None:
         return _original("_save_optimizer_and_scheduler")(self, output_dir)
+    set_phase(f"checkpoint save {os.path.basename(output_dir)}: sharded optimizer state, then RNG and trainer state")
     checkpoint.save(session.engine, output_dir)  # every rank its own shard (settled: _save_checkpoint)
     if self.args.should_save:
         torch.save(self.lr_scheduler.state_dict(), os.path.join(output_dir, checkpoint.SCHEDULER_NAME))
@@ -205,12 +209,14 @@ def _save_checkpoint(self, model, trial):
     # new one is marked complete here: a crash in between would leave no complete checkpoint.
     # So the rotation waits until the new checkpoint is complete.
     session.engine.settle()
+    set_phase(f"checkpoint save checkpoint-{self.state.global_step}")  # [Note: phases]
     limit = self.args.save_total_limit
     self.args.save_total_limit = None
     try:
         _original("_save_checkpoint")(self, model, trial)
     finally:
         self.args.save_total_limit = limit
+    set_phase(f"checkpoint save checkpoint-{self.state.global_step}: barrier (every rank's part written)")
     if torch.distributed.is_initialized():
         torch.distributed.barrier()  # every rank has written its part
     if self.args.should_save:
