@@ -23,11 +23,13 @@ from collections import defaultdict
 import torch
 from torch import nn
 from torch.nn.utils import get_total_norm
+from torch.profiler import record_function
 from torch.utils.hooks import RemovableHandle
 
 from hf_zero.engine import accounting, full_params, pieces, step_overlap
 from hf_zero.engine import collectives as C
 from hf_zero.engine.grad_sync import BucketState, GradBucket, GradSync
+from hf_zero.engine.labels import phase
 from hf_zero.engine.layout import FlatParamBuffer
 from hf_zero.engine.materialize import materialize_units
 from hf_zero.engine.offload import OptimizerOffload, ParamOffload
@@ -35,6 +37,7 @@ from hf_zero.engine.ranges import Range
 from hf_zero.engine.shard_map import ParamShard, shard_map
 from hf_zero.engine.stages import strategy_for
 from hf_zero.engine.streams import Streams
+from hf_zero.engine.tiers import param_memory
 from hf_zero.engine.unit_plan import plan_units
 from hf_zero.engine.units import ParamUnit, UnitHooks, make_units
 
@@ -74,7 +77,7 @@ class ZeroEngine:
             raise ValueError(f"parameter offload (offload_param.device = {offload_param.device!r}) needs ZeRO stage 3, "
                              f"got stage {stage}")
         self.ctx = C.CommContext(group)
-        self._param_memory = offload_param.memory(model, self.ctx) if offload_param is not None else None
+        self._param_memory = param_memory(offload_param, model, self.ctx) if offload_param is not None else None
         if optimizer is not None:
             pieces.check_optimizer(optimizer)
         # Stage 3 only: a ``materialize.ParamSource`` fills the local shards of a model whose params
@@ -305,6 +308,7 @@ class ZeroEngine:
             else:
                 piece.grad = shards[i][local.start : local.end]
 
+    @phase("hf_zero::before_step")
     def _before_step(self) -> None:
         """The optimizer step's pre-hook: reductions done; offloaded buckets stepped on the host.
 
@@ -399,6 +403,7 @@ class ZeroEngine:
 
     # ---- clipping ---------------------------------------------------------------------------
 
+    @phase("hf_zero::grad_norm")
     def grad_norm(self) -> torch.Tensor:
         """Global L2 norm of the reduced gradients, as ``clip_grad_norm_`` of plain DDP reports it."""
         self.finish_grad_sync()
@@ -417,6 +422,7 @@ class ZeroEngine:
     def _on_host(self, i: int) -> bool:
         return self._offloaded[i] and self._host_step.downloaded(i)
 
+    @phase("hf_zero::clip_grad_norm")
     def clip_grad_norm_(self, max_norm: float) -> torch.Tensor:
         """Scale the main grads so their global norm is at most ``max_norm``; return the norm before."""
         if self._host_step is not None and self._host_step.early and max_norm != float("inf"):
@@ -437,6 +443,7 @@ class ZeroEngine:
 
     # ---- after the optimizer step -----------------------------------------------------------
 
+    @phase("hf_zero::after_step")
     def _after_step(self) -> None:
         self._hidden.show()
         handles = []
@@ -455,10 +462,12 @@ class ZeroEngine:
                 if not self.units or self._bucket_units[i].persistent:  # other stage-3 units: at their next use
                     if self._offloaded[i] and self.ctx.world_size > 1:  # (one rank gathers nothing)
                         self._host_step.wait_chunk_of(i)  # overlap_forward: this bucket's step may still run
-                    handles.append(C.start_all_gather(self.ctx, gb.buffer.view(gb.bucket.range), shard,
-                                                      label=f"params of bucket {i}"))
+                    with record_function("hf_zero::start_param_all_gather"):
+                        handles.append(C.start_all_gather(self.ctx, gb.buffer.view(gb.bucket.range), shard,
+                                                          label=f"params of bucket {i}"))
         for h in handles:
-            C.wait(h)
+            with record_function("hf_zero::wait_param_all_gather"):
+                C.wait(h)
         self.zero_grad()
 
     def zero_grad(self) -> None:

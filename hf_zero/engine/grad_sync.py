@@ -19,6 +19,7 @@ import enum
 from typing import Callable
 
 import torch
+from torch.profiler import record_function
 
 from hf_zero.engine import collectives as C
 from hf_zero.engine.layout import Bucket, FlatParamBuffer
@@ -82,26 +83,28 @@ class GradBucket:
 
     def start_reduce(self, ctx: C.CommContext) -> None:
         self._expect(BucketState.IDLE, BucketState.FILLING, BucketState.READY)
-        staging = self.staging_tensor()
-        if self.alias_main:
-            self.handle = C.Handle(None, self.main_grad)
+        with record_function("hf_zero::start_reduce_scatter"):
+            staging = self.staging_tensor()
+            if self.alias_main:
+                self.handle = C.Handle(None, self.main_grad)
+                self.state = BucketState.REDUCING
+                return
+            if ctx.world_size > 1:
+                staging.div_(ctx.world_size)  # average like DDP; pre-divided to keep bf16 sums in range
+            if self.main_grad is None and staging.dtype == torch.float32:
+                self.main_grad = out = self._new_main(torch.empty)  # reduce straight into it
+            else:
+                out = torch.empty(self.bucket.shard_size, dtype=staging.dtype, device=staging.device)
+            self.handle = C.start_reduce_scatter(ctx, out, staging, label=f"grads of bucket {self.bucket.index}")
             self.state = BucketState.REDUCING
-            return
-        if ctx.world_size > 1:
-            staging.div_(ctx.world_size)  # average like DDP; pre-divided to keep bf16 sums in range
-        if self.main_grad is None and staging.dtype == torch.float32:
-            self.main_grad = out = self._new_main(torch.empty)  # reduce straight into it
-        else:
-            out = torch.empty(self.bucket.shard_size, dtype=staging.dtype, device=staging.device)
-        self.handle = C.start_reduce_scatter(ctx, out, staging, label=f"grads of bucket {self.bucket.index}")
-        self.state = BucketState.REDUCING
 
     def finish_reduce(self) -> bool:
         """Idempotent: wait for the reduce-scatter and fold it into the main grad shard.
         True when this call did it (the bucket just became REDUCED)."""
         if self.state is not BucketState.REDUCING:
             return False
-        out = C.wait(self.handle)
+        with record_function("hf_zero::wait_reduce_scatter"):
+            out = C.wait(self.handle)
         if out is not self.main_grad:
             if self.main_grad is None:
                 self.main_grad = out.float() if out.dtype != torch.float32 else out

@@ -47,7 +47,7 @@ the host: its updated masters are cast into it on the CPU right after its chunk'
 nothing goes up now; the unit's next use uploads the shard.
 
 Where the masters and optimizer state live between steps is the offload tier's business
-(``offload.Tier``): ``fetch`` before a chunk's step and ``release`` after it. Host memory does
+(``tiers.StateTier``): ``fetch`` before a chunk's step and ``release`` after it. Host memory does
 nothing there; the NVMe tier (``nvme_swap.py``) reads the chunk from its files into a chunk buffer
 ahead of the step and writes it back behind it.
 
@@ -67,10 +67,14 @@ from typing import Callable
 
 import torch
 from torch.nn.utils import get_total_norm
+from torch.profiler import record_function
 
-from hf_zero.engine.offload import HostMemory, OptimizerOffload, make_tier
+from hf_zero.engine.host_memory import HostMemory
+from hf_zero.engine.labels import phase
+from hf_zero.engine.offload import OptimizerOffload
 from hf_zero.engine.step_overlap import StepWorker, hyperparameters
 from hf_zero.engine.streams import Streams
+from hf_zero.engine.tiers import state_tier
 
 UPLOAD_NUMEL = 1 << 23  # fp32 elements per piece of an upload's cast on the device (32 MiB of scratch)
 
@@ -99,7 +103,7 @@ class HostStep:
                 current, size = [], 0
         if current:
             self.chunks.append(current)
-        self.tier = make_tier(offload, self.chunks, shard_sizes, host_memory, ctx, optimizer)
+        self.tier = state_tier(offload, self.chunks, shard_sizes, host_memory, ctx, optimizer)
         self.host_grads: dict[int, torch.Tensor] = {}  # bucket index -> fp32 host grad shard
         self.scale: torch.Tensor | None = None  # the clip coefficient of this step, if any
         self._ready: dict[int, list] = {}  # bucket index -> its download events (None without CUDA)
@@ -150,6 +154,7 @@ class HostStep:
     def downloaded(self, i: int) -> bool:
         return i in self._ready
 
+    @phase("hf_zero::grad_download")
     def download(self, i: int, grad: torch.Tensor) -> None:
         """Copy bucket ``i``'s reduced main grad to the host; the caller then drops ``grad``.
 
@@ -253,15 +258,17 @@ class HostStep:
         stream waits for every upload. Idempotent."""
         if not self._pending:
             return
-        try:
-            for c in sorted(self._pending):
-                self._pending[c].result()  # the worker's errors surface here
-        finally:
-            self._pending, self._next_chunk = {}, 0
-            self._upload_events = {}
-            self.tier.finish()
-        self.wait_uploads()
+        with record_function("hf_zero::settle_host_step"):
+            try:
+                for c in sorted(self._pending):
+                    self._pending[c].result()  # the worker's errors surface here
+            finally:
+                self._pending, self._next_chunk = {}, 0
+                self._upload_events = {}
+                self.tier.finish()
+            self.wait_uploads()
 
+    @phase("hf_zero::host_step")
     def run(self, optimizer: torch.optim.Optimizer, device_pieces: list, unused: set) -> None:
         """Step ``device_pieces`` (queued on the device), then each offloaded chunk on the host as
         its grads land, uploading its masters into the param shards; pieces of params in ``unused``
@@ -301,6 +308,7 @@ class HostStep:
             self.tier.finish()
         view.param_groups = []
 
+    @phase("hf_zero::host_step_chunk")
     def _step_chunk(self, c: int, view: torch.optim.Optimizer, groups: list[dict], skip: Callable[[int], set],
                     events: list) -> None:
         """Chunk ``c``: wait for its downloads (``events``), step its pieces (``groups``: the
@@ -340,6 +348,7 @@ class HostStep:
         self._unused.clear()
         self.scale = None
 
+    @phase("hf_zero::upload")
     def _upload(self, c: int, chunk: list[int], masters: dict[int, torch.Tensor], h2d):
         """Queue chunk ``c``'s masters up into ``shards``; returns the event after the copies (None
         when there is nothing to wait for: no CUDA, or every shard on the host, where the copies

@@ -24,7 +24,7 @@ from hf_zero.engine.nvme_files import BLOCK_BYTES, SwapDir
 
 
 class NvmeParamMemory:
-    """``HostMemory``'s interface (``empty``, ``like``) over swap files: one file per shard."""
+    """``tiers.ShardMemory`` (``HostMemory``'s interface) over swap files: one file per shard."""
 
     pin = False
     on_disk = True  # accounting: the shards are counted as NVMe, not host memory

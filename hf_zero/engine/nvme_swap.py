@@ -35,7 +35,8 @@ import torch
 
 from hf_zero.engine import nvme_files
 from hf_zero.engine.nvme_files import BLOCK_BYTES, SwapDir
-from hf_zero.engine.offload import HostMemory, OptimizerOffload
+from hf_zero.engine.host_memory import HostMemory
+from hf_zero.engine.offload import OptimizerOffload
 from hf_zero.engine.stages import NotAvailableYet
 
 BLOCK = BLOCK_BYTES // 4  # fp32 elements: every chunk starts and is padded to a multiple
@@ -77,7 +78,7 @@ class _Slot:
 
 
 class NvmeTier:
-    """The NVMe tier of ``offload.Tier`` for one layout's offloaded buckets."""
+    """The NVMe ``tiers.StateTier`` for one layout's offloaded buckets."""
 
     on_disk = True
 

@@ -18,8 +18,9 @@ With ``device = "nvme"`` the masters and the optimizer's per-element state of th
 in swap files under ``nvme_path`` instead (``nvme_swap.py``); the host keeps their grads and a
 few chunk-sized buffers, through which the host step streams each chunk: read, step, write.
 
-The tier is behind one small interface (``Tier``): ``HostTier`` here, ``NvmeTier`` in
-``nvme_swap.py``; ``host_step.py`` calls it around each chunk's step.
+This file holds the two settings; where the state lives is the tier's business, behind the
+interfaces of tiers.py (``host_memory.HostMemory`` and ``HostTier``, ``nvme_swap.NvmeTier``,
+``nvme_params.NvmeParamMemory``); ``host_step.py`` calls the optimizer's tier around each chunk's step.
 
 Parameter offload (``ParamOffload``, stage 3, ``offload_param.device = "cpu"``) keeps each unit's
 param shards in host memory too (units.py, [Note: host shards]); the host step then writes the
@@ -34,9 +35,6 @@ Without clipping the host step runs during backward and on into the next forward
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Protocol
-
-import torch
 
 TIERS = ("cpu", "nvme")
 
@@ -89,117 +87,3 @@ class ParamOffload:
             raise ValueError(f"parameter offload device must be one of {TIERS}, got {self.device!r}")
         if self.device == "nvme" and not self.nvme_path:
             raise ValueError("parameter offload to 'nvme' needs nvme_path (a directory)")
-
-    def memory(self, model, ctx):
-        """Where the shards go: ``HostMemory``, or ``NvmeParamMemory`` (its directory checked for
-        room now: at most the model's params over the ranks, and a block per module for rounding)."""
-        if self.device == "cpu":
-            return HostMemory(self.pin_memory)
-        from hf_zero.engine.nvme_files import BLOCK_BYTES
-        from hf_zero.engine.nvme_params import NvmeParamMemory
-
-        world = ctx.world_size if ctx is not None else 1
-        params = sum(p.numel() * p.element_size() for p in model.parameters())
-        holders = sum(1 for m in model.modules() if next(m.parameters(recurse=False), None) is not None)
-        return NvmeParamMemory(self.nvme_path, -(-params // world) + 2 * BLOCK_BYTES * holders, ctx)
-
-
-class HostMemory:
-    """Host tensors for offloaded state (fp32 masters and grads; param shards in the params' dtype
-    with parameter offload), pinned when CUDA can use them.
-
-    Pinned memory is carved from slabs of at least ``SLAB_BYTES``: torch's pinned allocator
-    rounds every request up to a power of two, so a tensor per bucket would waste up to half of
-    the pinned memory (a 7B model's 180 MB MLP shards take 256 MB each), which the host often
-    cannot spare. Requests are placed first-fit in the slabs' free tails."""
-
-    SLAB_BYTES = 1 << 28  # 256 MiB
-    ALIGN = 512
-    on_disk = False  # NvmeParamMemory: True
-
-    def __init__(self, pin: bool) -> None:
-        self.pin = pin and torch.cuda.is_available()
-        self._slabs: list[list] = []  # [uint8 tensor, bytes used]
-
-    def empty(self, numel: int, dtype: torch.dtype = torch.float32) -> torch.Tensor:
-        if not self.pin:
-            return torch.empty(numel, dtype=dtype)
-        size = dtype.itemsize
-        nbytes = max(self.ALIGN, -(-numel * size // self.ALIGN) * self.ALIGN)
-        slab = next((s for s in self._slabs if s[0].numel() - s[1] >= nbytes), None)
-        if slab is None:
-            size = max(self.SLAB_BYTES, 1 << (nbytes - 1).bit_length())  # what the allocator gives anyway
-            slab = [torch.empty(size, dtype=torch.uint8, pin_memory=True), 0]
-            self._slabs.append(slab)
-        out = slab[0][slab[1] : slab[1] + nbytes].view(dtype)[:numel]
-        slab[1] += nbytes
-        return out
-
-    def like(self, src: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
-        """A host copy of ``src`` in ``dtype`` (fp32 unless told)."""
-        out = self.empty(src.numel(), dtype).view(src.shape)
-        out.copy_(src)
-        return out
-
-    def reserved_bytes(self) -> int:
-        return sum(s[0].numel() for s in self._slabs)
-
-    def close(self) -> None:
-        self._slabs = []
-
-
-class Tier(Protocol):
-    """Where offloaded masters and optimizer state live between host steps (host_step.py).
-
-    Per step: ``begin``; per chunk ``fetch`` (its masters and state where the step reads them),
-    the chunk's step and upload, ``release`` (back where they live); ``finish`` once all are."""
-
-    on_disk: bool  # masters and state outside the step are file pages (accounting)
-
-    def master(self, i: int, shard: torch.Tensor) -> torch.Tensor: ...
-    def begin(self, optimizer: torch.optim.Optimizer, pieces_of: dict[int, list]) -> None: ...
-    def fetch(self, c: int, masters: list[torch.Tensor]) -> dict[int, torch.Tensor]: ...
-    def release(self, c: int, uploaded) -> None: ...
-    def finish(self) -> None: ...
-    def resident_bytes(self) -> int: ...
-    def close(self) -> None: ...
-
-
-class HostTier:
-    """``device = "cpu"``: masters and state stay in host memory; nothing moves around the step."""
-
-    on_disk = False
-
-    def __init__(self, memory: HostMemory, chunks: list[list[int]]) -> None:
-        self.memory, self.chunks = memory, chunks
-
-    def master(self, i: int, shard: torch.Tensor) -> torch.Tensor:
-        return self.memory.like(shard)
-
-    def begin(self, optimizer, pieces_of) -> None:
-        pass
-
-    def fetch(self, c: int, masters: list[torch.Tensor]) -> dict[int, torch.Tensor]:
-        return {i: masters[i] for i in self.chunks[c]}
-
-    def release(self, c: int, uploaded) -> None:
-        pass
-
-    def finish(self) -> None:
-        pass
-
-    def resident_bytes(self) -> int:
-        return 0  # the masters are counted as masters, the state as optimizer state
-
-    def close(self) -> None:
-        pass
-
-
-def make_tier(offload: OptimizerOffload | None, chunks: list[list[int]], shard_sizes: list[int],
-              memory: HostMemory, ctx=None, optimizer=None) -> Tier:
-    """The tier ``offload`` asks for (None: host memory, as in tests that build a HostStep alone)."""
-    if offload is None or offload.device == "cpu":
-        return HostTier(memory, chunks)
-    from hf_zero.engine.nvme_swap import NvmeTier
-
-    return NvmeTier(offload, chunks, shard_sizes, memory, ctx, optimizer)

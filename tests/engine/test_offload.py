@@ -10,7 +10,8 @@ import pytest
 import torch
 
 from hf_zero.engine import ZeroEngine, ZeroModule
-from hf_zero.engine.offload import HostMemory, OptimizerOffload
+from hf_zero.engine.host_memory import HostMemory
+from hf_zero.engine.offload import OptimizerOffload
 from hf_zero.testing.multiprocess import run_on_ranks
 from tests.engine.models import add_frozen_and_unused, batch, tiny_llama
 

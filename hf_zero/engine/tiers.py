@@ -1,0 +1,111 @@
+"""The offload tiers: one interface for everything the engine holds off the GPU, and the one place
+that picks host memory or NVMe for it.
+
+[Note: tiers] Two kinds of state leave the device, each to host memory ("cpu") or to swap files
+under ``nvme_path`` ("nvme"):
+
+    what                                   interface      "cpu"                 "nvme"
+    stage-3 param shards (offload_param)   ShardMemory    host_memory.HostMemory  nvme_params.NvmeParamMemory
+    fp32 masters + optimizer state         StateTier      HostTier (below)        nvme_swap.NvmeTier
+      (offload_optimizer)
+
+Both are an ``OffGpu``: ``on_disk`` says whether what they hold outside a step is file pages
+(the run report counts it as NVMe, not host memory), and ``close`` lets go of it (the swap
+files deleted). A ``ShardMemory`` hands out tensors that *are* the state (``empty``, ``like``):
+every reader and writer goes through them, and the kernel moves file pages for the NVMe one. A
+``StateTier`` moves its state around the host step instead: ``fetch`` a chunk where the
+optimizer steps it, ``release`` it back, since the optimizer's per-element state is too large to
+keep mapped while it is read and written at memory speed. ``param_memory`` and ``state_tier``
+are the factories; nothing else looks at ``device``.
+"""
+
+from __future__ import annotations
+
+from typing import Protocol
+
+import torch
+
+from hf_zero.engine.host_memory import HostMemory
+from hf_zero.engine.nvme_files import BLOCK_BYTES
+from hf_zero.engine.nvme_params import NvmeParamMemory
+from hf_zero.engine.nvme_swap import NvmeTier
+from hf_zero.engine.offload import OptimizerOffload, ParamOffload
+
+
+class OffGpu(Protocol):
+    """Anything that holds the engine's state off the GPU."""
+
+    on_disk: bool  # what it holds outside a step is file pages (accounting)
+
+    def close(self) -> None: ...
+
+
+class ShardMemory(OffGpu, Protocol):
+    """Tensors off the GPU that are themselves the state (param shards, host masters and grads)."""
+
+    def empty(self, numel: int, dtype: torch.dtype = torch.float32) -> torch.Tensor: ...
+    def like(self, src: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor: ...
+
+
+class StateTier(OffGpu, Protocol):
+    """Where offloaded masters and optimizer state live between host steps (host_step.py).
+
+    Per step: ``begin``; per chunk ``fetch`` (its masters and state where the step reads them),
+    the chunk's step and upload, ``release`` (back where they live); ``finish`` once all are."""
+
+    def master(self, i: int, shard: torch.Tensor) -> torch.Tensor: ...
+    def begin(self, optimizer: torch.optim.Optimizer, pieces_of: dict[int, list]) -> None: ...
+    def fetch(self, c: int, masters: list[torch.Tensor]) -> dict[int, torch.Tensor]: ...
+    def release(self, c: int, uploaded) -> None: ...
+    def finish(self) -> None: ...
+    def resident_bytes(self) -> int: ...
+
+
+class HostTier:
+    """``device = "cpu"``: masters and state stay in host memory; nothing moves around the step."""
+
+    on_disk = False
+
+    def __init__(self, memory: HostMemory, chunks: list[list[int]]) -> None:
+        self.memory, self.chunks = memory, chunks
+
+    def master(self, i: int, shard: torch.Tensor) -> torch.Tensor:
+        return self.memory.like(shard)
+
+    def begin(self, optimizer, pieces_of) -> None:
+        pass
+
+    def fetch(self, c: int, masters: list[torch.Tensor]) -> dict[int, torch.Tensor]:
+        return {i: masters[i] for i in self.chunks[c]}
+
+    def release(self, c: int, uploaded) -> None:
+        pass
+
+    def finish(self) -> None:
+        pass
+
+    def resident_bytes(self) -> int:
+        return 0  # the masters are counted as masters, the state as optimizer state
+
+    def close(self) -> None:
+        pass
+
+
+def param_memory(offload: ParamOffload, model, ctx) -> ShardMemory:
+    """Where stage 3's param shards go: ``HostMemory``, or ``NvmeParamMemory`` (its directory
+    checked for room now: at most the model's params over the ranks, and a block per module for
+    rounding)."""
+    if offload.device == "cpu":
+        return HostMemory(offload.pin_memory)
+    world = ctx.world_size if ctx is not None else 1
+    params = sum(p.numel() * p.element_size() for p in model.parameters())
+    holders = sum(1 for m in model.modules() if next(m.parameters(recurse=False), None) is not None)
+    return NvmeParamMemory(offload.nvme_path, -(-params // world) + 2 * BLOCK_BYTES * holders, ctx)
+
+
+def state_tier(offload: OptimizerOffload | None, chunks: list[list[int]], shard_sizes: list[int],
+               memory: HostMemory, ctx=None, optimizer=None) -> StateTier:
+    """The tier ``offload`` asks for (None: host memory, as in tests that build a HostStep alone)."""
+    if offload is None or offload.device == "cpu":
+        return HostTier(memory, chunks)
+    return NvmeTier(offload, chunks, shard_sizes, memory, ctx, optimizer)
