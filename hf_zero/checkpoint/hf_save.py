@@ -17,8 +17,11 @@ full shape, trainable and frozen; buffers and params kept whole are whole on eve
 2. the writing ranks open every file and write its header (every offset is known);
 3. every rank, unit by unit: ``unshard()`` (the collective), the writers write each param's bytes
    at its offset, ``reshard()``; then the tensors outside units (buffers, params kept whole);
-4. the writers close the files (each renamed into place once complete), write the index as
-   ``save_pretrained`` does, and the config and generation config.
+4. the writers close the files and write the index as ``save_pretrained`` does, all under
+   hidden temporary names; then they are renamed into place together, the earlier save's files
+   that this one does not have are removed ([Note: write beside, then swap], atomic.py), and the
+   config and generation config are written. A full disk is raised on every rank as one
+   ``DiskFullError``; the earlier save stays as it was.
 
 Peak: one unit gathered (where training gathers it) plus one tensor staged on the host, not the
 model. Each unit is gathered once: files are written out of order (safetensors_stream.py).
@@ -35,9 +38,11 @@ from collections import defaultdict
 from dataclasses import dataclass
 
 import torch
+import torch.distributed as dist
 
+from hf_zero.checkpoint.atomic import DiskFullError, Swap, as_disk_full
 from hf_zero.checkpoint.safetensors_stream import (INDEX_NAME, SINGLE_NAME, StreamingWriter, TensorSpec,
-                                                   safetensors_order)
+                                                   file_size, safetensors_order)
 from hf_zero.engine.units import ParamUnit, UnitState
 
 _SHARD_NAME = re.compile(r"model-\d{5}-of-\d{5}\.safetensors")
@@ -134,7 +139,12 @@ def plan_save(model, units: list[ParamUnit], *, max_shard_size: int | str | None
 
 @torch.no_grad()
 def save_streamed(model, units: list[ParamUnit], plan: SavePlan, output_dir: str, *, writer: bool) -> None:
-    """Steps 2-4 of [Note: streamed save]. A collective: every rank calls, ``writer`` ranks write."""
+    """Steps 2-4 of [Note: streamed save]. A collective: every rank calls, ``writer`` ranks write.
+
+    The files are written beside an earlier save and swapped in once all are whole ([Note: write
+    beside, then swap], atomic.py). A writer that fails (a full disk) stops writing but goes on
+    gathering with the others, so no rank is left waiting in a collective; then every rank raises
+    the error of the lowest writer that failed."""
     # save_pretrained records these on the config on every rank before writing it.
     model.config.dtype = str(model.dtype).split(".")[1]
     model.config.architectures = [type(model).__name__.removeprefix("FSDP")]
@@ -144,18 +154,33 @@ def save_streamed(model, units: list[ParamUnit], plan: SavePlan, output_dir: str
         names_of[id(live[key])].append(name)
     writers: dict[str, StreamingWriter] = {}
     where: dict[str, StreamingWriter] = {}
-    if writer:
+    swap = None
+    failed: BaseException | None = None
+
+    def guarded(step, *args) -> None:
+        nonlocal failed
+        if failed is None:
+            try:
+                step(*args)
+            except Exception as error:  # noqa: BLE001 - raised on every rank below, after the gathers
+                failed = error
+
+    def open_files() -> None:
+        nonlocal swap
         os.makedirs(output_dir, exist_ok=True)
+        needed = sum(file_size(specs) for specs in plan.files.values())
+        swap = Swap(output_dir, needed)
+        for file, specs in plan.files.items():
+            writers[file] = StreamingWriter(os.path.join(output_dir, file), specs, temp=swap.temp(file))
+            where.update({s.name: writers[file] for s in specs})
+
+    def write(tensor: torch.Tensor) -> None:
+        for name in names_of.get(id(tensor), ()):
+            where[name].write(name, tensor.detach())
+
     try:
         if writer:
-            for file, specs in plan.files.items():
-                writers[file] = StreamingWriter(os.path.join(output_dir, file), specs)
-                where.update({s.name: writers[file] for s in specs})
-
-        def write(tensor: torch.Tensor) -> None:
-            for name in names_of.get(id(tensor), ()):
-                where[name].write(name, tensor.detach())
-
+            guarded(open_files)
         in_units = set()
         for unit in units:
             was_full = unit.state is UnitState.UNSHARDED  # a persistent unit always is
@@ -164,34 +189,65 @@ def save_streamed(model, units: list[ParamUnit], plan: SavePlan, output_dir: str
                 for p in unit.params():  # trainable and frozen
                     in_units.add(id(p))
                     if writer:
-                        write(p)
+                        guarded(write, p)
             finally:
                 if not was_full:
                     unit.reshard()
         if writer:
             for t in {id(t): t for t in live.values() if id(t) not in in_units}.values():
-                write(t)  # buffers and params kept whole (below the persistence threshold)
+                guarded(write, t)  # buffers and params kept whole (below the persistence threshold)
             for w in writers.values():
-                w.close()
+                guarded(w.close)
+            guarded(_finish, model, plan, output_dir, swap)
     except BaseException:
-        for w in writers.values():
-            w.abort()
+        _discard(writers, swap)
         raise
-    if writer:
-        _finish(model, plan, output_dir)
+    if failed is not None:
+        _discard(writers, swap)
+    _raise_first_failure(failed, output_dir, swap.needed if swap is not None else None)
 
 
-def _finish(model, plan: SavePlan, output_dir: str) -> None:
-    """Index, stale files, config: as ``save_pretrained`` leaves the folder."""
-    for file in os.listdir(output_dir):
-        # save_pretrained removes numbered shards a new save does not write. A single file or an
-        # index from an earlier save of the other layout goes too: loaders would read it first.
-        stale = (_SHARD_NAME.fullmatch(file) or file in (SINGLE_NAME, INDEX_NAME)) and file not in plan.files
-        if stale and os.path.isfile(os.path.join(output_dir, file)):
-            os.unlink(os.path.join(output_dir, file))
+def _discard(writers: dict[str, StreamingWriter], swap: Swap | None) -> None:
+    """Close and remove every temporary file of a save that failed; the earlier save stays."""
+    for w in writers.values():
+        w.abort()
+    if swap is not None:
+        swap.abort()
+
+
+def _raise_first_failure(failed: BaseException | None, output_dir: str, needed: int | None) -> None:
+    """Every rank learns whether a writer failed (a collective where ranks exist) and raises the
+    lowest failing writer's error: a full disk as ``DiskFullError``, anything else named."""
+    if failed is not None:
+        failed = as_disk_full(failed, output_dir, needed) or failed
+    if not (dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1):
+        if failed is not None:
+            raise failed
+        return
+    mine = None
+    if failed is not None:
+        mine = failed if isinstance(failed, DiskFullError) else f"{type(failed).__name__}: {failed}"
+    everyone = [None] * dist.get_world_size()
+    dist.all_gather_object(everyone, mine)
+    if failed is not None:
+        raise failed
+    for rank, theirs in enumerate(everyone):
+        if isinstance(theirs, DiskFullError):
+            raise theirs
+        if theirs is not None:
+            raise RuntimeError(f"rank {rank} failed writing the model to {output_dir}: {theirs}")
+
+
+def _finish(model, plan: SavePlan, output_dir: str, swap: Swap) -> None:
+    """Index, then the swap (new files in place, stale ones out), then config: as
+    ``save_pretrained`` leaves the folder."""
     if plan.index is not None:
-        with open(os.path.join(output_dir, INDEX_NAME), "w", encoding="utf-8") as f:
+        with open(swap.temp(INDEX_NAME), "w", encoding="utf-8") as f:
             f.write(json.dumps(plan.index, indent=2, sort_keys=True) + "\n")
+    # save_pretrained removes numbered shards a new save does not write. A single file or an
+    # index from an earlier save of the other layout goes too: loaders would read it first.
+    stale = [f for f in os.listdir(output_dir) if _SHARD_NAME.fullmatch(f) or f in (SINGLE_NAME, INDEX_NAME)]
+    swap.commit(stale)
     if model.is_remote_code():
         from transformers.dynamic_module_utils import custom_object_save
 

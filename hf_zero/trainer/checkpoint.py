@@ -4,29 +4,56 @@ A checkpoint directory written by the Trainer holds, besides what the Trainer wr
 (full model weights, scheduler, RNG states per rank, trainer state), the sharded state of the
 engine in ``hf_zero_sharded/`` (hf_zero/checkpoint/sharded.py): fp32 masters and optimizer
 state through ``torch.distributed.checkpoint``, which every rank writes in parallel and which
-loads at any world size and stage. Once every rank is done, rank 0 writes
-``hf_zero_complete.json``: ``resume_from_checkpoint=True`` takes the newest checkpoint that has
-it, so a save cut short (a crash, a killed rank) leaves the previous checkpoint in use.
-A checkpoint of another model, or with a missing or truncated file, is refused with an error
-naming the file and what is wrong, before training starts and before anything is changed.
+loads at any world size and stage. A checkpoint of another model, or with a missing or
+truncated file, is refused with an error naming the file and what is wrong, before training
+starts and before anything is changed.
+
+[Note: completion marker]
+Completion is per save, not per directory. ``hf_zero_complete.json`` seals one save: the run
+that wrote it (a run id drawn once per ``train()``), the global step, the world size and the
+stage. A save into ``checkpoint-N`` first removes any marker there (``invalidate``, before any
+rank writes, then a barrier), so a save cut short over an earlier complete ``checkpoint-N`` (a
+re-run into the same output dir) leaves no marker, not the earlier run's beside the new files.
+Once every rank is done, rank 0 writes the new marker. A marker counts only where it matches
+the folder it sits in: its step is ``trainer_state.json``'s ``global_step`` (and ``N`` of a
+``checkpoint-N`` folder), its world size and stage those of ``hf_zero_sharded/``'s description.
+``resume_from_checkpoint=True`` takes the newest checkpoint with a valid marker; an explicit
+path without one is refused unless ``HF_ZERO_FORCE_RESUME=1``.
 """
 
 from __future__ import annotations
 
 import json
+import logging
 import os
+import uuid
 
-from hf_zero.checkpoint import sharded
+import torch.distributed as dist
+
+from hf_zero.checkpoint import dcp_disk, sharded
+from hf_zero.checkpoint.atomic import Swap, as_disk_full
 from hf_zero.checkpoint.sharded import CheckpointError
 
+logger = logging.getLogger(__name__)
 SCHEDULER_NAME = "scheduler.pt"  # the Trainer's own file name
-COMPLETE_NAME = "hf_zero_complete.json"  # written last, once every rank has finished its part
+TRAINER_STATE_NAME = "trainer_state.json"  # the Trainer's own file name
+COMPLETE_NAME = "hf_zero_complete.json"  # [Note: completion marker]
+FORCE_ENV = "HF_ZERO_FORCE_RESUME"  # 1: resume from a checkpoint without a valid marker
+_SEAL_KEYS = {"run_id": str, "global_step": int, "world_size": int, "stage": int}
 
 
 def save(engine, output_dir: str) -> None:
-    """Every rank writes its part of the engine's state (a collective: all ranks call it)."""
+    """Every rank writes its part of the engine's state (a collective: all ranks call it). A full
+    disk on any rank is raised on every rank as the ``DiskFullError`` of the lowest rank that hit
+    it (dcp_disk.py), not as DCP's ``CheckpointException``."""
     os.makedirs(output_dir, exist_ok=True)
-    sharded.save(engine, output_dir)
+    try:
+        sharded.save(engine, output_dir)
+    except BaseException as error:
+        full = dcp_disk.unwrap(error) or as_disk_full(error, os.path.join(output_dir, sharded.DIR_NAME), None)
+        if full is None:
+            raise
+        raise full from None  # DCP's wrapper holds only the same message per rank
 
 
 def _require_sharded_state(checkpoint: str) -> None:
@@ -58,21 +85,97 @@ def load(engine, checkpoint: str) -> None:
     sharded.load(engine, checkpoint)
 
 
-def mark_complete(directory: str, world_size: int, stage: int) -> None:
-    """Rank 0, after a barrier: the checkpoint in ``directory`` is whole."""
-    tmp = os.path.join(directory, COMPLETE_NAME + ".tmp")
-    with open(tmp, "w") as f:
-        json.dump({"world_size": world_size, "stage": stage}, f)
-    os.replace(tmp, os.path.join(directory, COMPLETE_NAME))
+def new_run_id() -> str:
+    """A run id drawn on rank 0 and shared with every rank (a collective where ranks exist)."""
+    run_id = [uuid.uuid4().hex[:16]]
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        dist.broadcast_object_list(run_id, src=0)
+    return run_id[0]
+
+
+def invalidate(directory: str) -> None:
+    """Remove the marker of ``directory`` before a save writes into it ([Note: completion marker])."""
+    marker = os.path.join(directory, COMPLETE_NAME)
+    if os.path.lexists(marker):
+        os.unlink(marker)
+
+
+def mark_complete(directory: str, *, run_id: str, global_step: int, world_size: int, stage: int) -> None:
+    """Rank 0, after a barrier: the save of ``global_step`` in ``directory`` is whole."""
+    seal = {"run_id": run_id, "global_step": global_step, "world_size": world_size, "stage": stage}
+    swap = Swap(directory)
+    with swap:
+        with open(swap.temp(COMPLETE_NAME), "w") as f:
+            json.dump(seal, f)
+        swap.commit()
+
+
+def marker_problem(directory: str) -> str | None:
+    """Why ``directory`` has no valid completion marker ([Note: completion marker]), or None."""
+    marker = os.path.join(directory, COMPLETE_NAME)
+    if not os.path.isfile(marker):
+        return f"{marker} is missing (the save was cut short, or another one into this folder was)"
+    seal = _read_json(marker)
+    if not isinstance(seal, dict) or not all(isinstance(seal.get(k), t) for k, t in _SEAL_KEYS.items()):
+        return (f"{marker} holds {seal!r}, not a completion marker of this hf_zero (keys "
+                f"{', '.join(_SEAL_KEYS)}); it was written by an older version or damaged")
+    step = seal["global_step"]
+    prefix, _, n = os.path.basename(os.path.normpath(directory)).partition("-")
+    if prefix == "checkpoint" and n.isdigit() and int(n) != step:
+        return f"{marker} seals step {step}, but the folder is checkpoint-{n}"
+    state = _read_json(os.path.join(directory, TRAINER_STATE_NAME))
+    saved = state.get("global_step") if isinstance(state, dict) else None
+    if saved != step:
+        return (f"{marker} seals step {step} of run {seal['run_id']}, but "
+                f"{os.path.join(directory, TRAINER_STATE_NAME)} is at global_step {saved}: the marker is from "
+                "another save")
+    meta = _read_json(os.path.join(directory, sharded.DIR_NAME, sharded.META_NAME))
+    if isinstance(meta, dict) and (meta.get("world_size"), meta.get("stage")) != (seal["world_size"], seal["stage"]):
+        return (f"{marker} seals a save at world size {seal['world_size']}, stage {seal['stage']}, but "
+                f"{os.path.join(directory, sharded.DIR_NAME, sharded.META_NAME)} was written at world size "
+                f"{meta.get('world_size')}, stage {meta.get('stage')}: the marker is from another save")
+    return None
+
+
+def require_complete(directory: str) -> None:
+    """Refuse an explicit ``resume_from_checkpoint`` without a valid marker, unless forced."""
+    problem = marker_problem(directory)
+    if problem is None:
+        return
+    value = os.environ.get(FORCE_ENV, "")
+    if value not in ("", "0", "1"):
+        raise CheckpointError(f"{FORCE_ENV}={value!r}: allowed values are 1 (resume anyway) and 0 or unset")
+    if value == "1":
+        logger.warning("hf_zero: resuming from %s although %s (%s=1)", directory, problem, FORCE_ENV)
+        return
+    raise CheckpointError(
+        f"resume_from_checkpoint={directory!r} is not a complete hf_zero checkpoint: {problem}. Resume from "
+        f"an earlier checkpoint (resume_from_checkpoint=True takes the newest complete one), or set "
+        f"{FORCE_ENV}=1 to resume from it anyway"
+    )
 
 
 def newest_complete(output_dir: str) -> str | None:
-    """The newest ``checkpoint-N`` in ``output_dir`` that hf_zero marked complete, or None."""
+    """The newest ``checkpoint-N`` in ``output_dir`` with a valid completion marker, or None."""
     if not os.path.isdir(output_dir):
         return None
     steps = []
     for name in os.listdir(output_dir):
         prefix, _, step = name.partition("-")
-        if prefix == "checkpoint" and step.isdigit() and os.path.isfile(os.path.join(output_dir, name, COMPLETE_NAME)):
+        if prefix == "checkpoint" and step.isdigit() and os.path.isdir(os.path.join(output_dir, name)):
             steps.append(int(step))
-    return os.path.join(output_dir, f"checkpoint-{max(steps)}") if steps else None
+    for step in sorted(steps, reverse=True):
+        directory = os.path.join(output_dir, f"checkpoint-{step}")
+        problem = marker_problem(directory)
+        if problem is None:
+            return directory
+        logger.info("hf_zero: resume_from_checkpoint=True skips %s: %s", directory, problem)
+    return None
+
+
+def _read_json(file: str):
+    try:
+        with open(file) as f:
+            return json.load(f)
+    except (OSError, ValueError):
+        return None

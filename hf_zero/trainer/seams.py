@@ -14,9 +14,9 @@ active behaves exactly as before.
 | ``_get_grad_norm``  | stage >= 1: the same norm when clipping is off                          |
 | ``save_model``      | stage 3: every rank gathers unit by unit; rank 0 streams full weights to HF's files (streamed_save.py); stages >= 1: rank 0 checks every written tensor against the model |
 | ``_save_optimizer_and_scheduler`` | stage >= 1: every rank writes its part of the sharded state (checkpoint.py) |
-| ``_save_checkpoint``| stage >= 1: after every rank's part, rank 0 marks the checkpoint complete, and only then deletes old ones (``save_total_limit``) |
+| ``_save_checkpoint``| stage >= 1: first removes the folder's earlier completion marker (barrier); after every rank's part, rank 0 seals the save (run id, step, world size, stage), and only then deletes old ones (``save_total_limit``) |
 | ``_load_best_model``| stage >= 1: loads into gathered params, then back into shards and masters |
-| ``train``           | stage >= 1: ``resume_from_checkpoint=True`` takes the newest complete one; a checkpoint of another model or with a missing file is refused first; on return the host step of optimizer offload is settled |
+| ``train``           | stage >= 1: draws the run id; ``resume_from_checkpoint=True`` takes the newest one with a valid completion marker; a checkpoint of another model, with a missing file or (unless ``HF_ZERO_FORCE_RESUME=1``) without a valid marker is refused first; on return the host step of optimizer offload is settled |
 | ``_load_optimizer_and_scheduler`` | stage >= 1: every rank reads its part of the sharded state, written at any world size and stage |
 | ``Seq2SeqTrainer.prediction_step`` | stage 3, W > 1: ``synced_gpus=True`` for generate, as for DeepSpeed ZeRO-3 |
 | ``PreTrainedModel.from_pretrained`` | stage 3 with ``zero3_init_flag``: a local safetensors checkpoint loads sharded (hf_zero/init/plugin.py); any other load is transformers' own |
@@ -210,6 +210,14 @@ def _save_checkpoint(self, model, trial):
     # So the rotation waits until the new checkpoint is complete.
     session.engine.settle()
     set_phase(f"checkpoint save checkpoint-{self.state.global_step}")  # [Note: phases]
+    run_dir = self._get_output_dir(trial=trial)
+    folder = os.path.join(run_dir, f"checkpoint-{self.state.global_step}")
+    if self.args.should_save:  # [Note: completion marker]: an earlier save's marker goes first
+        checkpoint.invalidate(folder)
+    if torch.distributed.is_initialized():
+        torch.distributed.barrier()  # no rank writes before the marker is gone
+    if session.run_id is None:  # a save outside train()
+        session.run_id = checkpoint.new_run_id()
     limit = self.args.save_total_limit
     self.args.save_total_limit = None
     try:
@@ -220,9 +228,8 @@ def _save_checkpoint(self, model, trial):
     if torch.distributed.is_initialized():
         torch.distributed.barrier()  # every rank has written its part
     if self.args.should_save:
-        run_dir = self._get_output_dir(trial=trial)
-        checkpoint.mark_complete(os.path.join(run_dir, f"checkpoint-{self.state.global_step}"),
-                                 self.args.world_size, session.stage)
+        checkpoint.mark_complete(folder, run_id=session.run_id, global_step=self.state.global_step,
+                                 world_size=self.args.world_size, stage=session.stage)
         if rotate_checkpoints is not None:
             rotate_checkpoints(output_dir=run_dir, save_total_limit=limit,
                                best_model_checkpoint=self.state.best_model_checkpoint, use_mtime=True)
@@ -237,12 +244,16 @@ def train(self, resume_from_checkpoint=None, trial=None, ignore_keys_for_eval=No
         resume_from_checkpoint = checkpoint.newest_complete(self.args.output_dir)
         if resume_from_checkpoint is None:
             raise ValueError(
-                f"resume_from_checkpoint=True: no complete hf_zero checkpoint (checkpoint-N with "
+                f"resume_from_checkpoint=True: no complete hf_zero checkpoint (checkpoint-N with a valid "
                 f"{checkpoint.COMPLETE_NAME}) in {self.args.output_dir}"
             )
     if session is not None and session.stage >= 1 and isinstance(resume_from_checkpoint, str):
-        # Refuse a checkpoint of another model, or with a missing or cut-short file, before any work.
+        # Refuse a checkpoint of another model, or with a missing or cut-short file, or whose save
+        # was not sealed ([Note: completion marker]), before any work.
         checkpoint.check(resume_from_checkpoint, checkpoint.trainable_shapes(self.model, session.engine))
+        checkpoint.require_complete(resume_from_checkpoint)
+    if session is not None and session.stage >= 1:
+        session.run_id = checkpoint.new_run_id()  # every rank calls train(): one id for this run
     try:
         return _original("train")(self, resume_from_checkpoint=resume_from_checkpoint, trial=trial,
                                   ignore_keys_for_eval=ignore_keys_for_eval)

@@ -20,6 +20,9 @@ class ZeroSession:
     trainer_ref: Any  # weakref to the Trainer
     engine: ZeroEngine | None = None
     figures: dict = field(default_factory=dict)
+    # Drawn once per train() on rank 0, the same on every rank; names the run in each checkpoint's
+    # completion marker (checkpoint.py, [Note: completion marker]).
+    run_id: str | None = None
 
     @property
     def stage(self) -> int:

@@ -1,7 +1,9 @@
 """``Trainer.save_model`` at stage 3: streamed unit by unit where it can be, gathered where not.
 
 The weights go through ``hf_zero.checkpoint.hf_save`` (see [Note: streamed save] there): the
-same files ``save_pretrained`` writes, without any rank holding the full model. The rest of the
+same files ``save_pretrained`` writes, without any rank holding the full model, written beside an
+earlier save in the folder and swapped in once all are whole (a full disk: one ``DiskFullError``
+on every rank, the earlier save intact; hf_zero/checkpoint/atomic.py). The rest of the
 folder is written as ``Trainer._save`` writes it: the tokenizer or processor, and the training
 arguments. A model whose save cannot be planned from shapes (a weight conversion that computes
 new tensors, such as transformers 5.x fused MoE experts; a quantized model; a plain module) is

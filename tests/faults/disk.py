@@ -57,7 +57,7 @@ class _Limited:
         self._file, self._root, self._size = file, root, size
 
     def write(self, data) -> int:
-        n = memoryview(data).nbytes
+        n = len(data.encode()) if isinstance(data, str) else memoryview(data).nbytes
         if _used(self._root) + n > self._size:
             raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
         written = self._file.write(data)
