@@ -18,11 +18,16 @@ in *different* phases, both for longer than ``comm_timeout_s``, cannot both be m
 that names the stalled rank and where the others wait. The stalled rank is the one behind: every
 rank sets the same phases in the same order (no seam sets one on some ranks only), so the rank
 that has entered the fewest (``Phase.seq``) stopped there, while the others moved on and then
-waited; ages alone cannot tell, as a rank stalls milliseconds before the others block. Ranks in
+waited (among ranks as far, one not waiting in a collective); ages alone cannot tell, as a rank
+stalls milliseconds before the others block. Ranks in
 the same phase (every rank in a long evaluation batch or a slow save) are left alone: they agree.
-The price: a rank that stalls where the others wait within the same phase is not told apart,
-unless they wait in one of hf_zero's own collectives (the flight recorder sees those); hence
-phases at every callback event and around the checkpoint save's collectives.
+Within one phase, the watchdog tells a waiting rank from a stalled one by where its main thread
+is: one that has been inside a single ``torch.distributed`` call for longer than the timeout
+publishes its phase with ``"; waiting in torch.distributed <function>"`` added, which then differs
+from the stalled rank's (a data loader that hangs on one rank while the others wait in the
+Trainer's token-count all-gather). What stays unseen: a stall where the others wait in the same
+phase in a collective that does not block in Python (NCCL returns at once and waits later, in
+``.item()``), unless it is one of hf_zero's own (the flight recorder sees those).
 
 Labels carry the step number, so two ranks at the same point of different steps differ. Times
 are wall-clock (``time.time()``) so that ranks on different hosts compare them; NTP keeps

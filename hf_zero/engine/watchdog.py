@@ -26,8 +26,10 @@ every Trainer hf_zero attaches to, when the default process group has more than 
     * stops the job if the oldest pending collective is older than ``comm_timeout_s``;
     * checks one key in the rendezvous store (the default process group's): another rank asked
       the job to stop (it timed out, or raised);
-    * publishes this rank's phase (``phases.py``: what it is doing, set at the Trainer's seams)
-      when it changed, and, once that phase is older than ``comm_timeout_s``, reads the others':
+    * publishes this rank's phase (``phases.py``: what it is doing, set at the Trainer's seams;
+      with ``"; waiting in torch.distributed <function>"`` added once its main thread has sat in
+      one such call for longer than ``comm_timeout_s``) when it changed, and, once that phase is
+      older than ``comm_timeout_s``, reads the others':
       two ranks in different phases for longer than ``comm_timeout_s`` stop the job ([Note:
       phases]; this covers the Trainer's own collectives and the checkpoint save's barriers,
       which the recorder does not see).
@@ -169,6 +171,7 @@ def _values(d: dict) -> list:
 
 RECORDER = FlightRecorder()
 _UNSET = object()  # no phase published yet (None is a value: "no phase")
+_WAITING = "; waiting in torch.distributed "  # added to the phase of a rank blocked in a collective
 
 
 # ---- configuration and the running watchdog ---------------------------------------------------
@@ -280,6 +283,7 @@ class _Watchdog:
         self._claimed = False
         self._reported = threading.Event()  # set once this rank's report is printed
         self._published: Any = _UNSET  # the phase last written to the store
+        self._in_torch: tuple | None = None  # (frame key, function, first seen): main thread in a torch collective
         self._phases_read_at = 0.0  # when this rank last read the others' phases
         self._thread = threading.Thread(target=self._run, name="hf_zero-watchdog", daemon=True)
 
@@ -344,6 +348,9 @@ class _Watchdog:
     def _check_phases(self) -> None:
         """[Note: phases]: publish this rank's phase; if it is older than the timeout, compare."""
         mine = phases.current()
+        waiting = self._waiting_in_torch() if mine is not None else None
+        if waiting:  # [Note: phases]: tells waiting ranks from stalled ones
+            mine = mine._replace(label=f"{mine.label}{_WAITING}{waiting}")
         if mine != self._published:
             value = None if mine is None else [mine.label, mine.since, mine.seq]
             self.store.set(self.ns + f"phase/{self.rank}", json.dumps(value))
@@ -359,10 +366,32 @@ class _Watchdog:
                  if now - since > self.timeout}
         stuck[self.rank] = (mine.label, now - mine.since, mine.seq)
         if len({label for label, _, _ in stuck.values()}) > 1:
-            stalled = min(stuck, key=lambda r: (stuck[r][2], -stuck[r][1]))  # the rank behind
+            # the rank behind; of ranks as far, one not waiting in a collective; then the oldest
+            stalled = min(stuck, key=lambda r: (stuck[r][2], _WAITING in stuck[r][0], -stuck[r][1]))
             headline = stall_headline(stalled, stuck, self.timeout)
             self.stop_job({"rank": stalled, "by": self.rank, "why": "stalled", "headline": headline},
                           publish_abort=True)
+
+    def _waiting_in_torch(self) -> str | None:
+        """The torch.distributed function the main thread has been in, in one call, for longer
+        than the timeout (seen at every poll since), or None."""
+        frame = sys._current_frames().get(threading.main_thread().ident)
+        call = None
+        while frame is not None:  # innermost first: the outermost frame of a run of c10d frames
+            name = os.path.basename(frame.f_code.co_filename)
+            if name == "distributed_c10d.py":
+                call = frame
+            elif name != "c10d_logger.py" and call is not None:
+                break
+            frame = frame.f_back
+        if call is None:
+            self._in_torch = None
+            return None
+        key = (id(call), call.f_code)
+        if self._in_torch is None or self._in_torch[0] != key:
+            self._in_torch = (key, call.f_code.co_name, _now())
+        key, function, first = self._in_torch
+        return function if _now() - first > self.timeout else None
 
     def _read_phases(self) -> dict[int, tuple[str, float, int]]:
         """The other ranks' published phases (ranks that published none, or None, are left out)."""
@@ -485,9 +514,10 @@ class _Watchdog:
                     round(now - r.t0, 1)] for r in RECORDER.recent(PUBLISHED)]
         report = {"rank": self.rank, "host": self.host, "pid": self.pid, "state": "idle",
                   "records": records, "last_seq": RECORDER.seq, "stack": _main_stack()}
-        phase = phases.current()
+        phase, waiting = phases.current(), self._waiting_in_torch()
         if phase is not None:
-            report["phase"] = [phase.label, round(time.time() - phase.since, 1)]
+            label = f"{phase.label}{_WAITING}{waiting}" if waiting else phase.label
+            report["phase"] = [label, round(time.time() - phase.since, 1)]
         if oldest is not None:
             report.update(state="waiting", pending=[oldest.seq, oldest.kind, oldest.label or "", oldest.nbytes,
                                                     round(now - oldest.t0, 1)])

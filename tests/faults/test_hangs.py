@@ -2,9 +2,10 @@
 
 Before phases (``hf_zero/engine/phases.py``), the watchdog saw only hf_zero's collectives: a rank
 that stalled where the Trainer runs its own collectives (the loss all-gather between steps) or
-inside the checkpoint save (its barrier) left the others waiting until gloo's own timeout, with no
-report. Each rank now publishes what it is doing; two ranks in different phases for longer than
-``comm_timeout_s`` stop the job with a report naming the stalled rank and its phase.
+inside the checkpoint save (its collectives) or in its data loader left the others waiting until
+gloo's own timeout, with no report. Each rank now publishes what it is doing (and whether it has
+been waiting in a torch.distributed call past the timeout); two ranks in different phases for
+longer than ``comm_timeout_s`` stop the job with a report naming the stalled rank and its phase.
 
 Each rank runs as its own ``python -m hf_zero.run tests/faults/data/hang_job.py`` process on gloo
 (the watchdog ends a rank with ``os._exit``); the stall is the job script's ``time.sleep``."""
@@ -76,11 +77,13 @@ def _check_stopped(ranks: list[dict], stalled_phase: str, waiting_phase: str) ->
         report = _report(got["text"])
         assert f"watchdog on rank {rank} of 2" in report, report
         assert (f'stalled: rank 1 has been in "{stalled_phase}" for ') in report, report
-        assert f'while rank 0 has been in "{waiting_phase}" for ' in report, report
+        # the waiting rank's phase names the torch.distributed call once it has waited there for
+        # longer than the timeout (when both came to pass first is a matter of a poll)
+        waiting = rf'"{re.escape(waiting_phase)}(; waiting in torch.distributed \w+)?" for [\d.]+ s'
+        assert re.search(rf"while rank 0 has been in {waiting}", report), report
         assert re.search(rf'rank 1( \(this rank\))?: .*; phase "{re.escape(stalled_phase)}" for [\d.]+ s',
                          report), report
-        assert re.search(rf'rank 0( \(this rank\))?: .*; phase "{re.escape(waiting_phase)}" for [\d.]+ s',
-                         report), report
+        assert re.search(rf"rank 0( \(this rank\))?: .*; phase {waiting}", report), report
         assert re.search(r"rank 1( \(this rank\))?: .*main thread at stall \(hang_job.py:", report), report
         # rank 0 waits in a torch.distributed collective, not in one of hf_zero's
         assert re.search(r"rank 0( \(this rank\))?: not in an hf_zero collective; .*main thread at \w+ "
@@ -104,6 +107,17 @@ def test_stall_inside_the_sharded_checkpoint_save_is_reported(tmp_path):
     ranks = _launch(tmp_path, "checkpoint")
     _check_stopped(ranks, stalled_phase="checkpoint save checkpoint-2",
                    waiting_phase="checkpoint save checkpoint-2: sharded optimizer state, then RNG and trainer state")
+
+
+def test_stall_in_the_data_loader_while_the_other_waits_in_the_same_phase_is_reported(tmp_path):
+    """Rank 1 sleeps fetching a row (accelerate fetches one batch ahead: during "after step 3");
+    rank 0 waits in the Trainer's all-gather of the next batches' token count, in the same phase.
+    Its phase carries the torch.distributed function once it has waited there past the timeout."""
+    ranks = _launch(tmp_path, "data")
+    phase = "after step 3: logged; evaluation, checkpoint, next batches"
+    _check_stopped(ranks, stalled_phase=phase, waiting_phase=f"{phase}; waiting in torch.distributed all_gather")
+    assert "main thread at stall (hang_job.py:" in _report(ranks[1]["text"])
+    assert "< __getitem__ (hang_job.py:" in _report(ranks[1]["text"])
 
 
 # ---- the rule on one rank, against a store the test fills in for the other rank ---------------

@@ -10,6 +10,8 @@ rank 1 prints "stalling at <time.time()>". Scenarios:
                  Trainer's own all-gather of the loss it logs (no hf_zero collective is pending)
   checkpoint     checkpoint-2 is saved; rank 1 sleeps inside the save, before it writes its part of
                  the sharded optimizer state; rank 0 writes its part and waits at the save's barrier
+  data           rank 1's data loader sleeps fetching the batches of step 3 (the 5th batch); rank 0 goes
+                 on into the Trainer's all-gather of those batches' token count, in the same phase
   normal         no stall; ends cleanly
 """
 
@@ -17,6 +19,7 @@ import os
 import sys
 import time
 
+import torch
 import torch.distributed as dist
 from transformers import Trainer, TrainerCallback
 
@@ -42,6 +45,22 @@ class StallInSave(Trainer):
         return super()._save_optimizer_and_scheduler(output_dir)
 
 
+class StallInData(torch.utils.data.Dataset):
+    """``rows``, but rank 1 sleeps on its ``at``-th row (counting from 1)."""
+
+    def __init__(self, rows, at):
+        self.rows, self.at, self.fetched = rows, at, 0
+
+    def __len__(self):
+        return len(self.rows)
+
+    def __getitem__(self, i):
+        self.fetched += 1
+        if dist.get_rank() == 1 and self.fetched == self.at:
+            stall(f"fetching row {self.fetched}")
+        return self.rows[i]
+
+
 def main():
     scenario, timeout = sys.argv[1], float(sys.argv[2])
     dist.init_process_group("gloo")
@@ -50,7 +69,8 @@ def main():
     save = dict(save_strategy="steps", save_steps=2) if scenario == "checkpoint" else {}
     trainer_cls = StallInSave if scenario == "checkpoint" else Trainer
     callbacks = [StallBetweenSteps()] if scenario == "between_steps" else []
-    trainer = trainer_cls(model=llama(), args=args(out, max_steps=4, **save), train_dataset=lm_rows(32),
+    data = StallInData(lm_rows(32), at=9) if scenario == "data" else lm_rows(32)  # 2 rows a batch
+    trainer = trainer_cls(model=llama(), args=args(out, max_steps=4, **save), train_dataset=data,
                           callbacks=callbacks)
     trainer.train()
     print(f"rank {dist.get_rank()}: trained {trainer.state.global_step} steps", flush=True)
