@@ -16,6 +16,12 @@ A checkpoint is one folder (``DIR_NAME``) holding DCP's files and ``META_NAME``:
   of the fine-tune. Never loaded on resume: frozen params come from the model's own weights.
 - ``META_NAME`` (JSON, rank 0): format, stage, world size, the layout (param packing order), the
   params' shapes and dtype, and the optimizer's class and param-group settings.
+- ``hf_zero_digest_rank{r}.json`` (JSON, each rank): the run id, the step, and the size and digest
+  of every file rank r wrote; checked before any load ([Note: checkpoint digests], digests.py).
+
+Nothing is unpickled from the folder: DCP's ``.metadata`` is read through an allow-list of torch's
+metadata classes and its tensors weights-only ([Note: nothing is unpickled from a checkpoint],
+safe_reader.py).
 """
 
 from __future__ import annotations
@@ -34,16 +40,14 @@ from torch.distributed._shard.sharded_tensor import Shard, ShardedTensor
 from torch.distributed._shard.sharded_tensor.metadata import ShardedTensorMetadata, TensorProperties
 
 from hf_zero.checkpoint import dcp_disk
+from hf_zero.checkpoint import digests, safe_reader
 from hf_zero.checkpoint.boxes import boxes
+from hf_zero.checkpoint.errors import CheckpointError
 from hf_zero.engine.shard_map import ParamShard, frozen_shard_map
 
 DIR_NAME = "hf_zero_sharded"
 META_NAME = "hf_zero_meta.json"
 FORMAT, VERSION = "hf_zero-sharded", 1
-
-
-class CheckpointError(ValueError):
-    """A checkpoint that cannot be used: names the file and what is wrong with it."""
 
 
 # ---- one param's part as DCP sees it ------------------------------------------------------------
@@ -114,9 +118,26 @@ def _quiet_sharded_tensor():
 # ---- save -----------------------------------------------------------------------------------------
 
 
-def save(engine, directory: str) -> str:
-    """Every rank writes its part of ``engine``'s state under ``directory/DIR_NAME``; returns it."""
+class _RecordingWriter(dcp_disk.FileSystemWriter):
+    """The writer, keeping the names of the data files this rank wrote (for its manifest)."""
+
+    def write_data(self, plan, planner):
+        self.results = super().write_data(plan, planner)
+        return self.results
+
+    def written(self) -> list[str]:
+        return [r.storage_data.relative_path for r in self.results.value()] if hasattr(self, "results") else []
+
+
+def save(engine, directory: str, *, run_id: str | None = None, step: int | None = None) -> str:
+    """Every rank writes its part of ``engine``'s state under ``directory/DIR_NAME``, then its
+    digest manifest; returns the folder. ``run_id``/``step`` name the save in the manifests
+    (default: what ``digests.note_identity`` noted for ``engine``, else its own run id)."""
     path = os.path.join(directory, DIR_NAME)
+    identity = digests.identity_of(engine)
+    identity = digests.Identity(run_id or identity.run_id, step if step is not None else identity.step)
+    rank, world_size = engine.ctx.rank, engine.ctx.world_size
+    digests.discard(path, rank, world_size)
     entries = engine.shard_map()
     state: dict[str, object] = {}
     py_scalars: dict[str, str] = {}
@@ -150,10 +171,14 @@ def save(engine, directory: str) -> str:
             extra[e.name] = None
             if e.master is not None:
                 state[f"extra/{e.name}"] = _dcp_value(e.master, e)
+    writer = _RecordingWriter(path)
     with _quiet_sharded_tensor():
-        dcp.save(state, storage_writer=dcp_disk.FileSystemWriter(path), no_dist=_no_dist())  # ENOSPC: DiskFullError
-    if engine.ctx.rank == 0:
+        dcp.save(state, storage_writer=writer, no_dist=_no_dist())  # ENOSPC: DiskFullError
+    files = writer.written()
+    if rank == 0:
         _write_meta(engine, path, entries, extra, py_scalars)
+        files += [safe_reader.METADATA_NAME, META_NAME]
+    digests.write_manifest(path, rank=rank, world_size=world_size, files=files, identity=identity)
     return path
 
 
@@ -202,14 +227,15 @@ def read_meta(path: str) -> dict:
     return meta
 
 
-def check_files(path: str) -> dcp.Metadata:
-    """DCP's metadata of ``path``, after checking that every data file it names is there, whole."""
-    reader = dcp.FileSystemReader(path)
-    try:
-        metadata = reader.read_metadata()
-    except Exception as error:  # noqa: BLE001 - DCP raises several kinds for a missing/corrupt file
-        raise CheckpointError(f"{os.path.join(path, '.metadata')} cannot be read ({error}): the checkpoint "
-                              "is incomplete or corrupt") from error
+def check_files(path: str, *, world_size: int | None = None, distributed: bool = False) -> dcp.Metadata:
+    """DCP's metadata of ``path`` (read through the allow-list), after checking that every data
+    file it names is there, whole, and what this save's digest manifests recorded (digests.py;
+    ``world_size``: the saving run's, by default from ``META_NAME``; ``distributed``: every rank
+    calls this, and each hashes a share)."""
+    file = os.path.join(path, safe_reader.METADATA_NAME)
+    if not os.path.isfile(file):
+        raise CheckpointError(f"{file} is missing: the checkpoint is incomplete or corrupt (the save was cut short)")
+    metadata = safe_reader.read_dcp_metadata(file)
     needed: dict[str, int] = {}
     for info in (metadata.storage_data or {}).values():
         needed[info.relative_path] = max(needed.get(info.relative_path, 0), info.offset + info.length)
@@ -220,6 +246,10 @@ def check_files(path: str) -> dcp.Metadata:
         if os.path.getsize(file) < size:
             raise CheckpointError(f"{file} is truncated: {os.path.getsize(file)} bytes, the checkpoint's "
                                   f"metadata needs at least {size}")
+    if world_size is None:
+        world_size = read_meta(path)["world_size"]
+    digests.verify(path, sorted(needed) + [safe_reader.METADATA_NAME, META_NAME], world_size=world_size,
+                   distributed=distributed)
     return metadata
 
 
@@ -241,12 +271,14 @@ def check_model(meta: dict, ours: dict[str, tuple[int, ...]], path: str) -> None
 
 def check(directory: str, shapes: dict[str, tuple[int, ...]]) -> tuple[dict, dcp.Metadata]:
     """Refuse, before any work, a checkpoint in ``directory`` that a model with these trainable
-    params (name -> shape) cannot resume from: missing or truncated files, or another model.
-    Returns the checkpoint's meta and DCP's metadata."""
+    params (name -> shape) cannot resume from: missing, truncated or changed files (digests.py),
+    another model, or a Trainer file that does not load weights only. Every rank calls it where
+    ranks exist. Returns the checkpoint's meta and DCP's metadata."""
     path = os.path.join(directory, DIR_NAME)
     meta = read_meta(path)
-    metadata = check_files(path)
+    metadata = check_files(path, world_size=meta["world_size"], distributed=not _no_dist())
     check_model(meta, shapes, path)
+    safe_reader.check_trainer_files(directory)
     return meta, metadata
 
 
@@ -288,7 +320,7 @@ def load(engine, directory: str) -> dict:
                 state[key] = _dcp_value(t, e)
             targets.setdefault(id(e.piece), {})[key[len(prefix):]] = t
     with _quiet_sharded_tensor():
-        dcp.load(state, storage_reader=dcp.FileSystemReader(path), no_dist=_no_dist())
+        safe_reader.dcp_load(state, path, no_dist=_no_dist())
 
     py = meta["optimizer"]["python_scalars"]
     casts = {"bool": bool, "int": int, "float": float}

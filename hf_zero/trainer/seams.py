@@ -40,6 +40,7 @@ from hf_zero.engine import ZeroEngine, ZeroModule
 from hf_zero.engine.phases import set_phase
 from hf_zero.engine.options import engine_options
 from hf_zero.init import sharded_load
+from hf_zero.checkpoint import digests
 from hf_zero.trainer import checkpoint
 from hf_zero.trainer.generation import sync_generate
 from hf_zero.trainer.streamed_save import save_stage3
@@ -195,6 +196,7 @@ def _save_optimizer_and_scheduler(self, output_dir):
     if session is None or session.engine is None:
         return _original("_save_optimizer_and_scheduler")(self, output_dir)
     set_phase(f"checkpoint save {os.path.basename(output_dir)}: sharded optimizer state, then RNG and trainer state")
+    digests.note_identity(session.engine, run_id=session.run_id, step=self.state.global_step)  # in its manifest
     checkpoint.save(session.engine, output_dir)  # every rank its own shard (settled: _save_checkpoint)
     if self.args.should_save:
         torch.save(self.lr_scheduler.state_dict(), os.path.join(output_dir, checkpoint.SCHEDULER_NAME))
