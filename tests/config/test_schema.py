@@ -71,8 +71,8 @@ def test_auto_string_becomes_sentinel():
     [
         ({"stage": 4}, "ZeroConfig.stage", "4", "an integer >= 0 and <= 3"),
         ({"stage": True}, "ZeroConfig.stage", "true", "an integer"),
-        ({"reduce_bucket_size": 1.5}, "ZeroConfig.reduce_bucket_size", "1.5", 'an integer >= 0 or "auto"'),
-        ({"reduce_bucket_size": -1}, "ZeroConfig.reduce_bucket_size", "-1", ">= 0"),
+        ({"reduce_bucket_size": 1.5}, "ZeroConfig.reduce_bucket_size", "1.5", 'an integer >= 1 or "auto"'),
+        ({"reduce_bucket_size": -1}, "ZeroConfig.reduce_bucket_size", "-1", ">= 1"),
         ({"max_live_parameters": "auto"}, "ZeroConfig.max_live_parameters", '"auto"', "an integer >= 0"),
         ({"overlap_comm": 1}, "ZeroConfig.overlap_comm", "1", "true or false"),
     ],
