@@ -26,6 +26,11 @@ TEMP_SUFFIX = ".hf_zero-tmp"
 _FULL = (errno.ENOSPC, errno.EDQUOT)
 
 
+def temp_path(directory: str, name: str) -> str:
+    """The hidden temporary path beside ``directory/name`` that a new ``name`` is written to."""
+    return os.path.join(directory, f".{name}.{os.getpid()}{TEMP_SUFFIX}")
+
+
 class DiskFullError(OSError):
     """No space left (or the quota is used up) while writing ``path``; an ``OSError`` with the
     original errno, so code that handles ``OSError`` still does."""
@@ -95,7 +100,7 @@ class Swap:
     def temp(self, name: str) -> str:
         if os.sep in name or name.startswith("."):
             raise AssertionError(f"Swap.temp({name!r}): a plain file name of {self.directory} is expected")
-        path = os.path.join(self.directory, f".{name}.{os.getpid()}{TEMP_SUFFIX}")
+        path = temp_path(self.directory, name)
         self._temps[name] = path
         return path
 

@@ -27,14 +27,12 @@ failing file is shared with one all-reduce, so every rank raises the same error.
 from __future__ import annotations
 
 import dataclasses
-import glob
 import hashlib
 import json
 import os
 import re
 import uuid
 import warnings
-import weakref
 
 import torch
 import torch.distributed as dist
@@ -70,28 +68,12 @@ class Identity:
     step: int | None
 
 
-_NOTED: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # engine -> Identity (side table)
-
-
-def note_identity(engine, *, run_id: str | None, step: int | None) -> None:
-    """What the next ``sharded.save`` of ``engine`` records: the Trainer's run id and global step
-    (the seam calls this before each checkpoint save). ``run_id`` None keeps the engine's own."""
-    _NOTED[engine] = Identity(run_id or identity_of(engine).run_id, step)
-
-
-def identity_of(engine) -> Identity:
-    """The noted identity of ``engine``, else a run id drawn once for it (a collective where
-    ranks exist: rank 0's draw is broadcast) and no step."""
-    if engine not in _NOTED:
-        _NOTED[engine] = Identity(_draw_run_id(), None)
-    return _NOTED[engine]
-
-
-def _draw_run_id() -> str:
+def draw_run_id() -> str:
+    """A run id drawn on rank 0 and shared with every rank (a tensor broadcast where ranks exist:
+    a collective, every rank calls it at the same point)."""
     raw = torch.frombuffer(bytearray(uuid.uuid4().bytes[:8]), dtype=torch.uint8).clone()
     if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
-        device = _collective_device()
-        raw = raw.to(device)
+        raw = raw.to(_collective_device())
         dist.broadcast(raw, src=0)
     return bytes(raw.cpu().tolist()).hex()
 

@@ -19,6 +19,8 @@ from dataclasses import dataclass
 
 import torch
 
+from hf_zero.checkpoint.atomic import temp_path
+
 _DTYPES = {
     torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16", torch.float64: "F64",
     torch.int64: "I64", torch.int32: "I32", torch.int16: "I16", torch.int8: "I8", torch.uint8: "U8",
@@ -76,8 +78,7 @@ class StreamingWriter:
             offset += s.nbytes
         raw = _header(specs)
         self._rename = temp is None
-        self._tmp = temp if temp is not None else os.path.join(
-            os.path.dirname(path), f".{os.path.basename(path)}.{os.getpid()}.hf_zero-tmp")
+        self._tmp = temp if temp is not None else temp_path(os.path.dirname(path), os.path.basename(path))
         self._file = open(self._tmp, "wb")
         try:
             self._file.write(len(raw).to_bytes(8, "little"))

@@ -131,11 +131,10 @@ class _RecordingWriter(dcp_disk.FileSystemWriter):
 
 def save(engine, directory: str, *, run_id: str | None = None, step: int | None = None) -> str:
     """Every rank writes its part of ``engine``'s state under ``directory/DIR_NAME``, then its
-    digest manifest; returns the folder. ``run_id``/``step`` name the save in the manifests
-    (default: what ``digests.note_identity`` noted for ``engine``, else its own run id)."""
+    digest manifest; returns the folder. ``run_id``/``step`` name the save in the manifests (the
+    Trainer's run id and global step; without a run id, one is drawn for this save)."""
     path = os.path.join(directory, DIR_NAME)
-    identity = digests.identity_of(engine)
-    identity = digests.Identity(run_id or identity.run_id, step if step is not None else identity.step)
+    identity = digests.Identity(run_id or digests.draw_run_id(), step)
     rank, world_size = engine.ctx.rank, engine.ctx.world_size
     digests.discard(path, rank, world_size)
     entries = engine.shard_map()

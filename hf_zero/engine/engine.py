@@ -29,7 +29,7 @@ from torch.utils.hooks import RemovableHandle
 from hf_zero.engine import accounting, full_params, pieces, step_overlap
 from hf_zero.engine import collectives as C
 from hf_zero.engine.grad_sync import BucketState, GradBucket, GradSync
-from hf_zero.engine.labels import phase
+from hf_zero.engine.labels import labelled
 from hf_zero.engine.layout import FlatParamBuffer
 from hf_zero.engine.materialize import materialize_units
 from hf_zero.engine.offload import OptimizerOffload, ParamOffload
@@ -308,7 +308,7 @@ class ZeroEngine:
             else:
                 piece.grad = shards[i][local.start : local.end]
 
-    @phase("hf_zero::before_step")
+    @labelled("hf_zero::before_step")
     def _before_step(self) -> None:
         """The optimizer step's pre-hook: reductions done; offloaded buckets stepped on the host.
 
@@ -403,7 +403,7 @@ class ZeroEngine:
 
     # ---- clipping ---------------------------------------------------------------------------
 
-    @phase("hf_zero::grad_norm")
+    @labelled("hf_zero::grad_norm")
     def grad_norm(self) -> torch.Tensor:
         """Global L2 norm of the reduced gradients, as ``clip_grad_norm_`` of plain DDP reports it."""
         self.finish_grad_sync()
@@ -422,7 +422,7 @@ class ZeroEngine:
     def _on_host(self, i: int) -> bool:
         return self._offloaded[i] and self._host_step.downloaded(i)
 
-    @phase("hf_zero::clip_grad_norm")
+    @labelled("hf_zero::clip_grad_norm")
     def clip_grad_norm_(self, max_norm: float) -> torch.Tensor:
         """Scale the main grads so their global norm is at most ``max_norm``; return the norm before."""
         if self._host_step is not None and self._host_step.early and max_norm != float("inf"):
@@ -443,7 +443,7 @@ class ZeroEngine:
 
     # ---- after the optimizer step -----------------------------------------------------------
 
-    @phase("hf_zero::after_step")
+    @labelled("hf_zero::after_step")
     def _after_step(self) -> None:
         self._hidden.show()
         handles = []

@@ -70,7 +70,7 @@ from torch.nn.utils import get_total_norm
 from torch.profiler import record_function
 
 from hf_zero.engine.host_memory import HostMemory
-from hf_zero.engine.labels import phase
+from hf_zero.engine.labels import labelled
 from hf_zero.engine.offload import OptimizerOffload
 from hf_zero.engine.step_overlap import StepWorker, hyperparameters
 from hf_zero.engine.streams import Streams
@@ -154,7 +154,7 @@ class HostStep:
     def downloaded(self, i: int) -> bool:
         return i in self._ready
 
-    @phase("hf_zero::grad_download")
+    @labelled("hf_zero::grad_download")
     def download(self, i: int, grad: torch.Tensor) -> None:
         """Copy bucket ``i``'s reduced main grad to the host; the caller then drops ``grad``.
 
@@ -268,7 +268,7 @@ class HostStep:
                 self.tier.finish()
             self.wait_uploads()
 
-    @phase("hf_zero::host_step")
+    @labelled("hf_zero::host_step")
     def run(self, optimizer: torch.optim.Optimizer, device_pieces: list, unused: set) -> None:
         """Step ``device_pieces`` (queued on the device), then each offloaded chunk on the host as
         its grads land, uploading its masters into the param shards; pieces of params in ``unused``
@@ -308,7 +308,7 @@ class HostStep:
             self.tier.finish()
         view.param_groups = []
 
-    @phase("hf_zero::host_step_chunk")
+    @labelled("hf_zero::host_step_chunk")
     def _step_chunk(self, c: int, view: torch.optim.Optimizer, groups: list[dict], skip: Callable[[int], set],
                     events: list) -> None:
         """Chunk ``c``: wait for its downloads (``events``), step its pieces (``groups``: the
@@ -348,7 +348,7 @@ class HostStep:
         self._unused.clear()
         self.scale = None
 
-    @phase("hf_zero::upload")
+    @labelled("hf_zero::upload")
     def _upload(self, c: int, chunk: list[int], masters: dict[int, torch.Tensor], h2d):
         """Queue chunk ``c``'s masters up into ``shards``; returns the event after the copies (None
         when there is nothing to wait for: no CUDA, or every shard on the host, where the copies

@@ -31,7 +31,7 @@ import functools
 from torch.profiler import record_function
 
 
-def phase(name: str):
+def labelled(name: str):
     """Decorate a method so each call is one ``record_function(name)`` span. A fresh span per call:
     ``record_function`` used as a decorator itself reuses one object, which two threads (the host
     step's worker and the main thread) or a nested call would share."""

@@ -24,7 +24,7 @@ def engine_options(config, param_dtype=None) -> dict:
     ``param_dtype`` "model": keep the model's own dtype (a load before the precision is known)."""
     return dict(
         stage=config.zero.stage,
-        bucket_numel=max(1, int(config.zero.reduce_bucket_size)),  # 0: a bucket per param
+        bucket_numel=int(config.zero.reduce_bucket_size),  # >= 1: the config checks it
         param_dtype=None if param_dtype == "model" else _PARAM_DTYPES[config.precision.dtype],
         offload=_optimizer_offload(config),
         offload_param=_param_offload(config),  # stage 3 only (the config refuses it below)

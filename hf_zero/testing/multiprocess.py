@@ -129,3 +129,43 @@ def _describe(outcomes: dict[int, tuple[str, Any]], headline: str) -> str:
         if status == "error":
             parts.append(f"--- rank {rank} traceback ---\n{payload}")
     return "\n".join(parts)
+
+
+def run_rank_processes(command: list[str], world_size: int, log_dir, *, limit: float, cwd=None,
+                       env: dict[str, str] | None = None) -> list[dict]:
+    """Start ``command`` once per rank as its own process of a ``world_size``-rank job on this host
+    (RANK, WORLD_SIZE, LOCAL_RANK, LOCAL_WORLD_SIZE, MASTER_ADDR/PORT set; ``env`` added; output to
+    ``log_dir/rank{r}.log``), wait up to ``limit`` seconds and kill the ranks still running.
+
+    For processes that may end through ``os._exit`` (the hang watchdog), which ``run_on_ranks``
+    would only see as a timeout. Per rank: ``code`` (None: still running at ``limit``, killed),
+    ``text`` (its output) and ``ended`` (``time.time()`` when it was seen to exit, or None)."""
+    import subprocess
+    import time
+    from pathlib import Path
+
+    log_dir, port = Path(log_dir), free_port()
+    procs, logs = [], []
+    try:
+        for rank in range(world_size):
+            rank_env = dict(os.environ, RANK=str(rank), WORLD_SIZE=str(world_size), LOCAL_RANK=str(rank),
+                            LOCAL_WORLD_SIZE=str(world_size), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port),
+                            **(env or {}))
+            logs.append(open(log_dir / f"rank{rank}.log", "w"))
+            procs.append(subprocess.Popen(command, env=rank_env, cwd=cwd, stdout=logs[-1], stderr=subprocess.STDOUT))
+        ended: dict[int, float] = {}
+        deadline = time.monotonic() + limit
+        while len(ended) < world_size and time.monotonic() < deadline:
+            for rank, proc in enumerate(procs):
+                if rank not in ended and proc.poll() is not None:
+                    ended[rank] = time.time()
+            time.sleep(0.05)
+    finally:
+        for proc in procs:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+        for log in logs:
+            log.close()
+    return [{"code": proc.returncode if rank in ended else None, "ended": ended.get(rank),
+             "text": (log_dir / f"rank{rank}.log").read_text()} for rank, proc in enumerate(procs)]

@@ -26,9 +26,6 @@ from __future__ import annotations
 import json
 import logging
 import os
-import uuid
-
-import torch.distributed as dist
 
 from hf_zero.checkpoint import dcp_disk, sharded
 from hf_zero.checkpoint.atomic import Swap, as_disk_full
@@ -42,13 +39,14 @@ FORCE_ENV = "HF_ZERO_FORCE_RESUME"  # 1: resume from a checkpoint without a vali
 _SEAL_KEYS = {"run_id": str, "global_step": int, "world_size": int, "stage": int}
 
 
-def save(engine, output_dir: str) -> None:
-    """Every rank writes its part of the engine's state (a collective: all ranks call it). A full
-    disk on any rank is raised on every rank as the ``DiskFullError`` of the lowest rank that hit
-    it (dcp_disk.py), not as DCP's ``CheckpointException``."""
+def save(engine, output_dir: str, *, run_id: str | None, step: int | None) -> None:
+    """Every rank writes its part of the engine's state (a collective: all ranks call it), its
+    digest manifest naming ``run_id`` and ``step``. A full disk on any rank is raised on every
+    rank as the ``DiskFullError`` of the lowest rank that hit it (dcp_disk.py), not as DCP's
+    ``CheckpointException``."""
     os.makedirs(output_dir, exist_ok=True)
     try:
-        sharded.save(engine, output_dir)
+        sharded.save(engine, output_dir, run_id=run_id, step=step)
     except BaseException as error:
         full = dcp_disk.unwrap(error) or as_disk_full(error, os.path.join(output_dir, sharded.DIR_NAME), None)
         if full is None:
@@ -83,14 +81,6 @@ def load(engine, checkpoint: str) -> None:
     runs the same checks as ``check`` before it changes anything."""
     _require_sharded_state(checkpoint)
     sharded.load(engine, checkpoint)
-
-
-def new_run_id() -> str:
-    """A run id drawn on rank 0 and shared with every rank (a collective where ranks exist)."""
-    run_id = [uuid.uuid4().hex[:16]]
-    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
-        dist.broadcast_object_list(run_id, src=0)
-    return run_id[0]
 
 
 def invalidate(directory: str) -> None:

@@ -196,8 +196,8 @@ def _save_optimizer_and_scheduler(self, output_dir):
     if session is None or session.engine is None:
         return _original("_save_optimizer_and_scheduler")(self, output_dir)
     set_phase(f"checkpoint save {os.path.basename(output_dir)}: sharded optimizer state, then RNG and trainer state")
-    digests.note_identity(session.engine, run_id=session.run_id, step=self.state.global_step)  # in its manifest
-    checkpoint.save(session.engine, output_dir)  # every rank its own shard (settled: _save_checkpoint)
+    # every rank its own shard (settled: _save_checkpoint), its manifest naming this run and step
+    checkpoint.save(session.engine, output_dir, run_id=session.run_id, step=self.state.global_step)
     if self.args.should_save:
         torch.save(self.lr_scheduler.state_dict(), os.path.join(output_dir, checkpoint.SCHEDULER_NAME))
 
@@ -219,7 +219,7 @@ def _save_checkpoint(self, model, trial):
     if torch.distributed.is_initialized():
         torch.distributed.barrier()  # no rank writes before the marker is gone
     if session.run_id is None:  # a save outside train()
-        session.run_id = checkpoint.new_run_id()
+        session.run_id = digests.draw_run_id()
     limit = self.args.save_total_limit
     self.args.save_total_limit = None
     try:
@@ -255,7 +255,7 @@ def train(self, resume_from_checkpoint=None, trial=None, ignore_keys_for_eval=No
         checkpoint.check(resume_from_checkpoint, checkpoint.trainable_shapes(self.model, session.engine))
         checkpoint.require_complete(resume_from_checkpoint)
     if session is not None and session.stage >= 1:
-        session.run_id = checkpoint.new_run_id()  # every rank calls train(): one id for this run
+        session.run_id = digests.draw_run_id()  # every rank calls train(): one id for this run
     try:
         return _original("train")(self, resume_from_checkpoint=resume_from_checkpoint, trial=trial,
                                   ignore_keys_for_eval=ignore_keys_for_eval)

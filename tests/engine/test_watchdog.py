@@ -8,9 +8,7 @@ separate ways it ended (each rank prints "diverging at <time.time()>")."""
 
 from __future__ import annotations
 
-import os
 import re
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -20,7 +18,7 @@ import torch
 
 from hf_zero.config import HfZeroConfig, load_config
 from hf_zero.engine import watchdog as W
-from hf_zero.testing.multiprocess import free_port
+from hf_zero.testing.multiprocess import run_rank_processes
 
 ROOT = Path(__file__).resolve().parents[2]
 JOB = ROOT / "tests" / "engine" / "data" / "watchdog_job.py"
@@ -32,38 +30,14 @@ def _launch(tmp_path, scenario: str, timeout_s: float, world: int = 2, limit: fl
 
     ``runner=False``: ``python watchdog_job.py`` without ``hf_zero.run`` (as a script that calls
     hf_zero itself)."""
-    command = [sys.executable, *(["-m", "hf_zero.run"] if runner else []), str(JOB)]
-    port = free_port()
-    procs, logs = [], []
-    for rank in range(world):
-        env = dict(os.environ, RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank),
-                   LOCAL_WORLD_SIZE=str(world), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port),
-                   OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT))
-        log = open(tmp_path / f"rank{rank}.log", "w")
-        logs.append(log)
-        procs.append(subprocess.Popen([*command, scenario, str(timeout_s)],
-                                      env=env, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT))
-    ended: dict[int, float] = {}
-    deadline = time.monotonic() + limit
-    try:
-        while len(ended) < world and time.monotonic() < deadline:
-            for rank, proc in enumerate(procs):
-                if rank not in ended and proc.poll() is not None:
-                    ended[rank] = time.time()
-            time.sleep(0.05)
-    finally:
-        for proc in procs:
-            if proc.poll() is None:
-                proc.kill()
-                proc.wait()
-        for log in logs:
-            log.close()
+    command = [sys.executable, *(["-m", "hf_zero.run"] if runner else []), str(JOB), scenario, str(timeout_s)]
+    ranks = run_rank_processes(command, world, tmp_path, limit=limit, cwd=ROOT,
+                               env={"OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)})
     out = []
-    for rank, proc in enumerate(procs):
-        text = (tmp_path / f"rank{rank}.log").read_text()
-        diverged = re.search(r"diverging at ([\d.]+)", text)
-        after = ended[rank] - float(diverged.group(1)) if diverged and rank in ended else None
-        out.append({"code": proc.returncode if rank in ended else None, "text": text, "after": after})
+    for got in ranks:
+        diverged = re.search(r"diverging at ([\d.]+)", got["text"])
+        after = got["ended"] - float(diverged.group(1)) if diverged and got["ended"] is not None else None
+        out.append({"code": got["code"], "text": got["text"], "after": after})
     return out
 
 

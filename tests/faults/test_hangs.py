@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import os
 import re
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -25,7 +24,7 @@ import torch.distributed as dist
 
 from hf_zero.engine import phases
 from hf_zero.engine import watchdog as W
-from hf_zero.testing.multiprocess import free_port
+from hf_zero.testing.multiprocess import run_rank_processes
 
 ROOT = Path(__file__).resolve().parents[2]
 JOB = ROOT / "tests" / "faults" / "data" / "hang_job.py"
@@ -36,34 +35,14 @@ SLACK_S = 8  # a poll, the report exchange (up to 5 s if a rank cannot answer), 
 def _launch(tmp_path, scenario: str, limit: float = 60.0) -> list[dict]:
     """Both ranks' exit code, output and seconds from rank 1's stall to their exit (None: still
     running at ``limit`` seconds, then killed)."""
-    port, procs, logs = free_port(), [], []
-    for rank in range(2):
-        env = dict(os.environ, RANK=str(rank), WORLD_SIZE="2", LOCAL_RANK=str(rank), LOCAL_WORLD_SIZE="2",
-                   MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT),
-                   HANG_JOB_OUT=str(tmp_path / "out"), HANG_JOB_STALL_S=os.environ.get("HANG_JOB_STALL_S", "40"))
-        logs.append(open(tmp_path / f"rank{rank}.log", "w"))
-        procs.append(subprocess.Popen([sys.executable, "-m", "hf_zero.run", str(JOB), scenario, str(TIMEOUT_S)],
-                                      env=env, cwd=ROOT, stdout=logs[-1], stderr=subprocess.STDOUT))
-    ended: dict[int, float] = {}
-    deadline = time.monotonic() + limit
-    try:
-        while len(ended) < 2 and time.monotonic() < deadline:
-            for rank, proc in enumerate(procs):
-                if rank not in ended and proc.poll() is not None:
-                    ended[rank] = time.time()
-            time.sleep(0.05)
-    finally:
-        for proc in procs:
-            if proc.poll() is None:
-                proc.kill()
-                proc.wait()
-        for log in logs:
-            log.close()
-    texts = [(tmp_path / f"rank{rank}.log").read_text() for rank in range(2)]
-    stalled = re.search(r"stalling at ([\d.]+)", texts[1])
-    return [{"code": proc.returncode if rank in ended else None, "text": texts[rank],
-             "after": ended[rank] - float(stalled.group(1)) if stalled and rank in ended else None}
-            for rank, proc in enumerate(procs)]
+    command = [sys.executable, "-m", "hf_zero.run", str(JOB), scenario, str(TIMEOUT_S)]
+    ranks = run_rank_processes(command, 2, tmp_path, limit=limit, cwd=ROOT, env={
+        "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT), "HANG_JOB_OUT": str(tmp_path / "out"),
+        "HANG_JOB_STALL_S": os.environ.get("HANG_JOB_STALL_S", "40")})
+    stalled = re.search(r"stalling at ([\d.]+)", ranks[1]["text"])
+    return [{"code": got["code"], "text": got["text"],
+             "after": got["ended"] - float(stalled.group(1)) if stalled and got["ended"] is not None else None}
+            for got in ranks]
 
 
 def _report(text: str) -> str:
