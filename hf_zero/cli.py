@@ -5,6 +5,8 @@
     hf-zero estimate MODEL_CONFIG [--world N] ...  per-rank memory per ZeRO stage (docs/estimate.md)
     hf-zero consolidate CHECKPOINT OUTPUT [--dtype] a sharded checkpoint (hf_zero's or DeepSpeed's) to HF safetensors
     hf-zero doctor [--zero_config F] [--model M] ... preflight checks in seconds (docs/troubleshooting.md#doctor)
+    hf-zero env [CONFIG]                           versions, GPUs and a config as Markdown for a bug report
+    hf-zero --version
 
 A handler takes the parsed `argparse.Namespace` and returns the exit code.
 """
@@ -14,8 +16,10 @@ import json
 import sys
 from collections.abc import Sequence
 
+from hf_zero import __version__
 from hf_zero.doctor.command import add_doctor_parser
 from hf_zero.doctor.config_checks import check_train_batch_size as _check_world_size
+from hf_zero.doctor.env_report import add_env_parser
 from hf_zero.launcher import launch
 from hf_zero.launcher.args import add_launch_parser, split_launch_argv
 
@@ -72,6 +76,7 @@ def build_parser() -> argparse.ArgumentParser:
         description="ZeRO sharding and offload for transformers.Trainer",
         allow_abbrev=False,
     )
+    parser.add_argument("--version", action="version", version=f"hf-zero {__version__}")
     subcommands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     add_launch_parser(subcommands).set_defaults(handler=launch.main)
     check = subcommands.add_parser(
@@ -130,6 +135,7 @@ def build_parser() -> argparse.ArgumentParser:
                      help="largest output file before the model is split into numbered shards (default 5GB)")
     con.set_defaults(handler=consolidate)
     add_doctor_parser(subcommands)
+    add_env_parser(subcommands)
     return parser
 
 
