@@ -96,7 +96,9 @@ def build_parser() -> argparse.ArgumentParser:
                     "activation estimate, from a model config built on the meta device (docs/estimate.md).",
         allow_abbrev=False,
     )
-    est.add_argument("model_config", metavar="MODEL_CONFIG", help="a config.json or a model directory")
+    est.add_argument("model_config", metavar="MODEL_CONFIG",
+                     help="a config.json, a model directory, or a hub id whose config.json is in the local "
+                          "Hugging Face cache (never downloaded)")
     est.add_argument("--world", type=int, default=8, metavar="N", help="total number of ranks (default 8)")
     est.add_argument("--nodes", type=int, default=1, metavar="M",
                      help="nodes the N ranks are spread over; adds a per-node total (default 1)")

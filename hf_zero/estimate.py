@@ -272,17 +272,20 @@ def activation_bytes(shape: ActivationShape, *, micro_batch: int, seq_len: int, 
 
 
 def load_model_config(path: str):
-    """The transformers config at ``path`` (a config.json or a model directory), never downloaded.
+    """The transformers config at ``path`` (a config.json, a model directory, or a hub id whose
+    config.json is in the local Hugging Face cache: hub_cache.py), never downloaded.
 
     The shape is checked first (estimate_shape.py); whatever transformers still refuses comes back
     as one ValueError line, not its traceback."""
     from transformers import AutoConfig
 
     from hf_zero.estimate_shape import check_shape
+    from hf_zero.hub_cache import local_model_config
 
-    check_shape(path)
+    local = local_model_config(path)
+    check_shape(local)
     try:
-        return AutoConfig.from_pretrained(path, local_files_only=True)
+        return AutoConfig.from_pretrained(local, local_files_only=True)
     except Exception as error:  # noqa: BLE001 - config validators raise their own types (StrictDataclass...)
         raise ValueError(f"MODEL_CONFIG {path!r} could not be read as a transformers config: "
                          f"{_first_line(error)}") from error

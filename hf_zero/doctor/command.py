@@ -24,7 +24,8 @@ def add_doctor_parser(subparsers: argparse._SubParsersAction) -> argparse.Argume
     )
     parser.add_argument("--zero_config", "--zero-config", metavar="FILE", help="the JSON file given to --zero_config")
     parser.add_argument("--model", metavar="CONFIG_OR_DIR",
-                        help="a config.json or a model directory: size the run's memory (read locally)")
+                        help="a config.json, a model directory or a hub id in the local Hugging Face cache: "
+                             "size the run's memory (never downloaded)")
     parser.add_argument("--nproc", "--nproc_per_node", "--num_gpus", type=int, metavar="N", dest="nproc",
                         help="ranks per node (default: the visible CUDA devices, 1 without CUDA)")
     parser.add_argument("--nnodes", "--num_nodes", type=int, default=1, metavar="M", dest="nnodes",

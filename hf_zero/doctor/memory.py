@@ -31,8 +31,8 @@ def check_model(path: str | None, model: ModelInfo | None, error: str | None) ->
     if path is None:
         return skipped(MODEL, "no --model given: memory is not sized")
     if error is not None:
-        return failed(MODEL, error, "give --model a config.json or a model directory holding one "
-                                    "(read locally, never downloaded)")
+        return failed(MODEL, error, "give --model a config.json, a model directory holding one, or a "
+                                    "hub id whose config.json is in the local Hugging Face cache (never downloaded)")
     if model is None:
         raise AssertionError("check_model needs the counted model when there is no error")
     return passed(MODEL, model.describe())
