@@ -9,7 +9,7 @@ from __future__ import annotations
 import dataclasses
 from typing import Any
 
-from hf_zero.config import checks
+from hf_zero.config import checks, optimizer_block, scheduler_block
 from hf_zero.config.auto import AUTO, Auto
 from hf_zero.config.fields import setting
 from hf_zero.config.precision import PrecisionConfig
@@ -28,20 +28,28 @@ class OptimizerSpec:
 
     type: str = setting(
         deepspeed="type",
-        doc="""Optimizer name as DeepSpeed spells it ("AdamW", "Adam", ...). Required: the
-        block exists to name one; leave the block out to use the Trainer's optimizer.""",
+        doc="""Optimizer to build, named as DeepSpeed names it: "AdamW" or "Adam" (torch AdamW;
+        Adam's L2 weight decay only for "Adam" with `adam_w_mode` false, as DeepSpeed), "Adagrad",
+        or a torch.optim class (SGD, RMSprop, Adamax, NAdam, RAdam, Adadelta, Rprop, ASGD). Types
+        with no torch equivalent (Lamb, Lion, OneBitAdam, ZeroOneAdam, OneBitLamb, Mu*, Muon) are
+        refused with the alternatives. Required: the block exists to name one; leave the block out
+        to use the Trainer's optimizer.""",
     )
     params: dict[str, Any] = setting(
         default_factory=dict,
         deepspeed="params",
         doc="""Keyword arguments for the optimizer. `lr`, `betas`, `eps` and `weight_decay`
         may be "auto" (TrainingArguments.learning_rate, [adam_beta1, adam_beta2],
-        adam_epsilon, weight_decay). Default: no arguments.""",
+        adam_epsilon, weight_decay). Adam/AdamW keys left out take DeepSpeed's defaults (lr 1e-3,
+        betas [0.9, 0.999], eps 1e-8, weight_decay 0); other types torch's. As under DeepSpeed,
+        the optimizer gets every trainable parameter in one group, so `weight_decay` applies to
+        biases and norms too. Default: no arguments.""",
     )
 
     def __post_init__(self) -> None:
         checks.text(self, "type")
         checks.json_params(self, "params", OPTIMIZER_AUTO_KEYS)
+        optimizer_block.check(self)  # a type hf_zero builds, its params (optimizer_block.py)
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -50,21 +58,24 @@ class SchedulerSpec:
 
     type: str = setting(
         deepspeed="type",
-        doc="""Scheduler name as DeepSpeed spells it ("WarmupLR", "WarmupDecayLR",
-        "WarmupCosineLR", ...). Required; leave the block out to use the Trainer's
-        scheduler.""",
+        doc="""Schedule to run instead of the Trainer's, with DeepSpeed's formulas: "WarmupLR",
+        "WarmupDecayLR", "WarmupCosineLR", "OneCycle" or "LRRangeTest". Required; leave the
+        block out to use the Trainer's --lr_scheduler_type.""",
     )
     params: dict[str, Any] = setting(
         default_factory=dict,
         deepspeed="params",
         doc="""Keyword arguments for the scheduler. `warmup_min_lr` ("auto": 0),
         `warmup_max_lr` (learning_rate), `warmup_num_steps` and `total_num_steps` (from the
-        Trainer's step count) may be "auto". Default: no arguments.""",
+        Trainer's step count) may be "auto". Params left out take DeepSpeed's defaults (WarmupLR:
+        warmup_num_steps 1000, warmup_type "log", warmup_max_lr the optimizer's lr). Default: no
+        arguments.""",
     )
 
     def __post_init__(self) -> None:
         checks.text(self, "type")
         checks.json_params(self, "params", SCHEDULER_AUTO_KEYS)
+        scheduler_block.check(self)  # one of DeepSpeed's five schedules, its params (scheduler_block.py)
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)

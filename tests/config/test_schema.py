@@ -156,14 +156,14 @@ def test_specs_allow_auto_only_where_it_can_be_filled():
         OptimizerSpec(type="AdamW", params={"betas": ["auto", 0.99]})
     with pytest.raises(ConfigError, match=r"SchedulerSpec.type = \"\": not a non-empty string"):
         SchedulerSpec(type="")
-    assert SchedulerSpec(type="WarmupLR", params={"total_num_steps": "auto"}).params["total_num_steps"] is AUTO
+    assert SchedulerSpec(type="WarmupDecayLR", params={"total_num_steps": "auto"}).params["total_num_steps"] is AUTO
 
 
 def test_specs_copy_params():
-    params = {"lr": 1e-3, "nested": {"a": [1]}}
+    params = {"lr": 1e-3, "betas": [0.9, 0.99]}
     spec = OptimizerSpec(type="AdamW", params=params)
-    params["nested"]["a"].append(2)
-    assert spec.params["nested"]["a"] == [1]
+    params["betas"].append(2)
+    assert spec.params["betas"] == [0.9, 0.99]
 
 
 def test_source_is_not_part_of_equality():
