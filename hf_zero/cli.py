@@ -1,7 +1,7 @@
 """The `hf-zero` command: one subcommand per job, each a thin handler.
 
     hf-zero launch [FLAGS] SCRIPT [ARGS...]        start a job (see docs/launcher.md)
-    hf-zero check-config FILE [--world_size N]     validate a config file, print it as JSON
+    hf-zero check-config FILE [--world_size N] [--fp16|--bf16]  validate a config file, print it as JSON
     hf-zero estimate MODEL_CONFIG [--world N] ...  per-rank memory per ZeRO stage (docs/estimate.md)
     hf-zero consolidate CHECKPOINT OUTPUT [--dtype] a sharded checkpoint (hf_zero's or DeepSpeed's) to HF safetensors
     hf-zero doctor [--zero_config F] [--model M] ... preflight checks in seconds (docs/troubleshooting.md#doctor)
@@ -27,17 +27,25 @@ from hf_zero.launcher.args import add_launch_parser, split_launch_argv
 def check_config(args: argparse.Namespace) -> int:
     """Print the loaded config as JSON, or `hf_zero: <message>` and exit code 2."""
     from hf_zero.config import config_to_dict
-    from hf_zero.trainer import check  # the launcher's check: the file, then what this version can run
+    from hf_zero.launcher.zero_config_arg import auto_precision_note, load_zero_config
 
+    # The launcher's check: the file, then what this version can run (its "auto" precision filled
+    # from --fp16/--bf16 as from the script's own flags).
+    trainer_flags = ["--fp16"] * args.fp16 + ["--bf16"] * args.bf16
     try:
         if args.world_size is not None and args.world_size < 1:
             raise ValueError(f"--world_size must be a positive integer, got {args.world_size}")
-        config = check(args.file)
+        if args.fp16 and args.bf16:
+            raise ValueError("--fp16 and --bf16 are both given; the Trainer trains in one of them, keep one")
+        config = load_zero_config(args.file, trainer_flags)
         if args.world_size is not None:
             _check_world_size(config, args.world_size)
     except ValueError as error:
         print(f"hf_zero: {error}", file=sys.stderr)
         return 2
+    note = auto_precision_note(config, trainer_flags)
+    if note is not None:
+        print(note, file=sys.stderr)
     print(json.dumps(config_to_dict(config), indent=2))
     return 0
 
@@ -88,6 +96,10 @@ def build_parser() -> argparse.ArgumentParser:
     check.add_argument("file", metavar="FILE", help="the JSON file given to --zero_config")
     check.add_argument("--world_size", "--world-size", type=int, metavar="N",
                        help="also check train_batch_size against a job of N ranks")
+    for dtype in ("fp16", "bf16"):
+        check.add_argument(f"--{dtype}", action="store_true",
+                           help=f'the Trainer trains in {dtype} (TrainingArguments.{dtype}): fills an "auto" '
+                                "precision, so what this version cannot run with it is refused too")
     check.set_defaults(handler=check_config)
     est = subcommands.add_parser(
         "estimate",

@@ -3,9 +3,10 @@
     python -m hf_zero.run [--module] SCRIPT_OR_MODULE [SCRIPT ARGS...]
 
 Started once per rank by `hf-zero launch`, torchrun, srun or `accelerate launch`. It
-1. removes `--zero_config FILE` from the script's arguments and loads the config: a bad
-   config stops every rank with `hf_zero: <message>` and exit code 2, before any process
-   group exists;
+1. removes `--zero_config FILE` (or `--deepspeed FILE`, said in one line by rank 0) from the
+   script's arguments and loads the config: a bad config, or one this version cannot run
+   (hf_zero/config/unsupported.py, an "auto" precision filled from the script's --fp16/--bf16),
+   stops every rank with `hf_zero: <message>` and exit code 2, before any process group exists;
 2. maps SLURM_* onto RANK/WORLD_SIZE/LOCAL_RANK/... when srun started it without torchrun
    (`hf_zero.launcher.slurm`);
 3. calls `hf_zero.trainer.activate(config)` (only with `--zero_config`); a config this
@@ -14,8 +15,9 @@ Started once per rank by `hf-zero launch`, torchrun, srun or `accelerate launch`
    `__name__ == "__main__"`, `sys.argv` without `--zero_config`, and for a file
    `sys.path[0]` its directory;
 5. a ConfigError raised by hf_zero inside the script (the config disagrees with the script's
-   TrainingArguments, found when its Trainer is created) stops with `hf_zero: <message>` and exit
-   code 2, printed once by rank 0 for a disagreement (every rank has the same one);
+   TrainingArguments, or asks for what this version cannot run once its dtype is known, found when
+   its Trainer is created) stops with `hf_zero: <message>` and exit code 2, printed once by rank 0
+   for those two (every rank has the same one);
 6. if the script raises (or exits non-zero) while hf_zero's watchdog runs, tells the other ranks
    before re-raising, so they print the job's hang report and exit at once instead of waiting
    in a collective (`hf_zero/engine/watchdog.py`).
@@ -28,9 +30,10 @@ from collections.abc import Sequence
 from typing import NoReturn
 
 from hf_zero.config.errors import ArgumentsMismatch, ConfigError
+from hf_zero.config.unsupported import UnsupportedConfig
 from hf_zero.launcher.args import check_script
 from hf_zero.launcher.slurm import torch_env_from_slurm
-from hf_zero.launcher.zero_config_arg import load_zero_config, pop_zero_config
+from hf_zero.launcher.zero_config_arg import load_zero_config, split_config_flag
 
 USAGE = "usage: python -m hf_zero.run [--module] SCRIPT_OR_MODULE [ARGS...]"
 
@@ -49,13 +52,16 @@ def main(argv: Sequence[str] | None = None) -> None:
         _fail(f"no script to run\n{USAGE}")
     target, script_args = argv[0], argv[1:]
     try:
-        config_path, script_args = pop_zero_config(script_args)
+        flag = split_config_flag(script_args)
+        script_args = flag.rest
         if not as_module:
             check_script(target)
-        config = load_zero_config(config_path) if config_path is not None else None
+        config = load_zero_config(flag.path, script_args) if flag.path is not None else None
         os.environ.update(torch_env_from_slurm(os.environ))
     except ValueError as error:
         _fail(str(error))
+    if flag.note is not None and os.environ.get("RANK", "0") == "0":
+        print(flag.note, file=sys.stderr)  # one line for the job
     if config is not None:
         from hf_zero.trainer import activate
 
@@ -74,7 +80,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         finished = True
     except ConfigError as error:  # raised by hf_zero inside the script: the config, not the script, is wrong
         _report_to_other_ranks(error)
-        if not isinstance(error, ArgumentsMismatch) or os.environ.get("RANK", "0") == "0":
+        if not isinstance(error, (ArgumentsMismatch, UnsupportedConfig)) or os.environ.get("RANK", "0") == "0":
             print(f"hf_zero: {error}", file=sys.stderr)  # the same on every rank: said once
         raise SystemExit(2) from None
     except BaseException as error:

@@ -16,6 +16,7 @@ from typing import Any
 from hf_zero.config.auto import AUTO
 from hf_zero.config.errors import ArgumentsMismatch, ConfigError, show
 from hf_zero.config.schema import HfZeroConfig, OptimizerSpec, SchedulerSpec, ZeroConfig
+from hf_zero.config.unsupported import refuse
 
 AUTO_SOURCES: tuple[tuple[str, str], ...] = (
     ("train_micro_batch_size_per_gpu", "TrainingArguments.per_device_train_batch_size"),
@@ -54,7 +55,8 @@ def resolve_config(
     attributes. ``hidden_size`` (the model's) sizes "auto" buckets. Scheduler "auto" step
     counts stay "auto" while ``num_training_steps`` is None. After this, the three batch-size
     fields are ints even if the file left them out. Raises :class:`ArgumentsMismatch` (a
-    ConfigError) naming every value that disagrees with TrainingArguments, one line each.
+    ConfigError) naming every value that disagrees with TrainingArguments, one line each, and
+    :class:`UnsupportedConfig` for a combination this version does not run (unsupported.py).
     """
     if not isinstance(config, HfZeroConfig):
         raise TypeError(f"resolve_config needs an HfZeroConfig, got {type(config).__name__}")
@@ -77,7 +79,7 @@ def resolve_config(
     scheduler = _scheduler(config.scheduler, args, num_training_steps, match)
     match.raise_conflicts()
 
-    return dataclasses.replace(
+    resolved = dataclasses.replace(
         config,
         zero=resolve_zero_sizes(config.zero, hidden_size),
         precision=dataclasses.replace(config.precision, dtype=dtype),
@@ -88,6 +90,8 @@ def resolve_config(
         optimizer=optimizer,
         scheduler=scheduler,
     )
+    refuse(resolved)  # what this version cannot run, now that the dtype is known (unsupported.py)
+    return resolved
 
 
 class _Matcher:

@@ -50,6 +50,7 @@ def load_zero_config(path: str) -> tuple[Any, CheckResult]:
     pinned-memory and NVMe checks can still look at what it asks for. Warnings the loader emits
     (keys accepted but not applied) become a WARN instead of being printed."""
     from hf_zero.config import ConfigError, load_config
+    from hf_zero.config.unsupported import conditional_note
     from hf_zero.trainer import check
 
     with warnings.catch_warnings(record=True) as caught:
@@ -65,6 +66,12 @@ def load_zero_config(path: str) -> tuple[Any, CheckResult]:
     except ValueError as error:
         return config, failed(CONFIG, str(error), CONFIG_FIX)
     messages = [str(w.message) for w in caught if issubclass(w.category, UserWarning)]
+    note = conditional_note(config)  # an "auto" precision that some Trainer dtype makes unrunnable
+    if note is not None:
+        return config, warned(CONFIG, "; ".join([note, *messages]),
+                              "give the script the other precision flag (the message names what runs), or "
+                              "write the dtype in the file; `hf-zero launch` refuses the run before any rank "
+                              "starts when the script's flags select it")
     if messages:
         return config, warned(CONFIG, "; ".join(messages),
                               "remove those keys or set them to their no-warning values "

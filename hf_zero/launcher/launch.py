@@ -5,6 +5,7 @@ the config or the flags fails in a second instead of after spawning (and killing
 """
 
 import argparse
+import dataclasses
 import os
 import sys
 
@@ -12,7 +13,10 @@ from hf_zero.launcher import multinode, plan, preflight
 from hf_zero.launcher.args import LaunchOptions, check_script
 from hf_zero.launcher.commands import format_command
 from hf_zero.launcher.resources import resolve_hosts
-from hf_zero.launcher.zero_config_arg import load_zero_config, pop_zero_config
+from hf_zero.launcher.zero_config_arg import auto_precision_note, load_zero_config, split_config_flag
+
+HF_ZERO_OFF = ("hf_zero: no --zero_config (or --deepspeed) FILE among the script's arguments: hf_zero is off, "
+               "the script runs as under torchrun (unless it calls hf_zero.trainer.activate itself)")
 
 
 def cuda_device_count() -> int:
@@ -23,8 +27,10 @@ def cuda_device_count() -> int:
 
 def launch(options: LaunchOptions) -> int:
     """Run (or with `dry_run` print) the job; returns the exit code. User errors raise ValueError."""
-    config_path, _ = pop_zero_config(options.script_args)
-    config = load_zero_config(config_path) if config_path is not None else None
+    flag = split_config_flag(options.script_args)
+    config = load_zero_config(flag.path, flag.rest) if flag.path is not None else None
+    if flag.from_deepspeed:  # the ranks get --zero_config: flag.note is said once, here (below)
+        options = dataclasses.replace(options, script_args=(*flag.rest, "--zero_config", flag.path))
     hosts = resolve_hosts(options, device_count=cuda_device_count)
     launcher = plan.choose_launcher(options, hosts)
     if launcher == "torchrun" and not options.module:
@@ -39,6 +45,9 @@ def launch(options: LaunchOptions) -> int:
     )
     if not options.skip_doctor:
         preflight.check(options, hosts, launcher, config, device_count=cuda_device_count)
+    for line in (flag.note, HF_ZERO_OFF if config is None else auto_precision_note(config, flag.rest)):
+        if line is not None:  # said once the job is sure to start (or be printed)
+            print(line, file=sys.stderr)
     if options.dry_run:
         for command in node_commands:
             print(format_command(command))

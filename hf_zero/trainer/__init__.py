@@ -10,10 +10,13 @@ from hf_zero.trainer.session import active_config, session_of
 def check(config) -> object:
     """Load ``config`` and check this version can run it, without side effects.
 
-    Raises ``hf_zero.config.ConfigError`` for a bad file and ``NotAvailableYet`` (both a
-    ``ValueError`` and a ``NotImplementedError``) for a feature not implemented yet.
+    Raises ``hf_zero.config.ConfigError`` for a bad file and ``UnsupportedConfig`` (both a
+    ``ConfigError`` and a ``NotImplementedError``) for a combination this version does not run
+    (the table in hf_zero/config/unsupported.py; an "auto" precision is refused only for rows that
+    apply whatever the Trainer's dtype).
     """
     from hf_zero.config import load_config
+    from hf_zero.config.unsupported import refuse
     from hf_zero.engine.stages import check_supported
 
     loaded = load_config(config)
@@ -22,6 +25,7 @@ def check(config) -> object:
         loaded.zero.offload_optimizer.device,
         loaded.zero.offload_param.device if loaded.zero.stage == 3 else "none",
     )
+    refuse(loaded)
     return loaded
 
 

@@ -14,16 +14,10 @@ import torch
 import torch.distributed as dist
 from torch.distributed.fsdp.sharded_grad_scaler import ShardedGradScaler
 
-from hf_zero.engine.stages import NotAvailableYet
-
 
 def check_loss_scaling(precision) -> None:
-    """Refuse what cannot be honoured; warn about what torch's scaler does differently."""
-    if precision.loss_scale > 0:
-        raise NotAvailableYet(
-            f"fp16.loss_scale = {precision.loss_scale}: a static loss scale is not implemented yet in hf_zero "
-            "with zero_optimization.stage >= 1; use 0 (dynamic loss scaling)"
-        )
+    """Warn about what torch's scaler does differently. (A static loss scale, which it cannot
+    honour, is refused before: a row of hf_zero/config/unsupported.py.)"""
     ignored = []
     if precision.hysteresis != 1:
         ignored.append(f"fp16.hysteresis = {precision.hysteresis}")

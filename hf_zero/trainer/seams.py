@@ -7,7 +7,7 @@ active behaves exactly as before.
 
 | method              | what hf_zero adds                                                       |
 |---------------------|-------------------------------------------------------------------------|
-| ``__init__``        | resolves the config against TrainingArguments, adds the report callback, starts the hang watchdog (``comm_timeout_s``) |
+| ``__init__``        | refuses a Trainer set up for DeepSpeed or FSDP too (other_sharding.py); resolves the config against TrainingArguments, adds the report callback, starts the hang watchdog (``comm_timeout_s``) |
 | ``create_optimizer``| stage >= 1: builds the ZeroEngine around the optimizer just created (or gives it to the engine of a model sharded as it loaded, hf_zero/init); stage 3, W > 1: the model's ``generate`` defaults to ``synced_gpus=True`` (generation.py) |
 | ``_wrap_model``     | stage >= 1: trains a ``ZeroModule`` where DDP would stand               |
 | ``_clip_grad_norm`` | stage >= 1: global norm over the gradient shards, then clip             |
@@ -47,6 +47,7 @@ from hf_zero.trainer.streamed_save import save_stage3
 from hf_zero.trainer.verify import verify_saved_adapter, verify_saved_weights
 from hf_zero.trainer import session as S
 from hf_zero.trainer.loss_scaling import check_loss_scaling, sharded_grad_scaler
+from hf_zero.trainer.other_sharding import refuse as refuse_other_sharding
 from hf_zero.trainer.seam_check import original_of
 
 _ORIGINALS: dict[str, object] = {}
@@ -67,10 +68,14 @@ def _original(name: str, cls=Trainer):
 
 @_seam
 def __init__(self, *args, **kwargs):
-    _original("__init__")(self, *args, **kwargs)
     config = S.active_config()
+    if config is not None:  # DeepSpeed or FSDP asked for beside hf_zero: refused before transformers sets it up
+        refuse_other_sharding(kwargs.get("args", args[1] if len(args) > 1 else None), os.environ, config.source)
+    _original("__init__")(self, *args, **kwargs)
     if config is None or S.session_of(self) is not None:
         return
+    refuse_other_sharding(self.args, os.environ, config.source, deepspeed_plugin=self.is_deepspeed_enabled,
+                          fsdp_plugin=self.is_fsdp_enabled)  # what accelerate actually set up
     from hf_zero.config import resolve_config
     from hf_zero.trainer.phase_callback import PhaseCallback
     from hf_zero.trainer.report import ReportCallback

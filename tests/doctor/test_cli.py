@@ -96,8 +96,8 @@ def test_more_ranks_than_gpus(capsys, machine, free_port):
 
 def test_nvme_config(capsys, write_config, tmp_path, monkeypatch, free_port):
     monkeypatch.setattr(nvme, "measure_throughput", lambda path, size: (2.5, 3.1))
-    path = write_config({"zero_optimization": {"stage": 3, "offload_optimizer": {
-        "device": "nvme", "nvme_path": str(tmp_path)}}})
+    path = write_config({"bf16": {"enabled": True}, "zero_optimization": {"stage": 3, "offload_optimizer": {
+        "device": "nvme", "nvme_path": str(tmp_path)}}})  # bf16: an "auto" dtype WARNs (not with fp16)
     code, out, _, rows = doctor(capsys, "--zero_config", path, "--master_port", str(free_port))
     assert rows[f"nvme {tmp_path}"] == "PASS"
     assert "write 2.50 GB/s, read 3.10 GB/s" in out

@@ -35,15 +35,15 @@ def test_no_config_is_skipped():
 
 
 def test_nvme_param_offload_is_built(write_config, tmp_path):
-    path = write_config({"zero_optimization": {"stage": 3, "offload_optimizer": {"device": "cpu"}, "offload_param": {
-        "device": "nvme", "nvme_path": str(tmp_path)}}})
+    path = write_config({"bf16": {"enabled": True}, "zero_optimization": {  # bf16: see test_auto_precision_...
+        "stage": 3, "offload_optimizer": {"device": "cpu"}, "offload_param": {"device": "nvme", "nvme_path": str(tmp_path)}}})
     config, result = load_zero_config(path)
     assert result.status is Status.PASS and result.detail.endswith("offload_param nvme")
     assert config is not None and config.zero.offload_param.device == "nvme"
 
 
 def test_nvme_optimizer_offload_is_built(write_config, tmp_path):
-    path = write_config({"zero_optimization": {"stage": 3, "offload_optimizer": {
+    path = write_config({"bf16": {"enabled": True}, "zero_optimization": {"stage": 3, "offload_optimizer": {
         "device": "nvme", "nvme_path": str(tmp_path)}}})
     config, result = load_zero_config(path)
     assert result.status is Status.PASS and result.detail.endswith("offload_optimizer nvme")

@@ -8,6 +8,9 @@ import pytest
 from hf_zero import cli
 from hf_zero.doctor import versions
 from hf_zero.launcher import multinode
+from hf_zero.launcher.launch import HF_ZERO_OFF
+
+OFF = HF_ZERO_OFF + "\n"
 
 
 @pytest.fixture
@@ -89,7 +92,7 @@ def test_busy_port_refuses_before_starting(capsys, script, busy_port, started):
     assert code == 2 and started == []
     assert f"  master port: 127.0.0.1:{busy_port} is already in use on this machine\n" in err
     code, _, err = launch(capsys, "--skip_doctor", "--num_gpus", "1", "--master_port", str(busy_port), script)
-    assert (code, err) == (0, "") and len(started) == 1
+    assert (code, err) == (0, OFF) and len(started) == 1
 
 
 def test_more_ranks_than_gpus(capsys, script, machine, free_port, started):
@@ -99,15 +102,16 @@ def test_more_ranks_than_gpus(capsys, script, machine, free_port, started):
     assert "  gpus: 4 ranks per node but only 2 CUDA device(s) visible" in err
     # a CPU run (TrainingArguments --use_cpu) may start more ranks than GPUs
     code, _, err = launch(capsys, "--num_gpus", "4", "--master_port", str(free_port), script, "--use_cpu")
-    assert (code, err) == (0, "") and len(started) == 1
+    assert (code, err) == (0, OFF) and len(started) == 1
     # a dry run prints commands that may run elsewhere: no machine checks
     assert launch(capsys, "--dry_run", "--num_gpus", "4", script)[0] == 0
 
 
 def test_warnings_print_nothing(capsys, script, free_port, started):
-    """No CUDA here: the gpus check WARNs (gloo), which the launcher does not print."""
+    """No CUDA here: the gpus check WARNs (gloo), which the launcher does not print (only that
+    hf_zero is off, without a zero config)."""
     code, out, err = launch(capsys, "--num_gpus", "2", "--master_port", str(free_port), script)
-    assert (code, out, err) == (0, "", "")
+    assert (code, out, err) == (0, "", OFF)
     assert len(started) == 1
 
 

@@ -1,0 +1,143 @@
+"""The combinations this version of hf_zero cannot run: one table, read by every refusal.
+
+Each row of ``UNSUPPORTED`` is a predicate on a config and the sentence that refuses it, naming
+the keys (as a DeepSpeed file spells them), their values and what to use instead. Every place that
+refuses a config for what this version lacks calls ``refuse`` on it:
+
+| caller | when | config |
+|---|---|---|
+| ``hf-zero check-config`` / ``hf-zero doctor`` (``hf_zero.trainer.check``) | before anything runs | as loaded |
+| ``hf-zero launch`` preflight, ``python -m hf_zero.run`` | before any rank / before the script | as loaded, dtype from the script's ``--fp16``/``--bf16`` |
+| ``resolve_config`` | when the Trainer is created | resolved against TrainingArguments |
+
+A row is never checked anywhere else; a late raise for one of these is a bug in the table.
+
+[Note: "auto" precision]
+A file whose precision is "auto" (``fp16.enabled: "auto"``, as in transformers' example files)
+takes its dtype from TrainingArguments, which only the Trainer knows. Until then ``refusals``
+reports a dtype-dependent row only if it applies whatever the dtype, and ``refusals_by_dtype``
+says which rows a given dtype would add, so check-config and doctor can say "with --fp16 this is
+refused" without refusing a file that runs with --bf16. ``with_dtype`` fills the dtype where the
+Trainer's flag is known (the script's arguments, ``check-config --fp16``).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable
+from typing import Any
+
+from hf_zero.config.auto import AUTO
+from hf_zero.config.errors import ConfigError, show
+from hf_zero.config.precision import DTYPES
+
+
+class UnsupportedConfig(ConfigError, NotImplementedError):
+    """The config asks for a combination this version of hf_zero does not run (a row of the table).
+
+    A ConfigError (so ``hf_zero.run`` and ``hf-zero`` print it as one ``hf_zero: ...`` line, exit 2)
+    and a NotImplementedError (the feature may come; the file is not wrong for DeepSpeed)."""
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class Unsupported:
+    """One combination this version cannot run."""
+
+    name: str
+    """Short handle used by tests and docs ("fp16-offload")."""
+    keys: tuple[str, ...]
+    """The keys involved, as a DeepSpeed file spells them."""
+    applies: Callable[[Any], bool]
+    """True when the config (its dtype known, or "auto") asks for this combination."""
+    asked: Callable[[Any], str]
+    """The keys and the values the config has, as one phrase."""
+    feature: str
+    """What is not implemented, as one phrase."""
+    instead: str
+    """What to write instead."""
+
+    def message(self, config: Any) -> str:
+        where = f" in {config.source}" if config.source else ""
+        return f"{self.asked(config)}{where}: {self.feature} is not implemented in hf_zero; {self.instead}"
+
+
+def _fp16(config: Any) -> bool:
+    return config.precision.dtype == "fp16"
+
+
+def _dtype(config: Any) -> str:
+    """``fp16 training``: an "auto" dtype filled from the Trainer's flag reads the same."""
+    return 'precision "auto"' if config.precision.dtype is AUTO else f"{config.precision.dtype} training"
+
+
+UNSUPPORTED: tuple[Unsupported, ...] = (
+    Unsupported(
+        name="fp16-offload",
+        keys=("fp16.enabled", "zero_optimization.offload_optimizer.device"),
+        applies=lambda c: _fp16(c) and c.zero.offload_optimizer.device != "none",
+        asked=lambda c: f"{_dtype(c)} with zero_optimization.offload_optimizer.device = "
+                        f"{show(c.zero.offload_optimizer.device)}",
+        feature="optimizer offload with fp16 loss scaling",
+        instead=('train in bf16 (bf16.enabled true, or "auto" with --bf16) or fp32 with the offload, '
+                 'or in fp16 without offload (offload_optimizer.device and offload_param.device "none")'),
+    ),
+    Unsupported(
+        name="fp16-static-loss-scale",
+        keys=("fp16.enabled", "fp16.loss_scale", "zero_optimization.stage"),
+        applies=lambda c: _fp16(c) and c.zero.stage >= 1 and c.precision.loss_scale > 0,
+        asked=lambda c: (f"{_dtype(c)} with fp16.loss_scale = {show(c.precision.loss_scale)} at "
+                         f"zero_optimization.stage = {c.zero.stage}"),
+        feature="a static fp16 loss scale at ZeRO stages 1-3",
+        instead="set fp16.loss_scale to 0 (dynamic loss scaling), or train in bf16",
+    ),
+)
+
+
+def with_dtype(config: Any, dtype: str | None) -> Any:
+    """``config`` with an "auto" dtype filled by ``dtype`` (the Trainer's flag); else unchanged."""
+    if dtype is None or config.precision.dtype is not AUTO:
+        return config
+    if dtype not in DTYPES:
+        raise ValueError(f"dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
+    return dataclasses.replace(config, precision=dataclasses.replace(config.precision, dtype=dtype))
+
+
+def refusals(config: Any) -> list[str]:
+    """The message of every row that applies to ``config`` whatever its "auto" dtype becomes."""
+    candidates = [with_dtype(config, d) for d in DTYPES] if config.precision.dtype is AUTO else [config]
+    return [row.message(config) for row in UNSUPPORTED if all(row.applies(c) for c in candidates)]
+
+
+def refusals_by_dtype(config: Any) -> dict[str, list[str]]:
+    """For an "auto" dtype: dtype -> the messages that dtype would add to ``refusals`` ({} otherwise)."""
+    if config.precision.dtype is not AUTO:
+        return {}
+    sure = set(refusals(config))
+    out = {}
+    for dtype in DTYPES:
+        filled = with_dtype(config, dtype)
+        extra = [row.message(filled) for row in UNSUPPORTED if row.applies(filled)]
+        extra = [m for m in extra if m not in sure]
+        if extra:
+            out[dtype] = extra
+    return out
+
+
+def refuse(config: Any) -> None:
+    """Raise ``UnsupportedConfig`` listing every row that applies (see ``refusals``), one per line."""
+    messages = refusals(config)
+    if messages:
+        raise UnsupportedConfig("\n".join(messages))
+
+
+def conditional_note(config: Any) -> str | None:
+    """One sentence per dtype that would make an "auto" precision refused, or None."""
+    flags = {"fp16": "TrainingArguments.fp16 (--fp16)", "bf16": "TrainingArguments.bf16 (--bf16)",
+             "fp32": "neither TrainingArguments.fp16 nor bf16"}
+    notes = [f'with {flags[d]} the "auto" precision becomes {d} and the run is refused: ' + " / ".join(messages)
+             for d, messages in refusals_by_dtype(config).items()]
+    return "\n".join(notes) or None
+
+
+__all__ = ["UNSUPPORTED", "Unsupported", "UnsupportedConfig", "conditional_note", "refuse", "refusals",
+           "refusals_by_dtype", "with_dtype"]

@@ -1,0 +1,119 @@
+"""The table of combinations this version cannot run (hf_zero/config/unsupported.py).
+
+Every row has an example here (a new row without one fails ``test_every_row_has_an_example``);
+the command-line refusals of each row (check-config, doctor, launch) are in
+tests/launcher/test_refusals.py.
+"""
+
+from __future__ import annotations
+
+import types
+
+import pytest
+
+from hf_zero.config import AUTO, ConfigError, load_config, resolve_config
+from hf_zero.config.unsupported import (
+    UNSUPPORTED,
+    UnsupportedConfig,
+    conditional_note,
+    refusals,
+    refusals_by_dtype,
+    refuse,
+    with_dtype,
+)
+
+OFFLOAD = {"stage": 2, "offload_optimizer": {"device": "cpu"}}
+# name -> (a DeepSpeed file the row refuses with fp16, words its message must hold)
+EXAMPLES = {
+    "fp16-offload": ({"fp16": {"enabled": True}, "zero_optimization": OFFLOAD},
+                     ['zero_optimization.offload_optimizer.device = "cpu"', "fp16 training",
+                      "optimizer offload with fp16 loss scaling is not implemented in hf_zero", "train in bf16"]),
+    "fp16-static-loss-scale": ({"fp16": {"enabled": True, "loss_scale": 128}, "zero_optimization": {"stage": 1}},
+                               ["fp16.loss_scale = 128", "zero_optimization.stage = 1",
+                                "set fp16.loss_scale to 0 (dynamic loss scaling)"]),
+}
+
+
+def load(obj: dict):
+    return load_config(obj, source="ds.json")
+
+
+def without_dtype(obj: dict) -> dict:
+    """The same file with its precision left to the Trainer ("auto")."""
+    return {**obj, "fp16": {**obj["fp16"], "enabled": "auto"}}
+
+
+def test_every_row_has_an_example():
+    assert sorted(EXAMPLES) == sorted(row.name for row in UNSUPPORTED)
+
+
+@pytest.mark.parametrize("name", sorted(EXAMPLES))
+def test_row_refuses_naming_keys_values_and_the_alternative(name):
+    obj, words = EXAMPLES[name]
+    config = load(obj)
+    with pytest.raises(UnsupportedConfig) as caught:
+        refuse(config)
+    message = str(caught.value)
+    assert " in ds.json: " in message
+    for word in words:
+        assert word in message
+    assert isinstance(caught.value, ConfigError) and isinstance(caught.value, NotImplementedError)
+    [row] = [r for r in UNSUPPORTED if r.name == name]
+    assert [r.name for r in UNSUPPORTED if r.applies(config)] == [name]
+    assert row.keys[0] == "fp16.enabled"
+
+
+@pytest.mark.parametrize("name", sorted(EXAMPLES))
+@pytest.mark.parametrize("dtype", ["bf16", "fp32"])
+def test_other_dtypes_run(name, dtype):
+    obj, _ = EXAMPLES[name]
+    config = with_dtype(load(without_dtype(obj)), dtype)
+    assert refusals(config) == []
+
+
+@pytest.mark.parametrize("name", sorted(EXAMPLES))
+def test_auto_precision_is_refused_only_once_fp16_is_known(name):
+    """[Note: "auto" precision]: the file runs with --bf16, so only the fp16 case is refused."""
+    config = load(without_dtype(EXAMPLES[name][0]))
+    assert config.precision.dtype is AUTO
+    assert refusals(config) == []
+    refuse(config)  # nothing to refuse yet
+    by_dtype = refusals_by_dtype(config)
+    assert list(by_dtype) == ["fp16"] and len(by_dtype["fp16"]) == 1
+    assert by_dtype["fp16"] == refusals(with_dtype(config, "fp16"))
+    note = conditional_note(config)
+    assert note.startswith('with TrainingArguments.fp16 (--fp16) the "auto" precision becomes fp16 and the run '
+                           "is refused: ") and by_dtype["fp16"][0] in note
+
+
+def test_a_file_that_names_its_dtype_is_not_refilled():
+    config = load({"bf16": {"enabled": True}, "zero_optimization": OFFLOAD})
+    assert with_dtype(config, "fp16") is config
+    assert conditional_note(config) is None and refusals_by_dtype(config) == {}
+
+
+def test_two_rows_are_refused_together():
+    config = load({"fp16": {"enabled": True, "loss_scale": 8}, "zero_optimization": OFFLOAD})
+    with pytest.raises(UnsupportedConfig) as caught:
+        refuse(config)
+    assert len(str(caught.value).splitlines()) == 2
+
+
+def test_static_loss_scale_at_stage_0_is_the_trainers():
+    assert refusals(load({"fp16": {"enabled": True, "loss_scale": 128}, "zero_optimization": {"stage": 0}})) == []
+
+
+def _training_args(**kwargs):
+    values = dict(per_device_train_batch_size=1, gradient_accumulation_steps=1, max_grad_norm=1.0, fp16=False,
+                  bf16=False, learning_rate=1e-3, adam_beta1=0.9, adam_beta2=0.999, adam_epsilon=1e-8,
+                  weight_decay=0.0)
+    return types.SimpleNamespace(**{**values, **kwargs})
+
+
+def test_resolve_config_refuses_once_the_trainer_says_fp16():
+    """transformers' zero3 example (fp16 "auto" + CPU offload) is refused when the Trainer is created with fp16."""
+    config = load(without_dtype(EXAMPLES["fp16-offload"][0]))
+    assert resolve_config(config, _training_args(bf16=True), world_size=2).precision.dtype == "bf16"
+    with pytest.raises(UnsupportedConfig) as caught:
+        resolve_config(config, _training_args(fp16=True), world_size=2)
+    assert str(caught.value) == refusals(with_dtype(config, "fp16"))[0]
