@@ -8,7 +8,8 @@ active behaves exactly as before.
 | method              | what hf_zero adds                                                       |
 |---------------------|-------------------------------------------------------------------------|
 | ``__init__``        | refuses a Trainer set up for DeepSpeed or FSDP too (other_sharding.py); resolves the config against TrainingArguments, adds the report callback, starts the hang watchdog (``comm_timeout_s``) |
-| ``create_optimizer``| stage >= 1: builds the ZeroEngine around the optimizer just created (or gives it to the engine of a model sharded as it loaded, hf_zero/init); stage 3, W > 1: the model's ``generate`` defaults to ``synced_gpus=True`` (generation.py) |
+| ``create_optimizer``| the config's ``optimizer`` block, if any, builds the optimizer (config_blocks.py); stage >= 1: builds the ZeroEngine around the optimizer just created (or gives it to the engine of a model sharded as it loaded, hf_zero/init); stage 3, W > 1: the model's ``generate`` defaults to ``synced_gpus=True`` (generation.py) |
+| ``create_scheduler``| the config's ``scheduler`` block, if any: DeepSpeed's schedule (config_blocks.py, ds_schedulers.py) |
 | ``_wrap_model``     | stage >= 1: trains a ``ZeroModule`` where DDP would stand               |
 | ``_clip_grad_norm`` | stage >= 1: global norm over the gradient shards, then clip             |
 | ``_get_grad_norm``  | stage >= 1: the same norm when clipping is off                          |
@@ -41,7 +42,7 @@ from hf_zero.engine.phases import set_phase
 from hf_zero.engine.options import engine_options
 from hf_zero.init import sharded_load
 from hf_zero.checkpoint import digests
-from hf_zero.trainer import checkpoint
+from hf_zero.trainer import checkpoint, config_blocks
 from hf_zero.trainer.generation import sync_generate
 from hf_zero.trainer.streamed_save import save_stage3
 from hf_zero.trainer.verify import verify_saved_adapter, verify_saved_weights
@@ -89,7 +90,8 @@ def __init__(self, *args, **kwargs):
     )
     if resolved.zero.stage >= 1 and resolved.precision.dtype == "fp16":
         check_loss_scaling(resolved.precision)
-    session = S.ZeroSession(config=resolved, trainer_ref=weakref.ref(self))
+    config_blocks.check_trainer(self, resolved)  # a block and Trainer(optimizers=...) for the same thing
+    session = S.ZeroSession(config=resolved, trainer_ref=weakref.ref(self), loaded=config)
     S.attach(self, session)
     self.add_callback(ReportCallback(session))
     self.add_callback(PhaseCallback())  # what this rank is doing, for the hang watchdog
@@ -101,8 +103,11 @@ def __init__(self, *args, **kwargs):
 
 @_seam
 def create_optimizer(self, model=None):
-    optimizer = _original("create_optimizer")(self, model)
     session = S.session_of(self)
+    if session is not None and session.config.optimizer is not None and self.optimizer is None:
+        # Every stage: the block's optimizer on the full params; the engine below rewrites it into pieces.
+        self.optimizer = config_blocks.build_optimizer(self, session, self.model if model is None else model)
+    optimizer = _original("create_optimizer")(self, model)
     if session is not None and session.stage >= 1 and session.engine is None:
         if session.config.precision.dtype == "fp16" and self.accelerator.scaler is not None:
             # Where accelerate scales fp16 losses (not on CPU), every rank must agree on overflow.
@@ -129,6 +134,16 @@ def create_optimizer(self, model=None):
         if session.engine.units and self.args.world_size > 1:
             sync_generate(self.model)  # every rank decodes as many steps (and gathers) as the longest
     return optimizer
+
+
+@_seam
+def create_scheduler(self, num_training_steps, optimizer=None):
+    session = S.session_of(self)
+    if session is not None and session.config.scheduler is not None and self.lr_scheduler is None:
+        self.lr_scheduler = config_blocks.build_scheduler(self, session, num_training_steps,
+                                                          self.optimizer if optimizer is None else optimizer)
+        self._created_lr_scheduler = True  # as the Trainer's own: a later train() builds it afresh
+    return _original("create_scheduler")(self, num_training_steps, optimizer)
 
 
 @_seam

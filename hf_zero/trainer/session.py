@@ -18,6 +18,8 @@ class ZeroSession:
 
     config: Any  # hf_zero.config.HfZeroConfig, no "auto" left
     trainer_ref: Any  # weakref to the Trainer
+    # The config as read ("auto" kept): where each optimizer/scheduler value came from (config_blocks.py).
+    loaded: Any = None
     engine: ZeroEngine | None = None
     figures: dict = field(default_factory=dict)
     # Drawn once per train() on rank 0, the same on every rank; names the run in each checkpoint's
