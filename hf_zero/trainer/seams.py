@@ -17,7 +17,8 @@ active behaves exactly as before.
 | ``_save_optimizer_and_scheduler`` | stage >= 1: every rank writes its part of the sharded state (checkpoint.py) |
 | ``_save_checkpoint``| stage >= 1: first removes the folder's earlier completion marker (barrier); after every rank's part, rank 0 seals the save (run id, step, world size, stage), and only then deletes old ones (``save_total_limit``) |
 | ``_load_best_model``| stage >= 1: loads into gathered params, then back into shards and masters |
-| ``train``           | stage >= 1: draws the run id; ``resume_from_checkpoint=True`` takes the newest one with a valid completion marker; a checkpoint of another model, with a missing file or (unless ``HF_ZERO_FORCE_RESUME=1``) without a valid marker is refused first; on return the host step of optimizer offload is settled |
+| ``floating_point_ops`` | stage >= 1: transformers' 6 * tokens * non-embedding params, counted in full (param_count.py), so ``total_flos`` is right at stage 3 |
+| ``train``           | stage >= 1: the log's "Number of trainable parameters" counts full params (param_count.py); draws the run id; ``resume_from_checkpoint=True`` takes the newest one with a valid completion marker; a checkpoint of another model, with a missing file or (unless ``HF_ZERO_FORCE_RESUME=1``) without a valid marker is refused first; on return the host step of optimizer offload is settled |
 | ``_load_optimizer_and_scheduler`` | stage >= 1: every rank reads its part of the sharded state, written at any world size and stage |
 | ``Seq2SeqTrainer.prediction_step`` | stage 3, W > 1: ``synced_gpus=True`` for generate, as for DeepSpeed ZeRO-3 |
 | ``PreTrainedModel.from_pretrained`` | stage 3 with ``zero3_init_flag``: a local safetensors checkpoint loads sharded (hf_zero/init/plugin.py); any other load is transformers' own |
@@ -27,6 +28,7 @@ from __future__ import annotations
 
 import functools
 import os
+from contextlib import nullcontext
 import weakref
 
 import torch
@@ -49,6 +51,7 @@ from hf_zero.trainer.verify import verify_saved_adapter, verify_saved_weights
 from hf_zero.trainer import session as S
 from hf_zero.trainer.loss_scaling import check_loss_scaling, sharded_grad_scaler
 from hf_zero.trainer.other_sharding import refuse as refuse_other_sharding
+from hf_zero.trainer import param_count
 from hf_zero.trainer.seam_check import original_of
 
 _ORIGINALS: dict[str, object] = {}
@@ -276,12 +279,26 @@ def train(self, resume_from_checkpoint=None, trial=None, ignore_keys_for_eval=No
         checkpoint.require_complete(resume_from_checkpoint)
     if session is not None and session.stage >= 1:
         session.run_id = digests.draw_run_id()  # every rank calls train(): one id for this run
+    counts = param_count.counting(session) if session is not None and session.stage >= 1 else nullcontext()
     try:
-        return _original("train")(self, resume_from_checkpoint=resume_from_checkpoint, trial=trial,
-                                  ignore_keys_for_eval=ignore_keys_for_eval)
+        with counts:  # the log's "Number of trainable parameters" counts full params (param_count.py)
+            return _original("train")(self, resume_from_checkpoint=resume_from_checkpoint, trial=trial,
+                                      ignore_keys_for_eval=ignore_keys_for_eval)
     finally:
         if session is not None and session.engine is not None:
             session.engine.settle()  # the params are the trained ones when train() returns
+
+
+@_seam
+def floating_point_ops(self, inputs):
+    session = S.session_of(self)
+    main_input = getattr(self.model, "main_input_name", "input_ids")
+    if session is None or session.engine is None or main_input not in inputs or not hasattr(self.model,
+                                                                                          "num_parameters"):
+        return _original("floating_point_ops")(self, inputs)
+    # transformers' 6 * tokens * non-embedding params, with full counts (stage 3 params are placeholders)
+    return 6 * inputs[main_input].numel() * param_count.num_parameters(self.model, session.engine,
+                                                                        exclude_embeddings=True)
 
 
 @_seam
