@@ -150,9 +150,12 @@ def _shard(model: nn.Module, zero_config, device, make_source) -> ZeroEngine:
 def _zero_config(zero_config, model: nn.Module):
     from hf_zero.config import load_config
     from hf_zero.config.resolve import resolve_zero_sizes
+    from hf_zero.config.unsupported import refuse
     from hf_zero.trainer.session import active_config
 
     config = load_config(zero_config) if zero_config is not None else active_config()
+    if config is not None:
+        refuse(config)  # what this version cannot run (hf_zero/config/unsupported.py), before any param loads
     if config is None:
         raise ValueError("hf_zero.init needs a zero config: pass zero_config=..., or run under hf_zero.run / "
                          "hf-zero launch, or call hf_zero.trainer.activate(...) first")
