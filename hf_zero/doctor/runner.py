@@ -3,6 +3,7 @@
 | check | doctor | launch (preflight) |
 |---|---|---|
 | config, world size | yes | world size only (launch loads the config itself) |
+| optimizer, scheduler (what the config's blocks build) | yes | no (the Trainer prints the same line) |
 | versions | yes | yes |
 | gpus, master address, master port, launcher env | yes | not with --dry_run (the commands may run elsewhere); ranks started here only |
 | model, gpu memory, host memory, pinned memory, nvme | yes | no (they load the model config, measure the disk) |
@@ -17,6 +18,7 @@ from typing import Any
 
 from hf_zero.doctor import environment, nvme, probes
 from hf_zero.doctor.config_checks import check_config, check_world_size, load_zero_config
+from hf_zero.doctor.optim_checks import check_blocks
 from hf_zero.doctor.result import CheckResult, skipped
 from hf_zero.doctor.versions import check_versions
 
@@ -68,6 +70,7 @@ def run_doctor(inputs: DoctorInputs, environ: Mapping[str, str] | None = None) -
         config, result = load_zero_config(inputs.zero_config)
         results.append(result)
     results.append(check_world_size(config, world))
+    results.extend(check_blocks(config))  # which optimizer and scheduler run, each value's source
     results.extend(check_versions())
     results.append(environment.check_gpus(nproc, device_count))
     results.append(environment.check_master_addr(inputs.master_addr, inputs.nnodes))

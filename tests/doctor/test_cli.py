@@ -31,12 +31,13 @@ def test_all_good(capsys, write_config, tiny_model, free_port):
     lines = out.splitlines()
     assert lines[0].split() == ["check", "status", "detail"]
     assert rows == {
-        "config": "PASS", "world size": "PASS", "version torch": "PASS", "version transformers": "PASS",
+        "config": "PASS", "world size": "PASS", "optimizer": "PASS", "scheduler": "PASS",
+        "version torch": "PASS", "version transformers": "PASS",
         "version accelerate": "PASS", "gpus": "WARN", "master address": "PASS", "master port": "PASS",
         "launcher env": "SKIP", "model": "PASS", "gpu memory": "SKIP", "host memory": "PASS",
         "pinned memory": "SKIP", "nvme": "SKIP",
     }
-    assert lines[-1] == "9 passed, 1 warning, 0 failed, 4 skipped"
+    assert lines[-1] == "11 passed, 1 warning, 0 failed, 4 skipped"
     assert "fix: if you expected GPUs" in out  # a WARN shows its fix too
 
 
@@ -53,7 +54,7 @@ def test_bad_config_exits_1_with_the_message_and_fix(capsys, write_config, free_
     assert rows["config"] == "FAIL" and rows["world size"] == "SKIP"
     assert f"unknown key 'zero_optimization.stgae' in {path}; did you mean 'stage'?" in out
     assert "fix: fix the key/value the message names" in out
-    assert out.splitlines()[-1] == "5 passed, 1 warning, 1 failed, 7 skipped"
+    assert out.splitlines()[-1] == "5 passed, 1 warning, 1 failed, 9 skipped"
 
 
 def test_world_size_from_nproc_and_nnodes(capsys, write_config, free_port):
