@@ -17,8 +17,8 @@ import shutil
 import torch
 
 from hf_zero.checkpoint import safe_reader, sharded
-from hf_zero.checkpoint.atomic import Swap
-from hf_zero.checkpoint.safetensors_stream import (INDEX_NAME, SINGLE_NAME, StreamingWriter, TensorSpec,
+from hf_zero.checkpoint.atomic import Swap, stale_weights
+from hf_zero.checkpoint.safetensors_stream import (INDEX_NAME, StreamingWriter, TensorSpec,
                                                    file_names, file_size, plan_shards, write_index)
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -177,8 +177,8 @@ def consolidate(checkpoint_dir: str, output_dir: str, *, dtype: str | None = Non
             shutil.copyfile(os.path.join(folder, name), swap.temp(name))
             if name == "config.json":
                 _set_config_dtype(swap.temp(name), target)
-        stale = [SINGLE_NAME, INDEX_NAME] + [f for f in os.listdir(output_dir) if re.fullmatch(r"model-\d+-of-\d+\.safetensors", f)]
-        return swap.commit(stale)
+        written = names + [INDEX_NAME] * (len(shards) > 1)
+        return swap.commit(stale_weights(os.listdir(output_dir), written))
 
 
 def _set_config_dtype(file: str, dtype: torch.dtype) -> None:

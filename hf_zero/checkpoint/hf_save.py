@@ -33,19 +33,16 @@ import inspect
 import json
 import math
 import os
-import re
 from collections import defaultdict
 from dataclasses import dataclass
 
 import torch
-import torch.distributed as dist
 
-from hf_zero.checkpoint.atomic import DiskFullError, Swap, as_disk_full
+from hf_zero.checkpoint.atomic import Swap, raise_first_failure, stale_weights
 from hf_zero.checkpoint.safetensors_stream import (INDEX_NAME, SINGLE_NAME, StreamingWriter, TensorSpec,
                                                    file_size, safetensors_order)
 from hf_zero.engine.units import ParamUnit, UnitState
 
-_SHARD_NAME = re.compile(r"model-\d{5}-of-\d{5}\.safetensors")
 
 
 class CannotStream(Exception):
@@ -204,7 +201,7 @@ def save_streamed(model, units: list[ParamUnit], plan: SavePlan, output_dir: str
         raise
     if failed is not None:
         _discard(writers, swap)
-    _raise_first_failure(failed, output_dir, swap.needed if swap is not None else None)
+    raise_first_failure(failed, output_dir, swap.needed if swap is not None else None)
 
 
 def _discard(writers: dict[str, StreamingWriter], swap: Swap | None) -> None:
@@ -215,29 +212,6 @@ def _discard(writers: dict[str, StreamingWriter], swap: Swap | None) -> None:
         swap.abort()
 
 
-def _raise_first_failure(failed: BaseException | None, output_dir: str, needed: int | None) -> None:
-    """Every rank learns whether a writer failed (a collective where ranks exist) and raises the
-    lowest failing writer's error: a full disk as ``DiskFullError``, anything else named."""
-    if failed is not None:
-        failed = as_disk_full(failed, output_dir, needed) or failed
-    if not (dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1):
-        if failed is not None:
-            raise failed
-        return
-    mine = None
-    if failed is not None:
-        mine = failed if isinstance(failed, DiskFullError) else f"{type(failed).__name__}: {failed}"
-    everyone = [None] * dist.get_world_size()
-    dist.all_gather_object(everyone, mine)
-    if failed is not None:
-        raise failed
-    for rank, theirs in enumerate(everyone):
-        if isinstance(theirs, DiskFullError):
-            raise theirs
-        if theirs is not None:
-            raise RuntimeError(f"rank {rank} failed writing the model to {output_dir}: {theirs}")
-
-
 def _finish(model, plan: SavePlan, output_dir: str, swap: Swap) -> None:
     """Index, then the swap (new files in place, stale ones out), then config: as
     ``save_pretrained`` leaves the folder."""
@@ -246,8 +220,7 @@ def _finish(model, plan: SavePlan, output_dir: str, swap: Swap) -> None:
             f.write(json.dumps(plan.index, indent=2, sort_keys=True) + "\n")
     # save_pretrained removes numbered shards a new save does not write. A single file or an
     # index from an earlier save of the other layout goes too: loaders would read it first.
-    stale = [f for f in os.listdir(output_dir) if _SHARD_NAME.fullmatch(f) or f in (SINGLE_NAME, INDEX_NAME)]
-    swap.commit(stale)
+    swap.commit(stale_weights(os.listdir(output_dir), list(plan.files) + [INDEX_NAME] * (plan.index is not None)))
     if model.is_remote_code():
         from transformers.dynamic_module_utils import custom_object_save
 

@@ -3,7 +3,8 @@
 ``run_on_ranks(fn, world_size, *args)`` spawns ``world_size`` processes, initializes a gloo
 process group in each, calls ``fn(rank, world_size, *args)`` and returns the list of per-rank
 return values (rank order). If any rank raises, or the run outlasts ``timeout`` seconds, every
-rank is stopped and a ``RankFailure`` is raised carrying each failing rank's full traceback.
+rank is stopped and a ``RankFailure`` is raised carrying each failing rank's full traceback. A rank
+whose process dies without reporting (killed) is seen within a second, not at ``timeout``.
 
 ``backend="nccl"`` gives each rank its own GPU instead: rank r makes ``cuda:r`` its current
 device before the NCCL process group is created (bound to that device), so ``fn`` can allocate
@@ -20,6 +21,7 @@ import multiprocessing as mp
 import os
 import queue
 import socket
+import time
 import traceback
 from typing import Any, Callable
 
@@ -39,6 +41,7 @@ def free_port() -> int:
 
 
 BACKENDS = ("gloo", "nccl")
+_POLL_S = 0.5  # how often run_on_ranks looks for a rank that died without reporting
 
 
 def _worker(rank: int, world_size: int, port: int, fn: Callable, args: tuple, results: Any, backend: str) -> None:
@@ -92,13 +95,19 @@ def run_on_ranks(
     for p in procs:
         p.start()
     outcomes: dict[int, tuple[str, Any]] = {}
+    deadline = time.monotonic() + timeout
     try:
         while len(outcomes) < world_size:
             try:
-                rank, status, payload = results.get(timeout=timeout)
+                rank, status, payload = results.get(timeout=min(_POLL_S, max(0.0, deadline - time.monotonic())))
             except queue.Empty:
-                missing = sorted(set(range(world_size)) - set(outcomes))
-                raise RankFailure(_describe(outcomes, f"timed out after {timeout}s; ranks {missing} did not finish"))
+                if _died(procs, results, outcomes, world_size):
+                    _drain(results, outcomes, world_size, grace=5.0)
+                    raise RankFailure(_describe(outcomes, "a rank died"))
+                if time.monotonic() >= deadline:
+                    missing = sorted(set(range(world_size)) - set(outcomes))
+                    raise RankFailure(_describe(outcomes, f"timed out after {timeout}s; ranks {missing} did not finish"))
+                continue
             outcomes[rank] = (status, payload)
             if status == "error":
                 # One rank failed: the others may be blocked in a collective. Give them a moment to report.
@@ -111,6 +120,20 @@ def run_on_ranks(
                 p.kill()
                 p.join()
     return [outcomes[r][1] for r in range(world_size)]
+
+
+def _died(procs: list, results: Any, outcomes: dict, world_size: int) -> bool:
+    """Whether a rank's process has exited without a result (killed: SIGKILL, the OOM killer,
+    ``os._exit``); such ranks are recorded as errors. A result put just before exiting is read
+    first."""
+    if not any(r not in outcomes and p.exitcode is not None for r, p in enumerate(procs)):
+        return False
+    _drain(results, outcomes, world_size, grace=1.0)
+    dead = [r for r, p in enumerate(procs) if r not in outcomes and p.exitcode is not None]
+    for r in dead:
+        outcomes[r] = ("error", f"rank {r}'s process exited with code {procs[r].exitcode} without a result "
+                                "(a negative code: killed by that signal)\n")
+    return bool(dead)
 
 
 def _drain(results: Any, outcomes: dict, world_size: int, grace: float) -> None:

@@ -13,7 +13,7 @@ active behaves exactly as before.
 | ``_wrap_model``     | stage >= 1: trains a ``ZeroModule`` where DDP would stand               |
 | ``_clip_grad_norm`` | stage >= 1: global norm over the gradient shards, then clip             |
 | ``_get_grad_norm``  | stage >= 1: the same norm when clipping is off                          |
-| ``save_model``      | stage 3: every rank gathers unit by unit; rank 0 streams full weights to HF's files (streamed_save.py); stages >= 1: rank 0 checks every written tensor against the model |
+| ``save_model``      | stage 3: every rank gathers unit by unit; rank 0 streams full weights to HF's files (streamed_save.py); stages 1-2: the Trainer's own save, into a hidden folder swapped in once whole; stages >= 1: rank 0 checks every written tensor against the model |
 | ``_save_optimizer_and_scheduler`` | stage >= 1: every rank writes its part of the sharded state (checkpoint.py) |
 | ``_save_checkpoint``| stage >= 1: first removes the folder's earlier completion marker (barrier); after every rank's part, rank 0 seals the save (run id, step, world size, stage), and only then deletes old ones (``save_total_limit``) |
 | ``_load_best_model``| stage >= 1: loads into gathered params, then back into shards and masters |
@@ -46,7 +46,7 @@ from hf_zero.init import sharded_load
 from hf_zero.checkpoint import digests
 from hf_zero.trainer import checkpoint, config_blocks
 from hf_zero.trainer.generation import sync_generate
-from hf_zero.trainer.streamed_save import save_stage3
+from hf_zero.trainer.streamed_save import save_stage3, save_whole
 from hf_zero.trainer.verify import verify_saved_adapter, verify_saved_weights
 from hf_zero.trainer import session as S
 from hf_zero.trainer.loss_scaling import check_loss_scaling, sharded_grad_scaler
@@ -188,8 +188,8 @@ def save_model(self, output_dir=None, _internal_call=False):
         return _original("save_model")(self, output_dir, _internal_call)
     session.engine.settle()  # [Note: step in backward]: the last step's params are all in place
     output_dir = output_dir if output_dir is not None else self.args.output_dir
-    if not session.engine.units:  # stages 1-2: full params on every rank, the Trainer's own save
-        _original("save_model")(self, output_dir, True)
+    if not session.engine.units:  # stages 1-2: full params on every rank, the Trainer's own save, swapped in
+        save_whole(self, output_dir, every_rank=False)
         state_dict = self.model.state_dict() if self.args.should_save else None
     else:  # stage 3: streamed unit by unit, or gathered where it cannot be (a collective: every rank calls)
         state_dict = save_stage3(self, session.engine, output_dir)

@@ -3,7 +3,9 @@
 As root, a tmpfs of the given size is mounted on the folder: the kernel itself answers
 ``ENOSPC``. Where mounting is not allowed, the same limit is simulated inside the writing
 process (``limit_writes``, which a rank function calls too): every file opened for writing
-under the folder raises ``OSError(ENOSPC)`` once the folder's files would exceed the size.
+under the folder raises ``OSError(ENOSPC)`` once the folder's files would exceed the size, and
+safetensors' ``save_file`` (a Rust writer that bypasses ``open``) writes through that ``open``.
+``HF_ZERO_TEST_SIMULATED_DISK=1`` simulates even where mounting is allowed (to test that path).
 """
 
 from __future__ import annotations
@@ -33,7 +35,7 @@ def small_disk(path, size: int):
     path = str(path)
     os.makedirs(path, exist_ok=True)
     disk = None
-    mounted = os.geteuid() == 0 and subprocess.run(
+    mounted = os.geteuid() == 0 and os.environ.get("HF_ZERO_TEST_SIMULATED_DISK") != "1" and subprocess.run(
         ["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", path], capture_output=True).returncode == 0
     try:
         disk = SmallDisk(path, size, mounted)
@@ -93,11 +95,23 @@ def limit_writes(root: str, size: int):
         under = isinstance(file, (str, os.PathLike)) and os.path.abspath(os.fspath(file)).startswith(root + os.sep)
         return _Limited(f, root, size) if writing and under else f
 
+    import safetensors.torch
+    import transformers.modeling_utils
+
+    save_file = safetensors.torch.save_file
+
+    def save_file_through_open(tensors, filename, metadata=None):
+        data = safetensors.torch.save(tensors, metadata=metadata)
+        with limited_open(filename, "wb") as f:
+            f.write(data)
+
     builtins.open = io.open = limited_open
     shutil.disk_usage = limited_usage
+    safetensors.torch.save_file = transformers.modeling_utils.safe_save_file = save_file_through_open
 
     def undo() -> None:
         builtins.open = io.open = original
         shutil.disk_usage = usage
+        safetensors.torch.save_file = transformers.modeling_utils.safe_save_file = save_file
 
     return undo
