@@ -16,7 +16,9 @@ rank writes, then a barrier), so a save cut short over an earlier complete ``che
 re-run into the same output dir) leaves no marker, not the earlier run's beside the new files.
 Once every rank is done, rank 0 writes the new marker. A marker counts only where it matches
 the folder it sits in: its step is ``trainer_state.json``'s ``global_step`` (and ``N`` of a
-``checkpoint-N`` folder), its world size and stage those of ``hf_zero_sharded/``'s description.
+``checkpoint-N`` folder), its world size and stage those of ``hf_zero_sharded/``'s description,
+its run id that of the sharded state's digest manifests (a same-step save of another run copied
+in is not this save).
 ``resume_from_checkpoint=True`` takes the newest checkpoint with a valid marker; an explicit
 path without one is refused unless ``HF_ZERO_FORCE_RESUME=1``.
 """
@@ -27,7 +29,7 @@ import json
 import logging
 import os
 
-from hf_zero.checkpoint import dcp_disk, sharded
+from hf_zero.checkpoint import dcp_disk, digests, sharded
 from hf_zero.checkpoint.atomic import Swap, as_disk_full
 from hf_zero.checkpoint.sharded import CheckpointError
 
@@ -124,6 +126,11 @@ def marker_problem(directory: str) -> str | None:
         return (f"{marker} seals a save at world size {seal['world_size']}, stage {seal['stage']}, but "
                 f"{os.path.join(directory, sharded.DIR_NAME, sharded.META_NAME)} was written at world size "
                 f"{meta.get('world_size')}, stage {meta.get('stage')}: the marker is from another save")
+    manifest_file = digests.manifest_path(os.path.join(directory, sharded.DIR_NAME), 0)
+    manifest = _read_json(manifest_file)
+    if isinstance(manifest, dict) and manifest.get("run_id") != seal["run_id"]:
+        return (f"{marker} seals step {step} of run {seal['run_id']}, but {manifest_file} records run "
+                f"{manifest.get('run_id')!r}: the sharded state is another run's save")
     return None
 
 

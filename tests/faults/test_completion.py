@@ -78,6 +78,15 @@ def test_a_marker_counts_only_where_it_matches_its_folder(tmp_path, monkeypatch)
         with pytest.raises(CheckpointError, match=f"resume_from_checkpoint='{folder}' is not a complete hf_zero "
                                                   f"checkpoint: .*{why}.*HF_ZERO_FORCE_RESUME=1"):
             checkpoint.require_complete(str(folder))
+    # the sharded state of another run's save of the same step (its digest manifest names that run)
+    other = _folder(tmp_path / "other", "checkpoint-4", step=4, seal=seal)
+    (other / "hf_zero_sharded" / "hf_zero_digest_rank0.json").write_text(json.dumps({"run_id": "r2"}))
+    assert checkpoint.newest_complete(str(other.parent)) is None
+    with pytest.raises(CheckpointError, match=r"seals step 4 of run r1, but .*hf_zero_digest_rank0.json records run "
+                                              r"'r2': the sharded state is another run's save.*HF_ZERO_FORCE_RESUME=1"):
+        checkpoint.require_complete(str(other))
+    (other / "hf_zero_sharded" / "hf_zero_digest_rank0.json").write_text(json.dumps({"run_id": "r1"}))
+    assert checkpoint.marker_problem(str(other)) is None
     # resume_from_checkpoint=True takes the newest valid one, skipping newer ones without a valid marker
     _folder(tmp_path / "out", "checkpoint-6", step=6, seal=None)
     _folder(tmp_path / "out", "checkpoint-8", step=8, seal={**seal, "global_step": 6})
