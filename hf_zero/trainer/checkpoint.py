@@ -21,6 +21,18 @@ its run id that of the sharded state's digest manifests (a same-step save of ano
 in is not this save).
 ``resume_from_checkpoint=True`` takes the newest checkpoint with a valid marker; an explicit
 path without one is refused unless ``HF_ZERO_FORCE_RESUME=1``.
+
+[Note: rotation]
+With ``save_total_limit`` the Trainer deletes old checkpoints at the end of its save, before hf_zero
+has sealed the new one: a crash in between would leave no complete checkpoint. At stage >= 1
+hf_zero owns the rotation. While a save runs, the Trainer's limit is held at None, so a rotation of
+transformers' at any point of the save deletes nothing; once every rank's part is written and the
+marker is sealed, ``rotate`` deletes, knowing the markers: never the checkpoint just sealed, the
+newest complete one or the best one; folders without a valid marker (saves cut short) go first,
+then complete ones, oldest step first, until ``save_total_limit`` remain. It calls no transformers
+function, so a transformers that moves or renames its rotation changes nothing here; a rotation
+of the Trainer's after the save (the end of ``train()`` with ``load_best_model_at_end``) finds
+every checkpoint of this run complete.
 """
 
 from __future__ import annotations
@@ -28,6 +40,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import shutil
 
 from hf_zero.checkpoint import dcp_disk, digests, sharded
 from hf_zero.checkpoint.atomic import Swap, as_disk_full
@@ -154,15 +167,7 @@ def require_complete(directory: str) -> None:
 
 def newest_complete(output_dir: str) -> str | None:
     """The newest ``checkpoint-N`` in ``output_dir`` with a valid completion marker, or None."""
-    if not os.path.isdir(output_dir):
-        return None
-    steps = []
-    for name in os.listdir(output_dir):
-        prefix, _, step = name.partition("-")
-        if prefix == "checkpoint" and step.isdigit() and os.path.isdir(os.path.join(output_dir, name)):
-            steps.append(int(step))
-    for step in sorted(steps, reverse=True):
-        directory = os.path.join(output_dir, f"checkpoint-{step}")
+    for directory in reversed(_checkpoint_folders(output_dir)):
         problem = marker_problem(directory)
         if problem is None:
             return directory
@@ -176,3 +181,37 @@ def _read_json(file: str):
             return json.load(f)
     except (OSError, ValueError):
         return None
+
+
+def rotate(run_dir: str, limit: int | None, *, current: str, best: str | None = None) -> list[str]:
+    """Delete ``checkpoint-N`` folders of ``run_dir`` beyond ``limit`` (``save_total_limit``) after
+    ``current`` was sealed ([Note: rotation]); returns the folders deleted."""
+    if limit is None or limit <= 0:
+        return []
+    folders = _checkpoint_folders(run_dir)
+    complete = {f: marker_problem(f) is None for f in folders}
+    newest = next((f for f in reversed(folders) if complete[f]), None)
+    protected = {os.path.realpath(p) for p in (current, newest, best) if p is not None}
+    keep = max(limit, len(protected & {os.path.realpath(f) for f in folders}))
+    candidates = [f for f in folders if os.path.realpath(f) not in protected]
+    candidates.sort(key=lambda f: complete[f])  # stable: cut-short saves first, then complete ones, oldest first
+    deleted = []
+    for folder in candidates:
+        if len(folders) - len(deleted) <= keep:
+            break
+        logger.info("hf_zero: deleting older checkpoint %s (save_total_limit=%d)", folder, limit)
+        shutil.rmtree(folder, ignore_errors=True)
+        deleted.append(folder)
+    return deleted
+
+
+def _checkpoint_folders(run_dir: str) -> list[str]:
+    """The ``checkpoint-N`` folders of ``run_dir``, oldest step first."""
+    if not os.path.isdir(run_dir):
+        return []
+    steps = []
+    for name in os.listdir(run_dir):
+        prefix, _, step = name.partition("-")
+        if prefix == "checkpoint" and step.isdigit() and os.path.isdir(os.path.join(run_dir, name)):
+            steps.append(int(step))
+    return [os.path.join(run_dir, f"checkpoint-{step}") for step in sorted(steps)]

@@ -15,7 +15,7 @@ active behaves exactly as before.
 | ``_get_grad_norm``  | stage >= 1: the same norm when clipping is off                          |
 | ``save_model``      | stage 3: every rank gathers unit by unit; rank 0 streams full weights to HF's files (streamed_save.py); stages 1-2: the Trainer's own save, into a hidden folder swapped in once whole; stages >= 1: rank 0 checks every written tensor against the model |
 | ``_save_optimizer_and_scheduler`` | stage >= 1: every rank writes its part of the sharded state (checkpoint.py) |
-| ``_save_checkpoint``| stage >= 1: first removes the folder's earlier completion marker (barrier); after every rank's part, rank 0 seals the save (run id, step, world size, stage), and only then deletes old ones (``save_total_limit``) |
+| ``_save_checkpoint``| stage >= 1: first removes the folder's earlier completion marker (barrier); after every rank's part, rank 0 seals the save (run id, step, world size, stage), and only then deletes old ones (``save_total_limit``, hf_zero's own rotation: checkpoint.py [Note: rotation]) |
 | ``_load_best_model``| stage >= 1: loads into gathered params, then back into shards and masters |
 | ``floating_point_ops`` | stage >= 1: transformers' 6 * tokens * non-embedding params, counted in full (param_count.py), so ``total_flos`` is right at stage 3 |
 | ``train``           | stage >= 1: the log's "Number of trainable parameters" counts full params (param_count.py); draws the run id; ``resume_from_checkpoint=True`` takes the newest one with a valid completion marker; a checkpoint of another model, with a missing file or (unless ``HF_ZERO_FORCE_RESUME=1``) without a valid marker is refused first; on return the host step of optimizer offload is settled |
@@ -33,11 +33,6 @@ import weakref
 
 import torch
 from transformers import PreTrainedModel, Seq2SeqTrainer, Trainer
-
-try:  # transformers >= 5.2x: a function; before, the Trainer method _rotate_checkpoints
-    from transformers.trainer_utils import rotate_checkpoints
-except ImportError:  # pragma: no cover - older transformers
-    rotate_checkpoints = None
 
 from hf_zero.engine import ZeroEngine, ZeroModule
 from hf_zero.engine.phases import set_phase
@@ -230,9 +225,8 @@ def _save_checkpoint(self, model, trial):
     session = S.session_of(self)
     if session is None or session.engine is None:
         return _original("_save_checkpoint")(self, model, trial)
-    # The Trainer deletes old checkpoints (save_total_limit) at the end of its save, before the
-    # new one is marked complete here: a crash in between would leave no complete checkpoint.
-    # So the rotation waits until the new checkpoint is complete.
+    # [Note: rotation] (checkpoint.py): no rotation of the Trainer's, wherever it happens in its
+    # save, deletes anything before the new checkpoint is sealed; hf_zero rotates after that.
     session.engine.settle()
     set_phase(f"checkpoint save checkpoint-{self.state.global_step}")  # [Note: phases]
     run_dir = self._get_output_dir(trial=trial)
@@ -255,11 +249,8 @@ def _save_checkpoint(self, model, trial):
     if self.args.should_save:
         checkpoint.mark_complete(folder, run_id=session.run_id, global_step=self.state.global_step,
                                  world_size=self.args.world_size, stage=session.stage)
-        if rotate_checkpoints is not None:
-            rotate_checkpoints(output_dir=run_dir, save_total_limit=limit,
-                               best_model_checkpoint=self.state.best_model_checkpoint, use_mtime=True)
-        else:
-            self._rotate_checkpoints(use_mtime=True, output_dir=run_dir)
+        # [Note: rotation]: old checkpoints go only now, by hf_zero (the Trainer's limit was None above)
+        checkpoint.rotate(run_dir, limit, current=folder, best=self.state.best_model_checkpoint)
 
 
 @_seam
