@@ -102,7 +102,8 @@ def run_on_ranks(
                 rank, status, payload = results.get(timeout=min(_POLL_S, max(0.0, deadline - time.monotonic())))
             except queue.Empty:
                 if _died(procs, results, outcomes, world_size):
-                    _drain(results, outcomes, world_size, grace=5.0)
+                    _drain(results, outcomes, world_size, grace=5.0, procs=procs)
+                    _died(procs, results, outcomes, world_size)
                     raise RankFailure(_describe(outcomes, "a rank died"))
                 if time.monotonic() >= deadline:
                     missing = sorted(set(range(world_size)) - set(outcomes))
@@ -111,7 +112,8 @@ def run_on_ranks(
             outcomes[rank] = (status, payload)
             if status == "error":
                 # One rank failed: the others may be blocked in a collective. Give them a moment to report.
-                _drain(results, outcomes, world_size, grace=5.0)
+                _drain(results, outcomes, world_size, grace=5.0, procs=procs)
+                _died(procs, results, outcomes, world_size)  # a rank killed, which the others saw
                 raise RankFailure(_describe(outcomes, "a rank raised"))
     finally:
         for p in procs:
@@ -128,7 +130,7 @@ def _died(procs: list, results: Any, outcomes: dict, world_size: int) -> bool:
     first."""
     if not any(r not in outcomes and p.exitcode is not None for r, p in enumerate(procs)):
         return False
-    _drain(results, outcomes, world_size, grace=1.0)
+    _drain(results, outcomes, world_size, grace=1.0, procs=procs)
     dead = [r for r, p in enumerate(procs) if r not in outcomes and p.exitcode is not None]
     for r in dead:
         outcomes[r] = ("error", f"rank {r}'s process exited with code {procs[r].exitcode} without a result "
@@ -136,13 +138,23 @@ def _died(procs: list, results: Any, outcomes: dict, world_size: int) -> bool:
     return bool(dead)
 
 
-def _drain(results: Any, outcomes: dict, world_size: int, grace: float) -> None:
-    while len(outcomes) < world_size:
+def _drain(results: Any, outcomes: dict, world_size: int, grace: float, procs: list = ()) -> None:
+    """Read the results that come within ``grace`` seconds of silence; with ``procs``, stop as soon
+    as every rank still missing has exited (a killed one never reports)."""
+    quiet_until = time.monotonic() + grace
+    while len(outcomes) < world_size and time.monotonic() < quiet_until:
         try:
-            rank, status, payload = results.get(timeout=grace)
+            rank, status, payload = results.get(timeout=min(_POLL_S, grace))
         except queue.Empty:
-            return
+            if procs and all(p.exitcode is not None for r, p in enumerate(procs) if r not in outcomes):
+                try:  # what an exiting rank put just before it went
+                    rank, status, payload = results.get(timeout=_POLL_S)
+                except queue.Empty:
+                    return
+            else:
+                continue
         outcomes[rank] = (status, payload)
+        quiet_until = time.monotonic() + grace
 
 
 def _describe(outcomes: dict[int, tuple[str, Any]], headline: str) -> str:

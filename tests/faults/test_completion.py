@@ -6,7 +6,6 @@ path without a valid marker is refused unless HF_ZERO_FORCE_RESUME=1."""
 from __future__ import annotations
 
 import json
-import os
 
 import pytest
 
@@ -20,8 +19,9 @@ def _seal(folder) -> dict:
     return json.loads((folder / checkpoint.COMPLETE_NAME).read_text())
 
 
-def test_a_rank_killed_while_saving_over_a_complete_checkpoint_leaves_it_unresumable(tmp_path, monkeypatch):
-    full = run_on_ranks(_run, 2, tmp_path / "a", 2, None, timeout=300)[0]  # the run to continue (ga 2)
+def test_a_rank_killed_while_saving_over_a_complete_checkpoint_leaves_it_unresumable(uninterrupted, tmp_path,
+                                                                                    monkeypatch, caplog):
+    full = uninterrupted[0]  # the run to continue (ga 2)
     out = tmp_path / "b"
     run_on_ranks(_run, 2, out, 2, None, 1, timeout=300)  # an earlier run (ga 1) completes checkpoints 3 and 6
     earlier = _seal(out / "checkpoint-6")
@@ -29,10 +29,16 @@ def test_a_rank_killed_while_saving_over_a_complete_checkpoint_leaves_it_unresum
         run_on_ranks(_run, 2, out, 2, None, 2, 2, 3, 6, "rng", timeout=150)
     assert (out / "checkpoint-3" / checkpoint.COMPLETE_NAME).exists()
     assert not (out / "checkpoint-6" / checkpoint.COMPLETE_NAME).exists()  # the earlier run's marker went first
-    # its files are all there (rank 1 died after the sharded state), yet an explicit path is refused ...
-    with pytest.raises(RankFailure, match=r"resume_from_checkpoint='[^']*checkpoint-6' is not a complete hf_zero "
-                                          r"checkpoint: .*hf_zero_complete.json is missing.*HF_ZERO_FORCE_RESUME=1"):
-        run_on_ranks(_run, 2, tmp_path / "c", 2, out / "checkpoint-6", timeout=300)
+    # its files are all there (rank 1 died after the sharded state), yet an explicit path is refused (what
+    # train() calls first; through the Trainer, with and without HF_ZERO_FORCE_RESUME: test_resume_trust.py) ...
+    with pytest.raises(CheckpointError, match=r"resume_from_checkpoint='[^']*checkpoint-6' is not a complete hf_zero "
+                                              r"checkpoint: .*hf_zero_complete.json is missing.*HF_ZERO_FORCE_RESUME=1"):
+        checkpoint.require_complete(str(out / "checkpoint-6"))
+    monkeypatch.setenv(checkpoint.FORCE_ENV, "1")  # ... unless forced: taken, with a warning naming the problem
+    with caplog.at_level("WARNING", logger=checkpoint.__name__):
+        checkpoint.require_complete(str(out / "checkpoint-6"))
+    assert "hf_zero_complete.json is missing" in caplog.text
+    monkeypatch.delenv(checkpoint.FORCE_ENV)
     # ... and resume_from_checkpoint=True takes checkpoint-3 of the new run: steps 4-6 as uninterrupted
     resumed = run_on_ranks(_run, 2, out, 2, True, timeout=300)
     assert [step for _, step in resumed] == [6, 6]
@@ -41,11 +47,6 @@ def test_a_rank_killed_while_saving_over_a_complete_checkpoint_leaves_it_unresum
     assert {k: earlier[k] for k in ("global_step", "world_size", "stage")} == {"global_step": 6, "world_size": 2,
                                                                                "stage": 2}
     assert again["global_step"] == 6 and again["run_id"] != earlier["run_id"]
-    # forced, the explicit path without a marker is taken
-    (out / "checkpoint-6" / checkpoint.COMPLETE_NAME).unlink()
-    monkeypatch.setenv(checkpoint.FORCE_ENV, "1")
-    forced = run_on_ranks(_run, 2, out, 2, out / "checkpoint-6", timeout=300)[0]  # nothing left to train
-    assert [forced[s] for s in (4, 5, 6)] == [full[s] for s in (4, 5, 6)]  # the log of the checkpoint taken
 
 
 def _folder(tmp_path, name, *, step, seal):

@@ -19,12 +19,12 @@ from tests.trainer.test_resume import _run
 
 
 @pytest.fixture(scope="module")
-def runs(tmp_path_factory):
+def runs(uninterrupted, tmp_path_factory):
     """Two runs of the same job (run ids drawn per train()): losses of the first, and both folders."""
-    root = tmp_path_factory.mktemp("runs")
-    full = run_on_ranks(_run, 2, root / "a", 2, None, timeout=300)[0]
-    run_on_ranks(_run, 2, root / "b", 2, None, timeout=300)
-    return full, root / "a", root / "b"
+    full, a = uninterrupted
+    b = tmp_path_factory.mktemp("runs") / "b"
+    run_on_ranks(_run, 2, b, 2, None, timeout=300)
+    return full, a, b
 
 
 def _flip(file) -> None:
@@ -58,8 +58,9 @@ def test_another_runs_sharded_state_of_the_same_step_is_refused_unless_forced(ru
     assert [resumed[s] for s in (4, 5, 6)] == [full[s] for s in (4, 5, 6)]
 
 
-def _verify(rank, world, path):
-    """Every rank checks the checkpoint at ``path``; returns the files this rank hashed and its error."""
+def _verify(rank, world, paths):
+    """Every rank checks each checkpoint of ``paths``; returns, per checkpoint, the files this rank
+    hashed and its error."""
     from hf_zero.checkpoint import digests
 
     hashed, original = [], digests.file_digest
@@ -69,26 +70,29 @@ def _verify(rank, world, path):
         return original(file, how)
 
     digests.file_digest = counted  # the rank's own module, in its own process
-    shapes = {n: tuple(s) for n, s in sharded.read_meta(os.path.join(path, sharded.DIR_NAME))["params"].items()}
-    try:
-        sharded.check(path, shapes)
-    except sharded.CheckpointError as error:
-        return hashed, str(error)
-    return hashed, None
+    out = []
+    for path in paths:
+        hashed.clear()
+        shapes = {n: tuple(s) for n, s in sharded.read_meta(os.path.join(path, sharded.DIR_NAME))["params"].items()}
+        try:
+            sharded.check(path, shapes)
+            out.append((list(hashed), None))
+        except sharded.CheckpointError as error:
+            out.append((list(hashed), str(error)))
+    return out
 
 
 @pytest.mark.parametrize("world", [1, 2, 3])
 def test_each_rank_hashes_its_share_at_any_world_size(runs, tmp_path, world):
     _, a, _ = runs
-    ckpt = a / "checkpoint-6"
+    ckpt = a / "checkpoint-6"  # saved at 2 ranks
     files = sorted(f for f in os.listdir(ckpt / sharded.DIR_NAME) if not f.startswith("hf_zero_digest"))
-    results = run_on_ranks(_verify, world, str(ckpt), timeout=120)
-    shares = [hashed for hashed, _ in results]
-    assert [error for _, error in results] == [None] * world
-    assert sorted(f for share in shares for f in share) == files  # every file hashed once, by one rank
-    assert all(share for share in shares)  # 4 files: every rank (up to 3) hashes a share
     damaged = shutil.copytree(ckpt, tmp_path / "checkpoint-6")
     _flip(damaged / sharded.DIR_NAME / "__0_0.distcp")
-    results = run_on_ranks(_verify, world, str(damaged), timeout=120)
-    for _, error in results:  # every rank refuses, naming the damaged file, whichever rank hashed it
+    results = run_on_ranks(_verify, world, [str(ckpt), str(damaged)], timeout=120)
+    shares = [whole[0] for whole, _ in results]
+    assert [whole[1] for whole, _ in results] == [None] * world
+    assert sorted(f for share in shares for f in share) == files  # every file hashed once, by one rank
+    assert all(share for share in shares)  # 4 files: every rank (up to 3) hashes a share
+    for _, (_, error) in results:  # every rank refuses, naming the damaged file, whichever rank hashed it
         assert error is not None and "checkpoint-6/hf_zero_sharded/__0_0.distcp does not match its full sha256 digest in" in error
