@@ -34,7 +34,7 @@ _VALUE_FLAGS = (
     (("--master_addr",), "master_addr", "ADDR",
      "rank 0's address; default: 127.0.0.1 on one node, the first hostfile host on several"),
     (("--master_port",), "master_port", "PORT",
-     f"rank 0's port (default {DEFAULT_MASTER_PORT})"),
+     f"rank 0's port; default {DEFAULT_MASTER_PORT}, under --launcher slurm one derived from SLURM_JOB_ID"),
     (("--launcher",), "launcher", "{" + ",".join(LAUNCHERS) + "}",
      "torchrun: this node; ssh: every hostfile host; slurm: one srun command. "
      "Default: ssh for a hostfile of several hosts, else torchrun"),
@@ -80,8 +80,10 @@ class LaunchOptions:
     """`HOST[:ID,...]@...`: use every host/device id except these. Empty: no filter."""
     master_addr: str | None = None
     """Rank 0's address. None: 127.0.0.1 on one node, the first hostfile host on several."""
-    master_port: int = DEFAULT_MASTER_PORT
-    """Rank 0's port; 29500 is torchrun's and DeepSpeed's default too."""
+    master_port: int | None = None
+    """Rank 0's port. None: 29500 (torchrun's and DeepSpeed's default) for torchrun and ssh; under
+    slurm each task derives one from SLURM_JOB_ID (``slurm.job_master_port``), so two jobs on one
+    node do not collide."""
     launcher: str | None = None
     """torchrun, ssh or slurm. None: ssh for a hostfile of several hosts, else torchrun."""
     module: bool = False
@@ -98,7 +100,7 @@ class LaunchOptions:
                 raise ValueError(f"{flag} must be a positive integer, got {value}")
         if self.node_rank is not None and self.node_rank < 0:
             raise ValueError(f"--node_rank must be 0 or more, got {self.node_rank}")
-        if not 1 <= self.master_port <= 65535:
+        if self.master_port is not None and not 1 <= self.master_port <= 65535:
             raise ValueError(f"--master_port must be in 1..65535, got {self.master_port}")
         if self.launcher is not None and self.launcher not in LAUNCHERS:
             raise ValueError(f"--launcher {self.launcher!r} is not one of {', '.join(LAUNCHERS)}")
@@ -117,6 +119,11 @@ class LaunchOptions:
             )
         if not self.script:
             raise ValueError("SCRIPT is empty; give the training script (or module) to run")
+
+    @property
+    def torchrun_port(self) -> int:
+        """The port torchrun's rendezvous gets: --master_port, else 29500."""
+        return DEFAULT_MASTER_PORT if self.master_port is None else self.master_port
 
     @classmethod
     def from_namespace(cls, namespace: argparse.Namespace) -> "LaunchOptions":

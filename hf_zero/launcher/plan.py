@@ -85,7 +85,7 @@ def _torchrun_command(
         nnodes=nnodes,
         node_rank=node_rank,
         master_addr=master_addr,
-        master_port=options.master_port,
+        master_port=options.torchrun_port,
         target=target,
     )
     return NodeCommand(host=host, argv=tuple(argv), env=_visible_devices(ids) if pin_devices else {})
@@ -111,7 +111,7 @@ def _ssh_commands(
             nnodes=len(hosts),
             node_rank=node_rank,
             master_addr=master_addr,
-            master_port=options.master_port,
+            master_port=options.torchrun_port,
             target=target,
         )
         env = {**exports, **(_visible_devices(ids) if pin_devices else {})}
@@ -138,7 +138,8 @@ def _srun_command(options: LaunchOptions, hosts: Hosts, python: str, target: lis
         nodes, nodelist = len(hosts), list(hosts)
     else:
         nodes, nodelist = options.num_nodes or 1, []
-    env = {"MASTER_PORT": str(options.master_port)}
+    # Without --master_port each task derives its job's own port (slurm.job_master_port).
+    env = {} if options.master_port is None else {"MASTER_PORT": str(options.master_port)}
     if options.master_addr is not None:
         env["MASTER_ADDR"] = options.master_addr
     argv = commands.srun_argv(

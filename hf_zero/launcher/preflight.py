@@ -32,7 +32,7 @@ def check(options: LaunchOptions, hosts: Hosts, launcher: str, config: Any, *,
         ranks_here = len(hosts[host])
         master = master or (names[0] if nnodes > 1 else LOOPBACK)
     results = preflight(
-        config, world_size=world, ranks_here=ranks_here, master_addr=master, master_port=options.master_port,
+        config, world_size=world, ranks_here=ranks_here, master_addr=master, master_port=options.torchrun_port,
         nnodes=nnodes, launcher=launcher, script_args=options.script_args, machine_checks=not options.dry_run,
         device_count=device_count,
     )

@@ -11,7 +11,7 @@ derives them:
 | LOCAL_RANK | SLURM_LOCALID |
 | LOCAL_WORLD_SIZE | SLURM_NTASKS_PER_NODE, else this node's entry of SLURM_STEP_TASKS_PER_NODE / SLURM_TASKS_PER_NODE |
 | MASTER_ADDR | first host of SLURM_STEP_NODELIST / SLURM_JOB_NODELIST / SLURM_NODELIST (rank 0 runs there) |
-| MASTER_PORT | 29500 |
+| MASTER_PORT | 15000 + SLURM_JOB_ID % 10000 (``job_master_port``) |
 
 Variables already set are kept; nothing is mapped if RANK is set (torchrun started us).
 """
@@ -22,6 +22,15 @@ import subprocess
 from collections.abc import Mapping
 
 DEFAULT_MASTER_PORT = "29500"
+"""MASTER_PORT when srun gives no numeric SLURM_JOB_ID (it always does): torchrun's default."""
+PORT_BASE = 15000
+PORT_SPAN = 10000
+"""MASTER_PORT is PORT_BASE + SLURM_JOB_ID % PORT_SPAN, 15000-24999 (PyTorch Lightning's rule), so
+two jobs sharing a node rendezvous on different ports unless their ids are equal modulo 10000; a
+fixed port would make the second one fail with "address already in use". Every task of a job
+derives the same port without talking to the others. The range lies below Linux's default
+ephemeral ports (32768-60999), which outgoing connections take at random. Two job steps of one job
+running at once on one node share the port: give each its own MASTER_PORT."""
 _TASKS_ENTRY = re.compile(r"^(\d+)(?:\(x(\d+)\))?$")
 
 
@@ -136,6 +145,14 @@ def _local_world_size(environ: Mapping[str, str]) -> str:
     return str(counts[node])
 
 
+def job_master_port(environ: Mapping[str, str]) -> str:
+    """The job's rendezvous port (see PORT_SPAN): job 4242 -> 19242, job 1234567 -> 19567."""
+    job = environ.get("SLURM_JOB_ID", "").strip()
+    if not (job.isascii() and job.isdigit()):
+        return DEFAULT_MASTER_PORT
+    return str(PORT_BASE + int(job) % PORT_SPAN)
+
+
 def torch_env_from_slurm(environ: Mapping[str, str]) -> dict[str, str]:
     """The variables to set for a rank srun started without torchrun (see the table above)."""
     if "RANK" in environ or "SLURM_PROCID" not in environ:
@@ -147,7 +164,7 @@ def torch_env_from_slurm(environ: Mapping[str, str]) -> dict[str, str]:
         "RANK": environ["SLURM_PROCID"],
         "WORLD_SIZE": world_size,
         "LOCAL_RANK": environ.get("SLURM_LOCALID", "0"),
-        "MASTER_PORT": DEFAULT_MASTER_PORT,
+        "MASTER_PORT": job_master_port(environ),
     }
     if "LOCAL_WORLD_SIZE" not in environ:
         derived["LOCAL_WORLD_SIZE"] = _local_world_size(environ)

@@ -47,7 +47,9 @@ def test_deepspeed_and_torchrun_spellings():
 
 def test_defaults():
     assert parse(["t.py"]) == LaunchOptions(script="t.py")
-    assert LaunchOptions(script="t.py").master_port == 29500
+    assert LaunchOptions(script="t.py").master_port is None  # slurm derives one from the job
+    assert LaunchOptions(script="t.py").torchrun_port == 29500
+    assert LaunchOptions(script="t.py", master_port=1234).torchrun_port == 1234
 
 
 @pytest.mark.parametrize(

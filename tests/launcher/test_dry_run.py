@@ -124,17 +124,20 @@ def test_hostfile_ssh_through_cli(capsys, script, two_hosts, tmp_path, monkeypat
 
 
 def test_slurm(capsys, script):
+    """No MASTER_PORT: each task derives its job's own (slurm.job_master_port)."""
     lines = dry_run(capsys, "--launcher", "slurm", "--num_nodes", "4", "--num_gpus", "8", script, "--bf16")
     assert lines == [
-        f"MASTER_PORT=29500 srun --nodes 4 --ntasks-per-node 8 --kill-on-bad-exit=1 {PY} "
-        "-m hf_zero.run train.py --bf16"
+        f"srun --nodes 4 --ntasks-per-node 8 --kill-on-bad-exit=1 {PY} -m hf_zero.run train.py --bf16"
     ]
+    lines = dry_run(capsys, "--launcher", "slurm", "--master_port", "29600", script)
+    assert lines == [f"MASTER_PORT=29600 srun --nodes 1 --ntasks-per-node 1 --kill-on-bad-exit=1 {PY} "
+                     "-m hf_zero.run train.py"]
 
 
 def test_slurm_with_hostfile(capsys, script, two_hosts):
     lines = dry_run(capsys, "--launcher", "slurm", "--hostfile", two_hosts, "--master_addr", "worker-0", script)
     assert lines == [
-        f"MASTER_PORT=29500 MASTER_ADDR=worker-0 srun --nodes 2 --ntasks-per-node 2 --nodelist "
+        f"MASTER_ADDR=worker-0 srun --nodes 2 --ntasks-per-node 2 --nodelist "
         f"worker-0,worker-1 --kill-on-bad-exit=1 {PY} -m hf_zero.run train.py"
     ]
 

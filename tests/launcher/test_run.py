@@ -119,13 +119,13 @@ def test_missing_script(record, capsys):
 
 def test_slurm_mapping(record):
     os.environ.update(
-        SLURM_PROCID="3", SLURM_NTASKS="4", SLURM_LOCALID="1", SLURM_NODEID="1",
+        SLURM_JOB_ID="31337", SLURM_PROCID="3", SLURM_NTASKS="4", SLURM_LOCALID="1", SLURM_NODEID="1",
         SLURM_TASKS_PER_NODE="2(x2)", SLURM_JOB_NODELIST="gpu[07-08]",
     )  # fmt: skip
     run.main([SCRIPT])
     assert record()["env"] == {
         "RANK": "3", "WORLD_SIZE": "4", "LOCAL_RANK": "1", "LOCAL_WORLD_SIZE": "2",
-        "MASTER_ADDR": "gpu07", "MASTER_PORT": "29500",
+        "MASTER_ADDR": "gpu07", "MASTER_PORT": "16337",
     }  # fmt: skip
 
 

@@ -3,7 +3,7 @@
 import pytest
 
 from hf_zero.launcher import slurm
-from hf_zero.launcher.slurm import expand_nodelist, expand_tasks_per_node, torch_env_from_slurm
+from hf_zero.launcher.slurm import expand_nodelist, expand_tasks_per_node, job_master_port, torch_env_from_slurm
 
 
 @pytest.mark.parametrize(
@@ -68,6 +68,7 @@ def test_bad_tasks_per_node():
 
 
 SRUN_RANK_5 = {
+    "SLURM_JOB_ID": "1234567",
     "SLURM_PROCID": "5",
     "SLURM_NTASKS": "8",
     "SLURM_LOCALID": "1",
@@ -84,8 +85,28 @@ def test_mapping():
         "LOCAL_RANK": "1",
         "LOCAL_WORLD_SIZE": "4",
         "MASTER_ADDR": "gpu01",
-        "MASTER_PORT": "29500",
+        "MASTER_PORT": "19567",  # 15000 + 1234567 % 10000
     }
+
+
+@pytest.mark.parametrize(
+    ("job_id", "port"),
+    [("4242", "19242"), ("1234567", "19567"), ("90000", "15000"), ("99999", "24999"), (" 7 ", "15007"),
+     (None, "29500"), ("", "29500"), ("12a", "29500")],
+)
+def test_master_port_comes_from_the_job(job_id, port):
+    environ = {k: v for k, v in SRUN_RANK_5.items() if k != "SLURM_JOB_ID"}
+    if job_id is not None:
+        environ["SLURM_JOB_ID"] = job_id
+    assert job_master_port(environ) == port
+    assert torch_env_from_slurm(environ)["MASTER_PORT"] == port
+
+
+def test_two_jobs_on_one_node_get_different_ports():
+    """Every task of one job agrees on the port; the next job on the node gets another one."""
+    ports = {torch_env_from_slurm({**SRUN_RANK_5, "SLURM_JOB_ID": str(job), "SLURM_PROCID": str(rank)})["MASTER_PORT"]
+             for job in (500123, 500124) for rank in range(8)}
+    assert ports == {"15123", "15124"}
 
 
 def test_mapping_prefers_explicit_values():
