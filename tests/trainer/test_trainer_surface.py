@@ -284,7 +284,9 @@ def _checkpointing(rank, world, root):
                                   gradient_checkpointing_kwargs={"use_reentrant": reentrant})
                 trainer = Trainer(model=tiny.llama(0), args=targs, train_dataset=tiny.lm_rows(16))
                 trainer.train()
-                assert trainer.model.is_activation_checkpointing
+                # What is_activation_checkpointing (transformers >= 5.2x) and the older
+                # is_gradient_checkpointing both compute, so the oldest supported transformers runs it too.
+                assert any(getattr(m, "gradient_checkpointing", False) for m in trainer.model.modules())
                 return {"history": tiny.history(trainer), "trainable": tiny.trainable_state(trainer.model)}
 
             results[(reentrant, stage)] = with_zero(stage, run)
