@@ -2,7 +2,6 @@
 method that is gone (hf_zero/trainer/seam_check.py)."""
 
 import inspect
-import tomllib
 import warnings
 from pathlib import Path
 
@@ -12,6 +11,11 @@ from transformers import Trainer
 from hf_zero.trainer import seams
 from hf_zero.trainer.seam_check import (SUPPORTED_TRANSFORMERS, UnsupportedTransformersError, original_of,
                                         signature_mismatch)
+
+try:
+    import tomllib
+except ModuleNotFoundError:  # Python 3.10: the test extra installs tomli there
+    import tomli as tomllib
 
 
 def _unwrapped(cls, name):
