@@ -32,6 +32,8 @@ import stat
 
 import torch.distributed as dist
 
+from hf_zero.engine.nvme_files import pid_alive
+
 TEMP_SUFFIX = ".hf_zero-tmp"
 _FULL = (errno.ENOSPC, errno.EDQUOT)
 _RUST_OS_ERROR = re.compile(r"\(os error (\d+)\)")  # how Rust's io::Error ends its message (safetensors)
@@ -98,6 +100,14 @@ def as_disk_full(error: BaseException, path: str, needed: int | None) -> DiskFul
     if cause is None:
         return None
     return DiskFullError(path, needed, free_bytes(path), cause.errno)
+
+
+def _raise_disk_full(error: BaseException, path: str, needed: int | None) -> None:
+    """Raise ``error`` again as a ``DiskFullError`` if a full disk caused it (a context manager's exit)."""
+    if isinstance(error, Exception):
+        full = as_disk_full(error, path, needed)
+        if full is not None and full is not error:
+            raise full from error
 
 
 def raise_first_failure(failed: BaseException | None, output_dir: str, needed: int | None) -> None:
@@ -174,10 +184,7 @@ class Swap:
         if error is None:
             return False
         self.abort()
-        if isinstance(error, Exception):
-            full = as_disk_full(error, self.directory, self.needed)
-            if full is not None and full is not error:
-                raise full from error
+        _raise_disk_full(error, self.directory, self.needed)
         return False
 
 
@@ -237,10 +244,7 @@ class StagedFolder:
             return False
         if os.path.isdir(self.path) and not os.path.islink(self.path):
             shutil.rmtree(self.path, ignore_errors=True)
-        if isinstance(error, Exception):
-            full = as_disk_full(error, self.directory, self.needed)
-            if full is not None and full is not error:
-                raise full from error
+        _raise_disk_full(error, self.directory, self.needed)
         return False
 
 
@@ -254,16 +258,7 @@ def _remove_dead_stages(directory: str) -> None:
         pid = name[len(f"{STAGE_PREFIX}{host}."):-len(TEMP_SUFFIX)]
         path = os.path.join(directory, name)
         st = os.lstat(path)
-        if not pid.isdigit() or not stat.S_ISDIR(st.st_mode) or st.st_uid != os.geteuid() or _alive(int(pid)):
+        if not pid.isdigit() or not stat.S_ISDIR(st.st_mode) or st.st_uid != os.geteuid() or pid_alive(int(pid)):
             continue
         shutil.rmtree(path, ignore_errors=True)
 
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True

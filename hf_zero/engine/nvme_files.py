@@ -114,7 +114,8 @@ def check_directory(path: str, needed: int, kinds: int, ctx, *, what: str | None
         )
 
 
-def _pid_alive(pid: int) -> bool:
+def pid_alive(pid: int) -> bool:
+    """Whether process ``pid`` exists (another user's counts: it cannot be signalled, but it is there)."""
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
@@ -171,7 +172,7 @@ def remove_stale(path: str) -> list[str]:
         if not stat.S_ISDIR(info.st_mode) or info.st_uid != os.getuid():
             continue
         pid = int(match["pid"])
-        if pid == os.getpid() or _pid_alive(pid):
+        if pid == os.getpid() or pid_alive(pid):
             continue
         _remove_ours(full)
         stale.append(full)

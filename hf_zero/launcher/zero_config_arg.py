@@ -72,6 +72,8 @@ def _take(args: Sequence[str], spellings: Sequence[str], hint: str) -> tuple[str
 def split_config_flag(args: Sequence[str]) -> ConfigFlag:
     """The zero config of `--zero_config FILE` or `--deepspeed FILE`, and the args without both.
 
+    >>> split_config_flag(["--lr", "1", "--zero_config", "z.json", "--bf16"])
+    ConfigFlag(path='z.json', rest=['--lr', '1', '--bf16'], from_deepspeed=False)
     >>> split_config_flag(["--deepspeed", "ds.json", "--bf16"])
     ConfigFlag(path='ds.json', rest=['--bf16'], from_deepspeed=True)
 
@@ -89,20 +91,6 @@ def split_config_flag(args: Sequence[str]) -> ConfigFlag:
         raise ValueError(f"{given_as} {path!r} and --deepspeed {deepspeed!r} name different files; hf_zero takes "
                          "--deepspeed FILE as its zero config, so keep one of them")
     return ConfigFlag(path, rest, False)  # the same file twice: taken once, nothing to say
-
-
-def pop_zero_config(args: Sequence[str]) -> tuple[str | None, list[str]]:
-    """Return (config path or None, args without `--zero_config`/`--deepspeed` and their values).
-
-    >>> pop_zero_config(["--lr", "1", "--zero_config", "z.json", "--bf16"])
-    ('z.json', ['--lr', '1', '--bf16'])
-    >>> pop_zero_config(["--zero_config=z.json"])
-    ('z.json', [])
-
-    Raises ValueError as `split_config_flag`.
-    """
-    flag = split_config_flag(args)
-    return flag.path, flag.rest
 
 
 def script_dtype(args: Sequence[str]) -> str | None:

@@ -40,14 +40,19 @@ def _per_group(optimizer: torch.optim.Optimizer, value: Any, name: str) -> list:
     return [value] * len(optimizer.param_groups)
 
 
+def _warmup_ratio(i: int, warmup_type: str, warmup_num_steps: int) -> float:
+    """DeepSpeed's warmup fraction at iteration ``i`` < ``warmup_num_steps`` (>= 2): log or linear."""
+    if warmup_type == "log":
+        return (1.0 / math.log(warmup_num_steps)) * math.log(i + 1)  # DeepSpeed's inverse_log_warm_up * log
+    return i / warmup_num_steps
+
+
 class _DeepSpeedSchedule(LRScheduler):
-    """Sets each group's lr to :meth:`lrs_at` DeepSpeed's iteration ([Note: iteration offset])."""
+    """Sets each group's lr to ``lrs_at`` DeepSpeed's iteration ([Note: iteration offset]); each
+    schedule below defines ``lrs_at(i) -> one lr per param group``."""
 
     def get_lr(self) -> list[float]:
         return list(self.lrs_at(self.last_epoch - 1))
-
-    def lrs_at(self, i: int) -> list[float]:
-        raise NotImplementedError
 
 
 class WarmupLR(_DeepSpeedSchedule):
@@ -62,7 +67,6 @@ class WarmupLR(_DeepSpeedSchedule):
         self.delta_lrs = [big - small for big, small in zip(self.max_lrs, self.min_lrs)]
         self.warmup_num_steps = max(2, warmup_num_steps)
         self.warmup_type = warmup_type
-        self.inverse_log_warm_up = 1.0 / math.log(self.warmup_num_steps)
         super().__init__(optimizer)
 
     def lrs_at(self, i: int) -> list[float]:
@@ -72,9 +76,7 @@ class WarmupLR(_DeepSpeedSchedule):
         return [min_lr + (delta_lr * gamma) for min_lr, delta_lr in zip(self.min_lrs, self.delta_lrs)]
 
     def _warmup(self, i: int) -> float:
-        if self.warmup_type == "log":
-            return self.inverse_log_warm_up * math.log(i + 1)
-        return i / self.warmup_num_steps
+        return _warmup_ratio(i, self.warmup_type, self.warmup_num_steps)
 
     def _gamma(self, i: int) -> float:
         return self._warmup(i) if i < self.warmup_num_steps else 1.0
@@ -105,7 +107,6 @@ class WarmupCosineLR(_DeepSpeedSchedule):
         self.warmup_type = warmup_type
         self.warmup_min_ratio = warmup_min_ratio
         self.warmup_num_steps = max(2, warmup_num_steps)
-        self.inverse_log_warm_up = 1.0 / math.log(self.warmup_num_steps)
         self.org_lrs = [float(group["lr"]) for group in optimizer.param_groups]
         super().__init__(optimizer)
 
@@ -117,10 +118,7 @@ class WarmupCosineLR(_DeepSpeedSchedule):
 
     def _ratio(self, i: int) -> float:
         if i < self.warmup_num_steps:
-            if self.warmup_type == "log":
-                ratio = self.inverse_log_warm_up * math.log(i + 1)
-            else:
-                ratio = i / self.warmup_num_steps
+            ratio = _warmup_ratio(i, self.warmup_type, self.warmup_num_steps)
             return self.warmup_min_ratio + ratio * (1. - self.warmup_min_ratio)
         real_last_step = i - self.warmup_num_steps + 1
         real_total_steps = max(1, self.total_num_steps - self.warmup_num_steps)

@@ -20,6 +20,7 @@ from the model read right:
 from __future__ import annotations
 
 import contextlib
+import math
 import weakref
 
 from torch import nn
@@ -34,13 +35,7 @@ def full_numels(engine) -> dict[int, int]:
     cached = _CACHE.get(engine)
     if cached is None:
         shapes = {e.name: e.shape for e in [*engine.shard_map(), *frozen_shard_map(engine)]}
-        cached = {}
-        for name, p in engine.model.named_parameters():
-            if name in shapes:
-                numel = 1
-                for size in shapes[name]:
-                    numel *= size
-                cached[id(p)] = numel
+        cached = {id(p): math.prod(shapes[name]) for name, p in engine.model.named_parameters() if name in shapes}
         _CACHE[engine] = cached  # the same params for the engine's life (a re-pack keeps shapes)
     return cached
 

@@ -99,7 +99,7 @@ def test_zero_sized_buckets_are_refused(key):
 
 def _dead_pid() -> int:
     pid = 4_000_000  # above any pid_max: no such process
-    if nvme_files._pid_alive(pid):
+    if nvme_files.pid_alive(pid):
         raise AssertionError(f"pid {pid} is alive")
     return pid
 

@@ -11,11 +11,11 @@ import json
 import os
 
 import pytest
-import torch
-from transformers import AutoModelForCausalLM, LlamaConfig, Trainer, TrainingArguments
+from transformers import Trainer, TrainingArguments
 
 from hf_zero.testing.multiprocess import RankFailure, run_on_ranks
 from hf_zero.trainer import checkpoint
+from tests.trainer import tiny
 
 
 def _folder(root, step: int, *, complete: bool) -> str:
@@ -89,12 +89,8 @@ def _run(rank, world, out, resume_from, kill_at=None):
             super()._save_rng_state(output_dir)
             self._rotate_here(output_dir)  # rank 0: every file of its own written, the marker not
 
-    torch.manual_seed(0)
-    cfg = LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                      num_attention_heads=4, num_key_value_heads=2)
-    model = AutoModelForCausalLM.from_config(cfg)
-    g = torch.Generator().manual_seed(3)
-    data = [{"input_ids": i, "labels": i} for i in torch.randint(0, 64, (24, 12), generator=g)]
+    model, data = tiny.offload_job()
+    data = data[:24]
     args = TrainingArguments(output_dir=str(out), use_cpu=True, report_to="none", max_steps=6, save_steps=3,
                              save_total_limit=1, per_device_train_batch_size=2, learning_rate=1e-2,
                              logging_steps=1, disable_tqdm=True, seed=0)

@@ -2,7 +2,7 @@
 
 import pytest
 
-from hf_zero.launcher.zero_config_arg import pop_zero_config, script_dtype, split_config_flag
+from hf_zero.launcher.zero_config_arg import script_dtype, split_config_flag
 
 
 @pytest.mark.parametrize(
@@ -18,8 +18,9 @@ from hf_zero.launcher.zero_config_arg import pop_zero_config, script_dtype, spli
         (["--zero_config_extra", "x", "--zero"], None, ["--zero_config_extra", "x", "--zero"]),
     ],
 )
-def test_pop(args, path, rest):
-    assert pop_zero_config(args) == (path, rest)
+def test_split(args, path, rest):
+    flag = split_config_flag(args)
+    assert (flag.path, flag.rest, flag.from_deepspeed) == (path, rest, False)
 
 
 @pytest.mark.parametrize(
@@ -37,11 +38,20 @@ def test_pop(args, path, rest):
             ["--zero_config=a.json", "--zero-config", "a.json"],
             "--zero-config is given twice (--zero_config 'a.json' and --zero-config 'a.json'); keep one",
         ),
+        (["--zero_config", "a.json", "--deepspeed", "b.json"],
+         "--zero_config 'a.json' and --deepspeed 'b.json' name different files; hf_zero takes --deepspeed FILE as "
+         "its zero config, so keep one of them"),
+        (["--deepspeed", "a.json", "--deepspeed=b.json"],
+         "--deepspeed is given twice (--deepspeed 'a.json' and --deepspeed 'b.json'); keep one"),
+        # DeepSpeed's own `--deepspeed --deepspeed_config FILE` (a script calling deepspeed.initialize)
+        (["--deepspeed", "--deepspeed_config", "ds.json"],
+         "--deepspeed needs a value: write --deepspeed FILE (a DeepSpeed JSON config, which hf_zero takes as its "
+         "zero config; a script that calls deepspeed.initialize itself cannot run under hf_zero)"),
     ],
 )
 def test_errors_name_the_flag(args, message):
     with pytest.raises(ValueError) as caught:
-        pop_zero_config(args)
+        split_config_flag(args)
     assert str(caught.value) == message
 
 
@@ -58,32 +68,11 @@ def test_errors_name_the_flag(args, message):
 def test_deepspeed_is_the_zero_config(args, path, rest, from_deepspeed):
     flag = split_config_flag(args)
     assert (flag.path, flag.rest, flag.from_deepspeed) == (path, rest, from_deepspeed)
-    assert pop_zero_config(args) == (path, rest)
     if from_deepspeed:
         assert flag.note == (f"hf_zero: --deepspeed {path} is taken as the zero config: hf_zero shards with it, "
                              "and the script's Trainer does not see --deepspeed (DeepSpeed is not used)")
     else:
         assert flag.note is None
-
-
-@pytest.mark.parametrize(
-    "args, message",
-    [
-        (["--zero_config", "a.json", "--deepspeed", "b.json"],
-         "--zero_config 'a.json' and --deepspeed 'b.json' name different files; hf_zero takes --deepspeed FILE as "
-         "its zero config, so keep one of them"),
-        (["--deepspeed", "a.json", "--deepspeed=b.json"],
-         "--deepspeed is given twice (--deepspeed 'a.json' and --deepspeed 'b.json'); keep one"),
-        # DeepSpeed's own `--deepspeed --deepspeed_config FILE` (a script calling deepspeed.initialize)
-        (["--deepspeed", "--deepspeed_config", "ds.json"],
-         "--deepspeed needs a value: write --deepspeed FILE (a DeepSpeed JSON config, which hf_zero takes as its "
-         "zero config; a script that calls deepspeed.initialize itself cannot run under hf_zero)"),
-    ],
-)
-def test_deepspeed_errors(args, message):
-    with pytest.raises(ValueError) as caught:
-        split_config_flag(args)
-    assert str(caught.value) == message
 
 
 @pytest.mark.parametrize(
