@@ -64,6 +64,10 @@ class ZeroEngine:
         # bf16/fp16 runs keep the model's trainable params in that dtype and an fp32 master shard.
         self.param_dtype = param_dtype
         self.offload = offload  # None: the optimizer runs on the params' device (offload.py)
+        # The stage-3 options as given (the strategy uses them; hf_zero/init compares them with the
+        # Trainer's config when an engine built at load time meets the Trainer).
+        self.offload_param, self.prefetch_numel = offload_param, prefetch_numel
+        self.max_live_numel, self.persistence_threshold = max_live_numel, persistence_threshold
         self.ctx = C.CommContext(group)
         if optimizer is not None:
             pieces.check_optimizer(optimizer)
