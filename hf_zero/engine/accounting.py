@@ -16,25 +16,21 @@ def held_bytes(engine) -> dict[str, int]:
         return t.numel() * t.element_size()
 
     buffered = {p for buf in engine.buffers for p in buf.params} | {p for u in engine.units for p in u.params()}
-    if engine.units:  # frozen shards count as params
-        params = sum(u.held_bytes() for u in engine.units)
-    else:
-        params = sum(nbytes(buf.data) for buf in engine.buffers)
+    params = engine.strategy.param_bytes(engine.buffers)
     params += sum(nbytes(p) for p in engine.model.parameters() if p not in buffered)
-    shards = [u.local for u in engine._bucket_units] or [gb.buffer.view(gb.bucket.shard) for gb in engine.grad_sync.buckets]
-    on_host = {id(engine.masters[i]) for i, off in enumerate(engine._offloaded) if off}
     # NVMe offload: offloaded masters and state are swap-file pages, counted apart from host memory.
     on_disk = engine._host_step is not None and engine._host_step.tier.on_disk
     masters = host = disk = 0
-    for m, shard in zip(engine.masters, shards):
-        if id(m) in on_host and on_disk:
-            disk += nbytes(m)
-        elif id(m) in on_host:
-            host += nbytes(m)
-        elif m.data_ptr() != shard.data_ptr():
-            masters += nbytes(m)
-    offloaded_pieces = {id(piece) for piece, gb, _, _ in engine._piece_grads
-                        if engine._offloaded[engine._bucket_index[id(gb)]]}
+    for b in engine.buckets:
+        if b.master is None:
+            continue
+        if b.offloaded and on_disk:
+            disk += nbytes(b.master)
+        elif b.offloaded:
+            host += nbytes(b.master)
+        else:
+            masters += b.master_bytes()
+    offloaded_pieces = {id(p.piece) for b in engine.buckets if b.offloaded for p in b.pieces}
     state = 0
     # Copies of the state's items: the host step's worker may be adding state right now (host_step.py,
     # [Note: step in backward]), so a first step may count part of it.
@@ -48,10 +44,11 @@ def held_bytes(engine) -> dict[str, int]:
             state += n
     host += engine._host_step.host_bytes() if engine._host_step is not None else 0
     shard_bytes = sum(u.host_bytes() for u in engine.units)  # parameter offload: the param shards
-    if engine._param_memory is not None and engine._param_memory.on_disk:
+    memory = engine.strategy.param_memory
+    if memory is not None and memory.on_disk:
         disk += shard_bytes
     else:
         host += shard_bytes
-    grads = sum(gb.held_bytes() for gb in engine.grad_sync.buckets)
+    grads = sum(b.grad.held_bytes() for b in engine.buckets)
     return {"params": params, "grads": grads, "peak_grads": engine.grad_sync.peak_grad_bytes,
             "optimizer_state": state + masters, "host_offload": host, "nvme_offload": disk}

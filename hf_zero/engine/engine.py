@@ -1,7 +1,9 @@
 """``ZeroEngine``: ZeRO stages 1, 2 and 3 around an existing model and torch optimizer.
 
 Construction (see [Note: vocabulary] in ``__init__``):
-1. trainable full params are packed into one ``FlatParamBuffer`` per (dtype, device);
+1. the stage's strategy (stages.py) packs the trainable full params into flat buffers (stages
+   1-2: one per (dtype, device); stage 3: one per unit) and one ``ShardedBucket`` per reduce
+   bucket (sharded_bucket.py), which holds everything this rank keeps for it;
 2. each bucket gets an fp32 main grad shard and, with the optimizer, an fp32 master shard (a
    view of the buffer when the model is fp32) (pieces.py);
 3. the optimizer's param groups are rewritten in place to hold one piece per full param that
@@ -28,18 +30,15 @@ from torch.utils.hooks import RemovableHandle
 
 from hf_zero.engine import accounting, full_params, pieces, step_overlap
 from hf_zero.engine import collectives as C
-from hf_zero.engine.grad_sync import BucketState, GradBucket, GradSync
+from hf_zero.engine.grad_sync import BucketState, GradSync
+from hf_zero.engine.host_step import HostStep
 from hf_zero.engine.labels import labelled
-from hf_zero.engine.layout import FlatParamBuffer
-from hf_zero.engine.materialize import materialize_units
 from hf_zero.engine.offload import OptimizerOffload, ParamOffload
-from hf_zero.engine.ranges import Range
 from hf_zero.engine.shard_map import ParamShard, shard_map
-from hf_zero.engine.stages import strategy_for
+from hf_zero.engine.sharded_bucket import ShardedBucket
+from hf_zero.engine.strategies import make_strategy
 from hf_zero.engine.streams import Streams
-from hf_zero.engine.tiers import param_memory
-from hf_zero.engine.unit_plan import plan_units
-from hf_zero.engine.units import ParamUnit, UnitHooks, make_units
+from hf_zero.engine.units import ParamUnit
 
 
 class ZeroEngine:
@@ -61,46 +60,42 @@ class ZeroEngine:
         group=None,
         source=None,
     ) -> None:
-        self.strategy = strategy_for(stage)
         self.model, self.optimizer = model, optimizer
-        self.bucket_numel = bucket_numel
-        # Stage 3 (units.py): elements gathered ahead of use (0: none), most full elements at once
-        # (None: no bound), and params below this many elements kept whole (0: none).
-        self.prefetch_numel, self.max_live_numel = prefetch_numel, max_live_numel
-        self.persistence_threshold = persistence_threshold
         # bf16/fp16 runs keep the model's trainable params in that dtype and an fp32 master shard.
         self.param_dtype = param_dtype
         self.offload = offload  # None: the optimizer runs on the params' device (offload.py)
-        # Stage 3: the units' param shards in host memory between uses ([Note: host shards] in units.py).
-        self.offload_param = offload_param
-        if offload_param is not None and not self.strategy.shard_params:
-            raise ValueError(f"parameter offload (offload_param.device = {offload_param.device!r}) needs ZeRO stage 3, "
-                             f"got stage {stage}")
+        # The stage-3 options as given (the strategy uses them; hf_zero/init compares them with the
+        # Trainer's config when an engine built at load time meets the Trainer).
+        self.offload_param, self.prefetch_numel = offload_param, prefetch_numel
+        self.max_live_numel, self.persistence_threshold = max_live_numel, persistence_threshold
         self.ctx = C.CommContext(group)
-        self._param_memory = param_memory(offload_param, model, self.ctx) if offload_param is not None else None
         if optimizer is not None:
             pieces.check_optimizer(optimizer)
-        # Stage 3 only: a ``materialize.ParamSource`` fills the local shards of a model whose params
-        # are on the meta device (hf_zero/init), so no rank ever holds the full model.
-        self._source = source
-        if source is not None and not self.strategy.shard_params:
-            raise ValueError("a model loaded sharded (hf_zero.init) needs ZeRO stage 3")
 
         named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
         self._names = {p: n for n, p in named}
+        # Stage 3 with ``source`` (a ``materialize.ParamSource``): a model on the meta device
+        # (hf_zero/init) whose local shards are filled as they are made, so no rank ever holds it whole.
         device = source.device if source is not None else named[0][1].device if named else torch.device("cpu")
         self.streams = Streams.for_device(device)
+        # Everything that differs between stages (stages.py): layout, hooks, units. Stage 3: elements
+        # gathered ahead of use (0: none), most full elements at once (None: no bound), params below
+        # the threshold kept whole (0: none), and parameter offload ([Note: host shards] in units.py).
+        self.strategy = make_strategy(stage, model=model, ctx=self.ctx, streams=self.streams,
+                                      bucket_numel=bucket_numel, param_dtype=param_dtype,
+                                      persistence_threshold=persistence_threshold, prefetch_numel=prefetch_numel,
+                                      max_live_numel=max_live_numel, offload_param=offload_param, source=source)
         # The optimizer's groups as the user built them, in full params; rewritten into pieces.
         self._groups_full = [list(g["params"]) for g in optimizer.param_groups] if optimizer is not None else None
         self._step_in_backward = (False, False)  # set_step_in_backward: (early, overlap_forward)
         # [Note: step in backward] in host_step.py, overlap_forward (step_overlap.py).
         self._gates = step_overlap.ForwardGates(lambda: self._host_step)
         self._hidden = step_overlap.HiddenPieces()
+        self._host_step: HostStep | None = None
         self._build(named)
         # Until the first backward has shown the order in which gradients arrive, the layout
-        # follows registration order; see _on_backward_end. One rank has nothing to overlap.
-        relayout = self.ctx.world_size > 1 and not self.strategy.shard_params  # stage 3: unit order
-        self._arrival: list[nn.Parameter] | None = [] if relayout else None
+        # follows registration order; see _on_backward_end.
+        self._arrival: list[nn.Parameter] | None = [] if self.strategy.tracks_arrival(self.ctx.world_size) else None
 
         self._in_backward = False
         self._boundary = True  # this backward ends gradient accumulation (set_gradient_sync)
@@ -110,13 +105,19 @@ class ZeroEngine:
         self._grad_hooks: list[RemovableHandle] = [
             p.register_post_accumulate_grad_hook(self._on_grad) for p in self._where
         ]
-        self._hooks: list[RemovableHandle] = []
-        if self.units:
-            self._unit_hooks = UnitHooks(self.model, self.units, list(zip(self.grad_sync.buckets, self._bucket_units)),
-                                         prefetch_numel=self.prefetch_numel, max_live_numel=self.max_live_numel)
-            self._hooks.extend(self._unit_hooks.install())
+        self._hooks: list[RemovableHandle] = list(self.strategy.install())
         if optimizer is not None:
             self._hook_optimizer()
+
+    @property
+    def units(self) -> list[ParamUnit]:
+        """Stage 3: the units, in backward order (empty at stages 1-2)."""
+        return self.strategy.units
+
+    @property
+    def masters(self) -> list[torch.Tensor]:
+        """Each bucket's fp32 master shard (none before the optimizer comes)."""
+        return [b.master for b in self.buckets if b.master is not None]
 
     def attach_optimizer(self, optimizer: torch.optim.Optimizer) -> None:
         """Take the optimizer of an engine built without one: its groups are rewritten into pieces."""
@@ -125,7 +126,7 @@ class ZeroEngine:
         pieces.check_optimizer(optimizer)
         self.optimizer = optimizer
         self._groups_full = [list(g["params"]) for g in optimizer.param_groups]
-        pieces.build_masters(self)
+        self._host_step = pieces.build_masters(self)
         self._hook_optimizer()
 
     def _hook_optimizer(self) -> None:
@@ -137,71 +138,32 @@ class ZeroEngine:
     # ---- layout -------------------------------------------------------------------------------
 
     def _build(self, named: list[tuple[str, nn.Parameter]], old: "GradSync | None" = None) -> None:
-        """Pack ``named`` (forward order) into buffers, build buckets, masters and pieces, and point
-        the optimizer at the pieces. With ``old``, carry its un-reduced staging gradients over."""
-        by_kind: dict[tuple, list] = defaultdict(list)
-        for name, param in named:
-            by_kind[(param.dtype, param.device)].append((name, param))
-        old_grads = {}
-        if old is not None:
-            for gb in old.buckets:
-                if gb.staging is not None:
-                    for i in gb.bucket.slots:
-                        r = gb.buffer.slots[i].range.shift(gb.bucket.range.start)
-                        old_grads[gb.buffer.params[i]] = gb.staging[r.start : r.end]
-        groups = self._unit_params(named) if self.strategy.shard_params else list(by_kind.values())
-        bucket_numel = 2**62 if self.strategy.shard_params else self.bucket_numel  # stage 3: one per unit
-        self.buffers = [
-            FlatParamBuffer(ps, world_size=self.ctx.world_size, rank=self.ctx.rank,
-                            bucket_numel=bucket_numel, dtype=self.param_dtype)
-            for ps in groups
-        ]
-        self.units: list[ParamUnit] = []
-        self._bucket_units: list[ParamUnit] = []  # stage 3: the unit of each grad bucket (one each)
-        if self.strategy.shard_params:
-            if old is not None:
-                raise AssertionError("stage 3 units are built once: their frozen params are sharded already")
-            self.units = make_units(self.model, self._unit_plans, self.buffers, self.ctx, self.streams,
-                                    host=self._param_memory)
-            if self._source is not None:
-                materialize_units(self.units, self._source)
-            self._bucket_units = [u for u in self.units if u.buffer is not None]
-        grad_buckets = [GradBucket(buf, b, self.ctx.world_size) for buf in self.buffers for b in buf.buckets]
-        sync_enabled = old.sync_enabled if old is not None else True
-        self.grad_sync = GradSync(self.ctx, grad_buckets)
-        self.grad_sync.sync_enabled = sync_enabled
+        """Pack ``named`` (forward order) into buffers and ``ShardedBucket``s (the strategy), build
+        masters and pieces, and point the optimizer at them. With ``old``, carry its un-reduced
+        staging gradients over."""
+        old_grads = _staged_grads(old) if old is not None else {}
+        self.buffers, self.buckets = self.strategy.build(named, first=old is None)
+        self.grad_sync = GradSync(self.ctx, [b.grad for b in self.buckets])
+        self.grad_sync.sync_enabled = old.sync_enabled if old is not None else True
 
-        # Side tables (no attributes on parameters): full param -> (bucket runtime, slot index).
-        self._where: dict[nn.Parameter, tuple[GradBucket, int]] = {}
-        for gb in grad_buckets:
-            for slot_index in gb.bucket.slots:
-                param = gb.buffer.params[slot_index]
-                self._where[param] = (gb, slot_index)
+        # Side table (no attributes on parameters): full param -> (its bucket, slot index).
+        self._where: dict[nn.Parameter, tuple[ShardedBucket, int]] = {}
+        for b in self.buckets:
+            for slot_index in b.grad.bucket.slots:
+                param = b.buffer.params[slot_index]
+                self._where[param] = (b, slot_index)
                 if param in old_grads:
-                    gb.carry_grad(slot_index, old_grads[param])
-
-        self._bucket_index = {id(gb): i for i, gb in enumerate(grad_buckets)}
+                    b.grad.carry_grad(slot_index, old_grads[param])
         self._grads_on_host = False
         # Masters, optimizer pieces and the host step come with the optimizer: a model sharded as it
         # loads (hf_zero/init) holds only its param shards until the Trainer creates one.
-        self.masters: list[torch.Tensor] = []  # one fp32 master shard per grad bucket
-        self._pieces: dict[nn.Parameter, nn.Parameter] = {}
-        self._piece_grads: list[tuple[nn.Parameter, GradBucket, Range, nn.Parameter]] = []
-        self._offloaded = [False] * len(grad_buckets)
-        if getattr(self, "_host_step", None) is not None:
+        if self._host_step is not None:
             self._host_step.close()  # a re-layout: the old swap files go before the new ones are sized
         self._host_step = None
         if self.optimizer is not None:
-            pieces.build_masters(self)
+            self._host_step = pieces.build_masters(self)
 
-    # ---- stage 3 units ------------------------------------------------------------------------
-
-    def _unit_params(self, named: list[tuple[str, nn.Parameter]]) -> list[list[tuple[str, nn.Parameter]]]:
-        """The trainable groups of the stage-3 units; frozen params are planned into the units too
-        (unit_buffer.py), so that the frozen base of a LoRA fine-tune is sharded as well."""
-        frozen = [(n, p) for n, p in self.model.named_parameters() if not p.requires_grad]
-        self._unit_plans = plan_units(self.model, named, frozen, self.persistence_threshold, self.param_dtype)
-        return [plan.trainable for plan in self._unit_plans if plan.trainable]
+    # ---- full params --------------------------------------------------------------------------
 
     def gathered(self, modifier_rank: int | None = None, *, params=None):
         """Context manager: inside, every param (or those in ``params``) holds its full value; with
@@ -226,7 +188,8 @@ class ZeroEngine:
         self._used.add(param)
         if self._arrival is not None:
             self._arrival.append(param)
-        bucket, slot_index = self._where[param]
+        owner, slot_index = self._where[param]
+        bucket = owner.grad
         if bucket.state in (BucketState.REDUCING, BucketState.REDUCED):
             raise AssertionError(
                 f"parameter {bucket.buffer.slots[slot_index].name} received a second gradient in one backward "
@@ -234,15 +197,14 @@ class ZeroEngine:
             )
         bucket.add_grad(slot_index, param.grad)
         param.grad = None
-        if self.units and bucket.state is BucketState.READY:
-            self._unit_hooks.on_grads_done(bucket)
+        if bucket.state is BucketState.READY:
+            self.strategy.on_grads_done(owner)
         if self._arrival is None:  # the first backward only stages: its layout is provisional
             self.grad_sync.on_bucket_progress()
 
     def _on_backward_end(self) -> None:
         self._in_backward = False
-        if self.units:
-            self._unit_hooks.on_backward_end()
+        self.strategy.on_backward_end()
         if self._arrival is not None:
             self._relayout_by_arrival()
         self.grad_sync.on_backward_end()
@@ -250,29 +212,13 @@ class ZeroEngine:
             self.grad_sync.finish()  # the last buckets go down (and their chunks to the worker) now
 
     def _relayout_by_arrival(self) -> None:
-        """After the first backward: re-pack buffers so buckets follow gradient arrival order.
-
-        Buckets launch strictly in index order, so a bucket holding one late gradient (say a
-        layer's input norm, registered after its attention) would hold back every later bucket.
-        As DDP does after its first iteration, the layout is rebuilt once from the observed
-        order; the optimizer has not stepped yet, and the staged gradients are carried over.
-        """
-        params = list(self._names)
-        index = {p: i for i, p in enumerate(params)}
-        arrived = [index[p] for p in dict.fromkeys(self._arrival)]
-        self._arrival = None
-        if self.ctx.world_size > 1:  # every rank must build the same buckets: rank 0's order wins
-            box = [arrived]
-            torch.distributed.broadcast_object_list(box, src=0, group=self.ctx.group)
-            arrived = box[0]
-        seen = set(arrived)
-        rest = [i for i in range(len(params)) if i not in seen]
-        order = [params[i] for i in reversed(arrived)] + [params[i] for i in rest]  # packed in reverse
-        current = [p for buf in self.buffers for p in reversed(buf.params)]
-        if [id(p) for p in order] == [id(p) for p in current]:
-            return
-        # Same Parameter objects: their grad hooks stay, and _on_grad reads the new side tables.
-        self._build([(self._names[p], p) for p in order], old=self.grad_sync)
+        """After the first backward: re-pack the buffers in gradient arrival order if the strategy
+        says so (stages 1-2, as DDP does after its first iteration)."""
+        arrival, self._arrival = self._arrival, None
+        order = self.strategy.order_by_arrival(arrival, list(self._names), self.buffers)
+        if order is not None:
+            # Same Parameter objects: their grad hooks stay, and _on_grad reads the new side table.
+            self._build([(self._names[p], p) for p in order], old=self.grad_sync)
 
     def set_gradient_sync(self, enabled: bool) -> None:
         """False between gradient-accumulation boundaries; only stage 1 then skips communication."""
@@ -299,14 +245,9 @@ class ZeroEngine:
     def _point_pieces_at(self, shards: list[torch.Tensor]) -> None:
         """Each piece's grad: its slice of the bucket's grad shard. Offloaded pieces are left
         alone: the host step sets theirs as it steps them (maybe on its worker, right now)."""
-        for piece, gb, local, param in self._piece_grads:
-            i = self._bucket_index[id(gb)]
-            if self._offloaded[i]:
-                continue
-            if param in self._unused:
-                piece.grad = None
-            else:
-                piece.grad = shards[i][local.start : local.end]
+        for b in self.buckets:
+            if not b.offloaded:
+                b.point_grads(shards[b.index], self._unused)
 
     @labelled("hf_zero::before_step")
     def _before_step(self) -> None:
@@ -322,7 +263,7 @@ class ZeroEngine:
             return
         self._flush_offloaded()
         self._grads_on_host = True
-        on_device = [piece for piece, gb, _, _ in self._piece_grads if not self._offloaded[self._bucket_index[id(gb)]]]
+        on_device = [p.piece for b in self.buckets if not b.offloaded for p in b.pieces]
         # Device buckets first (ratio < 1): their kernels are queued at once and run on the GPU
         # while the host steps the rest.
         self._host_step.run(self.optimizer, on_device, self._unused)
@@ -331,38 +272,28 @@ class ZeroEngine:
         if self._host_step.pending:  # overlap_forward: the worker may be stepping offloaded pieces
             self._hidden.hide(self.optimizer, on_device)  # until _after_step
 
-    def _param_shard(self, i: int) -> torch.Tensor:
-        """Bucket ``i``'s local param shard (stage 3: its unit's, maybe a host shard)."""
-        gb = self.grad_sync.buckets[i]
-        return self._bucket_units[i].local if self.units else gb.buffer.view(gb.bucket.shard)
-
-    def _settle_param_shard(self, i: int) -> None:
-        """Before the host step writes bucket ``i``'s host param shard: no upload reads it any more."""
-        if self.units:
-            self._bucket_units[i].settle_host()
-
     def _flush_offloaded(self) -> None:
         """Send down what backward did not: every offloaded bucket's grad is then wholly on the host."""
-        for gb in self.grad_sync.buckets:
-            if gb.main_grad is not None:
-                self._on_reduced(gb, boundary=True)
+        for b in self.buckets:
+            if b.grad.main_grad is not None:
+                self._on_reduced(b.index, boundary=True)
 
-    def _on_reduced(self, gb: GradBucket, boundary: bool | None = None) -> None:
-        """An offloaded bucket's reduction has landed: at the last micro-step of an accumulation
-        its main grad goes to the host now, while backward goes on, and leaves the device."""
-        i = self._bucket_index[id(gb)]
+    def _on_reduced(self, i: int, boundary: bool | None = None) -> None:
+        """Bucket ``i``'s reduction has landed: if it is offloaded, at the last micro-step of an
+        accumulation its main grad goes to the host now, while backward goes on, and leaves the device."""
+        b = self.buckets[i]
+        gb = b.grad
         if boundary is None:
             boundary = self._at_boundary()
             # Once a bucket was reduced again after it went down (a loop that accumulates without
             # telling us), grads wait on the device until the step: one host copy each, no extras.
             boundary = boundary and not self._host_step.accumulating
-        if not self._offloaded[i] or not boundary:
+        if not b.offloaded or not boundary:
             return
         self._host_step.download(i, gb.main_grad)
         gb.main_grad, gb.main_on_host = None, True
         if self._host_step.early:
-            params = [gb.buffer.params[s] for s in gb.bucket.slots]
-            self._host_step.ready(i, step_overlap.used_flags(self.ctx, params, self._used, gb.buffer.device,
+            self._host_step.ready(i, step_overlap.used_flags(self.ctx, b.params, self._used, gb.buffer.device,
                                                              f"used-param flags of bucket {i}"))
 
     def _at_boundary(self) -> bool:
@@ -392,8 +323,8 @@ class ZeroEngine:
 
     def _grad_shards(self) -> list[torch.Tensor]:
         """Each bucket's reduced grad shard this step, where it is now (device, or host if offloaded)."""
-        return [self._host_step.host_grads[i] if self._grads_on_host and self._offloaded[i] else gb.main_grad
-                for i, gb in enumerate(self.grad_sync.buckets)]
+        return [self._host_step.host_grads[b.index] if self._grads_on_host and b.offloaded else b.grad.main_grad
+                for b in self.buckets]
 
     def _globally_unused(self) -> set:
         params = list(self._names)
@@ -420,7 +351,7 @@ class ZeroEngine:
         return C.wait(C.start_all_reduce(self.ctx, local, label="grad norm")).sqrt()
 
     def _on_host(self, i: int) -> bool:
-        return self._offloaded[i] and self._host_step.downloaded(i)
+        return self.buckets[i].offloaded and self._host_step.downloaded(i)
 
     @labelled("hf_zero::clip_grad_norm")
     def clip_grad_norm_(self, max_norm: float) -> torch.Tensor:
@@ -447,24 +378,19 @@ class ZeroEngine:
     def _after_step(self) -> None:
         self._hidden.show()
         handles = []
-        for unit in self._bucket_units:
-            unit.settle_host()  # parameter offload: the shards below may be host shards
+        for b in self.buckets:
+            b.settle_shard()  # parameter offload: the shards below may be host shards
         with torch.no_grad():
             if self._host_step is not None:
                 self._host_step.wait_uploads()  # offloaded buckets: uploaded by the host step
-            for i, (gb, master) in enumerate(zip(self.grad_sync.buckets, self.masters)):
-                shard = self._bucket_units[i].local if self.units else gb.buffer.view(gb.bucket.shard)
-                if self._offloaded[i]:
-                    if not self._grads_on_host:  # not stepped this time (a resume): upload now
-                        shard.copy_(master.to(shard.device, non_blocking=True))
-                elif master.data_ptr() != shard.data_ptr():
-                    shard.copy_(master)
-                if not self.units or self._bucket_units[i].persistent:  # other stage-3 units: at their next use
-                    if self._offloaded[i] and self.ctx.world_size > 1:  # (one rank gathers nothing)
-                        self._host_step.wait_chunk_of(i)  # overlap_forward: this bucket's step may still run
-                    with record_function("hf_zero::start_param_all_gather"):
-                        handles.append(C.start_all_gather(self.ctx, gb.buffer.view(gb.bucket.range), shard,
-                                                          label=f"params of bucket {i}"))
+            for b in self.buckets:
+                if b.master is None:
+                    continue  # no optimizer yet: nothing has stepped
+                b.write_back(uploaded=self._grads_on_host)
+                if b.stays_whole:  # other stage-3 units: gathered at their next use
+                    if b.offloaded and self.ctx.world_size > 1:  # (one rank gathers nothing)
+                        self._host_step.wait_chunk_of(b.index)  # overlap_forward: its step may still run
+                    handles.append(b.start_gather(self.ctx))
         for h in handles:
             with record_function("hf_zero::wait_param_all_gather"):
                 C.wait(h)
@@ -474,9 +400,9 @@ class ZeroEngine:
         """Idempotent: forget this step's gradients (consumed by the step, or the step was skipped)."""
         for bucket in self.grad_sync.buckets:
             bucket.finish_reduce()  # no collective may be left in flight
-        for piece, gb, _, _ in self._piece_grads:
-            if not self._offloaded[self._bucket_index[id(gb)]]:  # offloaded: the host step's own
-                piece.grad = None  # let the main grads go until the next backward
+        for b in self.buckets:
+            if not b.offloaded:  # offloaded: the host step's own
+                b.clear_grads()  # let the main grads go until the next backward
         self._grads_on_host = False
         if self._host_step is not None:
             self._host_step.end_step()
@@ -503,8 +429,7 @@ class ZeroEngine:
         self._arrival = None  # the saved order already is the arrival order
         if names == self.layout():
             return
-        if self.units:
-            raise AssertionError("stage 3 units are laid out by module order, never re-packed")
+        self.strategy.check_repack()
         self._build([(n, by_name[n]) for n in names])  # same params: the grad hooks stay
 
     def sync_params_from_masters(self) -> None:
@@ -526,12 +451,22 @@ class ZeroEngine:
         self.settle()
         if self._host_step is not None:
             self._host_step.close()  # NVMe offload: this rank's swap files are deleted
-        if self._param_memory is not None:
-            self._param_memory.close()  # parameter offload to NVMe: its swap files too
+        self.strategy.close()  # parameter offload to NVMe: its swap files too
         for h in self._hooks + self._grad_hooks:
             h.remove()
         self._hooks.clear()
         self._grad_hooks.clear()
+
+
+def _staged_grads(old: GradSync) -> dict[nn.Parameter, torch.Tensor]:
+    """Each full param's staged, not yet reduced gradient in ``old``'s buckets (a re-layout)."""
+    out = {}
+    for gb in old.buckets:
+        if gb.staging is not None:
+            for i in gb.bucket.slots:
+                r = gb.buffer.slots[i].range.shift(gb.bucket.range.start)
+                out[gb.buffer.params[i]] = gb.staging[r.start : r.end]
+    return out
 
 
 def _by_device(tensors: list[torch.Tensor]) -> list[list[torch.Tensor]]:

@@ -74,21 +74,20 @@ def _write_back(engine, src: int, units: list) -> None:
     """``src``'s values of the gathered params (of ``units`` at stage 3) into every rank's shards
     and fp32 masters (none yet before the optimizer comes: hf_zero/init)."""
     chosen = {id(u) for u in units}
-    for i, gb in enumerate(engine.grad_sync.buckets):
-        if engine.units and id(engine._bucket_units[i]) not in chosen:
+    for b in engine.buckets:
+        if b.unit is not None and id(b.unit) not in chosen:
             continue  # not gathered: nothing was edited
-        full = gb.buffer.view(gb.bucket.range)
         if engine.ctx.world_size > 1:
-            torch.distributed.broadcast(full, src=torch.distributed.get_global_rank(engine.ctx.group, src)
-                                        if engine.ctx.group is not None else src, group=engine.ctx.group)
-        shard = engine._bucket_units[i].local if engine.units else gb.buffer.view(gb.bucket.shard)
-        if engine.units:
-            shard.copy_(gb.buffer.view(gb.bucket.shard))
-        if i < len(engine.masters) and engine.masters[i].data_ptr() != shard.data_ptr():
-            engine.masters[i].copy_(shard)
+            _broadcast(engine, b.buffer.view(b.grad.bucket.range), src)
+        b.take_full()
     for unit in units:  # stage 3: frozen params, gathered by the caller (gathered())
         for part in unit.frozen:
             if engine.ctx.world_size > 1:
-                torch.distributed.broadcast(part.buffer.data, src=torch.distributed.get_global_rank(
-                    engine.ctx.group, src) if engine.ctx.group is not None else src, group=engine.ctx.group)
+                _broadcast(engine, part.buffer.data, src)
             part.keep_edits()
+
+
+def _broadcast(engine, tensor: torch.Tensor, src: int) -> None:
+    group = engine.ctx.group
+    torch.distributed.broadcast(tensor, src=torch.distributed.get_global_rank(group, src) if group is not None else src,
+                                group=group)

@@ -147,13 +147,13 @@ class GradSync:
         self.next_launch = 0
         self.sync_enabled = True  # False inside ZeroModule.no_sync() (stage 1 accumulation)
         self.peak_grad_bytes = 0
-        # Called with each bucket as its reduction lands in the main grad (optimizer offload
-        # takes it to the host from there, while backward goes on).
-        self.on_reduced: Callable[[GradBucket], None] | None = None
+        # Called with each bucket's index as its reduction lands in the main grad (optimizer
+        # offload takes it to the host from there, while backward goes on).
+        self.on_reduced: Callable[[int], None] | None = None
 
-    def _finish(self, bucket: GradBucket) -> None:
-        if bucket.finish_reduce() and self.on_reduced is not None:
-            self.on_reduced(bucket)
+    def _finish(self, i: int) -> None:
+        if self.buckets[i].finish_reduce() and self.on_reduced is not None:
+            self.on_reduced(i)
 
     def on_bucket_progress(self) -> None:
         if self.sync_enabled:
@@ -168,7 +168,7 @@ class GradSync:
             self._track_memory()  # the high point: staging of this and the in-flight buckets
             self.next_launch += 1
             if self.next_launch > MAX_IN_FLIGHT:
-                self._finish(self.buckets[self.next_launch - 1 - MAX_IN_FLIGHT])
+                self._finish(self.next_launch - 1 - MAX_IN_FLIGHT)
 
     def on_backward_end(self) -> None:
         """Launch what is left (params without grads count as zero), or keep accumulating."""
@@ -183,8 +183,8 @@ class GradSync:
         """Idempotent: every bucket's reduce-scatter done, main grads complete for this step."""
         if any(b.staging is not None for b in self.buckets[self.next_launch :]):
             self._launch_ready(force=True)  # grads accumulated without a synced backward
-        for bucket in self.buckets:
-            self._finish(bucket)
+        for i, bucket in enumerate(self.buckets):
+            self._finish(i)
             bucket.ensure_main_grad()
         self._track_memory()
 

@@ -141,13 +141,15 @@ class HostStep:
         """Bucket ``i``'s fp32 master, initialised from ``shard``, where the tier keeps it."""
         return self.tier.master(i, shard)
 
-    def bind(self, optimizer: torch.optim.Optimizer, masters: list[torch.Tensor], pieces: dict[int, list],
-             shard_of: Callable[[int], torch.Tensor], settle_params: Callable[[int], None]) -> None:
-        """What the step works on: ``pieces[i]`` is bucket ``i``'s (piece, range, full param) list,
-        ``shard_of(i)`` its param shard (written with the new params), ``settle_params(i)`` waits
-        until nothing reads that shard any more (parameter offload, before the CPU writes it)."""
-        self._optimizer, self.masters, self._pieces = optimizer, masters, pieces
-        self._shard_of, self._settle_params = shard_of, settle_params
+    def bind(self, optimizer: torch.optim.Optimizer, buckets: list) -> None:
+        """What the step works on: the engine's ``ShardedBucket``s (sharded_bucket.py): per bucket
+        its master, its pieces, its param shard (written with the new params) and the wait before
+        the CPU writes a host shard (parameter offload)."""
+        self._optimizer = optimizer
+        self.masters = [b.master for b in buckets]
+        self._pieces = {b.index: [(p.piece, p.local, p.param) for p in b.pieces] for b in buckets}
+        self._shard_of = lambda i: buckets[i].shard()
+        self._settle_params = lambda i: buckets[i].settle_shard()
 
     # ---- grads down ----------------------------------------------------------------------------
 

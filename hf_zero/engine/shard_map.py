@@ -32,8 +32,8 @@ class ParamShard:
 def shard_map(engine) -> list[ParamShard]:
     """Every trainable param of ``engine``, in layout order."""
     out = []
-    for i, gb in enumerate(engine.grad_sync.buckets):
-        out += _entries(gb.buffer, gb.bucket, engine.masters[i], engine.ctx.rank, engine._pieces)
+    for b in engine.buckets:
+        out += _entries(b.buffer, b.grad.bucket, b.master, engine.ctx.rank, {p.param: p.piece for p in b.pieces})
     return out
 
 

@@ -7,6 +7,11 @@
 | 3     | sharded (1/W)   | as stage 2, one bucket per unit         | sharded in units, gathered around use |
 
 Stage 0 is the Trainer's own data parallelism (DDP); no engine is built for it.
+
+``StageStrategy`` is the table's knobs (read by config checks and checkpoints); ``StageBehaviour``
+is what a running engine does differently per stage, in two implementations: ``FlatStrategy``
+(stages 1-2, flat_strategy.py) and ``UnitStrategy`` (stage 3, unit_strategy.py); ``strategies.py``
+picks one. ``ZeroEngine`` itself has no stage branches.
 """
 
 from __future__ import annotations
@@ -29,6 +34,64 @@ class StageStrategy:
     shard_params: bool = False
     """Stage 3: params live as shards in units (units.py), gathered around forward and backward;
     buckets are the units, and the optimizer step needs no all-gather afterwards."""
+
+
+class StageBehaviour:
+    """How an engine lays out, hooks and accounts its params at one stage (see the module note).
+
+    The engine calls, in order: ``build`` (buffers and ``ShardedBucket``s; again after the first
+    backward when ``order_by_arrival`` returns a new order), ``install`` (forward/backward hooks),
+    then per backward ``on_grads_done`` for each bucket whose grads are all in and
+    ``on_backward_end``; ``close`` at the end."""
+
+    def __init__(self, knobs: StageStrategy) -> None:
+        self.knobs = knobs
+        self.units: list = []  # stage 3: the ParamUnits, in backward order
+        self.param_memory = None  # stage 3 parameter offload: where the host shards live (tiers.py)
+
+    @property
+    def stage(self) -> int:
+        return self.knobs.stage
+
+    @property
+    def reduce_every_microstep(self) -> bool:
+        return self.knobs.reduce_every_microstep
+
+    @property
+    def shard_params(self) -> bool:
+        return self.knobs.shard_params
+
+    def build(self, named: list, *, first: bool) -> tuple[list, list]:
+        """Pack the trainable ``named`` params: (flat buffers, ShardedBuckets in launch order)."""
+        raise NotImplementedError
+
+    def install(self) -> list:
+        """Hooks this stage needs on the model (removable handles)."""
+        return []
+
+    def tracks_arrival(self, world_size: int) -> bool:
+        """Whether the first backward's gradient order should re-pack the buffers."""
+        return False
+
+    def order_by_arrival(self, arrival: list, params: list, buffers: list) -> list | None:
+        """The params in their new packing order, or None when the layout stays."""
+        return None
+
+    def check_repack(self) -> None:
+        """Raise if this stage's buffers can never be re-packed (resume in a saved layout)."""
+
+    def on_grads_done(self, bucket) -> None:
+        """Every gradient of ``bucket`` (a ShardedBucket) is in, in this backward."""
+
+    def on_backward_end(self) -> None:
+        """The autograd engine has finished this backward."""
+
+    def param_bytes(self, buffers: list) -> int:
+        """Bytes of the packed params this rank holds on the device now."""
+        raise NotImplementedError
+
+    def close(self) -> None:
+        """Release what the stage holds outside the engine's buffers (swap files)."""
 
 
 AVAILABLE_STAGES = {

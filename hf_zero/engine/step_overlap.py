@@ -104,17 +104,19 @@ class ForwardGates:
         return [module.register_forward_pre_hook(self._pre_forward) for module in model.modules()
                 if any(p in trainable for p in module.parameters(recurse=False))]
 
-    def lay_out(self, model: nn.Module, bucket_of: Callable[[nn.Parameter], int | None], units: list) -> None:
-        """After each layout: ``bucket_of(p)``: the offloaded bucket of a trainable ``p`` (else None);
-        ``units``: stage 3, the unit of each bucket."""
+    def lay_out(self, model: nn.Module, buckets: list) -> None:
+        """After each layout: which offloaded bucket (``ShardedBucket``) each module's own params
+        are in; a stage-3 unit of an offloaded bucket waits for its step before it is gathered."""
+        offloaded_of = {p: b.index for b in buckets if b.offloaded for p in b.params}
         self._buckets = {}
         for module in model.modules():
-            own = sorted({i for p in module.parameters(recurse=False) if (i := bucket_of(p)) is not None})
+            own = sorted({offloaded_of[p] for p in module.parameters(recurse=False) if p in offloaded_of})
             if own:
                 self._buckets[id(module)] = own
         offloaded = {i for own in self._buckets.values() for i in own}
-        for i, unit in enumerate(units):
-            unit.before_gather = functools.partial(self.wait_bucket, i) if i in offloaded else None
+        for b in buckets:
+            if b.unit is not None:
+                b.unit.before_gather = functools.partial(self.wait_bucket, b.index) if b.index in offloaded else None
 
     def _pre_forward(self, module: nn.Module, args) -> None:
         host_step = self._host_step_of()

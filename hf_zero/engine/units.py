@@ -315,14 +315,12 @@ class UnitHooks:
     """When each unit is gathered and dropped: module hooks for forward, grad hooks for backward,
     and the prefetch schedule ([Note: prefetch])."""
 
-    def __init__(self, model: nn.Module, units: list[ParamUnit], bucket_units: list[tuple], *,
-                 prefetch_numel: int = 0, max_live_numel: int | None = None) -> None:
+    def __init__(self, model: nn.Module, units: list[ParamUnit], *, prefetch_numel: int = 0, max_live_numel: int | None = None) -> None:
         for name, value in (("prefetch_bucket_size", prefetch_numel), ("max_live_parameters", max_live_numel)):
             if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 0):
                 raise ValueError(f"{name} must be an integer >= 0 (elements), got {value!r}")
         self.model = model
         self.units = [u for u in units if not u.persistent]  # the persistent unit is never gathered
-        self._unit_of_bucket = {id(b): u for b, u in bucket_units}  # grad bucket -> its unit
         # [Note: frozen release] A unit with frozen params is released only once its backward is
         # over: its trainable grads are all in (``_grads_in``; none to wait for without a trainable
         # part) and the grads of its inputs are computed (``_inputs_in``), since the frozen weights
@@ -354,9 +352,8 @@ class UnitHooks:
                         handles.append(module.register_forward_pre_hook(self._pre_forward(unit)))
         return handles
 
-    def on_grads_done(self, bucket) -> None:
-        """Every gradient of the bucket's unit is in: its full params can go."""
-        unit = self._unit_of_bucket[id(bucket)]
+    def on_grads_done(self, unit: ParamUnit) -> None:
+        """Every gradient of ``unit``'s trainable part is in: its full params can go."""
         if unit.persistent:
             return
         self._grads_in.add(unit)

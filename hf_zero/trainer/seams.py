@@ -129,7 +129,7 @@ def create_optimizer(self, model=None):
         # that read params or optimizer state settle the host step first.
         session.engine.set_step_in_backward(not (self.args.max_grad_norm and self.args.max_grad_norm > 0),
                                             overlap_forward=True)
-        if session.engine.units and self.args.world_size > 1:
+        if session.engine.strategy.shard_params and self.args.world_size > 1:
             sync_generate(self.model)  # every rank decodes as many steps (and gathers) as the longest
     return optimizer
 
@@ -183,7 +183,7 @@ def save_model(self, output_dir=None, _internal_call=False):
         return _original("save_model")(self, output_dir, _internal_call)
     session.engine.settle()  # [Note: step in backward]: the last step's params are all in place
     output_dir = output_dir if output_dir is not None else self.args.output_dir
-    if not session.engine.units:  # stages 1-2: full params on every rank, the Trainer's own save, swapped in
+    if not session.engine.strategy.shard_params:  # stages 1-2: full params on every rank, the Trainer's own save, swapped in
         save_whole(self, output_dir, every_rank=False)
         state_dict = self.model.state_dict() if self.args.should_save else None
     else:  # stage 3: streamed unit by unit, or gathered where it cannot be (a collective: every rank calls)
@@ -310,7 +310,7 @@ def _load_sharded_state(self, checkpoint_dir):
 
 def prediction_step(self, model, inputs, prediction_loss_only, ignore_keys=None, **gen_kwargs):
     session = S.session_of(self)
-    if session is not None and session.engine is not None and session.engine.units and self.args.world_size > 1:
+    if session is not None and session.engine is not None and session.engine.strategy.shard_params and self.args.world_size > 1:
         # Every rank must run the same number of decoding steps, or their gathers fall out of step.
         if not gen_kwargs and hasattr(self, "_gen_kwargs"):
             gen_kwargs = self._gen_kwargs.copy()  # what prediction_step itself would use

@@ -250,7 +250,7 @@ def _nvme(rank, world, nvme_path, early):
         held = _steps(model, engine, rank, 0, STEPS, clip=None if early else 0.5)[-1][1]
         runs.append(_full_params(model, engine))
         if param_offload is not None:
-            mine = Path(engine._param_memory.dir.path)
+            mine = Path(engine.strategy.param_memory.dir.path)
             seen = {"files": sorted(p.name for p in mine.iterdir()),
                     "shards": sum(u.host_bytes() for u in engine.units), "held": held,
                     "on_disk": all(u.local is None or u.local.untyped_storage().filename is not None

@@ -78,7 +78,7 @@ def _run(rank, world, prefetch, max_live, persist, layers, checkpointing=None):
     root_numel = sum(u.numel for u in engine.units if u.root)
     small = sorted(n for n, p in ref.named_parameters() if p.requires_grad and p.numel() < persist)
     engine.close()
-    return {"counts": counts, "gathers": gathers, "peak": engine._unit_hooks.peak_live_numel,
+    return {"counts": counts, "gathers": gathers, "peak": engine.strategy.unit_hooks.peak_live_numel,
             "layer_numel": sorted(layer_numel), "root_numel": root_numel, "full": full_between_steps,
             "small": small, "persistent_units": sum(u.persistent for u in engine.units)}
 
