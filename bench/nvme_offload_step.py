@@ -18,7 +18,7 @@ import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from hf_zero.engine import ZeroEngine, ZeroModule
-from hf_zero.engine.offload import OptimizerOffload
+from hf_zero.engine.offload.settings import OptimizerOffload
 
 PRESETS = {"small": (1024, 8, 2816, 16, 4, 32000), "1b1": (2048, 22, 5632, 32, 4, 32000)}
 

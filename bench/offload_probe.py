@@ -26,8 +26,8 @@ import torch.distributed as dist
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from hf_zero.engine import ZeroEngine
-from hf_zero.engine import host_step as H
-from hf_zero.engine.offload import OptimizerOffload
+from hf_zero.engine.offload import host_step as H
+from hf_zero.engine.offload.settings import OptimizerOffload
 
 PRESETS = {"tiny": (64, 2, 128, 4, 2, 256), "1b1": (2048, 22, 5632, 32, 4, 32000)}
 

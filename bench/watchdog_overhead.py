@@ -1,4 +1,4 @@
-"""Cost of the hang watchdog's flight recorder (hf_zero/engine/watchdog.py) per collective.
+"""Cost of the hang watchdog's flight recorder (hf_zero/engine/diagnostics/watchdog.py) per collective.
 
     python bench/watchdog_overhead.py                    # the recorder alone, CPU (and CUDA) tensors
     torchrun --nproc_per_node 2 bench/watchdog_overhead.py   # also start_all_gather + wait, watched or not
@@ -16,7 +16,7 @@ import torch
 import torch.distributed as dist
 
 from hf_zero.engine import collectives as C
-from hf_zero.engine import watchdog as W
+from hf_zero.engine.diagnostics import watchdog as W
 
 
 def best_per_call(fn, n: int, rounds: int = 5) -> float:

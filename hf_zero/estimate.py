@@ -165,7 +165,7 @@ def estimate_bytes(
       buckets (the reduce-scatters in flight plus the one filling). An upper bound.
     * optimizer_state: state tensors (fp32 under 1-3, on the real elements of the local shard)
       plus fp32 master shards when the param dtype is not fp32.
-    * host_offload: with ``offload_optimizer`` (stages 1-3, engine/offload.py), host bytes: the
+    * host_offload: with ``offload_optimizer`` (stages 1-3, engine/offload/settings.py), host bytes: the
       fp32 master shards (always a separate copy there), the optimizer state and the host copy
       of the main grad shards; the device then holds no optimizer state, and no main grads at
       the step (they were moved to the host). With ``offload_device`` "nvme" the masters and
@@ -316,7 +316,7 @@ def meta_model(cfg) -> torch.nn.Module:
 
 def count_params(model: torch.nn.Module) -> ParamCounts:
     """Exact counts grouped as the engine groups them (``units.group_by_unit``), tied weights once."""
-    from hf_zero.engine.unit_plan import group_by_unit
+    from hf_zero.engine.stage3.unit_plan import group_by_unit
 
     named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]  # dedups tied params
     modules, groups = group_by_unit(model, named, None)

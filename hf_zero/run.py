@@ -20,7 +20,10 @@ Started once per rank by `hf-zero launch`, torchrun, srun or `accelerate launch`
    for those two (every rank has the same one);
 6. if the script raises (or exits non-zero) while hf_zero's watchdog runs, tells the other ranks
    before re-raising, so they print the job's hang report and exit at once instead of waiting
-   in a collective (`hf_zero/engine/watchdog.py`).
+   in a collective (`hf_zero/engine/diagnostics/watchdog.py`);
+7. a failure (an exception out of the script, or 1, 3 and 5) is also written, as one line naming
+   this rank, to torchrun's `TORCHELASTIC_ERROR_FILE`: torchrun's table shows it, and `hf-zero
+   launch` prints the first failing rank's line last (`hf_zero/launcher/error_file.py`).
 """
 
 import os
@@ -31,6 +34,7 @@ from typing import NoReturn
 
 from hf_zero.config.errors import ArgumentsMismatch, ConfigError
 from hf_zero.config.unsupported import UnsupportedConfig
+from hf_zero.launcher import error_file
 from hf_zero.launcher.args import check_script
 from hf_zero.launcher.slurm import torch_env_from_slurm
 from hf_zero.launcher.zero_config_arg import load_zero_config, split_config_flag
@@ -40,6 +44,7 @@ USAGE = "usage: python -m hf_zero.run [--module] SCRIPT_OR_MODULE [ARGS...]"
 
 def _fail(message: str) -> NoReturn:
     print(f"hf_zero: {message}", file=sys.stderr)
+    error_file.write(f"rank {os.environ.get('RANK', '0')}: {message}")
     raise SystemExit(2)
 
 
@@ -79,11 +84,14 @@ def main(argv: Sequence[str] | None = None) -> None:
             runpy.run_path(target, run_name="__main__")
         finished = True
     except ConfigError as error:  # raised by hf_zero inside the script: the config, not the script, is wrong
+        error_file.write(error_file.raised(os.environ.get("RANK", "0"), error))
         _report_to_other_ranks(error)
         if not isinstance(error, (ArgumentsMismatch, UnsupportedConfig)) or os.environ.get("RANK", "0") == "0":
             print(f"hf_zero: {error}", file=sys.stderr)  # the same on every rank: said once
         raise SystemExit(2) from None
     except BaseException as error:
+        if isinstance(error, Exception):  # for torchrun's table and hf-zero launch's last line
+            error_file.write(error_file.raised(os.environ.get("RANK", "0"), error))
         _report_to_other_ranks(error)
         raise
     finally:
@@ -92,7 +100,7 @@ def main(argv: Sequence[str] | None = None) -> None:
 
 def _report_to_other_ranks(error: BaseException) -> None:
     """Publish "rank r raised ..." for the other ranks' watchdogs (only if one runs here)."""
-    watchdog = sys.modules.get("hf_zero.engine.watchdog")  # never imported: no watchdog to tell
+    watchdog = sys.modules.get("hf_zero.engine.diagnostics.watchdog")  # never imported: no watchdog to tell
     if watchdog is not None:
         try:
             watchdog.report_exception(error)
@@ -115,7 +123,7 @@ def _teardown(finished: bool) -> None:
         gc.collect()
         if finished:
             dist.barrier()
-        watchdog = sys.modules.get("hf_zero.engine.watchdog")
+        watchdog = sys.modules.get("hf_zero.engine.diagnostics.watchdog")
         if watchdog is not None:
             watchdog.stop()  # after the barrier: a rank still waiting there can be told to stop
         dist.destroy_process_group()

@@ -6,8 +6,8 @@ import to the top. The engine is the lowest layer: the doctor and the Trainer se
 never the other way round.
 
 Every ``import`` and ``from ... import`` of an hf_zero module counts, at any depth (inside
-functions too). ``from hf_zero.engine import nvme_files`` is an edge to the submodule
-``hf_zero.engine.nvme_files``; ``from hf_zero.engine import ZeroEngine`` one to the package
+functions too). ``from hf_zero.engine.offload import nvme_files`` is an edge to the submodule
+``hf_zero.engine.offload.nvme_files``; ``from hf_zero.engine import ZeroEngine`` one to the package
 ``hf_zero.engine`` (its ``__init__.py``). Importing a submodule also runs its parents'
 ``__init__.py``, but that edge is left out: a package importing its own submodules is not a cycle.
 """
@@ -54,7 +54,7 @@ def _edges(name: str, path: Path, known: dict[str, Path]) -> set[str]:
     out: set[str] = set()
 
     def add(target: str) -> None:
-        # The longest known prefix: `import hf_zero.engine.offload` names that module.
+        # The longest known prefix: `import hf_zero.engine.offload.settings` names that module.
         while target and target not in known:
             target = target.rpartition(".")[0]
         if target and target != name:
@@ -118,7 +118,7 @@ def test_edges_include_imports_inside_functions():
     graph = _graph()
     # nvme_swap.py's import of nvme_files sits at the top; seams.py's of hf_zero.init.plugin
     # inside a function: both are seen.
-    assert "hf_zero.engine.nvme_files" in graph["hf_zero.engine.nvme_swap"]
+    assert "hf_zero.engine.offload.nvme_files" in graph["hf_zero.engine.offload.nvme_swap"]
     assert "hf_zero.init.plugin" in graph["hf_zero.trainer.seams"]
 
 

@@ -32,7 +32,7 @@ import stat
 
 import torch.distributed as dist
 
-from hf_zero.engine.nvme_files import pid_alive
+from hf_zero.engine.offload.nvme_files import pid_alive
 
 TEMP_SUFFIX = ".hf_zero-tmp"
 _FULL = (errno.ENOSPC, errno.EDQUOT)

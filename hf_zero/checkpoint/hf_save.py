@@ -41,7 +41,7 @@ import torch
 from hf_zero.checkpoint.atomic import Swap, raise_first_failure, stale_weights
 from hf_zero.checkpoint.safetensors_stream import (INDEX_NAME, SINGLE_NAME, StreamingWriter, TensorSpec,
                                                    file_size, safetensors_order)
-from hf_zero.engine.units import ParamUnit, UnitState
+from hf_zero.engine.stage3.units import ParamUnit, UnitState
 
 
 

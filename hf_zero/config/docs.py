@@ -18,7 +18,7 @@ from typing import Any
 from hf_zero.config.auto import AUTO
 from hf_zero.config.deepspeed import ALIASES, key_mapping
 from hf_zero.config.fields import doc, nested_type
-from hf_zero.config.not_applied import NOT_APPLIED
+from hf_zero.config.not_applied import NOT_APPLIED, PARTLY_APPLIED
 from hf_zero.config.resolve import AUTO_SOURCES
 from hf_zero.config.schema import HfZeroConfig
 
@@ -121,12 +121,12 @@ def _field_tables(cls: type, path: str, out: list[str], overrides: dict[str, Any
 def _deepspeed_tables(out: list[str]) -> None:
     out += ["## DeepSpeed keys", "", "### Read into the config", "",
             "Values of these keys are validated and stored; those marked *not applied* are also "
-            "in the table of keys accepted but not applied below.", "",
+            "in the table of keys accepted but not applied below, and *partly* says which values or "
+            "stages hf_zero applies (`PARTLY_APPLIED` in `hf_zero/config/not_applied.py`).", "",
             "| DeepSpeed key | hf_zero key | applied |", "|---|---|---|"]
     for native, ds in key_mapping():
         if ds is not None:
-            applied = "not applied" if ds in NOT_APPLIED else "yes"
-            out.append(f"| `{ds}` | `{native}` | {applied} |")
+            out.append(f"| `{ds}` | `{native}` | {_cell(applied_text(ds))} |")
     out += ["", "Also accepted: `\"auto\"` for `bf16.enabled`/`fp16.enabled` (dtype follows "
             "`TrainingArguments`); both `true` is an error. A file with neither switch also "
             "follows `TrainingArguments`. `offload_param` with stage 0-2 is ignored with a "
@@ -143,6 +143,15 @@ def _deepspeed_tables(out: list[str]) -> None:
         quiet = ", ".join(_quiet_text(q) for q in entry.quiet) or "—"
         out.append(f"| `{key}` | {_cell(entry.reason)} | {_cell(quiet)} |")
     out.append("")
+
+
+def applied_text(ds_key: str) -> str:
+    """The "applied" cell of a DeepSpeed key read into the config: yes, not applied, or how far."""
+    if ds_key in NOT_APPLIED:
+        return "not applied"
+    if ds_key in PARTLY_APPLIED:
+        return f"partly: {PARTLY_APPLIED[ds_key]}"
+    return "yes"
 
 
 def _quiet_text(value: Any) -> str:

@@ -78,6 +78,12 @@ NOT_APPLIED: dict[str, NotApplied] = {
     "fp16.fp16_master_weights_and_grads": NotApplied("master weights are always fp32", (False,)),
     # zero_optimization
     "zero_optimization.reduce_scatter": NotApplied("gradients are always reduce-scattered", (True,)),
+    "zero_optimization.overlap_comm": NotApplied(
+        "gradient reductions always start during backward, as each bucket fills (stage 1: in the backward of "
+        "the accumulation boundary); there is no non-overlapped mode", (True,)),
+    "zero_optimization.stage3_gather_16bit_weights_on_model_save": NotApplied(
+        "a stage-3 save_model always writes the full weights, streamed unit by unit (no rank holds the whole "
+        "model); with false DeepSpeed would write no model weights", (True, "auto")),
     "zero_optimization.allgather_bucket_size": NotApplied(
         "all-gathers follow the gradient buckets (reduce_bucket_size; at stage 3 one unit each)", (500_000_000,)),
     "zero_optimization.contiguous_gradients": NotApplied("the engine always uses contiguous buffers", (True,)),
@@ -123,6 +129,10 @@ NOT_APPLIED: dict[str, NotApplied] = {
         'deprecated DeepSpeed alias; write offload_param: {"device": "cpu"}', (False, None)),
     "zero_optimization.cpu_offload_use_pin_memory": NotApplied(
         "deprecated DeepSpeed alias; write pin_memory inside offload_*", (False, None)),
+    "zero_optimization.offload_param.buffer_count": NotApplied(
+        "NVMe parameter shards are mapped files: the kernel's page cache stages them, not buffers", (5,)),
+    "zero_optimization.offload_param.buffer_size": NotApplied(
+        "NVMe parameter shards are mapped files: the kernel's page cache stages them, not buffers", (100_000_000,)),
     "zero_optimization.offload_param.max_in_cpu": NotApplied(
         "NVMe-offloaded parameters are not cached in host memory", (1_000_000_000,)),
     "zero_optimization.offload_optimizer.pipeline_read": NotApplied(
@@ -139,6 +149,20 @@ NOT_APPLIED: dict[str, NotApplied] = {
         "CPU threads follow torch.get_num_threads()", (0.8,)),
 }
 """DeepSpeed key path -> why hf_zero ignores it. See the module docstring."""
+
+
+PARTLY_APPLIED: dict[str, str] = {
+    "fp16.loss_scale": "stages 1-3: only 0, dynamic scaling (a static scale is refused there: "
+                       "config/unsupported.py); stage 0 runs the Trainer's own dynamic scaler and does not read it",
+    "fp16.initial_scale_power": "stages 1-3; stage 0 runs the Trainer's own scaler (torch's GradScaler: 2**16)",
+    "fp16.loss_scale_window": "stages 1-3; stage 0 runs the Trainer's own scaler (torch's GradScaler: 2000 steps)",
+    "fp16.hysteresis": "only 1: torch's GradScaler halves the scale at every overflow; another value (DeepSpeed's "
+                       "default is 2) is warned about when an fp16 run starts at stages 1-3",
+    "fp16.min_loss_scale": "torch's GradScaler has no floor; a value other than 1 is warned about when an fp16 run "
+                           "starts at stages 1-3",
+}
+"""DeepSpeed key path -> how far hf_zero applies it (read into the config, but not everywhere or every
+value); the "applied" column of docs/configuration.md. Loading warns about none of them."""
 
 
 def is_quiet(path: str, value: Any) -> bool:

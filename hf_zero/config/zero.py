@@ -110,9 +110,10 @@ class ZeroConfig:
     overlap_comm: bool | None = setting(
         None,
         deepspeed="overlap_comm",
-        doc="""Overlap gradient reduction with the backward pass. Costs extra bucket memory.
-        Default: true for stage 3 and false otherwise, DeepSpeed's stage-dependent default
-        (left unset, it is filled in from `stage`).""",
+        doc="""Accepted for compatibility, not applied: hf_zero always overlaps gradient reduction
+        with the backward pass (each bucket is reduced as it fills). A file's `false` is warned
+        about. Left unset it reads as DeepSpeed's stage-dependent default (true for stage 3, else
+        false).""",
     )
     contiguous_gradients: bool = setting(
         True,
@@ -160,9 +161,10 @@ class ZeroConfig:
     gather_16bit_weights_on_model_save: bool | Auto = setting(
         False,
         deepspeed="stage3_gather_16bit_weights_on_model_save",
-        doc="""Stage 3: gather the full weights when the Trainer saves the model, so the
-        checkpoint is a normal Hugging Face model. Default false (DeepSpeed's: gathering a
-        huge model on one rank may not fit). "auto": true.""",
+        doc="""Accepted for compatibility, not applied: at stage 3 `save_model` always writes the
+        full weights as a normal Hugging Face model, streamed unit by unit so that no rank holds
+        the whole model (DeepSpeed with false writes none). A file's `false` is warned about.
+        Default false (DeepSpeed's). "auto": true.""",
     )
     sub_group_size: int = setting(
         1_000_000_000,

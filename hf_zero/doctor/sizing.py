@@ -9,7 +9,7 @@ On top of that, what the doctor needs and the estimator has no column for:
   keeps the gradient copy on the host (the NVMe tier's chunk buffers are not counted); with
   ``offload_param`` (stage 3) the rank's param shards, frozen ones included. Pinned (cpu,
   ``pin_memory`` true, CUDA present):
-  the master and gradient shards of optimizer offload (``engine/offload.py``), the param shard of
+  the master and gradient shards of optimizer offload (``engine/offload/settings.py``), the param shard of
   param offload; the optimizer's own state tensors are ordinary host memory.
 * the host copy every rank loads before it shards (``from_pretrained`` on the CPU, the model's
   dtype), which is what host RAM must hold per rank on a GPU machine.

@@ -21,8 +21,8 @@ from typing import NamedTuple
 import torch
 import torch.distributed as dist
 
-from hf_zero.engine import watchdog
-from hf_zero.engine.watchdog import RECORDER
+from hf_zero.engine.diagnostics import watchdog
+from hf_zero.engine.diagnostics.watchdog import RECORDER
 
 # torch >= 2.13 names the tensor-to-tensor collectives *_single; older releases only have the
 # *_into_tensor / *_tensor spellings. Same semantics.

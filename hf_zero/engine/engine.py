@@ -28,17 +28,19 @@ from torch.nn.utils import get_total_norm
 from torch.profiler import record_function
 from torch.utils.hooks import RemovableHandle
 
-from hf_zero.engine import accounting, full_params, pieces, step_overlap
 from hf_zero.engine import collectives as C
+from hf_zero.engine import full_params, pieces
+from hf_zero.engine.diagnostics import accounting
 from hf_zero.engine.grad_sync import BucketState, GradSync
-from hf_zero.engine.host_step import HostStep
-from hf_zero.engine.labels import labelled
-from hf_zero.engine.offload import OptimizerOffload, ParamOffload
+from hf_zero.engine.offload import step_overlap
+from hf_zero.engine.offload.host_step import HostStep
+from hf_zero.engine.diagnostics.labels import labelled
+from hf_zero.engine.offload.settings import OptimizerOffload, ParamOffload
 from hf_zero.engine.shard_map import ParamShard, shard_map
 from hf_zero.engine.sharded_bucket import ShardedBucket
 from hf_zero.engine.strategies import make_strategy
 from hf_zero.engine.streams import Streams
-from hf_zero.engine.units import ParamUnit
+from hf_zero.engine.stage3.units import ParamUnit
 
 
 class ZeroEngine:

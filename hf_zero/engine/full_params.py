@@ -11,7 +11,7 @@ import contextlib
 import torch
 from torch import nn
 
-from hf_zero.engine.units import UnitState
+from hf_zero.engine.stage3.units import UnitState
 
 
 @contextlib.contextmanager

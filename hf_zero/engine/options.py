@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import torch
 
-from hf_zero.engine.offload import OptimizerOffload, ParamOffload
+from hf_zero.engine.offload.settings import OptimizerOffload, ParamOffload
 from hf_zero.engine.stages import NotAvailableYet
 
 # A bf16 run keeps trainable params in bf16 and the fp32 master shard in the engine (as DeepSpeed

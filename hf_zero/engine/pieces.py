@@ -18,8 +18,8 @@ import warnings
 import torch
 from torch import nn
 
-from hf_zero.engine.host_memory import HostMemory
-from hf_zero.engine.host_step import HostStep
+from hf_zero.engine.offload.host_memory import HostMemory
+from hf_zero.engine.offload.host_step import HostStep
 
 
 def check_optimizer(optimizer: torch.optim.Optimizer) -> None:

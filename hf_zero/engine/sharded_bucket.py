@@ -28,7 +28,7 @@ from torch.profiler import record_function
 from hf_zero.engine import collectives as C
 from hf_zero.engine.grad_sync import GradBucket
 from hf_zero.engine.ranges import Range
-from hf_zero.engine.units import ParamUnit
+from hf_zero.engine.stage3.units import ParamUnit
 
 
 @dataclass(frozen=True)

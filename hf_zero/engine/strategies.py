@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from hf_zero.engine.flat_strategy import FlatStrategy
 from hf_zero.engine.stages import StageBehaviour, strategy_for
-from hf_zero.engine.unit_strategy import UnitStrategy
+from hf_zero.engine.stage3.unit_strategy import UnitStrategy
 
 
 def make_strategy(stage: int, *, model, ctx, streams, bucket_numel: int, param_dtype=None, persistence_threshold=0,

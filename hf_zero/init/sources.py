@@ -25,7 +25,7 @@ from typing import NamedTuple
 import torch
 from torch import nn
 
-from hf_zero.engine.nvme_files import read_exactly
+from hf_zero.engine.offload.nvme_files import read_exactly
 
 
 INDEX_NAME, SINGLE_NAME = "model.safetensors.index.json", "model.safetensors"

@@ -93,7 +93,7 @@ def __init__(self, *args, **kwargs):
     S.attach(self, session)
     self.add_callback(ReportCallback(session))
     self.add_callback(PhaseCallback())  # what this rank is doing, for the hang watchdog
-    from hf_zero.engine import watchdog  # hang reports, every stage: a rank that raises stops the others
+    from hf_zero.engine.diagnostics import watchdog  # hang reports, every stage: a rank that raises stops the others
 
     watchdog.configure(resolved.comm_timeout_s)
     watchdog.ensure_running()

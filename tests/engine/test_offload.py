@@ -10,8 +10,8 @@ import pytest
 import torch
 
 from hf_zero.engine import ZeroEngine, ZeroModule
-from hf_zero.engine.host_memory import HostMemory
-from hf_zero.engine.offload import OptimizerOffload
+from hf_zero.engine.offload.host_memory import HostMemory
+from hf_zero.engine.offload.settings import OptimizerOffload
 from hf_zero.testing.multiprocess import run_on_ranks
 from tests.engine.models import add_frozen_and_unused, batch, tiny_llama
 
@@ -53,7 +53,7 @@ def _compare(rank, world, stage, ratio, fused, use_no_sync=True, early=False, ov
     if overlap_forward:
         # A slow host step: the next forward runs while chunks are still being stepped, so a
         # module (or unit gather) that did not wait for its chunk would read old params.
-        from hf_zero.engine import host_step as H
+        from hf_zero.engine.offload import host_step as H
 
         step_chunk = H.HostStep._step_chunk
 
@@ -161,7 +161,7 @@ def test_offload_ratio_picks_buckets_by_elements():
 
 
 def test_host_step_chunks_follow_bucket_order_and_skip_device_buckets():
-    from hf_zero.engine.host_step import HostStep
+    from hf_zero.engine.offload.host_step import HostStep
     from hf_zero.engine.streams import Streams
 
     step = HostStep([True, True, False, True, True], [3000, 3000, 10, 4000, 500], torch.device("cpu"),

@@ -15,7 +15,7 @@ import torch
 
 from hf_zero.config.errors import ConfigError
 from hf_zero.engine import ZeroEngine, ZeroModule, nvme_files
-from hf_zero.engine.offload import OptimizerOffload
+from hf_zero.engine.offload.settings import OptimizerOffload
 from hf_zero.testing.multiprocess import run_on_ranks
 from tests.engine.models import add_frozen_and_unused, batch, tiny_llama
 from tests.engine.test_offload import _groups, _train
@@ -247,7 +247,7 @@ def test_stale_files_of_dead_runs_are_removed_and_nothing_else(tmp_path):
 SCRIPT = """
 import os, sys, torch
 from hf_zero.engine import ZeroEngine
-from hf_zero.engine.offload import OptimizerOffload
+from hf_zero.engine.offload.settings import OptimizerOffload
 from tests.engine.models import tiny_llama
 model = tiny_llama(0)
 opt = torch.optim.AdamW(model.parameters(), lr=1e-2)

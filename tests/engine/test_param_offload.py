@@ -16,7 +16,7 @@ import torch
 from hf_zero.config import ConfigError
 from hf_zero.config.schema import OffloadConfig, ZeroConfig
 from hf_zero.engine import ZeroEngine, ZeroModule
-from hf_zero.engine.offload import OptimizerOffload, ParamOffload
+from hf_zero.engine.offload.settings import OptimizerOffload, ParamOffload
 from hf_zero.engine.stages import check_supported
 from hf_zero.testing.multiprocess import run_on_ranks
 from tests.engine.models import add_frozen_and_unused, batch, tiny_llama

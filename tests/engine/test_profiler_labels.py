@@ -1,5 +1,5 @@
 """Every phase of a step shows in a torch.profiler trace under its ``hf_zero::`` label
-([Note: profiler labels] in hf_zero/engine/labels.py): one step at W = 2 on gloo ranks, stage 2
+([Note: profiler labels] in hf_zero/engine/diagnostics/labels.py): one step at W = 2 on gloo ranks, stage 2
 with optimizer offload and clipping, and stage 3 with prefetch; a label removed fails here."""
 
 from __future__ import annotations
@@ -8,7 +8,7 @@ import torch
 from torch.profiler import ProfilerActivity, profile
 
 from hf_zero.engine import ZeroEngine, ZeroModule
-from hf_zero.engine.offload import OptimizerOffload
+from hf_zero.engine.offload.settings import OptimizerOffload
 from hf_zero.testing.multiprocess import run_on_ranks
 from tests.engine.models import batch, tiny_llama
 

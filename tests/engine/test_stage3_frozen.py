@@ -20,8 +20,8 @@ import torch
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 from hf_zero.engine import ZeroEngine, ZeroModule
-from hf_zero.engine.units import UnitState
-from hf_zero.engine.watchdog import RECORDER
+from hf_zero.engine.stage3.units import UnitState
+from hf_zero.engine.diagnostics.watchdog import RECORDER
 from hf_zero.testing.multiprocess import run_on_ranks
 from tests.engine.models import batch, tiny_llama
 from tests.engine.test_parity import _optimizer, _rel

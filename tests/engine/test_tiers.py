@@ -8,11 +8,11 @@ import inspect
 
 import torch
 
-from hf_zero.engine.host_memory import HostMemory
-from hf_zero.engine.nvme_params import NvmeParamMemory
-from hf_zero.engine.nvme_swap import NvmeTier
-from hf_zero.engine.offload import ParamOffload
-from hf_zero.engine.tiers import HostTier, OffGpu, ShardMemory, StateTier, param_memory, state_tier
+from hf_zero.engine.offload.host_memory import HostMemory
+from hf_zero.engine.offload.nvme_params import NvmeParamMemory
+from hf_zero.engine.offload.nvme_swap import NvmeTier
+from hf_zero.engine.offload.settings import ParamOffload
+from hf_zero.engine.offload.tiers import HostTier, OffGpu, ShardMemory, StateTier, param_memory, state_tier
 
 
 def _members(protocol) -> dict[str, object]:

@@ -1,4 +1,4 @@
-"""Hang reports (``hf_zero/engine/watchdog.py``): ranks that disagree on the next collective, or a
+"""Hang reports (``hf_zero/engine/diagnostics/watchdog.py``): ranks that disagree on the next collective, or a
 rank that raises, stop the whole job with one report per rank naming ranks, collectives and units.
 
 The multi-rank tests start each rank as its own ``python -m hf_zero.run tests/engine/data/watchdog_job.py``
@@ -17,7 +17,7 @@ import pytest
 import torch
 
 from hf_zero.config import HfZeroConfig, load_config
-from hf_zero.engine import watchdog as W
+from hf_zero.engine.diagnostics import watchdog as W
 from hf_zero.testing.multiprocess import run_rank_processes
 
 ROOT = Path(__file__).resolve().parents[2]

@@ -23,7 +23,7 @@ import json
 import torch.distributed as dist
 
 from hf_zero.engine import phases
-from hf_zero.engine import watchdog as W
+from hf_zero.engine.diagnostics import watchdog as W
 from hf_zero.testing.multiprocess import run_rank_processes
 
 ROOT = Path(__file__).resolve().parents[2]

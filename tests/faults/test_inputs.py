@@ -15,7 +15,7 @@ import pytest
 from hf_zero import cli, run
 from hf_zero.config import ConfigError, load_config
 from hf_zero.config.small_file import MAX_BYTES
-from hf_zero.engine import nvme_files
+from hf_zero.engine.offload import nvme_files
 
 # ---- config files: regular files of at most 1 MiB only ------------------------------------------
 

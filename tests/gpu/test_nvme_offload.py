@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from hf_zero.engine import ZeroEngine, ZeroModule
-from hf_zero.engine.offload import OptimizerOffload
+from hf_zero.engine.offload.settings import OptimizerOffload
 from hf_zero.testing.multiprocess import run_on_ranks
 from tests.engine.models import add_frozen_and_unused, batch, tiny_llama
 

@@ -22,7 +22,7 @@ import torch
 from transformers import AutoModelForCausalLM, LlamaConfig
 
 from hf_zero.engine import ZeroEngine, ZeroModule
-from hf_zero.engine.offload import OptimizerOffload, ParamOffload
+from hf_zero.engine.offload.settings import OptimizerOffload, ParamOffload
 
 pytestmark = [pytest.mark.gpu]
 if not torch.cuda.is_available():

@@ -8,7 +8,7 @@ fp32, gradient checkpointing on) and given LoRA adapters on every linear layer. 
 
 - the loss is finite, falls below step 0's, and follows the plain run's ([Note: QLoRA tolerance]);
 - every 4-bit weight is still the same ``Params4bit`` object with its bytes and ``quant_state``,
-  outside every stage-3 unit ([Note: quantized frozen params] in hf_zero/engine/unit_plan.py);
+  outside every stage-3 unit ([Note: quantized frozen params] in hf_zero/engine/stage3/unit_plan.py);
 - ``adapter_model.safetensors`` holds, tensor for tensor and bit for bit, the adapter weights
   the model has after the run (and hf_zero's own ``verify_saved_adapter`` ran inside save_model).
 

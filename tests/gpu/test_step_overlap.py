@@ -1,7 +1,7 @@
 """The host step in backward and overlapping the next forward, on one GPU (W = 1, bf16): the same
 losses, grad norms and params, bit for bit, as the host step after backward.
 
-[Note: step in backward] (hf_zero/engine/host_step.py): without clipping, a worker thread steps
+[Note: step in backward] (hf_zero/engine/offload/host_step.py): without clipping, a worker thread steps
 each offloaded chunk as its grads land and uploads its params on the h2d stream; with
 ``overlap_forward`` ``optimizer.step()`` returns before it is done and the next forward waits for
 each module's (stage 3: each unit's) chunk, then for its upload on the device. Both runs step the
@@ -21,7 +21,7 @@ import torch
 from transformers import AutoModelForCausalLM, LlamaConfig
 
 from hf_zero.engine import ZeroEngine, ZeroModule
-from hf_zero.engine.offload import OptimizerOffload, ParamOffload
+from hf_zero.engine.offload.settings import OptimizerOffload, ParamOffload
 
 pytestmark = [pytest.mark.gpu]
 if not torch.cuda.is_available():

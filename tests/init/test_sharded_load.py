@@ -247,7 +247,7 @@ def test_peak_host_rss_is_a_shard(tmp_path):
 
 def _gather_some(rank, world, path):
     import hf_zero.init as zi
-    from hf_zero.engine.units import UnitState
+    from hf_zero.engine.stage3.units import UnitState
 
     model = zi.from_pretrained(path, zero_config=ZERO3)
     engine = zi.engine_of(model)

@@ -67,7 +67,7 @@ def _eval_and_save(rank, world, out, offload):
         # A slow host step, so that evaluation and saves start while the worker is still stepping.
         import time
 
-        from hf_zero.engine import host_step as H
+        from hf_zero.engine.offload import host_step as H
 
         step_chunk = H.HostStep._step_chunk
 

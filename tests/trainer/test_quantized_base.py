@@ -21,7 +21,7 @@ from safetensors.torch import load_file
 from torch import nn
 from transformers import Trainer
 
-from hf_zero.engine.units import UnitState
+from hf_zero.engine.stage3.units import UnitState
 from hf_zero.testing.multiprocess import run_on_ranks
 from hf_zero.trainer import session_of
 from tests.trainer import tiny
@@ -149,7 +149,7 @@ def test_quantized_frozen_params_stay_whole_and_lora_trains(tmp_path):
 
 def test_which_frozen_params_stay_whole():
     """The rule alone: only plain ``nn.Parameter``s of a float dtype of 2 bytes or more are sharded."""
-    from hf_zero.engine.unit_plan import kept_whole, plan_units
+    from hf_zero.engine.stage3.unit_plan import kept_whole, plan_units
 
     class FloatSubclass(nn.Parameter):
         pass

@@ -33,7 +33,7 @@ from transformers import (AutoModelForCausalLM, LlamaConfig, MixtralConfig, Seq2
 import hf_zero.trainer as zt
 from hf_zero.checkpoint import hf_save
 from hf_zero.checkpoint.safetensors_stream import StreamingWriter
-from hf_zero.engine.units import ParamUnit, UnitState
+from hf_zero.engine.stage3.units import ParamUnit, UnitState
 from hf_zero.testing.multiprocess import run_on_ranks
 from tests.trainer import tiny
 

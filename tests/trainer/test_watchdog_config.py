@@ -6,7 +6,7 @@ import torch
 from transformers import AutoModelForCausalLM, LlamaConfig, Trainer, TrainingArguments
 
 import hf_zero.trainer as zt
-from hf_zero.engine import watchdog
+from hf_zero.engine.diagnostics import watchdog
 
 
 def test_trainer_applies_comm_timeout_s(tmp_path):

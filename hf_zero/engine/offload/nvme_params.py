@@ -19,8 +19,8 @@ from __future__ import annotations
 
 import torch
 
-from hf_zero.engine import nvme_files
-from hf_zero.engine.nvme_files import BLOCK_BYTES, SwapDir
+from hf_zero.engine.offload import nvme_files
+from hf_zero.engine.offload.nvme_files import BLOCK_BYTES, SwapDir
 
 
 class NvmeParamMemory:

@@ -25,11 +25,11 @@ from typing import Protocol
 
 import torch
 
-from hf_zero.engine.host_memory import HostMemory
-from hf_zero.engine.nvme_files import BLOCK_BYTES
-from hf_zero.engine.nvme_params import NvmeParamMemory
-from hf_zero.engine.nvme_swap import NvmeTier
-from hf_zero.engine.offload import OptimizerOffload, ParamOffload
+from hf_zero.engine.offload.host_memory import HostMemory
+from hf_zero.engine.offload.nvme_files import BLOCK_BYTES
+from hf_zero.engine.offload.nvme_params import NvmeParamMemory
+from hf_zero.engine.offload.nvme_swap import NvmeTier
+from hf_zero.engine.offload.settings import OptimizerOffload, ParamOffload
 
 
 class OffGpu(Protocol):

@@ -55,11 +55,11 @@ from torch import nn
 from torch.profiler import record_function
 
 from hf_zero.engine import collectives as C
-from hf_zero.engine.host_memory import HostMemory
+from hf_zero.engine.offload.host_memory import HostMemory
 from hf_zero.engine.layout import FlatParamBuffer
 from hf_zero.engine.streams import Streams
-from hf_zero.engine.unit_buffer import PendingGather, UnitBuffer, frozen_buffers
-from hf_zero.engine.unit_plan import UnitPlan
+from hf_zero.engine.stage3.unit_buffer import PendingGather, UnitBuffer, frozen_buffers
+from hf_zero.engine.stage3.unit_plan import UnitPlan
 
 
 class UnitState(enum.Enum):

@@ -23,9 +23,9 @@ from hf_zero.engine.materialize import materialize_units
 from hf_zero.engine.sharded_bucket import ShardedBucket
 from hf_zero.engine.stages import StageBehaviour, StageStrategy
 from hf_zero.engine.streams import Streams
-from hf_zero.engine.tiers import param_memory
-from hf_zero.engine.unit_plan import plan_units
-from hf_zero.engine.units import UnitHooks, make_units
+from hf_zero.engine.offload.tiers import param_memory
+from hf_zero.engine.stage3.unit_plan import plan_units
+from hf_zero.engine.stage3.units import UnitHooks, make_units
 
 ONE_BUCKET = 2**62  # a unit's trainable params are one bucket, whatever their size
 

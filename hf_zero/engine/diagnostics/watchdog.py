@@ -36,7 +36,8 @@ every Trainer hf_zero attaches to, when the default process group has more than 
     Stopping (``_Watchdog.stop_job``): publish this rank's report (what it waits in, its last
     ``PUBLISHED`` records, where its main thread is) to the store; wait up to ``GATHER_S`` for the
     other ranks' reports; print one report to stderr; ``os._exit(EXIT_CODE)`` so the launcher
-    tears the job down.
+    tears the job down. Before that, the headline goes to torchrun's error file
+    (``hf_zero/launcher/error_file.py``), which ``os._exit`` would otherwise leave empty.
 
 A rank that raises (``report_exception``, called by ``python -m hf_zero.run`` before it re-raises,
 and by the ``sys.excepthook`` installed here for scripts that call ``activate()`` themselves)
@@ -67,8 +68,9 @@ import torch
 import torch.distributed as dist
 
 from hf_zero.engine import phases
-from hf_zero.engine.hang_report import EXIT_CODE, GATHER_S, _size, first_disagreement, format_report  # noqa: F401
-from hf_zero.engine.hang_report import stall_headline
+from hf_zero.launcher import error_file
+from hf_zero.engine.diagnostics.hang_report import EXIT_CODE, GATHER_S, _size, first_disagreement, format_report  # noqa: F401
+from hf_zero.engine.diagnostics.hang_report import stall_headline
 
 DEFAULT_TIMEOUT_S = 300.0  # HfZeroConfig.comm_timeout_s's default (tests/engine/test_watchdog.py checks)
 RING = 64  # records kept per process
@@ -325,7 +327,8 @@ class _Watchdog:
             age = _now() - oldest.t0
             headline = (f"collective timeout: rank {self.rank} has waited {age:.1f} s (comm_timeout_s = "
                         f"{self.timeout:g}) in {oldest.describe()}")
-            self.stop_job({"rank": self.rank, "why": "timeout", "headline": headline}, publish_abort=True)
+            self.stop_job({"rank": self.rank, "why": "timeout", "headline": headline, "time": time.time()},
+                          publish_abort=True)
         if self.store is not None and not self._stop.is_set():
             if not dist.is_initialized() or _default_store() is not self.store:
                 self.store = None  # the process group is gone (end of the run): nothing more to hear
@@ -369,7 +372,7 @@ class _Watchdog:
             # the rank behind; of ranks as far, one not waiting in a collective; then the oldest
             stalled = min(stuck, key=lambda r: (stuck[r][2], _WAITING in stuck[r][0], -stuck[r][1]))
             headline = stall_headline(stalled, stuck, self.timeout)
-            self.stop_job({"rank": stalled, "by": self.rank, "why": "stalled", "headline": headline},
+            self.stop_job({"rank": stalled, "by": self.rank, "why": "stalled", "headline": headline, "time": now},
                           publish_abort=True)
 
     def _waiting_in_torch(self) -> str | None:
@@ -423,6 +426,8 @@ class _Watchdog:
         """Watchdog thread: report, then end this process."""
         if not self._take_claim():
             return
+        when = abort.get("time")  # the cause's: torchrun takes the earliest error file as the root
+        error_file.write(str(abort.get("headline")), timestamp=when if isinstance(when, (int, float)) else None)
         try:
             self._report(abort, publish_abort, state=None)
         finally:
@@ -438,7 +443,8 @@ class _Watchdog:
             time.sleep(5.0)
             return
         what = _exception_text(error)
-        abort, publish = {"rank": self.rank, "why": "raised", "headline": f"rank {self.rank} raised {what}"}, True
+        abort = {"rank": self.rank, "why": "raised", "headline": f"rank {self.rank} raised {what}", "time": time.time()}
+        publish = True
         try:
             if self.store is not None and self.store.check([self.ns + "abort"]):
                 # Another rank stopped the job first; this exception is likely its consequence

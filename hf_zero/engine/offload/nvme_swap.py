@@ -33,10 +33,10 @@ from concurrent.futures import Future
 
 import torch
 
-from hf_zero.engine import nvme_files
-from hf_zero.engine.nvme_files import BLOCK_BYTES, SwapDir
-from hf_zero.engine.host_memory import HostMemory
-from hf_zero.engine.offload import OptimizerOffload
+from hf_zero.engine.offload import nvme_files
+from hf_zero.engine.offload.nvme_files import BLOCK_BYTES, SwapDir
+from hf_zero.engine.offload.host_memory import HostMemory
+from hf_zero.engine.offload.settings import OptimizerOffload
 from hf_zero.engine.stages import NotAvailableYet
 
 BLOCK = BLOCK_BYTES // 4  # fp32 elements: every chunk starts and is padded to a multiple

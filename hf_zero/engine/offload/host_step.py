@@ -69,12 +69,12 @@ import torch
 from torch.nn.utils import get_total_norm
 from torch.profiler import record_function
 
-from hf_zero.engine.host_memory import HostMemory
-from hf_zero.engine.labels import labelled
-from hf_zero.engine.offload import OptimizerOffload
-from hf_zero.engine.step_overlap import StepWorker, hyperparameters
+from hf_zero.engine.offload.host_memory import HostMemory
+from hf_zero.engine.diagnostics.labels import labelled
+from hf_zero.engine.offload.settings import OptimizerOffload
+from hf_zero.engine.offload.step_overlap import StepWorker, hyperparameters
 from hf_zero.engine.streams import Streams
-from hf_zero.engine.tiers import state_tier
+from hf_zero.engine.offload.tiers import state_tier
 
 UPLOAD_NUMEL = 1 << 23  # fp32 elements per piece of an upload's cast on the device (32 MiB of scratch)
 
