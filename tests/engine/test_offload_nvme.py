@@ -14,7 +14,8 @@ import pytest
 import torch
 
 from hf_zero.config.errors import ConfigError
-from hf_zero.engine import ZeroEngine, ZeroModule, nvme_files
+from hf_zero.engine import ZeroEngine, ZeroModule
+from hf_zero.engine.offload import nvme_files
 from hf_zero.engine.offload.settings import OptimizerOffload
 from hf_zero.testing.multiprocess import run_on_ranks
 from tests.engine.models import add_frozen_and_unused, batch, tiny_llama

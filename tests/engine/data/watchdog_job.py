@@ -21,7 +21,8 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from hf_zero.engine import ZeroEngine, ZeroModule, collectives as C, watchdog
+from hf_zero.engine import ZeroEngine, ZeroModule, collectives as C
+from hf_zero.engine.diagnostics import watchdog
 
 
 class Block(nn.Module):
