@@ -8,10 +8,11 @@ import argparse
 import dataclasses
 import os
 import sys
+import tempfile
 
-from hf_zero.launcher import multinode, plan, preflight
+from hf_zero.launcher import error_file, multinode, plan, preflight
 from hf_zero.launcher.args import LaunchOptions, check_script
-from hf_zero.launcher.commands import format_command
+from hf_zero.launcher.commands import NodeCommand, format_command
 from hf_zero.launcher.resources import resolve_hosts
 from hf_zero.launcher.zero_config_arg import auto_precision_note, load_zero_config, split_config_flag
 
@@ -52,7 +53,26 @@ def launch(options: LaunchOptions) -> int:
         for command in node_commands:
             print(format_command(command))
         return 0
-    return multinode.run_all(node_commands)
+    if launcher != "torchrun":  # ssh: each node's torchrun writes on its own host; srun: no torchrun
+        return multinode.run_all(node_commands)
+    return run_with_summary(node_commands)
+
+
+def run_with_summary(node_commands: list[NodeCommand]) -> int:
+    """Run this node's torchrun; if the job fails, end with one line naming the first failure.
+
+    torchrun copies the error file of its first failing rank (the earliest one written by
+    `hf_zero.run` or the watchdog, `error_file.py`) to its own `TORCHELASTIC_ERROR_FILE`; after
+    torchrun's per-rank table that file's line is printed last: `hf_zero: job failed: rank 1
+    raised CheckpointError: ...`. A rank that left no file (killed, a crash in C++) adds nothing."""
+    with tempfile.TemporaryDirectory(prefix="hf_zero_launch_") as folder:
+        path = os.path.join(folder, "first_failure.json")
+        commands = [command._replace(env={**command.env, error_file.ENV: path}) for command in node_commands]
+        code = multinode.run_all(commands)
+        message = error_file.read(path) if code != 0 else None
+    if message is not None:
+        print(f"hf_zero: job failed: {message}", file=sys.stderr, flush=True)
+    return code
 
 
 def main(args: argparse.Namespace) -> int:

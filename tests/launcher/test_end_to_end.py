@@ -66,6 +66,33 @@ def test_launch_failure_exit_code(tmp_path, free_port):
     assert result.returncode != 0
 
 
+REFUSAL = ("rank 1 raised CheckpointError: checkpoint-4/hf_zero_sharded/__1_0.distcp: sha256 differs from the "
+           "digest recorded at save (hf_zero_digest_rank1.json): the file was changed after the save")
+
+
+@pytest.mark.parametrize("watchdog", [False, True], ids=["torchrun_ends_rank_0", "watchdog_ends_rank_0"])
+def test_launch_failure_ends_with_one_line_naming_the_refusal(free_port, watchdog):
+    """Rank 1 refuses a checkpoint while rank 0 waits: after torchrun's ChildFailedError table, the
+    last line names rank 1's refusal (from the error file torchrun copies from its first failure).
+    Without the watchdog rank 0 is ended by torchrun (SIGTERM, no error file of its own); with it,
+    rank 0's watchdog ends it with os._exit, usually before rank 1 exits, and its error file (the
+    one torchrun then takes: stamped with the time of rank 1's raise) names rank 1's refusal."""
+    script = str((DATA / "refuse_checkpoint.py").relative_to(REPO))
+    result = subprocess.run(
+        hf_zero_command() + ["launch", "--nproc_per_node", "2", "--master_port", str(free_port), script]
+        + ["--watchdog"] * watchdog,
+        cwd=REPO, capture_output=True, text=True, timeout=90,
+    )  # fmt: skip
+    assert result.returncode != 0
+    last = result.stderr.rstrip().splitlines()[-1]
+    assert last.startswith(f"hf_zero: job failed: {REFUSAL}"), result.stderr[-3000:]
+    # rank 1's own line, or (the watchdog's headline, from rank 0's file) the same with where it raised
+    allowed = [REFUSAL] + [f"{REFUSAL} at refuse_checkpoint.py:29 in main"] * watchdog
+    assert last in [f"hf_zero: job failed: {line}" for line in allowed], last
+    # torchrun's table shows the line too, instead of "To enable traceback see: ..."
+    assert f"traceback : {REFUSAL}" in result.stderr, result.stderr[-3000:]
+
+
 def test_srun_style_ranks_without_torchrun(tmp_path, free_port):
     """Two processes started the way srun starts them: only SLURM_* set, no RANK/WORLD_SIZE."""
     import os
