@@ -20,6 +20,7 @@ from hf_zero.checkpoint import safe_reader, sharded
 from hf_zero.checkpoint.atomic import Swap, stale_weights
 from hf_zero.checkpoint.safetensors_stream import (INDEX_NAME, StreamingWriter, TensorSpec,
                                                    file_names, file_size, plan_shards, write_index)
+from hf_zero.progress import byte_bar
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 COPIED = ("config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json",
@@ -160,13 +161,15 @@ def consolidate(checkpoint_dir: str, output_dir: str, *, dtype: str | None = Non
     os.makedirs(output_dir, exist_ok=True)
     stored = {name: (key, shape, dt) for name, key, shape, dt in entries}
     # [Note: write beside, then swap] (atomic.py): an earlier output stays whole until every new file is.
-    with Swap(output_dir, needed) as swap:
+    bar = byte_bar(sum(s.nbytes for s in specs), desc="Consolidating weights")  # hf_zero/progress.py
+    with Swap(output_dir, needed) as swap, bar:
         for file_specs, file in zip(shards, names):
             writer = StreamingWriter(os.path.join(output_dir, file), file_specs, temp=swap.temp(file))
             try:
                 for spec in file_specs:
                     key, shape, dt = stored[spec.name]
                     writer.write(spec.name, source.load(key, shape, dt).to(spec.dtype))
+                    bar.update(spec.nbytes)
             except BaseException:
                 writer.abort()
                 raise

@@ -42,6 +42,7 @@ from hf_zero.checkpoint.atomic import Swap, raise_first_failure, stale_weights
 from hf_zero.checkpoint.safetensors_stream import (INDEX_NAME, SINGLE_NAME, StreamingWriter, TensorSpec,
                                                    file_size, safetensors_order)
 from hf_zero.engine.stage3.units import ParamUnit, UnitState
+from hf_zero.progress import progress
 
 
 
@@ -135,8 +136,10 @@ def plan_save(model, units: list[ParamUnit], *, max_shard_size: int | str | None
 
 
 @torch.no_grad()
-def save_streamed(model, units: list[ParamUnit], plan: SavePlan, output_dir: str, *, writer: bool) -> None:
+def save_streamed(model, units: list[ParamUnit], plan: SavePlan, output_dir: str, *, writer: bool,
+                  show_progress: bool = True) -> None:
     """Steps 2-4 of [Note: streamed save]. A collective: every rank calls, ``writer`` ranks write.
+    ``show_progress``: a "Writing model shards" bar on rank 0, a step per unit (hf_zero/progress.py).
 
     The files are written beside an earlier save and swapped in once all are whole ([Note: write
     beside, then swap], atomic.py). A writer that fails (a full disk) stops writing but goes on
@@ -179,7 +182,7 @@ def save_streamed(model, units: list[ParamUnit], plan: SavePlan, output_dir: str
         if writer:
             guarded(open_files)
         in_units = set()
-        for unit in units:
+        for unit in progress(units, desc="Writing model shards", unit="unit", disable=not (writer and show_progress)):
             was_full = unit.state is UnitState.UNSHARDED  # a persistent unit always is
             unit.unshard()  # every rank: the all-gather (waits for a prefetch in flight instead)
             try:

@@ -92,6 +92,20 @@ def _load_config(path: str) -> tuple[str | None, str | None]:
         return None, str(error)
 
 
+RUN_PACKAGES = ("torch", "transformers", "accelerate")
+"""What the run report names beside hf_zero and Python (trainer/report_file.py)."""
+
+
+def run_versions() -> dict[str, str | None]:
+    """hf_zero's, Python's, torch's (with its CUDA and NCCL), transformers' and accelerate's versions,
+    each as ``collect`` reads it (None: not installed): the run report's ``versions``."""
+    from hf_zero import __version__
+
+    cuda, nccl, _ = _torch_facts()
+    return {"hf_zero": __version__, "python": platform.python_version(),
+            **{name: installed_version(name) for name in RUN_PACKAGES}, "cuda": cuda, "nccl": nccl}
+
+
 def collect(config_path: str | None = None, environ: Mapping[str, str] | None = None) -> EnvReport:
     """Read this machine's versions and devices, and ``config_path`` if given."""
     from hf_zero import __version__

@@ -27,6 +27,7 @@ import torch
 
 from hf_zero.engine.layout import FlatParamBuffer
 from hf_zero.engine.ranges import Range
+from hf_zero.progress import progress
 
 
 class ParamSource(Protocol):
@@ -50,7 +51,8 @@ def fill_range(source: ParamSource, buffer: FlatParamBuffer, r: Range, out: torc
 
 
 def materialize_units(units: list, source: ParamSource) -> None:
-    """Allocate and fill every unit's local shards on ``source.device`` (``ParamUnit.materialize``)."""
-    for unit in units:
+    """Allocate and fill every unit's local shards on ``source.device`` (``ParamUnit.materialize``);
+    a progress bar on rank 0, one step per unit (hf_zero/progress.py)."""
+    for unit in progress(units, desc="Filling parameter shards", unit="unit"):
         unit.materialize(source.device, lambda buf, r, out: fill_range(source, buf, r, out))
         source.unit_done()

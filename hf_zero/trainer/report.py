@@ -1,24 +1,39 @@
-"""The run report: ``OUTPUT_DIR/hf_zero_report.json`` at the end of every run under the plugin.
+"""The run report's measurements, taken at the Trainer's callback events (the file: report_file.py).
 
 Figures are measured, never derived from a formula: bytes are summed over the tensors each rank
 holds at the optimizer step (params, gradients, optimizer state incl. fp32 master shards), peak
 memory is CUDA's allocator peak on GPU and the process's peak RSS on CPU, tokens are counted at
-the model's forward, collectives are counted as the engine issues them. Rank 0 writes the file
-with every rank's figures; the same figures of rank 0 also go into the Trainer's log history.
+the model's forward, collectives are counted as the engine issues them.
+
+[Note: when the report is written]
+``ReportCallback`` sits right after the Trainer's ``DefaultFlowCallback`` (``add_to``), before the
+``report_to`` integrations and the user's callbacks:
+
+- ``on_step_end`` / ``on_epoch_end`` where the Trainer is about to log (``control.should_log``, just
+  set by ``DefaultFlowCallback``): every rank's figures are gathered, one ``all_gather_object``.
+  Every rank passes these points together; the Trainer's gather of the logged loss follows.
+- ``on_log`` of a training log (one with ``loss``): this rank's figures go into the ``logs`` dict
+  as ``hf_zero/*`` scalars, so every integration (TensorBoard, W&B, ...) receives them, and rank 0
+  rewrites the report with every rank's figures. No collective here: a script may call
+  ``trainer.log`` on one rank.
+- ``on_train_end``: a last gather; rank 0 writes the finished report with its summary in human
+  units and prints that summary; the end-of-run figures are logged once more.
 """
 
 from __future__ import annotations
 
-import json
-import os
 import resource
 import time
 
 import torch
 import torch.distributed as dist
-from transformers import TrainerCallback
+from transformers import DefaultFlowCallback, TrainerCallback
 
-REPORT_NAME = "hf_zero_report.json"
+from hf_zero.trainer import report_file
+from hf_zero.trainer.report_file import BYTE_KEYS, REPORT_NAME
+
+__all__ = ["REPORT_NAME", "ReportCallback", "add_to"]
+_LOGGED = ("loss", "grad_norm", "learning_rate", "epoch")  # of a training log, kept as the report's last_log
 
 
 def _nbytes(t: torch.Tensor) -> int:
@@ -43,6 +58,22 @@ def _peak_memory(device: torch.device) -> dict:
     return {"kind": "host_peak_rss", "bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024}
 
 
+def _gather(mine: dict) -> list[dict]:
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        ranks = [None] * dist.get_world_size()
+        dist.all_gather_object(ranks, mine)
+        return ranks
+    return [mine]
+
+
+def add_to(trainer, callback: "ReportCallback") -> None:
+    """Put ``callback`` right after the Trainer's ``DefaultFlowCallback`` ([Note: when the report is
+    written]); first if a script removed that one."""
+    callbacks = trainer.callback_handler.callbacks
+    flow = [i for i, cb in enumerate(callbacks) if isinstance(cb, DefaultFlowCallback)]
+    callbacks.insert(flow[0] + 1 if flow else 0, callback)
+
+
 class ReportCallback(TrainerCallback):
     def __init__(self, session) -> None:
         self.session = session
@@ -50,8 +81,14 @@ class ReportCallback(TrainerCallback):
         self._tokens = 0
         self._steps = 0
         self._start = 0.0
-        self._held: dict[str, int] = {}
+        self._held: dict[str, int] = dict.fromkeys(BYTE_KEYS, 0)
         self._collectives: dict[str, int] = {}
+        self._facts: dict | None = None
+        self._ranks: list[dict] = []  # every rank's figures, as last gathered
+        self._window = (0.0, 0)  # (time, all ranks' tokens) of the gather before the last one
+        self._rate: float | None = None  # all ranks' tokens/s between the last two gathers
+        self._last_log: dict = {}
+        self._training = False
 
     def _count_tokens(self, module, args, kwargs):
         if module.training:
@@ -59,12 +96,57 @@ class ReportCallback(TrainerCallback):
             if ids is not None:
                 self._tokens += ids.numel()
 
+    def _elapsed(self) -> float:
+        return time.perf_counter() - self._start
+
+    def _mine(self, args) -> dict:
+        elapsed = self._elapsed()
+        return {
+            "rank": args.process_index,
+            **report_file.device_facts(args.device),
+            "bytes": dict(self._held),
+            "peak_memory": _peak_memory(args.device),
+            "tokens": self._tokens,
+            "tokens_per_s": self._tokens / elapsed if elapsed > 0 else None,
+            "steps": self._steps,
+            "collectives_per_step": (
+                {k: v / self._steps for k, v in sorted(self._collectives.items())}
+                if self.session.engine is not None and self._steps
+                else None  # stage 0: DDP's own all-reduces, not counted by hf_zero
+            ),
+        }
+
+    def _gather_all(self, args) -> None:
+        self._ranks = _gather(self._mine(args))
+        now, tokens = self._elapsed(), sum(r["tokens"] for r in self._ranks)
+        then, before = self._window
+        self._rate = (tokens - before) / (now - then) if now > then else None
+        self._window = (now, tokens)
+
+    def _document(self, args, state, status: str) -> dict:
+        mine = self._mine(args)
+        ranks = [mine if r["rank"] == mine["rank"] else r for r in self._ranks] or [mine]
+        return report_file.document(self._facts, ranks, status=status, step=state.global_step,
+                                    train_seconds=self._elapsed(), last_log=self._last_log)
+
+    def _scalars(self, args) -> dict[str, float]:
+        """This rank's figures as the ``hf_zero/*`` scalars of a log."""
+        flat = {f"hf_zero/{k}_bytes": v for k, v in self._held.items()}
+        flat["hf_zero/peak_memory_bytes"] = _peak_memory(args.device)["bytes"]
+        if self._rate is not None:
+            flat["hf_zero/tokens_per_s"] = self._rate
+        return flat
+
+    # ---- events ---------------------------------------------------------------------------------
+
     def on_train_begin(self, args, state, control, model=None, **kwargs):
         self._hook = model.register_forward_pre_hook(self._count_tokens, with_kwargs=True)
         engine = self.session.engine
         if engine is not None:
             engine.ctx.take_counts()
+        self._facts = report_file.run_facts(self.session, args)
         self._start = time.perf_counter()
+        self._training = True
 
     def on_step_begin(self, args, state, control, **kwargs):
         if self.session.engine is not None:
@@ -84,45 +166,34 @@ class ReportCallback(TrainerCallback):
         if engine is not None:
             for kind, n in engine.ctx.take_counts().items():
                 self._collectives[kind] = self._collectives.get(kind, 0) + n
+        if control.should_log:
+            self._gather_all(args)
+
+    def on_epoch_end(self, args, state, control, **kwargs):
+        if control.should_log:
+            self._gather_all(args)
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        if not self._training or logs is None or "loss" not in logs:
+            return
+        logs.update(self._scalars(args))
+        self._last_log = {k: logs[k] for k in _LOGGED if k in logs}
+        if args.process_index == 0:
+            report_file.write(args.output_dir, self._document(args, state, "training"))
 
     def on_train_end(self, args, state, control, model=None, **kwargs):
         if self._hook is not None:
             self._hook.remove()
-        elapsed = time.perf_counter() - self._start
-        cfg = self.session.config
-        mine = {
-            "rank": args.process_index,
-            "bytes": self._held,
-            "peak_memory": _peak_memory(args.device),
-            "tokens": self._tokens,
-            "tokens_per_s": self._tokens / elapsed if elapsed > 0 else None,
-            "steps": self._steps,
-            "collectives_per_step": (
-                {k: v / self._steps for k, v in sorted(self._collectives.items())}
-                if self.session.engine is not None and self._steps
-                else None  # stage 0: DDP's own all-reduces, not counted by hf_zero
-            ),
-        }
-        ranks = [mine]
-        if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
-            ranks = [None] * dist.get_world_size()
-            dist.all_gather_object(ranks, mine)
-        report = {
-            "stage": cfg.zero.stage,
-            "world_size": args.world_size,
-            "precision": cfg.precision.dtype,
-            "train_seconds": elapsed,
-            "tokens_per_s_total": sum(r["tokens"] for r in ranks) / elapsed if elapsed > 0 else None,
-            "ranks": ranks,
-        }
-        self.session.figures = report
+        self._training = False
+        self._gather_all(args)
+        doc = self._document(args, state, "finished")
+        self.session.figures = doc
         if args.process_index == 0:
-            os.makedirs(args.output_dir, exist_ok=True)
-            with open(os.path.join(args.output_dir, REPORT_NAME), "w") as f:
-                json.dump(report, f, indent=2)
+            path = report_file.write(args.output_dir, doc)
+            report_file.print_summary(doc, path or f"not written to {args.output_dir}")
         trainer = self.session.trainer
         if trainer is not None:
-            flat = {f"hf_zero/{k}_bytes": v for k, v in self._held.items()}
-            flat["hf_zero/tokens_per_s"] = report["tokens_per_s_total"]
-            flat["hf_zero/peak_memory_bytes"] = mine["peak_memory"]["bytes"]
+            flat = self._scalars(args)
+            flat.pop("hf_zero/tokens_per_s", None)
+            flat["hf_zero/train_tokens_per_s"] = doc["tokens_per_s_total"]
             trainer.log(flat)

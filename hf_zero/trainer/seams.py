@@ -77,7 +77,7 @@ def __init__(self, *args, **kwargs):
                           fsdp_plugin=self.is_fsdp_enabled)  # what accelerate actually set up
     from hf_zero.config import resolve_config
     from hf_zero.trainer.phase_callback import PhaseCallback
-    from hf_zero.trainer.report import ReportCallback
+    from hf_zero.trainer.report import ReportCallback, add_to as add_report
 
     model_config = getattr(self.model, "config", None)
     resolved = resolve_config(
@@ -91,7 +91,7 @@ def __init__(self, *args, **kwargs):
     config_blocks.check_trainer(self, resolved)  # a block and Trainer(optimizers=...) for the same thing
     session = S.ZeroSession(config=resolved, trainer_ref=weakref.ref(self), loaded=config)
     S.attach(self, session)
-    self.add_callback(ReportCallback(session))
+    add_report(self, ReportCallback(session))  # before the report_to integrations: they get its hf_zero/* scalars
     self.add_callback(PhaseCallback())  # what this rank is doing, for the hang watchdog
     from hf_zero.engine.diagnostics import watchdog  # hang reports, every stage: a rank that raises stops the others
 

@@ -46,7 +46,8 @@ def save_stage3(trainer, engine, output_dir: str) -> dict[str, torch.Tensor] | N
         return _gathered_save(trainer, engine, output_dir, str(why))
     if writer:
         logger.info("Saving model checkpoint to %s (streamed unit by unit)", output_dir)
-    hf_save.save_streamed(model, engine.units, plan, output_dir, writer=writer)
+    hf_save.save_streamed(model, engine.units, plan, output_dir, writer=writer,
+                          show_progress=not trainer.args.disable_tqdm)  # the Trainer's switch for its bars
     if writer:
         _save_trainer_files(trainer, output_dir)
     return plan.expected if writer else None
