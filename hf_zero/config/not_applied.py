@@ -13,14 +13,10 @@ Edit this table when the engine starts honouring a key: remove the entry, map th
 
 from __future__ import annotations
 
-import os
-import re
-import warnings
 from collections.abc import Iterable
 from typing import Any, NamedTuple
 
-from hf_zero.config.small_file import read_small_text
-from hf_zero.first_rank import is_first_rank
+from hf_zero.config.key_warning import warn_at_key
 
 
 class NotApplied(NamedTuple):
@@ -183,35 +179,15 @@ def _same(value: Any, quiet: Any) -> bool:
     return type(value) in (int, float, str, dict, type(None)) and value == quiet
 
 
-_REGISTRY: dict = {}  # the warnings module's "said already" table for this warning (filter action "default")
-
-
 def warn_not_applied(keys: Iterable[str], source: str) -> None:
-    """Emit one UserWarning naming every key in ``keys`` (sorted), or nothing; on the job's rank 0
-    only (every rank loads the same file). It is placed at the first key's line of ``source``
-    (``zero3.json:12: UserWarning: ...`` followed by that line), not at a line of hf_zero's code."""
+    """Emit one UserWarning naming every key in ``keys`` (sorted), or nothing; once per job, at the
+    first key's line of ``source`` (key_warning.py)."""
     keys = sorted(set(keys))
-    if not keys or not is_first_rank():
+    if not keys:
         return
     reasons = "; ".join(f"{key}: {_reason(key)}" for key in keys)
-    warnings.warn_explicit(
-        f"hf_zero accepts but does not apply these keys of {source}: {', '.join(keys)} ({reasons})",
-        UserWarning, filename=source, lineno=_line_of(source, keys[0]), module="hf_zero.config",
-        registry=_REGISTRY,
-    )
-
-
-def _line_of(source: str, key: str) -> int:
-    """The line of the JSON file ``source`` where ``key``'s last part is written as a key (0: not a
-    file, or not found)."""
-    if not os.path.isfile(source):
-        return 0  # a dict
-    try:
-        text = read_small_text(source)
-    except ValueError:
-        return 0
-    found = re.search(r'"%s"\s*:' % re.escape(key.rsplit(".", 1)[-1]), text)
-    return text.count("\n", 0, found.start()) + 1 if found else 0
+    warn_at_key(f"hf_zero accepts but does not apply these keys of {source}: {', '.join(keys)} ({reasons})",
+                source, keys[0])
 
 
 def _reason(key: str) -> str:

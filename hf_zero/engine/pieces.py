@@ -19,13 +19,14 @@ import torch
 from torch import nn
 
 from hf_zero.engine.offload.host_memory import HostMemory
+from hf_zero.first_rank import is_first_rank
 from hf_zero.engine.offload.host_step import HostStep
 
 
 def check_optimizer(optimizer: torch.optim.Optimizer) -> None:
     if optimizer.state:
         raise ValueError("ZeroEngine needs an optimizer that has not stepped yet (its state is not empty)")
-    if type(optimizer).__name__ == "Adafactor":
+    if type(optimizer).__name__ == "Adafactor" and is_first_rank():  # every rank builds it: said once per job
         warnings.warn(
             "Adafactor under hf_zero steps on flat pieces of each param (1-D), so it keeps unfactored "
             "second moments: a different (more memory-hungry) update than Adafactor on whole matrices",

@@ -17,6 +17,7 @@ from __future__ import annotations
 import os
 import warnings
 
+from hf_zero.first_rank import is_first_rank
 from hf_zero.init.sources import INDEX_NAME, SINGLE_NAME
 
 _SERVED = {"dtype", "torch_dtype", "config", "attn_implementation"}
@@ -57,8 +58,9 @@ def sharded_or_none(cls, path, args: tuple, kwargs: dict):
         return None
     reason = why_not(path, args, kwargs)
     if reason is not None:
-        warnings.warn(f"zero_optimization.zero3_init_flag: {path} loads whole ({reason}); hf_zero shards it when "
-                      "the optimizer is created", UserWarning, stacklevel=3)
+        if is_first_rank():  # every rank loads it: said once per job
+            warnings.warn(f"zero_optimization.zero3_init_flag: {path} loads whole ({reason}); hf_zero shards it when "
+                          "the optimizer is created", UserWarning, stacklevel=3)
         return None
     from hf_zero.init.sharded_load import from_pretrained
 

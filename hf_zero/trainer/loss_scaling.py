@@ -8,28 +8,27 @@ step's gradients when the Trainer calls ``model.zero_grad()``.
 
 from __future__ import annotations
 
-import warnings
-
 import torch
 import torch.distributed as dist
 from torch.distributed.fsdp.sharded_grad_scaler import ShardedGradScaler
 
+from hf_zero.config.key_warning import warn_at_key
 
-def check_loss_scaling(precision) -> None:
-    """Warn about what torch's scaler does differently. (A static loss scale, which it cannot
-    honour, is refused before: a row of hf_zero/config/unsupported.py.)"""
+
+def check_loss_scaling(precision, source: str | None = None) -> None:
+    """Warn, once per job and at the key in ``source`` (the config file), about what torch's scaler
+    does differently. (A static loss scale, which it cannot honour, is refused before: a row of
+    hf_zero/config/unsupported.py.)"""
     ignored = []
     if precision.hysteresis != 1:
-        ignored.append(f"fp16.hysteresis = {precision.hysteresis}")
+        ignored.append(("fp16.hysteresis", precision.hysteresis))
     if precision.min_loss_scale != 1:
-        ignored.append(f"fp16.min_loss_scale = {precision.min_loss_scale}")
+        ignored.append(("fp16.min_loss_scale", precision.min_loss_scale))
     if ignored:
-        warnings.warn(
-            "hf_zero does not apply " + ", ".join(ignored) + ": torch's GradScaler halves the scale at every "
-            "overflowing step (hysteresis 1) and has no floor",
-            UserWarning,
-            stacklevel=3,
-        )
+        warn_at_key(
+            "hf_zero does not apply " + ", ".join(f"{key} = {value}" for key, value in ignored)
+            + f"{f' in {source}' if source else ''}: torch's GradScaler halves the scale at every overflowing step "
+            "(hysteresis 1) and has no floor", source, ignored[0][0])
 
 
 def sharded_grad_scaler(precision, device: torch.device) -> torch.amp.GradScaler:

@@ -19,6 +19,8 @@ import warnings
 
 import transformers
 
+from hf_zero.first_rank import is_first_rank
+
 # The transformers versions hf_zero's seams are written against (pyproject.toml's dependency;
 # tests/trainer/test_seam_signatures.py keeps the two equal).
 SUPPORTED_TRANSFORMERS = ">=5.17,<6"
@@ -40,7 +42,7 @@ def original_of(cls: type, wrapper) -> object:
             f"hf_zero supports transformers{SUPPORTED_TRANSFORMERS}: install a version in that range"
         ) from None
     mismatch = signature_mismatch(wrapper, original)
-    if mismatch is not None:
+    if mismatch is not None and is_first_rank():  # every rank installs the seams: said once per job
         warnings.warn(f"hf_zero's seam for {cls.__name__}.{name} does not match transformers "
                       f"{transformers.__version__} ({mismatch}); hf_zero supports transformers{SUPPORTED_TRANSFORMERS}",
                       stacklevel=3)

@@ -87,7 +87,7 @@ def __init__(self, *args, **kwargs):
         hidden_size=getattr(model_config, "hidden_size", None),
     )
     if resolved.zero.stage >= 1 and resolved.precision.dtype == "fp16":
-        check_loss_scaling(resolved.precision)
+        check_loss_scaling(resolved.precision, resolved.source)
     config_blocks.check_trainer(self, resolved)  # a block and Trainer(optimizers=...) for the same thing
     session = S.ZeroSession(config=resolved, trainer_ref=weakref.ref(self), loaded=config)
     S.attach(self, session)

@@ -29,6 +29,7 @@ import torch
 from hf_zero.checkpoint import hf_save
 from hf_zero.checkpoint.atomic import StagedFolder, raise_first_failure
 from hf_zero.checkpoint.safetensors_stream import TensorSpec, file_size, safetensors_order
+from hf_zero.first_rank import is_first_rank
 
 logger = logging.getLogger(__name__)
 _WARNED: set[str] = set()
@@ -54,7 +55,8 @@ def save_stage3(trainer, engine, output_dir: str) -> dict[str, torch.Tensor] | N
 
 
 def _gathered_save(trainer, engine, output_dir: str, why: str) -> dict[str, torch.Tensor] | None:
-    if not _is_peft(trainer.model) and why not in _WARNED:  # a PEFT save writes only the small adapter
+    # A PEFT save writes only the small adapter; every rank comes here, rank 0 says it.
+    if not _is_peft(trainer.model) and why not in _WARNED and is_first_rank():
         _WARNED.add(why)
         warnings.warn(
             f"hf_zero: stage-3 save_model gathers the full model on rank 0's CPU for "
