@@ -1,4 +1,4 @@
-"""hf_zero's progress bars (hf_zero/progress.py), through ``hf-zero consolidate``: drawn by rank 0,
+"""hf_zero's progress bars (hf_zero/progress.py), through ``hf-zero consolidate`` and NVMe set-up: drawn by rank 0,
 not by another rank, not with Hugging Face's progress bars off; a bar not drawn still does its work.
 The sharded load and the stage-3 save on 2 ranks: tests/trainer/test_run_report.py."""
 
@@ -47,3 +47,33 @@ def test_a_bar_not_drawn_still_iterates_and_counts(monkeypatch):
         with byte_bar(10, desc="y") as bar:
             bar.update(10)
     assert err.getvalue() == ""
+
+
+def _nvme_engine(nvme_path):
+    import torch
+
+    from hf_zero.engine import ZeroEngine
+    from hf_zero.engine.offload.settings import OptimizerOffload, ParamOffload
+    from tests.engine.models import tiny_llama
+
+    model = tiny_llama(0)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    return ZeroEngine(model, opt, stage=3, bucket_numel=3000,
+                      offload=OptimizerOffload("nvme", chunk_numel=1500, nvme_path=nvme_path),
+                      offload_param=ParamOffload("nvme", nvme_path=nvme_path))
+
+
+def test_nvme_set_up_bars(tmp_path, monkeypatch):
+    monkeypatch.delenv("RANK", raising=False)
+    for name, bars_on in (("on", True), ("off", False)):
+        (tmp_path / name).mkdir()
+        err = io.StringIO()
+        if not bars_on:
+            hf_logging.disable_progress_bar()
+        try:
+            with redirect_stderr(err):
+                _nvme_engine(str(tmp_path / name)).close()
+        finally:
+            hf_logging.enable_progress_bar()
+        for desc in ("Writing parameter shards to NVMe", "Writing fp32 masters to NVMe"):
+            assert (desc in err.getvalue()) is bars_on, (name, err.getvalue())

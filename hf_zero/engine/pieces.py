@@ -20,6 +20,7 @@ from torch import nn
 
 from hf_zero.engine.offload.host_memory import HostMemory
 from hf_zero.first_rank import is_first_rank
+from hf_zero.progress import progress
 from hf_zero.engine.offload.host_step import HostStep
 
 
@@ -48,7 +49,10 @@ def build_masters(engine) -> HostStep | None:
                              engine.streams, engine.offload.chunk_numel, offload=engine.offload, ctx=engine.ctx,
                              optimizer=engine.optimizer)
         engine.grad_sync.on_reduced = engine._on_reduced
-    for b, off in zip(buckets, offloaded):
+    # Optimizer offload to NVMe: each offloaded master is written to its swap file here (a bar on rank 0).
+    to_disk = host_step is not None and host_step.tier.on_disk
+    for b, off in progress(list(zip(buckets, offloaded)), desc="Writing fp32 masters to NVMe", unit="bucket",
+                           disable=not to_disk):
         b.offloaded = off
         b.build_master(host_step)
     rewrite_optimizer(engine)

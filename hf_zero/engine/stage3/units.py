@@ -58,6 +58,7 @@ from hf_zero.engine import collectives as C
 from hf_zero.engine.offload.host_memory import HostMemory
 from hf_zero.engine.layout import FlatParamBuffer
 from hf_zero.engine.streams import Streams
+from hf_zero.progress import progress
 from hf_zero.engine.stage3.unit_buffer import PendingGather, UnitBuffer, frozen_buffers
 from hf_zero.engine.stage3.unit_plan import UnitPlan
 
@@ -298,11 +299,14 @@ def make_units(model: nn.Module, plans: list[UnitPlan], buffers: list[FlatParamB
     params, in order. A module ``None`` is a persistent group. ``host``: parameter offload, the
     shards' host memory ([Note: host shards])."""
     trainable = iter(buffers)
+    # Parameter offload to NVMe: each unit's shards are written to its swap files here (a bar on rank 0).
+    to_disk = host is not None and host.on_disk
     return [ParamUnit(i, plan.module if plan.module is not None else model,
                       next(trainable) if plan.trainable else None, ctx, root=plan.module is model,
                       persistent=plan.module is None, streams=streams, frozen=frozen_buffers(plan.frozen, ctx),
                       host=host)
-            for i, plan in enumerate(plans)]
+            for i, plan in enumerate(progress(plans, desc="Writing parameter shards to NVMe", unit="unit",
+                                              disable=not to_disk))]
 
 
 class Phase(enum.Enum):
