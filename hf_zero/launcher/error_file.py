@@ -33,11 +33,16 @@ ENV = "TORCHELASTIC_ERROR_FILE"
 def write(message: str, *, timestamp: float | None = None) -> None:
     """Record `message` in this process's error file; nothing without `TORCHELASTIC_ERROR_FILE`.
 
-    Never raises: the failure being recorded is what must come out."""
+    A record already there that is as old or older is kept: the cause comes first (a rank whose
+    watchdog is stopping the job for another rank's raise may raise itself when that rank leaves;
+    its own exception is a consequence). Never raises: the failure being recorded must come out."""
     path = os.environ.get(ENV)
     if not path:
         return
     when = time.time() if timestamp is None else timestamp
+    earlier = _timestamp(path)
+    if earlier is not None and earlier <= int(when):
+        return
     data = {"message": {"message": message, "extraInfo": {"timestamp": str(int(when))}}}
     temp = f"{path}.{os.getpid()}.tmp"
     try:
@@ -55,6 +60,15 @@ def raised(rank: int | str, error: BaseException) -> str:
     """The line for an exception: `rank 1 raised CheckpointError: <message>`."""
     text = str(error).strip()
     return f"rank {rank} raised {type(error).__name__}" + (f": {text}" if text else "")
+
+
+def _timestamp(path: str) -> int | None:
+    """The seconds of the record in `path`, or None (no file, or not one of these)."""
+    try:
+        with open(path, encoding="utf-8") as file:
+            return int(json.load(file)["message"]["extraInfo"]["timestamp"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
 
 
 def read(path: str) -> str | None:

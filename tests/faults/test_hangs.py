@@ -23,6 +23,7 @@ import json
 import torch.distributed as dist
 
 from hf_zero.engine import phases
+from hf_zero.launcher import error_file
 from hf_zero.engine.diagnostics import watchdog as W
 from hf_zero.testing.multiprocess import run_rank_processes
 
@@ -35,14 +36,17 @@ SLACK_S = 8  # a poll, the report exchange (up to 5 s if a rank cannot answer), 
 def _launch(tmp_path, scenario: str, limit: float = 60.0) -> list[dict]:
     """Both ranks' exit code, output and seconds from rank 1's stall to their exit (None: still
     running at ``limit`` seconds, then killed)."""
-    command = [sys.executable, "-m", "hf_zero.run", str(JOB), scenario, str(TIMEOUT_S)]
+    # each rank its own torchrun-style error file, error<RANK>.json, as torchrun gives it
+    command = ["sh", "-c", 'TORCHELASTIC_ERROR_FILE="$ERRORS/error$RANK.json" exec "$0" "$@"',
+               sys.executable, "-m", "hf_zero.run", str(JOB), scenario, str(TIMEOUT_S)]
     ranks = run_rank_processes(command, 2, tmp_path, limit=limit, cwd=ROOT, env={
         "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT), "HANG_JOB_OUT": str(tmp_path / "out"),
-        "HANG_JOB_STALL_S": os.environ.get("HANG_JOB_STALL_S", "40")})
+        "HANG_JOB_STALL_S": os.environ.get("HANG_JOB_STALL_S", "40"),
+        "ERRORS": str(tmp_path)})
     stalled = re.search(r"stalling at ([\d.]+)", ranks[1]["text"])
-    return [{"code": got["code"], "text": got["text"],
+    return [{"code": got["code"], "text": got["text"], "error_file": error_file.read(str(tmp_path / f"error{r}.json")),
              "after": got["ended"] - float(stalled.group(1)) if stalled and got["ended"] is not None else None}
-            for got in ranks]
+            for r, got in enumerate(ranks)]
 
 
 def _report(text: str) -> str:
@@ -68,6 +72,8 @@ def _check_stopped(ranks: list[dict], stalled_phase: str, waiting_phase: str) ->
         assert re.search(r"rank 0( \(this rank\))?: not in an hf_zero collective; .*main thread at \w+ "
                          r"\(distributed_c10d.py:\d+\) < ", report), report
         assert f"rank {rank} exits with code {W.EXIT_CODE}" in report
+        # what torchrun shows in its table (and hf-zero launch prints last): the headline
+        assert (got["error_file"] or "").startswith(f'stalled: rank 1 has been in "{stalled_phase}" for '), got
 
 
 def test_stall_between_steps_before_the_trainers_own_collective_is_reported(tmp_path):

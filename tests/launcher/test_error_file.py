@@ -39,6 +39,17 @@ def test_the_copy_torchrun_makes_for_its_own_error_file_reads_back(rank_file, tm
     assert error_file.read(str(parent)) == "rank 1 raised ValueError: checkpoint-4 refused\n(second line)"
 
 
+def test_the_earliest_record_of_a_process_is_kept(rank_file):
+    """A rank whose watchdog recorded another rank's raise (at that raise's time) and whose main
+    thread then raises too (its peer left) keeps the cause; a later-stamped earlier write is replaced."""
+    error_file.write("rank 1 raised CheckpointError: x at a.py:3 in f", timestamp=1700000000.2)
+    error_file.write("rank 0 raised RuntimeError: Connection closed by peer", timestamp=1700000004.0)
+    error_file.write("rank 0 raised RuntimeError: same second", timestamp=1700000000.9)
+    assert error_file.read(str(rank_file)) == "rank 1 raised CheckpointError: x at a.py:3 in f"
+    error_file.write("rank 1 raised ValueError: earlier", timestamp=1699999999.0)
+    assert error_file.read(str(rank_file)) == "rank 1 raised ValueError: earlier"
+
+
 def test_no_file_without_the_variable_and_no_message_from_other_files(tmp_path, monkeypatch):
     monkeypatch.delenv(error_file.ENV, raising=False)
     monkeypatch.chdir(tmp_path)
