@@ -15,6 +15,8 @@ import subprocess
 import sys
 import time
 
+from hf_zero.trainer.report_file import REPORT_NAME, summary_text
+
 HERE = os.path.dirname(os.path.abspath(__file__))
 STAGE = 3  # the highest ZeRO stage this version implements
 
@@ -56,7 +58,7 @@ def main(argv: list[str] | None = None) -> int:
         return proc.returncode
     print(f"trained in {time.perf_counter() - start:.1f} s on {opts.nproc} CPU ranks, ZeRO stage {STAGE}\n")
 
-    with open(os.path.join(model_dir, "hf_zero_report.json")) as f:
+    with open(os.path.join(model_dir, REPORT_NAME)) as f:
         report = json.load(f)
     with open(os.path.join(model_dir, "trainer_state.json")) as f:
         history = json.load(f)["log_history"]
@@ -71,7 +73,9 @@ def main(argv: list[str] | None = None) -> int:
               f"  optimizer state {_mib(b['optimizer_state'])}  collectives/step {r['collectives_per_step']}")
     print(f"\ntokens/s (all ranks): {report['tokens_per_s_total']:.0f}")
     print(f"model and tokenizer saved to: {model_dir}")
-    print(f"run report: {os.path.join(model_dir, 'hf_zero_report.json')}\n")
+    report_path = os.path.join(model_dir, REPORT_NAME)
+    print(f"run report: {report_path}; its summary, as rank 0 printed it at the end of training:")
+    print(f"  {summary_text(report, report_path)}\n")
 
     from transformers import AutoModelForCausalLM, AutoTokenizer
 

@@ -16,11 +16,13 @@ import io
 import json
 import os
 from contextlib import redirect_stderr
+from pathlib import Path
 
 import pytest
 from transformers import DefaultFlowCallback, Trainer, TrainerCallback
 
 from hf_zero.testing.multiprocess import run_on_ranks
+from hf_zero.trainer import report_file
 from hf_zero.trainer.report import REPORT_NAME, ReportCallback
 from tests.init.test_sharded_load import _llama_dir
 
@@ -163,3 +165,28 @@ def test_a_run_that_dies_leaves_its_last_report(job):
         report = json.load(f)
     assert report["status"] == "training" and report["step"] == 1
     assert not [name for name in os.listdir(os.path.join(root, "crash")) if name.endswith(".hf_zero-tmp")]
+
+
+def _docs_sample() -> tuple[dict, str, str]:
+    """getting-started.md's sample report (from ``python -m hf_zero.demo``) and its printed summary line."""
+    text = (Path(__file__).resolve().parents[2] / "docs" / "getting-started.md").read_text()
+    section = text[text.index("## What a run writes"):text.index("## Progress bars")]
+    line = section.split("```\n", 2)[1].strip()
+    sample = section[section.index("```json\n") + len("```json\n"):]
+    return json.loads(sample[:sample.index("\n```")]), line, section
+
+
+def test_docs_sample_has_the_reports_shape(job):
+    root, _ = job
+    sample, line, section = _docs_sample()
+    with open(os.path.join(root, "run", REPORT_NAME)) as f:
+        report = json.load(f)
+    assert set(sample) == set(report) - {"config"}  # the docs leave the config out, and say so
+    for key in ("summary", "last_log", "versions"):
+        assert set(sample[key]) == set(report[key]), key
+    [rank] = sample["ranks"]
+    assert set(rank) == set(report["ranks"][0]) and set(rank["bytes"]) == set(report["ranks"][0]["bytes"])
+    for key in [k for k in report if k != "ranks"] + [k for k in report["ranks"][0] if k != "rank"]:
+        assert f"`{key}`" in section or f"`ranks[].{key}" in section, f"{key} is not in the docs' field table"
+    # the printed line is what report_file prints for that very report
+    assert line == report_file.summary_text(sample, sample_path := line.rsplit("Report: ", 1)[1]) and sample_path
