@@ -12,11 +12,14 @@ lists, a size or digest that differs, a step other than ``trainer_state.json``'s
 A folder without manifests (written before hf_zero recorded them, or with the mode ``off``)
 still loads, with a one-line warning that it cannot be verified.
 
-``HF_ZERO_CHECKPOINT_DIGEST`` picks the mode at save (``MODES``); the load checks what each
-manifest recorded (``off`` at load: identity and sizes only, no hashing):
+The config key ``checkpoint_digest`` (``configure``, called where a Trainer takes the config)
+picks the mode at save (``MODES``), and ``HF_ZERO_CHECKPOINT_DIGEST``, where set, overrides it (it
+is the only switch of ``hf-zero consolidate``). The load checks what each manifest recorded
+(``off`` at load: identity and sizes only, no hashing):
 
-- ``full`` (default): sha256 of the whole file. Reading back what was just written is mostly
-  served by the page cache; see docs/checkpoints.md for what it costs.
+- ``full`` (default): sha256 of the whole file, read back after DCP has written it. The hash,
+  more than the re-read (mostly served by the page cache), costs about as much as the write:
+  see docs/checkpoints.md and bench/results/*checkpoint_digest.md.
 - ``fast``: sha256 of the size and the first and last ``FAST_SPAN`` bytes: catches files of
   another save and damage at either end, not a flip in the middle of a large file.
 
@@ -49,9 +52,19 @@ FORMAT, VERSION = "hf_zero-digest", 1
 TRAINER_STATE_NAME = "trainer_state.json"  # the Trainer's own file, beside hf_zero_sharded/
 
 
+_CONFIGURED = {"mode": DEFAULT_MODE}  # this process's config key checkpoint_digest
+
+
+def configure(how: str) -> None:
+    """Set this process's mode from the config key ``checkpoint_digest`` (validated there)."""
+    if how not in MODES:
+        raise AssertionError(f"checkpoint_digest {how!r} is not one of {MODES}; HfZeroConfig validates it")
+    _CONFIGURED["mode"] = how
+
+
 def mode() -> str:
-    """The digest mode from ``HF_ZERO_CHECKPOINT_DIGEST`` (default ``full``)."""
-    value = os.environ.get(MODE_ENV, DEFAULT_MODE).strip().lower() or DEFAULT_MODE
+    """The digest mode: ``HF_ZERO_CHECKPOINT_DIGEST`` where set, else the configured one (default ``full``)."""
+    value = os.environ.get(MODE_ENV, "").strip().lower() or _CONFIGURED["mode"]
     if value not in MODES:
         raise ValueError(f"{MODE_ENV}={os.environ[MODE_ENV]!r}: allowed values are {', '.join(MODES)}")
     return value

@@ -97,6 +97,7 @@ def __init__(self, *args, **kwargs):
 
     watchdog.configure(resolved.comm_timeout_s)
     watchdog.ensure_running()
+    digests.configure(resolved.checkpoint_digest)  # what this rank's checkpoint saves record of their files
 
 
 @_seam

@@ -75,6 +75,38 @@ def test_a_checkpoint_without_manifests_loads_with_a_warning(two, tmp_path):
     assert (tmp_path / "out" / "model.safetensors").is_file()
 
 
+def test_the_config_key_picks_the_mode_and_the_environment_overrides_it(tmp_path, monkeypatch):
+    """checkpoint_digest "fast" writes fast manifests; HF_ZERO_CHECKPOINT_DIGEST, where set, wins;
+    a value other than full, fast or off is refused when the config is read, naming the key."""
+    import json
+
+    from hf_zero.config import ConfigError, load_config
+
+    assert load_config({"checkpoint_digest": "fast"}).checkpoint_digest == "fast"
+    assert load_config({}).checkpoint_digest == "full"
+    with pytest.raises(ConfigError, match=r"checkpoint_digest = \"sometimes\" in <dict>: not a valid choice; allowed: one of 'full', 'fast', 'off'"):
+        load_config({"checkpoint_digest": "sometimes"})
+    monkeypatch.delenv(digests.MODE_ENV, raising=False)
+    recorded = {}
+    try:
+        for key, env in (("fast", None), ("off", "full"), ("full", None)):
+            digests.configure(key)
+            if env is not None:
+                monkeypatch.setenv(digests.MODE_ENV, env)
+            folder = make_checkpoint(tmp_path / f"{key}-{env}", step=4)
+            manifest = folder / sharded.DIR_NAME / "hf_zero_digest_rank0.json"
+            recorded[key, env] = json.loads(manifest.read_text())["mode"]
+            monkeypatch.delenv(digests.MODE_ENV, raising=False)
+    finally:
+        digests.configure(digests.DEFAULT_MODE)
+    assert recorded == {("fast", None): "fast", ("off", "full"): "full", ("full", None): "full"}
+    digests.configure("off")
+    try:
+        assert not (make_checkpoint(tmp_path / "off", step=4) / sharded.DIR_NAME / "hf_zero_digest_rank0.json").exists()
+    finally:
+        digests.configure(digests.DEFAULT_MODE)
+
+
 def test_a_bad_mode_is_refused(monkeypatch):
     monkeypatch.setenv(digests.MODE_ENV, "sometimes")
     with pytest.raises(ValueError, match="HF_ZERO_CHECKPOINT_DIGEST='sometimes': allowed values are full, fast, off"):
