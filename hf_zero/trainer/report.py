@@ -13,8 +13,8 @@ the model's forward, collectives are counted as the engine issues them.
   set by ``DefaultFlowCallback``): every rank's figures are gathered, one ``all_gather_object``.
   Every rank passes these points together; the Trainer's gather of the logged loss follows.
 - ``on_log`` of a training log (one with ``loss``): this rank's figures go into the ``logs`` dict
-  as ``hf_zero/*`` scalars, so every integration (TensorBoard, W&B, ...) receives them, and rank 0
-  rewrites the report with every rank's figures. No collective here: a script may call
+  as ``hf_zero/*`` scalars, so every integration (TensorBoard, W&B, ...) receives them (and the
+  Trainer's ``log_history`` entry of that log), and rank 0 rewrites the report with every rank's figures. No collective here: a script may call
   ``trainer.log`` on one rank.
 - ``on_train_end``: a last gather; rank 0 writes the finished report with its summary in human
   units and prints that summary; the end-of-run figures are logged once more.
@@ -176,7 +176,11 @@ class ReportCallback(TrainerCallback):
     def on_log(self, args, state, control, logs=None, **kwargs):
         if not self._training or logs is None or "loss" not in logs:
             return
-        logs.update(self._scalars(args))
+        scalars = self._scalars(args)
+        logs.update(scalars)
+        history = state.log_history  # the Trainer appended a copy of this log just before on_log
+        if history and history[-1].get("step") == state.global_step and history[-1].get("loss") == logs["loss"]:
+            history[-1].update(scalars)
         self._last_log = {k: logs[k] for k in _LOGGED if k in logs}
         if args.process_index == 0:
             report_file.write(args.output_dir, self._document(args, state, "training"))

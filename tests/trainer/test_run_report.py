@@ -5,8 +5,9 @@ trainer/report_file.py):
   progress bars or the Trainer's ``disable_tqdm`` are off;
 - the report is rewritten at every logging step (a callback reads it as each log is made), holds
   the resolved config, versions, devices and world size, and a run that dies leaves the last one;
-- every training log carries this rank's ``hf_zero/*`` scalars, seen by a callback of the user's,
-  and hf_zero's callback runs before every ``report_to`` integration (right after the Trainer's flow);
+- every training log carries this rank's ``hf_zero/*`` scalars, seen by a callback of the user's and
+  kept in ``log_history``, and hf_zero's callback runs before every ``report_to`` integration (right
+  after the Trainer's flow);
 - at the end, rank 0 alone prints the summary in human units, which the finished report holds too.
 """
 
@@ -83,7 +84,7 @@ def _job(rank, world, path, out):
         order = [type(cb) for cb in trainer.callback_handler.callbacks]
         got["order"] = order.index(ReportCallback) - order.index(DefaultFlowCallback)
         _, got["train"] = _captured(trainer.train)
-        got["logs"], got["reports"] = recorder.logs, recorder.reports
+        got["logs"], got["reports"], got["history"] = recorder.logs, recorder.reports, trainer.state.log_history
         _, got["save_tqdm_off"] = _captured(lambda: trainer.save_model(os.path.join(out, "saved")))
         trainer.args.disable_tqdm = False
         _, got["save"] = _captured(lambda: trainer.save_model(os.path.join(out, "saved")))
@@ -124,6 +125,8 @@ def test_scalars_reach_every_log_before_the_integrations(job):
             assert log["hf_zero/tokens_per_s"] > 0 and log["hf_zero/peak_memory_bytes"] > 0
         # measured before each optimizer step: AdamW's moments exist from step 2 (fp32 stage 3: no master copy)
         assert training[0]["hf_zero/optimizer_state_bytes"] == 0 < training[-1]["hf_zero/optimizer_state_bytes"]
+        history = [entry for entry in got["history"] if "loss" in entry]
+        assert [{k: e[k] for k in SCALARS} for e in history] == [{k: log[k] for k in SCALARS} for log in training]
         final = got["logs"][-1]  # the end-of-run figures, logged once more
         assert final["hf_zero/train_tokens_per_s"] > 0 and "loss" not in final
 
