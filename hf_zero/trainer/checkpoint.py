@@ -115,6 +115,24 @@ def mark_complete(directory: str, *, run_id: str, global_step: int, world_size: 
         swap.commit()
 
 
+def record_training_args(directory: str, args) -> None:
+    """Rank 0, after the Trainer's save: its ``training_args.bin`` again, from ``args`` as the user
+    set them. The Trainer wrote the file while hf_zero held ``save_total_limit`` at None ([Note:
+    rotation]), so it recorded None; a run that reads the file back (to relaunch with the same
+    arguments) would keep every checkpoint. Only where the Trainer wrote one (``save_only_model``
+    and the other paths that write none stay so). transformers never loads this pickle, nor does
+    hf_zero."""
+    import torch
+    from transformers.trainer import TRAINING_ARGS_NAME
+
+    if not os.path.isfile(os.path.join(directory, TRAINING_ARGS_NAME)):
+        return
+    swap = Swap(directory)
+    with swap:
+        torch.save(args, swap.temp(TRAINING_ARGS_NAME))
+        swap.commit()
+
+
 def marker_problem(directory: str) -> str | None:
     """Why ``directory`` has no valid completion marker ([Note: completion marker]), or None."""
     marker = os.path.join(directory, COMPLETE_NAME)

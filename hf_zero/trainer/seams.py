@@ -15,7 +15,7 @@ active behaves exactly as before.
 | ``_get_grad_norm``  | stage >= 1: the same norm when clipping is off                          |
 | ``save_model``      | stage 3: every rank gathers unit by unit; rank 0 streams full weights to HF's files (streamed_save.py); stages 1-2: the Trainer's own save, into a hidden folder swapped in once whole; stages >= 1: rank 0 checks every written tensor against the model |
 | ``_save_optimizer_and_scheduler`` | stage >= 1: every rank writes its part of the sharded state (checkpoint.py) |
-| ``_save_checkpoint``| stage >= 1: first removes the folder's earlier completion marker (barrier); after every rank's part, rank 0 seals the save (run id, step, world size, stage), and only then deletes old ones (``save_total_limit``, hf_zero's own rotation: checkpoint.py [Note: rotation]) |
+| ``_save_checkpoint``| stage >= 1: first removes the folder's earlier completion marker (barrier); after every rank's part, rank 0 rewrites ``training_args.bin`` from the user's args (the Trainer wrote it with the limit held at None) and seals the save (run id, step, world size, stage), and only then deletes old ones (``save_total_limit``, hf_zero's own rotation: checkpoint.py [Note: rotation]) |
 | ``_load_best_model``| stage >= 1: loads into gathered params, then back into shards and masters |
 | ``floating_point_ops`` | stage >= 1: transformers' 6 * tokens * non-embedding params, counted in full (param_count.py), so ``total_flos`` is right at stage 3 |
 | ``train``           | stage >= 1: the log's "Number of trainable parameters" counts full params (param_count.py); draws the run id; ``resume_from_checkpoint=True`` takes the newest one with a valid completion marker; a checkpoint of another model, with a missing file or (unless ``HF_ZERO_FORCE_RESUME=1``) without a valid marker is refused first; on return the host step of optimizer offload is settled |
@@ -248,6 +248,7 @@ def _save_checkpoint(self, model, trial):
     if torch.distributed.is_initialized():
         torch.distributed.barrier()  # every rank has written its part
     if self.args.should_save:
+        checkpoint.record_training_args(folder, self.args)  # written above with save_total_limit None
         checkpoint.mark_complete(folder, run_id=session.run_id, global_step=self.state.global_step,
                                  world_size=self.args.world_size, stage=session.stage)
         # [Note: rotation]: old checkpoints go only now, by hf_zero (the Trainer's limit was None above)

@@ -114,3 +114,24 @@ def test_a_rank_killed_inside_the_rotation_window_leaves_the_older_checkpoint_to
     resumed = run_on_ranks(_run, 2, out, True, timeout=300)[0]  # takes checkpoint-3
     assert [resumed[s] for s in (4, 5, 6)] == [full[s] for s in (4, 5, 6)]
     assert _checkpoints(out) == ["checkpoint-6"] and (out / "checkpoint-6" / checkpoint.COMPLETE_NAME).exists()
+
+
+def test_the_saved_training_args_record_the_users_save_total_limit(tmp_path):
+    """hf_zero holds the Trainer's save_total_limit at None while it saves ([Note: rotation]); the
+    training_args.bin of the checkpoint still records the user's limit (1), and the run's own args
+    have it back. (The file is a pickle: only this test loads it, transformers and hf_zero never do.)"""
+    import torch
+
+    model, data = tiny.offload_job()
+    args = tiny.args(str(tmp_path), max_steps=2, save_strategy="steps", save_steps=1, save_total_limit=1)
+    trainer = tiny.with_zero(2, lambda: _train(Trainer(model=model, args=args, train_dataset=data[:8])))
+    assert _checkpoints(tmp_path) == ["checkpoint-2"] and trainer.args.save_total_limit == 1
+    saved = torch.load(tmp_path / "checkpoint-2" / "training_args.bin", weights_only=False)  # our own file
+    assert saved.save_total_limit == 1
+    assert (tmp_path / "checkpoint-2" / checkpoint.COMPLETE_NAME).exists()
+    assert not [n for n in os.listdir(tmp_path / "checkpoint-2") if n.startswith(".")]  # no temporary left
+
+
+def _train(trainer):
+    trainer.train()
+    return trainer
