@@ -10,6 +10,8 @@ One concept per module:
 - `slurm`: SLURM node lists and SLURM_* -> RANK/WORLD_SIZE/... for ranks started by srun.
 - `zero_config_arg`: finding and removing `--zero_config FILE` in a script's arguments.
 - `preflight`: the cheap `hf-zero doctor` checks run before any rank starts (`--skip_doctor`).
+- `error_file`: a failed rank's one line in torchrun's `TORCHELASTIC_ERROR_FILE` (written by
+  `hf_zero.run` and the watchdog; `launch` prints the first failure's line last).
 - `launch`: `hf-zero launch` itself, gluing the above.
 
 Nothing here imports torch at module level, so a bad flag or config fails in well under a second.
