@@ -12,7 +12,7 @@ from __future__ import annotations
 import torch
 
 from hf_zero.engine.offload.settings import OptimizerOffload, ParamOffload
-from hf_zero.engine.stages import NotAvailableYet
+from hf_zero.config.unsupported import refuse
 
 # A bf16 run keeps trainable params in bf16 and the fp32 master shard in the engine (as DeepSpeed
 # does); fp32 keeps them as the model has them.
@@ -38,11 +38,7 @@ def _optimizer_offload(config) -> OptimizerOffload | None:
     spec = config.zero.offload_optimizer
     if spec.device == "none":
         return None
-    if config.precision.dtype == "fp16":
-        raise NotAvailableYet(
-            f"zero_optimization.offload_optimizer.device = {spec.device!r} with fp16: optimizer offload with fp16 "
-            "loss scaling is not implemented yet in hf_zero; use bf16 or fp32, or no offload"
-        )
+    refuse(config)  # the one table (config/unsupported.py): fp16 with optimizer offload is a row of it
     if spec.device == "nvme":  # chunks of buffer_size elements, buffer_count of them in host memory
         return OptimizerOffload(device="nvme", pin_memory=spec.pin_memory, ratio=spec.ratio,
                                 chunk_numel=spec.buffer_size, nvme_path=spec.nvme_path,

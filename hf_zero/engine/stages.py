@@ -18,6 +18,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from hf_zero.engine.offload.settings import TIERS
+
 
 class NotAvailableYet(NotImplementedError, ValueError):
     """A config asks for a feature this version of hf_zero does not implement yet."""
@@ -112,9 +114,8 @@ def check_supported(stage: int, offload_optimizer: str = "none", offload_param: 
     """Raise before any process group exists if the config asks for something not built yet."""
     if stage != 0:
         strategy_for(stage)
-    if offload_optimizer not in ("none", "cpu", "nvme"):
-        raise ValueError(f"zero_optimization.offload_optimizer.device must be one of 'none', 'cpu', 'nvme'; "
-                         f"got {offload_optimizer!r}")
-    if offload_param not in ("none", "cpu", "nvme"):
-        raise ValueError(f"zero_optimization.offload_param.device must be one of 'none', 'cpu', 'nvme'; "
-                         f"got {offload_param!r}")
+    allowed = ("none",) + TIERS
+    for key, device in (("offload_optimizer", offload_optimizer), ("offload_param", offload_param)):
+        if device not in allowed:
+            raise ValueError(f"zero_optimization.{key}.device must be one of {', '.join(map(repr, allowed))}; "
+                             f"got {device!r}")
