@@ -6,6 +6,7 @@
     hf-zero consolidate CHECKPOINT OUTPUT [--dtype] a sharded checkpoint (hf_zero's or DeepSpeed's) to HF safetensors
     hf-zero doctor [--zero_config F] [--model M] ... preflight checks in seconds (docs/troubleshooting.md#doctor)
     hf-zero env [CONFIG]                           versions, GPUs and a config as Markdown for a bug report
+    hf-zero convert-accelerate YAML [-o F]         an accelerate config (deepspeed/fsdp section) to a zero config
     hf-zero --version
 
 A handler takes the parsed `argparse.Namespace` and returns the exit code.
@@ -17,6 +18,7 @@ import sys
 from collections.abc import Sequence
 
 from hf_zero import __version__
+from hf_zero.accelerate_config.command import add_convert_parser
 from hf_zero.doctor.command import add_doctor_parser
 from hf_zero.doctor.config_checks import check_train_batch_size as _check_world_size
 from hf_zero.doctor.env_report import add_env_parser
@@ -150,6 +152,7 @@ def build_parser() -> argparse.ArgumentParser:
     con.set_defaults(handler=consolidate)
     add_doctor_parser(subcommands)
     add_env_parser(subcommands)
+    add_convert_parser(subcommands)
     return parser
 
 
