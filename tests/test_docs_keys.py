@@ -31,3 +31,17 @@ def test_keys_named_in_the_docs_exist(page):
 def test_the_oom_faq_names_its_keys():
     """The FAQ's steps each name the key to change; the check above then holds them to the code."""
     assert len(set(KEY.findall((REPO / "docs" / "oom-faq.md").read_text()))) >= 8
+
+
+def test_every_page_is_listed_in_the_readme():
+    readme = (REPO / "README.md").read_text()
+    assert [p.name for p in PAGES if p.name != "README.md" and f"docs/{p.name}" not in readme] == []
+
+
+def test_every_subcommand_is_in_the_readme():
+    from hf_zero.cli import build_parser
+
+    parser = build_parser()
+    [subparsers] = [a for a in parser._actions if a.dest == "command"]
+    readme = (REPO / "README.md").read_text()
+    assert [name for name in subparsers.choices if f"hf-zero {name}" not in readme] == []
