@@ -36,6 +36,7 @@ from hf_zero.engine.offload import step_overlap
 from hf_zero.engine.offload.host_step import HostStep
 from hf_zero.engine.diagnostics.labels import labelled
 from hf_zero.engine.offload.settings import OptimizerOffload, ParamOffload
+from hf_zero.engine.offload.speculation import SpeculationPolicy
 from hf_zero.engine.shard_map import ParamShard, shard_map
 from hf_zero.engine.sharded_bucket import ShardedBucket
 from hf_zero.engine.strategies import make_strategy
@@ -89,7 +90,8 @@ class ZeroEngine:
                                       max_live_numel=max_live_numel, offload_param=offload_param, source=source)
         # The optimizer's groups as the user built them, in full params; rewritten into pieces.
         self._groups_full = [list(g["params"]) for g in optimizer.param_groups] if optimizer is not None else None
-        self._step_in_backward = (False, False)  # set_step_in_backward: (early, overlap_forward)
+        # set_step_in_backward: (early, overlap_forward, speculation policy or None)
+        self._step_in_backward: tuple[bool, bool, SpeculationPolicy | None] = (False, False, None)
         # [Note: step in backward] in host_step.py, overlap_forward (step_overlap.py).
         self._gates = step_overlap.ForwardGates(lambda: self._host_step)
         self._hidden = step_overlap.HiddenPieces()
@@ -302,18 +304,27 @@ class ZeroEngine:
         """Whether the current backward ends a gradient accumulation."""
         return self._boundary_source() if self._boundary_source is not None else self._boundary
 
-    def set_step_in_backward(self, enabled: bool, *, overlap_forward: bool = False) -> None:
+    def set_step_in_backward(self, enabled: bool, *, overlap_forward: bool = False,
+                             speculation: SpeculationPolicy | None = None) -> None:
         """Let the host step of offloaded buckets run during backward ([Note: step in backward] in
-        host_step.py): only for runs that never clip (the Trainer: ``max_grad_norm`` 0), since the
-        global norm is known only after backward. ``overlap_forward``: and let ``optimizer.step()``
-        return before the host is done, the next forward waiting for each bucket's new params as
-        it needs them; between the step and the next backward, read the params through the
-        engine (``gathered``, state dicts, the Trainer's saves) or call ``settle()`` first.
-        Nothing changes without optimizer offload."""
-        self._step_in_backward = (enabled, enabled and overlap_forward)
+        host_step.py). Without ``speculation`` only for runs that never clip (``clip_grad_norm_``
+        refuses then), since the global norm is known only after backward; with a
+        ``SpeculationPolicy`` (the Trainer's when ``max_grad_norm`` > 0) chunks are stepped as if no
+        clipping were needed and redone from a copy when it was ([Note: speculation] in
+        speculation.py), bit for bit the step without overlap. ``overlap_forward``: and let
+        ``optimizer.step()`` return before the host is done, the next forward waiting for each
+        bucket's new params as it needs them; between the step and the next backward, read the
+        params through the engine (``gathered``, state dicts, the Trainer's saves) or call
+        ``settle()`` first. Nothing changes without optimizer offload."""
+        self._step_in_backward = (enabled, enabled and overlap_forward, speculation if enabled else None)
         if self._host_step is not None:
             self._host_step.settle()
-            self._host_step.early, self._host_step.defer = self._step_in_backward
+            self._host_step.overlap(*self._step_in_backward)
+
+    @property
+    def speculation(self) -> SpeculationPolicy | None:
+        """The policy of speculative host steps (its counters: steps speculated, redone), if any."""
+        return self._step_in_backward[2]
 
     def settle(self) -> None:
         """Every offloaded bucket's optimizer step is done and its params are in place (the
@@ -358,11 +369,12 @@ class ZeroEngine:
     @labelled("hf_zero::clip_grad_norm")
     def clip_grad_norm_(self, max_norm: float) -> torch.Tensor:
         """Scale the main grads so their global norm is at most ``max_norm``; return the norm before."""
-        if self._host_step is not None and self._host_step.early and max_norm != float("inf"):
+        host_step = self._host_step
+        if host_step is not None and host_step.early and host_step.speculation is None and max_norm != float("inf"):
             raise RuntimeError(
                 f"clip_grad_norm_({max_norm}): the optimizer step of offloaded buckets ran during backward "
-                "(ZeroEngine.set_step_in_backward(True), which the Trainer sets when max_grad_norm is 0), so "
-                "their gradients can no longer be clipped; set_step_in_backward(False) to clip")
+                "(ZeroEngine.set_step_in_backward(True) without a speculation policy), so their gradients can "
+                "no longer be clipped; set_step_in_backward(True, speculation=SpeculationPolicy()) to clip")
         total = self.grad_norm()
         if max_norm != float("inf"):
             coef = torch.clamp(max_norm / (total + 1e-6), max=1.0)  # as torch's clip_grad_norm_

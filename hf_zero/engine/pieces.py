@@ -58,7 +58,7 @@ def build_masters(engine) -> HostStep | None:
     rewrite_optimizer(engine)
     if host_step is not None:
         host_step.bind(engine.optimizer, buckets)
-        host_step.early, host_step.defer = engine._step_in_backward
+        host_step.overlap(*engine._step_in_backward)  # [Note: step in backward], [Note: speculation]
         # [Note: step in backward], overlap_forward: what the next forward waits for (step_overlap.py).
         engine._gates.lay_out(engine.model, buckets)
     return host_step

@@ -14,6 +14,8 @@ profiler runs:
     hf_zero::host_step_chunk        one chunk: tier fetch, the optimizer on it, release (worker thread too)
     hf_zero::upload                 a chunk's new masters queued up into the param shards
     hf_zero::settle_host_step       waiting for a host step still running (overlap_forward)
+    hf_zero::speculation_keep       a chunk's masters and state copied before its speculative step (speculation.py)
+    hf_zero::speculation_restore    ... copied back: clipping was needed, or the step was skipped
     hf_zero::after_step             the post-hook: masters into the param shards, the gathers
     hf_zero::start_param_all_gather a bucket's all-gather of its new params (stages 1-2, persistent units)
     hf_zero::wait_param_all_gather  ... waited for

@@ -71,7 +71,9 @@ from torch.profiler import record_function
 
 from hf_zero.engine.offload.host_memory import HostMemory
 from hf_zero.engine.diagnostics.labels import labelled
+from hf_zero.engine.offload.nvme_swap import state_tensors_per_element
 from hf_zero.engine.offload.settings import OptimizerOffload
+from hf_zero.engine.offload.speculation import Action, Speculation, SpeculationPolicy
 from hf_zero.engine.offload.step_overlap import StepWorker, hyperparameters
 from hf_zero.engine.streams import Streams
 from hf_zero.engine.offload.tiers import state_tier
@@ -136,6 +138,11 @@ class HostStep:
         self._upload_events: dict[int, object] = {}  # chunk -> the event after its upload (worker-written)
         self._chunk_of = {i: c for c, chunk in enumerate(self.chunks) for i in chunk}
         self._optimizer: torch.optim.Optimizer | None = None
+        # [Note: speculation] (speculation.py): early with clipping on; each chunk's (groups, skip,
+        # events) as it was handed over, for a step after the verdict.
+        self.speculation: Speculation | None = None
+        self._handed: dict[int, tuple] = {}
+        self._chunk_numel = [sum(shard_sizes[i] for i in chunk) for chunk in self.chunks]
 
     def master(self, i: int, shard: torch.Tensor) -> torch.Tensor:
         """Bucket ``i``'s fp32 master, initialised from ``shard``, where the tier keeps it."""
@@ -150,6 +157,17 @@ class HostStep:
         self._pieces = {b.index: [(p.piece, p.local, p.param) for p in b.pieces] for b in buckets}
         self._shard_of = lambda i: buckets[i].shard()
         self._settle_params = lambda i: buckets[i].settle_shard()
+
+    def overlap(self, early: bool, defer: bool, speculation: SpeculationPolicy | None) -> None:
+        """[Note: step in backward]: ``early``, ``defer``; with ``speculation`` (clipping on) the
+        chunks stepped before the global norm is known are validated against it ([Note:
+        speculation]). Only the host tier speculates; the NVMe tier's chunks wait for the norm."""
+        self.early, self.defer = early, early and defer
+        self.speculation = None
+        if early and speculation is not None:
+            policy = speculation if not self.tier.on_disk else SpeculationPolicy(budget=0.0)
+            per_element = 4 * (1 + state_tensors_per_element(self._optimizer))
+            self.speculation = Speculation(policy, self._chunk_numel, per_element)
 
     # ---- grads down ----------------------------------------------------------------------------
 
@@ -233,6 +251,12 @@ class HostStep:
                 self._worker = StepWorker(threads, highest_first=not self.tier.on_disk)
             events = [e for j in self.chunks[c] for e in self._ready[j]]
             skip = {j: self._unused[j] for j in self.chunks[c]}
+            if self.speculation is not None:  # [Note: speculation]
+                self._handed[c] = (hyperparameters(self._optimizer), lambda j, skip=skip: skip[j](), events)
+                if self.speculation.hand_over(c):
+                    self._pending[c] = self._worker.submit(c, self._step_validated, c, *self._handed[c])
+                self._next_chunk += 1
+                continue
             view = _chunk_view(self._optimizer)
             self._pending[c] = self._worker.submit(c, self._step_chunk, c, view, hyperparameters(self._optimizer),
                                                    lambda j, skip=skip: skip[j](), events)
@@ -258,7 +282,8 @@ class HostStep:
     def settle(self) -> None:
         """Every chunk handed to the worker is stepped, its writes back in the tier, and the current
         stream waits for every upload. Idempotent."""
-        if not self._pending:
+        decided = self.speculation is not None and self.speculation.decided  # (held chunks may be all)
+        if not self._pending and not decided:
             return
         with record_function("hf_zero::settle_host_step"):
             try:
@@ -266,8 +291,10 @@ class HostStep:
                     self._pending[c].result()  # the worker's errors surface here
             finally:
                 self._pending, self._next_chunk = {}, 0
-                self._upload_events = {}
+                self._upload_events, self._handed = {}, {}
                 self.tier.finish()
+                if self.speculation is not None:
+                    self.speculation.end_step()
             self.wait_uploads()
 
     @labelled("hf_zero::host_step")
@@ -277,26 +304,21 @@ class HostStep:
         (no gradient on any rank) get none. Early (a worker stepped the chunks during backward):
         waits for the worker, or with ``defer`` leaves it running (the next forward waits for each
         chunk as it needs it, ``wait_chunk_of``; anything else calls ``settle`` first)."""
-        view = _chunk_view(optimizer)
         if not self.early:  # (early: the worker has been queueing uploads since backward)
             self._uploads = []
         scale = None if self.scale is None else float(self.scale)
-        if scale is not None and scale != 1.0:
-            if _scales_grads_itself(optimizer):
-                # Adam(W) fused: the kernel divides each grad by grad_scale as it reads it, so
-                # clipping costs no extra pass over the host grads (GradScaler's protocol).
-                view.grad_scale, scale = torch.tensor(1.0 / scale, dtype=torch.float32), None
-        else:
-            scale = None
         if device_pieces:
             view_dev = _chunk_view(optimizer)  # without grad_scale: these grads were clipped already
             _step_on(view_dev, hyperparameters(optimizer), device_pieces)
         if self.early:
             if self._next_chunk != len(self.chunks):
                 raise AssertionError(f"{self._next_chunk} of {len(self.chunks)} chunks were handed to the step worker")
+            if self.speculation is not None:
+                self._validate(scale)
             if not self.defer:
                 self.settle()
             return
+        view, scale = _clip_view(optimizer, scale)
         self.tier.begin(optimizer, self._pieces_of())
         try:
             groups = hyperparameters(optimizer)
@@ -310,12 +332,51 @@ class HostStep:
             self.tier.finish()
         view.param_groups = []
 
+    def _validate(self, scale: float | None) -> None:
+        """[Note: speculation]: the global norm is known (``scale``, the clip coefficient, or None):
+        chunks stepped at scale 1 are stepped again if clipping was needed, and chunks that waited
+        for the norm go to the worker now."""
+        redo, held = self.speculation.validate(scale)
+        for c in redo:
+            self._pending[c].result()  # its speculative step is done: the worker has let go of c
+        for c in redo + held:
+            self._pending[c] = self._worker.submit(c, self._step_validated, c, *self._handed[c])
+
+    def _step_validated(self, c: int, groups: list[dict], skip: Callable[[int], set], events: list) -> None:
+        """On the worker, chunk ``c`` under speculation ([Note: speculation]): before the verdict
+        keep a copy and step at scale 1; after it step with its scale (a speculated chunk from its
+        copy, when clipping was needed), or nothing when the step was skipped."""
+        for event in events:
+            if event is not None:
+                event.synchronize()
+        action, scale = self.speculation.start(c)
+        if action is Action.NOTHING:
+            return
+        view, scale = _clip_view(self._optimizer, scale)
+        if scale is not None:
+            for i in self.chunks[c]:
+                self.host_grads[i].mul_(scale)  # as run() does without speculation
+        snapshots, state = self.speculation.snapshots, self._optimizer.state
+        before = {Action.SPECULATE: lambda pieces: snapshots.keep(c, pieces, state),
+                  Action.REDO: lambda pieces: snapshots.restore(c, state)}.get(action)
+        self._step_chunk(c, view, groups, skip, [], before)
+
+    def _restore(self, c: int) -> None:
+        """Chunk ``c``'s masters and state back from its copy, and its params from them (a skipped
+        step after speculation)."""
+        resident = self.tier.fetch(c, self.masters)
+        self.speculation.snapshots.restore(c, self._optimizer.state)
+        for i in self.chunks[c]:
+            self._settle_params(i)
+        self.tier.release(c, self._upload(c, self.chunks[c], resident, self.streams.h2d))
+
     @labelled("hf_zero::host_step_chunk")
     def _step_chunk(self, c: int, view: torch.optim.Optimizer, groups: list[dict], skip: Callable[[int], set],
-                    events: list) -> None:
+                    events: list, before: Callable[[list], None] | None = None) -> None:
         """Chunk ``c``: wait for its downloads (``events``), step its pieces (``groups``: the
         hyperparameters to use) with their host grads, those of params in ``skip(i)`` without, and
-        queue the upload of its masters (or write the host shards)."""
+        queue the upload of its masters (or write the host shards). ``before(pieces)``: called with
+        the pieces that get a grad, right before their step ([Note: speculation])."""
         chunk = self.chunks[c]
         for event in events:
             if event is not None:
@@ -327,6 +388,8 @@ class HostStep:
             for piece, local, param in self._pieces.get(i, []):
                 piece.grad = None if param in unused else self.host_grads[i][local.start : local.end]
                 pieces.append(piece)
+        if before is not None:
+            before([p for p in pieces if p.grad is not None])
         _step_on(view, groups, pieces)
         for piece in pieces:
             piece.grad = None
@@ -339,7 +402,15 @@ class HostStep:
 
     def end_step(self) -> None:
         """After the optimizer step (or instead of it): this step's grads are done with. With
-        ``defer`` the worker may still be stepping; it has what it needs (``ready``)."""
+        ``defer`` the worker may still be stepping; it has what it needs (``ready``). Under
+        speculation a step that never came undoes the chunks stepped before it."""
+        if self.speculation is not None and self.speculation.open:  # no optimizer step: skipped
+            restore = self.speculation.skip()
+            for c in restore:
+                self._pending[c].result()
+            for c in restore:
+                self._restore(c)
+            self.settle()
         if self._pending and not self.defer:
             self.settle()  # early chunks of a step the optimizer never took: no worker runs on
         while self._in_flight:
@@ -398,8 +469,9 @@ class HostStep:
         self._uploads = []
 
     def host_bytes(self) -> int:
-        """Host grads, and the tier's chunk buffers."""
-        return sum(g.numel() * g.element_size() for g in self.host_grads.values()) + self.tier.resident_bytes()
+        """Host grads, the tier's chunk buffers and the copies of speculation."""
+        copies = self.speculation.snapshots.nbytes() if self.speculation is not None else 0
+        return sum(g.numel() * g.element_size() for g in self.host_grads.values()) + self.tier.resident_bytes() + copies
 
     def close(self) -> None:
         try:
@@ -409,6 +481,20 @@ class HostStep:
                 self._worker.close()
                 self._worker = None
             self.tier.close()
+
+
+def _clip_view(optimizer: torch.optim.Optimizer, scale: float | None) -> tuple[torch.optim.Optimizer, float | None]:
+    """A chunk view of ``optimizer`` that applies the clip coefficient ``scale``, and the factor
+    left for the caller to multiply the host grads by (None: nothing to do)."""
+    view = _chunk_view(optimizer)
+    if scale is None or scale == 1.0:
+        return view, None
+    if _scales_grads_itself(optimizer):
+        # Adam(W) fused: the kernel divides each grad by grad_scale as it reads it, so
+        # clipping costs no extra pass over the host grads (GradScaler's protocol).
+        view.grad_scale = torch.tensor(1.0 / scale, dtype=torch.float32)
+        return view, None
+    return view, scale
 
 
 def _scales_grads_itself(optimizer: torch.optim.Optimizer) -> bool:

@@ -1,0 +1,297 @@
+"""Speculation then validation: the host step overlaps backward with clipping on.
+
+[Note: speculation] With clipping (``max_grad_norm`` > 0) the scale of every grad depends on the
+global norm, known only once backward has ended, so the host step of optimizer offload
+(host_step.py) would wait for it. Instead (SuperOffload, ASPLOS'26), each chunk whose grads are
+down is stepped during backward *as if no clipping were needed* (scale 1), after a copy of what
+the step changes is kept (``Snapshots``: the chunk's fp32 masters and optimizer state, AdamW's
+``step`` included); at the optimizer step the norm is known and the step is validated:
+
+    backward:    [grads b0][grads b1] ...                 [grads bN]  norm  step
+    CPU worker:      [keep c0 | step c0][keep c1 | step c1]   [step c2]     [step c3] ...
+                                                               (norm known: no copy kept)
+
+- no clipping needed (the clip coefficient is exactly 1, or no clip was asked for): the
+  speculative steps *are* the step, bit for bit: the waiting path multiplies by nothing then;
+- clipping needed, or a norm that is not finite (coefficient below 1, or NaN): each
+  speculatively stepped chunk gets its copy back and is stepped again with the clipped grads,
+  as the waiting path steps it (a NaN coefficient makes NaN params there too);
+- no optimizer step at all (an fp16 overflow skips it, or a loop that does): each speculatively
+  stepped chunk gets its copy back, and nothing else happens.
+
+A chunk the worker starts after the verdict is stepped once, with the verdict's scale, and keeps
+no copy: only what runs before the norm is known costs a copy. Its lifecycle in a step is a
+``ChunkStep``, the step's a ``Verdict``.
+
+What it costs: per speculated element a copy of the master and of the optimizer's per-element
+state before its step (AdamW: 12 bytes written, read back only for a redo), on the worker. Host
+memory for the copies: at most ``SpeculationPolicy.budget`` of the offloaded elements (AdamW:
+12 bytes each, so 3 bytes per offloaded element at the default 0.25; the copies of one chunk at
+least), allocated the first time and reused, and never more than leaves ``HOST_RESERVE`` of the
+host's available memory. A chunk beyond the budget waits for the norm (``HELD``) and is then
+stepped once, still overlapping the next forward. When clipping fired lately speculation waits
+(``SpeculationPolicy``): a clipping streak takes the waiting path and costs no copies, no redos.
+
+Only the host tier speculates: the NVMe tier's chunks are on disk between their steps, so its
+chunks wait for the norm (and then overlap the next forward).
+"""
+
+from __future__ import annotations
+
+import enum
+import threading
+
+import torch
+
+from hf_zero.engine.diagnostics.labels import labelled
+
+HOST_RESERVE = 0.1  # of the host's memory: snapshots are not allocated into it (MemAvailable)
+
+
+class Verdict(enum.Enum):
+    """One step's, as the host step sees it: ``IDLE`` -> ``OPEN`` -> one of the last three -> ``IDLE``."""
+
+    IDLE = "idle"  # between steps: no chunk of this step is down yet
+    OPEN = "open"  # chunks are coming down and the global norm is not known
+    STOOD = "stood"  # no clipping needed: speculative steps are the step
+    CLIPPED = "clipped"  # clipping needed or a norm not finite: speculative steps redone with the scale
+    SKIPPED = "skipped"  # the optimizer step never came: speculative steps undone
+
+
+class ChunkStep(enum.Enum):
+    """One chunk's, within a step."""
+
+    HELD = "held"  # its grads are down; it waits for the verdict (policy or budget)
+    QUEUED = "queued"  # handed to the worker before the verdict
+    SPECULATED = "speculated"  # stepped at scale 1 before the verdict; its copy kept
+    FINAL = "final"  # stepped with the verdict's scale (or its speculation stood)
+    RESTORED = "restored"  # its speculative step undone; the step was skipped
+
+
+class Action(enum.Enum):
+    """What the worker does with a chunk it starts (``Speculation.start``)."""
+
+    SPECULATE = "speculate"  # keep a copy, step at scale 1
+    STEP = "step"  # step with the verdict's scale
+    REDO = "redo"  # restore the copy, step with the verdict's scale
+    NOTHING = "nothing"  # the step was skipped
+
+
+class SpeculationPolicy:
+    """When to speculate, and how much; the counters for the run report. The engine's, so that
+    it outlives a re-layout (each ``HostStep`` makes its ``Speculation`` from it).
+
+    ``budget``: the share of the offloaded elements whose copies may be kept in one step (at
+    least one chunk's when above 0). ``max_backoff``: after a step whose speculation had to be
+    redone, speculation waits for 1, 2, 4, ... up to this many steps in a row without clipping."""
+
+    def __init__(self, *, budget: float = 0.25, max_backoff: int = 64) -> None:
+        if not 0.0 <= budget <= 1.0:
+            raise ValueError(f"speculation budget must be in [0, 1] (a share of the offloaded elements), got {budget}")
+        if max_backoff < 1:
+            raise ValueError(f"speculation max_backoff must be >= 1 (steps), got {max_backoff}")
+        self.budget, self.max_backoff = budget, max_backoff
+        self._wait = 0  # steps without clipping still needed before speculating again
+        self._backoff = 1
+        self.speculated_steps = 0  # steps with a chunk stepped before the norm was known
+        self.redone_steps = 0  # ... of which redone (clipped, not finite) or undone (skipped)
+        self.clipped_steps = 0  # steps whose verdict was CLIPPED or SKIPPED, speculated or not
+
+    def speculate_now(self) -> bool:
+        return self.budget > 0 and self._wait == 0
+
+    def record(self, verdict: Verdict, speculated: bool) -> None:
+        """A step's verdict; ``speculated``: a chunk of it was stepped before it."""
+        self.speculated_steps += speculated
+        if verdict is Verdict.STOOD:
+            if speculated:
+                self._backoff = 1
+            self._wait = max(0, self._wait - 1)
+            return
+        self.clipped_steps += 1
+        if speculated:
+            self.redone_steps += 1
+            self._backoff = min(2 * self._backoff, self.max_backoff)
+        self._wait = self._backoff
+
+
+class Snapshots:
+    """The copies that undo a chunk's speculative step: per stepped piece its master values and
+    its optimizer state (None: it had none yet). Buffers are kept per piece and reused."""
+
+    def __init__(self) -> None:
+        self._buffers: dict[torch.nn.Parameter, dict[str, torch.Tensor]] = {}  # piece -> kind -> copy
+        self._saved: dict[int, list[tuple[torch.nn.Parameter, dict | None]]] = {}  # chunk -> what keep saw
+
+    @labelled("hf_zero::speculation_keep")
+    @torch.no_grad()
+    def keep(self, c: int, pieces: list, state: dict) -> None:
+        """Before chunk ``c``'s speculative step: copy what the step of ``pieces`` changes."""
+        saved = []
+        for piece in pieces:
+            buffers = self._buffers.setdefault(piece, {})
+            _copy_into(buffers, "\0master", piece)  # (a key no optimizer state uses)
+            s = state.get(piece)
+            saved.append((piece, None if s is None else
+                          {k: _copy_into(buffers, k, v) if torch.is_tensor(v) else v for k, v in s.items()}))
+        self._saved[c] = saved
+
+    @labelled("hf_zero::speculation_restore")
+    @torch.no_grad()
+    def restore(self, c: int, state: dict) -> None:
+        """Chunk ``c``'s masters and optimizer state as ``keep`` found them."""
+        for piece, saved in self._saved.pop(c):
+            piece.copy_(self._buffers[piece]["\0master"])
+            if saved is None:
+                state.pop(piece, None)
+                continue
+            live = state.get(piece, {})
+            back = {}
+            for k, v in saved.items():
+                if not torch.is_tensor(v):
+                    back[k] = v
+                elif torch.is_tensor(live.get(k)) and live[k].shape == v.shape and live[k].dtype == v.dtype:
+                    back[k] = live[k].copy_(v)  # in place: views of it (checkpoints) stay right
+                else:
+                    back[k] = v.clone()
+            state[piece] = back
+
+    def forget(self) -> None:
+        """The step is over: no copy is needed any more (the buffers stay for the next)."""
+        self._saved.clear()
+
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for b in self._buffers.values() for t in b.values())
+
+
+def _copy_into(buffers: dict, key: str, src: torch.Tensor) -> torch.Tensor:
+    dst = buffers.get(key)
+    if dst is None or dst.shape != src.shape or dst.dtype != src.dtype:
+        dst = buffers[key] = torch.empty_like(src, device="cpu")
+    return dst.copy_(src)
+
+
+class Speculation:
+    """One host step's speculation ([Note: speculation]): the verdict of the current step, each
+    chunk's ``ChunkStep``, the copies. The main thread hands chunks over (``hand_over``) and
+    gives the verdict (``validate``, ``skip``); the worker asks what to do with each chunk it
+    starts (``start``); a lock keeps the two in step.
+
+    ``chunk_numel``: each chunk's elements; ``bytes_per_element``: of its copies (4 for the
+    master plus the optimizer's per-element state)."""
+
+    def __init__(self, policy: SpeculationPolicy, chunk_numel: list[int], bytes_per_element: int) -> None:
+        self.policy = policy
+        self.chunk_numel, self.bytes_per_element = chunk_numel, bytes_per_element
+        self.budget = policy.budget * sum(chunk_numel)
+        self.snapshots = Snapshots()
+        self.verdict = Verdict.IDLE
+        self.scale: float | None = None  # the verdict's clip coefficient (None or 1.0: none)
+        self.chunks: dict[int, ChunkStep] = {}
+        self._speculating = False  # this step: the policy said so
+        self._reserved = 0  # elements of the chunks queued before the verdict, this step
+        self._kept: set[int] = set()  # chunks whose copies have buffers (last steps)
+        self._lock = threading.Lock()
+
+    def _expect(self, *verdicts: Verdict) -> None:
+        if self.verdict not in verdicts:
+            raise AssertionError(f"speculation: verdict {self.verdict.name}, expected {[v.name for v in verdicts]}")
+
+    def hand_over(self, c: int) -> bool:
+        """Chunk ``c``'s grads are down (before the verdict): True if it goes to the worker now
+        (it may speculate), False if it waits for the verdict (``HELD``)."""
+        with self._lock:
+            if self.verdict is Verdict.IDLE:
+                self.verdict, self._speculating, self._reserved = Verdict.OPEN, self.policy.speculate_now(), 0
+            self._expect(Verdict.OPEN)
+            n = self.chunk_numel[c]
+            fits = self._reserved == 0 or self._reserved + n <= self.budget
+            if self._speculating and fits and self._room_for(c):
+                self._reserved += n
+                self.chunks[c] = ChunkStep.QUEUED
+                return True
+            self.chunks[c] = ChunkStep.HELD
+            return False
+
+    def _room_for(self, c: int) -> bool:
+        """Whether chunk ``c``'s copies fit in host memory without eating ``HOST_RESERVE``."""
+        if c in self._kept:
+            return True
+        available, total = _host_memory()
+        if available is not None and available - self.chunk_numel[c] * self.bytes_per_element < HOST_RESERVE * total:
+            return False
+        self._kept.add(c)
+        return True
+
+    def start(self, c: int) -> tuple[Action, float | None]:
+        """On the worker, as it starts chunk ``c``: what to do, and with which clip scale."""
+        with self._lock:
+            state = self.chunks[c]
+            if self.verdict is Verdict.OPEN:
+                if state is not ChunkStep.QUEUED:
+                    raise AssertionError(f"chunk {c} started before the verdict in state {state.name}")
+                self.chunks[c] = ChunkStep.SPECULATED
+                return Action.SPECULATE, None
+            self._expect(Verdict.STOOD, Verdict.CLIPPED, Verdict.SKIPPED)
+            if self.verdict is Verdict.SKIPPED:
+                return Action.NOTHING, None
+            self.chunks[c] = ChunkStep.FINAL
+            return (Action.REDO if state is ChunkStep.SPECULATED else Action.STEP), self.scale
+
+    def validate(self, scale: float | None) -> tuple[list[int], list[int]]:
+        """At the optimizer step, with the clip coefficient (None: no clipping asked for): the
+        chunks to step again (speculated, clipping needed) and those never handed over (held);
+        both go to the worker now. Records the verdict with the policy."""
+        with self._lock:
+            self._expect(Verdict.OPEN)
+            stands = scale is None or scale == 1.0  # NaN: not equal, so a redo (as the waiting path does)
+            self.verdict, self.scale = (Verdict.STOOD if stands else Verdict.CLIPPED), scale
+            speculated = [c for c, s in self.chunks.items() if s is ChunkStep.SPECULATED]
+            held = [c for c, s in self.chunks.items() if s is ChunkStep.HELD]
+            if stands:
+                for c in speculated:
+                    self.chunks[c] = ChunkStep.FINAL
+                self.snapshots.forget()
+            self.policy.record(self.verdict, bool(speculated))
+            return ([] if stands else speculated), held
+
+    def skip(self) -> list[int]:
+        """The step ends without an optimizer step: the chunks to restore (speculated). Chunks
+        the worker starts from now on are left alone."""
+        with self._lock:
+            self._expect(Verdict.OPEN)
+            self.verdict = Verdict.SKIPPED
+            speculated = [c for c, s in self.chunks.items() if s is ChunkStep.SPECULATED]
+            for c in speculated:
+                self.chunks[c] = ChunkStep.RESTORED
+            self.policy.record(self.verdict, bool(speculated))
+            return speculated
+
+    @property
+    def open(self) -> bool:
+        """Chunks of this step were handed over and its verdict is not known."""
+        return self.verdict is Verdict.OPEN
+
+    @property
+    def decided(self) -> bool:
+        """This step's verdict is known and ``end_step`` has not come yet."""
+        return self.verdict in (Verdict.STOOD, Verdict.CLIPPED, Verdict.SKIPPED)
+
+    def end_step(self) -> None:
+        """Every chunk of the step is done (``HostStep.settle``): back to ``IDLE``. A step still
+        ``OPEN`` (settled before its optimizer step) stays open."""
+        with self._lock:
+            if self.verdict in (Verdict.IDLE, Verdict.OPEN):
+                return
+            self.verdict, self.scale, self.chunks = Verdict.IDLE, None, {}
+            self.snapshots.forget()
+
+
+def _host_memory() -> tuple[int | None, int]:
+    """(MemAvailable, MemTotal) in bytes from /proc/meminfo; (None, 0) where there is none."""
+    try:
+        with open("/proc/meminfo") as f:
+            fields = dict(line.split(":", 1) for line in f)
+        return int(fields["MemAvailable"].split()[0]) * 1024, int(fields["MemTotal"].split()[0]) * 1024
+    except (OSError, KeyError, ValueError):
+        return None, 0
