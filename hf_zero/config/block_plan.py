@@ -53,7 +53,8 @@ class BlockPlan:
     def describe(self, source: str | None) -> str:
         """One line: what runs, each argument with its source, and the notes."""
         where = f" in {source}" if source else ""
-        what = f"torch.optim.{self.runs}" if self.block == "optimizer" else f"{self.runs} (DeepSpeed's formula)"
+        what = (f"torch.optim.{self.runs}" if self.block == "optimizer" else self.runs
+                if self.runs.startswith("torch.") else f"{self.runs} (DeepSpeed's formula)")
         args = ", ".join(_arg(k, s) for k, s in self.settings.items()) or "no arguments"
         notes = "".join(f"; {n}" for n in self.notes)
         return f"{self.block} {what} from {self.block}.type {show(self.written)}{where}: {args}{notes}"
@@ -107,6 +108,10 @@ def optimizer_plan(loaded: Any, resolved: Any = None) -> BlockPlan:
 def scheduler_plan(loaded: Any, resolved: Any = None) -> BlockPlan:
     """The plan for a SchedulerSpec as read (``loaded``) and, once known, as resolved."""
     params = (resolved or loaded).params
+    if loaded.type in scheduler_block.TORCH_SCHEDULERS:  # written params only; torch's defaults for the rest
+        settings = {k: Setting(v, WRITTEN) for k, v in params.items()}
+        return BlockPlan("scheduler", loaded.type, f"torch.optim.lr_scheduler.{loaded.type}", settings,
+                         ("other arguments: torch's defaults; stepped once per optimizer step, as DeepSpeed steps it",))
     settings = {}
     for key, default in scheduler_block.SCHEDULERS[loaded.type].items():
         value = params.get(key, default)

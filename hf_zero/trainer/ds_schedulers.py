@@ -236,5 +236,9 @@ SCHEDULES: dict[str, type[_DeepSpeedSchedule]] = {
 
 
 def build_scheduler(type_: str, optimizer: torch.optim.Optimizer, params: dict[str, Any]) -> LRScheduler:
-    """The schedule ``type_`` on ``optimizer`` with resolved ``params`` (no "auto" left)."""
+    """The schedule ``type_`` on ``optimizer`` with resolved ``params`` (no "auto" left): one of DeepSpeed's
+    five, or ``torch.optim.lr_scheduler.<Name>`` (what the plan's ``runs`` names), as DeepSpeed builds both."""
+    prefix = "torch.optim.lr_scheduler."
+    if type_.startswith(prefix):
+        return getattr(torch.optim.lr_scheduler, type_.removeprefix(prefix))(optimizer, **params)
     return SCHEDULES[type_](optimizer, **params)

@@ -129,3 +129,17 @@ def test_block_and_trainer_argument_for_the_same_thing_are_refused(tmp_path):
                     optimizers=(opt, None))
     finally:
         zt.deactivate()
+
+
+def test_a_torch_scheduler_block_runs_in_the_trainer(tmp_path, capsys):
+    """{"type": "StepLR"}: DeepSpeed builds torch's StepLR and steps it once per optimizer step; so does hf_zero."""
+    zt.activate({"zero_optimization": {"stage": 2},
+                 "scheduler": {"type": "StepLR", "params": {"step_size": 3, "gamma": 0.5}}})
+    try:
+        trainer = _trainer(tmp_path, learning_rate=1e-2, max_steps=7, lr_scheduler_type="linear")
+        trainer.train()
+    finally:
+        zt.deactivate()
+    logged = [h["learning_rate"] for h in trainer.state.log_history if "learning_rate" in h]
+    assert logged == pytest.approx([1e-2 * 0.5 ** (step // 3) for step in range(7)], rel=1e-9)
+    assert "scheduler torch.optim.lr_scheduler.StepLR from scheduler.type \"StepLR\"" in capsys.readouterr().err

@@ -92,7 +92,9 @@ def test_the_torch_class_deepspeed_would_run(written, params, cls):
 
 @pytest.mark.parametrize("block, key, text", [
     ({"type": "WarmupLr"}, "scheduler.type", "did you mean 'WarmupLR'?"),
-    ({"type": "CosineAnnealingLR"}, "scheduler.type", "allowed: WarmupLR, WarmupDecayLR, WarmupCosineLR"),
+    ({"type": "cosine"}, "scheduler.type", "allowed: WarmupLR, WarmupDecayLR, WarmupCosineLR"),
+    ({"type": "ReduceLROnPlateau"}, "scheduler.type", "steps on a metric"),
+    ({"type": "CosineAnnealingLR"}, "scheduler.params.T_max", "torch's CosineAnnealingLR needs it"),
     ({"type": "WarmupLR", "params": {"total_num_steps": 10}}, "scheduler.params.total_num_steps",
      "not a parameter of WarmupLR"),
     ({"type": "WarmupDecayLR", "params": {"warmup_num_steps": 5}}, "scheduler.params.total_num_steps",
