@@ -59,8 +59,10 @@ class SchedulerSpec:
     type: str = setting(
         deepspeed="type",
         doc="""Schedule to run instead of the Trainer's, with DeepSpeed's formulas: "WarmupLR",
-        "WarmupDecayLR", "WarmupCosineLR", "OneCycle" or "LRRangeTest". Required; leave the
-        block out to use the Trainer's --lr_scheduler_type.""",
+        "WarmupDecayLR", "WarmupCosineLR", "OneCycle" or "LRRangeTest"; or, as DeepSpeed takes
+        it, the name of a torch.optim.lr_scheduler class ("StepLR", "CosineAnnealingLR", ...,
+        built with the params as written). Required; leave the block out to use the Trainer's
+        --lr_scheduler_type.""",
     )
     params: dict[str, Any] = setting(
         default_factory=dict,
@@ -75,7 +77,7 @@ class SchedulerSpec:
     def __post_init__(self) -> None:
         checks.text(self, "type")
         checks.json_params(self, "params", SCHEDULER_AUTO_KEYS)
-        scheduler_block.check(self)  # one of DeepSpeed's five schedules, its params (scheduler_block.py)
+        scheduler_block.check(self)  # DeepSpeed's five schedules or torch's, its params (scheduler_block.py)
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
