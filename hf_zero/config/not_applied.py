@@ -81,10 +81,11 @@ NOT_APPLIED: dict[str, NotApplied] = {
     "zero_optimization.reduce_scatter": NotApplied("gradients are always reduce-scattered", (True,)),
     "zero_optimization.overlap_comm": NotApplied(
         "gradient reductions always start during backward, as each bucket fills (stage 1: in the backward of "
-        "the accumulation boundary); there is no non-overlapped mode", (True,)),
+        "the accumulation boundary); there is no non-overlapped mode, and false would only be slower", (True, False, None)),
     "zero_optimization.stage3_gather_16bit_weights_on_model_save": NotApplied(
         "a stage-3 save_model always writes the full weights, streamed unit by unit (no rank holds the whole "
-        "model); with false DeepSpeed would write no model weights", (True, "auto")),
+        "model); with false DeepSpeed would write no model weights (hf_zero writes them: nothing is lost)",
+        (True, False, "auto")),
     "zero_optimization.allgather_bucket_size": NotApplied(
         "all-gathers follow the gradient buckets (reduce_bucket_size; at stage 3 one unit each)", (500_000_000,)),
     "zero_optimization.contiguous_gradients": NotApplied("the engine always uses contiguous buffers", (True,)),

@@ -111,7 +111,7 @@ class ZeroConfig:
         None,
         deepspeed="overlap_comm",
         doc="""Accepted for compatibility, not applied: hf_zero always overlaps gradient reduction
-        with the backward pass (each bucket is reduced as it fills). A file's `false` is warned
+        with the backward pass (each bucket is reduced as it fills), so neither value is warned
         about. Left unset it reads as DeepSpeed's stage-dependent default (true for stage 3, else
         false).""",
     )
@@ -163,7 +163,7 @@ class ZeroConfig:
         deepspeed="stage3_gather_16bit_weights_on_model_save",
         doc="""Accepted for compatibility, not applied: at stage 3 `save_model` always writes the
         full weights as a normal Hugging Face model, streamed unit by unit so that no rank holds
-        the whole model (DeepSpeed with false writes none). A file's `false` is warned about.
+        the whole model (DeepSpeed with false writes none; nothing is lost, so no warning).
         Default false (DeepSpeed's). "auto": true.""",
     )
     sub_group_size: int = setting(

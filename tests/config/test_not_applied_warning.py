@@ -10,7 +10,7 @@ import warnings
 from hf_zero.config import load_config
 from hf_zero.testing.multiprocess import run_on_ranks
 
-CONFIG = {"zero_optimization": {"stage": 2, "reduce_bucket_size": 1000, "overlap_comm": False}}
+CONFIG = {"zero_optimization": {"stage": 2, "reduce_bucket_size": 1000, "round_robin_gradients": True}}
 
 
 def _write(tmp_path) -> str:
@@ -32,11 +32,11 @@ def test_warning_points_at_the_key_in_the_file(tmp_path, monkeypatch):
     [caught] = _load(path)
     assert caught.filename == path
     line = open(path).read().splitlines()[caught.lineno - 1]
-    assert line.strip() == '"overlap_comm": false', line
+    assert line.strip() == '"round_robin_gradients": true', line
     text = warnings.formatwarning(caught.message, caught.category, caught.filename, caught.lineno)
     assert text.startswith(f"{path}:{caught.lineno}: UserWarning: hf_zero accepts but does not apply these keys of "
-                           f"{path}: zero_optimization.overlap_comm (")
-    assert text.endswith('  "overlap_comm": false\n')  # the file's line, as Python shows a warning's source
+                           f"{path}: zero_optimization.round_robin_gradients (")
+    assert text.endswith('  "round_robin_gradients": true\n')  # the file's line, as Python shows a warning's source
     assert "loader.py" not in text and "not_applied.py" not in text
 
 
