@@ -10,6 +10,9 @@ the params that stay whole everywhere (one rank; the persistent unit's small par
 A source is anything with:
 
 - ``device``: where the shards go;
+- ``unit_start(params)``: called before each unit's reads with the unit's params (all of them,
+  whichever this rank reads), on every rank in the same order, so a source may communicate here
+  (the relayout of a wrapped model gathers the load's shards: hf_zero/init/relayout.py);
 - ``read_into(name, shape, start, end, out)``: write flat elements ``[start, end)`` of the param
   the model calls ``name`` (of full shape ``shape``) into ``out`` (1-D, ``end - start``
   elements, the shard's dtype and device: the source casts);
@@ -33,6 +36,8 @@ from hf_zero.progress import progress
 class ParamSource(Protocol):
     device: torch.device
 
+    def unit_start(self, params: list) -> None: ...
+
     def read_into(self, name: str, shape: torch.Size, start: int, end: int, out: torch.Tensor) -> None: ...
 
     def unit_done(self) -> None: ...
@@ -54,5 +59,6 @@ def materialize_units(units: list, source: ParamSource) -> None:
     """Allocate and fill every unit's local shards on ``source.device`` (``ParamUnit.materialize``);
     a progress bar on rank 0, one step per unit (hf_zero/progress.py)."""
     for unit in progress(units, desc="Filling parameter shards", unit="unit"):
+        source.unit_start(unit.params())
         unit.materialize(source.device, lambda buf, r, out: fill_range(source, buf, r, out))
         source.unit_done()

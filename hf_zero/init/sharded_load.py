@@ -16,9 +16,11 @@ are fixed at load, from the ``zero_config`` given or the one hf_zero runs with (
 ``hf_zero.trainer.activate``). The Trainer's resolved config must agree: ``check_options`` says
 which setting differs otherwise. A precision of "auto" keeps the model's dtype at load.
 
-Not yet: PEFT on a model loaded this way (wrap after loading changes the params the units
-hold), checkpoints that need transformers' weight conversions (fused MoE experts, renamed keys),
-quantized loads.
+PEFT on a model loaded this way (``get_peft_model``, ``PeftModel.from_pretrained``): the wrapper
+evaluates and generates through the load's engine; the Trainer's ``create_optimizer`` lays the
+wrapper out anew from the load's shards (``engine_for``, relayout.py), as it would lay out a
+wrapper of a model loaded whole. Not yet: checkpoints that need transformers' weight conversions
+(fused MoE experts, renamed keys), quantized loads.
 """
 
 from __future__ import annotations
@@ -32,7 +34,8 @@ from torch import nn
 
 from hf_zero.engine import ZeroEngine
 from hf_zero.engine.options import engine_options
-from hf_zero.init.sources import InitSource, SafetensorsSource
+from hf_zero.init.relayout import relayout
+from hf_zero.init.sources import InitSource, SafetensorsSource, fill_whole
 
 # ZeroEngine option (and attribute) -> the config setting it comes from (what check_options names).
 _SETTINGS = {"param_dtype": "the training dtype (bf16 / fp16 / fp32)",
@@ -87,6 +90,25 @@ def engine_of(model: nn.Module) -> ZeroEngine | None:
     return engine if engine is not None and engine.model is model else None
 
 
+def engine_for(model: nn.Module, options: dict) -> ZeroEngine | None:
+    """The engine the Trainer takes for ``model`` (``options``: its resolved config's), or None to
+    build one: the engine of a model sharded as it loaded, or for a wrapper of such a model (PEFT's
+    ``get_peft_model``, ``PeftModel.from_pretrained``) a new one laid out for the wrapper from the
+    load's shards (relayout.py). Either way the load's settings must be the Trainer's."""
+    engine = engine_of(model)
+    if engine is not None:
+        check_options(model, options)
+        return engine
+    inner = next((m for m in model.modules() if engine_of(m) is not None), None)
+    if inner is None:
+        return None
+    check_options(inner, options)
+    loaded = _ENGINES.pop(id(inner))
+    engine = relayout(model, loaded, options)
+    _ENGINES[id(model)] = engine
+    return engine
+
+
 def check_options(model: nn.Module, options: dict) -> None:
     """Refuse a Trainer whose resolved config shards differently from how ``model`` was loaded."""
     engine = engine_of(model)
@@ -138,7 +160,7 @@ def _shard(model: nn.Module, zero_config, device, make_source) -> ZeroEngine:
 
     options = engine_options(config, param_dtype="model" if is_auto(config.precision.dtype) else None)
     engine = ZeroEngine(model, None, source=source, **options)
-    _fill_leftovers(model, source, device)
+    fill_whole(model, source)
     _ENGINES[id(model)] = engine
     if engine.ctx.world_size > 1:
         from hf_zero.trainer.generation import sync_generate
@@ -164,27 +186,6 @@ def _zero_config(zero_config, model: nn.Module):
                          f"{config.source or ''} has zero_optimization.stage = {config.zero.stage}")
     hidden = getattr(getattr(model, "config", None), "hidden_size", None)
     return dataclasses.replace(config, zero=resolve_zero_sizes(config.zero, hidden))
-
-
-def _fill_leftovers(model: nn.Module, source, device: torch.device) -> None:
-    """Params the units do not hold (frozen ones kept whole) still on meta: read whole. Buffers:
-    to ``device``, from the checkpoint where it has them."""
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if p.device.type == "meta":
-                value = torch.empty(p.numel(), dtype=p.dtype, device=device)
-                source.read_into(name, p.shape, 0, p.numel(), value)
-                torch.utils.swap_tensors(p, nn.Parameter(value.view(p.shape), p.requires_grad))
-        for module_name, module in model.named_modules():
-            for key, b in list(module._buffers.items()):
-                if b is None:
-                    continue
-                name = f"{module_name}.{key}" if module_name else key
-                b = b.to(device)
-                if source.has(name):
-                    source.read_into(name, b.shape, 0, b.numel(), b.view(-1))
-                module._buffers[key] = b
-    source.unit_done()
 
 
 def _init_distributed() -> None:

@@ -71,6 +71,9 @@ class SafetensorsSource:
     def has(self, name: str) -> bool:
         return self.key(name) is not None
 
+    def unit_start(self, params: list) -> None:
+        pass  # every read is this rank's own byte ranges
+
     def read_into(self, name: str, shape: torch.Size, start: int, end: int, out: torch.Tensor) -> None:
         key = self.key(name)
         if key is None:
@@ -198,6 +201,9 @@ class InitSource:
     def has(self, name: str) -> bool:
         return False  # buffers keep the values their modules computed
 
+    def unit_start(self, params: list) -> None:
+        pass  # each module is initialized where it is first read
+
     def read_into(self, name: str, shape: torch.Size, start: int, end: int, out: torch.Tensor) -> None:
         path, _, attr = name.rpartition(".")
         if self._cached is None or self._cached[0] != path:
@@ -221,3 +227,26 @@ class InitSource:
 
 def _empty(shape: torch.Size, dtype: torch.dtype) -> torch.Tensor:
     return torch.empty(shape, dtype=dtype)
+
+
+def fill_whole(model: nn.Module, source) -> None:
+    """After the units are filled: params they do not hold (kept whole: quantized, or below the
+    persistence threshold) are still on meta, read whole on every rank; buffers go to the source's
+    device, with the checkpoint's values where it has them."""
+    with torch.no_grad():
+        left = [(name, p) for name, p in model.named_parameters() if p.device.type == "meta"]
+        source.unit_start([p for _, p in left])
+        for name, p in left:
+            value = torch.empty(p.numel(), dtype=p.dtype, device=source.device)
+            source.read_into(name, p.shape, 0, p.numel(), value)
+            torch.utils.swap_tensors(p, nn.Parameter(value.view(p.shape), p.requires_grad))
+        for module_name, module in model.named_modules():
+            for key, b in list(module._buffers.items()):
+                if b is None:
+                    continue
+                name = f"{module_name}.{key}" if module_name else key
+                b = b.to(source.device)
+                if source.has(name):
+                    source.read_into(name, b.shape, 0, b.numel(), b.view(-1))
+                module._buffers[key] = b
+    source.unit_done()

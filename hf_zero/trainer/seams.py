@@ -8,7 +8,7 @@ active behaves exactly as before.
 | method              | what hf_zero adds                                                       |
 |---------------------|-------------------------------------------------------------------------|
 | ``__init__``        | refuses a Trainer set up for DeepSpeed or FSDP too (other_sharding.py); resolves the config against TrainingArguments, adds the report callback, starts the hang watchdog (``comm_timeout_s``) |
-| ``create_optimizer``| the config's ``optimizer`` block, if any, builds the optimizer (config_blocks.py); stage >= 1: builds the ZeroEngine around the optimizer just created (or gives it to the engine of a model sharded as it loaded, hf_zero/init); stage 3, W > 1: the model's ``generate`` defaults to ``synced_gpus=True`` (generation.py) |
+| ``create_optimizer``| the config's ``optimizer`` block, if any, builds the optimizer (config_blocks.py); stage >= 1: builds the ZeroEngine around the optimizer just created (or gives it to the engine of a model sharded as it loaded, or to one laid out anew from its shards for a PEFT wrapper of it, hf_zero/init); stage 3, W > 1: the model's ``generate`` defaults to ``synced_gpus=True`` (generation.py) |
 | ``create_scheduler``| the config's ``scheduler`` block, if any: DeepSpeed's schedule (config_blocks.py, ds_schedulers.py) |
 | ``_wrap_model``     | stage >= 1: trains a ``ZeroModule`` where DDP would stand               |
 | ``_clip_grad_norm`` | stage >= 1: global norm over the gradient shards, then clip             |
@@ -113,9 +113,9 @@ def create_optimizer(self, model=None):
             # Set before accelerate wraps the optimizer, which captures the scaler it has then.
             self.accelerator.scaler = sharded_grad_scaler(session.config.precision, self.args.device)
         options = engine_options(session.config)
-        prebuilt = sharded_load.engine_of(self.model)  # a model sharded as it loaded (hf_zero/init)
+        # A model sharded as it loaded, or a wrapper (PEFT) of one: its engine (hf_zero/init).
+        prebuilt = sharded_load.engine_for(self.model, options)
         if prebuilt is not None:
-            sharded_load.check_options(self.model, options)
             prebuilt.attach_optimizer(self.optimizer)
             session.engine = prebuilt
         else:

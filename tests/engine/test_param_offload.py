@@ -198,6 +198,9 @@ class _StateSource:
     def __init__(self, state):
         self.state = state
 
+    def unit_start(self, params):
+        pass
+
     def read_into(self, name, shape, start, end, out):
         out.copy_(self.state[name].reshape(-1)[start:end])
 
