@@ -92,21 +92,26 @@ def engine_of(model: nn.Module) -> ZeroEngine | None:
 
 def engine_for(model: nn.Module, options: dict) -> ZeroEngine | None:
     """The engine the Trainer takes for ``model`` (``options``: its resolved config's), or None to
-    build one: the engine of a model sharded as it loaded, or for a wrapper of such a model (PEFT's
-    ``get_peft_model``, ``PeftModel.from_pretrained``) a new one laid out for the wrapper from the
-    load's shards (relayout.py). Either way the load's settings must be the Trainer's."""
-    engine = engine_of(model)
-    if engine is not None:
-        check_options(model, options)
-        return engine
-    inner = next((m for m in model.modules() if engine_of(m) is not None), None)
-    if inner is None:
+    build one. A model sharded as it loaded brings its engine; if it was wrapped since (PEFT's
+    ``get_peft_model``, ``PeftModel.from_pretrained``) or its trainable params are no longer the
+    ones the load laid out (transformers' ``add_adapter``, params frozen), a new engine laid out for
+    the model as it is now, from the load's shards (relayout.py). The load's settings must be the
+    Trainer's."""
+    owner = next((m for m in model.modules() if engine_of(m) is not None), None)
+    if owner is None:
         return None
-    check_options(inner, options)
-    loaded = _ENGINES.pop(id(inner))
+    check_options(owner, options)
+    loaded = engine_of(owner)
+    if owner is model and _laid_out_trainable(loaded) == {p for p in model.parameters() if p.requires_grad}:
+        return loaded
+    del _ENGINES[id(owner)]
     engine = relayout(model, loaded, options)
     _ENGINES[id(model)] = engine
     return engine
+
+
+def _laid_out_trainable(engine: ZeroEngine) -> set:
+    return {p for unit in engine.units for part in unit.parts if part.trainable for p in part.params}
 
 
 def check_options(model: nn.Module, options: dict) -> None:

@@ -92,3 +92,37 @@ def test_lora_on_a_sharded_load_is_lora_on_a_whole_load(tmp_path, world, thresho
         torch.testing.assert_close(ours[name], ref[name], rtol=1e-5, atol=1e-7, msg=name)
     # the base stays sharded: each rank holds about 1/W of it (the adapters and kept-whole params on top)
     assert sharded["params_bytes"] < whole["params_bytes"] / world * 1.5, (sharded["params_bytes"], whole)
+
+
+def _add_adapter(rank, world, path, root):
+    """LoRA layers added in place (PEFT's ``inject_adapter_in_model``, what transformers'
+    ``add_adapter`` calls), no wrapper: the load's engine no longer fits the model's trainable params."""
+    import hf_zero.init as zi
+    import hf_zero.trainer as zt
+    from peft import LoraConfig, inject_adapter_in_model
+
+    out = {}
+    for flag in (True, False):
+        zt.activate(_config(flag, 0))
+        try:
+            model = AutoModelForCausalLM.from_pretrained(path)
+            loaded = zi.engine_of(model)
+            torch.manual_seed(0)
+            inject_adapter_in_model(LoraConfig(r=4, target_modules=["q_proj", "v_proj"]), model)
+            trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+            trainer = Trainer(model=model, args=tiny.args(os.path.join(root, str(flag)), max_steps=STEPS),
+                              train_dataset=tiny.lm_rows(16))
+            trainer.train()
+            out[flag] = {"history": tiny.history(trainer), "sharded": loaded is not None, "trainable": trainable,
+                         "relaid": loaded is not None and zi.engine_of(model) is not loaded}
+        finally:
+            zt.deactivate()
+    return out
+
+
+def test_adapters_injected_in_place_after_a_sharded_load(tmp_path):
+    path = _llama_dir(str(tmp_path), tied=False)
+    out = run_on_ranks(_add_adapter, 2, path, str(tmp_path))[0]
+    assert out[True]["sharded"] and out[True]["relaid"] and not out[False]["sharded"]
+    assert out[True]["trainable"] == out[False]["trainable"] == 2 * (4 * 16 + 16 * 4 + 4 * 16 + 8 * 4)  # adapters only
+    tiny.same_training(out[True]["history"], out[False]["history"], STEPS, "add_adapter, sharded vs whole load")
