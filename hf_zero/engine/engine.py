@@ -323,8 +323,9 @@ class ZeroEngine:
 
     @property
     def speculation(self) -> SpeculationPolicy | None:
-        """The policy of speculative host steps (its counters: steps speculated, redone), if any."""
-        return self._step_in_backward[2]
+        """The policy of speculative host steps (its counters: steps speculated, redone): None
+        without optimizer offload or without ``set_step_in_backward(True, speculation=...)``."""
+        return self._step_in_backward[2] if self.offload is not None else None
 
     def settle(self) -> None:
         """Every offloaded bucket's optimizer step is done and its params are in place (the

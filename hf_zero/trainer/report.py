@@ -101,6 +101,7 @@ class ReportCallback(TrainerCallback):
 
     def _mine(self, args) -> dict:
         elapsed = self._elapsed()
+        speculation = self.session.engine.speculation if self.session.engine is not None else None
         return {
             "rank": args.process_index,
             **report_file.device_facts(args.device),
@@ -114,6 +115,8 @@ class ReportCallback(TrainerCallback):
                 if self.session.engine is not None and self._steps
                 else None  # stage 0: DDP's own all-reduces, not counted by hf_zero
             ),
+            # [Note: speculation]: steps whose host step ran before the norm and was redone (None: none ran so)
+            "host_steps_redone": speculation.redone_steps if speculation is not None else None,
         }
 
     def _gather_all(self, args) -> None:

@@ -36,6 +36,7 @@ from transformers import PreTrainedModel, Seq2SeqTrainer, Trainer
 
 from hf_zero.engine import ZeroEngine, ZeroModule
 from hf_zero.engine.phases import set_phase
+from hf_zero.engine.offload.speculation import SpeculationPolicy
 from hf_zero.engine.options import engine_options
 from hf_zero.init import sharded_load
 from hf_zero.checkpoint import digests
@@ -124,12 +125,13 @@ def create_optimizer(self, model=None):
         # micro-step ends an accumulation (offloaded grads go to the host only then).
         accelerator = self.accelerator
         session.engine.set_boundary_source(lambda: accelerator.sync_gradients)
-        # No clipping (the Trainer clips when max_grad_norm > 0): offloaded buckets are stepped on
-        # the host as their grads land, during backward (host_step.py, [Note: step in backward]).
-        # The next forward then waits for each bucket's new params as it needs them; the seams below
-        # that read params or optimizer state settle the host step first.
-        session.engine.set_step_in_backward(not (self.args.max_grad_norm and self.args.max_grad_norm > 0),
-                                            overlap_forward=True)
+        # Offloaded buckets are stepped on the host as their grads land, during backward (host_step.py,
+        # [Note: step in backward]); with clipping (max_grad_norm > 0) speculatively, redone when the
+        # norm says so ([Note: speculation]). The next forward then waits for each bucket's new params
+        # as it needs them; the seams below that read params or optimizer state settle the host step first.
+        clipping = bool(self.args.max_grad_norm and self.args.max_grad_norm > 0)
+        session.engine.set_step_in_backward(True, overlap_forward=True,
+                                            speculation=SpeculationPolicy() if clipping else None)
         if session.engine.strategy.shard_params and self.args.world_size > 1:
             sync_generate(self.model)  # every rank decodes as many steps (and gathers) as the longest
     return optimizer

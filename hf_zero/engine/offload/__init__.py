@@ -7,5 +7,6 @@
 - ``host_memory.py`` (pinned host RAM), ``nvme_swap.py`` (optimizer state in swap files),
   ``nvme_params.py`` (param shards in swap files), ``nvme_files.py`` (the swap files themselves).
 - ``host_step.py``: the chunked host optimizer step, pipelined with the copies;
-  ``step_overlap.py``: overlapping that step with backward and the next forward.
+  ``step_overlap.py``: overlapping that step with backward and the next forward;
+  ``speculation.py``: with clipping, that step run before the global norm and validated against it.
 """

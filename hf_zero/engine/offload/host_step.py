@@ -40,7 +40,10 @@ stage-3 unit, before it gathers) waits for its own (``wait_chunk_of``); ``settle
 A bucket's grads are all in once it is reduced, so backward reads none of its params again and
 its update may land at once. Which params got no gradient on any rank (the optimizer leaves them
 alone, as under DDP) is known per bucket: its flags are all-reduced with its download at W > 1
-(``unused``). Clipping after an early step is refused (ZeroEngine.clip_grad_norm_).
+(``unused``). With clipping the chunks stepped before the global norm is known are validated
+against it, and redone or undone from a copy when needed ([Note: speculation] in speculation.py,
+``_step_validated``); without a speculation policy clipping after an early step is refused
+(ZeroEngine.clip_grad_norm_).
 
 With parameter offload (stage 3, [Note: host shards] in units.py) a bucket's param shard lives on
 the host: its updated masters are cast into it on the CPU right after its chunk's step, and

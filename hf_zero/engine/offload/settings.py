@@ -28,8 +28,9 @@ updated params into those host shards (a cast on the CPU) instead of uploading t
 
 With ``offload_param.device = "nvme"`` the shards are views of swap files instead (nvme_params.py).
 
-Without clipping the host step runs during backward and on into the next forward (host_step.py,
-[Note: step in backward]; step_overlap.py).
+The host step runs during backward and on into the next forward (host_step.py, [Note: step in
+backward]; step_overlap.py); with clipping speculatively, validated against the global norm
+(speculation.py, [Note: speculation]).
 """
 
 from __future__ import annotations

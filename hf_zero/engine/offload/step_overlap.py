@@ -60,6 +60,9 @@ class StepWorker:
                 future.set_result(fn(*args))
             except BaseException as error:  # re-raised where the result is asked for
                 future.set_exception(error)
+            # The loop's frame must not keep the last task (its host step, the tier and, for NVMe,
+            # the swap files that go when it is collected) while it waits for the next.
+            del future, fn, args
 
     def close(self) -> None:
         with self._cv:
