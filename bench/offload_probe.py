@@ -12,7 +12,11 @@ from the start of backward, and how long it was busy. ``--overlap_forward`` as w
 inside a step (the worker runs on into the next forward); per step its wall time, the CPU time of
 forward, backward and ``optimizer.step()``, how long the forward's gates waited for chunks, and the
 worker's timeline from the step's start. ``--worker_threads N``: its CPU threads
-(default: the engine's choice, all cores but one).
+(default: the engine's choice, all cores but one). ``--speculate B`` with ``--early``: clipping on
+(``--clip``, default 1.0) with the host step speculating ([Note: speculation] in
+hf_zero/engine/offload/speculation.py), copies for at most the share B of the offloaded elements;
+``--clip 1e9`` makes every speculation stand; ``--clip 1e-3`` clips at every step: the first is
+redone, then the policy waits for the norm (a clipping streak).
 """
 
 from __future__ import annotations
@@ -28,6 +32,7 @@ from transformers import LlamaConfig, LlamaForCausalLM
 from hf_zero.engine import ZeroEngine
 from hf_zero.engine.offload import host_step as H
 from hf_zero.engine.offload.settings import OptimizerOffload
+from hf_zero.engine.offload.speculation import SpeculationPolicy
 
 PRESETS = {"tiny": (64, 2, 128, 4, 2, 256), "1b1": (2048, 22, 5632, 32, 4, 32000)}
 
@@ -44,6 +49,9 @@ def main() -> None:
                    help="with --early: optimizer.step() returns before the host is done (no syncs inside a step)")
     p.add_argument("--worker_threads", type=int, default=None)
     p.add_argument("--chunk_numel", type=int, default=OptimizerOffload.chunk_numel)
+    p.add_argument("--speculate", type=float, default=None, help="with --early: clip, speculating (budget share)")
+    p.add_argument("--clip", type=float, default=1.0)
+    p.add_argument("--max_backoff", type=int, default=64)
     args = p.parse_args()
     dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
     dev = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0))) if torch.cuda.is_available() else torch.device("cpu")
@@ -58,7 +66,8 @@ def main() -> None:
     opt = torch.optim.AdamW(model.parameters(), lr=1e-5, fused=True)
     engine = ZeroEngine(model, opt, stage=2, bucket_numel=h * h, param_dtype=torch.bfloat16,
                         offload=OptimizerOffload("cpu", ratio=args.ratio, chunk_numel=args.chunk_numel))
-    engine.set_step_in_backward(args.early, overlap_forward=args.overlap_forward)
+    policy = None if args.speculate is None else SpeculationPolicy(budget=args.speculate, max_backoff=args.max_backoff)
+    engine.set_step_in_backward(args.early, overlap_forward=args.overlap_forward, speculation=policy)
     if args.worker_threads:
         H.os.cpu_count = lambda: args.worker_threads + 1  # the worker takes all cores but one
     chunks: list[tuple[float, float]] = []  # (start, end) of each chunk's step, this step
@@ -111,6 +120,8 @@ def main() -> None:
                 loss = model(input_ids=ids, labels=ids).loss
             t1 = time.perf_counter()
             loss.backward()
+            if policy is not None:
+                engine.clip_grad_norm_(args.clip)
             t2 = time.perf_counter()
             opt.step()
             t3 = time.perf_counter()
@@ -134,8 +145,8 @@ def main() -> None:
         sync(); t1 = time.perf_counter()
         loss.backward()
         sync(); t2 = time.perf_counter()
-        if not args.early:
-            engine.clip_grad_norm_(1.0)
+        if not args.early or policy is not None:
+            engine.clip_grad_norm_(args.clip)
         sync(); t3 = time.perf_counter()
         opt.step()
         sync(); t4 = time.perf_counter()
@@ -159,6 +170,10 @@ def main() -> None:
     raw.step()
     dt = time.perf_counter() - t
     print(f"raw fused CPU AdamW on {n/1e9:.2f} G elements: {dt:.3f} s ({n/dt/1e9:.2f} Gparam/s)", flush=True)
+    if policy is not None:
+        print(f"speculation: {policy.speculated_steps} steps speculated, {policy.redone_steps} redone, "
+              f"{policy.clipped_steps} clipped; copies {engine._host_step.speculation.snapshots.nbytes() / 2**30:.2f} GiB",
+              flush=True)
     if dev.type == "cuda":
         g = torch.empty(n // 8, device=dev)
         host = torch.empty(n // 8, pin_memory=True)

@@ -161,7 +161,8 @@ class Snapshots:
         self._saved.clear()
 
     def nbytes(self) -> int:
-        return sum(t.numel() * t.element_size() for b in self._buffers.values() for t in b.values())
+        """Bytes of the buffers (the worker may be adding some: counted from copies of the dicts)."""
+        return sum(t.numel() * t.element_size() for b in list(self._buffers.values()) for t in list(b.values()))
 
 
 def _copy_into(buffers: dict, key: str, src: torch.Tensor) -> torch.Tensor:
