@@ -225,7 +225,7 @@ def test_converted_moe_falls_back_to_the_full_gather_once_warned(saved):
     got = saved["mixtral"][0]
     assert len(got["warnings"]) == 1, got["warnings"]  # two saves, one warning
     assert "revert_weight_conversion" in got["warnings"][0] and "experts" in got["warnings"][0]
-    assert saved["mixtral"][1]["warnings"] == got["warnings"]
+    assert saved["mixtral"][1]["warnings"] == []  # once per job: rank 0 says it, rank 1 does not
     _same_folder(got["out"], got["ref"], extra=TRAINER_FILES)
     reloaded = _reload("mixtral", got["out"]).eval()
     torch.testing.assert_close(torch.tensor(_logits(reloaded, "mixtral")), torch.tensor(got["logits"]),
