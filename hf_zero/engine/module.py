@@ -44,4 +44,6 @@ class ZeroModule(nn.Module):
         try:
             return super().__getattr__(name)
         except AttributeError:
+            if name == "module":  # an instance not built by __init__ (accelerate's compile_regions copies): none to ask
+                raise
             return getattr(self.module, name)

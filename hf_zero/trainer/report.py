@@ -143,7 +143,9 @@ class ReportCallback(TrainerCallback):
     # ---- events ---------------------------------------------------------------------------------
 
     def on_train_begin(self, args, state, control, model=None, **kwargs):
-        self._hook = model.register_forward_pre_hook(self._count_tokens, with_kwargs=True)
+        # Run eagerly under --torch_compile: traced, its count would be a guarded constant, recompiled every step.
+        count = torch.compiler.disable(self._count_tokens, reason="hf_zero run report: counts tokens")
+        self._hook = model.register_forward_pre_hook(count, with_kwargs=True)
         engine = self.session.engine
         if engine is not None:
             engine.ctx.take_counts()

@@ -104,7 +104,10 @@ class ForwardGates:
         self._buckets: dict[int, list[int]] = {}  # id(module) -> offloaded buckets of its own params
 
     def install(self, model: nn.Module, trainable: set) -> list:
-        return [module.register_forward_pre_hook(self._pre_forward) for module in model.modules()
+        # Eager under torch.compile (a graph break at each gated module): traced, ``pending`` would be a
+        # guarded constant and the wait on the worker thread left out ([Note: compiled forward] in units.py).
+        gate = torch.compiler.disable(self._pre_forward, reason="hf_zero: waits for the host step of the module's params")
+        return [module.register_forward_pre_hook(gate) for module in model.modules()
                 if any(p in trainable for p in module.parameters(recurse=False))]
 
     def lay_out(self, model: nn.Module, buckets: list) -> None:

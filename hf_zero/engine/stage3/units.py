@@ -39,6 +39,16 @@ any other (``single`` is False: its params are no longer views of a shard that s
 optimizer step writes the updated params into the host shards (host_step.py), after
 ``settle_host`` has made sure no upload still reads them. The persistent unit stays on the device.
 
+[Note: compiled forward] Under ``torch.compile`` (the Trainer's ``--torch_compile``, whole model or
+accelerate's regional compilation) every unit hook runs eagerly, never traced (``outside_compile``:
+``torch.compiler.disable``, as FSDP2 does with its hooks): dynamo breaks the graph around each hook,
+so the gathers, prefetches and drops happen between compiled regions, which only ever see a unit's
+params gathered, in their full shapes. Traced, a hook's collectives and ``.data`` swaps would be
+captured into the graph, and its params' placeholders (empty while SHARDED) seen as their shapes
+(issue 21: ``wrong number of dimensions1`` in inductor's code). The break points are the same at
+every step, so nothing is recompiled after the first steps (tests/trainer/test_compile.py). The
+grad hooks run in autograd's backward, outside the compiled graphs already.
+
 [Note: persistent unit] Trainable params of fewer than ``param_persistence_threshold`` elements
 (norms, biases) leave their units for one persistent unit per dtype: never resharded, its params
 are always full; like a stage-2 bucket its grads are reduce-scattered and its updated shard is
@@ -309,6 +319,11 @@ def make_units(model: nn.Module, plans: list[UnitPlan], buffers: list[FlatParamB
                                               disable=not to_disk))]
 
 
+def outside_compile(hook):
+    """``hook`` run eagerly by a compiled caller (a graph break around it), never traced ([Note: compiled forward])."""
+    return torch.compiler.disable(hook, recursive=True, reason="hf_zero stage-3 unit hook: gathers and drops params")
+
+
 class Phase(enum.Enum):
     IDLE = "idle"  # outside the model's forward and backward: units are gathered on use, nothing ahead
     FORWARD = "forward"  # inside the model's forward: the unit order is recorded, and prefetched from
@@ -342,18 +357,18 @@ class UnitHooks:
 
     def install(self) -> list:
         # Registered first, so they run before the root unit's hooks on the same module.
-        handles = [self.model.register_forward_pre_hook(self._model_pre_forward),
-                   self.model.register_forward_hook(self._model_post_forward)]
+        handles = [self.model.register_forward_pre_hook(outside_compile(self._model_pre_forward)),
+                   self.model.register_forward_hook(outside_compile(self._model_post_forward))]
         for unit in self.units:
-            handles.append(unit.module.register_forward_pre_hook(self._pre_forward(unit)))
-            handles.append(unit.module.register_forward_hook(self._post_forward(unit)))
+            handles.append(unit.module.register_forward_pre_hook(outside_compile(self._pre_forward(unit))))
+            handles.append(unit.module.register_forward_hook(outside_compile(self._post_forward(unit))))
             if unit.root:
                 # Root params are also used outside the model's own forward (generate() runs the
                 # encoder alone, then the decoder): the modules that own them gather on use too.
                 owned = {id(p) for p in unit.params()}
                 for module in self.model.modules():
                     if module is not self.model and any(id(p) in owned for p in module.parameters(recurse=False)):
-                        handles.append(module.register_forward_pre_hook(self._pre_forward(unit)))
+                        handles.append(module.register_forward_pre_hook(outside_compile(self._pre_forward(unit))))
         return handles
 
     def on_grads_done(self, unit: ParamUnit) -> None:
