@@ -99,11 +99,13 @@ def _offload(conv: Conversion, key: str, value: Any) -> None:
 
 
 def _ram_efficient(conv: Conversion, key: str, value: Any) -> None:
-    if conv.boolean(key, value) and conv.stage == 3:
-        conv.mapped(key, value, "zero_optimization.zero3_init_flag", True,
-                    "the script's from_pretrained of a local checkpoint loads sharded: each rank reads only its slices")
-    else:
-        conv.not_needed(key, value, "the model loads whole on every rank" if conv.stage != 3 else "off")
+    flag = conv.boolean(key, value)
+    if conv.stage != 3:
+        conv.not_needed(key, value, "the model loads whole on every rank")
+    else:  # hf_zero's default at stage 3 is true: false is written out
+        conv.mapped(key, value, "zero_optimization.zero3_init_flag", flag,
+                    "the script's from_pretrained of a local checkpoint loads sharded: each rank reads only its slices"
+                    if flag else "every rank loads the whole model, sharded when the optimizer is created")
 
 
 def _note(text: str, script: tuple[str, ...] = ()):
@@ -168,8 +170,9 @@ RULES: dict[str, Rule] = {
                                        "false 2 (absent: FULL_SHARD, stage 3)", _already),
     "fsdp_offload_params": Rule("true: `offload_optimizer` and, at stage 3, `offload_param` on the CPU, pinned; "
                                 "refused with NO_SHARD", _offload),
-    "fsdp_cpu_ram_efficient_loading": Rule("true at stage 3: `zero_optimization.zero3_init_flag` (sharded load of "
-                                           "the script's local checkpoint); else not needed", _ram_efficient),
+    "fsdp_cpu_ram_efficient_loading": Rule("at stage 3: `zero_optimization.zero3_init_flag` (true: sharded load of "
+                                           "the script's local checkpoint, hf_zero's default there; false: whole); "
+                                           "else not needed", _ram_efficient),
     "fsdp_sync_module_states": Rule("not needed: every rank loads the same checkpoint; a sharded load or "
                                     "`hf_zero.init.from_config` draws from one seed",
                                     _bool_note("every rank loads the same weights (a sharded load reads slices of "

@@ -178,16 +178,19 @@ class ZeroConfig:
         doc="""DeepSpeed stage 1/2 CPU-offload gradient copy scheduling. Default false
         (DeepSpeed's).""",
     )
-    zero3_init_flag: bool = setting(
-        False,
+    zero3_init_flag: bool | None = setting(
+        None,
         deepspeed="zero3_init_flag",
-        doc="""Stage 3, hf_zero extension (accelerate's name for DeepSpeed's `zero.Init`): while
-        hf_zero is active (`hf_zero.run`, `hf-zero launch`, `activate()`), a
-        `from_pretrained` of a local safetensors directory in the script loads the model
-        sharded (`hf_zero.init.from_pretrained`: each rank reads only its slices, no rank holds
-        the whole model). Loads it cannot do so (hub ids, `device_map`, quantization, other
-        keyword arguments) load whole as usual, with a warning. Default false: models load
-        whole and are sharded when the optimizer is created.""",
+        doc="""Stage 3 (accelerate's name for DeepSpeed's `zero.Init`): while hf_zero is active
+        (`hf_zero.run`, `hf-zero launch`, `activate()`), the script's `from_pretrained` of a
+        local safetensors directory loads the model sharded (`hf_zero.init.from_pretrained`:
+        each rank reads only its slices, no rank holds the whole model). Loads it cannot serve
+        (hub ids, `device_map`, quantization, `.bin` files, checkpoints that need transformers'
+        weight conversions, other keyword arguments) load whole as before, with a warning that
+        names the reason once per job. Unset: true at stage 3, false below (accelerate's
+        default; transformers likewise loads with `zero.Init` whenever a stage-3 DeepSpeed
+        config is active); `false`: models load whole and are sharded when the optimizer is
+        created.""",
     )
     offload_optimizer: OffloadConfig = setting(
         default_factory=OffloadConfig,
@@ -216,8 +219,10 @@ class ZeroConfig:
             checks.integer(self, name, minimum=0)
         if checks.boolean(self, "overlap_comm", none=True) is None:
             object.__setattr__(self, "overlap_comm", stage == 3)
-        for name in ("contiguous_gradients", "reduce_scatter", "round_robin_gradients", "zero3_init_flag"):
+        for name in ("contiguous_gradients", "reduce_scatter", "round_robin_gradients"):
             checks.boolean(self, name)
+        if checks.boolean(self, "zero3_init_flag", none=True) is None:  # accelerate's default
+            object.__setattr__(self, "zero3_init_flag", stage == 3)
         checks.boolean(self, "gather_16bit_weights_on_model_save", auto=True)
         for name in ("offload_optimizer", "offload_param"):
             if not isinstance(getattr(self, name), OffloadConfig):

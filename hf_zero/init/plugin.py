@@ -1,30 +1,37 @@
-"""``zero3_init_flag``: a script's own ``from_pretrained`` loads sharded while hf_zero is active.
+"""``zero3_init_flag`` (on by default at stage 3): a script's own ``from_pretrained`` loads sharded
+while hf_zero is active.
 
 The seam (``seams.from_pretrained``, on ``PreTrainedModel.from_pretrained``, which the ``AutoModel*``
 classes call with the concrete class) asks ``sharded_or_none`` first. It loads sharded only a call
 it can serve exactly as transformers would, and leaves every other call to transformers with a
-warning that says why: the model is then loaded whole and sharded when the optimizer is created,
-as without the flag.
+warning that says why, once per job for each checkpoint and reason: the model is then loaded whole
+and sharded when the optimizer is created, as with the flag false.
 
-Served: a local directory with safetensors files, and keyword arguments among ``dtype`` /
-``torch_dtype``, ``config``, ``attn_implementation`` and the hub/cache arguments that do not apply
-to a local directory. Not served: hub ids, positional model args, ``device_map``, quantization,
-``state_dict``, adapters (a PEFT adapter directory), and anything else.
+Served: a local directory with safetensors files holding every param of the model under its own
+name, and keyword arguments among ``dtype`` / ``torch_dtype``, ``config``, ``attn_implementation``
+and the hub/cache arguments that do not apply to a local directory. Not served: hub ids,
+positional model args, ``device_map``, quantization (arguments or a quantized checkpoint),
+``state_dict``, adapters (a PEFT adapter directory), ``.bin`` checkpoints, checkpoints whose keys
+transformers converts (renamed keys, fused experts) or that leave params to initialize (a new
+head), and anything else. A model served and then wrapped by PEFT is laid out anew for the
+wrapper when the Trainer creates its optimizer (relayout.py).
 """
 
 from __future__ import annotations
 
+import json
 import os
 import warnings
 
 from hf_zero.first_rank import is_first_rank
-from hf_zero.init.sources import INDEX_NAME, SINGLE_NAME
+from hf_zero.init.sources import INDEX_NAME, SINGLE_NAME, MissingParams
 
 _SERVED = {"dtype", "torch_dtype", "config", "attn_implementation"}
 # Arguments that only matter for downloads; a local directory ignores them.
 _HUB_ONLY = {"cache_dir", "force_download", "local_files_only", "token", "revision", "proxies", "subfolder",
              "use_safetensors", "trust_remote_code", "_from_auto", "_from_pipeline", "_commit_hash",
              "adapter_kwargs"}
+_WARNED: set[tuple[str, str]] = set()  # (checkpoint, reason) warned about in this process
 
 
 def _wanted() -> bool:
@@ -44,6 +51,8 @@ def why_not(path, args: tuple, kwargs: dict) -> str | None:
         return "no safetensors files in it"
     if os.path.isfile(os.path.join(path, "adapter_config.json")):
         return "a PEFT adapter directory"
+    if _quantized(path, kwargs.get("config")):
+        return "a quantized checkpoint (quantization_config in its config)"
     unserved = sorted(k for k, v in kwargs.items() if k not in _SERVED | _HUB_ONLY and v is not None)
     if kwargs.get("use_safetensors") is False:
         unserved.append("use_safetensors=False")
@@ -52,18 +61,40 @@ def why_not(path, args: tuple, kwargs: dict) -> str | None:
     return None
 
 
+def _quantized(path, config) -> bool:
+    if config is not None:
+        return getattr(config, "quantization_config", None) is not None
+    try:
+        with open(os.path.join(path, "config.json")) as f:
+            found = json.load(f)
+    except (OSError, ValueError):
+        return False  # no readable config.json: the load itself says so
+    return isinstance(found, dict) and found.get("quantization_config") is not None
+
+
 def sharded_or_none(cls, path, args: tuple, kwargs: dict):
     """The model loaded sharded, or None: the caller loads it whole (transformers' own)."""
     if not _wanted():
         return None
     reason = why_not(path, args, kwargs)
-    if reason is not None:
-        if is_first_rank():  # every rank loads it: said once per job
-            warnings.warn(f"zero_optimization.zero3_init_flag: {path} loads whole ({reason}); hf_zero shards it when "
-                          "the optimizer is created", UserWarning, stacklevel=3)
-        return None
-    from hf_zero.init.sharded_load import from_pretrained
+    if reason is None:
+        from hf_zero.init.sharded_load import from_pretrained
 
-    dtype = kwargs.get("dtype", kwargs.get("torch_dtype"))
-    extra = {"attn_implementation": kwargs["attn_implementation"]} if kwargs.get("attn_implementation") else {}
-    return from_pretrained(os.fspath(path), dtype=dtype, model_class=cls, config=kwargs.get("config"), **extra)
+        dtype = kwargs.get("dtype", kwargs.get("torch_dtype"))
+        extra = {"attn_implementation": kwargs["attn_implementation"]} if kwargs.get("attn_implementation") else {}
+        try:
+            return from_pretrained(os.fspath(path), dtype=dtype, model_class=cls, config=kwargs.get("config"), **extra)
+        except MissingParams as e:  # found before any shard was made
+            reason = e.reason
+    _warn_once(path, reason)
+    return None
+
+
+def _warn_once(path, reason: str) -> None:
+    if (str(path), reason) in _WARNED:
+        return
+    _WARNED.add((str(path), reason))
+    if is_first_rank():  # every rank loads it: said once per job
+        warnings.warn(f"zero_optimization.zero3_init_flag: {path} loads whole ({reason}); hf_zero shards it when "
+                      "the optimizer is created (set zero3_init_flag false to load every model whole without "
+                      "this warning)", UserWarning, stacklevel=4)

@@ -55,6 +55,10 @@ class EngineSource:
     def to_meta(self) -> None:
         """Every param of the model on the meta device, in its full shape (the objects stay)."""
         for param in self._params.values():
+            # The load's engine's gradient hooks go (it is closed next): torch installs a param's
+            # post-accumulate-grad hooks with its TensorImpl, which the swap moves away, and registers
+            # them there again only for a param whose hook table is None (the new engine's hooks).
+            param._post_accumulate_grad_hooks = None
             held = self._held.get(param)
             shape = held[0].buffer.shapes[held[1].name] if held is not None else param.shape
             torch.utils.swap_tensors(param, nn.Parameter(torch.empty(shape, dtype=param.dtype, device="meta"),

@@ -13,8 +13,9 @@ params kept whole (the persistent unit's small ones), plus the interpreter.
 
 The sharding settings (stage 3, buckets, prefetch, persistence threshold, offload, precision)
 are fixed at load, from the ``zero_config`` given or the one hf_zero runs with (``hf_zero.run``,
-``hf_zero.trainer.activate``). The Trainer's resolved config must agree: ``check_options`` says
-which setting differs otherwise. A precision of "auto" keeps the model's dtype at load.
+``hf_zero.trainer.activate``). A precision of "auto" keeps the model's dtype at load. If the
+Trainer's resolved config differs (a bf16 run of a model loaded in fp32), ``engine_for`` lays the
+model out again for it, with a warning naming the settings.
 
 PEFT on a model loaded this way (``get_peft_model``, ``PeftModel.from_pretrained``): the wrapper
 evaluates and generates through the load's engine; the Trainer's ``create_optimizer`` lays the
@@ -27,17 +28,19 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import warnings
 import weakref
 
 import torch
 from torch import nn
 
 from hf_zero.engine import ZeroEngine
+from hf_zero.first_rank import is_first_rank
 from hf_zero.engine.options import engine_options
 from hf_zero.init.relayout import relayout
 from hf_zero.init.sources import InitSource, SafetensorsSource, fill_whole
 
-# ZeroEngine option (and attribute) -> the config setting it comes from (what check_options names).
+# ZeroEngine option (and attribute) -> the config setting it comes from (what ``differences`` names).
 _SETTINGS = {"param_dtype": "the training dtype (bf16 / fp16 / fp32)",
              "offload": "zero_optimization.offload_optimizer",
              "offload_param": "zero_optimization.offload_param",
@@ -63,7 +66,9 @@ def from_pretrained(path: str, *, zero_config=None, dtype=None, model_class=None
     model = _meta_model(hf_config, dtype, model_class, attn_implementation)
 
     def source(dev):
-        return SafetensorsSource(path, dev, prefix=getattr(model, "base_model_prefix", "") or "")
+        found = SafetensorsSource(path, dev, prefix=getattr(model, "base_model_prefix", "") or "")
+        found.check_covers(model)  # before any shard is made: MissingParams
+        return found
 
     _shard(model, zero_config, device, source)
     _load_generation_config(model, path)
@@ -92,18 +97,28 @@ def engine_of(model: nn.Module) -> ZeroEngine | None:
 
 def engine_for(model: nn.Module, options: dict) -> ZeroEngine | None:
     """The engine the Trainer takes for ``model`` (``options``: its resolved config's), or None to
-    build one. A model sharded as it loaded brings its engine; if it was wrapped since (PEFT's
-    ``get_peft_model``, ``PeftModel.from_pretrained``) or its trainable params are no longer the
-    ones the load laid out (transformers' ``add_adapter``, params frozen), a new engine laid out for
-    the model as it is now, from the load's shards (relayout.py). The load's settings must be the
-    Trainer's."""
+    build one. A model sharded as it loaded brings its engine. A new engine is laid out from the
+    load's shards (relayout.py) if the model was wrapped since (PEFT's ``get_peft_model``,
+    ``PeftModel.from_pretrained``), if its trainable params are no longer the ones the load laid
+    out (transformers' ``add_adapter``, params frozen), or if the Trainer's settings differ from the
+    load's (a bf16 run of a model loaded in fp32; said once, with what differs). Stage 3 only."""
     owner = next((m for m in model.modules() if engine_of(m) is not None), None)
     if owner is None:
         return None
-    check_options(owner, options)
+    if options["stage"] != 3:
+        raise ValueError(f"the model was loaded sharded for ZeRO stage 3 (hf_zero.init), but the Trainer runs "
+                         f"zero_optimization.stage = {options['stage']}: use stage 3, or set "
+                         "zero_optimization.zero3_init_flag false (or load it with transformers' from_pretrained)")
     loaded = engine_of(owner)
-    if owner is model and _laid_out_trainable(loaded) == {p for p in model.parameters() if p.requires_grad}:
+    differ = differences(loaded, options)
+    if owner is model and not differ and _laid_out_trainable(loaded) == {p for p in model.parameters() if p.requires_grad}:
         return loaded
+    if differ and is_first_rank():
+        warnings.warn("the model was sharded at load (hf_zero.init) with other settings than the Trainer's resolved "
+                      "zero config: " + "; ".join(differ) + ". hf_zero lays it out again for the Trainer's settings "
+                      "from the loaded shards (both held until then); load with the training dtype (e.g. "
+                      "dtype=torch.bfloat16 for a bf16 run) and the same zero_config to skip this", UserWarning,
+                      stacklevel=3)
     del _ENGINES[id(owner)]
     engine = relayout(model, loaded, options)
     _ENGINES[id(model)] = engine
@@ -114,13 +129,10 @@ def _laid_out_trainable(engine: ZeroEngine) -> set:
     return {p for unit in engine.units for part in unit.parts if part.trainable for p in part.params}
 
 
-def check_options(model: nn.Module, options: dict) -> None:
-    """Refuse a Trainer whose resolved config shards differently from how ``model`` was loaded."""
-    engine = engine_of(model)
-    if options["stage"] != 3:
-        raise ValueError(f"the model was loaded sharded for ZeRO stage 3 (hf_zero.init), but the Trainer runs "
-                         f"zero_optimization.stage = {options['stage']}: use stage 3, or load it with from_pretrained")
-    model_dtype = next(iter({p.dtype for p in model.parameters()}), None)
+def differences(engine: ZeroEngine, options: dict) -> list[str]:
+    """The sharding settings in which ``options`` (a Trainer's) differ from those ``engine`` was loaded with."""
+    loaded_dtypes = {p.dtype for p in _laid_out_trainable(engine)}
+    model_dtype = next(iter(loaded_dtypes)) if len(loaded_dtypes) == 1 else None
     differ = []
     for key, setting in _SETTINGS.items():
         at_load, now = getattr(engine, key), options[key]  # the engine keeps each option as it was given
@@ -128,10 +140,7 @@ def check_options(model: nn.Module, options: dict) -> None:
             at_load, now = at_load or model_dtype, now or model_dtype
         if at_load != now:
             differ.append(f"{setting}: {at_load} at load, {now} in the Trainer's config")
-    if differ:
-        raise ValueError("the model was sharded at load (hf_zero.init) with other settings than the Trainer's "
-                         "resolved zero config: " + "; ".join(differ) + ". Pass the same zero_config (and the "
-                         "training dtype, e.g. dtype=torch.bfloat16 for a bf16 run) to the load")
+    return differ
 
 
 # ---- steps ------------------------------------------------------------------------------------

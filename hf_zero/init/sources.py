@@ -32,6 +32,19 @@ INDEX_NAME, SINGLE_NAME = "model.safetensors.index.json", "model.safetensors"
 STAGING_BYTES = 64 << 20  # each pinned staging buffer of a load onto the GPU
 
 
+class MissingParams(KeyError):
+    """The checkpoint lacks params of the model (under the model's own names): transformers' own
+    load would convert its keys (renamed keys, fused experts) or initialize them (a new head)."""
+
+    def __init__(self, missing: list[str], directory: str) -> None:
+        more = f" (and {len(missing) - 1} more of the model's params)" if len(missing) > 1 else ""
+        self.reason = f"the checkpoint lacks {missing[0]}{more}: transformers converts its keys or initializes them"
+        super().__init__(f"{missing[0]}: not in the checkpoint {directory}{more}; hf_zero's sharded load reads every "
+                         "param under the model's own name: checkpoints that need transformers' weight conversions "
+                         "(renamed keys, fused experts) or leave params to initialize (a new head) load with "
+                         "transformers' from_pretrained")
+
+
 class SafetensorsSource:
     """Reads param slices from the safetensors files of ``directory``; ``prefix`` is the model's
     ``base_model_prefix`` (a checkpoint of the base model loads into a model with a head)."""
@@ -70,6 +83,12 @@ class SafetensorsSource:
 
     def has(self, name: str) -> bool:
         return self.key(name) is not None
+
+    def check_covers(self, model: nn.Module) -> None:
+        """Raise ``MissingParams`` unless every param of ``model`` is in the checkpoint (before any read)."""
+        missing = [name for name, _ in model.named_parameters() if not self.has(name)]
+        if missing:
+            raise MissingParams(missing, self.directory)
 
     def unit_start(self, params: list) -> None:
         pass  # every read is this rank's own byte ranges

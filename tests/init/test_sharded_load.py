@@ -118,7 +118,8 @@ def _train(rank, world, path, out, lazy):
     import hf_zero.trainer as zt
     from transformers import Trainer
 
-    zt.activate(ZERO3)
+    # zero3_init_flag false: the script's from_pretrained loads whole (the flag's default would shard it)
+    zt.activate(ZERO3 if lazy else {"zero_optimization": {**ZERO3["zero_optimization"], "zero3_init_flag": False}})
     try:
         model = zi.from_pretrained(path) if lazy else AutoModelForCausalLM.from_pretrained(path)
         trainer = Trainer(model=model, args=tiny.args(out, max_steps=4, eval_strategy="no", max_grad_norm=1.0),
@@ -145,29 +146,37 @@ def test_trainer_trains_a_sharded_load_as_a_sharded_model(tmp_path):
         tiny.close(x.numpy(), y.numpy(), what=name, elementwise=False)
 
 
-def _mismatch(rank, world, path, trainer_config):
+def _mismatch(rank, world, path, trainer_config, sharded=True):
     import hf_zero.init as zi
     import hf_zero.trainer as zt
     from transformers import Trainer
 
-    model = zi.from_pretrained(path, zero_config=ZERO3)
+    model = zi.from_pretrained(path, zero_config=ZERO3) if sharded else None
     zt.activate(trainer_config)
     try:
-        Trainer(model=model, args=tiny.args("/tmp/unused-hf-zero-mismatch", max_steps=1),
-                train_dataset=tiny.lm_rows(4)).train()
+        model = model if sharded else AutoModelForCausalLM.from_pretrained(path)
+        trainer = Trainer(model=model, args=tiny.args("/tmp/unused-hf-zero-mismatch", max_steps=2, max_grad_norm=1.0),
+                          train_dataset=tiny.lm_rows(4))
+        trainer.train()
+        return {"prefetch": zt.session_of(trainer).engine.prefetch_numel, "history": tiny.history(trainer)}
     finally:
         zt.deactivate()
 
 
-@pytest.mark.parametrize("config,words", [
-    ({"zero_optimization": {"stage": 2}}, "ZeRO stage 3"),
-    ({"zero_optimization": {"stage": 3, "stage3_param_persistence_threshold": 0,
-                            "stage3_prefetch_bucket_size": 123}}, "stage3_prefetch_bucket_size: 50000000 at load, 123"),
-])
-def test_trainer_with_other_settings_is_refused(tmp_path, config, words):
+def test_trainer_at_stage_2_is_refused(tmp_path):
     path = _llama_dir(str(tmp_path), tied=False)
-    with pytest.raises(RankFailure, match=words):
-        run_on_ranks(_mismatch, 1, path, config)
+    with pytest.raises(RankFailure, match="ZeRO stage 3"):
+        run_on_ranks(_mismatch, 1, path, {"zero_optimization": {"stage": 2}})
+
+
+def test_trainer_with_other_settings_lays_it_out_again(tmp_path):
+    path = _llama_dir(str(tmp_path), tied=False)
+    zero = {"stage": 3, "stage3_param_persistence_threshold": 0, "stage3_prefetch_bucket_size": 123}
+    with pytest.warns(UserWarning, match="stage3_prefetch_bucket_size: 50000000 at load, 123 in the Trainer's config"):
+        out = _mismatch(0, 1, path, {"zero_optimization": zero})  # in this process: the warning is seen here
+    ref = _mismatch(0, 1, path, {"zero_optimization": {**zero, "zero3_init_flag": False}}, sharded=False)
+    assert out["prefetch"] == ref["prefetch"] == 123
+    tiny.same_training(out["history"], ref["history"], 2, "laid out again vs load then shard")
 
 
 # ---- bad input ------------------------------------------------------------------------------
@@ -186,15 +195,16 @@ def test_bad_input_names_the_file_or_key(tmp_path):
         zi.from_pretrained(path)
     weights = os.path.join(path, "model.safetensors")
     tensors = load_file(weights)
-    tensors.pop("model.norm.weight")
     tensors["lm_head.weight"] = tensors["lm_head.weight"][:-1].contiguous()
     save_file(tensors, weights, metadata={"format": "pt"})
     with pytest.raises(ValueError, match=r"lm_head.weight has shape \[63, 16\], the model's lm_head.weight has \[64, 16\]"):
         zi.from_pretrained(path, zero_config=ZERO3)
     tensors["lm_head.weight"] = torch.zeros(tiny.VOCAB, 16)
+    tensors.pop("model.norm.weight")
+    tensors.pop("model.layers.0.mlp.up_proj.weight")
     save_file(tensors, weights, metadata={"format": "pt"})
-    with pytest.raises(KeyError, match="model.norm.weight: not in the checkpoint"):
-        zi.from_pretrained(path, zero_config=ZERO3)
+    with pytest.raises(KeyError, match=r"model.layers.0.mlp.up_proj.weight: not in the checkpoint .* \(and 1 more"):
+        zi.from_pretrained(path, zero_config=ZERO3)  # found before any shard is made
     os.remove(weights)
     with pytest.raises(FileNotFoundError, match="no model.safetensors"):
         zi.from_pretrained(path, zero_config=ZERO3)
