@@ -58,6 +58,14 @@ def _peak_memory(device: torch.device) -> dict:
     return {"kind": "host_peak_rss", "bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024}
 
 
+def _compile_seconds() -> float:
+    """Seconds this process has spent compiling (``--torch_compile``): dynamo's tracing and the
+    backend's compile of forward and backward graphs, as torch itself totals them; 0 when eager."""
+    from torch._dynamo.utils import calculate_time_spent
+
+    return calculate_time_spent().get("total_wall_time", 0.0)
+
+
 def _gather(mine: dict) -> list[dict]:
     if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
         ranks = [None] * dist.get_world_size()
@@ -117,6 +125,7 @@ class ReportCallback(TrainerCallback):
             ),
             # [Note: speculation]: steps whose host step ran before the norm and was redone (None: none ran so)
             "host_steps_redone": speculation.redone_steps if speculation is not None else None,
+            "compile_seconds": _compile_seconds(),
         }
 
     def _gather_all(self, args) -> None:

@@ -50,6 +50,7 @@ def _job(rank, world, out, stage, compiled, options=None):
 def _train(out, stage, compiled, backend="aot_eager", max_steps=STEPS, save_steps=0, resume=False,
            gradient_checkpointing=False, offload=None, max_grad_norm=1.0):
     import hf_zero.trainer as zt
+    from hf_zero.trainer import session as S
 
     torch.manual_seed(0)
     cfg = LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
@@ -72,13 +73,14 @@ def _train(out, stage, compiled, backend="aot_eager", max_steps=STEPS, save_step
     try:
         trainer = Trainer(model=model, args=args, train_dataset=data, callbacks=[counts])
         trainer.train(resume_from_checkpoint=resume or None)
+        report = S.session_of(trainer).figures  # the run report as rank 0 writes it, every rank's figures
     finally:
         zt.deactivate()
         torch._dynamo.config.error_on_recompile = False
     logs = trainer.state.log_history
     return {"loss": [h["loss"] for h in logs if "loss" in h],
             "grad_norm": [h["grad_norm"] for h in logs if "grad_norm" in h],
-            "counts": counts.per_step}
+            "counts": counts.per_step, "compile_seconds": [r["compile_seconds"] for r in report["ranks"]]}
 
 
 def _check(got: dict, ref: dict, steps: int = STEPS, rtol: float = RTOL) -> None:
@@ -101,6 +103,7 @@ def test_compiled_trains_like_eager(tmp_path, stage):
     got = run_on_ranks(_job, 2, tmp_path / "compiled", stage, True, timeout=300)
     for rank in range(2):
         assert ref[rank]["counts"][-1]["frames"] == 0  # the eager run compiled nothing
+        assert ref[rank]["compile_seconds"] == [0.0, 0.0] and min(got[rank]["compile_seconds"]) > 0
         _check(got[rank], ref[rank])
         _compiled_once(got[rank]["counts"])
 
@@ -140,4 +143,15 @@ def test_inductor_stage3(tmp_path, monkeypatch):
     got = run_on_ranks(_job, 2, tmp_path / "compiled", 3, True, {"max_steps": 3, "backend": "inductor"}, timeout=600)
     for rank in range(2):
         _check(got[rank], ref[rank], steps=3, rtol=1e-4)  # inductor's fused kernels sum in another order
+        _compiled_once(got[rank]["counts"])
+
+
+def test_regional_compilation_stage3(tmp_path, monkeypatch):
+    """accelerate's regional compilation (each decoder layer and each leaf module compiled apart,
+    on copies of the modules that share their hooks and params) at stage 3."""
+    monkeypatch.setenv("ACCELERATE_DYNAMO_USE_REGIONAL_COMPILATION", "1")
+    ref = run_on_ranks(_job, 2, tmp_path / "eager", 3, False, timeout=300)
+    got = run_on_ranks(_job, 2, tmp_path / "compiled", 3, True, timeout=300)
+    for rank in range(2):
+        _check(got[rank], ref[rank])
         _compiled_once(got[rank]["counts"])
