@@ -169,7 +169,9 @@ def estimate_bytes(
       fp32 master shards (always a separate copy there), the optimizer state and the host copy
       of the main grad shards; the device then holds no optimizer state, and no main grads at
       the step (they were moved to the host). With ``offload_device`` "nvme" the masters and
-      state are in ``nvme_offload`` instead, and ``host_offload`` holds the grads only.
+      state are in ``nvme_offload`` instead, and ``host_offload`` holds the grads only. Not
+      modelled yet: with clipping on, the host step's speculation keeps copies of up to a quarter
+      of the offloaded masters and state (engine/offload/speculation.py; the run report counts them).
     """
     _check("stage", stage, STAGES)
     _check("dtype", dtype, tuple(DTYPE_BYTES))
