@@ -16,6 +16,7 @@ picks one. ``ZeroEngine`` itself has no stage branches.
 
 from __future__ import annotations
 
+import abc
 from dataclasses import dataclass
 
 from hf_zero.engine.offload.settings import TIERS
@@ -38,7 +39,7 @@ class StageStrategy:
     buckets are the units, and the optimizer step needs no all-gather afterwards."""
 
 
-class StageBehaviour:
+class StageBehaviour(abc.ABC):
     """How an engine lays out, hooks and accounts its params at one stage (see the module note).
 
     The engine calls, in order: ``build`` (buffers and ``ShardedBucket``s; again after the first
@@ -63,9 +64,9 @@ class StageBehaviour:
     def shard_params(self) -> bool:
         return self.knobs.shard_params
 
+    @abc.abstractmethod
     def build(self, named: list, *, first: bool) -> tuple[list, list]:
         """Pack the trainable ``named`` params: (flat buffers, ShardedBuckets in launch order)."""
-        raise NotImplementedError
 
     def install(self) -> list:
         """Hooks this stage needs on the model (removable handles)."""
@@ -88,9 +89,9 @@ class StageBehaviour:
     def on_backward_end(self) -> None:
         """The autograd engine has finished this backward."""
 
+    @abc.abstractmethod
     def param_bytes(self, buffers: list) -> int:
         """Bytes of the packed params this rank holds on the device now."""
-        raise NotImplementedError
 
     def close(self) -> None:
         """Release what the stage holds outside the engine's buffers (swap files)."""

@@ -11,6 +11,7 @@ import pytest
 
 from hf_zero.doctor import probes
 from hf_zero.doctor.environment import TORCH_VARS
+from hf_zero.launcher import multinode
 
 GiB = 2**30
 REAL_PROBES = {name: getattr(probes, name) for name in ("mem_available_bytes", "memlock_limit_bytes")}
@@ -80,3 +81,18 @@ def by_name(results) -> dict:
 
 
 DATA = Path(__file__).parent
+
+
+@pytest.fixture
+def started(monkeypatch):
+    """Stub run_all: the command lists that would have been started."""
+    calls = []
+    monkeypatch.setattr(multinode, "run_all", lambda commands: calls.append(commands) or 0)
+    return calls
+
+
+@pytest.fixture
+def script(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "train.py").write_text("raise SystemExit('the script must not run')\n")
+    return "train.py"

@@ -8,27 +8,12 @@ import pytest
 
 from hf_zero import cli, run
 from hf_zero.config.optimizer_block import REFUSED
-from hf_zero.launcher import multinode
 
 TYPES = ["OneBitAdam", "OneBitLamb", "ZeroOneAdam", "Lamb", "Lion"]
 
 
 def config(type_: str) -> dict:
     return {"zero_optimization": {"stage": 2}, "optimizer": {"type": type_, "params": {"lr": "auto"}}}
-
-
-@pytest.fixture
-def started(monkeypatch):
-    calls = []
-    monkeypatch.setattr(multinode, "run_all", lambda commands: calls.append(commands) or 0)
-    return calls
-
-
-@pytest.fixture
-def script(tmp_path, monkeypatch):
-    monkeypatch.chdir(tmp_path)
-    (tmp_path / "train.py").write_text("raise SystemExit('the script must not run')\n")
-    return "train.py"
 
 
 def test_table_covers_the_types():

@@ -14,7 +14,6 @@ import pytest
 from hf_zero import cli, run
 from hf_zero.config import load_config
 from hf_zero.config.unsupported import refusals, with_dtype
-from hf_zero.launcher import multinode
 from tests.config.test_unsupported import EXAMPLES, without_dtype
 
 ZERO3_EXAMPLE = {  # transformers' tests/deepspeed/ds_config_zero3.json
@@ -32,21 +31,6 @@ ZERO3_EXAMPLE = {  # transformers' tests/deepspeed/ds_config_zero3.json
     "gradient_accumulation_steps": "auto", "gradient_clipping": "auto", "train_batch_size": "auto",
     "train_micro_batch_size_per_gpu": "auto", "wall_clock_breakdown": False,
 }
-
-
-@pytest.fixture
-def started(monkeypatch):
-    """Stub run_all: the command lists that would have been started."""
-    calls = []
-    monkeypatch.setattr(multinode, "run_all", lambda commands: calls.append(commands) or 0)
-    return calls
-
-
-@pytest.fixture
-def script(tmp_path, monkeypatch):
-    monkeypatch.chdir(tmp_path)
-    (tmp_path / "train.py").write_text("raise SystemExit('the script must not run')\n")
-    return "train.py"
 
 
 def message_of(path: str, obj: dict, dtype: str | None = None) -> str:

@@ -35,3 +35,19 @@ def batch(rank: int, step: int, micro: int, vocab: int, bsz: int = 2, seq: int =
     g = torch.Generator().manual_seed(1000 * step + 10 * micro + rank)
     ids = torch.randint(0, vocab, (bsz, seq), generator=g)
     return {"input_ids": ids, "labels": ids.clone()}
+
+
+def slow_host_step(seconds: float = 0.02) -> None:
+    """Make every chunk of the host step (offload/host_step.py) take ``seconds`` longer, in this
+    process (a rank): backward and the next forward then run ahead of the worker."""
+    import time
+
+    from hf_zero.engine.offload import host_step as H
+
+    step_chunk = H.HostStep._step_chunk
+
+    def slowed(self, *args):
+        time.sleep(seconds)
+        step_chunk(self, *args)
+
+    H.HostStep._step_chunk = slowed

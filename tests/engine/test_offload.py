@@ -4,7 +4,6 @@ keeps the offloaded masters and optimizer state off the params' device, and chec
 from __future__ import annotations
 
 import copy
-import time
 
 import pytest
 import torch
@@ -13,7 +12,7 @@ from hf_zero.engine import ZeroEngine, ZeroModule
 from hf_zero.engine.offload.host_memory import HostMemory
 from hf_zero.engine.offload.settings import OptimizerOffload
 from hf_zero.testing.multiprocess import run_on_ranks
-from tests.engine.models import add_frozen_and_unused, batch, tiny_llama
+from tests.engine.models import add_frozen_and_unused, batch, slow_host_step, tiny_llama
 
 STEPS = 6
 
@@ -53,15 +52,7 @@ def _compare(rank, world, stage, ratio, fused, use_no_sync=True, early=False, ov
     if overlap_forward:
         # A slow host step: the next forward runs while chunks are still being stepped, so a
         # module (or unit gather) that did not wait for its chunk would read old params.
-        from hf_zero.engine.offload import host_step as H
-
-        step_chunk = H.HostStep._step_chunk
-
-        def slow(self, *args):
-            time.sleep(0.02)
-            step_chunk(self, *args)
-
-        H.HostStep._step_chunk = slow
+        slow_host_step()
     # A small chunk size: the host step pipelines several chunks of buckets (host_step.py).
     for offload in (None, OptimizerOffload("cpu", ratio=ratio, chunk_numel=5000)):
         model = copy.deepcopy(base)

@@ -32,7 +32,7 @@ from hf_zero.engine import ZeroEngine, ZeroModule
 from hf_zero.engine.offload.settings import OptimizerOffload, ParamOffload
 from hf_zero.engine.offload.speculation import (Action, ChunkStep, Speculation, SpeculationPolicy, Verdict)
 from hf_zero.testing.multiprocess import run_on_ranks
-from tests.engine.models import add_frozen_and_unused, batch, tiny_llama
+from tests.engine.models import add_frozen_and_unused, batch, slow_host_step, tiny_llama
 
 HUGE, TINY = 1e9, 1e-3
 # (threshold or None for no clip call, the loss factor: 1, inf or nan)
@@ -103,15 +103,7 @@ def _compare(rank, world, stage, fused=False, ratio=1.0, param_offload=False, sl
     if slow:
         # A slow host step: backward ends before the worker has started every queued chunk (those
         # are stepped once, after the verdict), and the next forward waits for the redone chunks.
-        from hf_zero.engine.offload import host_step as H
-
-        step_chunk = H.HostStep._step_chunk
-
-        def slowed(self, *args):
-            time.sleep(0.02)
-            step_chunk(self, *args)
-
-        H.HostStep._step_chunk = slowed
+        slow_host_step()
     runs, policy = [], None
     for speculate in (False, True):
         model = copy.deepcopy(base)
