@@ -14,8 +14,10 @@ What DeepSpeed 0.19 does (``runtime/engine.py``, ``_configure_basic_optimizer``)
 - The optimizer gets the model's trainable parameters as one group: ``weight_decay`` applies to
   every one of them, biases and norms included (the Trainer's own optimizer exempts those).
 
-Types with no torch equivalent are refused here, when the file is read (``check-config``,
-``doctor``, the launcher and every rank load it before anything runs), naming what to use.
+Types DeepSpeed builds and hf_zero cannot (:data:`REFUSED`) load here, their params unchecked, and
+are refused by the one table of what this version cannot run (``config/unsupported.py``, row
+"optimizer-type"): ``check-config``, ``doctor``, the launch preflight, every rank and the Trainer
+refuse them the same way, before anything runs.
 Nothing here imports torch: ``tests/config/test_optimizer_block.py`` holds :data:`TORCH_TYPES`
 against the installed torch's signatures.
 """
@@ -54,23 +56,26 @@ Each steps every element on its own, so it runs on flat shards exactly as on who
 
 _CASELESS = {"adam": "Adam", "adamw": "AdamW", "adagrad": "Adagrad"}  # DeepSpeed lowercases its own names
 
-_USE = 'use "AdamW" (or "Adam", "SGD", ...), or leave the optimizer block out to use the Trainer\'s --optim'
 REFUSED: dict[str, str] = {
-    "lamb": "DeepSpeed's FusedLamb is a CUDA kernel of its own and torch has no LAMB",
-    "onebitlamb": "DeepSpeed's 1-bit LAMB (compressed communication) has no torch equivalent",
-    "onebitadam": "DeepSpeed's 1-bit Adam compresses the gradient communication, which hf_zero does not do; "
-                  '"AdamW" is the same update without the compression',
-    "zerooneadam": "DeepSpeed's 0/1 Adam compresses the gradient communication, which hf_zero does not do; "
-                   '"AdamW" is the same update without the compression',
-    "lion": "DeepSpeed's FusedLion / CPU Lion are kernels of its own and torch has no Lion",
-    "muadam": "mup's MuAdam (width-scaled learning rates) is not built in; \"Adam\" without mup's scaling",
-    "muadamw": "mup's MuAdamW (width-scaled learning rates) is not built in; \"AdamW\" without mup's scaling",
-    "musgd": "mup's MuSGD (width-scaled learning rates) is not built in; \"SGD\" without mup's scaling",
-    "muon": "Muon orthogonalises whole 2-D matrices, and hf_zero steps on flat shards of them",
-    "lbfgs": "LBFGS needs a closure that re-evaluates the whole model each step",
-    "sparseadam": "SparseAdam needs sparse gradients, and hf_zero reduces dense ones",
+    "lamb": "LAMB (DeepSpeed's FusedLamb is a CUDA kernel of its own, and torch has no LAMB)",
+    "onebitlamb": "1-bit LAMB (DeepSpeed's LAMB with compressed communication; torch has no LAMB)",
+    "onebitadam": "1-bit Adam's compressed gradient communication (\"AdamW\" is the same update without it)",
+    "zerooneadam": "0/1 Adam's compressed gradient communication (\"AdamW\" is the same update without it)",
+    "lion": "Lion (DeepSpeed's FusedLion / CPU Lion are kernels of its own, and torch has no Lion)",
+    "muadam": "mup's MuAdam (width-scaled learning rates; \"Adam\" is the update without mup's scaling)",
+    "muadamw": "mup's MuAdamW (width-scaled learning rates; \"AdamW\" is the update without mup's scaling)",
+    "musgd": "mup's MuSGD (width-scaled learning rates; \"SGD\" is the update without mup's scaling)",
+    "muon": "Muon on flat shards (Muon orthogonalises whole 2-D matrices, and hf_zero steps on flat shards of them)",
+    "lbfgs": "LBFGS (it needs a closure that re-evaluates the whole model each step)",
+    "sparseadam": "SparseAdam (it needs sparse gradients, and hf_zero reduces dense ones)",
 }
-"""Lowercased names DeepSpeed (or torch.optim) knows that hf_zero cannot build -> why."""
+"""Lowercased names DeepSpeed (or torch.optim) builds that hf_zero cannot -> what is missing, as the
+``<FEATURE> is not implemented in hf_zero`` part of the table's message (config/unsupported.py)."""
+
+
+def refused(written: str) -> str | None:
+    """What hf_zero lacks to build ``type`` as written (a REFUSED entry), or None."""
+    return REFUSED.get(written.lower())
 
 
 def allowed_types() -> list[str]:
@@ -107,6 +112,8 @@ def valid_keys(written: str) -> tuple[str, ...]:
 def check(spec: Any) -> None:
     """Validate an OptimizerSpec's ``type`` and the names (and a few values) of its ``params``."""
     written = spec.type
+    if refused(written) is not None:
+        return  # a DeepSpeed type: the table refuses it (config/unsupported.py); its params are not ours to check
     if canonical_type(written) is None:
         raise _refusal(spec, written)
     params = spec.params
@@ -146,12 +153,10 @@ def _check_adam(spec: Any, params: dict[str, Any]) -> None:
 
 
 def _refusal(spec: Any, written: str) -> Exception:
-    allowed = ", ".join(allowed_types())
-    why = REFUSED.get(written.lower())
-    if why is not None:
-        return checks.fail(spec, "type", f"{why}; {_USE}", value=written, allowed=allowed)
+    """A ``type`` neither DeepSpeed nor torch.optim knows (REFUSED ones are the table's): a misspelling."""
     by_case = {name.lower(): name for name in allowed_types()}  # torch.optim names are case-sensitive
     close = [by_case[written.lower()]] if written.lower() in by_case else \
         difflib.get_close_matches(written, allowed_types(), n=1, cutoff=0.6)
     hint = f"; did you mean {close[0]!r}?" if close else ""
-    return checks.fail(spec, "type", f"not an optimizer hf_zero builds{hint}", value=written, allowed=allowed)
+    return checks.fail(spec, "type", f"not an optimizer hf_zero builds{hint}", value=written,
+                       allowed=", ".join(allowed_types()))

@@ -27,6 +27,7 @@ import dataclasses
 from collections.abc import Callable
 from typing import Any
 
+from hf_zero.config import optimizer_block
 from hf_zero.config.auto import AUTO
 from hf_zero.config.errors import ConfigError, show
 from hf_zero.config.precision import DTYPES
@@ -55,14 +56,22 @@ class Unsupported:
     """What is not implemented, as one phrase."""
     instead: str
     """What to write instead."""
+    feature_of: Callable[[Any], str] | None = None
+    """Where one row covers several features (one per optimizer type): the one this config asks
+    for, in the message; ``feature`` then names them all (docs)."""
 
     def message(self, config: Any) -> str:
         where = f" in {config.source}" if config.source else ""
-        return f"{self.asked(config)}{where}: {self.feature} is not implemented in hf_zero; {self.instead}"
+        feature = self.feature if self.feature_of is None else self.feature_of(config)
+        return f"{self.asked(config)}{where}: {feature} is not implemented in hf_zero; {self.instead}"
 
 
 def _fp16(config: Any) -> bool:
     return config.precision.dtype == "fp16"
+
+
+def _refused_optimizer(config: Any) -> str | None:
+    return None if config.optimizer is None else optimizer_block.refused(config.optimizer.type)
 
 
 def _dtype(config: Any) -> str:
@@ -89,6 +98,16 @@ UNSUPPORTED: tuple[Unsupported, ...] = (
                          f"zero_optimization.stage = {c.zero.stage}"),
         feature="a static fp16 loss scale at ZeRO stages 1-3",
         instead="set fp16.loss_scale to 0 (dynamic loss scaling), or train in bf16",
+    ),
+    Unsupported(
+        name="optimizer-type",
+        keys=("optimizer.type",),
+        applies=lambda c: _refused_optimizer(c) is not None,
+        asked=lambda c: f"optimizer.type = {show(c.optimizer.type)}",
+        feature="an optimizer type DeepSpeed builds with no torch equivalent on flat shards",
+        feature_of=_refused_optimizer,
+        instead=(f'use "AdamW" or another type hf_zero builds ({", ".join(optimizer_block.allowed_types())}), '
+                 "or leave the optimizer block out to use the Trainer's --optim"),
     ),
 )
 

@@ -3,7 +3,7 @@
 Before anything runs, so "auto" values are named with what fills them (TrainingArguments), not
 filled: the same line the Trainer prints once it builds them (hf_zero/trainer/config_blocks.py,
 hf_zero/config/block_plan.py). Without a block, the row says the Trainer's own runs. A type
-hf_zero cannot build never gets here: the ``config`` row already failed, naming it.
+hf_zero cannot build is SKIPped: the ``config`` row FAILs, naming it (config/unsupported.py).
 """
 
 from __future__ import annotations
@@ -26,6 +26,7 @@ _TRAINERS = {
 def check_blocks(config: Any) -> list[CheckResult]:
     """One row for each block (SKIP without a loaded config)."""
     from hf_zero.config.block_plan import optimizer_plan, scheduler_plan
+    from hf_zero.config.optimizer_block import refused
 
     if config is None:
         return [skipped(OPTIMIZER, "no config loaded"), skipped(SCHEDULER, "no config loaded")]
@@ -35,6 +36,8 @@ def check_blocks(config: Any) -> list[CheckResult]:
                                                                             scheduler_plan)):
         if spec is None:
             rows.append(passed(name, _TRAINERS[name].format(source=source)))
+        elif name == OPTIMIZER and refused(spec.type) is not None:
+            rows.append(skipped(name, f"optimizer.type {spec.type!r} is refused (the config row says why)"))
         else:
             rows.append(passed(name, plan(spec).describe(config.source).removeprefix(f"{name} ")))
     return rows

@@ -1,6 +1,8 @@
-"""The optimizer and scheduler blocks are checked when the file is read: a type hf_zero cannot build,
-or a param its type does not take, stops ``check-config`` / ``hf_zero.trainer.check`` (what the
-launcher and every rank run first) with the key, the value and what is allowed."""
+"""The optimizer and scheduler blocks are checked when the file is read: an unknown type, or a param its
+type does not take, stops ``check-config`` / ``hf_zero.trainer.check`` (what the
+launcher and every rank run first) with the key, the value and what is allowed. A type DeepSpeed builds and
+hf_zero cannot is refused by the table of what this version cannot run (config/unsupported.py), from
+the same places."""
 
 from __future__ import annotations
 
@@ -12,6 +14,7 @@ import torch
 from hf_zero.cli import main as cli
 from hf_zero.config import ConfigError
 from hf_zero.config.optimizer_block import TORCH_TYPES, allowed_types, torch_class
+from hf_zero.config.unsupported import UnsupportedConfig, refusals, refuse
 from hf_zero.trainer import check
 
 from .helpers import load_quiet
@@ -27,7 +30,7 @@ def _refusal(block: dict, tmp_path) -> str:
 
 @pytest.mark.parametrize("written, why", [
     ("OneBitLamb", "1-bit LAMB"),
-    ("OneBitAdam", '"AdamW" is the same update without the compression'),
+    ("OneBitAdam", '"AdamW" is the same update without it'),
     ("ZeroOneAdam", "0/1 Adam"),
     ("Lamb", "torch has no LAMB"),
     ("LAMB", "torch has no LAMB"),
@@ -36,11 +39,19 @@ def _refusal(block: dict, tmp_path) -> str:
     ("Muon", "flat shards"),
     ("LBFGS", "closure"),
 ])
-def test_types_without_a_torch_equivalent_are_refused_with_the_alternatives(written, why, tmp_path):
-    message = _refusal({"optimizer": {"type": written, "params": {"lr": "auto"}}}, tmp_path)
+def test_types_without_a_torch_equivalent_are_refused_with_the_alternatives(written, why):
+    """A type DeepSpeed builds loads (its params are DeepSpeed's, e.g. 1-bit Adam's freeze_step), and the one
+    table of what this version cannot run refuses it (config/unsupported.py, row optimizer-type)."""
+    config = load_quiet({"zero_optimization": {"stage": 2},
+                         "optimizer": {"type": written, "params": {"lr": "auto", "freeze_step": 400}}},
+                        source="z.json")
+    [message] = refusals(config)
     assert message.startswith(f'optimizer.type = "{written}" in z.json: ')
-    assert why in message
-    assert 'use "AdamW"' in message and ALLOWED in message
+    assert why in message and " is not implemented in hf_zero; " in message
+    assert 'use "AdamW"' in message and f"({ALLOWED.removeprefix('allowed: ')})" in message
+    with pytest.raises(UnsupportedConfig) as caught:
+        refuse(config)
+    assert str(caught.value) == message
 
 
 @pytest.mark.parametrize("written, hint", [("sgd", "did you mean 'SGD'?"), ("RMSProp", "did you mean 'RMSprop'?"),
@@ -118,11 +129,11 @@ def test_check_config_and_trainer_check_refuse_before_anything_runs(tmp_path, ca
     """What `hf-zero check-config`, `hf-zero launch` and every rank run first refuses the type."""
     path = tmp_path / "ds.json"
     path.write_text('{"zero_optimization": {"stage": 2}, "optimizer": {"type": "OneBitLamb", "params": {}}}')
-    with pytest.raises(ConfigError, match=r'optimizer.type = "OneBitLamb"'):
+    with pytest.raises(UnsupportedConfig, match=r'optimizer.type = "OneBitLamb"'):
         check(str(path))
-    assert cli(["check-config", str(path)]) != 0
+    assert cli(["check-config", str(path)]) == 2
     err = capsys.readouterr().err
-    assert 'optimizer.type = "OneBitLamb"' in err and ALLOWED in err
+    assert 'optimizer.type = "OneBitLamb"' in err and ALLOWED.removeprefix("allowed: ") in err
 
 
 def test_allowed_types_are_what_the_message_lists():

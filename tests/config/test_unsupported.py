@@ -2,7 +2,7 @@
 
 Every row has an example here (a new row without one fails ``test_every_row_has_an_example``);
 the command-line refusals of each row (check-config, doctor, launch) are in
-tests/launcher/test_refusals.py.
+tests/doctor/test_refusals.py.
 """
 
 from __future__ import annotations
@@ -31,7 +31,13 @@ EXAMPLES = {
     "fp16-static-loss-scale": ({"fp16": {"enabled": True, "loss_scale": 128}, "zero_optimization": {"stage": 1}},
                                ["fp16.loss_scale = 128", "zero_optimization.stage = 1",
                                 "set fp16.loss_scale to 0 (dynamic loss scaling)"]),
+    "optimizer-type": ({"fp16": {"enabled": True}, "zero_optimization": {"stage": 2},
+                        "optimizer": {"type": "ZeroOneAdam", "params": {"lr": "auto", "var_freeze_step": 100}}},
+                       ['optimizer.type = "ZeroOneAdam"', "0/1 Adam's compressed gradient communication",
+                        'use "AdamW" or another type hf_zero builds']),
 }
+DTYPE_ROWS = sorted(row.name for row in UNSUPPORTED if "fp16.enabled" in row.keys)
+"""Rows that only an fp16 run hits (the rest refuse whatever the dtype)."""
 
 
 def load(obj: dict):
@@ -60,10 +66,11 @@ def test_row_refuses_naming_keys_values_and_the_alternative(name):
     assert isinstance(caught.value, ConfigError) and isinstance(caught.value, NotImplementedError)
     [row] = [r for r in UNSUPPORTED if r.name == name]
     assert [r.name for r in UNSUPPORTED if r.applies(config)] == [name]
-    assert row.keys[0] == "fp16.enabled"
+    for key in row.keys:  # each key the row reads, by name (the dtype as "fp16 training")
+        assert key in message or key == "fp16.enabled" and "fp16 training" in message
 
 
-@pytest.mark.parametrize("name", sorted(EXAMPLES))
+@pytest.mark.parametrize("name", DTYPE_ROWS)
 @pytest.mark.parametrize("dtype", ["bf16", "fp32"])
 def test_other_dtypes_run(name, dtype):
     obj, _ = EXAMPLES[name]
@@ -71,7 +78,7 @@ def test_other_dtypes_run(name, dtype):
     assert refusals(config) == []
 
 
-@pytest.mark.parametrize("name", sorted(EXAMPLES))
+@pytest.mark.parametrize("name", DTYPE_ROWS)
 def test_auto_precision_is_refused_only_once_fp16_is_known(name):
     """[Note: "auto" precision]: the file runs with --bf16, so only the fp16 case is refused."""
     config = load(without_dtype(EXAMPLES[name][0]))
@@ -97,6 +104,20 @@ def test_two_rows_are_refused_together():
     with pytest.raises(UnsupportedConfig) as caught:
         refuse(config)
     assert len(str(caught.value).splitlines()) == 2
+
+
+@pytest.mark.parametrize("dtype", ["auto", "bf16", "fp32"])
+def test_optimizer_type_is_refused_whatever_the_dtype(dtype):
+    obj = {**EXAMPLES["optimizer-type"][0], "fp16": {"enabled": dtype == "auto" and "auto"},
+           **({"bf16": {"enabled": True}} if dtype == "bf16" else {})}
+    config = load(obj)
+    assert [m.split(":")[0] for m in refusals(config)] == ['optimizer.type = "ZeroOneAdam" in ds.json']
+    assert refusals_by_dtype(config) == {}
+
+
+@pytest.mark.parametrize("written", ["AdamW", "adam", "SGD"])
+def test_types_hf_zero_builds_are_not_refused(written):
+    assert refusals(load({"zero_optimization": {"stage": 2}, "optimizer": {"type": written}})) == []
 
 
 def test_static_loss_scale_at_stage_0_is_the_trainers():

@@ -14,7 +14,7 @@ import pytest
 from hf_zero import cli, run
 from hf_zero.config import load_config
 from hf_zero.config.unsupported import refusals, with_dtype
-from tests.config.test_unsupported import EXAMPLES, without_dtype
+from tests.config.test_unsupported import DTYPE_ROWS, EXAMPLES, without_dtype
 
 ZERO3_EXAMPLE = {  # transformers' tests/deepspeed/ds_config_zero3.json
     "fp16": {"enabled": "auto", "loss_scale": 0, "loss_scale_window": 1000, "initial_scale_power": 16,
@@ -67,7 +67,7 @@ def test_launch_refuses_before_any_rank_starts(capsys, write_config, script, sta
     assert (code, out, err, started) == (2, "", f"hf_zero: {message_of(path, EXAMPLES[name][0])}\n", [])
 
 
-@pytest.mark.parametrize("name", sorted(EXAMPLES))
+@pytest.mark.parametrize("name", DTYPE_ROWS)
 def test_launch_fills_auto_precision_from_the_scripts_flag(capsys, write_config, script, started, free_port, name):
     obj = without_dtype(EXAMPLES[name][0])
     path = write_config(obj)
