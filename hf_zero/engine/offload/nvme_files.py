@@ -15,18 +15,34 @@ own directory at ``close()``, and a finalizer when it is collected or the interp
 
 Transfers go through ``os.preadv``/``os.pwrite`` (they release the GIL) in requests of
 ``REQUEST_BYTES``, at file offsets and lengths that are multiples of ``BLOCK_BYTES``; a thread
-pool runs them, so one transfer keeps several requests in flight. No O_DIRECT: it fails on tmpfs
-and needs aligned memory; the page cache absorbs the writes.
+pool runs them, so one transfer keeps several requests in flight.
+
+[Note: direct I/O] A ``SwapDir`` made with ``direct=True`` (the optimizer tier, nvme_swap.py) moves
+its blocks through a second descriptor of each file opened with O_DIRECT: the bytes go between the
+drive and our buffers, not through the page cache, so what a step measures is the drive, and the
+files' pages do not crowd the host's memory. O_DIRECT needs the buffer's address, the file offset
+and the length to be multiples of the device's logical block (``PAGE_BYTES`` covers every common
+one): offsets and lengths are multiples of ``BLOCK_BYTES`` already, and the buffers come from
+``page_aligned``. ``direct_io_problem`` tries it (a real aligned write and read of a probe file)
+before any swap file is made; where the file system refuses (an old tmpfs, some network and
+FUSE file systems: EINVAL), the tier says so once (``use_direct_io``) and goes through the page
+cache. The files' shared mappings (``SwapFile.view``, read outside the step) stay coherent: the
+kernel writes a range's dirty pages back before a direct read of it, and drops its cached pages
+after a direct write. ``torch.cuda.gds`` (GPUDirect Storage) moves bytes between files and *GPU*
+memory; the optimizer tier's state is stepped on the CPU, so it has no use for it.
 """
 
 from __future__ import annotations
 
+import errno
+import mmap
 import os
 import re
 import shutil
 import socket
 import stat
 import tempfile
+import warnings
 import weakref
 from concurrent.futures import Future, ThreadPoolExecutor
 
@@ -34,6 +50,7 @@ import torch
 import torch.distributed as dist
 
 from hf_zero.config.errors import ConfigError
+from hf_zero.first_rank import is_first_rank
 
 KEY = "zero_optimization.offload_optimizer.nvme_path"
 PREFIX = "hf_zero-swap"
@@ -41,6 +58,7 @@ SUFFIX = ".swap"
 BLOCK_BYTES = 1 << 20  # file offsets and transfer lengths are multiples of this (DeepSpeed's aio block_size)
 REQUEST_BYTES = 8 << 20  # one pread/pwrite; a chunk's transfer is split into these
 IO_THREADS = 4  # requests in flight at once, per rank
+PAGE_BYTES = 4096  # O_DIRECT: buffer addresses are multiples of this ([Note: direct I/O])
 _NAME = re.compile(rf"^{PREFIX}-(?P<host>.+)-(?P<pid>\d+)-rank(?P<rank>\d+)-(?P<serial>\d+)$")
 _FILE = re.compile(r"^(master|state\.[A-Za-z0-9_]+|param\.\d+)\.swap$")  # the names SwapDir.file gives
 _serial = 0
@@ -68,6 +86,61 @@ def directory_problem(path: str) -> str | None:
 def free_bytes(path: str) -> int:
     """Free bytes on the file system of ``path`` (``shutil.disk_usage``; tests replace it)."""
     return shutil.disk_usage(path).free
+
+
+def open_direct(path: str) -> int:
+    """A read-write descriptor of the existing file ``path`` that bypasses the page cache (O_DIRECT)."""
+    return os.open(path, os.O_RDWR | os.O_DIRECT | os.O_CLOEXEC)
+
+
+def direct_io_problem(directory: str) -> str | None:
+    """Why the file system of ``directory`` cannot do O_DIRECT transfers, or None: a probe file is
+    opened with O_DIRECT, written and read back a page from page-aligned memory, then removed."""
+    fd, probe = tempfile.mkstemp(prefix=f".{PREFIX}-direct-", dir=directory)
+    os.close(fd)
+    page = mmap.mmap(-1, PAGE_BYTES)  # anonymous mappings start at a page boundary
+    try:
+        page[:8] = b"hf_zero!"
+        fd = open_direct(probe)
+        try:
+            if os.pwrite(fd, page, 0) != PAGE_BYTES or os.preadv(fd, [page], 0) != PAGE_BYTES or page[:8] != b"hf_zero!":
+                return "a direct write and read of one page did not round-trip"
+        finally:
+            os.close(fd)
+    except OSError as error:
+        name = errno.errorcode.get(error.errno, str(error.errno))
+        return f"O_DIRECT refused: {error.strerror or error} ({name})"
+    finally:
+        page.close()
+        os.remove(probe)
+    return None
+
+
+_said_direct: set[str] = set()  # directories whose fallback was said in this process
+
+
+def use_direct_io(path: str, key: str = KEY) -> bool:
+    """Whether swap files in ``path`` move their blocks with O_DIRECT ([Note: direct I/O]). Where the
+    file system refuses, a warning says so (once per directory, from the job's first rank) and the
+    transfers go through the page cache."""
+    problem = direct_io_problem(path)
+    if problem is not None and path not in _said_direct:
+        _said_direct.add(path)
+        if is_first_rank():
+            warnings.warn(f'{key} = "{path}": {problem}; the NVMe tier reads and writes its swap files through '
+                          "the page cache there, so its speed is partly the page cache's and the files' pages "
+                          "take host memory the kernel can reclaim (a directory on a local NVMe drive "
+                          "with ext4 or xfs takes O_DIRECT)", UserWarning, stacklevel=3)
+    return problem is None
+
+
+def page_aligned(memory, numel: int) -> torch.Tensor:
+    """``numel`` fp32 elements from ``memory`` (``HostMemory``) starting at a ``PAGE_BYTES`` boundary:
+    O_DIRECT's rule for buffer addresses ([Note: direct I/O]). Costs at most one page more."""
+    extra = PAGE_BYTES // 4
+    out = memory.empty(numel + extra)
+    skip = (-out.data_ptr() % PAGE_BYTES) // 4
+    return out[skip : skip + numel]
 
 
 PARAM_KEY = "zero_optimization.offload_param.nvme_path"
@@ -180,30 +253,46 @@ def remove_stale(path: str) -> list[str]:
 
 
 class SwapFile:
-    """One swap file: an fd for block transfers and a shared mmap of the whole file (``view``).
+    """One swap file: a descriptor for block transfers (``io_fd``: O_DIRECT where ``direct``) and a
+    shared mapping of the whole file (``view``).
 
-    The mmap is what code outside the optimizer step sees (checkpoints, ``optimizer.state``): on
-    Linux it is coherent with ``pread``/``pwrite`` through the page cache, and its pages are file
-    pages the kernel can drop, not process memory."""
+    The mapping is what code outside the optimizer step sees (checkpoints, ``optimizer.state``): on
+    Linux it is coherent with ``pread``/``pwrite`` through the page cache (and with direct transfers:
+    [Note: direct I/O]), and its pages are file pages the kernel can drop. Pages the process touched
+    through it count in its RSS until ``drop_pages``."""
 
-    def __init__(self, path: str, numel: int) -> None:
-        self.path = path
-        self.fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o600)
-        os.ftruncate(self.fd, numel * 4)  # sparse: the disk fills as the first step writes
-        self.view = torch.from_file(path, shared=True, size=numel, dtype=torch.float32)
+    def __init__(self, path: str, numel: int, direct: bool = False) -> None:
+        self.path, self.nbytes = path, numel * 4
+        self.fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
+        os.ftruncate(self.fd, self.nbytes)  # sparse: the disk fills as the first step writes
+        self.io_fd = open_direct(path) if direct else self.fd
+        self.direct = direct
+        # Ours, not torch.from_file's, so that drop_pages can madvise it; tensors viewing it keep it alive.
+        self._map = mmap.mmap(self.fd, self.nbytes) if self.nbytes else None
+        self.view = torch.frombuffer(self._map, dtype=torch.float32) if self._map is not None else torch.empty(0)
+
+    def drop_pages(self) -> None:
+        """Unmap the pages this process touched through ``view`` (MADV_DONTNEED): its RSS lets go of
+        them. Nothing is lost: for a shared file mapping the next access reads the file's current
+        contents, dirty pages included (they stay in the page cache until written back)."""
+        if self._map is not None:
+            self._map.madvise(mmap.MADV_DONTNEED)
 
     def close(self) -> None:
+        if self.io_fd != self.fd:
+            os.close(self.io_fd)
         os.close(self.fd)
 
 
 class SwapDir:
     """This rank's swap directory, its files, and the thread pool that moves their blocks."""
 
-    def __init__(self, path: str, rank: int) -> None:
+    def __init__(self, path: str, rank: int, direct: bool = False) -> None:
         global _serial
         self.path = os.path.join(path, f"{PREFIX}-{host_name()}-{os.getpid()}-rank{rank}-{_serial}")
         _serial += 1
         os.mkdir(self.path, 0o700)
+        self.direct = direct  # [Note: direct I/O]: every file's blocks move with O_DIRECT
         self.files: dict[str, SwapFile] = {}
         self._pool = ThreadPoolExecutor(max_workers=IO_THREADS, thread_name_prefix="hf_zero-nvme")
         # Runs once: at remove(), when this object is collected, or at interpreter exit (atexit).
@@ -215,7 +304,7 @@ class SwapDir:
         if kind not in self.files:
             safe = re.sub(r"[^A-Za-z0-9_]", "_", kind)
             name = kind if kind == "master" or kind.startswith("param.") else f"state.{safe}"
-            self.files[kind] = SwapFile(os.path.join(self.path, name + SUFFIX), numel)
+            self.files[kind] = SwapFile(os.path.join(self.path, name + SUFFIX), numel, self.direct)
         return self.files[kind]
 
     def read(self, kind: str, into: torch.Tensor, offset_numel: int) -> list[Future]:
@@ -230,9 +319,11 @@ class SwapDir:
         start, nbytes = offset_numel * 4, buffer.numel() * 4
         if start % BLOCK_BYTES or nbytes % BLOCK_BYTES:
             raise AssertionError(f"swap transfer of {nbytes} bytes at {start} is not in {BLOCK_BYTES}-byte blocks")
+        if file.direct and buffer.data_ptr() % PAGE_BYTES:
+            raise AssertionError(f"direct swap transfer from address {buffer.data_ptr():#x}: not page-aligned")
         memory = memoryview(buffer.view(torch.uint8).numpy())
         io = _pwrite if write else _pread
-        return [self._pool.submit(io, file.fd, memory[at : at + REQUEST_BYTES], start + at, self.path)
+        return [self._pool.submit(io, file.io_fd, memory[at : at + REQUEST_BYTES], start + at, self.path)
                 for at in range(0, nbytes, REQUEST_BYTES)]
 
     def remove(self) -> None:

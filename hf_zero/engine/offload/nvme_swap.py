@@ -14,7 +14,10 @@ while chunk c is stepped, chunk c+1 (up to c + n - 2) is read and chunk c-1 writ
 waits for the write of its slot's previous chunk, and (CUDA) for that chunk's upload from the
 slot. Host memory is n slots of (1 + state tensors) x the largest chunk, whatever the model size.
 Per step each offloaded element moves 4 (1 + state tensors) bytes each way (AdamW: 12 read, 12
-written); the first chunk's read and the last chunk's write are not hidden.
+written); the first chunk's read and the last chunk's write are not hidden. The transfers bypass
+the page cache (O_DIRECT) where the file system allows, the slots being page-aligned for it; where
+it does not, a warning says so once and they go through the page cache ([Note: direct I/O] in
+nvme_files.py).
 
 [Note: where the pieces point] The optimizer's pieces of offloaded buckets and their state
 tensors are, outside the host step, views of the swap files' shared mmaps (``SwapFile.view``):
@@ -100,7 +103,8 @@ class NvmeTier:
         self.slot_numel = max(self.span, default=0)
         kinds = 1 + state_tensors_per_element(optimizer)
         nvme_files.check_directory(offload.nvme_path, kinds * self.file_numel * 4, kinds, ctx)
-        self.dir = SwapDir(offload.nvme_path, ctx.rank if ctx is not None else 0)
+        direct = nvme_files.use_direct_io(offload.nvme_path)  # [Note: direct I/O] in nvme_files.py
+        self.dir = SwapDir(offload.nvme_path, ctx.rank if ctx is not None else 0, direct=direct)
         self.dir.file("master", self.file_numel)
         n = offload.buffer_count
         self.slots = [_Slot() for _ in range(n)]
@@ -219,7 +223,7 @@ class NvmeTier:
 
     def _region(self, slot: _Slot, kind: str) -> torch.Tensor:
         if kind not in slot.buffers:
-            slot.buffers[kind] = self.memory.empty(self.slot_numel)
+            slot.buffers[kind] = nvme_files.page_aligned(self.memory, self.slot_numel)  # O_DIRECT's rule
         return slot.buffers[kind]
 
     def _chunk_pieces(self, c: int):
