@@ -154,14 +154,8 @@ NOT_APPLIED: dict[str, NotApplied] = {
 
 
 PARTLY_APPLIED: dict[str, str] = {
-    "fp16.loss_scale": "stages 1-3: only 0, dynamic scaling (a static scale is refused there: "
-                       "config/unsupported.py); stage 0 runs the Trainer's own dynamic scaler and does not read it",
-    "fp16.initial_scale_power": "stages 1-3; stage 0 runs the Trainer's own scaler (torch's GradScaler: 2**16)",
-    "fp16.loss_scale_window": "stages 1-3; stage 0 runs the Trainer's own scaler (torch's GradScaler: 2000 steps)",
-    "fp16.hysteresis": "only 1: torch's GradScaler halves the scale at every overflow; another value (DeepSpeed's "
-                       "default is 2) is warned about when an fp16 run starts at stages 1-3",
-    "fp16.min_loss_scale": "torch's GradScaler has no floor; a value other than 1 is warned about when an fp16 run "
-                           "starts at stages 1-3",
+    "fp16.loss_scale": "only 0: dynamic scaling, as DeepSpeed's (trainer/loss_scaling.py); a static scale is "
+                       "refused (config/unsupported.py)",
 }
 """DeepSpeed key path -> how far hf_zero applies it (read into the config, but not everywhere or every
 value); the "applied" column of docs/configuration.md. Loading warns about none of them."""

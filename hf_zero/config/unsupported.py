@@ -92,11 +92,10 @@ UNSUPPORTED: tuple[Unsupported, ...] = (
     ),
     Unsupported(
         name="fp16-static-loss-scale",
-        keys=("fp16.enabled", "fp16.loss_scale", "zero_optimization.stage"),
-        applies=lambda c: _fp16(c) and c.zero.stage >= 1 and c.precision.loss_scale > 0,
-        asked=lambda c: (f"{_dtype(c)} with fp16.loss_scale = {show(c.precision.loss_scale)} at "
-                         f"zero_optimization.stage = {c.zero.stage}"),
-        feature="a static fp16 loss scale at ZeRO stages 1-3",
+        keys=("fp16.enabled", "fp16.loss_scale"),
+        applies=lambda c: _fp16(c) and c.precision.loss_scale > 0,
+        asked=lambda c: f"{_dtype(c)} with fp16.loss_scale = {show(c.precision.loss_scale)}",
+        feature="a static fp16 loss scale",
         instead="set fp16.loss_scale to 0 (dynamic loss scaling), or train in bf16",
     ),
     Unsupported(

@@ -368,15 +368,17 @@ class ZeroEngine:
         return self.buckets[i].offloaded and self._host_step.downloaded(i)
 
     @labelled("hf_zero::clip_grad_norm")
-    def clip_grad_norm_(self, max_norm: float) -> torch.Tensor:
-        """Scale the main grads so their global norm is at most ``max_norm``; return the norm before."""
+    def clip_grad_norm_(self, max_norm: float, total: torch.Tensor | None = None) -> torch.Tensor:
+        """Scale the main grads so their global norm is at most ``max_norm``; return the norm before.
+        ``total``: that norm where the caller computed it over more than this engine's group (tensor
+        parallel: over dp and tp, hf_zero/tensor_parallel/norm.py)."""
         host_step = self._host_step
         if host_step is not None and host_step.early and host_step.speculation is None and max_norm != float("inf"):
             raise RuntimeError(
                 f"clip_grad_norm_({max_norm}): the optimizer step of offloaded buckets ran during backward "
                 "(ZeroEngine.set_step_in_backward(True) without a speculation policy), so their gradients can "
                 "no longer be clipped; set_step_in_backward(True, speculation=SpeculationPolicy()) to clip")
-        total = self.grad_norm()
+        total = self.grad_norm() if total is None else total
         if max_norm != float("inf"):
             coef = torch.clamp(max_norm / (total + 1e-6), max=1.0)  # as torch's clip_grad_norm_
             shards = self._grad_shards()

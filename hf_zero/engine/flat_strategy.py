@@ -54,7 +54,7 @@ class FlatStrategy(StageBehaviour):
         arrived = [index[p] for p in dict.fromkeys(arrival)]
         if self.ctx.world_size > 1:  # every rank must build the same buckets: rank 0's order wins
             box = [arrived]
-            torch.distributed.broadcast_object_list(box, src=0, group=self.ctx.group)
+            torch.distributed.broadcast_object_list(box, group_src=0, group=self.ctx.group)  # the group's rank 0
             arrived = box[0]
         seen = set(arrived)
         rest = [i for i in range(len(params)) if i not in seen]

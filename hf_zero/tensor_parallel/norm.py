@@ -42,6 +42,9 @@ def module_parts(model: nn.Module, split: set[str]) -> list[tuple[torch.Tensor, 
 
 def engine_parts(engine, split: set[str]) -> list[tuple[torch.Tensor, bool]]:
     """Every param's slice of this rank's reduced grad shards (ZeRO stages 1-3; padding is left out)."""
+    if engine.offload is not None:
+        raise ValueError("tensor_parallel.autotp_size > 1 with zero_optimization.offload_optimizer: the global "
+                         "norm of offloaded grads over dp and tp is not built yet; offload_optimizer.device \"none\"")
     engine.finish_grad_sync()
     names = {p: n for n, p in engine.model.named_parameters()}
     out = []

@@ -8,7 +8,7 @@ active behaves exactly as before.
 | method              | what hf_zero adds                                                       |
 |---------------------|-------------------------------------------------------------------------|
 | ``__init__``        | refuses a Trainer set up for DeepSpeed or FSDP too (other_sharding.py); resolves the config against TrainingArguments, adds the report callback, starts the hang watchdog (``comm_timeout_s``) |
-| ``create_optimizer``| the config's ``optimizer`` block, if any, builds the optimizer (config_blocks.py); stage >= 1: builds the ZeroEngine around the optimizer just created (or gives it to the engine of a model sharded as it loaded, or to one laid out anew from its shards for a PEFT wrapper of it, hf_zero/init); stage 3, W > 1: the model's ``generate`` defaults to ``synced_gpus=True`` (generation.py) |
+| ``create_optimizer``| the config's ``optimizer`` block, if any, builds the optimizer (config_blocks.py); fp16, every stage: the loss scaler is DeepSpeed's (loss_scaling.py); stage >= 1: builds the ZeroEngine around the optimizer just created (or gives it to the engine of a model sharded as it loaded, or to one laid out anew from its shards for a PEFT wrapper of it, hf_zero/init); stage 3, W > 1: the model's ``generate`` defaults to ``synced_gpus=True`` (generation.py) |
 | ``create_scheduler``| the config's ``scheduler`` block, if any: DeepSpeed's schedule (config_blocks.py, ds_schedulers.py) |
 | ``_wrap_model``     | stage >= 1: trains a ``ZeroModule`` where DDP would stand               |
 | ``_clip_grad_norm`` | stage >= 1: global norm over the gradient shards, then clip             |
@@ -45,7 +45,7 @@ from hf_zero.trainer.generation import sync_generate
 from hf_zero.trainer.streamed_save import save_stage3, save_whole
 from hf_zero.trainer.verify import verify_saved_adapter, verify_saved_weights
 from hf_zero.trainer import session as S
-from hf_zero.trainer.loss_scaling import check_loss_scaling, sharded_grad_scaler
+from hf_zero.trainer.loss_scaling import DeepSpeedScaling, sharded_grad_scaler
 from hf_zero.trainer.other_sharding import refuse as refuse_other_sharding
 from hf_zero.trainer import param_count
 from hf_zero.trainer.seam_check import original_of
@@ -87,8 +87,6 @@ def __init__(self, *args, **kwargs):
         world_size=self.args.world_size,
         hidden_size=getattr(model_config, "hidden_size", None),
     )
-    if resolved.zero.stage >= 1 and resolved.precision.dtype == "fp16":
-        check_loss_scaling(resolved.precision, resolved.source)
     config_blocks.check_trainer(self, resolved)  # a block and Trainer(optimizers=...) for the same thing
     session = S.ZeroSession(config=resolved, trainer_ref=weakref.ref(self), loaded=config)
     S.attach(self, session)
@@ -108,11 +106,13 @@ def create_optimizer(self, model=None):
         # Every stage: the block's optimizer on the full params; the engine below rewrites it into pieces.
         self.optimizer = config_blocks.build_optimizer(self, session, self.model if model is None else model)
     optimizer = _original("create_optimizer")(self, model)
+    if session is not None and session.config.precision.dtype == "fp16" and self.accelerator.scaler is not None \
+            and not isinstance(self.accelerator.scaler, DeepSpeedScaling):
+        # Where accelerate scales fp16 losses (not on CPU), every stage: the file's fp16 keys as DeepSpeed
+        # reads them, and every rank agrees on overflow (loss_scaling.py). Set before accelerate wraps
+        # the optimizer, which captures the scaler it has then.
+        self.accelerator.scaler = sharded_grad_scaler(session.config.precision, self.args.device)
     if session is not None and session.stage >= 1 and session.engine is None:
-        if session.config.precision.dtype == "fp16" and self.accelerator.scaler is not None:
-            # Where accelerate scales fp16 losses (not on CPU), every rank must agree on overflow.
-            # Set before accelerate wraps the optimizer, which captures the scaler it has then.
-            self.accelerator.scaler = sharded_grad_scaler(session.config.precision, self.args.device)
         options = engine_options(session.config)
         # A model sharded as it loaded, or a wrapper (PEFT) of one: its engine (hf_zero/init).
         prebuilt = sharded_load.engine_for(self.model, options)

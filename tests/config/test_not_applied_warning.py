@@ -1,5 +1,4 @@
-"""Warnings about the user's config keys (config/key_warning.py): "accepts but does not apply", fp16
-loss scaling. Said once per job (rank 0), placed at the user's key in the config file
+"""Warnings about the user's config keys (config/key_warning.py): "accepts but does not apply". Said once per job (rank 0), placed at the user's key in the config file
 (``ds.json:4: UserWarning: ...``), not at a line of hf_zero's code."""
 
 from __future__ import annotations
@@ -54,25 +53,3 @@ def _count(rank, world, path):
 
 def test_once_per_job_in_a_process_group(tmp_path):
     assert run_on_ranks(_count, 2, _write(tmp_path)) == [1, 0]
-
-
-def test_loss_scaling_warning_points_at_its_key_too(tmp_path, monkeypatch):
-    from hf_zero.trainer.loss_scaling import check_loss_scaling
-
-    monkeypatch.delenv("RANK", raising=False)
-    path = tmp_path / "fp16.json"
-    path.write_text(json.dumps({"zero_optimization": {"stage": 2}, "fp16": {"enabled": True, "hysteresis": 2}},
-                               indent=2))
-    config = load_config(str(path))
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
-        check_loss_scaling(config.precision, config.source)
-    [w] = caught
-    assert w.filename == str(path)
-    assert path.read_text().splitlines()[w.lineno - 1].strip() == '"hysteresis": 2'
-    assert str(w.message).startswith(f"hf_zero does not apply fp16.hysteresis = 2 in {path}: ")
-    monkeypatch.setenv("RANK", "1")
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
-        check_loss_scaling(config.precision, config.source)
-    assert caught == []
