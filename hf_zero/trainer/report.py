@@ -22,7 +22,6 @@ the model's forward, collectives are counted as the engine issues them.
 
 from __future__ import annotations
 
-import resource
 import time
 
 import torch
@@ -30,6 +29,7 @@ import torch.distributed as dist
 from transformers import DefaultFlowCallback, TrainerCallback
 
 from hf_zero.trainer import report_file
+from hf_zero.trainer.device_memory import CUDA, MemorySource, device_facts, peak_memory
 from hf_zero.trainer.report_file import BYTE_KEYS, REPORT_NAME
 
 __all__ = ["REPORT_NAME", "ReportCallback", "add_to"]
@@ -50,12 +50,6 @@ def _held_without_engine(model, optimizer) -> dict[str, int]:
                     if torch.is_tensor(v) and v.dim() > 0)
     return {"params": params, "grads": grads, "peak_grads": grads, "optimizer_state": state, "host_offload": 0,
             "nvme_offload": 0}
-
-
-def _peak_memory(device: torch.device) -> dict:
-    if device.type == "cuda":
-        return {"kind": "cuda_max_allocated", "bytes": torch.cuda.max_memory_allocated(device)}
-    return {"kind": "host_peak_rss", "bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024}
 
 
 def _compile_seconds() -> float:
@@ -83,8 +77,9 @@ def add_to(trainer, callback: "ReportCallback") -> None:
 
 
 class ReportCallback(TrainerCallback):
-    def __init__(self, session) -> None:
+    def __init__(self, session, memory: MemorySource = CUDA) -> None:
         self.session = session
+        self.memory = memory  # where a CUDA device's readings come from (device_memory.py)
         self._hook = None
         self._tokens = 0
         self._steps = 0
@@ -112,9 +107,9 @@ class ReportCallback(TrainerCallback):
         speculation = self.session.engine.speculation if self.session.engine is not None else None
         return {
             "rank": args.process_index,
-            **report_file.device_facts(args.device),
+            **device_facts(args.device, self.memory),
             "bytes": dict(self._held),
-            "peak_memory": _peak_memory(args.device),
+            "peak_memory": peak_memory(args.device, self.memory),
             "tokens": self._tokens,
             "tokens_per_s": self._tokens / elapsed if elapsed > 0 else None,
             "steps": self._steps,
@@ -144,7 +139,7 @@ class ReportCallback(TrainerCallback):
     def _scalars(self, args) -> dict[str, float]:
         """This rank's figures as the ``hf_zero/*`` scalars of a log."""
         flat = {f"hf_zero/{k}_bytes": v for k, v in self._held.items()}
-        flat["hf_zero/peak_memory_bytes"] = _peak_memory(args.device)["bytes"]
+        flat["hf_zero/peak_memory_bytes"] = peak_memory(args.device, self.memory)["bytes"]
         if self._rate is not None:
             flat["hf_zero/tokens_per_s"] = self._rate
         return flat

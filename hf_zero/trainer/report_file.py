@@ -6,7 +6,8 @@ The file is one JSON object (fields in docs/getting-started.md, "What a run writ
 - ``stage``, ``world_size``, ``precision``, ``train_seconds``, ``tokens_per_s_total``;
 - ``summary`` (finished only): the figures below in human units, as rank 0 prints them;
 - ``last_log``: the Trainer's last training log (loss, learning rate, grad norm, epoch);
-- ``ranks``: each rank's measured figures and its device (report.py measures them);
+- ``ranks``: each rank's measured figures and its device (report.py measures them, device_memory.py
+  reads the device);
 - ``config_source`` and ``config``: the resolved config (no "auto" left) in hf_zero's own schema;
 - ``versions``: hf_zero, Python, torch (its CUDA, NCCL), transformers, accelerate.
 
@@ -19,18 +20,15 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import sys
 import warnings
 
-import torch
-
 from hf_zero.byte_units import fmt_bytes
 from hf_zero.checkpoint.atomic import Swap
+from hf_zero.trainer.device_memory import PEAK_KINDS
 
 REPORT_NAME = "hf_zero_report.json"
 BYTE_KEYS = ("params", "grads", "peak_grads", "optimizer_state", "host_offload", "nvme_offload")
-_PEAK_KINDS = {"cuda_max_allocated": "CUDA max allocated", "host_peak_rss": "host peak RSS"}
 
 
 def run_facts(session, args) -> dict:
@@ -41,15 +39,6 @@ def run_facts(session, args) -> dict:
     cfg = session.config
     return {"stage": cfg.zero.stage, "world_size": args.world_size, "precision": cfg.precision.dtype,
             "config_source": cfg.source, "config": config_to_dict(cfg), "versions": run_versions()}
-
-
-def device_facts(device: torch.device) -> dict:
-    """This rank's device: ``cuda:0`` and the GPU's name and memory, or ``cpu``; and the host."""
-    facts = {"device": str(device), "host": socket.gethostname()}
-    if device.type == "cuda":
-        props = torch.cuda.get_device_properties(device)
-        facts.update(name=props.name, memory_bytes=props.total_memory)
-    return facts
 
 
 def document(facts: dict, ranks: list[dict], *, status: str, step: int, train_seconds: float,
@@ -75,7 +64,7 @@ def summary(doc: dict, ranks: list[dict]) -> dict[str, str]:
     for key in BYTE_KEYS:
         out[key] = fmt_bytes(max(r["bytes"].get(key, 0) for r in ranks))
     peak = max(ranks, key=lambda r: r["peak_memory"]["bytes"])["peak_memory"]
-    out["peak_memory"] = f"{fmt_bytes(peak['bytes'])} ({_PEAK_KINDS.get(peak['kind'], peak['kind'])})"
+    out["peak_memory"] = f"{fmt_bytes(peak['bytes'])} ({PEAK_KINDS.get(peak['kind'], peak['kind'])})"
     return out
 
 
