@@ -125,6 +125,9 @@ def build_parser() -> argparse.ArgumentParser:
                      help="optimizer offload: cpu moves fp32 masters, optimizer state and the grads at the step "
                           "to the host (column 'host'); nvme puts masters and state in files (column 'nvme'), "
                           "the grads on the host (default none)")
+    est.add_argument("--offload_state_dtype", default="fp32", choices=["fp32", "bf16"],
+                     help="with --offload cpu: the offloaded optimizer state's dtype "
+                          "(offload_optimizer.state_dtype; bf16 changes numerics) (default fp32)")
     est.add_argument("--reduce_bucket_size", default="500000000", metavar="ELEMENTS|auto",
                      help="stage 1/2 gradient bucket in elements; auto = hidden_size**2 (default 5e8)")
     est.add_argument("--micro_batch", type=int, default=1, metavar="B", help="per-rank micro batch (default 1)")

@@ -148,6 +148,7 @@ def estimate_bytes(
     offload_optimizer: bool = False,
     persistence_threshold: int = 0,
     offload_device: str = "cpu",
+    state_dtype: str = "fp32",
 ) -> dict[str, int]:
     """Bytes one rank holds at the optimizer step, keyed as ``hf_zero_report.json``'s ``bytes``.
 
@@ -172,6 +173,8 @@ def estimate_bytes(
       state are in ``nvme_offload`` instead, and ``host_offload`` holds the grads only. Not
       modelled yet: with clipping on, the host step's speculation keeps copies of up to a quarter
       of the offloaded masters and state (engine/offload/speculation.py; the run report counts them).
+      ``state_dtype`` "bf16" (offload "cpu" only, [Note: bf16 host state]): the offloaded state at
+      2 bytes per value instead of 4 (AdamW: 12 host bytes per element instead of 16).
     """
     _check("stage", stage, STAGES)
     _check("dtype", dtype, tuple(DTYPE_BYTES))
@@ -213,6 +216,10 @@ def estimate_bytes(
     peak = main_grads if alias else main_grads + sum(staged) * p
     masters = 0 if p == 4 else 4 * shard
     state = 4 * STATE_TENSORS[optimizer] * n / world
+    if state_dtype not in ("fp32", "bf16") or (state_dtype == "bf16" and not (offload_optimizer and offload_device == "cpu")):
+        raise ValueError(f"state_dtype must be 'fp32', or 'bf16' with optimizer offload to 'cpu'; got {state_dtype!r}")
+    if state_dtype == "bf16":
+        state /= 2
     if offload_optimizer and offload_device == "nvme":
         return {"params": params, "grads_at_step": 0, "peak_grads": peak, "optimizer_state": 0,
                 "host_offload": 4 * shard, "nvme_offload": 4 * shard + round(state)}
@@ -379,7 +386,8 @@ def run(args: argparse.Namespace) -> int:
     for stage in stages:
         b = estimate_bytes(counts, stage=stage, world=args.world, dtype=args.dtype, optimizer=args.optimizer,
                            model_dtype=args.model_dtype, reduce_bucket_size=bucket,
-                           offload_optimizer=offload and stage > 0, offload_device=args.offload)
+                           offload_optimizer=offload and stage > 0, offload_device=args.offload,
+                           state_dtype=args.offload_state_dtype if offload and stage > 0 else "fp32")
         gathered = gathered_params_bytes(counts, world=args.world, dtype=args.dtype,
                                          model_dtype=args.model_dtype) if stage == 3 else 0
         states = b["params"] + gathered + b["peak_grads"] + b["optimizer_state"]

@@ -111,6 +111,18 @@ def test_estimate_matches_report_with_optimizer_offload(measured, config_path):
             assert abs(want - got) <= TOLERANCE * max(got, 1), (rank["rank"], key, want, got)
 
 
+def test_bf16_host_state_halves_the_offloaded_state(config_path):
+    # [Note: bf16 host state]: AdamW's two moments at 2 bytes each on the host (the engine's own
+    # bytes are held against this in tests/engine/test_bf16_state.py)
+    counts = count_params(meta_model(load_model_config(config_path)))
+    args = dict(stage=2, world=2, dtype="bf16", optimizer="adamw", offload_optimizer=True)
+    fp32, bf16 = estimate_bytes(counts, **args), estimate_bytes(counts, **args, state_dtype="bf16")
+    assert fp32["host_offload"] - bf16["host_offload"] == round(2 * 2 * counts.trainable / 2)
+    assert {k: v for k, v in fp32.items() if k != "host_offload"} == {k: v for k, v in bf16.items() if k != "host_offload"}
+    with pytest.raises(ValueError, match="state_dtype must be 'fp32', or 'bf16' with optimizer offload to 'cpu'"):
+        estimate_bytes(counts, **{**args, "offload_optimizer": False}, state_dtype="bf16")
+
+
 def test_cli_prints_all_stages(config_path, capsys):
     code = main(["estimate", config_path, "--world", "4", "--dtype", "bf16", "--seq_len", "16",
                  "--gradient_checkpointing"])

@@ -39,7 +39,11 @@ ALIASES: dict[str, str] = {
 DTYPE_SWITCHES = ("bf16.enabled", "fp16.enabled")
 """DeepSpeed's two precision switches; together they give ``precision.dtype``."""
 
-_NOT_IN_DEEPSPEED = {"zero.offload_param.ratio"}  # DeepSpeed's param offload has no ratio
+STATE_SWITCH = "bf16.bf16_optimizer_states"
+"""DeepSpeed's switch for bf16 optimizer state; with CPU optimizer offload it is
+``zero.offload_optimizer.state_dtype`` "bf16" (true) or "fp32" (false)."""
+
+_NOT_IN_DEEPSPEED = {"zero.offload_param.ratio", "zero.offload_param.state_dtype"}  # param offload has neither
 
 
 def _join(prefix: str, key: str) -> str:
@@ -59,6 +63,8 @@ def key_mapping(cls: type = HfZeroConfig, native: str = "", ds: str = "") -> lis
             rows += key_mapping(sub, native_path, _join(ds, ds_key) if ds_key else ds)
         elif native_path == "precision.dtype":
             rows.append((native_path, " / ".join(DTYPE_SWITCHES)))
+        elif native_path == "zero.offload_optimizer.state_dtype":
+            rows.append((native_path, STATE_SWITCH))
         elif ds_key is None or native_path in _NOT_IN_DEEPSPEED:
             rows.append((native_path, None))
         else:
@@ -141,6 +147,9 @@ def _build(cls: type, leaves: dict, spelled: dict, prefix: str, source: str, def
             kwargs[field.name] = _build(sub, leaves, spelled, sub_prefix, source, field.metadata["defaults"])
         elif cls is PrecisionConfig and field.name == "dtype":
             kwargs["dtype"] = _dtype(leaves, spelled, source)
+        elif field.name == "state_dtype" and prefix == "zero_optimization.offload_optimizer":
+            if leaves.get(STATE_SWITCH) is not None:
+                kwargs["state_dtype"] = _state_dtype(leaves, spelled, source)
         elif ds_key is not None and _join(prefix, ds_key) in leaves:
             kwargs[field.name] = leaves[_join(prefix, ds_key)]
         elif field.default is dataclasses.MISSING and field.default_factory is dataclasses.MISSING:
@@ -163,7 +172,19 @@ def _where(cls: type, field_path: str | None, prefix: str, spelled: dict) -> str
     path = _join(prefix, field.metadata.get("deepspeed") or name)
     if rest:
         path = _join(path, rest)
+    if path == "zero_optimization.offload_optimizer.state_dtype":
+        path = STATE_SWITCH  # (the one field whose DeepSpeed key is in another block)
     return spelled.get(path, path)
+
+
+def _state_dtype(leaves: dict, spelled: dict, source: str) -> str:
+    """``bf16.bf16_optimizer_states`` -> the offloaded optimizer state's dtype."""
+    value = leaves[STATE_SWITCH]
+    if not isinstance(value, bool):
+        raise ConfigError("not a boolean", key=spelled.get(STATE_SWITCH, STATE_SWITCH), value=value,
+                          allowed="true (bf16 moments of the offloaded optimizer state), false or null",
+                          source=source)
+    return "bf16" if value else "fp32"
 
 
 def _dtype(leaves: dict, spelled: dict, source: str) -> Any:

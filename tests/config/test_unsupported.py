@@ -35,6 +35,10 @@ EXAMPLES = {
                         "optimizer": {"type": "ZeroOneAdam", "params": {"lr": "auto", "var_freeze_step": 100}}},
                        ['optimizer.type = "ZeroOneAdam"', "0/1 Adam's compressed gradient communication",
                         'use "AdamW" or another type hf_zero builds']),
+    "bf16-state-nvme": ({"bf16": {"enabled": True, "bf16_optimizer_states": True},
+                         "zero_optimization": {"stage": 2, "offload_optimizer": {"device": "nvme", "nvme_path": "x"}}},
+                        ['zero_optimization.offload_optimizer.device = "nvme"', "bf16.bf16_optimizer_states = true",
+                         "bf16 optimizer state in the NVMe tier", 'offload the optimizer to "cpu"']),
 }
 DTYPE_ROWS = sorted(row.name for row in UNSUPPORTED if "fp16.enabled" in row.keys)
 """Rows that only an fp16 run hits (the rest refuse whatever the dtype)."""

@@ -98,7 +98,7 @@ def _train(model, engine, rank, slow):
     return norms, snaps
 
 
-def _compare(rank, world, stage, fused=False, ratio=1.0, param_offload=False, slow=False):
+def _compare(rank, world, stage, fused=False, ratio=1.0, param_offload=False, slow=False, state_dtype="fp32"):
     base = add_frozen_and_unused(tiny_llama(0, tied=True))
     if slow:
         # A slow host step: backward ends before the worker has started every queued chunk (those
@@ -109,7 +109,7 @@ def _compare(rank, world, stage, fused=False, ratio=1.0, param_offload=False, sl
         model = copy.deepcopy(base)
         opt = torch.optim.AdamW(_groups(model), lr=1e-2, fused=fused, foreach=None if fused else True)
         engine = ZeroEngine(model, opt, stage=stage, bucket_numel=3000,
-                            offload=OptimizerOffload("cpu", ratio=ratio, chunk_numel=2000),
+                            offload=OptimizerOffload("cpu", ratio=ratio, chunk_numel=2000, state_dtype=state_dtype),
                             offload_param=ParamOffload("cpu") if param_offload else None)
         if speculate:
             # max_backoff 1: after a redone step exactly one step waits for the norm
@@ -146,6 +146,11 @@ def test_speculation_at_stage_3_fused_partial_offload_slow_worker():
 def test_speculation_with_parameter_offload():
     # the host shards are written by the speculative step, and again by the redo or the undo
     _check(run_on_ranks(_compare, 2, 3, False, 1.0, True, timeout=300))
+
+
+def test_speculation_with_bf16_host_state():
+    # [Note: bf16 host state]: the copies are of the bf16 moments, a redo rounds again from them
+    _check(run_on_ranks(_compare, 2, 2, False, 1.0, False, False, "bf16", timeout=300))
 
 
 # ---- the state machine alone (no threads) ---------------------------------------------------------

@@ -77,6 +77,7 @@ from hf_zero.engine.diagnostics.labels import labelled
 from hf_zero.engine.offload.nvme_swap import state_tensors_per_element
 from hf_zero.engine.offload.settings import OptimizerOffload
 from hf_zero.engine.offload.speculation import Action, Speculation, SpeculationPolicy
+from hf_zero.engine.offload.state_dtype import STATE_DTYPES, LowPrecisionState
 from hf_zero.engine.offload.step_overlap import StepWorker, hyperparameters
 from hf_zero.engine.streams import Streams
 from hf_zero.engine.offload.tiers import state_tier
@@ -109,6 +110,9 @@ class HostStep:
         if current:
             self.chunks.append(current)
         self.tier = state_tier(offload, self.chunks, shard_sizes, host_memory, ctx, optimizer)
+        # [Note: bf16 host state] (state_dtype.py): None keeps the optimizer's own fp32 state.
+        dtype = STATE_DTYPES[offload.state_dtype] if offload is not None else torch.float32
+        self.low_precision = LowPrecisionState(dtype) if dtype != torch.float32 else None
         self.host_grads: dict[int, torch.Tensor] = {}  # bucket index -> fp32 host grad shard
         self.scale: torch.Tensor | None = None  # the clip coefficient of this step, if any
         self._ready: dict[int, list] = {}  # bucket index -> its download events (None without CUDA)
@@ -169,7 +173,8 @@ class HostStep:
         self.speculation = None
         if early and speculation is not None:
             policy = speculation if not self.tier.on_disk else SpeculationPolicy(budget=0.0)
-            per_element = 4 * (1 + state_tensors_per_element(self._optimizer))
+            state_bytes = self.low_precision.dtype.itemsize if self.low_precision is not None else 4
+            per_element = 4 + state_bytes * state_tensors_per_element(self._optimizer)
             self.speculation = Speculation(policy, self._chunk_numel, per_element)
 
     # ---- grads down ----------------------------------------------------------------------------
@@ -393,7 +398,10 @@ class HostStep:
                 pieces.append(piece)
         if before is not None:
             before([p for p in pieces if p.grad is not None])
-        _step_on(view, groups, pieces)
+        if self.low_precision is not None:  # [Note: bf16 host state]
+            self.low_precision.step(view, groups, pieces)
+        else:
+            _step_on(view, groups, pieces)
         for piece in pieces:
             piece.grad = None
         for i in chunk:

@@ -37,6 +37,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from hf_zero.engine.offload.state_dtype import STATE_DTYPES
+
 TIERS = ("cpu", "nvme")
 
 
@@ -51,6 +53,7 @@ class OptimizerOffload:
     chunk_numel: int = 1 << 26  # host-step pipeline granularity (host_step.py): elements per chunk
     nvme_path: str | None = None  # "nvme": the directory that holds this run's swap directory
     buffer_count: int = 4  # "nvme": chunk buffers in host memory (reading ahead, stepping, writing back)
+    state_dtype: str = "fp32"  # per-element optimizer state between steps ("bf16": [Note: bf16 host state])
 
     def __post_init__(self) -> None:
         if self.device not in TIERS:
@@ -61,6 +64,12 @@ class OptimizerOffload:
             raise ValueError("optimizer offload to 'nvme' needs nvme_path (a directory)")
         if self.buffer_count < 1:
             raise ValueError(f"buffer_count must be >= 1, got {self.buffer_count}")
+        if self.state_dtype not in STATE_DTYPES:
+            raise ValueError(f"optimizer offload state_dtype must be one of {tuple(STATE_DTYPES)}, got {self.state_dtype!r}")
+        if self.state_dtype != "fp32" and self.device == "nvme":
+            raise NotImplementedError(f"optimizer offload state_dtype {self.state_dtype!r} with device 'nvme' is not "
+                                      "built yet (the NVMe tier swaps float32 state only); use device 'cpu' or "
+                                      "state_dtype 'fp32'")
 
     def offloaded(self, shard_sizes: list[int]) -> list[bool]:
         """Which buckets (by their shard sizes, in bucket order) keep their optimizer on the host:
