@@ -68,7 +68,12 @@ NOT_APPLIED: dict[str, NotApplied] = {
     "compression_training": NotApplied("DeepSpeed compression is not supported"),
     "data_efficiency": NotApplied("DeepSpeed data efficiency is not supported", (_OFF,)),
     "curriculum_learning": NotApplied("curriculum learning is not supported", (_OFF,)),
-    "tensor_parallel": NotApplied("tensor parallelism is not supported"),
+    "tensor_parallel.partition_config": NotApplied(
+        "hf_zero splits the layers of the model's own tp_plan (or a decoder block's); set model.tp_plan instead"),
+    "tensor_parallel.preset_model": NotApplied(
+        "hf_zero splits the layers of the model's own tp_plan (or a decoder block's); set model.tp_plan instead"),
+    "tensor_parallel.tp_overlap_comm": NotApplied(
+        "the tensor-parallel all-reduces run in line with compute (their overlap is not built yet)", (False,)),
     "pipeline": NotApplied("pipeline parallelism is not supported"),
     "compile": NotApplied("use TrainingArguments.torch_compile"),
     # bf16 / fp16 blocks

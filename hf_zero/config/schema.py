@@ -13,6 +13,7 @@ from hf_zero.config import checks, optimizer_block, scheduler_block
 from hf_zero.config.auto import AUTO, Auto
 from hf_zero.config.fields import setting
 from hf_zero.config.precision import PrecisionConfig
+from hf_zero.config.tensor_parallel import TensorParallelConfig
 from hf_zero.config.zero import OffloadConfig, ZeroConfig
 
 OPTIMIZER_AUTO_KEYS = ("lr", "betas", "eps", "weight_decay")
@@ -140,6 +141,13 @@ class HfZeroConfig:
         doc="""Scheduler to build. null/absent (default): the Trainer builds its own from
         TrainingArguments.lr_scheduler_type.""",
     )
+    tensor_parallel: TensorParallelConfig = setting(
+        default_factory=TensorParallelConfig,
+        deepspeed="tensor_parallel",
+        nested=TensorParallelConfig,
+        doc="""Tensor parallelism beside ZeRO (hf_zero/tensor_parallel, docs/parallelism.md). Default:
+        none (autotp_size 1).""",
+    )
     steps_per_print: int = setting(
         10,
         deepspeed="steps_per_print",
@@ -197,6 +205,9 @@ class HfZeroConfig:
         checks.number(self, "gradient_clipping", minimum=0.0, auto=True)
         for name in ("train_batch_size", "train_micro_batch_size_per_gpu", "gradient_accumulation_steps"):
             checks.integer(self, name, minimum=1, auto=True, none=True)
+        if not isinstance(self.tensor_parallel, TensorParallelConfig):
+            raise checks.fail(self, "tensor_parallel", "not a TensorParallelConfig", value=self.tensor_parallel,
+                              allowed="a TensorParallelConfig")
         checks.integer(self, "steps_per_print", minimum=0)
         checks.boolean(self, "wall_clock_breakdown")
         self._check_comm_timeout()

@@ -48,6 +48,7 @@ from hf_zero.trainer import session as S
 from hf_zero.trainer.loss_scaling import DeepSpeedScaling, sharded_grad_scaler
 from hf_zero.trainer.other_sharding import refuse as refuse_other_sharding
 from hf_zero.trainer import param_count
+from hf_zero.trainer import tensor_parallel as TP
 from hf_zero.trainer.seam_check import original_of
 
 _ORIGINALS: dict[str, object] = {}
@@ -90,6 +91,7 @@ def __init__(self, *args, **kwargs):
     config_blocks.check_trainer(self, resolved)  # a block and Trainer(optimizers=...) for the same thing
     session = S.ZeroSession(config=resolved, trainer_ref=weakref.ref(self), loaded=config)
     S.attach(self, session)
+    TP.setup(self, resolved)  # tensor_parallel.autotp_size > 1: the model is split now, before any optimizer
     add_report(self, ReportCallback(session))  # before the report_to integrations: they get its hf_zero/* scalars
     self.add_callback(PhaseCallback())  # what this rank is doing, for the hang watchdog
     from hf_zero.engine.diagnostics import watchdog  # hang reports, every stage: a rank that raises stops the others
@@ -120,7 +122,7 @@ def create_optimizer(self, model=None):
             prebuilt.attach_optimizer(self.optimizer)
             session.engine = prebuilt
         else:
-            session.engine = ZeroEngine(self.model, self.optimizer, **options)
+            session.engine = ZeroEngine(self.model, self.optimizer, **options, **TP.engine_group(self))
         # accelerate skips no_sync() on one rank, so the engine asks the Trainer's own flag which
         # micro-step ends an accumulation (offloaded grads go to the host only then).
         accelerator = self.accelerator
@@ -150,6 +152,8 @@ def create_scheduler(self, num_training_steps, optimizer=None):
 @_seam
 def _wrap_model(self, model, training=True, dataloader=None):
     session = S.session_of(self)
+    if session is not None and session.engine is None and training and TP.of(self) is not None:
+        return TP.wrap_stage0(self, model)  # stage 0 under tensor parallelism: DDP over the dp group only
     if session is None or session.engine is None or not training:
         return _original("_wrap_model")(self, model, training, dataloader)
     if isinstance(model, ZeroModule):
@@ -162,6 +166,11 @@ def _wrap_model(self, model, training=True, dataloader=None):
 @_seam
 def _clip_grad_norm(self, model):
     session = S.session_of(self)
+    if session is not None and TP.of(self) is not None:  # every stage: the norm over dp and tp
+        if session.engine is not None:
+            session.engine.finish_grad_sync()
+        self.accelerator.unscale_gradients()
+        return TP.clip(self, session.engine, self.args.max_grad_norm)
     if session is None or session.engine is None:
         return _original("_clip_grad_norm")(self, model)
     session.engine.finish_grad_sync()  # the optimizer's pieces see their gradients ...
@@ -172,6 +181,9 @@ def _clip_grad_norm(self, model):
 @_seam
 def _get_grad_norm(self, model, grad_norm=None):
     session = S.session_of(self)
+    if session is not None and TP.of(self) is not None and grad_norm is None:
+        self.accelerator.unscale_gradients()
+        grad_norm = TP.grad_norm(self, session.engine)
     if session is not None and session.engine is not None and grad_norm is None:
         session.engine.finish_grad_sync()
         self.accelerator.unscale_gradients()
@@ -182,6 +194,7 @@ def _get_grad_norm(self, model, grad_norm=None):
 @_seam
 def save_model(self, output_dir=None, _internal_call=False):
     session = S.session_of(self)
+    TP.refuse_checkpoint(self, "save_model")
     if session is None or session.engine is None:
         return _original("save_model")(self, output_dir, _internal_call)
     session.engine.settle()  # [Note: step in backward]: the last step's params are all in place
@@ -226,6 +239,7 @@ def _save_optimizer_and_scheduler(self, output_dir):
 @_seam
 def _save_checkpoint(self, model, trial):
     session = S.session_of(self)
+    TP.refuse_checkpoint(self, "a checkpoint save")
     if session is None or session.engine is None:
         return _original("_save_checkpoint")(self, model, trial)
     # [Note: rotation] (checkpoint.py): no rotation of the Trainer's, wherever it happens in its
@@ -260,6 +274,8 @@ def _save_checkpoint(self, model, trial):
 @_seam
 def train(self, resume_from_checkpoint=None, trial=None, ignore_keys_for_eval=None):
     session = S.session_of(self)
+    if resume_from_checkpoint:
+        TP.refuse_checkpoint(self, "resume_from_checkpoint")
     if session is not None and session.stage >= 1 and resume_from_checkpoint is True:
         resume_from_checkpoint = checkpoint.newest_complete(self.args.output_dir)
         if resume_from_checkpoint is None:

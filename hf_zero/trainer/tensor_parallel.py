@@ -1,0 +1,112 @@
+"""Tensor parallelism in the Trainer (``tensor_parallel.autotp_size`` > 1): what the seams add.
+
+At ``Trainer.__init__`` every rank builds the (dp, tp) mesh and splits the model (hf_zero/tensor_parallel)
+before any optimizer exists; the rest follows from the mesh:
+
+| where | what |
+|---|---|
+| data | accelerate's data loaders read the mesh (its ``"dp_shard"``/``"tp"`` names): rank r gets dp rank r // tp's batches, the same on every rank of a tp group, train and eval alike |
+| stage 0 | DDP over the dp group only (the global world would average different tp parts) |
+| stages 1-3 | the ZeroEngine shards over the dp group (``group=``) |
+| clipping, grad norm | over dp and tp, replicated params once (tensor_parallel/norm.py) |
+| checkpoints, ``save_model``, resume | refused, at Trainer creation where ``save_strategy`` says a save will come: not built yet (each tp rank holds other params under the same names) |
+
+The state lives in a side table keyed by the Trainer, as ``ZeroSession`` does.
+"""
+
+from __future__ import annotations
+
+import weakref
+from typing import NamedTuple
+
+import torch
+from torch import nn
+
+from hf_zero.engine import collectives as C
+from hf_zero.tensor_parallel import TpLayout, TpMesh, build_mesh, check_tp_size, split_model
+from hf_zero.tensor_parallel.norm import engine_parts, global_norm, module_parts
+
+KEY = "tensor_parallel.autotp_size"
+
+
+class TrainerTp(NamedTuple):
+    mesh: TpMesh
+    layout: TpLayout
+    tp_comm: C.CommContext
+
+
+_BY_TRAINER: "weakref.WeakKeyDictionary[object, TrainerTp]" = weakref.WeakKeyDictionary()
+
+
+def of(trainer) -> TrainerTp | None:
+    return _BY_TRAINER.get(trainer)
+
+
+def setup(trainer, config) -> None:
+    """Every rank, at ``Trainer.__init__``: check, build the mesh, split the model, point the data at it."""
+    tp = config.tensor_parallel.autotp_size
+    if tp == 1 or of(trainer) is not None:
+        return
+    check_tp_size(tp, trainer.args.world_size, key=KEY)
+    _refuse_not_built(trainer, config, tp)
+    mesh = build_mesh(tp, trainer.args.device.type)
+    layout = split_model(trainer.model, mesh.tp_group)
+    # accelerate's prepare_data_loader reads this mesh (its only reader while no parallelism_config
+    # is set): every rank of a tp group gets the same batches, dp rank d the d-th of dp shares.
+    trainer.accelerator.state.device_mesh = mesh.device_mesh
+    _BY_TRAINER[trainer] = TrainerTp(mesh, layout, C.CommContext(mesh.tp_group))
+
+
+def engine_group(trainer) -> dict:
+    """The ZeroEngine's ``group`` keyword: the dp group under tensor parallelism, else nothing."""
+    state = of(trainer)
+    return {} if state is None else {"group": state.mesh.dp_group}
+
+
+def wrap_stage0(trainer, model: nn.Module) -> nn.Module:
+    """Stage 0: DDP over the dp group; autocast and compile as accelerate applies them, no DDP of its own."""
+    if not isinstance(model, nn.parallel.DistributedDataParallel):
+        model = nn.parallel.DistributedDataParallel(model, process_group=of(trainer).mesh.dp_group)
+    return trainer.accelerator.prepare_model(model, device_placement=False, evaluation_mode=True)
+
+
+def grad_norm(trainer, engine) -> torch.Tensor:
+    """The whole model's gradient norm over dp and tp (split parts summed, replicated params once)."""
+    state = of(trainer)
+    split = set(state.layout.split_dims)
+    if engine is None:  # stage 0: DDP averaged whole grads over dp
+        return global_norm(module_parts(trainer.model, split), tp=state.tp_comm, dp=None, device=trainer.args.device)
+    return global_norm(engine_parts(engine, split), tp=state.tp_comm, dp=engine.ctx, device=trainer.args.device)
+
+
+def clip(trainer, engine, max_norm: float) -> torch.Tensor:
+    total = grad_norm(trainer, engine)
+    if engine is not None:
+        return engine.clip_grad_norm_(max_norm, total=total)
+    grads = [p for p in trainer.model.parameters() if p.grad is not None]
+    torch.nn.utils.clip_grads_with_norm_(grads, max_norm, total)
+    return total
+
+
+def refuse_checkpoint(trainer, what: str) -> None:
+    """Checkpoints and saves under tensor parallelism are not built yet: say so before writing anything."""
+    if of(trainer) is not None:
+        raise NotImplementedError(
+            f"{what} with {KEY} = {of(trainer).mesh.tp} is not built yet: each tp rank holds other parts of the "
+            "split layers under the same names, so neither the sharded checkpoint (resume at the same or another "
+            "(dp, tp)) nor the consolidated save of full weights for from_pretrained can be written yet; train "
+            f"without save_strategy/save_model, or with {KEY} 1")
+
+
+def _refuse_not_built(trainer, config, tp: int) -> None:
+    if str(getattr(trainer.args.save_strategy, "value", trainer.args.save_strategy)) != "no":
+        # said now, not after hours of training at the first save
+        raise NotImplementedError(f"save_strategy {trainer.args.save_strategy.value!r}: a checkpoint save with {KEY} "
+                                  f"= {tp} is not built yet; set save_strategy \"no\" (or {KEY} 1)")
+    zero = config.zero
+    if zero.offload_optimizer.device != "none" or zero.offload_param.device != "none":
+        raise ValueError(f"{KEY} = {tp} with zero_optimization.offload_optimizer/offload_param: not built yet "
+                         "(the global norm of offloaded grads over dp and tp); set their device to \"none\"")
+    if any(p.device.type == "meta" for p in trainer.model.parameters()):
+        raise ValueError(f"{KEY} = {tp} with a model loaded sharded (zero_optimization.zero3_init_flag): not built "
+                         "yet; set zero3_init_flag false so the model loads whole and is split at Trainer creation")

@@ -1,0 +1,86 @@
+"""Tensor parallelism through the Trainer (``tensor_parallel.autotp_size``), against one plain process:
+tp 2 at W 2 (stage 0), and dp 2 x tp 2 at W 4 (stages 0-2): every logged loss and clipped grad norm, and
+the trained params (tp parts gathered), within 1e-5 in fp32; the refusals."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from transformers import Trainer
+
+import hf_zero.trainer as zt
+from hf_zero.tensor_parallel import gather_split
+from hf_zero.testing.multiprocess import RankFailure, run_on_ranks
+from hf_zero.trainer import tensor_parallel as TP
+from tests.tensor_parallel.models import VOCAB, tiny_llama
+from tests.trainer.tiny import args, history, same_training
+
+STEPS = 3
+TOL = 1e-5
+MAX_NORM = 0.5  # below the norms of these steps (about 2): clipping acts
+
+
+def _rows(n: int = 24) -> list[dict]:
+    g = torch.Generator().manual_seed(5)
+    ids = torch.randint(0, VOCAB, (n, 12), generator=g)
+    return [{"input_ids": r, "labels": r.clone()} for r in ids]
+
+
+def _args(out: str, batch: int):
+    return args(out, max_steps=STEPS, max_grad_norm=MAX_NORM, per_device_train_batch_size=batch,
+                train_sampling_strategy="sequential", learning_rate=1e-3)
+
+
+def _reference(out: str, batch: int):
+    trainer = Trainer(model=tiny_llama(), args=_args(out, batch), train_dataset=_rows())
+    trainer.train()
+    return history(trainer), {n: p.detach().numpy().copy() for n, p in trainer.model.named_parameters()}
+
+
+def _tp_run(rank, world, stage, out):
+    zt.activate({"zero_optimization": {"stage": stage}, "tensor_parallel": {"autotp_size": 2}})
+    try:
+        trainer = Trainer(model=tiny_llama(), args=_args(f"{out}/{rank}", 2), train_dataset=_rows())
+        trainer.train()
+        state = TP.of(trainer)
+        params = {}
+        for name, p in trainer.model.named_parameters():
+            full = p.detach()
+            if name in state.layout.split_dims:
+                full = gather_split(full, state.layout.split_dims[name], state.mesh.tp_group)
+            params[name] = full.tolist()
+        return history(trainer), params
+    finally:
+        zt.deactivate()
+
+
+@pytest.mark.parametrize("world,stage", [(2, 0), (4, 0), (4, 1), (4, 2)])
+def test_tp2_through_the_trainer(tmp_path, world, stage):
+    dp = world // 2
+    ref_history, ref_params = _reference(str(tmp_path / "ref"), 2 * dp)  # one process, the whole global batch
+    for got_history, params in run_on_ranks(_tp_run, world, stage, str(tmp_path), timeout=300):
+        same_training(got_history, ref_history, STEPS, f"W {world} stage {stage}")
+        assert params.keys() == ref_params.keys()
+        # absolute: AdamW's first steps move elements whose grads are near 0 by about lr, from rounding alone
+        worst = max(abs(torch.tensor(v).numpy() - ref_params[n]).max() for n, v in params.items())
+        assert worst < TOL, (world, stage, worst)
+
+
+def _refused(rank, world, config, save_strategy):
+    zt.activate(config)
+    try:
+        Trainer(model=tiny_llama(), args=args(f"/tmp/unused-{rank}", save_strategy=save_strategy, max_steps=1),
+                train_dataset=_rows())
+    finally:
+        zt.deactivate()
+
+
+@pytest.mark.parametrize("config,save_strategy,message", [
+    ({"tensor_parallel": {"autotp_size": 3}}, "no", r"autotp_size = 3 does not divide the world size 2"),
+    ({"tensor_parallel": {"autotp_size": 2}, "zero_optimization": {
+        "stage": 2, "offload_optimizer": {"device": "cpu"}}}, "no", "offload.*not built yet"),
+    ({"tensor_parallel": {"autotp_size": 2}}, "steps", "checkpoint save.*not built yet"),
+])
+def test_refusals(config, save_strategy, message):
+    with pytest.raises(RankFailure, match=message):
+        run_on_ranks(_refused, 2, config, save_strategy, timeout=120)
