@@ -121,6 +121,7 @@ class ReportCallback(TrainerCallback):
             # [Note: speculation]: steps whose host step ran before the norm and was redone (None: none ran so)
             "host_steps_redone": speculation.redone_steps if speculation is not None else None,
             "compile_seconds": _compile_seconds(),
+            "compile_fallbacks": list(self.session.compile_fallbacks),  # [Note: compile failures]
         }
 
     def _gather_all(self, args) -> None:

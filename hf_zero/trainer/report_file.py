@@ -71,9 +71,12 @@ def summary(doc: dict, ranks: list[dict]) -> dict[str, str]:
 def summary_text(doc: dict, path: str) -> str:
     """The summary as rank 0 prints it at the end of training."""
     s = doc["summary"]
+    fallbacks = max((len(r.get("compile_fallbacks", ())) for r in doc["ranks"]), default=0)
+    eager = (f" torch ran {fallbacks} code object(s) eagerly that it could not compile (TORCHDYNAMO_SUPPRESS_ERRORS=1; "
+             "ranks[].compile_fallbacks).") if fallbacks else ""
     return (f"hf_zero: {s['run']}, {s['throughput']}. Largest rank at the optimizer step: params {s['params']}, "
             f"grads {s['grads']} (peak {s['peak_grads']}), optimizer state {s['optimizer_state']}, host offload "
-            f"{s['host_offload']}, NVMe offload {s['nvme_offload']}; peak memory {s['peak_memory']}. Report: {path}")
+            f"{s['host_offload']}, NVMe offload {s['nvme_offload']}; peak memory {s['peak_memory']}.{eager} Report: {path}")
 
 
 _FAILED: set[str] = set()

@@ -18,7 +18,7 @@ active behaves exactly as before.
 | ``_save_checkpoint``| stage >= 1: first removes the folder's earlier completion marker (barrier); after every rank's part, rank 0 rewrites ``training_args.bin`` from the user's args (the Trainer wrote it with the limit held at None) and seals the save (run id, step, world size, stage), and only then deletes old ones (``save_total_limit``, hf_zero's own rotation: checkpoint.py [Note: rotation]) |
 | ``_load_best_model``| stage >= 1: loads into gathered params, then back into shards and masters |
 | ``floating_point_ops`` | stage >= 1: transformers' 6 * tokens * non-embedding params, counted in full (param_count.py), so ``total_flos`` is right at stage 3 |
-| ``train``           | stage >= 1: the log's "Number of trainable parameters" counts full params (param_count.py); draws the run id; ``resume_from_checkpoint=True`` takes the newest one with a valid completion marker; a checkpoint of another model, with a missing file or (unless ``HF_ZERO_FORCE_RESUME=1``) without a valid marker is refused first; on return the host step of optimizer offload is settled |
+| ``train``           | ``--torch_compile``: a model torch cannot compile fails with hf_zero's ``CompileFailed`` (model, stage, backend, cause), fallbacks torch was told to take are recorded (compile_watch.py); stage >= 1: the log's "Number of trainable parameters" counts full params (param_count.py); draws the run id; ``resume_from_checkpoint=True`` takes the newest one with a valid completion marker; a checkpoint of another model, with a missing file or (unless ``HF_ZERO_FORCE_RESUME=1``) without a valid marker is refused first; on return the host step of optimizer offload is settled |
 | ``_load_optimizer_and_scheduler`` | stage >= 1: every rank reads its part of the sharded state, written at any world size and stage |
 | ``Seq2SeqTrainer.prediction_step`` | stage 3, W > 1: ``synced_gpus=True`` for generate, as for DeepSpeed ZeRO-3 |
 | ``PreTrainedModel.from_pretrained`` | stage 3 with ``zero3_init_flag``: a local safetensors checkpoint loads sharded (hf_zero/init/plugin.py); any other load is transformers' own |
@@ -40,7 +40,7 @@ from hf_zero.engine.offload.speculation import SpeculationPolicy
 from hf_zero.engine.options import engine_options
 from hf_zero.init import sharded_load
 from hf_zero.checkpoint import digests
-from hf_zero.trainer import checkpoint, config_blocks
+from hf_zero.trainer import checkpoint, compile_watch, config_blocks
 from hf_zero.trainer.generation import sync_generate
 from hf_zero.trainer.streamed_save import save_stage3, save_whole
 from hf_zero.trainer.verify import verify_saved_adapter, verify_saved_weights
@@ -292,7 +292,9 @@ def train(self, resume_from_checkpoint=None, trial=None, ignore_keys_for_eval=No
         session.run_id = digests.draw_run_id()  # every rank calls train(): one id for this run
     counts = param_count.counting(session) if session is not None and session.stage >= 1 else nullcontext()
     try:
-        with counts:  # the log's "Number of trainable parameters" counts full params (param_count.py)
+        # counts: the log's "Number of trainable parameters" counts full params (param_count.py); watching:
+        # --torch_compile's failure said clearly, or its eager fallbacks recorded (compile_watch.py)
+        with counts, compile_watch.watching(self, session):
             return _original("train")(self, resume_from_checkpoint=resume_from_checkpoint, trial=trial,
                                       ignore_keys_for_eval=ignore_keys_for_eval)
     finally:

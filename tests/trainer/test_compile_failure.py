@@ -1,0 +1,88 @@
+"""A model or setting ``--torch_compile`` cannot compile (hf_zero/trainer/compile_watch.py, issue 21 D3).
+
+The uncompilable setting is a real one: ``--torch_compile_backend tvm`` (a backend accelerate accepts
+and torch registers) without Apache TVM installed; torch's tvm backend raises ImportError at the
+first compile, inside the first step. By default every rank stops with hf_zero's CompileFailed
+naming the model, the stage, the backend, torch's cause and the way on; with torch's own switch to
+run on eagerly (``torch._dynamo.config.suppress_errors``, TORCHDYNAMO_SUPPRESS_ERRORS=1) the run
+trains as eager does and the run report lists each fallback and its cause.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import io
+from contextlib import redirect_stderr
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM, LlamaConfig, Trainer, TrainingArguments
+
+from hf_zero.testing.multiprocess import run_on_ranks
+
+STEPS = 3
+
+
+def _job(rank, world, out, stage, backend, suppress):
+    import hf_zero.trainer as zt
+    from hf_zero.trainer import session as S
+    from hf_zero.trainer.compile_watch import CompileFailed
+
+    torch.manual_seed(0)
+    cfg = LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2)
+    model = AutoModelForCausalLM.from_config(cfg, attn_implementation="eager")
+    g = torch.Generator().manual_seed(1)
+    data = [{"input_ids": i, "labels": i} for i in torch.randint(0, 64, (16, 12), generator=g)]
+    compiled = {"torch_compile": True, "torch_compile_backend": backend} if backend else {}
+    args = TrainingArguments(output_dir=str(out), use_cpu=True, report_to="none", max_steps=STEPS,
+                             per_device_train_batch_size=2, learning_rate=1e-2, logging_steps=1, save_strategy="no",
+                             disable_tqdm=True, **compiled)
+    zt.activate({"zero_optimization": {"stage": stage, "stage3_param_persistence_threshold": 0}})
+    torch._dynamo.config.suppress_errors = suppress
+    err = io.StringIO()
+    try:
+        trainer = Trainer(model=model, args=args, train_dataset=data)
+        with redirect_stderr(err):
+            trainer.train()
+    except CompileFailed as error:
+        return {"error": str(error), "cause": type(error.__cause__).__name__}
+    finally:
+        zt.deactivate()
+        torch._dynamo.reset()
+        torch._dynamo.config.suppress_errors = False
+    report = S.session_of(trainer).figures
+    return {"loss": [h["loss"] for h in trainer.state.log_history if "loss" in h],
+            "fallbacks": [r["compile_fallbacks"] for r in report["ranks"]], "stderr": err.getvalue()}
+
+
+@pytest.fixture(autouse=True)
+def _no_tvm():
+    assert importlib.util.find_spec("tvm") is None, "these tests need a backend that fails: tvm must not be installed"
+
+
+@pytest.mark.parametrize("stage", [0, 3])
+def test_every_rank_stops_with_one_clear_message(tmp_path, stage):
+    got = run_on_ranks(_job, 2, tmp_path, stage, "tvm", False, timeout=300)
+    for result in got:
+        message = result["error"]
+        assert message.startswith(f"--torch_compile could not compile LlamaForCausalLM at ZeRO stage {stage} "
+                                  "(torch_compile_backend 'tvm'): BackendCompilerFailed: backend="), message
+        assert "raised: ImportError: Please install apache-tvm" in message and ".. " not in message
+        assert "TORCHDYNAMO_SUPPRESS_ERRORS=1" in message and "docs/getting-started.md#compiled-training" in message
+        assert "TORCHDYNAMO_VERBOSE" not in message  # torch's advice about its own traceback is left out
+        assert result["cause"] == "BackendCompilerFailed"
+
+
+def test_asked_to_go_on_it_trains_as_eager_and_the_report_says_it_fell_back(tmp_path):
+    eager = run_on_ranks(_job, 2, tmp_path / "eager", 3, None, False, timeout=300)
+    got = run_on_ranks(_job, 2, tmp_path / "fallback", 3, "tvm", True, timeout=300)
+    for rank in range(2):
+        assert got[rank]["loss"] == eager[rank]["loss"] and len(eager[rank]["loss"]) == STEPS
+        assert eager[rank]["fallbacks"] == [[], []]
+        for fallbacks in got[rank]["fallbacks"]:  # every rank's list, in the report rank 0 writes
+            assert fallbacks and all("ImportError: Please install apache-tvm" in f for f in fallbacks), fallbacks
+            assert any(f.startswith("forward ") for f in fallbacks), fallbacks  # the code object torch ran eagerly
+    summary = [line for line in got[0]["stderr"].splitlines() if line.startswith("hf_zero: ZeRO stage 3")]
+    assert len(summary) == 1 and "code object(s) eagerly that it could not compile" in summary[0]
+    assert not [line for line in eager[0]["stderr"].splitlines() if "eagerly that it could not" in line]
