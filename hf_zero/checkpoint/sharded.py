@@ -44,6 +44,7 @@ from hf_zero.checkpoint import digests, safe_reader
 from hf_zero.checkpoint.boxes import boxes
 from hf_zero.checkpoint.errors import CheckpointError
 from hf_zero.engine.shard_map import ParamShard, frozen_shard_map
+from hf_zero.engine.stages import NotAvailableYet
 
 DIR_NAME = "hf_zero_sharded"
 META_NAME = "hf_zero_meta.json"
@@ -105,6 +106,17 @@ def _no_dist() -> bool:
     return not (dist.is_available() and dist.is_initialized())
 
 
+def _refuse_subgroup(engine, what: str) -> None:
+    """The files name ranks of the whole world (each box's placement, one manifest per rank) and one
+    param name holds one tensor: an engine over a smaller group (tensor parallel's dp group, whose tp
+    ranks hold other parts under the same names) would write wrong files, so it is refused first."""
+    if not _no_dist() and engine.ctx.world_size != dist.get_world_size():
+        raise NotAvailableYet(
+            f"sharded checkpoint {what}: the ZeroEngine shards over {engine.ctx.world_size} of the "
+            f"{dist.get_world_size()} ranks (tensor_parallel.autotp_size > 1); checkpoints of tensor-parallel "
+            "runs (resume at the same or another (dp, tp), the consolidated save) are not built yet")
+
+
 @contextlib.contextmanager
 def _quiet_sharded_tensor():
     """ShardedTensor is how DCP takes arbitrary rectangular blocks of one tensor from each rank;
@@ -133,6 +145,7 @@ def save(engine, directory: str, *, run_id: str | None = None, step: int | None 
     """Every rank writes its part of ``engine``'s state under ``directory/DIR_NAME``, then its
     digest manifest; returns the folder. ``run_id``/``step`` name the save in the manifests (the
     Trainer's run id and global step; without a run id, one is drawn for this save)."""
+    _refuse_subgroup(engine, "save")
     path = os.path.join(directory, DIR_NAME)
     identity = digests.Identity(run_id or digests.draw_run_id(), step)
     rank, world_size = engine.ctx.rank, engine.ctx.world_size
@@ -286,6 +299,7 @@ def load(engine, directory: str) -> dict:
     """Restore ``engine``'s masters and optimizer state from ``directory/DIR_NAME``, written at any
     world size and stage; returns the checkpoint's meta. Checks come first: nothing is changed
     when the checkpoint is refused."""
+    _refuse_subgroup(engine, "load")
     path = os.path.join(directory, DIR_NAME)
     meta, metadata = check(directory, {e.name: e.shape for e in engine.shard_map()})
     groups = meta["optimizer"]["param_groups"]
