@@ -32,7 +32,7 @@ from hf_zero.engine import collectives as C
 from hf_zero.engine import full_params, pieces
 from hf_zero.engine.diagnostics import accounting
 from hf_zero.engine.grad_sync import BucketState, GradSync
-from hf_zero.engine.offload import step_overlap
+from hf_zero.engine.offload import auto_ratio, step_overlap
 from hf_zero.engine.offload.host_step import HostStep
 from hf_zero.engine.diagnostics.labels import labelled
 from hf_zero.engine.offload.settings import OptimizerOffload, ParamOffload
@@ -95,6 +95,7 @@ class ZeroEngine:
         # [Note: step in backward] in host_step.py, overlap_forward (step_overlap.py).
         self._gates = step_overlap.ForwardGates(lambda: self._host_step)
         self._hidden = step_overlap.HiddenPieces()
+        self.auto_ratio: auto_ratio.AutoRatio | None = None  # what ratio "auto" chose ([Note: auto ratio])
         self._host_step: HostStep | None = None
         self._build(named)
         # Until the first backward has shown the order in which gradients arrive, the layout
@@ -412,6 +413,15 @@ class ZeroEngine:
             with record_function("hf_zero::wait_param_all_gather"):
                 C.wait(h)
         self.zero_grad()
+        if self.offload is not None and self.offload.auto and self._host_step is not None:
+            self.auto_ratio = auto_ratio.decide(self)  # [Note: auto ratio]: once, after the first step
+            self.place_offload(self.auto_ratio.ratio)
+            auto_ratio.say(self.auto_ratio)
+
+    def place_offload(self, ratio: float) -> None:
+        """Offload ``ratio`` of the optimizer's elements from now on: the masters and optimizer
+        state of the buckets that change sides move (auto_ratio.place; [Note: auto ratio])."""
+        auto_ratio.place(self, ratio)
 
     def zero_grad(self) -> None:
         """Idempotent: forget this step's gradients (consumed by the step, or the step was skipped)."""

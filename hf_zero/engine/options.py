@@ -39,13 +39,12 @@ def _optimizer_offload(config) -> OptimizerOffload | None:
     if spec.device == "none":
         return None
     refuse(config)  # the one table (config/unsupported.py): fp16 with optimizer offload is a row of it
-    if not isinstance(spec.ratio, float):
-        raise NotImplementedError('zero_optimization.offload_optimizer.ratio "auto" is not built yet; give a number')
+    ratio = spec.ratio if isinstance(spec.ratio, float) else "auto"  # [Note: auto ratio] (auto_ratio.py)
     if spec.device == "nvme":  # chunks of buffer_size elements, buffer_count of them in host memory
-        return OptimizerOffload(device="nvme", pin_memory=spec.pin_memory, ratio=spec.ratio,
+        return OptimizerOffload(device="nvme", pin_memory=spec.pin_memory, ratio=ratio,
                                 chunk_numel=spec.buffer_size, nvme_path=spec.nvme_path,
                                 buffer_count=spec.buffer_count, state_dtype=spec.state_dtype)
-    return OptimizerOffload(device=spec.device, pin_memory=spec.pin_memory, ratio=spec.ratio,
+    return OptimizerOffload(device=spec.device, pin_memory=spec.pin_memory, ratio=ratio,
                             state_dtype=spec.state_dtype)
 
 

@@ -8,5 +8,7 @@
   ``nvme_params.py`` (param shards in swap files), ``nvme_files.py`` (the swap files themselves).
 - ``host_step.py``: the chunked host optimizer step, pipelined with the copies;
   ``step_overlap.py``: overlapping that step with backward and the next forward;
-  ``speculation.py``: with clipping, that step run before the global norm and validated against it.
+  ``speculation.py``: with clipping, that step run before the global norm and validated against it;
+  ``state_dtype.py``: that step with bf16 optimizer state kept between steps;
+  ``auto_ratio.py``: ``ratio: "auto"``, the share kept on the device chosen after the first step.
 """

@@ -49,7 +49,8 @@ class OptimizerOffload:
 
     device: str = "cpu"
     pin_memory: bool = True
-    ratio: float = 1.0  # fraction of the optimizer state's elements on the host, in (0, 1]
+    ratio: float | str = 1.0  # fraction of the optimizer state's elements on the host, in (0, 1]; or
+    # "auto": 1 for the first step, then chosen by the engine ([Note: auto ratio] in auto_ratio.py)
     chunk_numel: int = 1 << 26  # host-step pipeline granularity (host_step.py): elements per chunk
     nvme_path: str | None = None  # "nvme": the directory that holds this run's swap directory
     buffer_count: int = 4  # "nvme": chunk buffers in host memory (reading ahead, stepping, writing back)
@@ -58,8 +59,8 @@ class OptimizerOffload:
     def __post_init__(self) -> None:
         if self.device not in TIERS:
             raise ValueError(f"optimizer offload device must be one of {TIERS}, got {self.device!r}")
-        if not 0.0 < self.ratio <= 1.0:
-            raise ValueError(f"offload ratio must be in (0, 1], got {self.ratio}")
+        if self.ratio != "auto" and not (isinstance(self.ratio, (int, float)) and 0.0 < self.ratio <= 1.0):
+            raise ValueError(f"offload ratio must be in (0, 1] or 'auto', got {self.ratio!r}")
         if self.device == "nvme" and not self.nvme_path:
             raise ValueError("optimizer offload to 'nvme' needs nvme_path (a directory)")
         if self.buffer_count < 1:
@@ -71,12 +72,20 @@ class OptimizerOffload:
                                       "built yet (the NVMe tier swaps float32 state only); use device 'cpu' or "
                                       "state_dtype 'fp32'")
 
-    def offloaded(self, shard_sizes: list[int]) -> list[bool]:
+    @property
+    def auto(self) -> bool:
+        """The ratio is still to be chosen (the engine does, after the first step)."""
+        return self.ratio == "auto"
+
+    def offloaded(self, shard_sizes: list[int], ratio: float | None = None) -> list[bool]:
         """Which buckets (by their shard sizes, in bucket order) keep their optimizer on the host:
-        the first ones until ``ratio`` of all elements is reached."""
+        the first ones until ``ratio`` (default: this setting's; 1 while "auto") of all elements is
+        reached."""
+        if ratio is None:
+            ratio = 1.0 if self.auto else self.ratio
         total, acc, out = sum(shard_sizes), 0, []
         for size in shard_sizes:
-            out.append(acc < self.ratio * total)
+            out.append(acc < ratio * total)
             acc += size
         return out
 

@@ -1,0 +1,154 @@
+"""``offload_optimizer.ratio: "auto"``: how much optimizer state stays on the device, chosen once.
+
+[Note: auto ratio] The first optimizer step runs with every bucket offloaded (ratio 1). Right after
+it the engine asks how much device memory was left at that step's peak (``headroom``: the one
+source of that number, torch.cuda's counters; tests replace it), keeps ``MARGIN`` of the device's
+memory free for what the first step did not show (allocator fragmentation, a longer batch, an
+evaluation), and brings back the optimizer of as many buckets as the rest holds
+(``ZeroEngine.place_offload``): the *last* buckets, since ``OptimizerOffload.offloaded`` keeps the
+first ones on the host (the first reduced in backward: their host step overlaps the most). All
+ranks take the smallest headroom of any rank, so every rank offloads the same buckets (their
+per-bucket collectives must match).
+
+    headroom = free now + reserved by torch now - peak reserved by torch     (the step's peak)
+    budget   = headroom - MARGIN x device memory
+    kept on the device per element = 4 (fp32 master, a copy unless params are fp32)
+                                   + 4 x state tensors (AdamW: 8) + 4 (fp32 main grad at the step)
+
+The chosen ratio is the share of elements still offloaded; at least one bucket stays offloaded
+(ratio > 0, as a ratio given by hand), and nothing moves when the budget holds no bucket. A run
+with the chosen ratio given by hand places the same buckets (``choose`` checks it against
+``OptimizerOffload.offloaded``), so after the first step the two runs are the same.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+
+MARGIN = 0.10  # of the device's memory, kept free beyond the first step's peak
+
+
+def headroom(device: torch.device) -> tuple[int, int] | None:
+    """(bytes the device had left at the peak since the process started, the device's memory), or
+    None where there is no device memory to ask about (CPU). Tests replace this function."""
+    if device.type != "cuda":
+        return None
+    free, total = torch.cuda.mem_get_info(device)
+    reserved, peak = torch.cuda.memory_reserved(device), torch.cuda.max_memory_reserved(device)
+    return max(0, free + reserved - peak), total
+
+
+@dataclass(frozen=True)
+class AutoRatio:
+    """What ``choose`` decided (the run report's ``offload_auto`` and the log line)."""
+
+    ratio: float  # share of the optimizer's elements left offloaded
+    headroom_bytes: int  # left at the first step's peak (smallest over ranks)
+    margin_bytes: int  # kept free of it
+    moved_bytes: int  # the device holds this much more from now on
+    bytes_per_element: int
+
+    @property
+    def left_bytes(self) -> int:
+        """Device memory expected free at the peak of later steps."""
+        return self.headroom_bytes - self.moved_bytes
+
+    def line(self) -> str:
+        from hf_zero.byte_units import fmt_bytes
+
+        if self.headroom_bytes == 0 and self.moved_bytes == 0:
+            return ("hf_zero: offload_optimizer.ratio \"auto\" kept 1.0 after the first step: no device memory "
+                    "was left at that step's peak (or the device has none to ask about: CPU)")
+
+        return (f"hf_zero: offload_optimizer.ratio \"auto\" chose {self.ratio:.4f} after the first step: "
+                f"{fmt_bytes(self.moved_bytes)} of optimizer state ({self.bytes_per_element} bytes per element) "
+                f"moved to the device, which had {fmt_bytes(self.headroom_bytes)} free at that step's peak; "
+                f"{fmt_bytes(self.left_bytes)} left, {fmt_bytes(self.margin_bytes)} of it the safety margin "
+                f"({MARGIN:.0%} of the device's memory)")
+
+
+def bytes_per_element(state_tensors: int, master_is_copy: bool) -> int:
+    """Device bytes per optimizer element brought back from the host (see the Note)."""
+    return 4 * master_is_copy + 4 * state_tensors + 4
+
+
+def choose(shard_sizes: list[int], headroom_bytes: int, device_bytes: int, per_element: int,
+           offloaded) -> AutoRatio:
+    """The ratio for buckets of ``shard_sizes`` (bucket order) given the headroom and the device's
+    memory; ``offloaded(ratio)`` is ``OptimizerOffload.offloaded`` at that ratio (the split a hand
+    ratio makes), which the choice must reproduce."""
+    margin = int(MARGIN * device_bytes)
+    budget = max(0, headroom_bytes - margin)
+    total = sum(shard_sizes)
+    keep = len(shard_sizes)  # the first ``keep`` buckets stay offloaded
+    moved = 0
+    while keep > 1 and (moved + shard_sizes[keep - 1]) * per_element <= budget:
+        moved += shard_sizes[keep - 1]
+        keep -= 1
+    ratio = 1.0 if keep == len(shard_sizes) or total == 0 else (total - moved) / total
+    want = [i < keep for i in range(len(shard_sizes))] if ratio < 1.0 else offloaded(1.0)
+    while offloaded(ratio) != want:  # (total - moved) / total x total may round above total - moved
+        ratio = math.nextafter(ratio, 0.0)
+    return AutoRatio(ratio, headroom_bytes, margin, moved * per_element, per_element)
+
+
+def say(choice: AutoRatio) -> None:
+    """The log line, from the job's rank 0 (every rank chose the same)."""
+    import sys
+
+    from hf_zero.first_rank import is_first_rank
+
+    if is_first_rank():
+        print(choice.line(), file=sys.stderr, flush=True)
+
+
+def decide(engine) -> AutoRatio:
+    """After the first step: the ratio for ``engine``, from the smallest headroom of its ranks."""
+    from hf_zero.engine import collectives as C
+    from hf_zero.engine.offload.nvme_swap import state_tensors_per_element
+
+    device = engine.buffers[0].device
+    got = headroom(device)
+    mine = torch.tensor(list(got) if got is not None else [0, 0], dtype=torch.int64, device=device)
+    if engine.ctx.world_size > 1:
+        everyone = torch.empty(2 * engine.ctx.world_size, dtype=torch.int64, device=device)
+        C.wait(C.start_all_gather(engine.ctx, everyone, mine, label="offload ratio auto: headroom"))
+        mine = everyone.view(-1, 2).min(dim=0).values
+    head, total = (int(v) for v in mine.tolist())
+    copy = engine.buckets[0].shard().dtype != torch.float32 or engine.offload_param is not None
+    per = bytes_per_element(state_tensors_per_element(engine.optimizer), copy)
+    sizes = [b.shard_numel for b in engine.buckets]
+    return choose(sizes, head, total, per, lambda r: engine.offload.offloaded(sizes, r))
+
+
+def place(engine, ratio: float) -> None:
+    """Rebuild ``engine``'s masters, pieces and host step for ``ratio``, carrying the masters'
+    values and the optimizer state over: a bucket that changes sides takes them with it (to the
+    device in fp32, as a checkpoint load casts them: ``Optimizer.load_state_dict``)."""
+    import dataclasses
+
+    from hf_zero.engine import pieces
+
+    if engine.optimizer is None or engine.offload is None:
+        raise ValueError("place_offload needs an engine with an optimizer and optimizer offload")
+    engine.settle()
+    sizes = [b.shard_numel for b in engine.buckets]
+    if engine.offload.offloaded(sizes, ratio) == [b.offloaded for b in engine.buckets]:
+        engine.offload = dataclasses.replace(engine.offload, ratio=ratio)  # the same buckets: nothing moves
+        return
+    state = engine.optimizer.state_dict()  # by piece index: the pieces keep their order (rewrite_optimizer)
+    masters = [b.master for b in engine.buckets]
+    old = engine._host_step
+    engine._host_step = None
+    if old is not None:
+        old.close()  # NVMe: its files go (the state's views of them stay readable until dropped)
+    engine.offload = dataclasses.replace(engine.offload, ratio=ratio)
+    engine._host_step = pieces.build_masters(engine)
+    with torch.no_grad():
+        for b, master in zip(engine.buckets, masters):
+            if master is not None and b.master is not master:
+                b.master.copy_(master)
+    engine.optimizer.load_state_dict(state)
