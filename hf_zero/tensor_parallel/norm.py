@@ -20,6 +20,7 @@ import torch
 from torch import nn
 
 from hf_zero.engine import collectives as C
+from hf_zero.engine.stages import NotAvailableYet
 
 
 def global_norm(parts: Iterable[tuple[torch.Tensor, bool]], *, tp: C.CommContext,
@@ -43,7 +44,7 @@ def module_parts(model: nn.Module, split: set[str]) -> list[tuple[torch.Tensor, 
 def engine_parts(engine, split: set[str]) -> list[tuple[torch.Tensor, bool]]:
     """Every param's slice of this rank's reduced grad shards (ZeRO stages 1-3; padding is left out)."""
     if engine.offload is not None:
-        raise ValueError("tensor_parallel.autotp_size > 1 with zero_optimization.offload_optimizer: the global "
+        raise NotAvailableYet("tensor_parallel.autotp_size > 1 with zero_optimization.offload_optimizer: the global "
                          "norm of offloaded grads over dp and tp is not built yet; offload_optimizer.device \"none\"")
     engine.finish_grad_sync()
     names = {p: n for n, p in engine.model.named_parameters()}

@@ -24,6 +24,7 @@ from torch import nn
 
 from hf_zero.engine import collectives as C
 from hf_zero.tensor_parallel import TpLayout, TpMesh, build_mesh, check_tp_size, split_model
+from hf_zero.engine.stages import NotAvailableYet
 from hf_zero.tensor_parallel.norm import engine_parts, global_norm, module_parts
 
 KEY = "tensor_parallel.autotp_size"
@@ -91,7 +92,7 @@ def clip(trainer, engine, max_norm: float) -> torch.Tensor:
 def refuse_checkpoint(trainer, what: str) -> None:
     """Checkpoints and saves under tensor parallelism are not built yet: say so before writing anything."""
     if of(trainer) is not None:
-        raise NotImplementedError(
+        raise NotAvailableYet(
             f"{what} with {KEY} = {of(trainer).mesh.tp} is not built yet: each tp rank holds other parts of the "
             "split layers under the same names, so neither the sharded checkpoint (resume at the same or another "
             "(dp, tp)) nor the consolidated save of full weights for from_pretrained can be written yet; train "
@@ -101,12 +102,12 @@ def refuse_checkpoint(trainer, what: str) -> None:
 def _refuse_not_built(trainer, config, tp: int) -> None:
     if str(getattr(trainer.args.save_strategy, "value", trainer.args.save_strategy)) != "no":
         # said now, not after hours of training at the first save
-        raise NotImplementedError(f"save_strategy {trainer.args.save_strategy.value!r}: a checkpoint save with {KEY} "
+        raise NotAvailableYet(f"save_strategy {trainer.args.save_strategy.value!r}: a checkpoint save with {KEY} "
                                   f"= {tp} is not built yet; set save_strategy \"no\" (or {KEY} 1)")
     zero = config.zero
     if zero.offload_optimizer.device != "none" or zero.offload_param.device != "none":
-        raise ValueError(f"{KEY} = {tp} with zero_optimization.offload_optimizer/offload_param: not built yet "
+        raise NotAvailableYet(f"{KEY} = {tp} with zero_optimization.offload_optimizer/offload_param: not built yet "
                          "(the global norm of offloaded grads over dp and tp); set their device to \"none\"")
     if any(p.device.type == "meta" for p in trainer.model.parameters()):
-        raise ValueError(f"{KEY} = {tp} with a model loaded sharded (zero_optimization.zero3_init_flag): not built "
+        raise NotAvailableYet(f"{KEY} = {tp} with a model loaded sharded (zero_optimization.zero3_init_flag): not built "
                          "yet; set zero3_init_flag false so the model loads whole and is split at Trainer creation")

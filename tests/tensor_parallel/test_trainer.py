@@ -4,6 +4,8 @@ the trained params (tp parts gathered), within 1e-5 in fp32; the refusals."""
 
 from __future__ import annotations
 
+import contextlib
+
 import pytest
 import torch
 from transformers import Trainer
@@ -12,6 +14,7 @@ import hf_zero.trainer as zt
 from hf_zero.tensor_parallel import gather_split
 from hf_zero.testing.multiprocess import RankFailure, run_on_ranks
 from hf_zero.trainer import tensor_parallel as TP
+from hf_zero.trainer.session import session_of
 from tests.tensor_parallel.models import VOCAB, tiny_llama
 from tests.trainer.tiny import args, history, same_training
 
@@ -38,23 +41,26 @@ def _reference(out: str, batch: int):
 
 
 def _tp_run(rank, world, stage, out):
-    zt.activate({"zero_optimization": {"stage": stage}, "tensor_parallel": {"autotp_size": 2}})
+    # threshold 0: at stage 3 every param of this tiny model is sharded (none kept whole)
+    zt.activate({"zero_optimization": {"stage": stage, "stage3_param_persistence_threshold": 0},
+                 "tensor_parallel": {"autotp_size": 2}})
     try:
         trainer = Trainer(model=tiny_llama(), args=_args(f"{out}/{rank}", 2), train_dataset=_rows())
         trainer.train()
-        state = TP.of(trainer)
+        state, engine = TP.of(trainer), session_of(trainer).engine
         params = {}
-        for name, p in trainer.model.named_parameters():
-            full = p.detach()
-            if name in state.layout.split_dims:
-                full = gather_split(full, state.layout.split_dims[name], state.mesh.tp_group)
-            params[name] = full.tolist()
+        with engine.gathered() if engine is not None else contextlib.nullcontext():
+            for name, p in trainer.model.named_parameters():
+                full = p.detach()
+                if name in state.layout.split_dims:
+                    full = gather_split(full, state.layout.split_dims[name], state.mesh.tp_group)
+                params[name] = full.tolist()
         return history(trainer), params
     finally:
         zt.deactivate()
 
 
-@pytest.mark.parametrize("world,stage", [(2, 0), (4, 0), (4, 1), (4, 2)])
+@pytest.mark.parametrize("world,stage", [(2, 0), (4, 0), (4, 1), (4, 2), (4, 3)])
 def test_tp2_through_the_trainer(tmp_path, world, stage):
     dp = world // 2
     ref_history, ref_params = _reference(str(tmp_path / "ref"), 2 * dp)  # one process, the whole global batch

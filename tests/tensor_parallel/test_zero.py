@@ -63,3 +63,28 @@ def test_dp2_tp2_zero_matches_one_process(stage):
         for loss_diff, norm_diff in steps:
             assert loss_diff < TOL and norm_diff < TOL, steps
         assert worst < TOL, worst
+
+
+def _checkpoint_refused(rank, world, directory):
+    from hf_zero.checkpoint import sharded
+    from hf_zero.engine.stages import NotAvailableYet
+
+    mesh = build_mesh(2, "cpu")
+    model = tiny_llama()
+    split_model(model, mesh.tp_group)
+    engine = ZeroEngine(model, torch.optim.AdamW(model.parameters()), stage=2, bucket_numel=3000, group=mesh.dp_group)
+    messages = []
+    for call in (lambda: sharded.save(engine, directory), lambda: sharded.load(engine, directory)):
+        try:
+            call()
+        except NotAvailableYet as e:
+            messages.append(str(e))
+    return messages
+
+
+def test_sharded_checkpoint_of_a_dp_group_engine_is_refused(tmp_path):
+    """The checkpoint files name ranks of the whole world and one tensor per param name: an engine over tp's
+    dp group is refused before anything is written."""
+    for messages in run_on_ranks(_checkpoint_refused, 4, str(tmp_path), timeout=180):
+        assert len(messages) == 2 and all("2 of the 4 ranks" in m and "not built yet" in m for m in messages)
+    assert not any(tmp_path.iterdir())
