@@ -44,7 +44,13 @@ NOT_APPLIED: dict[str, NotApplied] = {
     "zero_force_ds_cpu_optimizer": NotApplied("hf_zero runs the given optimizer on offloaded state", (True, False)),
     "aio": NotApplied("NVMe offload does its own file I/O (pread/pwrite in 1 MiB-aligned requests from a "
                       "thread pool); libaio tuning does not apply"),
-    "activation_checkpointing": NotApplied("use TrainingArguments.gradient_checkpointing"),
+    "activation_checkpointing.partition_activations": NotApplied(
+        "hf_zero has no tensor-parallel group to partition checkpoints across; true is refused "
+        "(config/unsupported.py) until sequence parallelism partitions them", (False,)),
+    "activation_checkpointing.synchronize_checkpoint_boundary": NotApplied(
+        "hf_zero never synchronizes the device in the step", (False,)),
+    "activation_checkpointing.profile": NotApplied("use the torch profiler (hf_zero::checkpoint_offload labels)",
+                                                   (False,)),
     "flops_profiler": NotApplied("use the torch profiler", (_OFF,)),
     "tensorboard": NotApplied(_LOGGER, (_OFF,)),
     "wandb": NotApplied(_LOGGER, (_OFF,)),
@@ -159,6 +165,10 @@ NOT_APPLIED: dict[str, NotApplied] = {
 
 
 PARTLY_APPLIED: dict[str, str] = {
+    "activation_checkpointing.contiguous_memory_optimization": "only with cpu_checkpointing (one pinned host "
+                                                               "arena); warned about without it",
+    "activation_checkpointing.number_checkpoints": "only with cpu_checkpointing: the pinned buffers one forward "
+                                                   "may hold",
     "fp16.loss_scale": "only 0: dynamic scaling, as DeepSpeed's (trainer/loss_scaling.py); a static scale is "
                        "refused (config/unsupported.py)",
 }

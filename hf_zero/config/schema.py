@@ -10,6 +10,7 @@ import dataclasses
 from typing import Any
 
 from hf_zero.config import checks, optimizer_block, scheduler_block
+from hf_zero.config.activations import ActivationCheckpointingConfig, TiledLossConfig, TiledMLPConfig
 from hf_zero.config.auto import AUTO, Auto
 from hf_zero.config.fields import setting
 from hf_zero.config.precision import PrecisionConfig
@@ -141,6 +142,29 @@ class HfZeroConfig:
         doc="""Scheduler to build. null/absent (default): the Trainer builds its own from
         TrainingArguments.lr_scheduler_type.""",
     )
+    activation_checkpointing: ActivationCheckpointingConfig = setting(
+        default_factory=ActivationCheckpointingConfig,
+        deepspeed="activation_checkpointing",
+        nested=ActivationCheckpointingConfig,
+        doc="""ZeRO-R's activation handling for layers the Trainer checkpoints (--gradient_checkpointing):
+        CPU checkpointing, its pinned buffers, partitioning across the sequence-parallel group. Default:
+        checkpoints stay on the accelerator.""",
+    )
+    tiled_mlp: TiledMLPConfig | None = setting(
+        None,
+        deepspeed="tiled_mlp",
+        nested=TiledMLPConfig,
+        doc="""hf_zero extension, also read from DeepSpeed files: run each decoder MLP (Llama, Mistral,
+        Qwen2, Qwen3) in sequence tiles under checkpointing. null/absent (default): untiled.""",
+    )
+    tiled_loss: TiledLossConfig | None = setting(
+        None,
+        deepspeed="tiled_loss",
+        nested=TiledLossConfig,
+        doc="""hf_zero extension, also read from DeepSpeed files: the training loss of a causal LM (Llama,
+        Mistral, Qwen2, Qwen3) in sequence tiles through the LM head and cross entropy, never holding
+        full-vocabulary logits. null/absent (default): the model's own loss.""",
+    )
     tensor_parallel: TensorParallelConfig = setting(
         default_factory=TensorParallelConfig,
         deepspeed="tensor_parallel",
@@ -194,11 +218,13 @@ class HfZeroConfig:
     )
 
     def __post_init__(self) -> None:
-        for name, cls in (("zero", ZeroConfig), ("precision", PrecisionConfig)):
+        for name, cls in (("zero", ZeroConfig), ("precision", PrecisionConfig),
+                          ("activation_checkpointing", ActivationCheckpointingConfig)):
             if not isinstance(getattr(self, name), cls):
                 raise checks.fail(self, name, f"not a {cls.__name__}", value=getattr(self, name),
                                   allowed=f"a {cls.__name__}")
-        for name, cls in (("optimizer", OptimizerSpec), ("scheduler", SchedulerSpec)):
+        for name, cls in (("optimizer", OptimizerSpec), ("scheduler", SchedulerSpec), ("tiled_mlp", TiledMLPConfig),
+                          ("tiled_loss", TiledLossConfig)):
             if getattr(self, name) is not None and not isinstance(getattr(self, name), cls):
                 raise checks.fail(self, name, f"not a {cls.__name__}", value=getattr(self, name),
                                   allowed=f"a {cls.__name__} or null")
@@ -225,6 +251,7 @@ class HfZeroConfig:
 
 __all__ = [
     "AUTO",
+    "ActivationCheckpointingConfig",
     "HfZeroConfig",
     "OffloadConfig",
     "OptimizerSpec",

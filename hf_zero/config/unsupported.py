@@ -116,6 +116,19 @@ UNSUPPORTED: tuple[Unsupported, ...] = (
         instead=(f'use "AdamW" or another type hf_zero builds ({", ".join(optimizer_block.allowed_types())}), '
                  "or leave the optimizer block out to use the Trainer's --optim"),
     ),
+    Unsupported(
+        name="partition-activations",
+        keys=("activation_checkpointing.partition_activations",),
+        # hf_zero partitions checkpoints across the sequence-parallel group (docs/long-sequences.md): with
+        # sequence parallelism each rank's checkpoints are its sequence shard. Until this version reads a
+        # sequence-parallel size, every true is this row.
+        applies=lambda c: c.activation_checkpointing.partition_activations,
+        asked=lambda c: "activation_checkpointing.partition_activations = true",
+        feature="partitioning activation checkpoints without sequence parallelism (DeepSpeed partitions them "
+                "across its tensor-parallel group, which hf_zero does not have)",
+        instead="set it to false: every rank keeps its own checkpoints whole, as DeepSpeed does without model "
+                "parallelism; cpu_checkpointing moves them off the accelerator",
+    ),
 )
 
 

@@ -53,13 +53,20 @@ class Streams:
     """Optimizer offload: updated params copied up from the host after the host step, off the
     compute stream (host_step.py)."""
 
+    ckpt_d2h: "torch.cuda.Stream | None" = None
+    """CPU checkpointing: checkpointed layers' inputs copied to pinned host memory during forward
+    (hf_zero/activations/checkpoint_offload.py, [Note: checkpoint offload timeline])."""
+    ckpt_h2d: "torch.cuda.Stream | None" = None
+    """CPU checkpointing: those inputs copied back one layer ahead during backward (same note)."""
+
     @classmethod
     def for_device(cls, device: torch.device | str) -> "Streams":
         device = torch.device(device)
         if device.type != "cuda":
             return cls(device=device)
         return cls(device=device, gather=torch.cuda.Stream(device=device, priority=-1),
-                   d2h=torch.cuda.Stream(device=device), h2d=torch.cuda.Stream(device=device))
+                   d2h=torch.cuda.Stream(device=device), h2d=torch.cuda.Stream(device=device),
+                   ckpt_d2h=torch.cuda.Stream(device=device), ckpt_h2d=torch.cuda.Stream(device=device))
 
     @contextlib.contextmanager
     def launch_gather(self, device: torch.device) -> Iterator[list]:

@@ -7,9 +7,10 @@ active behaves exactly as before.
 
 | method              | what hf_zero adds                                                       |
 |---------------------|-------------------------------------------------------------------------|
-| ``__init__``        | refuses a Trainer set up for DeepSpeed or FSDP too (other_sharding.py); resolves the config against TrainingArguments, adds the report callback, starts the hang watchdog (``comm_timeout_s``) |
+| ``__init__``        | refuses a Trainer set up for DeepSpeed or FSDP too (other_sharding.py); resolves the config against TrainingArguments, adds the report callback and, for CPU checkpointing or tiled compute, ``TrainerActivations`` (hf_zero/activations), starts the hang watchdog (``comm_timeout_s``) |
 | ``create_optimizer``| the config's ``optimizer`` block, if any, builds the optimizer (config_blocks.py); fp16, every stage: the loss scaler is DeepSpeed's (loss_scaling.py); stage >= 1: builds the ZeroEngine around the optimizer just created (or gives it to the engine of a model sharded as it loaded, or to one laid out anew from its shards for a PEFT wrapper of it, hf_zero/init); stage 3, W > 1: the model's ``generate`` defaults to ``synced_gpus=True`` (generation.py) |
 | ``create_scheduler``| the config's ``scheduler`` block, if any: DeepSpeed's schedule (config_blocks.py, ds_schedulers.py) |
+| ``compute_loss``    | ``tiled_loss``: a training forward with labels computes the model's loss in tiles, without full logits (hf_zero/activations/tiled_loss.py) |
 | ``_wrap_model``     | stage >= 1: trains a ``ZeroModule`` where DDP would stand               |
 | ``_clip_grad_norm`` | stage >= 1: global norm over the gradient shards, then clip             |
 | ``_get_grad_norm``  | stage >= 1: the same norm when clipping is off                          |
@@ -34,6 +35,7 @@ import weakref
 import torch
 from transformers import PreTrainedModel, Seq2SeqTrainer, Trainer
 
+from hf_zero.activations import TrainerActivations
 from hf_zero.engine import ZeroEngine, ZeroModule
 from hf_zero.engine.phases import set_phase
 from hf_zero.engine.offload.speculation import SpeculationPolicy
@@ -92,6 +94,10 @@ def __init__(self, *args, **kwargs):
     session = S.ZeroSession(config=resolved, trainer_ref=weakref.ref(self), loaded=config)
     S.attach(self, session)
     TP.setup(self, resolved)  # tensor_parallel.autotp_size > 1: the model is split now, before any optimizer
+    activations = TrainerActivations(resolved, self.args, self.model)  # refuses what it cannot do, before any step
+    if activations.active:
+        session.activations = activations
+        self.add_callback(activations)  # on_train_begin: CPU checkpointing, tiled MLP and loss put in place
     add_report(self, ReportCallback(session))  # before the report_to integrations: they get its hf_zero/* scalars
     self.add_callback(PhaseCallback())  # what this rank is doing, for the hang watchdog
     from hf_zero.engine.diagnostics import watchdog  # hang reports, every stage: a rank that raises stops the others
@@ -161,6 +167,15 @@ def _wrap_model(self, model, training=True, dataloader=None):
     wrapped = ZeroModule(model, session.engine)
     # Autocast and compilation as accelerate would apply them, without its DDP wrapping.
     return self.accelerator.prepare_model(wrapped, device_placement=False, evaluation_mode=True)
+
+
+@_seam
+def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+    session = S.session_of(self)
+    if session is None or session.activations is None:
+        return _original("compute_loss")(self, model, inputs, return_outputs, num_items_in_batch)
+    with session.activations.loss_context(self, model, inputs, return_outputs):  # tiled_loss: no full logits
+        return _original("compute_loss")(self, model, inputs, return_outputs, num_items_in_batch)
 
 
 @_seam

@@ -25,6 +25,8 @@ class ZeroSession:
     # Drawn once per train() on rank 0, the same on every rank; names the run in each checkpoint's
     # completion marker (checkpoint.py, [Note: completion marker]).
     run_id: str | None = None
+    # hf_zero.activations.TrainerActivations when the config asks for CPU checkpointing or tiled compute.
+    activations: Any = None
     # --torch_compile with TORCHDYNAMO_SUPPRESS_ERRORS=1: each code object torch ran eagerly instead, and why
     # (compile_watch.py, [Note: compile failures]); the run report's ranks[].compile_fallbacks.
     compile_fallbacks: list = field(default_factory=list)

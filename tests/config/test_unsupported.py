@@ -39,6 +39,11 @@ EXAMPLES = {
                          "zero_optimization": {"stage": 2, "offload_optimizer": {"device": "nvme", "nvme_path": "x"}}},
                         ['zero_optimization.offload_optimizer.device = "nvme"', "bf16.bf16_optimizer_states = true",
                          "bf16 optimizer state in the NVMe tier", 'offload the optimizer to "cpu"']),
+    "partition-activations": ({"zero_optimization": {"stage": 2}, "activation_checkpointing": {
+                                  "partition_activations": True, "cpu_checkpointing": True}},
+                              ["activation_checkpointing.partition_activations = true",
+                               "partitioning activation checkpoints without sequence parallelism",
+                               "set it to false"]),
 }
 DTYPE_ROWS = sorted(row.name for row in UNSUPPORTED if "fp16.enabled" in row.keys)
 """Rows that only an fp16 run hits (the rest refuse whatever the dtype)."""

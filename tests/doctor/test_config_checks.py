@@ -51,7 +51,7 @@ def test_nvme_optimizer_offload_is_built(write_config, tmp_path):
 
 def test_loader_warning_becomes_a_warn_row(write_config):
     """The loader's "accepted but not applied" warning is a WARN row, not a printed warning."""
-    path = write_config({"zero_optimization": {"stage": 1}, "activation_checkpointing": {"partition_activations": True}})
+    path = write_config({"zero_optimization": {"stage": 1}, "activation_checkpointing": {"profile": True}})
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         _, result = load_zero_config(path)
