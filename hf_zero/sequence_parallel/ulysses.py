@@ -1,0 +1,146 @@
+"""Ulysses attention, registered through transformers' attention interface.
+
+``enable(model, layout)`` switches a model from ``sdpa`` (or ``eager``) to ``hf_zero_ulysses_sdpa``
+(``hf_zero_ulysses_eager``), keys this module registers with ``AttentionInterface`` (and, for the
+masks the model builds, ``AttentionMaskInterface``, with the inner implementation's own mask
+function). The model's code is untouched: its attention layers look the function up by that key.
+
+While the attention module trains, each call holds this rank's slice of the sequence
+(``[b, heads, s / P, d]``, rotary positions already applied from the full sequence's position ids):
+
+1. all-to-all from sequence-sharded to head-sharded: ``[b, heads / P, s, d]`` (all_to_all.py);
+2. the inner attention (sdpa, or the model's own eager function) over the whole sequence, causal:
+   sdpa with ``is_causal`` and no mask, eager with a full-length causal mask built here; the mask the
+   model built is for the local slice and is dropped (the batch splitter has checked that no padding
+   mask is needed: batch_split.py);
+3. all-to-all back: ``[b, s / P, heads, d]``.
+
+In eval mode (``Trainer.evaluate``, ``generate``; its batches are not split) the inner attention runs
+as it would without hf_zero.
+
+Grouped-query attention: KV heads divisible by P are split like query heads; when P is a multiple of
+the KV heads, each KV head is first repeated P / KV times so every rank receives the one KV head its
+query heads use (DeepSpeed's rule); anything else is refused (``check_heads``).
+"""
+
+from __future__ import annotations
+
+import sys
+
+import torch
+from transformers import AttentionInterface
+from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, AttentionMaskInterface
+
+from hf_zero.sequence_parallel.all_to_all import all_to_all
+from hf_zero.sequence_parallel.layout import KEY, SpLayout
+
+INNER = ("sdpa", "eager")
+"""The attention implementations Ulysses wraps (each runs causal over a full sequence it is given)."""
+PREFIX = "hf_zero_ulysses_"
+
+_ACTIVE: dict[str, SpLayout | None] = {"layout": None}  # this process's layout: one, as its process groups
+
+
+def key_for(inner: str) -> str:
+    return PREFIX + inner
+
+
+def check_heads(config, size: int) -> None:
+    """Refuse a model whose heads do not split over ``size`` ranks (module docstring)."""
+    text = config.get_text_config() if hasattr(config, "get_text_config") else config
+    heads = getattr(text, "num_attention_heads", None)
+    if not isinstance(heads, int):
+        raise ValueError(f"{KEY} = {size}: the model's config has no num_attention_heads; Ulysses sequence "
+                         "parallelism splits attention heads over the ranks of a group")
+    kv = getattr(text, "num_key_value_heads", None) or heads
+    if heads % size:
+        raise ValueError(f"{KEY} = {size}: the model's num_attention_heads = {heads} is not divisible by it "
+                         f"(each rank computes attention for heads / {KEY} heads); use a divisor of {heads}")
+    if kv % size and size % kv:
+        raise ValueError(f"{KEY} = {size}: the model's num_key_value_heads = {kv} neither divides by it nor divides "
+                         f"it (KV heads are split over the group, or repeated when {KEY} is a multiple of them); "
+                         f"use a divisor or a multiple of {kv} that divides {heads}")
+
+
+def enable(model, layout: SpLayout) -> None:
+    """Run ``model``'s attention through Ulysses over ``layout``'s group while it trains."""
+    config = model.config
+    current = config._attn_implementation
+    active = _ACTIVE["layout"]
+    if active is not None and active is not layout:
+        raise ValueError(f"{KEY}: this process already trains with {KEY} = {active.size}; one layout per process")
+    if current in {key_for(name) for name in INNER}:
+        return
+    if current not in INNER:
+        raise NotImplementedError(f"{KEY} = {layout.size} with attn_implementation {current!r}: not built yet in "
+                                  f"hf_zero; load the model with attn_implementation one of {list(INNER)}")
+    check_heads(config, layout.size)
+    _register()
+    _ACTIVE["layout"] = layout
+    model.set_attn_implementation(key_for(current))
+
+
+def _register() -> None:
+    for name in INNER:
+        if key_for(name) not in AttentionInterface._global_mapping:
+            AttentionInterface.register(key_for(name), _attention(name))
+            AttentionMaskInterface.register(key_for(name), ALL_MASK_ATTENTION_FUNCTIONS[name])
+
+
+def _inner(name: str, module):
+    if name == "sdpa":
+        return AttentionInterface._global_mapping["sdpa"]
+    eager = getattr(sys.modules[type(module).__module__], "eager_attention_forward", None)  # the model's own
+    if eager is None:
+        raise NotImplementedError(f"{KEY} with eager attention: {type(module).__module__} has no "
+                                  "eager_attention_forward; use attn_implementation 'sdpa'")
+    return eager
+
+
+def _attention(name: str):
+    def attention(module, query, key, value, attention_mask, **kwargs):
+        inner = _inner(name, module)
+        layout = _ACTIVE["layout"]
+        if layout is None or not module.training:
+            return inner(module, query, key, value, attention_mask, **kwargs)
+        return _ulysses(inner, name, layout, module, query, key, value, **kwargs)
+
+    attention.__name__ = key_for(name)
+    return attention
+
+
+def _ulysses(inner, name: str, layout: SpLayout, module, query, key, value, **kwargs):
+    parts, group = layout.size, layout.group
+    if key.shape[1] % parts:  # P a multiple of the KV heads (check_heads): one whole KV head per rank
+        key = key.repeat_interleave(parts // key.shape[1], dim=1)
+        value = value.repeat_interleave(parts // value.shape[1], dim=1)
+    full = query.shape[2] * parts
+    window = kwargs.get("sliding_window")
+    if window is not None and full > window:
+        raise NotImplementedError(f"{KEY} = {parts}: sliding-window attention (window {window}) over a sequence of "
+                                  f"{full} is not built yet in hf_zero")
+    kwargs.pop("position_ids", None)  # this slice's; the inner attention sees the whole sequence, in order
+    query, key, value = (all_to_all(t, 1, 2, group) for t in (query, key, value))  # [b, h / P, s, d]
+    mask = None if name == "sdpa" else _causal_mask(full, query)
+    groups = query.shape[1] // key.shape[1]
+    view = module if getattr(module, "num_key_value_groups", groups) == groups else _HeadGroups(module, groups)
+    out, _ = inner(view, query, key, value, mask, **kwargs)  # [b, s, h / P, d]
+    return all_to_all(out, 1, 2, group), None  # [b, s / P, h, d]; per-head weights of a shard: not returned
+
+
+def _causal_mask(length: int, like: torch.Tensor) -> torch.Tensor:
+    """The additive causal mask eager attention adds to its scores, for the whole sequence."""
+    mask = torch.full((length, length), torch.finfo(like.dtype).min, dtype=like.dtype, device=like.device)
+    return mask.triu(1)[None, None]
+
+
+class _HeadGroups:
+    """The attention module as the inner attention reads it, with the query heads per KV head of the
+    heads this rank holds (only when KV heads were repeated: fewer query heads share each copy)."""
+
+    def __init__(self, module, groups: int) -> None:
+        self._module = module
+        self.num_key_value_groups = groups
+
+    def __getattr__(self, name):
+        return getattr(self._module, name)
