@@ -62,6 +62,11 @@ MODES: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {
     # partial optimizer offload: NN% of the optimizer state on the host, the rest stepped on the GPU
     **{f"hfzero-s2-offload-r{r}": (_HFZERO, ("--zero_config", f"{CONFIGS}/hfzero_s2_offload_r{r}.json"))
        for r in (80, 70, 60, 50)},
+    # issue 18 D2: the share chosen after the first step from the GPU memory then free
+    "hfzero-s2-offload-auto": (_HFZERO, ("--zero_config", f"{CONFIGS}/hfzero_s2_offload_auto.json")),
+    # issue 18 D3 (opt-in numerics): bf16 AdamW moments on the host (bf16.bf16_optimizer_states)
+    **{f"hfzero-s{n}-offload-bf16state": (_HFZERO, ("--zero_config", f"{CONFIGS}/hfzero_s{n}_offload_bf16state.json"))
+       for n in (2, 3)},
     # optimizer state in swap files under /tmp/hf_zero_nvme (create it first; any disk or tmpfs works)
     "hfzero-s2-nvme": (_HFZERO, ("--zero_config", f"{CONFIGS}/hfzero_s2_nvme.json")),
     # stage 3, optimizer state in host memory, param shards in swap files under /tmp/hf_zero_nvme

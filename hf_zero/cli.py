@@ -128,6 +128,9 @@ def build_parser() -> argparse.ArgumentParser:
     est.add_argument("--offload_state_dtype", default="fp32", choices=["fp32", "bf16"],
                      help="with --offload cpu: the offloaded optimizer state's dtype "
                           "(offload_optimizer.state_dtype; bf16 changes numerics) (default fp32)")
+    est.add_argument("--device_memory", type=float, default=None, metavar="GIB",
+                     help='with --offload: the accelerator\'s memory in GiB, to show what offload_optimizer.ratio '
+                          '"auto" would choose (default: not shown)')
     est.add_argument("--reduce_bucket_size", default="500000000", metavar="ELEMENTS|auto",
                      help="stage 1/2 gradient bucket in elements; auto = hidden_size**2 (default 5e8)")
     est.add_argument("--micro_batch", type=int, default=1, metavar="B", help="per-rank micro batch (default 1)")

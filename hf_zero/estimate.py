@@ -194,16 +194,8 @@ def estimate_bytes(
         return {"params": counts.total * p_model, "grads_at_step": n * p_model, "peak_grads": n * p_model,
                 "optimizer_state": STATE_TENSORS[optimizer] * n * p_model, "host_offload": 0, "nvme_offload": 0}
 
-    persistent: list[tuple[int, int]] = []
-    if stage == 3:
-        units = [[k for k in u if k >= persistence_threshold] for u in counts.units]
-        small = [k for u in reversed(counts.units) for k in u if k < persistence_threshold]
-        buckets = [b for u in units if u for b in bucket_layout(u, world=world, bucket_numel=2**62)]
-        persistent = bucket_layout(small, world=world, bucket_numel=2**62) if small else []
-        buckets += persistent
-    else:
-        buckets = bucket_layout(counts.packing_order(), world=world,
-                                bucket_numel=_bucket_numel(reduce_bucket_size, counts.hidden_size))
+    buckets, persistent = _buckets(counts, stage=stage, world=world, reduce_bucket_size=reduce_bucket_size,
+                                   persistence_threshold=persistence_threshold)
     padded = sum(b for b, _ in buckets)
     shard = padded // world
     whole = sum(b for b, _ in persistent)
@@ -228,6 +220,42 @@ def estimate_bytes(
                 "host_offload": 4 * shard + round(state) + 4 * shard, "nvme_offload": 0}
     return {"params": params, "grads_at_step": main_grads, "peak_grads": peak,
             "optimizer_state": round(state) + masters, "host_offload": 0, "nvme_offload": 0}
+
+
+def _buckets(counts: ParamCounts, *, stage: int, world: int, reduce_bucket_size: int | str,
+             persistence_threshold: int) -> tuple[list[tuple[int, int]], list[tuple[int, int]]]:
+    """(every bucket, the stage-3 persistent ones among them), as (padded elements, params), in
+    the engine's bucket order."""
+    persistent: list[tuple[int, int]] = []
+    if stage == 3:
+        units = [[k for k in u if k >= persistence_threshold] for u in counts.units]
+        small = [k for u in reversed(counts.units) for k in u if k < persistence_threshold]
+        buckets = [b for u in units if u for b in bucket_layout(u, world=world, bucket_numel=2**62)]
+        persistent = bucket_layout(small, world=world, bucket_numel=2**62) if small else []
+        buckets += persistent
+    else:
+        buckets = bucket_layout(counts.packing_order(), world=world,
+                                bucket_numel=_bucket_numel(reduce_bucket_size, counts.hidden_size))
+    return buckets, persistent
+
+
+def auto_offload_ratio(counts: ParamCounts, *, stage: int, world: int, dtype: str, optimizer: str,
+                       headroom_bytes: int, device_bytes: int, model_dtype: str = "fp32",
+                       reduce_bucket_size: int | str = DEFAULT_BUCKET, persistence_threshold: int = 0):
+    """What ``offload_optimizer.ratio: "auto"`` would choose ([Note: auto ratio] in
+    engine/offload/auto_ratio.py) on a device of ``device_bytes`` that has ``headroom_bytes`` left at
+    the first step's peak (everything offloaded then): an ``AutoRatio``."""
+    from hf_zero.engine.offload import auto_ratio
+    from hf_zero.engine.offload.settings import OptimizerOffload
+
+    _check("optimizer", optimizer, tuple(STATE_TENSORS))
+    buckets, _ = _buckets(counts, stage=stage, world=world, reduce_bucket_size=reduce_bucket_size,
+                          persistence_threshold=persistence_threshold)
+    sizes = [b // world for b, _ in buckets]
+    p = DTYPE_BYTES[dtype] if dtype in ("bf16", "fp16") else DTYPE_BYTES[model_dtype]
+    per = auto_ratio.bytes_per_element(STATE_TENSORS[optimizer], master_is_copy=p != 4)
+    return auto_ratio.choose(sizes, max(0, headroom_bytes), device_bytes, per,
+                             lambda r: OptimizerOffload("cpu", ratio=r).offloaded(sizes))
 
 
 def gathered_params_bytes(counts: ParamCounts, *, world: int, dtype: str, model_dtype: str = "fp32") -> int:
@@ -393,6 +421,8 @@ def run(args: argparse.Namespace) -> int:
         states = b["params"] + gathered + b["peak_grads"] + b["optimizer_state"]
         rows.append((stage, b, gathered, states, None if act is None else states + act))
     _print_table(args, cfg, counts, rows, act)
+    if offload:
+        _print_auto_ratio(args, counts, rows, act, bucket)
     if args.plot is not None:
         _plot(args.plot, rows, act)
         print(f"plot written to {args.plot}")
@@ -429,6 +459,29 @@ def _print_table(args, cfg, counts: ParamCounts, rows, act) -> None:
     print("* activations are an ESTIMATE (docs/estimate.md), decoder-only formula"
           + ("; not computed for this (encoder-decoder) model" if act is None else ""))
     print(OFFLOAD_LINE)
+
+
+def _print_auto_ratio(args, counts: ParamCounts, rows, act, bucket) -> None:
+    """What offload_optimizer.ratio "auto" would choose per stage, given --device_memory."""
+    from hf_zero.engine.offload.auto_ratio import MARGIN
+
+    if args.device_memory is None:
+        print(f'offload_optimizer.ratio "auto": chosen at run time, after the first step, from the device memory '
+              f"free at that step's peak less {MARGIN:.0%} of the device's memory; pass --device_memory GIB to "
+              "see what it would pick here")
+        return
+    device = int(args.device_memory * 2**30)
+    for stage, b, gathered, states, total in rows:
+        if stage == 0:
+            continue
+        peak = total if total is not None else states
+        choice = auto_offload_ratio(counts, stage=stage, world=args.world, dtype=args.dtype, optimizer=args.optimizer,
+                                    headroom_bytes=device - peak, device_bytes=device, model_dtype=args.model_dtype,
+                                    reduce_bucket_size=bucket)
+        print(f'offload_optimizer.ratio "auto", stage {stage}, {args.device_memory:g} GiB device: ratio '
+              f"{choice.ratio:.4f} ({_fmt(choice.moved_bytes)} of optimizer state kept on the device; first step's "
+              f"peak {_fmt(peak)}{'' if act is not None else ', activations not counted'}; "
+              f"{_fmt(choice.left_bytes)} left, {_fmt(choice.margin_bytes)} of it the margin)")
 
 
 def _plot(path: str, rows, act) -> None:

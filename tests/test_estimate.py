@@ -123,6 +123,29 @@ def test_bf16_host_state_halves_the_offloaded_state(config_path):
         estimate_bytes(counts, **{**args, "offload_optimizer": False}, state_dtype="bf16")
 
 
+def test_auto_offload_ratio_for_a_device(config_path, capsys):
+    # [Note: auto ratio]: the choice the engine makes after the first step, from the estimator's figures
+    from hf_zero.estimate import auto_offload_ratio
+
+    counts = count_params(meta_model(load_model_config(config_path)))
+    args = dict(stage=2, world=2, dtype="bf16", optimizer="adamw", reduce_bucket_size=5000)
+    device = 1 << 30
+    nothing = auto_offload_ratio(counts, **args, headroom_bytes=device // 20, device_bytes=device)
+    assert nothing.ratio == 1.0 and nothing.moved_bytes == 0  # below the 10% margin
+    everything = auto_offload_ratio(counts, **args, headroom_bytes=device, device_bytes=device)
+    assert 0 < everything.ratio < 0.5 and everything.bytes_per_element == 16  # bf16 params: the master is a copy
+    some = auto_offload_ratio(counts, **args, headroom_bytes=device // 10 + 16 * counts.trainable // 4,
+                              device_bytes=device)
+    assert everything.ratio < some.ratio < 1.0 and some.moved_bytes <= 16 * counts.trainable // 4
+    assert main(["estimate", config_path, "--world", "2", "--offload", "cpu", "--seq_len", "16"]) == 0
+    assert 'offload_optimizer.ratio "auto": chosen at run time, after the first step' in capsys.readouterr().out
+    assert main(["estimate", config_path, "--world", "2", "--offload", "cpu", "--seq_len", "16",
+                 "--device_memory", "0.01", "--reduce_bucket_size", "5000"]) == 0
+    out = capsys.readouterr().out
+    for stage in (1, 2, 3):
+        assert f'offload_optimizer.ratio "auto", stage {stage}, 0.01 GiB device: ratio ' in out, out
+
+
 def test_cli_prints_all_stages(config_path, capsys):
     code = main(["estimate", config_path, "--world", "4", "--dtype", "bf16", "--seq_len", "16",
                  "--gradient_checkpointing"])

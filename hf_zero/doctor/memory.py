@@ -117,6 +117,8 @@ def check_gpu_memory(model: ModelInfo | None, spec: RunSpec, world: int, free: l
     gpu = free.index(budget)
     detail = (f"needs {fmt_bytes(need.device_total)} per rank ({need.breakdown()}; "
               f"{_run_text(spec, world, need.dtype)}); GPU {gpu} has {fmt_bytes(budget)} free")
+    if spec.offload_auto and spec.stage >= 1 and spec.offload_optimizer != "none":
+        detail += "; " + auto_ratio_text(model, spec, world, need, budget)
     if need.device_total > budget:
         return failed(GPU_MEMORY, detail, fit_suggestions(
             model, spec, world, HEADROOM * budget, lambda s, w: rank_bytes(model, s, w).device_total))
@@ -126,6 +128,19 @@ def check_gpu_memory(model: ModelInfo | None, spec: RunSpec, world: int, free: l
                       + fit_suggestions(model, spec, world, HEADROOM * budget,
                                         lambda s, w: rank_bytes(model, s, w).device_total))
     return passed(GPU_MEMORY, detail)
+
+
+def auto_ratio_text(model: ModelInfo, spec: RunSpec, world: int, need, free: int) -> str:
+    """What offload_optimizer.ratio "auto" would choose on a GPU with ``free`` bytes free, the first
+    step (everything offloaded) needing ``need`` ([Note: auto ratio] in engine/offload/auto_ratio.py)."""
+    from hf_zero.estimate import auto_offload_ratio
+
+    choice = auto_offload_ratio(model.counts, stage=spec.stage, world=world, dtype=need.dtype, optimizer=spec.optimizer,
+                                headroom_bytes=free - need.device_total, device_bytes=free, model_dtype=model.dtype,
+                                reduce_bucket_size=spec.reduce_bucket_size)
+    return (f'offload_optimizer.ratio "auto" would choose {choice.ratio:.4f} after the first step '
+            f"({fmt_bytes(choice.moved_bytes)} of optimizer state back on the GPU, {fmt_bytes(choice.left_bytes)} left; "
+            "estimated: the run measures its first step's peak)")
 
 
 def host_need_per_rank(model: ModelInfo, spec: RunSpec, world: int, *, cuda: bool) -> int:

@@ -77,6 +77,8 @@ class RunSpec:
     gradient_checkpointing: bool = False
     offload_optimizer: str = "none"
     offload_ratio: float = 1.0
+    offload_auto: bool = False
+    """offload_optimizer.ratio "auto": sized at 1.0 (the first step), the choice said beside it."""
     offload_param: str = "none"
     pin_optimizer: bool = False
     pin_param: bool = False
@@ -108,7 +110,8 @@ def spec_from_config(config: Any, *, micro_batch: int | None = None, seq_len: in
         stage=zero.stage, dtype=dtype, optimizer=optimizer_kind(config.optimizer), reduce_bucket_size=bucket,
         micro_batch=micro_batch, seq_len=seq_len, gradient_checkpointing=gradient_checkpointing,
         offload_optimizer=zero.offload_optimizer.device if zero.stage >= 1 else "none",
-        offload_ratio=zero.offload_optimizer.ratio,
+        offload_ratio=zero.offload_optimizer.ratio if isinstance(zero.offload_optimizer.ratio, float) else 1.0,
+        offload_auto=not isinstance(zero.offload_optimizer.ratio, float),
         offload_param=zero.offload_param.device if zero.stage == 3 else "none",
         pin_optimizer=zero.offload_optimizer.pin_memory, pin_param=zero.offload_param.pin_memory,
     )

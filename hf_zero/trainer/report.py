@@ -52,6 +52,15 @@ def _held_without_engine(model, optimizer) -> dict[str, int]:
             "nvme_offload": 0}
 
 
+def _offload_auto(engine) -> dict | None:
+    """The ratio "auto" chose and the device memory it left ([Note: auto ratio]), or None."""
+    choice = engine.auto_ratio if engine is not None else None
+    if choice is None:
+        return None
+    return {"ratio": choice.ratio, "headroom_bytes": choice.headroom_bytes, "moved_bytes": choice.moved_bytes,
+            "left_bytes": choice.left_bytes, "margin_bytes": choice.margin_bytes}
+
+
 def _compile_seconds() -> float:
     """Seconds this process has spent compiling (``--torch_compile``): dynamo's tracing and the
     backend's compile of forward and backward graphs, as torch itself totals them; 0 when eager."""
@@ -120,6 +129,8 @@ class ReportCallback(TrainerCallback):
             ),
             # [Note: speculation]: steps whose host step ran before the norm and was redone (None: none ran so)
             "host_steps_redone": speculation.redone_steps if speculation is not None else None,
+            # [Note: auto ratio]: what offload_optimizer.ratio "auto" chose (None: no "auto", or not chosen yet)
+            "offload_auto": _offload_auto(self.session.engine),
             "compile_seconds": _compile_seconds(),
             "compile_fallbacks": list(self.session.compile_fallbacks),  # [Note: compile failures]
         }
@@ -143,6 +154,9 @@ class ReportCallback(TrainerCallback):
         flat["hf_zero/peak_memory_bytes"] = peak_memory(args.device, self.memory)["bytes"]
         if self._rate is not None:
             flat["hf_zero/tokens_per_s"] = self._rate
+        auto = _offload_auto(self.session.engine)
+        if auto is not None:
+            flat["hf_zero/offload_ratio"] = auto["ratio"]
         return flat
 
     # ---- events ---------------------------------------------------------------------------------

@@ -71,6 +71,27 @@ def test_gpu_memory_pass_and_fail(model):
     assert "try:" in small.fix and "gradient checkpointing" in small.fix
 
 
+def test_gpu_memory_says_what_ratio_auto_would_choose(model):
+    # [Note: auto ratio]: sized as the first step (everything offloaded), the choice beside it
+    from hf_zero.config import load_config
+    from hf_zero.estimate import auto_offload_ratio
+
+    config = load_config({"bf16": {"enabled": True}, "zero_optimization": {
+        "stage": 2, "reduce_bucket_size": 5000, "offload_optimizer": {"device": "cpu", "ratio": "auto"}}})
+    spec = spec_from_config(config, seq_len=64)
+    assert spec.offload_auto and spec.offload_ratio == 1.0
+    need = rank_bytes(model, spec, 2)
+    assert need.device["optimizer"] == 0
+    free = need.device_total + 10 * MiB
+    check = check_gpu_memory(model, spec, 2, [free, free])
+    want = auto_offload_ratio(model.counts, stage=2, world=2, dtype="bf16", optimizer="adamw",
+                              headroom_bytes=10 * MiB, device_bytes=free, reduce_bucket_size=5000)
+    assert f'offload_optimizer.ratio "auto" would choose {want.ratio:.4f} after the first step' in check.detail
+    assert 0 < want.ratio < 1  # this tiny model's state fits the 10 MiB beyond the margin in part or whole
+    plain = check_gpu_memory(model, RunSpec(stage=2, dtype="bf16", offload_optimizer="cpu"), 2, [free, free])
+    assert "ratio \"auto\"" not in plain.detail
+
+
 def test_fix_names_the_stage_and_ranks_that_fit(model):
     spec = RunSpec(stage=0, dtype="fp32")
     need = rank_bytes(model, spec, 1).device_total
