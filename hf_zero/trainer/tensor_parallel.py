@@ -24,6 +24,7 @@ from torch import nn
 
 from hf_zero.engine import collectives as C
 from hf_zero.tensor_parallel import TpLayout, TpMesh, build_mesh, check_tp_size, split_model
+from hf_zero.tensor_parallel.mesh import DP_DIM, TP_DIM
 from hf_zero.engine.stages import NotAvailableYet
 from hf_zero.tensor_parallel.norm import engine_parts, global_norm, module_parts
 
@@ -46,7 +47,10 @@ def of(trainer) -> TrainerTp | None:
 def setup(trainer, config) -> None:
     """Every rank, at ``Trainer.__init__``: check, build the mesh, split the model, point the data at it."""
     tp = config.tensor_parallel.autotp_size
-    if tp == 1 or of(trainer) is not None:
+    if of(trainer) is not None:
+        return
+    if tp == 1:
+        _forget_data_mesh(trainer.accelerator.state)  # an earlier tp Trainer's, in this process
         return
     check_tp_size(tp, trainer.args.world_size, key=KEY)
     _refuse_not_built(trainer, config, tp)
@@ -56,6 +60,15 @@ def setup(trainer, config) -> None:
     # is set): every rank of a tp group gets the same batches, dp rank d the d-th of dp shares.
     trainer.accelerator.state.device_mesh = mesh.device_mesh
     _BY_TRAINER[trainer] = TrainerTp(mesh, layout, C.CommContext(mesh.tp_group))
+
+
+def _forget_data_mesh(state) -> None:
+    """accelerate keeps one state per process: a mesh set for an earlier tp Trainer would shard this
+    Trainer's data as tp. (A plain Trainer, without hf_zero, created after a tp one in the same process
+    still sees it: one process trains one such job.)"""
+    mesh = getattr(state, "device_mesh", None)
+    if mesh is not None and tuple(mesh.mesh_dim_names or ()) == (DP_DIM, TP_DIM) and not state.parallelism_config:
+        state.device_mesh = None
 
 
 def engine_group(trainer) -> dict:

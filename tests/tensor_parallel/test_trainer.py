@@ -35,9 +35,10 @@ def _args(out: str, batch: int):
 
 
 def _reference(out: str, batch: int):
-    trainer = Trainer(model=tiny_llama(), args=_args(out, batch), train_dataset=_rows())
+    trainer = Trainer(model=tiny_llama(), args=_args(out, batch), train_dataset=_rows(), eval_dataset=_rows(8))
     trainer.train()
-    return history(trainer), {n: p.detach().numpy().copy() for n, p in trainer.model.named_parameters()}
+    return (history(trainer), {n: p.detach().numpy().copy() for n, p in trainer.model.named_parameters()},
+            trainer.evaluate()["eval_loss"])
 
 
 def _tp_run(rank, world, stage, out):
@@ -45,8 +46,10 @@ def _tp_run(rank, world, stage, out):
     zt.activate({"zero_optimization": {"stage": stage, "stage3_param_persistence_threshold": 0},
                  "tensor_parallel": {"autotp_size": 2}})
     try:
-        trainer = Trainer(model=tiny_llama(), args=_args(f"{out}/{rank}", 2), train_dataset=_rows())
+        trainer = Trainer(model=tiny_llama(), args=_args(f"{out}/{rank}", 2), train_dataset=_rows(),
+                          eval_dataset=_rows(8))
         trainer.train()
+        eval_loss = trainer.evaluate()["eval_loss"]  # every rank of a tp group evaluates the same rows
         state, engine = TP.of(trainer), session_of(trainer).engine
         params = {}
         with engine.gathered() if engine is not None else contextlib.nullcontext():
@@ -55,7 +58,7 @@ def _tp_run(rank, world, stage, out):
                 if name in state.layout.split_dims:
                     full = gather_split(full, state.layout.split_dims[name], state.mesh.tp_group)
                 params[name] = full.tolist()
-        return history(trainer), params
+        return history(trainer), params, eval_loss
     finally:
         zt.deactivate()
 
@@ -63,8 +66,9 @@ def _tp_run(rank, world, stage, out):
 @pytest.mark.parametrize("world,stage", [(2, 0), (4, 0), (4, 1), (4, 2), (4, 3)])
 def test_tp2_through_the_trainer(tmp_path, world, stage):
     dp = world // 2
-    ref_history, ref_params = _reference(str(tmp_path / "ref"), 2 * dp)  # one process, the whole global batch
-    for got_history, params in run_on_ranks(_tp_run, world, stage, str(tmp_path), timeout=300):
+    ref_history, ref_params, ref_eval = _reference(str(tmp_path / "ref"), 2 * dp)  # one process, the whole batch
+    for got_history, params, eval_loss in run_on_ranks(_tp_run, world, stage, str(tmp_path), timeout=300):
+        assert abs(eval_loss - ref_eval) < TOL * abs(ref_eval), (eval_loss, ref_eval)
         same_training(got_history, ref_history, STEPS, f"W {world} stage {stage}")
         assert params.keys() == ref_params.keys()
         # absolute: AdamW's first steps move elements whose grads are near 0 by about lr, from rounding alone
