@@ -209,7 +209,11 @@ def _get_grad_norm(self, model, grad_norm=None):
 @_seam
 def save_model(self, output_dir=None, _internal_call=False):
     session = S.session_of(self)
-    TP.refuse_checkpoint(self, "save_model")
+    if TP.of(self) is not None:  # every stage: the tp parts gathered into the full weights (tensor_parallel.py)
+        TP.save_model(self, session.engine, output_dir if output_dir is not None else self.args.output_dir)
+        if self.args.push_to_hub and not _internal_call:
+            self.push_to_hub(commit_message="Model save", revision=self.args.hub_revision)
+        return
     if session is None or session.engine is None:
         return _original("save_model")(self, output_dir, _internal_call)
     session.engine.settle()  # [Note: step in backward]: the last step's params are all in place

@@ -9,13 +9,15 @@ before any optimizer exists; the rest follows from the mesh:
 | stage 0 | DDP over the dp group only (the global world would average different tp parts) |
 | stages 1-3 | the ZeroEngine shards over the dp group (``group=``) |
 | clipping, grad norm | over dp and tp, replicated params once (tensor_parallel/norm.py) |
-| checkpoints, ``save_model``, resume | refused, at Trainer creation where ``save_strategy`` says a save will come: not built yet (each tp rank holds other params under the same names) |
+| ``save_model`` | the consolidated save: tp parts gathered into the full weights, written by rank 0 as ``save_pretrained`` does |
+| checkpoints, resume | refused, at Trainer creation where ``save_strategy`` says a save will come: not built yet (each tp rank holds other params under the same names) |
 
 The state lives in a side table keyed by the Trainer, as ``ZeroSession`` does.
 """
 
 from __future__ import annotations
 
+import contextlib
 import weakref
 from typing import NamedTuple
 
@@ -23,10 +25,12 @@ import torch
 from torch import nn
 
 from hf_zero.engine import collectives as C
-from hf_zero.tensor_parallel import TpLayout, TpMesh, build_mesh, check_tp_size, split_model
+from hf_zero.tensor_parallel import TpLayout, TpMesh, build_mesh, check_tp_size, gather_split, split_model
 from hf_zero.tensor_parallel.mesh import DP_DIM, TP_DIM
 from hf_zero.engine.stages import NotAvailableYet
 from hf_zero.tensor_parallel.norm import engine_parts, global_norm, module_parts
+from hf_zero.trainer.streamed_save import save_whole
+from hf_zero.trainer.verify import verify_saved_weights
 
 KEY = "tensor_parallel.autotp_size"
 
@@ -102,21 +106,45 @@ def clip(trainer, engine, max_norm: float) -> torch.Tensor:
     return total
 
 
+@torch.no_grad()
+def save_model(trainer, engine, output_dir: str) -> None:
+    """The consolidated save: every rank gathers each split param's tp parts (a collective over tp;
+    at stage 3 inside the engine's gather), rank 0 writes the whole model as ``save_pretrained`` does
+    (staged, swapped in once whole) and checks every written tensor; ``from_pretrained`` loads it."""
+    state = of(trainer)
+    if engine is not None:
+        engine.settle()
+    writer = trainer.args.should_save
+    full: dict[str, torch.Tensor] = {}
+    gathered = engine.gathered() if engine is not None and engine.strategy.shard_params else contextlib.nullcontext()
+    with gathered:
+        for name, tensor in trainer.model.state_dict().items():
+            dim = state.layout.split_dims.get(name)
+            if dim is not None:
+                tensor = gather_split(tensor, dim, state.mesh.tp_group)
+            if writer:
+                full[name] = tensor.detach().to("cpu", copy=True)
+    save_whole(trainer, output_dir, full if writer else None, every_rank=True)
+    if writer:
+        verify_saved_weights(output_dir, full)
+
+
 def refuse_checkpoint(trainer, what: str) -> None:
     """Checkpoints and saves under tensor parallelism are not built yet: say so before writing anything."""
     if of(trainer) is not None:
         raise NotAvailableYet(
             f"{what} with {KEY} = {of(trainer).mesh.tp} is not built yet: each tp rank holds other parts of the "
-            "split layers under the same names, so neither the sharded checkpoint (resume at the same or another "
-            "(dp, tp)) nor the consolidated save of full weights for from_pretrained can be written yet; train "
-            f"without save_strategy/save_model, or with {KEY} 1")
+            "split layers under the same names, so the sharded checkpoint (resume at the same or another (dp, tp)) "
+            "cannot be written or read yet; train with save_strategy \"no\" and save the full weights with "
+            f"trainer.save_model() (built), or with {KEY} 1")
 
 
 def _refuse_not_built(trainer, config, tp: int) -> None:
     if str(getattr(trainer.args.save_strategy, "value", trainer.args.save_strategy)) != "no":
         # said now, not after hours of training at the first save
         raise NotAvailableYet(f"save_strategy {trainer.args.save_strategy.value!r}: a checkpoint save with {KEY} "
-                                  f"= {tp} is not built yet; set save_strategy \"no\" (or {KEY} 1)")
+                                  f"= {tp} is not built yet; set save_strategy \"no\" and save the full weights with "
+                                  f"trainer.save_model() (built), or {KEY} 1")
     zero = config.zero
     if zero.offload_optimizer.device != "none" or zero.offload_param.device != "none":
         raise NotAvailableYet(f"{KEY} = {tp} with zero_optimization.offload_optimizer/offload_param: not built yet "

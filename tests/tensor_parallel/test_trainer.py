@@ -8,7 +8,7 @@ import contextlib
 
 import pytest
 import torch
-from transformers import Trainer
+from transformers import AutoModelForCausalLM, Trainer
 
 import hf_zero.trainer as zt
 from hf_zero.tensor_parallel import gather_split
@@ -50,6 +50,7 @@ def _tp_run(rank, world, stage, out):
                           eval_dataset=_rows(8))
         trainer.train()
         eval_loss = trainer.evaluate()["eval_loss"]  # every rank of a tp group evaluates the same rows
+        trainer.save_model(f"{out}/saved")  # the consolidated save: full weights for from_pretrained
         state, engine = TP.of(trainer), session_of(trainer).engine
         params = {}
         with engine.gathered() if engine is not None else contextlib.nullcontext():
@@ -74,6 +75,10 @@ def test_tp2_through_the_trainer(tmp_path, world, stage):
         # absolute: AdamW's first steps move elements whose grads are near 0 by about lr, from rounding alone
         worst = max(abs(torch.tensor(v).numpy() - ref_params[n]).max() for n, v in params.items())
         assert worst < TOL, (world, stage, worst)
+    saved = AutoModelForCausalLM.from_pretrained(str(tmp_path / "saved"))  # the full model, no hf_zero
+    loaded = {n: p.detach().numpy() for n, p in saved.named_parameters()}
+    assert loaded.keys() == ref_params.keys()
+    assert max(abs(loaded[n] - ref_params[n]).max() for n in loaded) < TOL
 
 
 def _refused(rank, world, config, save_strategy):
