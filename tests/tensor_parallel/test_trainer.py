@@ -29,24 +29,24 @@ def _rows(n: int = 24) -> list[dict]:
     return [{"input_ids": r, "labels": r.clone()} for r in ids]
 
 
-def _args(out: str, batch: int):
+def _args(out: str, batch: int, accum: int = 1):
     return args(out, max_steps=STEPS, max_grad_norm=MAX_NORM, per_device_train_batch_size=batch,
-                train_sampling_strategy="sequential", learning_rate=1e-3)
+                gradient_accumulation_steps=accum, train_sampling_strategy="sequential", learning_rate=1e-3)
 
 
-def _reference(out: str, batch: int):
-    trainer = Trainer(model=tiny_llama(), args=_args(out, batch), train_dataset=_rows(), eval_dataset=_rows(8))
+def _reference(out: str, batch: int, accum: int):
+    trainer = Trainer(model=tiny_llama(), args=_args(out, batch, accum), train_dataset=_rows(), eval_dataset=_rows(8))
     trainer.train()
     return (history(trainer), {n: p.detach().numpy().copy() for n, p in trainer.model.named_parameters()},
             trainer.evaluate()["eval_loss"])
 
 
-def _tp_run(rank, world, stage, out):
+def _tp_run(rank, world, stage, accum, out):
     # threshold 0: at stage 3 every param of this tiny model is sharded (none kept whole)
     zt.activate({"zero_optimization": {"stage": stage, "stage3_param_persistence_threshold": 0},
                  "tensor_parallel": {"autotp_size": 2}})
     try:
-        trainer = Trainer(model=tiny_llama(), args=_args(f"{out}/{rank}", 2), train_dataset=_rows(),
+        trainer = Trainer(model=tiny_llama(), args=_args(f"{out}/{rank}", 2, accum), train_dataset=_rows(),
                           eval_dataset=_rows(8))
         trainer.train()
         eval_loss = trainer.evaluate()["eval_loss"]  # every rank of a tp group evaluates the same rows
@@ -64,11 +64,14 @@ def _tp_run(rank, world, stage, out):
         zt.deactivate()
 
 
-@pytest.mark.parametrize("world,stage", [(2, 0), (4, 0), (4, 1), (4, 2), (4, 3)])
-def test_tp2_through_the_trainer(tmp_path, world, stage):
+# accum 2: DDP's no_sync over the dp group (stage 0), stage 1's reduction at the boundary only
+@pytest.mark.parametrize("world,stage,accum", [(2, 0, 1), (4, 0, 1), (4, 1, 1), (4, 2, 1), (4, 3, 1), (4, 0, 2),
+                                               (4, 1, 2)])
+def test_tp2_through_the_trainer(tmp_path, world, stage, accum):
     dp = world // 2
-    ref_history, ref_params, ref_eval = _reference(str(tmp_path / "ref"), 2 * dp)  # one process, the whole batch
-    for got_history, params, eval_loss in run_on_ranks(_tp_run, world, stage, str(tmp_path), timeout=300):
+    # one process, the whole global batch of each micro-step
+    ref_history, ref_params, ref_eval = _reference(str(tmp_path / "ref"), 2 * dp, accum)
+    for got_history, params, eval_loss in run_on_ranks(_tp_run, world, stage, accum, str(tmp_path), timeout=300):
         assert abs(eval_loss - ref_eval) < TOL * abs(ref_eval), (eval_loss, ref_eval)
         same_training(got_history, ref_history, STEPS, f"W {world} stage {stage}")
         assert params.keys() == ref_params.keys()
