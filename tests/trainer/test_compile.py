@@ -1,7 +1,9 @@
 """``--torch_compile`` through the Trainer on 2 gloo ranks (issue 21): stages 1-3 train compiled
 as they train eagerly, the compiled code is made in the first steps and never again (no new
-frames, graphs or graph breaks after them, and any recompilation raises), and a compiled run
-saves and resumes.
+frames, graphs or graph breaks after them, and any recompilation raises), every graph break is
+one of hf_zero's eager hooks or one the plain Trainer's compiled run has too, and a compiled run
+saves and resumes. Covered: stages 0-3; optimizer offload (stage 2), parameter offload (stage 3);
+gradient checkpointing at stages 1 and 3; accelerate's regional compilation; inductor at stage 3.
 
 Backend: ``aot_eager`` (dynamo's capture and AOTAutograd's forward/backward split, as inductor
 gets them, without inductor's code generation, which costs about two minutes per rank on this
@@ -47,8 +49,20 @@ def _job(rank, world, out, stage, compiled, options=None):
     return _train(out, stage, compiled, **(options or {}))
 
 
+def _graph_breaks() -> dict[str, int]:
+    """Dynamo's graph breaks in this process by reason: its title and explanation (the lines that name
+    what broke, without the code addresses dynamo adds below them)."""
+    from torch._dynamo.utils import counters
+
+    out: dict[str, int] = {}
+    for reason, n in counters["graph_break"].items():
+        key = " / ".join(line.strip() for line in reason.splitlines()[:2])
+        out[key] = out.get(key, 0) + n
+    return out
+
+
 def _train(out, stage, compiled, backend="aot_eager", max_steps=STEPS, save_steps=0, resume=False,
-           gradient_checkpointing=False, offload=None, max_grad_norm=1.0):
+           gradient_checkpointing=False, offload=None, max_grad_norm=1.0, zero=True):
     import hf_zero.trainer as zt
     from hf_zero.trainer import session as S
 
@@ -65,22 +79,25 @@ def _train(out, stage, compiled, backend="aot_eager", max_steps=STEPS, save_step
                              per_device_train_batch_size=2, learning_rate=1e-2, logging_steps=1,
                              save_strategy="steps" if save_steps else "no", save_steps=save_steps or 500,
                              disable_tqdm=True, max_grad_norm=max_grad_norm, **extra)
-    zero = {"stage": stage, "stage3_param_persistence_threshold": 0}
+    zero_config = {"stage": stage, "stage3_param_persistence_threshold": 0}
     for what in {"optimizer": ["optimizer"], "param": ["optimizer", "param"], None: []}[offload]:
-        zero[f"offload_{what}"] = {"device": "cpu"}  # parameter offload comes with optimizer offload
-    zt.activate({"zero_optimization": zero})
+        zero_config[f"offload_{what}"] = {"device": "cpu"}  # parameter offload comes with optimizer offload
+    if zero:
+        zt.activate({"zero_optimization": zero_config})
     counts = _Counts()
     try:
         trainer = Trainer(model=model, args=args, train_dataset=data, callbacks=[counts])
         trainer.train(resume_from_checkpoint=resume or None)
-        report = S.session_of(trainer).figures  # the run report as rank 0 writes it, every rank's figures
+        # the run report as rank 0 writes it, every rank's figures (none without hf_zero)
+        report = S.session_of(trainer).figures if zero else {"ranks": []}
     finally:
         zt.deactivate()
         torch._dynamo.config.error_on_recompile = False
     logs = trainer.state.log_history
     return {"loss": [h["loss"] for h in logs if "loss" in h],
             "grad_norm": [h["grad_norm"] for h in logs if "grad_norm" in h],
-            "counts": counts.per_step, "compile_seconds": [r["compile_seconds"] for r in report["ranks"]]}
+            "counts": counts.per_step, "compile_seconds": [r["compile_seconds"] for r in report["ranks"]],
+            "graph_breaks": _graph_breaks()}
 
 
 def _check(got: dict, ref: dict, steps: int = STEPS, rtol: float = RTOL) -> None:
@@ -112,7 +129,9 @@ def test_compiled_trains_like_eager(tmp_path, stage):
     (2, "optimizer", False, 0.0),  # no clipping: the host step runs on across the next forward (ForwardGates)
     (3, "param", False, 1.0),
     (3, None, True, 1.0),
-], ids=["stage2-optimizer-offload-overlap", "stage3-param-offload", "stage3-gradient-checkpointing"])
+    (1, None, True, 1.0),  # the flat strategies (stages 1-2) under checkpointing's recompute
+], ids=["stage2-optimizer-offload-overlap", "stage3-param-offload", "stage3-gradient-checkpointing",
+        "stage1-gradient-checkpointing"])
 def test_compiled_with_offload_and_checkpointing(tmp_path, stage, offload, checkpointing, clip):
     options = {"offload": offload, "gradient_checkpointing": checkpointing, "max_grad_norm": clip}
     ref = run_on_ranks(_job, 2, tmp_path / "eager", stage, False, options, timeout=300)
@@ -120,6 +139,28 @@ def test_compiled_with_offload_and_checkpointing(tmp_path, stage, offload, check
     for rank in range(2):
         _check(got[rank], ref[rank])
         _compiled_once(got[rank]["counts"])
+
+
+def _plain_job(rank, world, out, options):
+    return _train(out, 0, True, zero=False, **options)
+
+
+@pytest.mark.parametrize("stage", [2, 3])
+def test_graph_breaks_are_the_models_or_hf_zeros_eager_hooks(tmp_path, stage):
+    """Every graph break of a compiled hf_zero run is either one of hf_zero's hooks that run eagerly by
+    design (torch.compiler.disable, its reason naming hf_zero: the report's token count, the stage-3
+    unit hooks) or one the plain Trainer's compiled run of the same model has too (one process, no
+    hf_zero; with gradient checkpointing transformers' own output capture breaks there). A hook of
+    hf_zero's that torch traced and broke on (a .item(), a data-dependent branch) would add a reason."""
+    options = {"gradient_checkpointing": True, "max_steps": 2}
+    [plain] = run_on_ranks(_plain_job, 1, tmp_path / "plain", options, timeout=300)
+    got = run_on_ranks(_job, 2, tmp_path / "zero", stage, True, options, timeout=300)
+    for rank in range(2):
+        eager_hooks = {r: n for r, n in got[rank]["graph_breaks"].items()
+                       if r.startswith("Skip calling `torch.compiler.disable()`d function")}
+        assert eager_hooks and all("(reason: hf_zero " in r for r in eager_hooks), eager_hooks
+        others = set(got[rank]["graph_breaks"]) - set(eager_hooks)
+        assert others <= set(plain["graph_breaks"]), (others, plain["graph_breaks"])
 
 
 def test_compiled_stage3_saves_and_resumes(tmp_path):
