@@ -66,6 +66,14 @@ class ShardedBucket:
         """This rank's param shard (stage 3: the unit's local shard, maybe in host memory)."""
         return self.unit.local if self.unit is not None else self.grad.buffer.view(self.grad.bucket.shard)
 
+    def write_shard(self, source: torch.Tensor) -> None:
+        """``shard() = source`` (cast): through the unit's host memory with parameter offload (NVMe:
+        a file write, nvme_params.py), else a copy."""
+        if self.unit is not None and self.unit.host is not None:
+            self.unit.host.write(self.shard(), source)
+        else:
+            self.shard().copy_(source)
+
     def settle_shard(self) -> None:
         """Before the CPU writes a host shard: no upload reads it any more (parameter offload)."""
         if self.unit is not None:
@@ -111,7 +119,7 @@ class ShardedBucket:
         master follow them."""
         shard = self.shard()
         if self.unit is not None:  # stage 3: the unit's local shard is not a view of the full buffer
-            shard.copy_(self.grad.buffer.view(self.grad.bucket.shard))
+            self.write_shard(self.grad.buffer.view(self.grad.bucket.shard))
         if self.master is not None and self.master.data_ptr() != shard.data_ptr():
             self.master.copy_(shard)
 
@@ -124,9 +132,9 @@ class ShardedBucket:
         shard = self.shard()
         if self.offloaded:
             if not uploaded:
-                shard.copy_(self.master.to(shard.device, non_blocking=True))
+                self.write_shard(self.master.to(shard.device, non_blocking=True))
         elif self.master.data_ptr() != shard.data_ptr():
-            shard.copy_(self.master)
+            self.write_shard(self.master)
 
     def start_gather(self, ctx: C.CommContext) -> C.Handle:
         """All-gather the shards into the full params (pair: ``C.wait``)."""

@@ -253,11 +253,13 @@ def _nvme(rank, world, nvme_path, early):
         held = _steps(model, engine, rank, 0, STEPS, clip=None if early else 0.5)[-1][1]
         runs.append(_full_params(model, engine))
         if param_offload is not None:
-            mine = Path(engine.strategy.param_memory.dir.path)
+            memory = engine.strategy.param_memory
+            mine = Path(memory.dir.path)
+            maps = [(f.view.data_ptr(), f.view.data_ptr() + f.nbytes) for f in memory.dir.files.values()]
             seen = {"files": sorted(p.name for p in mine.iterdir()),
                     "shards": sum(u.host_bytes() for u in engine.units), "held": held,
-                    "on_disk": all(u.local is None or u.local.untyped_storage().filename is not None
-                                   for u in engine.units if u.host is not None)}
+                    "on_disk": all(any(lo <= t.data_ptr() < hi for lo, hi in maps)
+                                   for u in engine.units for t in u.host_shards())}
         engine.close()
         if param_offload is not None:
             seen["removed"] = not mine.exists()

@@ -61,6 +61,12 @@ def test_the_checker_sees_a_missing_method():
     assert _missing(Partial, ShardMemory) == [
         "Partial.empty['self', 'numel'] != ShardMemory.empty['self', 'numel', 'dtype']",
         "Partial has no like",
+        "Partial has no stage",
+        "Partial has no done_with",
+        "Partial has no read_ahead",
+        "Partial has no drop_read_ahead",
+        "Partial has no write",
+        "Partial has no staging_bytes",
     ]
 
 

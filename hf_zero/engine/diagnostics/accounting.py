@@ -1,7 +1,8 @@
 """What an engine holds, measured from the tensors themselves (the run report's bytes).
 
 ``host_offload``: host memory of optimizer offload (masters, state, grads, chunk buffers) and of
-parameter offload (the units' param shards: ``params`` then counts only what is on the device);
+parameter offload (the units' param shards: ``params`` then counts only what is on the device; with
+NVMe the staging buffers they are read through);
 ``nvme_offload``: the masters, state and param shards that NVMe offload keeps in swap files."""
 
 from __future__ import annotations
@@ -47,6 +48,7 @@ def held_bytes(engine) -> dict[str, int]:
     memory = engine.strategy.param_memory
     if memory is not None and memory.on_disk:
         disk += shard_bytes
+        host += memory.staging_bytes()  # the buffers its shards are read through (nvme_staging.py)
     else:
         host += shard_bytes
     grads = sum(b.grad.held_bytes() for b in engine.buckets)

@@ -47,6 +47,26 @@ class HostMemory:
         out.copy_(src)
         return out
 
+    # ---- a stage-3 shard's uses (tiers.ShardMemory): the shard is where it is read and written ----
+
+    def stage(self, shard: torch.Tensor) -> torch.Tensor:
+        return shard
+
+    def done_with(self, staged: torch.Tensor, device: torch.device) -> None:
+        pass
+
+    def read_ahead(self, shard: torch.Tensor) -> None:
+        pass
+
+    def drop_read_ahead(self) -> None:
+        pass
+
+    def write(self, shard: torch.Tensor, source: torch.Tensor) -> None:
+        shard.copy_(source)
+
+    def staging_bytes(self) -> int:
+        return 0
+
     def reserved_bytes(self) -> int:
         return sum(s[0].numel() for s in self._slabs)
 

@@ -134,6 +134,7 @@ class HostStep:
         self.masters: list[torch.Tensor] = []
         self._pieces: dict[int, list] = {}
         self._shard_of: Callable[[int], torch.Tensor] | None = None
+        self._write_shard: Callable[[int, torch.Tensor], None] | None = None  # ShardedBucket.write_shard
         self._settle_params: Callable[[int], None] = lambda i: None
         # [Note: step in backward]: chunks stepped by a worker as their grads land.
         self.early = False
@@ -163,6 +164,7 @@ class HostStep:
         self.masters = [b.master for b in buckets]
         self._pieces = {b.index: [(p.piece, p.local, p.param) for p in b.pieces] for b in buckets}
         self._shard_of = lambda i: buckets[i].shard()
+        self._write_shard = lambda i, source: buckets[i].write_shard(source)
         self._settle_params = lambda i: buckets[i].settle_shard()
 
     def overlap(self, early: bool, defer: bool, speculation: SpeculationPolicy | None) -> None:
@@ -442,7 +444,7 @@ class HostStep:
         shards = {i: self._shard_of(i) for i in chunk}
         on_host = [i for i in chunk if h2d is None or shards[i].device.type == "cpu"]
         for i in on_host:
-            shards[i].copy_(masters[i])
+            self._write_shard(i, masters[i])  # NVMe param shards: a file write (nvme_params.py)
         up = [i for i in chunk if i not in on_host]
         if not up:
             return None

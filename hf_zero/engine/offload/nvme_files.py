@@ -309,14 +309,18 @@ class SwapDir:
 
     def read(self, kind: str, into: torch.Tensor, offset_numel: int) -> list[Future]:
         """Start reading ``into.numel()`` fp32 elements of ``kind`` at element ``offset_numel``."""
-        return self._transfer(self.files[kind], into, offset_numel, write=False)
+        return self._transfer(self.files[kind], into, offset_numel * 4, write=False)
 
     def write(self, kind: str, source: torch.Tensor, offset_numel: int) -> list[Future]:
         """Start writing ``source`` (fp32) into ``kind`` at element ``offset_numel``."""
-        return self._transfer(self.files[kind], source, offset_numel, write=True)
+        return self._transfer(self.files[kind], source, offset_numel * 4, write=True)
 
-    def _transfer(self, file: SwapFile, buffer: torch.Tensor, offset_numel: int, *, write: bool) -> list[Future]:
-        start, nbytes = offset_numel * 4, buffer.numel() * 4
+    def read_file(self, file: SwapFile, into: torch.Tensor, offset: int) -> list[Future]:
+        """Start reading ``into``'s bytes (whole blocks) of ``file`` at byte ``offset`` (nvme_staging.py)."""
+        return self._transfer(file, into, offset, write=False)
+
+    def _transfer(self, file: SwapFile, buffer: torch.Tensor, start: int, *, write: bool) -> list[Future]:
+        nbytes = buffer.numel() * buffer.element_size()
         if start % BLOCK_BYTES or nbytes % BLOCK_BYTES:
             raise AssertionError(f"swap transfer of {nbytes} bytes at {start} is not in {BLOCK_BYTES}-byte blocks")
         if file.direct and buffer.data_ptr() % PAGE_BYTES:

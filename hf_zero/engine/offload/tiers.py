@@ -41,10 +41,21 @@ class OffGpu(Protocol):
 
 
 class ShardMemory(OffGpu, Protocol):
-    """Tensors off the GPU that are themselves the state (param shards, host masters and grads)."""
+    """Tensors off the GPU that are themselves the state (param shards, host masters and grads).
+
+    Each use of a stage-3 shard reads it through ``stage``/``done_with`` (``read_ahead`` the next
+    one, ``drop_read_ahead`` at a pass's end) and the step writes it through ``write``: for
+    ``HostMemory`` the shard itself and a copy, for ``NvmeParamMemory`` staging buffers and
+    ``pwrite`` (nvme_params.py), so the hot paths never read the files' mappings."""
 
     def empty(self, numel: int, dtype: torch.dtype = torch.float32) -> torch.Tensor: ...
     def like(self, src: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor: ...
+    def stage(self, shard: torch.Tensor) -> torch.Tensor: ...
+    def done_with(self, staged: torch.Tensor, device: torch.device) -> None: ...
+    def read_ahead(self, shard: torch.Tensor) -> None: ...
+    def drop_read_ahead(self) -> None: ...
+    def write(self, shard: torch.Tensor, source: torch.Tensor) -> None: ...
+    def staging_bytes(self) -> int: ...
 
 
 class StateTier(OffGpu, Protocol):
@@ -100,7 +111,8 @@ def param_memory(offload: ParamOffload, model, ctx) -> ShardMemory:
     world = ctx.world_size if ctx is not None else 1
     params = sum(p.numel() * p.element_size() for p in model.parameters())
     holders = sum(1 for m in model.modules() if next(m.parameters(recurse=False), None) is not None)
-    return NvmeParamMemory(offload.nvme_path, -(-params // world) + 2 * BLOCK_BYTES * holders, ctx)
+    return NvmeParamMemory(offload.nvme_path, -(-params // world) + 2 * BLOCK_BYTES * holders, ctx,
+                           pin=offload.pin_memory)
 
 
 def state_tier(offload: OptimizerOffload | None, chunks: list[list[int]], shard_sizes: list[int],

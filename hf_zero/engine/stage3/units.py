@@ -201,13 +201,29 @@ class ParamUnit:
 
     def _upload(self, shard: torch.Tensor, device: torch.device) -> torch.Tensor:
         """[Note: host shards] A device copy of the host ``shard`` (a copy even where host and device
-        are both the CPU, so the host shard stays the one the optimizer writes); ``shard`` itself
-        when it lives on the device."""
+        are both the CPU, so the host shard stays the one the optimizer writes), read through the
+        host memory's ``stage`` (NVMe: a staging buffer, nvme_staging.py); ``shard`` itself when it
+        lives on the device."""
         if self.host is None:
             return shard
+        staged = self.host.stage(shard)
         out = torch.empty(shard.numel(), dtype=shard.dtype, device=device)
-        out.copy_(shard, non_blocking=shard.is_pinned())
+        out.copy_(staged, non_blocking=staged.is_pinned())
+        self.host.done_with(staged, device)
         return out
+
+    def host_shards(self) -> list[torch.Tensor]:
+        """The tensors this unit keeps in host memory or swap files (parameter offload), else []."""
+        if self.host is None:
+            return []
+        return [self._fused_local] if self._fused else [part.local for part in self.parts]
+
+    def read_ahead(self) -> None:
+        """Parameter offload to NVMe: start reading this unit's shards for its next upload
+        ([Note: staging] in nvme_staging.py); nothing otherwise, or while it is gathered."""
+        if self.state is UnitState.SHARDED:
+            for shard in self.host_shards():
+                self.host.read_ahead(shard)
 
     def settle_host(self) -> None:
         """Before the CPU writes the host shards: wait until no upload still reads them. By the
@@ -256,10 +272,7 @@ class ParamUnit:
 
     def host_bytes(self) -> int:
         """Bytes of this unit's shards in host memory (parameter offload), else 0."""
-        if self.host is None:
-            return 0
-        shards = [self._fused_local] if self._fused else [part.local for part in self.parts]
-        return sum(t.numel() * t.element_size() for t in shards)
+        return sum(t.numel() * t.element_size() for t in self.host_shards())
 
     def held_bytes(self) -> int:
         """Device bytes: the full params while gathered (or in flight), the shards unless on the host,
@@ -354,6 +367,8 @@ class UnitHooks:
         self._current: ParamUnit | None = None  # backward: the unit whose backward started last
         self._prefetched: dict[ParamUnit, None] = {}  # gathered ahead, not used yet
         self.peak_live_numel = 0  # most full elements (gathered or in flight) at once; for tests
+        # Parameter offload: where the units' shards live (one memory for all of them; read ahead from it).
+        self._hosts = list({id(u.host): u.host for u in self.units if u.host is not None}.values())
 
     def install(self) -> list:
         # Registered first, so they run before the root unit's hooks on the same module.
@@ -439,6 +454,21 @@ class UnitHooks:
             self._prefetched[unit] = None
             self._note_live()
 
+    def _read_ahead(self, order: list[ParamUnit], after: ParamUnit | None) -> None:
+        """Parameter offload to NVMe: the next unit after ``after`` in ``order`` (None: from the start)
+        that is neither used in this pass nor gathered starts reading its shards from disk
+        ([Note: staging] in nvme_staging.py), one unit ahead of the gathers."""
+        if not self._hosts:
+            return
+        if after is not None:
+            if after not in order:
+                return
+            order = order[order.index(after) + 1 :]
+        for unit in order:
+            if unit not in self._seen and unit.state is UnitState.SHARDED:
+                unit.read_ahead()
+                return
+
     def _live_numel(self) -> int:
         """Full elements gathered or in flight, as every rank counts them.
 
@@ -462,6 +492,8 @@ class UnitHooks:
         for unit in self._prefetched:
             unit.reshard()  # waits for a gather still in flight
         self._prefetched.clear()
+        for host in self._hosts:  # reads ahead end with the pass: [Note: staged versions]
+            host.drop_read_ahead()
 
     # ---- module and grad hooks ----------------------------------------------------------------
 
@@ -473,6 +505,7 @@ class UnitHooks:
             self._use(unit)
             if first:
                 self._prefetch(self._order, after=unit)
+                self._read_ahead(self._order, after=unit)
             if unit.frozen and not unit.root and torch.is_grad_enabled():
                 inputs = output_tensors(args)
                 if inputs:  # [Note: frozen release]
@@ -498,6 +531,7 @@ class UnitHooks:
             self._use(unit)
             if first:  # the root's backward starts first whatever its place: prefetch from the start
                 self._prefetch(self._order[::-1], after=None if unit.root else unit)
+                self._read_ahead(self._order[::-1], after=None if unit.root else unit)
         return pre_backward
 
     def _post_forward(self, unit: ParamUnit):
