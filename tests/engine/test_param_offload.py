@@ -36,7 +36,7 @@ def _make(base, optimizer_offload, param_offload, persist):
     opt = torch.optim.AdamW(_groups(model), lr=1e-2, foreach=True)
     offload = None if optimizer_offload is None else OptimizerOffload("cpu", ratio=optimizer_offload, chunk_numel=5000)
     engine = ZeroEngine(model, opt, stage=3, bucket_numel=3000, offload=offload,
-                        offload_param=ParamOffload(pin_memory=True) if param_offload else None,
+                        offload_param=ParamOffload(pin_memory=True) if param_offload is True else param_offload or None,
                         prefetch_numel=ALL, persistence_threshold=persist)
     return model, engine
 
@@ -116,21 +116,24 @@ def test_param_offload_trains_like_no_param_offload(world, optimizer_offload, pe
             assert off["optimizer_state"] - plain["optimizer_state"] == r["master_bytes"]
 
 
-def _resume(rank, world, checkpoint):
+def _resume(rank, world, checkpoint, nvme_path=None):
+    """``nvme_path``: the shards in swap files (nvme_params.py): the checkpoint reads and the load
+    writes them through their mappings, training reads them through the staging buffers."""
     from hf_zero.checkpoint import sharded
 
     base = add_frozen_and_unused(tiny_llama(0, tied=True))
+    shards = ParamOffload("nvme", nvme_path=nvme_path) if nvme_path is not None else True
     model, engine = _make(base, 1.0, True, 0)
     full = [n for n, _, _ in _steps(model, engine, rank, 0, 6)]
     full_params = _full_params(model, engine)
     engine.close()
 
-    model, engine = _make(base, 1.0, True, 0)
+    model, engine = _make(base, 1.0, shards, 0)
     _steps(model, engine, rank, 0, 3)
     sharded.save(engine, checkpoint)  # masters, moments and the frozen host shards
     engine.close()
 
-    model, engine = _make(base, 1.0, True, 0)
+    model, engine = _make(base, 1.0, shards, 0)
     sharded.load(engine, checkpoint)  # masters written into the host shards
     resumed = [n for n, _, _ in _steps(model, engine, rank, 3, 6)]
     params = _full_params(model, engine)
@@ -146,9 +149,15 @@ def _resume(rank, world, checkpoint):
     return resumed == full[3:], sorted(n for n in params if not torch.equal(params[n], full_params[n])), kept
 
 
-def test_checkpoint_resumes_bit_for_bit(tmp_path):
-    for same_norms, differ, kept in run_on_ranks(_resume, 2, str(tmp_path / "ckpt"), timeout=240):
+@pytest.mark.parametrize("device", ["cpu", "nvme"])
+def test_checkpoint_resumes_bit_for_bit(device, tmp_path):
+    """Saved with the shards in host memory or swap files, resumed so: the run without a break (in
+    host memory) continued bit for bit."""
+    (tmp_path / "nvme").mkdir()
+    nvme_path = str(tmp_path / "nvme") if device == "nvme" else None
+    for same_norms, differ, kept in run_on_ranks(_resume, 2, str(tmp_path / "ckpt"), nvme_path, timeout=240):
         assert same_norms and differ == [] and kept
+    assert list((tmp_path / "nvme").iterdir()) == []
 
 
 def _early(rank, world):
