@@ -143,9 +143,9 @@ NOT_APPLIED: dict[str, NotApplied] = {
     "zero_optimization.cpu_offload_use_pin_memory": NotApplied(
         "deprecated DeepSpeed alias; write pin_memory inside offload_*", (False, None)),
     "zero_optimization.offload_param.buffer_count": NotApplied(
-        "NVMe parameter shards are mapped files: the kernel's page cache stages them, not buffers", (5,)),
+        "NVMe parameter shards are read through 3 staging buffers, each as large as the largest unit shard", (5,)),
     "zero_optimization.offload_param.buffer_size": NotApplied(
-        "NVMe parameter shards are mapped files: the kernel's page cache stages them, not buffers", (100_000_000,)),
+        "NVMe parameter shards are read through 3 staging buffers, each as large as the largest unit shard", (100_000_000,)),
     "zero_optimization.offload_param.max_in_cpu": NotApplied(
         "NVMe-offloaded parameters are not cached in host memory", (1_000_000_000,)),
     "zero_optimization.offload_optimizer.pipeline_read": NotApplied(

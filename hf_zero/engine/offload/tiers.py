@@ -11,8 +11,10 @@ under ``nvme_path`` ("nvme"):
 
 Both are an ``OffGpu``: ``on_disk`` says whether what they hold outside a step is file pages
 (the run report counts it as NVMe, not host memory), and ``close`` lets go of it (the swap
-files deleted). A ``ShardMemory`` hands out tensors that *are* the state (``empty``, ``like``):
-every reader and writer goes through them, and the kernel moves file pages for the NVMe one. A
+files deleted). A ``ShardMemory`` hands out tensors that *are* the state (``empty``, ``like``),
+which rare readers and writers use as they are; each use of a shard reads it through ``stage`` and
+the step writes it through ``write`` (the NVMe one: staging buffers and ``pwrite``, so the
+process's RSS holds a few buffers, not the shards: nvme_staging.py). A
 ``StateTier`` moves its state around the host step instead: ``fetch`` a chunk where the
 optimizer steps it, ``release`` it back, since the optimizer's per-element state is too large to
 keep mapped while it is read and written at memory speed. ``param_memory`` and ``state_tier``
