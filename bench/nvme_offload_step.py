@@ -5,13 +5,16 @@
 Per tier, after one warm-up step: mean wall seconds of ``optimizer.step()`` (the host step:
 for NVMe, reads, host AdamW, writes), the bytes the NVMe tier reads and writes per step (4 bytes x
 (1 + 2 moments) per offloaded element, chunk padding included) and what that is per second of
-step. The swap files go through the page cache: on a host with room for them, reads after the
-first step may come from memory, not the drive (the step then measures the pipeline itself).
+step, beside the drive's own read and write speed measured in the same run (``dd`` with O_DIRECT,
+bench/nvme_bandwidth.py). The swap files move with O_DIRECT where the file system takes it (the
+run says which); through the page cache otherwise, where reads after the first step may come
+from memory, not the drive.
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import time
 
 import torch
@@ -19,6 +22,7 @@ from transformers import LlamaConfig, LlamaForCausalLM
 
 from hf_zero.engine import ZeroEngine, ZeroModule
 from hf_zero.engine.offload.settings import OptimizerOffload
+from nvme_bandwidth import dd  # bench/ is on sys.path when this script runs
 
 PRESETS = {"small": (1024, 8, 2816, 16, 4, 32000), "1b1": (2048, 22, 5632, 32, 4, 32000)}
 
@@ -44,8 +48,9 @@ def run(offload: OptimizerOffload, args) -> tuple[float, int]:
         wrapped.zero_grad()
     tier = engine._host_step.tier
     moved = 3 * 4 * tier.file_numel if offload.device == "nvme" else 0
+    direct = offload.device == "nvme" and tier.dir.direct
     engine.close()
-    return sum(times[1:]) / args.steps, moved
+    return sum(times[1:]) / args.steps, moved, direct
 
 
 def main() -> None:
@@ -59,12 +64,17 @@ def main() -> None:
     p.add_argument("--buffer_count", type=int, default=4)
     args = p.parse_args()
     print(f"preset {args.preset}, threads {torch.get_num_threads()}", flush=True)
-    cpu, _ = run(OptimizerOffload("cpu", pin_memory=True), args)
+    cpu, _, _ = run(OptimizerOffload("cpu", pin_memory=True), args)
     print(f"cpu offload:  optimizer step {cpu:.3f} s", flush=True)
-    nvme, moved = run(OptimizerOffload("nvme", pin_memory=True, chunk_numel=args.buffer_size,
-                                       nvme_path=args.nvme_path, buffer_count=args.buffer_count), args)
+    nvme, moved, direct = run(OptimizerOffload("nvme", pin_memory=True, chunk_numel=args.buffer_size,
+                                               nvme_path=args.nvme_path, buffer_count=args.buffer_count), args)
     print(f"nvme offload: optimizer step {nvme:.3f} s; {moved / 1e9:.2f} GB read and {moved / 1e9:.2f} GB written "
-          f"per step, {2 * moved / nvme / 1e9:.2f} GB/s both ways together", flush=True)
+          f"per step, {2 * moved / nvme / 1e9:.2f} GB/s both ways together "
+          f"({'O_DIRECT' if direct else 'page cache'})", flush=True)
+    drive = dd(os.path.join(args.nvme_path, "hf_zero-bench.dat"), max(moved, 1 << 30) // (8 << 20) * (8 << 20))
+    print(f"the drive (dd, O_DIRECT, {max(moved, 1 << 30) / 1e9:.2f} GB): write {drive['write']:.2f} GB/s, "
+          f"read {drive['read']:.2f} GB/s; a step that only moved the bytes at those speeds: "
+          f"{moved / 1e9 / drive['read'] + moved / 1e9 / drive['write']:.3f} s", flush=True)
 
 
 if __name__ == "__main__":
