@@ -7,13 +7,16 @@ it can serve exactly as transformers would, and leaves every other call to trans
 warning that says why, once per job for each checkpoint and reason: the model is then loaded whole
 and sharded when the optimizer is created, as with the flag false.
 
-Served: a local directory with safetensors files holding every param of the model under its own
-name, and keyword arguments among ``dtype`` / ``torch_dtype``, ``config``, ``attn_implementation``
-and the hub/cache arguments that do not apply to a local directory. Not served: hub ids,
-positional model args, ``device_map``, quantization (arguments or a quantized checkpoint),
-``state_dict``, adapters (a PEFT adapter directory), ``.bin`` checkpoints, checkpoints whose keys
-transformers converts (renamed keys, fused experts) or that leave params to initialize (a new
-head), and anything else. A model served and then wrapped by PEFT is laid out anew for the
+Served: a local directory, or a hub id whose snapshot is in the local cache with the hub offline
+(checkpoint_files.py), with safetensors or ``.bin`` weights giving every param of the model,
+under its own name or through transformers' weight conversions (renamed keys, fused experts:
+key_plan.py), and keyword arguments among ``dtype`` / ``torch_dtype``, ``config``,
+``attn_implementation``, ``subfolder`` / ``revision`` / ``cache_dir`` / ``local_files_only`` /
+``use_safetensors`` (read as transformers reads them) and the download arguments that do not
+apply to local files. Not served: positional model args, ``device_map``, quantization (arguments
+or a quantized checkpoint), ``state_dict``, ``variant``, adapters (a PEFT adapter directory),
+checkpoints that leave params to initialize (a new head) or whose conversion cannot be planned
+before reading, ``.bin`` files in torch's legacy format, and anything else. A model served and then wrapped by PEFT is laid out anew for the
 wrapper when the Trainer creates its optimizer (relayout.py).
 """
 
@@ -24,13 +27,14 @@ import os
 import warnings
 
 from hf_zero.first_rank import is_first_rank
-from hf_zero.init.sources import INDEX_NAME, SINGLE_NAME, MissingParams
+from hf_zero.init.checkpoint_files import NotServed, checkpoint_directory, find_files
+from hf_zero.init.checkpoint_source import MissingParams
 
 _SERVED = {"dtype", "torch_dtype", "config", "attn_implementation"}
-# Arguments that only matter for downloads; a local directory ignores them.
-_HUB_ONLY = {"cache_dir", "force_download", "local_files_only", "token", "revision", "proxies", "subfolder",
-             "use_safetensors", "trust_remote_code", "_from_auto", "_from_pipeline", "_commit_hash",
-             "adapter_kwargs"}
+_WHERE = ("subfolder", "revision", "cache_dir", "local_files_only", "use_safetensors")  # which files: passed on
+# Arguments that only matter for downloads; local files ignore them.
+_HUB_ONLY = {"force_download", "token", "proxies", "trust_remote_code", "_from_auto", "_from_pipeline",
+             "_commit_hash", "adapter_kwargs"}
 _WARNED: set[tuple[str, str]] = set()  # (checkpoint, reason) warned about in this process
 
 
@@ -45,20 +49,23 @@ def why_not(path, args: tuple, kwargs: dict) -> str | None:
     """Why this ``from_pretrained`` call cannot load sharded, or None if it can."""
     if args:
         return "positional model arguments"
-    if not isinstance(path, (str, os.PathLike)) or not os.path.isdir(path):
-        return "not a local directory (download it first)"
-    if not any(os.path.isfile(os.path.join(path, n)) for n in (SINGLE_NAME, INDEX_NAME)):
-        return "no safetensors files in it"
-    if os.path.isfile(os.path.join(path, "adapter_config.json")):
-        return "a PEFT adapter directory"
-    if _quantized(path, kwargs.get("config")):
-        return "a quantized checkpoint (quantization_config in its config)"
-    unserved = sorted(k for k, v in kwargs.items() if k not in _SERVED | _HUB_ONLY and v is not None)
-    if kwargs.get("use_safetensors") is False:
-        unserved.append("use_safetensors=False")
+    unserved = sorted(k for k, v in kwargs.items() if k not in _SERVED | _HUB_ONLY | set(_WHERE) and v is not None)
     if unserved:
         return "keyword arguments " + ", ".join(unserved)
+    try:
+        directory = checkpoint_directory(path, **_where(kwargs, exclude="use_safetensors"))
+        find_files(directory, kwargs.get("use_safetensors"))
+    except NotServed as e:
+        return e.reason
+    if os.path.isfile(os.path.join(directory, "adapter_config.json")):
+        return "a PEFT adapter directory"
+    if _quantized(directory, kwargs.get("config")):
+        return "a quantized checkpoint (quantization_config in its config)"
     return None
+
+
+def _where(kwargs: dict, exclude: str = "") -> dict:
+    return {k: kwargs[k] for k in _WHERE if k != exclude and kwargs.get(k) is not None}
 
 
 def _quantized(path, config) -> bool:
@@ -83,8 +90,9 @@ def sharded_or_none(cls, path, args: tuple, kwargs: dict):
         dtype = kwargs.get("dtype", kwargs.get("torch_dtype"))
         extra = {"attn_implementation": kwargs["attn_implementation"]} if kwargs.get("attn_implementation") else {}
         try:
-            return from_pretrained(os.fspath(path), dtype=dtype, model_class=cls, config=kwargs.get("config"), **extra)
-        except MissingParams as e:  # found before any shard was made
+            return from_pretrained(os.fspath(path), dtype=dtype, model_class=cls, config=kwargs.get("config"),
+                                   **_where(kwargs), **extra)
+        except (MissingParams, NotServed) as e:  # found before any shard was made
             reason = e.reason
     _warn_once(path, reason)
     return None

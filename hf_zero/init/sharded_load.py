@@ -8,8 +8,10 @@ init. The model comes back with its ZeroEngine (no optimizer yet): forward, ``ge
 ``evaluate`` gather units as under training, and the Trainer's ``create_optimizer`` hands its
 optimizer to this engine (``seams.create_optimizer``).
 
-Peak host memory per rank: its shards (model bytes / W), plus one unit's reads in flight, plus
-params kept whole (the persistent unit's small ones), plus the interpreter.
+Peak host memory per rank: its shards (model bytes / W), plus one unit's reads in flight (onto a
+GPU: a few pinned pieces, parallel_reads.py), plus params kept whole (the persistent unit's small
+ones), plus the interpreter; with converted params (fused experts) one group of them whole, and
+with ``.bin`` files the pages of the current file a rank copied from (stored_tensors.py).
 
 The sharding settings (stage 3, buckets, prefetch, persistence threshold, offload, precision)
 are fixed at load, from the ``zero_config`` given or the one hf_zero runs with (``hf_zero.run``,
@@ -20,8 +22,9 @@ model out again for it, with a warning naming the settings.
 PEFT on a model loaded this way (``get_peft_model``, ``PeftModel.from_pretrained``): the wrapper
 evaluates and generates through the load's engine; the Trainer's ``create_optimizer`` lays the
 wrapper out anew from the load's shards (``engine_for``, relayout.py), as it would lay out a
-wrapper of a model loaded whole. Not yet: checkpoints that need transformers' weight conversions
-(fused MoE experts, renamed keys), quantized loads.
+wrapper of a model loaded whole. Checkpoints whose keys transformers renames or converts (legacy
+names, fused MoE experts) load with transformers' own conversions (key_plan.py); ``.bin``
+checkpoints and cached hub snapshots too (checkpoint_files.py). Not yet: quantized loads.
 """
 
 from __future__ import annotations
@@ -38,7 +41,9 @@ from hf_zero.engine import ZeroEngine
 from hf_zero.first_rank import is_first_rank
 from hf_zero.engine.options import engine_options
 from hf_zero.init.relayout import relayout
-from hf_zero.init.sources import InitSource, SafetensorsSource, fill_whole
+from hf_zero.init.checkpoint_files import checkpoint_directory, find_files
+from hf_zero.init.checkpoint_source import CheckpointSource
+from hf_zero.init.sources import InitSource, fill_whole
 
 # ZeroEngine option (and attribute) -> the config setting it comes from (what ``differences`` names).
 _SETTINGS = {"param_dtype": "the training dtype (bf16 / fp16 / fp32)",
@@ -51,29 +56,37 @@ _ENGINES: "weakref.WeakValueDictionary[int, ZeroEngine]" = weakref.WeakValueDict
 
 
 def from_pretrained(path: str, *, zero_config=None, dtype=None, model_class=None, device=None, config=None,
-                    attn_implementation: str | None = None, **config_kwargs):
+                    attn_implementation: str | None = None, subfolder: str = "", revision: str | None = None,
+                    cache_dir=None, local_files_only: bool = False, use_safetensors: bool | None = None,
+                    **config_kwargs):
     """``model_class.from_pretrained(path)`` (default ``AutoModelForCausalLM``), sharded at stage 3 as it loads.
 
+    ``path``: a local checkpoint directory, or a hub id whose snapshot is in the local Hugging Face
+    cache with the hub offline (checkpoint_files.py; ``subfolder``, ``revision``, ``cache_dir``,
+    ``local_files_only`` and ``use_safetensors`` as transformers reads them); safetensors or
+    ``.bin`` weights, keys converted as transformers converts them (key_plan.py).
     ``dtype``: a torch dtype, or None / "auto" for the checkpoint config's own (as transformers);
     ``device``: where the shards go (default: this rank's GPU, else the CPU); ``config``: a
-    transformers config to use instead of the directory's (``config_kwargs`` update the latter)."""
+    transformers config to use instead of the directory's (``config_kwargs`` update the latter).
+    ``NotServed`` (a ValueError) says why a checkpoint cannot be loaded this way."""
     from transformers import AutoConfig
 
-    if not os.path.isdir(path):
-        raise FileNotFoundError(f"{path}: not a directory; hf_zero's sharded load reads a local checkpoint "
-                                "directory (config.json and safetensors files)")
-    hf_config = config if config is not None else AutoConfig.from_pretrained(path, **config_kwargs)
+    directory = checkpoint_directory(path, subfolder=subfolder, revision=revision, cache_dir=cache_dir,
+                                     local_files_only=local_files_only)
+    files = find_files(directory, use_safetensors)
+    hf_config = config if config is not None else AutoConfig.from_pretrained(directory, **config_kwargs)
     model = _meta_model(hf_config, dtype, model_class, attn_implementation)
 
     def source(dev):
-        found = SafetensorsSource(path, dev, prefix=getattr(model, "base_model_prefix", "") or "")
+        found = CheckpointSource(files, model, dev)
         found.check_covers(model)  # before any shard is made: MissingParams
+        model._weight_conversions = found.plan.used  # as transformers keeps them, to revert on save
         return found
 
     _shard(model, zero_config, device, source)
-    _load_generation_config(model, path)
-    model.config._name_or_path = path
-    model.name_or_path = path
+    _load_generation_config(model, directory)
+    model.config._name_or_path = os.fspath(path)
+    model.name_or_path = os.fspath(path)
     model.eval()  # as from_pretrained returns it
     return model
 
@@ -173,8 +186,11 @@ def _shard(model: nn.Module, zero_config, device, make_source) -> ZeroEngine:
     from hf_zero.config.auto import is_auto
 
     options = engine_options(config, param_dtype="model" if is_auto(config.precision.dtype) else None)
-    engine = ZeroEngine(model, None, source=source, **options)
-    fill_whole(model, source)
+    try:
+        engine = ZeroEngine(model, None, source=source, **options)
+        fill_whole(model, source)
+    finally:
+        source.close()  # its files, reader threads and pinned buffers
     _ENGINES[id(model)] = engine
     if engine.ctx.world_size > 1:
         from hf_zero.trainer.generation import sync_generate

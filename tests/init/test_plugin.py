@@ -77,7 +77,7 @@ def test_default_is_on_at_stage_3_only():
     assert flag({"stage": 3, "zero3_init_flag": False}) is False
 
 
-def test_loads_it_cannot_serve_are_transformers_own(tmp_path):
+def test_loads_it_cannot_serve_are_transformers_own(tmp_path, monkeypatch):
     import hf_zero.init as zi
     import hf_zero.trainer as zt
 
@@ -108,9 +108,19 @@ def test_loads_it_cannot_serve_are_transformers_own(tmp_path):
         assert why_not(quantized, (), {}) == "a quantized checkpoint (quantization_config in its config)"
         os.remove(os.path.join(path, "model.safetensors"))
         torch.save({}, os.path.join(path, "pytorch_model.bin"))
-        with pytest.warns(UserWarning, match="no safetensors files"):
+        with pytest.warns(UserWarning, match=r"loads whole \(the checkpoint lacks model.embed_tokens.weight"):
             loaded = AutoModelForCausalLM.from_pretrained(path)  # transformers' own (.bin) load
         assert zi.engine_of(loaded) is None
+        os.remove(os.path.join(path, "pytorch_model.bin"))
+        with pytest.warns(UserWarning, match=r"loads whole \(no weight files \(model.safetensors or"):
+            with pytest.raises(OSError, match="no file named"):  # transformers' own error then
+                AutoModelForCausalLM.from_pretrained(path)
+        from huggingface_hub import constants
+
+        monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
+        assert why_not("hf-zero-test/not-cached", (), {}).startswith("a hub id with the hub online")
+        assert why_not("hf-zero-test/not-cached", (), {"local_files_only": True, "cache_dir": str(tmp_path)}) == \
+            "a hub id not in the local cache at revision main"
     finally:
         zt.deactivate()
     assert zi.engine_of(AutoModelForCausalLM.from_pretrained(_llama_dir(str(tmp_path / "x"), tied=True))) is None
