@@ -16,6 +16,15 @@ A checkpoint is one folder (``DIR_NAME``) holding DCP's files and ``META_NAME``:
   of the fine-tune. Never loaded on resume: frozen params come from the model's own weights.
 - ``META_NAME`` (JSON, rank 0): format, stage, world size, the layout (param packing order), the
   params' shapes and dtype, and the optimizer's class and param-group settings.
+
+[Note: parts of the world]
+An engine may shard over a group smaller than the world: tensor parallelism splits the world into
+tp disjoint dp groups, one per tp rank, each with its own (different) params under the same names.
+Each group's state is then stored under its own key prefix ``part{r}/`` (r: the group's lowest global
+rank, the tp rank), ``META_NAME`` records ``parts`` (each prefix's layout) and ``world_size`` is the
+whole world's (one digest manifest per global rank). Such a checkpoint loads into the same parts
+only (the same (dp, tp)); another split is refused as not built yet, and so is ``hf-zero consolidate``
+of it (the checkpoint's model weights, written by ``save_model``, are the full ones).
 - ``hf_zero_digest_rank{r}.json`` (JSON, each rank): the run id, the step, and the size and digest
   of every file rank r wrote; checked before any load ([Note: checkpoint digests], digests.py).
 
@@ -31,6 +40,7 @@ import json
 import math
 import os
 import warnings
+from typing import NamedTuple
 
 import torch
 import torch.distributed as dist
@@ -54,9 +64,10 @@ FORMAT, VERSION = "hf_zero-sharded", 1
 # ---- one param's part as DCP sees it ------------------------------------------------------------
 
 
-def _dcp_value(flat: torch.Tensor, entry: ParamShard) -> torch.Tensor | ShardedTensor:
+def _dcp_value(flat: torch.Tensor, entry: ParamShard, ranks: list[int]) -> torch.Tensor | ShardedTensor:
     """``flat`` (this rank's elements of ``entry``, 1-D) as a tensor of the param's full shape:
-    a plain view when this rank holds the whole param, else a ShardedTensor of boxes."""
+    a plain view when this rank holds the whole param, else a ShardedTensor of boxes. ``ranks``:
+    the global rank of each of the engine's group ranks (``entry.chunks`` names group ranks)."""
     numel = math.prod(entry.shape)
     if entry.local.start == 0 and entry.local.end == numel:
         return flat.view(entry.shape)
@@ -65,7 +76,7 @@ def _dcp_value(flat: torch.Tensor, entry: ParamShard) -> torch.Tensor | ShardedT
     local = [Shard(flat[b.start : b.start + b.numel].view(b.sizes),
                    ShardMetadata(list(b.offsets), list(b.sizes), f"rank:{rank}/{device}"))
              for b in boxes(entry.shape, entry.local.start, entry.local.end)]
-    everyone = [ShardMetadata(list(b.offsets), list(b.sizes), f"rank:{q}/{device}")
+    everyone = [ShardMetadata(list(b.offsets), list(b.sizes), f"rank:{ranks[q]}/{device}")
                 for q, r in entry.chunks for b in boxes(entry.shape, r.start, r.end)]
     meta = ShardedTensorMetadata(everyone, torch.Size(entry.shape), TensorProperties(dtype=flat.dtype))
     with _quiet_sharded_tensor():
@@ -106,15 +117,30 @@ def _no_dist() -> bool:
     return not (dist.is_available() and dist.is_initialized())
 
 
-def _refuse_subgroup(engine, what: str) -> None:
-    """The files name ranks of the whole world (each box's placement, one manifest per rank) and one
-    param name holds one tensor: an engine over a smaller group (tensor parallel's dp group, whose tp
-    ranks hold other parts under the same names) would write wrong files, so it is refused first."""
-    if not _no_dist() and engine.ctx.world_size != dist.get_world_size():
+class _Part(NamedTuple):
+    """Which part of the world an engine's state is ([Note: parts of the world])."""
+
+    ranks: list[int]  # the engine's group ranks as global ranks
+    prefix: str  # its keys' prefix: "" for an engine over the whole world
+    parts: int  # how many such groups the world is split into
+
+
+def _part(engine) -> _Part:
+    if _no_dist() or engine.ctx.world_size == dist.get_world_size():
+        return _Part(list(range(engine.ctx.world_size)), "", 1)
+    ranks = [dist.get_global_rank(engine.ctx.group, q) for q in range(engine.ctx.world_size)]
+    return _Part(ranks, f"part{min(ranks)}/", dist.get_world_size() // engine.ctx.world_size)
+
+
+def _check_part(meta: dict, part: _Part, path: str) -> None:
+    """The checkpoint was split into the same parts as this run (the same (dp, tp))."""
+    saved = meta.get("parts", {"": None})
+    if len(saved) != part.parts or part.prefix not in saved:
         raise NotAvailableYet(
-            f"sharded checkpoint {what}: the ZeroEngine shards over {engine.ctx.world_size} of the "
-            f"{dist.get_world_size()} ranks (tensor_parallel.autotp_size > 1); checkpoints of tensor-parallel "
-            "runs (resume at the same or another (dp, tp), the consolidated save) are not built yet")
+            f"{os.path.join(path, META_NAME)} holds the state of {len(saved)} engine group(s) of the world "
+            f"(tensor_parallel.autotp_size {len(saved)}), this run shards over {part.parts}: a resume at "
+            "another tensor-parallel size is not built yet; resume with the autotp_size and world size it was "
+            "saved at")
 
 
 @contextlib.contextmanager
@@ -145,10 +171,10 @@ def save(engine, directory: str, *, run_id: str | None = None, step: int | None 
     """Every rank writes its part of ``engine``'s state under ``directory/DIR_NAME``, then its
     digest manifest; returns the folder. ``run_id``/``step`` name the save in the manifests (the
     Trainer's run id and global step; without a run id, one is drawn for this save)."""
-    _refuse_subgroup(engine, "save")
     path = os.path.join(directory, DIR_NAME)
     identity = digests.Identity(run_id or digests.draw_run_id(), step)
-    rank, world_size = engine.ctx.rank, engine.ctx.world_size
+    part = _part(engine)  # [Note: parts of the world]: manifests and the meta count the whole world
+    rank, world_size = (0, 1) if _no_dist() else (dist.get_rank(), dist.get_world_size())
     digests.discard(path, rank, world_size)
     entries = engine.shard_map()
     state: dict[str, object] = {}
@@ -156,17 +182,17 @@ def save(engine, directory: str, *, run_id: str | None = None, step: int | None 
     for e in entries:
         if e.master is None:
             continue
-        state[f"master/{e.name}"] = _dcp_value(e.master, e)
+        state[f"{part.prefix}master/{e.name}"] = _dcp_value(e.master, e, part.ranks)
         piece_state = engine.optimizer.state.get(e.piece, {}) if e.piece is not None else {}
         for key, value in piece_state.items():
-            name = f"optim/{e.name}/{key}"
+            name = f"{part.prefix}optim/{e.name}/{key}"
             if torch.is_tensor(value) and value.dim() > 0:
                 if value.numel() != e.master.numel():
                     raise CheckpointError(
                         f"optimizer state {key!r} of {e.name} has {value.numel()} elements, not one per param "
                         f"element ({e.master.numel()}): hf_zero's sharded checkpoints cannot store it"
                     )
-                state[name] = _dcp_value(value.reshape(-1), e)
+                state[name] = _dcp_value(value.reshape(-1), e, part.ranks)
             elif torch.is_tensor(value):
                 state[name] = value
             elif isinstance(value, (bool, int, float)):
@@ -177,24 +203,30 @@ def save(engine, directory: str, *, run_id: str | None = None, step: int | None 
                                       "which hf_zero's sharded checkpoints cannot store")
     names = {e.name for e in entries}
     extra = _extra_tensors(engine.model, names)
-    state.update({f"extra/{n}": t for n, t in extra.items()})
+    state.update({f"{part.prefix}extra/{n}": t for n, t in extra.items()})
     if not hasattr(engine.model, "peft_config"):  # stage 3: frozen params are shards, stored as such
         for e in frozen_shard_map(engine):
             extra[e.name] = None
             if e.master is not None:
-                state[f"extra/{e.name}"] = _dcp_value(e.master, e)
+                state[f"{part.prefix}extra/{e.name}"] = _dcp_value(e.master, e, part.ranks)
     writer = _RecordingWriter(path)
     with _quiet_sharded_tensor():
         dcp.save(state, storage_writer=writer, no_dist=_no_dist())  # ENOSPC: DiskFullError
     files = writer.written()
+    layouts = None
+    if part.parts > 1:  # every group's packing order, for its own resume
+        everyone: list = [None] * world_size
+        dist.all_gather_object(everyone, (part.prefix, engine.layout()))
+        layouts = dict(everyone)
     if rank == 0:
-        _write_meta(engine, path, entries, extra, py_scalars)
+        _write_meta(engine, path, entries, extra, py_scalars, layouts, world_size)
         files += [safe_reader.METADATA_NAME, META_NAME]
     digests.write_manifest(path, rank=rank, world_size=world_size, files=files, identity=identity)
     return path
 
 
-def _write_meta(engine, path: str, entries: list[ParamShard], extra: dict, py_scalars: dict) -> None:
+def _write_meta(engine, path: str, entries: list[ParamShard], extra: dict, py_scalars: dict,
+                layouts: dict[str, list[str]] | None, world_size: int) -> None:
     groups = []
     names = {id(e.piece): e.name for e in entries if e.piece is not None}
     for group in engine.optimizer.param_groups:
@@ -205,7 +237,7 @@ def _write_meta(engine, path: str, entries: list[ParamShard], extra: dict, py_sc
         "format": FORMAT,
         "version": VERSION,
         "stage": engine.strategy.stage,
-        "world_size": engine.ctx.world_size,
+        "world_size": world_size,
         "layout": engine.layout(),
         "params": {e.name: list(e.shape) for e in entries},
         "param_dtype": str(engine.buffers[0].dtype).removeprefix("torch."),
@@ -213,6 +245,8 @@ def _write_meta(engine, path: str, entries: list[ParamShard], extra: dict, py_sc
         "peft": hasattr(engine.model, "peft_config"),
         "optimizer": {"class": type(engine.optimizer).__name__, "param_groups": groups, "python_scalars": py_scalars},
     }
+    if layouts is not None:  # [Note: parts of the world]
+        meta["parts"] = layouts
     tmp = os.path.join(path, META_NAME + ".tmp")
     with open(tmp, "w") as f:
         json.dump(meta, f, indent=1)
@@ -275,9 +309,11 @@ def check_model(meta: dict, ours: dict[str, tuple[int, ...]], path: str) -> None
     extra = sorted(set(saved) - set(ours))[:3]
     shapes = [f"{n}: checkpoint {saved[n]}, model {ours[n]}" for n in sorted(set(saved) & set(ours))
               if saved[n] != ours[n]][:3]
+    split = (f"; it was saved by a tensor-parallel run in {len(meta['parts'])} parts, and a resume at another "
+             "tensor-parallel size is not built yet") if "parts" in meta else ""
     raise CheckpointError(
         f"{file} belongs to another model: trainable params of this model not in it {missing}, params in "
-        f"it not in this model {extra}, shapes that differ {shapes}"
+        f"it not in this model {extra}, shapes that differ {shapes}{split}"
     )
 
 
@@ -299,8 +335,9 @@ def load(engine, directory: str) -> dict:
     """Restore ``engine``'s masters and optimizer state from ``directory/DIR_NAME``, written at any
     world size and stage; returns the checkpoint's meta. Checks come first: nothing is changed
     when the checkpoint is refused."""
-    _refuse_subgroup(engine, "load")
     path = os.path.join(directory, DIR_NAME)
+    part = _part(engine)
+    _check_part(read_meta(path), part, path)  # first: another split also has other shapes
     meta, metadata = check(directory, {e.name: e.shape for e in engine.shard_map()})
     groups = meta["optimizer"]["param_groups"]
     if len(groups) != len(engine.optimizer.param_groups):
@@ -310,7 +347,7 @@ def load(engine, directory: str) -> dict:
         # Stages 1-2 pack in the saved order (a stage-3 save's is its unit order): the same
         # reduction order as the saved run, and no re-packing after the first backward, which
         # would drop the optimizer state restored here.
-        engine.adopt_layout(meta["layout"])
+        engine.adopt_layout(meta["parts"][part.prefix] if part.prefix else meta["layout"])
 
     entries = engine.shard_map()
     state: dict[str, object] = {}
@@ -319,10 +356,10 @@ def load(engine, directory: str) -> dict:
     for e in entries:
         if e.master is None:
             continue
-        state[f"master/{e.name}"] = _dcp_value(e.master, e)
+        state[f"{part.prefix}master/{e.name}"] = _dcp_value(e.master, e, part.ranks)
         if e.piece is None:
             continue
-        prefix = f"optim/{e.name}/"
+        prefix = f"{part.prefix}optim/{e.name}/"
         for key in (k for k in keys if k.startswith(prefix)):
             info = keys[key]
             if len(info.size) == 0:
@@ -330,7 +367,7 @@ def load(engine, directory: str) -> dict:
                 state[key] = t
             else:
                 t = torch.zeros(e.master.numel(), dtype=info.properties.dtype, device=e.master.device)
-                state[key] = _dcp_value(t, e)
+                state[key] = _dcp_value(t, e, part.ranks)
             targets.setdefault(id(e.piece), {})[key[len(prefix):]] = t
     with _quiet_sharded_tensor():
         safe_reader.dcp_load(state, path, no_dist=_no_dist())

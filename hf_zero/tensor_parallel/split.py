@@ -70,13 +70,30 @@ class _ReduceFromTp(torch.autograd.Function):
         return grad, None
 
 
-class ColumnParallelLinear(nn.Linear):
+class _LoadsWhole:
+    """A state dict may hold this layer whole (the full weights ``save_model`` wrote, which a resume
+    or ``load_best_model_at_end`` loads through ``load_state_dict``): a whole tensor is cut to this
+    rank's part as it loads, in place in that dict; a part of this rank's shape loads as it is."""
+
+    split_dims: dict[str, int]  # param name -> the dim it is split on
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        for name, dim in self.split_dims.items():
+            key, mine = prefix + name, getattr(self, name)
+            whole = state_dict.get(key)
+            if torch.is_tensor(whole) and whole.dim() == mine.dim() and whole.shape[dim] == mine.shape[dim] * self.comm.world_size:
+                state_dict[key] = whole.chunk(self.comm.world_size, dim)[self.comm.rank]
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+
+
+class ColumnParallelLinear(_LoadsWhole, nn.Linear):
     """This rank's rows of a Linear: whole input in, a slice of the output features out."""
 
     def __init__(self, full: nn.Linear, comm: C.CommContext) -> None:
         super().__init__(full.in_features, full.out_features // comm.world_size, bias=full.bias is not None,
                          device="meta", dtype=full.weight.dtype)
         self.comm = comm
+        self.split_dims = {"weight": 0, "bias": 0} if full.bias is not None else {"weight": 0}
         self.weight = _shard(full.weight, 0, comm)
         if full.bias is not None:
             self.bias = _shard(full.bias, 0, comm)
@@ -88,13 +105,14 @@ class ColumnParallelLinear(nn.Linear):
         return f"{super().extra_repr()}, colwise tp rank {self.comm.rank} of {self.comm.world_size}"
 
 
-class RowParallelLinear(nn.Linear):
+class RowParallelLinear(_LoadsWhole, nn.Linear):
     """This rank's columns of a Linear: a slice of the input in, the whole output out (summed by g)."""
 
     def __init__(self, full: nn.Linear, comm: C.CommContext) -> None:
         super().__init__(full.in_features // comm.world_size, full.out_features, bias=full.bias is not None,
                          device="meta", dtype=full.weight.dtype)
         self.comm = comm
+        self.split_dims = {"weight": 1}
         self.weight = _shard(full.weight, 1, comm)
         if full.bias is not None:  # whole on every rank, added once after the sum
             self.bias = nn.Parameter(full.bias.detach().clone(), requires_grad=full.bias.requires_grad)

@@ -10,7 +10,7 @@ before any optimizer exists; the rest follows from the mesh:
 | stages 1-3 | the ZeroEngine shards over the dp group (``group=``) |
 | clipping, grad norm | over dp and tp, replicated params once (tensor_parallel/norm.py) |
 | ``save_model`` | the consolidated save: tp parts gathered into the full weights, written by rank 0 as ``save_pretrained`` does |
-| checkpoints, resume | refused, at Trainer creation where ``save_strategy`` says a save will come: not built yet (each tp rank holds other params under the same names) |
+| checkpoints, resume | stages 1-3: each tp rank's engine state under its own prefix of one sharded checkpoint ([Note: parts of the world] in hf_zero/checkpoint/sharded.py), the model weights full (``save_model``); resume at the same (dp, tp); another split, and stage 0, refused as not built yet |
 
 The state lives in a side table keyed by the Trainer, as ``ZeroSession`` does.
 """
@@ -29,6 +29,7 @@ from hf_zero.tensor_parallel import TpLayout, TpMesh, build_mesh, check_tp_size,
 from hf_zero.tensor_parallel.mesh import DP_DIM, TP_DIM
 from hf_zero.engine.stages import NotAvailableYet
 from hf_zero.tensor_parallel.norm import engine_parts, global_norm, module_parts
+from hf_zero.trainer.session import session_of
 from hf_zero.trainer.streamed_save import save_whole
 from hf_zero.trainer.verify import verify_saved_weights
 
@@ -130,21 +131,22 @@ def save_model(trainer, engine, output_dir: str) -> None:
 
 
 def refuse_checkpoint(trainer, what: str) -> None:
-    """Checkpoints and saves under tensor parallelism are not built yet: say so before writing anything."""
-    if of(trainer) is not None:
+    """Stage 0 under tensor parallelism: the Trainer's own optimizer file would hold one tp rank's state
+    only, so its checkpoints are not built yet (stages 1-3 write every part: [Note: parts of the world])."""
+    session = session_of(trainer)
+    if of(trainer) is not None and session is not None and session.stage == 0:
         raise NotAvailableYet(
-            f"{what} with {KEY} = {of(trainer).mesh.tp} is not built yet: each tp rank holds other parts of the "
-            "split layers under the same names, so the sharded checkpoint (resume at the same or another (dp, tp)) "
-            "cannot be written or read yet; train with save_strategy \"no\" and save the full weights with "
-            f"trainer.save_model() (built), or with {KEY} 1")
+            f"{what} with {KEY} = {of(trainer).mesh.tp} at ZeRO stage 0 is not built yet (the Trainer's optimizer "
+            "file would hold one tp rank's state only); use zero_optimization.stage 1-3, whose sharded checkpoints "
+            "hold every tp rank's part, or save_strategy \"no\" and trainer.save_model() for the full weights")
 
 
 def _refuse_not_built(trainer, config, tp: int) -> None:
-    if str(getattr(trainer.args.save_strategy, "value", trainer.args.save_strategy)) != "no":
+    if config.zero.stage == 0 and str(getattr(trainer.args.save_strategy, "value", trainer.args.save_strategy)) != "no":
         # said now, not after hours of training at the first save
         raise NotAvailableYet(f"save_strategy {trainer.args.save_strategy.value!r}: a checkpoint save with {KEY} "
-                                  f"= {tp} is not built yet; set save_strategy \"no\" and save the full weights with "
-                                  f"trainer.save_model() (built), or {KEY} 1")
+                              f"= {tp} at ZeRO stage 0 is not built yet; use zero_optimization.stage 1-3, or "
+                              "save_strategy \"no\" and trainer.save_model() for the full weights")
     zero = config.zero
     if zero.offload_optimizer.device != "none" or zero.offload_param.device != "none":
         raise NotAvailableYet(f"{KEY} = {tp} with zero_optimization.offload_optimizer/offload_param: not built yet "

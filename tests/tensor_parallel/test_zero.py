@@ -65,26 +65,49 @@ def test_dp2_tp2_zero_matches_one_process(stage):
         assert worst < TOL, worst
 
 
-def _checkpoint_refused(rank, world, directory):
+
+def _checkpoint_round_trip(rank, world, directory):
     from hf_zero.checkpoint import sharded
     from hf_zero.engine.stages import NotAvailableYet
 
+    def engine_of(group):
+        model = tiny_llama()
+        if group is not None:
+            split_model(model, mesh.tp_group)
+        opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+        return model, ZeroEngine(model, opt, stage=2, bucket_numel=3000, group=group)
+
     mesh = build_mesh(2, "cpu")
-    model = tiny_llama()
-    split_model(model, mesh.tp_group)
-    engine = ZeroEngine(model, torch.optim.AdamW(model.parameters()), stage=2, bucket_numel=3000, group=mesh.dp_group)
-    messages = []
-    for call in (lambda: sharded.save(engine, directory), lambda: sharded.load(engine, directory)):
-        try:
-            call()
-        except NotAvailableYet as e:
-            messages.append(str(e))
-    return messages
+    model, engine = engine_of(mesh.dp_group)
+    for step in range(2):
+        model(**_half(batch(step, bsz=4), mesh.dp_rank)).loss.backward()
+        engine.optimizer.step()
+    sharded.save(engine, directory)
+    saved = [(p.detach().clone(), {k: v.clone() for k, v in engine.optimizer.state[p].items()})
+             for g in engine.optimizer.param_groups for p in g["params"]]
+    model2, engine2 = engine_of(mesh.dp_group)  # the same (dp, tp): every part back
+    sharded.load(engine2, directory)
+    loaded = [(p.detach(), engine2.optimizer.state[p]) for g in engine2.optimizer.param_groups for p in g["params"]]
+    same = len(saved) == len(loaded) and all(
+        torch.equal(a, b) and all(torch.equal(sa[k], sb[k]) for k in sa) for (a, sa), (b, sb) in zip(saved, loaded))
+    same_params = all(torch.equal(p, q) for p, q in zip(model.parameters(), model2.parameters()))
+    _, whole = engine_of(None)  # W = 4 without tp: another split, not built yet
+    try:
+        sharded.load(whole, directory)
+        refused = None
+    except NotAvailableYet as e:
+        refused = str(e)
+    return same, same_params, refused
 
 
-def test_sharded_checkpoint_of_a_dp_group_engine_is_refused(tmp_path):
-    """The checkpoint files name ranks of the whole world and one tensor per param name: an engine over tp's
-    dp group is refused before anything is written."""
-    for messages in run_on_ranks(_checkpoint_refused, 4, str(tmp_path), timeout=180):
-        assert len(messages) == 2 and all("2 of the 4 ranks" in m and "not built yet" in m for m in messages)
-    assert not any(tmp_path.iterdir())
+def test_sharded_checkpoint_parts_round_trip(tmp_path):
+    """[Note: parts of the world]: each tp rank's engine state under its own prefix; a load at the same
+    (dp, tp) restores masters, optimizer state and params bit for bit; a load without tp is refused, and
+    so is consolidating it."""
+    from hf_zero.checkpoint.consolidate import ConsolidateError, HfZeroSource
+
+    for same, same_params, refused in run_on_ranks(_checkpoint_round_trip, 4, str(tmp_path), timeout=240):
+        assert same and same_params
+        assert refused is not None and "another tensor-parallel size is not built yet" in refused, refused
+    with pytest.raises(ConsolidateError, match="tensor-parallel run's state.*not built yet"):
+        HfZeroSource(str(tmp_path))

@@ -1,0 +1,42 @@
+"""Checkpoints of dp 2 x tp 2 runs through the Trainer: a resume at the same (dp, tp) continues with the
+uninterrupted run's losses; a resume without tp is refused, naming why; stage 0 refuses checkpoints."""
+
+from __future__ import annotations
+
+import pytest
+from transformers import Trainer
+
+import hf_zero.trainer as zt
+from hf_zero.testing.multiprocess import RankFailure, run_on_ranks
+from tests.tensor_parallel.models import tiny_llama
+from tests.tensor_parallel.test_trainer import MAX_NORM, TOL, _rows
+from tests.trainer.tiny import args, history
+
+
+def _config(stage: int, tp: int) -> dict:
+    return {"zero_optimization": {"stage": stage, "stage3_param_persistence_threshold": 0},
+            "tensor_parallel": {"autotp_size": tp}}
+
+
+def _train(rank, world, stage, tp, out, resume):
+    zt.activate(_config(stage, tp))
+    try:
+        trainer = Trainer(model=tiny_llama(), train_dataset=_rows(),
+                          args=args(out, max_steps=4, save_strategy="steps", save_steps=2, max_grad_norm=MAX_NORM,
+                                    per_device_train_batch_size=2, train_sampling_strategy="sequential",
+                                    learning_rate=1e-3))
+        trainer.train(resume_from_checkpoint=resume)
+        return history(trainer)["loss"]
+    finally:
+        zt.deactivate()
+
+
+@pytest.mark.parametrize("stage", [2, 3])
+def test_resume_at_the_same_dp_and_tp(tmp_path, stage):
+    whole = run_on_ranks(_train, 4, stage, 2, str(tmp_path / "a"), None, timeout=300)[0]
+    resumed = run_on_ranks(_train, 4, stage, 2, str(tmp_path / "b"), str(tmp_path / "a" / "checkpoint-2"),
+                           timeout=300)[0]
+    assert len(whole) == 4 and resumed[:2] == whole[:2]  # the first two come from the checkpoint's log
+    assert all(abs(r - w) < TOL * abs(w) for r, w in zip(resumed[2:], whole[2:])), (resumed, whole)
+    with pytest.raises(RankFailure, match="tensor-parallel run in 2 parts.*not built yet"):
+        run_on_ranks(_train, 4, stage, 1, str(tmp_path / "c"), str(tmp_path / "a" / "checkpoint-2"), timeout=300)
