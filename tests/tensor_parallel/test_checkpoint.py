@@ -40,3 +40,41 @@ def test_resume_at_the_same_dp_and_tp(tmp_path, stage):
     assert all(abs(r - w) < TOL * abs(w) for r, w in zip(resumed[2:], whole[2:])), (resumed, whole)
     with pytest.raises(RankFailure, match="tensor-parallel run in 2 parts.*not built yet"):
         run_on_ranks(_train, 4, stage, 1, str(tmp_path / "c"), str(tmp_path / "a" / "checkpoint-2"), timeout=300)
+
+
+def _best(rank, world, out):
+    import torch
+
+    from hf_zero.tensor_parallel import gather_split
+    from hf_zero.trainer import tensor_parallel as TP
+
+    zt.activate(_config(2, 2))
+    try:
+        trainer = Trainer(model=tiny_llama(), train_dataset=_rows(), eval_dataset=_rows(8),
+                          args=args(out, max_steps=4, save_strategy="steps", save_steps=2, eval_strategy="steps",
+                                    eval_steps=2, load_best_model_at_end=True, metric_for_best_model="loss",
+                                    greater_is_better=False,  # step 2 evaluates lower here: not the last params
+                                    per_device_train_batch_size=2, train_sampling_strategy="sequential",
+                                    learning_rate=1e-2))
+        trainer.train()
+        state = TP.of(trainer)
+        params = {}
+        for name, p in trainer.model.named_parameters():
+            dim = state.layout.split_dims.get(name)
+            params[name] = (gather_split(p.detach(), dim, state.mesh.tp_group) if dim is not None else p.detach()).tolist()
+        return trainer.state.best_model_checkpoint, params
+    finally:
+        zt.deactivate()
+
+
+def test_load_best_model_at_end(tmp_path):
+    """The best checkpoint's full weights load into every rank's part and its shards (the seam's gathered
+    write-back over the dp group): the trained model ends as that checkpoint's weights."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    best, params = run_on_ranks(_best, 4, str(tmp_path), timeout=300)[0]
+    assert best.endswith("checkpoint-2")
+    saved = AutoModelForCausalLM.from_pretrained(best)
+    worst = max((torch.tensor(params[n]) - p.detach()).abs().max().item() for n, p in saved.named_parameters())
+    assert worst == 0.0, worst
