@@ -15,6 +15,8 @@ worker's timeline from the step's start. ``--worker_threads N``: its CPU threads
 (default: the engine's choice, all cores but one). ``--speculate B`` with ``--early``: clipping on
 (``--clip``, default 1.0) with the host step speculating ([Note: speculation] in
 hf_zero/engine/offload/speculation.py), copies for at most the share B of the offloaded elements;
+``--state_dtype bf16``: bf16 moments on the host ([Note: bf16 host state]; compare its host optimizer
+time with the same command without it);
 ``--clip 1e9`` makes every speculation stand; ``--clip 1e-3`` clips at every step: the first is
 redone, then the policy waits for the norm (a clipping streak).
 """
@@ -52,6 +54,8 @@ def main() -> None:
     p.add_argument("--speculate", type=float, default=None, help="with --early: clip, speculating (budget share)")
     p.add_argument("--clip", type=float, default=1.0)
     p.add_argument("--max_backoff", type=int, default=64)
+    p.add_argument("--state_dtype", choices=("fp32", "bf16"), default="fp32",
+                   help="offloaded optimizer state between steps (bf16: [Note: bf16 host state]; changes numerics)")
     args = p.parse_args()
     dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
     dev = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0))) if torch.cuda.is_available() else torch.device("cpu")
@@ -65,7 +69,8 @@ def main() -> None:
         model = LlamaForCausalLM(cfg)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-5, fused=True)
     engine = ZeroEngine(model, opt, stage=2, bucket_numel=h * h, param_dtype=torch.bfloat16,
-                        offload=OptimizerOffload("cpu", ratio=args.ratio, chunk_numel=args.chunk_numel))
+                        offload=OptimizerOffload("cpu", ratio=args.ratio, chunk_numel=args.chunk_numel,
+                                                 state_dtype=args.state_dtype))
     policy = None if args.speculate is None else SpeculationPolicy(budget=args.speculate, max_backoff=args.max_backoff)
     engine.set_step_in_backward(args.early, overlap_forward=args.overlap_forward, speculation=policy)
     if args.worker_threads:
@@ -94,6 +99,14 @@ def main() -> None:
         split["upload"] += time.perf_counter() - t
 
     H._step_on, H.HostStep._upload = timed_step_on, timed_upload
+    orig_low = H.LowPrecisionState.step
+
+    def timed_low(self, view, groups, pieces):  # --state_dtype bf16: the host optimizer is this
+        t = time.perf_counter()
+        orig_low(self, view, groups, pieces)
+        split["host_opt"] += time.perf_counter() - t
+
+    H.LowPrecisionState.step = timed_low
     ids = torch.randint(0, vocab, (args.micro_batch, args.seq), device=dev)
 
     def sync():

@@ -38,7 +38,7 @@ import torch
 from torch import nn
 
 STATE_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
-SUB_NUMEL = 1 << 18  # elements per sub-step: 1 MiB of fp32 scratch per state tensor
+SUB_NUMEL = 1 << 20  # elements per sub-step: 4 MiB of fp32 scratch per state tensor (in a server's L2 + L3)
 
 
 def per_element(value, piece: torch.Tensor) -> bool:
