@@ -114,3 +114,26 @@ def test_a_bin_with_a_pickled_payload_is_refused_and_runs_nothing(tmp_path):
     torch.save({**state, "x": [1, 2]}, os.path.join(one, "pytorch_model.bin"))  # loads weights only, not tensors
     with pytest.raises(ValueError, match=r"pytorch_model.bin: not a state dict of tensors \('x' is not a tensor\)"):
         zi.from_pretrained(one, zero_config=ZERO3)
+
+
+def test_peak_host_rss_of_a_bin_load_is_a_shard_and_a_unit(tmp_path):
+    """A .bin file is mapped, not read: what a rank adds is its shard plus the mapped pages of the
+    unit it is copying from (the file is let go of after each unit), far below the whole model
+    that loading then sharding holds on every rank. Bound: model bytes / W + the largest tensor
+    (a unit's pages, read by this rank, are at most its share of the largest unit) + 64 MiB."""
+    from transformers import LlamaConfig
+
+    from tests.init.test_sharded_load import _load_rss
+
+    cfg = LlamaConfig(vocab_size=32000, hidden_size=1024, intermediate_size=2816, num_hidden_layers=4,
+                      num_attention_heads=16, num_key_value_heads=16, tie_word_embeddings=False)
+    model = AutoModelForCausalLM.from_config(cfg)
+    model_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
+    largest = max(p.numel() * p.element_size() for p in model.parameters())
+    cfg.save_pretrained(str(tmp_path))
+    torch.save(model.state_dict(), str(tmp_path / "pytorch_model.bin"))
+    del model
+    world = 2
+    for out in run_on_ranks(_load_rss, world, str(tmp_path)):
+        assert out["held"] <= model_bytes / world + 2**20, out
+        assert out["peak"] - out["base"] <= model_bytes / world + largest + 64 * 2**20, (out, model_bytes)
