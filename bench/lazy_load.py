@@ -2,6 +2,7 @@
 ``from_pretrained``: wall time and peak host RSS per process, on the device.
 
     python bench/lazy_load.py --out DIR --name NAME [--hidden 3072 --layers 26 ...] [--cpu_ranks 4]
+        [--read_threads 4 --piece_mb 32]
 
 1. writes a random-init Llama checkpoint (bf16, built on the GPU) with ``save_pretrained``;
 2. in a fresh process each (so peaks do not mix): plain ``from_pretrained(..., device_map="cuda")``,
@@ -53,12 +54,15 @@ def write(path: str, hidden: int, layers: int, inter: int, heads: int, kv: int, 
             "files": sorted(os.listdir(path))}
 
 
-def load(path: str, how: str) -> dict:
+def load(path: str, how: str, read_threads: int, piece_mb: int) -> dict:
     import torch
     from transformers import AutoModelForCausalLM
 
     import hf_zero.init as zi
     import accelerate  # noqa: F401  (both paths import it; counted in the baseline)
+    from hf_zero.init import parallel_reads
+
+    parallel_reads.READ_THREADS, parallel_reads.PIECE_BYTES = read_threads, piece_mb << 20  # hf_zero's reads
 
     base = status("VmRSS")
     torch.cuda.synchronize()
@@ -72,7 +76,7 @@ def load(path: str, how: str) -> dict:
     ids = (torch.arange(256, device="cuda").view(1, -1) * 7) % model.config.vocab_size
     with torch.no_grad():
         logits = model(ids).logits.float()
-    return {"how": how, "load_s": seconds, "base_rss": base, "peak_rss": status("VmHWM"),
+    return {"how": how, "load_s": seconds, "read_threads": read_threads, "piece_mb": piece_mb, "base_rss": base, "peak_rss": status("VmHWM"),
             "gpu_allocated": torch.cuda.memory_allocated(), "logits_sum": float(logits.sum()),
             "logits_head": logits[0, :4, :4].flatten().tolist()}
 
@@ -103,13 +107,15 @@ def main() -> None:
     p.add_argument("--kv_heads", type=int, default=8)
     p.add_argument("--vocab", type=int, default=32000)
     p.add_argument("--cpu_ranks", type=int, default=4)
+    p.add_argument("--read_threads", type=int, default=4, help="hf_zero's reader threads per rank (parallel_reads.py)")
+    p.add_argument("--piece_mb", type=int, default=32, help="hf_zero's largest read, MiB (parallel_reads.py)")
     p.add_argument("--commit", default=None)
     p.add_argument("--step", default=None, help=argparse.SUPPRESS)
     opts = p.parse_args()
     if opts.step:  # a child process: one measurement, JSON on the last line
         kind, _, arg = opts.step.partition(":")
         out = write(opts.ckpt, opts.hidden, opts.layers, opts.intermediate, opts.heads, opts.kv_heads, opts.vocab) \
-            if kind == "write" else load(opts.ckpt, arg)
+            if kind == "write" else load(opts.ckpt, arg, opts.read_threads, opts.piece_mb)
         print(json.dumps(out))
         return
 
