@@ -121,16 +121,10 @@ def test_peak_host_rss_of_a_bin_load_is_a_shard_and_a_unit(tmp_path):
     unit it is copying from (the file is let go of after each unit), far below the whole model
     that loading then sharding holds on every rank. Bound: model bytes / W + the largest tensor
     (a unit's pages, read by this rank, are at most its share of the largest unit) + 64 MiB."""
-    from transformers import LlamaConfig
+    from tests.init.test_sharded_load import _load_rss, rss_model
 
-    from tests.init.test_sharded_load import _load_rss
-
-    cfg = LlamaConfig(vocab_size=32000, hidden_size=1024, intermediate_size=2816, num_hidden_layers=4,
-                      num_attention_heads=16, num_key_value_heads=16, tie_word_embeddings=False)
-    model = AutoModelForCausalLM.from_config(cfg)
-    model_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
-    largest = max(p.numel() * p.element_size() for p in model.parameters())
-    cfg.save_pretrained(str(tmp_path))
+    model, model_bytes, largest = rss_model()
+    model.config.save_pretrained(str(tmp_path))
     torch.save(model.state_dict(), str(tmp_path / "pytorch_model.bin"))
     del model
     world = 2

@@ -221,6 +221,15 @@ def _status(key: str) -> int:
     raise KeyError(key)
 
 
+def rss_model():
+    """A model of a few hundred MB for the RSS bounds, its bytes, and its largest tensor's bytes."""
+    cfg = LlamaConfig(vocab_size=32000, hidden_size=1024, intermediate_size=2816, num_hidden_layers=4,
+                      num_attention_heads=16, num_key_value_heads=16, tie_word_embeddings=False)
+    model = AutoModelForCausalLM.from_config(cfg)
+    sizes = [p.numel() * p.element_size() for p in model.parameters()]
+    return model, sum(sizes), max(sizes)
+
+
 def _load_rss(rank, world, path):
     import accelerate  # noqa: F401 - imported by the load; counted in the baseline, not the load
 
@@ -237,11 +246,7 @@ def test_peak_host_rss_is_a_shard(tmp_path):
     """Peak RSS per rank <= model bytes / W + the largest tensor + 1 GiB (the issue's bound), and
     what the load adds is the rank's shard (+ 64 MiB): a rank never holds the whole model, as
     loading then sharding does (that adds at least the model's bytes)."""
-    cfg = LlamaConfig(vocab_size=32000, hidden_size=1024, intermediate_size=2816, num_hidden_layers=4,
-                      num_attention_heads=16, num_key_value_heads=16, tie_word_embeddings=False)
-    model = AutoModelForCausalLM.from_config(cfg)
-    model_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
-    largest = max(p.numel() * p.element_size() for p in model.parameters())
+    model, model_bytes, largest = rss_model()
     model.save_pretrained(str(tmp_path))
     del model
     assert model_bytes > 400 * 2**20
