@@ -22,6 +22,8 @@ profiler runs:
     hf_zero::start_unshard          a stage-3 unit's gather launched (units.py)
     hf_zero::wait_unshard           ... waited for
     hf_zero::prefetch               the next units' gathers launched ahead of use
+    hf_zero::checkpoint_offload::d2h  a checkpointed layer's input queued to the host (activations/checkpoint_offload.py)
+    hf_zero::checkpoint_offload::h2d  ... brought back in backward, the layer before it queued ahead
 
 tests/engine/test_profiler_labels.py keeps this list true.
 """
