@@ -54,11 +54,11 @@ def why_not(path, args: tuple, kwargs: dict) -> str | None:
         return "keyword arguments " + ", ".join(unserved)
     try:
         directory = checkpoint_directory(path, **_where(kwargs, exclude="use_safetensors"))
+        if os.path.isfile(os.path.join(directory, "adapter_config.json")):
+            return "a PEFT adapter directory"
         find_files(directory, kwargs.get("use_safetensors"))
     except NotServed as e:
         return e.reason
-    if os.path.isfile(os.path.join(directory, "adapter_config.json")):
-        return "a PEFT adapter directory"
     if _quantized(directory, kwargs.get("config")):
         return "a quantized checkpoint (quantization_config in its config)"
     return None

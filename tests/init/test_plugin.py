@@ -106,6 +106,11 @@ def test_loads_it_cannot_serve_are_transformers_own(tmp_path, monkeypatch):
         from hf_zero.init.plugin import why_not
 
         assert why_not(quantized, (), {}) == "a quantized checkpoint (quantization_config in its config)"
+        adapter = tmp_path / "adapter"
+        adapter.mkdir()
+        (adapter / "adapter_config.json").write_text("{}")
+        (adapter / "adapter_model.safetensors").write_bytes(b"")
+        assert why_not(str(adapter), (), {}) == "a PEFT adapter directory"
         os.remove(os.path.join(path, "model.safetensors"))
         torch.save({}, os.path.join(path, "pytorch_model.bin"))
         with pytest.warns(UserWarning, match=r"loads whole \(the checkpoint lacks model.embed_tokens.weight"):
