@@ -45,8 +45,9 @@ NOT_APPLIED: dict[str, NotApplied] = {
     "aio": NotApplied("NVMe offload does its own file I/O (pread/pwrite in 1 MiB-aligned requests from a "
                       "thread pool); libaio tuning does not apply"),
     "activation_checkpointing.partition_activations": NotApplied(
-        "hf_zero has no tensor-parallel group to partition checkpoints across; true is refused "
-        "(config/unsupported.py) until sequence parallelism partitions them", (False,)),
+        "nothing to apply: with sequence_parallel_size > 1 every rank's checkpoints are already its sequence "
+        "shard; without it true is refused (config/unsupported.py): hf_zero has no tensor-parallel group to "
+        "partition them across", (True, False)),
     "activation_checkpointing.synchronize_checkpoint_boundary": NotApplied(
         "hf_zero never synchronizes the device in the step", (False,)),
     "activation_checkpointing.profile": NotApplied("use the torch profiler (hf_zero::checkpoint_offload labels)",

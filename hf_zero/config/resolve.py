@@ -21,7 +21,8 @@ from hf_zero.config.unsupported import refuse
 AUTO_SOURCES: tuple[tuple[str, str], ...] = (
     ("train_micro_batch_size_per_gpu", "TrainingArguments.per_device_train_batch_size"),
     ("gradient_accumulation_steps", "TrainingArguments.gradient_accumulation_steps"),
-    ("train_batch_size", "per_device_train_batch_size * gradient_accumulation_steps * world_size"),
+    ("train_batch_size", "per_device_train_batch_size * gradient_accumulation_steps * world_size / sequence_parallel_size"),
+    ("sequence_parallel_size", "TrainingArguments.parallelism_config.sp_size (1 without one)"),
     ("gradient_clipping", "TrainingArguments.max_grad_norm"),
     ("precision.dtype", '"bf16" if TrainingArguments.bf16, "fp16" if TrainingArguments.fp16, else "fp32"'),
     ("optimizer.params.lr", "TrainingArguments.learning_rate"),
@@ -48,13 +49,16 @@ def resolve_config(
     world_size: int,
     hidden_size: int | None = None,
     num_training_steps: int | None = None,
+    sequence_parallel_size: int | None = None,
 ) -> HfZeroConfig:
     """Return ``config`` with every "auto" filled from ``training_args`` and checked against it.
 
     ``training_args`` is a ``transformers.TrainingArguments`` or any object with the same
     attributes. ``hidden_size`` (the model's) sizes "auto" buckets. Scheduler "auto" step
     counts stay "auto" while ``num_training_steps`` is None. After this, the three batch-size
-    fields are ints even if the file left them out. Raises :class:`ArgumentsMismatch` (a
+    fields are ints even if the file left them out. ``sequence_parallel_size`` is the Trainer's
+    (its ``parallelism_config.sp_size``; None without one): the ranks of one sequence-parallel group
+    share a batch, so the batch-size product counts world_size / sequence_parallel_size. Raises :class:`ArgumentsMismatch` (a
     ConfigError) naming every value that disagrees with TrainingArguments, one line each, and
     :class:`UnsupportedConfig` for a combination this version does not run (unsupported.py).
     """
@@ -71,7 +75,9 @@ def resolve_config(
                   "per_device_train_batch_size", args.per_device_train_batch_size, must_match=not auto_find)
     gas = match("gradient_accumulation_steps", config.gradient_accumulation_steps,
                 "gradient_accumulation_steps", args.gradient_accumulation_steps)
-    batch = _train_batch_size(config.train_batch_size, micro, gas, world_size, match)
+    sp = _sequence_parallel(config.sequence_parallel_size, sequence_parallel_size, world_size, match)
+    ranks = ("world_size", world_size) if sp == 1 else ("world_size / sequence_parallel_size", world_size // sp)
+    batch = _train_batch_size(config.train_batch_size, micro, gas, ranks, match)
     clipping = match("gradient_clipping", config.gradient_clipping, "max_grad_norm", args.max_grad_norm)
     dtype = match("precision.dtype (DeepSpeed: bf16.enabled / fp16.enabled)", config.precision.dtype,
                   "bf16/fp16", _trainer_dtype(args))
@@ -89,6 +95,7 @@ def resolve_config(
         gradient_accumulation_steps=gas,
         optimizer=optimizer,
         scheduler=scheduler,
+        sequence_parallel_size=sp,
     )
     refuse(resolved)  # what this version cannot run, now that the dtype is known (unsupported.py)
     return resolved
@@ -142,8 +149,25 @@ def _trainer_dtype(args: Any) -> str:
     return "bf16" if bf16 else "fp16" if fp16 else "fp32"
 
 
-def _train_batch_size(value: Any, micro: Any, gas: Any, world_size: int, match: _Matcher) -> Any:
-    """DeepSpeed's invariant: train_batch_size = micro batch * accumulation steps * world size."""
+def _sequence_parallel(value: Any, trainer: int | None, world_size: int, match: _Matcher) -> int:
+    """The file's sequence_parallel_size against the Trainer's parallelism_config.sp_size."""
+    if value is AUTO or value is None:
+        value = 1 if trainer is None else trainer
+    elif trainer is not None and value != trainer:
+        match.conflict(f"sequence_parallel_size = {value} in {match.source} but TrainingArguments.parallelism_config."
+                       f"sp_size = {trainer}; make them equal or set the file's value to \"auto\"")
+    if world_size % value:
+        divisors = [d for d in range(1, world_size + 1) if world_size % d == 0]
+        match.conflict(f"sequence_parallel_size = {value} does not divide world_size = {world_size}: the ranks are "
+                       f"laid out as (world_size / sequence_parallel_size, sequence_parallel_size); allowed: {divisors}")
+        return 1
+    return value
+
+
+def _train_batch_size(value: Any, micro: Any, gas: Any, ranks: tuple[str, int], match: _Matcher) -> Any:
+    """DeepSpeed's invariant: train_batch_size = micro batch * accumulation steps * data-parallel ranks
+    (``ranks``: their name and number; world size, or world size / sequence-parallel size)."""
+    name, world_size = ranks
     if match.conflicts:
         return value  # the product of conflicting factors would only add noise
     expected = micro * gas * world_size
@@ -151,11 +175,11 @@ def _train_batch_size(value: Any, micro: Any, gas: Any, world_size: int, match: 
         return expected
     if isinstance(value, int) and value % world_size:
         match.conflict(f"train_batch_size = {value} in {match.source} is not divisible by "
-                       f"world_size = {world_size}; set it to \"auto\" or a multiple of {world_size}")
+                       f"{name} = {world_size}; set it to \"auto\" or a multiple of {world_size}")
     elif value != expected:
         match.conflict(
             f"train_batch_size = {value} in {match.source} but train_micro_batch_size_per_gpu ({micro}) * "
-            f"gradient_accumulation_steps ({gas}) * world_size ({world_size}) = {expected}; "
+            f"gradient_accumulation_steps ({gas}) * {name} ({world_size}) = {expected}; "
             "make them equal or set train_batch_size to \"auto\""
         )
     return value

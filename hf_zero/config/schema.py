@@ -172,6 +172,17 @@ class HfZeroConfig:
         doc="""Tensor parallelism beside ZeRO (hf_zero/tensor_parallel, docs/parallelism.md). Default:
         none (autotp_size 1).""",
     )
+    sequence_parallel_size: int | Auto | None = setting(
+        None,
+        deepspeed="sequence_parallel_size",
+        doc="""Ulysses sequence parallelism (DeepSpeed ALST's key; hf_zero/sequence_parallel,
+        docs/long-sequences.md): each sequence is split over this many neighbouring ranks, which
+        train on the same batch and trade sequence slices for attention heads around attention.
+        Must divide the world size, and the model's attention heads (KV heads: divide it or be a
+        multiple of it). null/absent or "auto" (default): the Trainer's
+        `parallelism_config.sp_size` when given, else 1 (no sequence parallelism); a number given
+        with a `parallelism_config` must equal its sp_size.""",
+    )
     steps_per_print: int = setting(
         10,
         deepspeed="steps_per_print",
@@ -231,6 +242,7 @@ class HfZeroConfig:
         checks.number(self, "gradient_clipping", minimum=0.0, auto=True)
         for name in ("train_batch_size", "train_micro_batch_size_per_gpu", "gradient_accumulation_steps"):
             checks.integer(self, name, minimum=1, auto=True, none=True)
+        checks.integer(self, "sequence_parallel_size", minimum=1, auto=True, none=True)
         if not isinstance(self.tensor_parallel, TensorParallelConfig):
             raise checks.fail(self, "tensor_parallel", "not a TensorParallelConfig", value=self.tensor_parallel,
                               allowed="a TensorParallelConfig")

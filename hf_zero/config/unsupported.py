@@ -74,6 +74,12 @@ def _refused_optimizer(config: Any) -> str | None:
     return None if config.optimizer is None else optimizer_block.refused(config.optimizer.type)
 
 
+def _sequence_parallel(config: Any) -> bool:
+    """sequence_parallel_size > 1 (an unset or "auto" size is not known before the Trainer fills it)."""
+    size = config.sequence_parallel_size
+    return isinstance(size, int) and not isinstance(size, bool) and size > 1
+
+
 def _dtype(config: Any) -> str:
     """``fp16 training``: an "auto" dtype filled from the Trainer's flag reads the same."""
     return 'precision "auto"' if config.precision.dtype is AUTO else f"{config.precision.dtype} training"
@@ -120,14 +126,23 @@ UNSUPPORTED: tuple[Unsupported, ...] = (
         name="partition-activations",
         keys=("activation_checkpointing.partition_activations",),
         # hf_zero partitions checkpoints across the sequence-parallel group (docs/long-sequences.md): with
-        # sequence parallelism each rank's checkpoints are its sequence shard. Until this version reads a
-        # sequence-parallel size, every true is this row.
-        applies=lambda c: c.activation_checkpointing.partition_activations,
+        # sequence parallelism each rank's checkpoints are its sequence shard: true is then what already
+        # happens. Without it (sequence_parallel_size 1, or unset until the Trainer fills it) this row.
+        applies=lambda c: c.activation_checkpointing.partition_activations and not _sequence_parallel(c),
         asked=lambda c: "activation_checkpointing.partition_activations = true",
         feature="partitioning activation checkpoints without sequence parallelism (DeepSpeed partitions them "
                 "across its tensor-parallel group, which hf_zero does not have)",
         instead="set it to false: every rank keeps its own checkpoints whole, as DeepSpeed does without model "
-                "parallelism; cpu_checkpointing moves them off the accelerator",
+                "parallelism; cpu_checkpointing moves them off the accelerator; or use sequence_parallel_size > 1",
+    ),
+    Unsupported(
+        name="sequence-parallel-tp",
+        keys=("sequence_parallel_size", "tensor_parallel.autotp_size"),
+        applies=lambda c: _sequence_parallel(c) and c.tensor_parallel.autotp_size > 1,
+        asked=lambda c: f"sequence_parallel_size = {c.sequence_parallel_size} with tensor_parallel.autotp_size = "
+                        f"{c.tensor_parallel.autotp_size}",
+        feature="sequence parallelism together with tensor parallelism",
+        instead="use one of the two (sequence parallelism for long sequences, tensor parallelism for wide layers)",
     ),
 )
 

@@ -88,7 +88,8 @@ def split_loader(loader, layout: SpLayout):
                              f"({type(loader.batch_sampler).__name__}, {type(loader.dataset).__name__})")
     shard.num_processes = layout.dp_size
     shard.process_index = layout.dp_rank
-    loader.collate_fn = SplitBatch(loader.collate_fn, layout.size, layout.rank)
+    iterated = getattr(loader, "base_dataloader", loader)  # accelerate's DataLoaderShard wraps the DataLoader it iterates
+    iterated.collate_fn = SplitBatch(iterated.collate_fn, layout.size, layout.rank)
     return loader
 
 

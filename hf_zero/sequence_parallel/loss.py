@@ -31,7 +31,7 @@ def group_count(count, layout: SpLayout) -> torch.Tensor:
     """This rank's token count -> its group's, divided by P: sum / this equals P * sum / group count."""
     total = torch.as_tensor(count).detach().to(torch.float64).clone()  # a fraction once divided by P
     dist.all_reduce(total, group=layout.group)
-    return total / layout.size
+    return (total / layout.size).float()  # the loss keeps its dtype
 
 
 def token_mean(local_sum: torch.Tensor, shift_labels: torch.Tensor, layout: SpLayout) -> torch.Tensor:

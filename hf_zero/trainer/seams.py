@@ -7,10 +7,11 @@ active behaves exactly as before.
 
 | method              | what hf_zero adds                                                       |
 |---------------------|-------------------------------------------------------------------------|
-| ``__init__``        | refuses a Trainer set up for DeepSpeed or FSDP too (other_sharding.py); resolves the config against TrainingArguments, adds the report callback and, for CPU checkpointing or tiled compute, ``TrainerActivations`` (hf_zero/activations), starts the hang watchdog (``comm_timeout_s``) |
+| ``__init__``        | refuses a Trainer set up for DeepSpeed or FSDP too (other_sharding.py); resolves the config against TrainingArguments, adds the report callback and, for CPU checkpointing or tiled compute, ``TrainerActivations`` (hf_zero/activations), starts the hang watchdog (``comm_timeout_s``); sequence parallelism: takes over a ``parallelism_config`` sp_size, builds the SP groups and turns on Ulysses attention (hf_zero/sequence_parallel/training.py) |
 | ``create_optimizer``| the config's ``optimizer`` block, if any, builds the optimizer (config_blocks.py); fp16, every stage: the loss scaler is DeepSpeed's (loss_scaling.py); stage >= 1: builds the ZeroEngine around the optimizer just created (or gives it to the engine of a model sharded as it loaded, or to one laid out anew from its shards for a PEFT wrapper of it, hf_zero/init); stage 3, W > 1: the model's ``generate`` defaults to ``synced_gpus=True`` (generation.py) |
 | ``create_scheduler``| the config's ``scheduler`` block, if any: DeepSpeed's schedule (config_blocks.py, ds_schedulers.py) |
-| ``compute_loss``    | ``tiled_loss``: a training forward with labels computes the model's loss in tiles, without full logits (hf_zero/activations/tiled_loss.py) |
+| ``compute_loss``    | ``tiled_loss``: a training forward with labels computes the model's loss in tiles, without full logits (hf_zero/activations/tiled_loss.py); sequence parallelism: the loss over the SP group (sequence_parallel/loss.py) |
+| ``get_train_dataloader`` | sequence parallelism: one batch per SP group, each rank's slice of its sequences (sequence_parallel/batch_split.py) |
 | ``_wrap_model``     | stage >= 1: trains a ``ZeroModule`` where DDP would stand               |
 | ``_clip_grad_norm`` | stage >= 1: global norm over the gradient shards, then clip             |
 | ``_get_grad_norm``  | stage >= 1: the same norm when clipping is off                          |
@@ -52,6 +53,7 @@ from hf_zero.trainer.other_sharding import refuse as refuse_other_sharding
 from hf_zero.trainer import param_count
 from hf_zero.trainer import tensor_parallel as TP
 from hf_zero.trainer.seam_check import original_of
+from hf_zero.sequence_parallel import training as SP
 
 _ORIGINALS: dict[str, object] = {}
 
@@ -74,6 +76,8 @@ def __init__(self, *args, **kwargs):
     config = S.active_config()
     if config is not None:  # DeepSpeed or FSDP asked for beside hf_zero: refused before transformers sets it up
         refuse_other_sharding(kwargs.get("args", args[1] if len(args) > 1 else None), os.environ, config.source)
+        # parallelism_config sp_size > 1: hf_zero's sequence parallelism, the Trainer gets no parallelism_config
+        sp_size = SP.take_trainer_size(kwargs.get("args", args[1] if len(args) > 1 else None))
     _original("__init__")(self, *args, **kwargs)
     if config is None or S.session_of(self) is not None:
         return
@@ -89,11 +93,14 @@ def __init__(self, *args, **kwargs):
         self.args,
         world_size=self.args.world_size,
         hidden_size=getattr(model_config, "hidden_size", None),
+        sequence_parallel_size=sp_size,
     )
     config_blocks.check_trainer(self, resolved)  # a block and Trainer(optimizers=...) for the same thing
     session = S.ZeroSession(config=resolved, trainer_ref=weakref.ref(self), loaded=config)
     S.attach(self, session)
     TP.setup(self, resolved)  # tensor_parallel.autotp_size > 1: the model is split now, before any optimizer
+    if resolved.sequence_parallel_size > 1:  # Ulysses: the SP groups, the model's attention (sequence_parallel/)
+        session.sequence_parallel = SP.setup(self, resolved.sequence_parallel_size)
     activations = TrainerActivations(resolved, self.args, self.model)  # refuses what it cannot do, before any step
     if activations.active:
         session.activations = activations
@@ -170,7 +177,24 @@ def _wrap_model(self, model, training=True, dataloader=None):
 
 
 @_seam
+def get_train_dataloader(self):
+    loader = _original("get_train_dataloader")(self)
+    session = S.session_of(self)
+    if session is not None and session.sequence_parallel is not None:
+        loader = SP.split_loader(loader, session.sequence_parallel)  # one batch per SP group, this rank's slice
+    return loader
+
+
+@_seam
 def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+    session = S.session_of(self)
+    if session is not None and session.sequence_parallel is not None:  # a split batch: the loss over the SP group
+        return SP.compute_loss(self, _compute_loss, session.sequence_parallel, model, inputs, return_outputs,
+                               num_items_in_batch)
+    return _compute_loss(self, model, inputs, return_outputs, num_items_in_batch)
+
+
+def _compute_loss(self, model, inputs, return_outputs, num_items_in_batch):
     session = S.session_of(self)
     if session is None or session.activations is None:
         return _original("compute_loss")(self, model, inputs, return_outputs, num_items_in_batch)

@@ -27,6 +27,8 @@ class ZeroSession:
     run_id: str | None = None
     # hf_zero.activations.TrainerActivations when the config asks for CPU checkpointing or tiled compute.
     activations: Any = None
+    # hf_zero.sequence_parallel.SpLayout when sequence_parallel_size > 1 (sequence_parallel/training.py).
+    sequence_parallel: Any = None
     # --torch_compile with TORCHDYNAMO_SUPPRESS_ERRORS=1: each code object torch ran eagerly instead, and why
     # (compile_watch.py, [Note: compile failures]); the run report's ranks[].compile_fallbacks.
     compile_fallbacks: list = field(default_factory=list)

@@ -44,7 +44,19 @@ EXAMPLES = {
                               ["activation_checkpointing.partition_activations = true",
                                "partitioning activation checkpoints without sequence parallelism",
                                "set it to false"]),
+    "sequence-parallel-tp": ({"zero_optimization": {"stage": 1}, "sequence_parallel_size": 2,
+                              "tensor_parallel": {"autotp_size": 2}},
+                             ["sequence_parallel_size = 2 with tensor_parallel.autotp_size = 2",
+                              "sequence parallelism together with tensor parallelism", "use one of the two"]),
 }
+
+
+def test_partition_activations_with_sequence_parallelism_runs():
+    """With sequence_parallel_size > 1 each rank's checkpoints are already its slice of the sequence."""
+    obj = {**EXAMPLES["partition-activations"][0], "sequence_parallel_size": 2}
+    assert refusals(load(obj)) == []
+
+
 DTYPE_ROWS = sorted(row.name for row in UNSUPPORTED if "fp16.enabled" in row.keys)
 """Rows that only an fp16 run hits (the rest refuse whatever the dtype)."""
 
