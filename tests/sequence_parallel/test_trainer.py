@@ -3,7 +3,7 @@
 The SP run trains on W ranks with hf_zero (``sequence_parallel_size`` in the file, or the Trainer's
 ``parallelism_config.sp_size``); the reference is the plain Trainer (DDP) on W / P ranks with the
 same data, seed and arguments. Every logged loss and grad norm, and the trained params, agree within
-1e-5 (fp32). The rows carry a prompt (labels -100) and right padding, so the slices of a sequence
+1e-5 (fp32), and so does the evaluation after training (unsplit batches, in eval mode). The rows carry a prompt (labels -100) and right padding, so the slices of a sequence
 hold different numbers of real tokens. The optimizer is SGD, so the params after each step are
 linear in the gradients (Adam's division by the root of its second moment would magnify the fp32
 reassociation of tiny gradients past 1e-5).
@@ -50,10 +50,11 @@ def _train(rank, world, out, sp, stage, how, average, per_batch_mean):
             config["sequence_parallel_size"] = sp
         zt.activate(config)
     try:
-        trainer = Trainer(model=model, args=args, train_dataset=_rows())
+        trainer = Trainer(model=model, args=args, train_dataset=_rows(), eval_dataset=_rows())
         if per_batch_mean:  # the Trainer's per-batch mean path (a model without loss kwargs)
             trainer.model_accepts_loss_kwargs = False
         trainer.train()
+        evaluated = trainer.evaluate()["eval_loss"]  # eval batches are not split: the model attends unsplit
         session = S.session_of(trainer)
         if session is not None:
             assert session.config.sequence_parallel_size == sp
@@ -63,12 +64,13 @@ def _train(rank, world, out, sp, stage, how, average, per_batch_mean):
             params = {n: p.detach().numpy().copy() for n, p in model.named_parameters()}
     finally:
         zt.deactivate()
-    return tiny.history(trainer), params
+    return tiny.history(trainer), params, evaluated
 
 
 def _check(sp_run, ref_run):
-    (got, got_params), (want, want_params) = sp_run, ref_run
+    (got, got_params, got_eval), (want, want_params, want_eval) = sp_run, ref_run
     tiny.same_training(got, want, STEPS, "sp")
+    tiny.close(got_eval, want_eval, what="eval_loss")
     for name, value in want_params.items():
         err = np.linalg.norm(got_params[name] - value) / np.linalg.norm(value)
         assert err <= 1e-5, (name, err)

@@ -24,6 +24,7 @@ profiler runs:
     hf_zero::prefetch               the next units' gathers launched ahead of use
     hf_zero::checkpoint_offload::d2h  a checkpointed layer's input queued to the host (activations/checkpoint_offload.py)
     hf_zero::checkpoint_offload::h2d  ... brought back in backward, the layer before it queued ahead
+    hf_zero::ulysses_all_to_all       sequence slices traded for attention heads and back (sequence_parallel/all_to_all.py)
 
 tests/engine/test_profiler_labels.py keeps this list true.
 """
