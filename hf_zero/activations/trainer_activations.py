@@ -90,9 +90,13 @@ class TrainerActivations(TrainerCallback):
             self.tiled_loss = TiledLoss(causal_lm(model), self.config.tiled_loss.shards)
 
     def loss_context(self, trainer: Any, model: torch.nn.Module, inputs: dict, return_outputs: bool):
-        """Around ``Trainer.compute_loss``: the tiled loss for a training forward whose loss is the model's."""
+        """Around ``Trainer.compute_loss``: the tiled loss for a training forward whose loss is the model's.
+
+        ``return_outputs`` does not matter: evaluation and prediction (which ask for outputs) run with the
+        model in eval mode; a training call that asks for them (sequence parallelism's per-batch mean does)
+        gets the outputs with empty logits, as the loss never needed full ones."""
         tiled = self.tiled_loss
-        if tiled is None or return_outputs or not model.training or "labels" not in inputs \
+        if tiled is None or not model.training or "labels" not in inputs \
                 or trainer.compute_loss_func is not None or trainer.label_smoother is not None:
             return contextlib.nullcontext()
         return tiled.armed()
