@@ -22,7 +22,18 @@ def check_train_batch_size(config: Any, world_size: int) -> None:
     """DeepSpeed's invariant train_batch_size = micro batch * accumulation steps * world size,
     checked for the factors the file fixes ("auto" ones are filled at training time).
 
+    With ``sequence_parallel_size`` P > 1 the P ranks of a group share a batch: P must divide the
+    world size, and the product counts world size / P ranks.
+
     Raises ValueError naming the file, the keys and their values."""
+    sp = config.sequence_parallel_size
+    name = "world_size"
+    if isinstance(sp, int) and not isinstance(sp, bool) and sp > 1:
+        if world_size % sp:
+            divisors = [d for d in range(1, world_size + 1) if world_size % d == 0]
+            raise ValueError(f"sequence_parallel_size = {sp} in {config.source} does not divide the world size "
+                             f"{world_size}; allowed: {divisors}")
+        name, world_size = "world_size / sequence_parallel_size", world_size // sp
     batch = config.train_batch_size
     if not isinstance(batch, int) or isinstance(batch, bool):
         return
@@ -34,7 +45,7 @@ def check_train_batch_size(config: Any, world_size: int) -> None:
     product = world_size
     for value in fixed.values():
         product *= value
-    terms = " * ".join([f"{k} ({v})" for k, v in fixed.items()] + [f"world_size ({world_size})"])
+    terms = " * ".join([f"{k} ({v})" for k, v in fixed.items()] + [f"{name} ({world_size})"])
     if len(fixed) == len(factors) and batch != product:
         raise ValueError(f"train_batch_size = {batch} in {config.source} but {terms} = {product}; "
                          'make them equal or set train_batch_size to "auto"')

@@ -73,6 +73,20 @@ def test_world_size(write_config, world, status):
             '(2) * world_size (3) = 12; make them equal or set train_batch_size to "auto"')
 
 
+@pytest.mark.parametrize("world, status", [(8, Status.PASS), (4, Status.FAIL), (5, Status.FAIL)])
+def test_world_size_with_sequence_parallelism(write_config, world, status):
+    """The 2 ranks of a sequence-parallel group share a batch: 16 = 2 * 2 * (8 / 2); 2 does not divide 5."""
+    path = write_config({"train_batch_size": 16, "train_micro_batch_size_per_gpu": 2,
+                         "gradient_accumulation_steps": 2, "sequence_parallel_size": 2})
+    config, _ = load_zero_config(path)
+    result = check_world_size(config, world)
+    assert result.status is status
+    if world == 4:
+        assert "world_size / sequence_parallel_size (2) = 8" in result.detail
+    if world == 5:
+        assert "sequence_parallel_size = 2" in result.detail and "does not divide the world size 5" in result.detail
+
+
 def test_world_size_auto_and_no_config(write_config):
     config, _ = load_zero_config(write_config({"train_batch_size": "auto"}))
     assert check_world_size(config, 7).status is Status.PASS
