@@ -16,6 +16,7 @@ from hf_zero.config.fields import setting
 from hf_zero.config.precision import PrecisionConfig
 from hf_zero.config.tensor_parallel import TensorParallelConfig
 from hf_zero.config.zero import OffloadConfig, ZeroConfig
+from hf_zero.sparse_attention.config import SparseAttentionConfig
 
 OPTIMIZER_AUTO_KEYS = ("lr", "betas", "eps", "weight_decay")
 """Optimizer params that may be "auto" (filled from TrainingArguments, as HF does)."""
@@ -183,6 +184,15 @@ class HfZeroConfig:
         `parallelism_config.sp_size` when given, else 1 (no sequence parallelism); a number given
         with a `parallelism_config` must equal its sp_size.""",
     )
+    sparse_attention: SparseAttentionConfig | None = setting(
+        None,
+        deepspeed="sparse_attention",
+        nested=SparseAttentionConfig,
+        doc="""Block-sparse attention (DeepSpeed's block: its modes, keys and layouts), run as FlexAttention
+        block masks through transformers' attention interface (hf_zero/sparse_attention,
+        docs/long-sequences.md). Opt-in: it changes what the model computes. null/absent (default): the
+        model's own attention.""",
+    )
     steps_per_print: int = setting(
         10,
         deepspeed="steps_per_print",
@@ -235,7 +245,7 @@ class HfZeroConfig:
                 raise checks.fail(self, name, f"not a {cls.__name__}", value=getattr(self, name),
                                   allowed=f"a {cls.__name__}")
         for name, cls in (("optimizer", OptimizerSpec), ("scheduler", SchedulerSpec), ("tiled_mlp", TiledMLPConfig),
-                          ("tiled_loss", TiledLossConfig)):
+                          ("tiled_loss", TiledLossConfig), ("sparse_attention", SparseAttentionConfig)):
             if getattr(self, name) is not None and not isinstance(getattr(self, name), cls):
                 raise checks.fail(self, name, f"not a {cls.__name__}", value=getattr(self, name),
                                   allowed=f"a {cls.__name__} or null")

@@ -7,7 +7,7 @@ active behaves exactly as before.
 
 | method              | what hf_zero adds                                                       |
 |---------------------|-------------------------------------------------------------------------|
-| ``__init__``        | refuses a Trainer set up for DeepSpeed or FSDP too (other_sharding.py); resolves the config against TrainingArguments, adds the report callback and, for CPU checkpointing or tiled compute, ``TrainerActivations`` (hf_zero/activations), starts the hang watchdog (``comm_timeout_s``); sequence parallelism: takes over a ``parallelism_config`` sp_size, builds the SP groups and turns on Ulysses attention (hf_zero/sequence_parallel/training.py) |
+| ``__init__``        | refuses a Trainer set up for DeepSpeed or FSDP too (other_sharding.py); resolves the config against TrainingArguments, adds the report callback and, for CPU checkpointing or tiled compute, ``TrainerActivations`` (hf_zero/activations), starts the hang watchdog (``comm_timeout_s``); sequence parallelism: takes over a ``parallelism_config`` sp_size, builds the SP groups and turns on Ulysses attention (hf_zero/sequence_parallel/training.py); ``sparse_attention``: the model's attention set to the layout's (hf_zero/sparse_attention/training.py) |
 | ``create_optimizer``| the config's ``optimizer`` block, if any, builds the optimizer (config_blocks.py); fp16, every stage: the loss scaler is DeepSpeed's (loss_scaling.py); stage >= 1: builds the ZeroEngine around the optimizer just created (or gives it to the engine of a model sharded as it loaded, or to one laid out anew from its shards for a PEFT wrapper of it, hf_zero/init); stage 3, W > 1: the model's ``generate`` defaults to ``synced_gpus=True`` (generation.py) |
 | ``create_scheduler``| the config's ``scheduler`` block, if any: DeepSpeed's schedule (config_blocks.py, ds_schedulers.py) |
 | ``compute_loss``    | ``tiled_loss``: a training forward with labels computes the model's loss in tiles, without full logits (hf_zero/activations/tiled_loss.py); sequence parallelism: the loss over the SP group (sequence_parallel/loss.py) |
@@ -54,6 +54,7 @@ from hf_zero.trainer import param_count
 from hf_zero.trainer import tensor_parallel as TP
 from hf_zero.trainer.seam_check import original_of
 from hf_zero.sequence_parallel import training as SP
+from hf_zero.sparse_attention import training as sparse_attention
 
 _ORIGINALS: dict[str, object] = {}
 
@@ -99,6 +100,7 @@ def __init__(self, *args, **kwargs):
     session = S.ZeroSession(config=resolved, trainer_ref=weakref.ref(self), loaded=config)
     S.attach(self, session)
     TP.setup(self, resolved)  # tensor_parallel.autotp_size > 1: the model is split now, before any optimizer
+    sparse_attention.setup(self, resolved)  # sparse_attention block: the model's attention by its layout
     if resolved.sequence_parallel_size > 1:  # Ulysses: the SP groups, the model's attention (sequence_parallel/)
         session.sequence_parallel = SP.setup(self, resolved.sequence_parallel_size)
     activations = TrainerActivations(resolved, self.args, self.model)  # refuses what it cannot do, before any step
