@@ -65,11 +65,6 @@ class HfZeroSource:
                 "model. The adapter itself is in the checkpoint folder as adapter_model.safetensors (PeftModel."
                 "from_pretrained loads it); consolidate is for full fine-tunes"
             )
-        if "parts" in self.meta:  # [Note: parts of the world] in sharded.py
-            raise ConsolidateError(
-                f"{self.path} holds a tensor-parallel run's state, each tp rank's part of the split layers under "
-                "its own prefix: consolidating it is not built yet. The checkpoint folder's model weights are the "
-                "full ones (save_model gathers the tp parts): from_pretrained loads that folder")
         self.metadata = sharded.check_files(self.path)
         self.default_dtype = getattr(torch, self.meta["param_dtype"])
 

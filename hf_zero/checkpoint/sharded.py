@@ -16,17 +16,17 @@ A checkpoint is one folder (``DIR_NAME``) holding DCP's files and ``META_NAME``:
   of the fine-tune. Never loaded on resume: frozen params come from the model's own weights.
 - ``META_NAME`` (JSON, rank 0): format, stage, world size, the layout (param packing order), the
   params' shapes and dtype, and the optimizer's class and param-group settings.
-
-[Note: parts of the world]
-An engine may shard over a group smaller than the world: tensor parallelism splits the world into
-tp disjoint dp groups, one per tp rank, each with its own (different) params under the same names.
-Each group's state is then stored under its own key prefix ``part{r}/`` (r: the group's lowest global
-rank, the tp rank), ``META_NAME`` records ``parts`` (each prefix's layout) and ``world_size`` is the
-whole world's (one digest manifest per global rank). Such a checkpoint loads into the same parts
-only (the same (dp, tp)); another split is refused as not built yet, and so is ``hf-zero consolidate``
-of it (the checkpoint's model weights, written by ``save_model``, are the full ones).
 - ``hf_zero_digest_rank{r}.json`` (JSON, each rank): the run id, the step, and the size and digest
   of every file rank r wrote; checked before any load ([Note: checkpoint digests], digests.py).
+
+[Note: tensor-parallel parts]
+Under tensor parallelism (hf_zero/tensor_parallel) the world is split into tp dp groups, one engine
+each; tp rank t's engine holds part t of every split param (a slab along its split dim) and a copy
+of every other param. Each part is stored as the boxes it covers in the param's *full* shape: a box
+of this rank's flat range, shifted by t slabs along the split dim. So the stored tensors do not
+depend on the split, and a checkpoint loads at any (dp, tp) (DCP reads whatever boxes a new part
+covers), into a run without tp, and consolidates, as any other. Copies are written by tp rank 0's
+group only; ``world_size`` is the whole world's (one digest manifest per global rank).
 
 Nothing is unpickled from the folder: DCP's ``.metadata`` is read through an allow-list of torch's
 metadata classes and its tensors weights-only ([Note: nothing is unpickled from a checkpoint],
@@ -51,10 +51,11 @@ from torch.distributed._shard.sharded_tensor.metadata import ShardedTensorMetada
 
 from hf_zero.checkpoint import dcp_disk
 from hf_zero.checkpoint import digests, safe_reader
-from hf_zero.checkpoint.boxes import boxes
+from hf_zero.checkpoint.boxes import Box, boxes
 from hf_zero.checkpoint.errors import CheckpointError
 from hf_zero.engine.shard_map import ParamShard, frozen_shard_map
 from hf_zero.engine.stages import NotAvailableYet
+from hf_zero.tensor_parallel.split import split_params
 
 DIR_NAME = "hf_zero_sharded"
 META_NAME = "hf_zero_meta.json"
@@ -64,21 +65,83 @@ FORMAT, VERSION = "hf_zero-sharded", 1
 # ---- one param's part as DCP sees it ------------------------------------------------------------
 
 
-def _dcp_value(flat: torch.Tensor, entry: ParamShard, ranks: list[int]) -> torch.Tensor | ShardedTensor:
+class _Placement(NamedTuple):
+    """Where this rank's engine state sits in the world ([Note: tensor-parallel parts])."""
+
+    ranks: list[int]  # the engine's group ranks as global ranks (``ParamShard.chunks`` names group ranks)
+    split: dict[str, tuple[int, int, int]]  # split param -> (split dim, tp rank, tp size)
+    tp_rank: int
+    # split param -> every rank's boxes of it in the full tensor, (offsets, sizes, "rank:R/device")
+    everyone: dict[str, list[tuple[list[int], list[int], str]]]
+
+    def full(self, entry: ParamShard) -> tuple[tuple[int, ...], int | None, int]:
+        """The param's full shape, its split dim (None: not split) and this rank's part's offset on it."""
+        if entry.name not in self.split:
+            return entry.shape, None, 0
+        dim, t, size = self.split[entry.name]
+        shape = list(entry.shape)
+        shape[dim] *= size
+        return tuple(shape), dim, t * entry.shape[dim]
+
+    def local_boxes(self, entry: ParamShard, start: int, end: int) -> list[tuple[list[int], Box]]:
+        """The boxes of ``entry``'s flat range [start, end) of this rank's part: (offsets in the full
+        tensor, the box in the part)."""
+        _, dim, shift = self.full(entry)
+        out = []
+        for b in boxes(entry.shape, start, end):
+            offsets = list(b.offsets)
+            if dim is not None:
+                offsets[dim] += shift
+            out.append((offsets, b))
+        return out
+
+    def writes(self, entry: ParamShard) -> bool:
+        """A copy (a param not split) is written by tp rank 0's group alone."""
+        return entry.name in self.split or self.tp_rank == 0
+
+
+def full_shapes(engine) -> dict[str, tuple[int, ...]]:
+    """Each trainable param's full shape, tensor-parallel parts counted whole (what a checkpoint stores)."""
+    place = _Placement([], split_params(engine.model), 0, {})
+    return {e.name: place.full(e)[0] for e in engine.shard_map()}
+
+
+def _placement(engine) -> _Placement:
+    """A collective under tensor parallelism (every rank's boxes of the split params, all-gathered)."""
+    split = split_params(engine.model)
+    if not split:
+        return _Placement(list(range(engine.ctx.world_size)), {}, 0, {})
+    ranks = [dist.get_global_rank(engine.ctx.group, q) for q in range(engine.ctx.world_size)]
+    place = _Placement(ranks, split, next(iter(split.values()))[1], {})
+    device = engine.buffers[0].device
+    where = f"rank:{dist.get_rank()}/{'cpu' if device.type == 'cpu' else str(device)}"
+    mine = {e.name: [(offsets, list(b.sizes), where) for offsets, b in place.local_boxes(e, e.local.start, e.local.end)]
+            for e in engine.shard_map() if e.name in split and e.local is not None}
+    gathered: list = [None] * dist.get_world_size()
+    dist.all_gather_object(gathered, mine)
+    for part in gathered:
+        for name, found in part.items():
+            place.everyone.setdefault(name, []).extend(found)
+    return place
+
+
+def _dcp_value(flat: torch.Tensor, entry: ParamShard, place: _Placement) -> torch.Tensor | ShardedTensor:
     """``flat`` (this rank's elements of ``entry``, 1-D) as a tensor of the param's full shape:
-    a plain view when this rank holds the whole param, else a ShardedTensor of boxes. ``ranks``:
-    the global rank of each of the engine's group ranks (``entry.chunks`` names group ranks)."""
-    numel = math.prod(entry.shape)
-    if entry.local.start == 0 and entry.local.end == numel:
+    a plain view when this rank holds the whole param (not split), else a ShardedTensor of boxes."""
+    shape = place.full(entry)[0]
+    if entry.name not in place.split and entry.local.start == 0 and entry.local.end == math.prod(entry.shape):
         return flat.view(entry.shape)
     device = "cpu" if flat.device.type == "cpu" else str(flat.device)
     rank = dist.get_rank()
     local = [Shard(flat[b.start : b.start + b.numel].view(b.sizes),
-                   ShardMetadata(list(b.offsets), list(b.sizes), f"rank:{rank}/{device}"))
-             for b in boxes(entry.shape, entry.local.start, entry.local.end)]
-    everyone = [ShardMetadata(list(b.offsets), list(b.sizes), f"rank:{ranks[q]}/{device}")
-                for q, r in entry.chunks for b in boxes(entry.shape, r.start, r.end)]
-    meta = ShardedTensorMetadata(everyone, torch.Size(entry.shape), TensorProperties(dtype=flat.dtype))
+                   ShardMetadata(offsets, list(b.sizes), f"rank:{rank}/{device}"))
+             for offsets, b in place.local_boxes(entry, entry.local.start, entry.local.end)]
+    if entry.name in place.split:  # the parts of every tp rank (the volume must be the full tensor's)
+        everyone = [ShardMetadata(offsets, sizes, where) for offsets, sizes, where in place.everyone[entry.name]]
+    else:
+        everyone = [ShardMetadata(list(b.offsets), list(b.sizes), f"rank:{place.ranks[q]}/{device}")
+                    for q, r in entry.chunks for b in boxes(entry.shape, r.start, r.end)]
+    meta = ShardedTensorMetadata(everyone, torch.Size(shape), TensorProperties(dtype=flat.dtype))
     with _quiet_sharded_tensor():
         return ShardedTensor._init_from_local_shards_and_global_metadata(local, meta)
 
@@ -117,32 +180,6 @@ def _no_dist() -> bool:
     return not (dist.is_available() and dist.is_initialized())
 
 
-class _Part(NamedTuple):
-    """Which part of the world an engine's state is ([Note: parts of the world])."""
-
-    ranks: list[int]  # the engine's group ranks as global ranks
-    prefix: str  # its keys' prefix: "" for an engine over the whole world
-    parts: int  # how many such groups the world is split into
-
-
-def _part(engine) -> _Part:
-    if _no_dist() or engine.ctx.world_size == dist.get_world_size():
-        return _Part(list(range(engine.ctx.world_size)), "", 1)
-    ranks = [dist.get_global_rank(engine.ctx.group, q) for q in range(engine.ctx.world_size)]
-    return _Part(ranks, f"part{min(ranks)}/", dist.get_world_size() // engine.ctx.world_size)
-
-
-def _check_part(meta: dict, part: _Part, path: str) -> None:
-    """The checkpoint was split into the same parts as this run (the same (dp, tp))."""
-    saved = meta.get("parts", {"": None})
-    if len(saved) != part.parts or part.prefix not in saved:
-        raise NotAvailableYet(
-            f"{os.path.join(path, META_NAME)} holds the state of {len(saved)} engine group(s) of the world "
-            f"(tensor_parallel.autotp_size {len(saved)}), this run shards over {part.parts}: a resume at "
-            "another tensor-parallel size is not built yet; resume with the autotp_size and world size it was "
-            "saved at")
-
-
 @contextlib.contextmanager
 def _quiet_sharded_tensor():
     """ShardedTensor is how DCP takes arbitrary rectangular blocks of one tensor from each rank;
@@ -173,26 +210,26 @@ def save(engine, directory: str, *, run_id: str | None = None, step: int | None 
     Trainer's run id and global step; without a run id, one is drawn for this save)."""
     path = os.path.join(directory, DIR_NAME)
     identity = digests.Identity(run_id or digests.draw_run_id(), step)
-    part = _part(engine)  # [Note: parts of the world]: manifests and the meta count the whole world
+    place = _placement(engine)  # [Note: tensor-parallel parts]: manifests count the whole world
     rank, world_size = (0, 1) if _no_dist() else (dist.get_rank(), dist.get_world_size())
     digests.discard(path, rank, world_size)
     entries = engine.shard_map()
     state: dict[str, object] = {}
     py_scalars: dict[str, str] = {}
     for e in entries:
-        if e.master is None:
+        if e.master is None or not place.writes(e):
             continue
-        state[f"{part.prefix}master/{e.name}"] = _dcp_value(e.master, e, part.ranks)
+        state[f"master/{e.name}"] = _dcp_value(e.master, e, place)
         piece_state = engine.optimizer.state.get(e.piece, {}) if e.piece is not None else {}
         for key, value in piece_state.items():
-            name = f"{part.prefix}optim/{e.name}/{key}"
+            name = f"optim/{e.name}/{key}"
             if torch.is_tensor(value) and value.dim() > 0:
                 if value.numel() != e.master.numel():
                     raise CheckpointError(
                         f"optimizer state {key!r} of {e.name} has {value.numel()} elements, not one per param "
                         f"element ({e.master.numel()}): hf_zero's sharded checkpoints cannot store it"
                     )
-                state[name] = _dcp_value(value.reshape(-1), e, part.ranks)
+                state[name] = _dcp_value(value.reshape(-1), e, place)
             elif torch.is_tensor(value):
                 state[name] = value
             elif isinstance(value, (bool, int, float)):
@@ -203,30 +240,29 @@ def save(engine, directory: str, *, run_id: str | None = None, step: int | None 
                                       "which hf_zero's sharded checkpoints cannot store")
     names = {e.name for e in entries}
     extra = _extra_tensors(engine.model, names)
-    state.update({f"{part.prefix}extra/{n}": t for n, t in extra.items()})
+    frozen_split = sorted(set(extra) & set(place.split))
+    if frozen_split:
+        raise NotAvailableYet(f"sharded checkpoint save: {frozen_split[0]} is a frozen param of a tensor-parallel "
+                              "split layer; checkpoints of frozen split params are not built yet")
+    state.update({f"extra/{n}": t for n, t in extra.items()})
     if not hasattr(engine.model, "peft_config"):  # stage 3: frozen params are shards, stored as such
         for e in frozen_shard_map(engine):
             extra[e.name] = None
-            if e.master is not None:
-                state[f"{part.prefix}extra/{e.name}"] = _dcp_value(e.master, e, part.ranks)
+            if e.master is not None and place.writes(e):
+                state[f"extra/{e.name}"] = _dcp_value(e.master, e, place)
     writer = _RecordingWriter(path)
     with _quiet_sharded_tensor():
         dcp.save(state, storage_writer=writer, no_dist=_no_dist())  # ENOSPC: DiskFullError
     files = writer.written()
-    layouts = None
-    if part.parts > 1:  # every group's packing order, for its own resume
-        everyone: list = [None] * world_size
-        dist.all_gather_object(everyone, (part.prefix, engine.layout()))
-        layouts = dict(everyone)
     if rank == 0:
-        _write_meta(engine, path, entries, extra, py_scalars, layouts, world_size)
+        _write_meta(engine, path, entries, extra, py_scalars, place, world_size)
         files += [safe_reader.METADATA_NAME, META_NAME]
     digests.write_manifest(path, rank=rank, world_size=world_size, files=files, identity=identity)
     return path
 
 
 def _write_meta(engine, path: str, entries: list[ParamShard], extra: dict, py_scalars: dict,
-                layouts: dict[str, list[str]] | None, world_size: int) -> None:
+                place: _Placement, world_size: int) -> None:
     groups = []
     names = {id(e.piece): e.name for e in entries if e.piece is not None}
     for group in engine.optimizer.param_groups:
@@ -239,14 +275,14 @@ def _write_meta(engine, path: str, entries: list[ParamShard], extra: dict, py_sc
         "stage": engine.strategy.stage,
         "world_size": world_size,
         "layout": engine.layout(),
-        "params": {e.name: list(e.shape) for e in entries},
+        "params": {e.name: list(place.full(e)[0]) for e in entries},
         "param_dtype": str(engine.buffers[0].dtype).removeprefix("torch."),
         "extra": sorted(extra),
         "peft": hasattr(engine.model, "peft_config"),
         "optimizer": {"class": type(engine.optimizer).__name__, "param_groups": groups, "python_scalars": py_scalars},
     }
-    if layouts is not None:  # [Note: parts of the world]
-        meta["parts"] = layouts
+    if place.split:  # informative: the stored tensors do not depend on it
+        meta["tensor_parallel"] = next(iter(place.split.values()))[2]
     tmp = os.path.join(path, META_NAME + ".tmp")
     with open(tmp, "w") as f:
         json.dump(meta, f, indent=1)
@@ -309,11 +345,9 @@ def check_model(meta: dict, ours: dict[str, tuple[int, ...]], path: str) -> None
     extra = sorted(set(saved) - set(ours))[:3]
     shapes = [f"{n}: checkpoint {saved[n]}, model {ours[n]}" for n in sorted(set(saved) & set(ours))
               if saved[n] != ours[n]][:3]
-    split = (f"; it was saved by a tensor-parallel run in {len(meta['parts'])} parts, and a resume at another "
-             "tensor-parallel size is not built yet") if "parts" in meta else ""
     raise CheckpointError(
         f"{file} belongs to another model: trainable params of this model not in it {missing}, params in "
-        f"it not in this model {extra}, shapes that differ {shapes}{split}"
+        f"it not in this model {extra}, shapes that differ {shapes}"
     )
 
 
@@ -336,9 +370,7 @@ def load(engine, directory: str) -> dict:
     world size and stage; returns the checkpoint's meta. Checks come first: nothing is changed
     when the checkpoint is refused."""
     path = os.path.join(directory, DIR_NAME)
-    part = _part(engine)
-    _check_part(read_meta(path), part, path)  # first: another split also has other shapes
-    meta, metadata = check(directory, {e.name: e.shape for e in engine.shard_map()})
+    meta, metadata = check(directory, full_shapes(engine))
     groups = meta["optimizer"]["param_groups"]
     if len(groups) != len(engine.optimizer.param_groups):
         raise CheckpointError(f"{os.path.join(path, META_NAME)}: the optimizer had {len(groups)} param groups, "
@@ -347,8 +379,9 @@ def load(engine, directory: str) -> dict:
         # Stages 1-2 pack in the saved order (a stage-3 save's is its unit order): the same
         # reduction order as the saved run, and no re-packing after the first backward, which
         # would drop the optimizer state restored here.
-        engine.adopt_layout(meta["parts"][part.prefix] if part.prefix else meta["layout"])
+        engine.adopt_layout(meta["layout"])
 
+    place = _placement(engine)  # after the re-packing: every rank's boxes as they are now
     entries = engine.shard_map()
     state: dict[str, object] = {}
     targets: dict[int, dict[str, torch.Tensor]] = {}
@@ -356,10 +389,10 @@ def load(engine, directory: str) -> dict:
     for e in entries:
         if e.master is None:
             continue
-        state[f"{part.prefix}master/{e.name}"] = _dcp_value(e.master, e, part.ranks)
+        state[f"master/{e.name}"] = _dcp_value(e.master, e, place)
         if e.piece is None:
             continue
-        prefix = f"{part.prefix}optim/{e.name}/"
+        prefix = f"optim/{e.name}/"
         for key in (k for k in keys if k.startswith(prefix)):
             info = keys[key]
             if len(info.size) == 0:
@@ -367,7 +400,7 @@ def load(engine, directory: str) -> dict:
                 state[key] = t
             else:
                 t = torch.zeros(e.master.numel(), dtype=info.properties.dtype, device=e.master.device)
-                state[key] = _dcp_value(t, e, part.ranks)
+                state[key] = _dcp_value(t, e, place)
             targets.setdefault(id(e.piece), {})[key[len(prefix):]] = t
     with _quiet_sharded_tensor():
         safe_reader.dcp_load(state, path, no_dist=_no_dist())

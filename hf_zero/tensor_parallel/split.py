@@ -165,6 +165,27 @@ def split_model(model: nn.Module, tp_group, plan: dict[str, str] | None = None) 
     return TpLayout(tp=tp, rank=comm.rank, split_dims=split_dims)
 
 
+def split_params(model: nn.Module) -> dict[str, tuple[int, int, int]]:
+    """Every split param of ``model``: name -> (split dim, this rank's tp rank, tp size); empty
+    without tensor parallelism. What the sharded checkpoint reads ([Note: tensor-parallel parts])."""
+    return {f"{m}.{name}": (dim, module.comm.rank, module.comm.world_size)
+            for m, module in model.named_modules() if isinstance(module, _LoadsWhole)
+            for name, dim in module.split_dims.items()}
+
+
+def whole_shapes(model: nn.Module) -> dict[str, tuple[int, ...]]:
+    """Each trainable param's shape, a split one's counted whole (what checkpoints and saves hold)."""
+    split = split_params(model)
+    out = {}
+    for name, p in model.named_parameters():
+        if p.requires_grad:
+            shape = list(p.shape)
+            if name in split:
+                shape[split[name][0]] *= split[name][2]
+            out[name] = tuple(shape)
+    return out
+
+
 def gather_split(tensor: torch.Tensor, dim: int, tp_group) -> torch.Tensor:
     """The whole tensor from every tp rank's part along ``dim`` (a collective over the tp group)."""
     parts = [torch.empty_like(tensor) for _ in range(torch.distributed.get_world_size(tp_group))]

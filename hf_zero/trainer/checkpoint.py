@@ -45,6 +45,7 @@ import shutil
 from hf_zero.checkpoint import dcp_disk, digests, sharded
 from hf_zero.checkpoint.atomic import Swap, as_disk_full
 from hf_zero.checkpoint.sharded import CheckpointError
+from hf_zero.tensor_parallel.split import whole_shapes
 
 logger = logging.getLogger(__name__)
 SCHEDULER_NAME = "scheduler.pt"  # the Trainer's own file name
@@ -86,9 +87,10 @@ def check(checkpoint: str, shapes: dict[str, tuple[int, ...]]) -> None:
 
 
 def trainable_shapes(model, engine=None) -> dict[str, tuple[int, ...]]:
+    """Full shapes: a tensor-parallel part counts as its whole param, as the checkpoint stores it."""
     if engine is not None:
-        return {e.name: e.shape for e in engine.shard_map()}
-    return {n: tuple(p.shape) for n, p in model.named_parameters() if p.requires_grad}
+        return sharded.full_shapes(engine)
+    return whole_shapes(model)
 
 
 def load(engine, checkpoint: str) -> None:

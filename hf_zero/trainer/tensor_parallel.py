@@ -10,7 +10,7 @@ before any optimizer exists; the rest follows from the mesh:
 | stages 1-3 | the ZeroEngine shards over the dp group (``group=``) |
 | clipping, grad norm | over dp and tp, replicated params once (tensor_parallel/norm.py) |
 | ``save_model`` | the consolidated save: tp parts gathered into the full weights, written by rank 0 as ``save_pretrained`` does |
-| checkpoints, resume | stages 1-3: each tp rank's engine state under its own prefix of one sharded checkpoint ([Note: parts of the world] in hf_zero/checkpoint/sharded.py), the model weights full (``save_model``); resume at the same (dp, tp); another split, and stage 0, refused as not built yet |
+| checkpoints, resume | stages 1-3: each tp rank's parts stored at their place in the full tensors ([Note: tensor-parallel parts] in hf_zero/checkpoint/sharded.py), the model weights full (``save_model``): resume at any (dp, tp); stage 0 refused as not built yet |
 
 The state lives in a side table keyed by the Trainer, as ``ZeroSession`` does.
 """
@@ -132,7 +132,7 @@ def save_model(trainer, engine, output_dir: str) -> None:
 
 def refuse_checkpoint(trainer, what: str) -> None:
     """Stage 0 under tensor parallelism: the Trainer's own optimizer file would hold one tp rank's state
-    only, so its checkpoints are not built yet (stages 1-3 write every part: [Note: parts of the world])."""
+    only, so its checkpoints are not built yet (stages 1-3 write every part: [Note: tensor-parallel parts])."""
     session = session_of(trainer)
     if of(trainer) is not None and session is not None and session.stage == 0:
         raise NotAvailableYet(

@@ -9,6 +9,7 @@ import torch
 from hf_zero.engine import ZeroEngine
 from hf_zero.engine import collectives as C
 from hf_zero.tensor_parallel import build_mesh, gather_split, split_model
+from hf_zero.tensor_parallel.split import split_params
 from hf_zero.tensor_parallel.norm import engine_parts, global_norm
 from hf_zero.testing.multiprocess import run_on_ranks
 from tests.tensor_parallel.models import batch, tiny_llama
@@ -66,48 +67,54 @@ def test_dp2_tp2_zero_matches_one_process(stage):
 
 
 
+
 def _checkpoint_round_trip(rank, world, directory):
     from hf_zero.checkpoint import sharded
-    from hf_zero.engine.stages import NotAvailableYet
 
-    def engine_of(group):
+    def engine_of(tp_group, dp_group):
         model = tiny_llama()
-        if group is not None:
-            split_model(model, mesh.tp_group)
+        if tp_group is not None:
+            split_model(model, tp_group)
         opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
-        return model, ZeroEngine(model, opt, stage=2, bucket_numel=3000, group=group)
+        return model, ZeroEngine(model, opt, stage=2, bucket_numel=3000, group=dp_group)
+
+    def state_of(engine):
+        return [(p.detach().clone(), {k: v.clone() for k, v in engine.optimizer.state[p].items()})
+                for g in engine.optimizer.param_groups for p in g["params"]]
 
     mesh = build_mesh(2, "cpu")
-    model, engine = engine_of(mesh.dp_group)
+    model, engine = engine_of(mesh.tp_group, mesh.dp_group)
     for step in range(2):
         model(**_half(batch(step, bsz=4), mesh.dp_rank)).loss.backward()
         engine.optimizer.step()
     sharded.save(engine, directory)
-    saved = [(p.detach().clone(), {k: v.clone() for k, v in engine.optimizer.state[p].items()})
-             for g in engine.optimizer.param_groups for p in g["params"]]
-    model2, engine2 = engine_of(mesh.dp_group)  # the same (dp, tp): every part back
+    layout = split_params(model)
+    full = {n: (gather_split(p.detach(), layout[n][0], mesh.tp_group) if n in layout else p.detach())
+            for n, p in model.named_parameters()}
+    model2, engine2 = engine_of(mesh.tp_group, mesh.dp_group)  # the same (dp, tp)
     sharded.load(engine2, directory)
-    loaded = [(p.detach(), engine2.optimizer.state[p]) for g in engine2.optimizer.param_groups for p in g["params"]]
-    same = len(saved) == len(loaded) and all(
-        torch.equal(a, b) and all(torch.equal(sa[k], sb[k]) for k in sa) for (a, sa), (b, sb) in zip(saved, loaded))
-    same_params = all(torch.equal(p, q) for p, q in zip(model.parameters(), model2.parameters()))
-    _, whole = engine_of(None)  # W = 4 without tp: another split, not built yet
-    try:
-        sharded.load(whole, directory)
-        refused = None
-    except NotAvailableYet as e:
-        refused = str(e)
-    return same, same_params, refused
+    same = all(torch.equal(a, b) and all(torch.equal(sa[k], sb[k]) for k in sa)
+               for (a, sa), (b, sb) in zip(state_of(engine), state_of(engine2)))
+    same = same and all(torch.equal(p, q) for p, q in zip(model.parameters(), model2.parameters()))
+    whole, whole_engine = engine_of(None, None)  # (dp 4, tp 1): the full params, each element from its part
+    sharded.load(whole_engine, directory)
+    worst_whole = max((p.detach() - full[n]).abs().max().item() for n, p in whole.named_parameters())
+    return same, worst_whole, {n: t.tolist() for n, t in full.items()} if rank == 0 else None
 
 
-def test_sharded_checkpoint_parts_round_trip(tmp_path):
-    """[Note: parts of the world]: each tp rank's engine state under its own prefix; a load at the same
-    (dp, tp) restores masters, optimizer state and params bit for bit; a load without tp is refused, and
-    so is consolidating it."""
-    from hf_zero.checkpoint.consolidate import ConsolidateError, HfZeroSource
+def test_sharded_checkpoint_of_tp_parts(tmp_path):
+    """[Note: tensor-parallel parts]: each tp rank's part is stored as boxes of the full tensor: a load at
+    the same (dp, tp) restores masters, optimizer state and params bit for bit, a load at (dp 4, tp 1)
+    gets the full params, and hf-zero consolidate writes them."""
+    from transformers import AutoModelForCausalLM
 
-    for same, same_params, refused in run_on_ranks(_checkpoint_round_trip, 4, str(tmp_path), timeout=240):
-        assert same and same_params
-        assert refused is not None and "another tensor-parallel size is not built yet" in refused, refused
-    with pytest.raises(ConsolidateError, match="tensor-parallel run's state.*not built yet"):
-        HfZeroSource(str(tmp_path))
+    from hf_zero.checkpoint.consolidate import consolidate
+
+    results = run_on_ranks(_checkpoint_round_trip, 4, str(tmp_path / "ckpt"), timeout=240)
+    for same, worst_whole, _ in results:
+        assert same and worst_whole == 0.0, (same, worst_whole)
+    tiny_llama().config.save_pretrained(str(tmp_path / "ckpt"))  # consolidate reads the model's config there
+    consolidate(str(tmp_path / "ckpt"), str(tmp_path / "out"))
+    loaded = AutoModelForCausalLM.from_pretrained(str(tmp_path / "out"))
+    full = results[0][2]
+    assert max((p.detach() - torch.tensor(full[n])).abs().max().item() for n, p in loaded.named_parameters()) == 0.0
