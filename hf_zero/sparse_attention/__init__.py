@@ -2,15 +2,14 @@
 
 | file | what |
 |---|---|
-| config.py | ``SparseAttentionConfig``: DeepSpeed's keys, defaults and checks for the modes dense, fixed, variable, bigbird, bslongformer |
+| hf_zero/config/sparse_attention.py | ``SparseAttentionConfig``: DeepSpeed's keys, defaults and checks for the modes dense, fixed, variable, bigbird, bslongformer (beside the other config blocks, so hf_zero.config imports no model code) |
 | layouts.py | each mode's ``[heads, blocks, blocks]`` layout, built as DeepSpeed builds it |
 | flex.py | the layout as a FlexAttention ``BlockMask`` (plus the causal rule and padding), the attention function registered through transformers' ``AttentionInterface``, and ``apply(model, config)`` that sets ``config._attn_implementation`` to it ([Note: sparse attention through the attention interface]) |
+| training.py | the Trainer seam's call: the block applied to the Trainer's model, what it cannot do refused |
 
-Opt-in: it changes what the model computes, by design. The Trainer seam applies it when the config has
-the block (docs/long-sequences.md, "Sparse attention"). This package's ``__init__`` imports only the
-config, so hf_zero.config can import it without importing transformers.
+Opt-in: it changes what the model computes, by design (docs/long-sequences.md, "Sparse attention").
 """
 
-from hf_zero.sparse_attention.config import SparseAttentionConfig
+from hf_zero.config.sparse_attention import SparseAttentionConfig
 
 __all__ = ["SparseAttentionConfig"]

@@ -39,7 +39,7 @@ import torch
 import torch.nn.functional as F
 from torch.nn.attention.flex_attention import BlockMask, flex_attention
 
-from hf_zero.sparse_attention.config import KEY, SparseAttentionConfig
+from hf_zero.config.sparse_attention import KEY, SparseAttentionConfig
 from hf_zero.sparse_attention.layouts import make_layout, num_blocks
 
 PREFIX = "hf_zero_sparse_attention_"

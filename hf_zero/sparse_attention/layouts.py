@@ -31,7 +31,7 @@ import random
 
 import torch
 
-from hf_zero.sparse_attention.config import KEY, SparseAttentionConfig
+from hf_zero.config.sparse_attention import KEY, SparseAttentionConfig
 
 SEED = 0
 """The seed of the random blocks (bigbird, variable): one layout on every rank, every run."""

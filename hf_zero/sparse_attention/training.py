@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from hf_zero.sparse_attention.config import KEY
+from hf_zero.config.sparse_attention import KEY
 from hf_zero.sparse_attention.flex import apply
 
 

@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from torch.nn.attention.flex_attention import create_mask, flex_attention
 
 from hf_zero.sparse_attention import flex
-from hf_zero.sparse_attention.config import SparseAttentionConfig
+from hf_zero.config.sparse_attention import SparseAttentionConfig
 from hf_zero.sparse_attention.layouts import make_layout, num_blocks
 
 pytestmark = pytest.mark.filterwarnings("ignore:flex_attention called without torch.compile")

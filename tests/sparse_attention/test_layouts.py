@@ -11,7 +11,7 @@ import random
 import pytest
 import torch
 
-from hf_zero.sparse_attention.config import SparseAttentionConfig
+from hf_zero.config.sparse_attention import SparseAttentionConfig
 from hf_zero.sparse_attention.layouts import make_layout
 from tests.sparse_attention import deepspeed_layouts as ds
 

@@ -17,7 +17,7 @@ from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, AttentionMa
 
 import hf_zero.trainer as zt
 from hf_zero.sparse_attention import flex
-from hf_zero.sparse_attention.config import SparseAttentionConfig
+from hf_zero.config.sparse_attention import SparseAttentionConfig
 from hf_zero.sparse_attention.layouts import make_layout
 from hf_zero.testing.multiprocess import run_on_ranks
 

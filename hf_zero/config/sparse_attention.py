@@ -1,4 +1,4 @@
-"""DeepSpeed's ``sparse_attention`` block, key for key.
+"""DeepSpeed's ``sparse_attention`` block, key for key (what it does at run time: hf_zero/sparse_attention/).
 
 The keys, their defaults and the checks are DeepSpeed's (``deepspeed/runtime/constants.py``,
 ``runtime/config.py`` ``get_sparse_*_config`` and the constructors of
