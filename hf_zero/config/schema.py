@@ -16,7 +16,7 @@ from hf_zero.config.fields import setting
 from hf_zero.config.precision import PrecisionConfig
 from hf_zero.config.tensor_parallel import TensorParallelConfig
 from hf_zero.config.zero import OffloadConfig, ZeroConfig
-from hf_zero.sparse_attention.config import SparseAttentionConfig
+from hf_zero.config.sparse_attention import SparseAttentionConfig
 
 OPTIMIZER_AUTO_KEYS = ("lr", "betas", "eps", "weight_decay")
 """Optimizer params that may be "auto" (filled from TrainingArguments, as HF does)."""
