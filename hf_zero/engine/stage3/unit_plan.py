@@ -51,14 +51,32 @@ def find_blocks(model: nn.Module) -> list[nn.Module]:
     return blocks
 
 
+def param_owners(model: nn.Module, blocks: list[nn.Module]) -> dict[int, int]:
+    """``id(param) -> index in blocks`` for every param used by modules of one block only.
+
+    [Note: tied params across units] A param that modules of two units hold (a tie: BERT's MLM
+    decoder weight is its word embedding, which lives in the ``BertEmbeddings`` block while the
+    decoder runs in the root) is in no block: it joins the root, which is gathered from the model's
+    forward to the end of its backward, and whose hooks gather it for every module that holds one
+    of its params (``UnitHooks.install``). Kept in the block, it would be resharded when that
+    block's forward ends, and the other module would read its empty placeholder."""
+    block_of: dict[int, int] = {}
+    for b, block in enumerate(blocks):
+        for module in block.modules():
+            block_of.setdefault(id(module), b)
+    users: dict[int, set] = defaultdict(set)  # id(param) -> blocks (None: the root) whose modules hold it
+    for module in model.modules():
+        for p in module.parameters(recurse=False):
+            users[id(p)].add(block_of.get(id(module)))
+    return {pid: next(iter(used)) for pid, used in users.items() if len(used) == 1 and None not in used}
+
+
 def _by_unit(model: nn.Module, named: list[tuple[str, nn.Parameter]]) -> list[tuple[nn.Module, list]]:
     """(unit module, its (name, param)s) for every block and the root, in backward order: last block
-    first, root (module ``model``) last; groups may be empty."""
+    first, root (module ``model``) last; groups may be empty. A param tied across units is the
+    root's ([Note: tied params across units])."""
     blocks = find_blocks(model)
-    owner: dict[int, int] = {}
-    for b, block in enumerate(blocks):
-        for p in block.parameters():
-            owner.setdefault(id(p), b)
+    owner = param_owners(model, blocks)
     per_block: list[list] = [[] for _ in blocks]
     root: list = []
     for name, p in named:
