@@ -144,6 +144,25 @@ UNSUPPORTED: tuple[Unsupported, ...] = (
         feature="sequence parallelism together with tensor parallelism",
         instead="use one of the two (sequence parallelism for long sequences, tensor parallelism for wide layers)",
     ),
+    Unsupported(
+        name="sparse-attention-sequence-parallel",
+        keys=("sparse_attention", "sequence_parallel_size"),
+        applies=lambda c: c.sparse_attention is not None and _sequence_parallel(c),
+        asked=lambda c: f"sparse_attention (mode {show(c.sparse_attention.mode)}) with sequence_parallel_size = "
+                        f"{c.sequence_parallel_size}",
+        feature="sparse attention inside Ulysses attention",
+        instead="use one of the two (hf_zero/sparse_attention, docs/long-sequences.md)",
+    ),
+    Unsupported(
+        name="sparse-attention-per-head-tp",
+        keys=("sparse_attention.different_layout_per_head", "tensor_parallel.autotp_size"),
+        applies=lambda c: c.sparse_attention is not None and c.sparse_attention.different_layout_per_head
+        and c.tensor_parallel.autotp_size > 1,
+        asked=lambda c: "sparse_attention.different_layout_per_head = true with tensor_parallel.autotp_size = "
+                        f"{c.tensor_parallel.autotp_size}",
+        feature="per-head sparse layouts over a tensor-parallel slice of the heads",
+        instead="set different_layout_per_head to false (one layout for all heads), or leave tensor_parallel out",
+    ),
 )
 
 

@@ -1,14 +1,15 @@
 """The Trainer's side of sparse attention: the ``sparse_attention`` block applied to the Trainer's model.
 
 Called by the ``Trainer.__init__`` seam (hf_zero/trainer/seams.py) for every stage, before the engine
-is built and before any step; what it cannot do is refused there.
+is built and before any step. The combinations it cannot run (with sequence parallelism; per-head layouts
+with tensor parallelism) are rows of hf_zero/config/unsupported.py, refused before this is reached; what
+only the model can tell (a model outside the attention interface) ``flex.apply`` refuses.
 """
 
 from __future__ import annotations
 
 from typing import Any
 
-from hf_zero.config.sparse_attention import KEY
 from hf_zero.sparse_attention.flex import apply
 
 
@@ -18,16 +19,6 @@ def setup(trainer: Any, config: Any) -> str | None:
     sparse = config.sparse_attention
     if sparse is None:
         return None
-    where = f" in {config.source}" if config.source else ""
-    if (config.sequence_parallel_size or 1) > 1:
-        raise NotImplementedError(f"{KEY}{where} with sequence_parallel_size = {config.sequence_parallel_size}: "
-                                  "sparse attention inside Ulysses attention is not built yet in hf_zero; leave one "
-                                  "of them out")
-    if sparse.different_layout_per_head and config.tensor_parallel.autotp_size > 1:
-        raise NotImplementedError(f"{KEY}.different_layout_per_head = true{where} with tensor_parallel.autotp_size "
-                                  f"= {config.tensor_parallel.autotp_size}: each rank holds a slice of the heads, and "
-                                  "per-head layouts over a slice are not built yet in hf_zero; use one layout for "
-                                  "all heads (different_layout_per_head false)")
     model = trainer.model
     base = model.get_base_model() if hasattr(model, "get_base_model") else model  # a PEFT wrapper: its model
     return apply(base, sparse)

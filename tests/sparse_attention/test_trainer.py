@@ -149,16 +149,20 @@ def test_trainer_two_ranks_stage3(tmp_path):
 
 
 @pytest.mark.parametrize("blocks, match", [
-    ({"sparse_attention": BLOCK, "sequence_parallel_size": 2}, "sparse attention inside Ulysses"),
+    ({"sparse_attention": BLOCK, "sequence_parallel_size": 2}, "sparse attention inside Ulysses attention"),
     ({"sparse_attention": {**BLOCK, "different_layout_per_head": True}, "tensor_parallel": {"autotp_size": 2}},
-     "per-head layouts over a slice"),
+     "per-head sparse layouts over a tensor-parallel slice"),
 ])
-def test_refused_when_the_trainer_is_created(tmp_path, blocks, match):
-    from types import SimpleNamespace
-
-    from hf_zero.config import load_config
-    from hf_zero.sparse_attention.training import setup
-
-    config = load_config(blocks)
+def test_refused_before_the_trainer_exists(blocks, match):
+    """Rows of hf_zero/config/unsupported.py: refused when hf_zero is turned on, before any model."""
     with pytest.raises(NotImplementedError, match=match):
-        setup(SimpleNamespace(model=_model()), config)
+        zt.activate({"zero_optimization": {"stage": 0}, **blocks})
+    zt.deactivate()
+
+
+def test_a_model_outside_the_attention_interface_is_refused():
+    class Plain(torch.nn.Module):
+        pass
+
+    with pytest.raises(NotImplementedError, match="does not take its attention from transformers' attention"):
+        flex.apply(Plain(), SparseAttentionConfig(**BLOCK))
