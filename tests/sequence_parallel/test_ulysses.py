@@ -30,26 +30,30 @@ def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
     return ((a - b).norm() / b.norm().clamp_min(1e-12)).item()
 
 
-def _reference_step(ref, dp: int, step: int) -> tuple[list[float], dict[str, torch.Tensor]]:
+def _on(batch: dict, device: str) -> dict:
+    return {k: v.to(device) for k, v in batch.items()}
+
+
+def _reference_step(ref, dp: int, step: int, device: str) -> tuple[list[float], dict[str, torch.Tensor]]:
     """Each group's loss on its whole batch, and the gradients averaged over the groups."""
     ref.zero_grad()
     losses = []
     for group in range(dp):
-        loss = ref(**lm_batch(group, step)).loss
+        loss = ref(**_on(lm_batch(group, step), device)).loss
         (loss / dp).backward()
         losses.append(loss.item())
     return losses, {n: p.grad.clone() for n, p in ref.named_parameters()}
 
 
-def _sp_loss(model, layout, step: int) -> torch.Tensor:
-    part = split_batch(lm_batch(layout.dp_rank, step), layout.size, layout.rank)
+def _sp_loss(model, layout, step: int, device: str) -> torch.Tensor:
+    part = split_batch(_on(lm_batch(layout.dp_rank, step), device), layout.size, layout.rank)
     local_sum = model(**part, num_items_in_batch=1).loss  # this slice's sum of token losses
     return token_mean(local_sum, part["shift_labels"], layout)
 
 
-def _parity(rank, world, sp, stage, attn):
+def _parity(rank, world, sp, stage, attn, device="cpu"):
     layout = build_layout(sp)
-    ref = tiny_llama(attn)
+    ref = tiny_llama(attn).to(device)
     model = copy.deepcopy(ref)
     enable(model, layout)
     assert model.config._attn_implementation == f"hf_zero_ulysses_{attn}"
@@ -59,8 +63,8 @@ def _parity(rank, world, sp, stage, attn):
     runner = ZeroModule(model, engine) if engine else model
     model.train()
     for step in range(STEPS):
-        ref_losses, ref_grads = _reference_step(ref, layout.dp_size, step)
-        loss = _sp_loss(runner, layout, step)
+        ref_losses, ref_grads = _reference_step(ref, layout.dp_size, step, device)
+        loss = _sp_loss(runner, layout, step, device)
         assert abs(loss.item() - ref_losses[layout.dp_rank]) <= RTOL * abs(ref_losses[layout.dp_rank]), (
             step, loss.item(), ref_losses)
         loss.backward()
