@@ -100,6 +100,8 @@ def test_eager_attention():
     run_on_ranks(_parity, 2, 2, 2, "eager", timeout=240)
 
 
-def test_sp4_repeats_kv_heads():
+@pytest.mark.parametrize("stage", [0, 1, 2, 3])
+def test_sp4_repeats_kv_heads(stage):
     """P = 4 > 2 KV heads: each KV head is repeated so every rank holds the one its query heads use."""
-    run_on_ranks(_parity, 4, 4, 0, "sdpa", timeout=240)
+    losses = run_on_ranks(_parity, 4, 4, stage, "sdpa", timeout=240)
+    assert len(set(losses)) == 1
