@@ -76,7 +76,7 @@ def resolve_config(
     gas = match("gradient_accumulation_steps", config.gradient_accumulation_steps,
                 "gradient_accumulation_steps", args.gradient_accumulation_steps)
     sp = _sequence_parallel(config.sequence_parallel_size, sequence_parallel_size, world_size, match)
-    ranks = ("world_size", world_size) if sp == 1 else ("world_size / sequence_parallel_size", world_size // sp)
+    ranks = _data_parallel_ranks(world_size, sp, config.tensor_parallel.autotp_size, match)
     batch = _train_batch_size(config.train_batch_size, micro, gas, ranks, match)
     clipping = match("gradient_clipping", config.gradient_clipping, "max_grad_norm", args.max_grad_norm)
     dtype = match("precision.dtype (DeepSpeed: bf16.enabled / fp16.enabled)", config.precision.dtype,
@@ -164,9 +164,22 @@ def _sequence_parallel(value: Any, trainer: int | None, world_size: int, match: 
     return value
 
 
+def _data_parallel_ranks(world_size: int, sp: int, tp: int, match: _Matcher) -> tuple[str, int]:
+    """The ranks that each train on their own batch, and their name: the ranks of a sequence-parallel
+    or a tensor-parallel group (hf_zero/tensor_parallel) share one."""
+    if world_size % (sp * tp):
+        divisors = [d for d in range(1, world_size // sp + 1) if (world_size // sp) % d == 0]
+        match.conflict(f"tensor_parallel.autotp_size = {tp} does not divide world_size = {world_size}"
+                       f"{f' / sequence_parallel_size {sp}' if sp > 1 else ''}: the ranks are laid out as (world_size "
+                       f"/ autotp_size, autotp_size); allowed: {divisors}")
+        tp = 1
+    names = [n for n, v in (("sequence_parallel_size", sp), ("tensor_parallel.autotp_size", tp)) if v > 1]
+    return (" / ".join(["world_size", *names]), world_size // (sp * tp))
+
+
 def _train_batch_size(value: Any, micro: Any, gas: Any, ranks: tuple[str, int], match: _Matcher) -> Any:
     """DeepSpeed's invariant: train_batch_size = micro batch * accumulation steps * data-parallel ranks
-    (``ranks``: their name and number; world size, or world size / sequence-parallel size)."""
+    (``ranks``: their name and number; world size, divided by the sequence- and tensor-parallel sizes)."""
     name, world_size = ranks
     if match.conflicts:
         return value  # the product of conflicting factors would only add noise

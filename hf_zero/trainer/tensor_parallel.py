@@ -147,6 +147,10 @@ def _refuse_not_built(trainer, config, tp: int) -> None:
         raise NotAvailableYet(f"save_strategy {trainer.args.save_strategy.value!r}: a checkpoint save with {KEY} "
                               f"= {tp} at ZeRO stage 0 is not built yet; use zero_optimization.stage 1-3, or "
                               "save_strategy \"no\" and trainer.save_model() for the full weights")
+    sp = getattr(config, "sequence_parallel_size", 1)
+    if isinstance(sp, int) and sp > 1:
+        raise NotAvailableYet(f"{KEY} = {tp} with sequence_parallel_size = {sp}: tensor and sequence parallelism "
+                              "together are not built yet (each would build its own mesh over the whole world)")
     zero = config.zero
     if zero.offload_optimizer.device != "none" or zero.offload_param.device != "none":
         raise NotAvailableYet(f"{KEY} = {tp} with zero_optimization.offload_optimizer/offload_param: not built yet "
