@@ -23,7 +23,7 @@ def check_train_batch_size(config: Any, world_size: int) -> None:
     checked for the factors the file fixes ("auto" ones are filled at training time).
 
     With ``sequence_parallel_size`` P > 1 the P ranks of a group share a batch: P must divide the
-    world size, and the product counts world size / P ranks.
+    world size, and the product counts world size / P ranks; likewise ``tensor_parallel.autotp_size``.
 
     Raises ValueError naming the file, the keys and their values."""
     sp = config.sequence_parallel_size
@@ -34,6 +34,13 @@ def check_train_batch_size(config: Any, world_size: int) -> None:
             raise ValueError(f"sequence_parallel_size = {sp} in {config.source} does not divide the world size "
                              f"{world_size}; allowed: {divisors}")
         name, world_size = "world_size / sequence_parallel_size", world_size // sp
+    tp = config.tensor_parallel.autotp_size  # the ranks of a tensor-parallel group share a batch too
+    if tp > 1:
+        if world_size % tp:
+            divisors = [d for d in range(1, world_size + 1) if world_size % d == 0]
+            raise ValueError(f"tensor_parallel.autotp_size = {tp} in {config.source} does not divide {name} "
+                             f"{world_size}; allowed: {divisors}")
+        name, world_size = f"{name} / tensor_parallel.autotp_size", world_size // tp
     batch = config.train_batch_size
     if not isinstance(batch, int) or isinstance(batch, bool):
         return
