@@ -29,7 +29,7 @@ def _rows() -> list[dict]:
     return rows
 
 
-def _train(rank, world, out, sp, stage, how, average, per_batch_mean):
+def _train(rank, world, out, sp, stage, how, average, per_batch_mean, checkpointing=False):
     import torch
     from accelerate import ParallelismConfig
     from transformers import Trainer, TrainingArguments
@@ -41,13 +41,15 @@ def _train(rank, world, out, sp, stage, how, average, per_batch_mean):
     args = TrainingArguments(
         output_dir=str(out), use_cpu=True, report_to="none", max_steps=STEPS, save_strategy="no", logging_steps=1,
         per_device_train_batch_size=2, gradient_accumulation_steps=2, optim="sgd", learning_rate=0.5, max_grad_norm=1.0,
-        disable_tqdm=True, seed=0, average_tokens_across_devices=average,
+        disable_tqdm=True, seed=0, average_tokens_across_devices=average, gradient_checkpointing=checkpointing,
         parallelism_config=ParallelismConfig(sp_size=sp) if how == "parallelism_config" else None)
     if stage is not None:
         config = {"zero_optimization": {"stage": stage, "stage3_param_persistence_threshold": 0,
                                         "reduce_bucket_size": 5000}}
         if how == "file":
             config["sequence_parallel_size"] = sp
+        if checkpointing:  # ZeRO-R beside SP: partitioned (each rank's checkpoints are its slice), on the host
+            config["activation_checkpointing"] = {"partition_activations": True, "cpu_checkpointing": True}
         zt.activate(config)
     try:
         trainer = Trainer(model=model, args=args, train_dataset=_rows(), eval_dataset=_rows())
@@ -76,14 +78,17 @@ def _check(sp_run, ref_run):
         assert err <= 1e-5, (name, err)
 
 
-@pytest.mark.parametrize("stage,how,average,per_batch_mean", [
-    (2, "file", True, False),  # the Trainer's default: tokens counted over every rank
-    (3, "parallelism_config", False, False),  # each rank's count -> the group's
-    (1, "file", True, True),  # a per-batch mean, combined over the group
+@pytest.mark.parametrize("stage,how,average,per_batch_mean,checkpointing", [
+    (2, "file", True, False, False),  # the Trainer's default: tokens counted over every rank
+    (3, "parallelism_config", False, False, False),  # each rank's count -> the group's
+    (1, "file", True, True, False),  # a per-batch mean, combined over the group
+    (3, "file", True, False, True),  # --gradient_checkpointing, CPU checkpointing: the recompute runs the all-to-alls again
 ])
-def test_sp2_w2_equals_one_rank(tmp_path, stage, how, average, per_batch_mean):
-    ref = run_on_ranks(_train, 1, tmp_path / "ref", 1, None, None, average, per_batch_mean, timeout=300)[0]
-    runs = run_on_ranks(_train, 2, tmp_path / "sp", 2, stage, how, average, per_batch_mean, timeout=300)
+def test_sp2_w2_equals_one_rank(tmp_path, stage, how, average, per_batch_mean, checkpointing):
+    ref = run_on_ranks(_train, 1, tmp_path / "ref", 1, None, None, average, per_batch_mean, checkpointing,
+                       timeout=300)[0]
+    runs = run_on_ranks(_train, 2, tmp_path / "sp", 2, stage, how, average, per_batch_mean, checkpointing,
+                        timeout=300)
     for run in runs:
         _check(run, ref)
 
