@@ -50,6 +50,7 @@ def _train(rank, world, out, sp, stage, how, average, per_batch_mean, checkpoint
             config["sequence_parallel_size"] = sp
         if checkpointing:  # ZeRO-R beside SP: partitioned (each rank's checkpoints are its slice), on the host
             config["activation_checkpointing"] = {"partition_activations": True, "cpu_checkpointing": True}
+            config["tiled_mlp"] = config["tiled_loss"] = {"shards": 2}  # ALST's tiled compute on each slice
         zt.activate(config)
     try:
         trainer = Trainer(model=model, args=args, train_dataset=_rows(), eval_dataset=_rows())
@@ -61,6 +62,7 @@ def _train(rank, world, out, sp, stage, how, average, per_batch_mean, checkpoint
         if session is not None:
             assert session.config.sequence_parallel_size == sp
             assert args.parallelism_config is None  # taken over: the Trainer ran no DeepSpeed SP path
+            assert (session.activations is not None) == checkpointing
         engine = session.engine if session is not None else None
         with engine.gathered() if engine is not None else torch.no_grad():
             params = {n: p.detach().numpy().copy() for n, p in model.named_parameters()}
@@ -82,7 +84,7 @@ def _check(sp_run, ref_run):
     (2, "file", True, False, False),  # the Trainer's default: tokens counted over every rank
     (3, "parallelism_config", False, False, False),  # each rank's count -> the group's
     (1, "file", True, True, False),  # a per-batch mean, combined over the group
-    (3, "file", True, False, True),  # --gradient_checkpointing, CPU checkpointing: the recompute runs the all-to-alls again
+    (3, "file", True, False, True),  # --gradient_checkpointing, CPU checkpointing, tiled compute: the recompute runs the all-to-alls again
 ])
 def test_sp2_w2_equals_one_rank(tmp_path, stage, how, average, per_batch_mean, checkpointing):
     ref = run_on_ranks(_train, 1, tmp_path / "ref", 1, None, None, average, per_batch_mean, checkpointing,
