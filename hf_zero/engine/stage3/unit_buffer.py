@@ -19,6 +19,17 @@ one more collective's latency per unit, no copy.
 
 With parameter offload the shards (``local``) live on the host ([Note: host shards] in units.py):
 ``start_gather`` then gathers from a device copy of the shard that the unit has just uploaded.
+
+[Note: full storage] Each part gathers into one tensor kept for its life (``full``, as FSDP2's
+all-gather outputs): a gather (re)allocates its storage, a release frees it (``storage.resize_(0)``).
+Autograd saves views of the weights for backward (``nn.Linear`` saves ``weight.t()``, a view made
+while the unit was gathered): a view keeps the storage it was made on, not the param. A fresh
+tensor per gather would stay alive through such views from a unit's forward to its backward, every
+unit's at once (the whole model at the end of forward, tests/engine/test_stage3_memory.py); on the
+one storage, the release frees the bytes under the views, and the backward's gather (before any of
+the unit's backward runs: its pre-backward hook) fills the same storage again, which they read.
+So a tensor taken from a gathered param (``p.detach()``, a view) holds its values only while the
+unit stays gathered: code that keeps one past the release copies it (``clone``), as with FSDP2.
 """
 
 from __future__ import annotations
@@ -55,6 +66,7 @@ class UnitBuffer:
             shard = buffer.view(self.bucket.shard)
             self.local = shard if persistent else shard.clone()
         self._empty = torch.empty(0, dtype=buffer.dtype, device=buffer.device)
+        self._full: torch.Tensor | None = None  # [Note: full storage]; made at the first gather
 
     def materialize(self, device: torch.device, fill, local: torch.Tensor | None = None) -> None:
         """Give a part built on the meta device real storage on ``device``: ``fill(buffer, range, out)``
@@ -85,9 +97,22 @@ class UnitBuffer:
         shard = self.local if shard is None else shard
         if ctx.world_size == 1 and shard is not self.local:
             return PendingGather(C.Handle(None, shard), shard)
-        # Allocated on the current (compute) stream: freed after the wait, in that stream's order.
-        full = torch.empty(self.numel, dtype=self.buffer.dtype, device=self.buffer.device)
+        # Allocated on the current stream (the gather stream: ``launch_gather``).
+        full = self.alloc_full()
         return PendingGather(C.start_all_gather(ctx, full, shard, label=label), full)
+
+    def alloc_full(self) -> torch.Tensor:
+        """The part's full tensor with its storage allocated, on the current stream ([Note: full storage])."""
+        buf, full = self.buffer, self._full
+        if full is None or full.device != buf.device or full.dtype != buf.dtype:
+            self._full = torch.empty(self.numel, dtype=buf.dtype, device=buf.device)
+            return self._full
+        storage = full.untyped_storage()
+        if storage.nbytes() == 0:
+            storage.resize_(self.numel * full.element_size())
+        elif storage.nbytes() != self.numel * full.element_size():
+            raise AssertionError(f"full storage of {storage.nbytes()} bytes, expected 0 or {self.numel * full.element_size()}")
+        return full
 
     def attach(self, full: torch.Tensor) -> None:
         """Every param's ``.data`` becomes its slice of the gathered ``full``."""
@@ -96,9 +121,15 @@ class UnitBuffer:
             param.data = full[slot.range.start : slot.range.end].view(self.buffer.shapes[slot.name])
 
     def detach(self) -> None:
+        """Params point at an empty tensor; the full storage is freed, also under autograd's saved
+        views of it ([Note: full storage])."""
         for param in self.buffer.params:
             param.data = self._empty
         self.buffer.data = None
+        if self._full is not None and self._full.untyped_storage().resizable():
+            self._full.untyped_storage().resize_(0)
+        else:  # shared with numpy (``Tensor.numpy()`` of a CPU view, e.g. a save): the next gather makes a new one
+            self._full = None
 
     def keep_edits(self) -> None:
         """Copy the gathered buffer's local shard into the shard kept between gathers."""

@@ -182,35 +182,41 @@ class ParamUnit:
                 if self.before_gather is not None:
                     self.before_gather()
                 if self._fused:
-                    shard = self._upload(self._fused_local, device)
-                    if self.ctx.world_size == 1:  # uploaded: the upload is the full tensor
-                        pending = [PendingGather(C.Handle(None, shard), shard)]
+                    if self.ctx.world_size == 1:  # uploaded: the upload is the full tensors, each part's
+                        # elements straight into its full tensor ([Note: full storage] in unit_buffer.py)
+                        uploads = self._upload(self._fused_local, device, [part.alloc_full() for part in self.parts])
+                        pending = [PendingGather(C.Handle(None, full), full) for full in uploads]
                     else:
-                        out = torch.empty(shard.numel() * self.ctx.world_size, dtype=shard.dtype, device=device)
-                        pending = [PendingGather(C.start_all_gather(self.ctx, out, shard, label=self.label), out)]
-                else:
-                    uploads = [self._upload(part.local, device) for part in self.parts]
+                        uploads = self._upload(self._fused_local, device)
+                        out = torch.empty(uploads[0].numel() * self.ctx.world_size, dtype=uploads[0].dtype, device=device)
+                        pending = [PendingGather(C.start_all_gather(self.ctx, out, uploads[0], label=self.label), out)]
+                else:  # one rank: a part's upload is its full tensor ([Note: full storage] in unit_buffer.py)
+                    uploads = [self._upload(part.local, device, [part.alloc_full()] if self.ctx.world_size == 1 else None)[0]
+                               for part in self.parts]
                     pending = [part.start_gather(self.ctx, self.label, shard)
                                for part, shard in zip(self.parts, uploads)]
         self._pending, self._events = pending, events
         if self.host is not None:
             # The device copies live until the gathers are waited for (the collective reads them).
-            self._uploads = [shard] if self._fused else uploads
+            self._uploads = uploads
             self._host_reads = list(events)  # recorded after the uploads, on the same stream
         self.state = UnitState.GATHERING
 
-    def _upload(self, shard: torch.Tensor, device: torch.device) -> torch.Tensor:
+    def _upload(self, shard: torch.Tensor, device: torch.device, into: list[torch.Tensor] | None = None) -> list[torch.Tensor]:
         """[Note: host shards] A device copy of the host ``shard`` (a copy even where host and device
         are both the CPU, so the host shard stays the one the optimizer writes), read through the
-        host memory's ``stage`` (NVMe: a staging buffer, nvme_staging.py); ``shard`` itself when it
-        lives on the device."""
+        host memory's ``stage`` (NVMe: a staging buffer, nvme_staging.py): ``into`` (tensors that take
+        its elements one after another) or one new tensor; ``[shard]`` when it lives on the device."""
         if self.host is None:
-            return shard
+            return [shard]
         staged = self.host.stage(shard)
-        out = torch.empty(shard.numel(), dtype=shard.dtype, device=device)
-        out.copy_(staged, non_blocking=staged.is_pinned())
+        outs = into if into is not None else [torch.empty(shard.numel(), dtype=shard.dtype, device=device)]
+        offset = 0
+        for out in outs:
+            out.copy_(staged[offset : offset + out.numel()], non_blocking=staged.is_pinned())
+            offset += out.numel()
         self.host.done_with(staged, device)
-        return out
+        return outs
 
     def host_shards(self) -> list[torch.Tensor]:
         """The tensors this unit keeps in host memory or swap files (parameter offload), else []."""
@@ -245,10 +251,12 @@ class ParamUnit:
             self.streams.wait_event(self._events)
         self._uploads = []  # [Note: host shards]: freed after the wait, as the full tensors are
         fulls = [gather.full for gather in pending]
-        if self._fused:  # rank r's block holds every part's shard r: copy each part's shards out
+        if self._fused and self.ctx.world_size > 1:  # rank r's block holds every part's shard r: copy each part's shards out
             rows, offset, fulls = pending[0].full.view(self.ctx.world_size, -1), 0, []
-            for part in self.parts:
-                fulls.append(rows[:, offset : offset + part.local.numel()].reshape(-1))
+            for part in self.parts:  # into its full tensor ([Note: full storage] in unit_buffer.py)
+                full = part.alloc_full()
+                full.view(self.ctx.world_size, -1).copy_(rows[:, offset : offset + part.local.numel()])
+                fulls.append(full)
                 offset += part.local.numel()
         for part, full in zip(self.parts, fulls):
             part.attach(full)
@@ -278,7 +286,7 @@ class ParamUnit:
         """Device bytes: the full params while gathered (or in flight), the shards unless on the host,
         and the uploaded copies of host shards while their gathers are in flight (at W > 1)."""
         uploads = sum(t.numel() * t.element_size() for t in self._uploads) if self.ctx.world_size > 1 else 0
-        if self._pending is not None and self._fused:
+        if self._pending is not None and self._fused and self.ctx.world_size > 1:  # one all-gather output
             out = self._pending[0].full
             return out.numel() * out.element_size() + sum(part.held_bytes(None, False) for part in self.parts) + uploads
         fulls = [g.full for g in self._pending] if self._pending is not None else [p.buffer.data for p in self.parts]
