@@ -16,7 +16,7 @@ key_plan.py), and keyword arguments among ``dtype`` / ``torch_dtype``, ``config`
 apply to local files. Not served: positional model args, ``device_map``, quantization (arguments
 or a quantized checkpoint), ``state_dict``, ``variant``, adapters (a PEFT adapter directory),
 checkpoints that leave params to initialize (a new head) or whose conversion cannot be planned
-before reading, ``.bin`` files in torch's legacy format, and anything else. A model served and then wrapped by PEFT is laid out anew for the
+before reading, models whose declared weight ties ``tie_weights`` leaves undone on meta, ``.bin`` files in torch's legacy format, and anything else. A model served and then wrapped by PEFT is laid out anew for the
 wrapper when the Trainer creates its optimizer (relayout.py).
 """
 

@@ -41,7 +41,7 @@ from hf_zero.engine import ZeroEngine
 from hf_zero.first_rank import is_first_rank
 from hf_zero.engine.options import engine_options
 from hf_zero.init.relayout import relayout
-from hf_zero.init.checkpoint_files import checkpoint_directory, find_files
+from hf_zero.init.checkpoint_files import NotServed, checkpoint_directory, find_files
 from hf_zero.init.checkpoint_source import CheckpointSource
 from hf_zero.init.sources import InitSource, fill_whole
 
@@ -175,7 +175,24 @@ def _meta_model(hf_config, dtype, model_class, attn_implementation: str | None =
     with init_empty_weights(include_buffers=False):  # params on meta; buffers computed on the CPU
         model = build(hf_config, dtype=dtype, **extra)
     model.tie_weights()  # init_empty_weights re-creates each param as it is set, which unties them
+    _check_ties(model)
     return model
+
+
+def _check_ties(model: nn.Module) -> None:
+    """Every tie transformers declares for ``model`` (``all_tied_weights_keys``: target -> source,
+    those its config turns on) holds on the meta model: one Parameter, so the engine plans it once
+    ([Note: tied params across units] in unit_plan.py). A tie left undone (a model whose
+    ``tie_weights`` does not tie on meta) would load two params where transformers has one:
+    ``NotServed`` before any shard is made, so the plugin loads it whole."""
+    for target, source in (getattr(model, "all_tied_weights_keys", None) or {}).items():
+        try:
+            tied = model.get_parameter(target) is model.get_parameter(source)
+        except AttributeError:
+            tied = False
+        if not tied:
+            raise NotServed(f"{type(model).__name__} ties {target} to {source}, but its tie_weights() left "
+                            "them two params when built on the meta device")
 
 
 def _shard(model: nn.Module, zero_config, device, make_source) -> ZeroEngine:
