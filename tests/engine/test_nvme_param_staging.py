@@ -141,8 +141,8 @@ def _rss(rank, world, nvme_path):
     - Evaluation (no grad): each unit is gathered, used and dropped in turn; peak RSS may grow by
       the staging buffers and a unit or two in flight, not by the model.
     - Training: after each step RSS is back where it was (no creep), and the files' mappings hold
-      no resident page. (Within a step the forward's saved tensors keep the units' gathered weights
-      until their backward, whatever the tier: host-memory shards show the same; not measured here.)
+      no resident page. (Within a step a unit's gathered weights go after its forward, though
+      autograd saved views of them: [Note: full storage], tests/engine/test_stage3_memory.py.)
     - Control: reading the shards through their mappings makes every page resident (the tier before
       this one read them so); the next staged pass drops them again.
 
