@@ -123,6 +123,7 @@ def _checkpoint_round_trip(rank, world, tmp):
     a = _engine(a_model, "bf16")
     _steps(a_model, a, rank, 3)
     sharded.save(a, f"{tmp}/a")
+    torch.distributed.barrier()  # every rank's manifest written before any rank reads the save
     pieces = lambda e: [p for g in e.optimizer.param_groups for p in g["params"]]  # noqa: E731
     saved = [{k: v.clone() for k, v in a.optimizer.state[p].items()} for p in pieces(a)]
     out["saved_dtype"] = {v.dtype for s in saved for v in s.values() if v.dim() > 0}
@@ -133,6 +134,7 @@ def _checkpoint_round_trip(rank, world, tmp):
     out["into_fp32"] = all(l[k].dtype == torch.float32 and torch.equal(l[k], s[k].float())
                            for s, l in zip(saved, loaded) for k in s if s[k].dim() > 0)
     sharded.save(b, f"{tmp}/b")
+    torch.distributed.barrier()
     c_model = copy.deepcopy(base)
     c = _engine(c_model, "bf16")
     sharded.load(c, f"{tmp}/b")
