@@ -207,7 +207,9 @@ class _RecordingWriter(dcp_disk.FileSystemWriter):
 def save(engine, directory: str, *, run_id: str | None = None, step: int | None = None) -> str:
     """Every rank writes its part of ``engine``'s state under ``directory/DIR_NAME``, then its
     digest manifest; returns the folder. ``run_id``/``step`` name the save in the manifests (the
-    Trainer's run id and global step; without a run id, one is drawn for this save)."""
+    Trainer's run id and global step; without a run id, one is drawn for this save). It returns
+    once *this* rank's files and manifest are written: a caller that reads the save on other ranks
+    next waits for all of them first (the Trainer's save does, before its completion marker)."""
     path = os.path.join(directory, DIR_NAME)
     identity = digests.Identity(run_id or digests.draw_run_id(), step)
     place = _placement(engine)  # [Note: tensor-parallel parts]: manifests count the whole world

@@ -88,6 +88,7 @@ def _checkpoint_round_trip(rank, world, directory):
         model(**_half(batch(step, bsz=4), mesh.dp_rank)).loss.backward()
         engine.optimizer.step()
     sharded.save(engine, directory)
+    torch.distributed.barrier()  # save returns once this rank's part is written, not every rank's
     layout = split_params(model)
     full = {n: (gather_split(p.detach(), layout[n][0], mesh.tp_group) if n in layout else p.detach())
             for n, p in model.named_parameters()}
