@@ -27,7 +27,8 @@ class ActivationCheckpointingConfig:
         doc="""Hold each checkpoint partitioned across the ranks that would otherwise each hold all of it.
         In hf_zero that group is the sequence-parallel group: with sequence parallelism every rank's
         checkpoints are already its 1/SP of the sequence. true without sequence parallelism is refused
-        (DeepSpeed partitions across its tensor-parallel group, which hf_zero does not have). Default
+        (DeepSpeed partitions across its tensor-parallel group; across hf_zero's tensor_parallel group
+        it is not built yet). Default
         false (DeepSpeed's).""",
     )
     cpu_checkpointing: bool = setting(

@@ -46,8 +46,8 @@ NOT_APPLIED: dict[str, NotApplied] = {
                       "thread pool); libaio tuning does not apply"),
     "activation_checkpointing.partition_activations": NotApplied(
         "nothing to apply: with sequence_parallel_size > 1 every rank's checkpoints are already its sequence "
-        "shard; without it true is refused (config/unsupported.py): hf_zero has no tensor-parallel group to "
-        "partition them across", (True, False)),
+        "shard; without it true is refused (config/unsupported.py): partitioning them across a tensor_parallel "
+        "group is not built yet", (True, False)),
     "activation_checkpointing.synchronize_checkpoint_boundary": NotApplied(
         "hf_zero never synchronizes the device in the step", (False,)),
     "activation_checkpointing.profile": NotApplied("use the torch profiler (hf_zero::checkpoint_offload labels)",

@@ -131,7 +131,7 @@ UNSUPPORTED: tuple[Unsupported, ...] = (
         applies=lambda c: c.activation_checkpointing.partition_activations and not _sequence_parallel(c),
         asked=lambda c: "activation_checkpointing.partition_activations = true",
         feature="partitioning activation checkpoints without sequence parallelism (DeepSpeed partitions them "
-                "across its tensor-parallel group, which hf_zero does not have)",
+                "across its tensor-parallel group; across hf_zero's tensor_parallel group it is not built yet)",
         instead="set it to false: every rank keeps its own checkpoints whole, as DeepSpeed does without model "
                 "parallelism; cpu_checkpointing moves them off the accelerator; or use sequence_parallel_size > 1",
     ),
