@@ -201,11 +201,12 @@ class ZeroConfig:
         deepspeed="zero3_init_flag",
         doc="""Stage 3 (accelerate's name for DeepSpeed's `zero.Init`): while hf_zero is active
         (`hf_zero.run`, `hf-zero launch`, `activate()`), the script's `from_pretrained` of a
-        local safetensors directory loads the model sharded (`hf_zero.init.from_pretrained`:
-        each rank reads only its slices, no rank holds the whole model). Loads it cannot serve
-        (hub ids, `device_map`, quantization, `.bin` files, checkpoints that need transformers'
-        weight conversions, other keyword arguments) load whole as before, with a warning that
-        names the reason once per job. Unset: true at stage 3, false below (accelerate's
+        local directory (safetensors, or `.bin` read with `weights_only`), or of a hub id served
+        from the local cache when offline, loads the model sharded (`hf_zero.init.from_pretrained`:
+        each rank reads only its slices, no rank holds the whole model; keys transformers renames
+        or fuses on load are converted as it converts them). Loads it cannot serve (a hub id
+        online, `device_map`, quantization, torch's legacy non-zip `.bin`, other keyword
+        arguments) load whole as before, with a warning that names the reason once per job. Unset: true at stage 3, false below (accelerate's
         default; transformers likewise loads with `zero.Init` whenever a stage-3 DeepSpeed
         config is active); `false`: models load whole and are sharded when the optimizer is
         created.""",
