@@ -91,7 +91,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         raise SystemExit(2) from None
     except BaseException as error:
         if isinstance(error, Exception):  # for torchrun's table and hf-zero launch's last line
-            error_file.write(error_file.raised(os.environ.get("RANK", "0"), error))
+            error_file.write(error_file.raised(os.environ.get("RANK", "0"), error), timestamp=error_file.stamp_for(error))
         _report_to_other_ranks(error)
         raise
     finally:

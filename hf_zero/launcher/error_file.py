@@ -56,6 +56,20 @@ def write(message: str, *, timestamp: float | None = None) -> None:
             pass
 
 
+# What a rank's collective raises when a peer process went away (gloo; NCCL's remote-exit error):
+# the rank reporting it is a consequence of the peer's failure, not its cause.
+PEER_LOST = ("Connection closed by peer", "Connection reset by peer", "remote process exited")
+
+
+def stamp_for(error: BaseException) -> float:
+    """The time to record ``error`` at. A peer-lost collective error (``PEER_LOST``) is dated one
+    second late: torchrun's timestamps are whole seconds and it breaks a tie by the lower rank, so
+    rank 0 noticing rank 1's exit in the same second as rank 1's raise would otherwise become the
+    job's root cause (a rank that raised on its own is never dated late)."""
+    late = any(marker in str(error) for marker in PEER_LOST)
+    return time.time() + (1.0 if late else 0.0)
+
+
 def raised(rank: int | str, error: BaseException) -> str:
     """The line for an exception: `rank 1 raised CheckpointError: <message>`."""
     text = str(error).strip()

@@ -88,3 +88,24 @@ def test_a_rank_the_watchdog_stops_records_the_headline_at_the_time_of_the_cause
     failure = ProcessFailure(local_rank=0, pid=os.getpid(), exitcode=W.EXIT_CODE, error_file=str(rank_file))
     assert failure.message["message"] == "rank 1 raised CheckpointError: x at a.py:3 in f"
     assert failure.timestamp == 1700000000
+
+
+def test_a_rank_that_lost_its_peer_is_dated_after_the_peers_raise(tmp_path, monkeypatch):
+    """Rank 1 raises; in the same second rank 0's collective reports the closed connection. torchrun
+    takes the earliest whole-second timestamp (a tie goes to the lower rank): the peer-lost error is
+    dated one second late, so rank 1's raise is the root cause; an error of its own is not."""
+    import time
+
+    now = 1700000000.2
+    monkeypatch.setattr(time, "time", lambda: now)
+    lost = RuntimeError("[gloo/transport/tcp/pair.cc:553] Connection closed by peer [127.0.0.1]:2467")
+    assert error_file.stamp_for(lost) == now + 1.0
+    assert error_file.stamp_for(ValueError("checkpoint-4 refused")) == now
+    failures = []
+    for rank, error in ((0, lost), (1, ValueError("checkpoint-4 refused"))):
+        path = tmp_path / f"{rank}.json"
+        monkeypatch.setenv(error_file.ENV, str(path))
+        error_file.write(error_file.raised(rank, error), timestamp=error_file.stamp_for(error))
+        failures.append(ProcessFailure(local_rank=rank, pid=100 + rank, exitcode=1, error_file=str(path)))
+    first = min(failures, key=lambda f: f.timestamp)  # torchrun's ChildFailedError.get_first_failure
+    assert first.local_rank == 1 and first.message["message"] == "rank 1 raised ValueError: checkpoint-4 refused"
