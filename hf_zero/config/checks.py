@@ -23,6 +23,22 @@ def fail(obj: object, field: str, problem: str, *, value: Any, allowed: str | No
     )
 
 
+def divisors(n: int) -> list[int]:
+    """Every d >= 1 that divides ``n``: the sizes a parallel axis of ``n`` ranks may take."""
+    return [d for d in range(1, n + 1) if n % d == 0]
+
+
+def world_axis(size: object, world_size: int, *, key: str, off: str, layout: str) -> int:
+    """A parallel axis size (``sequence_parallel_size``, ``autotp_size``): an integer >= 1 that
+    divides the world size; ``off`` says what 1 means, ``layout`` how the ranks are laid out."""
+    if isinstance(size, bool) or not isinstance(size, int) or size < 1:
+        raise ValueError(f"{key} = {size!r}: must be an integer >= 1 (1: {off})")
+    if world_size % size:
+        raise ValueError(f"{key} = {size} does not divide the world size {world_size}: the ranks are laid out "
+                         f"as {layout}; allowed here: {divisors(world_size)}")
+    return size
+
+
 def _store(obj: object, field: str, value: Any) -> Any:
     object.__setattr__(obj, field, value)  # frozen dataclass: normalise during __post_init__
     return value

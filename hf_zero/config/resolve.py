@@ -14,6 +14,7 @@ import math
 from typing import Any
 
 from hf_zero.config.auto import AUTO
+from hf_zero.config.checks import divisors
 from hf_zero.config.errors import ArgumentsMismatch, ConfigError, show
 from hf_zero.config.schema import HfZeroConfig, OptimizerSpec, SchedulerSpec, ZeroConfig
 from hf_zero.config.unsupported import refuse
@@ -157,9 +158,9 @@ def _sequence_parallel(value: Any, trainer: int | None, world_size: int, match: 
         match.conflict(f"sequence_parallel_size = {value} in {match.source} but TrainingArguments.parallelism_config."
                        f"sp_size = {trainer}; make them equal or set the file's value to \"auto\"")
     if world_size % value:
-        divisors = [d for d in range(1, world_size + 1) if world_size % d == 0]
         match.conflict(f"sequence_parallel_size = {value} does not divide world_size = {world_size}: the ranks are "
-                       f"laid out as (world_size / sequence_parallel_size, sequence_parallel_size); allowed: {divisors}")
+                       f"laid out as (world_size / sequence_parallel_size, sequence_parallel_size); allowed: "
+                       f"{divisors(world_size)}")
         return 1
     return value
 
@@ -168,10 +169,9 @@ def _data_parallel_ranks(world_size: int, sp: int, tp: int, match: _Matcher) -> 
     """The ranks that each train on their own batch, and their name: the ranks of a sequence-parallel
     or a tensor-parallel group (hf_zero/tensor_parallel) share one."""
     if world_size % (sp * tp):
-        divisors = [d for d in range(1, world_size // sp + 1) if (world_size // sp) % d == 0]
         match.conflict(f"tensor_parallel.autotp_size = {tp} does not divide world_size = {world_size}"
                        f"{f' / sequence_parallel_size {sp}' if sp > 1 else ''}: the ranks are laid out as (world_size "
-                       f"/ autotp_size, autotp_size); allowed: {divisors}")
+                       f"/ autotp_size, autotp_size); allowed: {divisors(world_size // sp)}")
         tp = 1
     names = [n for n, v in (("sequence_parallel_size", sp), ("tensor_parallel.autotp_size", tp)) if v > 1]
     return (" / ".join(["world_size", *names]), world_size // (sp * tp))

@@ -19,6 +19,8 @@ from dataclasses import dataclass
 
 import torch.distributed as dist
 
+from hf_zero.config.checks import world_axis
+
 KEY = "sequence_parallel_size"
 
 
@@ -35,13 +37,8 @@ class SpLayout:
 
 def check_size(size: object, world_size: int, *, key: str = KEY) -> int:
     """``size`` must be an integer >= 1 dividing the world size; returns it."""
-    if isinstance(size, bool) or not isinstance(size, int) or size < 1:
-        raise ValueError(f"{key} = {size!r}: must be an integer >= 1 (1: no sequence parallelism)")
-    if world_size % size:
-        divisors = [d for d in range(1, world_size + 1) if world_size % d == 0]
-        raise ValueError(f"{key} = {size} does not divide the world size {world_size}: the ranks are laid out as "
-                         f"(data parallel, sequence parallel) = (world size / {key}, {key}); allowed here: {divisors}")
-    return size
+    return world_axis(size, world_size, key=key, off="no sequence parallelism",
+                      layout=f"(data parallel, sequence parallel) = (world size / {key}, {key})")
 
 
 _GROUPS: dict[tuple[int, int], SpLayout] = {}  # (P, id of the world group) -> this process's layout

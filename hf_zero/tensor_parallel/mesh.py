@@ -21,6 +21,8 @@ from dataclasses import dataclass
 import torch.distributed as dist
 from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
 
+from hf_zero.config.checks import world_axis
+
 DP_DIM, TP_DIM = "dp_shard", "tp"
 
 
@@ -47,12 +49,7 @@ class TpMesh:
 
 def check_tp_size(tp: int, world_size: int, *, key: str = "tensor_parallel.autotp_size") -> None:
     """``tp`` must be a positive integer dividing the world size."""
-    if isinstance(tp, bool) or not isinstance(tp, int) or tp < 1:
-        raise ValueError(f"{key} = {tp!r}: must be an integer >= 1 (1: no tensor parallelism)")
-    if world_size % tp:
-        divisors = [d for d in range(1, world_size + 1) if world_size % d == 0]
-        raise ValueError(f"{key} = {tp} does not divide the world size {world_size}: the ranks are laid out "
-                         f"as (dp, tp) = (world size / tp, tp); allowed here: {divisors}")
+    world_axis(tp, world_size, key=key, off="no tensor parallelism", layout="(dp, tp) = (world size / tp, tp)")
 
 
 def build_mesh(tp: int, device_type: str) -> TpMesh:
