@@ -19,6 +19,7 @@ active behaves exactly as before.
 | ``_save_optimizer_and_scheduler`` | stage >= 1: every rank writes its part of the sharded state (checkpoint.py) |
 | ``_save_checkpoint``| stage >= 1: first removes the folder's earlier completion marker (barrier); after every rank's part, rank 0 rewrites ``training_args.bin`` from the user's args (the Trainer wrote it with the limit held at None) and seals the save (run id, step, world size, stage), and only then deletes old ones (``save_total_limit``, hf_zero's own rotation: checkpoint.py [Note: rotation]) |
 | ``_load_best_model``| stage >= 1: loads into gathered params, then back into shards and masters |
+| ``get_total_train_batch_size`` | sequence or tensor parallelism: micro batch * accumulation * the data-parallel ranks (world size / (sp * tp)), so the log's "Total train batch size", its sample count and ``train_samples_per_second`` count each SP or tp group's batch once |
 | ``floating_point_ops`` | stage >= 1: transformers' 6 * tokens * non-embedding params, counted in full (param_count.py), so ``total_flos`` is right at stage 3 |
 | ``train``           | ``--torch_compile``: a model torch cannot compile fails with hf_zero's ``CompileFailed`` (model, stage, backend, cause), fallbacks torch was told to take are recorded (compile_watch.py); stage >= 1: the log's "Number of trainable parameters" counts full params (param_count.py); draws the run id; ``resume_from_checkpoint=True`` takes the newest one with a valid completion marker; a checkpoint of another model, with a missing file or (unless ``HF_ZERO_FORCE_RESUME=1``) without a valid marker is refused first; on return the host step of optimizer offload is settled |
 | ``_load_optimizer_and_scheduler`` | stage >= 1: every rank reads its part of the sharded state, written at any world size and stage |
@@ -345,6 +346,15 @@ def train(self, resume_from_checkpoint=None, trial=None, ignore_keys_for_eval=No
     finally:
         if session is not None and session.engine is not None:
             session.engine.settle()  # the params are the trained ones when train() returns
+
+
+@_seam
+def get_total_train_batch_size(self, args):
+    session = S.session_of(self)
+    if session is None or session.model_parallel_size == 1:
+        return _original("get_total_train_batch_size")(self, args)
+    # transformers divides the world by the sp/tp sizes it set up itself, and hf_zero's are none of them
+    return self._train_batch_size * args.gradient_accumulation_steps * (args.world_size // session.model_parallel_size)
 
 
 @_seam

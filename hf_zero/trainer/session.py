@@ -41,6 +41,13 @@ class ZeroSession:
     def trainer(self):
         return self.trainer_ref()
 
+    @property
+    def model_parallel_size(self) -> int:
+        """The ranks that share one batch: a sequence-parallel group (``sequence_parallel_size``) times a
+        tensor-parallel one (``tensor_parallel.autotp_size``); the world size over it counts the
+        data-parallel ranks, each training on its own batches (config/resolve.py's ``train_batch_size``)."""
+        return self.config.sequence_parallel_size * self.config.tensor_parallel.autotp_size
+
 
 def active_config():
     """The config passed to ``hf_zero.activate`` in this process, or None."""
