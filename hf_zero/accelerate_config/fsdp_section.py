@@ -147,10 +147,17 @@ def _checkpointing(conv: Conversion, key: str, value: Any) -> None:
 
 
 def _checkpointing_offload(conv: Conversion, key: str, value: Any) -> None:
-    if conv.boolean(key, value):
-        conv.refuse(key, value, "offloading checkpointed activations to the CPU is not implemented in hf_zero; use "
-                                "--gradient_checkpointing alone")
-    conv.not_needed(key, value, "off")
+    """accelerate's ``offload_wrapper`` (``save_on_cpu`` around each layer's checkpoint) is hf_zero's CPU
+    checkpointing: each checkpointed layer's input in pinned host memory until its recompute."""
+    if not conv.boolean(key, value):
+        conv.not_needed(key, value, "off")
+        return
+    if "--gradient_checkpointing" not in conv.script_flags:  # fsdp_activation_checkpointing (converted before) is off
+        conv.refuse(key, value, f"needs {_key('fsdp_activation_checkpointing')}: true (accelerate refuses it without "
+                                "too): only checkpointed layers' inputs are offloaded")
+    conv.mapped(key, value, "activation_checkpointing.cpu_checkpointing", True,
+                "each checkpointed layer's input in pinned host memory from forward until its recompute in backward, "
+                "as accelerate's offload_wrapper; with the script's --gradient_checkpointing")
 
 
 def _ignored_modules(conv: Conversion, key: str, value: Any) -> None:
@@ -200,7 +207,9 @@ RULES: dict[str, Rule] = {
     "fsdp_use_orig_params": Rule("not needed: the model keeps its own parameters",
                                  _bool_note("the model keeps its own parameters; optimizers are given shard pieces")),
     "fsdp_activation_checkpointing": Rule("not needed: the script's `--gradient_checkpointing`", _checkpointing),
-    "fsdp_activation_checkpointing_offload": Rule("true refused (not implemented)", _checkpointing_offload),
+    "fsdp_activation_checkpointing_offload": Rule("true: `activation_checkpointing.cpu_checkpointing` (each "
+                                                  "checkpointed layer's input on the host until its recompute); "
+                                                  "refused without `fsdp_activation_checkpointing`", _checkpointing_offload),
     "fsdp_ignored_modules": Rule("refused unless empty: every parameter is sharded", _ignored_modules),
 }
 """Every key of accelerate's fsdp_config section (with its fsdp_ prefix), in the order they are converted."""

@@ -161,12 +161,27 @@ def test_fsdp_no_prefetch_and_checkpointing():
     assert conversion.script_flags == ["--gradient_checkpointing", "--bf16"]
 
 
+def test_fsdp_checkpointing_offload_is_cpu_checkpointing():
+    """accelerate's offload_wrapper keeps each checkpointed layer's input on the host: hf_zero's cpu_checkpointing,
+    which needs the script's --gradient_checkpointing (fsdp_activation_checkpointing's flag)."""
+    conversion = convert(fsdp(fsdp_version=2, fsdp_activation_checkpointing=True,
+                              fsdp_activation_checkpointing_offload="true"))
+    assert conversion.config["activation_checkpointing"] == {"cpu_checkpointing": True}
+    assert conversion.script_flags == ["--gradient_checkpointing", "--bf16"]
+    [note] = [n for n in conversion.notes if n.key == "fsdp_config.fsdp_activation_checkpointing_offload"]
+    assert note.outcome == "mapped" and "activation_checkpointing.cpu_checkpointing = true" in note.text
+    assert load_config(conversion.config).activation_checkpointing.cpu_checkpointing
+    off = convert(fsdp(fsdp_activation_checkpointing=True, fsdp_activation_checkpointing_offload=False))
+    assert "activation_checkpointing" not in off.config
+
+
 @pytest.mark.parametrize(("data", "words"), [
     (fsdp(fsdp_sharding_strategy="HYBRID_SHARD"), 'fsdp_config.fsdp_sharding_strategy = "HYBRID_SHARD" in '
                                                   "accelerate.yaml: hybrid sharding"),
     (fsdp(fsdp_sharding_strategy=5), "fsdp_config.fsdp_sharding_strategy = 5 in accelerate.yaml: hybrid sharding"),
     (fsdp(fsdp_sharding_strategy="FULL"), 'allowed: "FULL_SHARD", "SHARD_GRAD_OP"'),
-    (fsdp(fsdp_activation_checkpointing_offload=True), "offloading checkpointed activations"),
+    (fsdp(fsdp_activation_checkpointing_offload=True), "fsdp_config.fsdp_activation_checkpointing_offload = true in "
+                                                       "accelerate.yaml: needs fsdp_config.fsdp_activation_checkpointing"),
     (fsdp(fsdp_ignored_modules="lm_head"), "modules cannot be left out"),
     (fsdp(fsdp_version=3), "allowed: 1, 2"),
     (fsdp(fsdp_offload_param=True), "did you mean 'fsdp_offload_params'?"),
