@@ -177,12 +177,17 @@ def add_env_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentP
         allow_abbrev=False,
     )
     parser.add_argument("config", nargs="?", metavar="CONFIG", help="a --zero_config file to include")
+    parser.add_argument("--zero_config", metavar="CONFIG", help="the same, spelled as doctor and launch take it")
     parser.set_defaults(handler=main)
     return parser
 
 
 def main(args: argparse.Namespace) -> int:
-    """Print the report; always 0 (a config that does not load is part of the report)."""
-    print(render(collect(args.config)))
+    """Print the report; 0 (a config that does not load is part of the report), 2 for two configs."""
+    if args.config is not None and args.zero_config is not None:
+        print(f"hf_zero: env takes one config; got {args.config} and --zero_config {args.zero_config}",
+              file=sys.stderr)
+        return 2
+    print(render(collect(args.zero_config if args.config is None else args.config)))
     return 0
 

@@ -58,6 +58,16 @@ def test_env_includes_the_loaded_config(tmp_path, capsys):
     assert json.loads(block)["zero"]["stage"] == 2
 
 
+def test_env_takes_the_config_as_doctor_does(tmp_path, capsys):
+    path = tmp_path / "zero3.json"
+    path.write_text(json.dumps({"zero_optimization": {"stage": 3}}))
+    assert main(["env", "--zero_config", str(path)]) == 0
+    block = capsys.readouterr().out.split("```json\n", 1)[1].split("\n```", 1)[0]
+    assert json.loads(block)["zero"]["stage"] == 3
+    assert main(["env", str(path), "--zero_config", str(path)]) == 2
+    assert "env takes one config" in capsys.readouterr().err
+
+
 def test_env_reports_a_config_that_does_not_load(tmp_path):
     path = tmp_path / "bad.json"
     path.write_text(json.dumps({"zero_optimization": {"stage": 7}}))
