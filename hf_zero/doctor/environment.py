@@ -102,12 +102,14 @@ def _connect(ip: str, port: int, timeout: float) -> str | None:
 
 
 def check_master_port(addr: str | None, port: int | None, nnodes: int, *, probe_remote: bool = True,
-                      timeout: float = CONNECT_TIMEOUT_S) -> CheckResult:
+                      timeout: float = CONNECT_TIMEOUT_S, node_rank: int = 0) -> CheckResult:
     """The rendezvous port: free to bind when the master is this machine, else (``probe_remote``)
     the master host answers a TCP connect within ``timeout``.
 
     Binding (addr, port) tells the cases apart: it works (or says "in use") only for an address of
-    this machine. A refused connection counts as reachable: node 0 may not have started yet."""
+    this machine. A refused connection counts as reachable: node 0 may not have started yet. For a
+    ``node_rank`` > 0 whose master address is this machine (two nodes of a job on one host), "in use"
+    is node rank 0's rendezvous already listening, not a conflict."""
     if addr is None:
         if nnodes > 1:
             return skipped(MASTER_PORT, "no --master_addr")
@@ -124,6 +126,9 @@ def check_master_port(addr: str | None, port: int | None, nnodes: int, *, probe_
     code = _bind(family, ip, port)
     if code == 0:
         return passed(MASTER_PORT, f"{where} is free to bind on this machine (the master)")
+    if code == errno.EADDRINUSE and node_rank > 0:
+        return passed(MASTER_PORT, f"{where} is in use on this machine: node rank 0's rendezvous, this is node "
+                                   f"rank {node_rank}")
     if code == errno.EADDRINUSE:
         return failed(MASTER_PORT, f"{where} is already in use on this machine",
                       "pick another --master_port (the same on every node), or stop the process holding it "

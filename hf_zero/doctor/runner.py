@@ -117,6 +117,7 @@ def preflight(
     master_port: int,
     nnodes: int,
     launcher: str,
+    node_rank: int = 0,
     script_args: Sequence[str] = (),
     machine_checks: bool = True,
     device_count: Callable[[], int] = probes.cuda_device_count,
@@ -126,7 +127,7 @@ def preflight(
 
     ``config``: the config launch already loaded and checked (None without --zero_config), so its
     errors are reported once, by launch. ``ranks_here``: ranks started on this machine (the
-    torchrun launcher), None when ssh/srun start them elsewhere. ``machine_checks`` False
+    torchrun launcher), None when ssh/srun start them elsewhere; ``node_rank``: theirs. ``machine_checks`` False
     (--dry_run): only what does not depend on where the commands run.
     """
     environ = os.environ if environ is None else environ
@@ -140,6 +141,7 @@ def preflight(
         results.append(environment.check_gpus(ranks_here, device_count(),
                                               cpu_requested=environment.asks_for_cpu(script_args)))
         results.append(environment.check_master_addr(master_addr, nnodes))
-        results.append(environment.check_master_port(master_addr, master_port, nnodes, probe_remote=False))
+        results.append(environment.check_master_port(master_addr, master_port, nnodes, probe_remote=False,
+                                                        node_rank=node_rank))
     results.append(environment.check_launcher_env(environ, launcher=launcher))
     return results

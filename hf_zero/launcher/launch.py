@@ -10,7 +10,7 @@ import os
 import sys
 import tempfile
 
-from hf_zero.launcher import error_file, multinode, plan, preflight
+from hf_zero.launcher import error_file, multinode, placement, plan, preflight
 from hf_zero.launcher.args import LaunchOptions, check_script
 from hf_zero.launcher.commands import NodeCommand, format_command
 from hf_zero.launcher.resources import resolve_hosts
@@ -33,6 +33,9 @@ def launch(options: LaunchOptions) -> int:
     if flag.from_deepspeed:  # the ranks get --zero_config: flag.note is said once, here (below)
         options = dataclasses.replace(options, script_args=(*flag.rest, "--zero_config", flag.path))
     hosts = resolve_hosts(options, device_count=cuda_device_count)
+    if config is not None:  # tp groups inside a node ([Note: rank order] in placement.py)
+        placement.check_tp_placement(config.tensor_parallel.autotp_size, placement.node_process_counts(options, hosts),
+                                     source=config.source, hosts=list(hosts) if options.hostfile else ())
     launcher = plan.choose_launcher(options, hosts)
     if launcher == "torchrun" and not options.module:
         check_script(options.script)

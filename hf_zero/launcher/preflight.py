@@ -33,8 +33,8 @@ def check(options: LaunchOptions, hosts: Hosts, launcher: str, config: Any, *,
         master = master or (names[0] if nnodes > 1 else LOOPBACK)
     results = preflight(
         config, world_size=world, ranks_here=ranks_here, master_addr=master, master_port=options.torchrun_port,
-        nnodes=nnodes, launcher=launcher, script_args=options.script_args, machine_checks=not options.dry_run,
-        device_count=device_count,
+        nnodes=nnodes, launcher=launcher, node_rank=options.node_rank or 0, script_args=options.script_args,
+        machine_checks=not options.dry_run, device_count=device_count,
     )
     message = render_failures(results)
     if message:
