@@ -121,9 +121,10 @@ class ZeroConfig:
     allgather_bucket_size: int | Auto = setting(
         500_000_000,
         deepspeed="allgather_bucket_size",
-        doc="""Elements per all-gather bucket when updated parameter shards are gathered
-        after the optimizer step (stages 1 and 2). Default 5e8 (DeepSpeed's). "auto":
-        hidden_size * hidden_size, like `reduce_bucket_size`.""",
+        doc="""Accepted for compatibility, not applied: updated parameter shards are all-gathered
+        after the optimizer step one reduce bucket at a time (`reduce_bucket_size`; at stage 3 one
+        unit at a time), so the all-gathers follow the gradient buckets. Default 5e8 (DeepSpeed's);
+        another value, "auto" included, is warned about.""",
     )
     overlap_comm: bool | None = setting(
         None,
