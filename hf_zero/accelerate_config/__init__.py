@@ -4,7 +4,8 @@ The file's ``deepspeed_config`` section (inline keys, or a ``deepspeed_config_fi
 ``fsdp_config`` section becomes a DeepSpeed JSON file, which hf_zero reads as its zero config; its
 launcher settings become the flags of a suggested ``hf-zero launch`` command. Every key is either
 mapped, noted as not needed (with what replaces it), or refused with the reason, before anything is
-written: the tables are ``top_level.RULES``, ``deepspeed_section.RULES`` and ``fsdp_section.RULES``,
+written: the tables are ``top_level.RULES``, ``deepspeed_section.RULES``, ``fsdp_section.RULES`` and
+``parallelism_section.RULES`` (the top-level ``parallelism_config``: tp and sp sizes),
 and docs/from-fsdp-accelerate.md's key-by-key table is generated from them (:func:`mapping_markdown`).
 
 The YAML is read with ``yaml.safe_load`` (plain data, no tags that build objects) from a regular file
@@ -17,7 +18,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from hf_zero.accelerate_config import deepspeed_section, fsdp_section, top_level
+from hf_zero.accelerate_config import deepspeed_section, fsdp_section, parallelism_section, top_level
 from hf_zero.accelerate_config.conversion import AccelerateConfigError, Conversion, table_markdown, unknown
 from hf_zero.config.small_file import read_small_text
 
@@ -93,6 +94,7 @@ def mapping_markdown() -> str:
     out += table_markdown("", top_level.RULES)
     out += table_markdown("deepspeed_config.", deepspeed_section.RULES)
     out += table_markdown("fsdp_config.", fsdp_section.RULES)
+    out += table_markdown("parallelism_config.", parallelism_section.RULES)
     return "\n".join(out) + "\n"
 
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from hf_zero.accelerate_config import parallelism_section
 from hf_zero.accelerate_config.conversion import Conversion, Note, Rule
 
 SECTIONS = {"DEEPSPEED": "deepspeed_config", "FSDP": "fsdp_config"}
@@ -148,9 +149,8 @@ RULES: dict[str, Rule] = {
     "fsdp_config": Rule("converted with distributed_type FSDP (below)", _section),
     "fp8_config": Rule("refused unless empty: fp8 training is not implemented",
                        _empty_or_refused("fp8 training is not implemented in hf_zero; use bf16")),
-    "parallelism_config": Rule("refused unless empty: hf_zero is data parallel only",
-                               _empty_or_refused("tensor, context and sequence parallelism are not implemented in "
-                                                 "hf_zero (data parallel only); use stage 3 to shard the model")),
+    "parallelism_config": Rule("each of its keys as in the `parallelism_config.*` rows below (tp and sp sizes "
+                               "mapped, hybrid sharding and context parallelism refused)", parallelism_section.convert),
     "megatron_lm_config": Rule("refused unless empty",
                                _empty_or_refused("Megatron-LM parallelism is not implemented in hf_zero")),
     "mpirun_config": Rule("not needed: no mpirun launcher (`--launcher ssh` or `slurm`)", _mpirun),

@@ -13,7 +13,7 @@ import yaml
 
 from hf_zero import cli
 from hf_zero.accelerate_config import (AccelerateConfigError, convert_file, convert_mapping, deepspeed_section,
-                                       fsdp_section, mapping_markdown, read_yaml)
+                                       fsdp_section, mapping_markdown, parallelism_section, read_yaml)
 from hf_zero.config import AUTO, ConfigError, load_config
 from hf_zero.config.unsupported import UnsupportedConfig
 
@@ -161,6 +161,28 @@ def test_fsdp_no_prefetch_and_checkpointing():
     assert conversion.script_flags == ["--gradient_checkpointing", "--bf16"]
 
 
+def test_parallelism_config_sizes_become_tp_and_sp():
+    """accelerate's parallelism_config: tp_size is tensor_parallel.autotp_size, sp_size (ALST's Ulysses)
+    sequence_parallel_size; the other keys at their defaults are reported as not needed."""
+    section = {"parallelism_config_dp_replicate_size": 1, "parallelism_config_dp_shard_size": 4,
+               "parallelism_config_tp_size": 2, "parallelism_config_cp_size": 1,
+               "parallelism_config_cp_backend": "torch", "parallelism_config_cp_comm_strategy": "allgather"}
+    tp = convert({**FSDP_FULL_SHARD, "num_processes": 8, "parallelism_config": section})
+    assert tp.config["tensor_parallel"] == {"autotp_size": 2} and "sequence_parallel_size" not in tp.config
+    assert sorted(k for k in reported(tp) if k.startswith("parallelism_config.")) == sorted(
+        f"parallelism_config.{k}" for k in section)
+    sp = convert({**deepspeed(zero_stage=3), "parallelism_config": {
+        "sp_size": 4, "sp_backend": "deepspeed", "sp_seq_length": 2048, "sp_seq_length_is_variable": True,
+        "sp_attn_implementation": "sdpa"}})  # keys without their prefix read the same
+    assert sp.config["sequence_parallel_size"] == 4 and "tensor_parallel" not in sp.config
+    assert load_config(sp.config).sequence_parallel_size == 4
+    assert "parallelism_config.parallelism_config_sp_size" in reported(sp)
+    assert sorted(parallelism_section.RULES) == sorted(
+        f"parallelism_config_{k}" for k in ("dp_replicate_size", "dp_shard_size", "tp_size", "cp_size", "cp_backend",
+                                            "cp_comm_strategy", "sp_size", "sp_backend", "sp_seq_length",
+                                            "sp_seq_length_is_variable", "sp_attn_implementation"))
+
+
 def test_fsdp_checkpointing_offload_is_cpu_checkpointing():
     """accelerate's offload_wrapper keeps each checkpointed layer's input on the host: hf_zero's cpu_checkpointing,
     which needs the script's --gradient_checkpointing (fsdp_activation_checkpointing's flag)."""
@@ -187,7 +209,13 @@ def test_fsdp_checkpointing_offload_is_cpu_checkpointing():
     (fsdp(fsdp_offload_param=True), "did you mean 'fsdp_offload_params'?"),
     ({**deepspeed(), "mixed_precision": "fp8"}, 'mixed_precision = "fp8" in accelerate.yaml: fp8 training'),
     ({**deepspeed(), "fp8_config": {"backend": "TE"}}, "fp8 training is not implemented"),
-    ({**deepspeed(), "parallelism_config": {"parallelism_config_tp_size": 2}}, "tensor, context and sequence"),
+    ({**deepspeed(), "parallelism_config": {"parallelism_config_cp_size": 2}},
+     "parallelism_config.parallelism_config_cp_size = 2 in accelerate.yaml: context parallelism"),
+    ({**deepspeed(), "parallelism_config": {"dp_replicate_size": 2}}, "hybrid sharding"),
+    ({**deepspeed(), "parallelism_config": {"sp_size": 2, "sp_attn_implementation": "flash_attention_2"}},
+     "allowed: sdpa, eager"),
+    ({**deepspeed(), "parallelism_config": {"sp_size": 2, "tp_size": 2}}, "sequence parallelism together with tensor"),
+    ({**deepspeed(), "parallelism_config": {"pp_size": 2}}, "not a key of accelerate's config file"),
     ({**deepspeed(), "num_processez": 8}, "did you mean 'num_processes'?"),
     ({**deepspeed(), "compute_environment": "AMAZON_SAGEMAKER"}, "not on SageMaker"),
     ({**LAUNCH, "distributed_type": "MULTI_GPU"}, "nothing sharded to convert"),
