@@ -26,6 +26,11 @@ the summary also lands in the JSON record under `profile`. The profiled step is 
 trace export), so it is left out of tok/s; its callback runs before the timer's, so the export
 is charged to that step alone.
 
+[Note: progress] `--progress_out FILE`: rank 0 appends a JSON line at train begin and at every
+step end (wall-clock time, the step's seconds, peak GPU memory so far, host
+RSS), flushed at once, so a driver that kills a long job after its first steps still has them
+(`bench/long_seq.py`).
+
 [Note: init device] `--init_device cuda` builds the random-init model directly on the rank's GPU (the default, cpu,
 builds it in host memory as a user's script would, and the Trainer moves it). Same steps and
 memory during training; it saves the minute a 7 B fp32 init takes on one CPU thread per rank.
@@ -93,6 +98,12 @@ class BenchArguments:
     )
     profile_out: str | None = field(
         default=None, metadata={"help": "path prefix of the trace and summary (default: next to --bench_out)"}
+    )
+    progress_out: str | None = field(
+        default=None, metadata={"help": "rank 0 appends one JSON line per optimizer step; see [Note: progress]"}
+    )
+    alst: bool = field(
+        default=False, metadata={"help": "DeepSpeed ALST's single-GPU pieces in this script (bench/alst.py)"}
     )
 
     def __post_init__(self):
@@ -302,6 +313,7 @@ def summarize(bench, targs, timer, per_rank, model, n_params, build_s, train_s, 
         "build_s": build_s,
         "train_s": train_s,
         "init_device": bench.init_device,
+        "alst": bench.alst,
         # Which activation checkpointing ran: the model's own (the Trainer flag) or FSDP's wrapper.
         "activation_checkpointing": {
             "model": any(getattr(model, a, False)
@@ -351,6 +363,12 @@ def train(bench: BenchArguments, targs: TrainingArguments) -> dict | None:
     dtype = torch.bfloat16 if bench.model_dtype == "bf16" else torch.float32
     with _init_device(bench, targs):
         model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+    trainer_cls = Trainer
+    if bench.alst:
+        from alst import AlstTrainer, apply_tiled_mlp  # beside this file
+
+        apply_tiled_mlp(model)
+        trainer_cls = AlstTrainer
     build_s = time.perf_counter() - t0
     n_params = count_params(config)
 
@@ -359,12 +377,16 @@ def train(bench: BenchArguments, targs: TrainingArguments) -> dict | None:
     cuda = targs.device.type == "cuda"
     timer = StepTimer(cuda)
     callbacks = [timer]
+    if bench.progress_out:
+        from step_progress import StepProgress  # beside this file
+
+        callbacks.append(StepProgress(bench.progress_out, timer.step_seconds, cuda))  # after the timer
     profiler = None
     if bench.profile_step is not None:
         prefix = bench.profile_out or os.path.splitext(bench.bench_out or os.path.join(targs.output_dir, "bench"))[0]
         profiler = StepProfiler(bench.profile_step, prefix, cuda)
         callbacks.insert(0, profiler)  # before the timer: the export is charged to the profiled step
-    trainer = Trainer(model=model, args=targs, train_dataset=data, callbacks=callbacks)
+    trainer = trainer_cls(model=model, args=targs, train_dataset=data, callbacks=callbacks)
     t0 = time.perf_counter()
     trainer.train()
     train_s = time.perf_counter() - t0
