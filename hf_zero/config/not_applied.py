@@ -81,7 +81,13 @@ NOT_APPLIED: dict[str, NotApplied] = {
         "hf_zero splits the layers of the model's own tp_plan (or a decoder block's); set model.tp_plan instead"),
     "tensor_parallel.tp_overlap_comm": NotApplied(
         "the tensor-parallel all-reduces run in line with compute (their overlap is not built yet)", (False,)),
-    "pipeline": NotApplied("pipeline parallelism is not supported"),
+    "pipeline.partition": NotApplied(
+        "hf_zero splits the decoder layers evenly by count (DeepSpeed's \"uniform\")", ("uniform", "best")),
+    "pipeline.seed_layers": NotApplied("layers are split from the model as loaded", (False,)),
+    "pipeline.activation_checkpoint_interval": NotApplied(
+        "use the Trainer's --gradient_checkpointing (per decoder layer)", (0,)),
+    "pipeline.pipe_partitioned": NotApplied("activations travel whole between stages", (True, False)),
+    "pipeline.grad_partitioned": NotApplied("activation gradients travel whole between stages", (True, False)),
     "compile": NotApplied("use TrainingArguments.torch_compile"),
     # bf16 / fp16 blocks
     "bf16.immediate_grad_update": NotApplied("gradients are accumulated in the engine's buffers", (False,)),

@@ -24,6 +24,7 @@ AUTO_SOURCES: tuple[tuple[str, str], ...] = (
     ("gradient_accumulation_steps", "TrainingArguments.gradient_accumulation_steps"),
     ("train_batch_size", "per_device_train_batch_size * gradient_accumulation_steps * world_size / sequence_parallel_size"),
     ("sequence_parallel_size", "TrainingArguments.parallelism_config.sp_size (1 without one)"),
+    ("pipeline.micro_batches", "TrainingArguments.gradient_accumulation_steps (each of its batches one micro-batch)"),
     ("gradient_clipping", "TrainingArguments.max_grad_norm"),
     ("precision.dtype", '"bf16" if TrainingArguments.bf16, "fp16" if TrainingArguments.fp16, else "fp32"'),
     ("optimizer.params.lr", "TrainingArguments.learning_rate"),
@@ -77,7 +78,9 @@ def resolve_config(
     gas = match("gradient_accumulation_steps", config.gradient_accumulation_steps,
                 "gradient_accumulation_steps", args.gradient_accumulation_steps)
     sp = _sequence_parallel(config.sequence_parallel_size, sequence_parallel_size, world_size, match)
-    ranks = _data_parallel_ranks(world_size, sp, config.tensor_parallel.autotp_size, match)
+    ranks = _data_parallel_ranks(world_size, sp, config.tensor_parallel.autotp_size, match,
+                                 pp=config.pipeline.stages)
+    pipeline = _micro_batches(config.pipeline, micro, gas, match)
     batch = _train_batch_size(config.train_batch_size, micro, gas, ranks, match)
     clipping = match("gradient_clipping", config.gradient_clipping, "max_grad_norm", args.max_grad_norm)
     dtype = match("precision.dtype (DeepSpeed: bf16.enabled / fp16.enabled)", config.precision.dtype,
@@ -97,6 +100,7 @@ def resolve_config(
         optimizer=optimizer,
         scheduler=scheduler,
         sequence_parallel_size=sp,
+        pipeline=pipeline,
     )
     refuse(resolved)  # what this version cannot run, now that the dtype is known (unsupported.py)
     return resolved
@@ -165,16 +169,34 @@ def _sequence_parallel(value: Any, trainer: int | None, world_size: int, match: 
     return value
 
 
-def _data_parallel_ranks(world_size: int, sp: int, tp: int, match: _Matcher) -> tuple[str, int]:
-    """The ranks that each train on their own batch, and their name: the ranks of a sequence-parallel
-    or a tensor-parallel group (hf_zero/tensor_parallel) share one."""
+def _data_parallel_ranks(world_size: int, sp: int, tp: int, match: _Matcher, *, pp: int = 1) -> tuple[str, int]:
+    """The ranks that each train on their own batch, and their name: the ranks of a sequence-parallel,
+    a tensor-parallel group (hf_zero/tensor_parallel) or a pipeline (hf_zero/pipeline) share one."""
     if world_size % (sp * tp):
         match.conflict(f"tensor_parallel.autotp_size = {tp} does not divide world_size = {world_size}"
                        f"{f' / sequence_parallel_size {sp}' if sp > 1 else ''}: the ranks are laid out as (world_size "
                        f"/ autotp_size, autotp_size); allowed: {divisors(world_size // sp)}")
         tp = 1
-    names = [n for n, v in (("sequence_parallel_size", sp), ("tensor_parallel.autotp_size", tp)) if v > 1]
-    return (" / ".join(["world_size", *names]), world_size // (sp * tp))
+    if world_size % (sp * tp * pp):
+        match.conflict(f"pipeline.stages = {pp} does not divide world_size = {world_size}: the ranks are laid out "
+                       f"as (stages, world_size / stages), stage-outer; allowed: {divisors(world_size // (sp * tp))}")
+        pp = 1
+    names = [n for n, v in (("sequence_parallel_size", sp), ("tensor_parallel.autotp_size", tp),
+                            ("pipeline.stages", pp)) if v > 1]
+    return (" / ".join(["world_size", *names]), world_size // (sp * tp * pp))
+
+
+def _micro_batches(config: Any, micro: Any, gas: Any, match: _Matcher) -> Any:
+    """Pipeline micro-batches: "auto" is the accumulation steps (each of the Trainer's batches one
+    micro-batch: the Trainer reads which from the config as loaded); a number must divide the
+    per-device batch, which it splits."""
+    if config.micro_batches is AUTO:
+        return dataclasses.replace(config, micro_batches=gas)
+    if config.stages > 1 and isinstance(micro, int) and micro % config.micro_batches:
+        match.conflict(f"pipeline.micro_batches = {config.micro_batches} does not divide per_device_train_batch_size "
+                       f"= {micro}: each batch is split into that many micro-batches; allowed: {divisors(micro)} "
+                       "or \"auto\" (the gradient accumulation steps, each batch one micro-batch)")
+    return config
 
 
 def _train_batch_size(value: Any, micro: Any, gas: Any, ranks: tuple[str, int], match: _Matcher) -> Any:

@@ -15,6 +15,7 @@ from hf_zero.config.auto import AUTO, Auto
 from hf_zero.config.fields import setting
 from hf_zero.config.precision import PrecisionConfig
 from hf_zero.config.tensor_parallel import TensorParallelConfig
+from hf_zero.config.pipeline import PipelineConfig
 from hf_zero.config.zero import OffloadConfig, ZeroConfig
 from hf_zero.config.sparse_attention import SparseAttentionConfig
 
@@ -173,6 +174,13 @@ class HfZeroConfig:
         doc="""Tensor parallelism beside ZeRO (hf_zero/tensor_parallel, docs/parallelism.md). Default:
         none (autotp_size 1).""",
     )
+    pipeline: PipelineConfig = setting(
+        default_factory=PipelineConfig,
+        deepspeed="pipeline",
+        nested=PipelineConfig,
+        doc="""Pipeline parallelism beside ZeRO-1/2 (hf_zero/pipeline, docs/parallelism.md). Default:
+        none (stages 1).""",
+    )
     sequence_parallel_size: int | Auto | None = setting(
         None,
         deepspeed="sequence_parallel_size",
@@ -253,6 +261,8 @@ class HfZeroConfig:
         for name in ("train_batch_size", "train_micro_batch_size_per_gpu", "gradient_accumulation_steps"):
             checks.integer(self, name, minimum=1, auto=True, none=True)
         checks.integer(self, "sequence_parallel_size", minimum=1, auto=True, none=True)
+        if not isinstance(self.pipeline, PipelineConfig):
+            raise checks.fail(self, "pipeline", "not a PipelineConfig", value=self.pipeline, allowed="a PipelineConfig")
         if not isinstance(self.tensor_parallel, TensorParallelConfig):
             raise checks.fail(self, "tensor_parallel", "not a TensorParallelConfig", value=self.tensor_parallel,
                               allowed="a TensorParallelConfig")

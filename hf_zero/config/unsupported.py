@@ -80,6 +80,10 @@ def _sequence_parallel(config: Any) -> bool:
     return isinstance(size, int) and not isinstance(size, bool) and size > 1
 
 
+def _pipeline(config: Any) -> bool:
+    return config.pipeline.stages > 1
+
+
 def _dtype(config: Any) -> str:
     """``fp16 training``: an "auto" dtype filled from the Trainer's flag reads the same."""
     return 'precision "auto"' if config.precision.dtype is AUTO else f"{config.precision.dtype} training"
@@ -143,6 +147,50 @@ UNSUPPORTED: tuple[Unsupported, ...] = (
                         f"{c.tensor_parallel.autotp_size}",
         feature="sequence parallelism together with tensor parallelism",
         instead="use one of the two (sequence parallelism for long sequences, tensor parallelism for wide layers)",
+    ),
+    Unsupported(
+        name="pipeline-stage3",
+        keys=("pipeline.stages", "zero_optimization.stage"),
+        applies=lambda c: _pipeline(c) and c.zero.stage == 3,
+        asked=lambda c: f"pipeline.stages = {c.pipeline.stages} with zero_optimization.stage = 3",
+        feature="ZeRO stage 3 inside pipeline stages (not built yet)",
+        instead="use zero_optimization.stage 0, 1 or 2 with pipeline stages (each stage holds only its own layers)",
+    ),
+    Unsupported(
+        name="pipeline-tensor-parallel",
+        keys=("pipeline.stages", "tensor_parallel.autotp_size"),
+        applies=lambda c: _pipeline(c) and c.tensor_parallel.autotp_size > 1,
+        asked=lambda c: f"pipeline.stages = {c.pipeline.stages} with tensor_parallel.autotp_size = "
+                        f"{c.tensor_parallel.autotp_size}",
+        feature="pipeline and tensor parallelism together (not built yet)",
+        instead="use one of the two",
+    ),
+    Unsupported(
+        name="pipeline-sequence-parallel",
+        keys=("pipeline.stages", "sequence_parallel_size"),
+        applies=lambda c: _pipeline(c) and _sequence_parallel(c),
+        asked=lambda c: f"pipeline.stages = {c.pipeline.stages} with sequence_parallel_size = {c.sequence_parallel_size}",
+        feature="pipeline and sequence parallelism together (not built yet)",
+        instead="use one of the two",
+    ),
+    Unsupported(
+        name="pipeline-offload",
+        keys=("pipeline.stages", "zero_optimization.offload_optimizer.device", "zero_optimization.offload_param.device"),
+        applies=lambda c: _pipeline(c) and (c.zero.offload_optimizer.device != "none"
+                                            or c.zero.offload_param.device != "none"),
+        asked=lambda c: f"pipeline.stages = {c.pipeline.stages} with zero_optimization.offload_optimizer.device = "
+                        f"{show(c.zero.offload_optimizer.device)}, zero_optimization.offload_param.device = "
+                        f"{show(c.zero.offload_param.device)}",
+        feature="optimizer or parameter offload with pipeline stages (not built yet)",
+        instead='set offload_optimizer.device and offload_param.device to "none"',
+    ),
+    Unsupported(
+        name="pipeline-fp16",
+        keys=("pipeline.stages", "fp16.enabled"),
+        applies=lambda c: _pipeline(c) and _fp16(c),
+        asked=lambda c: f"pipeline.stages = {c.pipeline.stages} with {_dtype(c)}",
+        feature="fp16 loss scaling across pipeline stages (not built yet)",
+        instead='train in bf16 (bf16.enabled true, or "auto" with --bf16) or fp32',
     ),
     Unsupported(
         name="sparse-attention-sequence-parallel",

@@ -23,7 +23,7 @@ def check_train_batch_size(config: Any, world_size: int) -> None:
     checked for the factors the file fixes ("auto" ones are filled at training time).
 
     With ``sequence_parallel_size`` P > 1 the P ranks of a group share a batch: P must divide the
-    world size, and the product counts world size / P ranks; likewise ``tensor_parallel.autotp_size``.
+    world size, and the product counts world size / P ranks; likewise ``tensor_parallel.autotp_size`` and ``pipeline.stages``.
 
     Raises ValueError naming the file, the keys and their values."""
     sp = config.sequence_parallel_size
@@ -41,6 +41,13 @@ def check_train_batch_size(config: Any, world_size: int) -> None:
             raise ValueError(f"tensor_parallel.autotp_size = {tp} in {config.source} does not divide {name} "
                              f"{world_size}; allowed: {divisors}")
         name, world_size = f"{name} / tensor_parallel.autotp_size", world_size // tp
+    pp = config.pipeline.stages  # and the ranks of a pipeline (one per stage)
+    if pp > 1:
+        if world_size % pp:
+            divisors = [d for d in range(1, world_size + 1) if world_size % d == 0]
+            raise ValueError(f"pipeline.stages = {pp} in {config.source} does not divide {name} {world_size}; "
+                             f"allowed: {divisors}")
+        name, world_size = f"{name} / pipeline.stages", world_size // pp
     batch = config.train_batch_size
     if not isinstance(batch, int) or isinstance(batch, bool):
         return

@@ -1,4 +1,5 @@
-"""The (dp, tp) mesh: which ranks hold the same tensor-parallel shard, and which ranks split one layer.
+"""The (dp, tp) mesh: which ranks hold the same tensor-parallel shard, and which ranks split one layer;
+the (pp, dp) mesh of pipeline stages (below).
 
 W = dp * tp ranks are laid out tp-inner, as Megatron and accelerate do::
 
@@ -61,4 +62,50 @@ def build_mesh(tp: int, device_type: str) -> TpMesh:
                          "(launch with hf-zero launch or torchrun)")
     mesh = init_device_mesh(device_type, (world // tp, tp), mesh_dim_names=(DP_DIM, TP_DIM))
     return TpMesh(dp=world // tp, tp=tp, dp_rank=mesh.get_local_rank(DP_DIM), tp_rank=mesh.get_local_rank(TP_DIM),
+                  device_mesh=mesh)
+
+
+# ---- pipeline stages -----------------------------------------------------------------------------
+# The (pp, dp) mesh of pipeline parallelism (hf_zero/pipeline), the (dp, tp) one above generalised to
+# (pp, dp, tp) with tp = 1 (the two together are not built yet), stage-outer as Megatron lays them out:
+#
+#     W = 4, stages = 2:   global rank   0   1   2   3
+#                          stage         0   0   1   1      (a pipeline: one rank of each stage)
+#                          dp rank       0   1   0   1      (ZeRO shards over the ranks of one stage)
+#
+# so rank r is stage r // dp, dp rank r % dp; its pipeline is [r % dp, r % dp + dp, ...], its dp group
+# the ranks of its stage. Pipeline sends cross stages, so stages go where links are slowest (nodes).
+PP_DIM = "pp"
+
+
+@dataclass(frozen=True)
+class PpMesh:
+    """This rank's place on the (pp, dp) mesh and its two process groups."""
+
+    pp: int  # pipeline stages
+    dp: int  # data-parallel size: ZeRO shards over this many ranks of one stage
+    pp_rank: int  # this rank's stage
+    dp_rank: int
+    device_mesh: DeviceMesh
+
+    @property
+    def dp_group(self) -> dist.ProcessGroup:
+        """The ranks of this stage: ZeRO's group (``ZeroEngine(group=...)``)."""
+        return self.device_mesh.get_group(DP_DIM)
+
+    @property
+    def pp_group(self) -> dist.ProcessGroup:
+        """One rank of each stage, in stage order: the pipeline's sends and receives."""
+        return self.device_mesh.get_group(PP_DIM)
+
+
+def build_pp_mesh(pp: int, device_type: str) -> PpMesh:
+    """Every rank calls it (it creates the process groups): the (pp, W / pp) mesh on ``device_type``."""
+    world = dist.get_world_size() if dist.is_initialized() else 1
+    world_axis(pp, world, key="pipeline.stages", off="no pipeline", layout="(pp, dp) = (stages, world size / stages)")
+    if not dist.is_initialized():
+        raise ValueError(f"pipeline.stages = {pp} needs torch.distributed initialized "
+                         "(launch with hf-zero launch or torchrun)")
+    mesh = init_device_mesh(device_type, (pp, world // pp), mesh_dim_names=(PP_DIM, DP_DIM))
+    return PpMesh(pp=pp, dp=world // pp, pp_rank=mesh.get_local_rank(PP_DIM), dp_rank=mesh.get_local_rank(DP_DIM),
                   device_mesh=mesh)

@@ -52,6 +52,7 @@ from hf_zero.trainer import session as S
 from hf_zero.trainer.loss_scaling import DeepSpeedScaling, sharded_grad_scaler
 from hf_zero.trainer.other_sharding import refuse as refuse_other_sharding
 from hf_zero.trainer import param_count
+from hf_zero.trainer import pipeline as PP
 from hf_zero.trainer import tensor_parallel as TP
 from hf_zero.trainer.seam_check import original_of
 from hf_zero.sequence_parallel import training as SP
@@ -101,6 +102,7 @@ def __init__(self, *args, **kwargs):
     session = S.ZeroSession(config=resolved, trainer_ref=weakref.ref(self), loaded=config)
     S.attach(self, session)
     TP.setup(self, resolved)  # tensor_parallel.autotp_size > 1: the model is split now, before any optimizer
+    PP.setup(self, resolved)  # pipeline.stages > 1: this stage's layers kept, before any optimizer
     sparse_attention.setup(self, resolved)  # sparse_attention block: the model's attention by its layout
     if resolved.sequence_parallel_size > 1:  # Ulysses: the SP groups, the model's attention (sequence_parallel/)
         session.sequence_parallel = SP.setup(self, resolved.sequence_parallel_size)
@@ -138,7 +140,7 @@ def create_optimizer(self, model=None):
             prebuilt.attach_optimizer(self.optimizer)
             session.engine = prebuilt
         else:
-            session.engine = ZeroEngine(self.model, self.optimizer, **options, **TP.engine_group(self))
+            session.engine = ZeroEngine(self.model, self.optimizer, **options, **TP.engine_group(self), **PP.engine_group(self))
         # accelerate skips no_sync() on one rank, so the engine asks the Trainer's own flag which
         # micro-step ends an accumulation (offloaded grads go to the host only then).
         accelerator = self.accelerator
@@ -170,6 +172,8 @@ def _wrap_model(self, model, training=True, dataloader=None):
     session = S.session_of(self)
     if session is not None and session.engine is None and training and TP.of(self) is not None:
         return TP.wrap_stage0(self, model)  # stage 0 under tensor parallelism: DDP over the dp group only
+    if session is not None and session.engine is None and training and PP.of(self) is not None:
+        return PP.wrap_stage0(self, model)  # stage 0 with pipeline stages: grads averaged after each step
     if session is None or session.engine is None or not training:
         return _original("_wrap_model")(self, model, training, dataloader)
     if isinstance(model, ZeroModule):
@@ -181,11 +185,24 @@ def _wrap_model(self, model, training=True, dataloader=None):
 
 @_seam
 def get_train_dataloader(self):
-    loader = _original("get_train_dataloader")(self)
+    loader = PP.shard_loader(self, _original("get_train_dataloader")(self))  # pipeline: dealt over dp ranks
     session = S.session_of(self)
     if session is not None and session.sequence_parallel is not None:
         loader = SP.split_loader(loader, session.sequence_parallel)  # one batch per SP group, this rank's slice
     return loader
+
+
+@_seam
+def get_eval_dataloader(self, eval_dataset=None):
+    return PP.shard_loader(self, _original("get_eval_dataloader")(self, eval_dataset))  # pipeline: over dp ranks
+
+
+@_seam
+def training_step(self, model, inputs, num_items_in_batch=None):
+    session = S.session_of(self)
+    if session is not None and PP.of(self) is not None:  # the accumulation's batches through the pipeline
+        return PP.training_step(self, session, inputs)
+    return _original("training_step")(self, model, inputs, num_items_in_batch)
 
 
 @_seam
@@ -208,6 +225,10 @@ def _compute_loss(self, model, inputs, return_outputs, num_items_in_batch):
 @_seam
 def _clip_grad_norm(self, model):
     session = S.session_of(self)
+    if session is not None and PP.of(self) is not None:  # every stage: the norm over dp and the pipeline
+        if session.engine is not None:
+            session.engine.finish_grad_sync()
+        return PP.clip(self, session.engine, self.args.max_grad_norm)
     if session is not None and TP.of(self) is not None:  # every stage: the norm over dp and tp
         if session.engine is not None:
             session.engine.finish_grad_sync()
@@ -223,6 +244,8 @@ def _clip_grad_norm(self, model):
 @_seam
 def _get_grad_norm(self, model, grad_norm=None):
     session = S.session_of(self)
+    if session is not None and PP.of(self) is not None and grad_norm is None:
+        grad_norm = PP.grad_norm(self, session.engine)
     if session is not None and TP.of(self) is not None and grad_norm is None:
         self.accelerator.unscale_gradients()
         grad_norm = TP.grad_norm(self, session.engine)
@@ -236,8 +259,9 @@ def _get_grad_norm(self, model, grad_norm=None):
 @_seam
 def save_model(self, output_dir=None, _internal_call=False):
     session = S.session_of(self)
-    if TP.of(self) is not None:  # every stage: the tp parts gathered into the full weights (tensor_parallel.py)
-        TP.save_model(self, session.engine, output_dir if output_dir is not None else self.args.output_dir)
+    if TP.of(self) is not None or PP.of(self) is not None:  # every stage: full weights gathered to rank 0
+        save = PP.save_model if PP.of(self) is not None else TP.save_model
+        save(self, session.engine, output_dir if output_dir is not None else self.args.output_dir)
         if self.args.push_to_hub and not _internal_call:
             self.push_to_hub(commit_message="Model save", revision=self.args.hub_revision)
         return
@@ -322,6 +346,7 @@ def train(self, resume_from_checkpoint=None, trial=None, ignore_keys_for_eval=No
     session = S.session_of(self)
     if resume_from_checkpoint:
         TP.refuse_checkpoint(self, "resume_from_checkpoint")
+        PP.refuse_resume(self)
     if session is not None and session.stage >= 1 and resume_from_checkpoint is True:
         resume_from_checkpoint = checkpoint.newest_complete(self.args.output_dir)
         if resume_from_checkpoint is None:
@@ -385,7 +410,14 @@ def _load_sharded_state(self, checkpoint_dir):
         self.lr_scheduler.load_state_dict(torch.load(scheduler, weights_only=True))
 
 
-def prediction_step(self, model, inputs, prediction_loss_only, ignore_keys=None, **gen_kwargs):
+@_seam
+def prediction_step(self, model, inputs, prediction_loss_only, ignore_keys=None):
+    if PP.of(self) is not None:  # the loss through the pipeline stages
+        return PP.prediction_step(self, inputs, prediction_loss_only)
+    return _original("prediction_step")(self, model, inputs, prediction_loss_only, ignore_keys)
+
+
+def _seq2seq_prediction_step(self, model, inputs, prediction_loss_only, ignore_keys=None, **gen_kwargs):
     session = S.session_of(self)
     if session is not None and session.engine is not None and session.engine.strategy.shard_params and self.args.world_size > 1:
         # Every rank must run the same number of decoding steps, or their gathers fall out of step.
@@ -397,7 +429,8 @@ def prediction_step(self, model, inputs, prediction_loss_only, ignore_keys=None,
     )
 
 
-_seam(prediction_step, Seq2SeqTrainer)
+_seq2seq_prediction_step.__name__ = "prediction_step"
+_seam(_seq2seq_prediction_step, Seq2SeqTrainer)
 
 
 def from_pretrained(cls, pretrained_model_name_or_path, *model_args, **kwargs):

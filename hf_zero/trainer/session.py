@@ -44,9 +44,9 @@ class ZeroSession:
     @property
     def model_parallel_size(self) -> int:
         """The ranks that share one batch: a sequence-parallel group (``sequence_parallel_size``) times a
-        tensor-parallel one (``tensor_parallel.autotp_size``); the world size over it counts the
+        tensor-parallel one (``tensor_parallel.autotp_size``) times a pipeline (``pipeline.stages``); the world size over it counts the
         data-parallel ranks, each training on its own batches (config/resolve.py's ``train_batch_size``)."""
-        return self.config.sequence_parallel_size * self.config.tensor_parallel.autotp_size
+        return self.config.sequence_parallel_size * self.config.tensor_parallel.autotp_size * self.config.pipeline.stages
 
 
 def active_config():

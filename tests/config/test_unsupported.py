@@ -58,6 +58,23 @@ EXAMPLES = {
                                      ["sparse_attention.different_layout_per_head = true with "
                                       "tensor_parallel.autotp_size = 2", "per-head sparse layouts",
                                       "set different_layout_per_head to false"]),
+    "pipeline-stage3": ({"zero_optimization": {"stage": 3}, "pipeline": {"stages": 2}},
+                        ["pipeline.stages = 2 with zero_optimization.stage = 3",
+                         "ZeRO stage 3 inside pipeline stages (not built yet)", "use zero_optimization.stage 0, 1 or 2"]),
+    "pipeline-tensor-parallel": ({"zero_optimization": {"stage": 1}, "pipeline": {"stages": 2},
+                                  "tensor_parallel": {"autotp_size": 2}},
+                                 ["pipeline.stages = 2 with tensor_parallel.autotp_size = 2",
+                                  "pipeline and tensor parallelism together (not built yet)", "use one of the two"]),
+    "pipeline-sequence-parallel": ({"zero_optimization": {"stage": 1}, "pipeline": {"stages": 2},
+                                    "sequence_parallel_size": 2},
+                                   ["pipeline.stages = 2 with sequence_parallel_size = 2",
+                                    "pipeline and sequence parallelism together (not built yet)", "use one of the two"]),
+    "pipeline-offload": ({"zero_optimization": OFFLOAD, "pipeline": {"stages": 2}},
+                         ['pipeline.stages = 2 with zero_optimization.offload_optimizer.device = "cpu"',
+                          "offload with pipeline stages (not built yet)", 'device to "none"']),
+    "pipeline-fp16": ({"fp16": {"enabled": True}, "zero_optimization": {"stage": 1}, "pipeline": {"stages": 2}},
+                      ["pipeline.stages = 2 with fp16 training", "fp16 loss scaling across pipeline stages (not built yet)",
+                       "train in bf16"]),
 }
 
 
