@@ -114,6 +114,9 @@ def build_parser() -> argparse.ArgumentParser:
                      help="a config.json, a model directory, or a hub id whose config.json is in the local "
                           "Hugging Face cache (never downloaded)")
     est.add_argument("--world", type=int, default=8, metavar="N", help="total number of ranks (default 8)")
+    est.add_argument("--tp", type=int, default=1, metavar="T",
+                     help="tensor_parallel.autotp_size: ranks splitting each planned layer; ZeRO shards over "
+                          "world / T ranks (default 1)")
     est.add_argument("--nodes", type=int, default=1, metavar="M",
                      help="nodes the N ranks are spread over; adds a per-node total (default 1)")
     est.add_argument("--stage", default="all", choices=["0", "1", "2", "3", "all"], help="default: all")

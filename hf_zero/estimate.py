@@ -32,13 +32,14 @@ from __future__ import annotations
 
 import argparse
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 
 from hf_zero.byte_units import fmt_bytes as _fmt
 from hf_zero.engine.grad_sync import MAX_IN_FLIGHT
 from hf_zero.engine.layout import PARAM_ALIGN
+from hf_zero.estimate_parallel import Axes, TpSplit, rank_units, tp_split
 
 DTYPE_BYTES = {"fp32": 4, "bf16": 2, "fp16": 2}
 # Optimizer state per element of the local shard, in the state's dtype (fp32 under stages 1-3,
@@ -65,6 +66,14 @@ class ParamCounts:
     """Elements of frozen params: replicated on every rank, in the model dtype."""
     hidden_size: int | None = None
     """The model's hidden size: sizes "auto" buckets (hidden_size ** 2, DeepSpeed's rule)."""
+    tp_split: TpSplit | None = None
+    """What tensor parallelism splits, per param of ``units`` (estimate_parallel.py); None: not counted."""
+
+    def per_rank(self, axes: Axes) -> tuple[ParamCounts, int]:
+        """(what one rank's model holds, the ranks ZeRO shards it over) on ``axes``: [Note: per-rank
+        shares] in estimate_parallel.py. ValueError where tp cannot split the model."""
+        units, dp = rank_units(self.units, self.tp_split, axes)
+        return replace(self, units=units), dp
 
     @property
     def trainable(self) -> int:
@@ -283,7 +292,7 @@ class ActivationShape:
 
 
 def activation_bytes(shape: ActivationShape, *, micro_batch: int, seq_len: int, dtype: str,
-                     gradient_checkpointing: bool) -> int:
+                     gradient_checkpointing: bool, tp: int = 1) -> int:
     """An ESTIMATE of activation memory per rank for one micro-batch of a decoder-only model.
 
     Korthikanti et al. 2022 ("Reducing Activation Recomputation in Large Transformer Models"),
@@ -295,10 +304,15 @@ def activation_bytes(shape: ActivationShape, *, micro_batch: int, seq_len: int, 
     * without checkpointing: L * 34*s*b*h*(p/2) + logits
     * with gradient checkpointing: every layer keeps only its input (L * s*b*h*p), and one
       layer's activations are rebuilt at a time during backward (34*s*b*h*(p/2)) + logits
+
+    With tensor parallelism over ``tp`` ranks (the same paper's Table 2, no sequence parallelism) a
+    layer keeps s*b*h*(10 + 24/tp) bytes: the split layers' inner activations shrink by tp, the layer
+    norms', the block inputs' and dropout masks' (10) stay whole. The LM head is not split
+    (hf_zero/tensor_parallel/plan.py), so the logits stay whole too.
     """
     s, b, h = seq_len, micro_batch, shape.hidden
     p = DTYPE_BYTES[dtype]
-    layer = 34 * s * b * h * p // 2
+    layer = (10 * tp + 24) * s * b * h * p // (2 * tp)
     logits = s * b * shape.vocab * (p + 4)
     if gradient_checkpointing:
         return shape.layers * s * b * h * p + layer + logits
@@ -361,7 +375,7 @@ def count_params(model: torch.nn.Module) -> ParamCounts:
     frozen = sum(p.numel() for p in model.parameters() if not p.requires_grad)
     hidden = getattr(getattr(model, "config", None), "hidden_size", None)
     return ParamCounts(units=tuple(tuple(p.numel() for _, p in g) for g in groups), root_index=root,
-                       frozen=frozen, hidden_size=hidden)
+                       frozen=frozen, hidden_size=hidden, tp_split=tp_split(model, [[n for n, _ in g] for g in groups]))
 
 
 def activation_shape(cfg) -> ActivationShape | None:
@@ -396,6 +410,10 @@ def run(args: argparse.Namespace) -> int:
         raise ValueError(f"--world {args.world} is not divisible by --nodes {args.nodes}")
     bucket = _parse_bucket(args.reduce_bucket_size)
     offload = args.offload in ("cpu", "nvme")
+    axes = Axes(world=args.world, tp=args.tp)
+    if axes.tp > 1 and offload:
+        raise ValueError(f"--offload {args.offload} with --tp {axes.tp}: optimizer offload with tensor parallelism is "
+                         "not built yet (the Trainer refuses it too)")
     if args.plot is not None:
         try:
             import matplotlib
@@ -405,22 +423,23 @@ def run(args: argparse.Namespace) -> int:
         matplotlib.use("Agg")
     cfg = load_model_config(args.model_config)
     counts = count_params(meta_model(cfg))
+    rank, dp = counts.per_rank(axes)  # what one rank's model holds, and the ranks ZeRO shards it over
     shape = activation_shape(cfg)
     act = None if shape is None else activation_bytes(
         shape, micro_batch=args.micro_batch, seq_len=args.seq_len, dtype=args.dtype,
-        gradient_checkpointing=args.gradient_checkpointing)
+        gradient_checkpointing=args.gradient_checkpointing, tp=axes.tp)
     stages = STAGES if args.stage == "all" else (int(args.stage),)
     rows = []
     for stage in stages:
-        b = estimate_bytes(counts, stage=stage, world=args.world, dtype=args.dtype, optimizer=args.optimizer,
+        b = estimate_bytes(rank, stage=stage, world=dp, dtype=args.dtype, optimizer=args.optimizer,
                            model_dtype=args.model_dtype, reduce_bucket_size=bucket,
                            offload_optimizer=offload and stage > 0, offload_device=args.offload,
                            state_dtype=args.offload_state_dtype if offload and stage > 0 else "fp32")
-        gathered = gathered_params_bytes(counts, world=args.world, dtype=args.dtype,
+        gathered = gathered_params_bytes(rank, world=dp, dtype=args.dtype,
                                          model_dtype=args.model_dtype) if stage == 3 else 0
         states = b["params"] + gathered + b["peak_grads"] + b["optimizer_state"]
         rows.append((stage, b, gathered, states, None if act is None else states + act))
-    _print_table(args, cfg, counts, rows, act)
+    _print_table(args, cfg, counts, rows, act, rank if axes.tp > 1 else None)
     if offload:
         _print_auto_ratio(args, counts, rows, act, bucket)
     if args.plot is not None:
@@ -429,12 +448,16 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
-def _print_table(args, cfg, counts: ParamCounts, rows, act) -> None:
+def _print_table(args, cfg, counts: ParamCounts, rows, act, rank: ParamCounts | None) -> None:
     blocks = counts.blocks
     print(f"model: {args.model_config} ({cfg.model_type}); params {counts.total:,} "
           f"(trainable {counts.trainable:,}, frozen {counts.frozen:,}; tied weights counted once)")
     print(f"  stage-3 units: {len(blocks)} blocks of {max(blocks, default=0):,} params (largest), "
           f"root {counts.root:,}")
+    if rank is not None:
+        print(f"tensor parallel {args.tp}: each rank's model holds {rank.total:,} params (the planned layers / "
+              f"{args.tp}, the rest whole; blocks of {max(rank.blocks, default=0):,}); ZeRO shards them over "
+              f"dp = {args.world // args.tp} ranks")
     print(f"world {args.world} ranks on {args.nodes} node(s); precision {args.dtype}, model loaded in "
           f"{args.model_dtype}; optimizer {args.optimizer}; micro batch {args.micro_batch}, seq len {args.seq_len}"
           f"{', gradient checkpointing' if args.gradient_checkpointing else ''}")

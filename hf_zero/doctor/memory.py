@@ -26,10 +26,17 @@ MAX_WORLD = 4096
 Need = Callable[[RunSpec, int], int]
 
 
-def check_model(path: str | None, model: ModelInfo | None, error: str | None) -> CheckResult:
-    """The ``--model`` config could be read and counted (on the meta device)."""
+TP_FIX = ("a tensor_parallel.autotp_size that divides the model's head counts, its split layers' widths and the "
+          "world size, or a model whose tp_plan hf_zero can split (docs/parallelism.md)")
+
+
+def check_model(path: str | None, model: ModelInfo | None, error: str | None, *, tp_error: bool = False) -> CheckResult:
+    """The ``--model`` config could be read and counted (on the meta device), and split by the config's
+    tensor_parallel.autotp_size (``tp_error``: ``error`` says why it cannot be)."""
     if path is None:
         return skipped(MODEL, "no --model given: memory is not sized")
+    if error is not None and tp_error:
+        return failed(MODEL, error, TP_FIX)
     if error is not None:
         return failed(MODEL, error, "give --model a config.json, a model directory holding one, or a "
                                     "hub id whose config.json is in the local Hugging Face cache (never downloaded)")
@@ -103,7 +110,8 @@ def fit_suggestions(model: ModelInfo, spec: RunSpec, world: int, budget: float, 
 
 def _run_text(spec: RunSpec, world: int, dtype: str) -> str:
     acts = "" if spec.seq_len is not None else "; activations not counted (pass --seq_len)"
-    return f"stage {spec.stage}, W = {world}, {dtype}{'' if spec.dtype else ' (dtype auto: the larger of bf16/fp32)'}{acts}"
+    axes = f" (tp {spec.tp}, dp {world // spec.tp})" if spec.tp > 1 else ""
+    return f"stage {spec.stage}, W = {world}{axes}, {dtype}{'' if spec.dtype else ' (dtype auto: the larger of bf16/fp32)'}{acts}"
 
 
 def check_gpu_memory(model: ModelInfo | None, spec: RunSpec, world: int, free: list[int] | None) -> CheckResult:
@@ -134,8 +142,10 @@ def auto_ratio_text(model: ModelInfo, spec: RunSpec, world: int, need, free: int
     """What offload_optimizer.ratio "auto" would choose on a GPU with ``free`` bytes free, the first
     step (everything offloaded) needing ``need`` ([Note: auto ratio] in engine/offload/auto_ratio.py)."""
     from hf_zero.estimate import auto_offload_ratio
+    from hf_zero.estimate_parallel import Axes
 
-    choice = auto_offload_ratio(model.counts, stage=spec.stage, world=world, dtype=need.dtype, optimizer=spec.optimizer,
+    counts, world = model.counts.per_rank(Axes(world=world, tp=spec.tp))  # world: the ranks ZeRO shards over
+    choice = auto_offload_ratio(counts, stage=spec.stage, world=world, dtype=need.dtype, optimizer=spec.optimizer,
                                 headroom_bytes=free - need.device_total, device_bytes=free, model_dtype=model.dtype,
                                 reduce_bucket_size=spec.reduce_bucket_size)
     return (f'offload_optimizer.ratio "auto" would choose {choice.ratio:.4f} after the first step '

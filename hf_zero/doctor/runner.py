@@ -55,7 +55,7 @@ def nvme_paths(config: Any) -> dict[str, list[str]]:
 def run_doctor(inputs: DoctorInputs, environ: Mapping[str, str] | None = None) -> list[CheckResult]:
     """Every check, in table order (cheap ones first)."""
     from hf_zero.doctor import memory  # imports the estimator, and with it torch
-    from hf_zero.doctor.sizing import load_model_info, rank_bytes, spec_from_config
+    from hf_zero.doctor.sizing import load_model_info, rank_bytes, spec_from_config, tp_problem
 
     environ = os.environ if environ is None else environ
     results: list[CheckResult] = []
@@ -86,9 +86,12 @@ def run_doctor(inputs: DoctorInputs, environ: Mapping[str, str] | None = None) -
             error = str(exc)
         except Exception as exc:  # a config transformers reads but cannot build: report, keep checking
             error = f"cannot build the model of --model {inputs.model!r}: {type(exc).__name__}: {exc}"
-    results.append(memory.check_model(inputs.model, model, error))
     spec = spec_from_config(config, micro_batch=inputs.micro_batch, seq_len=inputs.seq_len,
                             gradient_checkpointing=inputs.gradient_checkpointing)
+    tp_error = model is not None and (error := tp_problem(model, spec, world)) is not None
+    if tp_error:
+        model = None  # tensor_parallel.autotp_size cannot split it: nothing to size
+    results.append(memory.check_model(inputs.model, model, error, tp_error=tp_error))
     cuda = probes.cuda_available()
     available = probes.mem_available_bytes()
     free = probes.cuda_free_bytes(nproc) if model is not None else None

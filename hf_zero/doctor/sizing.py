@@ -13,6 +13,9 @@ On top of that, what the doctor needs and the estimator has no column for:
   param offload; the optimizer's own state tensors are ordinary host memory.
 * the host copy every rank loads before it shards (``from_pretrained`` on the CPU, the model's
   dtype), which is what host RAM must hold per rank on a GPU machine.
+
+With ``tensor_parallel.autotp_size`` (``RunSpec.tp``) a rank's model holds the planned layers / tp and
+ZeRO shards it over W / tp ranks ([Note: per-rank shares] in ``hf_zero/estimate_parallel.py``).
 """
 
 from __future__ import annotations
@@ -33,6 +36,7 @@ from hf_zero.estimate import (
     load_model_config,
     meta_model,
 )
+from hf_zero.estimate_parallel import Axes
 
 _TORCH_DTYPES = {"float32": "fp32", "bfloat16": "bf16", "float16": "fp16"}
 
@@ -82,6 +86,8 @@ class RunSpec:
     offload_param: str = "none"
     pin_optimizer: bool = False
     pin_param: bool = False
+    tp: int = 1
+    """tensor_parallel.autotp_size: ranks splitting each planned layer ([Note: per-rank shares])."""
 
 
 def optimizer_kind(spec: Any) -> str:
@@ -114,6 +120,7 @@ def spec_from_config(config: Any, *, micro_batch: int | None = None, seq_len: in
         offload_auto=not isinstance(zero.offload_optimizer.ratio, float),
         offload_param=zero.offload_param.device if zero.stage == 3 else "none",
         pin_optimizer=zero.offload_optimizer.pin_memory, pin_param=zero.offload_param.pin_memory,
+        tp=config.tensor_parallel.autotp_size,
     )
 
 
@@ -139,15 +146,15 @@ class RankBytes:
         return ", ".join(f"{k} {fmt_bytes(v)}" for k, v in self.device.items() if v)
 
 
-def _rank_bytes_for(model: ModelInfo, spec: RunSpec, world: int, dtype: str) -> RankBytes:
-    counts = model.counts
+def _rank_bytes_for(model: ModelInfo, spec: RunSpec, ranks: int, dtype: str) -> RankBytes:
+    counts, world = model.counts.per_rank(Axes(world=ranks, tp=spec.tp))  # world: the ranks ZeRO shards over
     b = estimate_bytes(counts, stage=spec.stage, world=world, dtype=dtype, optimizer=spec.optimizer,
                        model_dtype=model.dtype, reduce_bucket_size=spec.reduce_bucket_size)
     gathered = gathered_params_bytes(counts, world=world, dtype=dtype, model_dtype=model.dtype) if spec.stage == 3 else 0
     act = 0
     if model.shape is not None and spec.seq_len is not None:
         act = activation_bytes(model.shape, micro_batch=spec.micro_batch, seq_len=spec.seq_len, dtype=dtype,
-                               gradient_checkpointing=spec.gradient_checkpointing)
+                               gradient_checkpointing=spec.gradient_checkpointing, tp=spec.tp)
     params, optimizer = b["params"], b["optimizer_state"]
     offloaded: dict[str, int] = {}
     pinned = 0
@@ -178,6 +185,15 @@ def _rank_bytes_for(model: ModelInfo, spec: RunSpec, world: int, dtype: str) -> 
             pinned += shard_params
     device = {"params": params + gathered, "grads": b["peak_grads"], "optimizer": optimizer, "activations": act}
     return RankBytes(dtype=dtype, device=device, offloaded=offloaded, pinned=pinned)
+
+
+def tp_problem(model: ModelInfo, spec: RunSpec, world: int) -> str | None:
+    """Why ``spec.tp`` cannot split this model at ``world`` ranks (``ParamCounts.per_rank``' refusal), else None."""
+    try:
+        model.counts.per_rank(Axes(world=world, tp=spec.tp))
+    except ValueError as error:
+        return str(error)
+    return None
 
 
 def rank_bytes(model: ModelInfo, spec: RunSpec, world: int) -> RankBytes:

@@ -9,7 +9,9 @@ Trainer job at ``tensor_parallel.autotp_size`` 2, ZeRO stage 2: dp 2 x tp 2 over
   ``hf_zero/launcher/placement.py``); the tp groups are {0, 1} and {2, 3}, the dp groups {0, 2}, {1, 3};
 - every logged loss and clipped grad norm equals one plain Trainer process on the whole batch (1e-5);
 - every collective of ``train()``, counted by its process group (``data/tp_two_nodes.py``): the tp
-  all-reduces run inside a node only, and only dp-group and world-group collectives cross nodes.
+  all-reduces run inside a node only, and only dp-group and world-group collectives cross nodes;
+- the bytes every rank's run report measures are ``hf-zero estimate``'s for W 4 at tp 2
+  ([Note: per-rank shares] in ``hf_zero/estimate_parallel.py``).
 
 A layout that would split a tp group over two nodes is refused by ``hf-zero launch`` before any rank
 starts (``test_tp_group_across_nodes_is_refused``).
@@ -25,6 +27,8 @@ import pytest
 from transformers import Trainer
 
 from hf_zero import cli
+from hf_zero.estimate import count_params, estimate_bytes, meta_model
+from hf_zero.estimate_parallel import Axes
 from hf_zero.launcher import placement
 from hf_zero.testing.multiprocess import free_port
 from tests.launcher.data import tp_two_nodes as job
@@ -93,6 +97,15 @@ def test_two_nodes_keep_tp_inside_a_node(tmp_path):
     assert tp_groups == {(0, 1), (2, 3)} and dp_groups == {(0, 2), (1, 3)}, (tp_groups, dp_groups)
     for record in records:
         same_training(record["history"], history(ref), job.STEPS, f"rank {record['rank']}")
+
+    # the bytes each rank holds, measured by the run report, are hf-zero estimate's for (W 4, tp 2)
+    rank_counts, dp = count_params(meta_model(ref.model.config)).per_rank(Axes(world=NODES * PER_NODE, tp=TP))
+    want = estimate_bytes(rank_counts, stage=2, world=dp, dtype="fp32", optimizer="adamw")
+    report = json.loads((tmp_path / "trainer" / "hf_zero_report.json").read_text())
+    for measured in report["ranks"]:
+        got = measured["bytes"]
+        assert (got["params"], got["grads"], got["peak_grads"], got["optimizer_state"]) == (
+            want["params"], want["grads_at_step"], want["peak_grads"], want["optimizer_state"]), (got, want)
 
     table = _census(records, node_of, tp_groups, dp_groups)
     print("\ncollectives of train() per node (summed over its ranks):")
