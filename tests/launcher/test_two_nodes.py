@@ -127,7 +127,14 @@ def test_two_nodes_keep_tp_inside_a_node(tmp_path):
         assert set(k.rsplit(" ", 1)[0] for k in counts) <= {"tp inside", "dp across", "world across"}, counts
 
 
-def test_tp_group_across_nodes_is_refused(tmp_path, capsys):
+# every way hf-zero launch runs several nodes; ssh and slurm with --dry_run (nothing would start either way)
+@pytest.mark.parametrize("flags", [
+    ["--hostfile", "HOSTS", "--launcher", "torchrun", "--node_rank", "0"],
+    ["--hostfile", "HOSTS", "--launcher", "ssh", "--dry_run"],
+    ["--hostfile", "HOSTS", "--launcher", "slurm", "--dry_run"],
+    ["--num_nodes", "2", "--nproc_per_node", "3", "--node_rank", "1", "--master_addr", "127.0.0.1"],
+], ids=["hostfile-torchrun", "ssh", "slurm", "num_nodes-torchrun"])
+def test_tp_group_across_nodes_is_refused(tmp_path, capsys, flags):
     """3 processes on each of 2 nodes at tp 2: the group {2, 3} would be rank 2 on node 0 and rank 3 on
     node 1. Refused with exit code 2 before any rank starts (the script would leave a file)."""
     hostfile = tmp_path / "hosts"
@@ -137,12 +144,13 @@ def test_tp_group_across_nodes_is_refused(tmp_path, capsys):
     marker = tmp_path / "started"
     script = tmp_path / "train.py"
     script.write_text(f"open({str(marker)!r}, 'w').close()\n")
-    code = cli.main(["launch", "--hostfile", str(hostfile), "--launcher", "torchrun", "--node_rank", "0",
-                     "--master_port", str(free_port()), str(script), "--zero_config", str(config)])
+    flags = [str(hostfile) if f == "HOSTS" else f for f in flags]
+    code = cli.main(["launch", *flags, "--master_port", str(free_port()), str(script), "--zero_config", str(config)])
     assert code == 2
     err = capsys.readouterr().err
-    assert (f"hf_zero: tensor_parallel.autotp_size = 2 in {config} does not divide the 3 processes of node 0 "
-            "(127.0.0.1): the tensor-parallel group of ranks 2..3 would span nodes 0 and 1") in err, err
+    node0 = " (127.0.0.1)" if "--hostfile" in flags else ""
+    assert (f"hf_zero: tensor_parallel.autotp_size = 2 in {config} does not divide the 3 processes of node 0{node0}: "
+            "the tensor-parallel group of ranks 2..3 would span nodes 0 and 1") in err, err
     assert "Allowed autotp_size for [3, 3] processes per node: [1, 3]" in err, err
     assert not marker.exists()
 
