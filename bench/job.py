@@ -67,6 +67,7 @@ PRESETS = {
     "tiny": (64, 2, 128, 4, 2, 256),
     "1b1": (2048, 22, 5632, 32, 4, 32000),
     "7b": (4096, 32, 11008, 32, 32, 32000),
+    "13b": (5120, 40, 13824, 40, 40, 32000),  # issue 18 D5 (bench/largest_model.py); fewer layers: --num_layers
 }
 GIB = 1024**3
 
@@ -365,9 +366,9 @@ def train(bench: BenchArguments, targs: TrainingArguments) -> dict | None:
         model = AutoModelForCausalLM.from_config(config, dtype=dtype)
     trainer_cls = Trainer
     if bench.alst:
-        from alst import AlstTrainer, apply_tiled_mlp  # beside this file
+        from alst import AlstTrainer, apply_alst  # beside this file
 
-        apply_tiled_mlp(model)
+        apply_alst(model)
         trainer_cls = AlstTrainer
     build_s = time.perf_counter() - t0
     n_params = count_params(config)
