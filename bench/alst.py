@@ -10,7 +10,7 @@ ArcticTraining (ALST's reference trainer) writes it, with DeepSpeed 0.19.8's own
 | piece | DeepSpeed 0.19.8 API | how this script applies it |
 |---|---|---|
 | tiled MLP | `ulysses_sp.TiledMLP` | each decoder layer's `mlp.forward` (an instance attribute; ArcticTraining patches the class) runs `TiledMLP.apply` with ALST's rule `shards = ceil(seq / hidden)` |
-| tiled loss | `ulysses_sp.TiledFusedLogitsLoss` | `compute_loss` runs the decoder (`model.model`) for the hidden states and the LM head + the model's `loss_function` in tiles of at most 1 GiB of fp32 logits (ArcticTraining's rule); each tile returns its share of the mean over the sequence's labels (see `_loss_share`) |
+| tiled loss | `ulysses_sp.TiledFusedLogitsLoss` | inside the model's forward (so inside DeepSpeed's `engine.forward`, whose output hooks start DeepSpeed's backward): `compute_loss` asks for no logits (`logits_to_keep` an empty index), a forward hook on the decoder keeps its last hidden states, and the model's `loss_function` (transformers' settable hook) runs the LM head + the original loss on them in tiles of at most 1 GiB of fp32 logits (ArcticTraining's rule); each tile returns its share of the mean over the sequence's labels (`_loss_share`). ArcticTraining calls `model.model` outside the engine; DeepSpeed 0.19.8 runs its backward prologue from hooks on `engine.forward`'s outputs, which that would skip |
 | checkpoint offload | `offload_activations.get_checkpoint_hidden_states_offloading_ctx_manager()` | wraps each `training_step` (forward and backward): every checkpointed decoder layer's input goes to pinned host memory on a side stream (DeepSpeed's tutorial: the way for HF non-reentrant checkpointing; 0.19.8's engine does not apply the JSON's `activation_checkpointing.cpu_checkpointing` to HF checkpointing, which calls torch's checkpoint, not DeepSpeed's) |
 
 ZeRO-3 with parameter and optimizer offload comes from the DeepSpeed JSON (`--deepspeed`), and
@@ -54,7 +54,7 @@ def loss_shards(tokens: int, vocab_size: int) -> int:
     return max(1, math.ceil(tokens * vocab_size * 4 / LOGITS_TILE_BYTES))
 
 
-def _loss_share(total_labels: torch.Tensor):
+def _loss_share(tiled: "TiledLoss", total_labels: torch.Tensor):
     """One tile's share of the mean loss: LM head, the model's own causal-LM loss (a mean over the
     tile's labels) times the tile's label count, over the whole sequence's label count. The tiles'
     shares sum to the untiled mean, and the weight gradients TiledFusedLogitsLoss accumulates
@@ -67,15 +67,47 @@ def _loss_share(total_labels: torch.Tensor):
         good = (shift_labels != -100).sum()
         if good == 0:  # cross entropy over no labels is nan; keep the graph, add nothing
             return (logits.sum() * 0.0).float()
-        loss = model.loss_function(logits=logits, labels=None, vocab_size=model.config.vocab_size,
-                                   shift_labels=shift_labels)
+        loss = tiled.original(logits=logits, labels=None, vocab_size=model.config.vocab_size,
+                              shift_labels=shift_labels)
         return loss * good / total_labels
 
     return share
 
 
+class TiledLoss:
+    """The model's `loss_function` replaced by ALST's tiled loss over the decoder's last hidden
+    states, which a forward hook on the decoder keeps until the loss takes them."""
+
+    def __init__(self, model: torch.nn.Module):
+        self.model, self.original = model, model.loss_function
+        self.hidden: torch.Tensor | None = None
+        model.model.register_forward_hook(self._keep_hidden)
+        model.loss_function = self
+
+    def _keep_hidden(self, module, args, output) -> None:
+        self.hidden = output.last_hidden_state
+
+    def __call__(self, logits, labels, vocab_size, **kwargs) -> torch.Tensor:
+        from deepspeed.runtime.sequence_parallel.ulysses_sp import TiledFusedLogitsLoss
+
+        hidden, self.hidden = self.hidden, None
+        shift_labels = torch.nn.functional.pad(labels, (0, 1), value=-100)[..., 1:].contiguous()
+        total = (shift_labels != -100).sum().clamp(min=1)
+        shards = loss_shards(shift_labels.numel(), vocab_size)
+        head = self.model.lm_head
+        return TiledFusedLogitsLoss.apply(_loss_share(self, total), self.model, hidden, shift_labels, None, shards,
+                                          [head.weight], "sum")
+
+
+def apply_alst(model: torch.nn.Module) -> None:
+    """TiledMLP on every decoder MLP and the tiled loss as the model's loss function."""
+    apply_tiled_mlp(model)
+    TiledLoss(model)
+
+
 class AlstTrainer(Trainer):
-    """The Trainer with ALST's tiled loss and DeepSpeed's checkpoint offload around each step."""
+    """The Trainer asking the model for no logits (the tiled loss needs none), with DeepSpeed's
+    checkpoint offload around each training step."""
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
@@ -95,16 +127,7 @@ class AlstTrainer(Trainer):
             return super().training_step(*args, **kwargs)
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
-        from deepspeed.runtime.sequence_parallel.ulysses_sp import TiledFusedLogitsLoss
-
-        if return_outputs or not model.training:
-            return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
-        lm = self.accelerator.unwrap_model(model)
-        labels = inputs["labels"]
-        shift_labels = torch.nn.functional.pad(labels, (0, 1), value=-100)[..., 1:].contiguous()
-        hidden = lm.model(input_ids=inputs["input_ids"], use_cache=False).last_hidden_state
-        shards = loss_shards(shift_labels.numel(), lm.config.vocab_size)
-        total = (shift_labels != -100).sum().clamp(min=1)
-        return TiledFusedLogitsLoss.apply(
-            _loss_share(total), lm, hidden, shift_labels, None, shards, [lm.lm_head.weight], "sum"
-        )
+        if model.training and "labels" in inputs:
+            no_logits = torch.empty(0, dtype=torch.long, device=inputs["labels"].device)
+            inputs = {**inputs, "logits_to_keep": no_logits}
+        return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
