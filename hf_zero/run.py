@@ -8,7 +8,8 @@ Started once per rank by `hf-zero launch`, torchrun, srun or `accelerate launch`
    (hf_zero/config/unsupported.py, an "auto" precision filled from the script's --fp16/--bf16),
    stops every rank with `hf_zero: <message>` and exit code 2, before any process group exists;
 2. maps SLURM_* onto RANK/WORLD_SIZE/LOCAL_RANK/... when srun started it without torchrun
-   (`hf_zero.launcher.slurm`);
+   (`hf_zero.launcher.slurm`); rank 0 warns when tensor-parallel groups would span nodes
+   (`hf_zero.launcher.placement`, which `hf-zero launch` refuses before starting);
 3. calls `hf_zero.trainer.activate(config)` (only with `--zero_config`); a config this
    version cannot run (NotImplementedError) also stops with `hf_zero: <message>`, exit 2;
 4. runs the script as `python SCRIPT ARGS` (or `python -m MODULE ARGS`) would:
@@ -36,6 +37,7 @@ from hf_zero.config.errors import ArgumentsMismatch, ConfigError
 from hf_zero.config.unsupported import UnsupportedConfig
 from hf_zero.launcher import error_file
 from hf_zero.launcher.args import check_script
+from hf_zero.launcher.placement import spanning_warning
 from hf_zero.launcher.slurm import torch_env_from_slurm
 from hf_zero.launcher.zero_config_arg import load_zero_config, split_config_flag
 
@@ -67,6 +69,9 @@ def main(argv: Sequence[str] | None = None) -> None:
         _fail(str(error))
     if flag.note is not None and os.environ.get("RANK", "0") == "0":
         print(flag.note, file=sys.stderr)  # one line for the job
+    spanning = None if config is None else spanning_warning(config.tensor_parallel.autotp_size, os.environ)
+    if spanning is not None and os.environ.get("RANK", "0") == "0":
+        print(spanning, file=sys.stderr)
     if config is not None:
         from hf_zero.trainer import activate
 

@@ -15,12 +15,12 @@ then starts at a multiple of tp). Worked example, 2 nodes:
 
 A tp group spanning nodes would still compute the right thing, but its all-reduces (two per decoder
 block in forward, and the colwise inputs' in backward, every micro-step) would all cross the link
-between nodes, the slowest one. ``hf-zero launch`` refuses that layout (``check_tp_placement``);
-only the dp collectives (ZeRO's reduce-scatters and all-gathers, once per bucket per step) should
+between nodes, the slowest one. ``hf-zero launch`` refuses that layout (``check_tp_placement``), and
+``hf_zero.run`` under another launcher warns of it (``spanning_warning``); only the dp collectives (ZeRO's reduce-scatters and all-gathers, once per bucket per step) should
 cross nodes.
 """
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 
 from hf_zero.launcher.args import LaunchOptions
 from hf_zero.launcher.resources import Hosts
@@ -70,3 +70,22 @@ def check_tp_placement(tp: int, counts: Sequence[int], *, source: str, hosts: Se
             f"{node} and {node + 1}, and its all-reduces (every split layer, every micro-step) would cross the "
             f"link between them. Allowed autotp_size for {list(counts)} processes per node: {allowed}; or run a "
             f"multiple of {tp} processes on every node (--nproc_per_node, hostfile slots)")
+
+
+def spanning_warning(tp: int, environ: Mapping[str, str]) -> str | None:
+    """For ranks another launcher started (torchrun, srun: ``hf_zero.run``): one line saying that tp
+    groups span nodes, from WORLD_SIZE and LOCAL_WORLD_SIZE (the same on every node, as torchrun's
+    --nproc_per_node and srun's --ntasks-per-node make it); None when they do not, or it cannot tell.
+    A warning, not a refusal: the job computes the same, only slower (``hf-zero launch`` refuses it)."""
+    world, local = environ.get("WORLD_SIZE", ""), environ.get("LOCAL_WORLD_SIZE", "")
+    if not (world.isascii() and world.isdigit() and local.isascii() and local.isdigit()):
+        return None
+    world_size, per_node = int(world), int(local)
+    if tp <= 1 or per_node < 1 or world_size <= per_node or world_size % per_node or world_size % tp:
+        return None
+    if per_node % tp == 0:
+        return None
+    last = per_node - 1
+    return (f"hf_zero: warning: tensor_parallel.autotp_size = {tp} does not divide the {per_node} ranks per node "
+            f"(LOCAL_WORLD_SIZE): tensor-parallel groups span nodes (ranks {last - last % tp}..{last - last % tp + tp - 1} "
+            f"first), so their all-reduces cross the link between nodes; run a multiple of {tp} ranks per node")

@@ -169,3 +169,20 @@ def test_tp_placement_rule(tp, counts, spans):
         return
     with pytest.raises(ValueError, match=spans):
         placement.check_tp_placement(tp, counts, source="z.json")
+
+
+@pytest.mark.parametrize("tp,world,local,warned", [
+    (2, "6", "3", "does not divide the 3 ranks per node (LOCAL_WORLD_SIZE): tensor-parallel groups span nodes "
+                  "(ranks 2..3 first)"),
+    (4, "8", "2", "(ranks 0..3 first)"),
+    (2, "4", "2", None), (2, "3", "3", None),  # inside a node; one node
+    (2, "6", None, None), (1, "6", "3", None),  # not torchrun's variables; no tp
+])
+def test_warning_under_another_launcher(tp, world, local, warned):
+    """hf_zero.run started by torchrun or srun themselves: rank 0 warns once of tp groups spanning nodes."""
+    environ = {"WORLD_SIZE": world} | ({} if local is None else {"LOCAL_WORLD_SIZE": local})
+    line = placement.spanning_warning(tp, environ)
+    if warned is None:
+        assert line is None
+    else:
+        assert line.startswith(f"hf_zero: warning: tensor_parallel.autotp_size = {tp} ") and warned in line, line
