@@ -22,10 +22,12 @@ x elements and the host at most H bytes of tier data:
     host: s (N - x) + (2 N if params on the host)    s = 16 (fp32 state) or 12 (bf16 state)
     disk: 2 N if params on NVMe
 
-With 16 x + W <= ~70 GiB (x ~ 3.8 G) and H ~ 100 GiB (leaving ~25 GiB of the host for the
-processes, CUDA, pinned staging and the step's speculative copies), fp32 state fits N <= 10.6 G
-with params on NVMe (N <= 9.4 G with params on the host); 13.0 G fits only with bf16 state
-(12 x 8.95 G = 100 GiB on the host, params on NVMe), an opt-in numerics change. Not expressible
+With H = 104 GiB (leaving ~21 GiB of the host for the processes, CUDA, the NVMe staging buffers
+and the step's speculative copies, which take only what leaves 10% of it free) and 16 x + W at
+most ~70 GiB, fp32 state fits 10.5 G (32 layers) with params on NVMe, 9.2 G (28 layers) with
+params on the host; two more layers put the GPU at 79 GiB. 13.0 G fits only with bf16 state
+(12 x 9.2 G = 103 GiB on the host, params on NVMe, 57 + 13 GiB on the GPU), an opt-in numerics
+change. The ratio counts whole stage-3 units (``offloaded_elements``), as the engine splits. Not expressible
 today: one optimizer split over GPU, host *and* NVMe (the NVMe tier is all or nothing past the
 ratio), which fp32 13B would need (12 bytes x 9.2 G: 110 GB host + NVMe together). Gradient
 accumulation is left at 1: at W = 1 every bucket's fp32 main grad stays on the GPU while
@@ -53,7 +55,7 @@ from pathlib import Path
 from run import ROOT, failure_summary, git_commit, job_arguments, probe_environment, run_logged
 
 GIB = 1 << 30
-HOST_TIER_BYTES = 100 * GIB  # H: host bytes the tiers may take (see the Note)
+HOST_TIER_BYTES = 104 * GIB  # H: host bytes the tiers may take (see the Note)
 GPU_WORK_BYTES = 13 * GIB  # W at micro batch 2 (see the Note)
 SHAPES = {"13b": (5120, 13824, 32000), "tiny": (64, 128, 256)}  # hidden, intermediate, vocab (job.py's presets)
 
@@ -86,14 +88,32 @@ def host_bytes_per_element(plan: Plan) -> int:
 
 
 def ratio_for(plan: Plan, n: int, host_bytes: int = HOST_TIER_BYTES) -> float:
-    """The share of the optimizer on the host that spends ``host_bytes`` of tier data (at most 1)."""
-    room = host_bytes - (2 * n if plan.params == "cpu" else 0)
-    return max(0.001, min(1.0, int(1000 * room / host_bytes_per_element(plan) / n) / 1000))
+    """The largest ratio (to 0.001) whose host tiers fit ``host_bytes``, whole units counted."""
+    ratio = max(0.001, min(1.0, int(1000 * (host_bytes - (2 * n if plan.params == "cpu" else 0))
+                                    / host_bytes_per_element(plan) / n) / 1000))
+    while ratio > 0.001 and placement(plan, n, ratio)["host_tier_bytes"] > host_bytes:
+        ratio = round(ratio - 0.001, 3)
+    return ratio
+
+
+def offloaded_elements(layers: int, ratio: float, shape: str = "13b") -> int:
+    """Elements whose optimizer the host steps: whole stage-3 units (one a layer, the root last), the
+    first ones until ``ratio`` of all is reached, as ``OptimizerOffload.offloaded`` picks them (so up
+    to one unit more than ``ratio`` says)."""
+    hidden, inter, vocab = SHAPES[shape]
+    sizes = [n_params(shape, 1) - 2 * vocab * hidden - hidden] * layers + [2 * vocab * hidden + hidden]
+    total, acc = sum(sizes), 0
+    for size in sizes:
+        if acc >= ratio * total:
+            break
+        acc += size
+    return acc
 
 
 def placement(plan: Plan, n: int, ratio: float) -> dict:
-    """Bytes where they live ([Note: placement]); GPU work is an estimate at micro batch 2."""
-    kept = n - int(ratio * n)
+    """Bytes where they live ([Note: placement]) for the plan's model of ``n`` params; GPU work is
+    an estimate at micro batch 2."""
+    kept = n - offloaded_elements(plan.layers, ratio)
     return {"params": n, "ratio": ratio, "gpu_optimizer_bytes": 16 * kept, "gpu_work_bytes_est": GPU_WORK_BYTES,
             "host_tier_bytes": host_bytes_per_element(plan) * (n - kept) + (2 * n if plan.params == "cpu" else 0),
             "disk_bytes": 2 * n if plan.params == "nvme" else 0}
