@@ -107,9 +107,10 @@ def check_master_port(addr: str | None, port: int | None, nnodes: int, *, probe_
     the master host answers a TCP connect within ``timeout``.
 
     Binding (addr, port) tells the cases apart: it works (or says "in use") only for an address of
-    this machine. A refused connection counts as reachable: node 0 may not have started yet. For a
-    ``node_rank`` > 0 whose master address is this machine (two nodes of a job on one host), "in use"
-    is node rank 0's rendezvous already listening, not a conflict."""
+    this machine. A refused connection counts as reachable: node 0 may not have started yet. A
+    ``node_rank`` > 0 never binds the port, which node rank 0 owns (it may be binding it right now):
+    it binds the address on any port to tell whether the master is this machine (several nodes of a
+    job on one host), and otherwise probes it as a remote master."""
     if addr is None:
         if nnodes > 1:
             return skipped(MASTER_PORT, "no --master_addr")
@@ -123,12 +124,12 @@ def check_master_port(addr: str | None, port: int | None, nnodes: int, *, probe_
     except OSError:
         return skipped(MASTER_PORT, f"{addr!r} does not resolve (see master address)")
     where = f"{addr}:{port}"
-    code = _bind(family, ip, port)
+    code = _bind(family, ip, 0 if node_rank > 0 else port)
+    if code == 0 and node_rank > 0:
+        return passed(MASTER_PORT, f"{where}: the master is this machine, where node rank 0's rendezvous runs "
+                                   f"(this is node rank {node_rank}; the port is node rank 0's to bind)")
     if code == 0:
         return passed(MASTER_PORT, f"{where} is free to bind on this machine (the master)")
-    if code == errno.EADDRINUSE and node_rank > 0:
-        return passed(MASTER_PORT, f"{where} is in use on this machine: node rank 0's rendezvous, this is node "
-                                   f"rank {node_rank}")
     if code == errno.EADDRINUSE:
         return failed(MASTER_PORT, f"{where} is already in use on this machine",
                       "pick another --master_port (the same on every node), or stop the process holding it "

@@ -130,3 +130,15 @@ def test_launcher_env_against_flags_and_under_hf_zero_launch():
     assert check_launcher_env(env, launcher="torchrun").status is Status.WARN
     slurm = check_launcher_env(env, launcher="slurm")
     assert slurm.status is Status.FAIL and "unset RANK" in slurm.fix
+
+
+def test_a_later_node_rank_never_binds_the_masters_port(monkeypatch, busy_port):
+    """Node rank 1 on the master's machine (two nodes of a job on one host): node rank 0 owns the port,
+    in use or not; a remote master is treated as before."""
+    for port in (busy_port, 29500):
+        result = check_master_port("127.0.0.1", port, 2, probe_remote=False, node_rank=1)
+        assert result.status is Status.PASS, result
+        assert result.detail == (f"127.0.0.1:{port}: the master is this machine, where node rank 0's rendezvous runs "
+                                 "(this is node rank 1; the port is node rank 0's to bind)")
+    monkeypatch.setattr(environment.socket, "create_connection", None)  # would raise if called
+    assert check_master_port(REMOTE, 29500, 2, probe_remote=False, node_rank=1).status is Status.SKIP
