@@ -7,11 +7,22 @@ say TiledMLP and activation-checkpoint offload are not in transformers. ALST's s
 ZeRO-3 with CPU offload) is therefore code in the user's script, written here the way
 ArcticTraining (ALST's reference trainer) writes it, with DeepSpeed 0.19.8's own pieces:
 
-| piece | DeepSpeed 0.19.8 API | how this script applies it |
-|---|---|---|
-| tiled MLP | `ulysses_sp.TiledMLP` | each decoder layer's `mlp.forward` (an instance attribute; ArcticTraining patches the class) runs `TiledMLP.apply` with ALST's rule `shards = ceil(seq / hidden)` |
-| tiled loss | `ulysses_sp.TiledFusedLogitsLoss` | inside the model's forward (so inside DeepSpeed's `engine.forward`, whose output hooks start DeepSpeed's backward): `compute_loss` asks for no logits (`logits_to_keep` an empty index), a forward hook on the decoder keeps its last hidden states, and the model's `loss_function` (transformers' settable hook) runs the LM head + the original loss on them in tiles of at most 1 GiB of fp32 logits (ArcticTraining's rule); each tile returns its share of the mean over the sequence's labels (`_loss_share`). ArcticTraining calls `model.model` outside the engine; DeepSpeed 0.19.8 runs its backward prologue from hooks on `engine.forward`'s outputs, which that would skip |
-| checkpoint offload | `offload_activations.get_checkpoint_hidden_states_offloading_ctx_manager()` | wraps each `training_step` (forward and backward): every checkpointed decoder layer's input goes to pinned host memory on a side stream (DeepSpeed's tutorial: the way for HF non-reentrant checkpointing; 0.19.8's engine does not apply the JSON's `activation_checkpointing.cpu_checkpointing` to HF checkpointing, which calls torch's checkpoint, not DeepSpeed's) |
+- tiled MLP (`ulysses_sp.TiledMLP`): each decoder layer's `mlp.forward` (an instance attribute;
+  ArcticTraining patches the class) runs `TiledMLP.apply` with ALST's rule
+  `shards = ceil(seq / hidden)`.
+- tiled loss (`ulysses_sp.TiledFusedLogitsLoss`): inside the model's forward, so inside
+  DeepSpeed's `engine.forward`, whose output hooks run DeepSpeed 0.19.8's backward prologue
+  (ArcticTraining calls `model.model` outside the engine, which would skip it). `compute_loss`
+  asks for no logits (`logits_to_keep` an empty index), a forward hook on the decoder keeps its
+  last hidden states, and the model's `loss_function` (transformers' settable hook) runs the LM
+  head and the original loss on them in tiles of at most 1 GiB of fp32 logits (ArcticTraining's
+  rule); each tile returns its share of the mean over the sequence's labels (`_loss_share`).
+- checkpoint offload (`offload_activations.get_checkpoint_hidden_states_offloading_ctx_manager`):
+  wraps each `training_step` (forward and backward); every checkpointed decoder layer's input
+  goes to pinned host memory on a side stream. DeepSpeed's ALST tutorial gives it for Hugging
+  Face non-reentrant checkpointing: 0.19.8's engine applies the JSON's
+  `activation_checkpointing.cpu_checkpointing` only to `deepspeed.checkpointing.checkpoint`,
+  which transformers does not call.
 
 ZeRO-3 with parameter and optimizer offload comes from the DeepSpeed JSON (`--deepspeed`), and
 `--gradient_checkpointing` with `use_reentrant: false` from the Trainer's own flags.

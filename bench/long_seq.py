@@ -55,7 +55,7 @@ import time
 from pathlib import Path
 
 from long_seq_search import Outcome, search
-from run import CONFIGS, DEFAULT_TIMEOUT, ROOT, failure_summary, git_commit, job_arguments, probe_environment
+from run import CONFIGS, ROOT, failure_summary, git_commit, job_arguments, probe_environment
 from run import run_logged
 
 _HFZERO = ("-m", "hf_zero.run")
@@ -302,12 +302,28 @@ def markdown(doc: dict) -> str:
     return "\n".join(rows) + "\n"
 
 
+def cpu_environment() -> dict:
+    """`run.probe_environment`'s answer for `--device cpu`, without importing torch in a child."""
+    import importlib.metadata as md
+    import platform
+
+    def version(dist):
+        try:
+            return md.version(dist)
+        except md.PackageNotFoundError:
+            return None
+
+    dists = ("torch", "transformers", "accelerate", "deepspeed", "hf-zero")
+    return {"cuda": False, "device_name": "cpu", "gpu_count": 0,
+            "versions": {"python": platform.python_version(), **{d: version(d) for d in dists}}}
+
+
 def main(argv=None) -> int:
     opts = parse_args(argv)
     started = time.time()
-    env_info = probe_environment()
-    if opts.device != "auto":
-        env_info["cuda"] = opts.device == "cuda"
+    env_info = cpu_environment() if opts.device == "cpu" else probe_environment()
+    if opts.device == "cuda":
+        env_info["cuda"] = True
     if not opts.no_expandable_segments:
         os.environ["PYTORCH_CUDA_ALLOC_CONF"] = "expandable_segments:True"  # ALST's advice, for every system
     sys.path.insert(0, str(ROOT / "bench"))
