@@ -11,13 +11,14 @@ optimizer and ZeRO see this stage's params under their original names.
 | stage 0 | no DDP: after the schedule, the grads are averaged over the stage's dp ranks in one flat all-reduce |
 | stages 1-2 | the ZeroEngine shards over the stage's dp group (``group=``); stage 1 reduces once, at the step |
 | clipping, grad norm | the squares of each stage's norm (over its dp group) summed over the pipeline |
-| ``evaluate`` | the loss only, forward through the stages (a batch one micro-batch); predictions refused (not built yet) |
+| ``evaluate`` | the loss only, forward through the stages (a batch one micro-batch), gathered from stage 0's ranks only (each pipeline's batch once); predictions refused (not built yet) |
 | ``save_model`` | every stage's full params sent to rank 0, which writes them as ``save_pretrained`` does |
 | checkpoints, resume | not built yet: refused at Trainer creation (save_strategy) and at ``train(resume_from_checkpoint=...)`` |
 """
 
 from __future__ import annotations
 
+import functools
 import weakref
 from dataclasses import dataclass, field
 
@@ -67,6 +68,8 @@ def setup(trainer, config) -> None:
     session = session_of(trainer)
     loaded = session.loaded.pipeline.micro_batches if session is not None and session.loaded is not None else AUTO
     _BY_TRAINER[trainer] = TrainerPp(mesh, runner, AUTO if loaded is AUTO else pp.micro_batches)
+    # evaluate(): every stage holds each batch's loss; only stage 0's ranks count (the Trainer's own attribute)
+    trainer.gather_function = functools.partial(_gather_for_metrics, trainer.accelerator, mesh)
 
 
 def _refuse_not_built(trainer, config) -> None:
@@ -85,6 +88,19 @@ def _refuse_not_built(trainer, config) -> None:
                               "trainer.save_model() for the full weights")
     if any(p.device.type == "meta" for p in trainer.model.parameters()):
         raise NotAvailableYet(f"{KEY} = {pp.stages} with a model loaded sharded (zero3_init_flag): not built yet")
+
+
+def _gather_for_metrics(accelerator, mesh: PpMesh, tensor: torch.Tensor) -> torch.Tensor:
+    """accelerate's ``gather_for_metrics`` with each pipeline's batch counted once: the world's tensors
+    gathered (rank order: stage 0's dp ranks first), stage 0's kept, the last batch's padding dropped."""
+    if not torch.is_tensor(tensor):
+        raise NotAvailableYet(f"{KEY}: gathering {type(tensor).__name__} outputs for metrics is not built yet")
+    data = accelerator.gather(tensor)
+    data = data[: mesh.dp * tensor.shape[0]] if tensor.dim() else data[: mesh.dp]
+    state = accelerator.gradient_state
+    if state.end_of_dataloader and state.remainder > 0:
+        data = data[: state.remainder]
+    return data
 
 
 def refuse_resume(trainer) -> None:
