@@ -36,8 +36,10 @@ micro-steps accumulate (4 N: 52 GB at 13B), so a larger micro batch buys the tok
 
 Progress: a line per optimizer step from the job (`--progress_out`, [Note: progress] in job.py)
 echoed with a timestamp; every 5 s a host sample (used = MemTotal - MemAvailable, swap-file bytes
-under `nvme_path`); the results (`NAME.json`, `NAME.md`) rewritten after every step and tool, so a
-call cut off at its time limit still returns what ran. `--shape tiny --device cpu` runs the same
+under `nvme_path`) into the record; the results (`NAME.json`, `NAME.md`) rewritten after every
+step and tool, so a call cut off at its time limit still returns what ran. Files in the results
+directory: those two, the two configs and `NAME_TOOL.log` per tool (six for two tools: a device
+call returns at most eight). `--shape tiny --device cpu` runs the same
 plan and flags at a tiny shape on CPU (tests/test_bench_largest_model.py does).
 """
 
@@ -223,9 +225,9 @@ def _disk_used(path: str) -> int:
 class Watch(threading.Thread):
     """Echoes the job's progress lines, samples host and disk use; ``tick`` runs on each new step."""
 
-    def __init__(self, tool: str, progress: Path, host_log: Path, nvme_path: str, tick):
+    def __init__(self, tool: str, progress: Path, samples: list, nvme_path: str, tick):
         super().__init__(daemon=True)
-        self.tool, self.progress, self.host_log, self.nvme_path, self.tick = tool, progress, host_log, nvme_path, tick
+        self.tool, self.progress, self.samples, self.nvme_path, self.tick = tool, progress, samples, nvme_path, tick
         self.stop, self.seen = threading.Event(), 0
         self.host_max = self.disk_max = 0
 
@@ -237,8 +239,7 @@ class Watch(threading.Thread):
                 last_sample = time.time()
                 host, disk = _host_used(), _disk_used(self.nvme_path)
                 self.host_max, self.disk_max = max(self.host_max, host), max(self.disk_max, disk)
-                with open(self.host_log, "a") as f:
-                    f.write(json.dumps({"wall": last_sample, "host_used_gib": host / GIB, "disk_gib": disk / GIB}) + "\n")
+                self.samples.append([round(last_sample, 1), round(host / GIB, 2), round(disk / GIB, 2)])
 
     def poll(self) -> None:
         lines = _read_lines(self.progress)
@@ -328,8 +329,8 @@ def main(argv=None) -> int:
                 all_ok = False
                 write()
                 continue
-            progress, work = results / f"{opts.name}_{tool}.progress.jsonl", Path(tmp)
-            progress.unlink(missing_ok=True)
+            work = Path(tmp)  # what comes back from a device call is few files: the record holds the steps
+            progress = work / f"{tool}.progress.jsonl"
             cmd = job_command(tool, opts, plan, cuda, configs, work, progress)
             record |= {"status": "running", "error": None, "command": shlex.join(cmd)}
             tokens = micro * opts.seq_len
@@ -338,7 +339,8 @@ def main(argv=None) -> int:
                 record.update(measure(lines, opts.warmup_steps, tokens))
                 write()
 
-            watch = Watch(tool, progress, results / f"{opts.name}_{tool}.host.jsonl", opts.nvme_path, tick)
+            record["host_samples"] = []  # [wall, host used GiB, swap files GiB] every 5 s
+            watch = Watch(tool, progress, record["host_samples"], opts.nvme_path, tick)
             watch.start()
             print(f"[largest] {tool}: {shlex.join(cmd)}", flush=True)
             log = results / f"{opts.name}_{tool}.log"

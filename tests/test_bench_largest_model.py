@@ -31,7 +31,9 @@ def test_each_plan_fits_the_lent_machine(name):
     where = largest.placement(plan, n, ratio)
     assert 0.55 < ratio < 0.75
     assert where["host_tier_bytes"] <= largest.HOST_TIER_BYTES
-    assert where["host_tier_bytes"] > largest.HOST_TIER_BYTES - 0.01 * n * 16  # H spent, to 0.001 of the ratio
+    unit = largest.n_params("13b", 1) - largest.n_params("13b", 0)  # one layer: the split's granularity
+    assert where["host_tier_bytes"] > largest.HOST_TIER_BYTES - unit * largest.host_bytes_per_element(plan)  # H spent
+    assert largest.placement(plan, n, ratio + 0.001)["host_tier_bytes"] > largest.HOST_TIER_BYTES  # the largest ratio
     assert where["gpu_optimizer_bytes"] + where["gpu_work_bytes_est"] <= (GPU_GIB - 4) * GIB
     assert where["disk_bytes"] == (2 * n if plan.params == "nvme" else 0)
     if plan.state_dtype == "fp32":  # the fp32 plans are the largest that fit: 4 more layers would not
