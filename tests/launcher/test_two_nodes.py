@@ -49,10 +49,10 @@ LAYERS = 2  # tiny_llama's decoder blocks
 TP_ALL_REDUCES_PER_STEP = LAYERS * (2 + 5) + 1
 
 
-def _launch(node: int, hostfile: str, config: str, port: int, out: str) -> subprocess.Popen:
-    argv = [sys.executable, "-m", "hf_zero", "launch", "--hostfile", hostfile, "--launcher", "torchrun",
-            "--node_rank", str(node), "--master_port", str(port), str(SCRIPT.relative_to(REPO)),
-            "--zero_config", config, "--out_dir", out]
+def _launch(node: int, flags: list[str], config: str, port: int, out: str, device: str) -> subprocess.Popen:
+    argv = [sys.executable, "-m", "hf_zero", "launch", *flags, "--launcher", "torchrun", "--node_rank", str(node),
+            "--master_port", str(port), str(SCRIPT.relative_to(REPO)), "--zero_config", config, "--out_dir", out,
+            "--device", device]
     env = dict(os.environ, PYTHONPATH=str(REPO), OMP_NUM_THREADS="1", HF_HUB_DISABLE_PROGRESS_BARS="1")
     return subprocess.Popen(argv, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
 
@@ -72,16 +72,18 @@ def _census(records: list[dict], node_of: dict[int, int], tp_groups: set, dp_gro
     return table
 
 
-@pytest.mark.slow
-def test_two_nodes_keep_tp_inside_a_node(tmp_path):
+def two_node_job(tmp_path, *, device: str = "cpu", slots: int = PER_NODE, include: str = "") -> None:
+    """Run the job as NODES hf-zero launch commands and check it (see the module docstring). ``device``
+    "cuda" (tests/gpu/test_two_nodes_nccl.py): NCCL, ``include`` pins each node's GPUs."""
     hostfile = tmp_path / "hosts"
-    hostfile.write_text("".join(f"127.0.0.{n + 1} slots={PER_NODE}\n" for n in range(NODES)))
+    hostfile.write_text("".join(f"127.0.0.{n + 1} slots={slots}\n" for n in range(NODES)))
+    flags = ["--hostfile", str(hostfile)] + (["--include", include] if include else [])
     config = tmp_path / "zero2_tp2.json"
     config.write_text(json.dumps({"zero_optimization": {"stage": 2}, "tensor_parallel": {"autotp_size": TP}}))
     port = free_port()
-    nodes = [_launch(n, str(hostfile), str(config), port, str(tmp_path)) for n in range(NODES)]
+    nodes = [_launch(n, flags, str(config), port, str(tmp_path), device) for n in range(NODES)]
     # the reference while the nodes run: one process, the whole global batch (BATCH per dp rank)
-    ref = Trainer(model=tiny_llama(), args=job.job_args(str(tmp_path / "ref"), job.BATCH * DP),
+    ref = Trainer(model=tiny_llama(), args=job.job_args(str(tmp_path / "ref"), job.BATCH * DP, device),
                   train_dataset=job.rows())
     ref.train()
     outputs = [node.communicate(timeout=240)[0] for node in nodes]
@@ -125,6 +127,11 @@ def test_two_nodes_keep_tp_inside_a_node(tmp_path):
                         by_op[op] += calls
         assert by_op["_reduce_scatter_base_"] == by_op["_allgather_base_"] == PER_NODE * job.STEPS, by_op
         assert set(k.rsplit(" ", 1)[0] for k in counts) <= {"tp inside", "dp across", "world across"}, counts
+
+
+@pytest.mark.slow
+def test_two_nodes_keep_tp_inside_a_node(tmp_path):
+    two_node_job(tmp_path)
 
 
 # every way hf-zero launch runs several nodes; ssh and slurm with --dry_run (nothing would start either way)

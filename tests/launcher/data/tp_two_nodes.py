@@ -36,9 +36,13 @@ def rows(n: int = 24) -> list[dict]:
     return [{"input_ids": r, "labels": r.clone()} for r in ids]
 
 
-def job_args(out: str, batch: int):
+def job_args(out: str, batch: int, device: str = "cpu"):
+    """The job's TrainingArguments; ``device`` "cuda": one GPU per rank (NCCL), fp32 with TF32 off."""
+    if device == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = False
+        torch.backends.cudnn.allow_tf32 = False
     return training_args(out, max_steps=STEPS, max_grad_norm=MAX_NORM, per_device_train_batch_size=batch,
-                         train_sampling_strategy="sequential", learning_rate=1e-3)
+                         train_sampling_strategy="sequential", learning_rate=1e-3, use_cpu=device == "cpu")
 
 
 def _tensors(values):
@@ -73,8 +77,11 @@ def main() -> None:
 
     parser = argparse.ArgumentParser()
     parser.add_argument("--out_dir", required=True)
-    out = parser.parse_args().out_dir
-    trainer = Trainer(model=tiny_llama(), args=job_args(os.path.join(out, "trainer"), BATCH), train_dataset=rows())
+    parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
+    cli = parser.parse_args()
+    out = cli.out_dir
+    trainer = Trainer(model=tiny_llama(), args=job_args(os.path.join(out, "trainer"), BATCH, cli.device),
+                      train_dataset=rows())
     with CollectiveCensus() as census:
         trainer.train()
     mesh = TP.of(trainer).mesh
