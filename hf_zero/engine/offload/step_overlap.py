@@ -5,8 +5,8 @@ host_step.py), apart from the host step itself:
 - ``hyperparameters``: the optimizer's groups as they are when a chunk is handed over;
 - ``used_flags``: which params of a bucket got a gradient on some rank, all-reduced as the bucket
   goes down (the step skips the others, as under DDP);
-- ``ForwardGates``: what the next forward waits for, module by module, and each stage-3 unit
-  before it gathers (``overlap_forward``);
+- ``ForwardGates``: what the next forward waits for, block by block ([Note: gate points]), and
+  each stage-3 unit before it gathers (``overlap_forward``);
 - ``HiddenPieces``: the offloaded pieces kept out of the user's own ``optimizer.step()`` while the
   worker may be stepping them (each has a grad then).
 """
@@ -22,6 +22,7 @@ import torch
 from torch import nn
 
 from hf_zero.engine import collectives as C
+from hf_zero.engine.stage3.unit_plan import find_blocks
 
 
 class StepWorker:
@@ -97,26 +98,35 @@ def used_flags(ctx: C.CommContext, params: list[nn.Parameter], used: set, device
 class ForwardGates:
     """``overlap_forward``: before a module runs, the new params of its offloaded buckets are in
     place (forward pre-hooks); before a stage-3 unit gathers, its own (``ParamUnit.before_gather``,
-    on the gather stream, so prefetches wait too). Idle while nothing is pending."""
+    on the gather stream, so prefetches wait too). Idle while nothing is pending.
+
+    [Note: gate points] One gate per block of the model's ``_no_split_modules`` (a decoder layer:
+    it waits for the buckets of every param inside it) and one per module outside the blocks that
+    holds params of its own (embeddings, final norm, LM head), not one per module that holds
+    params. Under ``torch.compile`` each gate is a graph break (it runs eagerly), so gates at the
+    blocks' boundaries leave each block one whole graph, as stage 3's unit hooks do, where gates
+    on each Linear and norm broke every layer into pieces (issue 21: 20 breaks a forward for two
+    layers). A block waits a little earlier for the params of its later modules: they are in
+    the same or neighbouring buckets, stepped in the order the forward uses them."""
 
     def __init__(self, host_step_of: Callable[[], object]) -> None:
         self._host_step_of = host_step_of  # the engine's current host step (a re-layout makes a new one)
-        self._buckets: dict[int, list[int]] = {}  # id(module) -> offloaded buckets of its own params
+        self._buckets: dict[int, list[int]] = {}  # id(gate module) -> offloaded buckets of the params it covers
 
     def install(self, model: nn.Module, trainable: set) -> list:
-        # Eager under torch.compile (a graph break at each gated module): traced, ``pending`` would be a
+        # Eager under torch.compile (a graph break at each gate): traced, ``pending`` would be a
         # guarded constant and the wait on the worker thread left out ([Note: compiled forward] in units.py).
         gate = torch.compiler.disable(self._pre_forward, reason="hf_zero: waits for the host step of the module's params")
-        return [module.register_forward_pre_hook(gate) for module in model.modules()
-                if any(p in trainable for p in module.parameters(recurse=False))]
+        return [module.register_forward_pre_hook(gate) for module, params in gate_points(model)
+                if any(p in trainable for p in params)]
 
     def lay_out(self, model: nn.Module, buckets: list) -> None:
-        """After each layout: which offloaded bucket (``ShardedBucket``) each module's own params
+        """After each layout: which offloaded buckets (``ShardedBucket``) each gate point's params
         are in; a stage-3 unit of an offloaded bucket waits for its step before it is gathered."""
         offloaded_of = {p: b.index for b in buckets if b.offloaded for p in b.params}
         self._buckets = {}
-        for module in model.modules():
-            own = sorted({offloaded_of[p] for p in module.parameters(recurse=False) if p in offloaded_of})
+        for module, params in gate_points(model):
+            own = sorted({offloaded_of[p] for p in params if p in offloaded_of})
             if own:
                 self._buckets[id(module)] = own
         offloaded = {i for own in self._buckets.values() for i in own}
@@ -134,6 +144,16 @@ class ForwardGates:
         host_step = self._host_step_of()
         if host_step is not None and host_step.pending:
             host_step.wait_chunk_of(i)
+
+
+def gate_points(model: nn.Module) -> list[tuple[nn.Module, list[nn.Parameter]]]:
+    """([Note: gate points]) Each block of ``model`` with every param inside it, then each module
+    outside the blocks with its own params; modules without params are left out."""
+    blocks = [b for b in find_blocks(model) if b is not model]  # a model that is its own block: per module
+    inside = {id(m) for b in blocks for m in b.modules()}
+    points = [(b, list(b.parameters())) for b in blocks]
+    points += [(m, list(m.parameters(recurse=False))) for m in model.modules() if id(m) not in inside]
+    return [(m, params) for m, params in points if params]
 
 
 class HiddenPieces:
