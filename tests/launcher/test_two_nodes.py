@@ -83,8 +83,10 @@ def two_node_job(tmp_path, *, device: str = "cpu", slots: int = PER_NODE, includ
     port = free_port()
     nodes = [_launch(n, flags, str(config), port, str(tmp_path), device) for n in range(NODES)]
     # the reference while the nodes run: one process, the whole global batch (BATCH per dp rank)
-    ref = Trainer(model=tiny_llama(), args=job.job_args(str(tmp_path / "ref"), job.BATCH * DP, device),
-                  train_dataset=job.rows())
+    ref_args = job.job_args(str(tmp_path / "ref"), job.BATCH * DP, device)
+    if device == "cuda" and ref_args.n_gpu > 1:
+        ref_args._n_gpu = 1  # one GPU, not nn.DataParallel over all (as the Trainer does for a model-parallel model)
+    ref = Trainer(model=tiny_llama(), args=ref_args, train_dataset=job.rows())
     ref.train()
     outputs = [node.communicate(timeout=240)[0] for node in nodes]
     assert [node.returncode for node in nodes] == [0] * NODES, "\n".join(o[-4000:] for o in outputs)
