@@ -4,7 +4,9 @@ user asked torch to run on eagerly, a record of each fallback in the run report.
 [Note: compile failures]
 torch compiles lazily, at the first forward (and backward) of the first step, so a model, a setting
 or a backend it cannot compile fails inside the Trainer's loop. ``watching`` wraps the Trainer's
-``train`` (seams.py) while ``--torch_compile`` is on:
+``train`` and ``evaluation_loop`` (seams.py: a standalone ``evaluate()`` or ``predict()`` compiles at
+its first forward too; an evaluation inside ``train`` is watched once, by ``train``'s watch) while
+``--torch_compile`` is on:
 
 - by default torch raises (``torch._dynamo.exc.TorchDynamoException``: ``BackendCompilerFailed``
   for a backend that raises, ``Unsupported`` where fullgraph capture meets a break, ...); it is
@@ -70,15 +72,19 @@ class _Fallbacks(logging.Handler):
 
 @contextlib.contextmanager
 def watching(trainer: Any, session: Any) -> Iterator[None]:
-    """Around the Trainer's ``train`` ([Note: compile failures]); nothing unless ``--torch_compile``."""
+    """Around the Trainer's ``train`` and ``evaluation_loop`` ([Note: compile failures]); nothing unless
+    ``--torch_compile``, nor inside another watch of the same session."""
     args = trainer.args
     if session is None or not getattr(args, "torch_compile", False):
         yield
         return
     from torch._dynamo.exc import TorchDynamoException
 
-    handler = _Fallbacks(session.compile_fallbacks)
     logger = logging.getLogger(_DYNAMO_LOGGER)
+    if any(isinstance(h, _Fallbacks) and h.into is session.compile_fallbacks for h in logger.handlers):
+        yield  # inside a watch already (an evaluation inside train()): that one answers, once
+        return
+    handler = _Fallbacks(session.compile_fallbacks)
     logger.addHandler(handler)
     try:
         yield

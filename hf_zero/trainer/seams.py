@@ -22,6 +22,7 @@ active behaves exactly as before.
 | ``get_total_train_batch_size`` | sequence or tensor parallelism: micro batch * accumulation * the data-parallel ranks (world size / (sp * tp)), so the log's "Total train batch size", its sample count and ``train_samples_per_second`` count each SP or tp group's batch once |
 | ``floating_point_ops`` | stage >= 1: transformers' 6 * tokens * non-embedding params, counted in full (param_count.py), so ``total_flos`` is right at stage 3 |
 | ``train``           | ``--torch_compile``: a model torch cannot compile fails with hf_zero's ``CompileFailed`` (model, stage, backend, cause), fallbacks torch was told to take are recorded (compile_watch.py); stage >= 1: the log's "Number of trainable parameters" counts full params (param_count.py); draws the run id; ``resume_from_checkpoint=True`` takes the newest one with a valid completion marker; a checkpoint of another model, with a missing file or (unless ``HF_ZERO_FORCE_RESUME=1``) without a valid marker is refused first; on return the host step of optimizer offload is settled |
+| ``evaluation_loop`` | ``--torch_compile``: a standalone ``evaluate()`` or ``predict()`` that cannot compile the model fails with the same ``CompileFailed`` as ``train`` (compile_watch.py) |
 | ``_load_optimizer_and_scheduler`` | stage >= 1: every rank reads its part of the sharded state, written at any world size and stage |
 | ``Seq2SeqTrainer.prediction_step`` | stage 3, W > 1: ``synced_gpus=True`` for generate, as for DeepSpeed ZeRO-3 |
 | ``PreTrainedModel.from_pretrained`` | stage 3 with ``zero3_init_flag``: a local safetensors checkpoint loads sharded (hf_zero/init/plugin.py); any other load is transformers' own |
@@ -380,6 +381,15 @@ def get_total_train_batch_size(self, args):
         return _original("get_total_train_batch_size")(self, args)
     # transformers divides the world by the sp/tp sizes it set up itself, and hf_zero's are none of them
     return self._train_batch_size * args.gradient_accumulation_steps * (args.world_size // session.model_parallel_size)
+
+
+@_seam
+def evaluation_loop(self, dataloader, description, prediction_loss_only=None, ignore_keys=None, metric_key_prefix="eval"):
+    # --torch_compile: a standalone evaluate() or predict() compiles the model at its first forward here
+    # (compile_watch.py; inside train() the train seam's watch is the one that answers)
+    with compile_watch.watching(self, S.session_of(self)):
+        return _original("evaluation_loop")(self, dataloader, description, prediction_loss_only, ignore_keys,
+                                            metric_key_prefix)
 
 
 @_seam

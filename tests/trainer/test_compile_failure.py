@@ -1,4 +1,5 @@
-"""A model or setting ``--torch_compile`` cannot compile (hf_zero/trainer/compile_watch.py, issue 21 D3).
+"""A model or setting ``--torch_compile`` cannot compile (hf_zero/trainer/compile_watch.py, issue 21 D3),
+in ``train()`` and in a standalone ``evaluate()``.
 
 The uncompilable setting is a real one: ``--torch_compile_backend tvm`` (a backend accelerate accepts
 and torch registers) without Apache TVM installed; torch's tvm backend raises ImportError at the
@@ -23,7 +24,7 @@ from hf_zero.testing.multiprocess import run_on_ranks
 STEPS = 3
 
 
-def _job(rank, world, out, stage, backend, suppress):
+def _job(rank, world, out, stage, backend, suppress, evaluate=False):
     import hf_zero.trainer as zt
     from hf_zero.trainer import session as S
     from hf_zero.trainer.compile_watch import CompileFailed
@@ -44,6 +45,8 @@ def _job(rank, world, out, stage, backend, suppress):
     try:
         trainer = Trainer(model=model, args=args, train_dataset=data)
         with redirect_stderr(err):
+            if evaluate:  # a standalone evaluate(): the first compile is that of its forward
+                return {"metrics": trainer.evaluate(eval_dataset=data)}
             trainer.train()
     except CompileFailed as error:
         return {"error": str(error), "cause": type(error.__cause__).__name__}
@@ -86,3 +89,14 @@ def test_asked_to_go_on_it_trains_as_eager_and_the_report_says_it_fell_back(tmp_
     summary = [line for line in got[0]["stderr"].splitlines() if line.startswith("hf_zero: ZeRO stage 3")]
     assert len(summary) == 1 and "code object(s) eagerly that it could not compile" in summary[0]
     assert not [line for line in eager[0]["stderr"].splitlines() if "eagerly that it could not" in line]
+
+
+def test_a_standalone_evaluate_stops_with_the_same_message(tmp_path):
+    """evaluate() before (or without) train() compiles the model at its own first forward: the same
+    CompileFailed, once (not wrapped again by an outer watch)."""
+    got = run_on_ranks(_job, 2, tmp_path, 3, "tvm", False, True, timeout=300)
+    for result in got:
+        assert result.get("error", "").startswith("--torch_compile could not compile LlamaForCausalLM at ZeRO stage 3 "
+                                                  "(torch_compile_backend 'tvm'): BackendCompilerFailed: backend="), result
+        assert result["error"].count("--torch_compile could not compile") == 1
+        assert result["cause"] == "BackendCompilerFailed"
