@@ -1,21 +1,27 @@
 """Attention forward + backward time: a sparse_attention layout as a FlexAttention block mask vs dense
 causal SDPA (issue 19's target: fixed layout, block 64, at 32K tokens, >= 2x the speed of dense SDPA).
 
-    python bench/sparse_attention.py                                   # fixed, block 64, 16K/32K/64K, tiles 128, 64
+    python bench/sparse_attention.py                                   # fixed, block 64, 16K/32K/64K
+    python bench/sparse_attention.py --seqs 32768 --reference tile128 autotuned
     python bench/sparse_attention.py --seqs 32768 --mode bigbird --num-random-blocks 1
     python bench/sparse_attention.py --json $OUT/sparse_attention.json
 
 One attention call of a Llama-7B layer's shape (32 query heads, 32 KV heads, head dim 128, bf16, batch 1),
-both ways, on the same inputs: ``hf_zero.sparse_attention`` (compiled ``flex_attention`` with the
-``BlockMask`` read off the layout, causal rule on top) and ``F.scaled_dot_product_attention(is_causal=True)``
-(flash backend on an H100/H200; its time is measured again for each tile, as a check of the noise). The
-block mask is tried with tiles of 128 tokens (hf_zero's default, ``flex.TILE``) and 64: with block 64 the
-fixed layout's global columns (one 64-token block in every 256) make a 128-token tile column half empty
-but computed (density about 0.5 of the causal triangle, against 0.26 with 64-token tiles); 64-token tiles
-need FlexAttention compiled with max-autotune (``_autotuned``; compiling takes minutes). Each is timed with CUDA events as forward + backward of ``out.sum()``,
-median of ``--iters`` after ``--warmup`` (the first calls compile). Prints per length: both times, the
-speed-up, the block mask's density (the share of the causal triangle's tiles it computes), and
-achieved TFLOP/s counting only the computed tiles for flex and the causal half for SDPA.
+both ways, on the same inputs. The main row is hf_zero's default path, what the registered attention
+function runs: the block mask the function builds (``SparseAttention.block_mask``: the tile
+``kernels.tile_for`` picks, 64 tokens for block 64) through ``kernels.attend`` (compiled ``flex_attention``
+with the tile's kernel options, [Note: tiles and kernel options]). Against it
+``F.scaled_dot_product_attention(is_causal=True)`` (flash backend on an H100/H200; its time is measured
+again for each row, as a check of the noise). ``--reference`` adds rows: ``tile128``, 128-token tiles with
+torch's own kernel configs (hf_zero's default before 64-token tiles: with block 64 a 128-token tile
+column holding one 64-token global block is computed whole, density about 0.5 of the causal triangle
+against 0.26); ``autotuned``, 64-token tiles compiled with max-autotune and no kernel options (the
+kernel configs hf_zero fixes were its picks; compiling takes about a minute per length). Each is timed
+with CUDA events as forward + backward of ``out.sum()``, median of ``--iters`` after ``--warmup`` (the
+first calls compile; dynamo's caches are reset before each row, so no row meets its recompile limit).
+Prints per row: both times, the speed-up, the block mask's density (the share of the causal triangle's
+tiles it computes), achieved TFLOP/s counting only the computed tiles for flex and the causal half for
+SDPA, and the kernel options used.
 """
 
 from __future__ import annotations
@@ -27,9 +33,11 @@ import statistics
 import torch
 import torch.nn.functional as F
 
-from hf_zero.sparse_attention import flex
 from hf_zero.config.sparse_attention import SparseAttentionConfig
+from hf_zero.sparse_attention import flex, kernels
 from hf_zero.sparse_attention.layouts import make_layout, num_blocks
+
+REFERENCES = ("tile128", "autotuned")
 
 
 def timed(fn, warmup: int, iters: int) -> float:
@@ -52,9 +60,8 @@ _AUTOTUNED: dict = {}
 
 
 def _autotuned():
-    """FlexAttention compiled with max-autotune: the one kernel configuration inductor picks by default on an
-    H100 (bf16, head dim 128: forward BLOCK_M 128, backward BLOCK_N1 / BLOCK_M2 128) does not divide a
-    64-token tile, while the autotuning candidates include 32- and 64-token ones."""
+    """FlexAttention compiled with max-autotune and no kernel options: inductor times every candidate
+    config that divides the tile (the ``autotuned`` reference row)."""
     if "flex" not in _AUTOTUNED:
         from torch.nn.attention.flex_attention import flex_attention
 
@@ -62,20 +69,31 @@ def _autotuned():
     return _AUTOTUNED["flex"]
 
 
-def run(seq_len: int, config: SparseAttentionConfig, args, tile: int) -> dict:
+def run(seq_len: int, config: SparseAttentionConfig, args, row: str) -> dict:
     heads, kv_heads, dim = args.heads, args.kv_heads, args.head_dim
+    torch._dynamo.reset()
     gen = torch.Generator(device="cuda").manual_seed(0)
     q = torch.randn(1, heads, seq_len, dim, device="cuda", dtype=torch.bfloat16, generator=gen).requires_grad_()
     k, v = (torch.randn(1, kv_heads, seq_len, dim, device="cuda", dtype=torch.bfloat16, generator=gen)
             .requires_grad_() for _ in range(2))
     layout_heads = heads if config.different_layout_per_head else 1
-    layout = make_layout(config, layout_heads, num_blocks(config, seq_len) * config.block).bool().cuda()
-    mask = flex.block_mask(layout, config.block, seq_len, causal=True, tile=tile)
-    attend = flex._flex(q.device) if mask.BLOCK_SIZE[0] >= 128 else _autotuned()
     gqa = kv_heads != heads
+    if row == "hf_zero":
+        mask = flex.SparseAttention(config).block_mask(q, v, True, None)
+        options = kernels.kernel_options(mask.BLOCK_SIZE[0], kernels.row_bytes(q, v))
+
+        def attend():
+            return kernels.attend(q, k, v, mask, enable_gqa=gqa)
+    else:
+        layout = make_layout(config, layout_heads, num_blocks(config, seq_len) * config.block).bool().cuda()
+        mask = flex.block_mask(layout, config.block, seq_len, causal=True, tile=128 if row == "tile128" else 64)
+        compiled, options = (kernels._compiled(False), None) if row == "tile128" else (_autotuned(), None)
+
+        def attend():
+            return compiled(q, k, v, block_mask=mask, enable_gqa=gqa)
 
     def sparse():
-        attend(q, k, v, block_mask=mask, enable_gqa=gqa).sum().backward()
+        attend().sum().backward()
 
     def dense():
         F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=gqa).sum().backward()
@@ -87,9 +105,9 @@ def run(seq_len: int, config: SparseAttentionConfig, args, tile: int) -> dict:
     t = mask.BLOCK_SIZE[0]
     flops_per_tile = 4 * t * t * dim * 3.5  # fwd 2 matmuls + bwd 5 matmuls = 3.5x the forward's 4*t*t*d
     dense_flops = 4 * seq_len * seq_len / 2 * dim * heads * 3.5
-    return {"seq_len": seq_len, "mode": config.mode, "block": config.block, "tile": t,
-            "sparse_ms": sparse_ms, "dense_sdpa_ms": dense_ms, "speedup": dense_ms / sparse_ms,
-            "density_of_causal": computed / causal_tiles,
+    return {"seq_len": seq_len, "row": row, "mode": config.mode, "block": config.block, "tile": t,
+            "kernel_options": options, "sparse_ms": sparse_ms, "dense_sdpa_ms": dense_ms,
+            "speedup": dense_ms / sparse_ms, "density_of_causal": computed / causal_tiles,
             "sparse_tflops": computed * flops_per_tile / sparse_ms / 1e9, "dense_tflops": dense_flops / dense_ms / 1e9,
             "device": torch.cuda.get_device_name(), "torch": torch.__version__}
 
@@ -105,8 +123,9 @@ def main() -> None:
     parser.add_argument("--heads", type=int, default=32)
     parser.add_argument("--kv-heads", type=int, default=32)
     parser.add_argument("--head-dim", type=int, default=128)
-    parser.add_argument("--tiles", type=int, nargs="+", default=[flex.TILE, 64],
-                        help="block-mask tiles to try (each lcm'd with --block); hf_zero's default is the first")
+    parser.add_argument("--reference", nargs="*", default=[], choices=REFERENCES,
+                        help="rows beside hf_zero's default path: tile128 (torch's own configs on 128-token "
+                             "tiles), autotuned (64-token tiles, max-autotune: about a minute per length)")
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--iters", type=int, default=10)
     parser.add_argument("--json", default=None, help="also write the records to this file")
@@ -120,18 +139,19 @@ def main() -> None:
         keys["num_random_blocks"] = args.num_random_blocks
     config = SparseAttentionConfig(**keys)
     records = []
-    for seq_len, tile in [(s, t) for s in args.seqs for t in args.tiles]:
+    for seq_len, row in [(s, r) for s in args.seqs for r in ("hf_zero", *args.reference)]:
         try:
-            record = run(seq_len, config, args, tile)
-        except Exception as err:  # a tile the kernel cannot take: say so, go on with the others
-            print(f"{seq_len:>6} tokens  tile {tile}: failed: {type(err).__name__}: {str(err)[:300]}", flush=True)
-            records.append({"seq_len": seq_len, "tile": tile, "error": f"{type(err).__name__}: {err}"[:2000]})
+            record = run(seq_len, config, args, row)
+        except Exception as err:  # a row the kernel cannot take: say so, go on with the others
+            print(f"{seq_len:>6} tokens  {row}: failed: {type(err).__name__}: {str(err)[:300]}", flush=True)
+            records.append({"seq_len": seq_len, "row": row, "error": f"{type(err).__name__}: {err}"[:2000]})
             continue
         records.append(record)
-        print(f"{seq_len:>6} tokens  {config.mode} block {config.block} (tile {record['tile']}): "
+        print(f"{seq_len:>6} tokens  {config.mode} block {config.block}  {row:9} (tile {record['tile']}): "
               f"sparse {record['sparse_ms']:8.2f} ms  dense SDPA {record['dense_sdpa_ms']:8.2f} ms  "
               f"speed-up {record['speedup']:5.2f}x  density {record['density_of_causal']:.3f} of causal  "
-              f"({record['sparse_tflops']:.0f} / {record['dense_tflops']:.0f} TFLOP/s)", flush=True)
+              f"({record['sparse_tflops']:.0f} / {record['dense_tflops']:.0f} TFLOP/s)  "
+              f"kernel options {record['kernel_options']}", flush=True)
         torch.cuda.empty_cache()
     if args.json:
         with open(args.json, "w") as f:

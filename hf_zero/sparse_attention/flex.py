@@ -18,9 +18,11 @@ What a layer then computes, for a sequence of L tokens (``B`` = the layout's blo
   attention module is causal (``module.is_causal``, true for decoder LMs: the layout may be
   bidirectional, a causal model never sees the future), and ``k`` is not padding;
 - on CUDA (and on CPU without gradients) as ``flex_attention`` with a ``BlockMask`` read straight off
-  the layout: tiles of ``lcm(B, 128)`` tokens with no layout block skipped, tiles wholly inside the
-  layout (and below the diagonal when causal, with no padding in the batch) computed without the
-  mask, the rest masked token by token;
+  the layout: tiles of ``lcm(B, 64)`` tokens (``lcm(B, 128)`` for heads wider than bf16 head dim 128:
+  kernels.py, [Note: tiles and kernel options], which also fixes the kernel's block sizes for tiles
+  that are not multiples of 128); tiles with no layout block skipped, tiles wholly inside the layout
+  (and below the diagonal when causal, with no padding in the batch) computed without the mask, the
+  rest masked token by token;
 - on CPU with gradients as ``scaled_dot_product_attention`` with the same mask expanded to
   ``[L, L]`` booleans, because FlexAttention has no CPU backward in torch 2.13 (eager or compiled:
   "FlexAttention does not support backward on CPU"). Same result, dense cost.
@@ -37,14 +39,13 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
-from torch.nn.attention.flex_attention import BlockMask, flex_attention
+from torch.nn.attention.flex_attention import BlockMask
 
 from hf_zero.config.sparse_attention import KEY, SparseAttentionConfig
+from hf_zero.sparse_attention.kernels import attend, row_bytes, tile_for
 from hf_zero.sparse_attention.layouts import make_layout, num_blocks
 
 PREFIX = "hf_zero_sparse_attention_"
-TILE = 128
-"""FlexAttention's tile (its default BLOCK_SIZE); block-mask tiles are ``lcm(block, TILE)`` tokens."""
 
 _NAMES: dict[SparseAttentionConfig, str] = {}  # each distinct config's registered name
 
@@ -67,10 +68,12 @@ def dense_mask(layout: torch.Tensor, block: int, seq_len: int, *, causal: bool,
 
 
 def block_mask(layout: torch.Tensor, block: int, seq_len: int, *, causal: bool,
-               padding: torch.Tensor | None = None, tile: int = TILE) -> BlockMask:
+               padding: torch.Tensor | None = None, tile: int | None = None) -> BlockMask:
     """The FlexAttention ``BlockMask`` of ``dense_mask`` (same arguments), built from the layout's blocks
-    without evaluating the mask over all ``L x L`` pairs (module docstring)."""
-    t = math.lcm(block, tile)
+    without evaluating the mask over all ``L x L`` pairs (module docstring), in tiles of ``lcm(block,
+    tile)`` tokens; ``tile`` None: ``kernels.tile_for(block)``, the tile for heads of up to
+    ``kernels.ROW_BYTES`` a row (bf16 head dim 128)."""
+    t = math.lcm(block, tile_for(block) if tile is None else tile)
     per, tiles = t // block, -(-seq_len // t)
     heads, n = layout.shape[0], layout.shape[-1]
     padded = torch.zeros(heads, tiles * per, tiles * per, dtype=torch.bool, device=layout.device)
@@ -114,18 +117,6 @@ def _needs_dense(*tensors: torch.Tensor) -> bool:
     return tensors[0].device.type == "cpu" and torch.is_grad_enabled() and any(t.requires_grad for t in tensors)
 
 
-_COMPILED: dict[str, Any] = {}
-
-
-def _flex(device: torch.device):
-    """Compiled on an accelerator (eager FlexAttention materialises the scores), eager on CPU."""
-    if device.type == "cpu":
-        return flex_attention
-    if "flex" not in _COMPILED:
-        _COMPILED["flex"] = torch.compile(flex_attention, dynamic=False)
-    return _COMPILED["flex"]
-
-
 class SparseAttention:
     """One config's attention function for transformers' attention interface (module docstring)."""
 
@@ -144,17 +135,21 @@ class SparseAttention:
             self._layouts[key] = make_layout(self.config, heads, padded_len).bool().to(device)
         return self._layouts[key]
 
-    def block_mask(self, heads: int, seq_len: int, device: torch.device, causal: bool,
+    def block_mask(self, query: torch.Tensor, value: torch.Tensor, causal: bool,
                    padding: torch.Tensor | None) -> BlockMask:
-        key = (heads, seq_len, str(device), causal)
+        """The block mask for ``query`` (its heads, length and device) in the tile its heads take
+        (kernels.tile_for), cached per shape; with padding, once per forward."""
+        heads, seq_len, device = query.shape[1], query.shape[2], query.device
+        tile = tile_for(self.config.block, row_bytes(query, value))
+        key = (heads, seq_len, str(device), causal, tile)
         if padding is None:
             if key not in self._masks:
                 self._masks[key] = block_mask(self.layout(heads, seq_len, device), self.config.block, seq_len,
-                                              causal=causal)
+                                              causal=causal, tile=tile)
             return self._masks[key]
         if self._padded is None or self._padded[0] is not padding or self._padded[1] != key:  # once per forward
             mask = block_mask(self.layout(heads, seq_len, device), self.config.block, seq_len, causal=causal,
-                              padding=padding)
+                              padding=padding, tile=tile)
             self._padded = (padding, key, mask)
         return self._padded[2]
 
@@ -172,10 +167,10 @@ class SparseAttention:
             out = F.scaled_dot_product_attention(query, key, value, attn_mask=mask | empty, scale=scaling,
                                                  enable_gqa=gqa).masked_fill(empty, 0.0)
         else:
-            mask = self.block_mask(heads, seq_len, query.device, causal, padding)
+            mask = self.block_mask(query, value, causal, padding)
             if query.device.type == "cpu":  # no gradient asked for (_needs_dense), but CPU flex refuses requires_grad
                 query, key, value = query.detach(), key.detach(), value.detach()
-            out = _flex(query.device)(query, key, value, block_mask=mask, scale=scaling, enable_gqa=gqa)
+            out = attend(query, key, value, mask, scale=scaling, enable_gqa=gqa)
         return out.transpose(1, 2).contiguous(), None
 
     def _check(self, module, query, key, attention_mask, dropout, kwargs) -> torch.Tensor | None:
