@@ -25,8 +25,8 @@ model states alone (16 and 18 bytes a parameter, 108 and 121 GB) exceed an 80 GB
 [Note: search] Lengths are multiples of `--granularity`. From `--start` the length doubles while
 a step runs, up to `--max_len`; if `--start` itself fails it halves down to `--granularity`.
 Then `--bisections` midpoints between the longest that ran and the shortest that did not.
-An attempt counts as run when its first optimizer step ended (the job's progress lines, see
-`step_progress.py`); as `oom` when its output names an out-of-memory error (or it died by
+An attempt counts as run when all its steps ended, or its first did before its time limit cut
+it off (the job's progress lines, see `step_progress.py`); as `oom` when its output names an out-of-memory error (or it died by
 SIGKILL, the host's OOM killer); as `timeout` when its time limit came first (an upper bound,
 flagged: the step might fit); anything else is an `error` and ends that system's search (a bug
 is never read as a memory limit).
@@ -194,7 +194,8 @@ class Prober:
             job = json.loads(bench_out.read_text())
             record |= {k: job.get(k) for k in ("peak_alloc_gib", "peak_reserved_gib", "train_peak_alloc_gib",
                                                "host_rss_gib", "final_loss", "param_dtypes", "n_params")}
-        record["outcome"], record["detail"] = classify(rc, killed, text, record["steps_done"])
+        wanted = self.opts.warmup_steps + self.opts.measure_steps
+        record["outcome"], record["detail"] = classify(rc, killed, text, record["steps_done"], wanted)
         if record["outcome"] != "ok":
             record["error_tail"] = failure_summary(text)[1][-3000:]
         else:
@@ -234,18 +235,20 @@ _OOM_MARKERS = ("OutOfMemoryError", "CUDA out of memory", "out of memory", "can'
                 "Cannot allocate memory", "CUBLAS_STATUS_ALLOC_FAILED")
 
 
-def classify(rc: int | None, killed: str | None, text: str, steps_done: int) -> tuple[str, str | None]:
-    """(outcome, detail) of one attempt; see [Note: search]."""
-    if steps_done > 0:
+def classify(rc: int | None, killed: str | None, text: str, steps_done: int, steps_wanted: int) -> tuple[str, str | None]:
+    """(outcome, detail) of one attempt; see [Note: search]. Cut off by its time limit after a
+    step, an attempt ran; one that fails after a step fails (a step that runs once is not training)."""
+    if steps_done >= steps_wanted or steps_done > 0 and killed and killed.startswith("timeout"):
         return "ok", killed
+    after = f" (after {steps_done} steps)" if steps_done else ""
     for line in text.splitlines():
         if any(m in line for m in _OOM_MARKERS):
-            return "oom", line.strip()[:300]
+            return "oom", line.strip()[:300] + after
     if killed and killed.startswith("timeout"):
         return "timeout", killed
     if rc == -9 or "Signals.SIGKILL" in text or "exitcode  : -9" in text:
-        return "oom", "killed by SIGKILL (the host's OOM killer?)"
-    return "error", failure_summary(text)[0]
+        return "oom", "killed by SIGKILL (the host's OOM killer?)" + after
+    return "error", failure_summary(text)[0] + after
 
 
 def system_summary(system: str, attempts: list[dict], stopped_by: str | None) -> dict:

@@ -83,13 +83,15 @@ def test_an_error_or_no_time_ends_the_search(kind):
 
 def test_classify_and_measure():
     c = long_seq.classify
-    assert c(0, None, "", 2) == ("ok", None)
-    assert c(None, "timeout after 9 s", "", 1) == ("ok", "timeout after 9 s")  # cut off after a step: it ran
-    assert c(1, None, "x\ntorch.OutOfMemoryError: CUDA out of memory. Tried\nexitcode  : 1", 0)[0] == "oom"
-    assert c(1, None, "RuntimeError: DefaultCPUAllocator: can't allocate memory: you tried", 0)[0] == "oom"
-    assert c(None, "timeout after 9 s", "loading", 0) == ("timeout", "timeout after 9 s")
-    assert c(-9, None, "", 0)[0] == "oom"
-    assert c(1, None, "Traceback\nValueError: --preset 'x' is not one of", 0) == (
+    assert c(0, None, "", 3, 3) == ("ok", None)
+    assert c(None, "timeout after 9 s", "", 1, 3) == ("ok", "timeout after 9 s")  # cut off after a step: it ran
+    assert c(1, None, "x\ntorch.OutOfMemoryError: CUDA out of memory. Tried\nexitcode  : 1", 0, 3)[0] == "oom"
+    assert c(1, None, "torch.OutOfMemoryError: CUDA out of memory.", 1, 3) == (
+        "oom", "torch.OutOfMemoryError: CUDA out of memory. (after 1 steps)")  # ran once, then did not
+    assert c(1, None, "RuntimeError: DefaultCPUAllocator: can't allocate memory: you tried", 0, 3)[0] == "oom"
+    assert c(None, "timeout after 9 s", "loading", 0, 3) == ("timeout", "timeout after 9 s")
+    assert c(-9, None, "", 0, 3)[0] == "oom"
+    assert c(1, None, "Traceback\nValueError: --preset 'x' is not one of", 0, 3) == (
         "error", "ValueError: --preset 'x' is not one of")
     lines = [{"event": "train_begin", "wall": 103.0, "host_rss_gib": 1.0},
              {"event": "step", "step_s": 9.0, "peak_alloc_gib": 5.0, "host_rss_gib": 2.0},
