@@ -100,8 +100,13 @@ def _offload(conv: Conversion, key: str, value: Any) -> None:
 
 def _ram_efficient(conv: Conversion, key: str, value: Any) -> None:
     flag = conv.boolean(key, value)
+    tp = conv.get("tensor_parallel.autotp_size", 1)  # parallelism_config is converted before this section
     if conv.stage != 3:
         conv.not_needed(key, value, "the model loads whole on every rank")
+    elif flag and tp > 1:  # the table's 'tensor-parallel-sharded-load' row, said at the key the file has
+        conv.refuse(key, value, f"with parallelism_config tp_size = {tp}: a sharded load (zero3_init_flag) cannot "
+                                "be split for tensor parallelism in hf_zero (not built yet); set it to false: every "
+                                "rank loads the whole model, which the Trainer splits, then shards")
     else:  # hf_zero's default at stage 3 is true: false is written out
         conv.mapped(key, value, "zero_optimization.zero3_init_flag", flag,
                     "the script's from_pretrained of a local checkpoint loads sharded: each rank reads only its slices"
@@ -178,8 +183,8 @@ RULES: dict[str, Rule] = {
     "fsdp_offload_params": Rule("true: `offload_optimizer` and, at stage 3, `offload_param` on the CPU, pinned; "
                                 "refused with NO_SHARD", _offload),
     "fsdp_cpu_ram_efficient_loading": Rule("at stage 3: `zero_optimization.zero3_init_flag` (true: sharded load of "
-                                           "the script's local checkpoint, hf_zero's default there; false: whole); "
-                                           "else not needed", _ram_efficient),
+                                           "the script's local checkpoint, hf_zero's default there; false: whole; "
+                                           "true refused with tp_size > 1); else not needed", _ram_efficient),
     "fsdp_sync_module_states": Rule("not needed: every rank loads the same checkpoint; a sharded load or "
                                     "`hf_zero.init.from_config` draws from one seed",
                                     _bool_note("every rank loads the same weights (a sharded load reads slices of "
@@ -230,3 +235,7 @@ def convert(conv: Conversion, section: dict[str, Any]) -> None:
     for name, rule in RULES.items():
         if name in named and rule.convert is not _already:
             rule.convert(conv, _key(name), named[name])
+    if "fsdp_cpu_ram_efficient_loading" not in named and conv.stage == 3 and conv.get("tensor_parallel.autotp_size", 1) > 1:
+        conv.mapped(_key("fsdp_cpu_ram_efficient_loading"), None, "zero_optimization.zero3_init_flag", False,
+                    "absent: accelerate's default, false; the model loads whole, and the Trainer splits it for tensor "
+                    "parallelism, then shards it (hf_zero's default, a sharded load, cannot be split)")

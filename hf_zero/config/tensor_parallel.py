@@ -21,7 +21,10 @@ class TensorParallelConfig:
         The ranks form a (world size / tp, tp) mesh, tp-inner (neighbouring ranks split a layer);
         ZeRO shards over the world size / tp ranks of one tp rank, and every rank of a tp group trains
         on the same batch. Must divide the world size and the model's attention and KV head counts
-        (checked when the Trainer is created). Default 1 (DeepSpeed's): no tensor parallelism.""",
+        (checked when the Trainer is created). Not built yet with it, refused before any rank
+        starts: optimizer or parameter offload, and a sharded load (at stage 3 write
+        `zero3_init_flag: false`, whose unset default there is true). Default 1 (DeepSpeed's): no
+        tensor parallelism.""",
     )
 
     def __post_init__(self) -> None:

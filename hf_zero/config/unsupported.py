@@ -84,6 +84,19 @@ def _pipeline(config: Any) -> bool:
     return config.pipeline.stages > 1
 
 
+def _tensor_parallel(config: Any) -> bool:
+    return config.tensor_parallel.autotp_size > 1
+
+
+def _offload(config: Any) -> bool:
+    return config.zero.offload_optimizer.device != "none" or config.zero.offload_param.device != "none"
+
+
+def _offload_devices(config: Any) -> str:
+    return (f"zero_optimization.offload_optimizer.device = {show(config.zero.offload_optimizer.device)}, "
+            f"zero_optimization.offload_param.device = {show(config.zero.offload_param.device)}")
+
+
 def _dtype(config: Any) -> str:
     """``fp16 training``: an "auto" dtype filled from the Trainer's flag reads the same."""
     return 'precision "auto"' if config.precision.dtype is AUTO else f"{config.precision.dtype} training"
@@ -142,11 +155,36 @@ UNSUPPORTED: tuple[Unsupported, ...] = (
     Unsupported(
         name="sequence-parallel-tp",
         keys=("sequence_parallel_size", "tensor_parallel.autotp_size"),
-        applies=lambda c: _sequence_parallel(c) and c.tensor_parallel.autotp_size > 1,
+        applies=lambda c: _sequence_parallel(c) and _tensor_parallel(c),
         asked=lambda c: f"sequence_parallel_size = {c.sequence_parallel_size} with tensor_parallel.autotp_size = "
                         f"{c.tensor_parallel.autotp_size}",
         feature="sequence parallelism together with tensor parallelism",
         instead="use one of the two (sequence parallelism for long sequences, tensor parallelism for wide layers)",
+    ),
+    Unsupported(
+        name="tensor-parallel-offload",
+        keys=("tensor_parallel.autotp_size", "zero_optimization.offload_optimizer.device",
+              "zero_optimization.offload_param.device"),
+        applies=lambda c: _tensor_parallel(c) and _offload(c),
+        asked=lambda c: f"tensor_parallel.autotp_size = {c.tensor_parallel.autotp_size} with {_offload_devices(c)}",
+        feature="optimizer or parameter offload with tensor parallelism (the global norm of offloaded grads over "
+                "dp and tp is not built yet)",
+        instead='set offload_optimizer.device and offload_param.device to "none" (each rank holds 1 / tp of the '
+                "split layers already), or leave tensor_parallel out to offload",
+    ),
+    Unsupported(
+        name="tensor-parallel-sharded-load",
+        keys=("tensor_parallel.autotp_size", "zero_optimization.stage", "zero_optimization.zero3_init_flag"),
+        # zero3_init_flag unset is true at stage 3 (accelerate's default), so a plain stage-3 tp file
+        # is this row: the script's from_pretrained would load sharded, and the Trainer cannot split it.
+        applies=lambda c: _tensor_parallel(c) and c.zero.stage == 3 and bool(c.zero.zero3_init_flag),
+        asked=lambda c: f"tensor_parallel.autotp_size = {c.tensor_parallel.autotp_size} with "
+                        "zero_optimization.stage = 3 and zero_optimization.zero3_init_flag = true (its default at "
+                        "stage 3)",
+        feature="tensor parallelism on a model loaded sharded (the tp split needs the whole model at Trainer "
+                "creation)",
+        instead="set zero_optimization.zero3_init_flag to false: the model loads whole and is split, then sharded, "
+                "when the Trainer is created",
     ),
     Unsupported(
         name="pipeline-stage3",
@@ -159,7 +197,7 @@ UNSUPPORTED: tuple[Unsupported, ...] = (
     Unsupported(
         name="pipeline-tensor-parallel",
         keys=("pipeline.stages", "tensor_parallel.autotp_size"),
-        applies=lambda c: _pipeline(c) and c.tensor_parallel.autotp_size > 1,
+        applies=lambda c: _pipeline(c) and _tensor_parallel(c),
         asked=lambda c: f"pipeline.stages = {c.pipeline.stages} with tensor_parallel.autotp_size = "
                         f"{c.tensor_parallel.autotp_size}",
         feature="pipeline and tensor parallelism together (not built yet)",
@@ -176,11 +214,8 @@ UNSUPPORTED: tuple[Unsupported, ...] = (
     Unsupported(
         name="pipeline-offload",
         keys=("pipeline.stages", "zero_optimization.offload_optimizer.device", "zero_optimization.offload_param.device"),
-        applies=lambda c: _pipeline(c) and (c.zero.offload_optimizer.device != "none"
-                                            or c.zero.offload_param.device != "none"),
-        asked=lambda c: f"pipeline.stages = {c.pipeline.stages} with zero_optimization.offload_optimizer.device = "
-                        f"{show(c.zero.offload_optimizer.device)}, zero_optimization.offload_param.device = "
-                        f"{show(c.zero.offload_param.device)}",
+        applies=lambda c: _pipeline(c) and _offload(c),
+        asked=lambda c: f"pipeline.stages = {c.pipeline.stages} with {_offload_devices(c)}",
         feature="optimizer or parameter offload with pipeline stages (not built yet)",
         instead='set offload_optimizer.device and offload_param.device to "none"',
     ),

@@ -210,7 +210,8 @@ class ZeroConfig:
         arguments) load whole as before, with a warning that names the reason once per job. Unset: true at stage 3, false below (accelerate's
         default; transformers likewise loads with `zero.Init` whenever a stage-3 DeepSpeed
         config is active); `false`: models load whole and are sharded when the optimizer is
-        created.""",
+        created. With `tensor_parallel.autotp_size` > 1 at stage 3 write `false` (the tp split
+        needs the whole model; true is refused before any rank starts).""",
     )
     offload_optimizer: OffloadConfig = setting(
         default_factory=OffloadConfig,

@@ -40,6 +40,7 @@ from torch import nn
 from hf_zero.engine import ZeroEngine
 from hf_zero.first_rank import is_first_rank
 from hf_zero.engine.options import engine_options
+from hf_zero.engine.stages import NotAvailableYet
 from hf_zero.init.relayout import relayout
 from hf_zero.init.checkpoint_files import NotServed, checkpoint_directory, find_files
 from hf_zero.init.checkpoint_source import CheckpointSource
@@ -231,6 +232,11 @@ def _zero_config(zero_config, model: nn.Module):
     if config.zero.stage != 3:
         raise ValueError(f"hf_zero.init shards params as they load, which is ZeRO stage 3; the config "
                          f"{config.source or ''} has zero_optimization.stage = {config.zero.stage}")
+    if config.tensor_parallel.autotp_size > 1:  # zero3_init_flag false, hf_zero.init called by the script itself
+        raise NotAvailableYet(f"hf_zero.init with tensor_parallel.autotp_size = {config.tensor_parallel.autotp_size} "
+                              f"in {config.source or 'the zero config'}: a model loaded sharded cannot be split for "
+                              "tensor parallelism (not built yet); load it whole with transformers' from_pretrained, "
+                              "and the Trainer splits it, then shards it")
     hidden = getattr(getattr(model, "config", None), "hidden_size", None)
     return dataclasses.replace(config, zero=resolve_zero_sizes(config.zero, hidden))
 

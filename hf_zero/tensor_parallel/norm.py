@@ -20,7 +20,6 @@ import torch
 from torch import nn
 
 from hf_zero.engine import collectives as C
-from hf_zero.engine.stages import NotAvailableYet
 
 
 def global_norm(parts: Iterable[tuple[torch.Tensor, bool]], *, tp: C.CommContext,
@@ -43,9 +42,9 @@ def module_parts(model: nn.Module, split: set[str]) -> list[tuple[torch.Tensor, 
 
 def engine_parts(engine, split: set[str]) -> list[tuple[torch.Tensor, bool]]:
     """Every param's slice of this rank's reduced grad shards (ZeRO stages 1-3; padding is left out)."""
-    if engine.offload is not None:
-        raise NotAvailableYet("tensor_parallel.autotp_size > 1 with zero_optimization.offload_optimizer: the global "
-                         "norm of offloaded grads over dp and tp is not built yet; offload_optimizer.device \"none\"")
+    if engine.offload is not None:  # the grads live on the host: a config the table refuses before any rank starts
+        raise AssertionError("engine_parts: an offloaded engine under tensor parallelism; the row "
+                             "'tensor-parallel-offload' of hf_zero/config/unsupported.py should have refused it")
     engine.finish_grad_sync()
     names = {p: n for n, p in engine.model.named_parameters()}
     out = []

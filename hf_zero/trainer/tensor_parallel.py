@@ -147,14 +147,9 @@ def _refuse_not_built(trainer, config, tp: int) -> None:
         raise NotAvailableYet(f"save_strategy {trainer.args.save_strategy.value!r}: a checkpoint save with {KEY} "
                               f"= {tp} at ZeRO stage 0 is not built yet; use zero_optimization.stage 1-3, or "
                               "save_strategy \"no\" and trainer.save_model() for the full weights")
-    sp = getattr(config, "sequence_parallel_size", 1)
-    if isinstance(sp, int) and sp > 1:
-        raise NotAvailableYet(f"{KEY} = {tp} with sequence_parallel_size = {sp}: tensor and sequence parallelism "
-                              "together are not built yet (each would build its own mesh over the whole world)")
-    zero = config.zero
-    if zero.offload_optimizer.device != "none" or zero.offload_param.device != "none":
-        raise NotAvailableYet(f"{KEY} = {tp} with zero_optimization.offload_optimizer/offload_param: not built yet "
-                         "(the global norm of offloaded grads over dp and tp); set their device to \"none\"")
-    if any(p.device.type == "meta" for p in trainer.model.parameters()):
-        raise NotAvailableYet(f"{KEY} = {tp} with a model loaded sharded (zero_optimization.zero3_init_flag): not built "
-                         "yet; set zero3_init_flag false so the model loads whole and is split at Trainer creation")
+    # tp with sequence parallelism, with offload, or at stage 3 with zero3_init_flag: rows of the one table
+    # (config/unsupported.py), refused before any rank starts and again by resolve_config, before this.
+    if any(p.device.type == "meta" for p in trainer.model.parameters()):  # loaded by hf_zero.init under another config
+        raise NotAvailableYet(f"{KEY} = {tp} with a model loaded sharded (hf_zero.init, or zero3_init_flag under "
+                              "another config): not built yet; load the model whole (transformers' from_pretrained "
+                              "with zero_optimization.zero3_init_flag false) so it is split at Trainer creation")

@@ -167,7 +167,8 @@ def test_parallelism_config_sizes_become_tp_and_sp():
     section = {"parallelism_config_dp_replicate_size": 1, "parallelism_config_dp_shard_size": 4,
                "parallelism_config_tp_size": 2, "parallelism_config_cp_size": 1,
                "parallelism_config_cp_backend": "torch", "parallelism_config_cp_comm_strategy": "allgather"}
-    tp = convert({**FSDP_FULL_SHARD, "num_processes": 8, "parallelism_config": section})
+    whole = {**FSDP_FULL_SHARD["fsdp_config"], "fsdp_cpu_ram_efficient_loading": False}
+    tp = convert({**FSDP_FULL_SHARD, "fsdp_config": whole, "num_processes": 8, "parallelism_config": section})
     assert tp.config["tensor_parallel"] == {"autotp_size": 2} and "sequence_parallel_size" not in tp.config
     assert sorted(k for k in reported(tp) if k.startswith("parallelism_config.")) == sorted(
         f"parallelism_config.{k}" for k in section)
@@ -181,6 +182,27 @@ def test_parallelism_config_sizes_become_tp_and_sp():
         f"parallelism_config_{k}" for k in ("dp_replicate_size", "dp_shard_size", "tp_size", "cp_size", "cp_backend",
                                             "cp_comm_strategy", "sp_size", "sp_backend", "sp_seq_length",
                                             "sp_seq_length_is_variable", "sp_attn_implementation"))
+
+
+def test_tensor_parallelism_at_stage_3_loads_whole():
+    """The Trainer splits a whole model for tp: cpu_ram_efficient_loading true (a sharded load, zero3_init_flag) is
+    refused at the file's own key; absent it is accelerate's default, false, written out (hf_zero's default at stage
+    3 is a sharded load, which the table refuses with tp)."""
+    tp = {"parallelism_config": {"tp_size": 2}}
+    assert refusal({**FSDP_FULL_SHARD, **tp}) == (
+        "fsdp_config.fsdp_cpu_ram_efficient_loading = true in accelerate.yaml: with parallelism_config tp_size = 2: a "
+        "sharded load (zero3_init_flag) cannot be split for tensor parallelism in hf_zero (not built yet); set it to "
+        "false: every rank loads the whole model, which the Trainer splits, then shards")
+    absent = {k: v for k, v in FSDP_FULL_SHARD["fsdp_config"].items() if k != "fsdp_cpu_ram_efficient_loading"}
+    conversion = convert({**FSDP_FULL_SHARD, "fsdp_config": absent, **tp})
+    assert conversion.config["zero_optimization"]["zero3_init_flag"] is False
+    assert "fsdp_config.fsdp_cpu_ram_efficient_loading" in reported(conversion)
+    assert load_config(conversion.config).tensor_parallel.autotp_size == 2
+    # without tp the absent key keeps hf_zero's default (a sharded load): nothing written
+    assert "zero3_init_flag" not in convert({**FSDP_FULL_SHARD, "fsdp_config": absent}).config["zero_optimization"]
+    # DeepSpeed's own zero3_init_flag (absent: accelerate's default true) with tp: the table's row
+    with pytest.raises(UnsupportedConfig, match="tensor parallelism on a model loaded sharded"):
+        convert({**deepspeed(zero_stage=3), **tp})
 
 
 def test_fsdp_checkpointing_offload_is_cpu_checkpointing():

@@ -58,6 +58,15 @@ EXAMPLES = {
                                      ["sparse_attention.different_layout_per_head = true with "
                                       "tensor_parallel.autotp_size = 2", "per-head sparse layouts",
                                       "set different_layout_per_head to false"]),
+    "tensor-parallel-offload": ({"zero_optimization": OFFLOAD, "tensor_parallel": {"autotp_size": 2}},
+                                ['tensor_parallel.autotp_size = 2 with zero_optimization.offload_optimizer.device = '
+                                 '"cpu", zero_optimization.offload_param.device = "none"',
+                                 "optimizer or parameter offload with tensor parallelism", 'device to "none"']),
+    "tensor-parallel-sharded-load": ({"zero_optimization": {"stage": 3}, "tensor_parallel": {"autotp_size": 2}},
+                                     ["tensor_parallel.autotp_size = 2 with zero_optimization.stage = 3 and "
+                                      "zero_optimization.zero3_init_flag = true",
+                                      "tensor parallelism on a model loaded sharded",
+                                      "set zero_optimization.zero3_init_flag to false"]),
     "pipeline-stage3": ({"zero_optimization": {"stage": 3}, "pipeline": {"stages": 2}},
                         ["pipeline.stages = 2 with zero_optimization.stage = 3",
                          "ZeRO stage 3 inside pipeline stages (not built yet)", "use zero_optimization.stage 0, 1 or 2"]),
@@ -76,6 +85,35 @@ EXAMPLES = {
                       ["pipeline.stages = 2 with fp16 training", "fp16 loss scaling across pipeline stages (not built yet)",
                        "train in bf16"]),
 }
+
+
+@pytest.mark.parametrize("zero", [
+    {"stage": 3, "zero3_init_flag": False},  # loads whole, split and sharded at Trainer creation
+    {"stage": 2, "zero3_init_flag": True},  # the flag loads sharded at stage 3 only
+    {"stage": 3, "offload_optimizer": {"device": "none"}, "offload_param": {"device": "none"}, "zero3_init_flag": False},
+])
+def test_tensor_parallel_runs(zero):
+    assert refusals(load({"zero_optimization": zero, "tensor_parallel": {"autotp_size": 2}})) == []
+
+
+@pytest.mark.parametrize("offload", [{"offload_optimizer": {"device": "cpu"}},
+                                     {"offload_optimizer": {"device": "cpu"}, "offload_param": {"device": "cpu"}}])
+def test_tensor_parallel_offload_names_both_devices(offload):
+    [message] = refusals(load({"zero_optimization": {"stage": 3, "zero3_init_flag": False, **offload},
+                               "tensor_parallel": {"autotp_size": 2}}))
+    param = offload.get("offload_param", {"device": "none"})["device"]
+    assert message.startswith('tensor_parallel.autotp_size = 2 with zero_optimization.offload_optimizer.device = '
+                              f'"cpu", zero_optimization.offload_param.device = "{param}" in ds.json: ')
+
+
+def test_tensor_parallel_at_stage_3_with_offload_is_refused_for_both():
+    """The default zero3_init_flag and the offload: two rows, both said at once."""
+    config = load({"zero_optimization": {"stage": 3, **{k: {"device": "cpu"} for k in ("offload_optimizer",
+                                                                                     "offload_param")}},
+                   "tensor_parallel": {"autotp_size": 4}})
+    assert [r.name for r in UNSUPPORTED if r.applies(config)] == ["tensor-parallel-offload",
+                                                                  "tensor-parallel-sharded-load"]
+    assert len(refusals(config)) == 2
 
 
 def test_partition_activations_with_sequence_parallelism_runs():
