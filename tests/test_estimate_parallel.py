@@ -138,3 +138,16 @@ def test_doctor_sizes_a_tp_rank(tiny, tmp_path):
     assert "num_key_value_heads = 2 is not divisible by 4" in results["model"].detail
     assert "tensor_parallel.autotp_size that divides" in results["model"].fix
     assert results["host memory"].status is Status.SKIP  # nothing to size
+
+
+def test_doctor_checks_tp_groups_inside_a_node(tmp_path):
+    """hf-zero doctor --nproc 3 --nnodes 2 with autotp_size 2: the launcher's refusal, as the world size check."""
+    config = tmp_path / "tp2.json"
+    config.write_text(json.dumps({"zero_optimization": {"stage": 1}, "tensor_parallel": {"autotp_size": 2}}))
+    world_size = {}
+    for nproc in (3, 2):
+        results = run_doctor(DoctorInputs(zero_config=str(config), nproc=nproc, nnodes=2), environ={})
+        world_size[nproc] = next(r for r in results if r.name == "world size")
+    assert world_size[2].status is Status.PASS, world_size[2]
+    assert world_size[3].status is Status.FAIL
+    assert "the tensor-parallel group of ranks 2..3 would span nodes 0 and 1" in world_size[3].detail

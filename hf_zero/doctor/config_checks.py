@@ -7,9 +7,11 @@ Nothing here imports torch at module level.
 from __future__ import annotations
 
 import warnings
+from collections.abc import Sequence
 from typing import Any
 
 from hf_zero.doctor.result import CheckResult, failed, passed, skipped, warned
+from hf_zero.launcher.placement import check_tp_placement
 
 CONFIG = "config"
 WORLD_SIZE = "world size"
@@ -120,8 +122,10 @@ def check_config(path: str | None) -> CheckResult:
     return load_zero_config(path)[1]
 
 
-def check_world_size(config: Any, world_size: int) -> CheckResult:
-    """train_batch_size against ``world_size`` ranks, as ``check-config --world_size`` does."""
+def check_world_size(config: Any, world_size: int, nodes: Sequence[int] = ()) -> CheckResult:
+    """train_batch_size against ``world_size`` ranks, as ``check-config --world_size`` does; with the
+    processes per node (``nodes``), tensor_parallel.autotp_size's groups inside a node, as ``hf-zero
+    launch`` refuses otherwise ([Note: rank order] in hf_zero/launcher/placement.py)."""
     if config is None:
         return skipped(WORLD_SIZE, "no config loaded")
     try:
@@ -130,6 +134,11 @@ def check_world_size(config: Any, world_size: int) -> CheckResult:
         return failed(WORLD_SIZE, str(error),
                       f'set train_batch_size to "auto", or to train_micro_batch_size_per_gpu * '
                       f"gradient_accumulation_steps * {world_size}, or change the number of ranks")
+    try:
+        check_tp_placement(config.tensor_parallel.autotp_size, nodes, source=config.source)
+    except ValueError as error:
+        return failed(WORLD_SIZE, str(error), "run a multiple of tensor_parallel.autotp_size processes on every "
+                                              "node (--nproc), or an autotp_size the message allows")
     batch = config.train_batch_size
     if not isinstance(batch, int) or isinstance(batch, bool):
         return passed(WORLD_SIZE, f'W = {world_size}; train_batch_size is {batch if batch is not None else "unset"} '

@@ -69,7 +69,7 @@ def run_doctor(inputs: DoctorInputs, environ: Mapping[str, str] | None = None) -
     else:
         config, result = load_zero_config(inputs.zero_config)
         results.append(result)
-    results.append(check_world_size(config, world))
+    results.append(check_world_size(config, world, [nproc] * inputs.nnodes))
     results.extend(check_blocks(config))  # which optimizer and scheduler run, each value's source
     results.extend(check_versions())
     results.append(environment.check_gpus(nproc, device_count))
