@@ -61,6 +61,7 @@ def markdown(records: list[dict]) -> str:
             )
             + " |"
         )
+    lines += compiled_lines(records)
     failed = [r for r in records if r["status"] != "ok"]
     if failed:
         lines += ["", "Failures:"]
@@ -70,6 +71,27 @@ def markdown(records: list[dict]) -> str:
         lines += ["", "Exit notes (results kept):"]
         lines += [f"- `{r['mode']}`: {r['exit_note']}" for r in noted]
     return "\n".join(lines) + "\n"
+
+
+# Issue 21 (`X-compile` modes: X with --torch_compile): (numerator, denominator, target or None).
+COMPILED_RATIOS = [
+    ("hfzero-s3-compile", "hfzero-s3", 1.25),
+    ("hfzero-s2-compile", "hfzero-s2", 1.2),
+    ("plain-compile", "plain", None),
+    ("fsdp2-compile", "fsdp2", None),
+    ("hfzero-s3-compile", "plain-compile", 1.0),
+    ("hfzero-s2-compile", "plain-compile", None),
+    ("hfzero-s3-compile", "fsdp2-compile", None),
+]
+
+
+def compiled_lines(records: list[dict]) -> list[str]:
+    """The compiled-vs-eager and compiled-vs-compiled tok/s ratios of ``COMPILED_RATIOS`` whose two
+    modes both ran in this invocation; no lines when none did."""
+    tok = {r["mode"]: r["tok_per_s"] for r in records if r["status"] == "ok" and r.get("tok_per_s")}
+    rows = [f"| {a} / {b} | {tok[a] / tok[b]:.3f} | {'' if t is None else f'>= {t}'} |"
+            for a, b, t in COMPILED_RATIOS if a in tok and b in tok]
+    return ["", "| compiled ratio (tok/s) | ratio | target |", "|---|---:|---|", *rows] if rows else []
 
 
 # (ours, theirs, target ratio of tok/s or None): the issue's targets for stage 3.

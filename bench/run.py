@@ -75,6 +75,10 @@ MODES: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {
     **{f"ds-z{n}-offload": ((), ("--deepspeed", f"{CONFIGS}/ds_z{n}_offload.json")) for n in (2, 3)},
     "fsdp2": ((), ("--fsdp", "full_shard auto_wrap", "--fsdp_config", f"{CONFIGS}/fsdp2.json")),
 }
+# issue 21: the same modes with the Trainer's --torch_compile, so that one invocation compares eager
+# and compiled (each mode its own process, as ever)
+MODES.update({f"{m}-compile": (MODES[m][0], (*MODES[m][1], "--torch_compile"))
+              for m in ("plain", "hfzero-s1", "hfzero-s2", "hfzero-s3", "hfzero-s2-offload", "hfzero-s3-offload", "fsdp2")})
 DEFAULT_MODES = "plain,hfzero-s0,hfzero-s1,hfzero-s2,hfzero-s3,ds-z2,ds-z3,fsdp2"
 # Per-mode timeout when --timeout is not given. 7b: import ~15 s, building 7 B fp32 params on one CPU
 # thread per rank 40-80 s (--init_device cuda: seconds), moving them, ~10 steps of ~1 s, teardown.
