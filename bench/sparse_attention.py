@@ -21,7 +21,8 @@ with CUDA events as forward + backward of ``out.sum()``, median of ``--iters`` a
 first calls compile; dynamo's caches are reset before each row, so no row meets its recompile limit).
 Prints per row: both times, the speed-up, the block mask's density (the share of the causal triangle's
 tiles it computes), achieved TFLOP/s counting only the computed tiles for flex and the causal half for
-SDPA, and the kernel options used.
+SDPA, the first call's seconds (compile, and autotuning where any: the count of ops inductor timed
+candidates for) and the kernel options used.
 """
 
 from __future__ import annotations
@@ -29,9 +30,11 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
+import time
 
 import torch
 import torch.nn.functional as F
+from torch._dynamo.utils import counters
 
 from hf_zero.config.sparse_attention import SparseAttentionConfig
 from hf_zero.sparse_attention import flex, kernels
@@ -87,10 +90,12 @@ def run(seq_len: int, config: SparseAttentionConfig, args, row: str) -> dict:
     else:
         layout = make_layout(config, layout_heads, num_blocks(config, seq_len) * config.block).bool().cuda()
         mask = flex.block_mask(layout, config.block, seq_len, causal=True, tile=128 if row == "tile128" else 64)
-        compiled, options = (kernels._compiled(False), None) if row == "tile128" else (_autotuned(), None)
+        options = None
 
         def attend():
-            return compiled(q, k, v, block_mask=mask, enable_gqa=gqa)
+            if row == "tile128":  # 128-token tiles: kernels.attend runs torch's own configs
+                return kernels.attend(q, k, v, mask, enable_gqa=gqa)
+            return _autotuned()(q, k, v, block_mask=mask, enable_gqa=gqa)
 
     def sparse():
         attend().sum().backward()
@@ -98,6 +103,12 @@ def run(seq_len: int, config: SparseAttentionConfig, args, row: str) -> dict:
     def dense():
         F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=gqa).sum().backward()
 
+    counters.clear()
+    start = time.perf_counter()
+    sparse()  # the first call compiles (and, for the autotuned row, autotunes)
+    torch.cuda.synchronize()
+    compile_s = time.perf_counter() - start
+    autotuned = counters["inductor"]["select_algorithm_autotune"]
     sparse_ms, dense_ms = timed(sparse, args.warmup, args.iters), timed(dense, args.warmup, args.iters)
     tiles = -(-seq_len // mask.BLOCK_SIZE[0])
     computed = (mask.kv_num_blocks.sum() + mask.full_kv_num_blocks.sum()).item() * heads / layout_heads
@@ -106,8 +117,9 @@ def run(seq_len: int, config: SparseAttentionConfig, args, row: str) -> dict:
     flops_per_tile = 4 * t * t * dim * 3.5  # fwd 2 matmuls + bwd 5 matmuls = 3.5x the forward's 4*t*t*d
     dense_flops = 4 * seq_len * seq_len / 2 * dim * heads * 3.5
     return {"seq_len": seq_len, "row": row, "mode": config.mode, "block": config.block, "tile": t,
-            "kernel_options": options, "sparse_ms": sparse_ms, "dense_sdpa_ms": dense_ms,
-            "speedup": dense_ms / sparse_ms, "density_of_causal": computed / causal_tiles,
+            "kernel_options": options, "first_call_s": compile_s, "autotuned_ops": autotuned,
+            "sparse_ms": sparse_ms, "dense_sdpa_ms": dense_ms, "speedup": dense_ms / sparse_ms,
+            "density_of_causal": computed / causal_tiles,
             "sparse_tflops": computed * flops_per_tile / sparse_ms / 1e9, "dense_tflops": dense_flops / dense_ms / 1e9,
             "device": torch.cuda.get_device_name(), "torch": torch.__version__}
 
@@ -151,6 +163,7 @@ def main() -> None:
               f"sparse {record['sparse_ms']:8.2f} ms  dense SDPA {record['dense_sdpa_ms']:8.2f} ms  "
               f"speed-up {record['speedup']:5.2f}x  density {record['density_of_causal']:.3f} of causal  "
               f"({record['sparse_tflops']:.0f} / {record['dense_tflops']:.0f} TFLOP/s)  "
+              f"first call {record['first_call_s']:.1f} s ({record['autotuned_ops']} ops autotuned)  "
               f"kernel options {record['kernel_options']}", flush=True)
         torch.cuda.empty_cache()
     if args.json:

@@ -21,17 +21,19 @@ kernels walk blocks of their own (forward ``BLOCK_M`` queries x ``BLOCK_N`` keys
   per loop; under an A100's 164 KiB and an H100's 227 KiB. That holds for head rows of up to
   :data:`ROW_BYTES` (the head dim rounded up to a power of 2, times the element size: bf16/fp16 head dim
   <= 128, fp32 <= 64); wider heads keep 128-token tiles and torch's configs (:func:`tile_for`).
-- Why fixed options are compiled with ``max_autotune``: torch 2.11-2.13 drop a backward candidate whose
-  own block sizes do not divide the tile *before* applying ``kernel_options``
+- Why fixed options are compiled with ``max_autotune`` and ``deterministic``: torch 2.11-2.13 drop a
+  backward candidate whose own block sizes do not divide the tile *before* applying ``kernel_options``
   (torch/_inductor/kernel/flex/flex_attention.py, pytorch/pytorch#176025), and on an H100 at head dim 128
   the default mode's one candidate (64/128/128/64) does not divide 64: the backward would have no kernel
   ("NoValidChoicesError"). Under ``max_autotune`` the candidates include 32- and 64-row configs, which
-  pass; :data:`NARROW` then sets every knob of every candidate, so all are the same kernel: inductor
-  compiles it once (it skips a choice whose kernel it already compiled) and times the identical copies
-  (about a second), against max-autotune's minute of compiling ~20 different kernels. The timing runs
-  on inputs inductor allocates (query, key, value, output and their gradients: about ten times one
-  query tensor's bytes), once per compiled sequence length. ``FORCE_USE_FLEX_ATTENTION`` keeps sequences
-  under 128 tokens off the decoding kernel, which would take the forward block sizes too.
+  pass; :data:`NARROW` then sets every knob of every candidate, so all are the same kernel. Timing them
+  would buy nothing and cost much: inductor times each on inputs of its own with every tile computed
+  (dense attention, ~7 calls per candidate, 19 candidates: tens of seconds at 32K tokens by our
+  estimate, four times that per doubling, and GPU memory for those inputs). Inductor's ``deterministic`` mode (torch >=
+  2.10) takes the first candidate without timing ("skips any on device benchmarking"), so the kernel is
+  compiled once and nothing is timed; its other effects are on how reductions are tuned (the backward's
+  small row sums), not on FlexAttention. ``FORCE_USE_FLEX_ATTENTION`` keeps sequences under 128 tokens off
+  the decoding kernel, which would take the forward block sizes too.
 """
 
 from __future__ import annotations
@@ -84,12 +86,16 @@ def kernel_options(tile: int, head_row_bytes: int) -> dict[str, Any] | None:
 _COMPILED: dict[str, Any] = {}
 
 
+FIXED_COMPILE = {"max_autotune": True, "deterministic": True}
+"""``torch.compile`` options for :data:`NARROW` (the Note: why both)."""
+
+
 def _compiled(fixed: bool):
     """``flex_attention`` compiled (eager FlexAttention materialises the scores): in the default mode for
-    torch's own configs, with ``max_autotune`` for fixed options (the Note: why)."""
+    torch's own configs, with :data:`FIXED_COMPILE` for fixed options."""
     name = "fixed" if fixed else "default"
     if name not in _COMPILED:
-        options = {"max_autotune": True} if fixed else None
+        options = FIXED_COMPILE if fixed else None
         _COMPILED[name] = torch.compile(flex_attention, dynamic=False, options=options)
     return _COMPILED[name]
 
@@ -105,4 +111,4 @@ def attend(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, mask: Bl
                                           kernel_options=options)
 
 
-__all__ = ["NARROW", "ROW_BYTES", "TILES", "attend", "kernel_options", "row_bytes", "tile_for"]
+__all__ = ["FIXED_COMPILE", "NARROW", "ROW_BYTES", "TILES", "attend", "kernel_options", "row_bytes", "tile_for"]

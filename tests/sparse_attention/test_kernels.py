@@ -55,6 +55,13 @@ def test_kernel_options_divide_every_tile():
     assert fixed > 400  # most blocks (all but multiples of 128) run on the fixed options
 
 
+def test_fixed_compile_options_are_inductor_settings():
+    """torch.compile refuses an unknown option only when it compiles, which is on a GPU: check here."""
+    import torch._inductor.config as inductor_config
+
+    assert all(hasattr(inductor_config, name) for name in kernels.FIXED_COMPILE)
+
+
 def test_kernel_options_refusals():
     with pytest.raises(ValueError, match="32-token tiles with 256-byte head rows; allowed: tiles of multiples"):
         kernels.kernel_options(32, BF16_128)
