@@ -62,8 +62,10 @@ class SparseAttentionConfig:
         deepspeed="block",
         doc="""Tokens per layout block, each way: the layout says for every block x block tile of the
         attention matrix whether it is computed. Sequences are padded up to a multiple of it for the
-        layout, as DeepSpeed's pad_to_block_size does. Default 16 (DeepSpeed's); 64 or 128 suit
-        FlexAttention's 128-token tiles better on a GPU.""",
+        layout, as DeepSpeed's pad_to_block_size does. Default 16 (DeepSpeed's). On a GPU the layout is
+        computed in tiles of lcm(block, 64) tokens (lcm(block, 128) for heads wider than bf16 head dim
+        128), so a multiple of 64 (of 128 for those heads) wastes nothing; a smaller block has each tile
+        it touches computed whole.""",
     )
     different_layout_per_head: bool = setting(
         False,
