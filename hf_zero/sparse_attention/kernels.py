@@ -83,11 +83,10 @@ def kernel_options(tile: int, head_row_bytes: int) -> dict[str, Any] | None:
                      f"rows of at most {ROW_BYTES} bytes (kernels.tile_for picks the tile)")
 
 
-_COMPILED: dict[str, Any] = {}
-
-
 FIXED_COMPILE = {"max_autotune": True, "deterministic": True}
 """``torch.compile`` options for :data:`NARROW` (the Note: why both)."""
+
+_COMPILED: dict[str, Any] = {}  # "default" / "fixed": the compiled flex_attention of each
 
 
 def _compiled(fixed: bool):
