@@ -213,7 +213,7 @@ def estimate_bytes(
     staged = sorted((b for b, _ in buckets), reverse=True)
     if stage >= 2:
         staged = staged[: MAX_IN_FLIGHT + 1]
-    alias = world == 1 and p == 4  # one rank, fp32: gradients accumulate into the main grad itself
+    alias = world == 1  # one rank: gradients go straight into the fp32 main grad (grad_sync.py, [Note: one rank's grads])
     peak = main_grads if alias else main_grads + sum(staged) * p
     masters = 0 if p == 4 else 4 * shard
     state = 4 * STATE_TENSORS[optimizer] * n / world
