@@ -26,7 +26,9 @@ of every other param. Each part is stored as the boxes it covers in the param's 
 of this rank's flat range, shifted by t slabs along the split dim. So the stored tensors do not
 depend on the split, and a checkpoint loads at any (dp, tp) (DCP reads whatever boxes a new part
 covers), into a run without tp, and consolidates, as any other. Copies are written by tp rank 0's
-group only; ``world_size`` is the whole world's (one digest manifest per global rank).
+group only; ``world_size`` is the whole world's (one digest manifest per global rank). Under
+pipeline stages each stage's engine writes its own params and ``META_NAME`` describes the union of
+every stage's ([Note: pipeline parts], pipeline_parts.py).
 
 Nothing is unpickled from the folder: DCP's ``.metadata`` is read through an allow-list of torch's
 metadata classes and its tensors weights-only ([Note: nothing is unpickled from a checkpoint],
@@ -50,7 +52,7 @@ from torch.distributed._shard.sharded_tensor import Shard, ShardedTensor
 from torch.distributed._shard.sharded_tensor.metadata import ShardedTensorMetadata, TensorProperties
 
 from hf_zero.checkpoint import dcp_disk
-from hf_zero.checkpoint import digests, safe_reader
+from hf_zero.checkpoint import digests, pipeline_parts, safe_reader
 from hf_zero.checkpoint.boxes import Box, boxes
 from hf_zero.checkpoint.errors import CheckpointError
 from hf_zero.engine.shard_map import ParamShard, frozen_shard_map
@@ -109,9 +111,11 @@ def full_shapes(engine) -> dict[str, tuple[int, ...]]:
 def _placement(engine) -> _Placement:
     """A collective under tensor parallelism (every rank's boxes of the split params, all-gathered)."""
     split = split_params(engine.model)
+    ranks = list(range(engine.ctx.world_size))
+    if engine.ctx.group is not None and not _no_dist():  # a stage's or tp rank's dp group: its global ranks
+        ranks = [dist.get_global_rank(engine.ctx.group, q) for q in ranks]
     if not split:
-        return _Placement(list(range(engine.ctx.world_size)), {}, 0, {})
-    ranks = [dist.get_global_rank(engine.ctx.group, q) for q in range(engine.ctx.world_size)]
+        return _Placement(ranks, {}, 0, {})
     place = _Placement(ranks, split, next(iter(split.values()))[1], {})
     device = engine.buffers[0].device
     where = f"rank:{dist.get_rank()}/{'cpu' if device.type == 'cpu' else str(device)}"
@@ -256,32 +260,41 @@ def save(engine, directory: str, *, run_id: str | None = None, step: int | None 
     with _quiet_sharded_tensor():
         dcp.save(state, storage_writer=writer, no_dist=_no_dist())  # ENOSPC: DiskFullError
     files = writer.written()
+    part = _description(engine, entries, extra, py_scalars, place)
+    if pipeline_parts.split_over_world(engine):  # [Note: pipeline parts]: rank 0 writes every stage's
+        part = pipeline_parts.union_description(part)
     if rank == 0:
-        _write_meta(engine, path, entries, extra, py_scalars, place, world_size)
+        _write_meta(engine, path, part, place, world_size)
         files += [safe_reader.METADATA_NAME, META_NAME]
     digests.write_manifest(path, rank=rank, world_size=world_size, files=files, identity=identity)
     return path
 
 
-def _write_meta(engine, path: str, entries: list[ParamShard], extra: dict, py_scalars: dict,
-                place: _Placement, world_size: int) -> None:
+def _description(engine, entries: list[ParamShard], extra: dict, py_scalars: dict, place: _Placement) -> dict:
+    """This engine's part of ``META_NAME``: its params, layout and optimizer groups."""
     groups = []
     names = {id(e.piece): e.name for e in entries if e.piece is not None}
     for group in engine.optimizer.param_groups:
         settings = {k: _jsonable(v) for k, v in group.items() if k != "params"}
         settings["params"] = [names[id(p)] for p in group["params"] if id(p) in names]
         groups.append(settings)
+    return {"layout": engine.layout(), "params": {e.name: list(place.full(e)[0]) for e in entries},
+            "extra": sorted(extra), "param_groups": groups, "python_scalars": py_scalars}
+
+
+def _write_meta(engine, path: str, part: dict, place: _Placement, world_size: int) -> None:
     meta = {
         "format": FORMAT,
         "version": VERSION,
         "stage": engine.strategy.stage,
         "world_size": world_size,
-        "layout": engine.layout(),
-        "params": {e.name: list(place.full(e)[0]) for e in entries},
+        "layout": part["layout"],
+        "params": part["params"],
         "param_dtype": str(engine.buffers[0].dtype).removeprefix("torch."),
-        "extra": sorted(extra),
+        "extra": part["extra"],
         "peft": hasattr(engine.model, "peft_config"),
-        "optimizer": {"class": type(engine.optimizer).__name__, "param_groups": groups, "python_scalars": py_scalars},
+        "optimizer": {"class": type(engine.optimizer).__name__, "param_groups": part["param_groups"],
+                      "python_scalars": part["python_scalars"]},
     }
     if place.split:  # informative: the stored tensors do not depend on it
         meta["tensor_parallel"] = next(iter(place.split.values()))[2]
@@ -372,7 +385,10 @@ def load(engine, directory: str) -> dict:
     world size and stage; returns the checkpoint's meta. Checks come first: nothing is changed
     when the checkpoint is refused."""
     path = os.path.join(directory, DIR_NAME)
-    meta, metadata = check(directory, full_shapes(engine))
+    shapes = full_shapes(engine)
+    if pipeline_parts.split_over_world(engine):  # [Note: pipeline parts]: the whole model's params
+        shapes = pipeline_parts.union_shapes(shapes)
+    meta, metadata = check(directory, shapes)
     groups = meta["optimizer"]["param_groups"]
     if len(groups) != len(engine.optimizer.param_groups):
         raise CheckpointError(f"{os.path.join(path, META_NAME)}: the optimizer had {len(groups)} param groups, "
@@ -381,7 +397,7 @@ def load(engine, directory: str) -> dict:
         # Stages 1-2 pack in the saved order (a stage-3 save's is its unit order): the same
         # reduction order as the saved run, and no re-packing after the first backward, which
         # would drop the optimizer state restored here.
-        engine.adopt_layout(meta["layout"])
+        engine.adopt_layout(pipeline_parts.own_slice(meta["layout"], {e.name for e in engine.shard_map()}))
 
     place = _placement(engine)  # after the re-packing: every rank's boxes as they are now
     entries = engine.shard_map()

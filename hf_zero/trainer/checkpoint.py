@@ -42,7 +42,7 @@ import logging
 import os
 import shutil
 
-from hf_zero.checkpoint import dcp_disk, digests, sharded
+from hf_zero.checkpoint import dcp_disk, digests, pipeline_parts, sharded
 from hf_zero.checkpoint.atomic import Swap, as_disk_full
 from hf_zero.checkpoint.sharded import CheckpointError
 from hf_zero.tensor_parallel.split import whole_shapes
@@ -86,11 +86,11 @@ def check(checkpoint: str, shapes: dict[str, tuple[int, ...]]) -> None:
     sharded.check(checkpoint, shapes)
 
 
-def trainable_shapes(model, engine=None) -> dict[str, tuple[int, ...]]:
-    """Full shapes: a tensor-parallel part counts as its whole param, as the checkpoint stores it."""
-    if engine is not None:
-        return sharded.full_shapes(engine)
-    return whole_shapes(model)
+def trainable_shapes(model, engine=None, *, pipeline: bool = False) -> dict[str, tuple[int, ...]]:
+    """Full shapes: a tensor-parallel part counts as its whole param, as the checkpoint stores it;
+    ``pipeline``: the whole model's, every stage's params together (a collective: every rank calls)."""
+    shapes = sharded.full_shapes(engine) if engine is not None else whole_shapes(model)
+    return pipeline_parts.union_shapes(shapes) if pipeline else shapes
 
 
 def load(engine, checkpoint: str) -> None:

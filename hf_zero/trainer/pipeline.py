@@ -13,7 +13,7 @@ optimizer and ZeRO see this stage's params under their original names.
 | clipping, grad norm | the squares of each stage's norm (over its dp group) summed over the pipeline |
 | ``evaluate`` | the loss only, forward through the stages (a batch one micro-batch), gathered from stage 0's ranks only (each pipeline's batch once); predictions refused (not built yet) |
 | ``save_model`` | every stage's full params sent to rank 0, which writes them as ``save_pretrained`` does |
-| checkpoints, resume | not built yet: refused at Trainer creation (save_strategy) and at ``train(resume_from_checkpoint=...)`` |
+| checkpoints, resume | ZeRO 1-2: each stage's engine writes its own params' state, rank 0 the whole model's description ([Note: pipeline parts], hf_zero/checkpoint/pipeline_parts.py); ``save_model`` writes the full weights; resume at any stage count (or none) and dp. ZeRO 0: not built yet, refused at Trainer creation (save_strategy) and at ``train(resume_from_checkpoint=...)`` |
 """
 
 from __future__ import annotations
@@ -82,9 +82,10 @@ def _refuse_not_built(trainer, config) -> None:
     if pp.schedule == "interleaved_1F1B" and micro % pp.stages and micro > pp.stages:
         raise ValueError(f"pipeline.schedule \"interleaved_1F1B\" with {KEY} = {pp.stages}: {micro} micro-batches per "
                          f"step must be at most {pp.stages} or a multiple of it")
-    if str(getattr(args.save_strategy, "value", args.save_strategy)) != "no":
-        raise NotAvailableYet(f"save_strategy {str(getattr(args.save_strategy, 'value', args.save_strategy))!r}: "
-                              f"checkpoints with {KEY} = {pp.stages} are not built yet; use save_strategy \"no\" and "
+    save = str(getattr(args.save_strategy, "value", args.save_strategy))
+    if config.zero.stage == 0 and save != "no":  # said now, not after hours of training at the first save
+        raise NotAvailableYet(f"save_strategy {save!r}: a checkpoint save with {KEY} = {pp.stages} at ZeRO stage 0 "
+                              "is not built yet; use zero_optimization.stage 1 or 2, or save_strategy \"no\" and "
                               "trainer.save_model() for the full weights")
     if any(p.device.type == "meta" for p in trainer.model.parameters()):
         raise NotAvailableYet(f"{KEY} = {pp.stages} with a model loaded sharded (zero3_init_flag): not built yet")
@@ -103,10 +104,15 @@ def _gather_for_metrics(accelerator, mesh: PpMesh, tensor: torch.Tensor) -> torc
     return data
 
 
-def refuse_resume(trainer) -> None:
-    if of(trainer) is not None:
-        raise NotAvailableYet(f"resume_from_checkpoint with {KEY} = {of(trainer).mesh.pp}: checkpoints with pipeline "
-                              "stages are not built yet")
+def refuse_checkpoint(trainer, what: str) -> None:
+    """ZeRO stage 0 with pipeline stages: the Trainer's own optimizer file would hold stage 0's state only,
+    so its checkpoints are not built yet (stages 1-2 write every stage's: [Note: pipeline parts])."""
+    session = session_of(trainer)
+    if of(trainer) is not None and session is not None and session.stage == 0:
+        raise NotAvailableYet(
+            f"{what} with {KEY} = {of(trainer).mesh.pp} at ZeRO stage 0 is not built yet (the Trainer's optimizer "
+            "file would hold one stage's state only); use zero_optimization.stage 1 or 2, whose sharded checkpoints "
+            "hold every stage's part, or save_strategy \"no\" and trainer.save_model() for the full weights")
 
 
 def engine_group(trainer) -> dict:

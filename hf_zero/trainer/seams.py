@@ -311,6 +311,7 @@ def _save_optimizer_and_scheduler(self, output_dir):
 def _save_checkpoint(self, model, trial):
     session = S.session_of(self)
     TP.refuse_checkpoint(self, "a checkpoint save")
+    PP.refuse_checkpoint(self, "a checkpoint save")
     if session is None or session.engine is None:
         return _original("_save_checkpoint")(self, model, trial)
     # [Note: rotation] (checkpoint.py): no rotation of the Trainer's, wherever it happens in its
@@ -347,7 +348,7 @@ def train(self, resume_from_checkpoint=None, trial=None, ignore_keys_for_eval=No
     session = S.session_of(self)
     if resume_from_checkpoint:
         TP.refuse_checkpoint(self, "resume_from_checkpoint")
-        PP.refuse_resume(self)
+        PP.refuse_checkpoint(self, "resume_from_checkpoint")
     if session is not None and session.stage >= 1 and resume_from_checkpoint is True:
         resume_from_checkpoint = checkpoint.newest_complete(self.args.output_dir)
         if resume_from_checkpoint is None:
@@ -358,7 +359,8 @@ def train(self, resume_from_checkpoint=None, trial=None, ignore_keys_for_eval=No
     if session is not None and session.stage >= 1 and isinstance(resume_from_checkpoint, str):
         # Refuse a checkpoint of another model, or with a missing or cut-short file, or whose save
         # was not sealed ([Note: completion marker]), before any work.
-        checkpoint.check(resume_from_checkpoint, checkpoint.trainable_shapes(self.model, session.engine))
+        checkpoint.check(resume_from_checkpoint, checkpoint.trainable_shapes(self.model, session.engine,
+                                                                             pipeline=PP.of(self) is not None))
         checkpoint.require_complete(resume_from_checkpoint)
     if session is not None and session.stage >= 1:
         session.run_id = digests.draw_run_id()  # every rank calls train(): one id for this run
