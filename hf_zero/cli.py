@@ -117,6 +117,15 @@ def build_parser() -> argparse.ArgumentParser:
     est.add_argument("--tp", type=int, default=1, metavar="T",
                      help="tensor_parallel.autotp_size: ranks splitting each planned layer; ZeRO shards over "
                           "world / T ranks (default 1)")
+    est.add_argument("--pp", type=int, default=1, metavar="P",
+                     help="pipeline.stages: each stage holds a run of decoder layers (the first also the "
+                          "embeddings, the last the norm and LM head); ZeRO shards over world / (T * P) ranks; "
+                          "each row shows the heaviest stage (default 1)")
+    est.add_argument("--pp_schedule", default="1F1B", choices=["1F1B", "GPipe"],
+                     help="with --pp: pipeline.schedule, which sets the micro-batches in flight (default 1F1B)")
+    est.add_argument("--micro_batches", type=int, default=None, metavar="M",
+                     help="with --pp: micro-batches per step (pipeline.micro_batches; default P, the fewest 1F1B "
+                          "takes)")
     est.add_argument("--nodes", type=int, default=1, metavar="M",
                      help="nodes the N ranks are spread over; adds a per-node total (default 1)")
     est.add_argument("--stage", default="all", choices=["0", "1", "2", "3", "all"], help="default: all")

@@ -40,6 +40,7 @@ from hf_zero.byte_units import fmt_bytes as _fmt
 from hf_zero.engine.grad_sync import MAX_IN_FLIGHT
 from hf_zero.engine.layout import PARAM_ALIGN
 from hf_zero.estimate_parallel import Axes, TpSplit, rank_units, tp_split
+from hf_zero.estimate_pipeline import PpSplit, in_flight, layer_counts, pp_split
 
 DTYPE_BYTES = {"fp32": 4, "bf16": 2, "fp16": 2}
 # Optimizer state per element of the local shard, in the state's dtype (fp32 under stages 1-3,
@@ -68,11 +69,13 @@ class ParamCounts:
     """The model's hidden size: sizes "auto" buckets (hidden_size ** 2, DeepSpeed's rule)."""
     tp_split: TpSplit | None = None
     """What tensor parallelism splits, per param of ``units`` (estimate_parallel.py); None: not counted."""
+    pp_split: PpSplit | None = None
+    """Where pipeline stages put each param of ``units`` (estimate_pipeline.py); None: not counted."""
 
-    def per_rank(self, axes: Axes) -> tuple[ParamCounts, int]:
-        """(what one rank's model holds, the ranks ZeRO shards it over) on ``axes``: [Note: per-rank
-        shares] in estimate_parallel.py. ValueError where tp cannot split the model."""
-        units, dp = rank_units(self.units, self.tp_split, axes)
+    def per_rank(self, axes: Axes, stage: int = 0) -> tuple[ParamCounts, int]:
+        """(what one rank of pipeline ``stage`` holds, the ranks ZeRO shards it over) on ``axes``: [Note:
+        per-rank shares] in estimate_parallel.py. ValueError where tp or pp cannot split the model."""
+        units, dp = rank_units(self.units, self.tp_split, axes, self.pp_split, stage)
         return replace(self, units=units), dp
 
     @property
@@ -292,7 +295,7 @@ class ActivationShape:
 
 
 def activation_bytes(shape: ActivationShape, *, micro_batch: int, seq_len: int, dtype: str,
-                     gradient_checkpointing: bool, tp: int = 1) -> int:
+                     gradient_checkpointing: bool, tp: int = 1, logits: bool = True) -> int:
     """An ESTIMATE of activation memory per rank for one micro-batch of a decoder-only model.
 
     Korthikanti et al. 2022 ("Reducing Activation Recomputation in Large Transformer Models"),
@@ -308,15 +311,35 @@ def activation_bytes(shape: ActivationShape, *, micro_batch: int, seq_len: int, 
     With tensor parallelism over ``tp`` ranks (the same paper's Table 2, no sequence parallelism) a
     layer keeps s*b*h*(10 + 24/tp) bytes: the split layers' inner activations shrink by tp, the layer
     norms', the block inputs' and dropout masks' (10) stay whole. The LM head is not split
-    (hf_zero/tensor_parallel/plan.py), so the logits stay whole too.
+    (hf_zero/tensor_parallel/plan.py), so the logits stay whole too. ``logits`` False: the layers only
+    (a pipeline stage without the LM head, estimate_pipeline.py).
     """
     s, b, h = seq_len, micro_batch, shape.hidden
     p = DTYPE_BYTES[dtype]
     layer = (10 * tp + 24) * s * b * h * p // (2 * tp)
-    logits = s * b * shape.vocab * (p + 4)
+    logits = s * b * shape.vocab * (p + 4) if logits else 0
     if gradient_checkpointing:
         return shape.layers * s * b * h * p + layer + logits
     return shape.layers * layer + logits
+
+
+def stage_activation_bytes(shape: ActivationShape, *, stage: int, pp: int, layers: int, schedule: str, micro_batches: int,
+                           micro_batch: int, seq_len: int, dtype: str, gradient_checkpointing: bool,
+                           tp: int = 1) -> int:
+    """An ESTIMATE of pipeline stage ``stage``'s activation bytes at their peak: the micro-batches in
+    flight there (``in_flight``), each with the stage's ``layers`` decoder layers (``shape``: the whole
+    model's) and on the last stage its logits; with checkpointing one layer rebuilt at a time, once
+    ([Note: pipeline stage shares] in estimate_pipeline.py)."""
+
+    def act(n: int, checkpointing: bool, logits: bool) -> int:
+        return activation_bytes(replace(shape, layers=n), micro_batch=micro_batch, seq_len=seq_len,
+                                dtype=dtype, gradient_checkpointing=checkpointing, tp=tp, logits=logits)
+
+    held = in_flight(stage, pp, schedule, micro_batches)
+    rebuilt = act(0, True, False) if gradient_checkpointing else 0  # one layer at a time, once
+    per_micro_batch = act(layers, gradient_checkpointing, False) - rebuilt
+    logits = act(0, False, True) if stage == pp - 1 else 0
+    return held * (per_micro_batch + logits) + rebuilt
 
 
 # ---- model counting -----------------------------------------------------------------------------
@@ -374,8 +397,10 @@ def count_params(model: torch.nn.Module) -> ParamCounts:
     root = next((i for i, m in enumerate(modules) if m is model), None)
     frozen = sum(p.numel() for p in model.parameters() if not p.requires_grad)
     hidden = getattr(getattr(model, "config", None), "hidden_size", None)
+    names = [[n for n, _ in g] for g in groups]
     return ParamCounts(units=tuple(tuple(p.numel() for _, p in g) for g in groups), root_index=root,
-                       frozen=frozen, hidden_size=hidden, tp_split=tp_split(model, [[n for n, _ in g] for g in groups]))
+                       frozen=frozen, hidden_size=hidden, tp_split=tp_split(model, names),
+                       pp_split=pp_split(model, names))
 
 
 def activation_shape(cfg) -> ActivationShape | None:
@@ -408,12 +433,23 @@ def run(args: argparse.Namespace) -> int:
             raise ValueError(f"--{name} must be a positive integer, got {getattr(args, name)}")
     if args.world % args.nodes:
         raise ValueError(f"--world {args.world} is not divisible by --nodes {args.nodes}")
+    if args.micro_batches is not None and (args.micro_batches < 1 or (args.pp_schedule == "1F1B" and
+                                                                      args.micro_batches < args.pp)):
+        raise ValueError(f"--micro_batches {args.micro_batches}: allowed: an integer >= 1, and >= --pp {args.pp} "
+                         "with --pp_schedule 1F1B (one micro-batch per stage at least, as the Trainer requires)")
     bucket = _parse_bucket(args.reduce_bucket_size)
     offload = args.offload in ("cpu", "nvme")
-    axes = Axes(world=args.world, tp=args.tp)
+    axes = Axes(world=args.world, tp=args.tp, pp=args.pp)
     if axes.tp > 1 and offload:
         raise ValueError(f"--offload {args.offload} with --tp {axes.tp}: optimizer offload with tensor parallelism is "
                          "not built yet (the Trainer refuses it too)")
+    stages = STAGES if args.stage == "all" else (int(args.stage),)
+    if axes.pp > 1:  # the Trainer's refusals (config/unsupported.py), said first
+        if offload or args.stage == "3":
+            what = f"--offload {args.offload}" if offload else "--stage 3"
+            raise ValueError(f"{what} with --pp {axes.pp}: {'optimizer offload' if offload else 'ZeRO stage 3'} with "
+                             "pipeline stages is not built yet (the Trainer refuses it too)")
+        stages = tuple(s for s in stages if s != 3)
     if args.plot is not None:
         try:
             import matplotlib
@@ -423,32 +459,58 @@ def run(args: argparse.Namespace) -> int:
         matplotlib.use("Agg")
     cfg = load_model_config(args.model_config)
     counts = count_params(meta_model(cfg))
-    rank, dp = counts.per_rank(axes)  # what one rank's model holds, and the ranks ZeRO shards it over
-    shape = activation_shape(cfg)
-    act = None if shape is None else activation_bytes(
-        shape, micro_batch=args.micro_batch, seq_len=args.seq_len, dtype=args.dtype,
-        gradient_checkpointing=args.gradient_checkpointing, tp=axes.tp)
-    stages = STAGES if args.stage == "all" else (int(args.stage),)
+    # what one rank of each pipeline stage holds, the ranks ZeRO shards it over, its activations
+    per_stage = [(*counts.per_rank(axes, s), _activations(args, cfg, counts, axes, s)) for s in range(axes.pp)]
+    act = per_stage[0][2]
     rows = []
     for stage in stages:
-        b = estimate_bytes(rank, stage=stage, world=dp, dtype=args.dtype, optimizer=args.optimizer,
-                           model_dtype=args.model_dtype, reduce_bucket_size=bucket,
-                           offload_optimizer=offload and stage > 0, offload_device=args.offload,
-                           state_dtype=args.offload_state_dtype if offload and stage > 0 else "fp32")
-        gathered = gathered_params_bytes(rank, world=dp, dtype=args.dtype,
-                                         model_dtype=args.model_dtype) if stage == 3 else 0
-        states = b["params"] + gathered + b["peak_grads"] + b["optimizer_state"]
-        rows.append((stage, b, gathered, states, None if act is None else states + act))
-    _print_table(args, cfg, counts, rows, act, rank if axes.tp > 1 else None)
+        options = []  # one per pipeline stage: the table shows the heaviest ([Note: pipeline stage shares])
+        for pp_stage, (rank, dp, stage_act) in enumerate(per_stage):
+            b = estimate_bytes(rank, stage=stage, world=dp, dtype=args.dtype, optimizer=args.optimizer,
+                               model_dtype=args.model_dtype, reduce_bucket_size=bucket,
+                               offload_optimizer=offload and stage > 0, offload_device=args.offload,
+                               state_dtype=args.offload_state_dtype if offload and stage > 0 else "fp32")
+            gathered = gathered_params_bytes(rank, world=dp, dtype=args.dtype,
+                                             model_dtype=args.model_dtype) if stage == 3 else 0
+            states = b["params"] + gathered + b["peak_grads"] + b["optimizer_state"]
+            total = None if stage_act is None else states + stage_act
+            options.append((stage, b, gathered, states, total, stage_act, pp_stage))
+        rows.append(max(options, key=lambda r: (r[3] if r[4] is None else r[4], -r[6])))
+    _print_table(args, cfg, counts, rows, act, per_stage[0][0] if axes.tp > 1 and axes.pp == 1 else None,
+                 pipeline=_pipeline_line(args, counts, per_stage) if axes.pp > 1 else None)
     if offload:
         _print_auto_ratio(args, counts, rows, act, bucket)
     if args.plot is not None:
-        _plot(args.plot, rows, act)
+        _plot(args.plot, rows)
         print(f"plot written to {args.plot}")
     return 0
 
 
-def _print_table(args, cfg, counts: ParamCounts, rows, act, rank: ParamCounts | None) -> None:
+def _activations(args, cfg, counts: ParamCounts, axes: Axes, pp_stage: int) -> int | None:
+    """The activation estimate of one rank of ``pp_stage`` (None: not a decoder-only model)."""
+    shape = activation_shape(cfg)
+    if shape is None:
+        return None
+    common = dict(micro_batch=args.micro_batch, seq_len=args.seq_len, dtype=args.dtype,
+                  gradient_checkpointing=args.gradient_checkpointing, tp=axes.tp)
+    if axes.pp == 1:
+        return activation_bytes(shape, **common)
+    layers = layer_counts(counts.pp_split, axes.pp)[pp_stage]
+    return stage_activation_bytes(shape, stage=pp_stage, pp=axes.pp, layers=layers, schedule=args.pp_schedule,
+                                  micro_batches=args.micro_batches or axes.pp, **common)
+
+
+def _pipeline_line(args, counts: ParamCounts, per_stage) -> str:
+    layers = layer_counts(counts.pp_split, args.pp)
+    held = "; ".join(f"{s}: {n} layer(s), {rank.total:,} params" for s, (n, (rank, _, _)) in enumerate(zip(layers, per_stage)))
+    split = f" (after tensor parallel {args.tp})" if args.tp > 1 else ""
+    return (f"pipeline {args.pp} stages ({args.pp_schedule}, {args.micro_batches or args.pp} micro-batches a step; stage 0 "
+            f"also holds the embeddings, the last the norm and LM head){split}: {held}; ZeRO shards each over dp = "
+            f"{per_stage[0][1]} ranks; each row is its heaviest stage (column pp), per node = that stage x ranks a node")
+
+
+def _print_table(args, cfg, counts: ParamCounts, rows, act, rank: ParamCounts | None, *,
+                 pipeline: str | None = None) -> None:
     blocks = counts.blocks
     print(f"model: {args.model_config} ({cfg.model_type}); params {counts.total:,} "
           f"(trainable {counts.trainable:,}, frozen {counts.frozen:,}; tied weights counted once)")
@@ -458,20 +520,24 @@ def _print_table(args, cfg, counts: ParamCounts, rows, act, rank: ParamCounts | 
         print(f"tensor parallel {args.tp}: each rank's model holds {rank.total:,} params (the planned layers / "
               f"{args.tp}, the rest whole; blocks of {max(rank.blocks, default=0):,}); ZeRO shards them over "
               f"dp = {args.world // args.tp} ranks")
+    if pipeline is not None:
+        print(pipeline)
     print(f"world {args.world} ranks on {args.nodes} node(s); precision {args.dtype}, model loaded in "
           f"{args.model_dtype}; optimizer {args.optimizer}; micro batch {args.micro_batch}, seq len {args.seq_len}"
           f"{', gradient checkpointing' if args.gradient_checkpointing else ''}")
     head = ("stage", "params", "+gathered", "grads@step", "peak grads", "optim+master", "states peak",
-            "activations*", "total*", "per node*", "host (offload)") + (("nvme (offload)",) if args.offload == "nvme" else ())
+            "activations*", "total*", "per node*", "host (offload)") + (("nvme (offload)",) if args.offload == "nvme" else ()) \
+        + (("pp",) if args.pp > 1 else ())
     table = [head]
     per_node = args.world // args.nodes
     offload = args.offload != "none"
-    for stage, b, gathered, states, total in rows:
+    for stage, b, gathered, states, total, row_act, pp_stage in rows:
         table.append((str(stage), _fmt(b["params"]), _fmt(gathered), _fmt(b["grads_at_step"]), _fmt(b["peak_grads"]),
-                      _fmt(b["optimizer_state"]), _fmt(states), _fmt(act), _fmt(total),
+                      _fmt(b["optimizer_state"]), _fmt(states), _fmt(row_act), _fmt(total),
                       _fmt(None if total is None else total * per_node),
                       _fmt(b["host_offload"]) if offload and stage > 0 else "-")
-                     + ((_fmt(b["nvme_offload"]) if stage > 0 else "-",) if args.offload == "nvme" else ()))
+                     + ((_fmt(b["nvme_offload"]) if stage > 0 else "-",) if args.offload == "nvme" else ())
+                     + ((str(pp_stage),) if args.pp > 1 else ()))
     widths = [max(len(r[i]) for r in table) for i in range(len(head))]
     for i, r in enumerate(table):
         print("  ".join(c.rjust(w) for c, w in zip(r, widths)))
@@ -494,7 +560,7 @@ def _print_auto_ratio(args, counts: ParamCounts, rows, act, bucket) -> None:
               "see what it would pick here")
         return
     device = int(args.device_memory * 2**30)
-    for stage, b, gathered, states, total in rows:
+    for stage, b, gathered, states, total, _, _ in rows:
         if stage == 0:
             continue
         peak = total if total is not None else states
@@ -507,16 +573,16 @@ def _print_auto_ratio(args, counts: ParamCounts, rows, act, bucket) -> None:
               f"{_fmt(choice.left_bytes)} left, {_fmt(choice.margin_bytes)} of it the margin)")
 
 
-def _plot(path: str, rows, act) -> None:
+def _plot(path: str, rows) -> None:
     import matplotlib.pyplot as plt
 
     parts = [("params", lambda b, g: b["params"] + g), ("peak grads", lambda b, g: b["peak_grads"]),
-             ("optimizer state", lambda b, g: b["optimizer_state"]), ("activations (est.)", lambda b, g: act or 0)]
+             ("optimizer state", lambda b, g: b["optimizer_state"]), ("activations (est.)", None)]
     fig, ax = plt.subplots(figsize=(6, 4))
     labels = [f"stage {r[0]}" for r in rows]
     bottom = [0.0] * len(rows)
     for name, get in parts:
-        vals = [get(b, g) / 2**30 for _, b, g, _, _ in rows]
+        vals = [(get(b, g) if get else act or 0) / 2**30 for _, b, g, _, _, act, _ in rows]
         ax.bar(labels, vals, bottom=bottom, label=name)
         bottom = [x + v for x, v in zip(bottom, vals)]
     ax.set_ylabel("GiB per rank")

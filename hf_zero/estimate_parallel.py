@@ -10,9 +10,9 @@
 2. ZeRO shards what that rank's model holds over the data-parallel ranks, dp = W / tp, exactly as it
    shards a whole model over W ranks: ``estimate_bytes(rank_counts, world=dp)``.
 
-``rank_units`` is the one function doing both (``ParamCounts.per_rank`` in estimate.py applies it). A
-pipeline axis slots in beside tp: step 1 then keeps the units of the rank's stage (before the tp split),
-and dp = W / (tp * pp).
+``rank_units`` is the one function doing both (``ParamCounts.per_rank`` in estimate.py applies it). The
+pipeline axis (``pipeline.stages`` = pp) slots in beside tp: step 1 then also keeps only what the rank's
+pipeline stage holds ([Note: pipeline stage shares] in estimate_pipeline.py), and dp = W / (tp * pp).
 
 Worked example, the tiny Llama of ``tests/tensor_parallel/models.py`` (hidden 64, intermediate 128,
 4 heads of 16, 2 KV heads, 2 layers, vocabulary 128, untied), tp 2:
@@ -36,6 +36,7 @@ from collections.abc import Sequence
 from torch import nn
 
 from hf_zero.config.checks import world_axis
+from hf_zero.estimate_pipeline import PP_KEY, PpSplit, stage_units
 
 Units = tuple[tuple[int, ...], ...]
 """Element counts per stage-3 unit and param, as ``ParamCounts.units``."""
@@ -59,21 +60,25 @@ class TpSplit:
 
 @dataclasses.dataclass(frozen=True)
 class Axes:
-    """How W ranks are split: tp ranks split each planned layer, the W / tp others are data parallel."""
+    """How W ranks are split: tp ranks split each planned layer, pp pipeline stages hold a run of layers
+    each, the W / (tp * pp) others are data parallel."""
 
     world: int
     tp: int = 1
+    pp: int = 1
 
     def __post_init__(self) -> None:
         if isinstance(self.world, bool) or not isinstance(self.world, int) or self.world < 1:
             raise ValueError(f"world must be a positive integer, got {self.world!r}")
         world_axis(self.tp, self.world, key=TP_KEY, off="no tensor parallelism",
                    layout="(dp, tp) = (world size / tp, tp)")
+        world_axis(self.pp, self.world // self.tp, key=PP_KEY, off="no pipeline",
+                   layout="(pp, dp, tp) = (stages, world size / (stages * tp), tp)")
 
     @property
     def dp(self) -> int:
-        """The ranks ZeRO shards over: those holding the same tp part."""
-        return self.world // self.tp
+        """The ranks ZeRO shards over: those holding the same tp part of the same stage."""
+        return self.world // (self.tp * self.pp)
 
 
 def tp_split(model: nn.Module, unit_names: Sequence[Sequence[str]]) -> TpSplit:
@@ -104,14 +109,22 @@ def tp_split(model: nn.Module, unit_names: Sequence[Sequence[str]]) -> TpSplit:
                    widths=tuple(widths), heads=heads)
 
 
-def rank_units(units: Units, split: TpSplit | None, axes: Axes) -> tuple[Units, int]:
-    """(what one rank's model holds of ``units``, the ranks ZeRO shards it over): [Note: per-rank shares].
+def rank_units(units: Units, split: TpSplit | None, axes: Axes, pipeline: PpSplit | None = None,
+               stage: int = 0) -> tuple[Units, int]:
+    """(what one rank of pipeline ``stage`` holds of ``units``, the ranks ZeRO shards it over): [Note:
+    per-rank shares].
 
-    ValueError when tp cannot split this model: no plan, or a head count or layer width tp does not
-    divide (what the Trainer refuses at the split, said before any run)."""
+    ValueError when tp or pp cannot split this model: no plan, a head count or layer width tp does not
+    divide, a model the pipeline cannot cut (what the Trainer refuses at the split, said before any run)."""
+    if not 0 <= stage < axes.pp:
+        raise ValueError(f"pipeline stage {stage} of {axes.pp}: allowed 0 to {axes.pp - 1}")
+    return stage_units(_tp_units(units, split, axes), pipeline, axes.pp, stage), axes.dp
+
+
+def _tp_units(units: Units, split: TpSplit | None, axes: Axes) -> Units:
     tp = axes.tp
     if tp == 1:
-        return units, axes.world
+        return units
     if split is None:
         raise ValueError(f"{TP_KEY} = {tp}: these counts carry no tensor-parallel plan; count the model "
                          "with hf_zero.estimate.count_params")
@@ -124,5 +137,4 @@ def rank_units(units: Units, split: TpSplit | None, axes: Axes) -> tuple[Units, 
     for name, size in split.widths:
         if size % tp:
             raise ValueError(f"{TP_KEY} = {tp}: {name} splits {size} features, not divisible by {tp}")
-    held = tuple(tuple(n // tp if size else n for n, size in zip(unit, sizes)) for unit, sizes in zip(units, split.sizes))
-    return held, axes.dp
+    return tuple(tuple(n // tp if size else n for n, size in zip(unit, sizes)) for unit, sizes in zip(units, split.sizes))

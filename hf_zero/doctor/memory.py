@@ -27,7 +27,8 @@ Need = Callable[[RunSpec, int], int]
 
 
 TP_FIX = ("a tensor_parallel.autotp_size that divides the model's head counts, its split layers' widths and the "
-          "world size, or a model whose tp_plan hf_zero can split (docs/parallelism.md)")
+          "world size, or a model whose tp_plan hf_zero can split; pipeline.stages at most the decoder layers, on "
+          "a Llama-like decoder with untied embeddings (docs/parallelism.md)")
 
 
 def check_model(path: str | None, model: ModelInfo | None, error: str | None, *, tp_error: bool = False) -> CheckResult:
@@ -110,7 +111,11 @@ def fit_suggestions(model: ModelInfo, spec: RunSpec, world: int, budget: float, 
 
 def _run_text(spec: RunSpec, world: int, dtype: str) -> str:
     acts = "" if spec.seq_len is not None else "; activations not counted (pass --seq_len)"
-    axes = f" (tp {spec.tp}, dp {world // spec.tp})" if spec.tp > 1 else ""
+    if spec.seq_len is not None and spec.pp > 1 and spec.pp_schedule == "interleaved_1F1B":
+        acts = "; activations not counted (interleaved_1F1B's in-flight micro-batches are not modelled yet)"
+    elif spec.pp > 1:
+        acts += "; the heaviest pipeline stage's ranks"
+    axes = f" ({spec.axes_text}, dp {spec.axes(world).dp})" if spec.axes_text else ""
     return f"stage {spec.stage}, W = {world}{axes}, {dtype}{'' if spec.dtype else ' (dtype auto: the larger of bf16/fp32)'}{acts}"
 
 
@@ -142,9 +147,8 @@ def auto_ratio_text(model: ModelInfo, spec: RunSpec, world: int, need, free: int
     """What offload_optimizer.ratio "auto" would choose on a GPU with ``free`` bytes free, the first
     step (everything offloaded) needing ``need`` ([Note: auto ratio] in engine/offload/auto_ratio.py)."""
     from hf_zero.estimate import auto_offload_ratio
-    from hf_zero.estimate_parallel import Axes
 
-    counts, world = model.counts.per_rank(Axes(world=world, tp=spec.tp))  # world: the ranks ZeRO shards over
+    counts, world = model.counts.per_rank(spec.axes(world))  # world: the ranks ZeRO shards over (offload: no pp)
     choice = auto_offload_ratio(counts, stage=spec.stage, world=world, dtype=need.dtype, optimizer=spec.optimizer,
                                 headroom_bytes=free - need.device_total, device_bytes=free, model_dtype=model.dtype,
                                 reduce_bucket_size=spec.reduce_bucket_size)

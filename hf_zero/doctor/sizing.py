@@ -15,7 +15,10 @@ On top of that, what the doctor needs and the estimator has no column for:
   dtype), which is what host RAM must hold per rank on a GPU machine.
 
 With ``tensor_parallel.autotp_size`` (``RunSpec.tp``) a rank's model holds the planned layers / tp and
-ZeRO shards it over W / tp ranks ([Note: per-rank shares] in ``hf_zero/estimate_parallel.py``).
+ZeRO shards it over W / tp ranks ([Note: per-rank shares] in ``hf_zero/estimate_parallel.py``). With
+``pipeline.stages`` (``RunSpec.pp``) a rank holds its stage's layers, ZeRO shards them over W / (tp * pp)
+ranks, and the activations are those of the micro-batches in flight on the stage; the heaviest stage
+is what a rank needs ([Note: pipeline stage shares] in ``hf_zero/estimate_pipeline.py``).
 """
 
 from __future__ import annotations
@@ -35,8 +38,10 @@ from hf_zero.estimate import (
     gathered_params_bytes,
     load_model_config,
     meta_model,
+    stage_activation_bytes,
 )
 from hf_zero.estimate_parallel import Axes
+from hf_zero.estimate_pipeline import SCHEDULES, layer_counts
 
 _TORCH_DTYPES = {"float32": "fp32", "bfloat16": "bf16", "float16": "fp16"}
 
@@ -88,6 +93,19 @@ class RunSpec:
     pin_param: bool = False
     tp: int = 1
     """tensor_parallel.autotp_size: ranks splitting each planned layer ([Note: per-rank shares])."""
+    pp: int = 1
+    """pipeline.stages: each stage's ranks hold a run of decoder layers ([Note: pipeline stage shares])."""
+    pp_schedule: str = "1F1B"
+    micro_batches: int | None = None
+    """pipeline.micro_batches when a number; None ("auto": gradient accumulation): pp, the fewest 1F1B takes."""
+
+    @property
+    def axes_text(self) -> str:
+        parts = [f"tp {self.tp}"] * (self.tp > 1) + [f"pp {self.pp}"] * (self.pp > 1)
+        return ", ".join(parts)
+
+    def axes(self, world: int) -> Axes:
+        return Axes(world=world, tp=self.tp, pp=self.pp)
 
 
 def optimizer_kind(spec: Any) -> str:
@@ -120,7 +138,8 @@ def spec_from_config(config: Any, *, micro_batch: int | None = None, seq_len: in
         offload_auto=not isinstance(zero.offload_optimizer.ratio, float),
         offload_param=zero.offload_param.device if zero.stage == 3 else "none",
         pin_optimizer=zero.offload_optimizer.pin_memory, pin_param=zero.offload_param.pin_memory,
-        tp=config.tensor_parallel.autotp_size,
+        tp=config.tensor_parallel.autotp_size, pp=config.pipeline.stages, pp_schedule=config.pipeline.schedule,
+        micro_batches=config.pipeline.micro_batches if isinstance(config.pipeline.micro_batches, int) else None,
     )
 
 
@@ -147,14 +166,34 @@ class RankBytes:
 
 
 def _rank_bytes_for(model: ModelInfo, spec: RunSpec, ranks: int, dtype: str) -> RankBytes:
-    counts, world = model.counts.per_rank(Axes(world=ranks, tp=spec.tp))  # world: the ranks ZeRO shards over
+    """One rank's bytes; with pipeline stages, those of the heaviest stage's ranks."""
+    stages = [_stage_bytes(model, spec, ranks, dtype, s) for s in range(spec.pp)]
+    return max(stages, key=lambda r: r.device_total + sum(r.offloaded.values()))
+
+
+def activations_counted(model: ModelInfo, spec: RunSpec) -> bool:
+    """Whether the sizes include activations (a decoder model, --seq_len given, a modelled schedule)."""
+    return model.shape is not None and spec.seq_len is not None and (spec.pp == 1 or spec.pp_schedule in SCHEDULES)
+
+
+def _activations(model: ModelInfo, spec: RunSpec, dtype: str, pp_stage: int) -> int:
+    if not activations_counted(model, spec):
+        return 0
+    common = dict(micro_batch=spec.micro_batch, seq_len=spec.seq_len, dtype=dtype,
+                  gradient_checkpointing=spec.gradient_checkpointing, tp=spec.tp)
+    if spec.pp == 1:
+        return activation_bytes(model.shape, **common)
+    return stage_activation_bytes(model.shape, stage=pp_stage, pp=spec.pp, schedule=spec.pp_schedule,
+                                  layers=layer_counts(model.counts.pp_split, spec.pp)[pp_stage],
+                                  micro_batches=spec.micro_batches or spec.pp, **common)
+
+
+def _stage_bytes(model: ModelInfo, spec: RunSpec, ranks: int, dtype: str, pp_stage: int) -> RankBytes:
+    counts, world = model.counts.per_rank(spec.axes(ranks), pp_stage)  # world: the ranks ZeRO shards over
     b = estimate_bytes(counts, stage=spec.stage, world=world, dtype=dtype, optimizer=spec.optimizer,
                        model_dtype=model.dtype, reduce_bucket_size=spec.reduce_bucket_size)
     gathered = gathered_params_bytes(counts, world=world, dtype=dtype, model_dtype=model.dtype) if spec.stage == 3 else 0
-    act = 0
-    if model.shape is not None and spec.seq_len is not None:
-        act = activation_bytes(model.shape, micro_batch=spec.micro_batch, seq_len=spec.seq_len, dtype=dtype,
-                               gradient_checkpointing=spec.gradient_checkpointing, tp=spec.tp)
+    act = _activations(model, spec, dtype, pp_stage)
     params, optimizer = b["params"], b["optimizer_state"]
     offloaded: dict[str, int] = {}
     pinned = 0
@@ -188,9 +227,10 @@ def _rank_bytes_for(model: ModelInfo, spec: RunSpec, ranks: int, dtype: str) -> 
 
 
 def tp_problem(model: ModelInfo, spec: RunSpec, world: int) -> str | None:
-    """Why ``spec.tp`` cannot split this model at ``world`` ranks (``ParamCounts.per_rank``' refusal), else None."""
+    """Why ``spec.tp`` or ``spec.pp`` cannot split this model at ``world`` ranks (``ParamCounts.per_rank``'
+    refusal), else None."""
     try:
-        model.counts.per_rank(Axes(world=world, tp=spec.tp))
+        model.counts.per_rank(spec.axes(world))
     except ValueError as error:
         return str(error)
     return None

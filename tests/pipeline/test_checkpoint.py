@@ -1,7 +1,7 @@
 """Checkpoints with pipeline stages through the Trainer ([Note: pipeline parts]): a pp 2 save (W 2) resumed
 at pp 2 (bit for bit), at pp 1 (W 2: dp 2; W 1) and a pp 1 save (dp 2) resumed at pp 2; a dp 2 x pp 2 save
 (W 4: stage 1's ranks write boxes of their shards) resumed at dp 4; each within 1e-5 of the uninterrupted
-losses. The checkpoint's description lists the whole model; ``hf-zero consolidate`` and ``from_pretrained``
+losses, and the bytes each rank of the dp 2 x pp 2 run holds are ``hf-zero estimate --pp 2``'s for its stage. The checkpoint's description lists the whole model; ``hf-zero consolidate`` and ``from_pretrained``
 of the checkpoint folder give the trained params. One rank start per world size: each rank runs its cases
 in turn."""
 
@@ -18,6 +18,8 @@ from transformers import AutoModelForCausalLM, Trainer
 import hf_zero.trainer as zt
 from hf_zero.checkpoint import sharded
 from hf_zero.checkpoint.consolidate import consolidate
+from hf_zero.estimate import count_params, estimate_bytes, meta_model
+from hf_zero.estimate_parallel import Axes
 from hf_zero.testing.multiprocess import run_on_ranks
 from tests.pipeline.test_trainer import TINY, _rows
 from tests.tensor_parallel.models import tiny_llama
@@ -115,5 +117,18 @@ def test_dp_and_pipeline_checkpoint_resumes_at_dp_4(tmp_path):
     _continues(ranks[0]["pp-dp"][0], whole, "dp 2 x pp 2 -> dp 4")
     trained = {n: v for r in ranks for n, v in r["pp"][1].items()}
     resumed = ranks[0]["pp-dp"][1]
+    # the bytes each rank holds, measured by the run report, are hf-zero estimate's for its stage at dp 2
+    counts = count_params(meta_model(tiny_llama(**TINY).config))
+    report = json.loads((tmp_path / "pp4" / "hf_zero_report.json").read_text())
+    assert sorted(r["rank"] for r in report["ranks"]) == [0, 1, 2, 3]
+    for stage in (0, 1):  # stage-outer: ranks 2 * stage, 2 * stage + 1
+        stage_counts, dp = counts.per_rank(Axes(world=4, pp=2), stage)
+        want = estimate_bytes(stage_counts, stage=1, world=dp, dtype="fp32", optimizer="adamw")
+        got = [r["bytes"] for r in report["ranks"] if r["rank"] // 2 == stage]
+        for g in got:
+            assert (g["params"], g["grads"], g["peak_grads"]) == (
+                want["params"], want["grads_at_step"], want["peak_grads"]), (stage, g, want)
+        # optimizer state covers each rank's real elements: the estimate is the mean over the stage's ranks
+        assert sum(g["optimizer_state"] for g in got) == dp * want["optimizer_state"], (stage, got, want)
     assert sorted(trained) == sorted(resumed)
     assert max((torch.tensor(v) - torch.tensor(resumed[n])).abs().max().item() for n, v in trained.items()) < TOL
