@@ -16,8 +16,13 @@ A source is anything with:
 - ``read_into(name, shape, start, end, out)``: write flat elements ``[start, end)`` of the param
   the model calls ``name`` (of full shape ``shape``) into ``out`` (1-D, ``end - start``
   elements, the shard's dtype and device: the source casts);
-- ``unit_done()``: called after each unit, to let go of what was opened for it (file maps,
-  caches), so that the peak stays one unit's reads above the shards.
+- ``unit_done(more_units=False)``: called after each unit, to let go of what was opened for it
+  (file maps, caches), so that the peak stays one unit's reads above the shards. Every read asked
+  for is complete on return, except with ``more_units`` (another unit's reads are asked for right
+  after, and ``unit_done`` is called again): then the unit's reads may still run, while those of
+  any unit before must be complete; at most two units' reads are outstanding (the checkpoint's
+  reads: [Note: parallel reads] in hf_zero/init/parallel_reads.py). The last unit's call is
+  without it, so every shard is whole when ``materialize_units`` returns.
 
 Padding between params and at the end of a bucket is zero, as ``FlatParamBuffer`` makes it.
 """
@@ -40,7 +45,7 @@ class ParamSource(Protocol):
 
     def read_into(self, name: str, shape: torch.Size, start: int, end: int, out: torch.Tensor) -> None: ...
 
-    def unit_done(self) -> None: ...
+    def unit_done(self, more_units: bool = False) -> None: ...
 
 
 def fill_range(source: ParamSource, buffer: FlatParamBuffer, r: Range, out: torch.Tensor) -> None:
@@ -58,7 +63,7 @@ def fill_range(source: ParamSource, buffer: FlatParamBuffer, r: Range, out: torc
 def materialize_units(units: list, source: ParamSource) -> None:
     """Allocate and fill every unit's local shards on ``source.device`` (``ParamUnit.materialize``);
     a progress bar on rank 0, one step per unit (hf_zero/progress.py)."""
-    for unit in progress(units, desc="Filling parameter shards", unit="unit"):
+    for i, unit in enumerate(progress(units, desc="Filling parameter shards", unit="unit")):
         source.unit_start(unit.params())
         unit.materialize(source.device, lambda buf, r, out: fill_range(source, buf, r, out))
-        source.unit_done()
+        source.unit_done(more_units=i + 1 < len(units))

@@ -10,7 +10,9 @@ make each param (key_plan.py). Then for the engine, unit by unit:
 - a param a transformers converter makes (fused MoE experts) is made whole by that converter from
   its sources, once per unit, and this rank's slice copied out (key_plan.py says why whole).
 
-``unit_done`` waits for the unit's reads and lets go of what they opened; ``close`` of the rest.
+``unit_done(more_units=True)`` leaves the unit's reads running while the next unit's are asked
+for (it waits for the unit before's: [Note: parallel reads]); ``unit_done()`` waits for every read
+and lets go of what they opened; ``close`` of the rest.
 """
 
 from __future__ import annotations
@@ -77,9 +79,12 @@ class CheckpointSource:
             self._made.update(self.plan.convert(first, self.store.read_whole))
         out.copy_(self._made[name].reshape(-1)[start:end])
 
-    def unit_done(self) -> None:
-        self._made.clear()
-        self.store.drain()
+    def unit_done(self, more_units: bool = False) -> None:
+        self._made.clear()  # its slices were copied out as they were asked for
+        if more_units:
+            self.store.unit_queued()
+        else:
+            self.store.drain()
 
     def close(self) -> None:
         self._made.clear()

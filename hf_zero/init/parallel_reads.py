@@ -4,7 +4,18 @@
 One thread reading a file with ``preadv`` gets far less than the disk or the page cache can give
 (one request in flight; on the GPU path the copy to the device waits behind each read). So the
 reads of a unit are split into pieces of at most ``PIECE_BYTES`` and handed to ``READ_THREADS``
-threads (``preadv`` releases the GIL); ``drain`` waits for all of them before the unit is done.
+threads (``preadv`` releases the GIL).
+
+Across units: ``unit_queued`` (after a unit's reads are asked for) waits only for the unit
+before it, so the next unit's reads are queued behind this one's while they run, and the threads
+never stand idle at a unit boundary (the last pieces of a unit, the next unit's zero fill and
+requests); ``drain`` waits for everything. At most two units' reads are ever outstanding, and
+what they hold is bounded all the same: the requests queue as small records pointing into shards
+that exist anyway, and the buffers are the pool's (GPU) or one piece per running thread (a cast
+on the CPU)::
+
+      threads:   unit k's pieces ... | unit k+1's pieces ...       (no gap)
+      caller:    ask unit k | ask unit k+1, wait for unit k | ask unit k+2, wait for unit k+1 ...
 
 - CPU shards: each piece is read straight into its slice of the shard (or, when the shard's
   dtype differs from the file's, into a piece-sized buffer that is then cast into it).
@@ -40,13 +51,15 @@ PIECE_BYTES = 32 << 20  # the largest single request; also the size of each pinn
 class ParallelReader:
     """Reads byte ranges of open files into CPU or GPU tensors on ``READ_THREADS`` threads.
 
-    ``read`` queues a range; ``drain`` waits for every range queued so far (re-raising the first
-    failure); ``close`` lets go of the threads and pinned buffers."""
+    ``read`` queues a range; ``unit_queued`` ends a unit's ranges and waits for the unit's before
+    (re-raising its first failure); ``drain`` waits for every range queued so far; ``close`` lets
+    go of the threads and pinned buffers."""
 
     def __init__(self) -> None:
         self.threads, self.piece_bytes = READ_THREADS, PIECE_BYTES
         self._pool: ThreadPoolExecutor | None = None
-        self._pending: list[Future] = []
+        self._pending: list[Future] = []  # the current unit's pieces
+        self._running: list[Future] = []  # the unit before's, left running by ``unit_queued``
         self._staging: _PinnedPool | None = None  # made at the first read onto a GPU
 
     def read(self, fd: int, offset: int, dtype: torch.dtype, out: torch.Tensor, path: str) -> None:
@@ -67,17 +80,20 @@ class ParallelReader:
             task = self._to_gpu if ready is not None else self._to_cpu
             self._pending.append(self._pool.submit(task, fd, offset + a * size, dtype, out[a:b], path, ready))
 
+    def unit_queued(self) -> None:
+        """The current unit's ranges are all asked for: leave them running, wait for the unit's before
+        (its copies to the GPU stay queued on the load stream: ``drain`` waits for those)."""
+        earlier, self._running, self._pending = self._running, self._pending, []
+        _wait(earlier)
+
     def drain(self) -> None:
         """Wait for every queued range (their copies to the GPU included)."""
-        pending, self._pending = self._pending, []
-        first = None
-        for future in pending:
-            error = future.exception()
-            first = first or error
-        if self._staging is not None:
-            self._staging.drain()
-        if first is not None:
-            raise first
+        pending, self._running, self._pending = self._running + self._pending, [], []
+        try:
+            _wait(pending)
+        finally:
+            if self._staging is not None:
+                self._staging.drain()
 
     def close(self) -> None:
         self.drain()
@@ -108,6 +124,16 @@ class ParallelReader:
                 slot.event.record(staging.stream)
         finally:
             staging.give(slot)
+
+
+def _wait(futures: list[Future]) -> None:
+    """Wait for every one of ``futures``, then raise the first failure among them."""
+    first = None
+    for future in futures:
+        error = future.exception()
+        first = first or error
+    if first is not None:
+        raise first
 
 
 class _Slot:

@@ -96,8 +96,8 @@ class EngineSource:
             raise AssertionError(f"{name}: read before unit_start gathered it")
         out.copy_(value.reshape(-1)[start:end])
 
-    def unit_done(self) -> None:
-        self._gathered.clear()
+    def unit_done(self, more_units: bool = False) -> None:
+        self._gathered.clear()  # its values were copied as they were asked for
 
     def release(self) -> None:
         """Let go of the load's engine and the values read (the new engine keeps its source)."""

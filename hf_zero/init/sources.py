@@ -51,7 +51,7 @@ class InitSource:
             self.model._init_weights(clone)
         return {k: p.detach() for k, p in clone._parameters.items() if p is not None}
 
-    def unit_done(self) -> None:
+    def unit_done(self, more_units: bool = False) -> None:
         self._cached = None
 
     def close(self) -> None:

@@ -13,7 +13,10 @@
 
 Both give ``tensors`` (checkpoint key -> ``StoredTensor``), ``read(key, start, end, out)``
 (flat elements ``[start, end)`` into ``out``, cast; complete after ``drain``), ``read_whole(key)``
-(a CPU tensor, at once), ``drain()`` and ``close()``.
+(a CPU tensor, at once), ``unit_queued()`` (a unit's reads are asked for: the safetensors reads
+run on while the next unit's are asked for, those of the unit before are complete on return;
+[Note: parallel reads]), ``drain()`` and ``close()``. A safetensors file stays open while reads of
+it are outstanding, at most two units' files.
 """
 
 from __future__ import annotations
@@ -47,10 +50,12 @@ class SafetensorsFiles:
             self.tensors.update(read_header(path))
         self._reader = ParallelReader()
         self._fds: dict[str, int] = {}
+        self._unit_paths: set[str] = set()  # the files the current unit reads
 
     def read(self, key: str, start: int, end: int, out: torch.Tensor) -> None:
         t = self.tensors[key]
         size = torch.empty(0, dtype=t.dtype).element_size()
+        self._unit_paths.add(t.path)
         self._reader.read(self._fd(t.path), t.offset + start * size, t.dtype, out, t.path)
 
     def read_whole(self, key: str) -> torch.Tensor:
@@ -64,6 +69,12 @@ class SafetensorsFiles:
             self._fds[path] = os.open(path, os.O_RDONLY)
         return self._fds[path]
 
+    def unit_queued(self) -> None:
+        self._reader.unit_queued()  # the unit before's reads are complete: only this unit's files stay open
+        for path in [p for p in self._fds if p not in self._unit_paths]:
+            os.close(self._fds.pop(path))
+        self._unit_paths = set()
+
     def drain(self) -> None:
         try:
             self._reader.drain()
@@ -71,6 +82,7 @@ class SafetensorsFiles:
             for fd in self._fds.values():
                 os.close(fd)
             self._fds.clear()
+            self._unit_paths = set()
 
     def close(self) -> None:
         self.drain()
@@ -125,6 +137,9 @@ class BinFiles:
 
     def read_whole(self, key: str) -> torch.Tensor:
         return self._tensor(key).clone()
+
+    def unit_queued(self) -> None:
+        self.drain()  # its reads are copies, done when asked for
 
     def drain(self) -> None:
         self._open = None

@@ -213,7 +213,7 @@ class _StateSource:
     def read_into(self, name, shape, start, end, out):
         out.copy_(self.state[name].reshape(-1)[start:end])
 
-    def unit_done(self):
+    def unit_done(self, more_units=False):
         pass
 
 
