@@ -3,7 +3,7 @@ DeepSpeed's ``zero.Init`` load through the Trainer, on the same files: wall time
 and peak GPU memory per process, with the page cache state each load started from.
 
     python bench/lazy_load.py --out DIR --name NAME [--preset 3b|7b|tiny] [--drop_caches]
-        [--rows plain,hf_zero,trainer_hf_zero,deepspeed] [--gpu_ranks 1] [--cpu_ranks 4]
+        [--rows plain,hf_zero,hf_zero_drain,trainer_hf_zero,deepspeed] [--gpu_ranks 1] [--cpu_ranks 4]
         [--read_threads 4 --piece_mb 32] [--device cuda|cpu]
 
 1. writes a random-init Llama checkpoint (bf16, built on the device) with ``save_pretrained`` in
@@ -13,7 +13,9 @@ and peak GPU memory per process, with the page cache state each load started fro
 
    - ``plain``: transformers' ``from_pretrained(dir, device_map=DEVICE)``;
    - ``hf_zero``: ``hf_zero.init.from_pretrained`` at W = 1 on DEVICE (``--read_threads``,
-     ``--piece_mb``: its reader settings, parallel_reads.py);
+     ``--piece_mb``: its reader settings, parallel_reads.py); ``hf_zero_drain``: the same with
+     each unit's reads finished before the next unit's are asked for (``OVERLAP_UNITS`` False: as
+     before the reads overlapped across units);
    - ``trainer_hf_zero``: bench/lazy_load_script.py under ``torchrun -m hf_zero.run`` with
      bench/configs/hfzero_s3.json: the script's own ``from_pretrained`` loads sharded
      (``zero3_init_flag``), as a user's Trainer script would; at each W of ``--gpu_ranks``;
@@ -52,8 +54,10 @@ ZERO3 = {"zero_optimization": {"stage": 3}}
 HERE = os.path.dirname(os.path.abspath(__file__))
 # hidden, layers, intermediate, heads, kv heads, vocab
 PRESETS = {"3b": (3072, 26, 8192, 24, 8, 32000), "7b": (4096, 32, 11008, 32, 32, 32000), "tiny": (64, 2, 128, 4, 2, 512)}
-ROWS = ("plain", "hf_zero", "trainer_hf_zero", "deepspeed")
+ROWS = ("plain", "hf_zero", "hf_zero_drain", "trainer_hf_zero", "deepspeed")
+ONE_PROCESS = ("plain", "hf_zero", "hf_zero_drain")  # rows loaded by a child of this script, W = 1
 LABELS = {"plain": "transformers from_pretrained (device_map {device})", "hf_zero": "hf_zero.init.from_pretrained ({device})",
+          "hf_zero_drain": "hf_zero.init.from_pretrained, reads drained at every unit ({device})",
           "trainer_hf_zero": "script's from_pretrained under hf_zero.run, stage 3 ({device})",
           "deepspeed": "script's from_pretrained under DeepSpeed ZeRO-3 zero.Init via TrainingArguments ({device})"}
 
@@ -88,6 +92,7 @@ def load(path: str, how: str, device: str, read_threads: int, piece_mb: int) -> 
     from hf_zero.init import parallel_reads
 
     parallel_reads.READ_THREADS, parallel_reads.PIECE_BYTES = read_threads, piece_mb << 20  # hf_zero's reads
+    parallel_reads.OVERLAP_UNITS = how != "hf_zero_drain"
     base = vm("VmRSS")
     if device == "cuda":
         torch.cuda.init()
@@ -156,7 +161,7 @@ def measure(row: str, world: int, opts, files: list[str]) -> dict:
     if row == "deepspeed" and why_not_deepspeed(opts.device):
         return {**head, "not_run": why_not_deepspeed(opts.device)}
     t = time.perf_counter()
-    if row in ("plain", "hf_zero"):
+    if row in ONE_PROCESS:
         cmd = [sys.executable, __file__, "--step", f"load:{row}"] + sys.argv[1:]
         failed, out = run_child(cmd, opts.timeout_s)
         ranks = [] if failed else [json.loads(out.strip().splitlines()[-1])]
@@ -272,7 +277,7 @@ def main() -> None:
 
     rows = opts.rows.split(",")
     for row in (r for r in ROWS if r in rows and r != "deepspeed"):
-        for world in [1] if row in ("plain", "hf_zero") else [int(w) for w in opts.gpu_ranks.split(",")]:
+        for world in [1] if row in ONE_PROCESS else [int(w) for w in opts.gpu_ranks.split(",")]:
             record["rows"].append(measure(row, world, opts, files))
             save()
     if opts.cpu_ranks:

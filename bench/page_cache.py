@@ -5,8 +5,9 @@
   nothing is read and nothing counts in this process's RSS.
 - ``drop(paths, whole_cache)``: with ``whole_cache`` and as root, ``sync`` then
   ``echo 3 > /proc/sys/vm/drop_caches`` (the whole machine's page cache). Otherwise, or where that
-  is not allowed (not root, or /proc/sys read-only in a container), each file's own pages: ``fsync`` then ``posix_fadvise(POSIX_FADV_DONTNEED)``, which any process that
-  can open the file may ask. It returns how (``"drop_caches"``, ``"fadvise"``, with the reason the
+  is not allowed (not root, or /proc/sys read-only in a container), each file's own pages:
+  ``fsync`` then ``posix_fadvise(POSIX_FADV_DONTNEED)``, which any process that can open the file
+  may ask. It returns how (``"drop_caches"``, ``"fadvise"``, with the reason the
   first was not used) and the resident share measured afterwards, so a record says what it got.
 """
 

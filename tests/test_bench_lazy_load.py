@@ -1,9 +1,10 @@
 """bench/lazy_load.py at the tiny preset on the CPU: the checkpoint written in several shards, the
-rows' loads (transformers', hf_zero's, and the Trainer script's under ``torchrun -m hf_zero.run``,
-loaded sharded) give the same logits, the DeepSpeed row says why it did not run, the page cache
-is emptied of the checkpoint before a row and the record says so (bench/page_cache.py). The
-loads of rows ``plain`` and ``hf_zero`` run in this process (the driver runs each in a fresh one:
-only their peaks differ); the Trainer row runs as on the GPU, through torchrun."""
+rows' loads (transformers', hf_zero's with and without reads overlapped across units, and the
+Trainer script's under ``torchrun -m hf_zero.run``, loaded sharded) give the same logits, the
+DeepSpeed row says why it did not run, the page cache is emptied of the checkpoint before a row
+and the record says so (bench/page_cache.py). The loads of rows ``plain``, ``hf_zero`` and
+``hf_zero_drain`` run in this process (the driver runs each in a fresh one: only their peaks
+differ); the Trainer row runs as on the GPU, through torchrun."""
 
 from __future__ import annotations
 
@@ -57,12 +58,13 @@ def test_rows_load_the_same_model_and_the_record_says_how(tmp_path, monkeypatch)
 
     monkeypatch.setattr(parallel_reads, "READ_THREADS", parallel_reads.READ_THREADS)  # load() sets both
     monkeypatch.setattr(parallel_reads, "PIECE_BYTES", parallel_reads.PIECE_BYTES)
+    monkeypatch.setattr(parallel_reads, "OVERLAP_UNITS", parallel_reads.OVERLAP_UNITS)
     rows = [{"row": how, "world_size": 1, "cached_before": 1.0, "cache_drop": None,
-             **lazy_load.load(ckpt, how, "cpu", read_threads=2, piece_mb=1)} for how in ("plain", "hf_zero")]
+             **lazy_load.load(ckpt, how, "cpu", read_threads=2, piece_mb=1)} for how in ("plain", "hf_zero", "hf_zero_drain")]
     rows = [{**r, "peak_rss_max": r["peak_rss"]} for r in rows]
     rows.append(lazy_load.measure("trainer_hf_zero", 1, opts, files))
     rows.append(lazy_load.measure("deepspeed", 1, opts, files))
-    trainer, ds = rows[2], rows[3]
+    trainer, ds = rows[3], rows[4]
     assert "failed" not in trainer, trainer.get("output_tail")
     assert trainer["sharded"] is True and trainer["how"] == "hf_zero_trainer"  # zero3_init_flag served it
     assert trainer["cache_drop"]["how"] == "fadvise" and trainer["cached_before"] == 0.0
@@ -70,7 +72,7 @@ def test_rows_load_the_same_model_and_the_record_says_how(tmp_path, monkeypatch)
 
     record = {"checkpoint": written, "device": "CPU", "rows": rows}
     lazy_load.compare(record)
-    assert [r.get("logits_vs_plain") for r in rows] == [None, "equal", "equal", None]
+    assert [r.get("logits_vs_plain") for r in rows] == [None, "equal", "equal", "equal", None]
     text = lazy_load.table(record, opts)
     assert "| script's from_pretrained under hf_zero.run, stage 3 (cpu) | 1 | 0% |" in text
     assert "not run: DeepSpeed's zero.Init load is measured on CUDA only" in text

@@ -46,6 +46,7 @@ from hf_zero.engine.offload.nvme_files import read_exactly
 
 READ_THREADS = 4  # reads in flight per rank (transformers' loader uses 4 threads too)
 PIECE_BYTES = 32 << 20  # the largest single request; also the size of each pinned buffer
+OVERLAP_UNITS = True  # False: ``unit_queued`` waits for everything, as ``drain`` (for bench/lazy_load.py's A/B)
 
 
 class ParallelReader:
@@ -83,6 +84,9 @@ class ParallelReader:
     def unit_queued(self) -> None:
         """The current unit's ranges are all asked for: leave them running, wait for the unit's before
         (its copies to the GPU stay queued on the load stream: ``drain`` waits for those)."""
+        if not OVERLAP_UNITS:
+            self.drain()
+            return
         earlier, self._running, self._pending = self._running, self._pending, []
         _wait(earlier)
 
