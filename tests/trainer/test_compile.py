@@ -10,9 +10,15 @@ gets them, without inductor's code generation, which costs about two minutes per
 CPU for the first compile of even the tiny model). The captured graphs, the guards and the
 graph breaks are the same; only the kernels differ. One test runs inductor at stage 3, where the
 issue's run failed (``wrong number of dimensions1`` inside inductor's code).
+
+Rank starts: an eager run and the compiled run it is checked against share one (the eager run goes
+first: it compiles nothing, so dynamo's counters still start at 0 for the compiled one; never two
+compiled runs in one process). The eager stage-3 run without options is made once for the module.
 """
 
 from __future__ import annotations
+
+import os
 
 import pytest
 import torch
@@ -49,6 +55,29 @@ def _job(rank, world, out, stage, compiled, options=None):
     return _train(out, stage, compiled, **(options or {}))
 
 
+def _eager_then_compiled_job(rank, world, out, stage, options):
+    """The eager run, then the compiled one, in one process (the module docstring says why that holds)."""
+    eager = _train(out / "eager", stage, False, **options)
+    return eager, _train(out / "compiled", stage, True, **options)
+
+
+def _eager_and_compiled(out, stage, options=None, eager_runs=None):
+    """Per rank (eager, compiled) at ``stage`` with ``options``; ``eager_runs``: the module's eager runs
+    without options by stage, taken from there or added there."""
+    if eager_runs is not None and stage in eager_runs:
+        return list(zip(eager_runs[stage], run_on_ranks(_job, 2, out / "compiled", stage, True, options, timeout=300)))
+    pairs = run_on_ranks(_eager_then_compiled_job, 2, out, stage, options or {}, timeout=300)
+    if eager_runs is not None:
+        eager_runs[stage] = [eager for eager, _ in pairs]
+    return pairs
+
+
+@pytest.fixture(scope="module")
+def eager_runs() -> dict[int, list[dict]]:
+    """Every rank's eager run (``STEPS`` steps, no options) by stage, each made once for the module."""
+    return {}
+
+
 def _graph_breaks() -> dict[str, int]:
     """Dynamo's graph breaks in this process by reason: its title and explanation (the lines that name
     what broke, without the code addresses dynamo adds below them)."""
@@ -62,9 +91,20 @@ def _graph_breaks() -> dict[str, int]:
 
 
 def _train(out, stage, compiled, backend="aot_eager", max_steps=STEPS, save_steps=0, resume=False,
-           gradient_checkpointing=False, offload=None, max_grad_norm=1.0, zero=True):
+           gradient_checkpointing=False, offload=None, max_grad_norm=1.0, zero=True, regional=False,
+           inductor_cache=None):
     import hf_zero.trainer as zt
     from hf_zero.trainer import session as S
+
+    if regional:  # accelerate reads it when the Trainer makes its Accelerator; this process only
+        os.environ["ACCELERATE_DYNAMO_USE_REGIONAL_COMPILATION"] = "1"
+    if inductor_cache is not None:
+        # Read at compile time (set here, not in the caller's environment: that would spawn fresh
+        # ranks). One compile thread: a pool of compile workers would import torch again in each.
+        import torch._inductor.config as inductor_config
+
+        os.environ["TORCHINDUCTOR_CACHE_DIR"] = str(inductor_cache)
+        inductor_config.compile_threads = 1
 
     torch.manual_seed(0)
     cfg = LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
@@ -115,14 +155,12 @@ def _compiled_once(counts: list[dict], warm: int = WARM) -> None:
 
 
 @pytest.mark.parametrize("stage", [0, 1, 2, 3])
-def test_compiled_trains_like_eager(tmp_path, stage):
-    ref = run_on_ranks(_job, 2, tmp_path / "eager", stage, False, timeout=300)
-    got = run_on_ranks(_job, 2, tmp_path / "compiled", stage, True, timeout=300)
-    for rank in range(2):
-        assert ref[rank]["counts"][-1]["frames"] == 0  # the eager run compiled nothing
-        assert ref[rank]["compile_seconds"] == [0.0, 0.0] and min(got[rank]["compile_seconds"]) > 0
-        _check(got[rank], ref[rank])
-        _compiled_once(got[rank]["counts"])
+def test_compiled_trains_like_eager(tmp_path, stage, eager_runs):
+    for ref, got in _eager_and_compiled(tmp_path, stage, eager_runs=eager_runs):
+        assert ref["counts"][-1]["frames"] == 0  # the eager run compiled nothing
+        assert ref["compile_seconds"] == [0.0, 0.0] and min(got["compile_seconds"]) > 0
+        _check(got, ref)
+        _compiled_once(got["counts"])
 
 
 @pytest.mark.parametrize("stage,offload,checkpointing,clip", [
@@ -134,11 +172,11 @@ def test_compiled_trains_like_eager(tmp_path, stage):
         "stage1-gradient-checkpointing"])
 def test_compiled_with_offload_and_checkpointing(tmp_path, stage, offload, checkpointing, clip):
     options = {"offload": offload, "gradient_checkpointing": checkpointing, "max_grad_norm": clip}
-    ref = run_on_ranks(_job, 2, tmp_path / "eager", stage, False, options, timeout=300)
-    got = run_on_ranks(_job, 2, tmp_path / "compiled", stage, True, options, timeout=300)
-    for rank in range(2):
-        _check(got[rank], ref[rank])
-        _compiled_once(got[rank]["counts"])
+    pairs = _eager_and_compiled(tmp_path, stage, options)
+    got = [compiled for _, compiled in pairs]
+    for rank, (ref, compiled) in enumerate(pairs):
+        _check(compiled, ref)
+        _compiled_once(compiled["counts"])
         if offload is not None:
             # The offload gates ([Note: gate points] in step_overlap.py) break the graph only at block
             # boundaries: at most once per gate point (2 decoder layers, embeddings, final norm, LM head)
@@ -153,16 +191,25 @@ def _plain_job(rank, world, out, options):
     return _train(out, 0, True, zero=False, **options)
 
 
+GRAPH_BREAK_OPTIONS = {"gradient_checkpointing": True, "max_steps": 2}
+
+
+@pytest.fixture(scope="module")
+def plain_compiled(tmp_path_factory) -> dict:
+    """The plain Trainer's compiled run (one process, no hf_zero) with ``GRAPH_BREAK_OPTIONS``."""
+    [plain] = run_on_ranks(_plain_job, 1, tmp_path_factory.mktemp("plain"), GRAPH_BREAK_OPTIONS, timeout=300)
+    return plain
+
+
 @pytest.mark.parametrize("stage", [2, 3])
-def test_graph_breaks_are_the_models_or_hf_zeros_eager_hooks(tmp_path, stage):
+def test_graph_breaks_are_the_models_or_hf_zeros_eager_hooks(tmp_path, stage, plain_compiled):
     """Every graph break of a compiled hf_zero run is either one of hf_zero's hooks that run eagerly by
     design (torch.compiler.disable, its reason naming hf_zero: the report's token count, the stage-3
     unit hooks) or one the plain Trainer's compiled run of the same model has too (one process, no
     hf_zero; with gradient checkpointing transformers' own output capture breaks there). A hook of
     hf_zero's that torch traced and broke on (a .item(), a data-dependent branch) would add a reason."""
-    options = {"gradient_checkpointing": True, "max_steps": 2}
-    [plain] = run_on_ranks(_plain_job, 1, tmp_path / "plain", options, timeout=300)
-    got = run_on_ranks(_job, 2, tmp_path / "zero", stage, True, options, timeout=300)
+    plain = plain_compiled
+    got = run_on_ranks(_job, 2, tmp_path / "zero", stage, True, GRAPH_BREAK_OPTIONS, timeout=300)
     for rank in range(2):
         eager_hooks = {r: n for r, n in got[rank]["graph_breaks"].items()
                        if r.startswith("Skip calling `torch.compiler.disable()`d function")}
@@ -171,10 +218,16 @@ def test_graph_breaks_are_the_models_or_hf_zeros_eager_hooks(tmp_path, stage):
         assert others <= set(plain["graph_breaks"]), (others, plain["graph_breaks"])
 
 
-def test_compiled_stage3_saves_and_resumes(tmp_path):
+def _eager_stage3(tmp_path, eager_runs) -> list[dict]:
+    if 3 not in eager_runs:  # test_compiled_trains_like_eager[3] not run first
+        eager_runs[3] = run_on_ranks(_job, 2, tmp_path / "eager", 3, False, timeout=300)
+    return eager_runs[3]
+
+
+def test_compiled_stage3_saves_and_resumes(tmp_path, eager_runs):
     """Compiled stage 3 saves at steps 2 and 4; a new compiled run resumed from step 2 ends where
     an uninterrupted eager run does."""
-    ref = run_on_ranks(_job, 2, tmp_path / "eager", 3, False, timeout=300)
+    ref = _eager_stage3(tmp_path, eager_runs)
     run_on_ranks(_job, 2, tmp_path / "run", 3, True, {"save_steps": 2}, timeout=300)
     checkpoint = tmp_path / "run" / "checkpoint-2"
     assert (checkpoint / "model.safetensors").exists()
@@ -185,22 +238,21 @@ def test_compiled_stage3_saves_and_resumes(tmp_path):
         assert len(got[rank]["counts"]) == STEPS - 2 and got[rank]["counts"][0]["graphs"] > 0
 
 
-def test_inductor_stage3(tmp_path, monkeypatch):
+def test_inductor_stage3(tmp_path, eager_runs):
     """The issue's run: inductor at stage 3 (its cache in ``tmp_path``: compiled from scratch)."""
-    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path / "inductor"))
-    ref = run_on_ranks(_job, 2, tmp_path / "eager", 3, False, {"max_steps": 3}, timeout=300)
-    got = run_on_ranks(_job, 2, tmp_path / "compiled", 3, True, {"max_steps": 3, "backend": "inductor"}, timeout=600)
+    ref = _eager_stage3(tmp_path, eager_runs)
+    options = {"backend": "inductor", "inductor_cache": tmp_path / "inductor"}
+    got = run_on_ranks(_job, 2, tmp_path / "compiled", 3, True, options, timeout=600)
     for rank in range(2):
-        _check(got[rank], ref[rank], steps=3, rtol=1e-4)  # inductor's fused kernels sum in another order
+        _check(got[rank], ref[rank], rtol=1e-4)  # inductor's fused kernels sum in another order
         _compiled_once(got[rank]["counts"])
 
 
-def test_regional_compilation_stage3(tmp_path, monkeypatch):
+def test_regional_compilation_stage3(tmp_path, eager_runs):
     """accelerate's regional compilation (each decoder layer and each leaf module compiled apart,
     on copies of the modules that share their hooks and params) at stage 3."""
-    monkeypatch.setenv("ACCELERATE_DYNAMO_USE_REGIONAL_COMPILATION", "1")
-    ref = run_on_ranks(_job, 2, tmp_path / "eager", 3, False, timeout=300)
-    got = run_on_ranks(_job, 2, tmp_path / "compiled", 3, True, timeout=300)
+    ref = _eager_stage3(tmp_path, eager_runs)
+    got = run_on_ranks(_job, 2, tmp_path / "compiled", 3, True, {"regional": True}, timeout=300)
     for rank in range(2):
         _check(got[rank], ref[rank])
         _compiled_once(got[rank]["counts"])
