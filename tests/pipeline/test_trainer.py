@@ -2,7 +2,8 @@
 dp 2 x pp 2 at W 4, at ZeRO stages 0-2, with the three schedules and both micro-batch modes: every logged
 loss and clipped grad norm, the eval loss and the trained params within 1e-5 in fp32; ``save_model``
 read back by ``from_pretrained``; the refusals that need ranks. One rank start per world size: each
-rank runs every case in turn."""
+rank runs every case in turn. The cases of both world sizes take the same three global batches
+(per-device batch x dp, accumulation), so three reference runs serve all six."""
 
 from __future__ import annotations
 
@@ -23,9 +24,9 @@ MAX_NORM = 0.5  # below these steps' norms: clipping acts
 EVAL = 10  # 5 batches of 2: at dp 2 the last is padded, and each pipeline's batches count once
 TINY = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=4)
 
-# (ZeRO stage, schedule, micro_batches, per-device batch, accumulation)
+# (ZeRO stage, schedule, micro_batches, per-device batch, accumulation); global batches (2, 2), (4, 1), (4, 2)
 CASES = {
-    2: [(0, "1F1B", "auto", 2, 2), (1, "GPipe", 2, 2, 1), (2, "interleaved_1F1B", "auto", 1, 2)],
+    2: [(0, "1F1B", "auto", 2, 2), (1, "GPipe", 2, 4, 1), (2, "interleaved_1F1B", "auto", 4, 2)],
     4: [(0, "1F1B", "auto", 1, 2), (1, "1F1B", 2, 2, 1), (2, "GPipe", "auto", 2, 2)],
 }
 
@@ -103,11 +104,23 @@ def _pp_run(rank, world, out):
     return results, refusals
 
 
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory):
+    """One plain process per global batch (batch, accumulation), run once for both world sizes."""
+    done = {}
+
+    def get(batch: int, accum: int):
+        if (batch, accum) not in done:
+            done[batch, accum] = _reference(str(tmp_path_factory.mktemp(f"ref_b{batch}_a{accum}")), batch, accum)
+        return done[batch, accum]
+
+    return get
+
+
 @pytest.mark.parametrize("world", [2, 4])
-def test_pipeline_through_the_trainer(tmp_path, world):
+def test_pipeline_through_the_trainer(tmp_path, world, reference):
     dp = world // 2
-    refs = [_reference(str(tmp_path / f"ref{i}"), batch * dp, accum)
-            for i, (_, _, _, batch, accum) in enumerate(CASES[world])]
+    refs = [reference(batch * dp, accum) for (_, _, _, batch, accum) in CASES[world]]
     per_rank = run_on_ranks(_pp_run, world, str(tmp_path), timeout=300)
     for i, case in enumerate(CASES[world]):
         ref_history, ref_params, ref_eval = refs[i]
