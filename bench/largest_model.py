@@ -54,6 +54,7 @@ import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+from long_seq import cpu_environment
 from run import ROOT, failure_summary, git_commit, job_arguments, probe_environment, run_logged
 
 GIB = 1 << 30
@@ -288,7 +289,7 @@ def main(argv=None) -> int:
     opts = parse_args(argv)
     started = time.time()
     plan = PLANS[opts.plan]
-    env_info = probe_environment()
+    env_info = cpu_environment() if opts.device == "cpu" else probe_environment()  # --device cpu: no torch child
     cuda = env_info["cuda"] if opts.device == "auto" else opts.device == "cuda"
     n = n_params("13b", plan.layers)  # the plan's model: --shape tiny runs its config at a tiny shape
     ratio = opts.ratio if opts.ratio is not None else ratio_for(plan, n)
