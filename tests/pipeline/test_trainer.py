@@ -48,10 +48,16 @@ def _args(out: str, batch: int, accum: int, **kw):
 
 
 def _reference(out: str, batch: int, accum: int):
-    trainer = Trainer(model=_model(), args=_args(out, batch, accum), train_dataset=_rows(), eval_dataset=_rows(EVAL))
-    trainer.train()
-    return (history(trainer), {n: p.detach().numpy().copy() for n, p in trainer.model.named_parameters()},
-            trainer.evaluate()["eval_loss"])
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # as each rank: these tensors are too small to split, and spare cores may be busy
+    try:
+        trainer = Trainer(model=_model(), args=_args(out, batch, accum), train_dataset=_rows(),
+                          eval_dataset=_rows(EVAL))
+        trainer.train()
+        return (history(trainer), {n: p.detach().numpy().copy() for n, p in trainer.model.named_parameters()},
+                trainer.evaluate()["eval_loss"])
+    finally:
+        torch.set_num_threads(threads)
 
 
 def _config(stage, schedule, micro, stages=2):
