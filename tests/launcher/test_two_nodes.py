@@ -24,6 +24,7 @@ import sys
 from collections import Counter
 
 import pytest
+import torch
 from transformers import Trainer
 
 from hf_zero import cli
@@ -87,7 +88,12 @@ def two_node_job(tmp_path, *, device: str = "cpu", slots: int = PER_NODE, includ
     if device == "cuda" and ref_args.n_gpu > 1:
         ref_args._n_gpu = 1  # one GPU, not nn.DataParallel over all (as the Trainer does for a model-parallel model)
     ref = Trainer(model=tiny_llama(), args=ref_args, train_dataset=job.rows())
-    ref.train()
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # as the nodes' ranks beside it (OMP_NUM_THREADS=1): tiny tensors, busy cores
+    try:
+        ref.train()
+    finally:
+        torch.set_num_threads(threads)
     outputs = [node.communicate(timeout=240)[0] for node in nodes]
     assert [node.returncode for node in nodes] == [0] * NODES, "\n".join(o[-4000:] for o in outputs)
 
