@@ -29,6 +29,7 @@ from hf_zero.launcher.args import add_launch_parser, split_launch_argv
 def check_config(args: argparse.Namespace) -> int:
     """Print the loaded config as JSON, or `hf_zero: <message>` and exit code 2."""
     from hf_zero.config import config_to_dict
+    from hf_zero.config.stage0_saves import needs_no_saves
     from hf_zero.launcher.zero_config_arg import auto_precision_note, load_zero_config
 
     # The launcher's check: the file, then what this version can run (its "auto" precision filled
@@ -45,9 +46,10 @@ def check_config(args: argparse.Namespace) -> int:
     except ValueError as error:
         print(f"hf_zero: {error}", file=sys.stderr)
         return 2
-    note = auto_precision_note(config, trainer_flags)
-    if note is not None:
-        print(note, file=sys.stderr)
+    saves = needs_no_saves(config)  # the script's --save_strategy decides, unseen here
+    for note in (auto_precision_note(config, trainer_flags), None if saves is None else f"hf_zero: note: {saves}"):
+        if note is not None:
+            print(note, file=sys.stderr)
     print(json.dumps(config_to_dict(config), indent=2))
     return 0
 

@@ -10,14 +10,20 @@ import warnings
 from collections.abc import Sequence
 from typing import Any
 
+from hf_zero.config import stage0_saves
 from hf_zero.doctor.result import CheckResult, failed, passed, skipped, warned
 from hf_zero.launcher.placement import check_tp_placement
+from hf_zero.launcher.zero_config_arg import script_save_strategy
 
 CONFIG = "config"
 WORLD_SIZE = "world size"
+SAVES = "checkpoint saves"
 CONFIG_FIX = ("fix the key/value the message names (docs/troubleshooting.md lists every config message); "
               "`hf-zero check-config FILE` prints the same message")
 NOT_BUILT_FIX = "change that setting to a value the message allows"
+SAVES_FIX = ("pass --save_strategy no to the script (trainer.save_model() still writes the full weights), or use "
+             "the ZeRO stage the message names; a script that sets save_strategy in its own code: hf-zero launch "
+             "--skip_doctor")
 
 
 def check_train_batch_size(config: Any, world_size: int) -> None:
@@ -93,12 +99,17 @@ def load_zero_config(path: str) -> tuple[Any, CheckResult]:
     except ValueError as error:
         return config, failed(CONFIG, str(error), CONFIG_FIX)
     messages = [str(w.message) for w in caught if issubclass(w.category, UserWarning)]
+    saves = stage0_saves.needs_no_saves(config)  # the script's --save_strategy decides; it is not seen here
+    if saves is not None:
+        messages.insert(0, saves)
     note = conditional_note(config)  # an "auto" precision that some Trainer dtype makes unrunnable
     if note is not None:
         return config, warned(CONFIG, "; ".join([note, *messages]),
                               "give the script the other precision flag (the message names what runs), or "
                               "write the dtype in the file; `hf-zero launch` refuses the run before any rank "
                               "starts when the script's flags select it")
+    if saves is not None:
+        return config, warned(CONFIG, "; ".join(messages), SAVES_FIX)
     if messages:
         return config, warned(CONFIG, "; ".join(messages),
                               "remove those keys or set them to their no-warning values "
@@ -120,6 +131,20 @@ def check_config(path: str | None) -> CheckResult:
     if path is None:
         return skipped(CONFIG, "no --zero_config given")
     return load_zero_config(path)[1]
+
+
+def check_saves(config: Any, script_args: Sequence[str]) -> CheckResult:
+    """The launch preflight's: a ZeRO stage-0 config with tp or pipeline stages against the script's
+    ``--save_strategy`` (TrainingArguments' default "steps" when it passes none), refused with the
+    message its Trainer would raise (hf_zero/config/stage0_saves.py)."""
+    given = script_save_strategy(script_args)
+    strategy = stage0_saves.DEFAULT_SAVE_STRATEGY if given is None else given
+    source = (f"--save_strategy {given} among the script's arguments" if given is not None else
+              "no --save_strategy among the script's arguments: TrainingArguments' default")
+    message = stage0_saves.refusal(config, strategy)
+    if message is None:
+        return passed(SAVES, f"save_strategy {strategy!r} ({source})")
+    return failed(SAVES, f"{message} ({source})", SAVES_FIX)
 
 
 def check_world_size(config: Any, world_size: int, nodes: Sequence[int] = ()) -> CheckResult:

@@ -3,6 +3,7 @@
 | check | doctor | launch (preflight) |
 |---|---|---|
 | config, world size | yes | world size only (launch loads the config itself) |
+| checkpoint saves (ZeRO stage 0 with tp or pipeline stages: config/stage0_saves.py) | the config row WARNs: the script needs --save_strategy no | yes, from the script's --save_strategy |
 | optimizer, scheduler (what the config's blocks build) | yes | no (the Trainer prints the same line) |
 | versions | yes | yes |
 | gpus, master address, master port, launcher env | yes | not with --dry_run (the commands may run elsewhere); ranks started here only |
@@ -17,7 +18,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from hf_zero.doctor import environment, nvme, probes
-from hf_zero.doctor.config_checks import check_config, check_world_size, load_zero_config
+from hf_zero.doctor.config_checks import check_config, check_saves, check_world_size, load_zero_config
 from hf_zero.doctor.optim_checks import check_blocks
 from hf_zero.doctor.result import CheckResult, skipped
 from hf_zero.doctor.versions import check_versions
@@ -137,6 +138,7 @@ def preflight(
     results = []
     if config is not None:
         results.append(check_world_size(config, world_size))
+        results.append(check_saves(config, script_args))
     results.extend(check_versions())
     if not machine_checks:
         return results

@@ -10,7 +10,8 @@ for its own flags.
 carry) is taken as the zero config too, and said so in one line: the Trainer never sees it, so
 DeepSpeed and hf_zero never both shard the model. Given with `--zero_config` it must name the
 same file. The script's `--fp16` / `--bf16` fill an "auto" precision for the check of what this
-version runs ([Note: "auto" precision] in hf_zero/config/unsupported.py).
+version runs ([Note: "auto" precision] in hf_zero/config/unsupported.py), and its `--save_strategy`
+the launch preflight's check of checkpoint saves (hf_zero/config/stage0_saves.py).
 """
 
 import os
@@ -19,6 +20,7 @@ from typing import NamedTuple
 
 FLAG_SPELLINGS = ("--zero_config", "--zero-config")
 DEEPSPEED_FLAG = "--deepspeed"
+SAVE_STRATEGY_SPELLINGS = ("--save_strategy", "--save-strategy")  # TrainingArguments.save_strategy
 _TRUE, _FALSE = ("yes", "true", "t", "y", "1"), ("no", "false", "f", "n", "0")  # HfArgumentParser's
 
 
@@ -109,6 +111,17 @@ def script_dtype(args: Sequence[str]) -> str | None:
         elif value.lower() in _FALSE:
             on.discard(flag[2:])
     return on.pop() if len(on) == 1 else None
+
+
+def script_save_strategy(args: Sequence[str]) -> str | None:
+    """The script's `--save_strategy VALUE` (`--save-strategy`, `=VALUE`; the last one, as argparse takes it),
+    or None when not given: its Trainer then saves by TrainingArguments' default unless its code sets one."""
+    value = None
+    for index, arg in enumerate(args):
+        flag, sep, given = arg.partition("=")
+        if flag in SAVE_STRATEGY_SPELLINGS:
+            value = given if sep else (args[index + 1] if index + 1 < len(args) else None)
+    return value
 
 
 def load_zero_config(path: str, script_args: Sequence[str] = ()):

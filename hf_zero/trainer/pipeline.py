@@ -13,7 +13,7 @@ optimizer and ZeRO see this stage's params under their original names.
 | clipping, grad norm | the squares of each stage's norm (over its dp group) summed over the pipeline |
 | ``evaluate`` | the loss only, forward through the stages (a batch one micro-batch), gathered from stage 0's ranks only (each pipeline's batch once); predictions refused (not built yet) |
 | ``save_model`` | every stage's full params sent to rank 0, which writes them as ``save_pretrained`` does |
-| checkpoints, resume | ZeRO 1-2: each stage's engine writes its own params' state, rank 0 the whole model's description ([Note: pipeline parts], hf_zero/checkpoint/pipeline_parts.py); ``save_model`` writes the full weights; resume at any stage count (or none) and dp. ZeRO 0: not built yet, refused at Trainer creation (save_strategy) and at ``train(resume_from_checkpoint=...)`` |
+| checkpoints, resume | ZeRO 1-2: each stage's engine writes its own params' state, rank 0 the whole model's description ([Note: pipeline parts], hf_zero/checkpoint/pipeline_parts.py); ``save_model`` writes the full weights; resume at any stage count (or none) and dp. ZeRO 0: not built yet, refused by the launch preflight and at Trainer creation (save_strategy: hf_zero/config/stage0_saves.py) and at ``train(resume_from_checkpoint=...)`` |
 """
 
 from __future__ import annotations
@@ -27,6 +27,7 @@ import torch.distributed as dist
 from torch import nn
 from torch.nn.utils import clip_grads_with_norm_, get_total_norm
 
+from hf_zero.config import stage0_saves
 from hf_zero.config.auto import AUTO
 from hf_zero.engine.stages import NotAvailableYet
 from hf_zero.pipeline.build import build, check, virtual_stages
@@ -82,11 +83,10 @@ def _refuse_not_built(trainer, config) -> None:
     if pp.schedule == "interleaved_1F1B" and micro % pp.stages and micro > pp.stages:
         raise ValueError(f"pipeline.schedule \"interleaved_1F1B\" with {KEY} = {pp.stages}: {micro} micro-batches per "
                          f"step must be at most {pp.stages} or a multiple of it")
-    save = str(getattr(args.save_strategy, "value", args.save_strategy))
-    if config.zero.stage == 0 and save != "no":  # said now, not after hours of training at the first save
-        raise NotAvailableYet(f"save_strategy {save!r}: a checkpoint save with {KEY} = {pp.stages} at ZeRO stage 0 "
-                              "is not built yet; use zero_optimization.stage 1 or 2, or save_strategy \"no\" and "
-                              "trainer.save_model() for the full weights")
+    # said now, not after hours of training at the first save; hf-zero launch said it before any rank started
+    saves = stage0_saves.refusal(config, str(getattr(args.save_strategy, "value", args.save_strategy)))
+    if saves is not None:
+        raise NotAvailableYet(saves)
     if any(p.device.type == "meta" for p in trainer.model.parameters()):
         raise NotAvailableYet(f"{KEY} = {pp.stages} with a model loaded sharded (zero3_init_flag): not built yet")
 

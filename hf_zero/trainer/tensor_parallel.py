@@ -10,7 +10,7 @@ before any optimizer exists; the rest follows from the mesh:
 | stages 1-3 | the ZeroEngine shards over the dp group (``group=``) |
 | clipping, grad norm | over dp and tp, replicated params once (tensor_parallel/norm.py) |
 | ``save_model`` | the consolidated save: tp parts gathered into the full weights, written by rank 0 as ``save_pretrained`` does |
-| checkpoints, resume | stages 1-3: each tp rank's parts stored at their place in the full tensors ([Note: tensor-parallel parts] in hf_zero/checkpoint/sharded.py), the model weights full (``save_model``): resume at any (dp, tp); stage 0 refused as not built yet |
+| checkpoints, resume | stages 1-3: each tp rank's parts stored at their place in the full tensors ([Note: tensor-parallel parts] in hf_zero/checkpoint/sharded.py), the model weights full (``save_model``): resume at any (dp, tp); stage 0 refused as not built yet (save_strategy: by the launch preflight and at Trainer creation, hf_zero/config/stage0_saves.py) |
 
 The state lives in a side table keyed by the Trainer, as ``ZeroSession`` does.
 """
@@ -24,6 +24,7 @@ from typing import NamedTuple
 import torch
 from torch import nn
 
+from hf_zero.config import stage0_saves
 from hf_zero.engine import collectives as C
 from hf_zero.tensor_parallel import TpLayout, TpMesh, build_mesh, check_tp_size, gather_split, split_model
 from hf_zero.tensor_parallel.mesh import DP_DIM, TP_DIM
@@ -142,11 +143,10 @@ def refuse_checkpoint(trainer, what: str) -> None:
 
 
 def _refuse_not_built(trainer, config, tp: int) -> None:
-    if config.zero.stage == 0 and str(getattr(trainer.args.save_strategy, "value", trainer.args.save_strategy)) != "no":
-        # said now, not after hours of training at the first save
-        raise NotAvailableYet(f"save_strategy {trainer.args.save_strategy.value!r}: a checkpoint save with {KEY} "
-                              f"= {tp} at ZeRO stage 0 is not built yet; use zero_optimization.stage 1-3, or "
-                              "save_strategy \"no\" and trainer.save_model() for the full weights")
+    # said now, not after hours of training at the first save; hf-zero launch said it before any rank started
+    saves = stage0_saves.refusal(config, str(getattr(trainer.args.save_strategy, "value", trainer.args.save_strategy)))
+    if saves is not None:
+        raise NotAvailableYet(saves)
     # tp with sequence parallelism, with offload, or at stage 3 with zero3_init_flag: rows of the one table
     # (config/unsupported.py), refused before any rank starts and again by resolve_config, before this.
     if any(p.device.type == "meta" for p in trainer.model.parameters()):  # loaded by hf_zero.init under another config

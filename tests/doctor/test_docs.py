@@ -51,7 +51,7 @@ def test_every_check_name_is_documented():
     from hf_zero.doctor import config_checks, environment, memory, nvme
 
     section = doctor_section()
-    names = [config_checks.CONFIG, config_checks.WORLD_SIZE, environment.GPUS, environment.MASTER_ADDR,
+    names = [config_checks.CONFIG, config_checks.WORLD_SIZE, config_checks.SAVES, environment.GPUS, environment.MASTER_ADDR,
              environment.MASTER_PORT, environment.LAUNCHER_ENV, memory.MODEL, memory.GPU_MEMORY,
              memory.HOST_MEMORY, memory.PINNED, nvme.NVME, "version"]
     assert [n for n in names if f"| {n}" not in section] == []

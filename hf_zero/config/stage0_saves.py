@@ -1,0 +1,61 @@
+"""Checkpoint saves at ZeRO stage 0 with tensor parallelism or pipeline stages: not built yet, one message.
+
+At ZeRO stage 0 the Trainer writes its own optimizer file, which would hold one tp rank's (one
+pipeline stage's) state only; stages 1-3 (1-2 with pipeline stages) write every part ([Note:
+tensor-parallel parts] in hf_zero/checkpoint/sharded.py, [Note: pipeline parts] in
+hf_zero/checkpoint/pipeline_parts.py). Whether a run saves is ``TrainingArguments.save_strategy``,
+which no config holds, so this is not a row of the table of unsupported configs
+(config/unsupported.py) but a refusal of the pair (config, save_strategy), worded here only:
+
+| caller | save_strategy from | outcome |
+|---|---|---|
+| Trainer creation (trainer/tensor_parallel.py, trainer/pipeline.py) | TrainingArguments | ``NotAvailableYet`` |
+| ``hf-zero launch`` preflight (doctor/config_checks.py) | the script's ``--save_strategy``, else the Trainer's default ``"steps"`` | FAIL: no rank starts (``--skip_doctor`` for a script that sets it in its code) |
+| ``hf-zero check-config``, ``hf-zero doctor`` | unknown (no script arguments) | a note / WARN: the script needs ``--save_strategy no`` |
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+DEFAULT_SAVE_STRATEGY = "steps"
+"""TrainingArguments.save_strategy's default: a script that passes nothing saves every save_steps."""
+NO_SAVES = "no"
+
+
+def _split(config: Any) -> tuple[str, int, str] | None:
+    """(key, size, the ZeRO stages that save it) of a stage-0 config's tp or pipeline split, else None."""
+    if config.zero.stage != 0:
+        return None
+    if config.tensor_parallel.autotp_size > 1:
+        return "tensor_parallel.autotp_size", config.tensor_parallel.autotp_size, "1-3"
+    if config.pipeline.stages > 1:  # never with tp (row 'pipeline-tensor-parallel' of config/unsupported.py)
+        return "pipeline.stages", config.pipeline.stages, "1 or 2"
+    return None
+
+
+def refusal(config: Any, save_strategy: str) -> str | None:
+    """The message refusing ``save_strategy`` (a TrainingArguments value: "steps", "epoch", "best", "no")
+    under ``config``, or None: for ``{"tensor_parallel": {"autotp_size": 2}}`` and "steps",
+    ``save_strategy 'steps': a checkpoint save with tensor_parallel.autotp_size = 2 at ZeRO stage 0 is not
+    built yet; use zero_optimization.stage 1-3, or save_strategy "no" and trainer.save_model() ...``."""
+    split = _split(config)
+    if split is None or save_strategy == NO_SAVES:
+        return None
+    key, size, stages = split
+    return (f"save_strategy {save_strategy!r}: a checkpoint save with {key} = {size} at ZeRO stage 0 is not built "
+            f"yet; use zero_optimization.stage {stages}, or save_strategy \"no\" and trainer.save_model() for the "
+            "full weights")
+
+
+def needs_no_saves(config: Any) -> str | None:
+    """For ``check-config`` and ``doctor``, which do not see the script's arguments: one sentence saying
+    the script must pass ``--save_strategy no``, with the refusal it gets otherwise; None if any strategy runs."""
+    message = refusal(config, DEFAULT_SAVE_STRATEGY)
+    if message is None:
+        return None
+    return (f"the script must pass --save_strategy no (TrainingArguments' default is {DEFAULT_SAVE_STRATEGY!r}); "
+            f"`hf-zero launch` refuses it otherwise, before any rank starts: {message}")
+
+
+__all__ = ["DEFAULT_SAVE_STRATEGY", "needs_no_saves", "refusal"]
