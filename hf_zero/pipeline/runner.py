@@ -38,6 +38,10 @@ class PipelineRunner:
         self.first = 0 in indices
         self.last = num_pieces - 1 in indices
         self._schedules: dict[tuple, object] = {}
+        # input_ids elements (padding included) of the training batches this rank's first piece took: the run
+        # report's tokens (the model's forward, where the report counts them otherwise, never runs; later stages
+        # take hidden states and count none, so each pipeline's batch counts once)
+        self.trained_tokens = 0
         self._tokens: torch.Tensor | float = 1.0
         self._factor = 1.0
 
@@ -86,6 +90,8 @@ class PipelineRunner:
         pieces' params. ``tokens``: the real tokens of the whole optimizer step over every dp rank.
         Returns this rank's share of the step's loss (sum of token losses / tokens * dp)."""
         self._tokens, self._factor = tokens, float(dp)
+        if self.first:
+            self.trained_tokens += batch["input_ids"].numel()
         key = ("train", tuple(batch["input_ids"].shape), batch.get("attention_mask") is not None, micro_batches)
         return self._run(self._schedule(key, micro_batches, train=True), batch, train=True)
 

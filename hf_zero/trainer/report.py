@@ -3,7 +3,8 @@
 Figures are measured, never derived from a formula: bytes are summed over the tensors each rank
 holds at the optimizer step (params, gradients, optimizer state incl. fp32 master shards), peak
 memory is CUDA's allocator peak on GPU and the process's peak RSS on CPU, tokens are counted at
-the model's forward, collectives are counted as the engine issues them.
+the model's forward (under pipeline stages, by the pipeline: [Note: pipeline tokens]), collectives
+are counted as the engine issues them.
 
 [Note: when the report is written]
 ``ReportCallback`` sits right after the Trainer's ``DefaultFlowCallback`` (``add_to``), before the
@@ -18,6 +19,14 @@ the model's forward, collectives are counted as the engine issues them.
   ``trainer.log`` on one rank.
 - ``on_train_end``: a last gather; rank 0 writes the finished report with its summary in human
   units and prints that summary; the end-of-run figures are logged once more.
+
+[Note: pipeline tokens]
+Tokens are counted by a forward pre-hook on the model, which a run under pipeline stages never calls:
+its schedule runs the stage pieces (hf_zero/pipeline), and torch's schedule also runs the first
+piece once more on the first micro-batch when it infers shapes, so a hook on a piece would count
+that too. There the pipeline's runner counts the ``input_ids`` of each training batch it takes, on
+the first stage's ranks only (later stages take hidden states): each pipeline's batch counts once,
+and ``tokens_per_s_total`` is the job's throughput, as without stages.
 """
 
 from __future__ import annotations
@@ -28,6 +37,7 @@ import torch
 import torch.distributed as dist
 from transformers import DefaultFlowCallback, TrainerCallback
 
+from hf_zero.trainer import pipeline as PP
 from hf_zero.trainer import report_file
 from hf_zero.trainer.device_memory import CUDA, MemorySource, device_facts, peak_memory
 from hf_zero.trainer.report_file import BYTE_KEYS, REPORT_NAME
@@ -90,7 +100,8 @@ class ReportCallback(TrainerCallback):
         self.session = session
         self.memory = memory  # where a CUDA device's readings come from (device_memory.py)
         self._hook = None
-        self._tokens = 0
+        self._tokens = 0  # counted by the forward hook
+        self._pipeline = None  # under pipeline stages: (its runner, the runner's count at train begin)
         self._steps = 0
         self._start = 0.0
         self._held: dict[str, int] = dict.fromkeys(BYTE_KEYS, 0)
@@ -108,19 +119,26 @@ class ReportCallback(TrainerCallback):
             if ids is not None:
                 self._tokens += ids.numel()
 
+    def _seen(self) -> int:
+        """``input_ids`` elements of this rank's training forwards since training began."""
+        if self._pipeline is not None:
+            runner, start = self._pipeline
+            return runner.trained_tokens - start
+        return self._tokens
+
     def _elapsed(self) -> float:
         return time.perf_counter() - self._start
 
     def _mine(self, args) -> dict:
-        elapsed = self._elapsed()
+        elapsed, tokens = self._elapsed(), self._seen()
         speculation = self.session.engine.speculation if self.session.engine is not None else None
         return {
             "rank": args.process_index,
             **device_facts(args.device, self.memory),
             "bytes": dict(self._held),
             "peak_memory": peak_memory(args.device, self.memory),
-            "tokens": self._tokens,
-            "tokens_per_s": self._tokens / elapsed if elapsed > 0 else None,
+            "tokens": tokens,
+            "tokens_per_s": tokens / elapsed if elapsed > 0 else None,
             "steps": self._steps,
             "collectives_per_step": (
                 {k: v / self._steps for k, v in sorted(self._collectives.items())}
@@ -163,8 +181,12 @@ class ReportCallback(TrainerCallback):
 
     def on_train_begin(self, args, state, control, model=None, **kwargs):
         # Run eagerly under --torch_compile: traced, its count would be a guarded constant, recompiled every step.
-        count = torch.compiler.disable(self._count_tokens, reason="hf_zero run report: counts tokens")
-        self._hook = model.register_forward_pre_hook(count, with_kwargs=True)
+        pipeline = PP.of(self.session.trainer) if self.session.trainer is not None else None
+        if pipeline is not None:  # [Note: pipeline tokens]
+            self._pipeline = (pipeline.runner, pipeline.runner.trained_tokens)
+        else:
+            count = torch.compiler.disable(self._count_tokens, reason="hf_zero run report: counts tokens")
+            self._hook = model.register_forward_pre_hook(count, with_kwargs=True)
         engine = self.session.engine
         if engine is not None:
             engine.ctx.take_counts()

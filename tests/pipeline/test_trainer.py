@@ -15,6 +15,7 @@ from transformers import AutoModelForCausalLM, Trainer
 import hf_zero.trainer as zt
 from hf_zero.testing.multiprocess import RankFailure, run_on_ranks
 from hf_zero.trainer import pipeline as PP
+from hf_zero.trainer.session import session_of
 from tests.tensor_parallel.models import VOCAB, tiny_llama
 from tests.trainer.tiny import args, history, same_training
 
@@ -23,6 +24,7 @@ TOL = 1e-5
 MAX_NORM = 0.5  # below these steps' norms: clipping acts
 EVAL = 10  # 5 batches of 2: at dp 2 the last is padded, and each pipeline's batches count once
 TINY = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=4)
+SEQ = 12  # tokens a row
 
 # (ZeRO stage, schedule, micro_batches, per-device batch, accumulation); global batches (2, 2), (4, 1), (4, 2)
 CASES = {
@@ -37,7 +39,7 @@ def _model():
 
 def _rows(n: int = 24) -> list[dict]:
     g = torch.Generator().manual_seed(5)
-    ids = torch.randint(0, VOCAB, (n, 12), generator=g)
+    ids = torch.randint(0, VOCAB, (n, SEQ), generator=g)
     return [{"input_ids": r, "labels": r.clone()} for r in ids]
 
 
@@ -55,7 +57,7 @@ def _reference(out: str, batch: int, accum: int):
                           eval_dataset=_rows(EVAL))
         trainer.train()
         return (history(trainer), {n: p.detach().numpy().copy() for n, p in trainer.model.named_parameters()},
-                trainer.evaluate()["eval_loss"])
+                trainer.evaluate()["eval_loss"], trainer.state.total_flos)
     finally:
         torch.set_num_threads(threads)
 
@@ -84,12 +86,15 @@ def _pp_run(rank, world, out):
             trainer = Trainer(model=_model(), args=_args(f"{out}/{i}-{rank}", batch, accum), train_dataset=_rows(),
                               eval_dataset=_rows(EVAL))
             trainer.train()
+            report = session_of(trainer).figures  # the run report's document (hf_zero_report.json)
             eval_loss = trainer.evaluate()["eval_loss"]
             if i == 0:
                 trainer.save_model(f"{out}/saved")  # every stage's weights, written by rank 0
             # the trained params of this stage (the dp ranks of a stage hold the same at stages 0-2)
             params = {n: p.detach().tolist() for n, p in trainer.model.named_parameters()}
-            results.append((history(trainer), params, eval_loss, PP.of(trainer).mesh.dp_rank))
+            results.append((history(trainer), params, eval_loss, PP.of(trainer).mesh.dp_rank,
+                            {r["rank"]: r["tokens"] for r in report["ranks"]}, report["tokens_per_s_total"],
+                            trainer.state.total_flos))
         finally:
             zt.deactivate()
         dist.barrier()
@@ -129,10 +134,16 @@ def test_pipeline_through_the_trainer(tmp_path, world, reference):
     refs = [reference(batch * dp, accum) for (_, _, _, batch, accum) in CASES[world]]
     per_rank = run_on_ranks(_pp_run, world, str(tmp_path), timeout=300)
     for i, case in enumerate(CASES[world]):
-        ref_history, ref_params, ref_eval = refs[i]
+        ref_history, ref_params, ref_eval, ref_flos = refs[i]
+        _, _, _, batch, accum = case
+        # the run report counts tokens where input_ids enter, on the first stage's ranks (stage-outer: 0 .. dp - 1)
+        tokens = {r: STEPS * accum * batch * SEQ if r < dp else 0 for r in range(world)}
         merged = {}
         for results, _ in per_rank:
-            got_history, params, eval_loss, dp_rank = results[i]
+            got_history, params, eval_loss, dp_rank, got_tokens, rate, flos = results[i]
+            assert got_tokens == tokens and rate > 0, (case, got_tokens, rate)
+            # each rank counts its stage's params: summed over the ranks, the whole model's, as one process's
+            assert flos == ref_flos, (case, flos, ref_flos)
             assert abs(eval_loss - ref_eval) < TOL * abs(ref_eval), (case, eval_loss, ref_eval)
             same_training(got_history, ref_history, STEPS, f"W {world} {case}")
             for name, value in params.items():
