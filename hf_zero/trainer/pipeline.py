@@ -13,6 +13,7 @@ optimizer and ZeRO see this stage's params under their original names.
 | clipping, grad norm | the squares of each stage's norm (over its dp group) summed over the pipeline |
 | ``evaluate`` | the loss only, forward through the stages (a batch one micro-batch), gathered from stage 0's ranks only (each pipeline's batch once); predictions refused (not built yet) |
 | ``save_model`` | every stage's full params sent to rank 0, which writes them as ``save_pretrained`` does |
+| ``_issue_warnings_after_load`` | a resume's full weights: the other stages' keys are not warned of as unexpected |
 | checkpoints, resume | ZeRO 1-2: each stage's engine writes its own params' state, rank 0 the whole model's description ([Note: pipeline parts], hf_zero/checkpoint/pipeline_parts.py); ``save_model`` writes the full weights; resume at any stage count (or none) and dp. ZeRO 0: not built yet, refused by the launch preflight and at Trainer creation (save_strategy: hf_zero/config/stage0_saves.py) and at ``train(resume_from_checkpoint=...)`` |
 """
 
@@ -46,6 +47,7 @@ class TrainerPp:
     runner: PipelineRunner
     micro_batches: object  # AUTO: the accumulation's batches; an int: each batch split so
     pending: list = field(default_factory=list)  # this accumulation's batches, until its last
+    others: frozenset = frozenset()  # the whole model's state-dict keys that other stages hold
 
 
 _BY_TRAINER: "weakref.WeakKeyDictionary[object, TrainerPp]" = weakref.WeakKeyDictionary()
@@ -63,12 +65,14 @@ def setup(trainer, config) -> None:
     check(trainer.model, pp.stages, pp.schedule)  # the model's reasons first, before any process group
     _refuse_not_built(trainer, config)
     mesh = build_pp_mesh(pp.stages, trainer.args.device.type)
+    whole = set(trainer.model.state_dict())
     runner = build(trainer.model, stages=pp.stages, schedule=pp.schedule, group=mesh.pp_group,
                    device=trainer.args.device)
     # "auto" (as the file says it; the resolved config holds the accumulation steps): each batch one micro-batch
     session = session_of(trainer)
     loaded = session.loaded.pipeline.micro_batches if session is not None and session.loaded is not None else AUTO
-    _BY_TRAINER[trainer] = TrainerPp(mesh, runner, AUTO if loaded is AUTO else pp.micro_batches)
+    _BY_TRAINER[trainer] = TrainerPp(mesh, runner, AUTO if loaded is AUTO else pp.micro_batches,
+                                     others=frozenset(whole - set(trainer.model.state_dict())))
     # evaluate(): every stage holds each batch's loss; only stage 0's ranks count (the Trainer's own attribute)
     trainer.gather_function = functools.partial(_gather_for_metrics, trainer.accelerator, mesh)
 
@@ -113,6 +117,15 @@ def refuse_checkpoint(trainer, what: str) -> None:
             f"{what} with {KEY} = {of(trainer).mesh.pp} at ZeRO stage 0 is not built yet (the Trainer's optimizer "
             "file would hold one stage's state only); use zero_optimization.stage 1 or 2, whose sharded checkpoints "
             "hold every stage's part, or save_strategy \"no\" and trainer.save_model() for the full weights")
+
+
+def load_result(trainer, result):
+    """A resume loads the checkpoint's full weights into this stage's model: the keys the other stages hold
+    are no unexpected keys to warn of (the Trainer's ``_issue_warnings_after_load``); any other key still is."""
+    state = of(trainer)
+    if state is None or not result.unexpected_keys:
+        return result
+    return result._replace(unexpected_keys=[k for k in result.unexpected_keys if k not in state.others])
 
 
 def engine_group(trainer) -> dict:

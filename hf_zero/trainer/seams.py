@@ -18,6 +18,7 @@ active behaves exactly as before.
 | ``save_model``      | stage 3: every rank gathers unit by unit; rank 0 streams full weights to HF's files (streamed_save.py); stages 1-2: the Trainer's own save, into a hidden folder swapped in once whole; stages >= 1: rank 0 checks every written tensor against the model |
 | ``_save_optimizer_and_scheduler`` | stage >= 1: every rank writes its part of the sharded state (checkpoint.py) |
 | ``_save_checkpoint``| stage >= 1: first removes the folder's earlier completion marker (barrier); after every rank's part, rank 0 rewrites ``training_args.bin`` from the user's args (the Trainer wrote it with the limit held at None) and seals the save (run id, step, world size, stage), and only then deletes old ones (``save_total_limit``, hf_zero's own rotation: checkpoint.py [Note: rotation]) |
+| ``_issue_warnings_after_load`` | pipeline stages: a resume's unexpected keys leave out the other stages' (trainer/pipeline.py) |
 | ``_load_best_model``| stage >= 1: loads into gathered params, then back into shards and masters |
 | ``get_total_train_batch_size`` | sequence or tensor parallelism: micro batch * accumulation * the data-parallel ranks (world size / (sp * tp)), so the log's "Total train batch size", its sample count and ``train_samples_per_second`` count each SP or tp group's batch once |
 | ``floating_point_ops`` | stage >= 1: transformers' 6 * tokens * non-embedding params, counted in full (param_count.py), so ``total_flos`` is right at stage 3 |
@@ -293,6 +294,12 @@ def _load_best_model(self):
     # then go back into every rank's shards and fp32 master shards.
     with torch.no_grad(), session.engine.gathered(modifier_rank=0):
         _original("_load_best_model")(self)
+
+
+@_seam
+def _issue_warnings_after_load(self, load_result):
+    # pipeline stages: a resume loads the whole model's weights into each stage, the others' keys are expected
+    return _original("_issue_warnings_after_load")(self, PP.load_result(self, load_result))
 
 
 @_seam

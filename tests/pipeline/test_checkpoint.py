@@ -2,17 +2,20 @@
 at pp 2 (bit for bit), at pp 1 (W 2: dp 2; W 1) and a pp 1 save (dp 2) resumed at pp 2; a dp 2 x pp 2 save
 (W 4: stage 1's ranks write boxes of their shards) resumed at dp 4; each within 1e-5 of the uninterrupted
 losses, and the bytes each rank of the dp 2 x pp 2 run holds are ``hf-zero estimate --pp 2``'s for its stage. The checkpoint's description lists the whole model; ``hf-zero consolidate`` and ``from_pretrained``
-of the checkpoint folder give the trained params. One rank start per world size: each rank runs its cases
+of the checkpoint folder give the trained params; a resume with stages warns of no unexpected keys (the
+other stages' are expected), a key no stage has still is. One rank start per world size: each rank runs its cases
 in turn."""
 
 from __future__ import annotations
 
 import json
+import logging
 import os
 
 import torch
 import torch.distributed as dist
 from safetensors.torch import load_file
+from torch.nn.modules.module import _IncompatibleKeys
 from transformers import AutoModelForCausalLM, Trainer
 
 import hf_zero.trainer as zt
@@ -21,6 +24,7 @@ from hf_zero.checkpoint.consolidate import consolidate
 from hf_zero.estimate import count_params, estimate_bytes, meta_model
 from hf_zero.estimate_parallel import Axes
 from hf_zero.testing.multiprocess import run_on_ranks
+from hf_zero.trainer import pipeline as PP
 from tests.pipeline.test_trainer import TINY, _rows
 from tests.tensor_parallel.models import tiny_llama
 from tests.trainer.tiny import args, history
@@ -37,17 +41,38 @@ def _config(stage: int, stages: int) -> dict:
     return config
 
 
-def _train(out: str, stage: int, stages: int, batch: int, accum: int, resume: str | None):
+class _Warnings(logging.Handler):
+    """The Trainer's warnings (transformers.trainer's logger) while a run lasts."""
+
+    def __init__(self) -> None:
+        super().__init__(logging.WARNING)
+        self.messages: list[str] = []
+
+    def emit(self, record) -> None:
+        self.messages.append(record.getMessage())
+
+
+def _train(out: str, stage: int, stages: int, batch: int, accum: int, resume: str | None, warned=None):
+    """The losses and this rank's trained params; ``warned``: a list that gets the Trainer's warnings of
+    unexpected keys at resume, then those of a probe load naming a key no stage has and another stage's."""
     zt.activate(_config(stage, stages))
+    warnings = _Warnings()
+    logging.getLogger("transformers.trainer").addHandler(warnings)
     try:
         trainer = Trainer(model=tiny_llama(**TINY), train_dataset=_rows(),
                           args=args(out, max_steps=STEPS, save_strategy="steps", save_steps=2, max_grad_norm=0.5,
                                     per_device_train_batch_size=batch, gradient_accumulation_steps=accum,
                                     train_sampling_strategy="sequential", learning_rate=1e-3))
         trainer.train(resume_from_checkpoint=resume)
+        if warned is not None:
+            warned.extend(m for m in warnings.messages if "unexpected keys" in m)
+            other = min(PP.of(trainer).others)
+            trainer._issue_warnings_after_load(_IncompatibleKeys([], ["lm_head.extra", other]))
+            warned.extend(m for m in warnings.messages[len(warnings.messages) - 1:] if "unexpected keys" in m)
         params = {n: p.detach().tolist() for n, p in trainer.model.named_parameters()}
         return history(trainer)["loss"], params
     finally:
+        logging.getLogger("transformers.trainer").removeHandler(warnings)
         zt.deactivate()
 
 
@@ -55,12 +80,13 @@ def _runs(rank, world, root):
     """name: (ZeRO stage, pipeline stages, per-device batch, accumulation, resumed from): every case on both ranks."""
     cases = {"pp": (1, 2, 2, 2, None), "pp-pp": (1, 2, 2, 2, "pp"), "dp": (2, 1, 1, 2, None),
              "pp-dp": (2, 1, 1, 2, "pp"), "dp-pp": (1, 2, 2, 2, "dp")}
-    out = {}
+    out, warned = {}, {}
     for name, (stage, stages, batch, accum, source) in cases.items():
         resume = os.path.join(root, source, "checkpoint-2") if source else None
-        out[name] = _train(os.path.join(root, name), stage, stages, batch, accum, resume)
+        warned[name] = [] if resume and stages > 1 else None
+        out[name] = _train(os.path.join(root, name), stage, stages, batch, accum, resume, warned[name])
         dist.barrier()
-    return out
+    return out, {k: v for k, v in warned.items() if v is not None}
 
 
 def _continues(resumed: list[float], whole: list[float], what: str) -> None:
@@ -70,7 +96,12 @@ def _continues(resumed: list[float], whole: list[float], what: str) -> None:
 
 def test_pipeline_checkpoints_resume_at_any_stage_count(tmp_path):
     root = str(tmp_path)
-    ranks = run_on_ranks(_runs, 2, root, timeout=300)
+    ranks, warned = zip(*run_on_ranks(_runs, 2, root, timeout=300))
+    # resumed with stages, each stage loads the full weights: only the probe's key no stage has is unexpected
+    for w in warned:
+        assert w.keys() == {"pp-pp", "dp-pp"}, w
+        for messages in w.values():
+            assert len(messages) == 1 and "['lm_head.extra']" in messages[0], messages
     (pp_losses, stage0), (_, stage1) = ranks[0]["pp"], ranks[1]["pp"]
     assert ranks[1]["pp-pp"][0] == pp_losses and ranks[0]["pp-pp"][0] == pp_losses  # same split: bit for bit
     _continues(ranks[0]["pp-dp"][0], pp_losses, "pp 2 -> dp 2")

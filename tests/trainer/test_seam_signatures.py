@@ -30,9 +30,9 @@ def test_seam_takes_what_transformers_takes(key):
     assert signature_mismatch(wrapper, _unwrapped(cls, wrapper.__name__)) is None
 
 
-def test_twenty_two_seams_are_checked():
-    # evaluation_loop: --torch_compile's failure said in a standalone evaluate() (compile_watch.py); training_step, get_eval_dataloader, prediction_step: pipeline stages (trainer/pipeline.py); get_total_train_batch_size: data-parallel ranks only under SP/tp; create_scheduler: the config's scheduler block (config_blocks.py); floating_point_ops: full counts (param_count.py); compute_loss: tiled_loss (hf_zero/activations); get_train_dataloader: the sequence-parallel split (hf_zero/sequence_parallel)
-    assert len(seams._SEAMS) == 22
+def test_twenty_three_seams_are_checked():
+    # evaluation_loop: --torch_compile's failure said in a standalone evaluate() (compile_watch.py); training_step, get_eval_dataloader, prediction_step: pipeline stages (trainer/pipeline.py); get_total_train_batch_size: data-parallel ranks only under SP/tp; create_scheduler: the config's scheduler block (config_blocks.py); floating_point_ops: full counts (param_count.py); compute_loss: tiled_loss (hf_zero/activations); get_train_dataloader: the sequence-parallel split (hf_zero/sequence_parallel); _issue_warnings_after_load: a pipeline stage's resume
+    assert len(seams._SEAMS) == 23
 
 
 def test_rule_names_a_renamed_parameter_and_a_dropped_one():
