@@ -23,15 +23,28 @@ DEFAULT_SAVE_STRATEGY = "steps"
 NO_SAVES = "no"
 
 
-def _split(config: Any) -> tuple[str, int, str] | None:
-    """(key, size, the ZeRO stages that save it) of a stage-0 config's tp or pipeline split, else None."""
+def _split(config: Any) -> tuple[str, int, str, str] | None:
+    """(key, size, the ZeRO stages that save it, the part one rank holds) of a stage-0 config's tp or
+    pipeline split, else None."""
     if config.zero.stage != 0:
         return None
     if config.tensor_parallel.autotp_size > 1:
-        return "tensor_parallel.autotp_size", config.tensor_parallel.autotp_size, "1-3"
+        return "tensor_parallel.autotp_size", config.tensor_parallel.autotp_size, "1-3", "one tp rank's"
     if config.pipeline.stages > 1:  # never with tp (row 'pipeline-tensor-parallel' of config/unsupported.py)
-        return "pipeline.stages", config.pipeline.stages, "1 or 2"
+        return "pipeline.stages", config.pipeline.stages, "1 or 2", "one stage's"
     return None
+
+
+def checkpoint_refusal(config: Any, what: str) -> str | None:
+    """The message refusing ``what`` ("a checkpoint save", "resume_from_checkpoint") under ``config``, or
+    None: the Trainer's own optimizer file at ZeRO stage 0 would hold one part's state only."""
+    split = _split(config)
+    if split is None:
+        return None
+    key, size, stages, part = split
+    return (f"{what} with {key} = {size} at ZeRO stage 0 is not built yet (the Trainer's optimizer file would "
+            f"hold {part} state only); use zero_optimization.stage {stages}, whose sharded checkpoints hold every "
+            "part, or save_strategy \"no\" and trainer.save_model() for the full weights")
 
 
 def refusal(config: Any, save_strategy: str) -> str | None:
@@ -42,7 +55,7 @@ def refusal(config: Any, save_strategy: str) -> str | None:
     split = _split(config)
     if split is None or save_strategy == NO_SAVES:
         return None
-    key, size, stages = split
+    key, size, stages, _ = split
     return (f"save_strategy {save_strategy!r}: a checkpoint save with {key} = {size} at ZeRO stage 0 is not built "
             f"yet; use zero_optimization.stage {stages}, or save_strategy \"no\" and trainer.save_model() for the "
             "full weights")

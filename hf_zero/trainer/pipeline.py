@@ -108,17 +108,6 @@ def _gather_for_metrics(accelerator, mesh: PpMesh, tensor: torch.Tensor) -> torc
     return data
 
 
-def refuse_checkpoint(trainer, what: str) -> None:
-    """ZeRO stage 0 with pipeline stages: the Trainer's own optimizer file would hold stage 0's state only,
-    so its checkpoints are not built yet (stages 1-2 write every stage's: [Note: pipeline parts])."""
-    session = session_of(trainer)
-    if of(trainer) is not None and session is not None and session.stage == 0:
-        raise NotAvailableYet(
-            f"{what} with {KEY} = {of(trainer).mesh.pp} at ZeRO stage 0 is not built yet (the Trainer's optimizer "
-            "file would hold one stage's state only); use zero_optimization.stage 1 or 2, whose sharded checkpoints "
-            "hold every stage's part, or save_strategy \"no\" and trainer.save_model() for the full weights")
-
-
 def load_result(trainer, result):
     """A resume loads the checkpoint's full weights into this stage's model: the keys the other stages hold
     are no unexpected keys to warn of (the Trainer's ``_issue_warnings_after_load``); any other key still is."""

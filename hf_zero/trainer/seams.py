@@ -46,6 +46,8 @@ from hf_zero.engine.offload.speculation import SpeculationPolicy
 from hf_zero.engine.options import engine_options
 from hf_zero.init import sharded_load
 from hf_zero.checkpoint import digests
+from hf_zero.config import stage0_saves
+from hf_zero.engine.stages import NotAvailableYet
 from hf_zero.trainer import checkpoint, compile_watch, config_blocks
 from hf_zero.trainer.generation import sync_generate
 from hf_zero.trainer.streamed_save import save_stage3, save_whole
@@ -314,11 +316,18 @@ def _save_optimizer_and_scheduler(self, output_dir):
         torch.save(self.lr_scheduler.state_dict(), os.path.join(output_dir, checkpoint.SCHEDULER_NAME))
 
 
+def _refuse_stage0_checkpoint(trainer, what: str) -> None:
+    """Tensor parallelism or pipeline stages at ZeRO stage 0: checkpoints not built yet (config/stage0_saves.py)."""
+    session = S.session_of(trainer)
+    message = None if session is None else stage0_saves.checkpoint_refusal(session.config, what)
+    if message is not None:
+        raise NotAvailableYet(message)
+
+
 @_seam
 def _save_checkpoint(self, model, trial):
     session = S.session_of(self)
-    TP.refuse_checkpoint(self, "a checkpoint save")
-    PP.refuse_checkpoint(self, "a checkpoint save")
+    _refuse_stage0_checkpoint(self, "a checkpoint save")
     if session is None or session.engine is None:
         return _original("_save_checkpoint")(self, model, trial)
     # [Note: rotation] (checkpoint.py): no rotation of the Trainer's, wherever it happens in its
@@ -354,8 +363,7 @@ def _save_checkpoint(self, model, trial):
 def train(self, resume_from_checkpoint=None, trial=None, ignore_keys_for_eval=None):
     session = S.session_of(self)
     if resume_from_checkpoint:
-        TP.refuse_checkpoint(self, "resume_from_checkpoint")
-        PP.refuse_checkpoint(self, "resume_from_checkpoint")
+        _refuse_stage0_checkpoint(self, "resume_from_checkpoint")
     if session is not None and session.stage >= 1 and resume_from_checkpoint is True:
         resume_from_checkpoint = checkpoint.newest_complete(self.args.output_dir)
         if resume_from_checkpoint is None:

@@ -30,7 +30,6 @@ from hf_zero.tensor_parallel import TpLayout, TpMesh, build_mesh, check_tp_size,
 from hf_zero.tensor_parallel.mesh import DP_DIM, TP_DIM
 from hf_zero.engine.stages import NotAvailableYet
 from hf_zero.tensor_parallel.norm import engine_parts, global_norm, module_parts
-from hf_zero.trainer.session import session_of
 from hf_zero.trainer.streamed_save import save_whole
 from hf_zero.trainer.verify import verify_saved_weights
 
@@ -129,17 +128,6 @@ def save_model(trainer, engine, output_dir: str) -> None:
     save_whole(trainer, output_dir, full if writer else None, every_rank=True)
     if writer:
         verify_saved_weights(output_dir, full)
-
-
-def refuse_checkpoint(trainer, what: str) -> None:
-    """Stage 0 under tensor parallelism: the Trainer's own optimizer file would hold one tp rank's state
-    only, so its checkpoints are not built yet (stages 1-3 write every part: [Note: tensor-parallel parts])."""
-    session = session_of(trainer)
-    if of(trainer) is not None and session is not None and session.stage == 0:
-        raise NotAvailableYet(
-            f"{what} with {KEY} = {of(trainer).mesh.tp} at ZeRO stage 0 is not built yet (the Trainer's optimizer "
-            "file would hold one tp rank's state only); use zero_optimization.stage 1-3, whose sharded checkpoints "
-            "hold every tp rank's part, or save_strategy \"no\" and trainer.save_model() for the full weights")
 
 
 def _refuse_not_built(trainer, config, tp: int) -> None:
