@@ -4,24 +4,11 @@ Trainer's ``--torch_compile`` and nothing else changed, and the table's compiled
 
 from __future__ import annotations
 
-import importlib.util
-import sys
 from pathlib import Path
 
 import pytest
 
-_BENCH = Path(__file__).resolve().parent.parent / "bench"
-
-
-def _load(name: str):
-    sys.path.insert(0, str(_BENCH))
-    try:
-        spec = importlib.util.spec_from_file_location(f"bench_{name}", _BENCH / f"{name}.py")
-        module = importlib.util.module_from_spec(spec)
-        spec.loader.exec_module(module)
-        return module
-    finally:
-        sys.path.remove(str(_BENCH))
+from tests.test_bench_scaling import _load
 
 
 run = _load("run")

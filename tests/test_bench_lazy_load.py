@@ -8,28 +8,14 @@ differ); the Trainer row runs as on the GPU, through torchrun."""
 
 from __future__ import annotations
 
-import importlib.util
 import os
 import sys
-from pathlib import Path
 
-_BENCH = Path(__file__).resolve().parent.parent / "bench"
-
-
-def _load(name: str):
-    sys.path.insert(0, str(_BENCH))
-    try:
-        spec = importlib.util.spec_from_file_location(name, _BENCH / f"{name}.py")
-        module = importlib.util.module_from_spec(spec)
-        sys.modules[name] = module
-        spec.loader.exec_module(module)
-        return module
-    finally:
-        sys.path.remove(str(_BENCH))
+from tests.test_bench_scaling import _load
 
 
-page_cache = _load("page_cache")
-lazy_load = _load("lazy_load")
+page_cache = _load("page_cache", register=True)
+lazy_load = _load("lazy_load", register=True)
 
 
 def test_page_cache_residency_and_dropping_a_files_pages(tmp_path):

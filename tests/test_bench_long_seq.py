@@ -5,33 +5,18 @@ goes on sys.path while the modules load)."""
 
 from __future__ import annotations
 
-import importlib.util
 import json
-import sys
 import time
-from pathlib import Path
 
 import pytest
 
 from hf_zero.config.loader import load_config
 
-_BENCH = Path(__file__).resolve().parent.parent / "bench"
+from tests.test_bench_scaling import _BENCH, _load
 
 
-def _load(name: str):
-    sys.path.insert(0, str(_BENCH))
-    try:
-        spec = importlib.util.spec_from_file_location(name, _BENCH / f"{name}.py")
-        module = importlib.util.module_from_spec(spec)
-        sys.modules[name] = module
-        spec.loader.exec_module(module)
-        return module
-    finally:
-        sys.path.remove(str(_BENCH))
-
-
-search_mod = _load("long_seq_search")
-long_seq = _load("long_seq")
+search_mod = _load("long_seq_search", register=True)
+long_seq = _load("long_seq", register=True)
 K = 1024
 
 

@@ -14,11 +14,15 @@ import pytest
 _BENCH = Path(__file__).resolve().parent.parent / "bench"
 
 
-def _load(name: str):
+def _load(name: str, *, register: bool = False):
+    """bench/NAME.py as a module (as ``bench_NAME``); ``register``: as ``NAME`` in sys.modules, for modules
+    whose dataclasses or pickled functions are looked up there by name."""
     sys.path.insert(0, str(_BENCH))
     try:
-        spec = importlib.util.spec_from_file_location(f"bench_{name}", _BENCH / f"{name}.py")
+        spec = importlib.util.spec_from_file_location(name if register else f"bench_{name}", _BENCH / f"{name}.py")
         module = importlib.util.module_from_spec(spec)
+        if register:
+            sys.modules[name] = module
         spec.loader.exec_module(module)
         return module
     finally:
