@@ -177,7 +177,13 @@ def _data_parallel_ranks(world_size: int, sp: int, tp: int, match: _Matcher, *, 
                        f"{f' / sequence_parallel_size {sp}' if sp > 1 else ''}: the ranks are laid out as (world_size "
                        f"/ autotp_size, autotp_size); allowed: {divisors(world_size // sp)}")
         tp = 1
-    if world_size % (sp * tp * pp):
+    if world_size % (sp * tp * pp) and tp > 1:
+        match.conflict(f"pipeline.stages = {pp} with tensor_parallel.autotp_size = {tp}: stages * autotp_size = "
+                       f"{pp * tp} does not divide world_size = {world_size}: the ranks are laid out as (stages, "
+                       f"world_size / (stages * autotp_size), autotp_size), stage-outer, tp-inner; allowed stages: "
+                       f"{divisors(world_size // (sp * tp))}")
+        pp = 1
+    elif world_size % (sp * tp * pp):
         match.conflict(f"pipeline.stages = {pp} does not divide world_size = {world_size}: the ranks are laid out "
                        f"as (stages, world_size / stages), stage-outer; allowed: {divisors(world_size // (sp * tp))}")
         pp = 1

@@ -1,9 +1,12 @@
-"""Checkpoint saves at ZeRO stage 0 with tensor parallelism or pipeline stages: not built yet, one message.
+"""Checkpoint saves at ZeRO stage 0 with tensor parallelism or pipeline stages, and at any stage with the two
+together: not built yet, one message.
 
 At ZeRO stage 0 the Trainer writes its own optimizer file, which would hold one tp rank's (one
 pipeline stage's) state only; stages 1-3 (1-2 with pipeline stages) write every part ([Note:
 tensor-parallel parts] in hf_zero/checkpoint/sharded.py, [Note: pipeline parts] in
-hf_zero/checkpoint/pipeline_parts.py). Whether a run saves is ``TrainingArguments.save_strategy``,
+hf_zero/checkpoint/pipeline_parts.py). The (pp, dp, tp) mesh of both together trains and saves its full
+weights (``save_model``), but its sharded checkpoints (each stage's tp parts and the description of the
+whole model together) are not built yet: refused at every ZeRO stage. Whether a run saves is ``TrainingArguments.save_strategy``,
 which no config holds, so this is not a row of the table of unsupported configs
 (config/unsupported.py) but a refusal of the pair (config, save_strategy), worded here only:
 
@@ -16,49 +19,59 @@ which no config holds, so this is not a row of the table of unsupported configs
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, NamedTuple
 
 DEFAULT_SAVE_STRATEGY = "steps"
 """TrainingArguments.save_strategy's default: a script that passes nothing saves every save_steps."""
 NO_SAVES = "no"
 
 
-def _split(config: Any) -> tuple[str, int, str, str] | None:
-    """(key, size, the ZeRO stages that save it, the part one rank holds) of a stage-0 config's tp or
-    pipeline split, else None."""
+class _NotBuilt(NamedTuple):
+    """A split whose checkpoints are not built: what the config asks for, why, and what saves instead."""
+
+    asked: str  # "tensor_parallel.autotp_size = 2 at ZeRO stage 0"
+    why: str  # the parenthesis after "is not built yet", or ""
+    instead: str  # the sentence after "use"
+
+
+def _not_built(config: Any) -> _NotBuilt | None:
+    """The split (tp, pipeline stages or both) whose checkpoints are not built yet under ``config``, else None."""
+    tp, pp = config.tensor_parallel.autotp_size, config.pipeline.stages
+    save_model = "save_strategy \"no\" and trainer.save_model() for the full weights"
+    if tp > 1 and pp > 1:  # the (pp, dp, tp) mesh: every ZeRO stage
+        return _NotBuilt(f"pipeline.stages = {pp} and tensor_parallel.autotp_size = {tp}", "",
+                         f"{save_model}, or one of the two for checkpoints")
     if config.zero.stage != 0:
         return None
-    if config.tensor_parallel.autotp_size > 1:
-        return "tensor_parallel.autotp_size", config.tensor_parallel.autotp_size, "1-3", "one tp rank's"
-    if config.pipeline.stages > 1:  # never with tp (row 'pipeline-tensor-parallel' of config/unsupported.py)
-        return "pipeline.stages", config.pipeline.stages, "1 or 2", "one stage's"
-    return None
+    if tp > 1:
+        stages, part, key, size = "1-3", "one tp rank's", "tensor_parallel.autotp_size", tp
+    elif pp > 1:
+        stages, part, key, size = "1 or 2", "one stage's", "pipeline.stages", pp
+    else:
+        return None
+    return _NotBuilt(f"{key} = {size} at ZeRO stage 0", f" (the Trainer's optimizer file would hold {part} state only)",
+                     f"zero_optimization.stage {stages}, whose sharded checkpoints hold every part, or {save_model}")
 
 
 def checkpoint_refusal(config: Any, what: str) -> str | None:
     """The message refusing ``what`` ("a checkpoint save", "resume_from_checkpoint") under ``config``, or
-    None: the Trainer's own optimizer file at ZeRO stage 0 would hold one part's state only."""
-    split = _split(config)
+    None: the Trainer's own optimizer file at ZeRO stage 0 would hold one part's state only, and no
+    checkpoint of the (pp, dp, tp) mesh is built yet."""
+    split = _not_built(config)
     if split is None:
         return None
-    key, size, stages, part = split
-    return (f"{what} with {key} = {size} at ZeRO stage 0 is not built yet (the Trainer's optimizer file would "
-            f"hold {part} state only); use zero_optimization.stage {stages}, whose sharded checkpoints hold every "
-            "part, or save_strategy \"no\" and trainer.save_model() for the full weights")
+    return f"{what} with {split.asked} is not built yet{split.why}; use {split.instead}"
 
 
 def refusal(config: Any, save_strategy: str) -> str | None:
     """The message refusing ``save_strategy`` (a TrainingArguments value: "steps", "epoch", "best", "no")
     under ``config``, or None: for ``{"tensor_parallel": {"autotp_size": 2}}`` and "steps",
     ``save_strategy 'steps': a checkpoint save with tensor_parallel.autotp_size = 2 at ZeRO stage 0 is not
-    built yet; use zero_optimization.stage 1-3, or save_strategy "no" and trainer.save_model() ...``."""
-    split = _split(config)
+    built yet; use zero_optimization.stage 1-3, whose sharded ... or save_strategy "no" and trainer.save_model() ...``."""
+    split = _not_built(config)
     if split is None or save_strategy == NO_SAVES:
         return None
-    key, size, stages, _ = split
-    return (f"save_strategy {save_strategy!r}: a checkpoint save with {key} = {size} at ZeRO stage 0 is not built "
-            f"yet; use zero_optimization.stage {stages}, or save_strategy \"no\" and trainer.save_model() for the "
-            "full weights")
+    return f"save_strategy {save_strategy!r}: {checkpoint_refusal(config, 'a checkpoint save')}"
 
 
 def needs_no_saves(config: Any) -> str | None:

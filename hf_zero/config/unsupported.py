@@ -195,15 +195,6 @@ UNSUPPORTED: tuple[Unsupported, ...] = (
         instead="use zero_optimization.stage 0, 1 or 2 with pipeline stages (each stage holds only its own layers)",
     ),
     Unsupported(
-        name="pipeline-tensor-parallel",
-        keys=("pipeline.stages", "tensor_parallel.autotp_size"),
-        applies=lambda c: _pipeline(c) and _tensor_parallel(c),
-        asked=lambda c: f"pipeline.stages = {c.pipeline.stages} with tensor_parallel.autotp_size = "
-                        f"{c.tensor_parallel.autotp_size}",
-        feature="pipeline and tensor parallelism together (not built yet)",
-        instead="use one of the two",
-    ),
-    Unsupported(
         name="pipeline-sequence-parallel",
         keys=("pipeline.stages", "sequence_parallel_size"),
         applies=lambda c: _pipeline(c) and _sequence_parallel(c),

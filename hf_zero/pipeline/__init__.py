@@ -6,8 +6,8 @@
   ``ScheduleInterleaved1F1B`` / ``ScheduleGPipe``, with the model's loss over the step's real tokens;
 - ``build.py``: the split for one rank of a pipeline group, and the checks that refuse a model first.
 
-The (pp, dp) mesh lives with the (dp, tp) one in hf_zero/tensor_parallel/mesh.py; the Trainer's side
-is hf_zero/trainer/pipeline.py.
+The (pp, dp, tp) mesh (tp 1 without tensor parallelism) is hf_zero/tensor_parallel/mesh.py; the Trainer's
+side is hf_zero/trainer/pipeline.py.
 """
 
 from hf_zero.pipeline.build import build, check

@@ -1,8 +1,11 @@
 """Pipeline stages in the Trainer (``pipeline.stages`` > 1): what the seams add.
 
-At ``Trainer.__init__`` every rank builds the (pp, dp) mesh (hf_zero/tensor_parallel/mesh.py) and
-keeps only its stage's layers of the model (hf_zero/pipeline), before any optimizer exists, so the
-optimizer and ZeRO see this stage's params under their original names.
+At ``Trainer.__init__`` every rank builds the (pp, dp) mesh (the (pp, dp, tp) mesh with
+``tensor_parallel.autotp_size``: parallel_mesh.py, hf_zero/tensor_parallel/mesh.py) and keeps only its
+stage's layers of the model (hf_zero/pipeline), before any optimizer exists, so the optimizer and ZeRO
+see this stage's params under their original names; with tp, tensor_parallel.py then splits the stage's
+planned layers over its tp group, the pipeline's sends go between the ranks of the same (dp, tp), and
+each row below holds per tp rank (a "dp group" is the stage's ranks of one tp rank).
 
 | where | what |
 |---|---|
@@ -10,11 +13,11 @@ optimizer and ZeRO see this stage's params under their original names.
 | ``training_step`` | the Trainer's batches of one accumulation are kept until its last; then one schedule step runs them ("auto": each batch one micro-batch, padded to one length) or one step per batch (a number: each split into that many); the returned loss is the step's, equal on every stage |
 | stage 0 | no DDP: after the schedule, the grads are averaged over the stage's dp ranks in one flat all-reduce |
 | stages 1-2 | the ZeroEngine shards over the stage's dp group (``group=``); stage 1 reduces once, at the step |
-| clipping, grad norm | the squares of each stage's norm (over its dp group) summed over the pipeline |
+| clipping, grad norm | the squares of each stage's norm (over its dp group; with tp over dp and tp, replicated params once) summed over the pipeline |
 | ``evaluate`` | the loss only, forward through the stages (a batch one micro-batch), gathered from stage 0's ranks only (each pipeline's batch once); predictions refused (not built yet) |
-| ``save_model`` | every stage's full params sent to rank 0, which writes them as ``save_pretrained`` does |
+| ``save_model`` | every stage's full params (tp parts gathered first) sent to rank 0, which writes them as ``save_pretrained`` does |
 | ``_issue_warnings_after_load`` | a resume's full weights: the other stages' keys are not warned of as unexpected |
-| checkpoints, resume | ZeRO 1-2: each stage's engine writes its own params' state, rank 0 the whole model's description ([Note: pipeline parts], hf_zero/checkpoint/pipeline_parts.py); ``save_model`` writes the full weights; resume at any stage count (or none) and dp. ZeRO 0: not built yet, refused by the launch preflight and at Trainer creation (save_strategy: hf_zero/config/stage0_saves.py) and at ``train(resume_from_checkpoint=...)`` |
+| checkpoints, resume | ZeRO 1-2: each stage's engine writes its own params' state, rank 0 the whole model's description ([Note: pipeline parts], hf_zero/checkpoint/pipeline_parts.py); ``save_model`` writes the full weights; resume at any stage count (or none) and dp. ZeRO 0, and any stage with tp: not built yet, refused by the launch preflight and at Trainer creation (save_strategy: hf_zero/config/stage0_saves.py) and at ``train(resume_from_checkpoint=...)`` |
 """
 
 from __future__ import annotations
@@ -31,9 +34,11 @@ from torch.nn.utils import clip_grads_with_norm_, get_total_norm
 from hf_zero.config import stage0_saves
 from hf_zero.config.auto import AUTO
 from hf_zero.engine.stages import NotAvailableYet
-from hf_zero.pipeline.build import build, check, virtual_stages
+from hf_zero.pipeline.build import build, check as check_model
 from hf_zero.pipeline.runner import PipelineRunner
-from hf_zero.tensor_parallel.mesh import PpMesh, build_pp_mesh
+from hf_zero.tensor_parallel.mesh import ParallelMesh
+from hf_zero.trainer import parallel_mesh
+from hf_zero.trainer import tensor_parallel as TP
 from hf_zero.trainer.session import session_of
 from hf_zero.trainer.streamed_save import save_whole
 from hf_zero.trainer.verify import verify_saved_weights
@@ -43,7 +48,7 @@ KEY = "pipeline.stages"
 
 @dataclass
 class TrainerPp:
-    mesh: PpMesh
+    mesh: ParallelMesh
     runner: PipelineRunner
     micro_batches: object  # AUTO: the accumulation's batches; an int: each batch split so
     pending: list = field(default_factory=list)  # this accumulation's batches, until its last
@@ -57,14 +62,21 @@ def of(trainer) -> TrainerPp | None:
     return _BY_TRAINER.get(trainer)
 
 
+def check(trainer, config) -> None:
+    """Every rank, at ``Trainer.__init__``, before any process group: the model's reasons, then the config's."""
+    pp = config.pipeline
+    if pp.enabled and of(trainer) is None:
+        check_model(trainer.model, pp.stages, pp.schedule)
+        _refuse_not_built(trainer, config)
+
+
 def setup(trainer, config) -> None:
-    """Every rank, at ``Trainer.__init__``: check, build the mesh, keep this stage's layers."""
+    """Every rank, at ``Trainer.__init__`` (after ``check``): the mesh, this stage's layers kept (before
+    tensor_parallel.py splits them over tp)."""
     pp = config.pipeline
     if not pp.enabled or of(trainer) is not None:
         return
-    check(trainer.model, pp.stages, pp.schedule)  # the model's reasons first, before any process group
-    _refuse_not_built(trainer, config)
-    mesh = build_pp_mesh(pp.stages, trainer.args.device.type)
+    mesh = parallel_mesh.mesh_for(trainer, config)
     whole = set(trainer.model.state_dict())
     runner = build(trainer.model, stages=pp.stages, schedule=pp.schedule, group=mesh.pp_group,
                    device=trainer.args.device)
@@ -95,13 +107,15 @@ def _refuse_not_built(trainer, config) -> None:
         raise NotAvailableYet(f"{KEY} = {pp.stages} with a model loaded sharded (zero3_init_flag): not built yet")
 
 
-def _gather_for_metrics(accelerator, mesh: PpMesh, tensor: torch.Tensor) -> torch.Tensor:
+def _gather_for_metrics(accelerator, mesh: ParallelMesh, tensor: torch.Tensor) -> torch.Tensor:
     """accelerate's ``gather_for_metrics`` with each pipeline's batch counted once: the world's tensors
-    gathered (rank order: stage 0's dp ranks first), stage 0's kept, the last batch's padding dropped."""
+    gathered (rank order: stage 0's ranks first, tp-inner), those of stage 0 and tp rank 0 kept (ranks
+    0, tp, ..., (dp - 1) * tp: one per dp rank), the last batch's padding dropped."""
     if not torch.is_tensor(tensor):
         raise NotAvailableYet(f"{KEY}: gathering {type(tensor).__name__} outputs for metrics is not built yet")
     data = accelerator.gather(tensor)
-    data = data[: mesh.dp * tensor.shape[0]] if tensor.dim() else data[: mesh.dp]
+    per_rank = data.reshape(dist.get_world_size(), *tensor.shape)[: mesh.dp * mesh.tp : mesh.tp]
+    data = per_rank.reshape(-1, *tensor.shape[1:]) if tensor.dim() else per_rank
     state = accelerator.gradient_state
     if state.end_of_dataloader and state.remainder > 0:
         data = data[: state.remainder]
@@ -115,12 +129,6 @@ def load_result(trainer, result):
     if state is None or not result.unexpected_keys:
         return result
     return result._replace(unexpected_keys=[k for k in result.unexpected_keys if k not in state.others])
-
-
-def engine_group(trainer) -> dict:
-    """The ZeroEngine's ``group`` keyword: this stage's dp ranks under pipeline stages, else nothing."""
-    state = of(trainer)
-    return {} if state is None else {"group": state.mesh.dp_group}
 
 
 class PipelinedModel(nn.Module):
@@ -216,7 +224,7 @@ def _concat(batches: list[dict]) -> dict:
     return out
 
 
-def _average_grads(model: nn.Module, mesh: PpMesh) -> None:
+def _average_grads(model: nn.Module, mesh: ParallelMesh) -> None:
     """Stage 0: the mean of every grad over this stage's dp ranks, in one flat all-reduce."""
     grads = [p.grad for p in model.parameters() if p.grad is not None]
     if not grads:
@@ -231,8 +239,11 @@ def _average_grads(model: nn.Module, mesh: PpMesh) -> None:
 
 
 def grad_norm(trainer, engine) -> torch.Tensor:
-    """The whole model's gradient norm: each stage's (over its dp group) squared, summed over the pipeline."""
-    if engine is not None:
+    """The whole model's gradient norm: each stage's (over its dp group, and over tp with tensor parallelism:
+    tensor_parallel.grad_norm) squared, summed over the pipeline."""
+    if TP.of(trainer) is not None:
+        local = TP.grad_norm(trainer, engine)
+    elif engine is not None:
         local = engine.grad_norm()
     else:
         grads = [p.grad for p in trainer.model.parameters() if p.grad is not None]
@@ -268,20 +279,24 @@ def prediction_step(trainer, inputs, prediction_loss_only: bool):
 
 @torch.no_grad()
 def save_model(trainer, engine, output_dir: str) -> None:
-    """Every stage's full params to rank 0 (from the stage's dp rank 0), written as ``save_pretrained``
-    writes them and checked tensor by tensor; ``from_pretrained`` loads them without hf_zero."""
+    """Every stage's full params to rank 0 (from the pipeline of dp rank 0 and tp rank 0, after each stage's
+    tp parts are gathered whole: tensor_parallel.whole_tensors), written as ``save_pretrained`` writes them
+    and checked tensor by tensor; ``from_pretrained`` loads them without hf_zero."""
     if engine is not None:
         engine.settle()
     mesh = of(trainer).mesh
-    own = {n: t.detach() for n, t in trainer.model.state_dict().items()}
-    full = _gather_stages(own, mesh) if mesh.dp_rank == 0 else None
+    if TP.of(trainer) is not None:  # a collective over tp: every rank
+        own = dict(TP.whole_tensors(trainer, engine))
+    else:
+        own = {n: t.detach() for n, t in trainer.model.state_dict().items()}
+    full = _gather_stages(own, mesh) if mesh.dp_rank == 0 and mesh.tp_rank == 0 else None
     writer = trainer.args.should_save
     save_whole(trainer, output_dir, full if writer else None, every_rank=True)
     if writer:
         verify_saved_weights(output_dir, full)
 
 
-def _gather_stages(own: dict[str, torch.Tensor], mesh: PpMesh) -> dict[str, torch.Tensor] | None:
+def _gather_stages(own: dict[str, torch.Tensor], mesh: ParallelMesh) -> dict[str, torch.Tensor] | None:
     """Over the pipeline of dp rank 0: stage s > 0 sends its tensors' names, shapes and dtypes, then the
     tensors, to stage 0; stage 0 returns them all on the CPU, in stage order (others: None)."""
     group = mesh.pp_group

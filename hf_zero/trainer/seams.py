@@ -55,7 +55,7 @@ from hf_zero.trainer.verify import verify_saved_adapter, verify_saved_weights
 from hf_zero.trainer import session as S
 from hf_zero.trainer.loss_scaling import DeepSpeedScaling, sharded_grad_scaler
 from hf_zero.trainer.other_sharding import refuse as refuse_other_sharding
-from hf_zero.trainer import param_count
+from hf_zero.trainer import param_count, parallel_mesh
 from hf_zero.trainer import pipeline as PP
 from hf_zero.trainer import tensor_parallel as TP
 from hf_zero.trainer.seam_check import original_of
@@ -105,8 +105,10 @@ def __init__(self, *args, **kwargs):
     config_blocks.check_trainer(self, resolved)  # a block and Trainer(optimizers=...) for the same thing
     session = S.ZeroSession(config=resolved, trainer_ref=weakref.ref(self), loaded=config)
     S.attach(self, session)
-    TP.setup(self, resolved)  # tensor_parallel.autotp_size > 1: the model is split now, before any optimizer
-    PP.setup(self, resolved)  # pipeline.stages > 1: this stage's layers kept, before any optimizer
+    PP.check(self, resolved)  # pipeline.stages > 1 and tensor_parallel.autotp_size > 1: what they cannot run,
+    TP.check(self, resolved)  # refused before any process group
+    PP.setup(self, resolved)  # pipeline.stages > 1: the (pp, dp, tp) mesh, this stage's layers kept, ...
+    TP.setup(self, resolved)  # ... autotp_size > 1: then its planned layers split over tp, before any optimizer
     sparse_attention.setup(self, resolved)  # sparse_attention block: the model's attention by its layout
     if resolved.sequence_parallel_size > 1:  # Ulysses: the SP groups, the model's attention (sequence_parallel/)
         session.sequence_parallel = SP.setup(self, resolved.sequence_parallel_size)
@@ -144,7 +146,7 @@ def create_optimizer(self, model=None):
             prebuilt.attach_optimizer(self.optimizer)
             session.engine = prebuilt
         else:
-            session.engine = ZeroEngine(self.model, self.optimizer, **options, **TP.engine_group(self), **PP.engine_group(self))
+            session.engine = ZeroEngine(self.model, self.optimizer, **options, **parallel_mesh.engine_group(self))
         # accelerate skips no_sync() on one rank, so the engine asks the Trainer's own flag which
         # micro-step ends an accumulation (offloaded grads go to the host only then).
         accelerator = self.accelerator
@@ -174,10 +176,10 @@ def create_scheduler(self, num_training_steps, optimizer=None):
 @_seam
 def _wrap_model(self, model, training=True, dataloader=None):
     session = S.session_of(self)
+    if session is not None and session.engine is None and training and PP.of(self) is not None:
+        return PP.wrap_stage0(self, model)  # stage 0 with pipeline stages (and tp): grads averaged after each step
     if session is not None and session.engine is None and training and TP.of(self) is not None:
         return TP.wrap_stage0(self, model)  # stage 0 under tensor parallelism: DDP over the dp group only
-    if session is not None and session.engine is None and training and PP.of(self) is not None:
-        return PP.wrap_stage0(self, model)  # stage 0 with pipeline stages: grads averaged after each step
     if session is None or session.engine is None or not training:
         return _original("_wrap_model")(self, model, training, dataloader)
     if isinstance(model, ZeroModule):
@@ -229,7 +231,7 @@ def _compute_loss(self, model, inputs, return_outputs, num_items_in_batch):
 @_seam
 def _clip_grad_norm(self, model):
     session = S.session_of(self)
-    if session is not None and PP.of(self) is not None:  # every stage: the norm over dp and the pipeline
+    if session is not None and PP.of(self) is not None:  # every stage: the norm over dp (and tp) and the pipeline
         if session.engine is not None:
             session.engine.finish_grad_sync()
         return PP.clip(self, session.engine, self.args.max_grad_norm)
@@ -317,7 +319,8 @@ def _save_optimizer_and_scheduler(self, output_dir):
 
 
 def _refuse_stage0_checkpoint(trainer, what: str) -> None:
-    """Tensor parallelism or pipeline stages at ZeRO stage 0: checkpoints not built yet (config/stage0_saves.py)."""
+    """Tensor parallelism or pipeline stages at ZeRO stage 0, or the two together at any stage: checkpoints not
+    built yet (config/stage0_saves.py)."""
     session = S.session_of(trainer)
     message = None if session is None else stage0_saves.checkpoint_refusal(session.config, what)
     if message is not None:

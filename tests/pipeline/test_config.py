@@ -60,7 +60,6 @@ def test_stages_and_micro_batches_must_divide(tmp_path):
 
 @pytest.mark.parametrize("block,message", [
     ({"zero_optimization": {"stage": 3}}, "ZeRO stage 3 inside pipeline stages \\(not built yet\\)"),
-    ({"tensor_parallel": {"autotp_size": 2}}, "pipeline and tensor parallelism together \\(not built yet\\)"),
     ({"sequence_parallel_size": 2}, "pipeline and sequence parallelism together \\(not built yet\\)"),
     ({"zero_optimization": {"stage": 2, "offload_optimizer": {"device": "cpu"}}},
      "offload with pipeline stages \\(not built yet\\)"),
@@ -87,3 +86,36 @@ def test_models_that_cannot_be_split():
 def test_layers_split_as_evenly_as_possible():
     assert layer_ranges(10, 4) == [range(0, 3), range(3, 6), range(6, 8), range(8, 10)]
     assert layer_ranges(4, 4) == [range(i, i + 1) for i in range(4)]
+
+
+def test_with_tensor_parallelism(tmp_path):
+    """pp x tp: no row of the table refuses it; the world must be a multiple of stages * autotp_size, said
+    naming both (resolve, the mesh, doctor); checkpoint saves refused at every ZeRO stage (not built yet)."""
+    from hf_zero.config import stage0_saves
+    from hf_zero.doctor.config_checks import check_train_batch_size
+    from hf_zero.tensor_parallel.mesh import check_sizes
+
+    both = {"pipeline": {"stages": 2}, "tensor_parallel": {"autotp_size": 2}}
+    for stage in (0, 1, 2):
+        refuse(load_config({**both, "zero_optimization": {"stage": stage}}))
+    assert _resolve(tmp_path, both, 8, per_device_train_batch_size=2).train_batch_size == 4  # 2 x 1 x 8 / (2 * 2)
+    with pytest.raises(ConfigError, match=r"pipeline.stages = 2 with tensor_parallel.autotp_size = 2: stages \* "
+                                          r"autotp_size = 4 does not divide world_size = 6.*allowed stages: \[1, 3\]"):
+        _resolve(tmp_path, both, 6)
+    with pytest.raises(ValueError, match=r"pipeline.stages = 2 with tensor_parallel.autotp_size = 2: stages \* "
+                                         r"autotp_size = 4 does not divide the world size 6.*allowed stages here: \[1, 3\]"):
+        check_sizes(6, tp=2, pp=2)
+    config = load_config({**both, "train_micro_batch_size_per_gpu": 2, "gradient_accumulation_steps": 1})
+    with pytest.raises(ValueError, match=r"pipeline.stages = 2 .* does not divide world_size / "
+                                         r"tensor_parallel.autotp_size 3"):
+        check_train_batch_size(config, 6)
+    for stage in (0, 1, 2):
+        config = load_config({**both, "zero_optimization": {"stage": stage}})
+        assert stage0_saves.refusal(config, "no") is None
+        assert stage0_saves.refusal(config, "epoch") == (
+            "save_strategy 'epoch': a checkpoint save with pipeline.stages = 2 and tensor_parallel.autotp_size = 2 is "
+            "not built yet; use save_strategy \"no\" and trainer.save_model() for the full weights, or one of the two "
+            "for checkpoints")
+        assert "the script must pass --save_strategy no" in stage0_saves.needs_no_saves(config)
+    alone = load_config({"pipeline": {"stages": 2}, "zero_optimization": {"stage": 1}})
+    assert stage0_saves.refusal(alone, "steps") is None  # pipeline stages alone save at ZeRO 1-2
