@@ -17,7 +17,7 @@ each row below holds per tp rank (a "dp group" is the stage's ranks of one tp ra
 | ``evaluate`` | the loss only, forward through the stages (a batch one micro-batch), gathered from stage 0's ranks only (each pipeline's batch once); predictions refused (not built yet) |
 | ``save_model`` | every stage's full params (tp parts gathered first) sent to rank 0, which writes them as ``save_pretrained`` does |
 | ``_issue_warnings_after_load`` | a resume's full weights: the other stages' keys are not warned of as unexpected |
-| checkpoints, resume | ZeRO 1-2: each stage's engine writes its own params' state, rank 0 the whole model's description ([Note: pipeline parts], hf_zero/checkpoint/pipeline_parts.py); ``save_model`` writes the full weights; resume at any stage count (or none) and dp. ZeRO 0, and any stage with tp: not built yet, refused by the launch preflight and at Trainer creation (save_strategy: hf_zero/config/stage0_saves.py) and at ``train(resume_from_checkpoint=...)`` |
+| checkpoints, resume | ZeRO 1-2: each stage's engine writes its own params' state, rank 0 the whole model's description ([Note: pipeline parts], hf_zero/checkpoint/pipeline_parts.py); ``save_model`` writes the full weights; resume at any stage count (or none) and dp. With tp the same, each stage's tp parts stored as [Note: tensor-parallel parts] says. ZeRO 0: not built yet, refused by the launch preflight and at Trainer creation (save_strategy: hf_zero/config/stage0_saves.py) and at ``train(resume_from_checkpoint=...)`` |
 """
 
 from __future__ import annotations

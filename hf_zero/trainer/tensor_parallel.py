@@ -11,7 +11,7 @@ pipeline stages it splits the layers its stage kept (pipeline.py runs first). Th
 | stages 1-3 | the ZeroEngine shards over the dp group (``group=``) | stages 1-2: the same, the dp group of the stage and tp rank |
 | clipping, grad norm | over dp and tp, replicated params once (tensor_parallel/norm.py) | each stage's so, squared, summed over the pipeline |
 | ``save_model`` | the consolidated save: tp parts gathered into the full weights (``whole_tensors``), written by rank 0 as ``save_pretrained`` does | each stage's gathered so, then every stage's to rank 0 |
-| checkpoints, resume | stages 1-3: each tp rank's parts stored at their place in the full tensors ([Note: tensor-parallel parts] in hf_zero/checkpoint/sharded.py), the model weights full (``save_model``): resume at any (dp, tp); stage 0 refused as not built yet (save_strategy: by the launch preflight and at Trainer creation, hf_zero/config/stage0_saves.py) | not built yet at any stage: refused as stage 0's are |
+| checkpoints, resume | stages 1-3: each tp rank's parts stored at their place in the full tensors ([Note: tensor-parallel parts] in hf_zero/checkpoint/sharded.py), the model weights full (``save_model``): resume at any (dp, tp); stage 0 refused as not built yet (save_strategy: by the launch preflight and at Trainer creation, hf_zero/config/stage0_saves.py) | stages 1-2: each stage's engine writes its tp parts so, rank 0 the whole model's description ([Note: pipeline parts]); resume at any (pp, dp, tp); stage 0 refused likewise |
 
 The state lives in a side table keyed by the Trainer, as ``ZeroSession`` does.
 """
