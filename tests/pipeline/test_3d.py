@@ -3,7 +3,7 @@
 Trainers in turn. Training (ZeRO stage 2 with 1F1B, then stage 0 with GPipe split micro-batches), clipping
 on: every logged loss and clipped grad norm, the eval loss and the trained params (each stage's tp parts
 gathered, the stages put together) within 1e-5 in fp32; ``save_model`` read back by ``from_pretrained``;
-each rank's place on the mesh and its groups. Checkpoints (ZeRO 1): a 3D save resumed at the same split
+each rank's place on the mesh and its groups. Checkpoints (ZeRO 1, interleaved 1F1B): a 3D save resumed at the same split
 (bit for bit), at dp 4 x tp 2 and at dp 4 x pp 2 (within 1e-5 of the uninterrupted losses); its
 description lists the whole model and ``from_pretrained`` of the folder gives the trained params; ZeRO 0
 checkpoints refused at Trainer creation (not built yet, as for tp or stages alone).
@@ -34,7 +34,7 @@ WORLD, PP_SIZE, TP_SIZE = 8, 2, 2
 DP = WORLD // (PP_SIZE * TP_SIZE)
 # (ZeRO stage, schedule, micro_batches, per-device batch, accumulation): global batches (2, 2) and (4, 1)
 CASES = [(2, "1F1B", "auto", 1, 2), (0, "GPipe", 2, 2, 1)]
-CK_STEPS = 4  # checkpoint runs: saved at step 2, every global batch 4 rows
+CK_STEPS = 4  # checkpoint runs: saved at step 2, every global batch 4 rows; 3D with interleaved 1F1B (4 pieces of a layer)
 # name: (ZeRO stage, tp, pp, per-device batch, accumulation, resumed from)
 CHECKPOINTS = {"3d": (1, 2, 2, 1, 2, None), "3d-3d": (1, 2, 2, 1, 2, "3d"), "3d-tp": (2, 2, 1, 1, 1, "3d"),
                "3d-pp": (2, 1, 2, 1, 1, "3d")}
@@ -102,7 +102,7 @@ def _checkpoint_cases(out) -> dict:
     """name: (logged losses, this rank's trained params, tp parts gathered, when the split has tp)."""
     done = {}
     for name, (stage, tp, pp, batch, accum, source) in CHECKPOINTS.items():
-        zt.activate(_config(stage, "GPipe" if accum == 1 else "1F1B", "auto", tp=tp, pp=pp))
+        zt.activate(_config(stage, "GPipe" if accum == 1 else "interleaved_1F1B", "auto", tp=tp, pp=pp))
         try:
             trainer = Trainer(model=tiny_llama(**TINY), train_dataset=_rows(),
                               args=args(f"{out}/{name}", max_steps=CK_STEPS, save_strategy="steps", save_steps=2,
