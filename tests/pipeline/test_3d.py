@@ -3,8 +3,8 @@
 Trainers in turn. Training (ZeRO stage 2 with 1F1B, then stage 0 with GPipe split micro-batches), clipping
 on: every logged loss and clipped grad norm, the eval loss and the trained params (each stage's tp parts
 gathered, the stages put together) within 1e-5 in fp32; ``save_model`` read back by ``from_pretrained``;
-each rank's place on the mesh and its groups. Checkpoints (ZeRO 1, interleaved 1F1B): a 3D save resumed at the same split
-(bit for bit), at dp 4 x tp 2 and at dp 4 x pp 2 (within 1e-5 of the uninterrupted losses); its
+each rank's place on the mesh and its groups. Checkpoints (ZeRO 1, interleaved 1F1B): a 3D save resumed
+at the same split (bit for bit), at dp 4 x tp 2 and at dp 4 x pp 2 (within 1e-5 of the uninterrupted losses); its
 description lists the whole model and ``from_pretrained`` of the folder gives the trained params; ZeRO 0
 checkpoints refused at Trainer creation (not built yet, as for tp or stages alone).
 """
@@ -34,7 +34,8 @@ WORLD, PP_SIZE, TP_SIZE = 8, 2, 2
 DP = WORLD // (PP_SIZE * TP_SIZE)
 # (ZeRO stage, schedule, micro_batches, per-device batch, accumulation): global batches (2, 2) and (4, 1)
 CASES = [(2, "1F1B", "auto", 1, 2), (0, "GPipe", 2, 2, 1)]
-CK_STEPS = 4  # checkpoint runs: saved at step 2, every global batch 4 rows; 3D with interleaved 1F1B (4 pieces of a layer)
+# checkpoint runs: saved at step 2, every global batch 4 rows; 3D with interleaved 1F1B (4 pieces of a layer)
+CK_STEPS = 4
 # name: (ZeRO stage, tp, pp, per-device batch, accumulation, resumed from)
 CHECKPOINTS = {"3d": (1, 2, 2, 1, 2, None), "3d-3d": (1, 2, 2, 1, 2, "3d"), "3d-tp": (2, 2, 1, 1, 1, "3d"),
                "3d-pp": (2, 1, 2, 1, 1, "3d")}
@@ -144,8 +145,8 @@ def test_dp2_tp2_pp2_through_the_trainer(tmp_path):
             for i, (_, _, _, batch, accum) in enumerate(CASES)]
     per_rank = run_on_ranks(_run, WORLD, str(tmp_path), timeout=600)
     for rank, (results, _, refusal) in enumerate(per_rank):
-        assert "save_strategy 'steps': a checkpoint save with pipeline.stages = 2 and tensor_parallel.autotp_size = 2 " \
-               "at ZeRO stage 0 is not built yet" in refusal and "use zero_optimization.stage 1 or 2" in refusal, refusal
+        assert "save_strategy 'steps': a checkpoint save with pipeline.stages = 2 and tensor_parallel.autotp_size = " \
+               "2 at ZeRO stage 0 is not built yet" in refusal and "use zero_optimization.stage 1 or 2" in refusal, refusal
         # stage-outer, tp-inner: rank = (stage * dp + dp rank) * tp + tp rank
         place = results[0][3]
         stage, dp_rank, tp_rank = rank // (DP * TP_SIZE), rank // TP_SIZE % DP, rank % TP_SIZE
