@@ -6,6 +6,7 @@ file, are refused before training, naming the file and what is wrong."""
 from __future__ import annotations
 
 import os
+import re
 
 import pytest
 import torch
@@ -58,42 +59,74 @@ def _run(rank, world, out, stage, resume_from, ga=2, layers=2, save_steps=3, kil
     return losses if resume_from is not True else (losses, trainer.state.global_step)
 
 
-@pytest.mark.parametrize("stage", [1, 2, 3])
-def test_resume_is_bitwise_identical(tmp_path, stage):
-    full = run_on_ranks(_run, 2, tmp_path / "a", stage, None, timeout=300)[0]
-    ckpt = tmp_path / "a" / "checkpoint-3"
+def _each(rank, world, job, calls):
+    """``job(rank, world, *args)`` for every ``args`` in ``calls``, one after another in one rank start."""
+    return [job(rank, world, *args) for args in calls]
+
+
+FULL_STAGES = (1, 2, 3)
+
+
+@pytest.fixture(scope="module")
+def full(tmp_path_factory):
+    """The uninterrupted runs the resumes are held to, made in one rank start for the module: at stages
+    1-3 saving every 3 steps (``out/stage{N}``), and at stage 2 saving every 2 (``out/every2``). Returns
+    ``out`` and rank 0's losses by run name. Tests only read these folders: one that changes a checkpoint
+    copies it first."""
+    out = tmp_path_factory.mktemp("full")
+    calls = [(out / f"stage{stage}", stage, None) for stage in FULL_STAGES] + [(out / "every2", 2, None, 2, 2, 2)]
+    losses = run_on_ranks(_each, 2, _run, calls, timeout=400)[0]
+    return out, dict(zip([f"stage{stage}" for stage in FULL_STAGES] + ["every2"], losses))
+
+
+@pytest.mark.parametrize("stage", FULL_STAGES)
+def test_resume_is_bitwise_identical(tmp_path, stage, full):
+    out, losses = full
+    ckpt = out / f"stage{stage}" / "checkpoint-3"
     assert sorted(f for f in os.listdir(ckpt / "hf_zero_sharded") if f.endswith(".distcp")) == [
         "__0_0.distcp", "__1_0.distcp"]  # every rank wrote its part
     resumed = run_on_ranks(_run, 2, tmp_path / "b", stage, ckpt, timeout=300)[0]
     assert {4, 5, 6} <= set(resumed)  # (steps 1-3 come back with the restored trainer state)
-    assert [resumed[s] for s in (4, 5, 6)] == [full[s] for s in (4, 5, 6)]
+    assert [resumed[s] for s in (4, 5, 6)] == [losses[f"stage{stage}"][s] for s in (4, 5, 6)]
 
 
-def test_resume_refuses_another_model_or_a_missing_part(tmp_path):
+def _refused(rank, world, out, resumes):
+    """Each ``(checkpoint, layers)`` of ``resumes`` resumed at stage 2 in this one start: what each raised
+    (``type: message``), or ``None`` for one that trained."""
+    raised = []
+    for i, (ckpt, layers) in enumerate(resumes):
+        try:
+            _run(rank, world, out / str(i), 2, ckpt, 2, layers)
+            raised.append(None)
+        except Exception as error:  # noqa: BLE001 - the refusal is what is checked
+            raised.append(f"{type(error).__name__}: {error}")
+    return raised
+
+
+def test_resume_refuses_another_model_or_a_missing_part(tmp_path, full):
     import shutil
 
-    run_on_ranks(_run, 2, tmp_path / "a", 2, None, timeout=300)
-    ckpt = tmp_path / "a" / "checkpoint-3"
+    ckpt = full[0] / "stage2" / "checkpoint-3"
     before = sorted(p.name for p in (ckpt / "hf_zero_sharded").iterdir())
-    with pytest.raises(RankFailure, match=r"hf_zero_meta.json belongs to another model: trainable params of this "
-                                          r"model not in it \['model.layers.2"):
-        run_on_ranks(_run, 2, tmp_path / "b", 2, ckpt, 2, 3, timeout=300)
-    cut = tmp_path / "cut"
-    shutil.copytree(ckpt, cut)
-    (cut / "hf_zero_sharded" / "__1_0.distcp").unlink()
-    with pytest.raises(RankFailure, match=r"__1_0.distcp is missing: the checkpoint is incomplete"):
-        run_on_ranks(_run, 2, tmp_path / "c", 2, cut, timeout=300)
-    shutil.copy(ckpt / "hf_zero_sharded" / "__1_0.distcp", cut / "hf_zero_sharded" / "__1_0.distcp")
-    with open(cut / "hf_zero_sharded" / "__1_0.distcp", "r+b") as f:
+    missing, truncated = tmp_path / "missing", tmp_path / "truncated"
+    shutil.copytree(ckpt, missing)
+    (missing / "hf_zero_sharded" / "__1_0.distcp").unlink()
+    shutil.copytree(ckpt, truncated)
+    with open(truncated / "hf_zero_sharded" / "__1_0.distcp", "r+b") as f:
         f.truncate(100)
-    with pytest.raises(RankFailure, match=r"__1_0.distcp is truncated: 100 bytes"):
-        run_on_ranks(_run, 2, tmp_path / "d", 2, cut, timeout=300)
+    # one start tries the three, every rank refusing each before training
+    refused = run_on_ranks(_refused, 2, tmp_path, [(ckpt, 3), (missing, 2), (truncated, 2)], timeout=300)
+    for rank, (model, cut, short) in enumerate(refused):
+        assert model and re.search(r"hf_zero_meta.json belongs to another model: trainable params of this "
+                                   r"model not in it \['model.layers.2", model), (rank, model)
+        assert cut and re.search(r"__1_0.distcp is missing: the checkpoint is incomplete", cut), (rank, cut)
+        assert short and re.search(r"__1_0.distcp is truncated: 100 bytes", short), (rank, short)
     assert sorted(p.name for p in (ckpt / "hf_zero_sharded").iterdir()) == before  # never touched
 
 
 @pytest.mark.parametrize("kill_in", ["optimizer", "rng"])
-def test_a_rank_killed_mid_save_leaves_the_previous_checkpoint_in_use(tmp_path, kill_in):
-    full = run_on_ranks(_run, 2, tmp_path / "a", 2, None, timeout=300)[0]
+def test_a_rank_killed_mid_save_leaves_the_previous_checkpoint_in_use(tmp_path, kill_in, full):
+    full = full[1]["stage2"]
     with pytest.raises(RankFailure):  # save_total_limit=1 must not delete checkpoint-3 before 6 is whole
         run_on_ranks(_run, 2, tmp_path / "b", 2, None, 2, 2, 3, 6, kill_in, 1, timeout=150)
     assert (tmp_path / "b" / "checkpoint-3" / "hf_zero_complete.json").exists()
@@ -150,22 +183,22 @@ def _close(a, b, rtol=1e-5):
     return abs(a - b) <= rtol * abs(b)
 
 
-def test_resume_at_another_world_size(tmp_path):
+def test_resume_at_another_world_size(tmp_path, full):
     """2 ranks -> 4 ranks -> 1 rank, the same global batch (8) and data order throughout."""
-    full = run_on_ranks(_run, 2, tmp_path / "a", 2, None, 2, 2, 2, timeout=300)[0]
-    at4 = run_on_ranks(_run, 4, tmp_path / "b", 2, tmp_path / "a" / "checkpoint-2", 1, 2, 2, timeout=400)[0]
+    out, losses = full
+    at4 = run_on_ranks(_run, 4, tmp_path / "b", 2, out / "every2" / "checkpoint-2", 1, 2, 2, timeout=400)[0]
     at1 = run_on_ranks(_run, 1, tmp_path / "c", 2, tmp_path / "b" / "checkpoint-4", 4, 2, 2, timeout=300)[0]
     for step, got in [(3, at4), (4, at4), (5, at1), (6, at1)]:
-        assert _close(got[step], full[step]), (step, got[step], full[step])
+        assert _close(got[step], losses["every2"][step]), (step, got[step], losses["every2"][step])
 
 
-def test_resume_at_another_stage(tmp_path):
+def test_resume_at_another_stage(tmp_path, full):
     """Stage 2 -> stage 3 -> stage 1 on 2 ranks."""
-    full = run_on_ranks(_run, 2, tmp_path / "a", 2, None, 2, 2, 2, timeout=300)[0]
-    s3 = run_on_ranks(_run, 2, tmp_path / "b", 3, tmp_path / "a" / "checkpoint-2", 2, 2, 2, timeout=300)[0]
+    out, losses = full
+    s3 = run_on_ranks(_run, 2, tmp_path / "b", 3, out / "every2" / "checkpoint-2", 2, 2, 2, timeout=300)[0]
     s1 = run_on_ranks(_run, 2, tmp_path / "c", 1, tmp_path / "b" / "checkpoint-4", 2, 2, 2, timeout=300)[0]
     for step, got in [(3, s3), (4, s3), (5, s1), (6, s1)]:
-        assert _close(got[step], full[step]), (step, got[step], full[step])
+        assert _close(got[step], losses["every2"][step]), (step, got[step], losses["every2"][step])
 
 
 def _run_offload(rank, world, out, offload, resume_from):
@@ -190,15 +223,17 @@ def _run_offload(rank, world, out, offload, resume_from):
 def test_optimizer_offload_through_the_trainer_and_its_checkpoints(tmp_path):
     """A DeepSpeed-style offload_optimizer block trains as without it, and resumes bit for bit
     from its own checkpoint and from one written without offload."""
-    plain = run_on_ranks(_run_offload, 2, tmp_path / "a", False, None, timeout=300)[0]
-    off = run_on_ranks(_run_offload, 2, tmp_path / "b", True, None, timeout=300)[0]
+    plain, off = run_on_ranks(_each, 2, _run_offload, [(tmp_path / "a", False, None), (tmp_path / "b", True, None)],
+                              timeout=300)[0]
     # The Trainer's fused AdamW takes the clip coefficient on the host as grad_scale (grad / (1/c)
     # rather than grad * c): the last bit of a grad may differ from the run without offload.
     assert off.keys() == plain.keys()
     for step in plain:
         assert off[step] == pytest.approx(plain[step], rel=1e-6), step
-    resumed = run_on_ranks(_run_offload, 2, tmp_path / "c", True, tmp_path / "b" / "checkpoint-3", timeout=300)[0]
-    crossed = run_on_ranks(_run_offload, 2, tmp_path / "d", True, tmp_path / "a" / "checkpoint-3", timeout=300)[0]
+    # both resumes in one fresh start: from its own checkpoint and from the one without offload
+    resumed, crossed = run_on_ranks(_each, 2, _run_offload, [(tmp_path / "c", True, tmp_path / "b" / "checkpoint-3"),
+                                                             (tmp_path / "d", True, tmp_path / "a" / "checkpoint-3")],
+                                    timeout=300)[0]
     assert [resumed[s] for s in (4, 5, 6)] == [off[s] for s in (4, 5, 6)]  # its own checkpoint: bit for bit
     for step in (4, 5, 6):
         assert crossed[step] == pytest.approx(plain[step], rel=1e-6), step
