@@ -11,9 +11,12 @@ CPU for the first compile of even the tiny model). The captured graphs, the guar
 graph breaks are the same; only the kernels differ. One test runs inductor at stage 3, where the
 issue's run failed (``wrong number of dimensions1`` inside inductor's code).
 
-Rank starts: an eager run and the compiled run it is checked against share one (the eager run goes
-first: it compiles nothing, so dynamo's counters still start at 0 for the compiled one; never two
-compiled runs in one process). The eager stage-3 run without options is made once for the module.
+Rank starts: the runs of one kind share one start, made once for the module: stages 0-3 eager and
+compiled, the offload and checkpointing cases eager and compiled, the graph-break runs at stages 2
+and 3. Every run begins with dynamo as a new process has it (``_fresh_dynamo``: no compiled code,
+counters and compile time at 0), so its counts, graph breaks and compile seconds are its own. The
+saves and resumes, inductor and regional compilation (which sets a variable for its process) each
+start alone; they are held to the stage-3 eager run of the first start.
 """
 
 from __future__ import annotations
@@ -55,27 +58,36 @@ def _job(rank, world, out, stage, compiled, options=None):
     return _train(out, stage, compiled, **(options or {}))
 
 
-def _eager_then_compiled_job(rank, world, out, stage, options):
-    """The eager run, then the compiled one, in one process (the module docstring says why that holds)."""
-    eager = _train(out / "eager", stage, False, **options)
-    return eager, _train(out / "compiled", stage, True, **options)
+def _cases_job(rank, world, out, cases):
+    """For every ``(stage, options)`` of ``cases``, one after another: the eager run, then the compiled one."""
+    return [(_train(out / str(i) / "eager", stage, False, **options),
+             _train(out / str(i) / "compiled", stage, True, **options)) for i, (stage, options) in enumerate(cases)]
 
 
-def _eager_and_compiled(out, stage, options=None, eager_runs=None):
-    """Per rank (eager, compiled) at ``stage`` with ``options``; ``eager_runs``: the module's eager runs
-    without options by stage, taken from there or added there."""
-    if eager_runs is not None and stage in eager_runs:
-        return list(zip(eager_runs[stage], run_on_ranks(_job, 2, out / "compiled", stage, True, options, timeout=300)))
-    pairs = run_on_ranks(_eager_then_compiled_job, 2, out, stage, options or {}, timeout=300)
-    if eager_runs is not None:
-        eager_runs[stage] = [eager for eager, _ in pairs]
-    return pairs
+def _eager_and_compiled(out, cases) -> list[list[tuple[dict, dict]]]:
+    """Per case of ``cases`` (``(stage, options)``), per rank: (eager, compiled), from one start."""
+    per_rank = run_on_ranks(_cases_job, 2, out, cases, timeout=600)
+    return [[ranks[i] for ranks in per_rank] for i in range(len(cases))]
+
+
+STAGES = (0, 1, 2, 3)
 
 
 @pytest.fixture(scope="module")
-def eager_runs() -> dict[int, list[dict]]:
-    """Every rank's eager run (``STEPS`` steps, no options) by stage, each made once for the module."""
-    return {}
+def like_eager(tmp_path_factory) -> dict[int, list[tuple[dict, dict]]]:
+    """Per stage, per rank: (eager, compiled) runs of ``STEPS`` steps without options, one start for all."""
+    return dict(zip(STAGES, _eager_and_compiled(tmp_path_factory.mktemp("like_eager"), [(s, {}) for s in STAGES])))
+
+
+def _fresh_dynamo() -> None:
+    """Dynamo as a new process has it: no compiled code or guards, its counters and compile times at 0
+    (what ``_counts``, ``_graph_breaks`` and the report's compile seconds read), so that every run of a
+    shared rank start is counted alone and compiles afresh."""
+    from torch._dynamo.utils import counters, cumulative_time_spent_ns
+
+    torch._dynamo.reset()
+    counters.clear()
+    cumulative_time_spent_ns.clear()
 
 
 def _graph_breaks() -> dict[str, int]:
@@ -96,6 +108,7 @@ def _train(out, stage, compiled, backend="aot_eager", max_steps=STEPS, save_step
     import hf_zero.trainer as zt
     from hf_zero.trainer import session as S
 
+    _fresh_dynamo()
     if regional:  # accelerate reads it when the Trainer makes its Accelerator; this process only
         os.environ["ACCELERATE_DYNAMO_USE_REGIONAL_COMPILATION"] = "1"
     if inductor_cache is not None:
@@ -154,25 +167,37 @@ def _compiled_once(counts: list[dict], warm: int = WARM) -> None:
     assert all(c == counts[warm - 1] for c in counts[warm - 1:]), counts
 
 
-@pytest.mark.parametrize("stage", [0, 1, 2, 3])
-def test_compiled_trains_like_eager(tmp_path, stage, eager_runs):
-    for ref, got in _eager_and_compiled(tmp_path, stage, eager_runs=eager_runs):
+@pytest.mark.parametrize("stage", STAGES)
+def test_compiled_trains_like_eager(stage, like_eager):
+    for ref, got in like_eager[stage]:
         assert ref["counts"][-1]["frames"] == 0  # the eager run compiled nothing
         assert ref["compile_seconds"] == [0.0, 0.0] and min(got["compile_seconds"]) > 0
         _check(got, ref)
         _compiled_once(got["counts"])
 
 
-@pytest.mark.parametrize("stage,offload,checkpointing,clip", [
-    (2, "optimizer", False, 0.0),  # no clipping: the host step runs on across the next forward (ForwardGates)
-    (3, "param", False, 1.0),
-    (3, None, True, 1.0),
-    (1, None, True, 1.0),  # the flat strategies (stages 1-2) under checkpointing's recompute
-], ids=["stage2-optimizer-offload-overlap", "stage3-param-offload", "stage3-gradient-checkpointing",
-        "stage1-gradient-checkpointing"])
-def test_compiled_with_offload_and_checkpointing(tmp_path, stage, offload, checkpointing, clip):
-    options = {"offload": offload, "gradient_checkpointing": checkpointing, "max_grad_norm": clip}
-    pairs = _eager_and_compiled(tmp_path, stage, options)
+OPTION_CASES = {
+    # no clipping: the host step runs on across the next forward (ForwardGates)
+    "stage2-optimizer-offload-overlap": (2, {"offload": "optimizer", "gradient_checkpointing": False,
+                                             "max_grad_norm": 0.0}),
+    "stage3-param-offload": (3, {"offload": "param", "gradient_checkpointing": False, "max_grad_norm": 1.0}),
+    "stage3-gradient-checkpointing": (3, {"offload": None, "gradient_checkpointing": True, "max_grad_norm": 1.0}),
+    # the flat strategies (stages 1-2) under checkpointing's recompute
+    "stage1-gradient-checkpointing": (1, {"offload": None, "gradient_checkpointing": True, "max_grad_norm": 1.0}),
+}
+
+
+@pytest.fixture(scope="module")
+def with_options(tmp_path_factory) -> dict[str, list[tuple[dict, dict]]]:
+    """Per case of ``OPTION_CASES``, per rank: (eager, compiled), one start for all."""
+    pairs = _eager_and_compiled(tmp_path_factory.mktemp("with_options"), list(OPTION_CASES.values()))
+    return dict(zip(OPTION_CASES, pairs))
+
+
+@pytest.mark.parametrize("case", OPTION_CASES)
+def test_compiled_with_offload_and_checkpointing(case, with_options):
+    pairs = with_options[case]
+    offload = OPTION_CASES[case][1]["offload"]
     got = [compiled for _, compiled in pairs]
     for rank, (ref, compiled) in enumerate(pairs):
         _check(compiled, ref)
@@ -201,15 +226,30 @@ def plain_compiled(tmp_path_factory) -> dict:
     return plain
 
 
-@pytest.mark.parametrize("stage", [2, 3])
-def test_graph_breaks_are_the_models_or_hf_zeros_eager_hooks(tmp_path, stage, plain_compiled):
+def _compiled_stages_job(rank, world, out, stages, options):
+    return [_train(out / str(stage), stage, True, **options) for stage in stages]
+
+
+GRAPH_BREAK_STAGES = (2, 3)
+
+
+@pytest.fixture(scope="module")
+def graph_break_runs(tmp_path_factory) -> dict[int, list[dict]]:
+    """Per stage of ``GRAPH_BREAK_STAGES``, per rank: the compiled run with ``GRAPH_BREAK_OPTIONS``, one start."""
+    per_rank = run_on_ranks(_compiled_stages_job, 2, tmp_path_factory.mktemp("graph_breaks"), GRAPH_BREAK_STAGES,
+                            GRAPH_BREAK_OPTIONS, timeout=600)
+    return {stage: [runs[i] for runs in per_rank] for i, stage in enumerate(GRAPH_BREAK_STAGES)}
+
+
+@pytest.mark.parametrize("stage", GRAPH_BREAK_STAGES)
+def test_graph_breaks_are_the_models_or_hf_zeros_eager_hooks(stage, plain_compiled, graph_break_runs):
     """Every graph break of a compiled hf_zero run is either one of hf_zero's hooks that run eagerly by
     design (torch.compiler.disable, its reason naming hf_zero: the report's token count, the stage-3
     unit hooks) or one the plain Trainer's compiled run of the same model has too (one process, no
     hf_zero; with gradient checkpointing transformers' own output capture breaks there). A hook of
     hf_zero's that torch traced and broke on (a .item(), a data-dependent branch) would add a reason."""
     plain = plain_compiled
-    got = run_on_ranks(_job, 2, tmp_path / "zero", stage, True, GRAPH_BREAK_OPTIONS, timeout=300)
+    got = graph_break_runs[stage]
     for rank in range(2):
         eager_hooks = {r: n for r, n in got[rank]["graph_breaks"].items()
                        if r.startswith("Skip calling `torch.compiler.disable()`d function")}
@@ -218,16 +258,14 @@ def test_graph_breaks_are_the_models_or_hf_zeros_eager_hooks(tmp_path, stage, pl
         assert others <= set(plain["graph_breaks"]), (others, plain["graph_breaks"])
 
 
-def _eager_stage3(tmp_path, eager_runs) -> list[dict]:
-    if 3 not in eager_runs:  # test_compiled_trains_like_eager[3] not run first
-        eager_runs[3] = run_on_ranks(_job, 2, tmp_path / "eager", 3, False, timeout=300)
-    return eager_runs[3]
+def _eager_stage3(like_eager) -> list[dict]:
+    return [eager for eager, _ in like_eager[3]]
 
 
-def test_compiled_stage3_saves_and_resumes(tmp_path, eager_runs):
+def test_compiled_stage3_saves_and_resumes(tmp_path, like_eager):
     """Compiled stage 3 saves at steps 2 and 4; a new compiled run resumed from step 2 ends where
     an uninterrupted eager run does."""
-    ref = _eager_stage3(tmp_path, eager_runs)
+    ref = _eager_stage3(like_eager)
     run_on_ranks(_job, 2, tmp_path / "run", 3, True, {"save_steps": 2}, timeout=300)
     checkpoint = tmp_path / "run" / "checkpoint-2"
     assert (checkpoint / "model.safetensors").exists()
@@ -238,9 +276,9 @@ def test_compiled_stage3_saves_and_resumes(tmp_path, eager_runs):
         assert len(got[rank]["counts"]) == STEPS - 2 and got[rank]["counts"][0]["graphs"] > 0
 
 
-def test_inductor_stage3(tmp_path, eager_runs):
+def test_inductor_stage3(tmp_path, like_eager):
     """The issue's run: inductor at stage 3 (its cache in ``tmp_path``: compiled from scratch)."""
-    ref = _eager_stage3(tmp_path, eager_runs)
+    ref = _eager_stage3(like_eager)
     options = {"backend": "inductor", "inductor_cache": tmp_path / "inductor"}
     got = run_on_ranks(_job, 2, tmp_path / "compiled", 3, True, options, timeout=600)
     for rank in range(2):
@@ -248,10 +286,10 @@ def test_inductor_stage3(tmp_path, eager_runs):
         _compiled_once(got[rank]["counts"])
 
 
-def test_regional_compilation_stage3(tmp_path, eager_runs):
+def test_regional_compilation_stage3(tmp_path, like_eager):
     """accelerate's regional compilation (each decoder layer and each leaf module compiled apart,
     on copies of the modules that share their hooks and params) at stage 3."""
-    ref = _eager_stage3(tmp_path, eager_runs)
+    ref = _eager_stage3(like_eager)
     got = run_on_ranks(_job, 2, tmp_path / "compiled", 3, True, {"regional": True}, timeout=300)
     for rank in range(2):
         _check(got[rank], ref[rank])
