@@ -14,6 +14,17 @@ from hf_zero.testing.multiprocess import run_on_ranks
 PROBE = torch.arange(12).view(1, 12)
 
 
+def _ddp_then_zero3(rank, world, job, out, *args):
+    """``job`` as plain DDP (``out/ddp``), then at stage 3 (``out/zero3``), in this one rank start."""
+    return [job(rank, world, os.path.join(out, name), *args, zero) for name, zero in (("ddp", False), ("zero3", True))]
+
+
+def _pairs(job, out, *args) -> tuple[list, list]:
+    """Every rank's (DDP, stage 3) results of ``job``, from one start."""
+    ranks = run_on_ranks(_ddp_then_zero3, 2, job, str(out), *args, timeout=240)
+    return [ref for ref, _ in ranks], [got for _, got in ranks]
+
+
 def _train_and_save(rank, world, out, zero):
     import hf_zero.trainer as zt
 
@@ -43,8 +54,7 @@ def _train_and_save(rank, world, out, zero):
 
 
 def test_stage3_trains_like_ddp_and_saves_loadable_weights(tmp_path):
-    ref = run_on_ranks(_train_and_save, 2, tmp_path / "ddp", False, timeout=240)
-    got = run_on_ranks(_train_and_save, 2, tmp_path / "zero3", True, timeout=240)
+    ref, got = _pairs(_train_and_save, tmp_path)
     ref_losses, ref_logits, _ = ref[0]
     losses, logits, sharded = got[0]
     ref_logits, logits = torch.tensor(ref_logits), torch.tensor(logits)
@@ -87,15 +97,14 @@ def _t5(rank, world, out, zero):
 
 
 def test_t5_seq2seq_stage3_trains_and_generates_like_ddp(tmp_path):
-    ref = run_on_ranks(_t5, 2, tmp_path / "ddp", False, timeout=240)
-    got = run_on_ranks(_t5, 2, tmp_path / "zero3", True, timeout=240)
+    ref, got = _pairs(_t5, tmp_path)
     for (losses, preds), (ref_losses, ref_preds) in zip(got, ref):
         for a, b in zip(losses, ref_losses):
             assert abs(a - b) <= 1e-5 * abs(b), (losses, ref_losses)
         assert preds == ref_preds  # generate() under stage 3, encoder and decoder gathered on use
 
 
-def _checkpointed(rank, world, reentrant, zero):
+def _checkpointed(rank, world, out, reentrant, zero):
     import hf_zero.trainer as zt
 
     torch.manual_seed(0)
@@ -104,7 +113,7 @@ def _checkpointed(rank, world, reentrant, zero):
     model = AutoModelForCausalLM.from_config(cfg)
     g = torch.Generator().manual_seed(1)
     data = [{"input_ids": i, "labels": i} for i in torch.randint(0, 64, (16, 12), generator=g)]
-    args = TrainingArguments(output_dir=f"/tmp/hf_zero_gc_{zero}_{reentrant}_{rank}", use_cpu=True, report_to="none",
+    args = TrainingArguments(output_dir=os.path.join(out, f"rank{rank}"), use_cpu=True, report_to="none",
                              max_steps=3, per_device_train_batch_size=2, learning_rate=1e-2, logging_steps=1,
                              save_strategy="no", gradient_checkpointing=True,
                              gradient_checkpointing_kwargs={"use_reentrant": reentrant}, disable_tqdm=True)
@@ -119,11 +128,11 @@ def _checkpointed(rank, world, reentrant, zero):
 
 
 @pytest.mark.parametrize("reentrant", [False, True])
-def test_stage3_gradient_checkpointing_matches_ddp(reentrant):
+def test_stage3_gradient_checkpointing_matches_ddp(tmp_path, reentrant):
     """Recomputation inside backward re-runs the unit's forward while its backward is pending:
     the unit must stay gathered until its gradients are in."""
-    ref = run_on_ranks(_checkpointed, 2, reentrant, False, timeout=240)[0]
-    got = run_on_ranks(_checkpointed, 2, reentrant, True, timeout=240)[0]
+    refs, gots = _pairs(_checkpointed, tmp_path, reentrant)
+    ref, got = refs[0], gots[0]
     assert len(got) == 3
     for a, b in zip(got, ref):
         assert abs(a - b) <= 1e-5 * abs(b), (got, ref)
