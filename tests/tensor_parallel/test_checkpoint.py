@@ -37,24 +37,41 @@ def _continues(resumed: list[float], whole: list[float]) -> None:
     assert all(abs(r - w) < TOL * abs(w) for r, w in zip(resumed[2:], whole[2:])), (resumed, whole)
 
 
+def _wholes(rank, world, runs, out):
+    """The uninterrupted run of every ``(stage, tp)`` of ``runs``, one after another in this one start."""
+    return [_train(rank, world, stage, tp, f"{out}/stage{stage}_tp{tp}", None) for stage, tp in runs]
+
+
+WHOLE_RUNS = ((2, 2), (3, 2), (1, 2), (1, 1), (3, 1))
+
+
+@pytest.fixture(scope="module")
+def whole(tmp_path_factory):
+    """The uninterrupted runs the resumes are held to, by (stage, tp), made in one 4-rank start for the
+    module; their checkpoints (``out/stage{stage}_tp{tp}/checkpoint-2``) are only read."""
+    out = str(tmp_path_factory.mktemp("whole"))
+    losses = run_on_ranks(_wholes, 4, WHOLE_RUNS, out, timeout=600)[0]
+    return out, dict(zip(WHOLE_RUNS, losses))
+
+
 @pytest.mark.parametrize("stage", [2, 3])
-def test_resume_at_the_same_dp_and_tp(tmp_path, stage):
-    whole = run_on_ranks(_train, 4, stage, 2, str(tmp_path / "a"), None, timeout=300)[0]
-    resumed = run_on_ranks(_train, 4, stage, 2, str(tmp_path / "b"), str(tmp_path / "a" / "checkpoint-2"),
+def test_resume_at_the_same_dp_and_tp(tmp_path, stage, whole):
+    out, losses = whole
+    resumed = run_on_ranks(_train, 4, stage, 2, str(tmp_path / "b"), f"{out}/stage{stage}_tp2/checkpoint-2",
                            timeout=300)[0]
-    assert resumed == whole  # bit for bit
+    assert resumed == losses[stage, 2]  # bit for bit
 
 
 @pytest.mark.parametrize("stage", [1, 3])
-def test_resume_at_another_dp_and_tp(tmp_path, stage):
+def test_resume_at_another_dp_and_tp(tmp_path, stage, whole):
     """(dp 2, tp 2) -> (dp 4, tp 1) and (dp 4, tp 1) -> (dp 2, tp 2): the stored tensors are whole
     ([Note: tensor-parallel parts]), so each run reads its own parts of them."""
-    split = run_on_ranks(_train, 4, stage, 2, str(tmp_path / "a"), None, timeout=300)[0]
-    _continues(run_on_ranks(_train, 4, stage, 1, str(tmp_path / "b"), str(tmp_path / "a" / "checkpoint-2"),
-                            timeout=300)[0], split)
-    plain = run_on_ranks(_train, 4, stage, 1, str(tmp_path / "c"), None, timeout=300)[0]
-    _continues(run_on_ranks(_train, 4, stage, 2, str(tmp_path / "d"), str(tmp_path / "c" / "checkpoint-2"),
-                            timeout=300)[0], plain)
+    out, losses = whole
+    _continues(run_on_ranks(_train, 4, stage, 1, str(tmp_path / "b"), f"{out}/stage{stage}_tp2/checkpoint-2",
+                            timeout=300)[0], losses[stage, 2])
+    _continues(run_on_ranks(_train, 4, stage, 2, str(tmp_path / "d"), f"{out}/stage{stage}_tp1/checkpoint-2",
+                            timeout=300)[0], losses[stage, 1])
+
 
 def _best(rank, world, out):
     import torch
