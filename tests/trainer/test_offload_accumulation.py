@@ -39,10 +39,31 @@ def _run(rank, world, out, offload, clip=0.5):
     return [(h["loss"], h["grad_norm"]) for h in trainer.state.log_history if "loss" in h], partial_copies, early
 
 
-@pytest.mark.parametrize("world,clip", [(1, 0.5), (1, 0.0), (2, 0.0)])
-def test_accumulation_downloads_once_per_step(tmp_path, world, clip):
-    plain, _, _ = run_on_ranks(_run, world, tmp_path / "a", False, clip, timeout=300)[0]
-    off, partial_copies, early = run_on_ranks(_run, world, tmp_path / "b", True, clip, timeout=300)[0]
+def _plain_then_offload(rank, world, job, out, cases):
+    """For every ``args`` of ``cases``: ``job`` without offload (``out/i/a``), then with it (``out/i/b``),
+    one after another in this one rank start."""
+    return [(job(rank, world, out / str(i) / "a", False, *args), job(rank, world, out / str(i) / "b", True, *args))
+            for i, args in enumerate(cases)]
+
+
+CASES = [(1, 0.5), (1, 0.0), (2, 0.0)]  # (world, clip)
+
+
+@pytest.fixture(scope="module")
+def accumulation(tmp_path_factory) -> dict[tuple[int, float], tuple]:
+    """Rank 0's (plain, offload) ``_run`` per (world, clip) of ``CASES``, one rank start per world size."""
+    out, runs = tmp_path_factory.mktemp("accumulation"), {}
+    for world in sorted({w for w, _ in CASES}):
+        clips = [clip for w, clip in CASES if w == world]
+        pairs = run_on_ranks(_plain_then_offload, world, _run, out / f"w{world}", [(c,) for c in clips],
+                             timeout=300)[0]
+        runs.update({(world, clip): pair for clip, pair in zip(clips, pairs)})
+    return runs
+
+
+@pytest.mark.parametrize("world,clip", CASES)
+def test_accumulation_downloads_once_per_step(world, clip, accumulation):
+    (plain, _, _), (off, partial_copies, early) = accumulation[world, clip]
     assert partial_copies is False  # no bucket went down before its last micro-step
     assert early is True  # the Trainer lets the host step run in backward (speculatively when it clips)
     assert len(off) == len(plain) == 3
@@ -93,7 +114,7 @@ def _eval_and_save(rank, world, out, offload):
 
 
 def test_eval_and_saves_see_the_overlapped_step(tmp_path):
-    plain = run_on_ranks(_eval_and_save, 2, tmp_path / "a", False, timeout=300)[0]
-    off = run_on_ranks(_eval_and_save, 2, tmp_path / "b", True, timeout=300)[0]
+    # one start, the plain run first: the offload run slows the host step for the rest of its process
+    [(plain, off)] = run_on_ranks(_plain_then_offload, 2, _eval_and_save, tmp_path, [()], timeout=300)[0]
     assert len(off[0]) == 4 and off[0] == plain[0]  # eval loss after every step, bit for bit
     assert off[1] == plain[1]  # the checkpoint's and the final save's weights
