@@ -66,9 +66,14 @@ def test_ratio_auto_trains_as_the_chosen_ratio_by_hand(tmp_path):
     assert auto["losses"] == hand["losses"]  # the first step differs in where it ran, not in its numbers
 
 
+def _fp32_then_bf16(rank, world, out):
+    """The fp32-state run (``out/fp32``), then the bf16-state one (``out/bf16``), in this one rank start."""
+    return [_run(rank, world, out / name, {"device": "cpu"}, None, None, bf16) for name, bf16 in
+            (("fp32", False), ("bf16", True))]
+
+
 def test_bf16_state_trains_close_to_fp32_state_and_resumes(tmp_path):
-    fp32 = run_on_ranks(_run, 2, tmp_path / "fp32", {"device": "cpu"}, timeout=300)[0]
-    bf16 = run_on_ranks(_run, 2, tmp_path / "bf16", {"device": "cpu"}, None, None, True, timeout=300)[0]
+    fp32, bf16 = run_on_ranks(_fp32_then_bf16, 2, tmp_path, timeout=300)[0]
     assert bf16["dtypes"] == ["torch.bfloat16"] and fp32["dtypes"] == ["torch.float32"]
     assert bf16["config"]["state_dtype"] == "bf16"
     assert bf16["losses"][0] == fp32["losses"][0]  # the first loss comes before any step
