@@ -6,8 +6,9 @@ Every scenario trains the same model on the same data with the plain Trainer (no
 W = 2 the Trainer's own DDP) and with hf_zero stage 1 and/or 2, and compares the numbers (fp32,
 relative tolerance 1e-5). A scenario is one module-level function ``fn(rank, world, root)``
 returning ``{stage: figures}`` (stage ``None``: plain); W = 1 calls it in this process, W = 2
-runs it on two gloo ranks through ``run_on_ranks``. Checks that need the live Trainer (the
-engine's buffers, frozen weights) run inside ``fn`` itself.
+runs every scenario, one after another, in one start of two gloo ranks through ``run_on_ranks``
+(the ``w2`` fixture). Checks that need the live Trainer (the engine's buffers, frozen weights)
+run inside ``fn`` itself.
 """
 
 from __future__ import annotations
@@ -31,11 +32,24 @@ STEPS = 4
 WORLDS = [1, 2]
 
 
-def _on(world: int, fn, root, *args) -> list[dict]:
-    """Per-rank results of ``fn(rank, world, root, *args)``."""
+def _scenarios(rank, world, root, names) -> dict[str, dict]:
+    """Every scenario of ``names`` (``SCENARIOS``), one after another, each under ``root/name``."""
+    return {name: SCENARIOS[name](rank, world, os.path.join(root, name)) for name in names}
+
+
+@pytest.fixture(scope="module")
+def w2(tmp_path_factory) -> tuple[str, dict[str, list[dict]]]:
+    """The root and, per scenario, the per-rank results at W = 2: every scenario in one rank start."""
+    root = str(tmp_path_factory.mktemp("w2"))
+    ranks = run_on_ranks(_scenarios, 2, root, list(SCENARIOS), timeout=600)
+    return root, {name: [r[name] for r in ranks] for name in SCENARIOS}
+
+
+def _on(world: int, name: str, request, root) -> list[dict]:
+    """Per-rank results of the scenario ``name`` at ``world``: W = 1 here, in ``root``; W = 2 from ``w2``."""
     if world == 1:
-        return [fn(0, 1, str(root), *args)]
-    return run_on_ranks(fn, world, str(root), *args, timeout=180)
+        return [SCENARIOS[name](0, 1, str(root))]
+    return request.getfixturevalue("w2")[1][name]
 
 
 def _trainable_numel(model) -> int:
@@ -98,8 +112,8 @@ def _lora(rank, world, root):
 
 
 @pytest.mark.parametrize("world", WORLDS)
-def test_peft_lora_matches_plain(world, tmp_path):
-    ranks = _on(world, _lora, tmp_path)
+def test_peft_lora_matches_plain(world, request, tmp_path):
+    ranks = _on(world, "lora", request, tmp_path)
     ref = ranks[0][None]
     for stage in (1, 2):
         for rank, got in enumerate(ranks):
@@ -157,8 +171,8 @@ def _eval(rank, world, root):
 
 
 @pytest.mark.parametrize("world", WORLDS)
-def test_evaluate_and_predict_match_plain(world, tmp_path):
-    ranks = _on(world, _eval, tmp_path)
+def test_evaluate_and_predict_match_plain(world, request, tmp_path):
+    ranks = _on(world, "eval", request, tmp_path)
     ref = ranks[0][None]
     assert len(ref["during"]) == 3 and ref["after"] < ref["before"]
     assert ref["predictions"].shape == (8, tiny.SEQ, tiny.VOCAB)
@@ -209,8 +223,8 @@ def _optim(rank, world, root):
 
 
 @pytest.mark.parametrize("world", WORLDS)
-def test_optimizer_and_scheduler_stay_usable(world, tmp_path):
-    ranks = _on(world, _optim, tmp_path)
+def test_optimizer_and_scheduler_stay_usable(world, request, tmp_path):
+    ranks = _on(world, "optim", request, tmp_path)
     ref = ranks[0][None]
     n = ref["n_trainable"]
     assert [g["weight_decay"] for g in ref["groups"]] == [0.1, 0.0]
@@ -257,8 +271,8 @@ def _seq2seq(rank, world, root):
 
 
 @pytest.mark.parametrize("world", WORLDS)
-def test_seq2seq_t5_stage2_trains_and_generates_like_plain(world, tmp_path):
-    ranks = _on(world, _seq2seq, tmp_path)
+def test_seq2seq_t5_stage2_trains_and_generates_like_plain(world, request, tmp_path):
+    ranks = _on(world, "seq2seq", request, tmp_path)
     ref = ranks[0][None]
     assert ref["generated"].shape[0] == 8 and ref["generated"].shape[1] > 1
     for rank, got in enumerate(ranks):
@@ -294,8 +308,8 @@ def _checkpointing(rank, world, root):
 
 
 @pytest.mark.parametrize("world", WORLDS)
-def test_gradient_checkpointing_stage2_matches_plain(world, tmp_path):
-    ranks = _on(world, _checkpointing, tmp_path)
+def test_gradient_checkpointing_stage2_matches_plain(world, request, tmp_path):
+    ranks = _on(world, "checkpointing", request, tmp_path)
     for reentrant in (False, True):
         ref = ranks[0][(reentrant, None)]
         for rank, got in enumerate(ranks):
@@ -327,15 +341,19 @@ def _accumulation(rank, world, root):
     return results
 
 
+SCENARIOS = {"lora": _lora, "eval": _eval, "optim": _optim, "seq2seq": _seq2seq, "checkpointing": _checkpointing,
+             "accumulation": _accumulation}
+
+
 @pytest.fixture(scope="module")
-def accumulation_w2(tmp_path_factory):
-    root = tmp_path_factory.mktemp("ga")
-    return root, _on(2, _accumulation, root)
+def accumulation_w2(w2):
+    root, ranks = w2
+    return os.path.join(root, "accumulation"), ranks["accumulation"]
 
 
 @pytest.mark.parametrize("world", WORLDS)
 def test_grad_accumulation_and_clipping_match_plain(world, request, tmp_path):
-    ranks = request.getfixturevalue("accumulation_w2")[1] if world == 2 else _on(1, _accumulation, tmp_path)
+    ranks = _on(world, "accumulation", request, tmp_path)
     ref = ranks[0][None]
     assert max(ref["history"]["grad_norm"]) > 0.5  # clipping really acts
     assert all(r[None]["history"] == ref["history"] for r in ranks)
