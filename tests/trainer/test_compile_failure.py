@@ -7,6 +7,9 @@ first compile, inside the first step. By default every rank stops with hf_zero's
 naming the model, the stage, the backend, torch's cause and the way on; with torch's own switch to
 run on eagerly (``torch._dynamo.config.suppress_errors``, TORCHDYNAMO_SUPPRESS_ERRORS=1) the run
 trains as eager does and the run report lists each fallback and its cause.
+
+Every run of the module is made in one rank start (``runs``): each leaves dynamo reset, its
+suppress switch off and hf_zero deactivated, and each run's fallbacks are recorded by its own session.
 """
 
 from __future__ import annotations
@@ -64,9 +67,25 @@ def _no_tvm():
     assert importlib.util.find_spec("tvm") is None, "these tests need a backend that fails: tvm must not be installed"
 
 
+# name -> (stage, backend, suppress, evaluate); eager first: it compiles nothing
+RUNS = {"eager": (3, None, False, False), "fallback": (3, "tvm", True, False), "stops0": (0, "tvm", False, False),
+        "stops3": (3, "tvm", False, False), "evaluate": (3, "tvm", False, True)}
+
+
+def _runs_job(rank, world, out):
+    return {name: _job(rank, world, out / name, *how) for name, how in RUNS.items()}
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory) -> dict[str, list[dict]]:
+    """Per run of ``RUNS``, every rank's result, from one start."""
+    ranks = run_on_ranks(_runs_job, 2, tmp_path_factory.mktemp("runs"), timeout=600)
+    return {name: [r[name] for r in ranks] for name in RUNS}
+
+
 @pytest.mark.parametrize("stage", [0, 3])
-def test_every_rank_stops_with_one_clear_message(tmp_path, stage):
-    got = run_on_ranks(_job, 2, tmp_path, stage, "tvm", False, timeout=300)
+def test_every_rank_stops_with_one_clear_message(stage, runs):
+    got = runs[f"stops{stage}"]
     for result in got:
         message = result["error"]
         assert message.startswith(f"--torch_compile could not compile LlamaForCausalLM at ZeRO stage {stage} "
@@ -77,9 +96,8 @@ def test_every_rank_stops_with_one_clear_message(tmp_path, stage):
         assert result["cause"] == "BackendCompilerFailed"
 
 
-def test_asked_to_go_on_it_trains_as_eager_and_the_report_says_it_fell_back(tmp_path):
-    eager = run_on_ranks(_job, 2, tmp_path / "eager", 3, None, False, timeout=300)
-    got = run_on_ranks(_job, 2, tmp_path / "fallback", 3, "tvm", True, timeout=300)
+def test_asked_to_go_on_it_trains_as_eager_and_the_report_says_it_fell_back(runs):
+    eager, got = runs["eager"], runs["fallback"]
     for rank in range(2):
         assert got[rank]["loss"] == eager[rank]["loss"] and len(eager[rank]["loss"]) == STEPS
         assert eager[rank]["fallbacks"] == [[], []]
@@ -91,10 +109,10 @@ def test_asked_to_go_on_it_trains_as_eager_and_the_report_says_it_fell_back(tmp_
     assert not [line for line in eager[0]["stderr"].splitlines() if "eagerly that it could not" in line]
 
 
-def test_a_standalone_evaluate_stops_with_the_same_message(tmp_path):
+def test_a_standalone_evaluate_stops_with_the_same_message(runs):
     """evaluate() before (or without) train() compiles the model at its own first forward: the same
     CompileFailed, once (not wrapped again by an outer watch)."""
-    got = run_on_ranks(_job, 2, tmp_path, 3, "tvm", False, True, timeout=300)
+    got = runs["evaluate"]
     for result in got:
         assert result.get("error", "").startswith("--torch_compile could not compile LlamaForCausalLM at ZeRO stage 3 "
                                                   "(torch_compile_backend 'tvm'): BackendCompilerFailed: backend="), result
