@@ -75,10 +75,26 @@ def _job(rank, world, out, stage, speculate):
     return runs
 
 
-@pytest.mark.parametrize("stage", [2, 3])
-def test_trainer_speculation_matches_the_waiting_path(tmp_path, stage):
-    waiting = run_on_ranks(_job, 2, str(tmp_path / "wait"), stage, False, timeout=400)
-    speculating = run_on_ranks(_job, 2, str(tmp_path / "spec"), stage, True, timeout=400)
+STAGES = (2, 3)
+
+
+def _all_jobs(rank, world, out):
+    """``_job`` for every stage speculating, then for every stage waiting (which leaves the waiting path
+    set for the rest of its process), in this one rank start."""
+    return {(stage, speculate): _job(rank, world, os.path.join(out, f"{'spec' if speculate else 'wait'}{stage}"),
+                                     stage, speculate) for speculate in (True, False) for stage in STAGES}
+
+
+@pytest.fixture(scope="module")
+def jobs(tmp_path_factory) -> dict[tuple[int, bool], list[dict]]:
+    """Every rank's ``_job`` results by (stage, speculate), from one start."""
+    ranks = run_on_ranks(_all_jobs, 2, str(tmp_path_factory.mktemp("jobs")), timeout=600)
+    return {key: [r[key] for r in ranks] for key in ranks[0]}
+
+
+@pytest.mark.parametrize("stage", STAGES)
+def test_trainer_speculation_matches_the_waiting_path(stage, jobs):
+    waiting, speculating = jobs[stage, False], jobs[stage, True]
     for rank, (w, s) in enumerate(zip(waiting, speculating)):
         for name in ("full", "resumed"):
             assert w[name]["counts"] is None and w[name]["reported"] is None  # no speculation there
