@@ -4,8 +4,8 @@ Trainer (DDP): ``load_best_model_at_end`` with ``metric_for_best_model="eval_los
 (``eval_strategy="steps"``), ``save_model`` to a new directory mid-run, gradient checkpointing
 throughout.
 
-One run per stage exercises all of them at once (spawning ranks costs more than the tiny
-training): 8 steps with gradient checkpointing, evaluation and a checkpoint every 2 steps,
+One run per stage exercises all of them at once, the plain run and stages 1-3 one after another
+in one rank start (starting ranks costs more than the tiny training): 8 steps with gradient checkpointing, evaluation and a checkpoint every 2 steps,
 ``save_total_limit=2``, the best model loaded at the end, ``save_model`` into a fresh directory
 by a callback after step 3; then ``predict()``, and every checkpoint left is resumed by a second
 Trainer. The plain run (a module fixture) does the same without the mid-run save, so its losses
@@ -158,9 +158,23 @@ def root(tmp_path_factory):
     return str(tmp_path_factory.mktemp("sweep"))
 
 
+STAGES = (1, 2, 3)
+
+
+def _sweeps(rank, world, root, stages):
+    return {stage: _sweep(rank, world, root, stage) for stage in stages}
+
+
 @pytest.fixture(scope="module")
-def plain(root):
-    ranks = run_on_ranks(_sweep, 2, root, None, timeout=240)
+def sweeps(root) -> dict:
+    """Every rank's ``_sweep`` figures by stage (None: plain), from one start."""
+    ranks = run_on_ranks(_sweeps, 2, root, (None, *STAGES), timeout=600)
+    return {stage: [r[stage] for r in ranks] for stage in ranks[0]}
+
+
+@pytest.fixture(scope="module")
+def plain(sweeps):
+    ranks = sweeps[None]
     ref = ranks[0]
     # the scenario works as intended on the plain Trainer: the best checkpoint is an earlier one
     # than the last, and clearly the best (no other eval_loss within 1e-4 of it)
@@ -175,10 +189,10 @@ def plain(root):
     return ranks
 
 
-@pytest.fixture(scope="module", params=[1, 2, 3], ids=lambda s: f"stage{s}")
-def sweep(request, root):
+@pytest.fixture(scope="module", params=STAGES, ids=lambda s: f"stage{s}")
+def sweep(request, sweeps):
     stage = request.param
-    return stage, run_on_ranks(_sweep, 2, root, stage, timeout=240)
+    return stage, sweeps[stage]
 
 
 def test_training_with_eval_and_checkpoints_matches_plain(sweep, plain):
