@@ -27,6 +27,11 @@ piece once more on the first micro-batch when it infers shapes, so a hook on a p
 that too. There the pipeline's runner counts the ``input_ids`` of each training batch it takes, on
 the first stage's ranks only (later stages take hidden states): each pipeline's batch counts once,
 and ``tokens_per_s_total`` is the job's throughput, as without stages.
+
+[Note: tensor-parallel tokens]
+Every rank of a tensor-parallel group runs the same batch (hf_zero/tensor_parallel), so only tp rank 0
+of each group counts it (with pipeline stages too: the first stage's tp rank 0): each batch counts once
+in ``tokens_per_s_total``; the other tp ranks report 0 tokens.
 """
 
 from __future__ import annotations
@@ -37,6 +42,7 @@ import torch
 import torch.distributed as dist
 from transformers import DefaultFlowCallback, TrainerCallback
 
+from hf_zero.trainer import parallel_mesh
 from hf_zero.trainer import pipeline as PP
 from hf_zero.trainer import report_file
 from hf_zero.trainer.device_memory import CUDA, MemorySource, device_facts, peak_memory
@@ -102,6 +108,7 @@ class ReportCallback(TrainerCallback):
         self._hook = None
         self._tokens = 0  # counted by the forward hook
         self._pipeline = None  # under pipeline stages: (its runner, the runner's count at train begin)
+        self._counts = True  # False on tp ranks other than 0: [Note: tensor-parallel tokens]
         self._steps = 0
         self._start = 0.0
         self._held: dict[str, int] = dict.fromkeys(BYTE_KEYS, 0)
@@ -121,6 +128,8 @@ class ReportCallback(TrainerCallback):
 
     def _seen(self) -> int:
         """``input_ids`` elements of this rank's training forwards since training began."""
+        if not self._counts:
+            return 0
         if self._pipeline is not None:
             runner, start = self._pipeline
             return runner.trained_tokens - start
@@ -182,6 +191,8 @@ class ReportCallback(TrainerCallback):
     def on_train_begin(self, args, state, control, model=None, **kwargs):
         # Run eagerly under --torch_compile: traced, its count would be a guarded constant, recompiled every step.
         pipeline = PP.of(self.session.trainer) if self.session.trainer is not None else None
+        mesh = parallel_mesh.of(self.session.trainer) if self.session.trainer is not None else None
+        self._counts = mesh is None or mesh.tp_rank == 0  # [Note: tensor-parallel tokens]
         if pipeline is not None:  # [Note: pipeline tokens]
             self._pipeline = (pipeline.runner, pipeline.runner.trained_tokens)
         else:

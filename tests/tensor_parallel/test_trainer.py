@@ -50,6 +50,8 @@ def _tp_run(rank, world, stage, accum, out):
         trainer = Trainer(model=tiny_llama(), args=_args(f"{out}/{rank}", 2, accum), train_dataset=_rows(),
                           eval_dataset=_rows(8))
         trainer.train()
+        report = session_of(trainer).figures  # the run report's document, before evaluate
+        tokens = ({r["rank"]: r["tokens"] for r in report["ranks"]}, report["tokens_per_s_total"])
         eval_loss = trainer.evaluate()["eval_loss"]  # every rank of a tp group evaluates the same rows
         trainer.save_model(f"{out}/saved")  # the consolidated save: full weights for from_pretrained
         state, engine = TP.of(trainer), session_of(trainer).engine
@@ -60,7 +62,7 @@ def _tp_run(rank, world, stage, accum, out):
                 if name in state.layout.split_dims:
                     full = gather_split(full, state.layout.split_dims[name], state.mesh.tp_group)
                 params[name] = full.tolist()
-        return history(trainer), params, eval_loss
+        return history(trainer), params, eval_loss, tokens
     finally:
         zt.deactivate()
 
@@ -72,7 +74,11 @@ def test_tp2_through_the_trainer(tmp_path, world, stage, accum):
     dp = world // 2
     # one process, the whole global batch of each micro-step
     ref_history, ref_params, ref_eval = _reference(str(tmp_path / "ref"), 2 * dp, accum)
-    for got_history, params, eval_loss in run_on_ranks(_tp_run, world, stage, accum, str(tmp_path), timeout=300):
+    for got_history, params, eval_loss, (tokens, total) in run_on_ranks(_tp_run, world, stage, accum, str(tmp_path),
+                                                                       timeout=300):
+        # each batch counted once, by tp rank 0 of its group ([Note: tensor-parallel tokens]): rows of 12 tokens
+        assert tokens == {r: (STEPS * accum * 2 * 12 if r % 2 == 0 else 0) for r in range(world)}, tokens
+        assert total > 0
         assert abs(eval_loss - ref_eval) < TOL * abs(ref_eval), (eval_loss, ref_eval)
         same_training(got_history, ref_history, STEPS, f"W {world} stage {stage}")
         assert params.keys() == ref_params.keys()
