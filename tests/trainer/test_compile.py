@@ -12,11 +12,12 @@ graph breaks are the same; only the kernels differ. One test runs inductor at st
 issue's run failed (``wrong number of dimensions1`` inside inductor's code).
 
 Rank starts: the runs of one kind share one start, made once for the module: stages 0-3 eager and
-compiled, the offload and checkpointing cases eager and compiled, the graph-break runs at stages 2
-and 3. Every run begins with dynamo as a new process has it (``_fresh_dynamo``: no compiled code,
-counters and compile time at 0), so its counts, graph breaks and compile seconds are its own. The
-saves and resumes, inductor and regional compilation (which sets a variable for its process) each
-start alone; they are held to the stage-3 eager run of the first start.
+compiled (the stage-3 pair saving at steps 2 and 4), the offload and checkpointing cases eager and
+compiled. Every run begins with dynamo as a new process has it (``_fresh_dynamo``: no compiled
+code, counters and compile time at 0), so its counts, graph breaks and compile seconds are its own.
+The graph breaks at stage 3 are those of the stage-3 checkpointing case; stage 2's run, the resume
+of the compiled stage-3 checkpoint, inductor and regional compilation (which sets a variable for
+its process) each start alone, held to the stage-3 eager run of the first start.
 """
 
 from __future__ import annotations
@@ -74,9 +75,17 @@ STAGES = (0, 1, 2, 3)
 
 
 @pytest.fixture(scope="module")
-def like_eager(tmp_path_factory) -> dict[int, list[tuple[dict, dict]]]:
-    """Per stage, per rank: (eager, compiled) runs of ``STEPS`` steps without options, one start for all."""
-    return dict(zip(STAGES, _eager_and_compiled(tmp_path_factory.mktemp("like_eager"), [(s, {}) for s in STAGES])))
+def like_eager_root(tmp_path_factory):
+    """Where ``like_eager`` runs: case ``i`` (stage ``STAGES[i]``) in ``i/eager`` and ``i/compiled``."""
+    return tmp_path_factory.mktemp("like_eager")
+
+
+@pytest.fixture(scope="module")
+def like_eager(like_eager_root) -> dict[int, list[tuple[dict, dict]]]:
+    """Per stage, per rank: (eager, compiled) runs of ``STEPS`` steps, one start for all; stage 3 saves at
+    steps 2 and 4 (test_compiled_stage3_saves_and_resumes resumes its compiled run's checkpoint-2)."""
+    cases = [(s, {"save_steps": 2} if s == 3 else {}) for s in STAGES]
+    return dict(zip(STAGES, _eager_and_compiled(like_eager_root, cases)))
 
 
 def _fresh_dynamo() -> None:
@@ -226,19 +235,17 @@ def plain_compiled(tmp_path_factory) -> dict:
     return plain
 
 
-def _compiled_stages_job(rank, world, out, stages, options):
-    return [_train(out / str(stage), stage, True, **options) for stage in stages]
-
-
 GRAPH_BREAK_STAGES = (2, 3)
 
 
 @pytest.fixture(scope="module")
-def graph_break_runs(tmp_path_factory) -> dict[int, list[dict]]:
-    """Per stage of ``GRAPH_BREAK_STAGES``, per rank: the compiled run with ``GRAPH_BREAK_OPTIONS``, one start."""
-    per_rank = run_on_ranks(_compiled_stages_job, 2, tmp_path_factory.mktemp("graph_breaks"), GRAPH_BREAK_STAGES,
-                            GRAPH_BREAK_OPTIONS, timeout=600)
-    return {stage: [runs[i] for runs in per_rank] for i, stage in enumerate(GRAPH_BREAK_STAGES)}
+def graph_break_runs(tmp_path_factory, with_options) -> dict[int, list[dict]]:
+    """Per stage of ``GRAPH_BREAK_STAGES``, per rank: a compiled run with gradient checkpointing. Stage 3's
+    is the compiled run of ``with_options``'s "stage3-gradient-checkpointing" (``STEPS`` steps: it compiles
+    nothing after the first ``WARM``, which test_compiled_with_offload_and_checkpointing checks, so it has
+    the graph breaks of a ``GRAPH_BREAK_OPTIONS`` run); stage 2's is made with ``GRAPH_BREAK_OPTIONS``."""
+    stage2 = run_on_ranks(_job, 2, tmp_path_factory.mktemp("graph_breaks"), 2, True, GRAPH_BREAK_OPTIONS, timeout=300)
+    return {2: stage2, 3: [compiled for _, compiled in with_options["stage3-gradient-checkpointing"]]}
 
 
 @pytest.mark.parametrize("stage", GRAPH_BREAK_STAGES)
@@ -262,13 +269,14 @@ def _eager_stage3(like_eager) -> list[dict]:
     return [eager for eager, _ in like_eager[3]]
 
 
-def test_compiled_stage3_saves_and_resumes(tmp_path, like_eager):
-    """Compiled stage 3 saves at steps 2 and 4; a new compiled run resumed from step 2 ends where
-    an uninterrupted eager run does."""
+def test_compiled_stage3_saves_and_resumes(tmp_path, like_eager, like_eager_root):
+    """Compiled stage 3 saves at steps 2 and 4 (the compiled stage-3 run of ``like_eager``, which
+    test_compiled_trains_like_eager[3] holds to eager); a new compiled run resumed from step 2 ends
+    where an uninterrupted eager run does."""
     ref = _eager_stage3(like_eager)
-    run_on_ranks(_job, 2, tmp_path / "run", 3, True, {"save_steps": 2}, timeout=300)
-    checkpoint = tmp_path / "run" / "checkpoint-2"
-    assert (checkpoint / "model.safetensors").exists()
+    run = like_eager_root / str(STAGES.index(3)) / "compiled"
+    checkpoint = run / "checkpoint-2"
+    assert (checkpoint / "model.safetensors").exists() and (run / "checkpoint-4" / "model.safetensors").exists()
     got = run_on_ranks(_job, 2, tmp_path / "resumed", 3, True, {"resume": str(checkpoint)}, timeout=300)
     for rank in range(2):
         # The log history of steps 1-2 comes back with the checkpoint's trainer state.
