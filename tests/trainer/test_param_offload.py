@@ -46,21 +46,37 @@ def _run(rank, world, out, offload_param, resume_from=None, max_steps=4):
     return losses, on_host, saved
 
 
-def _three_runs(rank, world, out, device):
-    """Optimizer offload alone, with parameter offload, and the latter resumed from its
-    checkpoint-2: three Trainers in one process per rank (one start-up of the ranks)."""
-    return (_run(rank, world, out / "a", False), _run(rank, world, out / "b", device),
-            _run(rank, world, out / "c", device, resume_from=out / "b" / "checkpoint-2"))
+DEVICES = ("cpu", "nvme")
 
 
-@pytest.mark.parametrize("device", ["cpu", "nvme"])
-def test_trains_saves_and_resumes_as_optimizer_offload_alone(tmp_path, device):
-    (plain, plain_units, plain_file), (off, off_units, off_file), (resumed, _, resumed_file) = \
-        run_on_ranks(_three_runs, 2, tmp_path, device, timeout=300)[0]
+def _all_runs(rank, world, out):
+    """Optimizer offload alone (``out/a``), then per device parameter offload (``out/{device}``) and
+    the latter resumed from its checkpoint-2 (``out/{device}-resumed``): every Trainer in one process
+    per rank (one start-up of the ranks)."""
+    runs = {"plain": _run(rank, world, out / "a", False)}
+    for device in DEVICES:
+        runs[device] = _run(rank, world, out / device, device)
+        runs[f"{device}-resumed"] = _run(rank, world, out / f"{device}-resumed", device,
+                                         resume_from=out / device / "checkpoint-2")
+    return runs
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    """The folder and rank 0's ``_all_runs``, made once for the module."""
+    out = tmp_path_factory.mktemp("offload")
+    return out, run_on_ranks(_all_runs, 2, out, timeout=400)[0]
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_trains_saves_and_resumes_as_optimizer_offload_alone(device, runs):
+    out, got = runs
+    (plain, plain_units, plain_file), (off, off_units, off_file) = got["plain"], got[device]
+    resumed, _, resumed_file = got[f"{device}-resumed"]
     assert not any(plain_units) and all(off_units)  # persistence threshold 0: every unit's shards on the host
     assert off == plain and len(off) == 4  # same losses and grad norms, bit for bit
     assert off_file == plain_file  # save_model: the same bytes
     assert [resumed[s] for s in (3, 4)] == [off[s] for s in (3, 4)]  # resumed from its checkpoint: bit for bit
     assert resumed_file == off_file
     if device == "nvme":  # each rank removed its swap files, at the latest when it exited
-        assert not any(p.name.startswith("hf_zero-swap") for p in (tmp_path / "b" / "swap").iterdir())
+        assert not any(p.name.startswith("hf_zero-swap") for p in (out / device / "swap").iterdir())
