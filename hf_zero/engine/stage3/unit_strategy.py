@@ -5,7 +5,8 @@
   each), its frozen params are sharded beside them (unit_buffer.py); a model on the meta device
   is filled shard by shard from its ``source`` (hf_zero/init);
 - hooks: ``UnitHooks`` gather each unit before its forward and backward and release it after;
-  a unit's full params go as soon as its gradients are in;
+  a unit's full params go as soon as its gradients are in; none at one rank without parameter
+  offload ([Note: nothing to gather]);
 - the layout is fixed by module order: never re-packed; after the optimizer step only the
   persistent unit is gathered, the others at their next use;
 - parameter offload keeps the units' shards in host memory or swap files (``param_memory``).
@@ -63,6 +64,14 @@ class UnitStrategy(StageBehaviour):
     def install(self) -> list:
         self.unit_hooks = UnitHooks(self.model, self.units, prefetch_numel=self.prefetch_numel,
                                 max_live_numel=self.max_live_numel)
+        # [Note: nothing to gather] At one rank with the shards on the device every unit is
+        # ``single``: its params are views of its shard, never gathered nor dropped, so the hooks
+        # would only keep the books. Without them a compiled model is not broken into one graph
+        # per unit around eager hooks ([Note: compiled forward] in units.py): the host time
+        # between those regions left the GPU idle (issue 21's profile, bench/results/
+        # h100_session11_compile_summary.md). The grad hooks (engine.py) stay: they fill the buckets.
+        if all(unit.single for unit in self.unit_hooks.units):  # the persistent unit is not among them
+            return []
         return self.unit_hooks.install()
 
     def check_repack(self) -> None:
