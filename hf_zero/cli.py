@@ -149,8 +149,22 @@ def build_parser() -> argparse.ArgumentParser:
                      help="stage 1/2 gradient bucket in elements; auto = hidden_size**2 (default 5e8)")
     est.add_argument("--micro_batch", type=int, default=1, metavar="B", help="per-rank micro batch (default 1)")
     est.add_argument("--seq_len", type=int, default=2048, metavar="L", help="tokens per sample (default 2048)")
-    est.add_argument("--gradient_checkpointing", action="store_true", help="activation estimate with checkpointing")
+    est.add_argument("--gradient_checkpointing", action="store_true", help="activation estimate with checkpointing (with --traffic: tp's all-reduces of the recomputed forward)")
     est.add_argument("--plot", metavar="FILE.png", help="also write a stacked bar chart (needs matplotlib)")
+    est.add_argument("--traffic", action="store_true",
+                     help="instead of memory: the bytes the busiest rank sends per optimizer step, over NVLink and "
+                          "over the network, and their time at --nvlink_bw / --network_bw (a paper model; "
+                          "docs/parallelism.md)")
+    est.add_argument("--gpus_per_node", type=int, default=None, metavar="G",
+                     help="with --traffic: GPUs a node; --nodes x G must be --world and --tp must divide G "
+                          "(default world / nodes)")
+    est.add_argument("--grad_accum", type=int, default=1, metavar="M",
+                     help="with --traffic: gradient accumulation steps, micro-batches a step (with --pp the "
+                          "pipeline's micro-batches too) (default 1)")
+    est.add_argument("--nvlink_bw", type=float, default=None, metavar="GB/S",
+                     help="with --traffic: NVLink GB/s a GPU sends, per direction (default 450, H100 SXM)")
+    est.add_argument("--network_bw", type=float, default=None, metavar="GB/S",
+                     help="with --traffic: network GB/s a GPU sends, per direction (default 50: 8 x 400 Gb/s a node)")
     est.set_defaults(handler=estimate)
     con = subcommands.add_parser(
         "consolidate",

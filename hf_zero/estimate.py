@@ -37,6 +37,7 @@ from dataclasses import dataclass, replace
 import torch
 
 from hf_zero.byte_units import fmt_bytes as _fmt
+from hf_zero.config.checks import divisors
 from hf_zero.engine.grad_sync import MAX_IN_FLIGHT
 from hf_zero.engine.layout import PARAM_ALIGN
 from hf_zero.estimate_parallel import Axes, TpSplit, rank_units, tp_split
@@ -433,6 +434,8 @@ def run(args: argparse.Namespace) -> int:
             raise ValueError(f"--{name} must be a positive integer, got {getattr(args, name)}")
     if args.world % args.nodes:
         raise ValueError(f"--world {args.world} is not divisible by --nodes {args.nodes}")
+    if args.traffic:
+        _check_traffic_flags(args)
     if args.micro_batches is not None and (args.micro_batches < 1 or (args.pp_schedule == "1F1B" and
                                                                       args.micro_batches < args.pp)):
         raise ValueError(f"--micro_batches {args.micro_batches}: allowed: an integer >= 1, and >= --pp {args.pp} "
@@ -450,6 +453,8 @@ def run(args: argparse.Namespace) -> int:
             raise ValueError(f"{what} with --pp {axes.pp}: {'optimizer offload' if offload else 'ZeRO stage 3'} with "
                              "pipeline stages is not built yet (the Trainer refuses it too)")
         stages = tuple(s for s in stages if s != 3)
+    if args.traffic:
+        return _traffic(args, axes, stages, bucket)
     if args.plot is not None:
         try:
             import matplotlib
@@ -483,6 +488,63 @@ def run(args: argparse.Namespace) -> int:
     if args.plot is not None:
         _plot(args.plot, rows)
         print(f"plot written to {args.plot}")
+    return 0
+
+
+def _check_traffic_flags(args) -> None:
+    """``--traffic``'s own flags, each named with its value and what is allowed."""
+    if args.gpus_per_node is not None and args.nodes * args.gpus_per_node != args.world:
+        raise ValueError(f"--nodes {args.nodes} x --gpus_per_node {args.gpus_per_node} = "
+                         f"{args.nodes * args.gpus_per_node} ranks, not --world {args.world}; allowed --gpus_per_node "
+                         f"here: {args.world // args.nodes}")
+    gpus = args.gpus_per_node or args.world // args.nodes
+    if args.tp >= 1 and gpus % args.tp:
+        raise ValueError(f"--tp {args.tp} does not divide --gpus_per_node {gpus}: a tensor-parallel group is kept "
+                         f"inside one node (hf-zero launch refuses it too); allowed --tp here: {divisors(gpus)}")
+    if args.grad_accum < 1:
+        raise ValueError(f"--grad_accum must be a positive integer, got {args.grad_accum}")
+    if args.pp > 1 and args.pp_schedule == "1F1B" and args.grad_accum < args.pp:
+        raise ValueError(f"--grad_accum {args.grad_accum} with --pp {args.pp}: allowed: >= {args.pp} (under pipeline "
+                         "stages the micro-batches a step are the gradient accumulation; 1F1B needs one a stage at least)")
+    if args.micro_batches is not None:
+        raise ValueError("--micro_batches with --traffic: the traffic model runs one micro-batch per accumulated batch "
+                         '(pipeline.micro_batches "auto"); give --grad_accum instead')
+    if args.plot is not None:
+        raise ValueError("--plot draws the memory table; it does not go with --traffic")
+    for name in ("nvlink_bw", "network_bw"):
+        if getattr(args, name) is not None and not getattr(args, name) > 0:
+            raise ValueError(f"--{name} must be a positive number of GB/s, got {getattr(args, name)}")
+
+
+def _traffic(args, axes: Axes, stages, bucket) -> int:
+    """``--traffic``: per ZeRO stage, what the busiest rank sends in one optimizer step, by link
+    ([Note: traffic per step] in estimate_traffic.py)."""
+    from hf_zero.estimate_traffic import NETWORK_GBPS, NVLINK_GBPS, Placement, busiest, render, step_traffic
+
+    nvlink, network = args.nvlink_bw or NVLINK_GBPS, args.network_bw or NETWORK_GBPS
+    placement = Placement(axes, args.gpus_per_node or args.world // args.nodes)
+    cfg = load_model_config(args.model_config)
+    counts = count_params(meta_model(cfg))
+    shape = activation_shape(cfg)
+    sequences = args.micro_batch * args.grad_accum * axes.dp
+    print(f"model: {args.model_config} ({cfg.model_type}); params {counts.total:,} (trainable {counts.trainable:,}, "
+          f"frozen {counts.frozen:,}; tied weights counted once)")
+    print(f"world {axes.world} ranks = {placement.nodes} node(s) x {placement.gpus_per_node} GPUs; (pp, dp, tp) = "
+          f"({axes.pp}, {axes.dp}, {axes.tp}), pp outermost, tp innermost (a tp group inside a node)")
+    print(f"micro batch {args.micro_batch} x seq len {args.seq_len}, gradient accumulation {args.grad_accum}: "
+          f"{sequences:,} sequences ({sequences * args.seq_len:,} tokens) a step; precision {args.dtype}, model "
+          f"loaded in {args.model_dtype}{', gradient checkpointing' if args.gradient_checkpointing else ''}")
+    for stage in stages:
+        ranks = step_traffic(counts, shape, placement, stage=stage, seq_len=args.seq_len, micro_batch=args.micro_batch,
+                             grad_accum=args.grad_accum, dtype=args.dtype, model_dtype=args.model_dtype,
+                             bucket_numel=_bucket_numel(bucket, counts.hidden_size),
+                             gradient_checkpointing=args.gradient_checkpointing)
+        print(f"\nZeRO stage {stage}, " + render(busiest(ranks, nvlink, network), placement, nvlink_gbps=nvlink,
+                                                   network_gbps=network))
+    print("\nA paper model, not a measurement: ring collectives, each rank sends (n-1)/n of a buffer for an all-gather "
+          "or reduce-scatter, 2(n-1)/n for an all-reduce; a group spanning k nodes sends k/n of it over the network "
+          "(docs/parallelism.md, Paper model). Not counted: norm and loss all-reduces, host-device copies (offload), "
+          "latency, NVLS/tree algorithms.")
     return 0
 
 
