@@ -343,6 +343,8 @@ class ZeroEngine:
 
     def _globally_unused(self) -> set:
         params = list(self._names)
+        if self.ctx.world_size == 1:  # nothing to agree on: no flags on the device, no sync with it
+            return {p for p in params if p not in self._used}
         used = torch.tensor([p in self._used for p in params], dtype=torch.int32, device=self.buffers[0].device)
         C.wait(C.start_all_reduce(self.ctx, used, label="used-param flags"))  # one tiny all-reduce per step
         return {p for p, u in zip(params, used.tolist()) if u == 0}

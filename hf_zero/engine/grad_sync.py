@@ -54,6 +54,7 @@ class GradBucket:
         self.alias_main = world_size == 1
         # alias_main: slots of the main grad not written since it was made (empty: its first grad copies in)
         self._unwritten: set[int] = set()
+        self._padding: list[tuple[int, int]] | None = None  # alias_main: (start, end) of each gap between slots
         self.state = BucketState.IDLE
         self.missing = len(bucket.slots)
         self.staging: torch.Tensor | None = None
@@ -152,12 +153,18 @@ class GradBucket:
 
     def _zero_padding(self) -> None:
         """alias_main: the main grad's elements outside every slot (alignment padding) are zero."""
-        start, ends = self.bucket.range.start, 0
-        for i in sorted(self.bucket.slots, key=lambda i: self.buffer.slots[i].range.start):
-            r = self.buffer.slots[i].range.shift(start)
-            self.main_grad[ends : r.start].zero_()
-            ends = r.end
-        self.main_grad[ends:].zero_()
+        if self._padding is None:  # the layout is fixed for the bucket's life: found once, empty gaps left out
+            start, ends, gaps = self.bucket.range.start, 0, []
+            for i in sorted(self.bucket.slots, key=lambda i: self.buffer.slots[i].range.start):
+                r = self.buffer.slots[i].range.shift(start)
+                if r.start > ends:
+                    gaps.append((ends, r.start))
+                ends = r.end
+            if self.bucket.shard_size > ends:
+                gaps.append((ends, self.bucket.shard_size))
+            self._padding = gaps
+        for lo, hi in self._padding:
+            self.main_grad[lo:hi].zero_()
 
     def _zero_unwritten(self) -> None:
         for i in self._unwritten:
@@ -201,7 +208,10 @@ class GradSync:
             if not force and bucket.state is not BucketState.READY:
                 return
             bucket.start_reduce(self.ctx)
-            self._track_memory()  # the high point: staging of this and the in-flight buckets
+            # The high point: staging of this and the in-flight buckets. At one rank a launch holds
+            # nothing more (the main grads only grow as grads arrive; on_backward_end sees them all).
+            if not bucket.alias_main:
+                self._track_memory()
             self.next_launch += 1
             if self.next_launch > MAX_IN_FLIGHT:
                 self._finish(self.next_launch - 1 - MAX_IN_FLIGHT)

@@ -48,6 +48,8 @@ class ShardedBucket:
         self.master: torch.Tensor | None = None
         self.pieces: list[Piece] = []
         self.offloaded = False
+        self._pointed = None  # what point_grads set last: [Note: pointed once]
+        self._cleared = None  # the pieces clear_grads cleared, while nothing was pointed since
 
     @property
     def buffer(self):
@@ -106,12 +108,24 @@ class ShardedBucket:
     def point_grads(self, grad_shard: torch.Tensor, unused: set[nn.Parameter]) -> None:
         """Each piece's grad: its slice of ``grad_shard``; params without a gradient on any rank
         get none (the optimizer then leaves them alone, as under DDP)."""
-        for p in self.pieces:
-            p.piece.grad = None if p.param in unused else grad_shard[p.local.start : p.local.end]
+        # [Note: pointed once] Called several times a step (the run report, the norm, clipping,
+        # the step's pre-hook): the slices are made once while the shard and the pieces' grads
+        # stay the ones set here (host time between the GPU's kernels at the step; issue 21).
+        pointed = self._pointed
+        if pointed is not None and pointed[0] is grad_shard and pointed[1] is unused and pointed[3] is self.pieces \
+                and all(p.piece.grad is g for p, g in zip(self.pieces, pointed[2])):
+            return
+        grads = [None if p.param in unused else grad_shard[p.local.start : p.local.end] for p in self.pieces]
+        for p, g in zip(self.pieces, grads):
+            p.piece.grad = g
+        self._pointed = (grad_shard, unused, grads, self.pieces)
 
     def clear_grads(self) -> None:
+        if self._pointed is None and self._cleared is self.pieces:
+            return  # cleared already, nothing pointed since (the engine's and the Trainer's zero_grad)
         for p in self.pieces:
             p.piece.grad = None
+        self._pointed, self._cleared = None, self.pieces
 
     @torch.no_grad()
     def take_full(self) -> None:

@@ -20,6 +20,15 @@ are counted as the engine issues them.
 - ``on_train_end``: a last gather; rank 0 writes the finished report with its summary in human
   units and prints that summary; the end-of-run figures are logged once more.
 
+[Note: bytes measured]
+Bytes are summed at ``on_pre_optimizer_step`` (gradients are held then), but not at every step:
+at the first two steps (the optimizer state appears at the first), the last step, and otherwise
+once ``MEASURE_EVERY_S`` seconds have passed since the last measurement. Walking every tensor of
+the engine (hundreds of params and their optimizer state) cost milliseconds of host time a step,
+between the GPU's kernels at the optimizer step (issue 21's profile, logging every step), and
+the bytes of a run do not change from step to step once its first steps are done. A log carries
+the bytes of the last measured step.
+
 [Note: pipeline tokens]
 Tokens are counted by a forward pre-hook on the model, which a run under pipeline stages never calls:
 its schedule runs the stage pieces (hf_zero/pipeline), and torch's schedule also runs the first
@@ -50,6 +59,7 @@ from hf_zero.trainer.report_file import BYTE_KEYS, REPORT_NAME
 
 __all__ = ["REPORT_NAME", "ReportCallback", "add_to"]
 _LOGGED = ("loss", "grad_norm", "learning_rate", "epoch")  # of a training log, kept as the report's last_log
+MEASURE_EVERY_S = 5.0  # [Note: bytes measured]
 
 
 def _nbytes(t: torch.Tensor) -> int:
@@ -112,6 +122,7 @@ class ReportCallback(TrainerCallback):
         self._steps = 0
         self._start = 0.0
         self._held: dict[str, int] = dict.fromkeys(BYTE_KEYS, 0)
+        self._measured = -float("inf")  # time.monotonic() of the last bytes measured
         self._collectives: dict[str, int] = {}
         self._facts: dict | None = None
         self._ranks: list[dict] = []  # every rank's figures, as last gathered
@@ -210,6 +221,10 @@ class ReportCallback(TrainerCallback):
             self.session.engine.reset_peak()  # peak_grads: the peak of the last step
 
     def on_pre_optimizer_step(self, args, state, control, model=None, optimizer=None, **kwargs):
+        step, now = state.global_step + 1, time.monotonic()  # the Trainer counts the step after the optimizer's
+        if 2 < step < state.max_steps and now - self._measured < MEASURE_EVERY_S:
+            return  # [Note: bytes measured]
+        self._measured = now
         engine = self.session.engine
         if engine is not None:
             engine.finish_grad_sync()

@@ -76,3 +76,37 @@ def _check(rank, world, stage):
 @pytest.mark.parametrize("stage", [1, 2, 3])
 def test_one_rank_grads_go_straight_into_fp32_main_grads(stage):
     run_on_ranks(_check, 1, stage, timeout=120)
+
+
+def _pointed_once(rank, world):
+    model = tiny_llama(0)
+    engine = ZeroEngine(model, torch.optim.AdamW(model.parameters(), lr=1e-3), stage=2, bucket_numel=3000)
+    wrapped = ZeroModule(model, engine)
+    pieces = [p.piece for b in engine.buckets for p in b.pieces]
+
+    def step_grads():
+        wrapped(**batch(0, 0, 0, model.config.vocab_size)).loss.backward()
+        engine.finish_grad_sync()
+        first = [p.grad for p in pieces]
+        engine.grad_norm()  # finishes the sync again (as clipping and the step's pre-hook do)
+        engine.finish_grad_sync()
+        assert all(p.grad is g for p, g in zip(pieces, first)), "pieces re-pointed within one step"
+        return first
+
+    first = step_grads()
+    assert all(g is not None for g in first)
+    pieces[0].grad = None  # someone else cleared one: the next call points them all again
+    engine.finish_grad_sync()
+    assert pieces[0].grad is not None and torch.equal(pieces[0].grad, first[0])
+    engine.optimizer.step()  # the post-hook clears the grads (engine.zero_grad); a second zero_grad is a no-op
+    engine.zero_grad()
+    assert all(p.grad is None for p in pieces)
+    second = step_grads()
+    assert all(g is not h for g, h in zip(first, second))
+    engine.close()
+
+
+def test_pieces_are_pointed_at_their_grads_once_a_step():
+    """[Note: pointed once] in sharded_bucket.py: the optimizer's pieces keep the grad views set at the
+    step's first finish_grad_sync; a piece cleared by someone else is pointed again; a new step gets new ones."""
+    run_on_ranks(_pointed_once, 1, timeout=120)
