@@ -17,6 +17,13 @@ and
 Worked example: compute runs [0, 10) and [12, 20), NCCL runs [8, 14): nccl_us = 6, overlap_us
 = 2 + 2 = 4 ([8, 10) and [12, 14)), exposed 2 ([10, 12)), hidden_fraction 2/3.
 
+[Note: idle gaps] ``idle_gaps`` says where the GPU waited for the host: the gaps of at least
+``min_us`` between the union of all kernels (first start to last end), each with the kernel that
+ended it and the host ops that were running when that kernel was launched (its ``cuda_runtime``
+launch event, matched by ``args.correlation``, inside ``cpu_op`` / ``user_annotation`` events),
+outermost first. Issue 21's compiled step had 10 ms of such gaps before ``hf_zero::clip_grad_norm``
+and 6 ms before ``Optimizer.step``: host Python between the end of backward and the step.
+
 An NCCL kernel's duration includes the time it waits for the slowest rank to arrive, so nccl_us
 is an upper bound on transfer time, and exposed_nccl_us also counts waiting for stragglers.
 Pure Python, no torch: unit tests feed it synthetic intervals (tests/test_profile_summary.py).
@@ -119,6 +126,33 @@ def kernels_from_trace(trace: dict) -> list[dict]:
     return out
 
 
+def idle_gaps(trace: dict, min_us: float = 50.0, top: int = 8) -> dict:
+    """[Note: idle gaps]: ``idle_us`` (all gaps in the kernels' span, any length) and the ``top``
+    longest gaps of at least ``min_us``, longest first, times relative to the first kernel."""
+    events = [ev for ev in trace.get("traceEvents", []) if ev.get("ph") == "X" and "dur" in ev]
+    kernels = sorted((ev for ev in events if str(ev.get("cat", "")).lower() == "kernel"), key=lambda ev: ev["ts"])
+    if not kernels:
+        return {"idle_us": 0.0, "gaps": []}
+    launches = {(ev.get("args") or {}).get("correlation"): ev for ev in events
+                if str(ev.get("cat", "")).lower() == "cuda_runtime"}
+    host = [ev for ev in events if str(ev.get("cat", "")).lower() in ("cpu_op", "user_annotation")]
+    first, busy = float(kernels[0]["ts"]), union((float(k["ts"]), float(k["ts"]) + float(k["dur"])) for k in kernels)
+    gaps, idle = [], 0.0
+    for (_, end), (start, _) in zip(busy, busy[1:]):
+        idle += start - end
+        if start - end >= min_us:
+            gaps.append((end, start))
+    out = []
+    for end, start in sorted(gaps, key=lambda g: g[0] - g[1])[:top]:
+        kernel = next(k for k in kernels if float(k["ts"]) >= start)
+        launch = launches.get((kernel.get("args") or {}).get("correlation"))
+        around = [] if launch is None else sorted(
+            (ev for ev in host if ev["ts"] <= launch["ts"] <= ev["ts"] + ev["dur"]), key=lambda ev: (ev["ts"], -ev["dur"]))
+        out.append({"at_us": end - first, "idle_us": start - end, "next_kernel": kernel.get("name", ""),
+                    "launched_in": [ev.get("name", "") for ev in around]})
+    return {"idle_us": idle, "gaps": out}
+
+
 def load_trace(path: str) -> dict:
     opener = gzip.open if path.endswith(".gz") else open
     with opener(path, "rt") as f:
@@ -126,7 +160,8 @@ def load_trace(path: str) -> dict:
 
 
 def summarize_trace(path: str, step_wall_us: float | None = None) -> dict:
-    return summarize_kernels(kernels_from_trace(load_trace(path)), step_wall_us)
+    trace = load_trace(path)
+    return {**summarize_kernels(kernels_from_trace(trace), step_wall_us), "idle": idle_gaps(trace)}
 
 
 def describe(summary: dict) -> str:
@@ -138,7 +173,16 @@ def describe(summary: dict) -> str:
     return (f"{wall}GPU busy {s['gpu_busy_us'] / 1e3:.1f} ms of a {s['gpu_span_us'] / 1e3:.1f} ms span; "
             f"compute {s['compute_us'] / 1e3:.1f} ms, NCCL {s['nccl_us'] / 1e3:.1f} ms ({kinds}); "
             f"{s['overlap_us'] / 1e3:.1f} ms of NCCL ran under compute: {hidden} hidden, "
-            f"{s['exposed_nccl_us'] / 1e3:.1f} ms exposed")
+            f"{s['exposed_nccl_us'] / 1e3:.1f} ms exposed" + _describe_idle(s.get("idle")))
+
+
+def _describe_idle(idle: dict | None) -> str:
+    if not idle or not idle["gaps"]:
+        return ""
+    worst = idle["gaps"][0]
+    where = " > ".join(worst["launched_in"]) or "no host op"
+    return (f"; GPU idle {idle['idle_us'] / 1e3:.1f} ms between kernels, the longest {worst['idle_us'] / 1e3:.1f} ms "
+            f"before a kernel launched in {where}")
 
 
 if __name__ == "__main__":

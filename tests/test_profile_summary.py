@@ -90,3 +90,25 @@ def test_kernels_from_a_gzipped_chrome_trace(tmp_path):
     assert s["overlap_us"] == 30 and s["exposed_nccl_us"] == 30
     assert s["nccl_us_by_collective"] == {"AllReduce": 60}
     assert "50% hidden" in ps.describe(s)
+
+
+def test_idle_gaps_name_the_host_ops_that_launched_the_kernel_after_each_gap():
+    """[Note: idle gaps]: kernels [0,10) [10,20) [100,110) [112,130); the 80 us gap ends at k3, launched
+    inside step > clip (host events around the launch, outermost first); the 2 us gap is below min_us."""
+    def kernel(name, ts, dur, corr):
+        return {"ph": "X", "cat": "kernel", "name": name, "ts": ts, "dur": dur, "args": {"correlation": corr}}
+
+    trace = {"traceEvents": [
+        kernel("k1", 0.0, 10.0, 1), kernel("k2", 10.0, 10.0, 2), kernel("k3", 100.0, 10.0, 3),
+        kernel("k4", 112.0, 18.0, 4),
+        {"ph": "X", "cat": "cuda_runtime", "name": "cudaLaunchKernel", "ts": 95.0, "dur": 1.0, "args": {"correlation": 3}},
+        {"ph": "X", "cat": "cuda_runtime", "name": "cudaLaunchKernel", "ts": 105.0, "dur": 1.0, "args": {"correlation": 4}},
+        {"ph": "X", "cat": "user_annotation", "name": "step", "ts": 20.0, "dur": 90.0},
+        {"ph": "X", "cat": "cpu_op", "name": "clip", "ts": 90.0, "dur": 10.0},
+        {"ph": "X", "cat": "cpu_op", "name": "other", "ts": 101.0, "dur": 10.0},
+    ]}
+    idle = ps.idle_gaps(trace, min_us=5.0)
+    assert idle["idle_us"] == 82.0
+    assert idle["gaps"] == [{"at_us": 20.0, "idle_us": 80.0, "next_kernel": "k3", "launched_in": ["step", "clip"]}]
+    assert ps.idle_gaps(trace, min_us=1.0)["gaps"][1]["launched_in"] == ["step", "other"]
+    assert ps.idle_gaps({"traceEvents": []}) == {"idle_us": 0.0, "gaps": []}
