@@ -43,7 +43,8 @@ STATE_SWITCH = "bf16.bf16_optimizer_states"
 """DeepSpeed's switch for bf16 optimizer state; with CPU optimizer offload it is
 ``zero.offload_optimizer.state_dtype`` "bf16" (true) or "fp32" (false)."""
 
-_NOT_IN_DEEPSPEED = {"zero.offload_param.ratio", "zero.offload_param.state_dtype"}  # param offload has neither
+_NOT_IN_DEEPSPEED = {"zero.offload_param.ratio", "zero.offload_param.state_dtype",  # param offload has neither
+                     "zero.offload_param.host_share"}
 
 
 def _join(prefix: str, key: str) -> str:

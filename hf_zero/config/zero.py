@@ -11,6 +11,7 @@ from typing import Literal
 
 from hf_zero.config import checks
 from hf_zero.config.auto import AUTO, Auto
+from hf_zero.config.errors import show
 from hf_zero.config.fields import setting
 
 OFFLOAD_DEVICES = ("none", "cpu", "nvme")
@@ -83,6 +84,21 @@ class OffloadConfig:
         Only for `offload_optimizer` with device "cpu". Default "fp32": exact, as without
         offload.""",
     )
+    host_share: float | Auto = setting(
+        0.0,
+        deepspeed="host_share",
+        doc="""With `device` "nvme": the share of the offloaded optimizer state (fp32 masters and
+        optimizer state, counted in elements) that stays in host memory instead of the swap files,
+        in [0, 1]; for state larger than host memory (a 13B full fine-tune holds 12 bytes per
+        parameter, 156 GB). The first chunks of `buffer_size` elements go to host memory until the
+        share is reached, the rest to NVMe; a chunk is never split, so the share is met to within
+        a chunk. Where the state lives never changes what the step computes: results are bit for
+        bit those of all-host and all-NVMe. "auto" (hf_zero only): as much as fits in the host
+        memory available when the engine is built, less 10% of the host's memory and less what
+        offload needs besides (host grads, NVMe chunk buffers), shared equally by the ranks of a
+        host; the choice is logged. Only for `offload_optimizer` with device "nvme" (hf_zero
+        only; DeepSpeed has no such key). Default 0: everything offloaded on NVMe.""",
+    )
 
     def __post_init__(self) -> None:
         device = checks.choice(self, "device", OFFLOAD_DEVICES)
@@ -92,6 +108,7 @@ class OffloadConfig:
         checks.integer(self, "buffer_size", minimum=1)
         checks.number(self, "ratio", minimum=0.0, maximum=1.0, min_open=True, auto=True)
         checks.choice(self, "state_dtype", STATE_DTYPES)
+        checks.number(self, "host_share", minimum=0.0, maximum=1.0, auto=True)
         if device == "nvme" and nvme_path is None:
             raise checks.fail(self, "nvme_path", 'required when device is "nvme"',
                               value=None, allowed="a directory path string")
@@ -263,6 +280,15 @@ class ZeroConfig:
             raise checks.fail(self, "offload_optimizer.state_dtype", "applies to offloaded optimizer state only",
                               value=self.offload_optimizer.state_dtype,
                               allowed='"fp32", or set offload_optimizer.device to "cpu"')
+        share = self.offload_optimizer.host_share
+        if (share is AUTO or share > 0.0) and self.offload_optimizer.device != "nvme":
+            raise checks.fail(self, "offload_optimizer.host_share",
+                              'the share of NVMe-offloaded state kept in host memory: needs device "nvme"',
+                              value=share, allowed=f'0, or set offload_optimizer.device to "nvme" (it is '
+                                                   f'{show(self.offload_optimizer.device)})')
+        if self.offload_param.host_share != 0.0:
+            raise checks.fail(self, "offload_param.host_share", "host_share applies to offload_optimizer only",
+                              value=self.offload_param.host_share, allowed="0")
         if self.offload_param.device != "none" and stage != 3:
             raise checks.fail(self, "offload_param.device", "parameter offload needs ZeRO stage 3",
                               value=self.offload_param.device, allowed='"none" with stage 0-2')

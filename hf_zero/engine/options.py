@@ -41,9 +41,11 @@ def _optimizer_offload(config) -> OptimizerOffload | None:
     refuse(config)  # the one table (config/unsupported.py): fp16 with optimizer offload is a row of it
     ratio = spec.ratio if isinstance(spec.ratio, float) else "auto"  # [Note: auto ratio] (auto_ratio.py)
     if spec.device == "nvme":  # chunks of buffer_size elements, buffer_count of them in host memory
+        host_share = spec.host_share if isinstance(spec.host_share, float) else "auto"  # [Note: host share]
         return OptimizerOffload(device="nvme", pin_memory=spec.pin_memory, ratio=ratio,
                                 chunk_numel=spec.buffer_size, nvme_path=spec.nvme_path,
-                                buffer_count=spec.buffer_count, state_dtype=spec.state_dtype)
+                                buffer_count=spec.buffer_count, state_dtype=spec.state_dtype,
+                                host_share=host_share)
     return OptimizerOffload(device=spec.device, pin_memory=spec.pin_memory, ratio=ratio,
                             state_dtype=spec.state_dtype)
 

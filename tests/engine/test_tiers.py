@@ -12,6 +12,7 @@ from hf_zero.engine.offload.host_memory import HostMemory
 from hf_zero.engine.offload.nvme_params import NvmeParamMemory
 from hf_zero.engine.offload.nvme_swap import NvmeTier
 from hf_zero.engine.offload.settings import ParamOffload
+from hf_zero.engine.offload.split_tier import SplitTier
 from hf_zero.engine.offload.tiers import HostTier, OffGpu, ShardMemory, StateTier, param_memory, state_tier
 
 
@@ -44,7 +45,7 @@ def test_every_tier_meets_its_interface():
     assert set(_members(OffGpu)) == {"on_disk", "close"}
     assert {"on_disk", "close", "empty", "like"} <= set(_members(ShardMemory))
     problems = (_missing(HostMemory, ShardMemory) + _missing(NvmeParamMemory, ShardMemory)
-                + _missing(HostTier, StateTier) + _missing(NvmeTier, StateTier))
+                + _missing(HostTier, StateTier) + _missing(NvmeTier, StateTier) + _missing(SplitTier, StateTier))
     assert problems == []
 
 

@@ -19,27 +19,31 @@ def held_bytes(engine) -> dict[str, int]:
     buffered = {p for buf in engine.buffers for p in buf.params} | {p for u in engine.units for p in u.params()}
     params = engine.strategy.param_bytes(engine.buffers)
     params += sum(nbytes(p) for p in engine.model.parameters() if p not in buffered)
-    # NVMe offload: offloaded masters and state are swap-file pages, counted apart from host memory.
-    on_disk = engine._host_step is not None and engine._host_step.tier.on_disk
+    # NVMe offload: offloaded masters and state are swap-file pages, counted apart from host memory;
+    # the tier says which buckets' (all, or with host_share those past the host chunks: split_tier.py).
+    tier = engine._host_step.tier if engine._host_step is not None else None
     masters = host = disk = 0
+    on_disk_piece = {}  # id(piece) of an offloaded bucket -> its state is on disk
     for b in engine.buckets:
         if b.master is None:
             continue
-        if b.offloaded and on_disk:
-            disk += nbytes(b.master)
-        elif b.offloaded:
-            host += nbytes(b.master)
+        if b.offloaded:
+            on_disk = tier.on_disk_of(b.index)
+            on_disk_piece.update({id(p.piece): on_disk for p in b.pieces})
+            if on_disk:
+                disk += nbytes(b.master)
+            else:
+                host += nbytes(b.master)
         else:
             masters += b.master_bytes()
-    offloaded_pieces = {id(p.piece) for b in engine.buckets if b.offloaded for p in b.pieces}
     state = 0
     # Copies of the state's items: the host step's worker may be adding state right now (host_step.py,
     # [Note: step in backward]), so a first step may count part of it.
     for piece, s in (list(engine.optimizer.state.items()) if engine.optimizer is not None else ()):
         n = sum(nbytes(v) for v in list(s.values()) if torch.is_tensor(v) and v.dim() > 0)
-        if id(piece) in offloaded_pieces and on_disk:
+        if on_disk_piece.get(id(piece)):
             disk += n
-        elif id(piece) in offloaded_pieces:
+        elif id(piece) in on_disk_piece:
             host += n
         else:
             state += n

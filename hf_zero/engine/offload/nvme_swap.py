@@ -102,7 +102,9 @@ class NvmeTier:
         self.file_numel = end
         self.slot_numel = max(self.span, default=0)
         kinds = 1 + state_tensors_per_element(optimizer)
-        nvme_files.check_directory(offload.nvme_path, kinds * self.file_numel * 4, kinds, ctx)
+        nvme_files.check_directory(offload.nvme_path, kinds * self.file_numel * 4, kinds, ctx,
+                                   less="offload less (offload_optimizer.ratio) or keep more in host memory "
+                                        "(offload_optimizer.host_share)")
         direct = nvme_files.use_direct_io(offload.nvme_path)  # [Note: direct I/O] in nvme_files.py
         self.dir = SwapDir(offload.nvme_path, ctx.rank if ctx is not None else 0, direct=direct)
         self.dir.file("master", self.file_numel)
@@ -249,6 +251,9 @@ class NvmeTier:
             raise AssertionError(f"chunk {c} is {self.states[c].value}, expected {state.value}")
 
     # ---- accounting and teardown --------------------------------------------------------------------
+
+    def on_disk_of(self, i: int) -> bool:
+        return True
 
     def resident_bytes(self) -> int:
         return sum(b.numel() * b.element_size() for s in self.slots for b in s.buffers.values())

@@ -17,6 +17,8 @@ by bucket; the rest stays on the device and is stepped there while the host step
 With ``device = "nvme"`` the masters and the optimizer's per-element state of those buckets live
 in swap files under ``nvme_path`` instead (``nvme_swap.py``); the host keeps their grads and a
 few chunk-sized buffers, through which the host step streams each chunk: read, step, write.
+``host_share`` of those elements (the first chunks) may stay in host memory instead, the rest
+on NVMe ([Note: host share] in split_tier.py): for state larger than host memory.
 
 This file holds the two settings; where the state lives is the tier's business, behind the
 interfaces of tiers.py (``host_memory.HostMemory`` and ``HostTier``, ``nvme_swap.NvmeTier``,
@@ -55,6 +57,8 @@ class OptimizerOffload:
     nvme_path: str | None = None  # "nvme": the directory that holds this run's swap directory
     buffer_count: int = 4  # "nvme": chunk buffers in host memory (reading ahead, stepping, writing back)
     state_dtype: str = "fp32"  # per-element optimizer state between steps ("bf16": [Note: bf16 host state])
+    host_share: float | str = 0.0  # "nvme": share of the offloaded elements whose masters and state stay in
+    # host memory, in [0, 1] (0: all in swap files, 1: none); or "auto" ([Note: host share] in split_tier.py)
 
     def __post_init__(self) -> None:
         if self.device not in TIERS:
@@ -63,6 +67,13 @@ class OptimizerOffload:
             raise ValueError(f"offload ratio must be in (0, 1] or 'auto', got {self.ratio!r}")
         if self.device == "nvme" and not self.nvme_path:
             raise ValueError("optimizer offload to 'nvme' needs nvme_path (a directory)")
+        share = self.host_share
+        if share != "auto" and (isinstance(share, bool) or not isinstance(share, (int, float))
+                                or not 0.0 <= share <= 1.0):
+            raise ValueError(f"offload_optimizer.host_share must be a number in [0, 1] or 'auto', got {share!r}")
+        if share != 0 and self.device != "nvme":
+            raise ValueError(f"offload_optimizer.host_share {share!r} applies to device 'nvme' only (the share of "
+                             f"the offloaded state kept in host memory), got device {self.device!r}; allowed: 0")
         if self.buffer_count < 1:
             raise ValueError(f"buffer_count must be >= 1, got {self.buffer_count}")
         if self.state_dtype not in STATE_DTYPES:

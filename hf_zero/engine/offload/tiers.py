@@ -6,8 +6,9 @@ under ``nvme_path`` ("nvme"):
 
     what                                   interface      "cpu"                 "nvme"
     stage-3 param shards (offload_param)   ShardMemory    host_memory.HostMemory  nvme_params.NvmeParamMemory
-    fp32 masters + optimizer state         StateTier      HostTier (below)        nvme_swap.NvmeTier
-      (offload_optimizer)
+    fp32 masters + optimizer state         StateTier      HostTier (below)        nvme_swap.NvmeTier, or with
+      (offload_optimizer)                                                         host_share > 0 a
+                                                                                  split_tier.SplitTier of both
 
 Both are an ``OffGpu``: ``on_disk`` says whether what they hold outside a step is file pages
 (the run report counts it as NVMe, not host memory), and ``close`` lets go of it (the swap
@@ -17,8 +18,10 @@ the step writes it through ``write`` (the NVMe one: staging buffers and ``pwrite
 process's RSS holds a few buffers, not the shards: nvme_staging.py). A
 ``StateTier`` moves its state around the host step instead: ``fetch`` a chunk where the
 optimizer steps it, ``release`` it back, since the optimizer's per-element state is too large to
-keep mapped while it is read and written at memory speed. ``param_memory`` and ``state_tier``
-are the factories; nothing else looks at ``device``.
+keep mapped while it is read and written at memory speed; ``on_disk_of`` says where it keeps
+one bucket's (a ``SplitTier`` keeps the first chunks in host memory and the rest on NVMe: [Note:
+host share] in split_tier.py). ``param_memory`` and ``state_tier`` are the factories; nothing
+else looks at ``device`` or ``host_share``.
 """
 
 from __future__ import annotations
@@ -30,8 +33,10 @@ import torch
 from hf_zero.engine.offload.host_memory import HostMemory
 from hf_zero.engine.offload.nvme_files import BLOCK_BYTES
 from hf_zero.engine.offload.nvme_params import NvmeParamMemory
-from hf_zero.engine.offload.nvme_swap import NvmeTier
+from hf_zero.engine.offload import split_tier
+from hf_zero.engine.offload.nvme_swap import NvmeTier, state_tensors_per_element
 from hf_zero.engine.offload.settings import OptimizerOffload, ParamOffload
+from hf_zero.engine.offload.split_tier import SplitTier
 
 
 class OffGpu(Protocol):
@@ -72,6 +77,7 @@ class StateTier(OffGpu, Protocol):
     def release(self, c: int, uploaded) -> None: ...
     def finish(self) -> None: ...
     def resident_bytes(self) -> int: ...
+    def on_disk_of(self, i: int) -> bool: ...
 
 
 class HostTier:
@@ -100,6 +106,9 @@ class HostTier:
     def resident_bytes(self) -> int:
         return 0  # the masters are counted as masters, the state as optimizer state
 
+    def on_disk_of(self, i: int) -> bool:
+        return False
+
     def close(self) -> None:
         pass
 
@@ -119,7 +128,21 @@ def param_memory(offload: ParamOffload, model, ctx) -> ShardMemory:
 
 def state_tier(offload: OptimizerOffload | None, chunks: list[list[int]], shard_sizes: list[int],
                memory: HostMemory, ctx=None, optimizer=None) -> StateTier:
-    """The tier ``offload`` asks for (None: host memory, as in tests that build a HostStep alone)."""
+    """The tier ``offload`` asks for (None: host memory, as in tests that build a HostStep alone);
+    with "nvme", the first chunks up to ``host_share`` of the elements in host memory ([Note: host
+    share]): all of them a ``HostTier``, none an ``NvmeTier``, else a ``SplitTier`` of the two."""
     if offload is None or offload.device == "cpu":
         return HostTier(memory, chunks)
-    return NvmeTier(offload, chunks, shard_sizes, memory, ctx, optimizer)
+    numel = [sum(shard_sizes[i] for i in chunk) for chunk in chunks]
+    share = offload.host_share
+    if share == "auto":
+        choice = split_tier.auto_share(numel, state_tensors_per_element(optimizer), offload.buffer_count, ctx)
+        split_tier.say(choice, ctx)
+        share = choice.share
+    count = split_tier.host_chunks(numel, share)
+    if count == len(chunks):
+        return HostTier(memory, chunks)
+    if count == 0:
+        return NvmeTier(offload, chunks, shard_sizes, memory, ctx, optimizer)
+    nvme = NvmeTier(offload, chunks[count:], shard_sizes, memory, ctx, optimizer)
+    return SplitTier(HostTier(memory, chunks[:count]), nvme, chunks, count)

@@ -1,0 +1,171 @@
+"""``SplitTier``: offloaded masters and optimizer state partly in host memory, the rest on NVMe.
+
+[Note: host share] With ``offload_optimizer.device = "nvme"``, ``host_share`` of the offloaded
+elements keeps its fp32 masters and optimizer state in host memory (a ``HostTier``) and the rest
+in swap files (an ``NvmeTier``); the GPU share (``ratio``) is unchanged. The split is decided once,
+when the tier is built, *by chunk* (the unit the host step fetches and releases, ``tiers.StateTier``)
+in chunk order: the first chunks go to host memory until ``host_share`` of the offloaded elements
+is there, as ``OptimizerOffload.offloaded`` splits buckets by ``ratio``:
+
+    chunks (elements):   c0 (400)   c1 (400)   c2 (400)   c3 (400)      host_share 0.5
+    placed before c:          0        400        800       1200         < 0.5 x 1600 = 800?
+    tier:                   host       host       nvme       nvme
+
+A chunk is never split between the two, so the share is met to within a chunk (``buffer_size``
+elements, 1e8 by default: 1.2 GB of AdamW state). The first chunks hold the first buckets, whose
+grads come down first in backward, so the host-memory part is stepped first while the NVMe tier
+reads its first chunk ahead. Which tier holds a chunk changes where bytes live, never what the
+step computes: the same optimizer steps the same pieces in the same order, so the results are bit
+for bit those of all-host and of all-NVMe.
+
+``host_share`` "auto": as much as fits in the host memory available when the tier is built
+(``MemAvailable``; ranks on one host split the smallest reading among them equally), less
+``MARGIN`` of the host's memory and less what this rank's offload needs beside the state in any
+case (its fp32 host grads, 4 bytes per offloaded element, and the NVMe chunk buffers):
+
+    per rank   = (min MemAvailable of the host's ranks - MARGIN x MemTotal) / ranks on the host
+    budget     = per rank - 4 x offloaded elements - buffer_count x (1 + state tensors) x 4 x chunk
+    host_share = budget / ((1 + state tensors) x 4 x offloaded elements), within [0, 1]
+
+(AdamW: 12 bytes of state per element in host memory, 16 with its grad.) The chosen share and its
+numbers are logged once (rank 0).
+
+While any chunk is on NVMe the whole step behaves as the NVMe tier's (``on_disk``): its chunks
+wait for the global norm under clipping (no speculation, [Note: speculation]) and are stepped in
+chunk order. The run report counts each bucket where its tier keeps it (``on_disk_of``).
+"""
+
+from __future__ import annotations
+
+import sys
+from dataclasses import dataclass
+
+import torch
+
+MARGIN = 0.10  # of the host's memory (MemTotal), left free by "auto"
+
+
+def host_chunks(chunk_numel: list[int], share: float) -> int:
+    """How many leading chunks (by their elements, in chunk order) live in host memory: each one
+    whose elements before it are below ``share`` of all (0: none, 1: all)."""
+    total, acc, count = sum(chunk_numel), 0, 0
+    for n in chunk_numel:
+        if not acc < share * total:
+            break
+        acc += n
+        count += 1
+    return count
+
+
+def host_memory() -> tuple[int, int] | None:
+    """(MemAvailable, MemTotal) of this host in bytes, from /proc/meminfo; None where there is
+    none. Tests replace this function."""
+    try:
+        with open("/proc/meminfo") as f:
+            fields = dict(line.split(":", 1) for line in f)
+        return int(fields["MemAvailable"].split()[0]) * 1024, int(fields["MemTotal"].split()[0]) * 1024
+    except (OSError, KeyError, ValueError):
+        return None
+
+
+@dataclass(frozen=True)
+class AutoShare:
+    """What "auto" decided, and from what (the log line)."""
+
+    share: float
+    available_bytes: int  # the smallest MemAvailable of this host's ranks
+    total_bytes: int  # MemTotal
+    ranks_on_host: int
+    state_bytes_per_element: int  # 4 x (1 + state tensors)
+    fixed_bytes: int  # grads and chunk buffers of this rank's offload
+
+    def line(self) -> str:
+        from hf_zero.byte_units import fmt_bytes
+
+        return (f"hf_zero: offload_optimizer.host_share \"auto\" chose {self.share:.4f}: "
+                f"{fmt_bytes(self.available_bytes)} of host memory available, {MARGIN:.0%} of "
+                f"{fmt_bytes(self.total_bytes)} kept free, shared by {self.ranks_on_host} rank(s) on this host; "
+                f"{fmt_bytes(self.fixed_bytes)} per rank for host grads and NVMe chunk buffers, "
+                f"{self.state_bytes_per_element} bytes per element of masters and optimizer state")
+
+
+def auto_share(chunk_numel: list[int], state_tensors: int, buffer_count: int, ctx) -> AutoShare:
+    """``host_share`` "auto" for chunks of ``chunk_numel`` elements (see the Note); every rank of
+    one host takes the same reading, so they agree."""
+    import torch.distributed as dist
+
+    from hf_zero.engine.offload.nvme_files import host_name
+
+    got = host_memory()
+    mine = (host_name(), *(got if got is not None else (0, 0)))
+    everyone = [mine]
+    if ctx is not None and ctx.world_size > 1:
+        everyone = [None] * ctx.world_size
+        dist.all_gather_object(everyone, mine, group=ctx.group)
+    here = [(a, t) for (h, a, t) in everyone if h == mine[0]]
+    available, total = min(a for a, _ in here), max(t for _, t in here)
+    per_rank = (available - MARGIN * total) / len(here)
+    elements = sum(chunk_numel)
+    per_element = 4 * (1 + state_tensors)
+    fixed = 4 * elements + buffer_count * per_element * max(chunk_numel, default=0)
+    share = 0.0 if elements == 0 else min(1.0, max(0.0, (per_rank - fixed) / (per_element * elements)))
+    return AutoShare(share, available, total, len(here), per_element, int(fixed))
+
+
+def say(choice: AutoShare, ctx) -> None:
+    """The log line, from rank 0."""
+    if ctx is None or ctx.rank == 0:
+        print(choice.line(), file=sys.stderr, flush=True)
+
+
+class SplitTier:
+    """The ``tiers.StateTier`` of a host/NVMe split: chunks ``[0, count)`` in ``host`` (a
+    ``HostTier`` over those chunks), the rest in ``nvme`` (an ``NvmeTier`` over the rest, its
+    chunk ``c - count``). See [Note: host share]."""
+
+    on_disk = True  # a chunk is on NVMe: the step waits for the norm and goes in chunk order
+
+    def __init__(self, host, nvme, chunks: list[list[int]], count: int) -> None:
+        if not 0 < count < len(chunks):
+            raise AssertionError(f"a split needs chunks on both sides, got {count} of {len(chunks)} in host memory")
+        self.host, self.nvme, self.chunks, self.count = host, nvme, chunks, count
+        self._host_buckets = {i for chunk in chunks[:count] for i in chunk}
+
+    def _side(self, c: int):
+        return (self.host, c) if c < self.count else (self.nvme, c - self.count)
+
+    def on_disk_of(self, i: int) -> bool:
+        return i not in self._host_buckets
+
+    def master(self, i: int, shard: torch.Tensor) -> torch.Tensor:
+        return (self.nvme if self.on_disk_of(i) else self.host).master(i, shard)
+
+    def begin(self, optimizer: torch.optim.Optimizer, pieces_of: dict[int, list]) -> None:
+        self.host.begin(optimizer, pieces_of)
+        self.nvme.begin(optimizer, pieces_of)  # reads its first chunk while the host chunks step
+
+    def fetch(self, c: int, masters: list[torch.Tensor]) -> dict[int, torch.Tensor]:
+        tier, local = self._side(c)
+        return tier.fetch(local, masters)
+
+    def release(self, c: int, uploaded) -> None:
+        tier, local = self._side(c)
+        tier.release(local, uploaded)
+
+    def finish(self) -> None:
+        try:
+            self.host.finish()
+        finally:
+            self.nvme.finish()
+
+    def resident_bytes(self) -> int:
+        return self.host.resident_bytes() + self.nvme.resident_bytes()
+
+    def disk_bytes(self) -> int:
+        return self.nvme.disk_bytes()
+
+    def close(self) -> None:
+        try:
+            self.host.close()
+        finally:
+            self.nvme.close()
