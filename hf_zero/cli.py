@@ -142,6 +142,9 @@ def build_parser() -> argparse.ArgumentParser:
     est.add_argument("--offload_state_dtype", default="fp32", choices=["fp32", "bf16"],
                      help="with --offload cpu: the offloaded optimizer state's dtype "
                           "(offload_optimizer.state_dtype; bf16 changes numerics) (default fp32)")
+    est.add_argument("--offload_host_share", type=float, default=0.0, metavar="S",
+                     help="with --offload nvme: the share of masters and optimizer state kept in host memory "
+                          "instead of the swap files (offload_optimizer.host_share, in [0, 1]) (default 0)")
     est.add_argument("--device_memory", type=float, default=None, metavar="GIB",
                      help='with --offload: the accelerator\'s memory in GiB, to show what offload_optimizer.ratio '
                           '"auto" would choose (default: not shown)')

@@ -23,7 +23,8 @@ p: bytes of the model dtype, p': bytes of the param dtype. Frozen params are rep
 Optimizer offload (``--offload cpu|nvme``) moves the fp32 masters, the optimizer state and the
 grads at the step off the device: column "host" (cpu), or "nvme" for masters and state with the
 grads still in host memory (plus the NVMe tier's chunk buffers, buffer_count x buffer_size x 4 x
-(1 + state tensors) bytes, not in the table). Parameter offload (stage 3, ``offload_param`` "cpu")
+(1 + state tensors) bytes, not in the table); ``--offload_host_share S`` (``offload_optimizer.host_share``)
+keeps S of the masters and state in host memory and the rest on NVMe. Parameter offload (stage 3, ``offload_param`` "cpu")
 is not modelled here: it moves the stage-3 "params" column (all but the persistent params) to the
 host (``hf-zero doctor`` counts it so).
 """
@@ -162,6 +163,7 @@ def estimate_bytes(
     persistence_threshold: int = 0,
     offload_device: str = "cpu",
     state_dtype: str = "fp32",
+    host_share: float = 0.0,
 ) -> dict[str, int]:
     """Bytes one rank holds at the optimizer step, keyed as ``hf_zero_report.json``'s ``bytes``.
 
@@ -188,6 +190,9 @@ def estimate_bytes(
       of the offloaded masters and state (engine/offload/speculation.py; the run report counts them).
       ``state_dtype`` "bf16" (offload "cpu" only, [Note: bf16 host state]): the offloaded state at
       2 bytes per value instead of 4 (AdamW: 12 host bytes per element instead of 16).
+      ``host_share`` (offload "nvme" only, [Note: host share]): that share of the masters and state
+      in ``host_offload``, the rest in ``nvme_offload`` (the engine splits by chunks, so the real
+      split is within a chunk of this).
     """
     _check("stage", stage, STAGES)
     _check("dtype", dtype, tuple(DTYPE_BYTES))
@@ -225,9 +230,15 @@ def estimate_bytes(
         raise ValueError(f"state_dtype must be 'fp32', or 'bf16' with optimizer offload to 'cpu'; got {state_dtype!r}")
     if state_dtype == "bf16":
         state /= 2
+    if isinstance(host_share, bool) or not isinstance(host_share, (int, float)) or not 0.0 <= host_share <= 1.0 \
+            or (host_share and not (offload_optimizer and offload_device == "nvme")):
+        raise ValueError(f"host_share must be in [0, 1], and above 0 only with optimizer offload to 'nvme'; "
+                         f"got {host_share!r}")
     if offload_optimizer and offload_device == "nvme":
+        swapped = 4 * shard + round(state)  # fp32 masters and optimizer state
+        in_host = round(host_share * swapped)
         return {"params": params, "grads_at_step": 0, "peak_grads": peak, "optimizer_state": 0,
-                "host_offload": 4 * shard, "nvme_offload": 4 * shard + round(state)}
+                "host_offload": 4 * shard + in_host, "nvme_offload": swapped - in_host}
     if offload_optimizer:
         return {"params": params, "grads_at_step": 0, "peak_grads": peak, "optimizer_state": 0,
                 "host_offload": 4 * shard + round(state) + 4 * shard, "nvme_offload": 0}
@@ -442,6 +453,10 @@ def run(args: argparse.Namespace) -> int:
                          "with --pp_schedule 1F1B (one micro-batch per stage at least, as the Trainer requires)")
     bucket = _parse_bucket(args.reduce_bucket_size)
     offload = args.offload in ("cpu", "nvme")
+    share = args.offload_host_share
+    if not 0.0 <= share <= 1.0 or (share and args.offload != "nvme"):
+        raise ValueError(f"--offload_host_share {share}: allowed: a number in [0, 1], above 0 only with --offload nvme "
+                         f"(offload_optimizer.host_share; --offload is {args.offload})")
     axes = Axes(world=args.world, tp=args.tp, pp=args.pp)
     if axes.tp > 1 and offload:
         raise ValueError(f"--offload {args.offload} with --tp {axes.tp}: optimizer offload with tensor parallelism is "
@@ -474,7 +489,8 @@ def run(args: argparse.Namespace) -> int:
             b = estimate_bytes(rank, stage=stage, world=dp, dtype=args.dtype, optimizer=args.optimizer,
                                model_dtype=args.model_dtype, reduce_bucket_size=bucket,
                                offload_optimizer=offload and stage > 0, offload_device=args.offload,
-                               state_dtype=args.offload_state_dtype if offload and stage > 0 else "fp32")
+                               state_dtype=args.offload_state_dtype if offload and stage > 0 else "fp32",
+                               host_share=args.offload_host_share if offload and stage > 0 else 0.0)
             gathered = gathered_params_bytes(rank, world=dp, dtype=args.dtype,
                                              model_dtype=args.model_dtype) if stage == 3 else 0
             states = b["params"] + gathered + b["peak_grads"] + b["optimizer_state"]

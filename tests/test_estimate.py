@@ -12,11 +12,13 @@ from __future__ import annotations
 
 import json
 import os
+import re
 
 import pytest
 import torch
 from transformers import AutoModelForCausalLM, LlamaConfig, Trainer, TrainingArguments
 
+from hf_zero.byte_units import fmt_bytes
 from hf_zero.cli import main
 from hf_zero.estimate import count_params, estimate_bytes, load_model_config, meta_model
 from hf_zero.testing.multiprocess import run_on_ranks
@@ -121,6 +123,29 @@ def test_bf16_host_state_halves_the_offloaded_state(config_path):
     assert {k: v for k, v in fp32.items() if k != "host_offload"} == {k: v for k, v in bf16.items() if k != "host_offload"}
     with pytest.raises(ValueError, match="state_dtype must be 'fp32', or 'bf16' with optimizer offload to 'cpu'"):
         estimate_bytes(counts, **{**args, "offload_optimizer": False}, state_dtype="bf16")
+
+
+def test_host_share_splits_the_nvme_bytes(config_path, capsys):
+    # offload_optimizer.host_share ([Note: host share]): that share of the masters and state in host memory
+    counts = count_params(meta_model(load_model_config(config_path)))
+    kw = dict(stage=2, world=2, dtype="fp32", optimizer="adamw", offload_optimizer=True, offload_device="nvme")
+    nvme, split = estimate_bytes(counts, **kw), estimate_bytes(counts, **kw, host_share=0.25)
+    swapped = nvme["nvme_offload"]
+    assert split["nvme_offload"] == swapped - round(0.25 * swapped) and split["nvme_offload"] < swapped
+    assert split["host_offload"] == nvme["host_offload"] + round(0.25 * swapped)
+    assert split["host_offload"] + split["nvme_offload"] == nvme["host_offload"] + swapped
+    assert estimate_bytes(counts, **kw, host_share=1.0)["nvme_offload"] == 0
+    with pytest.raises(ValueError, match="host_share must be in"):
+        estimate_bytes(counts, **{**kw, "offload_device": "cpu"}, host_share=0.5)
+    assert main(["estimate", config_path, "--world", "2", "--stage", "2", "--dtype", "fp32", "--offload", "nvme",
+                 "--offload_host_share", "0.5"]) == 0
+    row = next(re.split(r"\s{2,}", line.strip()) for line in capsys.readouterr().out.splitlines()
+               if line.strip().startswith("2 "))
+    half = estimate_bytes(counts, **kw, host_share=0.5)
+    assert row[-2:] == [fmt_bytes(half["host_offload"]), fmt_bytes(half["nvme_offload"])]
+    assert main(["estimate", config_path, "--offload", "cpu", "--offload_host_share", "0.5"]) == 2
+    assert "--offload_host_share 0.5: allowed: a number in [0, 1], above 0 only with --offload nvme" in \
+        capsys.readouterr().err
 
 
 def test_auto_offload_ratio_for_a_device(config_path, capsys):

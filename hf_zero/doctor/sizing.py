@@ -88,6 +88,9 @@ class RunSpec:
     offload_ratio: float = 1.0
     offload_auto: bool = False
     """offload_optimizer.ratio "auto": sized at 1.0 (the first step), the choice said beside it."""
+    offload_host_share: float = 0.0
+    """offload_optimizer.host_share (device "nvme"): that share of the swapped masters and state in host
+    memory ([Note: host share]); "auto" is sized at 0 (all on NVMe: the disk's bound)."""
     offload_param: str = "none"
     pin_optimizer: bool = False
     pin_param: bool = False
@@ -136,6 +139,8 @@ def spec_from_config(config: Any, *, micro_batch: int | None = None, seq_len: in
         offload_optimizer=zero.offload_optimizer.device if zero.stage >= 1 else "none",
         offload_ratio=zero.offload_optimizer.ratio if isinstance(zero.offload_optimizer.ratio, float) else 1.0,
         offload_auto=not isinstance(zero.offload_optimizer.ratio, float),
+        offload_host_share=zero.offload_optimizer.host_share if isinstance(zero.offload_optimizer.host_share, float)
+        else 0.0,
         offload_param=zero.offload_param.device if zero.stage == 3 else "none",
         pin_optimizer=zero.offload_optimizer.pin_memory, pin_param=zero.offload_param.pin_memory,
         tp=config.tensor_parallel.autotp_size, pp=config.pipeline.stages, pp_schedule=config.pipeline.schedule,
@@ -209,9 +214,11 @@ def _stage_bytes(model: ModelInfo, spec: RunSpec, ranks: int, dtype: str, pp_sta
         if spec.offload_optimizer == "nvme":  # masters and state in the files; the grad copy stays on the host
             grads = round(ratio * b["grads_at_step"])
             offloaded["nvme"] -= grads
-            offloaded["cpu"] = offloaded.get("cpu", 0) + grads
+            kept = round(spec.offload_host_share * offloaded["nvme"])  # [Note: host share]
+            offloaded["nvme"] -= kept
+            offloaded["cpu"] = offloaded.get("cpu", 0) + grads + kept
             if spec.pin_optimizer:
-                pinned += grads
+                pinned += grads + kept
         if spec.offload_optimizer == "cpu" and spec.pin_optimizer:
             pinned += round(ratio * 2 * b["grads_at_step"])  # fp32 master + grad buffer, a shard each
     if spec.stage == 3 and spec.offload_param != "none":

@@ -2,6 +2,7 @@
 
 import pytest
 
+from hf_zero.config import load_config
 from hf_zero.doctor import memory
 from hf_zero.doctor.memory import check_gpu_memory, check_host_memory, check_model, check_pinned_memory
 from hf_zero.doctor.result import Status
@@ -54,6 +55,19 @@ def test_cpu_offload_moves_optimizer_state_to_the_host(model):
     half = rank_bytes(model, RunSpec(stage=3, dtype="bf16", offload_optimizer="cpu", offload_ratio=0.5), 2)
     full = rank_bytes(model, RunSpec(stage=3, dtype="bf16"), 2)
     assert half.device["optimizer"] == round(0.5 * full.device["optimizer"])
+
+
+def test_nvme_host_share_moves_that_share_to_the_host(model, tmp_path):
+    # offload_optimizer.host_share ([Note: host share]): that share of the swapped masters and state in host memory
+    spec = RunSpec(stage=2, dtype="bf16", offload_optimizer="nvme")
+    nvme = rank_bytes(model, spec, 2)
+    split = rank_bytes(model, RunSpec(**{**spec.__dict__, "offload_host_share": 0.25}), 2)
+    kept = round(0.25 * nvme.offloaded["nvme"])
+    assert 0 < kept and split.offloaded == {"nvme": nvme.offloaded["nvme"] - kept, "cpu": nvme.offloaded["cpu"] + kept}
+    assert split.device == nvme.device
+    config = load_config({"zero_optimization": {"stage": 2, "offload_optimizer": {
+        "device": "nvme", "nvme_path": str(tmp_path), "host_share": 0.25}}})
+    assert spec_from_config(config).offload_host_share == 0.25
 
 
 def test_gpu_memory_pass_and_fail(model):

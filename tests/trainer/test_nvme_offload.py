@@ -1,5 +1,6 @@
 """Optimizer offload to NVMe through the Trainer: a DeepSpeed-style ``offload_optimizer`` block
-with ``device: "nvme"`` trains as CPU offload does, and resumes bit for bit from its checkpoint."""
+with ``device: "nvme"`` trains as CPU offload does, and resumes bit for bit from its checkpoint, also
+with part of the state in host memory (``host_share``, [Note: host share])."""
 
 from __future__ import annotations
 
@@ -12,7 +13,7 @@ from hf_zero.testing.multiprocess import run_on_ranks
 from tests.trainer import tiny
 
 
-def _run(rank, world, out, offload, resume_from):
+def _run(rank, world, out, offload, resume_from, host_share=None):
     import hf_zero.trainer as zt
     from hf_zero.trainer import session as S
 
@@ -24,13 +25,17 @@ def _run(rank, world, out, offload, resume_from):
     block = {"device": offload, "buffer_count": 3, "buffer_size": 2000}
     if offload == "nvme":
         block["nvme_path"] = str(out)
+    if host_share is not None:
+        block["host_share"] = host_share
     zt.activate({"zero_optimization": {"stage": 2, "reduce_bucket_size": 1000, "offload_optimizer": block}})
     try:
         trainer = Trainer(model=model, args=args, train_dataset=data)
         trainer.train(resume_from_checkpoint=None if resume_from is None else str(resume_from))
         engine = S.session_of(trainer).engine
         files = None
-        if offload == "nvme":  # the engine is still the Trainer's: its files are there until exit
+        if host_share is not None:  # the first chunks in host memory, the rest in the files
+            assert type(engine._host_step.tier).__name__ == "SplitTier" and engine._host_step.tier.count > 0
+        elif offload == "nvme":  # the engine is still the Trainer's: its files are there until exit
             tier = engine._host_step.tier
             assert len(tier.chunks) > 3
             files = sorted(p.name for p in Path(tier.dir.path).iterdir())
@@ -40,18 +45,21 @@ def _run(rank, world, out, offload, resume_from):
 
 
 def _runs(rank, world, tmp_path):
-    """Three Trainer runs in one process (spawning one costs more than a run)."""
+    """Four Trainer runs in one process (spawning one costs more than a run)."""
     (tmp_path / "nvme").mkdir()
     cpu, _ = _run(rank, world, tmp_path / "cpu", "cpu", None)
     nvme, files = _run(rank, world, tmp_path / "nvme", "nvme", None)
-    resumed, _ = _run(rank, world, tmp_path / "nvme", "nvme", tmp_path / "nvme" / "run" / "checkpoint-3")
-    return cpu, nvme, files, resumed
+    checkpoint = tmp_path / "nvme" / "run" / "checkpoint-3"
+    resumed, _ = _run(rank, world, tmp_path / "nvme", "nvme", checkpoint)
+    split, _ = _run(rank, world, tmp_path / "nvme", "nvme", checkpoint, host_share=0.5)
+    return cpu, nvme, files, resumed, split
 
 
 def test_nvme_offload_through_the_trainer_and_its_checkpoints(tmp_path):
-    cpu, nvme, files, resumed = run_on_ranks(_runs, 1, tmp_path, timeout=300)[0]
+    cpu, nvme, files, resumed, split = run_on_ranks(_runs, 1, tmp_path, timeout=300)[0]
     assert files == ["master.swap", "state.exp_avg.swap", "state.exp_avg_sq.swap"]
     assert nvme == cpu and len(nvme) == 6  # the same arithmetic, wherever the state lives
     assert [resumed[s] for s in (4, 5, 6)] == [nvme[s] for s in (4, 5, 6)]
+    assert [split[s] for s in (4, 5, 6)] == [nvme[s] for s in (4, 5, 6)]  # resumed with half in host memory
     # every rank process has exited: no swap directory is left
     assert [p for p in os.listdir(tmp_path / "nvme") if p.startswith("hf_zero-swap")] == []

@@ -28,7 +28,9 @@ case (its fp32 host grads, 4 bytes per offloaded element, and the NVMe chunk buf
     host_share = budget / ((1 + state tensors) x 4 x offloaded elements), within [0, 1]
 
 (AdamW: 12 bytes of state per element in host memory, 16 with its grad.) The chosen share and its
-numbers are logged once (rank 0).
+numbers are logged once (rank 0). It is read again at each build: after ``ratio`` "auto" rebuilds
+the host step ([Note: auto ratio]) the earlier masters and state are still held while it reads, so
+that reading is lower and the share errs toward NVMe.
 
 While any chunk is on NVMe the whole step behaves as the NVMe tier's (``on_disk``): its chunks
 wait for the global norm under clipping (no speculation, [Note: speculation]) and are stepped in
