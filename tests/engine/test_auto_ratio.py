@@ -86,7 +86,7 @@ def _train(model, engine, rank, clip):
     return losses, placed, params, state, engine.held_bytes()
 
 
-def _auto_vs_hand(rank, world, stage, overlap, share_of_rank, nvme_path=None):
+def _auto_vs_hand(rank, world, stage, overlap, share_of_rank, nvme_path=None, host_share=0.0):
     # The stand-in device: left at the first step's peak, the margin and room for
     # ``share_of_rank[rank]`` of the optimizer's elements at 12 bytes each (fp32 params: the
     # master is the shard itself; AdamW's 2 moments; the main grad).
@@ -101,15 +101,16 @@ def _auto_vs_hand(rank, world, stage, overlap, share_of_rank, nvme_path=None):
             ratio = runs[0][-1].ratio
         engine = ZeroEngine(model, opt, stage=stage, bucket_numel=1000,
                             offload=OptimizerOffload("nvme" if nvme_path else "cpu", ratio=ratio, chunk_numel=2000,
-                                                     nvme_path=nvme_path))
+                                                     nvme_path=nvme_path, host_share=host_share))
         elements["n"] = sum(b.shard_numel for b in engine.buckets)
         if overlap:
             engine.set_step_in_backward(True, overlap_forward=True, speculation=SpeculationPolicy(budget=0.5))
         runs.append((*_train(model, engine, rank, 0.5 if overlap else None), engine.auto_ratio))
+        tier = type(engine._host_step.tier).__name__
         engine.close()
     (a_loss, a_placed, a_params, a_state, a_held, choice), (h_loss, h_placed, h_params, h_state, h_held, none) = runs
     return {
-        "choice": choice, "hand_choice": none,
+        "choice": choice, "hand_choice": none, "tier": tier,
         "first_step_all_offloaded": all(a_placed[0]),
         "placed_as_by_hand": a_placed[1:] == h_placed[1:] and a_placed[-1] == h_placed[-1],
         "some_on_device": not all(h_placed[-1]), "some_offloaded": any(h_placed[-1]),
@@ -151,6 +152,14 @@ def test_auto_ratio_with_the_nvme_tier(tmp_path):
     # still mapped); those that stay are written into the new files at their next step
     _check(run_on_ranks(_auto_vs_hand, 2, 2, False, [0.5, 0.5], str(tmp_path), timeout=240), 2)
     assert list(tmp_path.iterdir()) == []  # every swap directory removed at close
+
+
+def test_auto_ratio_with_part_of_the_state_in_host_memory(tmp_path):
+    # offload_optimizer.host_share ([Note: host share]): the re-placed buckets split anew, bit for bit
+    results = run_on_ranks(_auto_vs_hand, 1, 2, False, [0.5], str(tmp_path), 0.5, timeout=240)
+    _check(results, 1)
+    assert results[0]["tier"] == "SplitTier"
+    assert list(tmp_path.iterdir()) == []
 
 
 def _no_device(rank, world):
