@@ -56,10 +56,12 @@ def check_config(args: argparse.Namespace) -> int:
 
 def estimate(args: argparse.Namespace) -> int:
     """Print the per-stage memory table, or `hf_zero: <message>` and exit code 2."""
-    from hf_zero.estimate import run
+    from hf_zero import estimate_traffic
+    from hf_zero.estimate import checked, memory
 
     try:
-        return run(args)
+        axes, stages, bucket = checked(args)
+        return (estimate_traffic.run if args.traffic else memory)(args, axes, stages, bucket)
     except ValueError as error:
         print(f"hf_zero: {error}", file=sys.stderr)
         return 2

@@ -439,7 +439,15 @@ def _parse_bucket(text: str) -> int | str:
 
 
 def run(args: argparse.Namespace) -> int:
-    """The ``estimate`` subcommand: print the table (and write the plot); ValueError for bad input."""
+    """The ``estimate`` subcommand: print the table (and write the plot); ValueError for bad input.
+    ``--traffic`` is estimate_traffic.run's (cli.py sends it there)."""
+    axes, stages, bucket = checked(args)
+    return memory(args, axes, stages, bucket)
+
+
+def checked(args: argparse.Namespace) -> tuple[Axes, tuple[int, ...], int | str]:
+    """The flags both tables take, each refused with its value and what is allowed: (axes, ZeRO
+    stages to show, reduce bucket size)."""
     for name in ("world", "nodes", "micro_batch", "seq_len"):
         if getattr(args, name) < 1:
             raise ValueError(f"--{name} must be a positive integer, got {getattr(args, name)}")
@@ -468,8 +476,13 @@ def run(args: argparse.Namespace) -> int:
             raise ValueError(f"{what} with --pp {axes.pp}: {'optimizer offload' if offload else 'ZeRO stage 3'} with "
                              "pipeline stages is not built yet (the Trainer refuses it too)")
         stages = tuple(s for s in stages if s != 3)
-    if args.traffic:
-        return _traffic(args, axes, stages, bucket)
+    return axes, stages, bucket
+
+
+def memory(args: argparse.Namespace, axes: Axes, stages: tuple[int, ...], bucket) -> int:
+    """The memory table (and the plot) for flags ``checked`` passed."""
+    offload = args.offload in ("cpu", "nvme")
+    share = args.offload_host_share
     if args.plot is not None:
         try:
             import matplotlib
@@ -530,38 +543,6 @@ def _check_traffic_flags(args) -> None:
     for name in ("nvlink_bw", "network_bw"):
         if getattr(args, name) is not None and not getattr(args, name) > 0:
             raise ValueError(f"--{name} must be a positive number of GB/s, got {getattr(args, name)}")
-
-
-def _traffic(args, axes: Axes, stages, bucket) -> int:
-    """``--traffic``: per ZeRO stage, what the busiest rank sends in one optimizer step, by link
-    ([Note: traffic per step] in estimate_traffic.py)."""
-    from hf_zero.estimate_traffic import NETWORK_GBPS, NVLINK_GBPS, Placement, busiest, render, step_traffic
-
-    nvlink, network = args.nvlink_bw or NVLINK_GBPS, args.network_bw or NETWORK_GBPS
-    placement = Placement(axes, args.gpus_per_node or args.world // args.nodes)
-    cfg = load_model_config(args.model_config)
-    counts = count_params(meta_model(cfg))
-    shape = activation_shape(cfg)
-    sequences = args.micro_batch * args.grad_accum * axes.dp
-    print(f"model: {args.model_config} ({cfg.model_type}); params {counts.total:,} (trainable {counts.trainable:,}, "
-          f"frozen {counts.frozen:,}; tied weights counted once)")
-    print(f"world {axes.world} ranks = {placement.nodes} node(s) x {placement.gpus_per_node} GPUs; (pp, dp, tp) = "
-          f"({axes.pp}, {axes.dp}, {axes.tp}), pp outermost, tp innermost (a tp group inside a node)")
-    print(f"micro batch {args.micro_batch} x seq len {args.seq_len}, gradient accumulation {args.grad_accum}: "
-          f"{sequences:,} sequences ({sequences * args.seq_len:,} tokens) a step; precision {args.dtype}, model "
-          f"loaded in {args.model_dtype}{', gradient checkpointing' if args.gradient_checkpointing else ''}")
-    for stage in stages:
-        ranks = step_traffic(counts, shape, placement, stage=stage, seq_len=args.seq_len, micro_batch=args.micro_batch,
-                             grad_accum=args.grad_accum, dtype=args.dtype, model_dtype=args.model_dtype,
-                             bucket_numel=_bucket_numel(bucket, counts.hidden_size),
-                             gradient_checkpointing=args.gradient_checkpointing)
-        print(f"\nZeRO stage {stage}, " + render(busiest(ranks, nvlink, network), placement, nvlink_gbps=nvlink,
-                                                   network_gbps=network))
-    print("\nA paper model, not a measurement: ring collectives, each rank sends (n-1)/n of a buffer for an all-gather "
-          "or reduce-scatter, 2(n-1)/n for an all-reduce; a group spanning k nodes sends k/n of it over the network "
-          "(docs/parallelism.md, Paper model). Not counted: norm and loss all-reduces, host-device copies (offload), "
-          "latency, NVLS/tree algorithms.")
-    return 0
 
 
 def _activations(args, cfg, counts: ParamCounts, axes: Axes, pp_stage: int) -> int | None:

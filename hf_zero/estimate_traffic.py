@@ -71,6 +71,7 @@ from typing import NamedTuple
 
 from hf_zero.byte_units import fmt_bytes
 from hf_zero.config.checks import divisors
+from hf_zero import estimate as E
 from hf_zero.estimate import DEFAULT_BUCKET, DTYPE_BYTES, STAGES, ActivationShape, ParamCounts, bucket_layout
 from hf_zero.estimate_parallel import TP_KEY, Axes
 from hf_zero.estimate_pipeline import PP_KEY, layer_counts
@@ -301,3 +302,33 @@ def render(traffic: RankTraffic, placement: Placement, *, nvlink_gbps: float = N
                  f"NVLink {nv:.3f} s, network {net:.3f} s; lower bound {max(nv, net):.3f} s a step "
                  "(links in parallel, no latency, no overlap with compute counted)")
     return "\n".join(lines)
+
+
+def run(args, axes: Axes, stages, bucket) -> int:
+    """``--traffic``: per ZeRO stage, what the busiest rank sends in one optimizer step, by link
+    ([Note: traffic per step] in estimate_traffic.py)."""
+    nvlink, network = args.nvlink_bw or NVLINK_GBPS, args.network_bw or NETWORK_GBPS
+    placement = Placement(axes, args.gpus_per_node or args.world // args.nodes)
+    cfg = E.load_model_config(args.model_config)
+    counts = E.count_params(E.meta_model(cfg))
+    shape = E.activation_shape(cfg)
+    sequences = args.micro_batch * args.grad_accum * axes.dp
+    print(f"model: {args.model_config} ({cfg.model_type}); params {counts.total:,} (trainable {counts.trainable:,}, "
+          f"frozen {counts.frozen:,}; tied weights counted once)")
+    print(f"world {axes.world} ranks = {placement.nodes} node(s) x {placement.gpus_per_node} GPUs; (pp, dp, tp) = "
+          f"({axes.pp}, {axes.dp}, {axes.tp}), pp outermost, tp innermost (a tp group inside a node)")
+    print(f"micro batch {args.micro_batch} x seq len {args.seq_len}, gradient accumulation {args.grad_accum}: "
+          f"{sequences:,} sequences ({sequences * args.seq_len:,} tokens) a step; precision {args.dtype}, model "
+          f"loaded in {args.model_dtype}{', gradient checkpointing' if args.gradient_checkpointing else ''}")
+    for stage in stages:
+        ranks = step_traffic(counts, shape, placement, stage=stage, seq_len=args.seq_len, micro_batch=args.micro_batch,
+                             grad_accum=args.grad_accum, dtype=args.dtype, model_dtype=args.model_dtype,
+                             bucket_numel=E._bucket_numel(bucket, counts.hidden_size),
+                             gradient_checkpointing=args.gradient_checkpointing)
+        print(f"\nZeRO stage {stage}, " + render(busiest(ranks, nvlink, network), placement, nvlink_gbps=nvlink,
+                                                   network_gbps=network))
+    print("\nA paper model, not a measurement: ring collectives, each rank sends (n-1)/n of a buffer for an all-gather "
+          "or reduce-scatter, 2(n-1)/n for an all-reduce; a group spanning k nodes sends k/n of it over the network "
+          "(docs/parallelism.md, Paper model). Not counted: norm and loss all-reduces, host-device copies (offload), "
+          "latency, NVLS/tree algorithms.")
+    return 0
