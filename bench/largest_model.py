@@ -27,9 +27,17 @@ and the step's speculative copies, which take only what leaves 10% of it free) a
 most ~70 GiB, fp32 state fits 10.5 G (32 layers) with params on NVMe, 9.2 G (28 layers) with
 params on the host; two more layers put the GPU at 79 GiB. 13.0 G fits only with bf16 state
 (12 x 9.2 G = 103 GiB on the host, params on NVMe, 57 + 13 GiB on the GPU), an opt-in numerics
-change. The ratio counts whole stage-3 units (``offloaded_elements``), as the engine splits. Not expressible
-today: one optimizer split over GPU, host *and* NVMe (the NVMe tier is all or nothing past the
-ratio), which fp32 13B would need (12 bytes x 9.2 G: 110 GB host + NVMe together). Gradient
+change. The ratio counts whole stage-3 units (``offloaded_elements``), as the engine splits.
+
+fp32 13.0 G (plan ``13b-fp32-split``) spreads the optimizer over all three: the GPU takes what fits
+(16 x + W at most ``GPU_TIER_BYTES``, 70 GiB: the ratio is set by the GPU, ``ratio_for``), the host
+the offloaded elements' fp32 grads (4 bytes each) and ``offload_optimizer.host_share`` of their
+masters and moments (12 bytes each: [Note: host share] in hf_zero/engine/offload/split_tier.py,
+``host_share_for`` spends H), and NVMe the rest of them plus the params: at 13.0 G about 3.8 G
+elements on the GPU (57 GiB), 9.2 G offloaded: 34 GiB of grads and 0.67 of the 103 GiB of state
+on the host, 33 GiB of state and 24 GiB of params on the disk (57 GiB: ``main`` refuses before
+starting when the disk under ``--nvme_path`` has less free). DeepSpeed has no host share: its
+config puts all of the offloaded optimizer on NVMe (the same JSON less ``host_share``). Gradient
 accumulation is left at 1: at W = 1 every bucket's fp32 main grad stays on the GPU while
 micro-steps accumulate (4 N: 52 GB at 13B), so a larger micro batch buys the tokens instead.
 `--ratio` overrides the plan's (`ratio_for`: H spent whole); `placement` prints what to expect.
@@ -59,6 +67,7 @@ from run import ROOT, failure_summary, git_commit, job_arguments, probe_environm
 
 GIB = 1 << 30
 HOST_TIER_BYTES = 104 * GIB  # H: host bytes the tiers may take (see the Note)
+GPU_TIER_BYTES = 70 * GIB  # the GPU's optimizer share plus its working set, for a GPU-bound plan (see the Note)
 GPU_WORK_BYTES = 13 * GIB  # W at micro batch 2 (see the Note)
 SHAPES = {"13b": (5120, 13824, 32000), "tiny": (64, 128, 256)}  # hidden, intermediate, vocab (job.py's presets)
 
@@ -70,12 +79,15 @@ class Plan:
     params: str  # "cpu" or "nvme": offload_param.device
     micro_batch: int = 2
     note: str = ""
+    optimizer: str = "cpu"  # offload_optimizer.device; "nvme": the host keeps host_share of it (see the Note)
 
 
 PLANS = {
     "fp32-10b": Plan(32, "fp32", "nvme", note="the largest with fp32 optimizer state: 10.5 B"),
     "fp32-9b": Plan(28, "fp32", "cpu", note="fp32 state, params in host memory (no disk traffic): 9.2 B"),
     "13b-bf16state": Plan(40, "bf16", "nvme", note="13.0 B, bf16 AdamW moments on the host (opt-in numerics)"),
+    "13b-fp32-split": Plan(40, "fp32", "nvme", optimizer="nvme",
+                           note="13.0 B, fp32 state over GPU, host (host_share) and NVMe"),
 }
 TOOLS = {"hfzero": ("-m", "hf_zero.run"), "ds": ()}
 
@@ -91,7 +103,14 @@ def host_bytes_per_element(plan: Plan) -> int:
 
 
 def ratio_for(plan: Plan, n: int, host_bytes: int = HOST_TIER_BYTES) -> float:
-    """The largest ratio (to 0.001) whose host tiers fit ``host_bytes``, whole units counted."""
+    """The largest ratio (to 0.001) whose host tiers fit ``host_bytes``, whole units counted; with
+    the optimizer on NVMe, the smallest whose GPU share fits ``GPU_TIER_BYTES`` (the host then
+    takes what ``host_share_for`` gives it)."""
+    if plan.optimizer == "nvme":
+        ratio = 0.001
+        while ratio < 1.0 and 16 * (n - offloaded_elements(plan.layers, ratio)) + GPU_WORK_BYTES > GPU_TIER_BYTES:
+            ratio = round(ratio + 0.001, 3)
+        return ratio
     ratio = max(0.001, min(1.0, int(1000 * (host_bytes - (2 * n if plan.params == "cpu" else 0))
                                     / host_bytes_per_element(plan) / n) / 1000))
     while ratio > 0.001 and placement(plan, n, ratio)["host_tier_bytes"] > host_bytes:
@@ -113,22 +132,43 @@ def offloaded_elements(layers: int, ratio: float, shape: str = "13b") -> int:
     return acc
 
 
-def placement(plan: Plan, n: int, ratio: float) -> dict:
+def host_share_for(plan: Plan, n: int, ratio: float, host_bytes: int = HOST_TIER_BYTES) -> float:
+    """The optimizer on NVMe: the largest ``host_share`` (to 0.01) whose host bytes fit ``host_bytes``:
+    the offloaded elements' grads (4 bytes), that share of their masters and moments (12), the
+    params if they are on the host."""
+    offloaded = offloaded_elements(plan.layers, ratio)
+    room = host_bytes - 4 * offloaded - (2 * n if plan.params == "cpu" else 0)
+    return max(0.0, min(1.0, int(100 * room / (12 * offloaded)) / 100))
+
+
+def placement(plan: Plan, n: int, ratio: float, host_share: float | None = None) -> dict:
     """Bytes where they live ([Note: placement]) for the plan's model of ``n`` params; GPU work is
-    an estimate at micro batch 2."""
-    kept = n - offloaded_elements(plan.layers, ratio)
-    return {"params": n, "ratio": ratio, "gpu_optimizer_bytes": 16 * kept, "gpu_work_bytes_est": GPU_WORK_BYTES,
-            "host_tier_bytes": host_bytes_per_element(plan) * (n - kept) + (2 * n if plan.params == "cpu" else 0),
-            "disk_bytes": 2 * n if plan.params == "nvme" else 0}
+    an estimate at micro batch 2. The optimizer on NVMe: ``host_share`` (default ``host_share_for``)."""
+    offloaded = offloaded_elements(plan.layers, ratio)
+    where = {"params": n, "ratio": ratio, "gpu_optimizer_bytes": 16 * (n - offloaded),
+             "gpu_work_bytes_est": GPU_WORK_BYTES}
+    params_host, params_disk = (2 * n, 0) if plan.params == "cpu" else (0, 2 * n)
+    if plan.optimizer == "nvme":
+        share = host_share_for(plan, n, ratio) if host_share is None else host_share
+        state_host = round(share * 12 * offloaded)
+        return where | {"host_share": share, "host_tier_bytes": 4 * offloaded + state_host + params_host,
+                        "disk_bytes": 12 * offloaded - state_host + params_disk}
+    return where | {"host_tier_bytes": host_bytes_per_element(plan) * offloaded + params_host, "disk_bytes": params_disk}
 
 
-def zero_json(plan: Plan, ratio: float, nvme_path: str, deepspeed: bool = False) -> dict:
+def zero_json(plan: Plan, ratio: float, nvme_path: str, deepspeed: bool = False, host_share: float = 0.0) -> dict:
     """The config both tools read (DeepSpeed's format; hf_zero reads it as it is). ``deepspeed``: with
     an ``optimizer`` block naming AdamW, so that DeepSpeed steps with its CPUAdam, as its offload docs
     publish it (with the Trainer's own torch optimizer it refuses offload); hf_zero's file has none,
     so the Trainer's ``--optim adamw_torch_fused`` (torch's fused CPU kernel on the host) steps. The
-    optimizer block is the only difference: each tool gets its fastest AdamW."""
+    optimizer block is the only difference: each tool gets its fastest AdamW; with the optimizer on
+    NVMe, also ``host_share`` (hf_zero's key: DeepSpeed keeps all of it on NVMe)."""
     params = {"device": plan.params, "pin_memory": True}
+    optimizer = {"device": plan.optimizer, "pin_memory": True, "ratio": ratio}
+    if plan.optimizer == "nvme":
+        optimizer["nvme_path"] = nvme_path
+        if not deepspeed:
+            optimizer["host_share"] = host_share
     if plan.params == "nvme":  # DeepSpeed's param swapper needs a buffer as large as the largest param
         params |= {"nvme_path": nvme_path, "buffer_count": 5, "buffer_size": 200_000_000}
     bf16 = {"enabled": "auto"} | ({"bf16_optimizer_states": True} if plan.state_dtype == "bf16" else {})
@@ -138,7 +178,7 @@ def zero_json(plan: Plan, ratio: float, nvme_path: str, deepspeed: bool = False)
             "stage3_prefetch_bucket_size": "auto", "stage3_param_persistence_threshold": "auto",
             "stage3_max_live_parameters": 1_000_000_000, "stage3_max_reuse_distance": 1_000_000_000,
             "stage3_gather_16bit_weights_on_model_save": False,
-            "offload_optimizer": {"device": "cpu", "pin_memory": True, "ratio": ratio},
+            "offload_optimizer": optimizer,
             "offload_param": params,
         },
         **({"optimizer": {"type": "AdamW", "params": {k: "auto" for k in ("lr", "betas", "eps", "weight_decay")}}}
@@ -298,12 +338,13 @@ def main(argv=None) -> int:
     results.mkdir(parents=True, exist_ok=True)
     configs = {"hfzero": results / f"{opts.name}_config.json", "ds": results / f"{opts.name}_ds_config.json"}
     for tool, path in configs.items():
-        path.write_text(json.dumps(zero_json(plan, ratio, opts.nvme_path, deepspeed=tool == "ds"), indent=2) + "\n")
-    if plan.params == "nvme":
+        config = zero_json(plan, ratio, opts.nvme_path, deepspeed=tool == "ds", host_share=where.get("host_share", 0.0))
+        path.write_text(json.dumps(config, indent=2) + "\n")
+    if where["disk_bytes"]:
         os.makedirs(opts.nvme_path, exist_ok=True)
         free = os.statvfs(opts.nvme_path).f_bavail * os.statvfs(opts.nvme_path).f_frsize
         if opts.shape == "13b" and free < where["disk_bytes"] * 1.05:
-            print(f"[largest] {opts.nvme_path}: {free / GIB:.1f} GiB free, the plan's params need "
+            print(f"[largest] {opts.nvme_path}: {free / GIB:.1f} GiB free, the plan's files need "
                   f"{where['disk_bytes'] / GIB:.1f} GiB: pass --nvme_path on a larger disk", flush=True)
             return 2
     print(f"[largest] {env_info['device_name']}: plan {opts.plan} ({plan.note}), {n / 1e9:.2f} B params, "

@@ -15,6 +15,7 @@ from tests.test_bench_scaling import _BENCH, _load
 largest = _load("largest_model")
 GIB = 1 << 30
 GPU_GIB = 79.1  # an H100 80GB as torch sees it
+DISK_GIB = 64  # the lent machine's disk
 
 
 def test_13b_count_matches_the_estimate():
@@ -33,8 +34,19 @@ def test_each_plan_fits_the_lent_machine(name):
     assert where["host_tier_bytes"] <= largest.HOST_TIER_BYTES
     unit = largest.n_params("13b", 1) - largest.n_params("13b", 0)  # one layer: the split's granularity
     assert where["host_tier_bytes"] > largest.HOST_TIER_BYTES - unit * largest.host_bytes_per_element(plan)  # H spent
-    assert largest.placement(plan, n, ratio + 0.001)["host_tier_bytes"] > largest.HOST_TIER_BYTES  # the largest ratio
     assert where["gpu_optimizer_bytes"] + where["gpu_work_bytes_est"] <= (GPU_GIB - 4) * GIB
+    if plan.optimizer == "nvme":  # the GPU sets the ratio (the smallest that fits), the host its share
+        smaller = largest.placement(plan, n, round(ratio - 0.001, 3))
+        assert smaller["gpu_optimizer_bytes"] + smaller["gpu_work_bytes_est"] > largest.GPU_TIER_BYTES
+        more = largest.placement(plan, n, ratio, host_share=where["host_share"] + 0.01)
+        assert more["host_tier_bytes"] > largest.HOST_TIER_BYTES  # the largest share
+        offloaded = largest.offloaded_elements(plan.layers, ratio)
+        assert where["host_tier_bytes"] + where["disk_bytes"] == 16 * offloaded + 2 * n  # grads, state, params
+        assert where["disk_bytes"] < DISK_GIB * GIB
+        bigger = largest.n_params("13b", plan.layers + 4)  # the largest that fits: 4 more layers overflow the disk
+        assert largest.placement(plan, bigger, largest.ratio_for(plan, bigger))["disk_bytes"] > DISK_GIB * GIB
+        return
+    assert largest.placement(plan, n, ratio + 0.001)["host_tier_bytes"] > largest.HOST_TIER_BYTES  # the largest ratio
     assert where["disk_bytes"] == (2 * n if plan.params == "nvme" else 0)
     if plan.state_dtype == "fp32":  # the fp32 plans are the largest that fit: 4 more layers would not
         bigger = largest.n_params("13b", plan.layers + 4)
@@ -56,21 +68,31 @@ def test_configs_say_what_the_plan_says(tmp_path):
     assert zero.offload_optimizer.state_dtype == "bf16"
     assert (zero.offload_param.device, zero.offload_param.nvme_path) == ("nvme", str(tmp_path))
     assert (fp32.offload_optimizer.state_dtype, fp32.offload_param.device) == ("fp32", "cpu")
+    split = largest.PLANS["13b-fp32-split"]
+    ours = largest.zero_json(split, 0.683, str(tmp_path), host_share=0.67)
+    theirs = largest.zero_json(split, 0.683, str(tmp_path), deepspeed=True, host_share=0.67)
+    assert "host_share" not in theirs["zero_optimization"]["offload_optimizer"]  # DeepSpeed's: all on NVMe
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        offload = load_config(ours).zero.offload_optimizer
+    assert (offload.device, offload.nvme_path, offload.ratio, offload.host_share) == ("nvme", str(tmp_path), 0.683, 0.67)
 
 
-def test_tiny_dry_run_on_cpu(tmp_path, monkeypatch, capsys):
-    """The GPU command with --shape tiny --device cpu: the 13B plan's config (its ratio, bf16 state,
-    params on NVMe) through hf_zero.run and the Trainer; results and progress written."""
+@pytest.mark.parametrize("plan", ["13b-bf16state", "13b-fp32-split"])
+def test_tiny_dry_run_on_cpu(tmp_path, monkeypatch, capsys, plan):
+    """The GPU command with --shape tiny --device cpu: a 13B plan's config (its ratio; bf16 state and
+    params on NVMe, or fp32 state split over host and NVMe) through hf_zero.run and the Trainer;
+    results and progress written."""
     monkeypatch.chdir(_BENCH.parent)
     monkeypatch.syspath_prepend(str(_BENCH))
-    rc = largest.main(["--plan", "13b-bf16state", "--shape", "tiny", "--device", "cpu", "--tools", "hfzero",
+    rc = largest.main(["--plan", plan, "--shape", "tiny", "--device", "cpu", "--tools", "hfzero",
                        "--seq_len", "32", "--max_steps", "2", "--warmup_steps", "1", "--nvme_path", str(tmp_path / "nvme"),
                        "--results_dir", str(tmp_path), "--name", "dry", "--budget_s", "300"])
     doc = json.loads((tmp_path / "dry.json").read_text())
     run = doc["runs"][0]
     assert rc == 0, run.get("error_tail")
     assert (run["status"], run["steps_done"]) == ("ok", 2) and run["tok_per_s"] > 0
-    assert doc["placement"]["ratio"] == largest.ratio_for(largest.PLANS["13b-bf16state"], largest.n_params("13b", 40))
+    assert doc["placement"]["ratio"] == largest.ratio_for(largest.PLANS[plan], largest.n_params("13b", 40))
     log = (tmp_path / "dry_hfzero.log").read_text()
     assert "--zero_config" in log and "hf_zero: ZeRO stage 3" in log  # the engine ran, at stage 3
     assert "step 2:" in capsys.readouterr().out  # progress echoed as it came
