@@ -38,7 +38,6 @@ from dataclasses import dataclass, replace
 import torch
 
 from hf_zero.byte_units import fmt_bytes as _fmt
-from hf_zero.config.checks import divisors
 from hf_zero.engine.grad_sync import MAX_IN_FLIGHT
 from hf_zero.engine.layout import PARAM_ALIGN
 from hf_zero.estimate_parallel import Axes, TpSplit, rank_units, tp_split
@@ -453,8 +452,6 @@ def checked(args: argparse.Namespace) -> tuple[Axes, tuple[int, ...], int | str]
             raise ValueError(f"--{name} must be a positive integer, got {getattr(args, name)}")
     if args.world % args.nodes:
         raise ValueError(f"--world {args.world} is not divisible by --nodes {args.nodes}")
-    if args.traffic:
-        _check_traffic_flags(args)
     if args.micro_batches is not None and (args.micro_batches < 1 or (args.pp_schedule == "1F1B" and
                                                                       args.micro_batches < args.pp)):
         raise ValueError(f"--micro_batches {args.micro_batches}: allowed: an integer >= 1, and >= --pp {args.pp} "
@@ -518,31 +515,6 @@ def memory(args: argparse.Namespace, axes: Axes, stages: tuple[int, ...], bucket
         _plot(args.plot, rows)
         print(f"plot written to {args.plot}")
     return 0
-
-
-def _check_traffic_flags(args) -> None:
-    """``--traffic``'s own flags, each named with its value and what is allowed."""
-    if args.gpus_per_node is not None and args.nodes * args.gpus_per_node != args.world:
-        raise ValueError(f"--nodes {args.nodes} x --gpus_per_node {args.gpus_per_node} = "
-                         f"{args.nodes * args.gpus_per_node} ranks, not --world {args.world}; allowed --gpus_per_node "
-                         f"here: {args.world // args.nodes}")
-    gpus = args.gpus_per_node or args.world // args.nodes
-    if args.tp >= 1 and gpus % args.tp:
-        raise ValueError(f"--tp {args.tp} does not divide --gpus_per_node {gpus}: a tensor-parallel group is kept "
-                         f"inside one node (hf-zero launch refuses it too); allowed --tp here: {divisors(gpus)}")
-    if args.grad_accum < 1:
-        raise ValueError(f"--grad_accum must be a positive integer, got {args.grad_accum}")
-    if args.pp > 1 and args.pp_schedule == "1F1B" and args.grad_accum < args.pp:
-        raise ValueError(f"--grad_accum {args.grad_accum} with --pp {args.pp}: allowed: >= {args.pp} (under pipeline "
-                         "stages the micro-batches a step are the gradient accumulation; 1F1B needs one a stage at least)")
-    if args.micro_batches is not None:
-        raise ValueError("--micro_batches with --traffic: the traffic model runs one micro-batch per accumulated batch "
-                         '(pipeline.micro_batches "auto"); give --grad_accum instead')
-    if args.plot is not None:
-        raise ValueError("--plot draws the memory table; it does not go with --traffic")
-    for name in ("nvlink_bw", "network_bw"):
-        if getattr(args, name) is not None and not getattr(args, name) > 0:
-            raise ValueError(f"--{name} must be a positive number of GB/s, got {getattr(args, name)}")
 
 
 def _activations(args, cfg, counts: ParamCounts, axes: Axes, pp_stage: int) -> int | None:

@@ -304,9 +304,35 @@ def render(traffic: RankTraffic, placement: Placement, *, nvlink_gbps: float = N
     return "\n".join(lines)
 
 
+def check_flags(args) -> None:
+    """``--traffic``'s own flags, each named with its value and what is allowed."""
+    if args.gpus_per_node is not None and args.nodes * args.gpus_per_node != args.world:
+        raise ValueError(f"--nodes {args.nodes} x --gpus_per_node {args.gpus_per_node} = "
+                         f"{args.nodes * args.gpus_per_node} ranks, not --world {args.world}; allowed --gpus_per_node "
+                         f"here: {args.world // args.nodes}")
+    gpus = args.gpus_per_node or args.world // args.nodes
+    if args.tp >= 1 and gpus % args.tp:
+        raise ValueError(f"--tp {args.tp} does not divide --gpus_per_node {gpus}: a tensor-parallel group is kept "
+                         f"inside one node (hf-zero launch refuses it too); allowed --tp here: {divisors(gpus)}")
+    if args.grad_accum < 1:
+        raise ValueError(f"--grad_accum must be a positive integer, got {args.grad_accum}")
+    if args.pp > 1 and args.pp_schedule == "1F1B" and args.grad_accum < args.pp:
+        raise ValueError(f"--grad_accum {args.grad_accum} with --pp {args.pp}: allowed: >= {args.pp} (under pipeline "
+                         "stages the micro-batches a step are the gradient accumulation; 1F1B needs one a stage at least)")
+    if args.micro_batches is not None:
+        raise ValueError("--micro_batches with --traffic: the traffic model runs one micro-batch per accumulated batch "
+                         '(pipeline.micro_batches "auto"); give --grad_accum instead')
+    if args.plot is not None:
+        raise ValueError("--plot draws the memory table; it does not go with --traffic")
+    for name in ("nvlink_bw", "network_bw"):
+        if getattr(args, name) is not None and not getattr(args, name) > 0:
+            raise ValueError(f"--{name} must be a positive number of GB/s, got {getattr(args, name)}")
+
+
 def run(args, axes: Axes, stages, bucket) -> int:
     """``--traffic``: per ZeRO stage, what the busiest rank sends in one optimizer step, by link
-    ([Note: traffic per step] in estimate_traffic.py)."""
+    ([Note: traffic per step] in estimate_traffic.py); ``args`` passed ``estimate.checked``."""
+    check_flags(args)
     nvlink, network = args.nvlink_bw or NVLINK_GBPS, args.network_bw or NETWORK_GBPS
     placement = Placement(axes, args.gpus_per_node or args.world // args.nodes)
     cfg = E.load_model_config(args.model_config)

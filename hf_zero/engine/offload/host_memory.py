@@ -15,6 +15,17 @@ import torch
 from hf_zero.engine.offload.glibc_heap import fix_mmap_threshold
 
 
+
+def meminfo() -> tuple[int, int] | None:
+    """(MemAvailable, MemTotal) of this host in bytes, from /proc/meminfo; None where there is none.
+    What the offload tiers may still take (speculation.py's copies, split_tier.py's "auto" share)."""
+    try:
+        with open("/proc/meminfo") as f:
+            fields = dict(line.split(":", 1) for line in f)
+        return int(fields["MemAvailable"].split()[0]) * 1024, int(fields["MemTotal"].split()[0]) * 1024
+    except (OSError, KeyError, ValueError):
+        return None
+
 class HostMemory:
     """Host tensors for offloaded state (fp32 masters and grads; param shards in the params' dtype
     with parameter offload), pinned when CUDA can use them.

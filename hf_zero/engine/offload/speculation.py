@@ -44,6 +44,7 @@ import threading
 import torch
 
 from hf_zero.engine.diagnostics.labels import labelled
+from hf_zero.engine.offload.host_memory import meminfo
 
 HOST_RESERVE = 0.1  # of the host's memory: snapshots are not allocated into it (MemAvailable)
 
@@ -218,8 +219,8 @@ class Speculation:
         """Whether chunk ``c``'s copies fit in host memory without eating ``HOST_RESERVE``."""
         if c in self._kept:
             return True
-        available, total = _host_memory()
-        if available is not None and available - self.chunk_numel[c] * self.bytes_per_element < HOST_RESERVE * total:
+        got = meminfo()
+        if got is not None and got[0] - self.chunk_numel[c] * self.bytes_per_element < HOST_RESERVE * got[1]:
             return False
         self._kept.add(c)
         return True
@@ -286,13 +287,3 @@ class Speculation:
                 return
             self.verdict, self.scale, self.chunks = Verdict.IDLE, None, {}
             self.snapshots.forget()
-
-
-def _host_memory() -> tuple[int | None, int]:
-    """(MemAvailable, MemTotal) in bytes from /proc/meminfo; (None, 0) where there is none."""
-    try:
-        with open("/proc/meminfo") as f:
-            fields = dict(line.split(":", 1) for line in f)
-        return int(fields["MemAvailable"].split()[0]) * 1024, int(fields["MemTotal"].split()[0]) * 1024
-    except (OSError, KeyError, ValueError):
-        return None, 0

@@ -44,6 +44,8 @@ from dataclasses import dataclass
 
 import torch
 
+from hf_zero.engine.offload.host_memory import meminfo as host_memory  # tests replace split_tier.host_memory
+
 MARGIN = 0.10  # of the host's memory (MemTotal), left free by "auto"
 
 
@@ -57,17 +59,6 @@ def host_chunks(chunk_numel: list[int], share: float) -> int:
         acc += n
         count += 1
     return count
-
-
-def host_memory() -> tuple[int, int] | None:
-    """(MemAvailable, MemTotal) of this host in bytes, from /proc/meminfo; None where there is
-    none. Tests replace this function."""
-    try:
-        with open("/proc/meminfo") as f:
-            fields = dict(line.split(":", 1) for line in f)
-        return int(fields["MemAvailable"].split()[0]) * 1024, int(fields["MemTotal"].split()[0]) * 1024
-    except (OSError, KeyError, ValueError):
-        return None
 
 
 @dataclass(frozen=True)
