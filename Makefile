@@ -49,7 +49,7 @@ demo: setup
 
 # The whole suite, then the Trainer-facing tests against the oldest supported versions.
 test: setup setup-oldest
-	$(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest -q --durations=30
 	$(OLDEST_BIN)/python -m pytest -q -p no:cacheprovider @tests/oldest_versions.txt
 
 test-oldest: setup-oldest
