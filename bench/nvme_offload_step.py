@@ -1,10 +1,11 @@
 """Optimizer step time of CPU offload against NVMe offload, the engine alone, one GPU.
 
-    python bench/nvme_offload_step.py --nvme_path /local_nvme [--preset 1b1] [--steps 4]
+    python bench/nvme_offload_step.py --nvme_path /local_nvme [--preset 1b1] [--steps 4] [--state_dtype bf16]
 
 Per tier, after one warm-up step: mean wall seconds of ``optimizer.step()`` (the host step:
-for NVMe, reads, host AdamW, writes), the bytes the NVMe tier reads and writes per step (4 bytes x
-(1 + 2 moments) per offloaded element, chunk padding included) and what that is per second of
+for NVMe, reads, host AdamW, writes), the bytes the NVMe tier reads and writes per step (the swap
+files' sizes: 4 bytes of master + 2 moments of 4 bytes, or 2 with ``--state_dtype bf16``, per
+offloaded element, chunk padding included) and what that is per second of
 step, beside the drive's own read and write speed measured in the same run (``dd`` with O_DIRECT,
 bench/nvme_bandwidth.py). The swap files move with O_DIRECT where the file system takes it (the
 run says which); through the page cache otherwise, where reads after the first step may come
@@ -47,7 +48,7 @@ def run(offload: OptimizerOffload, args) -> tuple[float, int]:
         times.append(time.perf_counter() - start)
         wrapped.zero_grad()
     tier = engine._host_step.tier
-    moved = 3 * 4 * tier.file_numel if offload.device == "nvme" else 0
+    moved = sum(f.nbytes for f in tier.dir.files.values()) if offload.device == "nvme" else 0
     direct = offload.device == "nvme" and tier.dir.direct
     engine.close()
     return sum(times[1:]) / args.steps, moved, direct
@@ -62,12 +63,14 @@ def main() -> None:
     p.add_argument("--seq", type=int, default=512)
     p.add_argument("--buffer_size", type=int, default=1 << 26)
     p.add_argument("--buffer_count", type=int, default=4)
+    p.add_argument("--state_dtype", default="fp32", choices=["fp32", "bf16"])  # offload_optimizer.state_dtype
     args = p.parse_args()
-    print(f"preset {args.preset}, threads {torch.get_num_threads()}", flush=True)
-    cpu, _, _ = run(OptimizerOffload("cpu", pin_memory=True), args)
+    print(f"preset {args.preset}, threads {torch.get_num_threads()}, state {args.state_dtype}", flush=True)
+    cpu, _, _ = run(OptimizerOffload("cpu", pin_memory=True, state_dtype=args.state_dtype), args)
     print(f"cpu offload:  optimizer step {cpu:.3f} s", flush=True)
     nvme, moved, direct = run(OptimizerOffload("nvme", pin_memory=True, chunk_numel=args.buffer_size,
-                                               nvme_path=args.nvme_path, buffer_count=args.buffer_count), args)
+                                               nvme_path=args.nvme_path, buffer_count=args.buffer_count,
+                                               state_dtype=args.state_dtype), args)
     print(f"nvme offload: optimizer step {nvme:.3f} s; {moved / 1e9:.2f} GB read and {moved / 1e9:.2f} GB written "
           f"per step, {2 * moved / nvme / 1e9:.2f} GB/s both ways together "
           f"({'O_DIRECT' if direct else 'page cache'})", flush=True)

@@ -142,8 +142,8 @@ def build_parser() -> argparse.ArgumentParser:
                           "to the host (column 'host'); nvme puts masters and state in files (column 'nvme'), "
                           "the grads on the host (default none)")
     est.add_argument("--offload_state_dtype", default="fp32", choices=["fp32", "bf16"],
-                     help="with --offload cpu: the offloaded optimizer state's dtype "
-                          "(offload_optimizer.state_dtype; bf16 changes numerics) (default fp32)")
+                     help="with --offload cpu or nvme: the offloaded optimizer state's dtype, in host memory or "
+                          "the swap files (offload_optimizer.state_dtype; bf16 changes numerics) (default fp32)")
     est.add_argument("--offload_host_share", type=float, default=0.0, metavar="S",
                      help="with --offload nvme: the share of masters and optimizer state kept in host memory "
                           "instead of the swap files (offload_optimizer.host_share, in [0, 1]) (default 0)")

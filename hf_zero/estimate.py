@@ -22,8 +22,10 @@ model's dtype. Bytes per trainable element (before padding) at the optimizer ste
 p: bytes of the model dtype, p': bytes of the param dtype. Frozen params are replicated at p.
 Optimizer offload (``--offload cpu|nvme``) moves the fp32 masters, the optimizer state and the
 grads at the step off the device: column "host" (cpu), or "nvme" for masters and state with the
-grads still in host memory (plus the NVMe tier's chunk buffers, buffer_count x buffer_size x 4 x
-(1 + state tensors) bytes, not in the table); ``--offload_host_share S`` (``offload_optimizer.host_share``)
+grads still in host memory (plus the NVMe tier's chunk buffers, buffer_count x buffer_size x (4 +
+s x state tensors) bytes, s = 4, or 2 with bf16 state, not in the table); ``--offload_state_dtype bf16``
+(``offload_optimizer.state_dtype``) counts the offloaded state at 2 bytes per value, in host memory or
+in the swap files; ``--offload_host_share S`` (``offload_optimizer.host_share``)
 keeps S of the masters and state in host memory and the rest on NVMe. Parameter offload (stage 3, ``offload_param`` "cpu")
 is not modelled here: it moves the stage-3 "params" column (all but the persistent params) to the
 host (``hf-zero doctor`` counts it so).
@@ -187,8 +189,9 @@ def estimate_bytes(
       state are in ``nvme_offload`` instead, and ``host_offload`` holds the grads only. Not
       modelled yet: with clipping on, the host step's speculation keeps copies of up to a quarter
       of the offloaded masters and state (engine/offload/speculation.py; the run report counts them).
-      ``state_dtype`` "bf16" (offload "cpu" only, [Note: bf16 host state]): the offloaded state at
-      2 bytes per value instead of 4 (AdamW: 12 host bytes per element instead of 16).
+      ``state_dtype`` "bf16" (with optimizer offload, [Note: bf16 host state]): the offloaded state at
+      2 bytes per value instead of 4 (AdamW, "cpu": 12 host bytes per element instead of 16; "nvme": 8
+      bytes per element in the swap files instead of 12, [Note: bf16 swap files]).
       ``host_share`` (offload "nvme" only, [Note: host share]): that share of the masters and state
       in ``host_offload``, the rest in ``nvme_offload`` (the engine splits by chunks, so the real
       split is within a chunk of this).
@@ -225,8 +228,8 @@ def estimate_bytes(
     peak = main_grads if alias else main_grads + sum(staged) * p
     masters = 0 if p == 4 else 4 * shard
     state = 4 * STATE_TENSORS[optimizer] * n / world
-    if state_dtype not in ("fp32", "bf16") or (state_dtype == "bf16" and not (offload_optimizer and offload_device == "cpu")):
-        raise ValueError(f"state_dtype must be 'fp32', or 'bf16' with optimizer offload to 'cpu'; got {state_dtype!r}")
+    if state_dtype not in ("fp32", "bf16") or (state_dtype == "bf16" and not offload_optimizer):
+        raise ValueError(f"state_dtype must be 'fp32', or 'bf16' with optimizer offload; got {state_dtype!r}")
     if state_dtype == "bf16":
         state /= 2
     if isinstance(host_share, bool) or not isinstance(host_share, (int, float)) or not 0.0 <= host_share <= 1.0 \

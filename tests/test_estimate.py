@@ -121,8 +121,28 @@ def test_bf16_host_state_halves_the_offloaded_state(config_path):
     fp32, bf16 = estimate_bytes(counts, **args), estimate_bytes(counts, **args, state_dtype="bf16")
     assert fp32["host_offload"] - bf16["host_offload"] == round(2 * 2 * counts.trainable / 2)
     assert {k: v for k, v in fp32.items() if k != "host_offload"} == {k: v for k, v in bf16.items() if k != "host_offload"}
-    with pytest.raises(ValueError, match="state_dtype must be 'fp32', or 'bf16' with optimizer offload to 'cpu'"):
+    with pytest.raises(ValueError, match="state_dtype must be 'fp32', or 'bf16' with optimizer offload; got 'bf16'"):
         estimate_bytes(counts, **{**args, "offload_optimizer": False}, state_dtype="bf16")
+
+
+def test_bf16_state_on_nvme_is_two_bytes_per_moment_in_the_files(config_path, capsys):
+    # [Note: bf16 swap files]: AdamW's moments at 2 bytes each in the swap files, fp32 masters (the
+    # engine's own files are held against this in tests/engine/test_nvme_bf16_state.py)
+    counts = count_params(meta_model(load_model_config(config_path)))
+    kw = dict(stage=2, world=2, dtype="bf16", optimizer="adamw", offload_optimizer=True, offload_device="nvme")
+    fp32, bf16 = estimate_bytes(counts, **kw), estimate_bytes(counts, **kw, state_dtype="bf16")
+    moments = round(2 * 2 * counts.trainable / 2)
+    assert fp32["nvme_offload"] - bf16["nvme_offload"] == moments
+    assert {k: v for k, v in fp32.items() if k != "nvme_offload"} == {k: v for k, v in bf16.items() if k != "nvme_offload"}
+    cpu = estimate_bytes(counts, **{**kw, "offload_device": "cpu"}, state_dtype="bf16")
+    assert bf16["host_offload"] + bf16["nvme_offload"] == cpu["host_offload"]  # the same bytes, elsewhere
+    split = estimate_bytes(counts, **kw, state_dtype="bf16", host_share=0.5)
+    assert split["host_offload"] - bf16["host_offload"] == round(0.5 * bf16["nvme_offload"])
+    assert main(["estimate", config_path, "--world", "2", "--stage", "2", "--dtype", "bf16", "--offload", "nvme",
+                 "--offload_state_dtype", "bf16"]) == 0
+    row = next(re.split(r"\s{2,}", line.strip()) for line in capsys.readouterr().out.splitlines()
+               if line.strip().startswith("2 "))
+    assert row[-2:] == [fmt_bytes(bf16["host_offload"]), fmt_bytes(bf16["nvme_offload"])]
 
 
 def test_host_share_splits_the_nvme_bytes(config_path, capsys):

@@ -40,7 +40,7 @@ DTYPE_SWITCHES = ("bf16.enabled", "fp16.enabled")
 """DeepSpeed's two precision switches; together they give ``precision.dtype``."""
 
 STATE_SWITCH = "bf16.bf16_optimizer_states"
-"""DeepSpeed's switch for bf16 optimizer state; with CPU optimizer offload it is
+"""DeepSpeed's switch for bf16 optimizer state; with optimizer offload ("cpu" or "nvme") it is
 ``zero.offload_optimizer.state_dtype`` "bf16" (true) or "fp32" (false)."""
 
 _NOT_IN_DEEPSPEED = {"zero.offload_param.ratio", "zero.offload_param.state_dtype",  # param offload has neither

@@ -122,14 +122,6 @@ UNSUPPORTED: tuple[Unsupported, ...] = (
         instead="set fp16.loss_scale to 0 (dynamic loss scaling), or train in bf16",
     ),
     Unsupported(
-        name="bf16-state-nvme",
-        keys=("bf16.bf16_optimizer_states", "zero_optimization.offload_optimizer.device"),
-        applies=lambda c: c.zero.offload_optimizer.state_dtype != "fp32" and c.zero.offload_optimizer.device == "nvme",
-        asked=lambda c: 'bf16.bf16_optimizer_states = true with zero_optimization.offload_optimizer.device = "nvme"',
-        feature="bf16 optimizer state in the NVMe tier (its swap files hold fp32 state)",
-        instead='offload the optimizer to "cpu" with bf16 state, or keep fp32 state on NVMe',
-    ),
-    Unsupported(
         name="optimizer-type",
         keys=("optimizer.type",),
         applies=lambda c: _refused_optimizer(c) is not None,

@@ -75,14 +75,15 @@ class OffloadConfig:
     state_dtype: Literal["fp32", "bf16"] = setting(
         "fp32",
         deepspeed=None,  # DeepSpeed's key is bf16.bf16_optimizer_states, a boolean (config/deepspeed.py)
-        doc="""Dtype of the offloaded per-element optimizer state (AdamW's two moments) in host
-        memory between steps; the fp32 master weights stay fp32. "bf16" (DeepSpeed:
-        `bf16.bf16_optimizer_states` true with CPU optimizer offload) holds 12 host bytes per
-        offloaded element instead of 16 and the host step moves 20 bytes of memory per element
-        instead of 28; the update itself is computed in fp32 and the moments rounded to bf16 after
-        it, which changes numerics (a relative error up to 2^-9 per stored moment per step).
-        Only for `offload_optimizer` with device "cpu". Default "fp32": exact, as without
-        offload.""",
+        doc="""Dtype of the offloaded per-element optimizer state (AdamW's two moments) between
+        steps, in host memory or in the NVMe swap files; the fp32 master weights stay fp32. "bf16"
+        (DeepSpeed: `bf16.bf16_optimizer_states` true with optimizer offload) holds 12 host bytes
+        per offloaded element instead of 16 with device "cpu" and the host step moves 20 bytes of
+        memory per element instead of 28; with device "nvme" the swap files and chunk buffers hold
+        8 bytes per element instead of 12, and each step reads and writes 8 instead of 12. The
+        update itself is computed in fp32 and the moments rounded to bf16 after it, which changes
+        numerics (a relative error up to 2^-9 per stored moment per step); "cpu" and "nvme" give
+        the same bits. Only for `offload_optimizer`. Default "fp32": exact, as without offload.""",
     )
     host_share: float | Auto = setting(
         0.0,

@@ -6,7 +6,8 @@ On top of that, what the doctor needs and the estimator has no column for:
 
 * offloaded bytes: with ``offload_optimizer.device`` "cpu"/"nvme", the estimator's ``host_offload``
   (fp32 master shard, optimizer state, host copy of the fp32 gradient shard), times ``ratio``; "nvme"
-  keeps the gradient copy on the host (the NVMe tier's chunk buffers are not counted); with
+  keeps the gradient copy on the host (the NVMe tier's chunk buffers are not counted); the state at
+  2 bytes per value with ``offload_optimizer.state_dtype`` "bf16", in host memory or the swap files; with
   ``offload_param`` (stage 3) the rank's param shards, frozen ones included. Pinned (cpu,
   ``pin_memory`` true, CUDA present):
   the master and gradient shards of optimizer offload (``engine/offload/settings.py``), the param shard of
@@ -91,6 +92,9 @@ class RunSpec:
     offload_host_share: float = 0.0
     """offload_optimizer.host_share (device "nvme"): that share of the swapped masters and state in host
     memory ([Note: host share]); "auto" is sized at 0 (all on NVMe: the disk's bound)."""
+    offload_state_dtype: str = "fp32"
+    """offload_optimizer.state_dtype: "bf16" counts the offloaded state at 2 bytes per value, on the host
+    or in the swap files ([Note: bf16 host state], [Note: bf16 swap files])."""
     offload_param: str = "none"
     pin_optimizer: bool = False
     pin_param: bool = False
@@ -141,6 +145,7 @@ def spec_from_config(config: Any, *, micro_batch: int | None = None, seq_len: in
         offload_auto=not isinstance(zero.offload_optimizer.ratio, float),
         offload_host_share=zero.offload_optimizer.host_share if isinstance(zero.offload_optimizer.host_share, float)
         else 0.0,
+        offload_state_dtype=zero.offload_optimizer.state_dtype if zero.stage >= 1 else "fp32",
         offload_param=zero.offload_param.device if zero.stage == 3 else "none",
         pin_optimizer=zero.offload_optimizer.pin_memory, pin_param=zero.offload_param.pin_memory,
         tp=config.tensor_parallel.autotp_size, pp=config.pipeline.stages, pp_schedule=config.pipeline.schedule,
@@ -207,7 +212,7 @@ def _stage_bytes(model: ModelInfo, spec: RunSpec, ranks: int, dtype: str, pp_sta
         # ratio: that share of the elements moves to the host, the rest keeps its device state
         off = estimate_bytes(counts, stage=spec.stage, world=world, dtype=dtype, optimizer=spec.optimizer,
                              model_dtype=model.dtype, reduce_bucket_size=spec.reduce_bucket_size,
-                             offload_optimizer=True)
+                             offload_optimizer=True, state_dtype=spec.offload_state_dtype)
         ratio = spec.offload_ratio
         offloaded[spec.offload_optimizer] = round(ratio * off["host_offload"])
         optimizer = round((1 - ratio) * optimizer)

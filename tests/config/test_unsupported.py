@@ -35,10 +35,6 @@ EXAMPLES = {
                         "optimizer": {"type": "ZeroOneAdam", "params": {"lr": "auto", "var_freeze_step": 100}}},
                        ['optimizer.type = "ZeroOneAdam"', "0/1 Adam's compressed gradient communication",
                         'use "AdamW" or another type hf_zero builds']),
-    "bf16-state-nvme": ({"bf16": {"enabled": True, "bf16_optimizer_states": True},
-                         "zero_optimization": {"stage": 2, "offload_optimizer": {"device": "nvme", "nvme_path": "x"}}},
-                        ['zero_optimization.offload_optimizer.device = "nvme"', "bf16.bf16_optimizer_states = true",
-                         "bf16 optimizer state in the NVMe tier", 'offload the optimizer to "cpu"']),
     "partition-activations": ({"zero_optimization": {"stage": 2}, "activation_checkpointing": {
                                   "partition_activations": True, "cpu_checkpointing": True}},
                               ["activation_checkpointing.partition_activations = true",

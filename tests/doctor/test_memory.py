@@ -70,6 +70,26 @@ def test_nvme_host_share_moves_that_share_to_the_host(model, tmp_path):
     assert spec_from_config(config).offload_host_share == 0.25
 
 
+@pytest.mark.parametrize("device", ["cpu", "nvme"])
+def test_bf16_state_counts_two_bytes_per_moment(model, tmp_path, device):
+    # offload_optimizer.state_dtype "bf16" ([Note: bf16 host state], [Note: bf16 swap files]): the
+    # offloaded moments at 2 bytes each, where the tier keeps them (host memory, or the swap files)
+    spec = RunSpec(stage=2, dtype="bf16", offload_optimizer=device)
+    fp32 = rank_bytes(model, spec, 2)
+    bf16 = rank_bytes(model, RunSpec(**{**spec.__dict__, "offload_state_dtype": "bf16"}), 2)
+    moments = round(2 * 2 * model.counts.trainable / 2)
+    assert fp32.offloaded[device] - bf16.offloaded[device] == moments
+    assert {k: v for k, v in bf16.offloaded.items() if k != device} == \
+        {k: v for k, v in fp32.offloaded.items() if k != device} and bf16.device == fp32.device
+    split = rank_bytes(model, RunSpec(**{**spec.__dict__, "offload_state_dtype": "bf16", "offload_host_share": 0.5}), 2)
+    if device == "nvme":
+        assert split.offloaded["cpu"] - bf16.offloaded["cpu"] == round(0.5 * bf16.offloaded["nvme"])
+    block = {"device": device} if device == "cpu" else {"device": device, "nvme_path": str(tmp_path)}
+    config = load_config({"bf16": {"enabled": True, "bf16_optimizer_states": True},
+                          "zero_optimization": {"stage": 2, "offload_optimizer": block}})
+    assert spec_from_config(config).offload_state_dtype == "bf16"
+
+
 def test_gpu_memory_pass_and_fail(model):
     spec = RunSpec(stage=1, dtype="bf16", seq_len=64)
     need = rank_bytes(model, spec, 2).device_total

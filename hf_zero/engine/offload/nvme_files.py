@@ -4,8 +4,8 @@ Each rank that offloads optimizer state to NVMe owns one directory under ``nvme_
 
     nvme_path/hf_zero-swap-<host>-<pid>-rank<r>-<n>/   (n: the process's n-th swap, from 0)
         master.swap            fp32 master shards of the offloaded buckets
-        state.exp_avg.swap     one file per per-element optimizer state tensor (AdamW: two)
-        state.exp_avg_sq.swap
+        state.exp_avg.swap     one file per per-element optimizer state tensor (AdamW: two), in the
+        state.exp_avg_sq.swap  state's dtype (fp32, or bf16: [Note: bf16 host state] in state_dtype.py)
 
 Nothing else is ever created there, and nothing else is ever removed: ``remove_stale`` deletes only
 regular files of these names, owned by this user, inside real directories (never through a
@@ -134,12 +134,12 @@ def use_direct_io(path: str, key: str = KEY) -> bool:
     return problem is None
 
 
-def page_aligned(memory, numel: int) -> torch.Tensor:
-    """``numel`` fp32 elements from ``memory`` (``HostMemory``) starting at a ``PAGE_BYTES`` boundary:
-    O_DIRECT's rule for buffer addresses ([Note: direct I/O]). Costs at most one page more."""
-    extra = PAGE_BYTES // 4
-    out = memory.empty(numel + extra)
-    skip = (-out.data_ptr() % PAGE_BYTES) // 4
+def page_aligned(memory, numel: int, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """``numel`` elements of ``dtype`` from ``memory`` (``HostMemory``) starting at a ``PAGE_BYTES``
+    boundary: O_DIRECT's rule for buffer addresses ([Note: direct I/O]). Costs at most one page more."""
+    size = dtype.itemsize
+    out = memory.empty(numel + PAGE_BYTES // size, dtype)
+    skip = (-out.data_ptr() % PAGE_BYTES) // size
     return out[skip : skip + numel]
 
 
@@ -259,17 +259,17 @@ class SwapFile:
     The mapping is what code outside the optimizer step sees (checkpoints, ``optimizer.state``): on
     Linux it is coherent with ``pread``/``pwrite`` through the page cache (and with direct transfers:
     [Note: direct I/O]), and its pages are file pages the kernel can drop. Pages the process touched
-    through it count in its RSS until ``drop_pages``."""
+    through it count in its RSS until ``drop_pages``. Its elements are ``dtype``'s (the view's too)."""
 
-    def __init__(self, path: str, numel: int, direct: bool = False) -> None:
-        self.path, self.nbytes = path, numel * 4
+    def __init__(self, path: str, numel: int, direct: bool = False, dtype: torch.dtype = torch.float32) -> None:
+        self.path, self.dtype, self.nbytes = path, dtype, numel * dtype.itemsize
         self.fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
         os.ftruncate(self.fd, self.nbytes)  # sparse: the disk fills as the first step writes
         self.io_fd = open_direct(path) if direct else self.fd
         self.direct = direct
         # Ours, not torch.from_file's, so that drop_pages can madvise it; tensors viewing it keep it alive.
         self._map = mmap.mmap(self.fd, self.nbytes) if self.nbytes else None
-        self.view = torch.frombuffer(self._map, dtype=torch.float32) if self._map is not None else torch.empty(0)
+        self.view = torch.frombuffer(self._map, dtype=dtype) if self._map is not None else torch.empty(0, dtype=dtype)
 
     def drop_pages(self) -> None:
         """Unmap the pages this process touched through ``view`` (MADV_DONTNEED): its RSS lets go of
@@ -298,22 +298,29 @@ class SwapDir:
         # Runs once: at remove(), when this object is collected, or at interpreter exit (atexit).
         self._finalizer = weakref.finalize(self, _remove_dir, self._pool, self.files, self.path)
 
-    def file(self, kind: str, numel: int) -> SwapFile:
+    def file(self, kind: str, numel: int, dtype: torch.dtype = torch.float32) -> SwapFile:
         """The file of ``kind`` ("master", a state key, or "param.<n>": a parameter shard of the
-        NVMe parameter tier, nvme_params.py), created on first use."""
+        NVMe parameter tier, nvme_params.py), ``numel`` elements of ``dtype``, created on first use."""
         if kind not in self.files:
             safe = re.sub(r"[^A-Za-z0-9_]", "_", kind)
             name = kind if kind == "master" or kind.startswith("param.") else f"state.{safe}"
-            self.files[kind] = SwapFile(os.path.join(self.path, name + SUFFIX), numel, self.direct)
+            self.files[kind] = SwapFile(os.path.join(self.path, name + SUFFIX), numel, self.direct, dtype)
         return self.files[kind]
 
     def read(self, kind: str, into: torch.Tensor, offset_numel: int) -> list[Future]:
-        """Start reading ``into.numel()`` fp32 elements of ``kind`` at element ``offset_numel``."""
-        return self._transfer(self.files[kind], into, offset_numel * 4, write=False)
+        """Start reading ``into.numel()`` elements of ``kind`` (in its dtype) at element ``offset_numel``."""
+        return self._transfer(self.files[kind], into, self._at(kind, into, offset_numel), write=False)
 
     def write(self, kind: str, source: torch.Tensor, offset_numel: int) -> list[Future]:
-        """Start writing ``source`` (fp32) into ``kind`` at element ``offset_numel``."""
-        return self._transfer(self.files[kind], source, offset_numel * 4, write=True)
+        """Start writing ``source`` (in the file's dtype) into ``kind`` at element ``offset_numel``."""
+        return self._transfer(self.files[kind], source, self._at(kind, source, offset_numel), write=True)
+
+    def _at(self, kind: str, buffer: torch.Tensor, offset_numel: int) -> int:
+        """The byte offset of element ``offset_numel`` of ``kind``'s file, ``buffer`` checked to be of its dtype."""
+        dtype = self.files[kind].dtype
+        if buffer.dtype != dtype:
+            raise AssertionError(f"swap transfer of {buffer.dtype} elements for the {dtype} file {kind!r}")
+        return offset_numel * dtype.itemsize
 
     def read_file(self, file: SwapFile, into: torch.Tensor, offset: int) -> list[Future]:
         """Start reading ``into``'s bytes (whole blocks) of ``file`` at byte ``offset`` (nvme_staging.py)."""

@@ -12,12 +12,13 @@ pinned when CUDA is there) around its step; chunk c uses slot c mod n. With n = 
 
 while chunk c is stepped, chunk c+1 (up to c + n - 2) is read and chunk c-1 written. A read
 waits for the write of its slot's previous chunk, and (CUDA) for that chunk's upload from the
-slot. Host memory is n slots of (1 + state tensors) x the largest chunk, whatever the model size.
-Per step each offloaded element moves 4 (1 + state tensors) bytes each way (AdamW: 12 read, 12
-written); the first chunk's read and the last chunk's write are not hidden. The transfers bypass
-the page cache (O_DIRECT) where the file system allows, the slots being page-aligned for it; where
-it does not, a warning says so once and they go through the page cache ([Note: direct I/O] in
-nvme_files.py).
+slot. Host memory is n slots of (4 + s x state tensors) bytes x the largest chunk, whatever the
+model size, s the bytes of a state value: 4, or 2 with ``state_dtype`` "bf16" ([Note: bf16 swap
+files]). Per step each offloaded element moves 4 + s x state tensors bytes each way (AdamW: 12
+read and 12 written, bf16 state 8 and 8); the first chunk's read and the last chunk's write are
+not hidden. The transfers bypass the page cache (O_DIRECT) where the file system allows, the slots
+being page-aligned for it; where it does not, a warning says so once and they go through the page
+cache ([Note: direct I/O] in nvme_files.py).
 
 [Note: where the pieces point] The optimizer's pieces of offloaded buckets and their state
 tensors are, outside the host step, views of the swap files' shared mmaps (``SwapFile.view``):
@@ -27,6 +28,20 @@ pieces (``piece.data``) and state at its slot; ``release`` copies in any state t
 optimizer made or replaced (the first step creates them; a resume loads them into memory), starts
 the write, and points them back at the files. ``finish`` waits for the writes: the files, and so
 the views, are current again. Lifecycle of a chunk: ``ChunkState``.
+
+[Note: bf16 swap files] With ``state_dtype`` "bf16" ([Note: bf16 host state] in state_dtype.py)
+the state files and the state kinds of the slots hold bf16, the master file and slots fp32; the
+views of the state files are bf16 tensors, so checkpoints save bf16 state as the host tier's
+does. The step is the host tier's: ``fetch`` points the state at the slot's bf16 regions and
+``LowPrecisionState`` steps them in sub-steps through its fp32 scratch, writing the rounded
+moments straight into the slot. State that arrives in fp32 (loaded from a checkpoint into memory)
+is rounded (``copy_``: to nearest, ties to even, as ``round_stored``) as ``fetch`` copies it into
+the slot, so results are bit for bit those of device "cpu" with bf16 state. (A piece without a
+grad at that step has its loaded state rounded there too; the host tier rounds it at its first
+step: the same bits by then.) Every file has the same layout in elements; a chunk's span is
+padded to a whole number of ``BLOCK_BYTES`` in the narrowest dtype (``block_numel``), so each
+chunk starts and ends on a block boundary in every file: bf16 files are half the size of the fp32
+one, and the host moves 8 bytes per AdamW element each way instead of 12.
 """
 
 from __future__ import annotations
@@ -40,10 +55,10 @@ from hf_zero.engine.offload import nvme_files
 from hf_zero.engine.offload.nvme_files import BLOCK_BYTES, SwapDir
 from hf_zero.engine.offload.host_memory import HostMemory
 from hf_zero.engine.offload.settings import OptimizerOffload
+from hf_zero.engine.offload.state_dtype import STATE_DTYPES
 from hf_zero.engine.stages import NotAvailableYet
 
-BLOCK = BLOCK_BYTES // 4  # fp32 elements: every chunk starts and is padded to a multiple
-ALIGN = 16  # elements: each bucket starts at a multiple inside its chunk (64 bytes)
+ALIGN = 16  # elements: each bucket starts at a multiple inside its chunk (64 bytes of fp32, 32 of bf16)
 
 
 class ChunkState(enum.Enum):
@@ -53,8 +68,20 @@ class ChunkState(enum.Enum):
     WRITING = "writing"  # from its slot back to the files
 
 
+def block_numel(*dtypes: torch.dtype) -> int:
+    """Elements of a ``BLOCK_BYTES`` block in the narrowest of ``dtypes``: chunks start and are padded
+    to a multiple, so every file of those dtypes moves whole blocks ([Note: bf16 swap files])."""
+    return BLOCK_BYTES // min(d.itemsize for d in dtypes)
+
+
+def bytes_per_element(optimizer, state_dtype: str = "fp32") -> int:
+    """Bytes of fp32 master and per-element optimizer state per offloaded element, with the state in
+    ``state_dtype`` (AdamW: 12, bf16 state 8): the swap files' size, the slots' and the host's share."""
+    return 4 + STATE_DTYPES[state_dtype].itemsize * state_tensors_per_element(optimizer)
+
+
 def state_tensors_per_element(optimizer) -> int:
-    """How many fp32 state tensors per element ``optimizer`` will keep (for the free-space check):
+    """How many per-element state tensors ``optimizer`` will keep (for the free-space check):
     Adam(W) 2 (3 with amsgrad), SGD 1 with momentum else 0; 2 for anything else (or no optimizer yet)."""
     if optimizer is None:
         return 2
@@ -81,13 +108,16 @@ class _Slot:
 
 
 class NvmeTier:
-    """The NVMe ``tiers.StateTier`` for one layout's offloaded buckets."""
+    """The NVMe ``tiers.StateTier`` for one layout's offloaded buckets: fp32 masters, per-element
+    optimizer state in ``offload.state_dtype`` (fp32 or bf16, [Note: bf16 swap files])."""
 
     on_disk = True
 
     def __init__(self, offload: OptimizerOffload, chunks: list[list[int]], shard_sizes: list[int],
                  memory: HostMemory, ctx, optimizer) -> None:
         self.chunks, self.memory = chunks, memory
+        self.state_dtype = STATE_DTYPES[offload.state_dtype]  # of the state files ([Note: bf16 swap files])
+        block = block_numel(torch.float32, self.state_dtype)
         # Layout, the same in every file: chunk c at [start[c], start[c] + span[c]), bucket i at offset[i].
         self.start, self.span, self.offset, self.numel = [], [], {}, {}
         end = 0
@@ -97,17 +127,21 @@ class NvmeTier:
                 self.offset[i], self.numel[i] = end + rel, shard_sizes[i]
                 rel += _round_up(shard_sizes[i], ALIGN)
             self.start.append(end)
-            self.span.append(_round_up(max(rel, 1), BLOCK))
+            self.span.append(_round_up(max(rel, 1), block))
             end += self.span[-1]
         self.file_numel = end
         self.slot_numel = max(self.span, default=0)
-        kinds = 1 + state_tensors_per_element(optimizer)
-        nvme_files.check_directory(offload.nvme_path, kinds * self.file_numel * 4, kinds, ctx,
+        tensors, dtype = state_tensors_per_element(optimizer), offload.state_dtype
+        needed = bytes_per_element(optimizer, dtype) * self.file_numel
+        named = "" if dtype == "fp32" else f"{dtype} "
+        nvme_files.check_directory(offload.nvme_path, needed, 1 + tensors, ctx,
+                                   what=f"optimizer swap files (fp32 masters and {tensors} {named}optimizer state "
+                                        "tensors per element)",
                                    less="offload less (offload_optimizer.ratio) or keep more in host memory "
                                         "(offload_optimizer.host_share)")
         direct = nvme_files.use_direct_io(offload.nvme_path)  # [Note: direct I/O] in nvme_files.py
         self.dir = SwapDir(offload.nvme_path, ctx.rank if ctx is not None else 0, direct=direct)
-        self.dir.file("master", self.file_numel)
+        self._file("master")
         n = offload.buffer_count
         self.slots = [_Slot() for _ in range(n)]
         self.ahead = max(n - 2, 1) if n > 1 else 0  # chunks read ahead of the one being stepped
@@ -177,7 +211,7 @@ class NvmeTier:
                 region = self._region(slot, key)[at : at + n]
                 if t.data_ptr() != region.data_ptr():
                     region.copy_(t)  # created (first step) or replaced by the optimizer
-                self._optimizer.state[piece][key] = self.dir.file(key, self.file_numel).view[file_at : file_at + n]
+                self._optimizer.state[piece][key] = self._file(key).view[file_at : file_at + n]
             piece.data = self.dir.files["master"].view[file_at : file_at + n]
         span = slice(0, self.span[c])
         self._io[c] = [f for kind in self.dir.files
@@ -223,9 +257,15 @@ class NvmeTier:
         at = self.offset[i] - self.start[c]
         return slot.buffers["master"][at : at + self.numel[i]]
 
+    def _dtype(self, kind: str) -> torch.dtype:
+        return torch.float32 if kind == "master" else self.state_dtype
+
+    def _file(self, kind: str):
+        return self.dir.file(kind, self.file_numel, self._dtype(kind))
+
     def _region(self, slot: _Slot, kind: str) -> torch.Tensor:
-        if kind not in slot.buffers:
-            slot.buffers[kind] = nvme_files.page_aligned(self.memory, self.slot_numel)  # O_DIRECT's rule
+        if kind not in slot.buffers:  # O_DIRECT's rule: page-aligned
+            slot.buffers[kind] = nvme_files.page_aligned(self.memory, self.slot_numel, self._dtype(kind))
         return slot.buffers[kind]
 
     def _chunk_pieces(self, c: int):
@@ -237,9 +277,11 @@ class NvmeTier:
     def _per_element(self, key: str, t, piece) -> bool:
         if not (torch.is_tensor(t) and t.dim() > 0 and t.numel() == piece.numel()):
             return False  # scalars (Adam's step) and anything else stay where the optimizer keeps them
-        if t.dtype != torch.float32:
+        # bf16 files also take fp32 state (loaded, or fresh): rounded into the slot ([Note: bf16 swap files])
+        if t.dtype not in (torch.float32, self.state_dtype):
+            kept = "float32" if self.state_dtype == torch.float32 else "float32 and bfloat16"
             raise NotAvailableYet(f"optimizer state {key!r} is {t.dtype}: the NVMe tier of optimizer offload swaps "
-                                  "float32 state only; use offload_optimizer.device 'cpu'")
+                                  f"{kept} state only; use offload_optimizer.device 'cpu'")
         return True
 
     def _is_file_view(self, key: str, t: torch.Tensor) -> bool:

@@ -18,7 +18,9 @@ With ``device = "nvme"`` the masters and the optimizer's per-element state of th
 in swap files under ``nvme_path`` instead (``nvme_swap.py``); the host keeps their grads and a
 few chunk-sized buffers, through which the host step streams each chunk: read, step, write.
 ``host_share`` of those elements (the first chunks) may stay in host memory instead, the rest
-on NVMe ([Note: host share] in split_tier.py): for state larger than host memory.
+on NVMe ([Note: host share] in split_tier.py): for state larger than host memory. With
+``state_dtype`` "bf16" ([Note: bf16 host state] in state_dtype.py) the per-element state is bf16
+in host memory and, with "nvme", in the swap files and chunk buffers too ([Note: bf16 swap files]).
 
 This file holds the two settings; where the state lives is the tier's business, behind the
 interfaces of tiers.py (``host_memory.HostMemory`` and ``HostTier``, ``nvme_swap.NvmeTier``,
@@ -78,10 +80,6 @@ class OptimizerOffload:
             raise ValueError(f"buffer_count must be >= 1, got {self.buffer_count}")
         if self.state_dtype not in STATE_DTYPES:
             raise ValueError(f"optimizer offload state_dtype must be one of {tuple(STATE_DTYPES)}, got {self.state_dtype!r}")
-        if self.state_dtype != "fp32" and self.device == "nvme":
-            raise NotImplementedError(f"optimizer offload state_dtype {self.state_dtype!r} with device 'nvme' is not "
-                                      "built yet (the NVMe tier swaps float32 state only); use device 'cpu' or "
-                                      "state_dtype 'fp32'")
 
     @property
     def auto(self) -> bool:

@@ -5,7 +5,9 @@ state of offloaded buckets (AdamW's ``exp_avg`` and ``exp_avg_sq``; any floating
 one value per element) lives in host memory as bf16 between steps; the fp32 masters stay fp32 (as
 DeepSpeed's ``bf16.bf16_optimizer_states`` with CPU offload, 0.19.1). Per offloaded element the
 host then holds 4 (master) + 2 x 2 (moments) + 4 (grad) = 12 bytes instead of 16, and the step
-reads and writes 20 bytes of memory instead of 28.
+reads and writes 20 bytes of memory instead of 28. With device "nvme" the swap files and their
+chunk buffers hold the moments in bf16 too (8 bytes per element on disk and moved each way instead
+of 12, [Note: bf16 swap files] in nvme_swap.py), and the step below is the same, bit for bit.
 
 The math is the fp32 step's: the user's own optimizer steps fp32 values, the moments upcast
 (exactly) before the update and rounded back to bf16 (to nearest, ties to even: ``copy_``) after
