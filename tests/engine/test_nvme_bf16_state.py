@@ -22,7 +22,7 @@ from hf_zero.config import load_config
 from hf_zero.config.errors import ConfigError
 from hf_zero.config.unsupported import refusals
 from hf_zero.engine import ZeroEngine
-from hf_zero.engine.offload import nvme_files
+from hf_zero.engine.offload import nvme_files, split_tier
 from hf_zero.engine.offload.host_memory import HostMemory
 from hf_zero.engine.offload.nvme_swap import NvmeTier, block_numel, bytes_per_element
 from hf_zero.engine.offload.settings import OptimizerOffload
@@ -195,10 +195,11 @@ def test_bf16_file_regions_move_whole_blocks(tmp_path):
         swap.remove()
 
 
-def _engine(nvme_path, state_dtype):
+def _engine(nvme_path, state_dtype, **more):
     model = tiny_llama(0)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
-    return ZeroEngine(model, opt, stage=2, bucket_numel=3000, offload=_offload("nvme", str(nvme_path), state_dtype))
+    return ZeroEngine(model, opt, stage=2, bucket_numel=3000,
+                      offload=_offload("nvme", str(nvme_path), state_dtype, **more))
 
 
 def test_free_space_check_counts_two_bytes_per_state_value(tmp_path, monkeypatch):
@@ -218,6 +219,23 @@ def test_free_space_check_counts_two_bytes_per_state_value(tmp_path, monkeypatch
     assert f"({fmt_bytes(needed['bf16'])} per rank)" in text
     monkeypatch.setattr(nvme_files, "free_bytes", lambda path: needed["bf16"])
     _engine(tmp_path, "bf16").close()  # just enough room
+
+
+def test_auto_host_share_counts_two_bytes_per_state_value(tmp_path, monkeypatch, capsys):
+    # host_share "auto" ([Note: host share]): master and bf16 moments take 8 bytes per element in host
+    # memory and in the chunk buffers, so more of them fit than of fp32 state (12)
+    gib = 2**30
+    monkeypatch.setattr(split_tier, "host_memory", lambda: (100 * gib, 128 * gib))
+    chunks = [10**9] * 10
+    fp32, bf16 = split_tier.auto_share(chunks, 2, 4, None), split_tier.auto_share(chunks, 2, 4, None, state_bytes=2)
+    assert (fp32.state_bytes_per_element, bf16.state_bytes_per_element) == (12, 8)
+    assert bf16.fixed_bytes == int(4e10 + 4 * 8 * 1e9)
+    assert bf16.share == pytest.approx((100 * gib - 0.1 * 128 * gib - 4e10 - 4 * 8e9) / 8e10)
+    assert bf16.share > fp32.share > 0
+    capsys.readouterr()
+    engine = _engine(tmp_path, "bf16", host_share="auto")  # the engine passes its state dtype
+    engine.close()
+    assert "8 bytes per element of masters and optimizer state" in capsys.readouterr().err
 
 
 def test_bf16_state_with_nvme_is_no_longer_refused(tmp_path):

@@ -24,10 +24,12 @@ for bit those of all-host and of all-NVMe.
 case (its fp32 host grads, 4 bytes per offloaded element, and the NVMe chunk buffers):
 
     per rank   = (min MemAvailable of the host's ranks - MARGIN x MemTotal) / ranks on the host
-    budget     = per rank - 4 x offloaded elements - buffer_count x (1 + state tensors) x 4 x chunk
-    host_share = budget / ((1 + state tensors) x 4 x offloaded elements), within [0, 1]
+    state      = 4 + s x state tensors  (bytes of master and state per element; s = 4, or 2 with
+                                         state_dtype "bf16": [Note: bf16 swap files] in nvme_swap.py)
+    budget     = per rank - 4 x offloaded elements - buffer_count x state x chunk
+    host_share = budget / (state x offloaded elements), within [0, 1]
 
-(AdamW: 12 bytes of state per element in host memory, 16 with its grad.) The chosen share and its
+(AdamW: 12 bytes per element in host memory, 16 with its grad; bf16 state 8, 12.) The chosen share and its
 numbers are logged once (rank 0). It is read again at each build: after ``ratio`` "auto" rebuilds
 the host step ([Note: auto ratio]) the earlier masters and state are still held while it reads, so
 that reading is lower and the share errs toward NVMe.
@@ -69,7 +71,7 @@ class AutoShare:
     available_bytes: int  # the smallest MemAvailable of this host's ranks
     total_bytes: int  # MemTotal
     ranks_on_host: int
-    state_bytes_per_element: int  # 4 x (1 + state tensors)
+    state_bytes_per_element: int  # 4 + s x state tensors (s: 4, or 2 with bf16 state)
     fixed_bytes: int  # grads and chunk buffers of this rank's offload
 
     def line(self) -> str:
@@ -82,9 +84,9 @@ class AutoShare:
                 f"{self.state_bytes_per_element} bytes per element of masters and optimizer state")
 
 
-def auto_share(chunk_numel: list[int], state_tensors: int, buffer_count: int, ctx) -> AutoShare:
-    """``host_share`` "auto" for chunks of ``chunk_numel`` elements (see the Note); every rank of
-    one host takes the same reading, so they agree."""
+def auto_share(chunk_numel: list[int], state_tensors: int, buffer_count: int, ctx, state_bytes: int = 4) -> AutoShare:
+    """``host_share`` "auto" for chunks of ``chunk_numel`` elements (see the Note), ``state_bytes``
+    per state value (2: bf16 state); every rank of one host takes the same reading, so they agree."""
     import torch.distributed as dist
 
     from hf_zero.engine.offload.nvme_files import host_name
@@ -99,7 +101,7 @@ def auto_share(chunk_numel: list[int], state_tensors: int, buffer_count: int, ct
     available, total = min(a for a, _ in here), max(t for _, t in here)
     per_rank = (available - MARGIN * total) / len(here)
     elements = sum(chunk_numel)
-    per_element = 4 * (1 + state_tensors)
+    per_element = 4 + state_bytes * state_tensors
     fixed = 4 * elements + buffer_count * per_element * max(chunk_numel, default=0)
     share = 0.0 if elements == 0 else min(1.0, max(0.0, (per_rank - fixed) / (per_element * elements)))
     return AutoShare(share, available, total, len(here), per_element, int(fixed))

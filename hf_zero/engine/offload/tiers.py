@@ -37,6 +37,7 @@ from hf_zero.engine.offload import split_tier
 from hf_zero.engine.offload.nvme_swap import NvmeTier, state_tensors_per_element
 from hf_zero.engine.offload.settings import OptimizerOffload, ParamOffload
 from hf_zero.engine.offload.split_tier import SplitTier
+from hf_zero.engine.offload.state_dtype import STATE_DTYPES
 
 
 class OffGpu(Protocol):
@@ -136,7 +137,8 @@ def state_tier(offload: OptimizerOffload | None, chunks: list[list[int]], shard_
     numel = [sum(shard_sizes[i] for i in chunk) for chunk in chunks]
     share = offload.host_share
     if share == "auto":
-        choice = split_tier.auto_share(numel, state_tensors_per_element(optimizer), offload.buffer_count, ctx)
+        choice = split_tier.auto_share(numel, state_tensors_per_element(optimizer), offload.buffer_count, ctx,
+                                       state_bytes=STATE_DTYPES[offload.state_dtype].itemsize)
         split_tier.say(choice, ctx)
         share = choice.share
     count = split_tier.host_chunks(numel, share)
