@@ -90,7 +90,8 @@ def _parity(rank, world, stage, nvme_path, early_too):
             assert 0 < held["nvme_offload"] < nvme_held["nvme_offload"]
             # (host_offload counts the chunk buffers too: the NVMe part may use fewer of them)
             assert held["host_offload"] - tier.resident_bytes() > nvme_held["host_offload"] - nvme_resident
-            split_held, split_resident = held, tier.resident_bytes()
+            if name == "split":  # (split-early's host part also holds speculation's copies)
+                split_held, split_resident = held, tier.resident_bytes()
             swap_dir = Path(tier.nvme.dir.path)
         if name == "cpu":
             cpu_held = held

@@ -170,14 +170,17 @@ class HostStep:
     def overlap(self, early: bool, defer: bool, speculation: SpeculationPolicy | None) -> None:
         """[Note: step in backward]: ``early``, ``defer``; with ``speculation`` (clipping on) the
         chunks stepped before the global norm is known are validated against it ([Note:
-        speculation]). Only the host tier speculates; the NVMe tier's chunks wait for the norm."""
+        speculation]). Only chunks in host memory speculate, here decided once per chunk: those
+        none of whose buckets the tier keeps on disk (all of the host tier's, none of the NVMe
+        tier's, a split's first ``count``); the others wait for the norm and are stepped after it,
+        in chunk order (the worker's order whenever the tier is ``on_disk``)."""
         self.early, self.defer = early, early and defer
         self.speculation = None
         if early and speculation is not None:
-            policy = speculation if not self.tier.on_disk else SpeculationPolicy(budget=0.0)
+            speculable = [not any(self.tier.on_disk_of(i) for i in chunk) for chunk in self.chunks]
             state_bytes = self.low_precision.dtype.itemsize if self.low_precision is not None else 4
             per_element = 4 + state_bytes * state_tensors_per_element(self._optimizer)
-            self.speculation = Speculation(policy, self._chunk_numel, per_element)
+            self.speculation = Speculation(speculation, self._chunk_numel, per_element, speculable)
 
     # ---- grads down ----------------------------------------------------------------------------
 

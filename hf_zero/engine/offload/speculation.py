@@ -32,8 +32,15 @@ host's available memory. A chunk beyond the budget waits for the norm (``HELD``)
 stepped once, still overlapping the next forward. When clipping fired lately speculation waits
 (``SpeculationPolicy``): a clipping streak takes the waiting path and costs no copies, no redos.
 
-Only the host tier speculates: the NVMe tier's chunks are on disk between their steps, so its
-chunks wait for the norm (and then overlap the next forward).
+Only chunks in host memory speculate: a chunk of the NVMe tier is on disk between its steps, and
+undoing its step would need a copy of disk state, so it is ``HELD`` whatever the policy says and
+stepped once after the verdict (then overlapping the next forward). Which chunks those are is
+decided in one place, ``HostStep.overlap``: the chunks none of whose buckets the tier keeps on
+disk (``StateTier.on_disk_of``), given to ``Speculation`` as ``speculable``. So the host tier's
+chunks may all speculate, the NVMe tier's none, and a host/NVMe split's host-memory chunks as the
+host tier's do (the same policy, its counters and the run report's ``host_steps_redone``
+included, and the same budget, a share of all offloaded elements) while its NVMe chunks wait
+([Note: host share] in split_tier.py).
 """
 
 from __future__ import annotations
@@ -180,11 +187,15 @@ class Speculation:
     starts (``start``); a lock keeps the two in step.
 
     ``chunk_numel``: each chunk's elements; ``bytes_per_element``: of its copies (4 for the
-    master plus the optimizer's per-element state)."""
+    master plus the optimizer's per-element state); ``speculable``: per chunk, whether a copy can
+    undo its step (its masters and state are in host memory between steps; None: every chunk).
+    The others are always ``HELD``."""
 
-    def __init__(self, policy: SpeculationPolicy, chunk_numel: list[int], bytes_per_element: int) -> None:
+    def __init__(self, policy: SpeculationPolicy, chunk_numel: list[int], bytes_per_element: int,
+                 speculable: list[bool] | None = None) -> None:
         self.policy = policy
         self.chunk_numel, self.bytes_per_element = chunk_numel, bytes_per_element
+        self.speculable = [True] * len(chunk_numel) if speculable is None else speculable
         self.budget = policy.budget * sum(chunk_numel)
         self.snapshots = Snapshots()
         self.verdict = Verdict.IDLE
@@ -201,14 +212,15 @@ class Speculation:
 
     def hand_over(self, c: int) -> bool:
         """Chunk ``c``'s grads are down (before the verdict): True if it goes to the worker now
-        (it may speculate), False if it waits for the verdict (``HELD``)."""
+        (it may speculate), False if it waits for the verdict (``HELD``: not ``speculable``, or
+        the policy, the budget or the host's memory says no)."""
         with self._lock:
             if self.verdict is Verdict.IDLE:
                 self.verdict, self._speculating, self._reserved = Verdict.OPEN, self.policy.speculate_now(), 0
             self._expect(Verdict.OPEN)
             n = self.chunk_numel[c]
             fits = self._reserved == 0 or self._reserved + n <= self.budget
-            if self._speculating and fits and self._room_for(c):
+            if self._speculating and self.speculable[c] and fits and self._room_for(c):
                 self._reserved += n
                 self.chunks[c] = ChunkStep.QUEUED
                 return True

@@ -34,9 +34,22 @@ numbers are logged once (rank 0). It is read again at each build: after ``ratio`
 the host step ([Note: auto ratio]) the earlier masters and state are still held while it reads, so
 that reading is lower and the share errs toward NVMe.
 
-While any chunk is on NVMe the whole step behaves as the NVMe tier's (``on_disk``): its chunks
-wait for the global norm under clipping (no speculation, [Note: speculation]) and are stepped in
-chunk order. The run report counts each bucket where its tier keeps it (``on_disk_of``).
+Under clipping with the step in backward ([Note: speculation]) each side keeps its own tier's
+rule, per chunk (``on_disk_of`` of its buckets, read once in ``HostStep.overlap``): the host-memory
+chunks speculate as the host tier's do (the same policy and copy budget; a redo counts in the run
+report's ``host_steps_redone``), while the NVMe chunks wait for the global norm, since their
+masters and state are on disk between steps and a copy of them would be a copy of disk state.
+The worker goes in chunk order (``on_disk``, as the NVMe tier's), which suits both sides:
+
+    backward:    [grads c0][grads c1][grads c2][grads c3]  norm  step     (c0, c1 host; c2, c3 NVMe)
+    NVMe tier:   [read c2 ................................]
+    CPU worker:      [keep c0 | step c0][keep c1 | step c1]     [redo c0, c1 if clipped][step c2][step c3]
+
+The host chunks' grads come down first and each is stepped as it comes; after the verdict any
+host chunk redone (or held by the policy or budget) goes first, while the NVMe tier still reads
+its first chunk ahead (``begin``, when chunk 0 is handed over), then the NVMe chunks in chunk
+order, as the NVMe tier streams them. A skipped step undoes the host chunks only; the NVMe chunks
+were never stepped. The run report counts each bucket where its tier keeps it (``on_disk_of``).
 """
 
 from __future__ import annotations
@@ -118,7 +131,7 @@ class SplitTier:
     ``HostTier`` over those chunks), the rest in ``nvme`` (an ``NvmeTier`` over the rest, its
     chunk ``c - count``). See [Note: host share]."""
 
-    on_disk = True  # a chunk is on NVMe: the step waits for the norm and goes in chunk order
+    on_disk = True  # a chunk is on NVMe: masters written to files at build, the worker in chunk order
 
     def __init__(self, host, nvme, chunks: list[list[int]], count: int) -> None:
         if not 0 < count < len(chunks):

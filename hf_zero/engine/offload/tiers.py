@@ -20,8 +20,9 @@ process's RSS holds a few buffers, not the shards: nvme_staging.py). A
 optimizer steps it, ``release`` it back, since the optimizer's per-element state is too large to
 keep mapped while it is read and written at memory speed; ``on_disk_of`` says where it keeps
 one bucket's (a ``SplitTier`` keeps the first chunks in host memory and the rest on NVMe: [Note:
-host share] in split_tier.py). ``param_memory`` and ``state_tier`` are the factories; nothing
-else looks at ``device`` or ``host_share``.
+host share] in split_tier.py): the run report counts it there, and under clipping only a chunk
+with no bucket on disk is stepped before the global norm ([Note: speculation]). ``param_memory``
+and ``state_tier`` are the factories; nothing else looks at ``device`` or ``host_share``.
 """
 
 from __future__ import annotations
@@ -78,7 +79,7 @@ class StateTier(OffGpu, Protocol):
     def release(self, c: int, uploaded) -> None: ...
     def finish(self) -> None: ...
     def resident_bytes(self) -> int: ...
-    def on_disk_of(self, i: int) -> bool: ...
+    def on_disk_of(self, i: int) -> bool: ...  # bucket i's state is on disk between steps
 
 
 class HostTier:
