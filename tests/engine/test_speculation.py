@@ -196,6 +196,27 @@ def test_chunk_lifecycle_and_budget():
         spec.validate(1.0)
 
 
+def test_room_counts_the_state_a_first_step_creates(monkeypatch):
+    """A chunk whose pieces have no optimizer state yet (a run's first step) needs room for its
+    copies and for the state that step creates (AdamW: 8 of its 12 bytes per element), since
+    ``MemAvailable`` does not count that state yet; checked once per chunk."""
+    from hf_zero.engine.offload import speculation
+
+    total = 1000 * 12  # MemTotal; the reserve is 10% of it
+    # 1200 bytes of reserve + 100 elements x 12 bytes of copies fit in 2500 available, + 800 of state does not
+    monkeypatch.setattr(speculation, "meminfo", lambda: (2500, total))
+    spec = Speculation(SpeculationPolicy(budget=1.0), [100, 100], bytes_per_element=12)
+    assert spec.hand_over(0, stateless=True) is False and spec.chunks[0] is ChunkStep.HELD
+    assert spec.hand_over(1, stateless=False) is True  # its state exists: the copies alone fit
+    monkeypatch.setattr(speculation, "meminfo", lambda: (1200 + 1200 + 800, total))  # just enough for both
+    spec = Speculation(SpeculationPolicy(budget=1.0), [100, 100], bytes_per_element=12)
+    assert spec.hand_over(0, stateless=True) is True
+    monkeypatch.setattr(speculation, "meminfo", lambda: (0, total))  # checked once: chunk 0 keeps its room
+    spec.validate(1.0)
+    spec.end_step()
+    assert spec.hand_over(0, stateless=False) is True
+
+
 def test_snapshots_restore_masters_and_state_bit_for_bit():
     from hf_zero.engine.offload.speculation import Snapshots
 

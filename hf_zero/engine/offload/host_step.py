@@ -266,7 +266,9 @@ class HostStep:
             skip = {j: self._unused[j] for j in self.chunks[c]}
             if self.speculation is not None:  # [Note: speculation]
                 self._handed[c] = (hyperparameters(self._optimizer), lambda j, skip=skip: skip[j](), events)
-                if self.speculation.hand_over(c):
+                state = self._optimizer.state
+                stateless = not any(state.get(piece) for j in self.chunks[c] for piece, _, _ in self._pieces.get(j, []))
+                if self.speculation.hand_over(c, stateless):
                     self._pending[c] = self._worker.submit(c, self._step_validated, c, *self._handed[c])
                 self._next_chunk += 1
                 continue

@@ -28,7 +28,9 @@ state before its step (AdamW: 12 bytes written, read back only for a redo), on t
 memory for the copies: at most ``SpeculationPolicy.budget`` of the offloaded elements (AdamW:
 12 bytes each, so 3 bytes per offloaded element at the default 0.25; the copies of one chunk at
 least), allocated the first time and reused, and never more than leaves ``HOST_RESERVE`` of the
-host's available memory. A chunk beyond the budget waits for the norm (``HELD``) and is then
+host's available memory (at a run's first step counting the optimizer state that step is about to
+create, which ``MemAvailable`` does not show yet; ``host_share`` "auto" leaves room for the copies:
+[Note: host share] in split_tier.py). A chunk beyond the budget waits for the norm (``HELD``) and is then
 stepped once, still overlapping the next forward. When clipping fired lately speculation waits
 (``SpeculationPolicy``): a clipping streak takes the waiting path and costs no copies, no redos.
 
@@ -54,6 +56,7 @@ from hf_zero.engine.diagnostics.labels import labelled
 from hf_zero.engine.offload.host_memory import meminfo
 
 HOST_RESERVE = 0.1  # of the host's memory: snapshots are not allocated into it (MemAvailable)
+DEFAULT_BUDGET = 0.25  # SpeculationPolicy's budget: a share of the offloaded elements
 
 
 class Verdict(enum.Enum):
@@ -93,7 +96,7 @@ class SpeculationPolicy:
     least one chunk's when above 0). ``max_backoff``: after a step whose speculation had to be
     redone, speculation waits for 1, 2, 4, ... up to this many steps in a row without clipping."""
 
-    def __init__(self, *, budget: float = 0.25, max_backoff: int = 64) -> None:
+    def __init__(self, *, budget: float = DEFAULT_BUDGET, max_backoff: int = 64) -> None:
         if not 0.0 <= budget <= 1.0:
             raise ValueError(f"speculation budget must be in [0, 1] (a share of the offloaded elements), got {budget}")
         if max_backoff < 1:
@@ -210,29 +213,34 @@ class Speculation:
         if self.verdict not in verdicts:
             raise AssertionError(f"speculation: verdict {self.verdict.name}, expected {[v.name for v in verdicts]}")
 
-    def hand_over(self, c: int) -> bool:
+    def hand_over(self, c: int, stateless: bool = False) -> bool:
         """Chunk ``c``'s grads are down (before the verdict): True if it goes to the worker now
         (it may speculate), False if it waits for the verdict (``HELD``: not ``speculable``, or
-        the policy, the budget or the host's memory says no)."""
+        the policy, the budget or the host's memory says no). ``stateless``: its pieces have no
+        optimizer state yet, which this step creates in host memory (``_room_for`` counts it)."""
         with self._lock:
             if self.verdict is Verdict.IDLE:
                 self.verdict, self._speculating, self._reserved = Verdict.OPEN, self.policy.speculate_now(), 0
             self._expect(Verdict.OPEN)
             n = self.chunk_numel[c]
             fits = self._reserved == 0 or self._reserved + n <= self.budget
-            if self._speculating and self.speculable[c] and fits and self._room_for(c):
+            if self._speculating and self.speculable[c] and fits and self._room_for(c, stateless):
                 self._reserved += n
                 self.chunks[c] = ChunkStep.QUEUED
                 return True
             self.chunks[c] = ChunkStep.HELD
             return False
 
-    def _room_for(self, c: int) -> bool:
-        """Whether chunk ``c``'s copies fit in host memory without eating ``HOST_RESERVE``."""
+    def _room_for(self, c: int, stateless: bool) -> bool:
+        """Whether chunk ``c``'s copies fit in host memory without eating ``HOST_RESERVE``, checked
+        the first time ``c`` would speculate. The copies' buffers grow to their full size at its
+        first speculative step after it has optimizer state; ``MemAvailable`` does not yet count a
+        ``stateless`` chunk's state (its first step makes it), so that is counted here too."""
         if c in self._kept:
             return True
         got = meminfo()
-        if got is not None and got[0] - self.chunk_numel[c] * self.bytes_per_element < HOST_RESERVE * got[1]:
+        needed = self.chunk_numel[c] * (self.bytes_per_element + (self.bytes_per_element - 4) * stateless)
+        if got is not None and got[0] - needed < HOST_RESERVE * got[1]:
             return False
         self._kept.add(c)
         return True

@@ -29,7 +29,16 @@ case (its fp32 host grads, 4 bytes per offloaded element, and the NVMe chunk buf
     budget     = per rank - 4 x offloaded elements - buffer_count x state x chunk
     host_share = budget / (state x offloaded elements), within [0, 1]
 
-(AdamW: 12 bytes per element in host memory, 16 with its grad; bf16 state 8, 12.) The chosen share and its
+(AdamW: 12 bytes per element in host memory, 16 with its grad; bf16 state 8, 12.) Room is also
+left for speculation's copies ([Note: speculation]): only host-memory chunks keep copies, at most
+``copy_share`` (the speculation budget, 0.25 by default) of the offloaded elements, ``state`` bytes
+each, so the host part H (elements) must satisfy ``state x (H + min(copy_share x E, H)) <= budget``:
+
+    H = budget / state - copy_share x E     when that is at least copy_share x E, else
+    H = budget / (2 x state)                (every host element may have a copy)
+
+It is left whether or not the run clips (the tier is built before the Trainer says so): without
+clipping "auto" errs toward NVMe by that much. The chosen share and its
 numbers are logged once (rank 0). It is read again at each build: after ``ratio`` "auto" rebuilds
 the host step ([Note: auto ratio]) the earlier masters and state are still held while it reads, so
 that reading is lower and the share errs toward NVMe.
@@ -86,6 +95,7 @@ class AutoShare:
     ranks_on_host: int
     state_bytes_per_element: int  # 4 + s x state tensors (s: 4, or 2 with bf16 state)
     fixed_bytes: int  # grads and chunk buffers of this rank's offload
+    copy_share: float = 0.0  # room left for speculation's copies, a share of the offloaded elements
 
     def line(self) -> str:
         from hf_zero.byte_units import fmt_bytes
@@ -94,12 +104,16 @@ class AutoShare:
                 f"{fmt_bytes(self.available_bytes)} of host memory available, {MARGIN:.0%} of "
                 f"{fmt_bytes(self.total_bytes)} kept free, shared by {self.ranks_on_host} rank(s) on this host; "
                 f"{fmt_bytes(self.fixed_bytes)} per rank for host grads and NVMe chunk buffers, "
-                f"{self.state_bytes_per_element} bytes per element of masters and optimizer state")
+                f"{self.state_bytes_per_element} bytes per element of masters and optimizer state"
+                + (f", and as much again for speculation's copies of up to {self.copy_share:g} of the elements"
+                   if self.copy_share else ""))
 
 
-def auto_share(chunk_numel: list[int], state_tensors: int, buffer_count: int, ctx, state_bytes: int = 4) -> AutoShare:
+def auto_share(chunk_numel: list[int], state_tensors: int, buffer_count: int, ctx, state_bytes: int = 4,
+               copy_share: float = 0.0) -> AutoShare:
     """``host_share`` "auto" for chunks of ``chunk_numel`` elements (see the Note), ``state_bytes``
-    per state value (2: bf16 state); every rank of one host takes the same reading, so they agree."""
+    per state value (2: bf16 state), room for speculation's copies of up to ``copy_share`` of the
+    elements; every rank of one host takes the same reading, so they agree."""
     import torch.distributed as dist
 
     from hf_zero.engine.offload.nvme_files import host_name
@@ -116,8 +130,11 @@ def auto_share(chunk_numel: list[int], state_tensors: int, buffer_count: int, ct
     elements = sum(chunk_numel)
     per_element = 4 + state_bytes * state_tensors
     fixed = 4 * elements + buffer_count * per_element * max(chunk_numel, default=0)
-    share = 0.0 if elements == 0 else min(1.0, max(0.0, (per_rank - fixed) / (per_element * elements)))
-    return AutoShare(share, available, total, len(here), per_element, int(fixed))
+    room = max(0.0, per_rank - fixed) / per_element  # elements of masters + state (and copies)
+    copies = copy_share * elements
+    host = room - copies if room >= 2 * copies else room / 2
+    share = 0.0 if elements == 0 else min(1.0, host / elements)
+    return AutoShare(share, available, total, len(here), per_element, int(fixed), copy_share)
 
 
 def say(choice: AutoShare, ctx) -> None:

@@ -37,6 +37,7 @@ from hf_zero.engine.offload.nvme_params import NvmeParamMemory
 from hf_zero.engine.offload import split_tier
 from hf_zero.engine.offload.nvme_swap import NvmeTier, state_tensors_per_element
 from hf_zero.engine.offload.settings import OptimizerOffload, ParamOffload
+from hf_zero.engine.offload.speculation import DEFAULT_BUDGET
 from hf_zero.engine.offload.split_tier import SplitTier
 from hf_zero.engine.offload.state_dtype import STATE_DTYPES
 
@@ -139,7 +140,8 @@ def state_tier(offload: OptimizerOffload | None, chunks: list[list[int]], shard_
     share = offload.host_share
     if share == "auto":
         choice = split_tier.auto_share(numel, state_tensors_per_element(optimizer), offload.buffer_count, ctx,
-                                       state_bytes=STATE_DTYPES[offload.state_dtype].itemsize)
+                                       state_bytes=STATE_DTYPES[offload.state_dtype].itemsize,
+                                       copy_share=DEFAULT_BUDGET)
         split_tier.say(choice, ctx)
         share = choice.share
     count = split_tier.host_chunks(numel, share)
