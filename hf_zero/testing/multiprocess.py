@@ -4,7 +4,9 @@
 process group in each, calls ``fn(rank, world_size, *args)`` and returns the list of per-rank
 return values (rank order). If any rank raises, or the run outlasts ``timeout`` seconds, every
 rank is stopped and a ``RankFailure`` is raised carrying each failing rank's full traceback. A rank
-whose process dies without reporting (killed) is seen within a second, not at ``timeout``.
+whose process dies without reporting (killed) is seen within a second, not at ``timeout``; when a
+fatal signal killed it (a segfault in native code), the message holds the Python stacks that
+``faulthandler`` wrote for it.
 
 ``backend="nccl"`` gives each rank its own GPU instead: rank r makes ``cuda:r`` its current
 device before the NCCL process group is created (bound to that device), so ``fn`` can allocate
@@ -34,10 +36,13 @@ Where forkserver does not exist (Windows), ranks are spawned.
 from __future__ import annotations
 
 import atexit
+import faulthandler
 import multiprocessing as mp
 import os
 import queue
+import shutil
 import socket
+import tempfile
 import time
 import traceback
 from typing import Any, Callable
@@ -89,7 +94,9 @@ def _context():
 
 
 def _worker(rank: int, world_size: int, port: int, fn: Callable, args: tuple, results: Any, backend: str,
-            environ: dict[str, str] | None = None) -> None:
+            environ: dict[str, str] | None = None, fault_path: str | None = None) -> None:
+    if fault_path is not None:  # a crash in native code (SIGSEGV) leaves each thread's Python stack there
+        faulthandler.enable(open(fault_path, "w"), all_threads=True)  # noqa: SIM115 - open until the process ends
     if environ is not None:  # a forked rank holds the server's environment: the caller's instead
         os.environ.clear()
         os.environ.update(environ)
@@ -138,8 +145,11 @@ def run_on_ranks(
     results = ctx.Queue()
     port = free_port()
     environ = dict(os.environ)
+    faults = tempfile.mkdtemp(prefix="hf_zero-ranks-")  # each rank's faulthandler output
+    fault_paths = [os.path.join(faults, f"rank{r}.txt") for r in range(world_size)]
     procs = [
-        ctx.Process(target=_worker, args=(r, world_size, port, fn, args, results, backend, environ), daemon=True)
+        ctx.Process(target=_worker, args=(r, world_size, port, fn, args, results, backend, environ, fault_paths[r]),
+                    daemon=True)
         for r in range(world_size)
     ]
     for p in procs:
@@ -151,9 +161,9 @@ def run_on_ranks(
             try:
                 rank, status, payload = results.get(timeout=min(_POLL_S, max(0.0, deadline - time.monotonic())))
             except queue.Empty:
-                if _died(procs, results, outcomes, world_size):
+                if _died(procs, results, outcomes, world_size, fault_paths):
                     _drain(results, outcomes, world_size, grace=5.0, procs=procs)
-                    _died(procs, results, outcomes, world_size)
+                    _died(procs, results, outcomes, world_size, fault_paths)
                     raise RankFailure(_describe(outcomes, "a rank died"))
                 if time.monotonic() >= deadline:
                     missing = sorted(set(range(world_size)) - set(outcomes))
@@ -163,7 +173,7 @@ def run_on_ranks(
             if status == "error":
                 # One rank failed: the others may be blocked in a collective. Give them a moment to report.
                 _drain(results, outcomes, world_size, grace=5.0, procs=procs)
-                _died(procs, results, outcomes, world_size)  # a rank killed, which the others saw
+                _died(procs, results, outcomes, world_size, fault_paths)  # a rank killed, which the others saw
                 raise RankFailure(_describe(outcomes, "a rank raised"))
     finally:
         for p in procs:
@@ -171,21 +181,33 @@ def run_on_ranks(
             if p.is_alive():
                 p.kill()
                 p.join()
+        shutil.rmtree(faults, ignore_errors=True)
     return [outcomes[r][1] for r in range(world_size)]
 
 
-def _died(procs: list, results: Any, outcomes: dict, world_size: int) -> bool:
+def _died(procs: list, results: Any, outcomes: dict, world_size: int, fault_paths: list[str] = ()) -> bool:
     """Whether a rank's process has exited without a result (killed: SIGKILL, the OOM killer,
-    ``os._exit``); such ranks are recorded as errors. A result put just before exiting is read
-    first."""
+    ``os._exit``, a crash in native code); such ranks are recorded as errors, with the Python stacks
+    faulthandler wrote when it was a fatal signal (SIGSEGV, SIGABRT, ...). A result put just before
+    exiting is read first."""
     if not any(r not in outcomes and p.exitcode is not None for r, p in enumerate(procs)):
         return False
     _drain(results, outcomes, world_size, grace=1.0, procs=procs)
     dead = [r for r, p in enumerate(procs) if r not in outcomes and p.exitcode is not None]
     for r in dead:
+        stacks = _read(fault_paths[r]) if r < len(fault_paths) else ""
         outcomes[r] = ("error", f"rank {r}'s process exited with code {procs[r].exitcode} without a result "
-                                "(a negative code: killed by that signal)\n")
+                                "(a negative code: killed by that signal)\n"
+                                + (f"its Python stacks at the fatal signal (faulthandler):\n{stacks}" if stacks else ""))
     return bool(dead)
+
+
+def _read(path: str) -> str:
+    try:
+        with open(path) as f:
+            return f.read()
+    except OSError:
+        return ""
 
 
 def _drain(results: Any, outcomes: dict, world_size: int, grace: float, procs: list = ()) -> None:
