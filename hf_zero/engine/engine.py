@@ -102,6 +102,7 @@ class ZeroEngine:
         # follows registration order; see _on_backward_end.
         self._arrival: list[nn.Parameter] | None = [] if self.strategy.tracks_arrival(self.ctx.world_size) else None
 
+        self.closed = False  # close() was called: hooks removed, offload files deleted
         self._in_backward = False
         self._boundary = True  # this backward ends gradient accumulation (set_gradient_sync)
         self._boundary_source = None  # or a callable saying so (the Trainer's sync_gradients)
@@ -118,6 +119,10 @@ class ZeroEngine:
     def units(self) -> list[ParamUnit]:
         """Stage 3: the units, in backward order (empty at stages 1-2)."""
         return self.strategy.units
+
+    def laid_out_params(self) -> set[nn.Parameter]:
+        """Every param this engine lays out: the trainable ones, and at stage 3 the frozen ones its units hold."""
+        return set(self._where) | {p for unit in self.units for part in unit.parts for p in part.params}
 
     @property
     def masters(self) -> list[torch.Tensor]:
@@ -485,6 +490,7 @@ class ZeroEngine:
             h.remove()
         self._hooks.clear()
         self._grad_hooks.clear()
+        self.closed = True
 
 
 def _staged_grads(old: GradSync) -> dict[nn.Parameter, torch.Tensor]:

@@ -106,7 +106,7 @@ def from_config(hf_config, *, zero_config=None, dtype=None, model_class=None, de
 def engine_of(model: nn.Module) -> ZeroEngine | None:
     """The engine a model got when it was loaded sharded, or None."""
     engine = _ENGINES.get(id(model))
-    return engine if engine is not None and engine.model is model else None
+    return engine if engine is not None and engine.model is model and not engine.closed else None
 
 
 def engine_for(model: nn.Module, options: dict) -> ZeroEngine | None:

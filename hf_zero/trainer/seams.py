@@ -8,7 +8,7 @@ active behaves exactly as before.
 | method              | what hf_zero adds                                                       |
 |---------------------|-------------------------------------------------------------------------|
 | ``__init__``        | refuses a Trainer set up for DeepSpeed or FSDP too (other_sharding.py); resolves the config against TrainingArguments, adds the report callback and, for CPU checkpointing or tiled compute, ``TrainerActivations`` (hf_zero/activations), starts the hang watchdog (``comm_timeout_s``); sequence parallelism: takes over a ``parallelism_config`` sp_size, builds the SP groups and turns on Ulysses attention (hf_zero/sequence_parallel/training.py); ``sparse_attention``: the model's attention set to the layout's (hf_zero/sparse_attention/training.py) |
-| ``create_optimizer``| the config's ``optimizer`` block, if any, builds the optimizer (config_blocks.py); fp16, every stage: the loss scaler is DeepSpeed's (loss_scaling.py); stage >= 1: builds the ZeroEngine around the optimizer just created (or gives it to the engine of a model sharded as it loaded, or to one laid out anew from its shards for a PEFT wrapper of it, hf_zero/init); stage 3, W > 1: the model's ``generate`` defaults to ``synced_gpus=True`` (generation.py) |
+| ``create_optimizer``| the config's ``optimizer`` block, if any, builds the optimizer (config_blocks.py); fp16, every stage: the loss scaler is DeepSpeed's (loss_scaling.py); stage >= 1: builds the ZeroEngine around the optimizer just created, after any live engine of an earlier Trainer over the same model has let go of it (earlier_engine.py, [Note: a second Trainer]; or gives it to the engine of a model sharded as it loaded, or to one laid out anew from its shards for a PEFT wrapper of it, hf_zero/init); stage 3, W > 1: the model's ``generate`` defaults to ``synced_gpus=True`` (generation.py) |
 | ``create_scheduler``| the config's ``scheduler`` block, if any: DeepSpeed's schedule (config_blocks.py, ds_schedulers.py) |
 | ``compute_loss``    | ``tiled_loss``: a training forward with labels computes the model's loss in tiles, without full logits (hf_zero/activations/tiled_loss.py); sequence parallelism: the loss over the SP group (sequence_parallel/loss.py) |
 | ``get_train_dataloader`` | sequence parallelism: one batch per SP group, each rank's slice of its sequences (sequence_parallel/batch_split.py) |
@@ -48,7 +48,7 @@ from hf_zero.init import sharded_load
 from hf_zero.checkpoint import digests
 from hf_zero.config import stage0_saves
 from hf_zero.engine.stages import NotAvailableYet
-from hf_zero.trainer import checkpoint, compile_watch, config_blocks
+from hf_zero.trainer import checkpoint, compile_watch, config_blocks, earlier_engine
 from hf_zero.trainer.generation import sync_generate
 from hf_zero.trainer.streamed_save import save_stage3, save_whole
 from hf_zero.trainer.verify import verify_saved_adapter, verify_saved_weights
@@ -139,14 +139,18 @@ def create_optimizer(self, model=None):
         # the optimizer, which captures the scaler it has then.
         self.accelerator.scaler = sharded_grad_scaler(session.config.precision, self.args.device)
     if session is not None and session.stage >= 1 and session.engine is None:
-        options = engine_options(session.config)
+        options = {**engine_options(session.config), **parallel_mesh.engine_group(self)}
+        # An earlier Trainer's engine over this model lets go of it ([Note: a second Trainer]).
+        earlier = earlier_engine.holding(self.model)
+        prebuilt = earlier_engine.take_over(self.model, earlier, options) if earlier is not None else None
         # A model sharded as it loaded, or a wrapper (PEFT) of one: its engine (hf_zero/init).
-        prebuilt = sharded_load.engine_for(self.model, options)
+        prebuilt = prebuilt or sharded_load.engine_for(self.model, options)
         if prebuilt is not None:
             prebuilt.attach_optimizer(self.optimizer)
             session.engine = prebuilt
         else:
-            session.engine = ZeroEngine(self.model, self.optimizer, **options, **parallel_mesh.engine_group(self))
+            session.engine = ZeroEngine(self.model, self.optimizer, **options)
+        earlier_engine.remember(session.engine)
         # accelerate skips no_sync() on one rank, so the engine asks the Trainer's own flag which
         # micro-step ends an accumulation (offloaded grads go to the host only then).
         accelerator = self.accelerator
