@@ -211,15 +211,6 @@ UNSUPPORTED: tuple[Unsupported, ...] = (
         instead='train in bf16 (bf16.enabled true, or "auto" with --bf16) or fp32',
     ),
     Unsupported(
-        name="sparse-attention-sequence-parallel",
-        keys=("sparse_attention", "sequence_parallel_size"),
-        applies=lambda c: c.sparse_attention is not None and _sequence_parallel(c),
-        asked=lambda c: f"sparse_attention (mode {show(c.sparse_attention.mode)}) with sequence_parallel_size = "
-                        f"{c.sequence_parallel_size}",
-        feature="sparse attention inside Ulysses attention",
-        instead="use one of the two (hf_zero/sparse_attention, docs/long-sequences.md)",
-    ),
-    Unsupported(
         name="sparse-attention-per-head-tp",
         keys=("sparse_attention.different_layout_per_head", "tensor_parallel.autotp_size"),
         applies=lambda c: c.sparse_attention is not None and c.sparse_attention.different_layout_per_head

@@ -5,9 +5,9 @@ With ``sequence_parallel_size`` P, the W ranks form W / P groups of P neighbours
 P ranks of a group train on the same batch, each on its slice of every sequence (batch_split.py):
 the embedding, norms, MLPs and the LM head work token by token, so a slice is all they need.
 Attention needs every token: around it, an all-to-all trades the slice of all heads for all of the
-sequence of 1/P of the heads, the model's own attention runs on that, and a second all-to-all trades
-back (all_to_all.py, ulysses.py, registered through transformers' attention interface). The loss is
-the whole sequence's mean over its real tokens (loss.py).
+sequence of 1/P of the heads, the model's own attention (or a ``sparse_attention`` block's: inner.py)
+runs on that, and a second all-to-all trades back (all_to_all.py, ulysses.py, registered through
+transformers' attention interface). The loss is the whole sequence's mean over its real tokens (loss.py).
 
 Every rank holds the whole model, so ZeRO shards over all W ranks as without SP: each rank's
 gradient is its slice's share, the shares of a group sum to the group's gradient (the all-to-alls'
@@ -19,7 +19,8 @@ W / P ranks of the unsplit model computes.
 |---|---|
 | ``layout.py`` | ``SpLayout`` (sp and dp rank, the SP group), ``check_size``, ``build_layout`` |
 | ``all_to_all.py`` | the differentiable all-to-all |
-| ``ulysses.py`` | the attention wrapper, ``enable``, ``check_heads`` |
+| ``ulysses.py`` | the attention wrapper, ``enable``, ``wrap``, ``check_heads`` |
+| ``inner.py`` | which attention runs inside it (sdpa, eager, sparse attention) and what it is handed ([Note: sparse attention inside Ulysses]) |
 | ``batch_split.py`` | ``split_batch`` and the Trainer data loader's changes |
 | ``loss.py`` | the loss over the group |
 | ``training.py`` | what the Trainer seams call |

@@ -1,18 +1,22 @@
 """Ulysses attention, registered through transformers' attention interface.
 
-``enable(model, layout)`` switches a model from ``sdpa`` (or ``eager``) to ``hf_zero_ulysses_sdpa``
-(``hf_zero_ulysses_eager``), keys this module registers with ``AttentionInterface`` (and, for the
-masks the model builds, ``AttentionMaskInterface``, with the inner implementation's own mask
-function). The model's code is untouched: its attention layers look the function up by that key.
+``enable(model, layout)`` switches a model from ``sdpa`` (or ``eager``, or a ``sparse_attention``
+block's function) to ``hf_zero_ulysses_sdpa`` (``hf_zero_ulysses_eager``,
+``hf_zero_ulysses_hf_zero_sparse_attention_<n>``), keys this module registers with
+``AttentionInterface`` (and, for the masks the model builds, ``AttentionMaskInterface``, with the
+mask function inner.py names). The model's code is untouched: its attention layers look the function
+up by that key. ``wrap(model, name)`` changes the inner attention of a model already under Ulysses
+(a sparse attention after ``enable``: ``wrap(model, flex.register(config))``).
 
 While the attention module trains, each call holds this rank's slice of the sequence
 (``[b, heads, s / P, d]``, rotary positions already applied from the full sequence's position ids):
 
 1. all-to-all from sequence-sharded to head-sharded: ``[b, heads / P, s, d]`` (all_to_all.py);
-2. the inner attention (sdpa, or the model's own eager function) over the whole sequence, causal:
-   sdpa with ``is_causal`` and no mask, eager with a full-length causal mask built here; the mask the
-   model built is for the local slice and is dropped (the batch splitter has checked that no padding
-   mask is needed: batch_split.py);
+2. the inner attention over the whole sequence, causal (inner.py decides which function and what it
+   gets): sdpa with ``is_causal`` and no mask, eager with a full-length causal mask, the mask the model
+   built for the local slice dropped (the batch splitter has checked that no padding mask is needed:
+   batch_split.py); a sparse attention function with the group's padding gathered and the share of the
+   heads this rank holds ([Note: sparse attention inside Ulysses] in inner.py);
 3. all-to-all back: ``[b, s / P, heads, d]``.
 
 In eval mode (``Trainer.evaluate``, ``generate``; its batches are not split) the inner attention runs
@@ -25,17 +29,14 @@ query heads use (DeepSpeed's rule); anything else is refused (``check_heads``).
 
 from __future__ import annotations
 
-import sys
-
-import torch
 from transformers import AttentionInterface
-from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, AttentionMaskInterface
+from transformers.masking_utils import AttentionMaskInterface
 
+from hf_zero.sequence_parallel import inner as I
 from hf_zero.sequence_parallel.all_to_all import all_to_all
+from hf_zero.sequence_parallel.inner import INNER
 from hf_zero.sequence_parallel.layout import KEY, SpLayout
 
-INNER = ("sdpa", "eager")
-"""The attention implementations Ulysses wraps (each runs causal over a full sequence it is given)."""
 PREFIX = "hf_zero_ulysses_"
 
 _ACTIVE: dict[str, SpLayout | None] = {"layout": None}  # this process's layout: one, as its process groups
@@ -43,6 +44,12 @@ _ACTIVE: dict[str, SpLayout | None] = {"layout": None}  # this process's layout:
 
 def key_for(inner: str) -> str:
     return PREFIX + inner
+
+
+def is_on(model) -> bool:
+    """Whether ``model``'s attention runs through Ulysses."""
+    current = model.config._attn_implementation
+    return isinstance(current, str) and current.startswith(PREFIX)
 
 
 def check_heads(config, size: int) -> None:
@@ -69,47 +76,41 @@ def enable(model, layout: SpLayout) -> None:
     active = _ACTIVE["layout"]
     if active is not None and active is not layout:
         raise ValueError(f"{KEY}: this process already trains with {KEY} = {active.size}; one layout per process")
-    if current in {key_for(name) for name in INNER}:
+    if is_on(model):
         return
-    if current not in INNER:
+    if not I.wraps(current):
         raise NotImplementedError(f"{KEY} = {layout.size} with attn_implementation {current!r}: not built yet in "
-                                  f"hf_zero; load the model with attn_implementation one of {list(INNER)}")
+                                  f"hf_zero; load the model with attn_implementation one of {list(INNER)} (a "
+                                  "sparse_attention block's attention is wrapped too)")
     check_heads(config, layout.size)
-    _register()
     _ACTIVE["layout"] = layout
-    model.set_attn_implementation(key_for(current))
+    wrap(model, current)
 
 
-def _register() -> None:
-    for name in INNER:
-        if key_for(name) not in AttentionInterface._global_mapping:
-            AttentionInterface.register(key_for(name), _attention(name))
-            AttentionMaskInterface.register(key_for(name), ALL_MASK_ATTENTION_FUNCTIONS[name])
-
-
-def _inner(name: str, module):
-    if name == "sdpa":
-        return AttentionInterface._global_mapping["sdpa"]
-    eager = getattr(sys.modules[type(module).__module__], "eager_attention_forward", None)  # the model's own
-    if eager is None:
-        raise NotImplementedError(f"{KEY} with eager attention: {type(module).__module__} has no "
-                                  "eager_attention_forward; use attn_implementation 'sdpa'")
-    return eager
+def wrap(model, inner: str) -> None:
+    """Set ``model``'s attention to Ulysses around ``inner`` (an implementation inner.py wraps)."""
+    if not I.wraps(inner):
+        raise NotImplementedError(f"{KEY}: Ulysses around attention {inner!r}: not built yet in hf_zero; it wraps "
+                                  f"{list(INNER)} and sparse_attention's")
+    if key_for(inner) not in AttentionInterface._global_mapping:
+        AttentionInterface.register(key_for(inner), _attention(inner))
+        AttentionMaskInterface.register(key_for(inner), I.mask_function(inner))
+    model.set_attn_implementation(key_for(inner))
 
 
 def _attention(name: str):
     def attention(module, query, key, value, attention_mask, **kwargs):
-        inner = _inner(name, module)
+        inner = I.function(name, module)
         layout = _ACTIVE["layout"]
         if layout is None or not module.training:
-            return inner(module, query, key, value, attention_mask, **kwargs)
-        return _ulysses(inner, name, layout, module, query, key, value, **kwargs)
+            return inner(module, query, key, value, I.unsplit(name, attention_mask), **kwargs)
+        return _ulysses(inner, name, layout, module, query, key, value, attention_mask, **kwargs)
 
     attention.__name__ = key_for(name)
     return attention
 
 
-def _ulysses(inner, name: str, layout: SpLayout, module, query, key, value, **kwargs):
+def _ulysses(inner, name: str, layout: SpLayout, module, query, key, value, attention_mask, **kwargs):
     parts, group = layout.size, layout.group
     if key.shape[1] % parts:  # P a multiple of the KV heads (check_heads): one whole KV head per rank
         key = key.repeat_interleave(parts // key.shape[1], dim=1)
@@ -121,17 +122,11 @@ def _ulysses(inner, name: str, layout: SpLayout, module, query, key, value, **kw
                                   f"{full} is not built yet in hf_zero")
     kwargs.pop("position_ids", None)  # this slice's; the inner attention sees the whole sequence, in order
     query, key, value = (all_to_all(t, 1, 2, group) for t in (query, key, value))  # [b, h / P, s, d]
-    mask = None if name == "sdpa" else _causal_mask(full, query)
+    mask, extra = I.whole_sequence(name, query, attention_mask, layout)
     groups = query.shape[1] // key.shape[1]
     view = module if getattr(module, "num_key_value_groups", groups) == groups else _HeadGroups(module, groups)
-    out, _ = inner(view, query, key, value, mask, **kwargs)  # [b, s, h / P, d]
+    out, _ = inner(view, query, key, value, mask, **kwargs, **extra)  # [b, s, h / P, d]
     return all_to_all(out, 1, 2, group), None  # [b, s / P, h, d]; per-head weights of a shard: not returned
-
-
-def _causal_mask(length: int, like: torch.Tensor) -> torch.Tensor:
-    """The additive causal mask eager attention adds to its scores, for the whole sequence."""
-    mask = torch.full((length, length), torch.finfo(like.dtype).min, dtype=like.dtype, device=like.device)
-    return mask.triu(1)[None, None]
 
 
 class _HeadGroups:

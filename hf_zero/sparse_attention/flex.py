@@ -11,6 +11,12 @@
    interface (Llama, Mistral, Qwen2/3, ...) looks its function up by that name at each call, and
    ``create_causal_mask`` calls the mask function registered under it.
 
+With Ulysses sequence parallelism (``sequence_parallel_size`` > 1, turned on after this) Ulysses wraps
+this function: the model's attention becomes ``hf_zero_ulysses_<name>``, and each rank
+calls the function over the whole sequence for its share of the heads (``HeadShare``: a per-head
+layout takes those heads' rows) with the whole sequence's padding ([Note: sparse attention inside
+Ulysses] in hf_zero/sequence_parallel/inner.py).
+
 What a layer then computes, for a sequence of L tokens (``B`` = the layout's block):
 
 - the layout ``[heads, ceil(L / B), ceil(L / B)]`` of the config (layouts.py), built once per L;
@@ -35,7 +41,7 @@ attention dropout, sliding-window layers, packed sequences and any mask beyond c
 from __future__ import annotations
 
 import math
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -117,6 +123,13 @@ def _needs_dense(*tensors: torch.Tensor) -> bool:
     return tensors[0].device.type == "cpu" and torch.is_grad_enabled() and any(t.requires_grad for t in tensors)
 
 
+class HeadShare(NamedTuple):
+    """Heads ``first .. first + n - 1`` of the model's ``total`` attention heads (n: the query's heads)."""
+
+    first: int
+    total: int
+
+
 class SparseAttention:
     """One config's attention function for transformers' attention interface (module docstring)."""
 
@@ -126,48 +139,59 @@ class SparseAttention:
         self._masks: dict[tuple, BlockMask] = {}
         self._padded: tuple | None = None  # (the padding mask object, key, BlockMask) of the last forward
 
-    def layout(self, heads: int, seq_len: int, device: torch.device) -> torch.Tensor:
-        """This config's layout for ``seq_len`` tokens, ``[heads or 1, n, n]`` bool on ``device``."""
-        heads = heads if self.config.different_layout_per_head else 1
-        key = (heads, seq_len, str(device))
+    def layout(self, heads: int, seq_len: int, device: torch.device,
+               share: HeadShare | None = None) -> torch.Tensor:
+        """This config's layout for ``seq_len`` tokens, ``[heads or 1, n, n]`` bool on ``device``: with
+        ``share``, the rows of heads ``share.first .. share.first + heads - 1`` of the layout of
+        ``share.total`` heads ([Note: sparse attention inside Ulysses])."""
+        share = HeadShare(0, heads) if share is None else share
+        if share.first < 0 or share.first + heads > share.total:
+            raise ValueError(f"{KEY}: heads {share.first} .. {share.first + heads - 1} are not heads of {share.total}")
+        if not self.config.different_layout_per_head:
+            heads, share = 1, HeadShare(0, 1)
+        key = (heads, share, seq_len, str(device))
         if key not in self._layouts:
             padded_len = num_blocks(self.config, seq_len) * self.config.block
-            self._layouts[key] = make_layout(self.config, heads, padded_len).bool().to(device)
+            rows = make_layout(self.config, share.total, padded_len)[share.first:share.first + heads]
+            self._layouts[key] = rows.bool().to(device)
         return self._layouts[key]
 
     def block_mask(self, query: torch.Tensor, value: torch.Tensor, causal: bool,
-                   padding: torch.Tensor | None) -> BlockMask:
-        """The block mask for ``query`` (its heads, length and device) in the tile its heads take
-        (kernels.tile_for), cached per shape; with padding, once per forward."""
+                   padding: torch.Tensor | None, share: HeadShare | None = None) -> BlockMask:
+        """The block mask for ``query`` (its heads, which of the model's heads they are, length and
+        device) in the tile its heads take (kernels.tile_for), cached per shape; with padding, once per
+        forward."""
         heads, seq_len, device = query.shape[1], query.shape[2], query.device
         tile = tile_for(self.config.block, row_bytes(query, value))
-        key = (heads, seq_len, str(device), causal, tile)
+        key = (heads, share, seq_len, str(device), causal, tile)
         if padding is None:
             if key not in self._masks:
-                self._masks[key] = block_mask(self.layout(heads, seq_len, device), self.config.block, seq_len,
+                self._masks[key] = block_mask(self.layout(heads, seq_len, device, share), self.config.block, seq_len,
                                               causal=causal, tile=tile)
             return self._masks[key]
         if self._padded is None or self._padded[0] is not padding or self._padded[1] != key:  # once per forward
-            mask = block_mask(self.layout(heads, seq_len, device), self.config.block, seq_len, causal=causal,
+            mask = block_mask(self.layout(heads, seq_len, device, share), self.config.block, seq_len, causal=causal,
                               padding=padding, tile=tile)
             self._padded = (padding, key, mask)
         return self._padded[2]
 
     def __call__(self, module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
                  attention_mask: torch.Tensor | None, scaling: float | None = None, dropout: float = 0.0,
-                 **kwargs: Any) -> tuple[torch.Tensor, None]:
+                 head_share: HeadShare | None = None, **kwargs: Any) -> tuple[torch.Tensor, None]:
+        """``head_share``: which of the model's heads ``query``'s are, when they are not all of them
+        (Ulysses: this rank's share after its all-to-all); None: all, in order."""
         heads, seq_len = query.shape[1], query.shape[2]
         padding = self._check(module, query, key, attention_mask, dropout, kwargs)
         causal = bool(getattr(module, "is_causal", True))
         gqa = key.shape[1] != heads
         if _needs_dense(query, key, value):
-            mask = dense_mask(self.layout(heads, seq_len, query.device), self.config.block, seq_len, causal=causal,
-                              padding=padding)
+            layout = self.layout(heads, seq_len, query.device, head_share)
+            mask = dense_mask(layout, self.config.block, seq_len, causal=causal, padding=padding)
             empty = ~mask.any(dim=-1, keepdim=True)  # rows with nothing to attend to give 0, as FlexAttention's
             out = F.scaled_dot_product_attention(query, key, value, attn_mask=mask | empty, scale=scaling,
                                                  enable_gqa=gqa).masked_fill(empty, 0.0)
         else:
-            mask = self.block_mask(query, value, causal, padding)
+            mask = self.block_mask(query, value, causal, padding, head_share)
             if query.device.type == "cpu":  # no gradient asked for (_needs_dense), but CPU flex refuses requires_grad
                 query, key, value = query.detach(), key.detach(), value.detach()
             out = attend(query, key, value, mask, scale=scaling, enable_gqa=gqa)
@@ -237,12 +261,14 @@ def apply(model: torch.nn.Module, config: SparseAttentionConfig) -> str:
                                   "(Llama, Mistral, Qwen2/3, ...) or leave sparse_attention out")
     current = model.config._attn_implementation
     if isinstance(current, str) and current.startswith("hf_zero_") and not current.startswith(PREFIX):
-        raise NotImplementedError(f"{KEY} with attention {current!r} (sequence parallelism's): not built yet in "
-                                  "hf_zero; leave sparse_attention or sequence_parallel_size out")
+        raise NotImplementedError(f"{KEY}: the model's attention is already {current!r} (sequence parallelism's "
+                                  "Ulysses): make it sparse first, then turn sequence parallelism on (it wraps the "
+                                  "sparse attention; the Trainer does it in this order), or set the inner attention "
+                                  "in place: hf_zero.sequence_parallel.ulysses.wrap(model, flex.register(config))")
     name = register(config)
     model.set_attn_implementation(name)
     return name
 
 
-__all__ = ["PREFIX", "SparseAttention", "apply", "block_mask", "dense_mask", "expand_layout", "padding_mask",
-           "register"]
+__all__ = ["PREFIX", "HeadShare", "SparseAttention", "apply", "block_mask", "dense_mask", "expand_layout",
+           "padding_mask", "register"]

@@ -1,9 +1,11 @@
 """The Trainer's side of sparse attention: the ``sparse_attention`` block applied to the Trainer's model.
 
 Called by the ``Trainer.__init__`` seam (hf_zero/trainer/seams.py) for every stage, before the engine
-is built and before any step. The combinations it cannot run (with sequence parallelism; per-head layouts
-with tensor parallelism) are rows of hf_zero/config/unsupported.py, refused before this is reached; what
-only the model can tell (a model outside the attention interface) ``flex.apply`` refuses.
+is built and before any step, and before sequence parallelism's setup, which then wraps the sparse
+function in Ulysses attention ([Note: sparse attention inside Ulysses], hf_zero/sequence_parallel/inner.py).
+The combination it cannot run (per-head layouts with tensor parallelism) is a row of
+hf_zero/config/unsupported.py, refused before this is reached; what only the model can tell (a model
+outside the attention interface) ``flex.apply`` refuses.
 """
 
 from __future__ import annotations

@@ -44,11 +44,6 @@ EXAMPLES = {
                               "tensor_parallel": {"autotp_size": 2}},
                              ["sequence_parallel_size = 2 with tensor_parallel.autotp_size = 2",
                               "sequence parallelism together with tensor parallelism", "use one of the two"]),
-    "sparse-attention-sequence-parallel": ({"zero_optimization": {"stage": 1}, "sequence_parallel_size": 2,
-                                            "sparse_attention": {"mode": "bigbird"}},
-                                           ['sparse_attention (mode "bigbird") with sequence_parallel_size = 2',
-                                            "sparse attention inside Ulysses attention is not implemented",
-                                            "use one of the two"]),
     "sparse-attention-per-head-tp": ({"zero_optimization": {"stage": 1}, "tensor_parallel": {"autotp_size": 2},
                                       "sparse_attention": {"different_layout_per_head": True}},
                                      ["sparse_attention.different_layout_per_head = true with "

@@ -149,7 +149,6 @@ def test_trainer_two_ranks_stage3(tmp_path):
 
 
 @pytest.mark.parametrize("blocks, match", [
-    ({"sparse_attention": BLOCK, "sequence_parallel_size": 2}, "sparse attention inside Ulysses attention"),
     ({"sparse_attention": {**BLOCK, "different_layout_per_head": True}, "tensor_parallel": {"autotp_size": 2}},
      "per-head sparse layouts over a tensor-parallel slice"),
 ])
