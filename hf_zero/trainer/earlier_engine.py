@@ -16,8 +16,9 @@ the model's params lets go of the model first:
     stage 3               3                      the new engine laid out from its shards, as for a
                                                  model loaded sharded and wrapped since (relayout.py),
                                                  then closed: no rank ever holds the whole model
-    stage 3               1 or 2                 refused (NotAvailableYet): the whole params would
-                                                 have to be gathered onto every rank first
+    stage 3               1 or 2                 each unit gathered in turn and its params given their
+                                                 whole values as tensors of their own (what stages 1-2
+                                                 hold on every rank), then closed; built as usual
 
 The earlier engine's pending host step (optimizer offload) is settled first. Its Trainer can no
 longer train, save or evaluate the model through it (it is closed; said once, by the first rank).
@@ -28,10 +29,11 @@ from __future__ import annotations
 import warnings
 import weakref
 
+import torch
 from torch import nn
 
 from hf_zero.engine import ZeroEngine
-from hf_zero.engine.stages import NotAvailableYet
+from hf_zero.engine.stage3.units import UnitState
 from hf_zero.first_rank import is_first_rank
 from hf_zero.init.relayout import relayout
 
@@ -63,12 +65,25 @@ def take_over(model: nn.Module, earlier: ZeroEngine, options: dict) -> ZeroEngin
         warnings.warn(f"hf_zero: this model was trained by an earlier Trainer's ZeroEngine (stage "
                       f"{earlier.strategy.stage}); the new Trainer's engine takes it over with its current values and "
                       "the earlier Trainer can no longer train, evaluate or save it", UserWarning, stacklevel=4)
-    if not earlier.strategy.shard_params:
-        earlier.close()
-        return None
-    if options["stage"] != 3:
-        raise NotAvailableYet(f"this model was trained at ZeRO stage 3 by an earlier Trainer, whose engine holds "
-                              f"its params as shards; a new Trainer at zero_optimization.stage = {options['stage']} "
-                              "on it is not built yet (its whole params would have to be gathered on every rank "
-                              "first): use stage 3 again, or save the model (trainer.save_model) and load it anew")
-    return relayout(model, earlier, options)
+    if earlier.strategy.shard_params and options["stage"] == 3:
+        return relayout(model, earlier, options)
+    if earlier.strategy.shard_params:
+        _make_whole(earlier)
+    earlier.close()
+    return None
+
+
+@torch.no_grad()
+def _make_whole(engine: ZeroEngine) -> None:
+    """Stage 3 to stages 1-2: every param the engine's units hold gets its whole value, a tensor of its
+    own on the unit's device, unit by unit (every rank: it gathers); the caller closes the engine."""
+    whole = {}
+    for unit in engine.units:
+        sharded = unit.state is UnitState.SHARDED
+        unit.unshard()
+        for param in unit.params():
+            whole[param] = param.detach().clone()
+        if sharded:
+            unit.reshard()
+    for param, value in whole.items():
+        param.data = value

@@ -1,9 +1,9 @@
 """A second Trainer on a model an earlier Trainer trained ([Note: a second Trainer] in
 hf_zero/trainer/earlier_engine.py): as with the plain Trainer, it trains on from the model's values
 with its own optimizer, at stages 1-3 and W = 1 and 2 (stage 3: the new engine laid out from the
-earlier one's shards), also with optimizer offload; a stage-3 model under a stage-2 Trainer is
-refused naming both stages. Before, every stage failed in the second Trainer's first backward
-(the earlier engine's gradient hooks took each gradient first)."""
+earlier one's shards), also with optimizer offload, and a stage-3 model under a stage-2 Trainer
+(its params gathered whole first). Before, every stage failed in the second Trainer's first
+backward (the earlier engine's gradient hooks took each gradient first)."""
 
 from __future__ import annotations
 
@@ -12,29 +12,31 @@ import torch
 from transformers import Trainer
 
 import hf_zero.trainer as zt
-from hf_zero.testing.multiprocess import RankFailure, run_on_ranks
+from hf_zero.testing.multiprocess import run_on_ranks
 from tests.trainer import tiny
 
 STEPS = 3
 
 
-def _two_trainers(rank, world, out, zero: dict | None):
-    """Two Trainers, one after the other, on one model (fresh optimizers); each one's log history,
-    and the model's trainable values at the end."""
-    if zero is not None:
-        zt.activate(zero)
-    try:
-        model = tiny.llama(0)
-        rows = tiny.lm_rows(32)
-        runs = []
-        for phase in ("first", "second"):
+def _two_trainers(rank, world, out, zero: dict | list | None):
+    """Two Trainers, one after the other, on one model (fresh optimizers), under ``zero`` (one config
+    for both, a list of one per Trainer, or None: plain); each one's log history, and the second's
+    eval loss at the end."""
+    model = tiny.llama(0)
+    rows = tiny.lm_rows(32)
+    runs = []
+    for phase, config in zip(("first", "second"), zero if isinstance(zero, list) else [zero, zero]):
+        if config is not None:
+            zt.activate(config)
+        try:
             args = tiny.args(tiny.out_dir(out, phase), max_steps=STEPS, max_grad_norm=1.0)
             trainer = Trainer(model=model, args=args, train_dataset=rows)
             trainer.train()
             runs.append(tiny.history(trainer))
-        evaluated = trainer.evaluate(rows[:8])["eval_loss"]  # the second Trainer's engine serves the model
-    finally:
-        zt.deactivate()
+            if phase == "second":
+                evaluated = trainer.evaluate(rows[:8])["eval_loss"]  # the second Trainer's engine serves the model
+        finally:
+            zt.deactivate()
     return runs, evaluated
 
 
@@ -66,23 +68,17 @@ def test_a_second_trainer_trains_on_like_the_plain_trainer(stage, world, offload
     assert ref_second["loss"][0] < ref_first["loss"][0]  # the second went on from the first's values
 
 
-def _stage3_then_2(rank, world, out):
-    model = tiny.llama(0)
-    rows = tiny.lm_rows(16)
-    for stage in (3, 2):
-        zt.activate(_zero(stage))
-        try:
-            Trainer(model=model, args=tiny.args(tiny.out_dir(out, stage), max_steps=1), train_dataset=rows).train()
-        finally:
-            zt.deactivate()
-
-
-def test_a_stage3_model_under_a_stage2_trainer_is_refused(tmp_path):
-    with pytest.raises(RankFailure) as failure:
-        run_on_ranks(_stage3_then_2, 2, str(tmp_path), timeout=240)
-    text = str(failure.value)
-    assert "trained at ZeRO stage 3 by an earlier Trainer" in text and "zero_optimization.stage = 2" in text, text
-    assert "not built yet" in text and "use stage 3 again" in text, text
+@pytest.mark.parametrize("world", [1, 2])
+def test_a_stage3_model_trains_on_under_a_stage2_trainer(world, plain, tmp_path):
+    """Stage 3, then stage 2 on the same model: the earlier engine's units are gathered into whole
+    params on every rank, then the stage-2 engine is built over them as for any model."""
+    got = run_on_ranks(_two_trainers, world, str(tmp_path), [_zero(3), _zero(2)], timeout=240)
+    (ref_first, ref_second), ref_eval = plain[world]
+    for rank in range(world):
+        (first, second), evaluated = got[rank]
+        tiny.same_training(first, ref_first, STEPS, f"rank {rank} stage-3 Trainer")
+        tiny.same_training(second, ref_second, STEPS, f"rank {rank} stage-2 Trainer")
+        tiny.close(evaluated, ref_eval, what=f"rank {rank} eval_loss")
 
 
 def test_an_engine_says_when_it_is_closed():
