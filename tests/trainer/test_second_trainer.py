@@ -18,11 +18,16 @@ from tests.trainer import tiny
 STEPS = 3
 
 
-def _two_trainers(rank, world, out, zero: dict | list | None):
+def _two_trainers(rank, world, out, zero: dict | list | None, lora: bool = False):
     """Two Trainers, one after the other, on one model (fresh optimizers), under ``zero`` (one config
     for both, a list of one per Trainer, or None: plain); each one's log history, and the second's
     eval loss at the end."""
     model = tiny.llama(0)
+    if lora:  # a LoRA adapter over the frozen base (peft)
+        from peft import LoraConfig, get_peft_model
+
+        torch.manual_seed(1)
+        model = get_peft_model(model, LoraConfig(r=4, target_modules=["q_proj", "v_proj"], task_type="CAUSAL_LM"))
     rows = tiny.lm_rows(32)
     runs = []
     for phase, config in zip(("first", "second"), zero if isinstance(zero, list) else [zero, zero]):
@@ -89,3 +94,17 @@ def test_an_engine_says_when_it_is_closed():
     assert not engine.closed and set(model.parameters()) <= engine.laid_out_params()
     engine.close()
     assert engine.closed
+
+
+@pytest.mark.parametrize("stage", [2, 3])
+def test_a_second_trainer_on_a_lora_model(stage, tmp_path):
+    """A PEFT model (LoRA over a frozen base) trained twice: at stage 3 the earlier units hold the
+    frozen base too, and the new engine is laid out from them with the adapters trainable."""
+    ref = run_on_ranks(_two_trainers, 2, str(tmp_path / "plain"), None, True, timeout=240)[0]  # DDP
+    got = run_on_ranks(_two_trainers, 2, str(tmp_path / "zero"), _zero(stage), True, timeout=240)
+    (ref_first, ref_second), ref_eval = ref
+    for rank in range(2):
+        (first, second), evaluated = got[rank]
+        tiny.same_training(first, ref_first, STEPS, f"rank {rank} first Trainer")
+        tiny.same_training(second, ref_second, STEPS, f"rank {rank} second Trainer")
+        tiny.close(evaluated, ref_eval, what=f"rank {rank} eval_loss")
