@@ -227,7 +227,7 @@ def test_auto_host_share_counts_two_bytes_per_state_value(tmp_path, monkeypatch,
     gib = 2**30
     monkeypatch.setattr(split_tier, "host_memory", lambda: (100 * gib, 128 * gib))
     chunks = [10**9] * 10
-    fp32, bf16 = split_tier.auto_share(chunks, 2, 4, None), split_tier.auto_share(chunks, 2, 4, None, state_bytes=2)
+    fp32, bf16 = split_tier.auto_share(chunks, 12, 4, None), split_tier.auto_share(chunks, 8, 4, None)
     assert (fp32.state_bytes_per_element, bf16.state_bytes_per_element) == (12, 8)
     assert bf16.fixed_bytes == int(4e10 + 4 * 8 * 1e9)
     assert bf16.share == pytest.approx((100 * gib - 0.1 * 128 * gib - 4e10 - 4 * 8e9) / 8e10)

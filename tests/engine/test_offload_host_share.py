@@ -180,15 +180,15 @@ def test_auto_share_from_available_host_memory(monkeypatch):
     # buffers, 120 GB of masters and AdamW state, of which the 5.6 GB left fit.
     monkeypatch.setattr(split_tier, "host_memory", lambda: (100 * gib, 128 * gib))
     chunks = [10**9] * 10
-    choice = split_tier.auto_share(chunks, 2, 4, None)
+    choice = split_tier.auto_share(chunks, 12, 4, None)
     expected = (100 * gib - 0.1 * 128 * gib - 4e10 - 4 * 12 * 1e9) / (12 * 1e10)
     assert choice.share == pytest.approx(expected) and 0.04 < choice.share < 0.05
     assert choice.fixed_bytes == int(4e10 + 4.8e10) and choice.ranks_on_host == 1
     assert "host_share \"auto\" chose" in choice.line()
     monkeypatch.setattr(split_tier, "host_memory", lambda: (1000 * gib, 1024 * gib))
-    assert split_tier.auto_share(chunks, 2, 4, None).share == 1.0
+    assert split_tier.auto_share(chunks, 12, 4, None).share == 1.0
     monkeypatch.setattr(split_tier, "host_memory", lambda: (10 * gib, 128 * gib))
-    assert split_tier.auto_share(chunks, 2, 4, None).share == 0.0
+    assert split_tier.auto_share(chunks, 12, 4, None).share == 0.0
 
 
 def test_auto_share_leaves_room_for_speculations_copies(monkeypatch):
@@ -199,16 +199,16 @@ def test_auto_share_leaves_room_for_speculations_copies(monkeypatch):
     fixed = 4e10 + 4 * 12 * 1e9
     monkeypatch.setattr(split_tier, "host_memory", lambda: (500 * gib, 512 * gib))
     room = (500 * gib - 0.1 * 512 * gib - fixed) / 12  # elements of state (or copies) that fit: 3.0e10
-    got = split_tier.auto_share(chunks, 2, 4, None, copy_share=0.25)
+    got = split_tier.auto_share(chunks, 12, 4, None, copy_share=0.25)
     assert room - 0.25e10 > 1e10 and got.share == 1.0  # all fit, with their copies
     monkeypatch.setattr(split_tier, "host_memory", lambda: (200 * gib, 256 * gib))
     room = (200 * gib - 0.1 * 256 * gib - fixed) / 12  # 1.03e10 elements: more than 2 x 0.25 of 1e10
-    got, without = (split_tier.auto_share(chunks, 2, 4, None, copy_share=c) for c in (0.25, 0.0))
+    got, without = (split_tier.auto_share(chunks, 12, 4, None, copy_share=c) for c in (0.25, 0.0))
     assert got.share == pytest.approx((room - 0.25e10) / 1e10) and without.share == pytest.approx(min(1.0, room / 1e10))
     assert "speculation's copies of up to 0.25" in got.line() and "speculation" not in without.line()
     monkeypatch.setattr(split_tier, "host_memory", lambda: (100 * gib, 128 * gib))
     room = (100 * gib - 0.1 * 128 * gib - fixed) / 12  # 4.7e8 elements: every host element may have a copy
-    got = split_tier.auto_share(chunks, 2, 4, None, copy_share=0.25)
+    got = split_tier.auto_share(chunks, 12, 4, None, copy_share=0.25)
     assert got.share == pytest.approx(room / 2 / 1e10) and 0.02 < got.share < 0.025
 
 

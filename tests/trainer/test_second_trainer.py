@@ -45,6 +45,15 @@ def _two_trainers(rank, world, out, zero: dict | list | None, lora: bool = False
     return runs, evaluated
 
 
+def _same_as(got: list, ref: tuple, names: tuple[str, str]) -> None:
+    """Every rank's two Trainers (``_two_trainers``) trained as ``ref``'s, and evaluate the same."""
+    (ref_first, ref_second), ref_eval = ref
+    for rank, ((first, second), evaluated) in enumerate(got):
+        tiny.same_training(first, ref_first, STEPS, f"rank {rank} {names[0]}")
+        tiny.same_training(second, ref_second, STEPS, f"rank {rank} {names[1]}")
+        tiny.close(evaluated, ref_eval, what=f"rank {rank} eval_loss")
+
+
 def _zero(stage: int, **optimizer_offload) -> dict:
     block = {"stage": stage, "stage3_param_persistence_threshold": 0}
     if optimizer_offload:
@@ -64,12 +73,8 @@ def plain(tmp_path_factory):
 def test_a_second_trainer_trains_on_like_the_plain_trainer(stage, world, offload, plain, tmp_path):
     zero = _zero(stage, **({"device": offload} if offload else {}))
     got = run_on_ranks(_two_trainers, world, str(tmp_path), zero, timeout=240)
-    (ref_first, ref_second), ref_eval = plain[world]
-    for rank in range(world):
-        (first, second), evaluated = got[rank]
-        tiny.same_training(first, ref_first, STEPS, f"rank {rank} first Trainer")
-        tiny.same_training(second, ref_second, STEPS, f"rank {rank} second Trainer")
-        tiny.close(evaluated, ref_eval, what=f"rank {rank} eval_loss")
+    _same_as(got, plain[world], ("first Trainer", "second Trainer"))
+    (ref_first, ref_second), _ = plain[world]
     assert ref_second["loss"][0] < ref_first["loss"][0]  # the second went on from the first's values
 
 
@@ -78,12 +83,7 @@ def test_a_stage3_model_trains_on_under_a_stage2_trainer(world, plain, tmp_path)
     """Stage 3, then stage 2 on the same model: the earlier engine's units are gathered into whole
     params on every rank, then the stage-2 engine is built over them as for any model."""
     got = run_on_ranks(_two_trainers, world, str(tmp_path), [_zero(3), _zero(2)], timeout=240)
-    (ref_first, ref_second), ref_eval = plain[world]
-    for rank in range(world):
-        (first, second), evaluated = got[rank]
-        tiny.same_training(first, ref_first, STEPS, f"rank {rank} stage-3 Trainer")
-        tiny.same_training(second, ref_second, STEPS, f"rank {rank} stage-2 Trainer")
-        tiny.close(evaluated, ref_eval, what=f"rank {rank} eval_loss")
+    _same_as(got, plain[world], ("stage-3 Trainer", "stage-2 Trainer"))
 
 
 def test_an_engine_says_when_it_is_closed():
@@ -102,9 +102,4 @@ def test_a_second_trainer_on_a_lora_model(stage, tmp_path):
     frozen base too, and the new engine is laid out from them with the adapters trainable."""
     ref = run_on_ranks(_two_trainers, 2, str(tmp_path / "plain"), None, True, timeout=240)[0]  # DDP
     got = run_on_ranks(_two_trainers, 2, str(tmp_path / "zero"), _zero(stage), True, timeout=240)
-    (ref_first, ref_second), ref_eval = ref
-    for rank in range(2):
-        (first, second), evaluated = got[rank]
-        tiny.same_training(first, ref_first, STEPS, f"rank {rank} first Trainer")
-        tiny.same_training(second, ref_second, STEPS, f"rank {rank} second Trainer")
-        tiny.close(evaluated, ref_eval, what=f"rank {rank} eval_loss")
+    _same_as(got, ref, ("first Trainer", "second Trainer"))

@@ -74,7 +74,7 @@ from torch.profiler import record_function
 
 from hf_zero.engine.offload.host_memory import HostMemory
 from hf_zero.engine.diagnostics.labels import labelled
-from hf_zero.engine.offload.nvme_swap import state_tensors_per_element
+from hf_zero.engine.offload.nvme_swap import bytes_per_element
 from hf_zero.engine.offload.settings import OptimizerOffload
 from hf_zero.engine.offload.speculation import Action, Speculation, SpeculationPolicy
 from hf_zero.engine.offload.state_dtype import STATE_DTYPES, LowPrecisionState
@@ -111,7 +111,8 @@ class HostStep:
             self.chunks.append(current)
         self.tier = state_tier(offload, self.chunks, shard_sizes, host_memory, ctx, optimizer)
         # [Note: bf16 host state] (state_dtype.py): None keeps the optimizer's own fp32 state.
-        dtype = STATE_DTYPES[offload.state_dtype] if offload is not None else torch.float32
+        self._state_dtype = offload.state_dtype if offload is not None else "fp32"
+        dtype = STATE_DTYPES[self._state_dtype]
         self.low_precision = LowPrecisionState(dtype) if dtype != torch.float32 else None
         self.host_grads: dict[int, torch.Tensor] = {}  # bucket index -> fp32 host grad shard
         self.scale: torch.Tensor | None = None  # the clip coefficient of this step, if any
@@ -178,8 +179,7 @@ class HostStep:
         self.speculation = None
         if early and speculation is not None:
             speculable = [not any(self.tier.on_disk_of(i) for i in chunk) for chunk in self.chunks]
-            state_bytes = self.low_precision.dtype.itemsize if self.low_precision is not None else 4
-            per_element = 4 + state_bytes * state_tensors_per_element(self._optimizer)
+            per_element = bytes_per_element(self._optimizer, self._state_dtype)
             self.speculation = Speculation(speculation, self._chunk_numel, per_element, speculable)
 
     # ---- grads down ----------------------------------------------------------------------------

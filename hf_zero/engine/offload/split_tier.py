@@ -109,11 +109,11 @@ class AutoShare:
                    if self.copy_share else ""))
 
 
-def auto_share(chunk_numel: list[int], state_tensors: int, buffer_count: int, ctx, state_bytes: int = 4,
-               copy_share: float = 0.0) -> AutoShare:
-    """``host_share`` "auto" for chunks of ``chunk_numel`` elements (see the Note), ``state_bytes``
-    per state value (2: bf16 state), room for speculation's copies of up to ``copy_share`` of the
-    elements; every rank of one host takes the same reading, so they agree."""
+def auto_share(chunk_numel: list[int], per_element: int, buffer_count: int, ctx, copy_share: float = 0.0) -> AutoShare:
+    """``host_share`` "auto" for chunks of ``chunk_numel`` elements (see the Note), ``per_element``
+    bytes of master and state per element (``nvme_swap.bytes_per_element``), room for speculation's
+    copies of up to ``copy_share`` of the elements; every rank of one host takes the same reading, so
+    they agree."""
     import torch.distributed as dist
 
     from hf_zero.engine.offload.nvme_files import host_name
@@ -128,7 +128,6 @@ def auto_share(chunk_numel: list[int], state_tensors: int, buffer_count: int, ct
     available, total = min(a for a, _ in here), max(t for _, t in here)
     per_rank = (available - MARGIN * total) / len(here)
     elements = sum(chunk_numel)
-    per_element = 4 + state_bytes * state_tensors
     fixed = 4 * elements + buffer_count * per_element * max(chunk_numel, default=0)
     room = max(0.0, per_rank - fixed) / per_element  # elements of masters + state (and copies)
     copies = copy_share * elements

@@ -35,11 +35,10 @@ from hf_zero.engine.offload.host_memory import HostMemory
 from hf_zero.engine.offload.nvme_files import BLOCK_BYTES
 from hf_zero.engine.offload.nvme_params import NvmeParamMemory
 from hf_zero.engine.offload import split_tier
-from hf_zero.engine.offload.nvme_swap import NvmeTier, state_tensors_per_element
+from hf_zero.engine.offload.nvme_swap import NvmeTier, bytes_per_element
 from hf_zero.engine.offload.settings import OptimizerOffload, ParamOffload
 from hf_zero.engine.offload.speculation import DEFAULT_BUDGET
 from hf_zero.engine.offload.split_tier import SplitTier
-from hf_zero.engine.offload.state_dtype import STATE_DTYPES
 
 
 class OffGpu(Protocol):
@@ -139,9 +138,8 @@ def state_tier(offload: OptimizerOffload | None, chunks: list[list[int]], shard_
     numel = [sum(shard_sizes[i] for i in chunk) for chunk in chunks]
     share = offload.host_share
     if share == "auto":
-        choice = split_tier.auto_share(numel, state_tensors_per_element(optimizer), offload.buffer_count, ctx,
-                                       state_bytes=STATE_DTYPES[offload.state_dtype].itemsize,
-                                       copy_share=DEFAULT_BUDGET)
+        choice = split_tier.auto_share(numel, bytes_per_element(optimizer, offload.state_dtype), offload.buffer_count,
+                                       ctx, copy_share=DEFAULT_BUDGET)
         split_tier.say(choice, ctx)
         share = choice.share
     count = split_tier.host_chunks(numel, share)
