@@ -125,7 +125,11 @@ def test_budget_refuses_an_attempt_it_cannot_finish(tmp_path):
     assert prober.attempts[0]["outcome"] == "skipped"
 
 
-def test_one_real_attempt_of_the_tiny_preset_on_cpu(tmp_path):
+def test_one_real_attempt_of_the_tiny_preset_on_cpu(tmp_path, monkeypatch):
+    # main() sets PYTORCH_CUDA_ALLOC_CONF in this process for its attempts (the value set here): put
+    # back as it was once the test ends. Left changed, every later run_on_ranks of the suite spawned
+    # fresh interpreters instead of forking its ranks (hf_zero/testing/multiprocess.py's note).
+    monkeypatch.setenv("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:True")
     code = long_seq.main(["--preset", "tiny", "--device", "cpu", "--systems", "plain", "--lengths", "128",
                           "--warmup_steps", "1", "--measure_steps", "1", "--name", "t", "--results_dir", str(tmp_path),
                           "--attempt_timeout", "120", "--budget_s", "150"])
