@@ -62,6 +62,10 @@ MODES: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {
     # partial optimizer offload: NN% of the optimizer state on the host, the rest stepped on the GPU
     **{f"hfzero-s2-offload-r{r}": (_HFZERO, ("--zero_config", f"{CONFIGS}/hfzero_s2_offload_r{r}.json"))
        for r in (80, 70, 60, 50)},
+    # issue 18: the device leg ([Note: device leg]): NN% of the offloaded elements stepped on the GPU
+    # (copied up and back) when the step waits for the clip norm, the rest on the host at the same time
+    **{f"hfzero-s2-offload-leg{s}": (_HFZERO, ("--zero_config", f"{CONFIGS}/hfzero_s2_offload_leg{s}.json"))
+       for s in (30, 50)},
     # issue 18 D2: the share chosen after the first step from the GPU memory then free
     "hfzero-s2-offload-auto": (_HFZERO, ("--zero_config", f"{CONFIGS}/hfzero_s2_offload_auto.json")),
     # issue 18 D3 (opt-in numerics): bf16 AdamW moments on the host (bf16.bf16_optimizer_states)

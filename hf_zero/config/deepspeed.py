@@ -44,7 +44,7 @@ STATE_SWITCH = "bf16.bf16_optimizer_states"
 ``zero.offload_optimizer.state_dtype`` "bf16" (true) or "fp32" (false)."""
 
 _NOT_IN_DEEPSPEED = {"zero.offload_param.ratio", "zero.offload_param.state_dtype",  # param offload has neither
-                     "zero.offload_param.host_share"}
+                     "zero.offload_param.host_share", "zero.offload_param.device_share"}
 
 
 def _join(prefix: str, key: str) -> str:

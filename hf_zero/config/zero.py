@@ -100,6 +100,21 @@ class OffloadConfig:
         host; the choice is logged. Only for `offload_optimizer` with device "nvme" (hf_zero
         only; DeepSpeed has no such key). Default 0: everything offloaded on NVMe.""",
     )
+    device_share: float = setting(
+        0.0,
+        deepspeed="device_share",
+        doc="""With `device` "cpu" and fp32 state: when the optimizer step waits for the global norm
+        (clipping on and fired lately, so the host step could not run during backward), this share
+        of the offloaded elements (the chunks the next forward uses first) is stepped on the
+        accelerator instead of the CPU, at the same time as the CPU steps the rest: their masters,
+        grads and optimizer state are copied up, stepped there by the same optimizer, written
+        into the params there and copied back, so nothing stays on the accelerator between steps
+        (it holds two chunks' copies while they step). The copies move 28 bytes per element over
+        the host link, which the CPU's step no longer has to move through its cores. In [0, 1].
+        The device step rounds as the accelerator's optimizer kernels do (as for the share that
+        `ratio` keeps there), not bit for bit as the CPU's. Not with `offload_param` (hf_zero
+        only; DeepSpeed has no such key). Default 0: the CPU steps every offloaded element.""",
+    )
 
     def __post_init__(self) -> None:
         device = checks.choice(self, "device", OFFLOAD_DEVICES)
@@ -110,6 +125,7 @@ class OffloadConfig:
         checks.number(self, "ratio", minimum=0.0, maximum=1.0, min_open=True, auto=True)
         checks.choice(self, "state_dtype", STATE_DTYPES)
         checks.number(self, "host_share", minimum=0.0, maximum=1.0, auto=True)
+        checks.number(self, "device_share", minimum=0.0, maximum=1.0)
         if device == "nvme" and nvme_path is None:
             raise checks.fail(self, "nvme_path", 'required when device is "nvme"',
                               value=None, allowed="a directory path string")
@@ -287,6 +303,18 @@ class ZeroConfig:
                               'the share of NVMe-offloaded state kept in host memory: needs device "nvme"',
                               value=share, allowed=f'0, or set offload_optimizer.device to "nvme" (it is '
                                                    f'{show(self.offload_optimizer.device)})')
+        leg = self.offload_optimizer.device_share
+        if leg > 0.0 and (self.offload_optimizer.device != "cpu" or self.offload_optimizer.state_dtype != "fp32"
+                          or self.offload_param.device != "none"):
+            raise checks.fail(self, "offload_optimizer.device_share",
+                              'steps offloaded fp32 state from host memory on the accelerator: needs device "cpu", '
+                              'state_dtype "fp32" and no offload_param', value=leg,
+                              allowed=f'0 with offload_optimizer.device {show(self.offload_optimizer.device)}, '
+                                      f'state_dtype {show(self.offload_optimizer.state_dtype)} and offload_param.device '
+                                      f'{show(self.offload_param.device)}')
+        if self.offload_param.device_share != 0.0:
+            raise checks.fail(self, "offload_param.device_share", "device_share applies to offload_optimizer only",
+                              value=self.offload_param.device_share, allowed="0")
         if self.offload_param.host_share != 0.0:
             raise checks.fail(self, "offload_param.host_share", "host_share applies to offload_optimizer only",
                               value=self.offload_param.host_share, allowed="0")

@@ -47,7 +47,7 @@ def _optimizer_offload(config) -> OptimizerOffload | None:
                                 buffer_count=spec.buffer_count, state_dtype=spec.state_dtype,
                                 host_share=host_share)
     return OptimizerOffload(device=spec.device, pin_memory=spec.pin_memory, ratio=ratio,
-                            state_dtype=spec.state_dtype)
+                            state_dtype=spec.state_dtype, device_share=spec.device_share)  # [Note: device leg]
 
 
 def _param_offload(config) -> ParamOffload | None:

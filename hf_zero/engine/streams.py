@@ -53,6 +53,11 @@ class Streams:
     """Optimizer offload: updated params copied up from the host after the host step, off the
     compute stream (host_step.py)."""
 
+    leg: "tuple[torch.cuda.Stream, torch.cuda.Stream] | None" = None
+    """Optimizer offload's device leg: chunks of the host step stepped on the device, alternately on
+    these two so that one chunk's copies up overlap the other's copies down ([Note: device leg]
+    in offload/device_leg.py)."""
+
     ckpt_d2h: "torch.cuda.Stream | None" = None
     """CPU checkpointing: checkpointed layers' inputs copied to pinned host memory during forward
     (hf_zero/activations/checkpoint_offload.py, [Note: checkpoint offload timeline])."""
@@ -66,6 +71,7 @@ class Streams:
             return cls(device=device)
         return cls(device=device, gather=torch.cuda.Stream(device=device, priority=-1),
                    d2h=torch.cuda.Stream(device=device), h2d=torch.cuda.Stream(device=device),
+                   leg=(torch.cuda.Stream(device=device), torch.cuda.Stream(device=device)),
                    ckpt_d2h=torch.cuda.Stream(device=device), ckpt_h2d=torch.cuda.Stream(device=device))
 
     @contextlib.contextmanager

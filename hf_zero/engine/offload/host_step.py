@@ -72,6 +72,7 @@ import torch
 from torch.nn.utils import get_total_norm
 from torch.profiler import record_function
 
+from hf_zero.engine.offload.device_leg import DeviceLeg
 from hf_zero.engine.offload.host_memory import HostMemory
 from hf_zero.engine.diagnostics.labels import labelled
 from hf_zero.engine.offload.nvme_swap import bytes_per_element
@@ -152,6 +153,12 @@ class HostStep:
         self.speculation: Speculation | None = None
         self._handed: dict[int, tuple] = {}
         self._chunk_numel = [sum(shard_sizes[i] for i in chunk) for chunk in self.chunks]
+        # [Note: device leg] (device_leg.py): a share of the chunks that wait for the norm, stepped on the device.
+        share = offload.device_share if offload is not None else 0.0
+        if share and (self.tier.on_disk or self.low_precision is not None):
+            raise ValueError(f"offload_optimizer.device_share {share} needs the offloaded state in host memory "
+                             "in fp32 (device \"cpu\", state_dtype \"fp32\")")
+        self.leg = DeviceLeg(share, self._chunk_numel, device, streams.leg, host_memory) if share else None
 
     def master(self, i: int, shard: torch.Tensor) -> torch.Tensor:
         """Bucket ``i``'s fp32 master, initialised from ``shard``, where the tier keeps it."""
@@ -167,6 +174,9 @@ class HostStep:
         self._shard_of = lambda i: buckets[i].shard()
         self._write_shard = lambda i, source: buckets[i].write_shard(source)
         self._settle_params = lambda i: buckets[i].settle_shard()
+        if self.leg is not None and any(b.unit is not None and b.unit.host is not None for b in buckets):
+            raise ValueError("offload_optimizer.device_share needs the param shards on the device: it does not "
+                             "combine with offload_param ([Note: device leg] in device_leg.py)")
 
     def overlap(self, early: bool, defer: bool, speculation: SpeculationPolicy | None) -> None:
         """[Note: step in backward]: ``early``, ``defer``; with ``speculation`` (clipping on) the
@@ -307,6 +317,8 @@ class HostStep:
             finally:
                 self._pending, self._next_chunk = {}, 0
                 self._upload_events, self._handed = {}, {}
+                if self.leg is not None:
+                    self.leg.settle()  # the device leg's masters and state are back on the host
                 self.tier.finish()
                 if self.speculation is not None:
                     self.speculation.end_step()
@@ -333,16 +345,28 @@ class HostStep:
             if not self.defer:
                 self.settle()
             return
+        clip = scale
         view, scale = _clip_view(optimizer, scale)
         self.tier.begin(optimizer, self._pieces_of())
         try:
             groups = hyperparameters(optimizer)
+            leg = self.leg.choose(list(range(len(self.chunks))), self._stated) if self.leg is not None else []
+            if leg:  # [Note: device leg]: queued first, so the device steps them while the CPU steps the rest
+                after = _record(torch.cuda.current_stream(self.device)) if self.streams.h2d is not None else None
+                for c in leg:
+                    for i in self.chunks[c]:
+                        self._settle(i)
+                    self._step_leg(c, groups, lambda i: unused, [], after, clip, validated=False)
             for c, chunk in enumerate(self.chunks):
+                if c in leg:
+                    continue
                 for i in chunk:
                     self._settle(i)
                     if scale is not None:
                         self.host_grads[i].mul_(scale)
                 self._step_chunk(c, view, groups, lambda i: unused, [])
+            if leg:
+                self.leg.settle()
         finally:
             self.tier.finish()
         view.param_groups = []
@@ -354,8 +378,44 @@ class HostStep:
         redo, held = self.speculation.validate(scale)
         for c in redo:
             self._pending[c].result()  # its speculative step is done: the worker has let go of c
+        leg = set(self.leg.choose(held, self._stated)) if self.leg is not None else set()
+        after = _record(torch.cuda.current_stream(self.device)) if leg and self.streams.h2d is not None else None
         for c in redo + held:
-            self._pending[c] = self._worker.submit(c, self._step_validated, c, *self._handed[c])
+            if c in leg:  # [Note: device leg]: the worker only queues its work on the device
+                self._pending[c] = self._worker.submit(c, self._step_leg, c, *self._handed[c], after)
+            else:
+                self._pending[c] = self._worker.submit(c, self._step_validated, c, *self._handed[c])
+
+    def _stated(self, c: int) -> bool:
+        """Every piece of chunk ``c`` has optimizer state (a first step creates it on the host)."""
+        state = self._optimizer.state
+        return all(state.get(piece) for i in self.chunks[c] for piece, _, _ in self._pieces.get(i, []))
+
+    def _step_leg(self, c: int, groups: list[dict], skip: Callable[[int], set], events: list, after,
+                  scale: float | None = None, validated: bool = True) -> None:
+        """Chunk ``c`` stepped on the device ([Note: device leg]): on the worker after the verdict
+        (``validated``: its scale from the speculation), or from ``run``, with ``scale``."""
+        for event in events:
+            if event is not None:
+                event.synchronize()
+        if validated:
+            action, scale = self.speculation.start(c)
+            if action is Action.NOTHING:
+                return
+        chunk = self.chunks[c]
+        resident = self.tier.fetch(c, self.masters)
+        items = []
+        for i in chunk:
+            unused = skip(i)
+            items += [(piece, i, local) for piece, local, param in self._pieces.get(i, []) if param not in unused]
+        scale = None if scale is None or scale == 1.0 else scale
+        written = self.leg.step(_chunk_view(self._optimizer), groups, items, {i: resident[i] for i in chunk},
+                                self.host_grads, {i: self._shard_of(i) for i in chunk}, scale,
+                                _scales_grads_itself(self._optimizer), after)
+        if written is not None:
+            self._uploads.append(written)
+            self._upload_events[c] = written
+        self.tier.release(c, written)
 
     def _step_validated(self, c: int, groups: list[dict], skip: Callable[[int], set], events: list) -> None:
         """On the worker, chunk ``c`` under speculation ([Note: speculation]): before the verdict

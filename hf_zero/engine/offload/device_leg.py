@@ -1,0 +1,158 @@
+"""The device leg of the host step: a share of the offloaded chunks stepped on the device.
+
+[Note: device leg] With clipping on, the host step of optimizer offload waits for the global norm
+whenever clipping fired lately ([Note: speculation] in speculation.py: a clipping streak takes
+the waiting path), and then the CPU steps every offloaded element alone, bound by what the host
+cores move through memory (a fused CPU AdamW reads and writes 28 bytes per element), while the
+device and the copy engines sit idle. With ``offload_optimizer.device_share`` S > 0, the chunks
+that wait for the verdict are split: those the next forward uses first (the highest chunk
+indices), up to S of all offloaded elements, are stepped on the device, the rest on the CPU as
+before, both at once:
+
+    after the verdict:
+    CPU worker:  [launch leg] [step c3 on the CPU]      [step c2]      [step c1] ...
+    leg stream A:  [up c5: master, grad, state][step][params][down c5: master, state]
+    leg stream B:       [up c4 ...                  ][step][params][down c4 ...]
+
+Per leg chunk, on one of two side streams (``Streams.leg``, alternating so that one chunk's
+copies up overlap the other's copies down): its fp32 masters, host grads and optimizer state are
+copied up (16 bytes per AdamW element), the user's optimizer steps device copies of the chunk's
+pieces (the same class and hyperparameters; the clip scale as ``grad_scale`` for fused Adam(W),
+else a multiply of the grads), the new masters are cast into the param shards there (nothing is
+uploaded afterwards), and the masters and state are copied back down (12 bytes). The copy engines
+move those bytes without the host cores, so the host's share of the step shrinks by S and the
+two legs overlap. The masters, state and grads stay where they live between steps (host memory):
+nothing is kept on the device, whose memory for a chunk in flight comes from the caching
+allocator on the leg's stream and goes back to it when the chunk's work is queued (the stream
+orders its reuse by the next chunk on it), so at most two chunks' copies are held at a time.
+
+The state of a leg chunk's pieces is moved into pinned host memory the first time it goes up
+(``HostMemory``, same values), so that the copies run asynchronously. A chunk goes to the device
+only when all of its stepped pieces have optimizer state (a first step creates it on the host)
+and only when the step waits for the norm: a chunk that speculates is stepped on the CPU during
+backward, which is free. The step computes what the device optimizer computes for a kept share
+(``ratio`` < 1): the same kernels, so the result equals the CPU's within the two kernels'
+rounding, not bit for bit; without CUDA the leg runs on host copies and is bit for bit the host
+step (the tests check the bookkeeping so). Parameter offload and the NVMe tier take no device leg
+(their params or state are not in host memory the leg can reach).
+"""
+
+from __future__ import annotations
+
+import collections
+import contextlib
+from typing import Callable
+
+import torch
+
+from hf_zero.engine.offload.host_memory import HostMemory
+
+
+class DeviceLeg:
+    """The device leg of one ``HostStep`` ([Note: device leg]): which waiting chunks go to the
+    device (``choose``), their step there (``step``), and the wait for their copies back
+    (``settle``). ``chunk_numel``: each chunk's elements; ``share``: of all of them, at most."""
+
+    def __init__(self, share: float, chunk_numel: list[int], device: torch.device, streams: tuple | None,
+                 memory: HostMemory) -> None:
+        if not 0.0 < share <= 1.0:
+            raise ValueError(f"device leg share must be in (0, 1], got {share}")
+        self.share, self.device, self.memory = share, device, memory
+        self._streams = streams  # two side streams (Streams.leg), None without CUDA
+        self._chunk_numel = chunk_numel
+        self._budget = share * sum(chunk_numel)
+        self._next = 0  # which of the two streams takes the next chunk
+        self._down: list = []  # events after each queued chunk's copies down, this step
+        self._pinned: set[int] = set()  # ids of state tensors already in pinned memory
+        self.stepped_chunks = 0  # counters for the run report
+        self.stepped_elements = 0
+
+    def choose(self, waiting: list[int], ready: Callable[[int], bool]) -> list[int]:
+        """Of the chunks ``waiting`` for the verdict, those the device steps: the highest indices
+        first (the next forward uses them first) while their elements stay within the share;
+        ``ready(c)``: chunk ``c`` can go (its stepped pieces have optimizer state)."""
+        chosen, total = [], 0
+        for c in sorted(waiting, reverse=True):
+            n = self._chunk_numel[c]
+            if total + n > self._budget:
+                break
+            if ready(c):
+                chosen.append(c)
+                total += n
+        return chosen
+
+    @torch.no_grad()
+    def step(self, view: torch.optim.Optimizer, groups: list[dict], items: list[tuple], masters: dict[int, torch.Tensor],
+             grads: dict[int, torch.Tensor], shards: dict[int, torch.Tensor], scale: float | None, fused_scale: bool,
+             after) -> object:
+        """Queue one chunk's step on the device. ``items``: (piece, bucket, range in its shard) of
+        the pieces that get a gradient; ``masters``, ``grads``, ``shards``: per bucket of the
+        chunk its host master, host grad and param shard; ``scale``: the clip coefficient (None:
+        none); ``fused_scale``: the optimizer takes it as ``grad_scale`` (torch's fused Adam(W),
+        whose step counts live with the params; any other keeps 0-d state such as its step count
+        on the host, as torch's non-capturable optimizers want it); ``after``: an event of
+        the compute stream the leg waits for (None: none). ``view``: a chunk view of the
+        optimizer (host_step._chunk_view), whose ``state`` is replaced by the device copies.
+        Returns the event after the param shards are written (None without CUDA)."""
+        cuda = self._streams is not None
+        stream = self._streams[self._next] if cuda else None
+        self._next = 1 - self._next
+        state = view.state
+        with torch.cuda.stream(stream) if cuda else contextlib.nullcontext():
+            if after is not None:
+                stream.wait_event(after)
+            up = (lambda t: t.to(self.device, non_blocking=True)) if cuda else (lambda t: t.clone())
+            d_master = {i: up(m) for i, m in masters.items()}
+            d_grad = {i: up(grads[i]) for i in {i for _, i, _ in items}}
+            if scale is not None and not fused_scale:
+                for g in d_grad.values():
+                    g.mul_(scale)  # as the host step multiplies its host grads
+            twins, d_state = {}, collections.defaultdict(dict)
+            for piece, i, local in items:
+                twin = torch.nn.Parameter(d_master[i][local.start : local.end].view_as(piece))
+                twin.grad = d_grad[i][local.start : local.end].view_as(piece)
+                twins[id(piece)] = twin
+                d_state[twin] = {k: v if not torch.is_tensor(v) or (v.dim() == 0 and not fused_scale)
+                                 else up(self._pin(state[piece], k)) for k, v in state[piece].items()}
+            view.state = d_state
+            if scale is not None and fused_scale:
+                view.grad_scale = torch.tensor(1.0 / scale, dtype=torch.float32, device=self.device if cuda else "cpu")
+            view.param_groups = [{**g, "params": [twins[id(p)] for p in g["params"] if id(p) in twins]} for g in groups]
+            view.step()
+            for i, shard in shards.items():
+                shard.copy_(d_master[i])  # the new params, cast to the param dtype on the device
+            written = stream.record_event() if cuda else None
+            for i, m in masters.items():
+                m.copy_(d_master[i], non_blocking=cuda)
+            for piece, _, _ in items:
+                host, dev = state[piece], d_state[twins[id(piece)]]
+                for k, v in dev.items():
+                    if v is host.get(k):
+                        continue  # a step count kept on the host (below)
+                    if torch.is_tensor(v) and torch.is_tensor(host.get(k)):
+                        host[k].copy_(v, non_blocking=cuda)
+                    else:
+                        host[k] = v.to("cpu") if torch.is_tensor(v) else v
+            if cuda:
+                self._down.append(stream.record_event())
+        view.param_groups, view.state = [], {}
+        self.stepped_chunks += 1
+        self.stepped_elements += sum(m.numel() for m in masters.values())
+        return written
+
+    def _pin(self, piece_state: dict, key: str) -> torch.Tensor:
+        """``piece_state[key]``, moved into pinned host memory the first time (same values) so
+        that its copies up and down run asynchronously."""
+        t = piece_state[key]
+        if self._streams is None or not self.memory.pin or id(t) in self._pinned or t.is_pinned():
+            return t
+        pinned = self.memory.like(t, t.dtype)
+        piece_state[key] = pinned
+        self._pinned.add(id(pinned))
+        return pinned
+
+    def settle(self) -> None:
+        """Every queued chunk's masters and state are back in host memory."""
+        for event in self._down:
+            event.synchronize()
+        self._down = []

@@ -1,0 +1,131 @@
+"""The device leg of the host step ([Note: device leg] in device_leg.py): with
+``offload_optimizer.device_share`` the chunks that wait for the global norm are split, the highest
+indices (up to the share) stepped on the device from copies of their masters, grads and state,
+the rest on the CPU. Without CUDA the leg steps host copies, so its bookkeeping (which pieces,
+their state, the clip scale as ``grad_scale`` or as a multiply, unused params, the copies back,
+the params written) is checked bit for bit against the host step alone: params and optimizer
+state after test_speculation's schedule (clipping that fires, that does not, no clip call, a
+skipped overflowing step, a NaN norm) at stages 2 and 3 (and 1 at W = 2), W = 1 and 2 CPU gloo
+ranks, speculating (the leg takes held chunks after the verdict) and waiting (no step in
+backward: ``HostStep.run``), with foreach and fused AdamW. Each world size is one rank start."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+
+from hf_zero.config import ConfigError, load_config
+from hf_zero.engine import ZeroEngine, ZeroModule
+from hf_zero.engine.offload.settings import OptimizerOffload
+from hf_zero.engine.offload.speculation import SpeculationPolicy
+from hf_zero.testing.multiprocess import run_on_ranks
+from tests.engine.models import add_frozen_and_unused, batch, tiny_llama
+from tests.engine.test_speculation import SCHEDULE, _bits, _groups, _snapshot, let_the_worker_start
+
+CHUNK = 1500  # elements: several chunks, so a share of 0.5 puts some on each side
+
+
+def _engine(base, stage, share, fused, early):
+    model = copy.deepcopy(base)
+    opt = torch.optim.AdamW(_groups(model), lr=1e-2, **({"fused": True} if fused else {"foreach": True}))
+    engine = ZeroEngine(model, opt, stage=stage, bucket_numel=3000,
+                        offload=OptimizerOffload("cpu", chunk_numel=CHUNK, device_share=share))
+    policy = None
+    if early:  # as test_speculation: every chunk may speculate; after a redone step one step waits
+        policy = SpeculationPolicy(budget=1.0, max_backoff=1)
+        engine.set_step_in_backward(True, overlap_forward=True, speculation=policy)
+    return model, engine, policy
+
+
+def _run(rank, base, stage, share, fused, early):
+    model, engine, policy = _engine(base, stage, share, fused, early)
+    wrapped, norms, legs = ZeroModule(model, engine), [], []
+    for step, (threshold, factor) in enumerate(SCHEDULE):
+        for micro in range(2):
+            last = micro == 1
+            with (wrapped.no_sync() if not last else torch.enable_grad()):
+                loss = wrapped(**batch(rank, step, micro, model.config.vocab_size)).loss / 2
+                (loss * factor if last else loss).backward()
+        let_the_worker_start(engine, every_chunk=True)
+        norm = engine.clip_grad_norm_(threshold) if threshold is not None else engine.grad_norm()
+        norms.append(_bits(norm))
+        leg = engine._host_step.leg
+        before = leg.stepped_chunks if leg is not None else 0
+        if torch.isfinite(norm) or factor != float("inf"):
+            engine.optimizer.step()
+            engine.settle()  # (the leg's count is then this step's)
+        legs.append((leg.stepped_chunks - before) if leg is not None else 0)
+        wrapped.zero_grad()
+    chunks = len(engine._host_step.chunks)
+    out = {"norms": norms, "snap": _snapshot(model, engine), "legs": legs, "chunks": chunks,
+           "counts": None if policy is None else (policy.speculated_steps, policy.redone_steps)}
+    engine.close()
+    return out
+
+
+def _all(rank, world):
+    out = {}
+    for stage in ((2, 3) if world == 1 else (1, 2, 3)):
+        base = add_frozen_and_unused(tiny_llama(0, tied=True, layers=4 if stage == 3 else 2))
+        for fused, early in ((False, True), (True, True), (False, False)):
+            if world == 2 and fused and stage != 3:
+                continue  # fused AdamW once at W 2
+            out[(stage, fused, early)] = {share: _run(rank, base, stage, share, fused, early) for share in (0.0, 0.5)}
+    return out
+
+
+@pytest.mark.parametrize("world", [1, 2])
+def test_device_leg_bit_for_bit_the_host_step(world):
+    for rank, runs in enumerate(run_on_ranks(_all, world, timeout=300)):
+        for (stage, fused, early), by_share in runs.items():
+            where = (rank, stage, "fused" if fused else "foreach", "speculating" if early else "waiting")
+            host, leg = by_share[0.0], by_share[0.5]
+            assert leg["norms"] == host["norms"], where
+            differ = [k for k in host["snap"] if leg["snap"][k] != host["snap"][k]]
+            assert set(leg["snap"]) == set(host["snap"]) and differ == [], (where, differ[:5])
+            last = torch.tensor(host["snap"]["model.norm.weight"], dtype=torch.int32).view(torch.float32)
+            assert last.isnan().all(), where  # the NaN step really made NaN params
+            assert host["legs"] == [0] * len(SCHEDULE), where
+            # The leg ran when the step waited for the norm, on at most half of the chunks, never at
+            # the first step (no optimizer state yet) nor at a skipped one; speculating, only at the
+            # steps that waited (2, 4, 5, 7: after a redone step, max_backoff 1), and the policy
+            # counted as without it.
+            chunks = leg["chunks"]
+            assert all(0 <= n <= chunks // 2 + 1 for n in leg["legs"]), (where, leg["legs"], chunks)
+            assert leg["legs"][0] == 0 and leg["legs"][6] == 0, (where, leg["legs"])
+            if early:
+                assert [s for s, n in enumerate(leg["legs"]) if n] == [2, 4, 5, 7], (where, leg["legs"])
+                assert leg["counts"] == host["counts"], where
+            else:
+                assert all(leg["legs"][s] > 0 for s in (1, 2, 3, 4, 5, 7, 8)), (where, leg["legs"])
+
+
+@pytest.mark.parametrize("block, message", [
+    ({"offload_optimizer": {"device": "cpu", "device_share": 1.5}}, "out of range"),
+    ({"offload_optimizer": {"device": "cpu", "device_share": "half"}}, "not a number"),
+    ({"offload_optimizer": {"device": "nvme", "nvme_path": "/tmp/x", "device_share": 0.3}}, 'needs device "cpu"'),
+    ({"offload_optimizer": {"device": "cpu", "device_share": 0.3}, "bf16_optimizer_states": True}, 'state_dtype "fp32"'),
+    ({"offload_optimizer": {"device": "cpu", "device_share": 0.3}, "offload_param": {"device": "cpu"}},
+     "no offload_param"),
+    ({"offload_optimizer": {"device": "cpu"}, "offload_param": {"device": "cpu", "device_share": 0.3}},
+     "belongs under"),
+])
+def test_device_share_refused_where_it_cannot_apply(block, message):
+    block = dict(block)
+    bf16 = {"bf16": {"enabled": True, "bf16_optimizer_states": True}} if block.pop("bf16_optimizer_states", False) else {}
+    with pytest.raises(ConfigError, match="device_share") as error:
+        load_config({"zero_optimization": {"stage": 3, **block}, **bf16})
+    assert message in str(error.value)
+
+
+def test_device_share_reaches_the_engine_setting():
+    from hf_zero.engine.options import engine_options
+
+    config = load_config({"zero_optimization": {"stage": 2, "offload_optimizer": {"device": "cpu", "device_share": 0.4}},
+                          "bf16": {"enabled": False}, "fp16": {"enabled": False}})
+    assert config.zero.offload_optimizer.device_share == 0.4
+    assert engine_options(config)["offload"].device_share == 0.4
+    with pytest.raises(ValueError, match="device_share"):
+        OptimizerOffload("nvme", nvme_path="/tmp/x", device_share=0.2)

@@ -1,0 +1,98 @@
+"""The device leg on one GPU (W = 1, bf16; [Note: device leg] in hf_zero/engine/offload/device_leg.py):
+with ``device_share`` 0.5 the chunks that wait for the clip norm are split between the GPU (copies
+up on a leg stream, the user's AdamW there, params written there, masters and state copied back)
+and the CPU. Against the host step alone: the same losses and grad norms step by step to within
+the two AdamW kernels' rounding, params and optimizer state after the run close (relative 1e-4
+of the largest value per tensor: fused CUDA and CPU AdamW round differently, bf16 params), the
+leg stepping at every step that waited, and the state of a leg piece back in (pinned) host
+memory. Speculating (the Trainer's path: a clipping streak waits) and waiting (no step in
+backward), foreach and fused AdamW, stages 2 and 3.
+
+    pytest tests/gpu/test_device_leg_gpu.py
+"""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM, LlamaConfig
+
+from hf_zero.engine import ZeroEngine, ZeroModule
+from hf_zero.engine.offload.settings import OptimizerOffload
+from hf_zero.engine.offload.speculation import SpeculationPolicy
+from tests.engine.test_speculation import let_the_worker_start
+
+pytestmark = [pytest.mark.gpu]
+if not torch.cuda.is_available():
+    pytest.skip("needs CUDA", allow_module_level=True)
+
+TINY = 1e-3  # clipping fires at every step: after the first, speculation waits (a clipping streak)
+STEPS = 6
+
+
+def _model() -> torch.nn.Module:
+    torch.manual_seed(0)
+    cfg = LlamaConfig(vocab_size=1000, hidden_size=256, intermediate_size=688, num_hidden_layers=4,
+                      num_attention_heads=8, num_key_value_heads=4, max_position_embeddings=128)
+    return AutoModelForCausalLM.from_config(cfg).to(torch.bfloat16).cuda()
+
+
+def _run(base, stage: int, share: float, speculate: bool, fused: bool):
+    model = copy.deepcopy(base)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3, weight_decay=0.1,
+                            **({"fused": True} if fused else {"foreach": True}))
+    sharded = dict(prefetch_numel=10**9, persistence_threshold=1000) if stage == 3 else {}
+    engine = ZeroEngine(model, opt, stage=stage, bucket_numel=100_000, param_dtype=torch.bfloat16,
+                        offload=OptimizerOffload("cpu", chunk_numel=200_000, device_share=share), **sharded)
+    policy = SpeculationPolicy() if speculate else None
+    engine.set_step_in_backward(speculate, overlap_forward=speculate, speculation=policy)
+    wrapped = ZeroModule(model, engine)
+    g = torch.Generator().manual_seed(3)
+    batches = [torch.randint(0, 1000, (4, 64), generator=g).cuda() for _ in range(2)]
+    losses, norms, legs = [], [], []
+    for _ in range(STEPS):
+        for micro, ids in enumerate(batches):
+            with (wrapped.no_sync() if micro == 0 else torch.enable_grad()):
+                loss = wrapped(input_ids=ids, labels=ids).loss
+                (loss / 2).backward()
+            losses.append(loss.item())
+        if speculate:
+            let_the_worker_start(engine, every_chunk=True)
+        norms.append(engine.clip_grad_norm_(TINY).item())
+        leg = engine._host_step.leg
+        before = leg.stepped_chunks if leg else 0
+        opt.step()
+        engine.settle()
+        legs.append(leg.stepped_chunks - before if leg else 0)
+        wrapped.zero_grad()
+    with engine.gathered():
+        params = {n: p.detach().float().cpu().clone() for n, p in model.named_parameters()}
+    state = [v.detach().cpu().clone() for p in opt.state for v in opt.state[p].values() if torch.is_tensor(v) and v.dim()]
+    pinned = [v.is_pinned() for p in opt.state for v in opt.state[p].values() if torch.is_tensor(v) and v.dim()]
+    chunks = len(engine._host_step.chunks)
+    engine.close()
+    return losses, norms, params, state, legs, pinned, chunks
+
+
+@pytest.mark.parametrize("stage,speculate,fused", [(2, True, False), (3, True, True), (2, False, True), (3, False, False)])
+def test_device_leg_on_gpu_close_to_the_host_step(stage, speculate, fused):
+    base = _model()
+    host = _run(base, stage, 0.0, speculate, fused)
+    leg = _run(base, stage, 0.5, speculate, fused)
+    assert leg[6] == host[6] > 2  # several chunks
+    torch.testing.assert_close(leg[0], host[0], rtol=2e-3, atol=0)  # losses
+    torch.testing.assert_close(leg[1], host[1], rtol=2e-3, atol=0)  # grad norms
+    for name, value in host[2].items():
+        scale = value.abs().max().item() or 1.0
+        assert (leg[2][name] - value).abs().max().item() <= 1e-2 * scale, name  # bf16 params: 2^-8 steps
+    assert len(leg[3]) == len(host[3])
+    for a, b in zip(leg[3], host[3]):
+        scale = b.abs().max().item() or 1.0
+        assert (a - b).abs().max().item() <= 1e-4 * scale  # fp32 masters and moments
+    # the leg stepped at every step after the first (which creates the state on the host), at most
+    # half of the chunks; without it nothing did
+    assert host[4] == [0] * STEPS
+    assert leg[4][0] == 0 and all(0 < n <= leg[6] // 2 + 1 for n in leg[4][1:]), leg[4]
+    assert any(leg[5]) and not all(host[5])  # leg pieces' state moved into pinned memory
