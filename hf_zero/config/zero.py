@@ -112,7 +112,8 @@ class OffloadConfig:
         (it holds two chunks' copies while they step). The copies move 28 bytes per element over
         the host link, which the CPU's step no longer has to move through its cores. In [0, 1].
         The device step rounds as the accelerator's optimizer kernels do (as for the share that
-        `ratio` keeps there), not bit for bit as the CPU's. Not with `offload_param` (hf_zero
+        `ratio` keeps there), not bit for bit as the CPU's. With `offload_param` "cpu" the new
+        params are copied down into its host shards; not with `offload_param` "nvme" (hf_zero
         only; DeepSpeed has no such key). Default 0: the CPU steps every offloaded element.""",
     )
 
@@ -305,10 +306,10 @@ class ZeroConfig:
                                                    f'{show(self.offload_optimizer.device)})')
         leg = self.offload_optimizer.device_share
         if leg > 0.0 and (self.offload_optimizer.device != "cpu" or self.offload_optimizer.state_dtype != "fp32"
-                          or self.offload_param.device != "none"):
+                          or self.offload_param.device == "nvme"):
             raise checks.fail(self, "offload_optimizer.device_share",
                               'steps offloaded fp32 state from host memory on the accelerator: needs device "cpu", '
-                              'state_dtype "fp32" and no offload_param', value=leg,
+                              'state_dtype "fp32" and offload_param not on "nvme"', value=leg,
                               allowed=f'0 with offload_optimizer.device {show(self.offload_optimizer.device)}, '
                                       f'state_dtype {show(self.offload_optimizer.state_dtype)} and offload_param.device '
                                       f'{show(self.offload_param.device)}')

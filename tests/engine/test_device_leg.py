@@ -7,7 +7,8 @@ the params written) is checked bit for bit against the host step alone: params a
 state after test_speculation's schedule (clipping that fires, that does not, no clip call, a
 skipped overflowing step, a NaN norm) at stages 2 and 3 (and 1 at W = 2), W = 1 and 2 CPU gloo
 ranks, speculating (the leg takes held chunks after the verdict) and waiting (no step in
-backward: ``HostStep.run``), with foreach and fused AdamW. Each world size is one rank start."""
+backward: ``HostStep.run``), with foreach and fused AdamW, and at stage 3 with parameter offload
+(the new params written into the host shards). Each world size is one rank start."""
 
 from __future__ import annotations
 
@@ -18,7 +19,7 @@ import torch
 
 from hf_zero.config import ConfigError, load_config
 from hf_zero.engine import ZeroEngine, ZeroModule
-from hf_zero.engine.offload.settings import OptimizerOffload
+from hf_zero.engine.offload.settings import OptimizerOffload, ParamOffload
 from hf_zero.engine.offload.speculation import SpeculationPolicy
 from hf_zero.testing.multiprocess import run_on_ranks
 from tests.engine.models import add_frozen_and_unused, batch, tiny_llama
@@ -27,11 +28,12 @@ from tests.engine.test_speculation import SCHEDULE, _bits, _groups, _snapshot, l
 CHUNK = 1500  # elements: several chunks, so a share of 0.5 puts some on each side
 
 
-def _engine(base, stage, share, fused, early):
+def _engine(base, stage, share, fused, early, param_offload=False):
     model = copy.deepcopy(base)
     opt = torch.optim.AdamW(_groups(model), lr=1e-2, **({"fused": True} if fused else {"foreach": True}))
     engine = ZeroEngine(model, opt, stage=stage, bucket_numel=3000,
-                        offload=OptimizerOffload("cpu", chunk_numel=CHUNK, device_share=share))
+                        offload=OptimizerOffload("cpu", chunk_numel=CHUNK, device_share=share),
+                        offload_param=ParamOffload("cpu") if param_offload else None)
     policy = None
     if early:  # as test_speculation: every chunk may speculate; after a redone step one step waits
         policy = SpeculationPolicy(budget=1.0, max_backoff=1)
@@ -39,8 +41,8 @@ def _engine(base, stage, share, fused, early):
     return model, engine, policy
 
 
-def _run(rank, base, stage, share, fused, early):
-    model, engine, policy = _engine(base, stage, share, fused, early)
+def _run(rank, base, stage, share, fused, early, param_offload=False):
+    model, engine, policy = _engine(base, stage, share, fused, early, param_offload)
     wrapped, norms, legs = ZeroModule(model, engine), [], []
     for step, (threshold, factor) in enumerate(SCHEDULE):
         for micro in range(2):
@@ -72,15 +74,20 @@ def _all(rank, world):
         for fused, early in ((False, True), (True, True), (False, False)):
             if world == 2 and fused and stage != 3:
                 continue  # fused AdamW once at W 2
-            out[(stage, fused, early)] = {share: _run(rank, base, stage, share, fused, early) for share in (0.0, 0.5)}
+            out[(stage, fused, early, False)] = {share: _run(rank, base, stage, share, fused, early)
+                                                 for share in (0.0, 0.5)}
+        if stage == 3:  # parameter offload: the leg's new params go into the host shards
+            out[(stage, False, True, True)] = {share: _run(rank, base, stage, share, False, True, True)
+                                               for share in (0.0, 0.5)}
     return out
 
 
 @pytest.mark.parametrize("world", [1, 2])
 def test_device_leg_bit_for_bit_the_host_step(world):
     for rank, runs in enumerate(run_on_ranks(_all, world, timeout=300)):
-        for (stage, fused, early), by_share in runs.items():
-            where = (rank, stage, "fused" if fused else "foreach", "speculating" if early else "waiting")
+        for (stage, fused, early, params_off), by_share in runs.items():
+            where = (rank, stage, "fused" if fused else "foreach", "speculating" if early else "waiting",
+                     "param offload" if params_off else "")
             host, leg = by_share[0.0], by_share[0.5]
             assert leg["norms"] == host["norms"], where
             differ = [k for k in host["snap"] if leg["snap"][k] != host["snap"][k]]
@@ -107,8 +114,8 @@ def test_device_leg_bit_for_bit_the_host_step(world):
     ({"offload_optimizer": {"device": "cpu", "device_share": "half"}}, "not a number"),
     ({"offload_optimizer": {"device": "nvme", "nvme_path": "/tmp/x", "device_share": 0.3}}, 'needs device "cpu"'),
     ({"offload_optimizer": {"device": "cpu", "device_share": 0.3}, "bf16_optimizer_states": True}, 'state_dtype "fp32"'),
-    ({"offload_optimizer": {"device": "cpu", "device_share": 0.3}, "offload_param": {"device": "cpu"}},
-     "no offload_param"),
+    ({"offload_optimizer": {"device": "cpu", "device_share": 0.3},
+      "offload_param": {"device": "nvme", "nvme_path": "/tmp/x"}}, 'offload_param not on "nvme"'),
     ({"offload_optimizer": {"device": "cpu"}, "offload_param": {"device": "cpu", "device_share": 0.3}},
      "belongs under"),
 ])

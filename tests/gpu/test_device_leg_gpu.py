@@ -6,7 +6,8 @@ the two AdamW kernels' rounding, params and optimizer state after the run close 
 of the largest value per tensor: fused CUDA and CPU AdamW round differently, bf16 params), the
 leg stepping at every step that waited, and the state of a leg piece back in (pinned) host
 memory. Speculating (the Trainer's path: a clipping streak waits) and waiting (no step in
-backward), foreach and fused AdamW, stages 2 and 3.
+backward), foreach and fused AdamW, stages 2 and 3, and stage 3 with parameter offload (the new
+params copied down into the host shards).
 
     pytest tests/gpu/test_device_leg_gpu.py
 """
@@ -20,7 +21,7 @@ import torch
 from transformers import AutoModelForCausalLM, LlamaConfig
 
 from hf_zero.engine import ZeroEngine, ZeroModule
-from hf_zero.engine.offload.settings import OptimizerOffload
+from hf_zero.engine.offload.settings import OptimizerOffload, ParamOffload
 from hf_zero.engine.offload.speculation import SpeculationPolicy
 from tests.engine.test_speculation import let_the_worker_start
 
@@ -39,13 +40,14 @@ def _model() -> torch.nn.Module:
     return AutoModelForCausalLM.from_config(cfg).to(torch.bfloat16).cuda()
 
 
-def _run(base, stage: int, share: float, speculate: bool, fused: bool):
+def _run(base, stage: int, share: float, speculate: bool, fused: bool, param_offload: bool):
     model = copy.deepcopy(base)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-3, weight_decay=0.1,
                             **({"fused": True} if fused else {"foreach": True}))
     sharded = dict(prefetch_numel=10**9, persistence_threshold=1000) if stage == 3 else {}
     engine = ZeroEngine(model, opt, stage=stage, bucket_numel=100_000, param_dtype=torch.bfloat16,
-                        offload=OptimizerOffload("cpu", chunk_numel=200_000, device_share=share), **sharded)
+                        offload=OptimizerOffload("cpu", chunk_numel=200_000, device_share=share),
+                        offload_param=ParamOffload("cpu") if param_offload else None, **sharded)
     policy = SpeculationPolicy() if speculate else None
     engine.set_step_in_backward(speculate, overlap_forward=speculate, speculation=policy)
     wrapped = ZeroModule(model, engine)
@@ -76,11 +78,13 @@ def _run(base, stage: int, share: float, speculate: bool, fused: bool):
     return losses, norms, params, state, legs, pinned, chunks
 
 
-@pytest.mark.parametrize("stage,speculate,fused", [(2, True, False), (3, True, True), (2, False, True), (3, False, False)])
-def test_device_leg_on_gpu_close_to_the_host_step(stage, speculate, fused):
+@pytest.mark.parametrize("stage,speculate,fused,param_offload", [
+    (2, True, False, False), (3, True, True, False), (2, False, True, False), (3, False, False, False),
+    (3, True, True, True)])
+def test_device_leg_on_gpu_close_to_the_host_step(stage, speculate, fused, param_offload):
     base = _model()
-    host = _run(base, stage, 0.0, speculate, fused)
-    leg = _run(base, stage, 0.5, speculate, fused)
+    host = _run(base, stage, 0.0, speculate, fused, param_offload)
+    leg = _run(base, stage, 0.5, speculate, fused, param_offload)
     assert leg[6] == host[6] > 2  # several chunks
     torch.testing.assert_close(leg[0], host[0], rtol=2e-3, atol=0)  # losses
     torch.testing.assert_close(leg[1], host[1], rtol=2e-3, atol=0)  # grad norms

@@ -33,8 +33,10 @@ and only when the step waits for the norm: a chunk that speculates is stepped on
 backward, which is free. The step computes what the device optimizer computes for a kept share
 (``ratio`` < 1): the same kernels, so the result equals the CPU's within the two kernels'
 rounding, not bit for bit; without CUDA the leg runs on host copies and is bit for bit the host
-step (the tests check the bookkeeping so). Parameter offload and the NVMe tier take no device leg
-(their params or state are not in host memory the leg can reach).
+step (the tests check the bookkeeping so). With parameter offload (stage 3, shards in host memory)
+the new params are cast on the device and copied down into the host shards (2 bytes per element
+instead of the CPU's cast), which the unit's next use uploads after the leg's event. The NVMe
+tiers take no device leg (their state or params are in files, not in host memory the leg reaches).
 """
 
 from __future__ import annotations
@@ -84,14 +86,16 @@ class DeviceLeg:
     @torch.no_grad()
     def step(self, view: torch.optim.Optimizer, groups: list[dict], items: list[tuple], masters: dict[int, torch.Tensor],
              grads: dict[int, torch.Tensor], shards: dict[int, torch.Tensor], scale: float | None, fused_scale: bool,
-             after) -> object:
+             after, settle_host: Callable[[int], None] = lambda i: None) -> object:
         """Queue one chunk's step on the device. ``items``: (piece, bucket, range in its shard) of
         the pieces that get a gradient; ``masters``, ``grads``, ``shards``: per bucket of the
         chunk its host master, host grad and param shard; ``scale``: the clip coefficient (None:
         none); ``fused_scale``: the optimizer takes it as ``grad_scale`` (torch's fused Adam(W),
         whose step counts live with the params; any other keeps 0-d state such as its step count
         on the host, as torch's non-capturable optimizers want it); ``after``: an event of
-        the compute stream the leg waits for (None: none). ``view``: a chunk view of the
+        the compute stream the leg waits for (None: none); ``settle_host(i)``: before bucket
+        ``i``'s param shard in host memory (parameter offload) is written, no upload reads it any
+        more. ``view``: a chunk view of the
         optimizer (host_step._chunk_view), whose ``state`` is replaced by the device copies.
         Returns the event after the param shards are written (None without CUDA)."""
         cuda = self._streams is not None
@@ -119,8 +123,12 @@ class DeviceLeg:
                 view.grad_scale = torch.tensor(1.0 / scale, dtype=torch.float32, device=self.device if cuda else "cpu")
             view.param_groups = [{**g, "params": [twins[id(p)] for p in g["params"] if id(p) in twins]} for g in groups]
             view.step()
-            for i, shard in shards.items():
-                shard.copy_(d_master[i])  # the new params, cast to the param dtype on the device
+            for i, shard in shards.items():  # the new params, cast to the param dtype on the device
+                if cuda and shard.device.type == "cpu":  # parameter offload: down into the host shard
+                    settle_host(i)
+                    shard.copy_(d_master[i].to(shard.dtype), non_blocking=True)
+                else:
+                    shard.copy_(d_master[i])
             written = stream.record_event() if cuda else None
             for i, m in masters.items():
                 m.copy_(d_master[i], non_blocking=cuda)

@@ -174,9 +174,11 @@ class HostStep:
         self._shard_of = lambda i: buckets[i].shard()
         self._write_shard = lambda i, source: buckets[i].write_shard(source)
         self._settle_params = lambda i: buckets[i].settle_shard()
-        if self.leg is not None and any(b.unit is not None and b.unit.host is not None for b in buckets):
-            raise ValueError("offload_optimizer.device_share needs the param shards on the device: it does not "
-                             "combine with offload_param ([Note: device leg] in device_leg.py)")
+        if self.leg is not None and any(b.unit is not None and b.unit.host is not None
+                                        and not isinstance(b.unit.host, HostMemory) for b in buckets):
+            raise ValueError("offload_optimizer.device_share needs the param shards on the device or in host "
+                             "memory: it does not combine with offload_param device \"nvme\" ([Note: device leg] "
+                             "in device_leg.py)")
 
     def overlap(self, early: bool, defer: bool, speculation: SpeculationPolicy | None) -> None:
         """[Note: step in backward]: ``early``, ``defer``; with ``speculation`` (clipping on) the
@@ -411,7 +413,7 @@ class HostStep:
         scale = None if scale is None or scale == 1.0 else scale
         written = self.leg.step(_chunk_view(self._optimizer), groups, items, {i: resident[i] for i in chunk},
                                 self.host_grads, {i: self._shard_of(i) for i in chunk}, scale,
-                                _scales_grads_itself(self._optimizer), after)
+                                _scales_grads_itself(self._optimizer), after, self._settle_params)
         if written is not None:
             self._uploads.append(written)
             self._upload_events[c] = written
