@@ -333,6 +333,12 @@ class ZeroEngine:
         without optimizer offload or without ``set_step_in_backward(True, speculation=...)``."""
         return self._step_in_backward[2] if self.offload is not None else None
 
+    @property
+    def device_leg(self):
+        """The host step's device leg (``DeviceLeg``, its counters: chunks and elements stepped on
+        the device), None without ``offload_optimizer.device_share`` ([Note: device leg])."""
+        return self._host_step.leg if self._host_step is not None else None
+
     def settle(self) -> None:
         """Every offloaded bucket's optimizer step is done and its params are in place (the
         current stream waits for their uploads): a no-op unless ``set_step_in_backward(True,

@@ -87,6 +87,14 @@ def _offload_auto(engine) -> dict | None:
             "left_bytes": choice.left_bytes, "margin_bytes": choice.margin_bytes}
 
 
+def _device_leg(engine) -> dict | None:
+    """The device leg's share and counters ([Note: device leg]), or None without one."""
+    leg = engine.device_leg if engine is not None else None
+    if leg is None:
+        return None
+    return {"share": leg.share, "chunks": leg.stepped_chunks, "elements": leg.stepped_elements}
+
+
 def _compile_seconds() -> float:
     """Seconds this process has spent compiling (``--torch_compile``): dynamo's tracing and the
     backend's compile of forward and backward graphs, as torch itself totals them; 0 when eager."""
@@ -169,6 +177,8 @@ class ReportCallback(TrainerCallback):
             "host_steps_redone": speculation.redone_steps if speculation is not None else None,
             # [Note: auto ratio]: what offload_optimizer.ratio "auto" chose (None: no "auto", or not chosen yet)
             "offload_auto": _offload_auto(self.session.engine),
+            # [Note: device leg]: offload_optimizer.device_share, and what the device stepped so far
+            "device_leg": _device_leg(self.session.engine),
             "compile_seconds": _compile_seconds(),
             "compile_fallbacks": list(self.session.compile_fallbacks),  # [Note: compile failures]
         }

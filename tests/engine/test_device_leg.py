@@ -136,3 +136,58 @@ def test_device_share_reaches_the_engine_setting():
     assert engine_options(config)["offload"].device_share == 0.4
     with pytest.raises(ValueError, match="device_share"):
         OptimizerOffload("nvme", nvme_path="/tmp/x", device_share=0.2)
+
+
+# ---- through the Trainer: clipping at every step, the run report ------------------------------------
+
+
+def _trainer_job(rank, world, out):
+    import json
+    import os
+
+    from transformers import Trainer, TrainingArguments
+
+    import hf_zero.trainer as zt
+    from hf_zero.trainer import session as S
+    from tests.trainer import tiny
+
+    runs = {}
+    for share in (0.0, 1.0):  # (the tiny model is one chunk: share 1 sends it to the leg)
+        name = f"share{share}"
+        model, data = tiny.offload_job()
+        args = TrainingArguments(output_dir=os.path.join(out, name), use_cpu=True, report_to="none", max_steps=4,
+                                 per_device_train_batch_size=2, gradient_accumulation_steps=2, learning_rate=1e-2,
+                                 max_grad_norm=1e-3, logging_steps=1, disable_tqdm=True, seed=0, save_strategy="no")
+        zt.activate({"zero_optimization": {"stage": 2, "offload_optimizer": {"device": "cpu", "device_share": share}}})
+        try:
+            trainer = Trainer(model=model, args=args, train_dataset=data)
+            trainer.train()
+            engine = S.session_of(trainer).engine
+            engine.settle()
+            stepped = engine.device_leg.stepped_chunks if engine.device_leg is not None else None
+            with engine.gathered():
+                params = {n: _bits(p) for n, p in model.named_parameters()}
+        finally:
+            zt.deactivate()
+        with open(os.path.join(out, name, "hf_zero_report.json")) as f:
+            report = json.load(f)["ranks"][rank]
+        history = trainer.state.log_history
+        runs[share] = {"train": [(h["step"], h["loss"], h["grad_norm"]) for h in history if "loss" in h],
+                       "params": params, "leg": report["device_leg"], "redone": report["host_steps_redone"],
+                       "stepped": stepped}
+    return runs
+
+
+def test_device_leg_through_the_trainer(tmp_path):
+    """The Trainer clipping at every step (threshold 1e-3): after the first step speculation waits
+    for the norm, and the waiting chunk goes to the leg; losses, grad norms and params are the
+    host step's bit for bit, and the run report counts what the leg stepped."""
+    (runs,) = run_on_ranks(_trainer_job, 1, str(tmp_path), timeout=300)
+    host, leg = runs[0.0], runs[1.0]
+    assert len(host["train"]) == 4 and leg["train"] == host["train"]
+    assert leg["params"] == host["params"]
+    assert host["leg"] is None
+    assert host["stepped"] is None and leg["stepped"] == 3  # steps 1-3 waited (step 0 speculated)
+    # (the report is written at the end of training: the last step's leg may still be queued then)
+    assert leg["leg"]["share"] == 1.0 and leg["leg"]["chunks"] in (2, 3) and leg["leg"]["elements"] > 0, leg["leg"]
+    assert leg["redone"] == host["redone"] == 1  # the first step speculated and was redone
