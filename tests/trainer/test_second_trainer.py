@@ -3,9 +3,14 @@ hf_zero/trainer/earlier_engine.py): as with the plain Trainer, it trains on from
 with its own optimizer, at stages 1-3 and W = 1 and 2 (stage 3: the new engine laid out from the
 earlier one's shards), also with optimizer offload, and a stage-3 model under a stage-2 Trainer
 (its params gathered whole first). Before, every stage failed in the second Trainer's first
-backward (the earlier engine's gradient hooks took each gradient first)."""
+backward (the earlier engine's gradient hooks took each gradient first).
+
+Rank starts: every run of the module at one world size, the plain references included, is made in
+one start (``runs``: two starts in all, each run on a fresh model in its own folder)."""
 
 from __future__ import annotations
+
+import os
 
 import pytest
 import torch
@@ -61,28 +66,60 @@ def _zero(stage: int, **optimizer_offload) -> dict:
     return {"zero_optimization": block}
 
 
-@pytest.fixture(scope="module")
-def plain(tmp_path_factory):
-    return {w: run_on_ranks(_two_trainers, w, str(tmp_path_factory.mktemp(f"plain{w}")), None, timeout=240)[0]
-            for w in (1, 2)}
-
-
-@pytest.mark.parametrize("stage,world,offload", [
+SECOND_CASES = [  # (stage, world, optimizer offload device)
     (1, 1, None), (2, 1, None), (3, 1, None), (2, 2, None), (3, 2, None), (2, 1, "cpu"), (3, 2, "cpu"),
-])
-def test_a_second_trainer_trains_on_like_the_plain_trainer(stage, world, offload, plain, tmp_path):
-    zero = _zero(stage, **({"device": offload} if offload else {}))
-    got = run_on_ranks(_two_trainers, world, str(tmp_path), zero, timeout=240)
+]
+LORA_STAGES = (2, 3)
+
+
+def _cases_for(world: int) -> list[tuple]:
+    """Every run of the module at ``world``, as ``(name, zero, lora)``: the plain Trainer's (the
+    reference), each case of ``SECOND_CASES`` at that world, stage 3 then stage 2, and at W = 2 the
+    LoRA model plain (DDP) and at each stage of ``LORA_STAGES``."""
+    cases = [("plain", None, False)]
+    cases += [(f"second-{stage}-{offload}", _zero(stage, **({"device": offload} if offload else {})), False)
+              for stage, w, offload in SECOND_CASES if w == world]
+    cases.append(("stage3-then-stage2", [_zero(3), _zero(2)], False))
+    if world == 2:
+        cases += [("lora-plain", None, True)] + [(f"lora-{stage}", _zero(stage), True) for stage in LORA_STAGES]
+    return cases
+
+
+def _each(rank, world, out, cases):
+    """``_two_trainers`` for every ``(name, zero, lora)`` of ``cases``, one after another in this one
+    rank start (each on a fresh model, under ``out/name``)."""
+    return {name: _two_trainers(rank, world, os.path.join(out, name), zero, lora) for name, zero, lora in cases}
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory) -> dict[int, dict[str, list]]:
+    """Per world (1, 2), per run name of ``_cases_for``: the per-rank results, one rank start per world."""
+    out = {}
+    for world in (1, 2):
+        per_rank = run_on_ranks(_each, world, str(tmp_path_factory.mktemp(f"w{world}")), _cases_for(world),
+                                timeout=600)
+        out[world] = {name: [r[name] for r in per_rank] for name in per_rank[0]}
+    return out
+
+
+@pytest.fixture(scope="module")
+def plain(runs):
+    return {w: runs[w]["plain"][0] for w in (1, 2)}
+
+
+@pytest.mark.parametrize("stage,world,offload", SECOND_CASES)
+def test_a_second_trainer_trains_on_like_the_plain_trainer(stage, world, offload, plain, runs):
+    got = runs[world][f"second-{stage}-{offload}"]
     _same_as(got, plain[world], ("first Trainer", "second Trainer"))
     (ref_first, ref_second), _ = plain[world]
     assert ref_second["loss"][0] < ref_first["loss"][0]  # the second went on from the first's values
 
 
 @pytest.mark.parametrize("world", [1, 2])
-def test_a_stage3_model_trains_on_under_a_stage2_trainer(world, plain, tmp_path):
+def test_a_stage3_model_trains_on_under_a_stage2_trainer(world, plain, runs):
     """Stage 3, then stage 2 on the same model: the earlier engine's units are gathered into whole
     params on every rank, then the stage-2 engine is built over them as for any model."""
-    got = run_on_ranks(_two_trainers, world, str(tmp_path), [_zero(3), _zero(2)], timeout=240)
+    got = runs[world]["stage3-then-stage2"]
     _same_as(got, plain[world], ("stage-3 Trainer", "stage-2 Trainer"))
 
 
@@ -96,10 +133,10 @@ def test_an_engine_says_when_it_is_closed():
     assert engine.closed
 
 
-@pytest.mark.parametrize("stage", [2, 3])
-def test_a_second_trainer_on_a_lora_model(stage, tmp_path):
+@pytest.mark.parametrize("stage", LORA_STAGES)
+def test_a_second_trainer_on_a_lora_model(stage, runs):
     """A PEFT model (LoRA over a frozen base) trained twice: at stage 3 the earlier units hold the
     frozen base too, and the new engine is laid out from them with the adapters trainable."""
-    ref = run_on_ranks(_two_trainers, 2, str(tmp_path / "plain"), None, True, timeout=240)[0]  # DDP
-    got = run_on_ranks(_two_trainers, 2, str(tmp_path / "zero"), _zero(stage), True, timeout=240)
+    ref = runs[2]["lora-plain"][0]  # DDP
+    got = runs[2][f"lora-{stage}"]
     _same_as(got, ref, ("first Trainer", "second Trainer"))
