@@ -6,6 +6,9 @@ the offload still copies every checkpointed layer's input into a separate host b
 back out in backward (one layer ahead), so the test checks that machinery: values copied, never
 recomputed differently. Losses and grad norms at every step and the final full params must be equal
 (``==``), and the offload's counts must say that every layer's input went through it.
+
+Rank starts: the cases of ``test_cpu_checkpointing_is_plain_checkpointing`` at one world size (every
+stage, reentrant or not) share one start, made once for the module; each buffer case starts alone.
 """
 
 from __future__ import annotations
@@ -94,12 +97,30 @@ def _check(results, block):
         assert len(offloaded["warned"]) == (1 if slots < LAYERS else 0), offloaded["warned"]  # once per job
 
 
-@pytest.mark.parametrize("reentrant", [False, True], ids=["non-reentrant", "reentrant"])
-@pytest.mark.parametrize("stage", [0, 1, 2, 3])
+STAGES = (0, 1, 2, 3)
+REENTRANT = (False, True)
+CPU_CHECKPOINTING = {"cpu_checkpointing": True}
+
+
+def _every_case(rank, world, root):
+    """``_both`` with ``CPU_CHECKPOINTING`` for every stage and reentrant setting, one after another in
+    this one rank start (each case in its own folder): per ``(stage, reentrant)``, this rank's pair."""
+    return {(stage, reentrant): _both(rank, world, root / f"{stage}-{reentrant}", stage, reentrant, CPU_CHECKPOINTING)
+            for stage in STAGES for reentrant in REENTRANT}
+
+
+@pytest.fixture(scope="module")
+def cpu_checkpointing(tmp_path_factory) -> dict[int, list[dict]]:
+    """Per world (1, 2): every rank's results of ``_every_case``, one rank start per world."""
+    return {world: run_on_ranks(_every_case, world, tmp_path_factory.mktemp(f"w{world}"), timeout=600)
+            for world in (1, 2)}
+
+
+@pytest.mark.parametrize("reentrant", REENTRANT, ids=["non-reentrant", "reentrant"])
+@pytest.mark.parametrize("stage", STAGES)
 @pytest.mark.parametrize("world", [1, 2])
-def test_cpu_checkpointing_is_plain_checkpointing(tmp_path, world, stage, reentrant):
-    block = {"cpu_checkpointing": True}
-    _check(run_on_ranks(_both, world, tmp_path, stage, reentrant, block, timeout=300), block)
+def test_cpu_checkpointing_is_plain_checkpointing(cpu_checkpointing, world, stage, reentrant):
+    _check([ranks[(stage, reentrant)] for ranks in cpu_checkpointing[world]], CPU_CHECKPOINTING)
 
 
 @pytest.mark.parametrize("block", [
