@@ -1,6 +1,7 @@
 """Tensor parallelism through the Trainer (``tensor_parallel.autotp_size``), against one plain process:
 tp 2 at W 2 (stage 0), and dp 2 x tp 2 at W 4 (stages 0-2): every logged loss and clipped grad norm, and
-the trained params (tp parts gathered), within 1e-5 in fp32; the refusals."""
+the trained params (tp parts gathered), within 1e-5 in fp32; the refusals. The runs of one world size
+share one rank start, made once for the module (``tp_runs``), each in its own folder."""
 
 from __future__ import annotations
 
@@ -68,14 +69,34 @@ def _tp_run(rank, world, stage, accum, out):
 
 
 # accum 2: DDP's no_sync over the dp group (stage 0), stage 1's reduction at the boundary only
-@pytest.mark.parametrize("world,stage,accum", [(2, 0, 1), (4, 0, 1), (4, 1, 1), (4, 2, 1), (4, 3, 1), (4, 0, 2),
-                                               (4, 1, 2)])
-def test_tp2_through_the_trainer(tmp_path, world, stage, accum):
+CASES = [(2, 0, 1), (4, 0, 1), (4, 1, 1), (4, 2, 1), (4, 3, 1), (4, 0, 2), (4, 1, 2)]
+
+
+def _tp_runs(rank, world, cases, root):
+    """``_tp_run`` for every ``(stage, accum)`` of ``cases``, one after another in this one rank start,
+    each under ``root/{stage}-{accum}``."""
+    return {(stage, accum): _tp_run(rank, world, stage, accum, f"{root}/{stage}-{accum}") for stage, accum in cases}
+
+
+@pytest.fixture(scope="module")
+def tp_runs(tmp_path_factory) -> dict[int, tuple[str, list[dict]]]:
+    """Per world of ``CASES``: the folder the runs wrote in and every rank's ``_tp_runs`` of that world's
+    cases, one rank start per world."""
+    out = {}
+    for world in sorted({w for w, _, _ in CASES}):
+        root = str(tmp_path_factory.mktemp(f"w{world}"))
+        cases = [(stage, accum) for w, stage, accum in CASES if w == world]
+        out[world] = root, run_on_ranks(_tp_runs, world, cases, root, timeout=600)
+    return out
+
+
+@pytest.mark.parametrize("world,stage,accum", CASES)
+def test_tp2_through_the_trainer(tmp_path, tp_runs, world, stage, accum):
     dp = world // 2
     # one process, the whole global batch of each micro-step
     ref_history, ref_params, ref_eval = _reference(str(tmp_path / "ref"), 2 * dp, accum)
-    for got_history, params, eval_loss, (tokens, total) in run_on_ranks(_tp_run, world, stage, accum, str(tmp_path),
-                                                                       timeout=300):
+    root, ranks = tp_runs[world]
+    for got_history, params, eval_loss, (tokens, total) in (r[(stage, accum)] for r in ranks):
         # each batch counted once, by tp rank 0 of its group ([Note: tensor-parallel tokens]): rows of 12 tokens
         assert tokens == {r: (STEPS * accum * 2 * 12 if r % 2 == 0 else 0) for r in range(world)}, tokens
         assert total > 0
@@ -85,7 +106,7 @@ def test_tp2_through_the_trainer(tmp_path, world, stage, accum):
         # absolute: AdamW's first steps move elements whose grads are near 0 by about lr, from rounding alone
         worst = max(abs(torch.tensor(v).numpy() - ref_params[n]).max() for n, v in params.items())
         assert worst < TOL, (world, stage, worst)
-    saved = AutoModelForCausalLM.from_pretrained(str(tmp_path / "saved"))  # the full model, no hf_zero
+    saved = AutoModelForCausalLM.from_pretrained(f"{root}/{stage}-{accum}/saved")  # the full model, no hf_zero
     loaded = {n: p.detach().numpy() for n, p in saved.named_parameters()}
     assert loaded.keys() == ref_params.keys()
     assert max(abs(loaded[n] - ref_params[n]).max() for n in loaded) < TOL
