@@ -8,7 +8,9 @@ model loaded whole then sharded at stage 3 gives them too; through the Trainer, 
 ``from_pretrained`` loaded sharded (zero3_init_flag, its default) trains as the same model loaded
 whole then sharded (zero3_init_flag false), which trains as the plain Trainer; the saved model
 loads with transformers' from_pretrained, tied. A model whose declared tie is not made on the meta
-device loads whole, the reason said, before any shard is made."""
+device loads whole, the reason said, before any shard is made.
+
+Rank starts: the runs of every kind share one start, made once for the module (``tied_runs``)."""
 
 from __future__ import annotations
 
@@ -126,10 +128,28 @@ def _job(rank, world, kind, path, out):
                for name, config in (("sharded", ZERO3), ("whole", WHOLE), ("plain", None))}}
 
 
-@pytest.mark.parametrize("kind", ["bert", "llama", "qwen2", "gpt2", "t5", "bart"])
-def test_tied_model_loads_trains_and_saves_tied(tmp_path, kind):
-    path = _checkpoint(str(tmp_path), kind)
-    out = run_on_ranks(_job, 2, kind, path, str(tmp_path / "runs"), timeout=400)[0]
+KINDS = ["bert", "llama", "qwen2", "gpt2", "t5", "bart"]
+
+
+def _jobs(rank, world, root):
+    """``_job`` for every kind of ``KINDS``, one after another in this one rank start: its checkpoint
+    in ``root/kind``, its runs under ``root/runs/kind``."""
+    return {kind: _job(rank, world, kind, os.path.join(root, kind), os.path.join(root, "runs", kind)) for kind in KINDS}
+
+
+@pytest.fixture(scope="module")
+def tied_runs(tmp_path_factory):
+    """The folder and rank 0's ``_jobs`` results: every kind's checkpoint, then all its runs in one start."""
+    root = tmp_path_factory.mktemp("tied")
+    for kind in KINDS:
+        _checkpoint(str(root), kind)
+    return root, run_on_ranks(_jobs, 2, str(root), timeout=600)[0]
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_tied_model_loads_trains_and_saves_tied(tied_runs, kind):
+    root, runs = tied_runs
+    out, runs_dir = runs[kind], root / "runs" / kind
     assert out["compare"]["logits"] == {"sharded load": 0.0, "whole then sharded": 0.0}, out["compare"]
     assert out["compare"]["state"] == 0.0 and out["compare"]["untied"] == [], out["compare"]
     assert out["sharded"]["sharded"] and not out["whole"]["sharded"] and not out["plain"]["sharded"]
@@ -137,11 +157,11 @@ def test_tied_model_loads_trains_and_saves_tied(tmp_path, kind):
     tiny.same_training(out["sharded"]["history"], out["whole"]["history"], 2, "sharded load vs load then shard")
     tiny.same_training(out["whole"]["history"], out["plain"]["history"], 2, "stage 3 vs the plain Trainer")
     cls = _model(kind)[0]
-    saved = cls.from_pretrained(str(tmp_path / "runs" / "sharded" / "final"))
-    other = cls.from_pretrained(str(tmp_path / "runs" / "whole" / "final")).state_dict()
+    saved = cls.from_pretrained(str(runs_dir / "sharded" / "final"))
+    other = cls.from_pretrained(str(runs_dir / "whole" / "final")).state_dict()
     assert untied(saved) == []
     # the file holds each tie once, or both names with equal values: transformers keeps the source's
-    stored = load_file(os.path.join(str(tmp_path / "runs" / "sharded" / "final"), "model.safetensors"))
+    stored = load_file(os.path.join(str(runs_dir / "sharded" / "final"), "model.safetensors"))
     for target, source in saved.all_tied_weights_keys.items():
         assert source in stored and (target not in stored or torch.equal(stored[target], stored[source])), target
     for name, value in saved.state_dict().items():
