@@ -1,4 +1,7 @@
-"""ZeRO-1/2 engine vs DDP + the same torch optimizer, step by step (fp32, CPU gloo ranks)."""
+"""ZeRO-1/2 engine vs DDP + the same torch optimizer, step by step (fp32, CPU gloo ranks).
+
+Rank starts: the ``_parity`` runs of one world size share one start, made once for the module
+(``parity``); each run builds its own models, DDP and engine, and checks itself at every step."""
 
 from __future__ import annotations
 
@@ -73,39 +76,67 @@ def _parity(rank, world, stage, grad_accum, optim, bucket_numel, tied):
     return report, counts, len([b for buf in engine.buffers for b in buf.buckets])
 
 
+# Every _parity run of the module, by world size: {key: (stage, grad_accum, optim, bucket_numel, tied)}.
+RUNS = {
+    1: {("adamw", stage): (stage, 1, "adamw", 2000, True) for stage in (1, 2, 3)},
+    2: {**{("adamw", stage): (stage, 1, "adamw", 2000, True) for stage in (1, 2, 3)},
+        **{("sgd_accum_untied", stage): (stage, 4, "sgd", 3000, False) for stage in (1, 2, 3)},
+        "fused_adamw_one_bucket": (2, 4, "adamw_fused", 10**9, True),
+        # test_collective_counts: many params per bucket, and one bucket per param
+        **{("counts", stage, bucket_numel): (stage, 4, "sgd", bucket_numel, True)
+           for stage in (1, 2) for bucket_numel in (4000, 1)}},
+    4: {("adamw", stage): (stage, 1, "adamw", 2000, True) for stage in (1, 2, 3)},
+}
+
+
+def _runs(rank, world, runs):
+    """``_parity`` for every run of ``runs``, one after another in this one rank start (each on fresh
+    models and a fresh engine); a failing run names itself."""
+    out = {}
+    for key, args in runs.items():
+        try:
+            out[key] = _parity(rank, world, *args)
+        except BaseException as error:  # noqa: BLE001 - re-raised with the run named
+            raise AssertionError(f"_parity run {key!r} {args} at W {world}") from error
+    return out
+
+
+@pytest.fixture(scope="module")
+def parity():
+    """Per world size of ``RUNS``: every rank's results of its runs, one rank start per world size. Every
+    run checks losses, grad norms and params against DDP at each step inside the ranks."""
+    return {world: run_on_ranks(_runs, world, runs, timeout=600) for world, runs in RUNS.items()}
+
+
 @pytest.mark.parametrize("world", [1, 2, 4])
 @pytest.mark.parametrize("stage", [1, 2, 3])
-def test_parity_adamw(world, stage):
-    results = run_on_ranks(_parity, world, stage, 1, "adamw", 2000, True, timeout=240)
+def test_parity_adamw(world, stage, parity):
+    results = [ranks[("adamw", stage)] for ranks in parity[world]]
     norms = [r[0] for r in results]
     assert all(n == norms[0] for n in norms), "ranks disagree on the grad norm"
 
 
 @pytest.mark.parametrize("stage", [1, 2, 3])
-def test_parity_grad_accum_untied_sgd(stage):
-    run_on_ranks(_parity, 2, stage, 4, "sgd", 3000, False, timeout=240)
+def test_parity_grad_accum_untied_sgd(stage, parity):
+    assert all(("sgd_accum_untied", stage) in ranks for ranks in parity[2])  # ran, checked inside the ranks
 
 
-def test_parity_fused_adamw_one_bucket():
-    run_on_ranks(_parity, 2, 2, 4, "adamw_fused", 10**9, True, timeout=240)
-
-
-def _counts(rank, world, stage, grad_accum, bucket_numel):
-    return _parity(rank, world, stage, grad_accum, "sgd", bucket_numel, True)
+def test_parity_fused_adamw_one_bucket(parity):
+    assert all("fused_adamw_one_bucket" in ranks for ranks in parity[2])  # ran, checked inside the ranks
 
 
 @pytest.mark.parametrize("stage,expected_rs_per_step", [(1, 1), (2, 4)])
-def test_collective_counts(stage, expected_rs_per_step):
+def test_collective_counts(stage, expected_rs_per_step, parity):
     """Per optimizer step: one reduce-scatter per bucket per communicating backward (stage 1 only on
     the boundary of 4 micro-steps, stage 2 on each), one all-gather per bucket, two all-reduces (the
     clipping norm, and which params got a gradient on any rank)."""
-    (_, counts, n_buckets), _ = run_on_ranks(_counts, 2, stage, 4, 4000, timeout=240)
+    _, counts, n_buckets = parity[2][0][("counts", stage, 4000)]
     assert n_buckets > 1
     assert counts["reduce_scatter"] == STEPS * expected_rs_per_step * n_buckets
     assert counts["all_gather"] == STEPS * n_buckets
     assert counts["all_reduce"] == 2 * STEPS
     # bucketing really reduces collectives: far fewer than one per parameter
-    (_, counts_small, n_small), _ = run_on_ranks(_counts, 2, stage, 4, 1, timeout=240)
+    _, counts_small, n_small = parity[2][0][("counts", stage, 1)]
     assert n_small > 3 * n_buckets
     assert counts_small["all_gather"] == STEPS * n_small
 
