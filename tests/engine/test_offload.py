@@ -1,5 +1,9 @@
 """Optimizer offload to the host gives the same training as no offload (fp32, CPU gloo ranks),
-keeps the offloaded masters and optimizer state off the params' device, and checkpoints."""
+keeps the offloaded masters and optimizer state off the params' device, and checkpoints.
+
+Rank starts: the comparisons of one world size share one start, made once for the module
+(``compared``), except those overlapping the next forward, whose slowed host step stays in the process:
+each of those starts alone."""
 
 from __future__ import annotations
 
@@ -83,28 +87,66 @@ def _compare(rank, world, stage, ratio, fused, use_no_sync=True, early=False, ov
     return held_off["host_offload"]
 
 
+# The _compare runs without overlap_forward (whose slowed host step stays in its process: those start
+# alone), by world size: {key: (stage, ratio, fused, use_no_sync, early)}.
+RUNS = {
+    1: {**{("offload", stage): (stage, 1.0, False, True, False) for stage in (1, 2, 3)},
+        **{("step_in_backward", stage): (stage, 1.0, False, True, True) for stage in (1, 2, 3)}},
+    2: {**{("offload", stage): (stage, 1.0, False, True, False) for stage in (1, 2, 3)},
+        "accumulation_without_no_sync": (2, 1.0, False, False, False),
+        "partial_fused_stage3": (3, 0.5, True, True, False),
+        **{("step_in_backward", stage): (stage, 1.0, False, True, True) for stage in (1, 2, 3)},
+        "step_in_backward_partial_fused_stage2": (2, 0.5, True, True, True)},
+}
+
+
+def _runs(rank, world, runs):
+    """``_compare`` for every run of ``runs``, one after another in this one rank start (each on fresh
+    copies of the model and fresh engines); a failing run names itself."""
+    out = {}
+    for key, args in runs.items():
+        try:
+            out[key] = _compare(rank, world, *args)
+        except BaseException as error:  # noqa: BLE001 - re-raised with the run named
+            raise AssertionError(f"_compare run {key!r} {args} at W {world}") from error
+    return out
+
+
+@pytest.fixture(scope="module")
+def compared():
+    """Per world size of ``RUNS``: every rank's results of its runs, one rank start per world size. Every
+    run compares offload with no offload inside the ranks (``_compare``)."""
+    return {world: run_on_ranks(_runs, world, runs, timeout=600) for world, runs in RUNS.items()}
+
+
+def _ran(compared, world, key) -> None:
+    """The run ``key`` ran on every rank at ``world``, its comparison inside the ranks passed, and it
+    held host memory for the offloaded state."""
+    assert all(ranks[key] > 0 for ranks in compared[world]), [ranks.get(key) for ranks in compared[world]]
+
+
 @pytest.mark.parametrize("world", [1, 2])
 @pytest.mark.parametrize("stage", [1, 2, 3])
-def test_offload_matches_no_offload(world, stage):
-    run_on_ranks(_compare, world, stage, 1.0, False, timeout=240)
+def test_offload_matches_no_offload(world, stage, compared):
+    _ran(compared, world, ("offload", stage))
 
 
-def test_offload_accumulation_without_no_sync():
+def test_offload_accumulation_without_no_sync(compared):
     # Every backward then looks like the last of the accumulation: each bucket goes to the host
     # after each micro-step, and the later parts are added up there before the step.
-    run_on_ranks(_compare, 2, 2, 1.0, False, False, timeout=240)
+    _ran(compared, 2, "accumulation_without_no_sync")
 
 
-def test_partial_offload_and_fused_adamw_at_stage_3():
-    run_on_ranks(_compare, 2, 3, 0.5, True, timeout=240)
+def test_partial_offload_and_fused_adamw_at_stage_3(compared):
+    _ran(compared, 2, "partial_fused_stage3")
 
 
 @pytest.mark.parametrize("world", [1, 2])
 @pytest.mark.parametrize("stage", [1, 2, 3])
-def test_step_in_backward_matches_no_offload(world, stage):
+def test_step_in_backward_matches_no_offload(world, stage, compared):
     # No clipping: a worker steps each chunk while backward goes on ([Note: step in backward]);
     # the same arithmetic as the plain step, bit for bit, the unused param left alone.
-    run_on_ranks(_compare, world, stage, 1.0, False, True, True, timeout=240)
+    _ran(compared, world, ("step_in_backward", stage))
 
 
 @pytest.mark.parametrize("world,stage", [(1, 2), (1, 3), (2, 2), (2, 3)])
@@ -114,8 +156,8 @@ def test_step_overlapping_the_next_forward_matches_no_offload(world, stage):
     run_on_ranks(_compare, world, stage, 1.0, False, True, True, True, timeout=240)
 
 
-def test_step_in_backward_partial_and_fused_at_stage_2():
-    run_on_ranks(_compare, 2, 2, 0.5, True, True, True, timeout=240)
+def test_step_in_backward_partial_and_fused_at_stage_2(compared):
+    _ran(compared, 2, "step_in_backward_partial_fused_stage2")
 
 
 def _step_in_backward_refusals(rank, world):
