@@ -6,6 +6,8 @@ SP run splits each group's batch over its P ranks (batch_split.py), attends thro
 (ulysses.py), combines the loss over the group (loss.py) and averages gradients over all W ranks:
 by hand (no ZeRO) or through the ZeRO engine at stages 1-3, whose SGD step must land on the
 reference's parameters.
+
+Rank starts: the runs of one world size and sp size share one start, made once for the module (``parity``).
 """
 
 from __future__ import annotations
@@ -84,24 +86,56 @@ def _parity(rank, world, sp, stage, attn, device="cpu"):
     return loss.item()
 
 
+# Every _parity run of the module, one rank start per entry (a process holds one layout, so one sp
+# size): (world, {key: (sp, stage, attn)}).
+STARTS = [
+    (2, {**{("sp2", stage): (2, stage, "sdpa") for stage in (0, 1, 2, 3)}, "eager": (2, 2, "eager")}),
+    (4, {("sp2", stage): (2, stage, "sdpa") for stage in (0, 1, 2, 3)}),
+    (4, {("sp4", stage): (4, stage, "sdpa") for stage in (0, 1, 2, 3)}),
+]
+
+
+def _runs(rank, world, runs):
+    """``_parity`` for every run of ``runs``, one after another in this one rank start (each with its
+    own layout, models and engine); a failing run names itself."""
+    out = {}
+    for key, args in runs.items():
+        try:
+            out[key] = _parity(rank, world, *args)
+        except BaseException as error:  # noqa: BLE001 - re-raised with the run named
+            raise AssertionError(f"_parity run {key!r} {args} at W {world}") from error
+    return out
+
+
+@pytest.fixture(scope="module")
+def parity():
+    """Per world size, per run of ``STARTS``: every rank's last loss; one rank start per entry. Every
+    run checks losses, gradients and params against the unsplit reference inside the ranks."""
+    out = {}
+    for world, runs in STARTS:
+        ranks = run_on_ranks(_runs, world, runs, timeout=600)
+        out.setdefault(world, {}).update({key: [r[key] for r in ranks] for key in runs})
+    return out
+
+
 @pytest.mark.parametrize("stage", [0, 1, 2, 3])
-def test_sp2_w2(stage):
-    losses = run_on_ranks(_parity, 2, 2, stage, "sdpa", timeout=240)
+def test_sp2_w2(stage, parity):
+    losses = parity[2][("sp2", stage)]
     assert losses[0] == losses[1]  # one group: one loss
 
 
 @pytest.mark.parametrize("stage", [0, 1, 2, 3])
-def test_sp2_dp2_w4(stage):
-    losses = run_on_ranks(_parity, 4, 2, stage, "sdpa", timeout=240)
+def test_sp2_dp2_w4(stage, parity):
+    losses = parity[4][("sp2", stage)]
     assert losses[0] == losses[1] and losses[2] == losses[3] and losses[0] != losses[2]
 
 
-def test_eager_attention():
-    run_on_ranks(_parity, 2, 2, 2, "eager", timeout=240)
+def test_eager_attention(parity):
+    assert len(parity[2]["eager"]) == 2  # ran on both ranks, checked inside them
 
 
 @pytest.mark.parametrize("stage", [0, 1, 2, 3])
-def test_sp4_repeats_kv_heads(stage):
+def test_sp4_repeats_kv_heads(stage, parity):
     """P = 4 > 2 KV heads: each KV head is repeated so every rank holds the one its query heads use."""
-    losses = run_on_ranks(_parity, 4, 4, stage, "sdpa", timeout=240)
+    losses = parity[4][("sp4", stage)]
     assert len(set(losses)) == 1
