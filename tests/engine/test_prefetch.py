@@ -6,6 +6,8 @@ backward re-gathers the layers (the root stays gathered from its forward to its 
 (layers + 1) + layers all-gathers. Persistent params add one all-gather after the step (their
 updated shards) and are never gathered by forward or backward. On CUDA the same tests exercise the
 gather stream (streams.py); on CPU the gathers are gloo async handles.
+
+Rank starts: the gloo runs of one world size share one start, made once for the module (``runs``).
 """
 
 from __future__ import annotations
@@ -95,9 +97,54 @@ def _check_gathers(results, per_step, after_step=0):
             assert all(label.startswith("params of bucket") for label in labels[per_step:]), labels
 
 
+# Every gloo _run of the module, by world size: {key: (prefetch, max_live, persist, layers, checkpointing)}.
+RUNS = {
+    1: {("prefetch", ALL): (ALL, None, 0, 2, None)},
+    2: {("prefetch", 1): (1, None, 0, 2, None), ("prefetch", ALL): (ALL, None, 0, 2, None),
+        "prefetch_off": (0, None, 0, 3, None),
+        # test_max_live_bound_is_respected: unbounded, then bounded to the root + the 2 largest layers
+        # (known once the unbounded run has said the sizes, see _bound_of), then a bound of 0
+        "max_live_free": (ALL, None, 0, 3, None), "max_live_bounded": (ALL, "bound", 0, 3, None),
+        "max_live_tight": (ALL, 0, 0, 3, None),
+        **{("persist", persist): (1, None, persist, 2, None) for persist in (100, ALL)},
+        **{("checkpointing", reentrant): (1, None, 0, 2, reentrant) for reentrant in (False, True)}},
+    4: {("prefetch", 1): (1, None, 0, 2, None)},
+}
+
+
+def _bound_of(free: dict) -> int:
+    """The bound test_max_live_bound_is_respected sets: the root + the 2 largest layers of the unbounded run."""
+    return free["root_numel"] + sum(free["layer_numel"][-2:])
+
+
+def _runs(rank, world, runs):
+    """``_run`` for every run of ``runs``, one after another in this one rank start (each with its own
+    models and engine); a failing run names itself. ``max_live`` "bound": ``_bound_of`` the run
+    "max_live_free" (run before it)."""
+    out = {}
+    for key, (prefetch, max_live, persist, layers, checkpointing) in runs.items():
+        if max_live == "bound":
+            max_live = _bound_of(out["max_live_free"])
+        try:
+            out[key] = _run(rank, world, prefetch, max_live, persist, layers, checkpointing)
+        except BaseException as error:  # noqa: BLE001 - re-raised with the run named
+            raise AssertionError(f"_run {key!r} at W {world}") from error
+    return out
+
+
+@pytest.fixture(scope="module")
+def runs() -> dict[int, dict]:
+    """Per world size of ``RUNS``, per run: every rank's results; one rank start per world size."""
+    out = {}
+    for world, those in RUNS.items():
+        ranks = run_on_ranks(_runs, world, those, timeout=600)
+        out[world] = {key: [r[key] for r in ranks] for key in those}
+    return out
+
+
 @pytest.mark.parametrize("world,prefetch", [(1, ALL), (2, 1), (2, ALL), (4, 1)])
-def test_parity_and_gathers_with_prefetch(world, prefetch):
-    results = run_on_ranks(_run, world, prefetch, None, 0, 2, timeout=300)
+def test_parity_and_gathers_with_prefetch(world, prefetch, runs):
+    results = runs[world][("prefetch", prefetch)]
     if world > 1:
         _check_gathers(results, 5)
         # window of 1 element: one unit ahead (root + layer in use + next); ALL: both layers at
@@ -105,35 +152,36 @@ def test_parity_and_gathers_with_prefetch(world, prefetch):
         assert results[0]["peak"] == results[0]["root_numel"] + sum(results[0]["layer_numel"])
 
 
-def test_prefetch_off_gathers_one_layer_at_a_time():
-    results = run_on_ranks(_run, 2, 0, None, 0, 3, timeout=300)
+def test_prefetch_off_gathers_one_layer_at_a_time(runs):
+    results = runs[2]["prefetch_off"]
     _check_gathers(results, 7)
     r = results[0]
     assert r["peak"] == r["root_numel"] + max(r["layer_numel"])  # as before prefetch existed
 
 
-def test_max_live_bound_is_respected():
+def test_max_live_bound_is_respected(runs):
     """3 layers, window ALL: unbounded, the root's forward prefetches all 3 layers; bounded to the
     root + the 2 largest layers, it never holds more (and reaches it when layers 1 and 2 are held
     together), and still gathers each unit exactly as often. Layer 0 is smaller (a frozen weight)."""
-    free = run_on_ranks(_run, 2, ALL, None, 0, 3, timeout=300)
+    free = runs[2]["max_live_free"]
     root, layers = free[0]["root_numel"], free[0]["layer_numel"]
     assert free[0]["peak"] == root + sum(layers)
     bound = root + sum(layers[-2:])
-    bounded = run_on_ranks(_run, 2, ALL, bound, 0, 3, timeout=300)
+    assert bound == _bound_of(free[1])  # the bound the bounded run was given, on every rank
+    bounded = runs[2]["max_live_bounded"]
     _check_gathers(bounded, 7)
     assert all(r["peak"] == bound for r in bounded)
     # a bound below what is needed now: no prefetch at all, the needed units are still gathered
-    tight = run_on_ranks(_run, 2, ALL, 0, 0, 3, timeout=300)
+    tight = runs[2]["max_live_tight"]
     _check_gathers(tight, 7)
     assert tight[0]["peak"] == root + max(layers)
 
 
 @pytest.mark.parametrize("persist", [100, ALL])
-def test_persistent_params_stay_full_and_train_like_ddp(persist):
+def test_persistent_params_stay_full_and_train_like_ddp(persist, runs):
     """100 elements: the norms (36) and the unused 13-element bias are persistent; ALL: every
     param, so no unit is left to gather in forward or backward."""
-    results = run_on_ranks(_run, 2, 1, None, persist, 2, timeout=300)
+    results = runs[2][("persist", persist)]
     r = results[0]
     assert r["persistent_units"] == 1 and r["small"]
     assert r["full"] == r["small"]  # between steps exactly the small params are whole
@@ -146,10 +194,10 @@ def test_persistent_params_stay_full_and_train_like_ddp(persist):
 
 
 @pytest.mark.parametrize("reentrant", [False, True])
-def test_gradient_checkpointing_with_prefetch(reentrant):
+def test_gradient_checkpointing_with_prefetch(reentrant, runs):
     """Recompute inside backward uses the prefetched unit and keeps it until its grads are in: still
     one gather per unit in forward and one per layer in backward."""
-    results = run_on_ranks(_run, 2, 1, None, 0, 2, reentrant, timeout=300)
+    results = runs[2][("checkpointing", reentrant)]
     _check_gathers(results, 5)
 
 
