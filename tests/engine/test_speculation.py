@@ -18,6 +18,9 @@ One run per (world, stage) forces every case in turn, through a clip threshold p
 
 Params and optimizer state are compared bit for bit after step 7 and after step 8 (as bit
 patterns: NaN included).
+
+Rank starts: the runs of one world size share one start, made once for the module (``compared``),
+except the slow-worker case, whose slowed host step stays in its process: it starts alone.
 """
 
 from __future__ import annotations
@@ -133,9 +136,41 @@ def _check(results):
         assert r["nan_at_end"]  # the NaN step really made NaN params, in both paths
 
 
+# The _compare runs without a slowed host step (slow_host_step stays in its process: that case starts
+# alone), by world size: {key: (stage, fused, ratio, param_offload, slow, state_dtype)}.
+RUNS = {
+    1: {("stage", stage): (stage, False, 1.0, False, False, "fp32") for stage in (1, 2)},
+    2: {**{("stage", stage): (stage, False, 1.0, False, False, "fp32") for stage in (1, 2, 3)},
+        "param_offload": (3, False, 1.0, True, False, "fp32"),
+        "bf16_host_state": (2, False, 1.0, False, False, "bf16")},
+}
+
+
+def _runs(rank, world, runs):
+    """``_compare`` for every run of ``runs``, one after another in this one rank start (each with its
+    own models and engines); a failing run names itself."""
+    out = {}
+    for key, args in runs.items():
+        try:
+            out[key] = _compare(rank, world, *args)
+        except BaseException as error:  # noqa: BLE001 - re-raised with the run named
+            raise AssertionError(f"_compare run {key!r} {args} at W {world}") from error
+    return out
+
+
+@pytest.fixture(scope="module")
+def compared() -> dict[int, dict]:
+    """Per world size of ``RUNS``, per run: every rank's ``_compare``; one rank start per world size."""
+    out = {}
+    for world, runs in RUNS.items():
+        ranks = run_on_ranks(_runs, world, runs, timeout=600)
+        out[world] = {key: [r[key] for r in ranks] for key in runs}
+    return out
+
+
 @pytest.mark.parametrize("world,stage", [(1, 1), (1, 2), (2, 1), (2, 2), (2, 3)])
-def test_speculation_matches_the_waiting_path(world, stage):
-    _check(run_on_ranks(_compare, world, stage, timeout=300))
+def test_speculation_matches_the_waiting_path(world, stage, compared):
+    _check(compared[world][("stage", stage)])
 
 
 def test_speculation_at_stage_3_fused_partial_offload_slow_worker():
@@ -143,14 +178,14 @@ def test_speculation_at_stage_3_fused_partial_offload_slow_worker():
     _check(run_on_ranks(_compare, 1, 3, True, 0.5, False, True, timeout=300))
 
 
-def test_speculation_with_parameter_offload():
+def test_speculation_with_parameter_offload(compared):
     # the host shards are written by the speculative step, and again by the redo or the undo
-    _check(run_on_ranks(_compare, 2, 3, False, 1.0, True, timeout=300))
+    _check(compared[2]["param_offload"])
 
 
-def test_speculation_with_bf16_host_state():
+def test_speculation_with_bf16_host_state(compared):
     # [Note: bf16 host state]: the copies are of the bf16 moments, a redo rounds again from them
-    _check(run_on_ranks(_compare, 2, 2, False, 1.0, False, False, "bf16", timeout=300))
+    _check(compared[2]["bf16_host_state"])
 
 
 # ---- the state machine alone (no threads) ---------------------------------------------------------
