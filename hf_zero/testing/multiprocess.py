@@ -185,6 +185,19 @@ def run_on_ranks(
     return [outcomes[r][1] for r in range(world_size)]
 
 
+def run_each(rank: int, world_size: int, fn: Callable, runs: dict) -> dict:
+    """``fn(rank, world_size, *args)`` for every ``key: args`` of ``runs``, one after another in this
+    one rank start (``run_on_ranks(run_each, world, fn, runs)``: one start for many cases); the
+    results by key. A failing run names itself (its key and args) in the error."""
+    out = {}
+    for key, args in runs.items():
+        try:
+            out[key] = fn(rank, world_size, *args)
+        except BaseException as error:  # noqa: BLE001 - re-raised with the run named
+            raise AssertionError(f"{fn.__name__} run {key!r} {args} at W {world_size}") from error
+    return out
+
+
 def _died(procs: list, results: Any, outcomes: dict, world_size: int, fault_paths: list[str] = ()) -> bool:
     """Whether a rank's process has exited without a result (killed: SIGKILL, the OOM killer,
     ``os._exit``, a crash in native code); such ranks are recorded as errors, with the Python stacks

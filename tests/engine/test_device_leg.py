@@ -22,8 +22,9 @@ from hf_zero.engine import ZeroEngine, ZeroModule
 from hf_zero.engine.offload.settings import OptimizerOffload, ParamOffload
 from hf_zero.engine.offload.speculation import SpeculationPolicy
 from hf_zero.testing.multiprocess import run_on_ranks
-from tests.engine.models import add_frozen_and_unused, batch, tiny_llama
-from tests.engine.test_speculation import SCHEDULE, _bits, _groups, _snapshot, let_the_worker_start
+from tests.engine.models import add_frozen_and_unused, tiny_llama
+from tests.engine.test_speculation import (SCHEDULE, _bits, _groups, _snapshot, let_the_worker_start,
+                                           scheduled_backward)
 
 CHUNK = 1500  # elements: several chunks, so a share of 0.5 puts some on each side
 
@@ -45,11 +46,7 @@ def _run(rank, base, stage, share, fused, early, param_offload=False):
     model, engine, policy = _engine(base, stage, share, fused, early, param_offload)
     wrapped, norms, legs = ZeroModule(model, engine), [], []
     for step, (threshold, factor) in enumerate(SCHEDULE):
-        for micro in range(2):
-            last = micro == 1
-            with (wrapped.no_sync() if not last else torch.enable_grad()):
-                loss = wrapped(**batch(rank, step, micro, model.config.vocab_size)).loss / 2
-                (loss * factor if last else loss).backward()
+        scheduled_backward(wrapped, model, rank, step, factor)
         let_the_worker_start(engine, every_chunk=True)
         norm = engine.clip_grad_norm_(threshold) if threshold is not None else engine.grad_norm()
         norms.append(_bits(norm))

@@ -15,7 +15,7 @@ import torch
 from hf_zero.engine import ZeroEngine, ZeroModule
 from hf_zero.engine.offload.host_memory import HostMemory
 from hf_zero.engine.offload.settings import OptimizerOffload
-from hf_zero.testing.multiprocess import run_on_ranks
+from hf_zero.testing.multiprocess import run_each, run_on_ranks
 from tests.engine.models import add_frozen_and_unused, batch, slow_host_step, tiny_llama
 
 STEPS = 6
@@ -100,23 +100,11 @@ RUNS = {
 }
 
 
-def _runs(rank, world, runs):
-    """``_compare`` for every run of ``runs``, one after another in this one rank start (each on fresh
-    copies of the model and fresh engines); a failing run names itself."""
-    out = {}
-    for key, args in runs.items():
-        try:
-            out[key] = _compare(rank, world, *args)
-        except BaseException as error:  # noqa: BLE001 - re-raised with the run named
-            raise AssertionError(f"_compare run {key!r} {args} at W {world}") from error
-    return out
-
-
 @pytest.fixture(scope="module")
 def compared():
     """Per world size of ``RUNS``: every rank's results of its runs, one rank start per world size. Every
     run compares offload with no offload inside the ranks (``_compare``)."""
-    return {world: run_on_ranks(_runs, world, runs, timeout=600) for world, runs in RUNS.items()}
+    return {world: run_on_ranks(run_each, world, _compare, runs, timeout=600) for world, runs in RUNS.items()}
 
 
 def _ran(compared, world, key) -> None:

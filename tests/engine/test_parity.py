@@ -13,7 +13,7 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 from hf_zero.engine import ZeroEngine, ZeroModule
-from hf_zero.testing.multiprocess import run_on_ranks
+from hf_zero.testing.multiprocess import run_each, run_on_ranks
 from tests.engine.models import add_frozen_and_unused, batch, tiny_llama
 
 STEPS = 10
@@ -89,23 +89,11 @@ RUNS = {
 }
 
 
-def _runs(rank, world, runs):
-    """``_parity`` for every run of ``runs``, one after another in this one rank start (each on fresh
-    models and a fresh engine); a failing run names itself."""
-    out = {}
-    for key, args in runs.items():
-        try:
-            out[key] = _parity(rank, world, *args)
-        except BaseException as error:  # noqa: BLE001 - re-raised with the run named
-            raise AssertionError(f"_parity run {key!r} {args} at W {world}") from error
-    return out
-
-
 @pytest.fixture(scope="module")
 def parity():
     """Per world size of ``RUNS``: every rank's results of its runs, one rank start per world size. Every
     run checks losses, grad norms and params against DDP at each step inside the ranks."""
-    return {world: run_on_ranks(_runs, world, runs, timeout=600) for world, runs in RUNS.items()}
+    return {world: run_on_ranks(run_each, world, _parity, runs, timeout=600) for world, runs in RUNS.items()}
 
 
 @pytest.mark.parametrize("world", [1, 2, 4])

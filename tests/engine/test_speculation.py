@@ -34,7 +34,7 @@ import torch
 from hf_zero.engine import ZeroEngine, ZeroModule
 from hf_zero.engine.offload.settings import OptimizerOffload, ParamOffload
 from hf_zero.engine.offload.speculation import (Action, ChunkStep, Speculation, SpeculationPolicy, Verdict)
-from hf_zero.testing.multiprocess import run_on_ranks
+from hf_zero.testing.multiprocess import run_each, run_on_ranks
 from tests.engine.models import add_frozen_and_unused, batch, slow_host_step, tiny_llama
 
 HUGE, TINY = 1e9, 1e-3
@@ -80,15 +80,21 @@ def let_the_worker_start(engine, every_chunk: bool) -> None:
         time.sleep(0.001)
 
 
+def scheduled_backward(wrapped, model, rank: int, step: int, factor: float) -> None:
+    """Step ``step``'s two micro-steps (the first under ``no_sync``), the last loss times ``factor``
+    (1, inf or nan: ``SCHEDULE``'s second column)."""
+    for micro in range(2):
+        last = micro == 1
+        with (wrapped.no_sync() if not last else torch.enable_grad()):
+            loss = wrapped(**batch(rank, step, micro, model.config.vocab_size)).loss / 2
+            (loss * factor if last else loss).backward()
+
+
 def _train(model, engine, rank, slow):
     wrapped = ZeroModule(model, engine)
     snaps, norms = [], []
     for step, (threshold, factor) in enumerate(SCHEDULE):
-        for micro in range(2):
-            last = micro == 1
-            with (wrapped.no_sync() if not last else torch.enable_grad()):
-                loss = wrapped(**batch(rank, step, micro, model.config.vocab_size)).loss / 2
-                (loss * factor if last else loss).backward()
+        scheduled_backward(wrapped, model, rank, step, factor)
         let_the_worker_start(engine, every_chunk=not slow)
         norm = engine.clip_grad_norm_(threshold) if threshold is not None else engine.grad_norm()
         norms.append(_bits(norm))
@@ -146,24 +152,12 @@ RUNS = {
 }
 
 
-def _runs(rank, world, runs):
-    """``_compare`` for every run of ``runs``, one after another in this one rank start (each with its
-    own models and engines); a failing run names itself."""
-    out = {}
-    for key, args in runs.items():
-        try:
-            out[key] = _compare(rank, world, *args)
-        except BaseException as error:  # noqa: BLE001 - re-raised with the run named
-            raise AssertionError(f"_compare run {key!r} {args} at W {world}") from error
-    return out
-
-
 @pytest.fixture(scope="module")
 def compared() -> dict[int, dict]:
     """Per world size of ``RUNS``, per run: every rank's ``_compare``; one rank start per world size."""
     out = {}
     for world, runs in RUNS.items():
-        ranks = run_on_ranks(_runs, world, runs, timeout=600)
+        ranks = run_on_ranks(run_each, world, _compare, runs, timeout=600)
         out[world] = {key: [r[key] for r in ranks] for key in runs}
     return out
 

@@ -29,9 +29,9 @@ from hf_zero.engine.offload.speculation import SpeculationPolicy
 from hf_zero.engine.offload.split_tier import SplitTier
 from hf_zero.engine.offload.tiers import HostTier
 from hf_zero.testing.multiprocess import run_on_ranks
-from tests.engine.models import add_frozen_and_unused, batch, tiny_llama
+from tests.engine.models import add_frozen_and_unused, tiny_llama
 from tests.engine.test_speculation import (HUGE, REDONE, SCHEDULE, SPECULATED, TINY, _bits, _groups, _snapshot,
-                                           let_the_worker_start)
+                                           let_the_worker_start, scheduled_backward)
 
 CHUNK = 1500  # elements: several chunks, so a share of 0.5 puts some on each side
 # Steps 0-2 before the save, 3-5 after: clipping fires before and after it (after it a fresh
@@ -66,11 +66,7 @@ def _steps(model, engine, rank, schedule, start=0):
     first chunk."""
     wrapped, norms, seen, nvme_first = ZeroModule(model, engine), [], [], []
     for step, (threshold, factor) in enumerate(schedule[start:], start):
-        for micro in range(2):
-            last = micro == 1
-            with (wrapped.no_sync() if not last else torch.enable_grad()):
-                loss = wrapped(**batch(rank, step, micro, model.config.vocab_size)).loss / 2
-                (loss * factor if last else loss).backward()
+        scheduled_backward(wrapped, model, rank, step, factor)
         let_the_worker_start(engine, every_chunk=True)
         spec, tier = engine._host_step.speculation, engine._host_step.tier
         seen.append({c: s.name for c, s in sorted(spec.chunks.items())})

@@ -18,7 +18,6 @@ import copy
 
 import pytest
 import torch
-from transformers import AutoModelForCausalLM, LlamaConfig
 
 from hf_zero.engine import ZeroEngine, ZeroModule
 from hf_zero.engine.offload.settings import OptimizerOffload, ParamOffload
@@ -29,15 +28,10 @@ pytestmark = [pytest.mark.gpu]
 if not torch.cuda.is_available():
     pytest.skip("needs CUDA", allow_module_level=True)
 
+from tests.gpu.test_speculation_gpu import _model  # noqa: E402 - the same tiny bf16 Llama (after the skip)
+
 TINY = 1e-3  # clipping fires at every step: after the first, speculation waits (a clipping streak)
 STEPS = 6
-
-
-def _model() -> torch.nn.Module:
-    torch.manual_seed(0)
-    cfg = LlamaConfig(vocab_size=1000, hidden_size=256, intermediate_size=688, num_hidden_layers=4,
-                      num_attention_heads=8, num_key_value_heads=4, max_position_embeddings=128)
-    return AutoModelForCausalLM.from_config(cfg).to(torch.bfloat16).cuda()
 
 
 def _run(base, stage: int, share: float, speculate: bool, fused: bool, param_offload: bool):

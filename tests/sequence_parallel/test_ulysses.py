@@ -20,7 +20,7 @@ import torch.distributed as dist
 
 from hf_zero.engine import ZeroEngine, ZeroModule
 from hf_zero.sequence_parallel import build_layout, enable, split_batch, token_mean
-from hf_zero.testing.multiprocess import run_on_ranks
+from hf_zero.testing.multiprocess import run_each, run_on_ranks
 from tests.sequence_parallel.models import lm_batch, tiny_llama
 
 RTOL = 1e-5
@@ -95,25 +95,13 @@ STARTS = [
 ]
 
 
-def _runs(rank, world, runs):
-    """``_parity`` for every run of ``runs``, one after another in this one rank start (each with its
-    own layout, models and engine); a failing run names itself."""
-    out = {}
-    for key, args in runs.items():
-        try:
-            out[key] = _parity(rank, world, *args)
-        except BaseException as error:  # noqa: BLE001 - re-raised with the run named
-            raise AssertionError(f"_parity run {key!r} {args} at W {world}") from error
-    return out
-
-
 @pytest.fixture(scope="module")
 def parity():
     """Per world size, per run of ``STARTS``: every rank's last loss; one rank start per entry. Every
     run checks losses, gradients and params against the unsplit reference inside the ranks."""
     out = {}
     for world, runs in STARTS:
-        ranks = run_on_ranks(_runs, world, runs, timeout=600)
+        ranks = run_on_ranks(run_each, world, _parity, runs, timeout=600)
         out.setdefault(world, {}).update({key: [r[key] for r in ranks] for key in runs})
     return out
 

@@ -57,15 +57,12 @@ class DeviceLeg:
 
     def __init__(self, share: float, chunk_numel: list[int], device: torch.device, streams: tuple | None,
                  memory: HostMemory) -> None:
-        if not 0.0 < share <= 1.0:
-            raise ValueError(f"device leg share must be in (0, 1], got {share}")
         self.share, self.device, self.memory = share, device, memory
         self._streams = streams  # two side streams (Streams.leg), None without CUDA
         self._chunk_numel = chunk_numel
         self._budget = share * sum(chunk_numel)
         self._next = 0  # which of the two streams takes the next chunk
         self._down: list = []  # events after each queued chunk's copies down, this step
-        self._pinned: set[int] = set()  # ids of state tensors already in pinned memory
         self.stepped_chunks = 0  # counters for the run report
         self.stepped_elements = 0
 
@@ -95,8 +92,8 @@ class DeviceLeg:
         on the host, as torch's non-capturable optimizers want it); ``after``: an event of
         the compute stream the leg waits for (None: none); ``settle_host(i)``: before bucket
         ``i``'s param shard in host memory (parameter offload) is written, no upload reads it any
-        more. ``view``: a chunk view of the
-        optimizer (host_step._chunk_view), whose ``state`` is replaced by the device copies.
+        more. ``view``: a chunk view of the optimizer (host_step._chunk_view), whose ``state`` is
+        replaced by the device copies.
         Returns the event after the param shards are written (None without CUDA)."""
         cuda = self._streams is not None
         stream = self._streams[self._next] if cuda else None
@@ -120,7 +117,7 @@ class DeviceLeg:
                                  else up(self._pin(state[piece], k)) for k, v in state[piece].items()}
             view.state = d_state
             if scale is not None and fused_scale:
-                view.grad_scale = torch.tensor(1.0 / scale, dtype=torch.float32, device=self.device if cuda else "cpu")
+                view.grad_scale = torch.tensor(1.0 / scale, dtype=torch.float32, device=self.device)
             view.param_groups = [{**g, "params": [twins[id(p)] for p in g["params"] if id(p) in twins]} for g in groups]
             view.step()
             for i, shard in shards.items():  # the new params, cast to the param dtype on the device
@@ -136,7 +133,7 @@ class DeviceLeg:
                 host, dev = state[piece], d_state[twins[id(piece)]]
                 for k, v in dev.items():
                     if v is host.get(k):
-                        continue  # a step count kept on the host (below)
+                        continue  # a step count the twin shared with the host (no copy up)
                     if torch.is_tensor(v) and torch.is_tensor(host.get(k)):
                         host[k].copy_(v, non_blocking=cuda)
                     else:
@@ -152,12 +149,10 @@ class DeviceLeg:
         """``piece_state[key]``, moved into pinned host memory the first time (same values) so
         that its copies up and down run asynchronously."""
         t = piece_state[key]
-        if self._streams is None or not self.memory.pin or id(t) in self._pinned or t.is_pinned():
+        if self._streams is None or not self.memory.pin or t.is_pinned():
             return t
-        pinned = self.memory.like(t, t.dtype)
-        piece_state[key] = pinned
-        self._pinned.add(id(pinned))
-        return pinned
+        piece_state[key] = self.memory.like(t, t.dtype)
+        return piece_state[key]
 
     def settle(self) -> None:
         """Every queued chunk's masters and state are back in host memory."""

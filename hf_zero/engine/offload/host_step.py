@@ -153,11 +153,9 @@ class HostStep:
         self.speculation: Speculation | None = None
         self._handed: dict[int, tuple] = {}
         self._chunk_numel = [sum(shard_sizes[i] for i in chunk) for chunk in self.chunks]
-        # [Note: device leg] (device_leg.py): a share of the chunks that wait for the norm, stepped on the device.
+        # [Note: device leg] (device_leg.py): a share of the chunks that wait for the norm, stepped on the device
+        # (OptimizerOffload allows it only with device "cpu" and fp32 state: host memory, no low precision).
         share = offload.device_share if offload is not None else 0.0
-        if share and (self.tier.on_disk or self.low_precision is not None):
-            raise ValueError(f"offload_optimizer.device_share {share} needs the offloaded state in host memory "
-                             "in fp32 (device \"cpu\", state_dtype \"fp32\")")
         self.leg = DeviceLeg(share, self._chunk_numel, device, streams.leg, host_memory) if share else None
 
     def master(self, i: int, shard: torch.Tensor) -> torch.Tensor:
