@@ -100,7 +100,7 @@ class OffloadConfig:
         host; the choice is logged. Only for `offload_optimizer` with device "nvme" (hf_zero
         only; DeepSpeed has no such key). Default 0: everything offloaded on NVMe.""",
     )
-    device_share: float = setting(
+    device_share: float | Auto = setting(
         0.0,
         deepspeed="device_share",
         doc="""With `device` "cpu" and fp32 state: when the optimizer step waits for the global norm
@@ -114,7 +114,12 @@ class OffloadConfig:
         The device step rounds as the accelerator's optimizer kernels do (as for the share that
         `ratio` keeps there), not bit for bit as the CPU's. With `offload_param` "cpu" the new
         params are copied down into its host shards; not with `offload_param` "nvme" (hf_zero
-        only; DeepSpeed has no such key). Default 0: the CPU steps every offloaded element.""",
+        only; DeepSpeed has no such key). "auto" (hf_zero only): each rank measures its CPU's
+        time per element alone on its first waiting steps, then tries a share of 0.3 and moves it
+        towards the one at which both parts end together (from their measured rates, at most
+        0.75), and turns the device part off for the rest of the run when it does not make the
+        step at least 3% faster per element on two waiting steps in a row; the run report gives
+        the phase, share and rates. Default 0: the CPU steps every offloaded element.""",
     )
 
     def __post_init__(self) -> None:
@@ -126,7 +131,7 @@ class OffloadConfig:
         checks.number(self, "ratio", minimum=0.0, maximum=1.0, min_open=True, auto=True)
         checks.choice(self, "state_dtype", STATE_DTYPES)
         checks.number(self, "host_share", minimum=0.0, maximum=1.0, auto=True)
-        checks.number(self, "device_share", minimum=0.0, maximum=1.0)
+        checks.number(self, "device_share", minimum=0.0, maximum=1.0, auto=True)
         if device == "nvme" and nvme_path is None:
             raise checks.fail(self, "nvme_path", 'required when device is "nvme"',
                               value=None, allowed="a directory path string")
@@ -305,7 +310,7 @@ class ZeroConfig:
                               value=share, allowed=f'0, or set offload_optimizer.device to "nvme" (it is '
                                                    f'{show(self.offload_optimizer.device)})')
         leg = self.offload_optimizer.device_share
-        if leg > 0.0 and (self.offload_optimizer.device != "cpu" or self.offload_optimizer.state_dtype != "fp32"
+        if (leg is AUTO or leg > 0.0) and (self.offload_optimizer.device != "cpu" or self.offload_optimizer.state_dtype != "fp32"
                           or self.offload_param.device == "nvme"):
             raise checks.fail(self, "offload_optimizer.device_share",
                               'steps offloaded fp32 state from host memory on the accelerator: needs device "cpu", '
@@ -313,7 +318,7 @@ class ZeroConfig:
                               allowed=f'0 with offload_optimizer.device {show(self.offload_optimizer.device)}, '
                                       f'state_dtype {show(self.offload_optimizer.state_dtype)} and offload_param.device '
                                       f'{show(self.offload_param.device)}')
-        if self.offload_param.device_share != 0.0:
+        if self.offload_param.device_share is AUTO or self.offload_param.device_share != 0.0:
             raise checks.fail(self, "offload_param.device_share", "device_share applies to offload_optimizer only",
                               value=self.offload_param.device_share, allowed="0")
         if self.offload_param.host_share != 0.0:

@@ -46,8 +46,9 @@ def _optimizer_offload(config) -> OptimizerOffload | None:
                                 chunk_numel=spec.buffer_size, nvme_path=spec.nvme_path,
                                 buffer_count=spec.buffer_count, state_dtype=spec.state_dtype,
                                 host_share=host_share)
+    leg = spec.device_share if isinstance(spec.device_share, float) else "auto"  # [Note: leg share]
     return OptimizerOffload(device=spec.device, pin_memory=spec.pin_memory, ratio=ratio,
-                            state_dtype=spec.state_dtype, device_share=spec.device_share)  # [Note: device leg]
+                            state_dtype=spec.state_dtype, device_share=leg)  # [Note: device leg]
 
 
 def _param_offload(config) -> ParamOffload | None:

@@ -92,7 +92,7 @@ def _device_leg(engine) -> dict | None:
     leg = engine.device_leg if engine is not None else None
     if leg is None:
         return None
-    return {"share": leg.share, "chunks": leg.stepped_chunks, "elements": leg.stepped_elements}
+    return leg.summary()
 
 
 def _compile_seconds() -> float:

@@ -43,37 +43,62 @@ from __future__ import annotations
 
 import collections
 import contextlib
+import time
 from typing import Callable
 
 import torch
 
 from hf_zero.engine.offload.host_memory import HostMemory
+from hf_zero.engine.offload.leg_share import LegShare, Phase
 
 
 class DeviceLeg:
     """The device leg of one ``HostStep`` ([Note: device leg]): which waiting chunks go to the
     device (``choose``), their step there (``step``), and the wait for their copies back
-    (``settle``). ``chunk_numel``: each chunk's elements; ``share``: of all of them, at most."""
+    (``settle``). ``chunk_numel``: each chunk's elements; ``share``: of all of them, at most, or
+    "auto" ([Note: leg share] in leg_share.py: ``begin``, ``cpu_done`` and ``settle`` time each
+    waiting step's two legs for it)."""
 
-    def __init__(self, share: float, chunk_numel: list[int], device: torch.device, streams: tuple | None,
+    def __init__(self, share: float | str, chunk_numel: list[int], device: torch.device, streams: tuple | None,
                  memory: HostMemory) -> None:
-        self.share, self.device, self.memory = share, device, memory
+        self.device, self.memory = device, memory
+        self.auto = LegShare() if share == "auto" else None
+        self._share = 0.0 if self.auto is not None else float(share)
         self._streams = streams  # two side streams (Streams.leg), None without CUDA
         self._chunk_numel = chunk_numel
-        self._budget = share * sum(chunk_numel)
         self._next = 0  # which of the two streams takes the next chunk
         self._down: list = []  # events after each queued chunk's copies down, this step
         self.stepped_chunks = 0  # counters for the run report
         self.stepped_elements = 0
+        # A waiting step's timing, from ``begin`` (the verdict) to ``settle`` (for "auto"):
+        self._timed: tuple | None = None  # (host time, device event) at the verdict
+        self._cpu = [0, 0.0]  # elements the CPU stepped after it, host time of the last
+        self._leg = [0, 0.0]  # elements the leg stepped after it, host time of the last (without CUDA)
+
+    @property
+    def share(self) -> float:
+        """The share of the offloaded elements the next waiting step puts on the device."""
+        return self.auto.share if self.auto is not None else self._share
+
+    def begin(self, after) -> None:
+        """The verdict of a waiting step: ``after`` is the event the leg's streams wait for (a
+        timing event with "auto", or None); the times of both legs count from here."""
+        if self.auto is not None and self.auto.phase is not Phase.OFF:
+            self._timed, self._cpu, self._leg = (time.perf_counter(), after), [0, 0.0], [0, 0.0]
+
+    def cpu_done(self, elements: int) -> None:
+        """The CPU stepped a chunk of ``elements`` after the verdict (for "auto")."""
+        if self._timed is not None:
+            self._cpu = [self._cpu[0] + elements, time.perf_counter()]
 
     def choose(self, waiting: list[int], ready: Callable[[int], bool]) -> list[int]:
         """Of the chunks ``waiting`` for the verdict, those the device steps: the highest indices
         first (the next forward uses them first) while their elements stay within the share;
         ``ready(c)``: chunk ``c`` can go (its stepped pieces have optimizer state)."""
-        chosen, total = [], 0
+        chosen, total, budget = [], 0, self.share * sum(self._chunk_numel)
         for c in sorted(waiting, reverse=True):
             n = self._chunk_numel[c]
-            if total + n > self._budget:
+            if total + n > budget:
                 break
             if ready(c):
                 chosen.append(c)
@@ -139,10 +164,13 @@ class DeviceLeg:
                     else:
                         host[k] = v.to("cpu") if torch.is_tensor(v) else v
             if cuda:
-                self._down.append(stream.record_event())
+                self._down.append(_timed_event(stream) if self._timed is not None else stream.record_event())
         view.param_groups, view.state = [], {}
+        elements = sum(m.numel() for m in masters.values())
         self.stepped_chunks += 1
-        self.stepped_elements += sum(m.numel() for m in masters.values())
+        self.stepped_elements += elements
+        if self._timed is not None:
+            self._leg = [self._leg[0] + elements, time.perf_counter()]
         return written
 
     def _pin(self, piece_state: dict, key: str) -> torch.Tensor:
@@ -155,7 +183,31 @@ class DeviceLeg:
         return piece_state[key]
 
     def settle(self) -> None:
-        """Every queued chunk's masters and state are back in host memory."""
+        """Every queued chunk's masters and state are back in host memory; with "auto", the
+        waiting step's two legs are timed and the share for the next chosen ([Note: leg share])."""
         for event in self._down:
             event.synchronize()
-        self._down = []
+        down, self._down = self._down, []
+        if self._timed is None:
+            return
+        (t0, start), self._timed = self._timed, None
+        if start is not None and down:
+            leg_seconds = max(start.elapsed_time(e) for e in down) / 1e3
+        else:  # without CUDA the worker ran the leg on host copies
+            leg_seconds = self._leg[1] - t0 if self._leg[0] else 0.0
+        cpu_seconds = self._cpu[1] - t0 if self._cpu[0] else 0.0
+        self.auto.record(self._cpu[0], cpu_seconds, self._leg[0], leg_seconds)
+
+    def summary(self) -> dict:
+        """For the run report ([Note: device leg])."""
+        out = {"share": "auto" if self.auto is not None else self._share, "chunks": self.stepped_chunks,
+               "elements": self.stepped_elements}
+        if self.auto is not None:
+            out["auto"] = self.auto.summary()
+        return out
+
+
+def _timed_event(stream):
+    event = torch.cuda.Event(enable_timing=True)
+    event.record(stream)
+    return event

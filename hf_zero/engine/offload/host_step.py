@@ -351,8 +351,9 @@ class HostStep:
         try:
             groups = hyperparameters(optimizer)
             leg = self.leg.choose(list(range(len(self.chunks))), self._stated) if self.leg is not None else []
+            if self.leg is not None:
+                after = self._leg_start(leg)
             if leg:  # [Note: device leg]: queued first, so the device steps them while the CPU steps the rest
-                after = _record(torch.cuda.current_stream(self.device)) if self.streams.h2d is not None else None
                 for c in leg:
                     for i in self.chunks[c]:
                         self._settle(i)
@@ -365,7 +366,9 @@ class HostStep:
                     if scale is not None:
                         self.host_grads[i].mul_(scale)
                 self._step_chunk(c, view, groups, lambda i: unused, [])
-            if leg:
+                if self.leg is not None:
+                    self.leg.cpu_done(self._chunk_numel[c])
+            if self.leg is not None:
                 self.leg.settle()
         finally:
             self.tier.finish()
@@ -379,12 +382,31 @@ class HostStep:
         for c in redo:
             self._pending[c].result()  # its speculative step is done: the worker has let go of c
         leg = set(self.leg.choose(held, self._stated)) if self.leg is not None else set()
-        after = _record(torch.cuda.current_stream(self.device)) if leg and self.streams.h2d is not None else None
-        for c in redo + held:
+        after = self._leg_start(leg) if self.leg is not None else None
+        # Highest first, as the worker takes them: the leg's chunks (the highest) are queued on the
+        # device before the CPU takes its first chunk.
+        for c in sorted(redo + held, reverse=True):
             if c in leg:  # [Note: device leg]: the worker only queues its work on the device
                 self._pending[c] = self._worker.submit(c, self._step_leg, c, *self._handed[c], after)
+            elif self.leg is not None:
+                self._pending[c] = self._worker.submit(c, self._step_timed, c, *self._handed[c])
             else:
                 self._pending[c] = self._worker.submit(c, self._step_validated, c, *self._handed[c])
+
+    def _leg_start(self, leg) -> object:
+        """The verdict of a waiting step with a device leg: the event its streams wait for (None
+        without CUDA or without leg chunks; timed for "auto"), from which both legs are timed."""
+        after = None
+        if leg and self.streams.h2d is not None:
+            stream = torch.cuda.current_stream(self.device)
+            after = _record(stream, timing=self.leg.auto is not None)
+        self.leg.begin(after)
+        return after
+
+    def _step_timed(self, c: int, *handed) -> None:
+        """``_step_validated`` after the verdict, timed for the device leg's "auto" share."""
+        if self._step_validated(c, *handed):
+            self.leg.cpu_done(self._chunk_numel[c])
 
     def _stated(self, c: int) -> bool:
         """Every piece of chunk ``c`` has optimizer state (a first step creates it on the host)."""
@@ -417,16 +439,16 @@ class HostStep:
             self._upload_events[c] = written
         self.tier.release(c, written)
 
-    def _step_validated(self, c: int, groups: list[dict], skip: Callable[[int], set], events: list) -> None:
+    def _step_validated(self, c: int, groups: list[dict], skip: Callable[[int], set], events: list) -> bool:
         """On the worker, chunk ``c`` under speculation ([Note: speculation]): before the verdict
         keep a copy and step at scale 1; after it step with its scale (a speculated chunk from its
-        copy, when clipping was needed), or nothing when the step was skipped."""
+        copy, when clipping was needed), or nothing when the step was skipped (returns False)."""
         for event in events:
             if event is not None:
                 event.synchronize()
         action, scale = self.speculation.start(c)
         if action is Action.NOTHING:
-            return
+            return False
         view, scale = _clip_view(self._optimizer, scale)
         if scale is not None:
             for i in self.chunks[c]:
@@ -435,6 +457,7 @@ class HostStep:
         before = {Action.SPECULATE: lambda pieces: snapshots.keep(c, pieces, state),
                   Action.REDO: lambda pieces: snapshots.restore(c, state)}.get(action)
         self._step_chunk(c, view, groups, skip, [], before)
+        return True
 
     def _restore(self, c: int) -> None:
         """Chunk ``c``'s masters and state back from its copy, and its params from them (a skipped
@@ -607,9 +630,9 @@ def _on(stream):
     return torch.cuda.stream(stream) if stream is not None else contextlib.nullcontext()
 
 
-def _record(stream):
+def _record(stream, timing: bool = False):
     if stream is None:
         return None
-    event = torch.cuda.Event()
+    event = torch.cuda.Event(enable_timing=timing)
     event.record(stream)
     return event

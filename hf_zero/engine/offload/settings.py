@@ -61,8 +61,9 @@ class OptimizerOffload:
     state_dtype: str = "fp32"  # per-element optimizer state between steps ("bf16": [Note: bf16 host state])
     host_share: float | str = 0.0  # "nvme": share of the offloaded elements whose masters and state stay in
     # host memory, in [0, 1] (0: all in swap files, 1: none); or "auto" ([Note: host share] in split_tier.py)
-    device_share: float = 0.0  # "cpu", fp32 state: share of the offloaded elements stepped on the device
-    # when the step waits for the global norm, in [0, 1] ([Note: device leg] in device_leg.py)
+    device_share: float | str = 0.0  # "cpu", fp32 state: share of the offloaded elements stepped on the device
+    # when the step waits for the global norm, in [0, 1] ([Note: device leg] in device_leg.py); or "auto"
+    # (chosen from measured rates: [Note: leg share] in leg_share.py)
 
     def __post_init__(self) -> None:
         if self.device not in TIERS:
@@ -79,8 +80,8 @@ class OptimizerOffload:
             raise ValueError(f"offload_optimizer.host_share {share!r} applies to device 'nvme' only (the share of "
                              f"the offloaded state kept in host memory), got device {self.device!r}; allowed: 0")
         leg = self.device_share
-        if isinstance(leg, bool) or not isinstance(leg, (int, float)) or not 0.0 <= leg <= 1.0:
-            raise ValueError(f"offload_optimizer.device_share must be a number in [0, 1], got {leg!r}")
+        if leg != "auto" and (isinstance(leg, bool) or not isinstance(leg, (int, float)) or not 0.0 <= leg <= 1.0):
+            raise ValueError(f"offload_optimizer.device_share must be a number in [0, 1] or 'auto', got {leg!r}")
         if leg and (self.device != "cpu" or self.state_dtype != "fp32"):
             raise ValueError(f"offload_optimizer.device_share {leg!r} applies to device 'cpu' with state_dtype "
                              f"'fp32' only, got device {self.device!r}, state_dtype {self.state_dtype!r}; allowed: 0")
