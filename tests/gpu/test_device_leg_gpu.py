@@ -34,7 +34,7 @@ TINY = 1e-3  # clipping fires at every step: after the first, speculation waits 
 STEPS = 6
 
 
-def _run(base, stage: int, share: float, speculate: bool, fused: bool, param_offload: bool):
+def _run(base, stage: int, share: float | str, speculate: bool, fused: bool, param_offload: bool):
     model = copy.deepcopy(base)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-3, weight_decay=0.1,
                             **({"fused": True} if fused else {"foreach": True}))
@@ -68,8 +68,9 @@ def _run(base, stage: int, share: float, speculate: bool, fused: bool, param_off
     state = [v.detach().cpu().clone() for p in opt.state for v in opt.state[p].values() if torch.is_tensor(v) and v.dim()]
     pinned = [v.is_pinned() for p in opt.state for v in opt.state[p].values() if torch.is_tensor(v) and v.dim()]
     chunks = len(engine._host_step.chunks)
+    summary = engine.device_leg.summary() if engine.device_leg is not None else None
     engine.close()
-    return losses, norms, params, state, legs, pinned, chunks
+    return losses, norms, params, state, legs, pinned, chunks, summary
 
 
 @pytest.mark.parametrize("stage,speculate,fused,param_offload", [
@@ -96,3 +97,28 @@ def test_device_leg_on_gpu_close_to_the_host_step(stage, speculate, fused, param
     assert host[4] == [0] * STEPS
     assert leg[4][0] == 0 and all(0 < n <= leg[6] // 2 + 1 for n in leg[4][1:]), leg[4]
     assert any(leg[5]) and not all(host[5])  # leg pieces' state moved into pinned memory
+
+
+def _close(a: dict | list, b: dict | list) -> None:
+    for x, y in zip(a.values(), b.values()) if isinstance(a, dict) else zip(a, b):
+        assert (x - y).abs().max().item() <= 2e-2 * (y.abs().max().item() or 1.0)
+
+
+def test_auto_share_on_gpu_times_both_legs():
+    """device_share "auto" ([Note: leg share]): the CPU alone at the first two waiting steps, the
+    leg from the third on (at the starting share, unless the feedback turned it off after two
+    misses), the leg's time taken from device events; results close to the host step's."""
+    base = _model()
+    host = _run(base, 2, 0.0, False, True, False)
+    auto = _run(base, 2, "auto", False, True, False)
+    torch.testing.assert_close(auto[0], host[0], rtol=2e-3, atol=0)
+    _close(auto[2], host[2])
+    _close(auto[3], host[3])
+    summary = auto[7]["auto"]
+    assert auto[4][:2] == [0, 0] and auto[4][2] > 0, (auto[4], summary)
+    assert summary["samples"] >= 4 and summary["cpu_ns_per_element_alone"] > 0, summary
+    assert summary["rates"]["device"] > 0 and summary["rates"]["cpu"] > 0, summary
+    if summary["phase"] == "off":
+        assert auto[4][-1] == 0 and summary["share"] == 0.0, (auto[4], summary)
+    else:
+        assert summary["phase"] == "tuning" and 0 < summary["share"] <= 0.75, (auto[4], summary)
