@@ -18,7 +18,8 @@ verdict, as a feedback:
   in a row, and the leg is turned off.
 - ``OFF``: the share stays 0 for the rest of the run, which is then the host step as without it.
 
-Steps that speculate (the host step ran during backward) give no sample. The share changes only
+A step whose chunks were all stepped during backward (speculation that stood) gives no sample;
+one that speculated on part of them gives one from the chunks that waited. The share changes only
 which chunks the device steps, never what is computed (within the two kernels' rounding, as for
 a fixed share). Each rank chooses its own share (its own host cores and link); no collective
 depends on it. The run report gives the phase, the share and the rates seen
