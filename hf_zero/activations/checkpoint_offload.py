@@ -14,7 +14,10 @@ the compute stream (what transformers' ``activation_checkpointing_kwargs={"offlo
   the host-to-device copy of layer L-1's input on ``Streams.ckpt_h2d``, which overlaps layer L's
   recompute and backward; the consumer waits on that copy's event only;
 * the host memory is bounded and reused (``HostBuffers``: ``number_checkpoints``,
-  ``contiguous_memory_optimization``).
+  ``contiguous_memory_optimization``);
+* a forward's first ``on_device`` inputs (``device_checkpoints``) stay where they are, for a host
+  that cannot hold them all: counted while autograd holds them (``_Held``), so each forward keeps
+  its own first ones, and never copied.
 
 [Note: checkpoint offload timeline] one forward and backward of layers 0..2 (CUDA):
 
@@ -66,13 +69,23 @@ class _Packed:
         self.ready = None  # PREFETCHED on CUDA: the event of its host-to-device copy
 
 
-class OffloadCounts:
-    """What the offload did, for tests and the profiler-minded: packs, unpacks, prefetches that were used."""
+class _Held:
+    """A checkpoint input kept on the device (``device_checkpoints``), counted while autograd holds it."""
 
-    __slots__ = ("packed", "unpacked", "prefetched", "kept")
+    __slots__ = ("__weakref__", "tensor")
+
+    def __init__(self, tensor: torch.Tensor) -> None:
+        self.tensor = tensor
+
+
+class OffloadCounts:
+    """What the offload did, for tests and the profiler-minded: packs, unpacks, prefetches that were
+    used, tensors kept as they are (not offloadable), inputs held on the device (``on_device``)."""
+
+    __slots__ = ("packed", "unpacked", "prefetched", "kept", "held")
 
     def __init__(self) -> None:
-        self.packed = self.unpacked = self.prefetched = self.kept = 0
+        self.packed = self.unpacked = self.prefetched = self.kept = self.held = 0
 
 
 def _concrete(device: torch.device) -> torch.device:
@@ -89,22 +102,44 @@ class CheckpointOffload(saved_tensors_hooks):
 
     One instance serves a whole model: enter it around each checkpoint call (``with offload:``), as
     ``checkpoint_layers.OffloadedCheckpoint`` does. Tensors that are empty, not contiguous or not on
-    ``device`` are kept as they are (counted in ``counts.kept``)."""
+    ``device`` are kept as they are (counted in ``counts.kept``). ``on_device``: while fewer than this
+    many inputs held on the device are alive, the next one is held too (``device_checkpoints``)."""
 
-    def __init__(self, device: torch.device | str, buffers: HostBuffers) -> None:
+    def __init__(self, device: torch.device | str, buffers: HostBuffers, on_device: int = 0) -> None:
         self.device = _concrete(torch.device(device))
         self.streams = Streams.for_device(self.device)
         self.buffers = buffers
+        self.on_device = on_device
         self.counts = OffloadCounts()
         self._order: list[weakref.ref] = []  # packed records of the current forward, in pack order
         self._lock = threading.Lock()  # pack (forward thread) vs unpack (autograd's device thread)
+        self._held = 0  # inputs held on the device that autograd still holds
+        self._held_lock = threading.Lock()  # (its own: a _Held may be dropped while _lock is taken)
         super().__init__(self._pack, self._unpack)
+
+    def _hold(self, tensor: torch.Tensor) -> _Held | None:
+        """``tensor`` held on the device if fewer than ``on_device`` are (else None)."""
+        with self._held_lock:
+            if self._held >= self.on_device:
+                return None
+            self._held += 1
+            self.counts.held += 1
+        held = _Held(tensor)
+        weakref.finalize(held, self._let_go)
+        return held
+
+    def _let_go(self) -> None:
+        with self._held_lock:
+            self._held -= 1
 
     def _pack(self, tensor: torch.Tensor):
         if tensor.numel() == 0 or not tensor.is_contiguous() or tensor.device != self.device \
                 or tensor.layout is not torch.strided:
             self.counts.kept += 1
             return tensor
+        held = self._hold(tensor) if self.on_device else None
+        if held is not None:
+            return held
         with record_function("hf_zero::checkpoint_offload::d2h"):
             buf = self.buffers.acquire(tensor.numel() * tensor.element_size())
             host = buf[: tensor.numel() * tensor.element_size()].view(tensor.dtype).view(tensor.shape)
@@ -127,6 +162,10 @@ class CheckpointOffload(saved_tensors_hooks):
         return packed
 
     def _unpack(self, packed):
+        if isinstance(packed, _Held):
+            with self._lock:
+                self.counts.unpacked += 1
+            return packed.tensor
         if not isinstance(packed, _Packed):
             return packed
         with record_function("hf_zero::checkpoint_offload::h2d"):

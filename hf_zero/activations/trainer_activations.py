@@ -60,8 +60,10 @@ class TrainerActivations(TrainerCallback):
                                  "TrainingArguments.gradient_checkpointing_kwargs offload = true both move "
                                  "checkpoints to the host; keep one (hf_zero's copies run off the compute stream "
                                  "and are prefetched)")
-        elif settings.contiguous_memory_optimization or settings.number_checkpoints is not None:
-            warnings.warn(f"activation_checkpointing.contiguous_memory_optimization / number_checkpoints{where} "
+        elif settings.contiguous_memory_optimization or settings.number_checkpoints is not None \
+                or settings.device_checkpoints:
+            warnings.warn(f"activation_checkpointing.contiguous_memory_optimization / number_checkpoints / "
+                          f"device_checkpoints{where} "
                           "apply only with cpu_checkpointing = true (hf_zero's pinned host buffers); on the "
                           "accelerator checkpoints live in torch's caching allocator (expandable_segments in "
                           "PYTORCH_CUDA_ALLOC_CONF is its defragmentation). Not applied.", stacklevel=3)
@@ -79,7 +81,7 @@ class TrainerActivations(TrainerCallback):
             if self.offload is None:
                 buffers = HostBuffers(pin=args.device.type == "cuda", slots=self.settings.number_checkpoints,
                                       contiguous=self.settings.contiguous_memory_optimization)
-                self.offload = CheckpointOffload(args.device, buffers)
+                self.offload = CheckpointOffload(args.device, buffers, on_device=self.settings.device_checkpoints)
             if wrap_layers(model, self.offload) == 0:
                 raise ValueError(f"activation_checkpointing.cpu_checkpointing = true{_where(self.config.source)}: "
                                  f"{type(model).__name__} has no layer that checkpoints (transformers' "

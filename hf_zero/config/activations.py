@@ -58,6 +58,16 @@ class ActivationCheckpointingConfig:
         host memory, copied synchronously, with a warning once. null (default, DeepSpeed's): one pinned
         buffer per checkpoint of a forward, reused by the next forward.""",
     )
+    device_checkpoints: int = setting(
+        0,
+        deepspeed="device_checkpoints",
+        doc="""With `cpu_checkpointing`: the first this many checkpoints of each forward stay on the
+        accelerator and only the rest go to host memory, for a run whose checkpoints the host cannot
+        hold all of while the accelerator can hold some (a 7B Llama at 256K tokens has 32 checkpoints
+        of 2 GiB each). The ones kept are never copied; backward uses them last, after the host ones
+        came back one layer ahead. hf_zero only (DeepSpeed has no such key). Default 0: every
+        checkpoint goes to the host.""",
+    )
     synchronize_checkpoint_boundary: bool = setting(
         False,
         deepspeed="synchronize_checkpoint_boundary",
@@ -76,6 +86,7 @@ class ActivationCheckpointingConfig:
                      "synchronize_checkpoint_boundary", "profile"):
             checks.boolean(self, name)
         slots = checks.integer(self, "number_checkpoints", minimum=1, none=True)
+        checks.integer(self, "device_checkpoints", minimum=0)
         if self.contiguous_memory_optimization and self.cpu_checkpointing and slots is None:
             raise checks.fail(self, "number_checkpoints", "required with contiguous_memory_optimization (the "
                               "arena's slot count), as in DeepSpeed", value=None, allowed="an integer >= 1")

@@ -68,6 +68,7 @@ def _train(root, stage: int, reentrant: bool, block: dict) -> dict:
             "warned": [str(w.message) for w in caught if "number_checkpoints" in str(w.message)],
             "counts": None if offload is None else dict(packed=offload.counts.packed, unpacked=offload.counts.unpacked,
                                                         prefetched=offload.counts.prefetched, kept=offload.counts.kept,
+                                                        held=offload.counts.held,
                                                         allocations=offload.buffers.allocations,
                                                         overflows=offload.buffers.overflows)}
 
@@ -132,3 +133,34 @@ def test_bounded_and_contiguous_host_buffers(tmp_path, block):
     """number_checkpoints bounds the pinned buffers (the rest go to pageable memory, warned once); the
     contiguous arena holds that many slots; training is bit for bit the same either way."""
     _check(run_on_ranks(_both, 1, tmp_path, 2, False, block, timeout=300), block)
+
+
+@pytest.mark.parametrize("reentrant", REENTRANT, ids=["non-reentrant", "reentrant"])
+def test_device_checkpoints_stay_and_the_rest_go_to_the_host(tmp_path, reentrant):
+    """device_checkpoints 2 of 3 layers: each forward's first two inputs stay where they are (held,
+    never copied), the third goes to the host and back; bit for bit plain checkpointing, at a stage
+    that gathers (3) and one that does not (0)."""
+    block = {"cpu_checkpointing": True, "device_checkpoints": 2}
+    for stage in (0, 3):
+        ((plain, offloaded),) = run_on_ranks(_both, 1, tmp_path / str(stage), stage, reentrant, block, timeout=300)
+        assert len(plain["loss"]) == STEPS
+        assert offloaded["loss"] == plain["loss"] and offloaded["grad_norm"] == plain["grad_norm"]
+        assert offloaded["params"] == plain["params"]
+        counts = offloaded["counts"]
+        # per forward two held (a new two each step: backward let go of the last), one to the host,
+        # every one unpacked once; the host one is the first backward needs, so none is prefetched
+        assert counts["held"] == 2 * STEPS and counts["packed"] == STEPS, counts
+        assert counts["unpacked"] == LAYERS * STEPS and counts["prefetched"] == 0, counts
+        assert counts["allocations"] == 1, counts
+
+
+def test_device_checkpoints_without_cpu_checkpointing_is_warned_about():
+    from hf_zero.activations.trainer_activations import TrainerActivations
+    from hf_zero.config import ConfigError, load_config
+
+    config = load_config({"activation_checkpointing": {"device_checkpoints": 2}})
+    args = TrainingArguments(output_dir="unused", use_cpu=True, report_to="none", gradient_checkpointing=True)
+    with pytest.warns(UserWarning, match="device_checkpoints.*Not applied"):
+        TrainerActivations(config, args, _model())
+    with pytest.raises(ConfigError, match="device_checkpoints"):
+        load_config({"activation_checkpointing": {"cpu_checkpointing": True, "device_checkpoints": -1}})
