@@ -13,6 +13,7 @@ AdamW on a GPU (`--use_cpu`, fp32 on a CPU), `--init_device cuda`, `warmup + mea
 | `plain` | nothing: the Trainer alone |
 | `hfzero` | `-m hf_zero.run ... --zero_config bench/configs/hfzero_s3_longseq.json`: stage 3, `activation_checkpointing.cpu_checkpointing`, `tiled_mlp`, `tiled_loss` |
 | `hfzero-offload` | the same plus parameter and optimizer offload to pinned host memory (`hfzero_s3_offload_longseq.json`) |
+| `hfzero-split` | for 7B at 256K on one H100 with a 125 GiB host, where neither the checkpoints (32 x 2 GiB) nor the offloaded states (108 GB of fp32 masters, moments, grads) fit the host next to each other: `hfzero` with the optimizer offloaded 40% to host memory and 60% to NVMe under `/tmp/hf_zero_nvme` (`host_share` 0.4), the params on the GPU, and the first 12 checkpoints of each forward held on the GPU (`device_checkpoints`), the other 20 on the host (`hfzero_s3_split_longseq.json`) |
 | `ds-alst` | DeepSpeed ALST on one GPU: `--deepspeed bench/configs/ds_z3_offload.json` (ZeRO-3, params and optimizer offloaded, DeepSpeed's CPU AdamW) and `job.py --alst` (DeepSpeed's TiledMLP, TiledFusedLogitsLoss and checkpoint offload, as `bench/alst.py` says) |
 | `ds-alst-nooffload` | the same with `ds_z3.json` (ZeRO-3, nothing offloaded) |
 
@@ -64,6 +65,7 @@ SYSTEMS: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {
     "plain": ((), ()),
     "hfzero": (_HFZERO, ("--zero_config", f"{CONFIGS}/hfzero_s3_longseq.json")),
     "hfzero-offload": (_HFZERO, ("--zero_config", f"{CONFIGS}/hfzero_s3_offload_longseq.json")),
+    "hfzero-split": (_HFZERO, ("--zero_config", f"{CONFIGS}/hfzero_s3_split_longseq.json")),
     "ds-alst": ((), ("--deepspeed", f"{CONFIGS}/ds_z3_offload.json", "--alst")),
     "ds-alst-nooffload": ((), ("--deepspeed", f"{CONFIGS}/ds_z3.json", "--alst")),
 }
