@@ -70,6 +70,7 @@ MODES: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {
     # device_share "auto" ([Note: leg share]): the share follows the two legs' measured rates
     **{f"hfzero-s{n}-offload-legauto": (_HFZERO, ("--zero_config", f"{CONFIGS}/hfzero_s{n}_offload_legauto.json"))
        for n in (2, 3)},
+    "hfzero-s2-offload-r70-legauto": (_HFZERO, ("--zero_config", f"{CONFIGS}/hfzero_s2_offload_r70_legauto.json")),
     # issue 18 D2: the share chosen after the first step from the GPU memory then free
     "hfzero-s2-offload-auto": (_HFZERO, ("--zero_config", f"{CONFIGS}/hfzero_s2_offload_auto.json")),
     # issue 18 D3 (opt-in numerics): bf16 AdamW moments on the host (bf16.bf16_optimizer_states)
