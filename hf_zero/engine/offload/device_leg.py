@@ -173,6 +173,16 @@ class DeviceLeg:
             self._leg = [self._leg[0] + elements, time.perf_counter()]
         return written
 
+    def prepare(self, pieces: list, state: dict) -> None:
+        """Before a waiting step's verdict is timed: the per-element state of ``pieces`` (those of
+        the chunks it chose) moved into pinned memory now, so that a chunk's first time on the
+        device (its state pinned then, once) does not count as the leg's time for "auto"."""
+        for piece in pieces:
+            piece_state = state.get(piece, {})
+            for key, value in list(piece_state.items()):
+                if torch.is_tensor(value) and value.dim():
+                    self._pin(piece_state, key)
+
     def _pin(self, piece_state: dict, key: str) -> torch.Tensor:
         """``piece_state[key]``, moved into pinned host memory the first time (same values) so
         that its copies up and down run asynchronously."""

@@ -398,6 +398,8 @@ class HostStep:
         without CUDA or without leg chunks; timed for "auto"), from which both legs are timed."""
         after = None
         if leg and self.streams.h2d is not None:
+            self.leg.prepare([piece for c in leg for i in self.chunks[c] for piece, _, _ in self._pieces.get(i, [])],
+                             self._optimizer.state)
             stream = torch.cuda.current_stream(self.device)
             after = _record(stream, timing=self.leg.auto is not None)
         self.leg.begin(after)
