@@ -15,10 +15,20 @@ are counted as the engine issues them.
   Every rank passes these points together; the Trainer's gather of the logged loss follows.
 - ``on_log`` of a training log (one with ``loss``): this rank's figures go into the ``logs`` dict
   as ``hf_zero/*`` scalars, so every integration (TensorBoard, W&B, ...) receives them (and the
-  Trainer's ``log_history`` entry of that log), and rank 0 rewrites the report with every rank's figures. No collective here: a script may call
-  ``trainer.log`` on one rank.
+  Trainer's ``log_history`` entry of that log), and rank 0 rewrites the report with every rank's figures
+  ([Note: report rewrites]). No collective here: a script may call ``trainer.log`` on one rank.
 - ``on_train_end``: a last gather; rank 0 writes the finished report with its summary in human
   units and prints that summary; the end-of-run figures are logged once more.
+
+[Note: report rewrites]
+Rank 0 rewrites the file at the first training log and then at a log once ``REWRITE_EVERY_S``
+seconds have passed since the last rewrite, and always at the end. With ``--logging_steps 1`` a
+rewrite at every log put a JSON dump and a rename (more on a network file system) between the
+Trainer's sync on the logged loss and the next forward's first kernel, every step: GPU idle time
+(issue 21's profile). A run that dies leaves a report at most ``REWRITE_EVERY_S`` old (its ``step``
+says which); every log still carries the figures as ``hf_zero/*`` scalars. Other ranks that read
+the file after ``train()`` must wait for rank 0 (a barrier): the finished report is written at
+rank 0's ``on_train_end``.
 
 [Note: bytes measured]
 Bytes are summed at ``on_pre_optimizer_step`` (gradients are held then), but not at every step:
@@ -60,6 +70,7 @@ from hf_zero.trainer.report_file import BYTE_KEYS, REPORT_NAME
 __all__ = ["REPORT_NAME", "ReportCallback", "add_to"]
 _LOGGED = ("loss", "grad_norm", "learning_rate", "epoch")  # of a training log, kept as the report's last_log
 MEASURE_EVERY_S = 5.0  # [Note: bytes measured]
+REWRITE_EVERY_S = 10.0  # [Note: report rewrites]
 
 
 def _nbytes(t: torch.Tensor) -> int:
@@ -131,6 +142,7 @@ class ReportCallback(TrainerCallback):
         self._start = 0.0
         self._held: dict[str, int] = dict.fromkeys(BYTE_KEYS, 0)
         self._measured = -float("inf")  # time.monotonic() of the last bytes measured
+        self._rewritten = -float("inf")  # time.monotonic() of the last rewrite of the report during training
         self._collectives: dict[str, int] = {}
         self._facts: dict | None = None
         self._ranks: list[dict] = []  # every rank's figures, as last gathered
@@ -223,6 +235,7 @@ class ReportCallback(TrainerCallback):
         if engine is not None:
             engine.ctx.take_counts()
         self._facts = report_file.run_facts(self.session, args)
+        self._rewritten = -float("inf")  # a new train(): its first log rewrites the report
         self._start = time.perf_counter()
         self._training = True
 
@@ -264,7 +277,9 @@ class ReportCallback(TrainerCallback):
         if history and history[-1].get("step") == state.global_step and history[-1].get("loss") == logs["loss"]:
             history[-1].update(scalars)
         self._last_log = {k: logs[k] for k in _LOGGED if k in logs}
-        if args.process_index == 0:
+        now = time.monotonic()
+        if args.process_index == 0 and now - self._rewritten >= REWRITE_EVERY_S:  # [Note: report rewrites]
+            self._rewritten = now
             report_file.write(args.output_dir, self._document(args, state, "training"))
 
     def on_train_end(self, args, state, control, model=None, **kwargs):

@@ -11,9 +11,9 @@ The file is one JSON object (fields in docs/getting-started.md, "What a run writ
 - ``config_source`` and ``config``: the resolved config (no "auto" left) in hf_zero's own schema;
 - ``versions``: hf_zero, Python, torch (its CUDA, NCCL), transformers, accelerate.
 
-It is rewritten whole at every logging step, beside the old one and renamed over it
-([Note: write beside, then swap], hf_zero/checkpoint/atomic.py), so a run that dies leaves the
-report of its last logging step, never a half-written one.
+It is rewritten whole at logging steps (when: [Note: report rewrites] in report.py), beside the
+old one and renamed over it ([Note: write beside, then swap], hf_zero/checkpoint/atomic.py), so a
+run that dies leaves the report of its last rewrite, never a half-written one.
 """
 
 from __future__ import annotations

@@ -174,6 +174,8 @@ def _trainer_job(rank, world, out):
                 params = {n: _bits(p) for n, p in model.named_parameters()}
         finally:
             zt.deactivate()
+        if torch.distributed.is_initialized():
+            torch.distributed.barrier()  # rank 0 has written the finished report (report.py, [Note: report rewrites])
         with open(os.path.join(out, name, "hf_zero_report.json")) as f:
             report = json.load(f)["ranks"][rank]
         history = trainer.state.log_history

@@ -232,6 +232,8 @@ def _trainer_runs(rank, world, out):
             redone = engine.speculation.redone_steps
         finally:
             zt.deactivate()
+        if torch.distributed.is_initialized():
+            torch.distributed.barrier()  # rank 0 has written the finished report (report.py, [Note: report rewrites])
         with open(f"{out}/{name}/hf_zero_report.json") as f:
             reported = json.load(f)["ranks"][rank]["host_steps_redone"]
         history = [(h["loss"], h["grad_norm"]) for h in trainer.state.log_history if "loss" in h]

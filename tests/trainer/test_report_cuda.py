@@ -57,7 +57,18 @@ class Tiny(torch.nn.Module):
 
 
 def _run(tmp_path, device: torch.device, memory: MemorySource):
-    """Two logged steps and the end of training, as the Trainer calls the callback (stage 0, one rank)."""
+    """Two logged steps and the end of training, as the Trainer calls the callback (stage 0, one rank);
+    the report rewritten at each log (``REWRITE_EVERY_S`` 0, [Note: report rewrites])."""
+    from hf_zero.trainer import report
+
+    default, report.REWRITE_EVERY_S = report.REWRITE_EVERY_S, 0.0
+    try:
+        return _logged_steps(tmp_path, device, memory)
+    finally:
+        report.REWRITE_EVERY_S = default
+
+
+def _logged_steps(tmp_path, device: torch.device, memory: MemorySource):
     training_args = TrainingArguments(output_dir=str(tmp_path), report_to="none", use_cpu=True)
     config = resolve_config(load_config({"zero_optimization": {"stage": 0}}, source="ds.json"), training_args,
                             world_size=1)

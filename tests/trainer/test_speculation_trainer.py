@@ -62,6 +62,8 @@ def _job(rank, world, out, stage, speculate):
             policy = engine.speculation
         finally:
             zt.deactivate()
+        if torch.distributed.is_initialized():
+            torch.distributed.barrier()  # rank 0 has written the finished report (report.py, [Note: report rewrites])
         with open(os.path.join(out, name, "hf_zero_report.json")) as f:
             report = json.load(f)
         history = trainer.state.log_history
