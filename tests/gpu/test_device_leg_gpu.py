@@ -82,7 +82,9 @@ def test_device_leg_on_gpu_close_to_the_host_step(stage, speculate, fused, param
     leg = _run(base, stage, 0.5, speculate, fused, param_offload)
     assert leg[6] == host[6] > 2  # several chunks
     torch.testing.assert_close(leg[0], host[0], rtol=2e-3, atol=0)  # losses
-    torch.testing.assert_close(leg[1], host[1], rtol=2e-3, atol=0)  # grad norms
+    # grad norms: the two AdamW kernels round differently, a bf16 param then rounds the other way and
+    # the later grads differ a little (0.5% at step 5 seen on an H100)
+    torch.testing.assert_close(leg[1], host[1], rtol=1e-2, atol=0)
     for name, value in host[2].items():
         scale = value.abs().max().item() or 1.0
         assert (leg[2][name] - value).abs().max().item() <= 2e-2 * scale, name  # bf16 params: 2^-8 steps
@@ -90,8 +92,9 @@ def test_device_leg_on_gpu_close_to_the_host_step(stage, speculate, fused, param
     for a, b in zip(leg[3], host[3]):
         scale = b.abs().max().item() or 1.0
         # fp32 masters and moments: once a bf16 param rounds the other way the grads differ a little;
-        # a wrong clip scale (1e-3 here) or a missing copy back is off by far more
-        assert (a - b).abs().max().item() <= 2e-2 * scale
+        # a wrong clip scale (1e-3 here) or a missing copy back (exp_avg: 10% of a step's update) is off by
+        # more; 2.2% of the largest value seen on an H100 in the smallest moments (1e-16)
+        assert (a - b).abs().max().item() <= 5e-2 * scale
     # the leg stepped at every step after the first (which creates the state on the host), at most
     # half of the chunks; without it nothing did
     assert host[4] == [0] * STEPS

@@ -142,7 +142,10 @@ class DeviceLeg:
                                  else up(self._pin(state[piece], k)) for k, v in state[piece].items()}
             view.state = d_state
             if scale is not None and fused_scale:
-                view.grad_scale = torch.tensor(1.0 / scale, dtype=torch.float32, device=self.device)
+                # A fill on the leg's stream: torch.tensor(x, device=...) would copy from pageable
+                # memory, which synchronizes the stream, so the worker would wait for the previous
+                # chunk on this stream before it could step the CPU's chunks (the legs serialized).
+                view.grad_scale = torch.full((), 1.0 / scale, dtype=torch.float32, device=self.device)
             view.param_groups = [{**g, "params": [twins[id(p)] for p in g["params"] if id(p) in twins]} for g in groups]
             view.step()
             for i, shard in shards.items():  # the new params, cast to the param dtype on the device
