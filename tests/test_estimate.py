@@ -10,7 +10,6 @@ the mean, so each rank must be within 5%.
 
 from __future__ import annotations
 
-import json
 import os
 import re
 
@@ -21,7 +20,7 @@ from transformers import AutoModelForCausalLM, LlamaConfig, Trainer, TrainingArg
 from hf_zero.byte_units import fmt_bytes
 from hf_zero.cli import main
 from hf_zero.estimate import count_params, estimate_bytes, load_model_config, meta_model
-from hf_zero.testing.multiprocess import run_on_ranks
+from hf_zero.testing.multiprocess import run_on_ranks, run_report
 
 # estimator key -> report key (the report's "grads" are measured at the optimizer step)
 CHECKED = {"params": "params", "optimizer_state": "optimizer_state", "grads_at_step": "grads"}
@@ -56,10 +55,7 @@ def _train(out: str, stage: int, offload: bool = False) -> dict:
         Trainer(model=model, args=args, train_dataset=data).train()
     finally:
         zt.deactivate()
-    if torch.distributed.is_initialized():
-        torch.distributed.barrier()  # rank 0 has written the report
-    with open(os.path.join(out, "hf_zero_report.json")) as f:
-        return json.load(f)
+    return run_report(out)
 
 
 def _sharded_stages(rank, world, root):

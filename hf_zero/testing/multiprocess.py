@@ -198,6 +198,20 @@ def run_each(rank: int, world_size: int, fn: Callable, runs: dict) -> dict:
     return out
 
 
+def run_report(output_dir: str) -> dict:
+    """The run report (``hf_zero_report.json``) of a Trainer run in ``output_dir``, read on any rank
+    once every rank got here: rank 0 writes the finished report at its ``on_train_end``, so a rank
+    that reads it without waiting may see an earlier rewrite (report.py, [Note: report rewrites])."""
+    import json
+
+    from hf_zero.trainer.report_file import REPORT_NAME
+
+    if dist.is_initialized():
+        dist.barrier()
+    with open(os.path.join(output_dir, REPORT_NAME)) as f:
+        return json.load(f)
+
+
 def _died(procs: list, results: Any, outcomes: dict, world_size: int, fault_paths: list[str] = ()) -> bool:
     """Whether a rank's process has exited without a result (killed: SIGKILL, the OOM killer,
     ``os._exit``, a crash in native code); such ranks are recorded as errors, with the Python stacks

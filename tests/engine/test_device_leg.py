@@ -21,7 +21,7 @@ from hf_zero.config import ConfigError, load_config
 from hf_zero.engine import ZeroEngine, ZeroModule
 from hf_zero.engine.offload.settings import OptimizerOffload, ParamOffload
 from hf_zero.engine.offload.speculation import SpeculationPolicy
-from hf_zero.testing.multiprocess import run_on_ranks
+from hf_zero.testing.multiprocess import run_on_ranks, run_report
 from tests.engine.models import add_frozen_and_unused, tiny_llama
 from tests.engine.test_speculation import (SCHEDULE, _bits, _groups, _snapshot, let_the_worker_start,
                                            scheduled_backward)
@@ -139,7 +139,6 @@ def test_device_share_reaches_the_engine_setting():
 
 
 def _trainer_job(rank, world, out):
-    import json
     import os
 
     from transformers import Trainer, TrainingArguments
@@ -174,10 +173,7 @@ def _trainer_job(rank, world, out):
                 params = {n: _bits(p) for n, p in model.named_parameters()}
         finally:
             zt.deactivate()
-        if torch.distributed.is_initialized():
-            torch.distributed.barrier()  # rank 0 has written the finished report (report.py, [Note: report rewrites])
-        with open(os.path.join(out, name, "hf_zero_report.json")) as f:
-            report = json.load(f)["ranks"][rank]
+        report = run_report(os.path.join(out, name))["ranks"][rank]
         history = trainer.state.log_history
         runs[share] = {"train": [(h["step"], h["loss"], h["grad_norm"]) for h in history if "loss" in h],
                        "params": params, "leg": report["device_leg"], "redone": report["host_steps_redone"],

@@ -28,7 +28,7 @@ from hf_zero.engine.offload.settings import OptimizerOffload
 from hf_zero.engine.offload.speculation import SpeculationPolicy
 from hf_zero.engine.offload.split_tier import SplitTier
 from hf_zero.engine.offload.tiers import HostTier
-from hf_zero.testing.multiprocess import run_on_ranks
+from hf_zero.testing.multiprocess import run_on_ranks, run_report
 from tests.engine.models import add_frozen_and_unused, tiny_llama
 from tests.engine.test_speculation import (HUGE, REDONE, SCHEDULE, SPECULATED, TINY, _bits, _groups, _snapshot,
                                            let_the_worker_start, scheduled_backward)
@@ -200,7 +200,6 @@ def _trainer_runs(rank, world, out):
     """The tiny Trainer job (max_grad_norm 1.5: some steps clip, some do not) with all-host offload
     and with a split: per run its (loss, grad norm) per step, the report's ``host_steps_redone``,
     the policy's redone steps and the host chunks."""
-    import json
 
     from transformers import Trainer, TrainingArguments
 
@@ -232,10 +231,7 @@ def _trainer_runs(rank, world, out):
             redone = engine.speculation.redone_steps
         finally:
             zt.deactivate()
-        if torch.distributed.is_initialized():
-            torch.distributed.barrier()  # rank 0 has written the finished report (report.py, [Note: report rewrites])
-        with open(f"{out}/{name}/hf_zero_report.json") as f:
-            reported = json.load(f)["ranks"][rank]["host_steps_redone"]
+        reported = run_report(f"{out}/{name}")["ranks"][rank]["host_steps_redone"]
         history = [(h["loss"], h["grad_norm"]) for h in trainer.state.log_history if "loss" in h]
         runs[name] = {"train": history, "reported": reported, "redone": redone, "host": host,
                       "chunks": len(engine._host_step.chunks)}

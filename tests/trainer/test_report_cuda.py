@@ -56,19 +56,12 @@ class Tiny(torch.nn.Module):
         return self.head(self.embed(input_ids)).logsumexp(-1).mean()
 
 
-def _run(tmp_path, device: torch.device, memory: MemorySource):
+def _run(tmp_path, monkeypatch, device: torch.device, memory: MemorySource):
     """Two logged steps and the end of training, as the Trainer calls the callback (stage 0, one rank);
     the report rewritten at each log (``REWRITE_EVERY_S`` 0, [Note: report rewrites])."""
     from hf_zero.trainer import report
 
-    default, report.REWRITE_EVERY_S = report.REWRITE_EVERY_S, 0.0
-    try:
-        return _logged_steps(tmp_path, device, memory)
-    finally:
-        report.REWRITE_EVERY_S = default
-
-
-def _logged_steps(tmp_path, device: torch.device, memory: MemorySource):
+    monkeypatch.setattr(report, "REWRITE_EVERY_S", 0.0)
     training_args = TrainingArguments(output_dir=str(tmp_path), report_to="none", use_cpu=True)
     config = resolve_config(load_config({"zero_optimization": {"stage": 0}}, source="ds.json"), training_args,
                             world_size=1)
@@ -104,9 +97,9 @@ def _logged_steps(tmp_path, device: torch.device, memory: MemorySource):
     return logs, reports, finished, state
 
 
-def test_cuda_branch_reads_the_device_through_its_source(tmp_path, capsys):
+def test_cuda_branch_reads_the_device_through_its_source(tmp_path, monkeypatch, capsys):
     stand_in = StandIn()
-    logs, reports, finished, state = _run(tmp_path, torch.device("cuda", 0), stand_in.source())
+    logs, reports, finished, state = _run(tmp_path, monkeypatch, torch.device("cuda", 0), stand_in.source())
     assert stand_in.asked and set(stand_in.asked) == {torch.device("cuda", 0)}
     for report, log in zip(reports, logs):
         assert report["status"] == "training"
@@ -126,9 +119,9 @@ def test_cuda_branch_reads_the_device_through_its_source(tmp_path, capsys):
     assert rank["bytes"]["params"] == (16 * 8 + 8 * 16 + 16) * 4  # the measured tensors, not the device's
 
 
-def test_cpu_run_reads_peak_rss_and_never_the_cuda_source(tmp_path, capsys):
+def test_cpu_run_reads_peak_rss_and_never_the_cuda_source(tmp_path, monkeypatch, capsys):
     stand_in = StandIn()
-    _, reports, finished, _ = _run(tmp_path, torch.device("cpu"), stand_in.source())
+    _, reports, finished, _ = _run(tmp_path, monkeypatch, torch.device("cpu"), stand_in.source())
     assert stand_in.asked == []
     [rank] = finished["ranks"]
     assert rank["device"] == "cpu" and "name" not in rank and "memory_bytes" not in rank

@@ -4,7 +4,7 @@ trainer/report_file.py):
 - the sharded load and the stage-3 save draw a bar on rank 0 only, and none once Hugging Face's
   progress bars or the Trainer's ``disable_tqdm`` are off;
 - the report is rewritten at every logging step with ``REWRITE_EVERY_S`` 0 (a callback reads it as
-  each log is made; test_report_rewrites.py: the default interval), holds
+  each log is made; test_report_bytes_measured.py: the default interval), holds
   the resolved config, versions, devices and world size, and a run that dies leaves the last one;
 - every training log carries this rank's ``hf_zero/*`` scalars, seen by a callback of the user's and
   kept in ``log_history``, and hf_zero's callback runs before every ``report_to`` integration (right

@@ -7,14 +7,13 @@ after the norm) bit for bit, and the run report counts the redone steps."""
 
 from __future__ import annotations
 
-import json
 import os
 
 import pytest
 import torch
 from transformers import Trainer, TrainingArguments
 
-from hf_zero.testing.multiprocess import run_on_ranks
+from hf_zero.testing.multiprocess import run_on_ranks, run_report
 from tests.engine.test_speculation import let_the_worker_start
 from tests.trainer import tiny
 
@@ -62,10 +61,7 @@ def _job(rank, world, out, stage, speculate):
             policy = engine.speculation
         finally:
             zt.deactivate()
-        if torch.distributed.is_initialized():
-            torch.distributed.barrier()  # rank 0 has written the finished report (report.py, [Note: report rewrites])
-        with open(os.path.join(out, name, "hf_zero_report.json")) as f:
-            report = json.load(f)
+        report = run_report(os.path.join(out, name))
         history = trainer.state.log_history
         runs[name] = {
             "train": [(h["step"], h["loss"], h["grad_norm"]) for h in history if "loss" in h],
