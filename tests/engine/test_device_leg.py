@@ -194,3 +194,30 @@ def test_device_leg_through_the_trainer(tmp_path):
     # (the report is written at the end of training: the last step's leg may still be queued then)
     assert leg["leg"]["share"] == 1.0 and leg["leg"]["chunks"] in (2, 3) and leg["leg"]["elements"] > 0, leg["leg"]
     assert leg["redone"] == host["redone"] == 1  # the first step speculated and was redone
+
+
+def test_no_room_on_the_device_keeps_every_chunk_on_the_cpu(monkeypatch, caplog):
+    """[Note: leg room]: chunks go to the device only while it had room at the run's peak for the
+    two largest chosen chunks in flight (18 bytes an element) beyond 5% of its memory; otherwise
+    the step chooses none, counts itself and warns once."""
+    from hf_zero.engine.offload import auto_ratio
+    from hf_zero.engine.offload.device_leg import DeviceLeg
+    from hf_zero.engine.offload.host_memory import HostMemory
+
+    numel = [100, 300, 200, 400]  # the share 0.9 of 1000 takes chunks 3, 2, 1 (900 elements)
+    leg = DeviceLeg(0.9, numel, torch.device("cpu"), None, HostMemory(pin=False))
+    assert leg.choose([0, 1, 2, 3], lambda c: True) == [3, 2, 1]  # CPU: no device memory to ask about
+    total = 10_000
+    need = 18 * (400 + 300) + int(0.05 * total)  # the two largest chosen, and the margin
+    room = {"free": need}
+    monkeypatch.setattr(auto_ratio, "headroom", lambda device: (room["free"], total))
+    assert leg.choose([0, 1, 2, 3], lambda c: True) == [3, 2, 1]
+    assert leg.no_room_steps == 0
+    room["free"] = need - 1
+    with caplog.at_level("WARNING", logger="hf_zero.engine.offload.device_leg"):
+        assert leg.choose([0, 1, 2, 3], lambda c: True) == []
+        assert leg.choose([0, 1, 2, 3], lambda c: True) == []
+    assert leg.no_room_steps == 2
+    assert sum("leg room" in r.getMessage() for r in caplog.records) == 1  # one line, the first time
+    assert leg.choose([0], lambda c: True) == [0]  # one small chunk: 18 * 100 + 500 fits
+    assert leg.summary()["no_room_steps"] == 2

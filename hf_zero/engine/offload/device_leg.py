@@ -37,19 +37,33 @@ step (the tests check the bookkeeping so). With parameter offload (stage 3, shar
 the new params are cast on the device and copied down into the host shards (2 bytes per element
 instead of the CPU's cast), which the unit's next use uploads after the leg's event. The NVMe
 tiers take no device leg (their state or params are in files, not in host memory the leg reaches).
+
+[Note: leg room] The two chunks in flight take device memory the rest of the run did not plan for
+(``FLIGHT_BYTES`` an element: fp32 master, grad and AdamW's two moments up, the cast params; about
+2.3 GiB at the default chunk size), and they are in flight while the next forward builds its
+activations. So a waiting step puts chunks on the device only while the device had room for them
+at the run's peak so far (``auto_ratio.headroom``: free + reserved - peak reserved) beyond
+``ROOM_MARGIN`` of its memory; otherwise the CPU steps every chunk of that step, and the run report
+counts the step (``no_room_steps``), with one log line the first time. Once the leg ran, the peak
+includes its chunks, so the check counts them twice: it errs towards the CPU, never towards an
+out-of-memory error. Without CUDA there is no device memory to ask about and no check.
 """
 
 from __future__ import annotations
 
 import collections
 import contextlib
+import logging
 import time
 from typing import Callable
 
 import torch
 
+from hf_zero.engine.offload import auto_ratio
 from hf_zero.engine.offload.host_memory import HostMemory
 from hf_zero.engine.offload.leg_share import LegShare, Phase
+
+logger = logging.getLogger(__name__)
 
 
 class DeviceLeg:
@@ -58,6 +72,10 @@ class DeviceLeg:
     (``settle``). ``chunk_numel``: each chunk's elements; ``share``: of all of them, at most, or
     "auto" ([Note: leg share] in leg_share.py: ``begin``, ``cpu_done`` and ``settle`` time each
     waiting step's two legs for it)."""
+
+    FLIGHT_BYTES = 18  # device bytes per element of a chunk in flight ([Note: leg room])
+    IN_FLIGHT = 2  # chunks in flight at once: one per leg stream
+    ROOM_MARGIN = 0.05  # of the device's memory, left free beyond the leg's chunks
 
     def __init__(self, share: float | str, chunk_numel: list[int], device: torch.device, streams: tuple | None,
                  memory: HostMemory) -> None:
@@ -70,6 +88,7 @@ class DeviceLeg:
         self._down: list = []  # events after each queued chunk's copies down, this step
         self.stepped_chunks = 0  # counters for the run report
         self.stepped_elements = 0
+        self.no_room_steps = 0  # waiting steps the CPU stepped alone for want of device memory
         # A waiting step's timing, from ``begin`` (the verdict) to ``settle`` (for "auto"):
         self._timed: tuple | None = None  # (host time, device event) at the verdict
         self._cpu = [0, 0.0]  # elements the CPU stepped after it, host time of the last
@@ -103,7 +122,30 @@ class DeviceLeg:
             if ready(c):
                 chosen.append(c)
                 total += n
+        if chosen and not self._room(chosen):
+            return []
         return chosen
+
+    def _room(self, chosen: list[int]) -> bool:
+        """[Note: leg room]: the device had room at the run's peak so far for the largest
+        ``IN_FLIGHT`` of the ``chosen`` chunks beyond ``ROOM_MARGIN`` of its memory."""
+        room = auto_ratio.headroom(self.device)
+        if room is None:  # no device memory to ask about (CPU)
+            return True
+        free, total = room
+        largest = sorted((self._chunk_numel[c] for c in chosen), reverse=True)[: self.IN_FLIGHT]
+        need = self.FLIGHT_BYTES * sum(largest) + int(self.ROOM_MARGIN * total)
+        if free >= need:
+            return True
+        if not self.no_room_steps:
+            from hf_zero.byte_units import fmt_bytes
+
+            logger.warning("offload_optimizer.device_share: the device had %s free at the run's peak, less than the "
+                           "%s its leg needs (two chunks in flight and %.0f%% of its memory kept free); the CPU "
+                           "steps every chunk while that holds ([Note: leg room] in device_leg.py)",
+                           fmt_bytes(free), fmt_bytes(need), 100 * self.ROOM_MARGIN)
+        self.no_room_steps += 1
+        return False
 
     @torch.no_grad()
     def step(self, view: torch.optim.Optimizer, groups: list[dict], items: list[tuple], masters: dict[int, torch.Tensor],
@@ -214,7 +256,7 @@ class DeviceLeg:
     def summary(self) -> dict:
         """For the run report ([Note: device leg])."""
         out = {"share": "auto" if self.auto is not None else self._share, "chunks": self.stepped_chunks,
-               "elements": self.stepped_elements}
+               "elements": self.stepped_elements, "no_room_steps": self.no_room_steps}
         if self.auto is not None:
             out["auto"] = self.auto.summary()
         return out
