@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from hf_zero.engine import ZeroEngine, ZeroModule
-from hf_zero.engine.offload import auto_ratio
+from hf_zero.engine.offload import auto_ratio, device_room
 from hf_zero.engine.offload.auto_ratio import MARGIN, choose
 from hf_zero.engine.offload.settings import OptimizerOffload
 from hf_zero.engine.offload.speculation import SpeculationPolicy
@@ -91,7 +91,7 @@ def _auto_vs_hand(rank, world, stage, overlap, share_of_rank, nvme_path=None, ho
     # ``share_of_rank[rank]`` of the optimizer's elements at 12 bytes each (fp32 params: the
     # master is the shard itself; AdamW's 2 moments; the main grad).
     elements = {}
-    auto_ratio.headroom = lambda device: (int(MARGIN * DEVICE + 12 * share_of_rank[rank] * elements["n"]), DEVICE)
+    device_room.headroom = lambda device: (int(MARGIN * DEVICE + 12 * share_of_rank[rank] * elements["n"]), DEVICE)
     base = tiny_llama(0, tied=True)
     runs = []
     for ratio in ("auto", None):
@@ -163,7 +163,7 @@ def test_auto_ratio_with_part_of_the_state_in_host_memory(tmp_path):
 
 
 def _no_device(rank, world):
-    auto_ratio.headroom = lambda device: None  # CPU: no device memory to ask about
+    device_room.headroom = lambda device: None  # CPU: no device memory to ask about
     model = tiny_llama(0, tied=True)
     engine = ZeroEngine(model, torch.optim.AdamW(model.parameters(), lr=1e-2), stage=2, bucket_numel=3000,
                         offload=OptimizerOffload("cpu", ratio="auto", chunk_numel=2000))

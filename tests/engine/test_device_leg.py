@@ -200,7 +200,7 @@ def test_no_room_on_the_device_keeps_every_chunk_on_the_cpu(monkeypatch, caplog)
     """[Note: leg room]: chunks go to the device only while it had room at the run's peak for the
     two largest chosen chunks in flight (18 bytes an element) beyond 5% of its memory; otherwise
     the step chooses none, counts itself and warns once."""
-    from hf_zero.engine.offload import auto_ratio
+    from hf_zero.engine.offload import device_room
     from hf_zero.engine.offload.device_leg import DeviceLeg
     from hf_zero.engine.offload.host_memory import HostMemory
 
@@ -210,7 +210,7 @@ def test_no_room_on_the_device_keeps_every_chunk_on_the_cpu(monkeypatch, caplog)
     total = 10_000
     need = 18 * (400 + 300) + int(0.05 * total)  # the two largest chosen, and the margin
     room = {"free": need}
-    monkeypatch.setattr(auto_ratio, "headroom", lambda device: (room["free"], total))
+    monkeypatch.setattr(device_room, "headroom", lambda device: (room["free"], total))
     assert leg.choose([0, 1, 2, 3], lambda c: True) == [3, 2, 1]
     assert leg.no_room_steps == 0
     room["free"] = need - 1

@@ -15,7 +15,7 @@ import torch
 from transformers import AutoModelForCausalLM, LlamaConfig
 
 from hf_zero.engine import ZeroEngine, ZeroModule
-from hf_zero.engine.offload import auto_ratio
+from hf_zero.engine.offload import auto_ratio, device_room
 from hf_zero.engine.offload.settings import OptimizerOffload
 from hf_zero.engine.offload.speculation import SpeculationPolicy
 
@@ -62,7 +62,7 @@ def _run(base, offload: OptimizerOffload, overlap: bool):
 
 
 def test_headroom_reads_the_device():
-    head, total = auto_ratio.headroom(torch.device("cuda", torch.cuda.current_device()))
+    head, total = device_room.headroom(torch.device("cuda", torch.cuda.current_device()))
     assert 0 < head <= total == torch.cuda.get_device_properties(torch.cuda.current_device()).total_memory
 
 

@@ -18,7 +18,7 @@ from tests.trainer import tiny
 
 def _run(rank, world, out, offload: dict, share=None, resume=None, bf16_state=False):
     import hf_zero.trainer as zt
-    from hf_zero.engine.offload import auto_ratio
+    from hf_zero.engine.offload import auto_ratio, device_room
     from hf_zero.trainer import session as S
 
     held = {}
@@ -27,7 +27,7 @@ def _run(rank, world, out, offload: dict, share=None, resume=None, bf16_state=Fa
             n = sum(b.shard_numel for b in S.session_of(held["trainer"]).engine.buckets)
             return int(auto_ratio.MARGIN * (1 << 20) + 12 * share * n), 1 << 20
 
-        auto_ratio.headroom = headroom
+        device_room.headroom = headroom
     model, data = tiny.offload_job()
     args = TrainingArguments(output_dir=str(out), use_cpu=True, report_to="none", max_steps=4,
                              save_steps=2, per_device_train_batch_size=2, gradient_accumulation_steps=2,

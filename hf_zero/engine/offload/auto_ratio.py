@@ -2,7 +2,7 @@
 
 [Note: auto ratio] The first optimizer step runs with every bucket offloaded (ratio 1). Right after
 it the engine asks how much device memory was left at that step's peak (``headroom``: the one
-source of that number, torch.cuda's counters; tests replace it), keeps ``MARGIN`` of the device's
+source of that number, ``device_room.headroom``; tests replace it), keeps ``MARGIN`` of the device's
 memory free for what the first step did not show (allocator fragmentation, a longer batch, an
 evaluation), and brings back the optimizer of as many buckets as the rest holds
 (``ZeroEngine.place_offload``): the *last* buckets, since ``OptimizerOffload.offloaded`` keeps the
@@ -28,17 +28,9 @@ from dataclasses import dataclass
 
 import torch
 
+from hf_zero.engine.offload import device_room
+
 MARGIN = 0.10  # of the device's memory, kept free beyond the first step's peak
-
-
-def headroom(device: torch.device) -> tuple[int, int] | None:
-    """(bytes the device had left at the peak since the process started, the device's memory), or
-    None where there is no device memory to ask about (CPU). Tests replace this function."""
-    if device.type != "cuda":
-        return None
-    free, total = torch.cuda.mem_get_info(device)
-    reserved, peak = torch.cuda.memory_reserved(device), torch.cuda.max_memory_reserved(device)
-    return max(0, free + reserved - peak), total
 
 
 @dataclass(frozen=True)
@@ -111,7 +103,7 @@ def decide(engine) -> AutoRatio:
     from hf_zero.engine.offload.nvme_swap import state_tensors_per_element
 
     device = engine.buffers[0].device
-    got = headroom(device)
+    got = device_room.headroom(device)
     mine = torch.tensor(list(got) if got is not None else [0, 0], dtype=torch.int64, device=device)
     if engine.ctx.world_size > 1:
         everyone = torch.empty(2 * engine.ctx.world_size, dtype=torch.int64, device=device)

@@ -42,7 +42,7 @@ tiers take no device leg (their state or params are in files, not in host memory
 (``FLIGHT_BYTES`` an element: fp32 master, grad and AdamW's two moments up, the cast params; about
 2.3 GiB at the default chunk size), and they are in flight while the next forward builds its
 activations. So a waiting step puts chunks on the device only while the device had room for them
-at the run's peak so far (``auto_ratio.headroom``: free + reserved - peak reserved) beyond
+at the run's peak so far (``device_room.headroom``: free + reserved - peak reserved) beyond
 ``ROOM_MARGIN`` of its memory; otherwise the CPU steps every chunk of that step, and the run report
 counts the step (``no_room_steps``), with one log line the first time. Once the leg ran, the peak
 includes its chunks, so the check counts them twice: it errs towards the CPU, never towards an
@@ -59,7 +59,7 @@ from typing import Callable
 
 import torch
 
-from hf_zero.engine.offload import auto_ratio
+from hf_zero.engine.offload import device_room
 from hf_zero.engine.offload.host_memory import HostMemory
 from hf_zero.engine.offload.leg_share import LegShare, Phase
 
@@ -129,7 +129,7 @@ class DeviceLeg:
     def _room(self, chosen: list[int]) -> bool:
         """[Note: leg room]: the device had room at the run's peak so far for the largest
         ``IN_FLIGHT`` of the ``chosen`` chunks beyond ``ROOM_MARGIN`` of its memory."""
-        room = auto_ratio.headroom(self.device)
+        room = device_room.headroom(self.device)
         if room is None:  # no device memory to ask about (CPU)
             return True
         free, total = room
