@@ -106,6 +106,11 @@ def test_system_commands_and_configs(tmp_path):
         assert config.zero.stage == 3 and config.activation_checkpointing.cpu_checkpointing
         assert config.tiled_mlp is not None and config.tiled_loss is not None
         assert (config.zero.offload_param.device == "cpu") == (s == "hfzero-offload")
+    # hfzero-split (7B at 256K): the folder long_seq.py creates is the config's nvme_path; 6 checkpoints
+    # on the GPU (12 ran out of GPU memory in session 16's first backward)
+    split = load_config(_BENCH.parent / cmds["hfzero-split"][cmds["hfzero-split"].index("--zero_config") + 1])
+    assert split.zero.offload_optimizer.device == "nvme" and split.zero.offload_optimizer.nvme_path == long_seq.NVME_PATH
+    assert split.zero.offload_optimizer.host_share == 0.3 and split.activation_checkpointing.device_checkpoints == 6
     with pytest.raises(SystemExit):
         long_seq.parse_args(["--systems", "fsdp2-cp"])
     with pytest.raises(SystemExit):
