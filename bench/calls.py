@@ -1,0 +1,144 @@
+"""The device calls the open issues still owe, one named recipe per call of the lent GPU.
+
+    python3 bench/calls.py --list
+    python3 bench/calls.py NAME --tag s17 --git_commit SHA --results_dir "$OUT"   (on the device)
+    python3 bench/calls.py NAME --dry_run                                          (here: the commands)
+
+A device call runs at most 10 minutes and a session has 30 minutes of device time, of which failed
+starts take a share, so each recipe is one call whose commands fit it (their budgets add up to at
+most ``CALL_S``), in the order that keeps the most useful result if the call is cut off. The
+commands are the bench scripts' own, with the settings the last session's notes settled on (a
+recipe says which issue and which target it measures); the scripts write their JSON, md and log
+into ``--results_dir`` (at most 8 files come back from a call: a recipe writes fewer).
+
+Before the commands: wheels in ``.whl/`` (DeepSpeed 0.19.8's, copied from
+``../shared/wheels/deepspeed-0.19.8``; bench/README) are installed into ``/tmp/site`` and put on
+``PYTHONPATH``, ``TORCH_CUDA_ARCH_LIST=9.0`` (the image's ``9.0a`` breaks DeepSpeed's op builder),
+and the NVMe folder the configs name is created (hf_zero refuses a missing ``nvme_path``). The
+device copy of the repo has no ``.git``: pass ``--git_commit "$(git rev-parse HEAD)"`` (written
+here into an ignored file that travels, e.g. ``.gpu/commit``, and read there with ``$(cat ...)``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shlex
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+CALL_S = 580  # a call's command limit is 600 s; the rest is margin for set-up and the last write
+NVME_PATH = "/tmp/hf_zero_nvme"
+SITE = "/tmp/site"
+
+
+@dataclass(frozen=True)
+class Recipe:
+    issue: int
+    what: str
+    commands: tuple[tuple[str, ...], ...]  # (script, its arguments); "{name}": the results stem
+
+
+RECIPES: dict[str, Recipe] = {
+    "offload": Recipe(18, "1.1B stage 2 and stage 3 CPU offload beside DeepSpeed ZeRO-Offload, clip 1.0 (target 2.0x)", (
+        ("bench/run.py", "--preset", "1b1", "--world_size", "1", "--max_steps", "24", "--warmup_steps", "8",
+               "--timeout", "100", "--exit_grace", "10", "--min_mode_s", "40", "--budget_s", "440",
+               "--modes", "hfzero-s2-offload,ds-z2-offload,hfzero-s3-offload,ds-z3-offload,"
+                          "hfzero-s2-offload-leg30,hfzero-s2-offload-legauto",
+               "--name", "{name}"),
+    )),
+    "largest-13b": Recipe(18, "13B full fine-tune on one H100 (fp32 state split host/NVMe), then DeepSpeed's "
+                              "result with the same JSON", (
+        ("bench/largest_model.py", "--plan", "13b-fp32-split", "--tools", "hfzero,ds", "--budget_s", "560",
+               "--name", "{name}"),
+    )),
+    "longseq-7b-256k": Recipe(19, "7B at 256K tokens on one H100 + 125 GiB host (hfzero-split; target >= 256K)", (
+        ("bench/long_seq.py", "--preset", "7b", "--systems", "hfzero-split", "--lengths", "262144",
+               "--warmup_steps", "0", "--measure_steps", "1", "--attempt_timeout", "545", "--budget_s", "560",
+               "--exit_grace", "10", "--name", "{name}"),
+    )),
+    "longseq-1b1-512k-hfzero": Recipe(19, "1.1B at 512K, hf_zero with offload (DeepSpeed ALST ran 256K in session 16)", (
+        ("bench/long_seq.py", "--preset", "1b1", "--systems", "hfzero-offload", "--lengths", "524288",
+               "--warmup_steps", "0", "--measure_steps", "1", "--attempt_timeout", "560", "--budget_s", "570",
+               "--exit_grace", "5", "--name", "{name}"),
+    )),
+    "longseq-1b1-512k-ds": Recipe(19, "1.1B at 512K, DeepSpeed ALST with the same offloads", (
+        ("bench/long_seq.py", "--preset", "1b1", "--systems", "ds-alst", "--lengths", "524288",
+               "--warmup_steps", "0", "--measure_steps", "1", "--attempt_timeout", "560", "--budget_s", "570",
+               "--exit_grace", "5", "--name", "{name}"),
+    )),
+    "compile": Recipe(21, "1.1B compiled against eager at stages 2 and 3, plain and FSDP2 compiled beside them "
+                          "(targets 1.25, 1.2, >= plain compiled)", (
+        ("bench/run.py", "--preset", "1b1", "--world_size", "1", "--max_steps", "20", "--warmup_steps", "5",
+               "--timeout", "150", "--exit_grace", "20", "--budget_s", "560",
+               "--modes", "plain,hfzero-s3-compile,hfzero-s3,plain-compile,hfzero-s2-compile,hfzero-s2,fsdp2-compile",
+               "--name", "{name}"),
+    )),
+}
+
+
+def commands(name: str, tag: str, git_commit: str | None, results_dir: str) -> list[list[str]]:
+    """The recipe's commands as they run: each bench script with the results stem
+    ``gpu_<recipe>_<tag>``, the results folder and the commit."""
+    stem = f"gpu_{name.replace('-', '_')}_{tag}"
+    out = []
+    for command in RECIPES[name].commands:
+        args = [a.replace("{name}", stem) for a in command[1:]]
+        args += ["--results_dir", results_dir] + (["--git_commit", git_commit] if git_commit else [])
+        out.append([sys.executable, command[0], *args])
+    return out
+
+
+def environment() -> dict[str, str]:
+    """The commands' environment: the wheels of ``.whl/`` installed into ``SITE`` (when there are
+    any) and on ``PYTHONPATH``, DeepSpeed's arch list, unbuffered output."""
+    env = dict(os.environ, TORCH_CUDA_ARCH_LIST="9.0", PYTHONUNBUFFERED="1")
+    wheels = sorted(str(p) for p in (ROOT / ".whl").glob("*.whl"))
+    if wheels:
+        subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--no-index", "--no-deps", "--no-compile",
+                        "--no-cache-dir", "--upgrade", "--target", SITE, *wheels], check=True)
+        env["PYTHONPATH"] = os.pathsep.join(p for p in (SITE, env.get("PYTHONPATH", "")) if p)
+    return env
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("name", nargs="?", choices=list(RECIPES), help="the recipe")
+    p.add_argument("--list", action="store_true", help="the recipes, with their issue and what they measure")
+    p.add_argument("--tag", default=time.strftime("%m%d"), help="results stem suffix, e.g. the session (s17)")
+    p.add_argument("--git_commit", default=None, help="recorded commit (the device copy has no .git)")
+    p.add_argument("--results_dir", default=os.environ.get("OUT") or str(ROOT / "bench" / "results"))
+    p.add_argument("--dry_run", action="store_true", help="print the commands, run nothing")
+    opts = p.parse_args(argv)
+    if not opts.list and opts.name is None:
+        p.error("name a recipe, or --list")
+    return opts
+
+
+def main(argv=None) -> int:
+    opts = parse_args(argv)
+    if opts.list:
+        for name, recipe in RECIPES.items():
+            print(f"{name:26} issue {recipe.issue}: {recipe.what}")
+        return 0
+    todo = commands(opts.name, opts.tag, opts.git_commit, opts.results_dir)
+    if opts.dry_run:
+        for command in todo:
+            print(shlex.join(command))
+        return 0
+    env = environment()
+    Path(NVME_PATH).mkdir(parents=True, exist_ok=True)
+    Path(opts.results_dir).mkdir(parents=True, exist_ok=True)
+    worst = 0
+    for command in todo:
+        print(f"[calls] {shlex.join(command)}", flush=True)
+        worst = max(worst, subprocess.run(command, cwd=ROOT, env=env).returncode)
+    return worst
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,47 @@
+"""bench/calls.py: every recipe's commands are accepted by the bench script they run (its own
+argument parser), their budgets fit one device call, and the dry run shows what would run."""
+
+from __future__ import annotations
+
+import shlex
+
+import pytest
+
+from tests.test_bench_scaling import _load
+
+calls = _load("calls", register=True)  # its dataclass is looked up by module name
+SCRIPTS = {"bench/run.py": "run", "bench/long_seq.py": "long_seq", "bench/largest_model.py": "largest_model"}
+
+
+@pytest.mark.parametrize("name", list(calls.RECIPES))
+def test_each_recipe_parses_and_fits_one_call(name):
+    commands = calls.commands(name, "s99", "abc123", "/tmp/out")
+    assert commands
+    budget = 0.0
+    for command in commands:
+        script, args = command[1], command[2:]
+        opts = _load(SCRIPTS[script]).parse_args(args)  # exits (fails the test) on an argument it refuses
+        assert opts.name == f"gpu_{name.replace('-', '_')}_s99"
+        assert opts.results_dir == "/tmp/out" and opts.git_commit == "abc123"
+        budget += opts.budget_s
+    assert budget <= calls.CALL_S
+
+
+def test_list_and_dry_run(capsys):
+    assert calls.main(["--list"]) == 0
+    listed = capsys.readouterr().out.splitlines()
+    assert [line.split()[0] for line in listed] == list(calls.RECIPES)
+    assert calls.main(["longseq-7b-256k", "--dry_run", "--tag", "s99", "--results_dir", "/tmp/out"]) == 0
+    (line,) = capsys.readouterr().out.splitlines()
+    args = shlex.split(line)
+    assert args[1] == "bench/long_seq.py" and args[args.index("--lengths") + 1] == "262144"
+    assert args[args.index("--name") + 1] == "gpu_longseq_7b_256k_s99"
+    with pytest.raises(SystemExit):
+        calls.parse_args([])  # a recipe or --list
+    with pytest.raises(SystemExit):
+        calls.parse_args(["no-such-recipe"])
+
+
+def test_the_nvme_folder_is_the_configs(tmp_path):
+    long_seq = _load("long_seq")
+    assert calls.NVME_PATH == long_seq.NVME_PATH
