@@ -117,6 +117,11 @@ class CheckpointOffload(saved_tensors_hooks):
         self._held_lock = threading.Lock()  # (its own: a _Held may be dropped while _lock is taken)
         super().__init__(self._pack, self._unpack)
 
+    @property
+    def held_now(self) -> int:
+        """Inputs held on the device that autograd still holds (``device_checkpoints``)."""
+        return self._held
+
     def _hold(self, tensor: torch.Tensor) -> _Held | None:
         """``tensor`` held on the device if fewer than ``on_device`` are (else None)."""
         with self._held_lock:

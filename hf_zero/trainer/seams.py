@@ -48,7 +48,7 @@ from hf_zero.init import sharded_load
 from hf_zero.checkpoint import digests
 from hf_zero.config import stage0_saves
 from hf_zero.engine.stages import NotAvailableYet
-from hf_zero.trainer import checkpoint, compile_watch, config_blocks, earlier_engine
+from hf_zero.trainer import checkpoint, compile_watch, config_blocks, earlier_engine, oom_hint
 from hf_zero.trainer.generation import sync_generate
 from hf_zero.trainer.streamed_save import save_stage3, save_whole
 from hf_zero.trainer.verify import verify_saved_adapter, verify_saved_weights
@@ -393,6 +393,10 @@ def train(self, resume_from_checkpoint=None, trial=None, ignore_keys_for_eval=No
         with counts, compile_watch.watching(self, session):
             return _original("train")(self, resume_from_checkpoint=resume_from_checkpoint, trial=trial,
                                       ignore_keys_for_eval=ignore_keys_for_eval)
+    except torch.OutOfMemoryError:
+        if session is not None:
+            oom_hint.say(session, self.args)  # which settings hold what on the device ([Note: out-of-memory hint])
+        raise
     finally:
         if session is not None and session.engine is not None:
             session.engine.settle()  # the params are the trained ones when train() returns
