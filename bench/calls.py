@@ -38,9 +38,9 @@ SITE = "/tmp/site"
 
 @dataclass(frozen=True)
 class Recipe:
-    issue: int
+    issue: int  # 0: several
     what: str
-    commands: tuple[tuple[str, ...], ...]  # (script, its arguments); "{name}": the results stem
+    commands: tuple[tuple[str, ...], ...]  # (script or "pytest", its arguments); "{name}": the results stem
 
 
 RECIPES: dict[str, Recipe] = {
@@ -71,6 +71,11 @@ RECIPES: dict[str, Recipe] = {
                "--warmup_steps", "0", "--measure_steps", "1", "--attempt_timeout", "560", "--budget_s", "570",
                "--exit_grace", "5", "--name", "{name}"),
     )),
+    "gpu-tests": Recipe(0, "the GPU tests not yet run on a GPU (out-of-memory hint, speculation, split speculation, "
+                           "sparse attention kernels)", (
+        ("pytest", "-q", "tests/gpu/test_oom_hint_gpu.py", "tests/gpu/test_speculation_gpu.py",
+         "tests/gpu/test_split_speculation_gpu.py", "tests/gpu/test_sparse_attention_flex.py"),
+    )),
     "compile": Recipe(21, "1.1B compiled against eager at stages 2 and 3, plain and FSDP2 compiled beside them "
                           "(targets 1.25, 1.2, >= plain compiled)", (
         ("bench/run.py", "--preset", "1b1", "--world_size", "1", "--max_steps", "20", "--warmup_steps", "5",
@@ -87,6 +92,9 @@ def commands(name: str, tag: str, git_commit: str | None, results_dir: str) -> l
     stem = f"gpu_{name.replace('-', '_')}_{tag}"
     out = []
     for command in RECIPES[name].commands:
+        if command[0] == "pytest":  # tests: their own output, no results files, cut off inside the call
+            out.append(["timeout", str(CALL_S - 40), sys.executable, "-m", "pytest", *command[1:]])
+            continue
         args = [a.replace("{name}", stem) for a in command[1:]]
         args += ["--results_dir", results_dir] + (["--git_commit", git_commit] if git_commit else [])
         out.append([sys.executable, command[0], *args])
@@ -123,7 +131,7 @@ def main(argv=None) -> int:
     opts = parse_args(argv)
     if opts.list:
         for name, recipe in RECIPES.items():
-            print(f"{name:26} issue {recipe.issue}: {recipe.what}")
+            print(f"{name:26} {f'issue {recipe.issue}' if recipe.issue else 'tests'}: {recipe.what}")
         return 0
     todo = commands(opts.name, opts.tag, opts.git_commit, opts.results_dir)
     if opts.dry_run:

@@ -7,7 +7,9 @@ import shlex
 
 import pytest
 
-from tests.test_bench_scaling import _load
+from tests.test_bench_scaling import _BENCH, _load
+
+ROOT = _BENCH.parent
 
 calls = _load("calls", register=True)  # its dataclass is looked up by module name
 SCRIPTS = {"bench/run.py": "run", "bench/long_seq.py": "long_seq", "bench/largest_model.py": "largest_model"}
@@ -19,6 +21,10 @@ def test_each_recipe_parses_and_fits_one_call(name):
     assert commands
     budget = 0.0
     for command in commands:
+        if "pytest" in command:  # the GPU tests, under a timeout inside the call: every file named exists
+            assert command[0] == "timeout" and int(command[1]) <= calls.CALL_S
+            assert all((ROOT / path).is_file() for path in command if path.endswith(".py"))
+            continue
         script, args = command[1], command[2:]
         opts = _load(SCRIPTS[script]).parse_args(args)  # exits (fails the test) on an argument it refuses
         assert opts.name == f"gpu_{name.replace('-', '_')}_s99"
