@@ -126,6 +126,7 @@ def _resume(rank, world, stage, nvme_path, checkpoint):
     model, engine = make(_offload("nvme", nvme_path))
     _steps(model, engine, rank, 0, 3)
     sharded.save(engine, f"{checkpoint}/bf16")  # reads the bf16 moments through the files' views
+    torch.distributed.barrier()  # save returns once this rank's part is written, not every rank's
     engine.close()
     for device in ("nvme", "cpu"):
         model, engine = make(_offload(device, nvme_path))
@@ -139,6 +140,7 @@ def _resume(rank, world, stage, nvme_path, checkpoint):
     model, engine = make(_offload("nvme", nvme_path, state_dtype="fp32"))
     _steps(model, engine, rank, 0, 3)
     sharded.save(engine, f"{checkpoint}/fp32")
+    torch.distributed.barrier()  # save returns once this rank's part is written, not every rank's
     engine.close()
     resumed = {}
     for device in ("nvme", "cpu"):

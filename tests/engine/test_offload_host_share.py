@@ -138,6 +138,7 @@ def _resume(rank, world, stage, nvme_path, checkpoint):
     model, engine = make(0.25)
     _steps(model, engine, rank, 0, 3)
     sharded.save(engine, checkpoint)
+    torch.distributed.barrier()  # save returns once this rank's part is written, not every rank's
     engine.close()
 
     for share in (0.6, 0.0):

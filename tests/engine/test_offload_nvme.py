@@ -130,6 +130,7 @@ def _resume(rank, world, stage, nvme_path, checkpoint):
     model, engine = make()
     _steps(model, engine, rank, 0, 3)
     sharded.save(engine, checkpoint)  # reads the masters and moments through the files' views
+    torch.distributed.barrier()  # save returns once this rank's part is written, not every rank's
     engine.close()
 
     model, engine = make()

@@ -131,6 +131,7 @@ def _resume(rank, world, checkpoint, nvme_path=None):
     model, engine = _make(base, 1.0, shards, 0)
     _steps(model, engine, rank, 0, 3)
     sharded.save(engine, checkpoint)  # masters, moments and the frozen host shards
+    torch.distributed.barrier()  # save returns once this rank's part is written, not every rank's
     engine.close()
 
     model, engine = _make(base, 1.0, shards, 0)

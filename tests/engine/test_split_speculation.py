@@ -128,6 +128,7 @@ def _resume(rank, world, stage, nvme_path, checkpoint):
     before, _, _ = _steps(model, engine, rank, RESUME[:SAVED_AT])
     engine.settle()
     sharded.save(engine, checkpoint)
+    torch.distributed.barrier()  # save returns once this rank's part is written, not every rank's
     engine.close()
 
     model, engine, policy = _engine(base, stage, _offload("split", nvme_path))
