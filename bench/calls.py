@@ -13,9 +13,8 @@ into ``--results_dir`` (at most 8 files come back from a call: a recipe writes f
 
 Before the commands: wheels in ``.whl/`` (DeepSpeed 0.19.8's, copied from
 ``../shared/wheels/deepspeed-0.19.8``; bench/README) are installed into ``/tmp/site`` and put on
-``PYTHONPATH``, ``TORCH_CUDA_ARCH_LIST=9.0`` (the image's ``9.0a`` breaks DeepSpeed's op builder),
-and the NVMe folder the configs name is created (hf_zero refuses a missing ``nvme_path``). The
-device copy of the repo has no ``.git``: pass ``--git_commit "$(git rev-parse HEAD)"`` (written
+``PYTHONPATH``, and ``TORCH_CUDA_ARCH_LIST=9.0`` is set (the image's ``9.0a`` breaks DeepSpeed's
+op builder); long_seq.py and largest_model.py create the NVMe folders they use. The device copy of the repo has no ``.git``: pass ``--git_commit "$(git rev-parse HEAD)"`` (written
 here into an ignored file that travels, e.g. ``.gpu/commit``, and read there with ``$(cat ...)``).
 """
 
@@ -32,7 +31,6 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 CALL_S = 580  # a call's command limit is 600 s; the rest is margin for set-up and the last write
-NVME_PATH = "/tmp/hf_zero_nvme"
 SITE = "/tmp/site"
 
 
@@ -139,7 +137,6 @@ def main(argv=None) -> int:
             print(shlex.join(command))
         return 0
     env = environment()
-    Path(NVME_PATH).mkdir(parents=True, exist_ok=True)
     Path(opts.results_dir).mkdir(parents=True, exist_ok=True)
     worst = 0
     for command in todo:

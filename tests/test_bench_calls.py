@@ -47,7 +47,3 @@ def test_list_and_dry_run(capsys):
     with pytest.raises(SystemExit):
         calls.parse_args(["no-such-recipe"])
 
-
-def test_the_nvme_folder_is_the_configs(tmp_path):
-    long_seq = _load("long_seq")
-    assert calls.NVME_PATH == long_seq.NVME_PATH

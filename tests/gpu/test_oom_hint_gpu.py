@@ -4,15 +4,13 @@ device's memory from torch.cuda (the CPU tests in tests/trainer/test_oom_hint.py
 
 from __future__ import annotations
 
-import logging
-
 import pytest
 import torch
 from transformers import AutoModelForCausalLM, LlamaConfig, Trainer, TrainingArguments
 
-import hf_zero.trainer as zt
 from hf_zero.byte_units import fmt_bytes
 from hf_zero.testing.multiprocess import run_on_ranks
+from tests.trainer.test_oom_hint import hint_messages
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 
@@ -31,19 +29,11 @@ def _oom_run(rank, world, root):
         torch.empty(too_much, dtype=torch.uint8, device=output.device)
 
     model.lm_head.register_forward_hook(out_of_memory)
-    records = []
-    handler = logging.Handler()
-    handler.emit = records.append
-    logging.getLogger("hf_zero.trainer.oom_hint").addHandler(handler)
-    zt.activate({"zero_optimization": {"stage": 2}})
-    try:
+    with hint_messages({"zero_optimization": {"stage": 2}}) as messages:
         trainer = Trainer(model=model, args=args, train_dataset=data)
         with pytest.raises(torch.OutOfMemoryError):
             trainer.train()
-    finally:
-        zt.deactivate()
-        logging.getLogger("hf_zero.trainer.oom_hint").removeHandler(handler)
-    return [r.getMessage() for r in records]
+    return messages
 
 
 def test_a_real_out_of_memory_error_gets_the_device_memory_line(tmp_path):

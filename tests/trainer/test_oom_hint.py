@@ -6,8 +6,8 @@ values (a stage-3 run is not told to use stage 3; device_checkpoints with how ma
 from __future__ import annotations
 
 import logging
+from contextlib import contextmanager
 
-import pytest
 import torch
 from transformers import AutoModelForCausalLM, LlamaConfig, Trainer, TrainingArguments
 
@@ -15,6 +15,22 @@ import hf_zero.trainer as zt
 from hf_zero.testing.multiprocess import run_on_ranks
 
 LAYERS = 3
+
+
+@contextmanager
+def hint_messages(config: dict):
+    """hf_zero activated with ``config`` inside; yields the list the hint's log lines land in."""
+    messages = []
+    handler = logging.Handler()
+    handler.emit = lambda record: messages.append(record.getMessage())
+    logger = logging.getLogger("hf_zero.trainer.oom_hint")
+    logger.addHandler(handler)
+    zt.activate(config)
+    try:
+        yield messages
+    finally:
+        zt.deactivate()
+        logger.removeHandler(handler)
 
 
 def _oom_run(rank, world, root, config, checkpointing):
@@ -32,22 +48,14 @@ def _oom_run(rank, world, root, config, checkpointing):
         raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 4.00 GiB (a test)")
 
     model.lm_head.register_forward_hook(out_of_memory)
-    records = []
-    handler = logging.Handler()
-    handler.emit = records.append
-    logging.getLogger("hf_zero.trainer.oom_hint").addHandler(handler)
-    zt.activate(config)
-    try:
+    with hint_messages(config) as messages:
         trainer = Trainer(model=model, args=args, train_dataset=data)
         try:
             trainer.train()
             raised = None
         except torch.OutOfMemoryError as error:
             raised = str(error)
-    finally:
-        zt.deactivate()
-        logging.getLogger("hf_zero.trainer.oom_hint").removeHandler(handler)
-    return raised, [r.getMessage() for r in records]
+    return raised, messages
 
 
 def _hint(tmp_path, config, checkpointing):

@@ -59,6 +59,7 @@ from typing import Callable
 
 import torch
 
+from hf_zero.byte_units import fmt_bytes
 from hf_zero.engine.offload import device_room
 from hf_zero.engine.offload.host_memory import HostMemory
 from hf_zero.engine.offload.leg_share import LegShare, Phase
@@ -138,8 +139,6 @@ class DeviceLeg:
         if free >= need:
             return True
         if not self.no_room_steps:
-            from hf_zero.byte_units import fmt_bytes
-
             logger.warning("offload_optimizer.device_share: the device had %s free at the run's peak, less than the "
                            "%s its leg needs (two chunks in flight and %.0f%% of its memory kept free); the CPU "
                            "steps every chunk while that holds ([Note: leg room] in device_leg.py)",
