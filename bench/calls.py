@@ -49,6 +49,13 @@ RECIPES: dict[str, Recipe] = {
                           "hfzero-s2-offload-leg30,hfzero-s2-offload-legauto",
                "--name", "{name}"),
     )),
+    "offload-7b": Recipe(18, "7B stage 2 + CPU optimizer offload on one H100 (ratio 0.7, grad accum 8, gradient "
+                             "checkpointing, clip 1.0; target >= 6,300 tok/s), with and without the device leg", (
+        ("bench/run.py", "--preset", "7b", "--world_size", "1", "--micro_batch", "2", "--grad_accum", "8",
+               "--max_steps", "5", "--warmup_steps", "2", "--init_device", "cuda", "--extra=--gradient_checkpointing",
+               "--timeout", "180", "--exit_grace", "10", "--min_mode_s", "100", "--budget_s", "330",
+               "--modes", "hfzero-s2-offload-r70,hfzero-s2-offload-r70-legauto", "--name", "{name}"),
+    )),
     "largest-13b": Recipe(18, "13B full fine-tune on one H100 (fp32 state split host/NVMe), then DeepSpeed's "
                               "result with the same JSON", (
         ("bench/largest_model.py", "--plan", "13b-fp32-split", "--tools", "hfzero,ds", "--budget_s", "560",

@@ -195,6 +195,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--tools", default="hfzero,ds", help=f"comma list, run in order: {', '.join(TOOLS)}")
     p.add_argument("--shape", default="13b", choices=list(SHAPES), help="tiny: the CPU dry run's shape")
     p.add_argument("--ratio", type=float, default=None, help="offload_optimizer.ratio (default: the plan's)")
+    p.add_argument("--host_share", type=float, default=None,
+                   help="offload_optimizer.host_share for a plan with the optimizer on NVMe (default: host_share_for's)")
     p.add_argument("--micro_batch", type=int, default=None, help="default: the plan's")
     p.add_argument("--seq_len", type=int, default=2048)
     p.add_argument("--max_steps", type=int, default=5)
@@ -333,7 +335,7 @@ def main(argv=None) -> int:
     cuda = env_info["cuda"] if opts.device == "auto" else opts.device == "cuda"
     n = n_params("13b", plan.layers)  # the plan's model: --shape tiny runs its config at a tiny shape
     ratio = opts.ratio if opts.ratio is not None else ratio_for(plan, n)
-    where = placement(plan, n, ratio)
+    where = placement(plan, n, ratio, opts.host_share)
     results, out = Path(opts.results_dir), Path(opts.results_dir) / opts.name
     results.mkdir(parents=True, exist_ok=True)
     configs = {"hfzero": results / f"{opts.name}_config.json", "ds": results / f"{opts.name}_ds_config.json"}
