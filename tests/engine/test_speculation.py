@@ -246,6 +246,25 @@ def test_room_counts_the_state_a_first_step_creates(monkeypatch):
     assert spec.hand_over(0, stateless=False) is True
 
 
+def test_room_promised_earlier_in_the_step_is_not_offered_again(monkeypatch):
+    """[Note: promised room]: chunks handed over in one step before the worker allocated anything
+    see the same ``MemAvailable``; each one's room comes out of it for the next, so together they
+    never eat the reserve. After ``end_step`` the reading stands alone again."""
+    from hf_zero.engine.offload import speculation
+
+    total = 1000 * 12  # the reserve: 1200 bytes
+    monkeypatch.setattr(speculation, "meminfo", lambda: (1200 + 2 * 1200 + 600, total))  # room for two chunks' copies
+    spec = Speculation(SpeculationPolicy(budget=1.0), [100, 100, 100, 100], bytes_per_element=12)
+    assert [spec.hand_over(c) for c in range(3)] == [True, True, False]
+    assert spec.chunks[2] is ChunkStep.HELD
+    spec.validate(1.0)
+    spec.end_step()
+    # the next step: chunks 0 and 1 keep their buffers; a fresh reading (their copies now counted in
+    # it) with room for one more chunk admits chunk 2, and chunk 3 is held again
+    monkeypatch.setattr(speculation, "meminfo", lambda: (1200 + 1200 + 600, total))
+    assert [spec.hand_over(c) for c in range(4)] == [True, True, True, False]
+
+
 def test_snapshots_restore_masters_and_state_bit_for_bit():
     from hf_zero.engine.offload.speculation import Snapshots
 

@@ -207,6 +207,7 @@ class Speculation:
         self._speculating = False  # this step: the policy said so
         self._reserved = 0  # elements of the chunks queued before the verdict, this step
         self._kept: set[int] = set()  # chunks whose copies have buffers (last steps)
+        self._promised = 0  # bytes ``_room_for`` granted this step ([Note: promised room])
         self._lock = threading.Lock()
 
     def _expect(self, *verdicts: Verdict) -> None:
@@ -236,12 +237,20 @@ class Speculation:
         the first time ``c`` would speculate. The copies' buffers grow to their full size at its
         first speculative step after it has optimizer state; ``MemAvailable`` does not yet count a
         ``stateless`` chunk's state (its first step makes it), so that is counted here too."""
+        # [Note: promised room] The room granted earlier in this step is subtracted from the
+        # reading: a chunk's buffers are allocated by the worker when it starts the chunk, and
+        # grads come down faster than it steps, so during a run's first backward several chunks
+        # ask while ``MemAvailable`` still shows the room the ones before them were promised (a
+        # 13B run on an H100 admitted its whole budget that way and left 0.3 GiB of 125 free).
+        # A reading taken after some of those buffers exist counts them twice, which errs toward
+        # holding a chunk; ``end_step`` (every chunk done, every promise allocated) clears it.
         if c in self._kept:
             return True
         got = meminfo()
         needed = self.chunk_numel[c] * (self.bytes_per_element + (self.bytes_per_element - 4) * stateless)
-        if got is not None and got[0] - needed < HOST_RESERVE * got[1]:
+        if got is not None and got[0] - self._promised - needed < HOST_RESERVE * got[1]:
             return False
+        self._promised += needed
         self._kept.add(c)
         return True
 
@@ -305,5 +314,5 @@ class Speculation:
         with self._lock:
             if self.verdict in (Verdict.IDLE, Verdict.OPEN):
                 return
-            self.verdict, self.scale, self.chunks = Verdict.IDLE, None, {}
+            self.verdict, self.scale, self.chunks, self._promised = Verdict.IDLE, None, {}, 0
             self.snapshots.forget()
