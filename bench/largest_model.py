@@ -40,7 +40,11 @@ starting when the disk under ``--nvme_path`` has less free). DeepSpeed has no ho
 config puts all of the offloaded optimizer on NVMe (the same JSON less ``host_share``). Gradient
 accumulation is left at 1: at W = 1 every bucket's fp32 main grad stays on the GPU while
 micro-steps accumulate (4 N: 52 GB at 13B), so a larger micro batch buys the tokens instead.
-`--ratio` overrides the plan's (`ratio_for`: H spent whole); `placement` prints what to expect.
+`--ratio` overrides the plan's (`ratio_for`: H spent whole), `--host_share` ``host_share_for``'s;
+`placement` prints what to expect. Measured on an H100 (bench/results/h100_session17_summary.md):
+W at micro batch 2 is a few GiB, not 13, and the process holds ~25 GiB of host beside the tiers
+while it builds them, so the plan's own 13B split (ratio 0.683, share 0.67) was killed by the
+host; `--ratio 0.63 --host_share 0.66` (GPU 73.5 GiB, host 124.8 GiB, disk 52.6 GiB) trained.
 
 Progress: a line per optimizer step from the job (`--progress_out`, [Note: progress] in job.py)
 echoed with a timestamp; every 5 s a host sample (used = MemTotal - MemAvailable, swap-file bytes
