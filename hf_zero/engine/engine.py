@@ -167,11 +167,12 @@ class ZeroEngine:
         self._grads_on_host = False
         # Masters, optimizer pieces and the host step come with the optimizer: a model sharded as it
         # loads (hf_zero/init) holds only its param shards until the Trainer creates one.
-        if self._host_step is not None:
+        replacing = self._host_step is not None
+        if replacing:
             self._host_step.close()  # a re-layout: the old swap files go before the new ones are sized
         self._host_step = None
         if self.optimizer is not None:
-            self._host_step = pieces.build_masters(self)
+            self._host_step = pieces.build_masters(self, replacing=replacing)
 
     # ---- full params --------------------------------------------------------------------------
 

@@ -36,9 +36,11 @@ def check_optimizer(optimizer: torch.optim.Optimizer) -> None:
         )
 
 
-def build_masters(engine) -> HostStep | None:
+def build_masters(engine, replacing: bool = False) -> HostStep | None:
     """fp32 master shards (on the host for offloaded buckets), the optimizer's pieces, and the
-    optimizer pointed at them; returns the host step of the offloaded buckets, if any."""
+    optimizer pointed at them; returns the host step of the offloaded buckets, if any.
+    ``replacing``: an earlier host step's masters and state are still held (carried over), so the
+    host's memory is not checked against the new need ([Note: host room]: the first build was)."""
     buckets = engine.buckets
     # Buckets whose master, optimizer state and step live on the host (offload.py).
     sizes = [b.shard_numel for b in buckets]
@@ -47,7 +49,7 @@ def build_masters(engine) -> HostStep | None:
     if any(offloaded):
         host_step = HostStep(offloaded, sizes, buckets[0].buffer.device, HostMemory(engine.offload.pin_memory),
                              engine.streams, engine.offload.chunk_numel, offload=engine.offload, ctx=engine.ctx,
-                             optimizer=engine.optimizer)
+                             optimizer=engine.optimizer, check_room=not replacing)
         engine.grad_sync.on_reduced = engine._on_reduced
     # Optimizer offload to NVMe: each offloaded master is written to its swap file here (a bar on rank 0).
     to_disk = host_step is not None and host_step.tier.on_disk

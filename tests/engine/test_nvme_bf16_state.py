@@ -24,6 +24,7 @@ from hf_zero.config.unsupported import refusals
 from hf_zero.engine import ZeroEngine
 from hf_zero.engine.offload import nvme_files, split_tier
 from hf_zero.engine.offload.host_memory import HostMemory
+from hf_zero.engine.offload.host_room import HostReading
 from hf_zero.engine.offload.nvme_swap import NvmeTier, block_numel, bytes_per_element
 from hf_zero.engine.offload.settings import OptimizerOffload
 from hf_zero.engine.offload.split_tier import SplitTier
@@ -227,9 +228,9 @@ def test_auto_host_share_counts_two_bytes_per_state_value(tmp_path, monkeypatch,
     # host_share "auto" ([Note: host share]): master and bf16 moments take 8 bytes per element in host
     # memory and in the chunk buffers, so more of them fit than of fp32 state (12)
     gib = 2**30
-    monkeypatch.setattr(split_tier, "host_memory", lambda: (100 * gib, 128 * gib))
+    got = HostReading(100 * gib, 128 * gib, 1)
     chunks = [10**9] * 10
-    fp32, bf16 = split_tier.auto_share(chunks, 12, 4, None), split_tier.auto_share(chunks, 8, 4, None)
+    fp32, bf16 = split_tier.auto_share(chunks, 12, 4, got), split_tier.auto_share(chunks, 8, 4, got)
     assert (fp32.state_bytes_per_element, bf16.state_bytes_per_element) == (12, 8)
     assert bf16.fixed_bytes == int(4e10 + 4 * 8 * 1e9)
     assert bf16.share == pytest.approx((100 * gib - 0.1 * 128 * gib - 4e10 - 4 * 8e9) / 8e10)

@@ -5,7 +5,8 @@
   ``ShardMemory`` for stage-3 param shards) and its two factories (``state_tier``,
   ``param_memory``): a new tier is a new module here plus one branch in a factory.
 - ``host_memory.py`` (pinned host RAM), ``nvme_swap.py`` (optimizer state in swap files),
-  ``nvme_params.py`` (param shards in swap files), ``nvme_files.py`` (the swap files themselves).
+  ``nvme_params.py`` (param shards in swap files), ``nvme_files.py`` (the swap files themselves);
+  ``host_room.py``: the host part of an optimizer offload checked against the host's memory first.
 - ``host_step.py``: the chunked host optimizer step, pipelined with the copies;
   ``step_overlap.py``: overlapping that step with backward and the next forward;
   ``speculation.py``: with clipping, that step run before the global norm and validated against it;

@@ -138,7 +138,7 @@ def place(engine, ratio: float) -> None:
     if old is not None:
         old.close()  # NVMe: its files go (the state's views of them stay readable until dropped)
     engine.offload = dataclasses.replace(engine.offload, ratio=ratio)
-    engine._host_step = pieces.build_masters(engine)
+    engine._host_step = pieces.build_masters(engine, replacing=old is not None)
     with torch.no_grad():
         for b, master in zip(engine.buckets, masters):
             if master is not None and b.master is not master:

@@ -96,7 +96,7 @@ class HostStep:
 
     def __init__(self, offloaded: list[bool], shard_sizes: list[int], device: torch.device,
                  host_memory: HostMemory, streams: Streams, chunk_numel: int, *,
-                 offload: OptimizerOffload | None = None, ctx=None, optimizer=None) -> None:
+                 offload: OptimizerOffload | None = None, ctx=None, optimizer=None, check_room: bool = True) -> None:
         self.device, self.streams, self.memory = device, streams, host_memory
         self.chunks: list[list[int]] = []
         current, size = [], 0
@@ -110,7 +110,7 @@ class HostStep:
                 current, size = [], 0
         if current:
             self.chunks.append(current)
-        self.tier = state_tier(offload, self.chunks, shard_sizes, host_memory, ctx, optimizer)
+        self.tier = state_tier(offload, self.chunks, shard_sizes, host_memory, ctx, optimizer, check_room)
         # [Note: bf16 host state] (state_dtype.py): None keeps the optimizer's own fp32 state.
         self._state_dtype = offload.state_dtype if offload is not None else "fp32"
         dtype = STATE_DTYPES[self._state_dtype]

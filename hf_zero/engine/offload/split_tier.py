@@ -68,9 +68,7 @@ from dataclasses import dataclass
 
 import torch
 
-from hf_zero.engine.offload.host_memory import meminfo as host_memory  # tests replace split_tier.host_memory
-
-MARGIN = 0.10  # of the host's memory (MemTotal), left free by "auto"
+from hf_zero.engine.offload.host_room import MARGIN, HostReading  # MARGIN: of MemTotal, left free by "auto"
 
 
 def host_chunks(chunk_numel: list[int], share: float) -> int:
@@ -109,31 +107,21 @@ class AutoShare:
                    if self.copy_share else ""))
 
 
-def auto_share(chunk_numel: list[int], per_element: int, buffer_count: int, ctx, copy_share: float = 0.0) -> AutoShare:
+def auto_share(chunk_numel: list[int], per_element: int, buffer_count: int, got: HostReading | None,
+               copy_share: float = 0.0) -> AutoShare:
     """``host_share`` "auto" for chunks of ``chunk_numel`` elements (see the Note), ``per_element``
     bytes of master and state per element (``nvme_swap.bytes_per_element``), room for speculation's
-    copies of up to ``copy_share`` of the elements; every rank of one host takes the same reading, so
-    they agree."""
-    import torch.distributed as dist
-
-    from hf_zero.engine.offload.nvme_files import host_name
-
-    got = host_memory()
-    mine = (host_name(), *(got if got is not None else (0, 0)))
-    everyone = [mine]
-    if ctx is not None and ctx.world_size > 1:
-        everyone = [None] * ctx.world_size
-        dist.all_gather_object(everyone, mine, group=ctx.group)
-    here = [(a, t) for (h, a, t) in everyone if h == mine[0]]
-    available, total = min(a for a, _ in here), max(t for _, t in here)
-    per_rank = (available - MARGIN * total) / len(here)
+    copies of up to ``copy_share`` of the elements, from the host's reading (``host_room.readings``, this host's:
+    every rank of one host takes the same, so they agree; None: no host memory to read, share 0)."""
+    available, total, ranks = (got.available, got.total, got.ranks) if got is not None else (0, 0, 1)
+    per_rank = (available - MARGIN * total) / ranks
     elements = sum(chunk_numel)
     fixed = 4 * elements + buffer_count * per_element * max(chunk_numel, default=0)
     room = max(0.0, per_rank - fixed) / per_element  # elements of masters + state (and copies)
     copies = copy_share * elements
     host = room - copies if room >= 2 * copies else room / 2
     share = 0.0 if elements == 0 else min(1.0, host / elements)
-    return AutoShare(share, available, total, len(here), per_element, int(fixed), copy_share)
+    return AutoShare(share, available, total, ranks, per_element, int(fixed), copy_share)
 
 
 def say(choice: AutoShare, ctx) -> None:

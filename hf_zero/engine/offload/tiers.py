@@ -31,6 +31,7 @@ from typing import Protocol
 
 import torch
 
+from hf_zero.engine.offload import host_room
 from hf_zero.engine.offload.host_memory import HostMemory
 from hf_zero.engine.offload.nvme_files import BLOCK_BYTES
 from hf_zero.engine.offload.nvme_params import NvmeParamMemory
@@ -129,20 +130,31 @@ def param_memory(offload: ParamOffload, model, ctx) -> ShardMemory:
 
 
 def state_tier(offload: OptimizerOffload | None, chunks: list[list[int]], shard_sizes: list[int],
-               memory: HostMemory, ctx=None, optimizer=None) -> StateTier:
+               memory: HostMemory, ctx=None, optimizer=None, check_room: bool = True) -> StateTier:
     """The tier ``offload`` asks for (None: host memory, as in tests that build a HostStep alone);
     with "nvme", the first chunks up to ``host_share`` of the elements in host memory ([Note: host
-    share]): all of them a ``HostTier``, none an ``NvmeTier``, else a ``SplitTier`` of the two."""
-    if offload is None or offload.device == "cpu":
+    share]): all of them a ``HostTier``, none an ``NvmeTier``, else a ``SplitTier`` of the two.
+    ``check_room``: refuse a host part the host cannot hold, before it is allocated ([Note: host room])."""
+    if offload is None:
         return HostTier(memory, chunks)
     numel = [sum(shard_sizes[i] for i in chunk) for chunk in chunks]
+    per_element = bytes_per_element(optimizer, offload.state_dtype)
+    hosts = host_room.readings(ctx)  # every rank builds its tier: one reading per host ([Note: host room])
+    if offload.device == "cpu":
+        if check_room:
+            host_room.check(host_room.HostNeed(sum(numel), sum(numel), per_element), hosts, offload)
+        return HostTier(memory, chunks)
     share = offload.host_share
     if share == "auto":
-        choice = split_tier.auto_share(numel, bytes_per_element(optimizer, offload.state_dtype), offload.buffer_count,
-                                       ctx, copy_share=DEFAULT_BUDGET)
+        choice = split_tier.auto_share(numel, per_element, offload.buffer_count, hosts[0] if hosts else None,
+                                       copy_share=DEFAULT_BUDGET)
         split_tier.say(choice, ctx)
         share = choice.share
     count = split_tier.host_chunks(numel, share)
+    # the NVMe side's chunk buffers, as NvmeTier holds them (``buffer_count`` of its largest chunk)
+    buffers = offload.buffer_count * per_element * max(numel[count:], default=0) if count < len(chunks) else 0
+    if check_room:
+        host_room.check(host_room.HostNeed(sum(numel), sum(numel[:count]), per_element, buffers), hosts, offload)
     if count == len(chunks):
         return HostTier(memory, chunks)
     if count == 0:
