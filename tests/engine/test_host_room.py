@@ -52,7 +52,7 @@ def test_nvme_suggests_a_host_share_that_fits():
 def test_a_need_that_leaves_less_than_the_margin_is_allowed_with_a_warning():
     need = HostNeed(10**9, 10**9, 12)  # 16 GB
     check(need, [HostReading(40 * GIB, 125 * GIB, 1)], CPU)  # 25 GiB left: above 10%
-    with pytest.warns(ResourceWarning, match="leaves less than 10% of the host free"):
+    with pytest.warns(RuntimeWarning, match="leaves less than 10% of the host free"):
         check(need, [HostReading(20 * GIB, 125 * GIB, 1)], CPU)
     check(need, [], CPU)  # no /proc/meminfo: nothing to judge
 

@@ -228,7 +228,7 @@ def test_auto_builds_the_tier_it_chose(monkeypatch, tmp_path):
     # model's: under 1 MiB) fit but eat into the margin ([Note: host room])
     monkeypatch.setattr(host_room, "meminfo", lambda: (int(12.8 * gib), 128 * gib))
     model = tiny_llama(0)
-    with pytest.warns(ResourceWarning, match="leaves less than 10% of the host free"):
+    with pytest.warns(RuntimeWarning, match="leaves less than 10% of the host free"):
         engine = ZeroEngine(model, torch.optim.AdamW(model.parameters()), stage=2, bucket_numel=3000, offload=offload)
     assert type(engine._host_step.tier) is NvmeTier
     engine.close()

@@ -114,7 +114,7 @@ def check(need: HostNeed, hosts: list[HostReading], offload) -> None:
         warnings.warn(head + f"; that leaves less than {MARGIN:.0%} of the host free (speculation's copies will "
                       "find little room, and other processes none). " + _what_fits(need, per_rank - MARGIN * got.total
                                                                                 / got.ranks, offload),
-                      ResourceWarning, stacklevel=3)
+                      RuntimeWarning, stacklevel=3)
 
 
 def _what_fits(need: HostNeed, room: float, offload) -> str:
