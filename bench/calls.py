@@ -79,6 +79,11 @@ RECIPES: dict[str, Recipe] = {
                "--warmup_steps", "0", "--measure_steps", "1", "--attempt_timeout", "560", "--budget_s", "570",
                "--exit_grace", "5", "--name", "{name}"),
     )),
+    "longseq-1b1-plain": Recipe(19, "1.1B, the plain Trainer's longest sequence (gradient checkpointing, no hf_zero): "
+                                    "the issue's third column", (
+        ("bench/long_seq.py", "--preset", "1b1", "--systems", "plain", "--warmup_steps", "0", "--measure_steps", "1",
+               "--attempt_timeout", "150", "--budget_s", "540", "--exit_grace", "10", "--name", "{name}"),
+    )),
     "gpu-tests": Recipe(0, "the GPU tests not yet run on a GPU (out-of-memory hint, speculation, split speculation, "
                            "sparse attention kernels)", (
         ("pytest", "-q", "tests/gpu/test_oom_hint_gpu.py", "tests/gpu/test_speculation_gpu.py",
