@@ -249,12 +249,22 @@ def _read_lines(path: Path) -> list[dict]:
     return out
 
 
-def _host_used() -> int:
+# What "used" is made of (session 17: a 13B run held ~25 GiB of host beside its tiers before they were
+# built, which CPU runs of the same code do not show): anonymous pages, page-locked ones, dirty pages.
+BREAKDOWN = ("AnonPages", "Mlocked", "Unevictable", "Shmem", "Dirty", "Writeback", "Cached")
+
+
+def _meminfo() -> dict[str, int]:
     info = {}
     with open("/proc/meminfo") as f:
         for line in f:
             key, value = line.split(":", 1)
             info[key] = int(value.split()[0]) * 1024
+    return info
+
+
+def _host_used(info: dict[str, int] | None = None) -> int:
+    info = info or _meminfo()
     return info["MemTotal"] - info["MemAvailable"]
 
 
@@ -284,17 +294,22 @@ class Watch(threading.Thread):
             self.poll()
             if time.time() - last_sample >= 5:
                 last_sample = time.time()
-                host, disk = _host_used(), _disk_used(self.nvme_path)
+                info = _meminfo()
+                host, disk = _host_used(info), _disk_used(self.nvme_path)
                 self.host_max, self.disk_max = max(self.host_max, host), max(self.disk_max, disk)
-                self.samples.append([round(last_sample, 1), round(host / GIB, 2), round(disk / GIB, 2)])
+                self.samples.append([round(last_sample, 1), round(host / GIB, 2), round(disk / GIB, 2),
+                                     {k: round(info.get(k, 0) / GIB, 2) for k in BREAKDOWN}])
 
     def poll(self) -> None:
         lines = _read_lines(self.progress)
+        info = _meminfo() if len(lines) > self.seen else {}
         for line in lines[self.seen:]:
             stamp = time.strftime("%H:%M:%S", time.localtime(line["wall"]))
             what = f"step {line['step']}: {line['step_s']:.1f} s" if line.get("event") == "step" else line.get("event")
             print(f"[largest {stamp}] {self.tool} {what}; peak alloc {line['peak_alloc_gib']} GiB, "
-                  f"rank RSS {line['host_rss_gib']:.1f} GiB, host used {_host_used() / GIB:.1f} GiB", flush=True)
+                  f"rank RSS {line['host_rss_gib']:.1f} GiB, host used {_host_used(info) / GIB:.1f} GiB "
+                  f"(anon {info.get('AnonPages', 0) / GIB:.1f}, locked {info.get('Mlocked', 0) / GIB:.1f}, "
+                  f"dirty {info.get('Dirty', 0) / GIB:.1f})", flush=True)
         if len(lines) > self.seen:
             self.seen = len(lines)
             self.tick(lines)
@@ -387,7 +402,7 @@ def main(argv=None) -> int:
                 record.update(measure(lines, opts.warmup_steps, tokens))
                 write()
 
-            record["host_samples"] = []  # [wall, host used GiB, swap files GiB] every 5 s
+            record["host_samples"] = []  # [wall, host used GiB, swap files GiB, {BREAKDOWN: GiB}] every 5 s
             watch = Watch(tool, progress, record["host_samples"], opts.nvme_path, tick)
             watch.start()
             print(f"[largest] {tool}: {shlex.join(cmd)}", flush=True)
