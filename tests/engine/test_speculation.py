@@ -265,6 +265,37 @@ def test_room_promised_earlier_in_the_step_is_not_offered_again(monkeypatch):
     assert [spec.hand_over(c) for c in range(4)] == [True, True, True, False]
 
 
+def test_copies_go_after_a_streak_without_speculation(monkeypatch):
+    """[Note: idle copies]: a run that clips at every step stops speculating after its first redo;
+    the copies' buffers go after ``RELEASE_AFTER`` such steps, and come back (room checked again)
+    when speculation resumes."""
+    from hf_zero.engine.offload import speculation
+
+    monkeypatch.setattr(speculation, "meminfo", lambda: (1 << 40, 1 << 40))
+    piece = torch.nn.Parameter(torch.randn(100))
+    opt = torch.optim.AdamW([piece], lr=0.1)
+    piece.grad = torch.randn(100)
+    opt.step()
+    spec = Speculation(SpeculationPolicy(budget=1.0, max_backoff=64), [100], bytes_per_element=12)
+    assert spec.hand_over(0) and spec.start(0) == (Action.SPECULATE, None)
+    spec.snapshots.keep(0, [piece], opt.state)
+    held = spec.snapshots.nbytes()
+    assert held >= 100 * 4 * 3 and 0 in spec._kept  # master and two moments (and the step count)
+    assert spec.validate(0.5) == ([0], [])  # clipped: redone, and the policy waits
+    spec.end_step()
+    for step in range(speculation.RELEASE_AFTER):
+        assert spec.snapshots.nbytes() == held  # still kept while the streak is short
+        assert spec.hand_over(0) is False  # the policy waits: held
+        spec.validate(0.5)
+        spec.end_step()
+    assert spec.snapshots.nbytes() == 0 and not spec._kept
+    # steps that do not clip end the wait; the next speculation keeps copies again
+    while not spec.hand_over(0):
+        spec.validate(1.0)
+        spec.end_step()
+    assert spec.start(0) == (Action.SPECULATE, None) and 0 in spec._kept
+
+
 def test_snapshots_restore_masters_and_state_bit_for_bit():
     from hf_zero.engine.offload.speculation import Snapshots
 

@@ -27,7 +27,8 @@ What it costs: per speculated element a copy of the master and of the optimizer'
 state before its step (AdamW: 12 bytes written, read back only for a redo), on the worker. Host
 memory for the copies: at most ``SpeculationPolicy.budget`` of the offloaded elements (AdamW:
 12 bytes each, so 3 bytes per offloaded element at the default 0.25; the copies of one chunk at
-least), allocated the first time and reused, and never more than leaves ``HOST_RESERVE`` of the
+least), allocated the first time and reused (released after ``RELEASE_AFTER`` steps in a row
+without speculation: [Note: idle copies]), and never more than leaves ``HOST_RESERVE`` of the
 host's available memory (at a run's first step counting the optimizer state that step is about to
 create, which ``MemAvailable`` does not show yet; ``host_share`` "auto" leaves room for the copies:
 [Note: host share] in split_tier.py). A chunk beyond the budget waits for the norm (``HELD``) and is then
@@ -56,6 +57,7 @@ from hf_zero.engine.diagnostics.labels import labelled
 from hf_zero.engine.offload.host_memory import meminfo
 
 HOST_RESERVE = 0.1  # of the host's memory: snapshots are not allocated into it (MemAvailable)
+RELEASE_AFTER = 8  # steps in a row without speculation, after which the copies' buffers go ([Note: idle copies])
 DEFAULT_BUDGET = 0.25  # SpeculationPolicy's budget: a share of the offloaded elements
 
 
@@ -171,6 +173,11 @@ class Snapshots:
         """The step is over: no copy is needed any more (the buffers stay for the next)."""
         self._saved.clear()
 
+    def release(self) -> None:
+        """Let the buffers go (between steps: no copy is saved)."""
+        self._saved.clear()
+        self._buffers.clear()
+
     def nbytes(self) -> int:
         """Bytes of the buffers (the worker may be adding some: counted from copies of the dicts)."""
         return sum(t.numel() * t.element_size() for b in list(self._buffers.values()) for t in list(b.values()))
@@ -208,6 +215,7 @@ class Speculation:
         self._reserved = 0  # elements of the chunks queued before the verdict, this step
         self._kept: set[int] = set()  # chunks whose copies have buffers (last steps)
         self._promised = 0  # bytes ``_room_for`` granted this step ([Note: promised room])
+        self._idle = 0  # steps in a row the policy did not let speculate ([Note: idle copies])
         self._lock = threading.Lock()
 
     def _expect(self, *verdicts: Verdict) -> None:
@@ -316,3 +324,14 @@ class Speculation:
                 return
             self.verdict, self.scale, self.chunks, self._promised = Verdict.IDLE, None, {}, 0
             self.snapshots.forget()
+            # [Note: idle copies] The copies' buffers are kept from step to step for the next
+            # speculation, but a clipping streak stops it (``SpeculationPolicy``: the wait ends only
+            # with steps that do not clip), and a run that clips at every step would hold them for
+            # nothing: a 13B run on an H100 held 23 GiB of them after its first step. After
+            # ``RELEASE_AFTER`` steps in a row without speculation they go, and the chunks' room is
+            # checked again when speculation resumes (a few steps in a row: not every other step,
+            # which would allocate them again and again).
+            self._idle = 0 if self._speculating else self._idle + 1
+            if self._idle >= RELEASE_AFTER and self._kept:
+                self.snapshots.release()
+                self._kept.clear()
