@@ -116,22 +116,28 @@ def check(need: HostNeed, hosts: list[HostReading], offload) -> None:
                       RuntimeWarning, stacklevel=3)
 
 
+SHORT = ("Not even a hundredth of it fits: free host memory (other processes hold it), run fewer ranks on this "
+         "host, or keep the optimizer on the GPU (no offload_optimizer).")
+
+
 def _what_fits(need: HostNeed, room: float, offload) -> str:
-    """The setting that would fit ``room`` bytes, worded for the user's keys."""
+    """The setting that would fit ``room`` bytes, worded for the user's keys (to 0.01, rounded down)."""
     ratio = 1.0 if offload.ratio == "auto" else float(offload.ratio)
     auto = (" (ratio \"auto\" offloads everything for its first step, then chooses)"
             if offload.ratio == "auto" else "")
     if offload.device == "nvme" and need.elements:
         spare = room - 4 * need.elements - need.buffer_bytes
-        if spare > 0:
-            share = int(100 * spare / (need.per_element * need.elements)) / 100
+        share = int(100 * spare / (need.per_element * need.elements)) / 100
+        if share > 0:
             return (f"Fits: offload_optimizer.host_share at most {share:.2f} (or \"auto\", which reads the host's "
                     f"memory and leaves {MARGIN:.0%} free), or a lower offload_optimizer.ratio{auto}.")
-        fit = max(0.0, (room - need.buffer_bytes) / 4)
+        lower = int(100 * ratio * max(0.0, room - need.buffer_bytes) / 4 / need.elements) / 100
+        if lower <= 0:
+            return SHORT
         return (f"Even with host_share 0 its fp32 grads and buffers do not fit: a lower offload_optimizer.ratio{auto}, "
-                f"about {int(100 * ratio * fit / need.elements) / 100:.2f} or less, keeps more on the GPU.")
-    per = 4 + need.per_element
-    fit = max(0.0, room / per)
-    lower = int(100 * ratio * fit / max(1, need.elements)) / 100
+                f"about {lower:.2f} or less, keeps more on the GPU.")
+    lower = int(100 * ratio * max(0.0, room) / (4 + need.per_element) / max(1, need.elements)) / 100
+    if lower <= 0:
+        return SHORT
     return (f"Fits: offload_optimizer.ratio about {lower:.2f} or less{auto} (more of the optimizer on the GPU), "
             "or device \"nvme\" with a host_share (masters and state in swap files), or fewer ranks on this host.")
