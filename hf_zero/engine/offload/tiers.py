@@ -139,7 +139,9 @@ def state_tier(offload: OptimizerOffload | None, chunks: list[list[int]], shard_
         return HostTier(memory, chunks)
     numel = [sum(shard_sizes[i] for i in chunk) for chunk in chunks]
     per_element = bytes_per_element(optimizer, offload.state_dtype)
-    hosts = host_room.readings(ctx)  # every rank builds its tier: one reading per host ([Note: host room])
+    # One reading per host ([Note: host room]), a collective: every rank builds its tier, with the same
+    # settings. A rebuild with a fixed share needs none.
+    hosts = host_room.readings(ctx) if check_room or offload.host_share == "auto" else []
     if offload.device == "cpu":
         if check_room:
             host_room.check(host_room.HostNeed(sum(numel), sum(numel), per_element), hosts, offload)
