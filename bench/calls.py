@@ -97,6 +97,7 @@ RECIPES: dict[str, Recipe] = {
         ("bench/run.py", "--preset", "1b1", "--world_size", "1", "--max_steps", "20", "--warmup_steps", "5",
                "--timeout", "150", "--exit_grace", "20", "--budget_s", "560",
                "--modes", "plain,hfzero-s3-compile,hfzero-s3,plain-compile,hfzero-s2-compile,hfzero-s2,fsdp2-compile",
+               "--profile_step", "12", "--profile_modes", "hfzero-s3-compile,plain-compile",
                "--name", "{name}"),
     )),
 }

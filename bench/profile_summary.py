@@ -26,6 +26,15 @@ and 6 ms before ``Optimizer.step``: host Python between the end of backward and 
 
 An NCCL kernel's duration includes the time it waits for the slowest rank to arrive, so nccl_us
 is an upper bound on transfer time, and exposed_nccl_us also counts waiting for stragglers.
+[Note: kernel time] ``kernel_time`` says where the compute went: the summed duration of every
+kernel, by class (``gemm``, ``attention``, ``triton`` (compiled regions), ``norm``, ``optimizer``,
+``copy``, ``elementwise``, ``nccl``, ``other``: the first pattern of ``_CLASSES`` a kernel's name
+matches), by the outermost ``user_annotation`` its launch ran in (not counting the profiler's own
+``ProfilerStep#N``) (``Optimizer.step``,
+``hf_zero::clip_grad_norm``, ...; ``(none)`` outside any), and the ``top`` kernel names by total
+time. Issue 21 asked where a compiled step's 154 ms of kernels went, which the interval summary
+above cannot say. Sums, not unions: kernels on several streams may add up to more than the span.
+
 Pure Python, no torch: unit tests feed it synthetic intervals (tests/test_profile_summary.py).
 """
 
@@ -153,6 +162,55 @@ def idle_gaps(trace: dict, min_us: float = 50.0, top: int = 8) -> dict:
     return {"idle_us": idle, "gaps": out}
 
 
+_CLASSES = (
+    ("nccl", re.compile(r"^nccl", re.I)),
+    ("attention", re.compile(r"flash|fmha|sdpa|attention", re.I)),
+    ("gemm", re.compile(r"gemm|nvjet|cutlass|xmma|cublas|wgmma", re.I)),
+    ("triton", re.compile(r"^triton_", re.I)),
+    ("norm", re.compile(r"reduce_kernel|norm", re.I)),  # before optimizer: the foreach norm is a multi_tensor_apply
+    ("optimizer", re.compile(r"adam|multi_tensor_apply", re.I)),
+    ("copy", re.compile(r"copy|memcpy|memset|cat_|fill", re.I)),
+    ("elementwise", re.compile(r"elementwise|vectorized|unrolled", re.I)),
+)
+
+
+def kernel_class(name: str) -> str:
+    """[Note: kernel time]: the first class of ``_CLASSES`` whose pattern ``name`` matches."""
+    return next((cls for cls, pattern in _CLASSES if pattern.search(name)), "other")
+
+
+def kernel_time(trace: dict, top: int = 15) -> dict:
+    """[Note: kernel time]: summed kernel microseconds by class, by outermost host annotation, and
+    the ``top`` kernel names, each list longest first."""
+    events = [ev for ev in trace.get("traceEvents", []) if ev.get("ph") == "X" and "dur" in ev]
+    kernels = [ev for ev in events if str(ev.get("cat", "")).lower() == "kernel"]
+    launches = {(ev.get("args") or {}).get("correlation"): ev for ev in events
+                if str(ev.get("cat", "")).lower() == "cuda_runtime"}
+    regions = sorted((ev for ev in events if str(ev.get("cat", "")).lower() == "user_annotation"
+                      and not str(ev.get("name", "")).startswith("ProfilerStep")),
+                     key=lambda ev: (float(ev["ts"]), -float(ev["dur"])))
+    by_class: dict[str, float] = defaultdict(float)
+    by_region: dict[str, float] = defaultdict(float)
+    by_name: dict[str, float] = defaultdict(float)
+    for k in kernels:
+        dur, name = float(k["dur"]), k.get("name", "")
+        by_class[kernel_class(name)] += dur
+        by_name[name] += dur
+        launch = launches.get((k.get("args") or {}).get("correlation"))
+        region = "(none)"
+        if launch is not None:  # the outermost annotation around the launch: the first that covers it
+            t = float(launch["ts"])
+            region = next((ev.get("name", "") for ev in regions
+                           if float(ev["ts"]) <= t <= float(ev["ts"]) + float(ev["dur"])), "(none)")
+        by_region[region] += dur
+
+    def ranked(d: dict[str, float], n: int | None = None) -> list[list]:
+        return [[k, round(v, 1)] for k, v in sorted(d.items(), key=lambda kv: -kv[1])[:n]]
+
+    return {"total_us": round(sum(by_class.values()), 1), "by_class": ranked(by_class),
+            "by_region": ranked(by_region), "top_kernels": ranked(by_name, top)}
+
+
 def load_trace(path: str) -> dict:
     opener = gzip.open if path.endswith(".gz") else open
     with opener(path, "rt") as f:
@@ -161,7 +219,8 @@ def load_trace(path: str) -> dict:
 
 def summarize_trace(path: str, step_wall_us: float | None = None) -> dict:
     trace = load_trace(path)
-    return {**summarize_kernels(kernels_from_trace(trace), step_wall_us), "idle": idle_gaps(trace)}
+    return {**summarize_kernels(kernels_from_trace(trace), step_wall_us), "idle": idle_gaps(trace),
+            "kernel_time": kernel_time(trace)}
 
 
 def describe(summary: dict) -> str:

@@ -112,3 +112,42 @@ def test_idle_gaps_name_the_host_ops_that_launched_the_kernel_after_each_gap():
     assert idle["gaps"] == [{"at_us": 20.0, "idle_us": 80.0, "next_kernel": "k3", "launched_in": ["step", "clip"]}]
     assert ps.idle_gaps(trace, min_us=1.0)["gaps"][1]["launched_in"] == ["step", "other"]
     assert ps.idle_gaps({"traceEvents": []}) == {"idle_us": 0.0, "gaps": []}
+
+
+def test_kernel_time_by_class_by_outermost_region_and_top_names():
+    """[Note: kernel time]: sums (not unions) by class, by the outermost annotation around each
+    kernel's launch (ProfilerStep#N is not a region; no launch event or none around it: (none))."""
+    def kernel(name, ts, dur, corr):
+        return {"ph": "X", "cat": "kernel", "name": name, "ts": ts, "dur": dur, "args": {"correlation": corr}}
+
+    def launch(ts, corr):
+        return {"ph": "X", "cat": "cuda_runtime", "name": "cudaLaunchKernel", "ts": ts, "dur": 1.0,
+                "args": {"correlation": corr}}
+
+    trace = {"traceEvents": [
+        kernel("nvjet_sm90_tst_256x128", 0.0, 40.0, 1), kernel("nvjet_sm90_tst_256x128", 40.0, 20.0, 2),
+        kernel("triton_poi_fused_add_mul_0", 60.0, 5.0, 3),
+        kernel("cudnn_generated_fort_native_sdpa_sm90_flash_fprop", 65.0, 10.0, 4),
+        kernel("multi_tensor_apply_kernel<FusedAdamMathFunctor>", 100.0, 30.0, 5),
+        kernel("multi_tensor_apply_kernel<LpNormFunctor>", 130.0, 4.0, 6),
+        kernel("ncclDevKernel_AllGather_RING_LL", 0.0, 7.0, 7), kernel("mystery", 140.0, 1.0, 99),
+        launch(0.5, 1), launch(1.0, 2), launch(2.0, 3), launch(3.0, 4), launch(90.0, 5), launch(85.0, 6),
+        launch(0.2, 7),
+        {"ph": "X", "cat": "user_annotation", "name": "ProfilerStep#12", "ts": 0.0, "dur": 200.0},
+        {"ph": "X", "cat": "user_annotation", "name": "Torch-Compiled Region", "ts": 0.4, "dur": 5.0},
+        {"ph": "X", "cat": "user_annotation", "name": "Optimizer.step#AdamW.step", "ts": 88.0, "dur": 10.0},
+        {"ph": "X", "cat": "user_annotation", "name": "hf_zero::clip_grad_norm", "ts": 80.0, "dur": 8.0},
+        {"ph": "X", "cat": "user_annotation", "name": "hf_zero::grad_norm", "ts": 84.0, "dur": 2.0},
+    ]}
+    kt = ps.kernel_time(trace, top=2)
+    assert kt["total_us"] == 117.0
+    assert dict(map(tuple, kt["by_class"])) == {"gemm": 60.0, "optimizer": 30.0, "attention": 10.0, "nccl": 7.0,
+                                                "triton": 5.0, "norm": 4.0, "other": 1.0}
+    assert kt["by_class"][0] == ["gemm", 60.0]
+    assert dict(map(tuple, kt["by_region"])) == {"Torch-Compiled Region": 75.0, "Optimizer.step#AdamW.step": 30.0,
+                                                 "(none)": 8.0, "hf_zero::clip_grad_norm": 4.0}
+    assert kt["top_kernels"] == [["nvjet_sm90_tst_256x128", 60.0],
+                                 ["multi_tensor_apply_kernel<FusedAdamMathFunctor>", 30.0]]
+    assert ps.kernel_class("void at::native::vectorized_elementwise_kernel<4, FillFunctor>") == "copy"
+    assert ps.kernel_class("void at::native::reduce_kernel<512, 1>") == "norm"
+    assert ps.kernel_time({"traceEvents": []}) == {"total_us": 0.0, "by_class": [], "by_region": [], "top_kernels": []}
