@@ -29,7 +29,7 @@ from torch.profiler import record_function
 from torch.utils.hooks import RemovableHandle
 
 from hf_zero.engine import collectives as C
-from hf_zero.engine import full_params, pieces
+from hf_zero.engine import clip_in_step, full_params, pieces
 from hf_zero.engine.diagnostics import accounting
 from hf_zero.engine.grad_sync import BucketState, GradSync
 from hf_zero.engine.offload import auto_ratio, step_overlap
@@ -97,6 +97,7 @@ class ZeroEngine:
         self._hidden = step_overlap.HiddenPieces()
         self.auto_ratio: auto_ratio.AutoRatio | None = None  # what ratio "auto" chose ([Note: auto ratio])
         self._host_step: HostStep | None = None
+        self._clip_in_step = False  # [Note: clip in the step]: the optimizer holds this step's coefficient
         self._build(named)
         # Until the first backward has shown the order in which gradients arrive, the layout
         # follows registration order; see _on_backward_end.
@@ -396,6 +397,10 @@ class ZeroEngine:
         total = self.grad_norm() if total is None else total
         if max_norm != float("inf"):
             coef = torch.clamp(max_norm / (total + 1e-6), max=1.0)  # as torch's clip_grad_norm_
+            if self._host_step is None and clip_in_step.applies(self.optimizer):
+                clip_in_step.start(self.optimizer, coef)  # [Note: clip in the step]: no pass of its own
+                self._clip_in_step = True
+                return total
             shards = self._grad_shards()
             on_device = [g for i, g in enumerate(shards) if self._host_step is None or not self._on_host(i)]
             for grads in _by_device(on_device):
@@ -409,6 +414,7 @@ class ZeroEngine:
     @labelled("hf_zero::after_step")
     def _after_step(self) -> None:
         self._hidden.show()
+        self._end_clip_in_step()
         handles = []
         for b in self.buckets:
             b.settle_shard()  # parameter offload: the shards below may be host shards
@@ -437,8 +443,14 @@ class ZeroEngine:
         state of the buckets that change sides move (auto_ratio.place; [Note: auto ratio])."""
         auto_ratio.place(self, ratio)
 
+    def _end_clip_in_step(self) -> None:
+        if self._clip_in_step:
+            clip_in_step.end(self.optimizer)
+            self._clip_in_step = False
+
     def zero_grad(self) -> None:
         """Idempotent: forget this step's gradients (consumed by the step, or the step was skipped)."""
+        self._end_clip_in_step()  # a skipped step must not take this step's clip coefficient
         for bucket in self.grad_sync.buckets:
             bucket.finish_reduce()  # no collective may be left in flight
         for b in self.buckets:

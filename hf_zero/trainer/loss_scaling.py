@@ -25,6 +25,19 @@ step overflows at the minimum scale with no overflow left to tolerate ("Current 
 at minimum"); here the step is skipped and the scale stays at the minimum (the Trainer's log shows
 the skipped steps as a loss that does not move). The count of overflows left is saved with the
 scaler's state (``hysteresis_left``), so a resumed run goes on as it would have.
+
+[Note: fused steps under the sharded scaler] torch's fused optimizers (``adamw_torch_fused``,
+the Trainer's default) take the scaler's ``found_inf`` into their own step, and two things in
+torch's ``ShardedGradScaler`` (torch 2.11-2.13) break them, so :class:`ShardedDeepSpeedScaler`
+mends both:
+- its ``unscale_`` makes ``found_inf`` of shape ``(1,)``, which the fused step subtracts from
+  its 0-dim step counts: ``output with shape [] doesn't match the broadcast shape [1]`` at the
+  first step of every fp16 run with a process group. And the flags are all-reduced as a sum, so
+  with two ranks overflowing the flag is 2, while the fused kernels skip only where it equals 1:
+  they stepped with the overflowed grads. The agreed flags are handed on as 0-dim 0/1 tensors.
+- where nothing unscaled first (``max_grad_norm`` 0: the Trainer does not clip), ``step`` checks
+  for overflow with ``GradScaler._check_inf_per_device``, which sees this rank's shard only: the
+  ranks could disagree on skipping. The flags are all-reduced there too.
 """
 
 from __future__ import annotations
@@ -91,7 +104,29 @@ class DeepSpeedScaler(DeepSpeedScaling, torch.amp.GradScaler):
 
 
 class ShardedDeepSpeedScaler(DeepSpeedScaling, ShardedGradScaler):
-    """Ranks that each hold a gradient shard: overflow agreed on by all of them."""
+    """Ranks that each hold a gradient shard: overflow agreed on by all of them, in the shape the
+    fused optimizers take ([Note: fused steps under the sharded scaler])."""
+
+    def unscale_(self, optimizer: torch.optim.Optimizer) -> None:
+        super().unscale_(optimizer)  # all-reduces the flags
+        if self._enabled:
+            self._as_scalars(optimizer)
+
+    def _check_inf_per_device(self, optimizer: torch.optim.Optimizer) -> dict[str, Any]:
+        found = super()._check_inf_per_device(optimizer)  # this rank's shard only
+        for flag in found.values():
+            if self._device != "cpu" and flag.device.type == "cpu":  # as ShardedGradScaler.unscale_
+                on_device = flag.to(self._device)
+                dist.all_reduce(on_device, group=self.process_group)
+                flag.copy_(on_device)
+            else:
+                dist.all_reduce(flag, group=self.process_group)
+        return self._as_scalars(optimizer)
+
+    def _as_scalars(self, optimizer: torch.optim.Optimizer) -> dict[str, Any]:
+        state = self._per_optimizer_states[id(optimizer)]
+        state["found_inf_per_device"] = {d: f.reshape(()).clamp(max=1.0) for d, f in state["found_inf_per_device"].items()}
+        return state["found_inf_per_device"]
 
 
 def sharded_grad_scaler(precision, device: torch.device) -> torch.amp.GradScaler:

@@ -163,6 +163,35 @@ def test_ranks_agree_on_overflow_and_hold_together():
     assert run_on_ranks(_sharded, 2) == [[64.0, 32.0, 16.0]] * 2
 
 
+def _sharded_fused(rank, world_size, kind, unscale, overflowing):
+    param = torch.nn.Parameter(torch.zeros(3))
+    optimizer = (torch.optim.AdamW([param], lr=1.0, fused=True) if kind == "adamw"
+                 else torch.optim.SGD([param], lr=1.0, fused=True))
+    scaler = ShardedDeepSpeedScaler(device="cpu", init_scale=64.0, growth_interval=100, hysteresis=1, min_scale=1.0)
+    out = []
+    for step in range(3):  # the overflowing ranks overflow at step 1: every rank skips it and halves
+        scaler.scale(torch.ones(()))
+        param.grad = torch.full_like(param, float("inf") if (step == 1 and rank in overflowing) else 1.0)
+        before = param.detach().clone()
+        if unscale:  # the Trainer unscales before it clips (max_grad_norm > 0); with 0 it does not
+            scaler.unscale_(optimizer)
+        scaler.step(optimizer)
+        scaler.update()
+        optimizer.zero_grad()
+        out.append((not torch.equal(before, param.detach()), scaler.get_scale()))
+    return out
+
+
+@pytest.mark.parametrize("overflowing", [(1,), (0, 1)], ids=["one-rank", "both-ranks"])
+@pytest.mark.parametrize("unscale", [True, False], ids=["unscaled", "not-unscaled"])
+@pytest.mark.parametrize("kind", ["adamw", "sgd"])
+def test_fused_optimizers_step_and_skip_together(kind, unscale, overflowing):
+    """[Note: fused steps under the sharded scaler]: torch's ShardedGradScaler alone fails the fused
+    step (found_inf of shape (1,)), steps where two ranks overflowed (a flag of 2), or, without
+    unscale_, lets each rank judge its own shard."""
+    assert run_on_ranks(_sharded_fused, 2, kind, unscale, overflowing) == [[(True, 64.0), (False, 32.0), (True, 32.0)]] * 2
+
+
 def test_transformers_fp16_block_is_applied_and_quiet(tmp_path):
     """Issue 17: transformers' fp16 block (hysteresis 2) warned on every fp16 run; now every key is applied."""
     path = tmp_path / "ds.json"
