@@ -87,10 +87,12 @@ RECIPES: dict[str, Recipe] = {
         ("bench/long_seq.py", "--preset", "1b1", "--systems", "plain", "--warmup_steps", "0", "--measure_steps", "1",
                "--attempt_timeout", "150", "--budget_s", "540", "--exit_grace", "10", "--name", "{name}"),
     )),
-    "gpu-tests": Recipe(0, "the GPU tests not yet run on a GPU (out-of-memory hint, speculation, split speculation, "
-                           "sparse attention kernels)", (
-        ("pytest", "-q", "tests/gpu/test_oom_hint_gpu.py", "tests/gpu/test_speculation_gpu.py",
-         "tests/gpu/test_split_speculation_gpu.py", "tests/gpu/test_sparse_attention_flex.py"),
+    "gpu-tests": Recipe(0, "the GPU tests not yet run on a GPU (the clip in the fused step, fp16 with the sharded "
+                           "scaler)", (
+        ("pytest", "-q", "tests/gpu/test_clip_in_step_gpu.py", "tests/trainer/test_fp16_gpu.py"),
+    )),
+    "cast-copy": Recipe(21, "the bf16 -> fp32 grad upcast, by the ways torch offers (bench/cast_copy.py; seconds)", (
+        ("bench/cast_copy.py", "--budget_s", "60", "--name", "{name}"),
     )),
     "compile": Recipe(21, "1.1B compiled against eager at stages 2 and 3, plain and FSDP2 compiled beside them "
                           "(targets 1.25, 1.2, >= plain compiled)", (

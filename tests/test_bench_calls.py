@@ -12,7 +12,8 @@ from tests.test_bench_scaling import _BENCH, _load
 ROOT = _BENCH.parent
 
 calls = _load("calls", register=True)  # its dataclass is looked up by module name
-SCRIPTS = {"bench/run.py": "run", "bench/long_seq.py": "long_seq", "bench/largest_model.py": "largest_model"}
+SCRIPTS = {"bench/run.py": "run", "bench/long_seq.py": "long_seq", "bench/largest_model.py": "largest_model",
+           "bench/cast_copy.py": "cast_copy"}
 
 
 @pytest.mark.parametrize("name", list(calls.RECIPES))
