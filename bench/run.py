@@ -74,6 +74,7 @@ MODES: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {
     "hfzero-s2-offload-r70-leg30": (_HFZERO, ("--zero_config", f"{CONFIGS}/hfzero_s2_offload_r70_leg30.json")),
     # issue 18 D2: the share chosen after the first step from the GPU memory then free
     "hfzero-s2-offload-auto": (_HFZERO, ("--zero_config", f"{CONFIGS}/hfzero_s2_offload_auto.json")),
+    "hfzero-s2-offload-auto-leg30": (_HFZERO, ("--zero_config", f"{CONFIGS}/hfzero_s2_offload_auto_leg30.json")),
     # issue 18 D3 (opt-in numerics): bf16 AdamW moments on the host (bf16.bf16_optimizer_states)
     **{f"hfzero-s{n}-offload-bf16state": (_HFZERO, ("--zero_config", f"{CONFIGS}/hfzero_s{n}_offload_bf16state.json"))
        for n in (2, 3)},
