@@ -96,6 +96,13 @@ RECIPES: dict[str, Recipe] = {
     "cast-copy": Recipe(21, "the bf16 -> fp32 grad upcast, by the ways torch offers (bench/cast_copy.py; seconds)", (
         ("bench/cast_copy.py", "--budget_s", "60", "--name", "{name}"),
     )),
+    "compile-7b": Recipe(21, "7B with gradient checkpointing, stage 3 compiled against FSDP2 compiled (target 1.05x), "
+                             "eager beside them; needs an H200 (hf_zero s3 peaked at 114 GiB in h200_7b_w1)", (
+        ("bench/run.py", "--preset", "7b", "--world_size", "1", "--micro_batch", "2", "--max_steps", "8",
+               "--warmup_steps", "3", "--init_device", "cuda", "--extra=--gradient_checkpointing",
+               "--timeout", "170", "--exit_grace", "10", "--min_mode_s", "100", "--budget_s", "540",
+               "--modes", "hfzero-s3-compile,fsdp2-compile,hfzero-s3,fsdp2", "--name", "{name}"),
+    )),
     "compile": Recipe(21, "1.1B compiled against eager at stages 2 and 3, plain and FSDP2 compiled beside them "
                           "(targets 1.25, 1.2, >= plain compiled)", (
         ("bench/run.py", "--preset", "1b1", "--world_size", "1", "--max_steps", "20", "--warmup_steps", "5",
