@@ -6,14 +6,16 @@ before the optimizer reads them: one pass over the grads that reads and writes e
 them again. torch's fused optimizers (``Adam``, ``AdamW``, ``SGD``, ``Adagrad`` with
 ``fused=True``, the Trainer's ``adamw_torch_fused``) already divide each grad by a scale as they
 read it: their ``step`` takes the optimizer's ``grad_scale`` attribute, the protocol
-``torch.amp.GradScaler`` uses to unscale inside the step. With such an optimizer and nothing else
-using that protocol (no loss scaler owns the step), the engine sets ``grad_scale = 1 / coef``
-for one step instead of multiplying, and removes it after the step (or at ``zero_grad``, when
-the step was skipped). Under a ``GradScaler`` (fp16) the scaler multiplies its own scale into
-an unscaled optimizer's ``grad_scale`` (it keeps ours once ``unscale_`` ran), adds ``found_inf``
-and removes both after the step. The parameters and state equal the multiplied step's up to one rounding
-of each grad (``g / (1 / coef)`` against ``g * coef``); where no clipping is needed ``coef`` is 1
-and the two are identical.
+``torch.amp.GradScaler`` uses to unscale inside the step. With such an optimizer and nothing
+else using that protocol (no loss scaler owns the step), the engine sets ``grad_scale = 1 / coef``
+for one step instead of multiplying, and removes it after the step (or at ``zero_grad``, when the
+step was skipped). Under a ``GradScaler`` (fp16) the scaler keeps an unscaled optimizer's own
+``grad_scale``, adds ``found_inf`` and removes both after the step. The parameters and state equal
+the multiplied step's up to one rounding of each grad (``g / (1 / coef)`` against ``g * coef``);
+where no clipping is needed ``coef`` is 1 and the two are identical. The fused kernels store the
+scaled grad back, so the saving is the separate pass's read: 4 of its 8 bytes an element
+(session 18's H100 profiles at 1.1B: hf_zero's fused AdamW kernel 13.3 ms, plain compiled's
+11.5 ms plus 3.2 ms for its clip pass).
 
 Only the device buckets of an engine without optimizer offload take this path: an offloaded
 bucket's grads are scaled by the host step as it reads them (host_step.py), and the host step

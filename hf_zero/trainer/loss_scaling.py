@@ -28,7 +28,7 @@ scaler's state (``hysteresis_left``), so a resumed run goes on as it would have.
 
 [Note: fused steps under the sharded scaler] torch's fused optimizers (``adamw_torch_fused``,
 the Trainer's default) take the scaler's ``found_inf`` into their own step, and two things in
-torch's ``ShardedGradScaler`` (torch 2.11-2.13) break them, so :class:`ShardedDeepSpeedScaler`
+torch's ``ShardedGradScaler`` (read in torch 2.13) break them, so :class:`ShardedDeepSpeedScaler`
 mends both:
 - its ``unscale_`` makes ``found_inf`` of shape ``(1,)``, which the fused step subtracts from
   its 0-dim step counts: ``output with shape [] doesn't match the broadcast shape [1]`` at the
@@ -125,7 +125,8 @@ class ShardedDeepSpeedScaler(DeepSpeedScaling, ShardedGradScaler):
 
     def _as_scalars(self, optimizer: torch.optim.Optimizer) -> dict[str, Any]:
         state = self._per_optimizer_states[id(optimizer)]
-        state["found_inf_per_device"] = {d: f.reshape(()).clamp(max=1.0) for d, f in state["found_inf_per_device"].items()}
+        flags = state["found_inf_per_device"]
+        state["found_inf_per_device"] = {d: f.reshape(()).clamp(max=1.0) for d, f in flags.items()}
         return state["found_inf_per_device"]
 
 
