@@ -17,6 +17,11 @@ scaled grad back, so the saving is the separate pass's read: 4 of its 8 bytes an
 (session 18's H100 profiles at 1.1B: hf_zero's fused AdamW kernel 13.3 ms, plain compiled's
 11.5 ms plus 3.2 ms for its clip pass).
 
+Until the step, the main grads are unclipped. Anything else that reads them in that window (a
+second ``clip_grad_norm_`` or ``grad_norm`` of the step, tensor parallel's norm) first has the
+engine apply the held coefficient as the multiply it replaced (``apply_pending_clip``), so a second
+clip sees clipped grads, as with torch's ``clip_grad_norm_``.
+
 Only the device buckets of an engine without optimizer offload take this path: an offloaded
 bucket's grads are scaled by the host step as it reads them (host_step.py), and the host step
 drives the device buckets' step itself. Not a patch of torch: the attribute is the one

@@ -97,7 +97,8 @@ class ZeroEngine:
         self._hidden = step_overlap.HiddenPieces()
         self.auto_ratio: auto_ratio.AutoRatio | None = None  # what ratio "auto" chose ([Note: auto ratio])
         self._host_step: HostStep | None = None
-        self._clip_in_step = False  # [Note: clip in the step]: the optimizer holds this step's coefficient
+        # [Note: clip in the step]: the coefficient the optimizer holds for this step (None: none)
+        self._clip_in_step: torch.Tensor | None = None
         self._build(named)
         # Until the first backward has shown the order in which gradients arrive, the layout
         # follows registration order; see _on_backward_end.
@@ -368,6 +369,7 @@ class ZeroEngine:
     def grad_norm(self) -> torch.Tensor:
         """Global L2 norm of the reduced gradients, as ``clip_grad_norm_`` of plain DDP reports it."""
         self.finish_grad_sync()
+        self.apply_pending_clip()  # clipped already this step: the norm of the clipped grads
         shards, device = self._grad_shards(), self.buffers[0].device
         if self._host_step is None:
             local = get_total_norm(shards).pow(2).to(device)
@@ -399,12 +401,9 @@ class ZeroEngine:
             coef = torch.clamp(max_norm / (total + 1e-6), max=1.0)  # as torch's clip_grad_norm_
             if self._host_step is None and clip_in_step.applies(self.optimizer):
                 clip_in_step.start(self.optimizer, coef)  # [Note: clip in the step]: no pass of its own
-                self._clip_in_step = True
+                self._clip_in_step = coef
                 return total
-            shards = self._grad_shards()
-            on_device = [g for i, g in enumerate(shards) if self._host_step is None or not self._on_host(i)]
-            for grads in _by_device(on_device):
-                torch._foreach_mul_(grads, coef.to(grads[0].device))
+            self._scale_device_grads(coef)
             if self._host_step is not None:
                 self._host_step.scale = coef  # the host grads are scaled as the host step reads them
         return total
@@ -443,10 +442,25 @@ class ZeroEngine:
         state of the buckets that change sides move (auto_ratio.place; [Note: auto ratio])."""
         auto_ratio.place(self, ratio)
 
+    def _scale_device_grads(self, coef: torch.Tensor) -> None:
+        shards = self._grad_shards()
+        on_device = [g for i, g in enumerate(shards) if self._host_step is None or not self._on_host(i)]
+        for grads in _by_device(on_device):
+            torch._foreach_mul_(grads, coef.to(grads[0].device))
+
+    def apply_pending_clip(self) -> None:
+        """Before anything but the optimizer's step reads the main grads (a second norm or clip in
+        one step): the clip coefficient the optimizer holds is applied to them now and taken back
+        from it ([Note: clip in the step]). A no-op when none is held."""
+        if self._clip_in_step is not None:
+            coef = self._clip_in_step
+            self._end_clip_in_step()
+            self._scale_device_grads(coef)
+
     def _end_clip_in_step(self) -> None:
-        if self._clip_in_step:
+        if self._clip_in_step is not None:
             clip_in_step.end(self.optimizer)
-            self._clip_in_step = False
+            self._clip_in_step = None
 
     def zero_grad(self) -> None:
         """Idempotent: forget this step's gradients (consumed by the step, or the step was skipped)."""

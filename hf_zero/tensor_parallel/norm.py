@@ -46,6 +46,7 @@ def engine_parts(engine, split: set[str]) -> list[tuple[torch.Tensor, bool]]:
         raise AssertionError("engine_parts: an offloaded engine under tensor parallelism; the row "
                              "'tensor-parallel-offload' of hf_zero/config/unsupported.py should have refused it")
     engine.finish_grad_sync()
+    engine.apply_pending_clip()  # a second clip in one step reads the grads as clipped
     names = {p: n for n, p in engine.model.named_parameters()}
     out = []
     for b in engine.buckets:

@@ -38,6 +38,15 @@ mends both:
 - where nothing unscaled first (``max_grad_norm`` 0: the Trainer does not clip), ``step`` checks
   for overflow with ``GradScaler._check_inf_per_device``, which sees this rank's shard only: the
   ranks could disagree on skipping. The flags are all-reduced there too.
+
+And at every world size (:class:`DeepSpeedScaling`): for a fused optimizer torch's ``step`` always
+calls ``optimizer.step()`` and lets the kernel skip an overflowed step, so accelerate, which calls
+a step skipped only when ``optimizer.step()`` was not called, tells the Trainer that nothing was
+skipped, and the Trainer advances its LR schedule past every overflow. DeepSpeed does not, and
+neither does torch's own path for other optimizers. So a fused optimizer's overflowed step is
+skipped here as the other optimizers' is: the grads are unscaled first where they were not (one
+pass, only with clipping off), the agreed flag is read on the host (the sync the other path has),
+and ``optimizer.step()`` is not called.
 """
 
 from __future__ import annotations
@@ -46,6 +55,7 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
+from torch.amp.grad_scaler import OptState
 from torch.distributed.fsdp.sharded_grad_scaler import ShardedGradScaler
 
 HYSTERESIS_LEFT = "hysteresis_left"
@@ -67,6 +77,18 @@ class DeepSpeedScaling:
         self.min_scale = float(min_scale)
         self._left: torch.Tensor | None = None  # overflows still tolerated, on the scale's device
         self._left_loaded = hysteresis
+
+    def step(self, optimizer: torch.optim.Optimizer, *args: Any, **kwargs: Any) -> Any:
+        """torch's ``step``, except that a fused optimizer's overflowed step is not called at all
+        ([Note: fused steps under the sharded scaler])."""
+        if self.is_enabled() and getattr(optimizer, "_step_supports_amp_scaling", False):
+            state = self._per_optimizer_states[id(optimizer)]
+            if state["stage"] is OptState.READY:
+                self.unscale_(optimizer)
+            if any(flag.item() for flag in state["found_inf_per_device"].values()):
+                state["stage"] = OptState.STEPPED  # as after torch's own skipped step; update() halves
+                return None
+        return super().step(optimizer, *args, **kwargs)
 
     def update(self, new_scale: float | torch.Tensor | None = None) -> None:
         scale = getattr(self, "_scale", None)  # torch's scale tensor, made at the first scale()

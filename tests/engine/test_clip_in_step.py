@@ -24,7 +24,7 @@ def _rel(a, b):
     return ((a.float() - b.float()).norm() / b.float().norm().clamp_min(1e-12)).item()
 
 
-def _clipped_steps(rank, world, stage, skip_step):
+def _clipped_steps(rank, world, stage, skip_step, twice=False):
     ref = tiny_llama(0)
     model = copy.deepcopy(ref)
     ref_opt = torch.optim.AdamW(ref.parameters(), lr=1e-2, fused=True)
@@ -49,6 +49,10 @@ def _clipped_steps(rank, world, stage, skip_step):
         ref(**inputs).loss.backward()
         ref_norm = torch.nn.utils.clip_grad_norm_(ref.parameters(), MAX_NORM)
         assert abs(norm.item() - ref_norm.item()) <= 1e-5 * ref_norm.item()
+        if twice:  # a second clip sees the clipped grads, as torch's does: about a no-op
+            again, ref_again = engine.clip_grad_norm_(MAX_NORM), torch.nn.utils.clip_grad_norm_(ref.parameters(), MAX_NORM)
+            assert abs(again.item() - ref_again.item()) <= 1e-5 * ref_again.item(), (again, ref_again)
+            assert abs(again.item() - MAX_NORM) <= 1e-4 * MAX_NORM
         assert ref_norm.item() > 10 * MAX_NORM  # the clip fired
         ref_opt.step(); ref_opt.zero_grad()
         opt.step()
@@ -64,6 +68,12 @@ def _clipped_steps(rank, world, stage, skip_step):
 def test_clip_rides_on_the_fused_step_and_matches_torch(stage, world):
     for seen, worst in run_on_ranks(_clipped_steps, world, stage, 1):
         assert all(seen)
+        assert worst < 1e-5, worst
+
+
+@pytest.mark.parametrize("stage", [1, 3])
+def test_a_second_clip_in_the_step_sees_the_clipped_grads(stage):
+    for _, worst in run_on_ranks(_clipped_steps, 1, stage, None, True):
         assert worst < 1e-5, worst
 
 
@@ -100,7 +110,9 @@ def _fp16_with_scaler(rank, world):
         norm = engine.clip_grad_norm_(MAX_NORM)
         scaler.step(opt)
         scaler.update()
-        assert getattr(opt, "grad_scale", None) is None and getattr(opt, "found_inf", None) is None
+        stepped = step != 1  # hf_zero's scaler does not call an overflowed step: the clip stays until zero_grad
+        assert getattr(opt, "found_inf", None) is None
+        assert (getattr(opt, "grad_scale", None) is None) == stepped  # a skipped step's: until zero_grad
         # The first AdamW step moves each element by about lr * sign(grad) whatever the grad's size,
         # so compare the applied grads instead: the step's exp_avg is (1 - beta1) * applied grad.
         if step == 0:
@@ -113,6 +125,7 @@ def _fp16_with_scaler(rank, world):
         if step == 1:
             out.append(all(torch.equal(a, b) for a, b in zip(masters, engine.masters)))  # skipped
         wrapped.zero_grad()
+        assert getattr(opt, "grad_scale", None) is None
     engine.close()
     return out
 

@@ -192,6 +192,43 @@ def test_fused_optimizers_step_and_skip_together(kind, unscale, overflowing):
     assert run_on_ranks(_sharded_fused, 2, kind, unscale, overflowing) == [[(True, 64.0), (False, 32.0), (True, 32.0)]] * 2
 
 
+def _schedule_over_overflow(rank, world_size, unscale):
+    from accelerate import Accelerator
+    from accelerate.optimizer import AcceleratedOptimizer
+
+    Accelerator(cpu=True)  # the state AcceleratedOptimizer reads
+    param = torch.nn.Parameter(torch.zeros(3))
+    optimizer = torch.optim.AdamW([param], lr=1.0, fused=True)
+    cls = ShardedDeepSpeedScaler if world_size > 1 else DeepSpeedScaler
+    scaler = cls(device="cpu", init_scale=64.0, growth_interval=100, hysteresis=1, min_scale=1.0)
+    wrapped = AcceleratedOptimizer(optimizer, device_placement=False, scaler=scaler)
+    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: 1.0 / (1 + s))
+    out = []
+    for step in range(3):  # step 1 overflows on the last rank
+        scaler.scale(torch.ones(()))
+        param.grad = torch.full_like(param, float("inf") if (step == 1 and rank == world_size - 1) else 1.0)
+        if unscale:
+            scaler.unscale_(optimizer)
+        wrapped.step()  # steps the scaler and updates it, as accelerate does under the Trainer
+        if not wrapped.step_was_skipped:  # what the Trainer does
+            schedule.step()
+        optimizer.zero_grad()
+        out.append((wrapped.step_was_skipped, optimizer.param_groups[0]["lr"], scaler.get_scale()))
+    return out
+
+
+@pytest.mark.filterwarnings("ignore:Seems like `optimizer.step\(\)` has been overridden")
+@pytest.mark.parametrize("unscale", [True, False], ids=["unscaled", "not-unscaled"])
+@pytest.mark.parametrize("world", [1, 2])
+def test_an_overflowed_fused_step_is_reported_skipped_and_the_schedule_waits(world, unscale):
+    """[Note: fused steps under the sharded scaler]: accelerate calls a step skipped only when
+    optimizer.step() was not called; torch's fused path always calls it, so the Trainer's LR
+    schedule moved past every overflow. DeepSpeed's does not."""
+    expected = [(False, 0.5, 64.0), (True, 0.5, 32.0), (False, 1 / 3, 32.0)]
+    for out in run_on_ranks(_schedule_over_overflow, world, unscale):
+        assert [(a, pytest.approx(b), c) for a, b, c in out] == expected
+
+
 def test_transformers_fp16_block_is_applied_and_quiet(tmp_path):
     """Issue 17: transformers' fp16 block (hysteresis 2) warned on every fp16 run; now every key is applied."""
     path = tmp_path / "ds.json"
