@@ -44,13 +44,19 @@ def applies(optimizer: torch.optim.Optimizer | None) -> bool:
             and getattr(optimizer, "grad_scale", None) is None and getattr(optimizer, "found_inf", None) is None)
 
 
-def start(optimizer: torch.optim.Optimizer, coef: torch.Tensor) -> None:
-    """Have ``optimizer``'s next step divide every grad by ``1 / coef``."""
+def start(optimizer: torch.optim.Optimizer, coef: torch.Tensor) -> torch.Tensor:
+    """Have ``optimizer``'s next step divide every grad by ``1 / coef``; returns the tensor set."""
     optimizer.grad_scale = torch.reciprocal(coef.to(torch.float32))
+    return optimizer.grad_scale
 
 
-def end(optimizer: torch.optim.Optimizer) -> None:
-    """Undo ``start`` (idempotent). Inside a ``GradScaler``'s step (it set ``found_inf``) the
-    scaler removes both attributes itself once the step returns, and fails if one is gone."""
-    if getattr(optimizer, "grad_scale", None) is not None and getattr(optimizer, "found_inf", None) is None:
-        del optimizer.grad_scale
+def end(optimizer: torch.optim.Optimizer, scale: torch.Tensor, inside_step: bool) -> None:
+    """Undo ``start`` (idempotent; ``scale`` what it returned). Inside a ``GradScaler``'s step (it
+    set ``found_inf``) the scaler removes both attributes itself once the step returns, and fails
+    if one is gone. Outside a step (``zero_grad``) ours goes whatever is left beside it: a step
+    that raised inside the scaler left its attributes behind."""
+    if getattr(optimizer, "grad_scale", None) is not scale:
+        return  # gone already, or the scaler's own (its product with ours is its to remove)
+    if inside_step and getattr(optimizer, "found_inf", None) is not None:
+        return
+    del optimizer.grad_scale

@@ -97,8 +97,8 @@ class ZeroEngine:
         self._hidden = step_overlap.HiddenPieces()
         self.auto_ratio: auto_ratio.AutoRatio | None = None  # what ratio "auto" chose ([Note: auto ratio])
         self._host_step: HostStep | None = None
-        # [Note: clip in the step]: the coefficient the optimizer holds for this step (None: none)
-        self._clip_in_step: torch.Tensor | None = None
+        # [Note: clip in the step]: (the coefficient, the grad_scale set) the optimizer holds (None: none)
+        self._clip_in_step: tuple[torch.Tensor, torch.Tensor] | None = None
         self._build(named)
         # Until the first backward has shown the order in which gradients arrive, the layout
         # follows registration order; see _on_backward_end.
@@ -400,8 +400,7 @@ class ZeroEngine:
         if max_norm != float("inf"):
             coef = torch.clamp(max_norm / (total + 1e-6), max=1.0)  # as torch's clip_grad_norm_
             if self._host_step is None and clip_in_step.applies(self.optimizer):
-                clip_in_step.start(self.optimizer, coef)  # [Note: clip in the step]: no pass of its own
-                self._clip_in_step = coef
+                self._clip_in_step = (coef, clip_in_step.start(self.optimizer, coef))  # [Note: clip in the step]
                 return total
             self._scale_device_grads(coef)
             if self._host_step is not None:
@@ -413,7 +412,7 @@ class ZeroEngine:
     @labelled("hf_zero::after_step")
     def _after_step(self) -> None:
         self._hidden.show()
-        self._end_clip_in_step()
+        self._end_clip_in_step(inside_step=True)
         handles = []
         for b in self.buckets:
             b.settle_shard()  # parameter offload: the shards below may be host shards
@@ -453,13 +452,13 @@ class ZeroEngine:
         one step): the clip coefficient the optimizer holds is applied to them now and taken back
         from it ([Note: clip in the step]). A no-op when none is held."""
         if self._clip_in_step is not None:
-            coef = self._clip_in_step
+            coef = self._clip_in_step[0]
             self._end_clip_in_step()
             self._scale_device_grads(coef)
 
-    def _end_clip_in_step(self) -> None:
+    def _end_clip_in_step(self, inside_step: bool = False) -> None:
         if self._clip_in_step is not None:
-            clip_in_step.end(self.optimizer)
+            clip_in_step.end(self.optimizer, self._clip_in_step[1], inside_step)
             self._clip_in_step = None
 
     def zero_grad(self) -> None:

@@ -133,3 +133,31 @@ def _fp16_with_scaler(rank, world):
 def test_a_grad_scaler_step_keeps_the_clip_and_its_overflow_skip():
     for out in run_on_ranks(_fp16_with_scaler, 2):
         assert out == [True, True]
+
+
+def _leftovers(rank, world):
+    model = tiny_llama(0)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2, fused=True)
+    engine = ZeroEngine(model, opt, stage=2, bucket_numel=3000)
+    wrapped = ZeroModule(model, engine)
+    out = []
+    for case in ("raised", "replaced"):
+        wrapped(**batch(0, 0, 0, model.config.vocab_size)).loss.backward()
+        engine.clip_grad_norm_(MAX_NORM)
+        if case == "raised":  # a step that raised inside a GradScaler's step leaves found_inf behind
+            opt.found_inf = torch.zeros(())
+        else:  # someone else's grad_scale (a scaler's product): not ours to remove
+            opt.grad_scale = torch.tensor(3.0)
+        wrapped.zero_grad()
+        out.append(getattr(opt, "grad_scale", None))
+        for name in ("grad_scale", "found_inf"):
+            if hasattr(opt, name):
+                delattr(opt, name)
+    engine.close()
+    return out
+
+
+def test_zero_grad_takes_back_only_its_own_grad_scale():
+    ((raised, replaced),) = run_on_ranks(_leftovers, 1)
+    assert raised is None  # ours, left by a step that raised: gone at zero_grad
+    assert replaced is not None and replaced.item() == 3.0
