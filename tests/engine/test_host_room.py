@@ -115,3 +115,46 @@ def _low_on_rank_one(rank, world):
 def test_every_rank_refuses_when_one_host_cannot_hold_it():
     errors = run_on_ranks(_low_on_rank_one, 2)
     assert all(e is not None and "host 'host1'" in e for e in errors), errors
+
+
+MIB = 2**20
+
+
+def _auto_share_on_two_hosts(rank, world, path):
+    """host0 has plenty, host1 little: "auto" must give both ranks one share and the same tiers
+    (each sized from its own host, rank 0 once built a HostTier while rank 1 waited in the NVMe
+    tier's collective)."""
+    import socket
+
+    from hf_zero.engine.offload import tiers
+
+    monkey = pytest.MonkeyPatch()
+    monkey.setattr(socket, "gethostname", lambda: f"host{rank}")
+    monkey.setattr(host_room, "meminfo",
+                   lambda: ((10 * GIB, 11 * GIB) if rank == 0 else (int(0.2 * MIB) + 420 * 1024, 2 * MIB)))
+    seen = {}
+    chosen = tiers.split_tier.auto_share
+    monkey.setattr(tiers.split_tier, "auto_share", lambda *a, **k: seen.setdefault("choice", chosen(*a, **k)))
+    try:
+        engine = _engine(OptimizerOffload("nvme", nvme_path=path, host_share="auto", chunk_numel=4000))
+        out = (seen["choice"].share, type(engine._host_step.tier).__name__)
+        engine.close()
+        return out
+    finally:
+        monkey.undo()
+
+
+def test_auto_share_is_one_share_for_every_host(tmp_path):
+    (a, tier_a), (b, tier_b) = run_on_ranks(_auto_share_on_two_hosts, 2, str(tmp_path))
+    assert a == b and tier_a == tier_b, ((a, tier_a), (b, tier_b))
+    assert a < 0.5  # host1's room, not host0's
+
+
+def test_auto_share_keeps_only_whole_chunks_that_fit(monkeypatch, tmp_path):
+    """"auto" chose 0.04 of the elements; a first chunk of 0.3 used to go to host memory anyway
+    (rounded up) and the room check then refused what "auto" itself chose."""
+    monkeypatch.setattr(host_room, "meminfo", lambda: (260 * 1024, 300 * 1024))
+    engine = _engine(OptimizerOffload("nvme", nvme_path=str(tmp_path), host_share="auto", chunk_numel=4000,
+                                      buffer_count=1))
+    assert type(engine._host_step.tier).__name__ == "NvmeTier"  # no whole chunk fits in 0.04
+    engine.close()

@@ -10,7 +10,8 @@ and was killed while writing its masters (bench/results/h100_session17_summary.m
 
 So every rank reads its host's memory once, before its tier is built, and the ranks exchange
 their readings (``readings``: per host the smallest ``MemAvailable`` among its ranks, which then
-share it equally; ``host_share`` "auto" sizes from this host's: split_tier.py). ``check`` refuses
+share it equally; ``host_share`` "auto" sizes from the tightest host's, ``tightest``, so every
+rank takes the same share and builds the same tiers: split_tier.py). ``check`` refuses
 a need above a rank's part of the tightest host, on every rank at once (a host that refused
 alone would leave the others waiting in the next collective), with the numbers and the setting
 that would fit. A need that fits but leaves less than ``MARGIN`` of the host free is allowed with
@@ -92,13 +93,20 @@ class HostNeed:
         return ", ".join(out)
 
 
+def tightest(hosts: list[HostReading]) -> HostReading | None:
+    """The host with the least room a rank, the same on every rank (ties by name: ``readings``
+    lists this rank's host first): what every decision taken from the readings must use, so that
+    all ranks take the same one (a host_share, a refusal) and build the same tiers."""
+    return min(hosts, key=lambda r: (r.per_rank, r.host)) if hosts else None
+
+
 def check(need: HostNeed, hosts: list[HostReading], offload) -> None:
     """Refuse (``ConfigError``) a need above a rank's part of the tightest host, naming what would
     fit, on every rank alike (each rank's need is the same: shards are equal); warn when it leaves
     less than ``MARGIN`` of that host free. ``offload``: the ``OptimizerOffload``."""
     if not hosts:
         return
-    got = min(hosts, key=lambda r: r.per_rank)
+    got = tightest(hosts)
     per_rank = got.per_rank
     where = f"host {got.host!r}" if len(hosts) > 1 else "this host"
     head = (f"hf_zero: offload_optimizer (device {offload.device!r}, ratio {offload.ratio!r}"

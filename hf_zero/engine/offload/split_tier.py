@@ -19,7 +19,9 @@ step computes: the same optimizer steps the same pieces in the same order, so th
 for bit those of all-host and of all-NVMe.
 
 ``host_share`` "auto": as much as fits in the host memory available when the tier is built
-(``MemAvailable``; ranks on one host split the smallest reading among them equally), less
+(``MemAvailable``; ranks on one host split the smallest reading among them equally; every rank
+sizes from the host with the least room a rank, ``host_room.tightest``, so all take one share and
+build the same tiers, and the chosen share is rounded down to whole chunks), less
 ``MARGIN`` of the host's memory and less what this rank's offload needs beside the state in any
 case (its fp32 host grads, 4 bytes per offloaded element, and the NVMe chunk buffers):
 
@@ -71,12 +73,13 @@ import torch
 from hf_zero.engine.offload.host_room import MARGIN, HostReading  # MARGIN: of MemTotal, left free by "auto"
 
 
-def host_chunks(chunk_numel: list[int], share: float) -> int:
+def host_chunks(chunk_numel: list[int], share: float, whole: bool = False) -> int:
     """How many leading chunks (by their elements, in chunk order) live in host memory: each one
-    whose elements before it are below ``share`` of all (0: none, 1: all)."""
+    whose elements before it are below ``share`` of all (0: none, 1: all); with ``whole``, each one
+    that fits inside ``share`` of all (a share "auto" chose from the memory there is: never more)."""
     total, acc, count = sum(chunk_numel), 0, 0
     for n in chunk_numel:
-        if not acc < share * total:
+        if not acc < share * total or (whole and acc + n > share * total):
             break
         acc += n
         count += 1
@@ -111,8 +114,8 @@ def auto_share(chunk_numel: list[int], per_element: int, buffer_count: int, got:
                copy_share: float = 0.0) -> AutoShare:
     """``host_share`` "auto" for chunks of ``chunk_numel`` elements (see the Note), ``per_element``
     bytes of master and state per element (``nvme_swap.bytes_per_element``), room for speculation's
-    copies of up to ``copy_share`` of the elements, from the host's reading (``host_room.readings``, this host's:
-    every rank of one host takes the same, so they agree; None: no host memory to read, share 0)."""
+    copies of up to ``copy_share`` of the elements, from a host's reading (``host_room.tightest``: every
+    rank takes the same, so they agree; None: no host memory to read, share 0)."""
     available, total, ranks = (got.available, got.total, got.ranks) if got is not None else (0, 0, 1)
     per_rank = (available - MARGIN * total) / ranks
     elements = sum(chunk_numel)

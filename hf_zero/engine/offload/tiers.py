@@ -148,11 +148,13 @@ def state_tier(offload: OptimizerOffload | None, chunks: list[list[int]], shard_
         return HostTier(memory, chunks)
     share = offload.host_share
     if share == "auto":
-        choice = split_tier.auto_share(numel, per_element, offload.buffer_count, hosts[0] if hosts else None,
+        # The tightest host's reading on every rank: one share for all, so all build the same tiers.
+        choice = split_tier.auto_share(numel, per_element, offload.buffer_count, host_room.tightest(hosts),
                                        copy_share=DEFAULT_BUDGET)
         split_tier.say(choice, ctx)
-        share = choice.share
-    count = split_tier.host_chunks(numel, share)
+        count = split_tier.host_chunks(numel, choice.share, whole=True)  # what it chose, not a chunk more
+    else:
+        count = split_tier.host_chunks(numel, share)
     # the NVMe side's chunk buffers, as NvmeTier holds them (``buffer_count`` of its largest chunk)
     buffers = offload.buffer_count * per_element * max(numel[count:], default=0) if count < len(chunks) else 0
     if check_room:
