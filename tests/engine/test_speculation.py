@@ -265,6 +265,30 @@ def test_room_promised_earlier_in_the_step_is_not_offered_again(monkeypatch):
     assert [spec.hand_over(c) for c in range(4)] == [True, True, True, False]
 
 
+def test_a_first_steps_state_copies_stay_promised_until_made(monkeypatch):
+    """[Note: promised room]: a chunk admitted at the run's first step (no state yet) copies only
+    its masters then; its state's copies (8 of AdamW's 12 bytes an element) come at its next
+    speculative step. Until that step ends they stay promised, so a chunk asking in between
+    does not take that room too."""
+    from hf_zero.engine.offload import speculation
+
+    total = 1000 * 12  # the reserve: 1200 bytes
+    spec = Speculation(SpeculationPolicy(budget=1.0), [100, 100], bytes_per_element=12)
+    monkeypatch.setattr(speculation, "meminfo", lambda: (3800, total))
+    assert spec.hand_over(0, stateless=True) is True  # 100 x (12 + 8) = 2000 promised
+    spec.validate(1.0)
+    spec.end_step()
+    # allocated since: its state (800) and its masters' copy (400); 800 of state copies still to come
+    monkeypatch.setattr(speculation, "meminfo", lambda: (3800 - 1200, total))
+    assert spec.hand_over(0) is True  # its state's copies are made in this step
+    assert spec.hand_over(1) is False  # 2600 - 800 promised - 1200 leaves less than the reserve
+    spec.validate(1.0)
+    spec.end_step()
+    # chunk 0's state copies are made now (a fresh reading counts them): nothing is promised any more
+    monkeypatch.setattr(speculation, "meminfo", lambda: (2400, total))
+    assert [spec.hand_over(c) for c in range(2)] == [True, True]
+
+
 def test_copies_go_after_a_streak_without_speculation(monkeypatch):
     """[Note: idle copies]: a run that clips at every step stops speculating after its first redo;
     the copies' buffers go after ``RELEASE_AFTER`` such steps, and come back (room checked again)

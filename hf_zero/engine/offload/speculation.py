@@ -214,7 +214,10 @@ class Speculation:
         self._speculating = False  # this step: the policy said so
         self._reserved = 0  # elements of the chunks queued before the verdict, this step
         self._kept: set[int] = set()  # chunks whose copies have buffers (last steps)
-        self._promised = 0  # bytes ``_room_for`` granted this step ([Note: promised room])
+        self._promised = 0  # bytes ``_room_for`` granted and not yet allocated ([Note: promised room])
+        # chunks admitted without optimizer state: bytes of state copies their next speculative step adds
+        self._growth: dict[int, int] = {}
+        self._growing: set[int] = set()  # of those, the ones that speculate with state this step
         self._idle = 0  # steps in a row the policy did not let speculate ([Note: idle copies])
         self._lock = threading.Lock()
 
@@ -251,8 +254,14 @@ class Speculation:
         # ask while ``MemAvailable`` still shows the room the ones before them were promised (a
         # 13B run on an H100 admitted its whole budget that way and left 0.3 GiB of 125 free).
         # A reading taken after some of those buffers exist counts them twice, which errs toward
-        # holding a chunk; ``end_step`` (every chunk done, every promise allocated) clears it.
+        # holding a chunk; ``end_step`` (every chunk done) clears what was allocated. Not all of a
+        # ``stateless`` chunk's promise is: its first step copies only its masters (there is no
+        # state to copy yet) and creates the state; the state's copies come at its next speculative
+        # step. That part stays promised until then (``_growth``), or other chunks admitted in
+        # between would read a ``MemAvailable`` that does not show it coming.
         if c in self._kept:
+            if not stateless and c in self._growth:
+                self._growing.add(c)  # its state's copies are made this step: promised until end_step
             return True
         got = meminfo()
         needed = self.chunk_numel[c] * (self.bytes_per_element + (self.bytes_per_element - 4) * stateless)
@@ -260,6 +269,8 @@ class Speculation:
             return False
         self._promised += needed
         self._kept.add(c)
+        if stateless:
+            self._growth[c] = self.chunk_numel[c] * (self.bytes_per_element - 4)
         return True
 
     def start(self, c: int) -> tuple[Action, float | None]:
@@ -322,7 +333,11 @@ class Speculation:
         with self._lock:
             if self.verdict in (Verdict.IDLE, Verdict.OPEN):
                 return
-            self.verdict, self.scale, self.chunks, self._promised = Verdict.IDLE, None, {}, 0
+            self.verdict, self.scale, self.chunks = Verdict.IDLE, None, {}
+            for c in self._growing:  # their state's copies exist now
+                self._growth.pop(c, None)
+            self._growing.clear()
+            self._promised = sum(self._growth.values())  # [Note: promised room]: not yet allocated
             self.snapshots.forget()
             # [Note: idle copies] The copies' buffers are kept from step to step for the next
             # speculation, but a clipping streak stops it (``SpeculationPolicy``: the wait ends only
@@ -335,3 +350,5 @@ class Speculation:
             if self._idle >= RELEASE_AFTER and self._kept:
                 self.snapshots.release()
                 self._kept.clear()
+                self._growth.clear()  # re-admitted chunks are promised in full again
+                self._promised = 0
