@@ -12,19 +12,24 @@ import weakref
 
 import torch
 
+from hf_zero.engine.offload import cgroup_memory
 from hf_zero.engine.offload.glibc_heap import fix_mmap_threshold
 
 
 
 def meminfo() -> tuple[int, int] | None:
-    """(MemAvailable, MemTotal) of this host in bytes, from /proc/meminfo; None where there is none.
-    What the offload tiers may still take (speculation.py's copies, split_tier.py's "auto" share)."""
+    """(MemAvailable, MemTotal) of this host in bytes, from /proc/meminfo, each lowered to this
+    process's cgroup limit where one holds it ([Note: cgroup limit] in cgroup_memory.py); None
+    where there is no /proc/meminfo. What the offload tiers may still take (host_room.py's check,
+    speculation.py's copies, split_tier.py's "auto" share)."""
     try:
         with open("/proc/meminfo") as f:
             fields = dict(line.split(":", 1) for line in f)
-        return int(fields["MemAvailable"].split()[0]) * 1024, int(fields["MemTotal"].split()[0]) * 1024
+        got = int(fields["MemAvailable"].split()[0]) * 1024, int(fields["MemTotal"].split()[0]) * 1024
     except (OSError, KeyError, ValueError):
         return None
+    held = cgroup_memory.limit()
+    return got if held is None else (min(got[0], held[0]), min(got[1], held[1]))
 
 class HostMemory:
     """Host tensors for offloaded state (fp32 masters and grads; param shards in the params' dtype
