@@ -158,3 +158,25 @@ def test_auto_share_keeps_only_whole_chunks_that_fit(monkeypatch, tmp_path):
                                       buffer_count=1))
     assert type(engine._host_step.tier).__name__ == "NvmeTier"  # no whole chunk fits in 0.04
     engine.close()
+
+
+def test_the_suggested_ratio_builds(monkeypatch):
+    """A lower ratio still offloads whole buckets (the one it ends in too): the suggestion leaves
+    room for that, so following it is not refused again (it once took 1.0, 0.54, 0.40, 0.30...)."""
+    import re
+
+    monkeypatch.setattr(host_room, "meminfo", lambda: (200 * 1024, 10 * GIB))
+
+    def build(ratio):
+        model = tiny_llama(0)
+        return ZeroEngine(model, torch.optim.AdamW(model.parameters(), lr=1e-2), stage=2, bucket_numel=8000,
+                          offload=OptimizerOffload("cpu", ratio=ratio, pin_memory=False))
+
+    with pytest.raises(ConfigError) as refused:
+        build(1.0)
+    ratio = float(re.search(r"ratio about ([0-9.]+)", str(refused.value)).group(1))
+    assert 0 < ratio < 1
+    with pytest.warns(RuntimeWarning, match="less than 10% of the host free"):  # it fits, without the margin
+        engine = build(ratio)
+    assert any(b.offloaded for b in engine.buckets)
+    engine.close()

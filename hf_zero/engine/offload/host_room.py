@@ -78,6 +78,7 @@ class HostNeed:
     host_elements: int  # of those, the ones whose masters and state stay in host memory
     per_element: int  # bytes of master and state per element (``nvme_swap.bytes_per_element``)
     buffer_bytes: int = 0  # NVMe chunk buffers
+    largest: int = 0  # elements of the largest offloaded bucket: a lower ratio still offloads whole buckets
 
     @property
     def nbytes(self) -> int:
@@ -139,12 +140,14 @@ def _what_fits(need: HostNeed, room: float, offload) -> str:
         if share > 0:
             return (f"Fits: offload_optimizer.host_share at most {share:.2f} (or \"auto\", which reads the host's "
                     f"memory and leaves {MARGIN:.0%} free), or a lower offload_optimizer.ratio{auto}.")
-        lower = int(100 * ratio * max(0.0, room - need.buffer_bytes) / 4 / need.elements) / 100
+        fit = max(0.0, (room - need.buffer_bytes) / 4 - need.largest)  # the bucket a ratio ends in is offloaded whole
+        lower = int(100 * ratio * fit / need.elements) / 100
         if lower <= 0:
             return SHORT
         return (f"Even with host_share 0 its fp32 grads and buffers do not fit: a lower offload_optimizer.ratio{auto}, "
                 f"about {lower:.2f} or less, keeps more on the GPU.")
-    lower = int(100 * ratio * max(0.0, room) / (4 + need.per_element) / max(1, need.elements)) / 100
+    fit = max(0.0, room / (4 + need.per_element) - need.largest)  # the bucket a ratio ends in is offloaded whole
+    lower = int(100 * ratio * fit / max(1, need.elements)) / 100
     if lower <= 0:
         return SHORT
     return (f"Fits: offload_optimizer.ratio about {lower:.2f} or less{auto} (more of the optimizer on the GPU), "

@@ -139,12 +139,13 @@ def state_tier(offload: OptimizerOffload | None, chunks: list[list[int]], shard_
         return HostTier(memory, chunks)
     numel = [sum(shard_sizes[i] for i in chunk) for chunk in chunks]
     per_element = bytes_per_element(optimizer, offload.state_dtype)
+    largest = max((shard_sizes[i] for chunk in chunks for i in chunk), default=0)
     # One reading per host ([Note: host room]), a collective: every rank builds its tier, with the same
     # settings. A rebuild with a fixed share needs none.
     hosts = host_room.readings(ctx) if check_room or offload.host_share == "auto" else []
     if offload.device == "cpu":
         if check_room:
-            host_room.check(host_room.HostNeed(sum(numel), sum(numel), per_element), hosts, offload)
+            host_room.check(host_room.HostNeed(sum(numel), sum(numel), per_element, largest=largest), hosts, offload)
         return HostTier(memory, chunks)
     share = offload.host_share
     if share == "auto":
@@ -158,7 +159,8 @@ def state_tier(offload: OptimizerOffload | None, chunks: list[list[int]], shard_
     # the NVMe side's chunk buffers, as NvmeTier holds them (``buffer_count`` of its largest chunk)
     buffers = offload.buffer_count * per_element * max(numel[count:], default=0) if count < len(chunks) else 0
     if check_room:
-        host_room.check(host_room.HostNeed(sum(numel), sum(numel[:count]), per_element, buffers), hosts, offload)
+        host_room.check(host_room.HostNeed(sum(numel), sum(numel[:count]), per_element, buffers, largest), hosts,
+                        offload)
     if count == len(chunks):
         return HostTier(memory, chunks)
     if count == 0:
