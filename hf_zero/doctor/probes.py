@@ -12,25 +12,23 @@ MEMINFO = "/proc/meminfo"
 
 def mem_available_bytes(path: str = MEMINFO) -> int | None:
     """``MemAvailable`` of /proc/meminfo in bytes (what can be allocated without swapping); of
-    this machine's, the cgroup's room where that is less (a container's memory limit: [Note:
-    cgroup limit] in hf_zero/engine/offload/cgroup_memory.py)."""
-    found = None
+    this machine's, as the offload tiers read it (``host_memory.meminfo``: the cgroup's room where
+    that is less, [Note: cgroup limit]); ``path``: another meminfo file, read as it is."""
+    if path == MEMINFO:
+        from hf_zero.engine.offload.host_memory import meminfo
+
+        got = meminfo()
+        return None if got is None else got[0]
     try:
         with open(path, encoding="ascii") as file:
             for line in file:
                 name, _, rest = line.partition(":")
                 if name == "MemAvailable":
                     value, _, unit = rest.strip().partition(" ")
-                    found = int(value) * (1024 if unit.strip().lower() == "kb" else 1)
-                    break
+                    return int(value) * (1024 if unit.strip().lower() == "kb" else 1)
     except (OSError, ValueError):
         return None
-    if found is not None and path == MEMINFO:
-        from hf_zero.engine.offload import cgroup_memory
-
-        held = cgroup_memory.limit()
-        found = found if held is None else min(found, held[0])
-    return found
+    return None
 
 
 def memlock_limit_bytes() -> int | None:

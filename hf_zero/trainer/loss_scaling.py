@@ -28,16 +28,17 @@ scaler's state (``hysteresis_left``), so a resumed run goes on as it would have.
 
 [Note: fused steps under the sharded scaler] torch's fused optimizers (``adamw_torch_fused``,
 the Trainer's default) take the scaler's ``found_inf`` into their own step, and two things in
-torch's ``ShardedGradScaler`` (read in torch 2.13) break them, so :class:`ShardedDeepSpeedScaler`
-mends both:
+torch's ``ShardedGradScaler`` (read in torch 2.13) break them:
 - its ``unscale_`` makes ``found_inf`` of shape ``(1,)``, which the fused step subtracts from
   its 0-dim step counts: ``output with shape [] doesn't match the broadcast shape [1]`` at the
   first step of every fp16 run with a process group. And the flags are all-reduced as a sum, so
   with two ranks overflowing the flag is 2, while the fused kernels skip only where it equals 1:
-  they stepped with the overflowed grads. The agreed flags are handed on as 0-dim 0/1 tensors.
-- where nothing unscaled first (``max_grad_norm`` 0: the Trainer does not clip), ``step`` checks
-  for overflow with ``GradScaler._check_inf_per_device``, which sees this rank's shard only: the
-  ranks could disagree on skipping. The flags are all-reduced there too.
+  they stepped with the overflowed grads. :class:`ShardedDeepSpeedScaler` hands the agreed flags
+  on as 0-dim 0/1 tensors.
+- where nothing unscaled first (``max_grad_norm`` 0: the Trainer does not clip), torch's ``step``
+  checks for overflow with ``GradScaler._check_inf_per_device``, which sees this rank's shard
+  only: the ranks could disagree on skipping. ``DeepSpeedScaling.step`` (below) unscales first
+  instead, through ``unscale_``, which agrees on the flags.
 
 And at every world size (:class:`DeepSpeedScaling`): for a fused optimizer torch's ``step`` always
 calls ``optimizer.step()`` and lets the kernel skip an overflowed step, so accelerate, which calls
@@ -133,17 +134,6 @@ class ShardedDeepSpeedScaler(DeepSpeedScaling, ShardedGradScaler):
         super().unscale_(optimizer)  # all-reduces the flags
         if self._enabled:
             self._as_scalars(optimizer)
-
-    def _check_inf_per_device(self, optimizer: torch.optim.Optimizer) -> dict[str, Any]:
-        found = super()._check_inf_per_device(optimizer)  # this rank's shard only
-        for flag in found.values():
-            if self._device != "cpu" and flag.device.type == "cpu":  # as ShardedGradScaler.unscale_
-                on_device = flag.to(self._device)
-                dist.all_reduce(on_device, group=self.process_group)
-                flag.copy_(on_device)
-            else:
-                dist.all_reduce(flag, group=self.process_group)
-        return self._as_scalars(optimizer)
 
     def _as_scalars(self, optimizer: torch.optim.Optimizer) -> dict[str, Any]:
         state = self._per_optimizer_states[id(optimizer)]

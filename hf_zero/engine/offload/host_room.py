@@ -15,8 +15,8 @@ rank takes the same share and builds the same tiers: split_tier.py). ``check`` r
 a need above a rank's part of the tightest host, on every rank at once (a host that refused
 alone would leave the others waiting in the next collective), with the numbers and the setting
 that would fit. A need that fits but leaves less than ``MARGIN`` of the host free is allowed with
-one warning: speculation's copies then find no room, and the page cache little. Page cache counts as available (the kernel drops it for us); what other processes
-hold does not. Speculation's copies are not counted here: they check their own room
+one warning: speculation's copies then find no room, and the page cache little. Page cache
+counts as available (the kernel drops it for us); what other processes hold does not. Speculation's copies are not counted here: they check their own room
 ([Note: promised room] in speculation.py).
 """
 
