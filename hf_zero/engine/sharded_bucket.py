@@ -92,10 +92,16 @@ class ShardedBucket:
         """The fp32 master of the shard: on the host step's tier if offloaded (``host_step``), a
         device copy of a host shard, or the shard itself when it is fp32 already."""
         shard = self.shard()
-        if self.offloaded:
+        host = self.unit.host if self.unit is not None else None
+        if host is not None:  # read through staging, not the file's mapping ([Note: shards written back])
+            staged = host.stage(shard.detach())
+            if self.offloaded:
+                self.master = host_step.master(self.index, staged)
+            else:  # a host shard, a device optimizer
+                self.master = staged.to(self.grad.buffer.device, torch.float32, copy=True)
+            host.done_with(staged, self.master.device)
+        elif self.offloaded:
             self.master = host_step.master(self.index, shard.detach())
-        elif self.unit is not None and self.unit.host is not None:  # a host shard, a device optimizer
-            self.master = shard.detach().to(self.grad.buffer.device, torch.float32, copy=True)
         else:
             self.master = shard if shard.dtype == torch.float32 else shard.detach().float()
         self.pieces = [Piece(self.grad.buffer.params[slot], nn.Parameter(self.master[r.start : r.end]), r)

@@ -239,3 +239,85 @@ def test_host_rss_is_bounded_by_the_staging_buffers(tmp_path):
     assert out["mapped_read"] >= out["shard_bytes"] > out["model"] - mib, out
     assert out["mapped_after_staging"] == 0, out
     assert list(tmp_path.iterdir()) == []
+
+
+# ---- construction writes the shards back ([Note: shards written back]) -----------------------------
+
+
+def _cached_bytes(path: str) -> int:
+    """Bytes of ``path`` in the page cache (mincore over a fresh read-only mapping of it)."""
+    import mmap
+
+    import numpy as np
+
+    libc = ctypes.CDLL("libc.so.6", use_errno=True)
+    libc.mincore.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_void_p]
+    size, page = os.path.getsize(path), os.sysconf("SC_PAGE_SIZE")
+    if size == 0:
+        return 0
+    with open(path, "rb") as f, mmap.mmap(f.fileno(), size, prot=mmap.PROT_READ) as m:
+        vec = (ctypes.c_ubyte * -(-size // page))()
+        view = np.frombuffer(m, dtype=np.uint8)  # the mapping's address (a read-only buffer has no ctypes one)
+        failed = libc.mincore(ctypes.c_void_p(view.ctypes.data), ctypes.c_size_t(size), vec)
+        del view
+        if failed:
+            raise OSError(ctypes.get_errno(), "mincore failed")
+        return sum(b & 1 for b in vec) * page
+
+
+def _filesystem(path: str) -> str:
+    best, kind = "", ""
+    with open("/proc/mounts") as f:
+        for line in f:
+            mount, fs = line.split()[1], line.split()[2]
+            if os.path.realpath(path).startswith(mount.rstrip("/") + "/") and len(mount) > len(best):
+                best, kind = mount, fs
+    return kind
+
+
+def _built(rank, world, nvme_path, sharded_load):
+    """Right after the engine is built without an optimizer (the shards written by construction,
+    or by the sharded load's ``materialize``): the swap files' mappings hold no resident page, and
+    the files' pages are not left in the page cache (written to the disk first: fdatasync, then
+    dropped). Then the optimizer comes: its masters are read from the shards through staging
+    (``pread``: clean pages in the cache, which the kernel may drop), not through the mappings."""
+    from tests.engine.test_param_offload import _StateSource
+
+    cfg = LlamaConfig(vocab_size=256, hidden_size=256, intermediate_size=704, num_hidden_layers=8,
+                      num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=64)
+    torch.manual_seed(0)
+    ref = AutoModelForCausalLM.from_config(cfg, attn_implementation="eager").float()
+    if sharded_load:
+        with torch.device("meta"):
+            model = AutoModelForCausalLM.from_config(cfg, attn_implementation="eager").float()
+        source = _StateSource(ref.state_dict())
+    else:
+        model, source = copy.deepcopy(ref), None
+    engine = ZeroEngine(model, None, stage=3, bucket_numel=1 << 20, offload=OptimizerOffload("cpu"),
+                        offload_param=ParamOffload("nvme", nvme_path=nvme_path), source=source)
+    memory = engine.strategy.param_memory
+    files = [f for name, f in memory.dir.files.items() if name.startswith("param.")]
+    out = {"mapped": _mapped_rss(memory.dir.path), "cached": sum(_cached_bytes(f.path) for f in files),
+           "shard_bytes": sum(t.numel() * t.element_size() for u in engine.units for t in u.host_shards()),
+           "fs": _filesystem(memory.dir.path)}
+    engine.attach_optimizer(torch.optim.AdamW(model.parameters(), lr=1e-3))
+    out["mapped_with_masters"] = _mapped_rss(memory.dir.path)
+    masters = torch.cat([m.reshape(-1) for m in engine.masters])
+    out["masters_equal_shards"] = torch.equal(masters, torch.cat(
+        [t.reshape(-1).float() for u in engine.units for t in u.host_shards() if u.buffer is not None]))
+    state = engine.full_state_dict(to_cpu_on=None)  # the values came back from the disk
+    out["differ"] = sorted(n for n, t in ref.state_dict().items() if n in state and not torch.equal(state[n], t))
+    engine.close()
+    return out
+
+
+@pytest.mark.parametrize("sharded_load", [False, True])
+def test_built_shards_leave_rss_and_the_page_cache(sharded_load, tmp_path):
+    out = run_on_ranks(_built, 1, str(tmp_path), sharded_load, timeout=240)[0]
+    assert out["shard_bytes"] > 8 * 2**20, out  # the model is well above what the assertions allow
+    assert out["mapped"] == 0 and out["mapped_with_masters"] == 0 and out["differ"] == [], out
+    assert out["masters_equal_shards"], out
+    # tmpfs keeps a file's pages in memory whatever is asked (they are the file); on a disk they go.
+    limit = out["shard_bytes"] + 2**20 if out["fs"] in ("tmpfs", "ramfs") else 2**20
+    assert out["cached"] <= limit, out
+    assert list(tmp_path.iterdir()) == []

@@ -67,6 +67,7 @@ def test_the_checker_sees_a_missing_method():
         "Partial has no read_ahead",
         "Partial has no drop_read_ahead",
         "Partial has no write",
+        "Partial has no write_back",
         "Partial has no staging_bytes",
     ]
 

@@ -115,6 +115,9 @@ class HostMemory:
     def read_ahead(self, shard: torch.Tensor) -> None:
         pass
 
+    def write_back(self, shard: torch.Tensor) -> None:
+        pass  # the shard is host memory itself; NvmeParamMemory writes its file's pages to the disk
+
     def drop_read_ahead(self) -> None:
         pass
 

@@ -278,6 +278,16 @@ class SwapFile:
         if self._map is not None:
             self._map.madvise(mmap.MADV_DONTNEED)
 
+    def write_back(self) -> None:
+        """Write what was written through ``view`` to the disk and let go of the file's pages: this
+        process's RSS (``drop_pages``) and the page cache (``fdatasync``, then ``POSIX_FADV_DONTNEED``,
+        which drops clean pages only). For a file filled through its mapping at construction
+        ([Note: shards written back] in nvme_params.py); the next read comes from the disk."""
+        self.drop_pages()
+        if self.nbytes:
+            os.fdatasync(self.fd)
+            os.posix_fadvise(self.fd, 0, 0, os.POSIX_FADV_DONTNEED)
+
     def close(self) -> None:
         if self.io_fd != self.fd:
             os.close(self.io_fd)

@@ -23,6 +23,13 @@ same page cache. The files are read through the page cache, not with O_DIRECT as
 tier's ([Note: direct I/O] in nvme_files.py): the params' writes are not whole blocks (a fused
 unit's frozen shards follow its trainable one in the file), and O_DIRECT moves whole blocks only.
 
+[Note: shards written back] Construction and the sharded load fill the shards through their
+mappings: every page of every shard is then in this process's RSS and dirty in the page cache
+(a 13B Llama's bf16 shards: 24 GiB), until the first step stages each shard and the kernel gets
+round to writing it. A memory cgroup counts both, and the optimizer tiers are sized from what
+the host has free right after (host_room.py). So each unit's shards are written to the disk and
+dropped from memory as soon as they are filled (``write_back``, ``ParamUnit.write_back_shards``).
+
 The directory is checked (exists, writable, room for every rank of the host) before the first
 shard is made, with ``offload_param.nvme_path`` named in the error.
 """
@@ -70,6 +77,11 @@ class NvmeParamMemory:
         out = self.empty(src.numel(), dtype).view(src.shape)
         out.copy_(src)
         return out
+
+    def write_back(self, shard: torch.Tensor) -> None:
+        """``shard`` was filled through its mapping: to the disk, and out of RSS and the page cache
+        ([Note: shards written back])."""
+        self._locate(shard)[0].write_back()
 
     # ---- every step: staged reads, direct writes -----------------------------------------------------
 

@@ -131,6 +131,7 @@ class ParamUnit:
         self._events: list = []
         self.state = UnitState.UNSHARDED
         self.reshard()
+        self.write_back_shards()
 
     def _new_shard(self, sources: list[torch.Tensor], device: torch.device | None = None) -> torch.Tensor:
         """One tensor holding ``sources`` back to back: in host memory with parameter offload, else on
@@ -164,6 +165,7 @@ class ParamUnit:
             for part in self.parts:
                 part.materialize(device, fill, local=part.local if self.host is not None else None)
         self.local = self.parts[0].local if self.buffer is not None else None
+        self.write_back_shards()
         if self.state is UnitState.SHARDED:
             for part in self.parts:
                 part.detach()  # params point at an empty tensor on ``device`` now
@@ -223,6 +225,12 @@ class ParamUnit:
         if self.host is None:
             return []
         return [self._fused_local] if self._fused else [part.local for part in self.parts]
+
+    def write_back_shards(self) -> None:
+        """Parameter offload to NVMe: the shards were just filled (construction, ``materialize``): write
+        them to the disk and drop their pages ([Note: shards written back] in nvme_params.py)."""
+        for shard in self.host_shards():
+            self.host.write_back(shard)
 
     def read_ahead(self) -> None:
         """Parameter offload to NVMe: start reading this unit's shards for its next upload
