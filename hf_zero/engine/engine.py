@@ -181,7 +181,14 @@ class ZeroEngine:
     def gathered(self, modifier_rank: int | None = None, *, params=None):
         """Context manager: inside, every param (or those in ``params``) holds its full value; with
         ``modifier_rank`` that rank's edits are kept (full_params.py). Call it on every rank (it
-        communicates)."""
+        communicates). Between backward and the optimizer step with the host step in backward, the
+        params read are those of an unfinished step, and edits are refused ([Note: settle mid-step]
+        in host_step.py)."""
+        if modifier_rank is not None and self._host_step is not None and self._host_step.mid_step:
+            raise RuntimeError(
+                "gathered(modifier_rank=...) between backward and optimizer.step(): the optimizer step of offloaded "
+                "buckets is under way (ZeroEngine.set_step_in_backward), some of their masters stepped already, so "
+                "edits could not be kept consistently; edit the params before backward or after the step")
         self.settle()
         return full_params.gathered(self, modifier_rank, params)
 

@@ -45,6 +45,20 @@ against it, and redone or undone from a copy when needed ([Note: speculation] in
 ``_step_validated``); without a speculation policy clipping after an early step is refused
 (ZeroEngine.clip_grad_norm_).
 
+[Note: settle mid-step] A step in backward spans from its first chunk handed over (``ready``)
+to the optimizer step (``run``: every chunk handed? then the verdict, which redoes speculated
+chunks and hands the held ones over from ``_handed``, waiting on ``_pending``) or, without one, to
+``end_step``. ``settle`` is called in that window too: by whatever reads the params between
+backward and ``optimizer.step()`` (``ZeroEngine.gathered``, ``full_state_dict``, a Trainer
+callback's ``on_pre_optimizer_step``). Ending the step there (its bookkeeping cleared, the tier
+finished) made the optimizer step find no chunk handed over, an AssertionError. So while
+``_mid_step`` ``settle`` only waits for the chunks handed so far and their uploads, and keeps
+everything the optimizer step needs: the step then ends bit for bit as without the call (the tier's
+``finish`` and the device leg's timing wait for its end too). What is read meanwhile is the
+unfinished step: the chunks stepped in backward (under clipping at scale 1, maybe redone yet), the
+others as before it. What cannot go on mid-step is refused: ``gathered(modifier_rank=...)`` (its
+edits would land on masters some of which the step already read) and a new ``set_step_in_backward``.
+
 With parameter offload (stage 3, [Note: host shards] in units.py) a bucket's param shard lives on
 the host: its updated masters are cast into it on the CPU right after its chunk's step, and
 nothing goes up now; the unit's next use uploads the shard.
@@ -144,6 +158,9 @@ class HostStep:
         self._worker: StepWorker | None = None
         self._unused: dict[int, Callable[[], set]] = {}  # bucket -> its params without a gradient anywhere
         self._next_chunk = 0  # chunks handed to the worker this step
+        # Chunks of this step went to the worker and neither ``run`` nor ``end_step`` has come:
+        # ``settle`` then only waits for them ([Note: settle mid-step]).
+        self._mid_step = False
         self._pending: dict[int, Future] = {}  # chunk -> its step on the worker, until settled
         self._upload_events: dict[int, object] = {}  # chunk -> the event after its upload (worker-written)
         self._chunk_of = {i: c for c, chunk in enumerate(self.chunks) for i in chunk}
@@ -185,6 +202,10 @@ class HostStep:
         none of whose buckets the tier keeps on disk (all of the host tier's, none of the NVMe
         tier's, a split's first ``count``); the others wait for the norm and are stepped after it,
         in chunk order (the worker's order whenever the tier is ``on_disk``)."""
+        if self._mid_step:  # [Note: settle mid-step]: the chunks handed over would go unvalidated
+            raise RuntimeError(
+                "set_step_in_backward() between backward and optimizer.step(): chunks of this step were "
+                "already stepped during backward under the current setting; change it after the step")
         self.early, self.defer = early, early and defer
         self.speculation = None
         if early and speculation is not None:
@@ -268,6 +289,7 @@ class HostStep:
                 return
             if c == 0:
                 self.tier.begin(self._optimizer, self._pieces_of())
+                self._mid_step = True
             if self._worker is None:
                 # The GPU's feeder thread keeps a core of its own.
                 threads = max(1, (os.cpu_count() or 2) - 1) if self.streams.h2d is not None else None
@@ -304,9 +326,19 @@ class HostStep:
         if event is not None:
             torch.cuda.current_stream(self.device).wait_event(event)
 
+    @property
+    def mid_step(self) -> bool:
+        """Chunks of this step were stepped in backward and its optimizer step has not come
+        ([Note: settle mid-step])."""
+        return self._mid_step
+
     def settle(self) -> None:
         """Every chunk handed to the worker is stepped, its writes back in the tier, and the current
-        stream waits for every upload. Idempotent."""
+        stream waits for every upload. Idempotent. Between backward and the optimizer step only the
+        waits: the step goes on ([Note: settle mid-step])."""
+        if self._mid_step:
+            self._wait_handed()
+            return
         decided = self.speculation is not None and self.speculation.decided  # (held chunks may be all)
         if not self._pending and not decided:
             return
@@ -324,6 +356,14 @@ class HostStep:
                     self.speculation.end_step()
             self.wait_uploads()
 
+    def _wait_handed(self) -> None:
+        """[Note: settle mid-step] The chunks handed to the worker so far are stepped and the current
+        stream waits for their uploads; what the optimizer step needs of them is kept."""
+        with record_function("hf_zero::settle_host_step"):
+            for c in sorted(self._pending):
+                self._pending[c].result()  # (done futures: _validate asks a redone chunk's again)
+            self.wait_uploads()
+
     @labelled("hf_zero::host_step")
     def run(self, optimizer: torch.optim.Optimizer, device_pieces: list, unused: set) -> None:
         """Step ``device_pieces`` (queued on the device), then each offloaded chunk on the host as
@@ -338,6 +378,7 @@ class HostStep:
             view_dev = _chunk_view(optimizer)  # without grad_scale: these grads were clipped already
             _step_on(view_dev, hyperparameters(optimizer), device_pieces)
         if self.early:
+            self._mid_step = False  # the step has come: settle ends it from here on
             if self._next_chunk != len(self.chunks):
                 raise AssertionError(f"{self._next_chunk} of {len(self.chunks)} chunks were handed to the step worker")
             if self.speculation is not None:
@@ -507,6 +548,7 @@ class HostStep:
         """After the optimizer step (or instead of it): this step's grads are done with. With
         ``defer`` the worker may still be stepping; it has what it needs (``ready``). Under
         speculation a step that never came undoes the chunks stepped before it."""
+        self._mid_step = False  # over, with or without its optimizer step: settle ends it
         if self.speculation is not None and self.speculation.open:  # no optimizer step: skipped
             restore = self.speculation.skip()
             for c in restore:
@@ -577,6 +619,7 @@ class HostStep:
         return sum(g.numel() * g.element_size() for g in self.host_grads.values()) + self.tier.resident_bytes() + copies
 
     def close(self) -> None:
+        self._mid_step = False  # (a step left open: its writes done before the tier closes)
         try:
             self.settle()
         finally:
