@@ -2,8 +2,8 @@
 
 | inner (the model's implementation before Ulysses) | function | over the whole sequence it gets |
 |---|---|---|
-| ``sdpa`` | transformers' sdpa | no mask: causal by ``is_causal`` |
-| ``eager`` | the model's own ``eager_attention_forward`` | a full-length additive causal mask built here |
+| ``sdpa`` | transformers' sdpa | no mask: causal by ``is_causal`` (a sliding-window layer: in chunks, [Note: sliding windows inside Ulysses]) |
+| ``eager`` | the model's own ``eager_attention_forward`` | a full-length additive causal mask built here (a sliding-window layer: in chunks) |
 | a ``sparse_attention`` block's (``hf_zero_sparse_attention_<n>``) | its ``flex.SparseAttention`` | the whole sequence's padding (or None) and the share of the heads this rank holds |
 
 [Note: sparse attention inside Ulysses]
@@ -25,6 +25,16 @@ call, and this module supplies them:
   ranks must agree on whether to gather), and the slices are all-gathered into the whole sequence's.
   The Trainer's split batches carry no mask (right padding only, checked by batch_split.py: a
   causal model's real tokens never attend to it); a model called directly with one gets it applied.
+
+[Note: sliding windows inside Ulysses]
+A sliding-window layer (Mistral's layers, the ``sliding_attention`` layers of Qwen2/3) passes its window
+as the ``sliding_window`` keyword; unsplit, the window is in the mask the model builds, which Ulysses
+drops (it was built for the slice). When the window is shorter than the whole sequence, sdpa or eager
+runs in chunks of ``window`` queries (``sliding_window``): the chunk of queries ``[s, e)`` attends to the
+keys ``[s - window + 1, e)`` under the mask of transformers' ``sliding_window_overlay`` (query i sees key
+j when i - window < j <= i), boolean for sdpa, additive for eager. Exact, and no ``[L, L]`` mask: each
+chunk's is ``window x (2 window - 1)``. A sparse attention function refuses a sliding window itself
+(flex.py).
 
 The order is fixed: sparse first, then Ulysses, whose ``enable`` wraps the attention the model runs.
 The Trainer applies the block before sequence parallelism's setup (hf_zero/trainer/seams.py). On a
@@ -101,6 +111,30 @@ def whole_sequence(name: str, query: torch.Tensor, mask: torch.Tensor | None,
     return _gathered(mask, layout), {"head_share": flex.HeadShare(layout.rank * heads, layout.size * heads)}
 
 
+def windowed(name: str, window: int | None, length: int) -> bool:
+    """Whether the call runs as ``sliding_window`` (sdpa or eager, a window shorter than the sequence)."""
+    return name in INNER and window is not None and window < length
+
+
+def sliding_window(inner, name: str, module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+                   *, sliding_window: int, **kwargs: Any) -> torch.Tensor:
+    """``inner`` over the whole sequence of ``query`` ([b, h, L, d]) limited to the window, in chunks of
+    ``sliding_window`` queries ([Note: sliding windows inside Ulysses]); ``[b, L, h, d]``."""
+    window, length, outs = sliding_window, query.shape[2], []
+    for start in range(0, length, window):
+        end, first = min(start + window, length), max(0, start - window + 1)
+        rows = torch.arange(start, end, device=query.device)[:, None]
+        cols = torch.arange(first, end, device=query.device)[None, :]
+        mask = ((cols <= rows) & (cols > rows - window))[None, None]
+        if name == "eager":
+            mask = torch.zeros(mask.shape, dtype=query.dtype, device=query.device).masked_fill(
+                ~mask, torch.finfo(query.dtype).min)
+        out, _ = inner(module, query[:, :, start:end], key[:, :, first:end], value[:, :, first:end], mask,
+                       sliding_window=window, **kwargs)
+        outs.append(out)
+    return torch.cat(outs, dim=1)
+
+
 def causal_mask(length: int, like: torch.Tensor) -> torch.Tensor:
     """The additive causal mask eager attention adds to its scores, for the whole sequence."""
     mask = torch.full((length, length), torch.finfo(like.dtype).min, dtype=like.dtype, device=like.device)
@@ -117,5 +151,5 @@ def _gathered(local: torch.Tensor | None, layout: SpLayout) -> torch.Tensor | No
     return None if bool(whole.all()) else whole
 
 
-__all__ = ["INNER", "causal_mask", "function", "is_sparse", "mask_function", "slice_padding", "unsplit",
-           "whole_sequence", "wraps"]
+__all__ = ["INNER", "causal_mask", "function", "is_sparse", "mask_function", "slice_padding", "sliding_window",
+           "unsplit", "whole_sequence", "windowed", "wraps"]

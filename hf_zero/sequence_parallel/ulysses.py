@@ -16,7 +16,9 @@ While the attention module trains, each call holds this rank's slice of the sequ
    gets): sdpa with ``is_causal`` and no mask, eager with a full-length causal mask, the mask the model
    built for the local slice dropped (the batch splitter has checked that no padding mask is needed:
    batch_split.py); a sparse attention function with the group's padding gathered and the share of the
-   heads this rank holds ([Note: sparse attention inside Ulysses] in inner.py);
+   heads this rank holds ([Note: sparse attention inside Ulysses] in inner.py); on a sliding-window
+   layer (Mistral's, Qwen2/3's ``sliding_attention`` layers) sdpa or eager in query chunks, each under
+   its band of the window ([Note: sliding windows inside Ulysses] in inner.py);
 3. all-to-all back: ``[b, s / P, heads, d]``.
 
 In eval mode (``Trainer.evaluate``, ``generate``; its batches are not split) the inner attention runs
@@ -115,17 +117,15 @@ def _ulysses(inner, name: str, layout: SpLayout, module, query, key, value, atte
     if key.shape[1] % parts:  # P a multiple of the KV heads (check_heads): one whole KV head per rank
         key = key.repeat_interleave(parts // key.shape[1], dim=1)
         value = value.repeat_interleave(parts // value.shape[1], dim=1)
-    full = query.shape[2] * parts
-    window = kwargs.get("sliding_window")
-    if window is not None and full > window:
-        raise NotImplementedError(f"{KEY} = {parts}: sliding-window attention (window {window}) over a sequence of "
-                                  f"{full} is not built yet in hf_zero")
     kwargs.pop("position_ids", None)  # this slice's; the inner attention sees the whole sequence, in order
     query, key, value = (all_to_all(t, 1, 2, group) for t in (query, key, value))  # [b, h / P, s, d]
-    mask, extra = I.whole_sequence(name, query, attention_mask, layout)
     groups = query.shape[1] // key.shape[1]
     view = module if getattr(module, "num_key_value_groups", groups) == groups else _HeadGroups(module, groups)
-    out, _ = inner(view, query, key, value, mask, **kwargs, **extra)  # [b, s, h / P, d]
+    if I.windowed(name, kwargs.get("sliding_window"), query.shape[2]):  # a sliding-window layer (inner.py)
+        out = I.sliding_window(inner, name, view, query, key, value, **kwargs)
+    else:
+        mask, extra = I.whole_sequence(name, query, attention_mask, layout)
+        out, _ = inner(view, query, key, value, mask, **kwargs, **extra)  # [b, s, h / P, d]
     return all_to_all(out, 1, 2, group), None  # [b, s / P, h, d]; per-head weights of a shard: not returned
 
 

@@ -1,6 +1,7 @@
 """Ulysses sequence parallelism equals the unsplit model: losses and gradients within 1e-5 (fp32, gloo).
 
-Every rank builds the same tiny Llama. The reference runs the unsplit model on each data-parallel
+Every rank builds the same tiny Llama (or Qwen2, Qwen3, Mistral: ``FAMILY_RUNS``, models.py; the
+sliding windows of Qwen3's second layer and of Mistral's layers are shorter than a rank's slice). The reference runs the unsplit model on each data-parallel
 group's batch in one process and averages the groups' gradients, as DDP over W / P ranks would. The
 SP run splits each group's batch over its P ranks (batch_split.py), attends through the all-to-alls
 (ulysses.py), combines the loss over the group (loss.py) and averages gradients over all W ranks:
@@ -21,7 +22,7 @@ import torch.distributed as dist
 from hf_zero.engine import ZeroEngine, ZeroModule
 from hf_zero.sequence_parallel import build_layout, enable, split_batch, token_mean
 from hf_zero.testing.multiprocess import run_each, run_on_ranks
-from tests.sequence_parallel.models import lm_batch, tiny_llama
+from tests.sequence_parallel.models import lm_batch, tiny_model
 
 RTOL = 1e-5
 STEPS = 2
@@ -53,9 +54,9 @@ def _sp_loss(model, layout, step: int, device: str) -> torch.Tensor:
     return token_mean(local_sum, part["shift_labels"], layout)
 
 
-def _parity(rank, world, sp, stage, attn, device="cpu"):
+def _parity(rank, world, sp, stage, attn, family="llama", device="cpu"):
     layout = build_layout(sp)
-    ref = tiny_llama(attn).to(device)
+    ref = tiny_model(family, attn).to(device)
     model = copy.deepcopy(ref)
     enable(model, layout)
     assert model.config._attn_implementation == f"hf_zero_ulysses_{attn}"
@@ -86,10 +87,16 @@ def _parity(rank, world, sp, stage, attn, device="cpu"):
     return loss.item()
 
 
+# The other model families issue 19 names, at W = 2, P = 2: (family, stage, attn). Stage 0 checks the
+# gradients themselves; a ZeRO stage checks the parameters its SGD step lands on.
+FAMILY_RUNS = [("qwen2", 0, "sdpa"), ("qwen2", 2, "sdpa"), ("qwen3", 0, "sdpa"), ("qwen3", 3, "sdpa"),
+               ("mistral", 0, "sdpa"), ("mistral", 3, "sdpa"), ("mistral", 0, "eager")]
+
 # Every _parity run of the module, one rank start per entry (a process holds one layout, so one sp
-# size): (world, {key: (sp, stage, attn)}).
+# size): (world, {key: (sp, stage, attn[, family])}).
 STARTS = [
-    (2, {**{("sp2", stage): (2, stage, "sdpa") for stage in (0, 1, 2, 3)}, "eager": (2, 2, "eager")}),
+    (2, {**{("sp2", stage): (2, stage, "sdpa") for stage in (0, 1, 2, 3)}, "eager": (2, 2, "eager"),
+         **{run: (2, run[1], run[2], run[0]) for run in FAMILY_RUNS}}),
     (4, {("sp2", stage): (2, stage, "sdpa") for stage in (0, 1, 2, 3)}),
     (4, {("sp4", stage): (4, stage, "sdpa") for stage in (0, 1, 2, 3)}),
 ]
@@ -127,3 +134,11 @@ def test_sp4_repeats_kv_heads(stage, parity):
     """P = 4 > 2 KV heads: each KV head is repeated so every rank holds the one its query heads use."""
     losses = parity[4][("sp4", stage)]
     assert len(set(losses)) == 1
+
+
+@pytest.mark.parametrize("family, stage, attn", FAMILY_RUNS)
+def test_model_families(family, stage, attn, parity):
+    """Qwen2, Qwen3 (a sliding-window layer) and Mistral (sliding-window layers) at P = 2: losses, grads
+    (stage 0) or the ZeRO step's params equal the unsplit model's within 1e-5, checked inside the ranks."""
+    losses = parity[2][(family, stage, attn)]
+    assert losses[0] == losses[1]  # one group: one loss
