@@ -186,7 +186,8 @@ class DeviceLeg:
                 # A fill on the leg's stream: torch.tensor(x, device=...) would copy from pageable
                 # memory, which synchronizes the stream, so the worker would wait for the previous
                 # chunk on this stream before it could step the CPU's chunks (the legs serialized).
-                view.grad_scale = torch.full((), 1.0 / scale, dtype=torch.float32, device=self.device)
+                view.grad_scale = torch.full((), 1.0 / scale if scale != 0.0 else float("inf"),  # 0: an inf norm
+                                             dtype=torch.float32, device=self.device)
             view.param_groups = [{**g, "params": [twins[id(p)] for p in g["params"] if id(p) in twins]} for g in groups]
             view.step()
             for i, shard in shards.items():  # the new params, cast to the param dtype on the device

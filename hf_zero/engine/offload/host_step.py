@@ -637,8 +637,9 @@ def _clip_view(optimizer: torch.optim.Optimizer, scale: float | None) -> tuple[t
         return view, None
     if _scales_grads_itself(optimizer):
         # Adam(W) fused: the kernel divides each grad by grad_scale as it reads it, so
-        # clipping costs no extra pass over the host grads (GradScaler's protocol).
-        view.grad_scale = torch.tensor(1.0 / scale, dtype=torch.float32)
+        # clipping costs no extra pass over the host grads (GradScaler's protocol). A coefficient
+        # of 0 (an infinite norm) divides by inf, as clip_in_step's torch.reciprocal does.
+        view.grad_scale = torch.tensor(1.0 / scale if scale != 0.0 else float("inf"), dtype=torch.float32)
         return view, None
     return view, scale
 
