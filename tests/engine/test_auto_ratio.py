@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from hf_zero.engine import ZeroEngine, ZeroModule
-from hf_zero.engine.offload import auto_ratio, device_room
+from hf_zero.engine.offload import device_room
 from hf_zero.engine.offload.auto_ratio import MARGIN, choose
 from hf_zero.engine.offload.settings import OptimizerOffload
 from hf_zero.engine.offload.speculation import SpeculationPolicy
@@ -178,3 +178,46 @@ def test_without_device_memory_everything_stays_offloaded():
     ratio, setting, offloaded, line = run_on_ranks(_no_device, 1, timeout=120)[0]
     assert (ratio, setting, offloaded) == (1.0, 1.0, True)
     assert 'offload_optimizer.ratio "auto" kept 1.0' in line and "CPU" in line
+
+
+def _old_grads_at_rebuild(rank, world):
+    """The host step that "auto" replaces after the first step has handed its host grads back
+    ([Note: freeing host memory] in host_memory.py) before the new masters are allocated: a 7B run
+    was killed holding both (bench/results/h100_session19_summary.md)."""
+    import weakref
+
+    from hf_zero.engine import pieces
+
+    elements = {}
+    device_room.headroom = lambda device: (int(MARGIN * DEVICE + 12 * 0.5 * elements["n"]), DEVICE)
+    model = tiny_llama(0, tied=True)
+    engine = ZeroEngine(model, torch.optim.AdamW(_groups(model), lr=1e-2, foreach=True), stage=2, bucket_numel=1000,
+                        offload=OptimizerOffload("cpu", ratio="auto", chunk_numel=2000))
+    elements["n"] = sum(b.shard_numel for b in engine.buckets)
+    seen, build = {}, pieces.build_masters
+    first = engine._host_step
+
+    def watched(engine_, replacing=False):
+        seen["alive"] = sum(r() is not None for r in seen["grads"])
+        return build(engine_, replacing=replacing)
+
+    pieces.build_masters = watched
+    try:
+        wrapped = ZeroModule(model, engine)
+        wrapped(**batch(rank, 0, 0, model.config.vocab_size)).loss.backward()
+        engine.grad_norm()
+        seen["grads"] = [weakref.ref(g) for g in first.host_grads.values()]
+        engine.optimizer.step()  # the first step: "auto" chooses and re-places
+        wrapped.zero_grad()
+    finally:
+        pieces.build_masters = build
+    out = {"grads": len(seen["grads"]), "alive": seen.get("alive"), "left": len(first.host_grads),
+           "moved": not all(b.offloaded for b in engine.buckets)}
+    engine.close()
+    return out
+
+
+def test_the_replaced_host_step_frees_its_grads_before_the_new_masters():
+    out = run_on_ranks(_old_grads_at_rebuild, 1, timeout=120)[0]
+    assert out["moved"] and out["grads"] > 0, out  # a re-placement happened, with host grads to free
+    assert out["alive"] == 0 and out["left"] == 0, out

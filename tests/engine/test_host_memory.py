@@ -105,3 +105,20 @@ def test_unpinned_memory_is_never_registered(cuda_calls):
     mem = HostMemory(pin=False)
     t = mem.empty(HostMemory.SLAB_BYTES)
     assert t.numel() == HostMemory.SLAB_BYTES and cuda_calls.registered == []
+
+
+def test_free_gives_back_exact_buffers_at_once_and_slabs_when_empty(cuda_calls):
+    # [Note: freeing host memory]: a replaced host step hands its grads back
+    mem = _Pinned()
+    big = mem.empty(HostMemory.SLAB_BYTES // 4 + 1000)  # exact
+    a, b = mem.empty(1000), mem.empty(1000)  # one slab
+    before = mem.reserved_bytes()
+    mem.free(big)
+    assert cuda_calls.unregistered == [big.data_ptr()]
+    assert mem.reserved_bytes() == before - (-(-big.numel() * 4 // 512) * 512)
+    mem.free(a)
+    assert mem.reserved_bytes() == HostMemory.SLAB_BYTES  # b still uses the slab
+    mem.free(b)
+    assert mem.reserved_bytes() == 0
+    mem.close()
+    assert cuda_calls.unregistered == [big.data_ptr()]  # nothing twice

@@ -40,6 +40,14 @@ class HostMemory:
     the pinned memory (a 7B model's 180 MB MLP shards take 256 MB each), which the host often
     cannot spare. Requests are placed first-fit in the slabs' free tails.
 
+    [Note: freeing host memory] Nothing is freed one tensor at a time unless asked: the masters and
+    grads live as long as the layout. A host step that is replaced (``offload_optimizer.ratio``
+    "auto" after the first step, a re-layout) hands its grads back with ``free`` when it closes: an
+    exact buffer is unregistered and dropped, a slab once every request carved from it is freed.
+    Without that the old grads stayed until the old host step was collected, while the new one
+    allocated its masters: a 7B "auto" run held 27 GB of old fp32 grads beside its new masters and
+    the kernel killed it (bench/results/h100_session19_summary.md).
+
     [Note: exact pinning] A request of ``SLAB_BYTES`` or more is not rounded at all: it is an
     ordinary host tensor of exactly its size, page-locked in place with ``cudaHostRegister``
     (``torch.cuda.cudart()``), and unregistered at ``close`` or when this object goes. Slabs alone
@@ -56,7 +64,7 @@ class HostMemory:
     def __init__(self, pin: bool) -> None:
         fix_mmap_threshold()  # [Note: mmap threshold] (glibc_heap.py): once per process
         self.pin = pin and torch.cuda.is_available()
-        self._slabs: list[list] = []  # [uint8 tensor, bytes used]
+        self._slabs: list[list] = []  # [uint8 tensor, bytes used, requests not freed]
         self._exact: list[torch.Tensor] = []  # registered in place ([Note: exact pinning])
         self._registered: list[int] = []  # their data pointers, for cudaHostUnregister
         self._warned = False
@@ -74,11 +82,30 @@ class HostMemory:
         slab = next((s for s in self._slabs if s[0].numel() - s[1] >= nbytes), None)
         if slab is None:
             size = max(self.SLAB_BYTES, 1 << (nbytes - 1).bit_length())  # what the allocator gives anyway
-            slab = [self._pinned_slab(size), 0]
+            slab = [self._pinned_slab(size), 0, 0]
             self._slabs.append(slab)
         out = slab[0][slab[1] : slab[1] + nbytes].view(dtype)[:numel]
         slab[1] += nbytes
+        slab[2] += 1
         return out
+
+    def free(self, t: torch.Tensor) -> None:
+        """``t`` (from ``empty`` or ``like``) is no longer used: its exact buffer goes now, its slab
+        when every request carved from it has gone ([Note: freeing host memory]). Unpinned tensors
+        go with their last reference, as any tensor."""
+        ptr = t.data_ptr()
+        if ptr in self._registered:
+            self._registered.remove(ptr)
+            _unregister([ptr])
+            self._exact = [e for e in self._exact if e.data_ptr() != ptr]
+            return
+        for slab in self._slabs:
+            start = slab[0].data_ptr()
+            if start <= ptr < start + slab[0].numel():
+                slab[2] -= 1
+                if slab[2] == 0:
+                    self._slabs.remove(slab)
+                return
 
     def _pinned_slab(self, nbytes: int) -> torch.Tensor:
         return torch.empty(nbytes, dtype=torch.uint8, pin_memory=True)

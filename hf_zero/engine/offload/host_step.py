@@ -627,6 +627,9 @@ class HostStep:
                 self._worker.close()
                 self._worker = None
             self.tier.close()
+            for grad in self.host_grads.values():  # [Note: freeing host memory] in host_memory.py
+                self.memory.free(grad)
+            self.host_grads.clear()
 
 
 def _clip_view(optimizer: torch.optim.Optimizer, scale: float | None) -> tuple[torch.optim.Optimizer, float | None]:
