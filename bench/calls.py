@@ -89,6 +89,13 @@ RECIPES: dict[str, Recipe] = {
         ("bench/long_seq.py", "--preset", "1b1", "--systems", "plain", "--warmup_steps", "0", "--measure_steps", "1",
                "--attempt_timeout", "150", "--budget_s", "540", "--exit_grace", "10", "--name", "{name}"),
     )),
+    "offload-7b-auto": Recipe(18, "issue 18: the offload-7b job with ratio \"auto\" alone, 6 steps (killed by the host in "
+                                  "session 19 before its host step freed its grads when replaced)", (
+        ("bench/run.py", "--preset", "7b", "--world_size", "1", "--micro_batch", "2", "--grad_accum", "8",
+               "--max_steps", "6", "--warmup_steps", "3", "--init_device", "cuda", "--extra=--gradient_checkpointing",
+               "--timeout", "200", "--exit_grace", "10", "--min_mode_s", "140", "--budget_s", "220",
+               "--modes", "hfzero-s2-offload-auto", "--name", "{name}"),
+    )),
     "gpu-tests": Recipe(0, "the GPU tests not yet run on a GPU (the clip in the fused step, fp16 with the sharded "
                            "scaler)", (
         ("pytest", "-q", "tests/gpu/test_clip_in_step_gpu.py", "tests/trainer/test_fp16_gpu.py"),
