@@ -332,10 +332,11 @@ class ZeroEngine:
         bucket's new params as it needs them; between the step and the next backward, read the
         params through the engine (``gathered``, state dicts, the Trainer's saves) or call
         ``settle()`` first. Nothing changes without optimizer offload."""
-        self._step_in_backward = (enabled, enabled and overlap_forward, speculation if enabled else None)
+        setting = (enabled, enabled and overlap_forward, speculation if enabled else None)
         if self._host_step is not None:
             self._host_step.settle()
-            self._host_step.overlap(*self._step_in_backward)
+            self._host_step.overlap(*setting)  # refused mid-step: the setting in force stays ([Note: settle mid-step])
+        self._step_in_backward = setting
 
     @property
     def speculation(self) -> SpeculationPolicy | None:

@@ -627,6 +627,8 @@ class HostStep:
                 self._worker.close()
                 self._worker = None
             self.tier.close()
+            while self._in_flight:  # downloads still copying into the host grads: done before they go
+                self._release_oldest()
             for grad in self.host_grads.values():  # [Note: freeing host memory] in host_memory.py
                 self.memory.free(grad)
             self.host_grads.clear()
