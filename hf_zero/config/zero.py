@@ -66,7 +66,8 @@ class OffloadConfig:
         doc="""Fraction of optimizer state that is offloaded, in (0, 1]; the rest stays on the
         accelerator (stepped there while the host steps the rest). Only for `offload_optimizer`;
         hf_zero allows it at stages 1-3 (DeepSpeed only at stage 3). "auto" (hf_zero only): the
-        first step runs with everything offloaded, then the engine keeps on the accelerator as
+        first step runs with everything offloaded (or, where the host cannot hold all of it with 10%
+        of its memory left free, the first buckets it can hold), then the engine keeps on the accelerator as
         much of the optimizer state as the memory free at that step's peak holds, less a safety
         margin of 10% of the accelerator's memory, and says the ratio it chose in the log and
         the run report (`hf-zero estimate` shows what it would pick). Default 1.0: offload

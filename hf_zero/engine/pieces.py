@@ -44,7 +44,8 @@ def build_masters(engine, replacing: bool = False) -> HostStep | None:
     buckets = engine.buckets
     # Buckets whose master, optimizer state and step live on the host (offload.py).
     sizes = [b.shard_numel for b in buckets]
-    offloaded = engine.offload.offloaded(sizes) if engine.offload else [False] * len(sizes)
+    offloaded = engine.offload.offloaded(sizes, _first_ratio(engine, sizes)) if engine.offload \
+        else [False] * len(sizes)
     host_step = None
     if any(offloaded):
         host_step = HostStep(offloaded, sizes, buckets[0].buffer.device, HostMemory(engine.offload.pin_memory),
@@ -64,6 +65,21 @@ def build_masters(engine, replacing: bool = False) -> HostStep | None:
         # [Note: step in backward], overlap_forward: what the next forward waits for (step_overlap.py).
         engine._gates.lay_out(engine.model, buckets)
     return host_step
+
+
+def _first_ratio(engine, sizes: list[int]) -> float | None:
+    """The ratio the layout starts with: the setting's; with "auto" in host memory, what the host
+    holds of ratio 1 ([Note: auto ratio], ``auto_ratio.host_start``: a collective, every rank), also
+    when the first backward re-lays the buckets out (``replacing``: still "auto" then)."""
+    offload = engine.offload
+    if not offload.auto or offload.device != "cpu":
+        return None
+    from hf_zero.engine.offload import auto_ratio, host_room
+    from hf_zero.engine.offload.nvme_swap import bytes_per_element
+
+    per_element = bytes_per_element(engine.optimizer, offload.state_dtype)
+    return auto_ratio.host_start(sizes, per_element, host_room.readings(engine.ctx),
+                                 lambda r: offload.offloaded(sizes, r))
 
 
 def rewrite_optimizer(engine) -> None:

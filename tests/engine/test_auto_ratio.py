@@ -221,3 +221,47 @@ def test_the_replaced_host_step_frees_its_grads_before_the_new_masters():
     out = run_on_ranks(_old_grads_at_rebuild, 1, timeout=120)[0]
     assert out["moved"] and out["grads"] > 0, out  # a re-placement happened, with host grads to free
     assert out["alive"] == 0 and out["left"] == 0, out
+
+
+def _host_limited(rank, world):
+    """[Note: auto ratio] A host that holds only part of ratio 1 (its memory a stand-in): "auto"
+    starts from the first buckets the host holds with ``host_room.MARGIN`` free, the rest on the
+    device; after the first step it moves more as the device's headroom allows, counting from
+    there; and trains bit for bit as the chosen ratio given by hand."""
+    from hf_zero.engine.offload import host_room
+
+    elements = {}
+    device_room.headroom = lambda device: (int(MARGIN * DEVICE + 12 * 0.2 * elements["n"]), DEVICE)
+    base = tiny_llama(0, tied=True)
+    n = sum(p.numel() for p in base.parameters() if p.requires_grad)
+    # 16 bytes an offloaded element on the host (fp32 grad 4, AdamW master and moments 12): room for
+    # 60% of them beside the 10% margin of a host of 160 bytes an element
+    host_room.meminfo = lambda: (int(16 * n + 16 * 0.6 * n), 160 * n)
+    runs = []
+    for ratio in ("auto", None):
+        model = copy.deepcopy(base)
+        opt = torch.optim.AdamW(_groups(model), lr=1e-2, foreach=True)
+        if ratio is None:
+            ratio = runs[0][-1].ratio
+        engine = ZeroEngine(model, opt, stage=2, bucket_numel=1000,
+                            offload=OptimizerOffload("cpu", ratio=ratio, chunk_numel=2000))
+        elements["n"] = sum(b.shard_numel for b in engine.buckets)
+        runs.append((*_train(model, engine, rank, None), engine.auto_ratio))
+        engine.close()
+    (a_loss, a_placed, a_params, a_state, _, choice), (h_loss, h_placed, h_params, h_state, _, _) = runs
+    sizes = [1] * len(a_placed[0])  # (counts only)
+    return {
+        "first": sum(a_placed[0]) / len(sizes), "after": sum(a_placed[1]) / len(sizes),
+        "first_is_prefix": a_placed[0] == sorted(a_placed[0], reverse=True),
+        "ratio": choice.ratio, "moved": choice.moved_bytes,
+        "placed_as_by_hand": a_placed[1:] == h_placed[1:],
+        "same": a_loss == h_loss and all(torch.equal(a_params[k], h_params[k]) for k in a_params)
+                and a_state.keys() == h_state.keys() and all(torch.equal(a_state[k], h_state[k]) for k in a_state),
+    }
+
+
+def test_auto_ratio_starts_from_what_the_host_holds():
+    for r in run_on_ranks(_host_limited, 2, timeout=240):
+        assert 0 < r["first"] < 1 and r["first_is_prefix"], r  # part on the device from the first step
+        assert r["after"] < r["first"] and r["moved"] > 0, r  # then more moved, counted from there
+        assert r["ratio"] < 0.61 and r["placed_as_by_hand"] and r["same"], r

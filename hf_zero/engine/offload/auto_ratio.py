@@ -1,6 +1,9 @@
 """``offload_optimizer.ratio: "auto"``: how much optimizer state stays on the device, chosen once.
 
-[Note: auto ratio] The first optimizer step runs with every bucket offloaded (ratio 1). Right after
+[Note: auto ratio] The first optimizer step runs with every bucket offloaded (ratio 1), or, where
+the host cannot hold all of it, with the first buckets that it holds while ``host_room.MARGIN``
+of its memory stays free (``host_start``: the tightest host, every rank alike; the rest start on
+the device, which may then run out of memory in that step, with torch's message). Right after
 it the engine asks how much device memory was left at that step's peak (``headroom``: the one
 source of that number, ``device_room.headroom``; tests replace it), keeps ``MARGIN`` of the device's
 memory free for what the first step did not show (allocator fragmentation, a longer batch, an
@@ -15,6 +18,7 @@ per-bucket collectives must match).
     kept on the device per element = 4 (fp32 master, a copy unless params are fp32)
                                    + 4 x state tensors (AdamW: 8) + 4 (fp32 main grad at the step)
 
+Buckets already on the device from the start stay there, and the count goes on from them.
 The chosen ratio is the share of elements still offloaded; at least one bucket stays offloaded
 (ratio > 0, as a ratio given by hand), and nothing moves when the budget holds no bucket. A run
 with the chosen ratio given by hand places the same buckets (``choose`` checks it against
@@ -52,8 +56,8 @@ class AutoRatio:
         from hf_zero.byte_units import fmt_bytes
 
         if self.headroom_bytes == 0 and self.moved_bytes == 0:
-            return ("hf_zero: offload_optimizer.ratio \"auto\" kept 1.0 after the first step: no device memory "
-                    "was left at that step's peak (or the device has none to ask about: CPU)")
+            return (f"hf_zero: offload_optimizer.ratio \"auto\" kept {round(self.ratio, 4)} after the first step: no device "
+                    "memory was left at that step's peak (or the device has none to ask about: CPU)")
 
         return (f"hf_zero: offload_optimizer.ratio \"auto\" chose {self.ratio:.4f} after the first step: "
                 f"{fmt_bytes(self.moved_bytes)} of optimizer state ({self.bytes_per_element} bytes per element) "
@@ -68,23 +72,49 @@ def bytes_per_element(state_tensors: int, master_is_copy: bool) -> int:
 
 
 def choose(shard_sizes: list[int], headroom_bytes: int, device_bytes: int, per_element: int,
-           offloaded) -> AutoRatio:
+           offloaded, offloaded_now: int | None = None) -> AutoRatio:
     """The ratio for buckets of ``shard_sizes`` (bucket order) given the headroom and the device's
     memory; ``offloaded(ratio)`` is ``OptimizerOffload.offloaded`` at that ratio (the split a hand
-    ratio makes), which the choice must reproduce."""
+    ratio makes), which the choice must reproduce. ``offloaded_now``: how many of the first
+    buckets the first step offloaded (``host_start``; default all)."""
     margin = int(MARGIN * device_bytes)
     budget = max(0, headroom_bytes - margin)
-    total = sum(shard_sizes)
-    keep = len(shard_sizes)  # the first ``keep`` buckets stay offloaded
+    keep = len(shard_sizes) if offloaded_now is None else offloaded_now  # the first ``keep`` stay offloaded
     moved = 0
     while keep > 1 and (moved + shard_sizes[keep - 1]) * per_element <= budget:
         moved += shard_sizes[keep - 1]
         keep -= 1
-    ratio = 1.0 if keep == len(shard_sizes) or total == 0 else (total - moved) / total
-    want = [i < keep for i in range(len(shard_sizes))] if ratio < 1.0 else offloaded(1.0)
-    while offloaded(ratio) != want:  # (total - moved) / total x total may round above total - moved
-        ratio = math.nextafter(ratio, 0.0)
+    ratio = _ratio_of(shard_sizes, keep, offloaded)
     return AutoRatio(ratio, headroom_bytes, margin, moved * per_element, per_element)
+
+
+def _ratio_of(shard_sizes: list[int], keep: int, offloaded) -> float:
+    """The ratio whose split (``offloaded``) offloads exactly the first ``keep`` buckets."""
+    total = sum(shard_sizes)
+    if keep >= len(shard_sizes) or total == 0:
+        return 1.0
+    ratio, want = sum(shard_sizes[:keep]) / total, [i < keep for i in range(len(shard_sizes))]
+    while offloaded(ratio) != want:  # sum / total x total may round above the sum
+        ratio = math.nextafter(ratio, 0.0)
+    return ratio
+
+
+def host_start(shard_sizes: list[int], per_element: int, hosts: list, offloaded) -> float:
+    """The first step's ratio ([Note: auto ratio]): 1, or the first buckets whose host part (4 bytes
+    of fp32 grad and ``per_element`` of master and state an element, ``host_room.HostNeed``) leaves
+    ``host_room.MARGIN`` of the tightest host free a rank. 1 also when not one bucket fits, so that
+    ``host_room.check`` refuses with the numbers."""
+    from hf_zero.engine.offload import host_room
+
+    got = host_room.tightest(hosts)
+    if got is None:
+        return 1.0
+    room = got.per_rank - host_room.MARGIN * got.total / got.ranks
+    keep, acc = 0, 0
+    while keep < len(shard_sizes) and (4 + per_element) * (acc + shard_sizes[keep]) <= room:
+        acc += shard_sizes[keep]
+        keep += 1
+    return 1.0 if keep == 0 else _ratio_of(shard_sizes, keep, offloaded)
 
 
 def say(choice: AutoRatio) -> None:
@@ -113,7 +143,8 @@ def decide(engine) -> AutoRatio:
     copy = engine.buckets[0].shard().dtype != torch.float32 or engine.offload_param is not None
     per = bytes_per_element(state_tensors_per_element(engine.optimizer), copy)
     sizes = [b.shard_numel for b in engine.buckets]
-    return choose(sizes, head, total, per, lambda r: engine.offload.offloaded(sizes, r))
+    return choose(sizes, head, total, per, lambda r: engine.offload.offloaded(sizes, r),
+                  offloaded_now=sum(b.offloaded for b in engine.buckets))
 
 
 def place(engine, ratio: float) -> None:

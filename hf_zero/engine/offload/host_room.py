@@ -132,7 +132,7 @@ SHORT = ("Not even a hundredth of it fits: free host memory (other processes hol
 def _what_fits(need: HostNeed, room: float, offload) -> str:
     """The setting that would fit ``room`` bytes, worded for the user's keys (to 0.01, rounded down)."""
     ratio = 1.0 if offload.ratio == "auto" else float(offload.ratio)
-    auto = (" (ratio \"auto\" offloads everything for its first step, then chooses)"
+    auto = (" (ratio \"auto\" starts from what the host holds, then chooses; not even its first bucket fits here)"
             if offload.ratio == "auto" else "")
     if offload.device == "nvme" and need.elements:
         spare = room - 4 * need.elements - need.buffer_bytes

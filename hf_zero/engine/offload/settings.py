@@ -54,7 +54,8 @@ class OptimizerOffload:
     device: str = "cpu"
     pin_memory: bool = True
     ratio: float | str = 1.0  # fraction of the optimizer state's elements on the host, in (0, 1]; or
-    # "auto": 1 for the first step, then chosen by the engine ([Note: auto ratio] in auto_ratio.py)
+    # "auto": 1 for the first step (less where the host cannot hold it), then chosen by the engine
+    # ([Note: auto ratio] in auto_ratio.py)
     chunk_numel: int = 1 << 26  # host-step pipeline granularity (host_step.py): elements per chunk
     nvme_path: str | None = None  # "nvme": the directory that holds this run's swap directory
     buffer_count: int = 4  # "nvme": chunk buffers in host memory (reading ahead, stepping, writing back)
