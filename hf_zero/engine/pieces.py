@@ -69,16 +69,16 @@ def build_masters(engine, replacing: bool = False) -> HostStep | None:
 
 def _first_ratio(engine, sizes: list[int]) -> float | None:
     """The ratio the layout starts with: the setting's; with "auto" in host memory, what the host
-    holds of ratio 1 ([Note: auto ratio], ``auto_ratio.host_start``: a collective, every rank), also
+    holds of ratio 1 ([Note: auto ratio], ``host_room.auto_start``: a collective, every rank), also
     when the first backward re-lays the buckets out (``replacing``: still "auto" then)."""
     offload = engine.offload
     if not offload.auto or offload.device != "cpu":
         return None
-    from hf_zero.engine.offload import auto_ratio, host_room
+    from hf_zero.engine.offload import host_room
     from hf_zero.engine.offload.nvme_swap import bytes_per_element
 
     per_element = bytes_per_element(engine.optimizer, offload.state_dtype)
-    return auto_ratio.host_start(sizes, per_element, host_room.readings(engine.ctx),
+    return host_room.auto_start(sizes, per_element, host_room.readings(engine.ctx),
                                  lambda r: offload.offloaded(sizes, r))
 
 

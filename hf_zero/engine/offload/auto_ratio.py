@@ -2,8 +2,8 @@
 
 [Note: auto ratio] The first optimizer step runs with every bucket offloaded (ratio 1), or, where
 the host cannot hold all of it, with the first buckets that it holds while ``host_room.MARGIN``
-of its memory stays free (``host_start``: the tightest host, every rank alike; the rest start on
-the device, which may then run out of memory in that step, with torch's message). Right after
+of its memory stays free (``host_room.auto_start``: the tightest host, every rank alike; the rest
+start on the device, which may then run out of memory in that step, with torch's message). Right after
 it the engine asks how much device memory was left at that step's peak (``headroom``: the one
 source of that number, ``device_room.headroom``; tests replace it), keeps ``MARGIN`` of the device's
 memory free for what the first step did not show (allocator fragmentation, a longer batch, an
@@ -27,12 +27,12 @@ with the chosen ratio given by hand places the same buckets (``choose`` checks i
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 
 import torch
 
 from hf_zero.engine.offload import device_room
+from hf_zero.engine.offload.settings import ratio_of_first
 
 MARGIN = 0.10  # of the device's memory, kept free beyond the first step's peak
 
@@ -84,37 +84,8 @@ def choose(shard_sizes: list[int], headroom_bytes: int, device_bytes: int, per_e
     while keep > 1 and (moved + shard_sizes[keep - 1]) * per_element <= budget:
         moved += shard_sizes[keep - 1]
         keep -= 1
-    ratio = _ratio_of(shard_sizes, keep, offloaded)
+    ratio = ratio_of_first(shard_sizes, keep, offloaded)
     return AutoRatio(ratio, headroom_bytes, margin, moved * per_element, per_element)
-
-
-def _ratio_of(shard_sizes: list[int], keep: int, offloaded) -> float:
-    """The ratio whose split (``offloaded``) offloads exactly the first ``keep`` buckets."""
-    total = sum(shard_sizes)
-    if keep >= len(shard_sizes) or total == 0:
-        return 1.0
-    ratio, want = sum(shard_sizes[:keep]) / total, [i < keep for i in range(len(shard_sizes))]
-    while offloaded(ratio) != want:  # sum / total x total may round above the sum
-        ratio = math.nextafter(ratio, 0.0)
-    return ratio
-
-
-def host_start(shard_sizes: list[int], per_element: int, hosts: list, offloaded) -> float:
-    """The first step's ratio ([Note: auto ratio]): 1, or the first buckets whose host part (4 bytes
-    of fp32 grad and ``per_element`` of master and state an element, ``host_room.HostNeed``) leaves
-    ``host_room.MARGIN`` of the tightest host free a rank. 1 also when not one bucket fits, so that
-    ``host_room.check`` refuses with the numbers."""
-    from hf_zero.engine.offload import host_room
-
-    got = host_room.tightest(hosts)
-    if got is None:
-        return 1.0
-    room = got.per_rank - host_room.MARGIN * got.total / got.ranks
-    keep, acc = 0, 0
-    while keep < len(shard_sizes) and (4 + per_element) * (acc + shard_sizes[keep]) <= room:
-        acc += shard_sizes[keep]
-        keep += 1
-    return 1.0 if keep == 0 else _ratio_of(shard_sizes, keep, offloaded)
 
 
 def say(choice: AutoRatio) -> None:

@@ -28,6 +28,7 @@ from dataclasses import dataclass
 from hf_zero.byte_units import fmt_bytes
 from hf_zero.config.errors import ConfigError
 from hf_zero.engine.offload.host_memory import meminfo  # tests replace host_room.meminfo
+from hf_zero.engine.offload.settings import ratio_of_first
 
 MARGIN = 0.10  # of the host's memory (MemTotal): below this much left free, a warning; "auto" leaves it
 
@@ -123,6 +124,22 @@ def check(need: HostNeed, hosts: list[HostReading], offload) -> None:
                       "find little room, and other processes none). " + _what_fits(need, per_rank - MARGIN * got.total
                                                                                 / got.ranks, offload),
                       RuntimeWarning, stacklevel=3)
+
+
+def auto_start(shard_sizes: list[int], per_element: int, hosts: list, offloaded) -> float:
+    """The first step's ratio under ``offload_optimizer.ratio`` "auto" ([Note: auto ratio] in
+    auto_ratio.py): 1, or the first buckets whose host part (4 bytes of fp32 grad and
+    ``per_element`` of master and state an element, ``HostNeed``) leaves ``MARGIN`` of the tightest
+    host free a rank. 1 also when not one bucket fits, so that ``check`` refuses with the numbers."""
+    got = tightest(hosts)
+    if got is None:
+        return 1.0
+    room = got.per_rank - MARGIN * got.total / got.ranks
+    keep, acc = 0, 0
+    while keep < len(shard_sizes) and (4 + per_element) * (acc + shard_sizes[keep]) <= room:
+        acc += shard_sizes[keep]
+        keep += 1
+    return 1.0 if keep == 0 else ratio_of_first(shard_sizes, keep, offloaded)
 
 
 SHORT = ("Not even a hundredth of it fits: free host memory (other processes hold it), run fewer ranks on this "

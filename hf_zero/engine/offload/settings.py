@@ -39,6 +39,7 @@ backward]; step_overlap.py); with clipping speculatively, validated against the 
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 from hf_zero.engine.offload.state_dtype import STATE_DTYPES
@@ -107,6 +108,17 @@ class OptimizerOffload:
             out.append(acc < ratio * total)
             acc += size
         return out
+
+
+def ratio_of_first(shard_sizes: list[int], keep: int, offloaded) -> float:
+    """The ratio whose split (``offloaded``) offloads exactly the first ``keep`` buckets."""
+    total = sum(shard_sizes)
+    if keep >= len(shard_sizes) or total == 0:
+        return 1.0
+    ratio, want = sum(shard_sizes[:keep]) / total, [i < keep for i in range(len(shard_sizes))]
+    while offloaded(ratio) != want:  # sum / total x total may round above the sum
+        ratio = math.nextafter(ratio, 0.0)
+    return ratio
 
 
 @dataclass(frozen=True)
