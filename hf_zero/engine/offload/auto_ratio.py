@@ -76,7 +76,7 @@ def choose(shard_sizes: list[int], headroom_bytes: int, device_bytes: int, per_e
     """The ratio for buckets of ``shard_sizes`` (bucket order) given the headroom and the device's
     memory; ``offloaded(ratio)`` is ``OptimizerOffload.offloaded`` at that ratio (the split a hand
     ratio makes), which the choice must reproduce. ``offloaded_now``: how many of the first
-    buckets the first step offloaded (``host_start``; default all)."""
+    buckets the first step offloaded (``host_room.auto_start``; default all)."""
     margin = int(MARGIN * device_bytes)
     budget = max(0, headroom_bytes - margin)
     keep = len(shard_sizes) if offloaded_now is None else offloaded_now  # the first ``keep`` stay offloaded
