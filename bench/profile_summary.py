@@ -23,6 +23,11 @@ ended it and the host ops that were running when that kernel was launched (its `
 launch event, matched by ``args.correlation``, inside ``cpu_op`` / ``user_annotation`` events),
 outermost first. Issue 21's compiled step had 10 ms of such gaps before ``hf_zero::clip_grad_norm``
 and 6 ms before ``Optimizer.step``: host Python between the end of backward and the step.
+``idle_breakdown`` sums every gap (any length) by its length class, by the class and the stream of
+the kernel that ended it, and by the tenth of the kernels' span it fell in: issue 18's 7B offload
+step idled 1.76 s, of which its 8 longest gaps held only 0.2 s, so where the rest went (many short
+gaps: a starved launching thread; before upload casts: PCIe; early in the step: forward waiting for
+the host step) needs all of them.
 
 An NCCL kernel's duration includes the time it waits for the slowest rank to arrive, so nccl_us
 is an upper bound on transfer time, and exposed_nccl_us also counts waiting for stragglers.
@@ -162,6 +167,38 @@ def idle_gaps(trace: dict, min_us: float = 50.0, top: int = 8) -> dict:
     return {"idle_us": idle, "gaps": out}
 
 
+GAP_CLASSES = ((20.0, "<20us"), (100.0, "20-100us"), (1000.0, "0.1-1ms"), (10000.0, "1-10ms"), (float("inf"), ">=10ms"))
+
+
+def idle_breakdown(trace: dict) -> dict:
+    """[Note: idle gaps]: every gap's microseconds summed by length class (with counts), by the class
+    and the stream of the kernel that ended it, and by tenth of the kernels' span."""
+    kernels = sorted((ev for ev in trace.get("traceEvents", []) if ev.get("ph") == "X" and "dur" in ev
+                      and str(ev.get("cat", "")).lower() == "kernel"), key=lambda ev: float(ev["ts"]))
+    out = {"by_length": {name: [0.0, 0] for _, name in GAP_CLASSES}, "by_next_class": defaultdict(float),
+           "by_next_stream": defaultdict(float), "by_tenth": [0.0] * 10}
+    if not kernels:
+        return {k: dict(v) if isinstance(v, defaultdict) else v for k, v in out.items()}
+    first = float(kernels[0]["ts"])
+    span = max(float(k["ts"]) + float(k["dur"]) for k in kernels) - first
+    reach = float(kernels[0]["ts"]) + float(kernels[0]["dur"])
+    for k in kernels[1:]:
+        start = float(k["ts"])
+        if start > reach:
+            gap = start - reach
+            name = next(n for bound, n in GAP_CLASSES if gap < bound)
+            out["by_length"][name][0] += gap
+            out["by_length"][name][1] += 1
+            out["by_next_class"][kernel_class(k.get("name", ""))] += gap
+            out["by_next_stream"][str((k.get("args") or {}).get("stream", k.get("tid")))] += gap
+            out["by_tenth"][min(9, int(10 * (reach - first) / span)) if span > 0 else 0] += gap
+        reach = max(reach, start + float(k["dur"]))
+    return {"by_length": {n: [round(us, 1), c] for n, (us, c) in out["by_length"].items()},
+            "by_next_class": {k: round(v, 1) for k, v in sorted(out["by_next_class"].items(), key=lambda kv: -kv[1])},
+            "by_next_stream": {k: round(v, 1) for k, v in sorted(out["by_next_stream"].items(), key=lambda kv: -kv[1])},
+            "by_tenth": [round(v, 1) for v in out["by_tenth"]]}
+
+
 _CLASSES = (
     ("nccl", re.compile(r"^nccl", re.I)),
     ("attention", re.compile(r"flash|fmha|sdpa|attention", re.I)),
@@ -220,7 +257,7 @@ def load_trace(path: str) -> dict:
 def summarize_trace(path: str, step_wall_us: float | None = None) -> dict:
     trace = load_trace(path)
     return {**summarize_kernels(kernels_from_trace(trace), step_wall_us), "idle": idle_gaps(trace),
-            "kernel_time": kernel_time(trace)}
+            "idle_breakdown": idle_breakdown(trace), "kernel_time": kernel_time(trace)}
 
 
 def describe(summary: dict) -> str:

@@ -114,6 +114,27 @@ def test_idle_gaps_name_the_host_ops_that_launched_the_kernel_after_each_gap():
     assert ps.idle_gaps({"traceEvents": []}) == {"idle_us": 0.0, "gaps": []}
 
 
+def test_idle_breakdown_sums_every_gap_by_length_next_kernel_and_tenth_of_the_span():
+    """[Note: idle gaps]: kernels over a 200 us span, one of them on a second stream; each gap counted
+    once, by where it starts."""
+    def kernel(name, ts, dur, stream):
+        return {"ph": "X", "cat": "kernel", "name": name, "ts": ts, "dur": dur, "args": {"stream": stream}}
+
+    trace = {"traceEvents": [kernel("nvjet_a", 0.0, 10.0, 7), kernel("nvjet_b", 15.0, 5.0, 7),
+                             kernel("bfloat16_copy_kernel", 70.0, 30.0, 21), kernel("vectorized_mul", 60.0, 5.0, 7),
+                             kernel("nvjet_c", 190.0, 10.0, 7)]}
+    b = ps.idle_breakdown(trace)
+    # gaps: [10,15) 5 us before nvjet_b; [20,60) 40 us before vectorized_mul; [65,70) 5 us before the
+    # copy (the mul ends at 65); [100,190) 90 us before nvjet_c
+    assert b["by_length"] == {"<20us": [10.0, 2], "20-100us": [130.0, 2], "0.1-1ms": [0.0, 0],
+                              "1-10ms": [0.0, 0], ">=10ms": [0.0, 0]}
+    assert b["by_next_class"] == {"gemm": 95.0, "elementwise": 40.0, "copy": 5.0}
+    assert b["by_next_stream"] == {"7": 135.0, "21": 5.0}
+    assert b["by_tenth"] == [5.0, 40.0, 0.0, 5.0, 0.0, 90.0, 0.0, 0.0, 0.0, 0.0]
+    assert sum(us for us, _ in b["by_length"].values()) == ps.idle_gaps(trace)["idle_us"]
+    assert ps.idle_breakdown({"traceEvents": []})["by_tenth"] == [0.0] * 10
+
+
 def test_kernel_time_by_class_by_outermost_region_and_top_names():
     """[Note: kernel time]: sums (not unions) by class, by the outermost annotation around each
     kernel's launch (ProfilerStep#N is not a region; no launch event or none around it: (none))."""
