@@ -122,3 +122,17 @@ def test_free_gives_back_exact_buffers_at_once_and_slabs_when_empty(cuda_calls):
     assert mem.reserved_bytes() == 0
     mem.close()
     assert cuda_calls.unregistered == [big.data_ptr()]  # nothing twice
+
+
+def test_free_gives_back_a_slab_that_is_not_the_first(cuda_calls):
+    # Session 20's 7B "auto" run: freeing the grads of a replaced host step crashed in list.remove,
+    # which compared the slabs' tensors with == once the emptied slab was not the first.
+    mem = _Pinned()
+    n = HostMemory.SLAB_BYTES // 4 - 1024  # fills most of a slab, below the exact size
+    first, second, third = mem.empty(n), mem.empty(n), mem.empty(n)
+    assert mem.reserved_bytes() == 3 * HostMemory.SLAB_BYTES
+    mem.free(second)
+    assert mem.reserved_bytes() == 2 * HostMemory.SLAB_BYTES
+    mem.free(third)
+    mem.free(first)
+    assert mem.reserved_bytes() == 0

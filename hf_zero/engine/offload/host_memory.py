@@ -99,12 +99,12 @@ class HostMemory:
             _unregister([ptr])
             self._exact = [e for e in self._exact if e.data_ptr() != ptr]
             return
-        for slab in self._slabs:
+        for k, slab in enumerate(self._slabs):
             start = slab[0].data_ptr()
             if start <= ptr < start + slab[0].numel():
                 slab[2] -= 1
                 if slab[2] == 0:
-                    self._slabs.remove(slab)
+                    del self._slabs[k]  # by position: list.remove compares slabs with ==, a tensor op
                 return
 
     def _pinned_slab(self, nbytes: int) -> torch.Tensor:
