@@ -150,6 +150,10 @@ def build_parser() -> argparse.ArgumentParser:
     est.add_argument("--device_memory", type=float, default=None, metavar="GIB",
                      help='with --offload: the accelerator\'s memory in GiB, to show what offload_optimizer.ratio '
                           '"auto" would choose (default: not shown)')
+    est.add_argument("--host_memory", type=float, default=None, metavar="GIB",
+                     help='with --offload cpu: a node\'s host memory in GiB, shared by its ranks, to size the first '
+                          'step of offload_optimizer.ratio "auto" (the buckets the host holds with 10%% of it free '
+                          "are offloaded, the rest start on the GPU) (default: this machine's memory)")
     est.add_argument("--reduce_bucket_size", default="500000000", metavar="ELEMENTS|auto",
                      help="stage 1/2 gradient bucket in elements; auto = hidden_size**2 (default 5e8)")
     est.add_argument("--micro_batch", type=int, default=1, metavar="B", help="per-rank micro batch (default 1)")

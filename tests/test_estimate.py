@@ -187,6 +187,78 @@ def test_auto_offload_ratio_for_a_device(config_path, capsys):
         assert f'offload_optimizer.ratio "auto", stage {stage}, 0.01 GiB device: ratio ' in out, out
 
 
+def test_auto_start_is_the_engines_rule(config_path):
+    # [Note: auto start sizing]: ratio "auto" starts with the first buckets the host holds with 10% of it free
+    from hf_zero.engine.offload import host_room
+    from hf_zero.engine.offload.settings import OptimizerOffload
+    from hf_zero.estimate import _buckets, auto_start
+
+    counts = count_params(meta_model(load_model_config(config_path)))
+    args = dict(stage=2, world=2, dtype="bf16", optimizer="adamw", reduce_bucket_size=5000)
+    buckets, _ = _buckets(counts, stage=2, world=2, reduce_bucket_size=5000, persistence_threshold=0)
+    sizes = [b // 2 for b, _ in buckets]
+    whole = 16 * sum(sizes)  # fp32 grad, master and two moments an element: all offloaded
+    roomy = auto_start(counts, **args, host=host_room.HostReading(100 * whole, 100 * whole, 2))
+    assert (roomy.ratio, roomy.offloaded, roomy.host_bytes, roomy.gpu_bytes, roomy.fits) == \
+        (1.0, len(sizes), whole, 0, True)
+    assert auto_start(counts, **args, host=None).ratio == 1.0  # host unknown: everything offloaded
+    half = host_room.HostReading(whole, whole, 2)  # 2 ranks: each has half of it, less 5% of it (the margin)
+    start = auto_start(counts, **args, host=half)
+    engine = host_room.auto_start(sizes, 12, [half], lambda r: OptimizerOffload("cpu", ratio=r).offloaded(sizes))
+    assert start.ratio == engine and 0 < start.ratio < 1
+    assert start.offloaded == sum(OptimizerOffload("cpu", ratio=start.ratio).offloaded(sizes))
+    assert start.host_bytes == 16 * sum(sizes[:start.offloaded]) <= 0.45 * whole  # what leaves the margin free
+    assert start.gpu_bytes == 12 * sum(sizes[start.offloaded:])  # bf16 params: fp32 master, two fp32 moments
+    assert "the first step" not in start.text() and f"starts at ratio {start.ratio:.4f}" in start.text()
+    bf16 = auto_start(counts, **args, host=half, state_dtype="bf16")  # 12 host bytes an element: more fits
+    assert bf16.offloaded > start.offloaded
+    tiny = auto_start(counts, **args, host=host_room.HostReading(64, 64, 2))
+    assert (tiny.ratio, tiny.fits) == (1.0, False) and "the engine refuses the run" in tiny.text()
+
+
+def test_estimate_sizes_the_auto_start_on_the_host(config_path, capsys, monkeypatch):
+    # a host too small for everything offloaded: the first step starts partly on the GPU, and the
+    # choice after it counts that start's peak and goes on from the buckets already on the GPU
+    from hf_zero.engine.offload import host_room
+    from hf_zero.estimate import activation_bytes, activation_shape, auto_offload_ratio, auto_start
+
+    counts = count_params(meta_model(load_model_config(config_path)))
+    common = ["estimate", config_path, "--world", "2", "--stage", "2", "--offload", "cpu", "--seq_len", "16",
+              "--reduce_bucket_size", "5000"]
+    host = 16 * counts.trainable // 2 * 2**-30  # one node of 2 ranks: about half of everything offloaded fits
+    assert main([*common, "--host_memory", repr(host), "--device_memory", "0.01"]) == 0
+    out = capsys.readouterr().out
+    reading = host_room.HostReading(int(host * 2**30), int(host * 2**30), 2)
+    start = auto_start(counts, stage=2, world=2, dtype="bf16", optimizer="adamw", host=reading,
+                       reduce_bucket_size=5000)
+    assert 0 < start.ratio < 1
+    assert f'offload_optimizer.ratio "auto", stage 2: the first step starts at ratio {start.ratio:.4f}' in out, out
+    assert f"the other {1 - start.ratio:.1%} of the optimizer starts on the GPU ({fmt_bytes(start.gpu_bytes)}" in out
+    assert "(--host_memory), shared by 2 rank(s) a node" in out
+    b = estimate_bytes(counts, stage=2, world=2, dtype="bf16", optimizer="adamw", reduce_bucket_size=5000,
+                       offload_optimizer=True)
+    act = activation_bytes(activation_shape(load_model_config(config_path)), micro_batch=1, seq_len=16, dtype="bf16",
+                           gradient_checkpointing=False)
+    peak = b["params"] + b["peak_grads"] + act + start.gpu_bytes  # the table's total* and the GPU's start
+    line = next(x for x in out.splitlines() if "0.01 GiB device" in x)
+    assert f"first step's peak {fmt_bytes(peak)}, {fmt_bytes(start.gpu_bytes)} of it the optimizer started on the GPU" \
+        in line, line
+    device = int(0.01 * 2**30)
+    choice = auto_offload_ratio(counts, stage=2, world=2, dtype="bf16", optimizer="adamw", reduce_bucket_size=5000,
+                                headroom_bytes=device - peak, device_bytes=device, offloaded_now=start.offloaded)
+    assert f"ratio {choice.ratio:.4f}" in line and "more of optimizer state brought to the device" in line
+    # without --host_memory: this machine's memory, read as the engine reads it
+    monkeypatch.setattr(host_room, "meminfo", lambda: (int(host * 2**30), int(host * 2**30)))
+    assert main(common) == 0
+    out = capsys.readouterr().out
+    assert "(this machine's, as the engine reads it)" in out and f"starts at ratio {start.ratio:.4f}" in out
+    monkeypatch.setattr(host_room, "meminfo", lambda: (2**40, 2**40))
+    assert main(common) == 0
+    assert "the first step starts with everything offloaded: " in capsys.readouterr().out
+    assert main([*common, "--host_memory", "0"]) == 2
+    assert "--host_memory 0: allowed: a positive number of GiB" in capsys.readouterr().err
+
+
 def test_cli_prints_all_stages(config_path, capsys):
     code = main(["estimate", config_path, "--world", "4", "--dtype", "bf16", "--seq_len", "16",
                  "--gradient_checkpointing"])

@@ -11,7 +11,7 @@ from collections.abc import Callable
 
 from hf_zero.byte_units import fmt_bytes
 from hf_zero.doctor.result import CheckResult, failed, passed, skipped, warned
-from hf_zero.doctor.sizing import ModelInfo, RunSpec, host_load_bytes, rank_bytes, variant
+from hf_zero.doctor.sizing import ModelInfo, RunSpec, first_step, host_load_bytes, rank_bytes, variant
 
 MODEL = "model"
 GPU_MEMORY = "gpu memory"
@@ -144,17 +144,27 @@ def check_gpu_memory(model: ModelInfo | None, spec: RunSpec, world: int, free: l
 
 
 def auto_ratio_text(model: ModelInfo, spec: RunSpec, world: int, need, free: int) -> str:
-    """What offload_optimizer.ratio "auto" would choose on a GPU with ``free`` bytes free, the first
-    step (everything offloaded) needing ``need`` ([Note: auto ratio] in engine/offload/auto_ratio.py)."""
+    """How offload_optimizer.ratio "auto" starts the first step (``need`` sizes it so) and what it would
+    choose after it on a GPU with ``free`` bytes free ([Note: auto ratio] in engine/offload/auto_ratio.py)."""
     from hf_zero.estimate import auto_offload_ratio
 
     counts, world = model.counts.per_rank(spec.axes(world))  # world: the ranks ZeRO shards over (offload: no pp)
+    start = first_step(model, spec, world, need.dtype, counts)
     choice = auto_offload_ratio(counts, stage=spec.stage, world=world, dtype=need.dtype, optimizer=spec.optimizer,
                                 headroom_bytes=free - need.device_total, device_bytes=free, model_dtype=model.dtype,
-                                reduce_bucket_size=spec.reduce_bucket_size)
-    return (f'offload_optimizer.ratio "auto" would choose {choice.ratio:.4f} after the first step '
-            f"({fmt_bytes(choice.moved_bytes)} of optimizer state back on the GPU, {fmt_bytes(choice.left_bytes)} left; "
-            "estimated: the run measures its first step's peak)")
+                                reduce_bucket_size=spec.reduce_bucket_size, offloaded_now=start.offloaded)
+    more = "more " if start.offloaded < start.buckets else ""
+    return (start_text(start, spec) + f"; it would choose {choice.ratio:.4f} after the first step "
+            f"({fmt_bytes(choice.moved_bytes)} {more}of optimizer state back on the GPU, {fmt_bytes(choice.left_bytes)} "
+            "left; estimated: the run re-chooses from the free memory it measures at that step's peak)")
+
+
+def start_text(start, spec: RunSpec) -> str:
+    """How the first step of ratio "auto" starts (``sizing.first_step``), as the checks size it."""
+    if spec.offload_optimizer != "cpu":
+        return (f'offload_optimizer.ratio "auto": the first step starts with everything offloaded '
+                f'(device "{spec.offload_optimizer}")')
+    return 'offload_optimizer.ratio "auto": the first step ' + start.text("available after the ranks' model copies")
 
 
 def host_need_per_rank(model: ModelInfo, spec: RunSpec, world: int, *, cuda: bool) -> int:
@@ -181,6 +191,8 @@ def check_host_memory(model: ModelInfo | None, spec: RunSpec, world: int, ranks_
                  + _run_text(spec, world, rank_bytes(model, spec, world).dtype))
     detail = (f"{ranks_here} rank(s) x {fmt_bytes(per_rank)} = {fmt_bytes(need)} ({what}); "
               f"MemAvailable {fmt_bytes(available)}")
+    if spec.offload_auto and spec.stage >= 1 and spec.offload_optimizer == "cpu":
+        detail += "; " + start_text(first_step(model, spec, world, rank_bytes(model, spec, world).dtype), spec)
     if need <= HEADROOM * available:
         return passed(HOST_MEMORY, detail)
     if cuda:

@@ -31,6 +31,15 @@ def mem_available_bytes(path: str = MEMINFO) -> int | None:
     return None
 
 
+def mem_total_bytes() -> int | None:
+    """``MemTotal`` of this machine in bytes, as the offload tiers read it (``host_memory.meminfo``:
+    the cgroup's limit where that is less): offload_optimizer.ratio "auto" keeps 10% of it free."""
+    from hf_zero.engine.offload.host_memory import meminfo
+
+    got = meminfo()
+    return None if got is None else got[1]
+
+
 def memlock_limit_bytes() -> int | None:
     """The soft RLIMIT_MEMLOCK (``ulimit -l``) in bytes; None when unlimited."""
     soft, _ = resource.getrlimit(resource.RLIMIT_MEMLOCK)

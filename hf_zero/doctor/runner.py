@@ -56,7 +56,7 @@ def nvme_paths(config: Any) -> dict[str, list[str]]:
 def run_doctor(inputs: DoctorInputs, environ: Mapping[str, str] | None = None) -> list[CheckResult]:
     """Every check, in table order (cheap ones first)."""
     from hf_zero.doctor import memory  # imports the estimator, and with it torch
-    from hf_zero.doctor.sizing import load_model_info, rank_bytes, spec_from_config, tp_problem
+    from hf_zero.doctor.sizing import auto_host, load_model_info, rank_bytes, spec_from_config, tp_problem, variant
 
     environ = os.environ if environ is None else environ
     results: list[CheckResult] = []
@@ -95,6 +95,9 @@ def run_doctor(inputs: DoctorInputs, environ: Mapping[str, str] | None = None) -
     results.append(memory.check_model(inputs.model, model, error, tp_error=tp_error))
     cuda = probes.cuda_available()
     available = probes.mem_available_bytes()
+    total = probes.mem_total_bytes()
+    if model is not None and available is not None and total is not None:
+        spec = variant(spec, host=auto_host(model, available, total, nproc))  # what ratio "auto" starts from
     free = probes.cuda_free_bytes(nproc) if model is not None else None
     results.append(memory.check_gpu_memory(model, spec, world, free))
     results.append(memory.check_host_memory(model, spec, world, nproc, available, cuda=cuda))

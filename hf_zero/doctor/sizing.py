@@ -5,7 +5,8 @@ Nothing here re-derives the estimator's arithmetic: device bytes are its ``estim
 On top of that, what the doctor needs and the estimator has no column for:
 
 * offloaded bytes: with ``offload_optimizer.device`` "cpu"/"nvme", the estimator's ``host_offload``
-  (fp32 master shard, optimizer state, host copy of the fp32 gradient shard), times ``ratio``; "nvme"
+  (fp32 master shard, optimizer state, host copy of the fp32 gradient shard), times ``ratio`` (ratio
+  "auto" with "cpu": the first step's, as the engine starts it on the host, ``first_step``); "nvme"
   keeps the gradient copy on the host (the NVMe tier's chunk buffers are not counted); the state at
   2 bytes per value with ``offload_optimizer.state_dtype`` "bf16", in host memory or the swap files; with
   ``offload_param`` (stage 3) the rank's param shards, frozen ones included. Pinned (cpu,
@@ -25,15 +26,17 @@ is what a rank needs ([Note: pipeline stage shares] in ``hf_zero/estimate_pipeli
 from __future__ import annotations
 
 from dataclasses import dataclass, field, replace
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from hf_zero.estimate import (
     DEFAULT_BUCKET,
     DTYPE_BYTES,
     ActivationShape,
+    AutoStart,
     ParamCounts,
     activation_bytes,
     activation_shape,
+    auto_start,
     count_params,
     estimate_bytes,
     gathered_params_bytes,
@@ -43,6 +46,9 @@ from hf_zero.estimate import (
 )
 from hf_zero.estimate_parallel import Axes
 from hf_zero.estimate_pipeline import SCHEDULES, layer_counts
+
+if TYPE_CHECKING:
+    from hf_zero.engine.offload.host_room import HostReading
 
 _TORCH_DTYPES = {"float32": "fp32", "bfloat16": "bf16", "float16": "fp16"}
 
@@ -88,7 +94,8 @@ class RunSpec:
     offload_optimizer: str = "none"
     offload_ratio: float = 1.0
     offload_auto: bool = False
-    """offload_optimizer.ratio "auto": sized at 1.0 (the first step), the choice said beside it."""
+    """offload_optimizer.ratio "auto": the first step is sized (device "cpu": as the engine starts it on
+    ``host``, ``first_step``; else at 1.0), the choice after it said beside it."""
     offload_host_share: float = 0.0
     """offload_optimizer.host_share (device "nvme"): that share of the swapped masters and state in host
     memory ([Note: host share]); "auto" is sized at 0 (all on NVMe: the disk's bound)."""
@@ -105,6 +112,10 @@ class RunSpec:
     pp_schedule: str = "1F1B"
     micro_batches: int | None = None
     """pipeline.micro_batches when a number; None ("auto": gradient accumulation): pp, the fewest 1F1B takes."""
+    host: HostReading | None = None
+    """The host the ranks of a node share, as the engine reads it (the doctor's machine): sizes the first
+    step of offload_optimizer.ratio "auto" ([Note: auto start sizing] in estimate.py); None: unknown,
+    everything offloaded."""
 
     @property
     def axes_text(self) -> str:
@@ -213,7 +224,7 @@ def _stage_bytes(model: ModelInfo, spec: RunSpec, ranks: int, dtype: str, pp_sta
         off = estimate_bytes(counts, stage=spec.stage, world=world, dtype=dtype, optimizer=spec.optimizer,
                              model_dtype=model.dtype, reduce_bucket_size=spec.reduce_bucket_size,
                              offload_optimizer=True, state_dtype=spec.offload_state_dtype)
-        ratio = spec.offload_ratio
+        ratio = first_step(model, spec, world, dtype, counts).ratio if spec.offload_auto else spec.offload_ratio
         offloaded[spec.offload_optimizer] = round(ratio * off["host_offload"])
         optimizer = round((1 - ratio) * optimizer)
         if spec.offload_optimizer == "nvme":  # masters and state in the files; the grad copy stays on the host
@@ -236,6 +247,27 @@ def _stage_bytes(model: ModelInfo, spec: RunSpec, ranks: int, dtype: str, pp_sta
             pinned += shard_params
     device = {"params": params + gathered, "grads": b["peak_grads"], "optimizer": optimizer, "activations": act}
     return RankBytes(dtype=dtype, device=device, offloaded=offloaded, pinned=pinned)
+
+
+def first_step(model: ModelInfo, spec: RunSpec, world: int, dtype: str, counts: ParamCounts | None = None) -> AutoStart:
+    """How offload_optimizer.ratio "auto" starts on ``spec.host`` (``estimate.auto_start``: the engine's
+    rule); with device "nvme" or no host known, everything offloaded. ``counts``, ``world``: a rank's
+    share and the ranks ZeRO shards over (default: the model's at ``world`` ranks)."""
+    if counts is None:
+        counts, world = model.counts.per_rank(spec.axes(world))
+    host = spec.host if spec.offload_optimizer == "cpu" else None
+    return auto_start(counts, stage=spec.stage, world=world, dtype=dtype, optimizer=spec.optimizer, host=host,
+                      model_dtype=model.dtype, reduce_bucket_size=spec.reduce_bucket_size,
+                      state_dtype=spec.offload_state_dtype)
+
+
+def auto_host(model: ModelInfo, available: int, total: int, ranks: int) -> HostReading:
+    """The host the first step of ratio "auto" is sized on (``RunSpec.host``): this machine's memory as
+    the engine reads it (``host_memory.meminfo``), less the model copy each of its ``ranks`` loads, which
+    the host memory check counts beside the offload."""
+    from hf_zero.engine.offload.host_room import HostReading
+
+    return HostReading(max(0, available - ranks * host_load_bytes(model)), total, ranks)
 
 
 def tp_problem(model: ModelInfo, spec: RunSpec, world: int) -> str | None:

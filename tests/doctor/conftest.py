@@ -14,7 +14,8 @@ from hf_zero.doctor.environment import TORCH_VARS
 from hf_zero.launcher import multinode
 
 GiB = 2**30
-REAL_PROBES = {name: getattr(probes, name) for name in ("mem_available_bytes", "memlock_limit_bytes")}
+REAL_PROBES = {name: getattr(probes, name) for name in ("mem_available_bytes", "mem_total_bytes",
+                                                       "memlock_limit_bytes")}
 """The real measurements, before the autouse fixture replaces them."""
 TINY_LLAMA = {
     "model_type": "llama", "hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2,
@@ -24,13 +25,14 @@ TINY_LLAMA = {
 
 @pytest.fixture(autouse=True)
 def machine(monkeypatch):
-    """Pretend: no CUDA, 64 GiB MemAvailable, unlimited memlock, no RANK/WORLD_SIZE/... set.
+    """Pretend: no CUDA, 64 GiB MemAvailable and MemTotal, unlimited memlock, no RANK/WORLD_SIZE/... set.
     Tests change the returned dict's entries to craft another machine."""
-    state = {"cuda": False, "devices": 0, "free": None, "available": 64 * GiB, "memlock": None}
+    state = {"cuda": False, "devices": 0, "free": None, "available": 64 * GiB, "total": 64 * GiB, "memlock": None}
     monkeypatch.setattr(probes, "cuda_available", lambda: state["cuda"])
     monkeypatch.setattr(probes, "cuda_device_count", lambda: state["devices"])
     monkeypatch.setattr(probes, "cuda_free_bytes", lambda n: None if state["free"] is None else state["free"][:n])
     monkeypatch.setattr(probes, "mem_available_bytes", lambda: state["available"])
+    monkeypatch.setattr(probes, "mem_total_bytes", lambda: state["total"])
     monkeypatch.setattr(probes, "memlock_limit_bytes", lambda: state["memlock"])
     monkeypatch.setattr("hf_zero.launcher.launch.cuda_device_count", lambda: state["devices"])
     for name in TORCH_VARS:

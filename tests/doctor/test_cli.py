@@ -89,6 +89,22 @@ def test_model_that_does_not_fit_gpu_memory(capsys, machine, write_config, tiny_
     assert "GPU 1 has 1.00 KiB free" in out
 
 
+def test_ratio_auto_starts_with_what_the_host_holds(capsys, machine, write_config, tiny_model, free_port):
+    # a host too small for everything offloaded: ratio "auto" starts partly on the GPU (as the engine
+    # does since host_room.auto_start), not a host memory FAIL sized with everything offloaded
+    machine.update(cuda=True, devices=2, free=[80 * GiB] * 2, available=2 * 2**20, total=2 * 2**20)
+    auto = {"bf16": {"enabled": True}, "zero_optimization": {
+        "stage": 2, "reduce_bucket_size": 5000, "offload_optimizer": {"device": "cpu", "ratio": "auto"}}}
+    argv = ("--model", tiny_model, "--nproc", "2", "--master_port", str(free_port))
+    code, out, _, rows = doctor(capsys, "--zero_config", write_config(auto), *argv)
+    assert rows["host memory"] == "PASS" and rows["gpu memory"] == "PASS", out
+    assert 'offload_optimizer.ratio "auto": the first step starts at ratio 0.' in out
+    assert "available after the ranks' model copies)" in out
+    auto["zero_optimization"]["offload_optimizer"]["ratio"] = 1.0  # everything offloaded does not fit
+    code, out, _, rows = doctor(capsys, "--zero_config", write_config(auto), *argv)
+    assert (code, rows["host memory"]) == (1, "FAIL")
+
+
 def test_more_ranks_than_gpus(capsys, machine, free_port):
     machine.update(cuda=True, devices=2, free=[80 * GiB] * 2)
     code, out, _, rows = doctor(capsys, "--nproc", "4", "--master_port", str(free_port))

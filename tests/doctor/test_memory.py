@@ -2,6 +2,7 @@
 
 import pytest
 
+from hf_zero.byte_units import fmt_bytes
 from hf_zero.config import load_config
 from hf_zero.doctor import memory
 from hf_zero.doctor.memory import check_gpu_memory, check_host_memory, check_model, check_pinned_memory
@@ -120,10 +121,46 @@ def test_gpu_memory_says_what_ratio_auto_would_choose(model):
     check = check_gpu_memory(model, spec, 2, [free, free])
     want = auto_offload_ratio(model.counts, stage=2, world=2, dtype="bf16", optimizer="adamw",
                               headroom_bytes=10 * MiB, device_bytes=free, reduce_bucket_size=5000)
-    assert f'offload_optimizer.ratio "auto" would choose {want.ratio:.4f} after the first step' in check.detail
+    assert f"; it would choose {want.ratio:.4f} after the first step" in check.detail
+    assert 'offload_optimizer.ratio "auto": the first step starts with everything offloaded (host memory unknown)' \
+        in check.detail
     assert 0 < want.ratio < 1  # this tiny model's state fits the 10 MiB beyond the margin in part or whole
     plain = check_gpu_memory(model, RunSpec(stage=2, dtype="bf16", offload_optimizer="cpu"), 2, [free, free])
     assert "ratio \"auto\"" not in plain.detail
+
+
+def test_ratio_auto_first_step_is_sized_as_the_engine_starts_it(model):
+    # [Note: auto start sizing]: a host too small for everything offloaded gets a partial start, sized so
+    from hf_zero.engine.offload.host_room import HostReading
+    from hf_zero.estimate import auto_offload_ratio, auto_start
+
+    config = load_config({"bf16": {"enabled": True}, "zero_optimization": {
+        "stage": 2, "reduce_bucket_size": 5000, "offload_optimizer": {"device": "cpu", "ratio": "auto"}}})
+    everything = rank_bytes(model, spec_from_config(config), 2)  # no host known: everything offloaded
+    host = HostReading(everything.offloaded["cpu"], everything.offloaded["cpu"], 2)  # about half fits a rank
+    spec = spec_from_config(config)
+    spec = RunSpec(**{**spec.__dict__, "host": host})
+    start = auto_start(model.counts, stage=2, world=2, dtype="bf16", optimizer="adamw", host=host,
+                       reduce_bucket_size=5000)
+    assert 0 < start.ratio < 1
+    need = rank_bytes(model, spec, 2)
+    assert need.offloaded["cpu"] == round(start.ratio * everything.offloaded["cpu"]) < everything.offloaded["cpu"]
+    assert need.device["optimizer"] > 0 == everything.device["optimizer"]  # the rest starts on the GPU
+    free = need.device_total + 10 * MiB
+    check = check_gpu_memory(model, spec, 2, [free, free])
+    assert f"needs {fmt_bytes(need.device_total)} per rank" in check.detail
+    assert f"the first step starts at ratio {start.ratio:.4f}: the first {start.offloaded} of {start.buckets} " \
+           "buckets offloaded" in check.detail
+    assert f"starts on the GPU ({fmt_bytes(start.gpu_bytes)} a rank" in check.detail
+    want = auto_offload_ratio(model.counts, stage=2, world=2, dtype="bf16", optimizer="adamw", headroom_bytes=10 * MiB,
+                              device_bytes=free, reduce_bucket_size=5000, offloaded_now=start.offloaded)
+    assert f"; it would choose {want.ratio:.4f} after the first step" in check.detail
+    assert "the run re-chooses from the free memory it measures at that step's peak" in check.detail
+    host_check = check_host_memory(model, spec, 2, 2, 64 * GiB, cuda=True)
+    assert f'offload_optimizer.ratio "auto": the first step starts at ratio {start.ratio:.4f}' in host_check.detail
+    nvme = RunSpec(**{**spec.__dict__, "offload_optimizer": "nvme"})
+    assert 'the first step starts with everything offloaded (device "nvme")' in \
+        check_gpu_memory(model, nvme, 2, [free, free]).detail
 
 
 def test_fix_names_the_stage_and_ranks_that_fit(model):
@@ -204,5 +241,6 @@ def test_probes(tmp_path):
     assert REAL_PROBES["mem_available_bytes"](str(meminfo)) == 2048 * 1024
     assert REAL_PROBES["mem_available_bytes"](str(tmp_path / "none")) is None
     assert REAL_PROBES["mem_available_bytes"]() > 0  # this machine's /proc/meminfo
+    assert REAL_PROBES["mem_total_bytes"]() >= REAL_PROBES["mem_available_bytes"]()
     limit = REAL_PROBES["memlock_limit_bytes"]()
     assert limit is None or limit >= 0
