@@ -72,7 +72,9 @@ def full_state_dict(engine, *, to_cpu_on: int | None = 0) -> dict[str, torch.Ten
 @torch.no_grad()
 def _write_back(engine, src: int, units: list) -> None:
     """``src``'s values of the gathered params (of ``units`` at stage 3) into every rank's shards
-    and fp32 masters (none yet before the optimizer comes: hf_zero/init)."""
+    and fp32 masters (none yet before the optimizer comes: hf_zero/init); with parameter offload to
+    NVMe each unit's shards then go to the disk and out of memory ([Note: shards written back] in
+    nvme_params.py)."""
     chosen = {id(u) for u in units}
     for b in engine.buckets:
         if b.unit is not None and id(b.unit) not in chosen:
@@ -85,6 +87,7 @@ def _write_back(engine, src: int, units: list) -> None:
             if engine.ctx.world_size > 1:
                 _broadcast(engine, part.buffer.data, src)
             part.keep_edits()
+        unit.write_back_shards()  # every part's edits are in its shards now (its bucket's: above)
 
 
 def _broadcast(engine, tensor: torch.Tensor, src: int) -> None:

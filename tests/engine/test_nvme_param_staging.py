@@ -321,3 +321,54 @@ def test_built_shards_leave_rss_and_the_page_cache(sharded_load, tmp_path):
     limit = out["shard_bytes"] + 2**20 if out["fs"] in ("tmpfs", "ramfs") else 2**20
     assert out["cached"] <= limit, out
     assert list(tmp_path.iterdir()) == []
+
+
+# ---- edits kept by gathered(modifier_rank=...) are written back too ----------------------------------
+
+
+def _edited(rank, world, nvme_path, how):
+    """Right after ``gathered(modifier_rank=0)`` kept edits of every param (``how``: each param + 1,
+    or a ``load_state_dict`` of those values, as the Trainer's ``load_best_model_at_end`` loads into
+    the gathered params), of a model with frozen params beside trainable ones in every layer (one
+    file per unit: the frozen edits go through the mapping, ``keep_edits``; the trainable ones with
+    ``write``, their masters copied from the shards, ``take_full``): the swap files' mappings hold no
+    resident page and the files' pages are not left in the page cache. Then, read back through
+    staging, the shards hold the edits and the masters follow them."""
+    cfg = LlamaConfig(vocab_size=256, hidden_size=256, intermediate_size=704, num_hidden_layers=8,
+                      num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=64)
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(cfg, attn_implementation="eager").float()
+    for name, p in model.named_parameters():
+        p.requires_grad_("mlp" not in name)
+    edited = {n: t + 1.0 for n, t in model.state_dict().items()}
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-3)
+    engine = ZeroEngine(model, opt, stage=3, bucket_numel=1 << 20, offload=OptimizerOffload("cpu"),
+                        offload_param=ParamOffload("nvme", nvme_path=nvme_path))
+    memory = engine.strategy.param_memory
+    files = [f for name, f in memory.dir.files.items() if name.startswith("param.")]
+    out = {"fused": sum(u._fused for u in engine.units), "fs": _filesystem(memory.dir.path),
+           "shard_bytes": sum(t.numel() * t.element_size() for u in engine.units for t in u.host_shards())}
+    with torch.no_grad(), engine.gathered(modifier_rank=0):
+        if how == "load_state_dict":
+            model.load_state_dict(edited)
+        else:
+            for p in model.parameters():
+                p.add_(1.0)
+    out["mapped"] = _mapped_rss(memory.dir.path)
+    out["cached"] = sum(_cached_bytes(f.path) for f in files)
+    state = engine.full_state_dict(to_cpu_on=None)  # staged: from the disk
+    out["differ"] = sorted(n for n, t in edited.items() if not torch.equal(state[n], t))
+    out["masters_differ"] = [b.index for b in engine.buckets if not torch.equal(b.master, b.shard().float())]
+    engine.close()
+    return out
+
+
+@pytest.mark.parametrize("world,how", [(1, "add"), (1, "load_state_dict"), (2, "add")])
+def test_kept_edits_leave_rss_and_the_page_cache(world, how, tmp_path):
+    for out in run_on_ranks(_edited, world, str(tmp_path), how, timeout=240):
+        assert out["fused"] >= 8 and out["shard_bytes"] > 8 * 2**20 // world, out
+        assert out["mapped"] == 0, out
+        limit = out["shard_bytes"] + 2**20 if out["fs"] in ("tmpfs", "ramfs") else 2**20
+        assert out["cached"] <= limit, out
+        assert out["differ"] == [] and out["masters_differ"] == [], out
+    assert list(tmp_path.iterdir()) == []

@@ -15,9 +15,10 @@ What runs every step does not touch the mappings:
   cast in pieces of ``REQUEST_BYTES`` (``write``).
 
 So the process's RSS holds the staging buffers, not the shards: the files' pages live in the page
-cache, which the kernel can drop, and any page a rarer path touched through the mapping (the
-sharded load and the construction write the shards, a checkpoint reads them, ``gathered`` edits
-them) leaves the process's RSS the next time the shard is staged (``SwapFile.drop_pages``).
+cache, which the kernel can drop. A page a rarer path touched through the mapping leaves the
+process's RSS at once where that path wrote the shards ([Note: shards written back]), else (a
+sharded checkpoint's save reads the frozen shards so) the next time the shard is staged
+(``SwapFile.drop_pages``).
 The two ways in stay coherent: on Linux a shared file mapping and ``pread``/``pwrite`` see the
 same page cache. The files are read through the page cache, not with O_DIRECT as the optimizer
 tier's ([Note: direct I/O] in nvme_files.py): the params' writes are not whole blocks (a fused
@@ -29,6 +30,18 @@ mappings: every page of every shard is then in this process's RSS and dirty in t
 round to writing it. A memory cgroup counts both, and the optimizer tiers are sized from what
 the host has free right after (host_room.py). So each unit's shards are written to the disk and
 dropped from memory as soon as they are filled (``write_back``, ``ParamUnit.write_back_shards``).
+The same goes for every other path that writes the shards outside the step:
+
+- construction (``ParamUnit.__init__``) and ``ParamUnit.materialize`` (the sharded load,
+  ``from_config``, a PEFT re-layout: hf_zero/init), through the mappings;
+- edits kept by ``gathered(modifier_rank=...)`` (full_params.py ``_write_back``; the Trainer's
+  ``load_best_model_at_end`` loads the best checkpoint so): frozen parts through the mapping
+  (``UnitBuffer.keep_edits``), the trainable part with ``write`` and its master then copied from
+  the shard, through the mapping (``ShardedBucket.take_full``); each gathered unit once all are in.
+
+The step's own writes are not (``write``: ``pwrite`` through the page cache, no mapping touched,
+and the kernel writes the pages back and may drop them), nor a resume's, which are the same
+(``sharded.load`` -> ``sync_params_from_masters`` -> ``ShardedBucket.write_back``).
 
 The directory is checked (exists, writable, room for every rank of the host) before the first
 shard is made, with ``offload_param.nvme_path`` named in the error.

@@ -227,8 +227,9 @@ class ParamUnit:
         return [self._fused_local] if self._fused else [part.local for part in self.parts]
 
     def write_back_shards(self) -> None:
-        """Parameter offload to NVMe: the shards were just filled (construction, ``materialize``): write
-        them to the disk and drop their pages ([Note: shards written back] in nvme_params.py)."""
+        """Parameter offload to NVMe: the shards were just filled (construction, ``materialize``) or
+        edited (``gathered(modifier_rank=...)``): write them to the disk and drop their pages
+        ([Note: shards written back] in nvme_params.py)."""
         for shard in self.host_shards():
             self.host.write_back(shard)
 
