@@ -325,7 +325,24 @@ def summarize(bench, targs, timer, per_rank, model, n_params, build_s, train_s, 
             "fsdp_wrapper": any("CheckpointWrapper" in type(m).__name__ for m in model.modules()),
         },
         "profile": profile,
+        "run_report": run_report(targs.output_dir),
     }
+
+
+# The run report's engine figures that explain a speed: what ratio "auto" chose, the device leg's
+# share and rates, the host steps speculation redid (hf_zero's OUTPUT_DIR/hf_zero_report.json).
+_REPORT_KEYS = ("offload_auto", "device_leg", "host_steps_redone")
+
+
+def run_report(output_dir: str) -> list[dict] | None:
+    """Each rank's ``_REPORT_KEYS`` from hf_zero's run report in ``output_dir``; None without one
+    (plain, DeepSpeed and FSDP2 modes)."""
+    path = os.path.join(output_dir, "hf_zero_report.json")
+    if not os.path.exists(path):
+        return None
+    with open(path) as f:
+        doc = json.load(f)
+    return [{k: r.get(k) for k in ("rank", *_REPORT_KEYS)} for r in doc.get("ranks", [])]
 
 
 def _mean(xs):
