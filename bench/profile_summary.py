@@ -27,7 +27,12 @@ and 6 ms before ``Optimizer.step``: host Python between the end of backward and 
 the kernel that ended it, and by the tenth of the kernels' span it fell in: issue 18's 7B offload
 step idled 1.76 s, of which its 8 longest gaps held only 0.2 s, so where the rest went (many short
 gaps: a starved launching thread; before upload casts: PCIe; early in the step: forward waiting for
-the host step) needs all of them.
+the host step) needs all of them. ``idle_by_host`` says what held each gap of at least ``min_us``:
+when the kernel that ended it was launched after the GPU went idle, the host thread that launched
+it was late, and the gap is charged to what that thread was doing halfway between (its outermost
+annotation and innermost op around that instant, e.g. ``Optimizer.step > cudaEventSynchronize``);
+when it was launched before, the kernel waited for another stream's work (an event, a copy), and
+the gap is charged to ``queued`` and the kernel's stream.
 
 An NCCL kernel's duration includes the time it waits for the slowest rank to arrive, so nccl_us
 is an upper bound on transfer time, and exposed_nccl_us also counts waiting for stragglers.
@@ -45,6 +50,7 @@ Pure Python, no torch: unit tests feed it synthetic intervals (tests/test_profil
 
 from __future__ import annotations
 
+import bisect
 import gzip
 import json
 import re
@@ -199,6 +205,64 @@ def idle_breakdown(trace: dict) -> dict:
             "by_tenth": [round(v, 1) for v in out["by_tenth"]]}
 
 
+def idle_by_host(trace: dict, min_us: float = 50.0, top: int = 12) -> list[list]:
+    """[Note: idle gaps]: the ``top`` causes of idle time (gaps of at least ``min_us``), longest
+    first, each ``[cause, microseconds, gaps]``. One sweep over each thread's host events (a trace
+    holds hundreds of thousands)."""
+    events = [ev for ev in trace.get("traceEvents", []) if ev.get("ph") == "X" and "dur" in ev]
+    kernels = sorted((ev for ev in events if str(ev.get("cat", "")).lower() == "kernel"), key=lambda ev: float(ev["ts"]))
+    if not kernels:
+        return []
+    launches = {(ev.get("args") or {}).get("correlation"): ev for ev in events
+                if str(ev.get("cat", "")).lower() == "cuda_runtime"}
+    busy = union((float(k["ts"]), float(k["ts"]) + float(k["dur"])) for k in kernels)
+    starts = [float(k["ts"]) for k in kernels]
+    causes: dict[str, list] = defaultdict(lambda: [0.0, 0])
+    late: list[tuple[float, object, float]] = []  # (instant, thread, gap): a late launch's thread, asked below
+    for (_, end), (start, _) in zip(busy, busy[1:]):
+        if start - end < min_us:
+            continue
+        kernel = kernels[bisect.bisect_left(starts, start)]
+        launch = launches.get((kernel.get("args") or {}).get("correlation"))
+        if launch is None:
+            cause = "(no launch event)"
+        elif float(launch["ts"]) <= end:
+            cause = f"queued (stream {(kernel.get('args') or {}).get('stream', kernel.get('tid'))})"
+        else:
+            late.append(((end + float(launch["ts"])) / 2, launch.get("tid"), start - end))
+            continue
+        causes[cause][0] += start - end
+        causes[cause][1] += 1
+    for cause, gap in zip(_doing(events, late), (g for _, _, g in late)):
+        causes[cause][0] += gap
+        causes[cause][1] += 1
+    ranked = sorted(causes.items(), key=lambda kv: (-kv[1][0], kv[0]))[:top]  # ties by name
+    return [[cause, round(us, 1), n] for cause, (us, n) in ranked]
+
+
+def _doing(events: list[dict], asked: list[tuple[float, object, float]]) -> list[str]:
+    """For each ``(instant, thread, _)``: what that thread was doing then, ``outer > inner`` (its
+    outermost annotation and innermost op around the instant), in the order asked."""
+    host = sorted((ev for ev in events if str(ev.get("cat", "")).lower() in ("cpu_op", "user_annotation", "cuda_runtime")
+                   and not str(ev.get("name", "")).startswith("ProfilerStep")), key=lambda ev: float(ev["ts"]))
+    by_thread: dict = defaultdict(list)
+    for ev in host:
+        by_thread[ev.get("tid")].append(ev)
+    seen = {tid: 0 for tid in by_thread}
+    active: dict = defaultdict(list)
+    out: list[str] = [""] * len(asked)
+    for k in sorted(range(len(asked)), key=lambda k: asked[k][0]):
+        t, tid, _ = asked[k]
+        evs = by_thread.get(tid, [])
+        while seen.get(tid, 0) < len(evs) and float(evs[seen[tid]]["ts"]) <= t:
+            active[tid].append(evs[seen[tid]])
+            seen[tid] += 1
+        active[tid] = around = [ev for ev in active[tid] if float(ev["ts"]) + float(ev["dur"]) >= t]
+        outer = next((ev["name"] for ev in around if str(ev.get("cat", "")).lower() == "user_annotation"), None)
+        inner = around[-1]["name"] if around else "(host idle: Python between ops)"
+        out[k] = inner if outer is None or outer == inner else f"{outer} > {inner}"
+    return out
+
 _CLASSES = (
     ("nccl", re.compile(r"^nccl", re.I)),
     ("attention", re.compile(r"flash|fmha|sdpa|attention", re.I)),
@@ -257,7 +321,8 @@ def load_trace(path: str) -> dict:
 def summarize_trace(path: str, step_wall_us: float | None = None) -> dict:
     trace = load_trace(path)
     return {**summarize_kernels(kernels_from_trace(trace), step_wall_us), "idle": idle_gaps(trace),
-            "idle_breakdown": idle_breakdown(trace), "kernel_time": kernel_time(trace)}
+            "idle_breakdown": idle_breakdown(trace), "idle_by_host": idle_by_host(trace),
+            "kernel_time": kernel_time(trace)}
 
 
 def describe(summary: dict) -> str:

@@ -135,6 +135,33 @@ def test_idle_breakdown_sums_every_gap_by_length_next_kernel_and_tenth_of_the_sp
     assert ps.idle_breakdown({"traceEvents": []})["by_tenth"] == [0.0] * 10
 
 
+def test_idle_by_host_charges_late_launches_to_the_thread_and_early_ones_to_their_stream():
+    """[Note: idle gaps]: the gap [10, 100) ends at k2, launched at 90 by thread 1 while it was in
+    step > cudaEventSynchronize (at 50, halfway from 10 to 90); the gap [110, 200) ends at k3,
+    launched at 20 (before the GPU went idle): it waited on another stream; [210, 260) ends at k4,
+    launched at 250 with nothing around 230 on its thread; the 5 us gap [265, 270) is below min_us."""
+    def kernel(name, ts, dur, corr, stream=7):
+        return {"ph": "X", "cat": "kernel", "name": name, "ts": ts, "dur": dur,
+                "args": {"correlation": corr, "stream": stream}}
+
+    def launch(ts, corr, tid=1):
+        return {"ph": "X", "cat": "cuda_runtime", "name": "cudaLaunchKernel", "ts": ts, "dur": 1.0, "tid": tid,
+                "args": {"correlation": corr}}
+
+    trace = {"traceEvents": [
+        kernel("k1", 0.0, 10.0, 1), kernel("k2", 100.0, 10.0, 2), kernel("k3", 200.0, 10.0, 3, stream=17),
+        kernel("k4", 260.0, 5.0, 4), kernel("k5", 270.0, 5.0, 5),
+        launch(0.0, 1), launch(90.0, 2), launch(20.0, 3, tid=2), launch(250.0, 4), launch(265.0, 5),
+        {"ph": "X", "cat": "user_annotation", "name": "step", "ts": 5.0, "dur": 100.0, "tid": 1},
+        {"ph": "X", "cat": "cpu_op", "name": "cudaEventSynchronize", "ts": 15.0, "dur": 70.0, "tid": 1},
+        {"ph": "X", "cat": "cpu_op", "name": "elsewhere", "ts": 15.0, "dur": 70.0, "tid": 2},
+    ]}
+    assert ps.idle_by_host(trace, min_us=10.0) == [
+        ["queued (stream 17)", 90.0, 1], ["step > cudaEventSynchronize", 90.0, 1],
+        ["(host idle: Python between ops)", 50.0, 1]]
+    assert ps.idle_by_host({"traceEvents": []}) == []
+
+
 def test_kernel_time_by_class_by_outermost_region_and_top_names():
     """[Note: kernel time]: sums (not unions) by class, by the outermost annotation around each
     kernel's launch (ProfilerStep#N is not a region; no launch event or none around it: (none))."""
