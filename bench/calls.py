@@ -53,13 +53,15 @@ RECIPES: dict[str, Recipe] = {
     # first steps timed (a leg chunk's state is moved into pinned memory the first time it goes up,
     # and "auto" was still moving its share). Now a fixed share, 10 steps, the first 4 not timed.
     "offload-7b": Recipe(18, "7B stage 2 + CPU optimizer offload on one H100 (grad accum 8, gradient checkpointing, "
-                             "clip 1.0; target >= 6,300 tok/s): ratio 0.7 with the device leg (5,764 in session 18), "
-                             "then ratio auto with and without it; step 7 of the first profiled (where the GPU waits)", (
+                             "clip 1.0; target >= 6,300 tok/s): ratio auto with the device leg (never measured: "
+                             "killed by the host in session 19, a crash in HostMemory.free in session 20), without "
+                             "it, and ratio 0.7 with the leg (5,752 in session 20); step 7 of the first profiled "
+                             "(bring its .trace.json.gz back: idle_by_host says what holds the GPU)", (
         ("bench/run.py", "--preset", "7b", "--world_size", "1", "--micro_batch", "2", "--grad_accum", "8",
                "--max_steps", "10", "--warmup_steps", "4", "--init_device", "cuda", "--extra=--gradient_checkpointing",
-               "--timeout", "200", "--exit_grace", "10", "--min_mode_s", "140", "--budget_s", "530",
-               "--modes", "hfzero-s2-offload-r70-leg30,hfzero-s2-offload-auto-leg30,hfzero-s2-offload-auto",
-               "--profile_step", "7", "--profile_modes", "hfzero-s2-offload-r70-leg30", "--name", "{name}"),
+               "--timeout", "230", "--exit_grace", "10", "--min_mode_s", "140", "--budget_s", "560",
+               "--modes", "hfzero-s2-offload-auto-leg30,hfzero-s2-offload-auto,hfzero-s2-offload-r70-leg30",
+               "--profile_step", "7", "--profile_modes", "hfzero-s2-offload-auto-leg30", "--name", "{name}"),
     )),
     "largest-13b": Recipe(18, "13B full fine-tune on one H100 (fp32 state split host/NVMe), then DeepSpeed's "
                               "result with the same JSON", (
