@@ -58,10 +58,13 @@ def estimate(args: argparse.Namespace) -> int:
     """Print the per-stage memory table, or `hf_zero: <message>` and exit code 2."""
     from hf_zero import estimate_traffic
     from hf_zero.estimate import checked, memory
+    from hf_zero.estimate_auto import print_auto_ratio
 
     try:
         axes, stages, bucket = checked(args)
-        return (estimate_traffic.run if args.traffic else memory)(args, axes, stages, bucket)
+        if args.traffic:
+            return estimate_traffic.run(args, axes, stages, bucket)
+        return memory(args, axes, stages, bucket, after_table=print_auto_ratio)
     except ValueError as error:
         print(f"hf_zero: {error}", file=sys.stderr)
         return 2

@@ -166,7 +166,7 @@ def test_host_share_splits_the_nvme_bytes(config_path, capsys):
 
 def test_auto_offload_ratio_for_a_device(config_path, capsys):
     # [Note: auto ratio]: the choice the engine makes after the first step, from the estimator's figures
-    from hf_zero.estimate import auto_offload_ratio
+    from hf_zero.estimate_auto import auto_offload_ratio
 
     counts = count_params(meta_model(load_model_config(config_path)))
     args = dict(stage=2, world=2, dtype="bf16", optimizer="adamw", reduce_bucket_size=5000)
@@ -191,7 +191,8 @@ def test_auto_start_is_the_engines_rule(config_path):
     # [Note: auto start sizing]: ratio "auto" starts with the first buckets the host holds with 10% of it free
     from hf_zero.engine.offload import host_room
     from hf_zero.engine.offload.settings import OptimizerOffload
-    from hf_zero.estimate import _buckets, auto_start
+    from hf_zero.estimate import _buckets
+    from hf_zero.estimate_auto import auto_start
 
     counts = count_params(meta_model(load_model_config(config_path)))
     args = dict(stage=2, world=2, dtype="bf16", optimizer="adamw", reduce_bucket_size=5000)
@@ -220,7 +221,8 @@ def test_estimate_sizes_the_auto_start_on_the_host(config_path, capsys, monkeypa
     # a host too small for everything offloaded: the first step starts partly on the GPU, and the
     # choice after it counts that start's peak and goes on from the buckets already on the GPU
     from hf_zero.engine.offload import host_room
-    from hf_zero.estimate import activation_bytes, activation_shape, auto_offload_ratio, auto_start
+    from hf_zero.estimate import activation_bytes, activation_shape
+    from hf_zero.estimate_auto import auto_offload_ratio, auto_start
 
     counts = count_params(meta_model(load_model_config(config_path)))
     common = ["estimate", config_path, "--world", "2", "--stage", "2", "--offload", "cpu", "--seq_len", "16",

@@ -146,7 +146,7 @@ def check_gpu_memory(model: ModelInfo | None, spec: RunSpec, world: int, free: l
 def auto_ratio_text(model: ModelInfo, spec: RunSpec, world: int, need, free: int) -> str:
     """How offload_optimizer.ratio "auto" starts the first step (``need`` sizes it so) and what it would
     choose after it on a GPU with ``free`` bytes free ([Note: auto ratio] in engine/offload/auto_ratio.py)."""
-    from hf_zero.estimate import auto_offload_ratio
+    from hf_zero.estimate_auto import auto_offload_ratio
 
     counts, world = model.counts.per_rank(spec.axes(world))  # world: the ranks ZeRO shards over (offload: no pp)
     start = first_step(model, spec, world, need.dtype, counts)

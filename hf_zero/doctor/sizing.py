@@ -32,11 +32,9 @@ from hf_zero.estimate import (
     DEFAULT_BUCKET,
     DTYPE_BYTES,
     ActivationShape,
-    AutoStart,
     ParamCounts,
     activation_bytes,
     activation_shape,
-    auto_start,
     count_params,
     estimate_bytes,
     gathered_params_bytes,
@@ -44,6 +42,7 @@ from hf_zero.estimate import (
     meta_model,
     stage_activation_bytes,
 )
+from hf_zero.estimate_auto import AutoStart, auto_start
 from hf_zero.estimate_parallel import Axes
 from hf_zero.estimate_pipeline import SCHEDULES, layer_counts
 
@@ -114,7 +113,7 @@ class RunSpec:
     """pipeline.micro_batches when a number; None ("auto": gradient accumulation): pp, the fewest 1F1B takes."""
     host: HostReading | None = None
     """The host the ranks of a node share, as the engine reads it (the doctor's machine): sizes the first
-    step of offload_optimizer.ratio "auto" ([Note: auto start sizing] in estimate.py); None: unknown,
+    step of offload_optimizer.ratio "auto" ([Note: auto start sizing] in estimate_auto.py); None: unknown,
     everything offloaded."""
 
     @property
@@ -250,7 +249,7 @@ def _stage_bytes(model: ModelInfo, spec: RunSpec, ranks: int, dtype: str, pp_sta
 
 
 def first_step(model: ModelInfo, spec: RunSpec, world: int, dtype: str, counts: ParamCounts | None = None) -> AutoStart:
-    """How offload_optimizer.ratio "auto" starts on ``spec.host`` (``estimate.auto_start``: the engine's
+    """How offload_optimizer.ratio "auto" starts on ``spec.host`` (``estimate_auto.auto_start``: the engine's
     rule); with device "nvme" or no host known, everything offloaded. ``counts``, ``world``: a rank's
     share and the ranks ZeRO shards over (default: the model's at ``world`` ranks)."""
     if counts is None:

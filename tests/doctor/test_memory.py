@@ -109,7 +109,7 @@ def test_gpu_memory_pass_and_fail(model):
 def test_gpu_memory_says_what_ratio_auto_would_choose(model):
     # [Note: auto ratio]: sized as the first step (everything offloaded), the choice beside it
     from hf_zero.config import load_config
-    from hf_zero.estimate import auto_offload_ratio
+    from hf_zero.estimate_auto import auto_offload_ratio
 
     config = load_config({"bf16": {"enabled": True}, "zero_optimization": {
         "stage": 2, "reduce_bucket_size": 5000, "offload_optimizer": {"device": "cpu", "ratio": "auto"}}})
@@ -132,7 +132,7 @@ def test_gpu_memory_says_what_ratio_auto_would_choose(model):
 def test_ratio_auto_first_step_is_sized_as_the_engine_starts_it(model):
     # [Note: auto start sizing]: a host too small for everything offloaded gets a partial start, sized so
     from hf_zero.engine.offload.host_room import HostReading
-    from hf_zero.estimate import auto_offload_ratio, auto_start
+    from hf_zero.estimate_auto import auto_offload_ratio, auto_start
 
     config = load_config({"bf16": {"enabled": True}, "zero_optimization": {
         "stage": 2, "reduce_bucket_size": 5000, "offload_optimizer": {"device": "cpu", "ratio": "auto"}}})
