@@ -180,13 +180,37 @@ def test_without_device_memory_everything_stays_offloaded():
     assert 'offload_optimizer.ratio "auto" kept 1.0' in line and "CPU" in line
 
 
-def _old_grads_at_rebuild(rank, world):
+def _pin_as_on_cuda() -> None:
+    """HostMemory as on a CUDA machine (this process only): pinned requests carved from slabs of
+    16 KiB (ordinary tensors) or registered in place (a stand-in that succeeds), so that freeing
+    exercises the slab and exact bookkeeping that CPU runs skip (session 20: ``free`` crashed when
+    the emptied slab was not the first; only a 7B GPU run found it)."""
+    from hf_zero.engine.offload import host_memory
+
+    init = host_memory.HostMemory.__init__
+
+    def pinned_init(self, pin):
+        init(self, pin)
+        self.pin = pin
+
+    host_memory.HostMemory.__init__ = pinned_init
+    host_memory.HostMemory.SLAB_BYTES = 1 << 14
+    host_memory.HostMemory._pinned_slab = lambda self, nbytes: torch.empty(nbytes, dtype=torch.uint8)
+    host_memory._register = lambda ptr, nbytes: 0
+    host_memory._unregister = lambda pointers: pointers.clear()
+
+
+def _old_grads_at_rebuild(rank, world, pinned=False):
     """The host step that "auto" replaces after the first step has handed its host grads back
     ([Note: freeing host memory] in host_memory.py) before the new masters are allocated: a 7B run
-    was killed holding both (bench/results/h100_session19_summary.md)."""
+    was killed holding both (bench/results/h100_session19_summary.md). ``pinned``: with
+    ``_pin_as_on_cuda``."""
     import weakref
 
     from hf_zero.engine import pieces
+
+    if pinned:
+        _pin_as_on_cuda()
 
     elements = {}
     device_room.headroom = lambda device: (int(MARGIN * DEVICE + 12 * 0.5 * elements["n"]), DEVICE)
@@ -217,8 +241,9 @@ def _old_grads_at_rebuild(rank, world):
     return out
 
 
-def test_the_replaced_host_step_frees_its_grads_before_the_new_masters():
-    out = run_on_ranks(_old_grads_at_rebuild, 1, timeout=120)[0]
+@pytest.mark.parametrize("pinned", [False, True])
+def test_the_replaced_host_step_frees_its_grads_before_the_new_masters(pinned):
+    out = run_on_ranks(_old_grads_at_rebuild, 1, pinned, timeout=120)[0]
     assert out["moved"] and out["grads"] > 0, out  # a re-placement happened, with host grads to free
     assert out["alive"] == 0 and out["left"] == 0, out
 
