@@ -63,6 +63,15 @@ RECIPES: dict[str, Recipe] = {
                "--modes", "hfzero-s2-offload-auto-leg30,hfzero-s2-offload-auto,hfzero-s2-offload-r70-leg30",
                "--profile_step", "7", "--profile_modes", "hfzero-s2-offload-auto-leg30", "--name", "{name}"),
     )),
+    "offload-7b-noclip": Recipe(18, "the offload-7b job with clipping that never fires (max_grad_norm 1e9: "
+                                    "speculation stands, the host step overlaps backward), reported apart from the "
+                                    "target: how much of the 7B tail clipping at every step costs", (
+        ("bench/run.py", "--preset", "7b", "--world_size", "1", "--micro_batch", "2", "--grad_accum", "8",
+               "--max_steps", "10", "--warmup_steps", "4", "--init_device", "cuda",
+               "--extra=--gradient_checkpointing --max_grad_norm 1e9",
+               "--timeout", "230", "--exit_grace", "10", "--min_mode_s", "140", "--budget_s", "400",
+               "--modes", "hfzero-s2-offload-auto-leg30,hfzero-s2-offload-r70-leg30", "--name", "{name}"),
+    )),
     "largest-13b": Recipe(18, "13B full fine-tune on one H100 (fp32 state split host/NVMe), then DeepSpeed's "
                               "result with the same JSON", (
         # ratio and host_share as session 17's run that trained (the plan's own, 0.683 and 0.67, were
