@@ -1,0 +1,22 @@
+"""bench/host_contention.py on CPU, small: the AdamW part runs and its rate is the bytes it moves
+over its time (the copies and the contention need CUDA: the GPU run measures them)."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+from pathlib import Path
+
+_PATH = Path(__file__).resolve().parent.parent / "bench" / "host_contention.py"
+_spec = importlib.util.spec_from_file_location("bench_host_contention", _PATH)
+host_contention = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(host_contention)
+
+
+def test_the_adamw_rate_is_its_bytes_over_its_time(tmp_path):
+    out = host_contention.main(["--device", "cpu", "--numel", "100000", "--reps", "2", "--results_dir", str(tmp_path),
+                                "--name", "check", "--git_commit", "abc"])
+    assert out["adamw"]["s"] > 0
+    assert out["adamw"]["gb_s"] == 28 * 100000 / out["adamw"]["s"] / 1e9
+    assert "copies" not in out and "both" not in out
+    assert json.loads((tmp_path / "check.json").read_text()) == out
