@@ -113,7 +113,8 @@ RECIPES: dict[str, Recipe] = {
     )),
     "host-contention": Recipe(18, "the fused CPU AdamW alone, the pinned copies alone and both at once: is the "
                                   "7B offload step's tail bound by host memory (bench/host_contention.py; seconds)", (
-        ("bench/host_contention.py", "--numel", "268435456", "--copy_gb", "4", "--reps", "3", "--name", "{name}"),
+        ("bench/host_contention.py", "--numel", "268435456", "--copy_gb", "4", "--reps", "3", "--budget_s", "90",
+               "--name", "{name}"),
     )),
     "cast-copy": Recipe(21, "the bf16 -> fp32 grad upcast, by the ways torch offers (bench/cast_copy.py; seconds)", (
         ("bench/cast_copy.py", "--budget_s", "60", "--name", "{name}"),

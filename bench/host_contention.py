@@ -71,20 +71,27 @@ def _queue_copies(bufs, rounds: int) -> tuple:
     return start, ends[0], ends[1]
 
 
-def main(argv: list[str] | None = None) -> dict:
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--numel", type=int, default=1 << 28)
     p.add_argument("--copy_gb", type=float, default=4.0)
-    p.add_argument("--reps", type=int, default=3)
+    p.add_argument("--reps", type=int, default=3, help="timed steps (fewer when --budget_s would not hold them)")
+    p.add_argument("--budget_s", type=float, default=90.0, help="seconds the measurements may take, about")
     p.add_argument("--device", choices=("cuda", "cpu"), default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--name", default="host_contention")
     p.add_argument("--results_dir", default="bench/results")
     p.add_argument("--git_commit", default=None)
-    args = p.parse_args(argv)
+    return p.parse_args(argv)
 
+
+def main(argv: list[str] | None = None) -> dict:
+    args = parse_args(argv)
     opt, _ = _adamw(args.numel)
+    first = _step_seconds(opt, 1)
+    # alone, then under the copies: 2 x reps steps, and the copies about as long again
+    args.reps = max(1, min(args.reps, int(args.budget_s / (4 * first))))
     alone = _step_seconds(opt, args.reps)
-    out = {"numel": args.numel, "threads": torch.get_num_threads(), "torch": torch.__version__,
+    out = {"numel": args.numel, "reps": args.reps, "threads": torch.get_num_threads(), "torch": torch.__version__,
            "git_commit": args.git_commit, "device": args.device,
            "adamw": {"s": alone, "gb_s": ADAMW_BYTES * args.numel / alone / 1e9}}
     if args.device == "cuda":

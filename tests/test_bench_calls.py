@@ -13,7 +13,7 @@ ROOT = _BENCH.parent
 
 calls = _load("calls", register=True)  # its dataclass is looked up by module name
 SCRIPTS = {"bench/run.py": "run", "bench/long_seq.py": "long_seq", "bench/largest_model.py": "largest_model",
-           "bench/cast_copy.py": "cast_copy"}
+           "bench/cast_copy.py": "cast_copy", "bench/host_contention.py": "host_contention"}
 
 
 @pytest.mark.parametrize("name", list(calls.RECIPES))
