@@ -31,12 +31,12 @@ import torch
 ADAMW_BYTES = 28  # per element: param, grad, exp_avg, exp_avg_sq read; param, exp_avg, exp_avg_sq written
 
 
-def _adamw(numel: int) -> tuple[torch.optim.Optimizer, torch.Tensor]:
+def _adamw(numel: int) -> torch.optim.Optimizer:
     param = torch.nn.Parameter(torch.zeros(numel))
     param.grad = torch.full((numel,), 1e-3)
     opt = torch.optim.AdamW([param], lr=1e-3, fused=True)
     opt.step()  # creates the state: the timed steps read and write it
-    return opt, param
+    return opt
 
 
 def _step_seconds(opt: torch.optim.Optimizer, reps: int) -> float:
@@ -86,7 +86,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> dict:
     args = parse_args(argv)
-    opt, _ = _adamw(args.numel)
+    opt = _adamw(args.numel)
     first = _step_seconds(opt, 1)
     # alone, then under the copies: 2 x reps steps, and the copies about as long again
     args.reps = max(1, min(args.reps, int(args.budget_s / (4 * first))))

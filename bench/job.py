@@ -330,7 +330,8 @@ def summarize(bench, targs, timer, per_rank, model, n_params, build_s, train_s, 
 
 
 # The run report's engine figures that explain a speed: what ratio "auto" chose, the device leg's
-# share and rates, the host steps speculation redid (hf_zero's OUTPUT_DIR/hf_zero_report.json).
+# share and rates, the host steps speculation redid (hf_zero's OUTPUT_DIR/hf_zero_report.json:
+# hf_zero.trainer.report_file.REPORT_NAME, spelled out since this script imports nothing from hf_zero).
 _REPORT_KEYS = ("offload_auto", "device_leg", "host_steps_redone")
 
 

@@ -104,7 +104,7 @@ def auto_start(counts: ParamCounts, *, stage: int, world: int, dtype: str, optim
     host_bytes = host_room.HostNeed(sum(sizes[:keep]), sum(sizes[:keep]), per_element).nbytes
     p = DTYPE_BYTES[dtype] if dtype in ("bf16", "fp16") else DTYPE_BYTES[model_dtype]
     gpu_bytes = sum(sizes[keep:]) * (4 * (p != 4) + 4 * STATE_TENSORS[optimizer])
-    fits = host is None or host_bytes <= host.per_rank - host_room.MARGIN * host.total / host.ranks
+    fits = host is None or host_bytes <= host.room
     return AutoStart(ratio, keep, len(sizes), host_bytes, gpu_bytes, host, fits, p != 4)
 
 

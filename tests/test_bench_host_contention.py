@@ -3,14 +3,11 @@ over its time (the copies and the contention need CUDA: the GPU run measures the
 
 from __future__ import annotations
 
-import importlib.util
 import json
-from pathlib import Path
 
-_PATH = Path(__file__).resolve().parent.parent / "bench" / "host_contention.py"
-_spec = importlib.util.spec_from_file_location("bench_host_contention", _PATH)
-host_contention = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(host_contention)
+from tests.test_bench_scaling import _load
+
+host_contention = _load("host_contention")
 
 
 def test_the_adamw_rate_is_its_bytes_over_its_time(tmp_path):

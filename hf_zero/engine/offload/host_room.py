@@ -46,6 +46,11 @@ class HostReading:
     def per_rank(self) -> float:
         return self.available / self.ranks
 
+    @property
+    def room(self) -> float:
+        """A rank's part of what it may take while ``MARGIN`` of the host (MemTotal) stays free."""
+        return (self.available - MARGIN * self.total) / self.ranks
+
 
 def readings(ctx) -> list[HostReading]:
     """Every host's reading, this rank's host first, the same on every rank (collective over
@@ -121,8 +126,7 @@ def check(need: HostNeed, hosts: list[HostReading], offload) -> None:
                           + _what_fits(need, per_rank, offload))
     if got.available - need.nbytes * got.ranks < MARGIN * got.total:
         warnings.warn(head + f"; that leaves less than {MARGIN:.0%} of the host free (speculation's copies will "
-                      "find little room, and other processes none). " + _what_fits(need, per_rank - MARGIN * got.total
-                                                                                / got.ranks, offload),
+                      "find little room, and other processes none). " + _what_fits(need, got.room, offload),
                       RuntimeWarning, stacklevel=3)
 
 
@@ -134,7 +138,7 @@ def auto_start(shard_sizes: list[int], per_element: int, hosts: list, offloaded)
     got = tightest(hosts)
     if got is None:
         return 1.0
-    room = got.per_rank - MARGIN * got.total / got.ranks
+    room = got.room
     keep, acc = 0, 0
     while keep < len(shard_sizes) and (4 + per_element) * (acc + shard_sizes[keep]) <= room:
         acc += shard_sizes[keep]
