@@ -16,6 +16,14 @@ Before the commands: wheels in ``.whl/`` (DeepSpeed 0.19.8's, copied from
 ``PYTHONPATH``, and ``TORCH_CUDA_ARCH_LIST=9.0`` is set (the image's ``9.0a`` breaks DeepSpeed's
 op builder); long_seq.py and largest_model.py create the NVMe folders they use. The device copy of the repo has no ``.git``: pass ``--git_commit "$(git rev-parse HEAD)"`` (written
 here into an ignored file that travels, e.g. ``.gpu/commit``, and read there with ``$(cat ...)``).
+
+A command may run the bench script of an older commit instead, to tell a regression from a
+machine's own speed on the same machine in one call: its first element is ``@COMMIT`` and the
+script runs from that commit's tree, untarred from ``<trees>/at_COMMIT.tar.gz`` (written here with
+``git archive --format=tar.gz COMMIT -o .gpu/at_COMMIT.tar.gz``; ``--trees``, default ``.gpu``, an
+ignored folder that travels) into ``/tmp/at_COMMIT``. The bench scripts run their jobs from their own
+tree (``ROOT`` is the script's grandparent), so that commit's hf_zero is what trains; its results
+record that commit. A missing tarball stops the recipe before anything runs.
 """
 
 from __future__ import annotations
@@ -32,13 +40,14 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 CALL_S = 580  # a call's command limit is 600 s; the rest is margin for set-up and the last write
 SITE = "/tmp/site"
+AT_DIR = "/tmp"  # an older commit's tree goes to AT_DIR/at_COMMIT
 
 
 @dataclass(frozen=True)
 class Recipe:
     issue: int  # 0: several
     what: str
-    commands: tuple[tuple[str, ...], ...]  # (script or "pytest", its arguments); "{name}": the results stem
+    commands: tuple[tuple[str, ...], ...]  # ([@COMMIT,] script or "pytest", its arguments); "{name}": the results stem
 
 
 RECIPES: dict[str, Recipe] = {
@@ -62,6 +71,18 @@ RECIPES: dict[str, Recipe] = {
                "--timeout", "230", "--exit_grace", "10", "--min_mode_s", "140", "--budget_s", "560",
                "--modes", "hfzero-s2-offload-auto-leg30,hfzero-s2-offload-auto,hfzero-s2-offload-r70-leg30",
                "--profile_step", "7", "--profile_modes", "hfzero-s2-offload-auto-leg30", "--name", "{name}"),
+    )),
+    "offload-7b-then": Recipe(18, "the offload-7b job at ratio 0.7 without the leg, at 37308e2 (6,004 tok/s on another "
+                                  "H100, h100_7b_w1_offload) and at this commit (5,392 and 5,664 in sessions 17-18), "
+                                  "on one machine: a regression or the machine? (needs .gpu/at_37308e2.tar.gz)", (
+        ("@37308e2", "bench/run.py", "--preset", "7b", "--world_size", "1", "--micro_batch", "2", "--grad_accum", "8",
+               "--max_steps", "8", "--warmup_steps", "3", "--init_device", "cuda", "--extra=--gradient_checkpointing",
+               "--timeout", "240", "--exit_grace", "10", "--min_mode_s", "140", "--budget_s", "270",
+               "--modes", "hfzero-s2-offload-r70", "--name", "{name}_37308e2"),
+        ("bench/run.py", "--preset", "7b", "--world_size", "1", "--micro_batch", "2", "--grad_accum", "8",
+               "--max_steps", "8", "--warmup_steps", "3", "--init_device", "cuda", "--extra=--gradient_checkpointing",
+               "--timeout", "240", "--exit_grace", "10", "--min_mode_s", "140", "--budget_s", "270",
+               "--modes", "hfzero-s2-offload-r70", "--name", "{name}"),
     )),
     "offload-7b-noclip": Recipe(18, "the offload-7b job with clipping that never fires (max_grad_norm 1e9: "
                                     "speculation stands, the host step overlaps backward), reported apart from the "
@@ -146,10 +167,34 @@ def commands(name: str, tag: str, git_commit: str | None, results_dir: str) -> l
         if command[0] == "pytest":  # tests: their own output, no results files, cut off inside the call
             out.append(["timeout", str(CALL_S - 40), sys.executable, "-m", "pytest", *command[1:]])
             continue
+        script, commit = command[0], git_commit
+        if script.startswith("@"):  # an older commit's tree (the module's docstring)
+            commit, command = script[1:], command[1:]
+            script = f"{AT_DIR}/at_{commit}/{command[0]}"
         args = [a.replace("{name}", stem) for a in command[1:]]
-        args += ["--results_dir", results_dir] + (["--git_commit", git_commit] if git_commit else [])
-        out.append([sys.executable, command[0], *args])
+        args += ["--results_dir", results_dir] + (["--git_commit", commit] if commit else [])
+        out.append([sys.executable, script, *args])
     return out
+
+
+def older_trees(name: str) -> list[str]:
+    """The commits whose trees the recipe's commands run from (``@COMMIT``), in order."""
+    return [c[0][1:] for c in RECIPES[name].commands if c[0].startswith("@")]
+
+
+def unpack_trees(name: str, trees: Path) -> None:
+    """Each older commit's tree of the recipe, from ``trees/at_COMMIT.tar.gz`` into
+    ``AT_DIR/at_COMMIT`` (replacing what is there); every tarball is checked before any is unpacked."""
+    wanted = {commit: trees / f"at_{commit}.tar.gz" for commit in older_trees(name)}
+    missing = [str(path) for path in wanted.values() if not path.is_file()]
+    if missing:
+        raise SystemExit(f"calls.py {name}: no tree for {', '.join(missing)}; write each with "
+                         f"git archive --format=tar.gz COMMIT -o PATH (--trees names the folder)")
+    for commit, path in wanted.items():
+        target = Path(AT_DIR) / f"at_{commit}"
+        subprocess.run(["rm", "-rf", str(target)], check=True)
+        target.mkdir(parents=True)
+        subprocess.run(["tar", "xzf", str(path), "-C", str(target)], check=True)
 
 
 def environment() -> dict[str, str]:
@@ -172,6 +217,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--git_commit", default=None, help="recorded commit (the device copy has no .git)")
     p.add_argument("--results_dir", default=os.environ.get("OUT") or str(ROOT / "bench" / "results"))
     p.add_argument("--dry_run", action="store_true", help="print the commands, run nothing")
+    p.add_argument("--trees", default=str(ROOT / ".gpu"),
+                   help="folder of the older commits' tarballs, at_COMMIT.tar.gz (recipes with @COMMIT commands)")
     opts = p.parse_args(argv)
     if not opts.list and opts.name is None:
         p.error("name a recipe, or --list")
@@ -189,6 +236,7 @@ def main(argv=None) -> int:
         for command in todo:
             print(shlex.join(command))
         return 0
+    unpack_trees(opts.name, Path(opts.trees))
     env = environment()
     Path(opts.results_dir).mkdir(parents=True, exist_ok=True)
     worst = 0

@@ -4,6 +4,7 @@ argument parser), their budgets fit one device call, and the dry run shows what 
 from __future__ import annotations
 
 import shlex
+import subprocess
 
 import pytest
 
@@ -27,9 +28,14 @@ def test_each_recipe_parses_and_fits_one_call(name):
             assert all((ROOT / path).is_file() for path in command if path.endswith(".py"))
             continue
         script, args = command[1], command[2:]
+        older = script.startswith(calls.AT_DIR + "/at_")  # an older commit's tree: its script, its commit
+        if older:
+            commit, script = script[len(calls.AT_DIR + "/at_"):].split("/", 1)
+            assert commit in calls.older_trees(name)
+        # (an older commit's script is parsed with this commit's: the recipe uses arguments both have)
         opts = _load(SCRIPTS[script]).parse_args(args)  # exits (fails the test) on an argument it refuses
-        assert opts.name == f"gpu_{name.replace('-', '_')}_s99"
-        assert opts.results_dir == "/tmp/out" and opts.git_commit == "abc123"
+        assert opts.name == f"gpu_{name.replace('-', '_')}_s99" + (f"_{commit}" if older else "")
+        assert opts.results_dir == "/tmp/out" and opts.git_commit == (commit if older else "abc123")
         budget += opts.budget_s
     assert budget <= calls.CALL_S
 
@@ -48,3 +54,30 @@ def test_list_and_dry_run(capsys):
     with pytest.raises(SystemExit):
         calls.parse_args(["no-such-recipe"])
 
+
+
+def test_an_older_commits_tree_is_unpacked_and_a_missing_one_refused(tmp_path, monkeypatch):
+    """``@COMMIT`` commands run that commit's script from ``AT_DIR/at_COMMIT``, unpacked from the
+    tarball in ``--trees``; without the tarball the recipe stops before anything runs."""
+    (name,) = [n for n in calls.RECIPES if calls.older_trees(n)][:1]
+    (commit,) = calls.older_trees(name)
+    monkeypatch.setattr(calls, "AT_DIR", str(tmp_path / "at"))
+    trees = tmp_path / "trees"
+    trees.mkdir()
+    ran = []
+    monkeypatch.setattr(calls, "environment", lambda: ran.append("environment") or {})
+    with pytest.raises(SystemExit, match=f"at_{commit}.tar.gz"):
+        calls.main([name, "--trees", str(trees), "--results_dir", str(tmp_path / "out")])
+    assert ran == []  # refused before the wheels or any command
+    source = tmp_path / "src" / "bench"
+    source.mkdir(parents=True)
+    (source / "run.py").write_text("# the older tree's script\n")
+    subprocess.run(["tar", "czf", str(trees / f"at_{commit}.tar.gz"), "-C", str(tmp_path / "src"), "bench"], check=True)
+    stale = tmp_path / "at" / f"at_{commit}" / "stale.txt"
+    stale.parent.mkdir(parents=True)
+    stale.write_text("from an earlier call")
+    calls.unpack_trees(name, trees)
+    assert (tmp_path / "at" / f"at_{commit}" / "bench" / "run.py").read_text() == "# the older tree's script\n"
+    assert not stale.exists()
+    first = calls.commands(name, "s99", "abc123", "/tmp/out")[0]
+    assert first[1] == f"{tmp_path}/at/at_{commit}/bench/run.py"
