@@ -84,6 +84,18 @@ RECIPES: dict[str, Recipe] = {
                "--timeout", "240", "--exit_grace", "10", "--min_mode_s", "140", "--budget_s", "270",
                "--modes", "hfzero-s2-offload-r70", "--name", "{name}"),
     )),
+    "offload-7b-kept": Recipe(18, "the offload-7b job at ratio 0.7 with the leg (share 0.3), before (0ed9146) and with "
+                                  "the leg's grads kept on the device ([Note: kept leg grads]), on one machine "
+                                  "(needs .gpu/at_0ed9146.tar.gz)", (
+        ("@0ed9146", "bench/run.py", "--preset", "7b", "--world_size", "1", "--micro_batch", "2", "--grad_accum", "8",
+               "--max_steps", "8", "--warmup_steps", "3", "--init_device", "cuda", "--extra=--gradient_checkpointing",
+               "--timeout", "240", "--exit_grace", "10", "--min_mode_s", "140", "--budget_s", "270",
+               "--modes", "hfzero-s2-offload-r70-leg30", "--name", "{name}_0ed9146"),
+        ("bench/run.py", "--preset", "7b", "--world_size", "1", "--micro_batch", "2", "--grad_accum", "8",
+               "--max_steps", "8", "--warmup_steps", "3", "--init_device", "cuda", "--extra=--gradient_checkpointing",
+               "--timeout", "240", "--exit_grace", "10", "--min_mode_s", "140", "--budget_s", "270",
+               "--modes", "hfzero-s2-offload-r70-leg30", "--name", "{name}"),
+    )),
     "offload-7b-noclip": Recipe(18, "the offload-7b job with clipping that never fires (max_grad_norm 1e9: "
                                     "speculation stands, the host step overlaps backward), reported apart from the "
                                     "target: how much of the 7B tail clipping at every step costs", (
@@ -128,9 +140,9 @@ RECIPES: dict[str, Recipe] = {
                "--timeout", "200", "--exit_grace", "10", "--min_mode_s", "140", "--budget_s", "220",
                "--modes", "hfzero-s2-offload-auto", "--name", "{name}"),
     )),
-    "gpu-tests": Recipe(0, "the GPU tests not yet run on a GPU (the clip in the fused step, fp16 with the sharded "
-                           "scaler)", (
-        ("pytest", "-q", "tests/gpu/test_clip_in_step_gpu.py", "tests/trainer/test_fp16_gpu.py"),
+    "gpu-tests": Recipe(0, "the GPU tests not yet run on a GPU: the device leg's, with its grads kept on the device "
+                           "([Note: kept leg grads]; record_stream, bit for bit as downloaded grads)", (
+        ("pytest", "-q", "tests/gpu/test_device_leg_gpu.py"),
     )),
     "host-contention": Recipe(18, "the fused CPU AdamW alone, the pinned copies alone and both at once: is the "
                                   "7B offload step's tail bound by host memory (bench/host_contention.py; seconds)", (

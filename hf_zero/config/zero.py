@@ -107,11 +107,13 @@ class OffloadConfig:
         doc="""With `device` "cpu" and fp32 state: when the optimizer step waits for the global norm
         (clipping on and fired lately, so the host step could not run during backward), this share
         of the offloaded elements (the chunks the next forward uses first) is stepped on the
-        accelerator instead of the CPU, at the same time as the CPU steps the rest: their masters,
-        grads and optimizer state are copied up, stepped there by the same optimizer, written
-        into the params there and copied back, so nothing stays on the accelerator between steps
-        (it holds two chunks' copies while they step). The copies move 28 bytes per element over
-        the host link, which the CPU's step no longer has to move through its cores. In [0, 1].
+        accelerator instead of the CPU, at the same time as the CPU steps the rest: their masters
+        and optimizer state are copied up, stepped there by the same optimizer, written into the
+        params there and copied back, so nothing stays on the accelerator between steps (it holds
+        two chunks' copies while they step). Their grads stay where backward left them when the
+        step is known to wait and the accelerator has room for them (else they go down and up
+        again). The copies move 24 (or 28) bytes per element over the host link, which the CPU's
+        step no longer has to move through its cores. In [0, 1].
         The device step rounds as the accelerator's optimizer kernels do (as for the share that
         `ratio` keeps there), not bit for bit as the CPU's. With `offload_param` "cpu" the new
         params are copied down into its host shards; not with `offload_param` "nvme" (hf_zero

@@ -359,8 +359,9 @@ class ZeroEngine:
             self._host_step.settle()
 
     def _grad_shards(self) -> list[torch.Tensor]:
-        """Each bucket's reduced grad shard this step, where it is now (device, or host if offloaded)."""
-        return [self._host_step.host_grads[b.index] if self._grads_on_host and b.offloaded else b.grad.main_grad
+        """Each bucket's reduced grad shard this step, where it is now (device, or host if offloaded;
+        None for one the host step keeps on the device for its leg: [Note: kept leg grads])."""
+        return [self._host_step.host_grads.get(b.index) if self._grads_on_host and b.offloaded else b.grad.main_grad
                 for b in self.buckets]
 
     def _globally_unused(self) -> set:

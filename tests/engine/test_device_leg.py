@@ -13,12 +13,14 @@ backward: ``HostStep.run``), with foreach and fused AdamW, and at stage 3 with p
 from __future__ import annotations
 
 import copy
+from unittest import mock
 
 import pytest
 import torch
 
 from hf_zero.config import ConfigError, load_config
 from hf_zero.engine import ZeroEngine, ZeroModule
+from hf_zero.engine.offload.device_leg import DeviceLeg
 from hf_zero.engine.offload.settings import OptimizerOffload, ParamOffload
 from hf_zero.engine.offload.speculation import SpeculationPolicy
 from hf_zero.testing.multiprocess import run_on_ranks, run_report
@@ -44,7 +46,8 @@ def _engine(base, stage, share, fused, early, param_offload=False):
 
 def _run(rank, base, stage, share, fused, early, param_offload=False):
     model, engine, policy = _engine(base, stage, share, fused, early, param_offload)
-    wrapped, norms, legs = ZeroModule(model, engine), [], []
+    wrapped, norms, legs, kept = ZeroModule(model, engine), [], [], []
+
     for step, (threshold, factor) in enumerate(SCHEDULE):
         scheduled_backward(wrapped, model, rank, step, factor)
         let_the_worker_start(engine, every_chunk=True)
@@ -52,13 +55,16 @@ def _run(rank, base, stage, share, fused, early, param_offload=False):
         norms.append(_bits(norm))
         leg = engine._host_step.leg
         before = leg.stepped_chunks if leg is not None else 0
+        kept_before = leg.kept_elements if leg is not None else 0
         if torch.isfinite(norm) or factor != float("inf"):
             engine.optimizer.step()
             engine.settle()  # (the leg's count is then this step's)
         legs.append((leg.stepped_chunks - before) if leg is not None else 0)
+        kept.append((leg.kept_elements - kept_before) if leg is not None else 0)
         wrapped.zero_grad()
+        assert not engine._host_step._kept, step  # none left over: the leg took them, they came down, or step skipped
     chunks = len(engine._host_step.chunks)
-    out = {"norms": norms, "snap": _snapshot(model, engine), "legs": legs, "chunks": chunks,
+    out = {"norms": norms, "snap": _snapshot(model, engine), "legs": legs, "kept": kept, "chunks": chunks,
            "counts": None if policy is None else (policy.speculated_steps, policy.redone_steps)}
     engine.close()
     return out
@@ -73,6 +79,9 @@ def _all(rank, world):
                 continue  # fused AdamW and the waiting path once at W 2
             out[(stage, fused, early, False)] = {share: _run(rank, base, stage, share, fused, early)
                                                  for share in (0.0, 0.5)}
+            if not fused:  # [Note: kept leg grads]: planned at the first download, refused at the verdict
+                with mock.patch.object(DeviceLeg, "choose", lambda self, waiting, ready, kept=frozenset(): []):
+                    out[(stage, fused, early, False)]["refused"] = _run(rank, base, stage, 0.5, fused, early)
         if stage == 3:  # parameter offload: the leg's new params go into the host shards
             out[(stage, False, True, True)] = {share: _run(rank, base, stage, share, False, True, True)
                                                for share in (0.0, 0.5)}
@@ -104,6 +113,13 @@ def test_device_leg_bit_for_bit_the_host_step(world):
                 assert leg["counts"] == host["counts"], where
             else:
                 assert all(leg["legs"][s] > 0 for s in (1, 2, 3, 4, 5, 7, 8)), (where, leg["legs"])
+            # [Note: kept leg grads]: every step that waited and used the leg stepped it from the grads
+            # kept where backward left them (planned at the first download: the same chunks)
+            assert [bool(k) for k in leg["kept"]] == [bool(n) for n in leg["legs"]], (where, leg["kept"], leg["legs"])
+            refused = by_share.get("refused")
+            if refused is not None:  # planned, then refused at the verdict: down then, the host step's result
+                assert refused["norms"] == host["norms"] and refused["snap"] == host["snap"], where
+                assert refused["legs"] == refused["kept"] == [0] * len(SCHEDULE), where
 
 
 @pytest.mark.parametrize("block, message", [
@@ -193,6 +209,8 @@ def test_device_leg_through_the_trainer(tmp_path):
     assert host["stepped"] is None and leg["stepped"] == 3  # steps 1-3 waited (step 0 speculated)
     # (the report is written at the end of training: the last step's leg may still be queued then)
     assert leg["leg"]["share"] == 1.0 and leg["leg"]["chunks"] in (2, 3) and leg["leg"]["elements"] > 0, leg["leg"]
+    # [Note: kept leg grads]: the waiting steps' leg stepped the grads backward left on the device
+    assert leg["leg"]["kept_grad_elements"] > 0, leg["leg"]
     assert leg["redone"] == host["redone"] == 1  # the first step speculated and was redone
 
 
@@ -221,3 +239,29 @@ def test_no_room_on_the_device_keeps_every_chunk_on_the_cpu(monkeypatch, caplog)
     assert sum("leg room" in r.getMessage() for r in caplog.records) == 1  # one line, the first time
     assert leg.choose([0], lambda c: True) == [0]  # one small chunk: 18 * 100 + 500 fits
     assert leg.summary()["no_room_steps"] == 2
+
+
+def test_kept_grads_need_room_for_themselves_too(monkeypatch):
+    """[Note: kept leg grads]: ``keep`` plans the chunks ``choose`` would take, where the device
+    has room for their grads (4 bytes an element) beside the two largest in flight (14 bytes an
+    element each: their grads are there already) and the margin; otherwise none. ``choose`` at the
+    verdict counts a kept chunk in flight at 14 bytes."""
+    from hf_zero.engine.offload import device_room
+    from hf_zero.engine.offload.device_leg import DeviceLeg
+    from hf_zero.engine.offload.host_memory import HostMemory
+
+    numel = [100, 300, 200, 400]
+    leg = DeviceLeg(0.9, numel, torch.device("cpu"), None, HostMemory(pin=False))
+    assert leg.keep([0, 1, 2, 3], lambda c: True) == [3, 2, 1]  # CPU: no device memory to ask about
+    assert leg.keep([0, 1, 2, 3], lambda c: c != 2) == [3, 1, 0]  # chunk 2 without state yet: not the leg's
+    total = 10_000
+    need = 14 * (400 + 300) + 4 * (400 + 200 + 300) + int(0.05 * total)
+    room = {"free": need}
+    monkeypatch.setattr(device_room, "headroom", lambda device: (room["free"], total))
+    assert leg.keep([0, 1, 2, 3], lambda c: True) == [3, 2, 1]
+    room["free"] = need - 1
+    assert leg.keep([0, 1, 2, 3], lambda c: True) == []
+    assert leg.no_room_steps == 0  # a plan, not a step: nothing counted, nothing said
+    room["free"] = 14 * (400 + 300) + int(0.05 * total)  # the verdict, the grads kept: 14 bytes in flight
+    assert leg.choose([0, 1, 2, 3], lambda c: True, kept={3, 2, 1}) == [3, 2, 1]
+    assert leg.choose([0, 1, 2, 3], lambda c: True) == []  # not kept: 18 bytes would not fit

@@ -100,6 +100,25 @@ def test_device_leg_on_gpu_close_to_the_host_step(stage, speculate, fused, param
     assert host[4] == [0] * STEPS
     assert leg[4][0] == 0 and all(0 < n <= leg[6] // 2 + 1 for n in leg[4][1:]), leg[4]
     assert any(leg[5]) and not all(host[5])  # leg pieces' state moved into pinned memory
+    assert leg[7]["kept_grad_elements"] > 0, leg[7]  # [Note: kept leg grads]: stepped where backward left them
+
+
+@pytest.mark.parametrize("stage,speculate,fused", [(2, True, True), (3, False, False)])
+def test_kept_grads_step_bit_for_bit_as_downloaded_ones(stage, speculate, fused):
+    """[Note: kept leg grads]: the leg stepping the grads left on the device (read on its own
+    stream: ``record_stream``) gives bit for bit what it gives from grads copied down and up."""
+    from unittest import mock
+
+    from hf_zero.engine.offload.device_leg import DeviceLeg
+
+    base = _model()
+    kept = _run(base, stage, 0.5, speculate, fused, False)
+    with mock.patch.object(DeviceLeg, "keep", lambda self, chunks, ready: []):
+        moved = _run(base, stage, 0.5, speculate, fused, False)
+    assert kept[7]["kept_grad_elements"] > 0 and moved[7]["kept_grad_elements"] == 0
+    assert kept[0] == moved[0] and kept[1] == moved[1] and kept[4] == moved[4]
+    assert all(torch.equal(kept[2][n], moved[2][n]) for n in moved[2])
+    assert all(torch.equal(a, b) for a, b in zip(kept[3], moved[3]))
 
 
 def _close(a: dict | list, b: dict | list) -> None:

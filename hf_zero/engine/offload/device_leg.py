@@ -47,6 +47,21 @@ at the run's peak so far (``device_room.headroom``: free + reserved - peak reser
 counts the step (``no_room_steps``), with one log line the first time. Once the leg ran, the peak
 includes its chunks, so the check counts them twice: it errs towards the CPU, never towards an
 out-of-memory error. Without CUDA there is no device memory to ask about and no check.
+
+[Note: kept leg grads] A leg chunk's grads were copied down during backward (4 bytes an element)
+and up again after the verdict (4 more), and being the first layers' they are the last to come
+down, at the very end of backward, where nothing hides the copy. When a step will wait for the
+verdict (no speculation this step: a clipping streak, or no step in backward at all), the chunks
+the verdict's ``choose`` will take are known when the first grad comes down: the same highest
+chunks with optimizer state, within the same share (``keep``). Their main grads then stay on the
+device (``HostStep.download`` keeps the reference; the engine allocates a new main grad each
+step, so nothing writes over it), and the leg steps them in place: 8 bytes an element less over
+the link, half of them at the end of backward. ``keep`` asks for room for those grads beside the
+two chunks in flight (``KEPT_BYTES`` an element more); without it every grad comes down as before.
+A kept chunk the verdict does not take after all (its ``choose`` saw less room, or a chunk
+speculated) has its grads copied down then, before the CPU steps it: slower, the same result.
+The leg's stream reads a kept grad after the compute stream made it, so the allocator is told
+(``record_stream``) not to hand its memory out again before the leg's step is done with it.
 """
 
 from __future__ import annotations
@@ -75,6 +90,7 @@ class DeviceLeg:
     waiting step's two legs for it)."""
 
     FLIGHT_BYTES = 18  # device bytes per element of a chunk in flight ([Note: leg room])
+    KEPT_BYTES = 4  # device bytes per element of a chunk whose fp32 grads wait for the leg ([Note: kept leg grads])
     IN_FLIGHT = 2  # chunks in flight at once: one per leg stream
     ROOM_MARGIN = 0.05  # of the device's memory, left free beyond the leg's chunks
 
@@ -90,6 +106,7 @@ class DeviceLeg:
         self.stepped_chunks = 0  # counters for the run report
         self.stepped_elements = 0
         self.no_room_steps = 0  # waiting steps the CPU stepped alone for want of device memory
+        self.kept_elements = 0  # leg elements stepped from grads kept on the device ([Note: kept leg grads])
         # A waiting step's timing, from ``begin`` (the verdict) to ``settle`` (for "auto"):
         self._timed: tuple | None = None  # (host time, device event) at the verdict
         self._cpu = [0, 0.0]  # elements the CPU stepped after it, host time of the last
@@ -111,10 +128,29 @@ class DeviceLeg:
         if self._timed is not None:
             self._cpu = [self._cpu[0] + elements, time.perf_counter()]
 
-    def choose(self, waiting: list[int], ready: Callable[[int], bool]) -> list[int]:
+    def choose(self, waiting: list[int], ready: Callable[[int], bool], kept: set[int] = frozenset()) -> list[int]:
         """Of the chunks ``waiting`` for the verdict, those the device steps: the highest indices
         first (the next forward uses them first) while their elements stay within the share;
-        ``ready(c)``: chunk ``c`` can go (its stepped pieces have optimizer state)."""
+        ``ready(c)``: chunk ``c`` can go (its stepped pieces have optimizer state); ``kept``: chunks
+        whose grads are on the device already ([Note: kept leg grads]: none go up)."""
+        chosen = self._within_share(waiting, ready)
+        if chosen and not self._room(chosen, kept):
+            return []
+        return chosen
+
+    def keep(self, chunks: list[int], ready: Callable[[int], bool]) -> list[int]:
+        """[Note: kept leg grads]: of ``chunks`` (a step that will wait for the verdict), those
+        whose grads stay on the device: what ``choose`` takes at the verdict, where the device has
+        room for their grads as well (none: every grad comes down)."""
+        chosen = self._within_share(chunks, ready)
+        room = device_room.headroom(self.device)
+        if not chosen or room is None:
+            return chosen
+        free, total = room
+        need = self._flight_bytes(chosen, set(chosen)) + self.KEPT_BYTES * sum(self._chunk_numel[c] for c in chosen)
+        return chosen if free >= need + int(self.ROOM_MARGIN * total) else []
+
+    def _within_share(self, waiting: list[int], ready: Callable[[int], bool]) -> list[int]:
         chosen, total, budget = [], 0, self.share * sum(self._chunk_numel)
         for c in sorted(waiting, reverse=True):
             n = self._chunk_numel[c]
@@ -123,19 +159,22 @@ class DeviceLeg:
             if ready(c):
                 chosen.append(c)
                 total += n
-        if chosen and not self._room(chosen):
-            return []
         return chosen
 
-    def _room(self, chosen: list[int]) -> bool:
+    def _flight_bytes(self, chosen: list[int], kept: set[int]) -> int:
+        """Device bytes of the largest ``IN_FLIGHT`` of the ``chosen`` chunks in flight at once
+        (a kept chunk's grads are on the device already: [Note: kept leg grads])."""
+        largest = sorted(((self._chunk_numel[c], c in kept) for c in chosen), reverse=True)[: self.IN_FLIGHT]
+        return sum(n * (self.FLIGHT_BYTES - self.KEPT_BYTES * k) for n, k in largest)
+
+    def _room(self, chosen: list[int], kept: set[int] = frozenset()) -> bool:
         """[Note: leg room]: the device had room at the run's peak so far for the largest
         ``IN_FLIGHT`` of the ``chosen`` chunks beyond ``ROOM_MARGIN`` of its memory."""
         room = device_room.headroom(self.device)
         if room is None:  # no device memory to ask about (CPU)
             return True
         free, total = room
-        largest = sorted((self._chunk_numel[c] for c in chosen), reverse=True)[: self.IN_FLIGHT]
-        need = self.FLIGHT_BYTES * sum(largest) + int(self.ROOM_MARGIN * total)
+        need = self._flight_bytes(chosen, kept) + int(self.ROOM_MARGIN * total)
         if free >= need:
             return True
         if not self.no_room_steps:
@@ -149,7 +188,7 @@ class DeviceLeg:
     @torch.no_grad()
     def step(self, view: torch.optim.Optimizer, groups: list[dict], items: list[tuple], masters: dict[int, torch.Tensor],
              grads: dict[int, torch.Tensor], shards: dict[int, torch.Tensor], scale: float | None, fused_scale: bool,
-             after, settle_host: Callable[[int], None] = lambda i: None) -> object:
+             after, settle_host: Callable[[int], None] = lambda i: None, kept: frozenset = frozenset()) -> object:
         """Queue one chunk's step on the device. ``items``: (piece, bucket, range in its shard) of
         the pieces that get a gradient; ``masters``, ``grads``, ``shards``: per bucket of the
         chunk its host master, host grad and param shard; ``scale``: the clip coefficient (None:
@@ -158,7 +197,8 @@ class DeviceLeg:
         on the host, as torch's non-capturable optimizers want it); ``after``: an event of
         the compute stream the leg waits for (None: none); ``settle_host(i)``: before bucket
         ``i``'s param shard in host memory (parameter offload) is written, no upload reads it any
-        more. ``view``: a chunk view of the optimizer (host_step._chunk_view), whose ``state`` is
+        more. ``kept``: the buckets whose ``grads`` are the device's own ([Note: kept leg grads]).
+        ``view``: a chunk view of the optimizer (host_step._chunk_view), whose ``state`` is
         replaced by the device copies.
         Returns the event after the param shards are written (None without CUDA)."""
         cuda = self._streams is not None
@@ -171,6 +211,11 @@ class DeviceLeg:
             up = (lambda t: t.to(self.device, non_blocking=True)) if cuda else (lambda t: t.clone())
             d_master = {i: up(m) for i, m in masters.items()}
             d_grad = {i: up(grads[i]) for i in {i for _, i, _ in items}}
+            kept_elements = 0
+            for i in kept & d_grad.keys():  # on the device already ([Note: kept leg grads]): ``up`` copied nothing
+                if cuda:
+                    d_grad[i].record_stream(stream)  # made on the compute stream, read on this one
+                kept_elements += d_grad[i].numel()
             if scale is not None and not fused_scale:
                 for g in d_grad.values():
                     g.mul_(scale)  # as the host step multiplies its host grads
@@ -214,6 +259,7 @@ class DeviceLeg:
         elements = sum(m.numel() for m in masters.values())
         self.stepped_chunks += 1
         self.stepped_elements += elements
+        self.kept_elements += kept_elements
         if self._timed is not None:
             self._leg = [self._leg[0] + elements, time.perf_counter()]
         return written
@@ -256,7 +302,8 @@ class DeviceLeg:
     def summary(self) -> dict:
         """For the run report ([Note: device leg])."""
         out = {"share": "auto" if self.auto is not None else self._share, "chunks": self.stepped_chunks,
-               "elements": self.stepped_elements, "no_room_steps": self.no_room_steps}
+               "elements": self.stepped_elements, "no_room_steps": self.no_room_steps,
+               "kept_grad_elements": self.kept_elements}
         if self.auto is not None:
             out["auto"] = self.auto.summary()
         return out

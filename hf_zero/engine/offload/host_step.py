@@ -174,6 +174,10 @@ class HostStep:
         # (OptimizerOffload allows it only with device "cpu" and fp32 state: host memory, no low precision).
         share = offload.device_share if offload is not None else 0.0
         self.leg = DeviceLeg(share, self._chunk_numel, device, streams.leg, host_memory) if share else None
+        # [Note: kept leg grads] (device_leg.py): this step's chunks whose grads stay on the device
+        # for the leg (None: not planned yet this step), and those grads, by bucket, until the leg takes them.
+        self._keep: set[int] | None = None
+        self._kept: dict[int, torch.Tensor] = {}
 
     def master(self, i: int, shard: torch.Tensor) -> torch.Tensor:
         """Bucket ``i``'s fp32 master, initialised from ``shard``, where the tier keeps it."""
@@ -229,6 +233,13 @@ class HostStep:
         if d2h is not None:
             d2h.wait_stream(torch.cuda.current_stream(self.device))  # after the reduction landed
         first = i not in self._ready
+        if first and self._keeps(i):  # [Note: kept leg grads]: the leg steps it where it is
+            self._kept[i] = grad
+            self._ready[i] = []
+            self._norms[i] = norm
+            return
+        if i in self._kept:  # a second download: the first part joins the host grad first
+            self._fetch_kept(i)
         if not first and self.early:
             raise RuntimeError(
                 f"bucket {i} got gradients again after its optimizer step ran in backward "
@@ -253,6 +264,40 @@ class HostStep:
             self._norms.pop(i, None)
             self.accumulating = True
 
+    def _keeps(self, i: int) -> bool:
+        """[Note: kept leg grads]: whether bucket ``i``'s grad stays on the device this step for the
+        leg. Planned at the step's first download: only for a step that waits for the verdict."""
+        if self.leg is None:
+            return False
+        if self._keep is None:
+            waits = not self.early or (self.speculation is not None and not self.speculation.policy.speculate_now())
+            self._keep = set(self.leg.keep(list(range(len(self.chunks))), self._stated)) if waits else set()
+        return self._chunk_of.get(i) in self._keep
+
+    def _fetch_kept(self, i: int) -> None:
+        """Bucket ``i``'s kept grad down after all, as ``download`` would have copied it: the CPU
+        steps it ([Note: kept leg grads])."""
+        grad = self._kept.pop(i)
+        d2h = self.streams.d2h
+        if d2h is not None:
+            d2h.wait_stream(torch.cuda.current_stream(self.device))
+        if i not in self.host_grads:
+            self.host_grads[i] = self.memory.empty(grad.numel())
+        with _on(d2h):
+            self.host_grads[i].copy_(grad, non_blocking=d2h is not None)
+        event = _record(d2h)
+        self._ready[i].append(event)
+        if event is not None:
+            self._in_flight.append((event, grad))
+            self._in_flight_bytes += grad.numel() * grad.element_size()
+
+    def _fetch_chunk(self, c: int, events: list) -> None:
+        """Chunk ``c``'s kept grads down, their copies' events added to ``events``."""
+        for i in self.chunks[c]:
+            if i in self._kept:
+                self._fetch_kept(i)
+                events += self._ready[i][-1:]
+
     def _release_oldest(self) -> None:
         event, grad = self._in_flight.popleft()
         event.synchronize()  # the CPU waits for the GPU here, at most a chunk's worth behind
@@ -265,8 +310,11 @@ class HostStep:
             self._norms[i] = get_total_norm([self.host_grads[i]]).to(self.device)
         return self._norms[i]
 
-    def _settle(self, i: int) -> None:
-        """Wait for bucket ``i``'s downloads and fold any partial grads into its host grad."""
+    def _settle(self, i: int, keep: bool = False) -> None:
+        """Wait for bucket ``i``'s downloads and fold any partial grads into its host grad; a kept
+        grad comes down first unless ``keep`` (the leg steps it: [Note: kept leg grads])."""
+        if i in self._kept and not keep:
+            self._fetch_kept(i)
         for event in self._ready[i]:
             if event is not None:
                 event.synchronize()
@@ -301,9 +349,11 @@ class HostStep:
                 state = self._optimizer.state
                 stateless = not any(state.get(piece) for j in self.chunks[c] for piece, _, _ in self._pieces.get(j, []))
                 if self.speculation.hand_over(c, stateless):
+                    self._fetch_chunk(c, events)  # (kept for the leg, but it speculates after all)
                     self._pending[c] = self._worker.submit(c, self._step_validated, c, *self._handed[c])
                 self._next_chunk += 1
                 continue
+            self._fetch_chunk(c, events)
             view = _chunk_view(self._optimizer)
             self._pending[c] = self._worker.submit(c, self._step_chunk, c, view, hyperparameters(self._optimizer),
                                                    lambda j, skip=skip: skip[j](), events)
@@ -391,14 +441,14 @@ class HostStep:
         self.tier.begin(optimizer, self._pieces_of())
         try:
             groups = hyperparameters(optimizer)
-            leg = self.leg.choose(list(range(len(self.chunks))), self._stated) if self.leg is not None else []
+            leg = self.leg.choose(list(range(len(self.chunks))), self._stated, self._kept_chunks()) if self.leg else []
             if self.leg is not None:
                 after = self._leg_start(leg)
             if leg:  # [Note: device leg]: queued first, so the device steps them while the CPU steps the rest
                 for c in leg:
                     for i in self.chunks[c]:
-                        self._settle(i)
-                    self._step_leg(c, groups, lambda i: unused, [], after, clip, validated=False)
+                        self._settle(i, keep=True)
+                    self._step_leg(c, groups, lambda i: unused, [], after, clip, validated=False, kept=self._take_kept(c))
             for c, chunk in enumerate(self.chunks):
                 if c in leg:
                     continue
@@ -422,13 +472,17 @@ class HostStep:
         redo, held = self.speculation.validate(scale)
         for c in redo:
             self._pending[c].result()  # its speculative step is done: the worker has let go of c
-        leg = set(self.leg.choose(held, self._stated)) if self.leg is not None else set()
+        leg = set(self.leg.choose(held, self._stated, self._kept_chunks())) if self.leg is not None else set()
         after = self._leg_start(leg) if self.leg is not None else None
+        for c in redo + held:  # [Note: kept leg grads]: the CPU steps these, so their grads come down now
+            if c not in leg:
+                self._fetch_chunk(c, self._handed[c][2])
         # Highest first, as the worker takes them: the leg's chunks (the highest) are queued on the
         # device before the CPU takes its first chunk.
         for c in sorted(redo + held, reverse=True):
             if c in leg:  # [Note: device leg]: the worker only queues its work on the device
-                self._pending[c] = self._worker.submit(c, self._step_leg, c, *self._handed[c], after)
+                self._pending[c] = self._worker.submit(c, self._step_leg, c, *self._handed[c], after, None, True,
+                                                       self._take_kept(c))
             elif self.leg is not None:
                 self._pending[c] = self._worker.submit(c, self._step_timed, c, *self._handed[c])
             else:
@@ -446,6 +500,13 @@ class HostStep:
         self.leg.begin(after)
         return after
 
+    def _kept_chunks(self) -> set[int]:
+        return {self._chunk_of[i] for i in self._kept}
+
+    def _take_kept(self, c: int) -> dict[int, torch.Tensor]:
+        """Chunk ``c``'s kept grads, handed to its leg step ([Note: kept leg grads])."""
+        return {i: self._kept.pop(i) for i in self.chunks[c] if i in self._kept}
+
     def _step_timed(self, c: int, *handed) -> None:
         """``_step_validated`` after the verdict, timed for the device leg's "auto" share."""
         if self._step_validated(c, *handed):
@@ -457,9 +518,11 @@ class HostStep:
         return all(state.get(piece) for i in self.chunks[c] for piece, _, _ in self._pieces.get(i, []))
 
     def _step_leg(self, c: int, groups: list[dict], skip: Callable[[int], set], events: list, after,
-                  scale: float | None = None, validated: bool = True) -> None:
+                  scale: float | None = None, validated: bool = True, kept: dict | None = None) -> None:
         """Chunk ``c`` stepped on the device ([Note: device leg]): on the worker after the verdict
-        (``validated``: its scale from the speculation), or from ``run``, with ``scale``."""
+        (``validated``: its scale from the speculation), or from ``run``, with ``scale``. ``kept``:
+        its buckets' grads still on the device ([Note: kept leg grads]), taken on the main thread."""
+        kept = kept or {}
         for event in events:
             if event is not None:
                 event.synchronize()
@@ -474,9 +537,10 @@ class HostStep:
             unused = skip(i)
             items += [(piece, i, local) for piece, local, param in self._pieces.get(i, []) if param not in unused]
         scale = None if scale is None or scale == 1.0 else scale
+        grads = {i: kept[i] if i in kept else self.host_grads[i] for i in chunk if i in kept or i in self.host_grads}
         written = self.leg.step(_chunk_view(self._optimizer), groups, items, {i: resident[i] for i in chunk},
-                                self.host_grads, {i: self._shard_of(i) for i in chunk}, scale,
-                                _scales_grads_itself(self._optimizer), after, self._settle_params)
+                                grads, {i: self._shard_of(i) for i in chunk}, scale,
+                                _scales_grads_itself(self._optimizer), after, self._settle_params, frozenset(kept))
         if written is not None:
             self._uploads.append(written)
             self._upload_events[c] = written
@@ -560,6 +624,8 @@ class HostStep:
             self.settle()  # early chunks of a step the optimizer never took: no worker runs on
         while self._in_flight:
             self._release_oldest()
+        self._kept.clear()  # a step that never reached its leg (skipped): the grads are of no use now
+        self._keep = None
         self._ready.clear()
         self._norms.clear()
         self._extra.clear()
@@ -629,6 +695,7 @@ class HostStep:
             self.tier.close()
             while self._in_flight:  # downloads still copying into the host grads: done before they go
                 self._release_oldest()
+            self._kept.clear()
             for grad in self.host_grads.values():  # [Note: freeing host memory] in host_memory.py
                 self.memory.free(grad)
             self.host_grads.clear()
