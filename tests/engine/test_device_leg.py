@@ -62,7 +62,7 @@ def _run(rank, base, stage, share, fused, early, param_offload=False):
         legs.append((leg.stepped_chunks - before) if leg is not None else 0)
         kept.append((leg.kept_elements - kept_before) if leg is not None else 0)
         wrapped.zero_grad()
-        assert not engine._host_step._kept, step  # none left over: the leg took them, they came down, or step skipped
+        assert not engine._host_step.grads.kept, step  # none left over: the leg took them, they came down, or step skipped
     chunks = len(engine._host_step.chunks)
     out = {"norms": norms, "snap": _snapshot(model, engine), "legs": legs, "kept": kept, "chunks": chunks,
            "counts": None if policy is None else (policy.speculated_steps, policy.redone_steps)}

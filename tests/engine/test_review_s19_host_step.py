@@ -28,7 +28,7 @@ from tests.engine.models import batch, tiny_llama
 
 
 class _QueuedCopy:
-    """A download's CUDA event, as ``HostStep._in_flight`` holds it, still running."""
+    """A download's CUDA event, as ``GradsDown._in_flight`` holds it, still running."""
 
     def __init__(self, log: list) -> None:
         self.log = log
@@ -51,8 +51,8 @@ def _close_with_a_download_in_flight(rank, world):
     assert step.host_grads
     log: list = []
     i, grad = next(iter(step.host_grads.items()))
-    step._in_flight.append((_QueuedCopy(log), torch.empty(grad.numel())))  # its copy into host_grads[i] runs
-    step._in_flight_bytes += grad.numel() * 4
+    step.grads._in_flight.append((_QueuedCopy(log), torch.empty(grad.numel())))  # its copy into host_grads[i] runs
+    step.grads._in_flight_bytes += grad.numel() * 4
     free = step.memory.free
     step.memory.free = lambda t: (log.append("host grad freed"), free(t))
     engine.close()  # without the optimizer step (an exception in between, a script that stops there)

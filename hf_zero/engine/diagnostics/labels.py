@@ -6,7 +6,7 @@ profiler runs:
 
     hf_zero::start_reduce_scatter   a grad bucket's reduce-scatter launched (grad_sync.py)
     hf_zero::wait_reduce_scatter    ... waited for and folded into the main grad
-    hf_zero::grad_download          an offloaded bucket's main grad copied to the host (host_step.py)
+    hf_zero::grad_download          an offloaded bucket's main grad copied to the host (grads_down.py)
     hf_zero::grad_norm              the global grad norm (engine.py)
     hf_zero::clip_grad_norm         ... and the clip
     hf_zero::before_step            the optimizer step's pre-hook (the host step runs inside it)

@@ -5,10 +5,8 @@ in host memory and their step runs on the CPU. Done naively the step is serial: 
 down, step everything, copy every param up. Here:
 
 - each offloaded bucket's main grad is copied down (``Streams.d2h``) as soon as its reduction
-  lands, while backward goes on, its norm taken on the device first; the device grad is dropped
-  once its copy is done, with at most ``max_in_flight_bytes`` of grads waiting for their copies
-  (the CPU runs ahead of the GPU in backward: unbounded, every grad of the model would be
-  waiting at once);
+  lands, while backward goes on, its norm taken on the device first, with a bounded number of
+  grads waiting for their copies (``GradsDown`` in grads_down.py);
 - clipping needs the global norm, known only after backward: the device buckets are scaled
   there, and the host grads as the host step reads them (fused Adam(W) takes the scale as
   ``grad_scale``, other optimizers get one multiply per bucket);
@@ -77,16 +75,15 @@ and ``trainer.optimizer`` see nothing different), and any per-element optimizer 
 from __future__ import annotations
 
 import collections
-import contextlib
 import os
 from concurrent.futures import Future
 from typing import Callable
 
 import torch
-from torch.nn.utils import get_total_norm
 from torch.profiler import record_function
 
 from hf_zero.engine.offload.device_leg import DeviceLeg
+from hf_zero.engine.offload.grads_down import GradsDown
 from hf_zero.engine.offload.host_memory import HostMemory
 from hf_zero.engine.diagnostics.labels import labelled
 from hf_zero.engine.offload.nvme_swap import bytes_per_element
@@ -129,20 +126,9 @@ class HostStep:
         self._state_dtype = offload.state_dtype if offload is not None else "fp32"
         dtype = STATE_DTYPES[self._state_dtype]
         self.low_precision = LowPrecisionState(dtype) if dtype != torch.float32 else None
-        self.host_grads: dict[int, torch.Tensor] = {}  # bucket index -> fp32 host grad shard
+        # The grads down (grads_down.py), at most one chunk of fp32 grads waiting for its copies.
+        self.grads = GradsDown(device, streams, host_memory, max_in_flight_bytes=4 * chunk_numel)
         self.scale: torch.Tensor | None = None  # the clip coefficient of this step, if any
-        self._ready: dict[int, list] = {}  # bucket index -> its download events (None without CUDA)
-        self._norms: dict[int, torch.Tensor] = {}  # bucket index -> its grad norm (device)
-        self._extra: dict[int, list[torch.Tensor]] = {}  # later partial grads, added at the step
-        # Device grads whose download is queued: (event, grad, bytes). Kept referenced until the
-        # copy is done, and bounded: the CPU runs ahead of the GPU in backward, so without a bound
-        # every bucket's grad would wait for its copy at once (the whole model's fp32 grads).
-        self._in_flight: collections.deque = collections.deque()
-        self._in_flight_bytes = 0
-        # Set once a bucket was downloaded twice in one step (gradients accumulated without a
-        # boundary signal): from then on later parts stay on the device until the step.
-        self.accumulating = False
-        self.max_in_flight_bytes = 4 * chunk_numel  # one chunk of fp32 grads
         self._uploads: list = []
         self._scratch: torch.Tensor | None = None  # device fp32, for the upload casts (_scratch_for)
         # What the step reads and writes, from the engine (``bind``): per bucket its pieces
@@ -175,9 +161,8 @@ class HostStep:
         share = offload.device_share if offload is not None else 0.0
         self.leg = DeviceLeg(share, self._chunk_numel, device, streams.leg, host_memory) if share else None
         # [Note: kept leg grads] (device_leg.py): this step's chunks whose grads stay on the device
-        # for the leg (None: not planned yet this step), and those grads, by bucket, until the leg takes them.
+        # for the leg (None: not planned yet this step; the grads themselves wait in ``grads.kept``).
         self._keep: set[int] | None = None
-        self._kept: dict[int, torch.Tensor] = {}
 
     def master(self, i: int, shard: torch.Tensor) -> torch.Tensor:
         """Bucket ``i``'s fp32 master, initialised from ``shard``, where the tier keeps it."""
@@ -217,52 +202,31 @@ class HostStep:
             per_element = bytes_per_element(self._optimizer, self._state_dtype)
             self.speculation = Speculation(speculation, self._chunk_numel, per_element, speculable)
 
-    # ---- grads down ----------------------------------------------------------------------------
+    # ---- grads down (grads_down.py) ----------------------------------------------------------
+
+    @property
+    def host_grads(self) -> dict[int, torch.Tensor]:
+        """Bucket index -> its fp32 host grad shard."""
+        return self.grads.host
+
+    @property
+    def accumulating(self) -> bool:
+        """A bucket was downloaded twice in one step: later parts stay on the device until the step."""
+        return self.grads.accumulating
 
     def downloaded(self, i: int) -> bool:
-        return i in self._ready
+        return self.grads.downloaded(i)
 
-    @labelled("hf_zero::grad_download")
     def download(self, i: int, grad: torch.Tensor) -> None:
-        """Copy bucket ``i``'s reduced main grad to the host; the caller then drops ``grad``.
-
-        A second download of the same bucket in one step (gradients accumulated without
-        ``no_sync``) lands in an extra buffer that the step adds in."""
-        norm = get_total_norm([grad])  # on the compute stream, before the grad can go
-        d2h = self.streams.d2h
-        if d2h is not None:
-            d2h.wait_stream(torch.cuda.current_stream(self.device))  # after the reduction landed
-        first = i not in self._ready
-        if first and self._keeps(i):  # [Note: kept leg grads]: the leg steps it where it is
-            self._kept[i] = grad
-            self._ready[i] = []
-            self._norms[i] = norm
-            return
-        if i in self._kept:  # a second download: the first part joins the host grad first
-            self._fetch_kept(i)
+        """Bucket ``i``'s reduced main grad, as its reduction lands: copied to the host (the caller
+        then drops ``grad``), or kept on the device for the leg ([Note: kept leg grads])."""
+        first = not self.grads.downloaded(i)
         if not first and self.early:
             raise RuntimeError(
                 f"bucket {i} got gradients again after its optimizer step ran in backward "
                 "(ZeroEngine.set_step_in_backward): gradients were accumulated without telling the engine "
                 "which backward ends the accumulation (set_boundary_source, or ZeroModule.no_sync)")
-        if first and i not in self.host_grads:
-            self.host_grads[i] = self.memory.empty(grad.numel())
-        target = self.host_grads[i] if first else torch.empty(grad.numel())  # rare: not worth pinning
-        with _on(d2h):
-            target.copy_(grad, non_blocking=d2h is not None)
-        event = _record(d2h)
-        self._ready.setdefault(i, []).append(event)
-        if event is not None:
-            self._in_flight.append((event, grad))
-            self._in_flight_bytes += grad.numel() * grad.element_size()
-            while self._in_flight_bytes > self.max_in_flight_bytes:
-                self._release_oldest()
-        if first:
-            self._norms[i] = norm
-        else:
-            self._extra.setdefault(i, []).append(target)
-            self._norms.pop(i, None)
-            self.accumulating = True
+        self.grads.download(i, grad, keep=first and self._keeps(i))
 
     def _keeps(self, i: int) -> bool:
         """[Note: kept leg grads]: whether bucket ``i``'s grad stays on the device this step for the
@@ -274,55 +238,16 @@ class HostStep:
             self._keep = set(self.leg.keep(list(range(len(self.chunks))), self._stated)) if waits else set()
         return self._chunk_of.get(i) in self._keep
 
-    def _fetch_kept(self, i: int) -> None:
-        """Bucket ``i``'s kept grad down after all, as ``download`` would have copied it: the CPU
-        steps it ([Note: kept leg grads])."""
-        grad = self._kept.pop(i)
-        d2h = self.streams.d2h
-        if d2h is not None:
-            d2h.wait_stream(torch.cuda.current_stream(self.device))
-        if i not in self.host_grads:
-            self.host_grads[i] = self.memory.empty(grad.numel())
-        with _on(d2h):
-            self.host_grads[i].copy_(grad, non_blocking=d2h is not None)
-        event = _record(d2h)
-        self._ready[i].append(event)
-        if event is not None:
-            self._in_flight.append((event, grad))
-            self._in_flight_bytes += grad.numel() * grad.element_size()
-
     def _fetch_chunk(self, c: int, events: list) -> None:
-        """Chunk ``c``'s kept grads down, their copies' events added to ``events``."""
+        """Chunk ``c``'s kept grads down after all (the CPU steps it), their copies' events added to
+        ``events`` ([Note: kept leg grads])."""
         for i in self.chunks[c]:
-            if i in self._kept:
-                self._fetch_kept(i)
-                events += self._ready[i][-1:]
-
-    def _release_oldest(self) -> None:
-        event, grad = self._in_flight.popleft()
-        event.synchronize()  # the CPU waits for the GPU here, at most a chunk's worth behind
-        self._in_flight_bytes -= grad.numel() * grad.element_size()
+            if i in self.grads.kept:
+                events += self.grads.fetch(i)
 
     def norm(self, i: int) -> torch.Tensor:
         """Bucket ``i``'s grad norm (a 0-d tensor on the device), as ``get_total_norm`` gives it."""
-        if i not in self._norms:  # partial grads were added up: settle them on the host
-            self._settle(i)
-            self._norms[i] = get_total_norm([self.host_grads[i]]).to(self.device)
-        return self._norms[i]
-
-    def _settle(self, i: int, keep: bool = False) -> None:
-        """Wait for bucket ``i``'s downloads and fold any partial grads into its host grad; a kept
-        grad comes down first unless ``keep`` (the leg steps it: [Note: kept leg grads])."""
-        if i in self._kept and not keep:
-            self._fetch_kept(i)
-        for event in self._ready[i]:
-            if event is not None:
-                event.synchronize()
-        self._ready[i] = []
-        while self._in_flight and self._in_flight[0][0].query():  # copies done: their grads can go
-            self._release_oldest()
-        for extra in self._extra.pop(i, []):
-            self.host_grads[i].add_(extra)
+        return self.grads.norm(i)
 
     # ---- the step ------------------------------------------------------------------------------
 
@@ -342,7 +267,7 @@ class HostStep:
                 # The GPU's feeder thread keeps a core of its own.
                 threads = max(1, (os.cpu_count() or 2) - 1) if self.streams.h2d is not None else None
                 self._worker = StepWorker(threads, highest_first=not self.tier.on_disk)
-            events = [e for j in self.chunks[c] for e in self._ready[j]]
+            events = self.grads.events(self.chunks[c])
             skip = {j: self._unused[j] for j in self.chunks[c]}
             if self.speculation is not None:  # [Note: speculation]
                 self._handed[c] = (hyperparameters(self._optimizer), lambda j, skip=skip: skip[j](), events)
@@ -447,15 +372,15 @@ class HostStep:
             if leg:  # [Note: device leg]: queued first, so the device steps them while the CPU steps the rest
                 for c in leg:
                     for i in self.chunks[c]:
-                        self._settle(i, keep=True)
+                        self.grads.settle(i, keep=True)
                     self._step_leg(c, groups, lambda i: unused, [], after, clip, validated=False, kept=self._take_kept(c))
             for c, chunk in enumerate(self.chunks):
                 if c in leg:
                     continue
                 for i in chunk:
-                    self._settle(i)
+                    self.grads.settle(i)
                     if scale is not None:
-                        self.host_grads[i].mul_(scale)
+                        self.grads.host[i].mul_(scale)
                 self._step_chunk(c, view, groups, lambda i: unused, [])
                 if self.leg is not None:
                     self.leg.cpu_done(self._chunk_numel[c])
@@ -501,11 +426,11 @@ class HostStep:
         return after
 
     def _kept_chunks(self) -> set[int]:
-        return {self._chunk_of[i] for i in self._kept}
+        return {self._chunk_of[i] for i in self.grads.kept}
 
     def _take_kept(self, c: int) -> dict[int, torch.Tensor]:
         """Chunk ``c``'s kept grads, handed to its leg step ([Note: kept leg grads])."""
-        return {i: self._kept.pop(i) for i in self.chunks[c] if i in self._kept}
+        return self.grads.take(self.chunks[c])
 
     def _step_timed(self, c: int, *handed) -> None:
         """``_step_validated`` after the verdict, timed for the device leg's "auto" share."""
@@ -537,7 +462,8 @@ class HostStep:
             unused = skip(i)
             items += [(piece, i, local) for piece, local, param in self._pieces.get(i, []) if param not in unused]
         scale = None if scale is None or scale == 1.0 else scale
-        grads = {i: kept[i] if i in kept else self.host_grads[i] for i in chunk if i in kept or i in self.host_grads}
+        host = self.grads.host
+        grads = {i: kept[i] if i in kept else host[i] for i in chunk if i in kept or i in host}
         written = self.leg.step(_chunk_view(self._optimizer), groups, items, {i: resident[i] for i in chunk},
                                 grads, {i: self._shard_of(i) for i in chunk}, scale,
                                 _scales_grads_itself(self._optimizer), after, self._settle_params, frozenset(kept))
@@ -559,7 +485,7 @@ class HostStep:
         view, scale = _clip_view(self._optimizer, scale)
         if scale is not None:
             for i in self.chunks[c]:
-                self.host_grads[i].mul_(scale)  # as run() does without speculation
+                self.grads.host[i].mul_(scale)  # as run() does without speculation
         snapshots, state = self.speculation.snapshots, self._optimizer.state
         before = {Action.SPECULATE: lambda pieces: snapshots.keep(c, pieces, state),
                   Action.REDO: lambda pieces: snapshots.restore(c, state)}.get(action)
@@ -591,7 +517,7 @@ class HostStep:
         for i in chunk:
             unused = skip(i)
             for piece, local, param in self._pieces.get(i, []):
-                piece.grad = None if param in unused else self.host_grads[i][local.start : local.end]
+                piece.grad = None if param in unused else self.grads.host[i][local.start : local.end]
                 pieces.append(piece)
         if before is not None:
             before([p for p in pieces if p.grad is not None])
@@ -622,13 +548,8 @@ class HostStep:
             self.settle()
         if self._pending and not self.defer:
             self.settle()  # early chunks of a step the optimizer never took: no worker runs on
-        while self._in_flight:
-            self._release_oldest()
-        self._kept.clear()  # a step that never reached its leg (skipped): the grads are of no use now
+        self.grads.end_step()
         self._keep = None
-        self._ready.clear()
-        self._norms.clear()
-        self._extra.clear()
         self._unused.clear()
         self.scale = None
 
@@ -682,7 +603,7 @@ class HostStep:
     def host_bytes(self) -> int:
         """Host grads, the tier's chunk buffers and the copies of speculation."""
         copies = self.speculation.snapshots.nbytes() if self.speculation is not None else 0
-        return sum(g.numel() * g.element_size() for g in self.host_grads.values()) + self.tier.resident_bytes() + copies
+        return sum(g.numel() * g.element_size() for g in self.grads.host.values()) + self.tier.resident_bytes() + copies
 
     def close(self) -> None:
         self._mid_step = False  # (a step left open: its writes done before the tier closes)
@@ -693,12 +614,7 @@ class HostStep:
                 self._worker.close()
                 self._worker = None
             self.tier.close()
-            while self._in_flight:  # downloads still copying into the host grads: done before they go
-                self._release_oldest()
-            self._kept.clear()
-            for grad in self.host_grads.values():  # [Note: freeing host memory] in host_memory.py
-                self.memory.free(grad)
-            self.host_grads.clear()
+            self.grads.close()
 
 
 def _clip_view(optimizer: torch.optim.Optimizer, scale: float | None) -> tuple[torch.optim.Optimizer, float | None]:
@@ -742,10 +658,6 @@ def _chunk_view(optimizer: torch.optim.Optimizer) -> torch.optim.Optimizer:
         if name in view.__dict__:
             setattr(view, name, collections.OrderedDict())
     return view
-
-
-def _on(stream):
-    return torch.cuda.stream(stream) if stream is not None else contextlib.nullcontext()
 
 
 def _record(stream, timing: bool = False):
