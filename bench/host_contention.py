@@ -13,7 +13,11 @@ lower offloaded share is the only lever. This measures, on ``numel`` fp32 elemen
 - ``adamw``: one fused CPU AdamW step (after one untimed), as GB/s at 28 bytes an element;
 - ``copies``: ``copy_gb`` each way between pinned host memory and the device on two streams at
   once (the leg's up and down), GB/s each way (CUDA only);
-- ``both``: the copies looping on their streams while the CPU steps: each one's rate then.
+- ``both``: the copies looping on their streams while the CPU steps: each one's rate then;
+- ``adamw_by_threads``: the AdamW step alone at each of ``--thread_counts`` intra-op threads, in a
+  thread of its own as the host step's worker runs it (step_overlap.StepWorker takes all cores but
+  one): whether one core less costs the host step, and whether its rate still grows with cores
+  (it does not, if memory is the bound).
 
 Prints one JSON object; ``--device cpu`` runs the AdamW part small, as a check of the script
 (tests/test_bench_host_contention.py).
@@ -24,6 +28,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import threading
 import time
 
 import torch
@@ -44,6 +49,32 @@ def _step_seconds(opt: torch.optim.Optimizer, reps: int) -> float:
     for _ in range(reps):
         opt.step()
     return (time.perf_counter() - began) / reps
+
+
+def _thread_counts(spec: str, cores: int) -> list[int]:
+    """``spec``: comma list of counts, ``all``, ``all-1`` or ``half`` (of ``cores``); each at least 1, once."""
+    named = {"all": cores, "all-1": cores - 1, "half": cores // 2}
+    out = []
+    for item in spec.split(","):
+        n = max(1, named[item] if item in named else int(item))
+        if n not in out:
+            out.append(n)
+    return out
+
+
+def _in_a_thread(opt: torch.optim.Optimizer, reps: int, threads: int) -> float:
+    """``_step_seconds`` in a new thread with ``threads`` intra-op threads (as StepWorker steps)."""
+    out = {}
+
+    def run():
+        torch.set_num_threads(threads)
+        opt.step()  # (its thread pool starts here, untimed)
+        out["s"] = _step_seconds(opt, reps)
+
+    worker = threading.Thread(target=run)
+    worker.start()
+    worker.join()
+    return out["s"]
 
 
 def _copies(copy_bytes: int):
@@ -78,6 +109,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--reps", type=int, default=3, help="timed steps (fewer when --budget_s would not hold them)")
     p.add_argument("--budget_s", type=float, default=90.0, help="seconds the measurements may take, about")
     p.add_argument("--device", choices=("cuda", "cpu"), default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--thread_counts", default="all,all-1,half",
+                   help="the AdamW step alone in a thread of its own at each of these intra-op thread counts")
     p.add_argument("--name", default="host_contention")
     p.add_argument("--results_dir", default="bench/results")
     p.add_argument("--git_commit", default=None)
@@ -112,6 +145,11 @@ def main(argv: list[str] | None = None) -> dict:
         out["both"] = {"adamw_s": stepped, "adamw_gb_s": ADAMW_BYTES * args.numel / stepped / 1e9,
                        "up_gb_s": rounds * nbytes / (start.elapsed_time(up) / 1e3) / 1e9,
                        "down_gb_s": rounds * nbytes / (start.elapsed_time(down) / 1e3) / 1e9, "rounds": rounds}
+    cores = torch.get_num_threads()
+    out["adamw_by_threads"] = {}
+    for n in _thread_counts(args.thread_counts, cores):
+        seconds = _in_a_thread(opt, args.reps, n)
+        out["adamw_by_threads"][str(n)] = {"s": seconds, "gb_s": ADAMW_BYTES * args.numel / seconds / 1e9}
     print(json.dumps(out))
     os.makedirs(args.results_dir, exist_ok=True)
     with open(os.path.join(args.results_dir, f"{args.name}.json"), "w") as f:

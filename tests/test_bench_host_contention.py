@@ -17,3 +17,12 @@ def test_the_adamw_rate_is_its_bytes_over_its_time(tmp_path):
     assert out["adamw"]["gb_s"] == 28 * 100000 / out["adamw"]["s"] / 1e9
     assert "copies" not in out and "both" not in out
     assert json.loads((tmp_path / "check.json").read_text()) == out
+    by_threads = out["adamw_by_threads"]  # all, all-1, half of this machine's threads, each once
+    assert list(by_threads) == [str(n) for n in host_contention._thread_counts("all,all-1,half", out["threads"])]
+    assert all(r["gb_s"] == 28 * 100000 / r["s"] / 1e9 for r in by_threads.values())
+
+
+def test_thread_counts():
+    assert host_contention._thread_counts("all,all-1,half", 16) == [16, 15, 8]
+    assert host_contention._thread_counts("all,all-1,half", 2) == [2, 1]  # half is 1 as well: once
+    assert host_contention._thread_counts("4,all", 1) == [4, 1]
