@@ -54,8 +54,8 @@ down, at the very end of backward, where nothing hides the copy. When a step wil
 verdict (no speculation this step: a clipping streak, or no step in backward at all), the chunks
 the verdict's ``choose`` will take are known when the first grad comes down: the same highest
 chunks with optimizer state, within the same share (``keep``). Their main grads then stay on the
-device (``HostStep.download`` keeps the reference; the engine allocates a new main grad each
-step, so nothing writes over it), and the leg steps them in place: 8 bytes an element less over
+device (``GradsDown.download`` in grads_down.py keeps the reference; the engine allocates a new
+main grad each step, so nothing writes over it), and the leg steps them in place: 8 bytes an element less over
 the link, half of them at the end of backward. ``keep`` asks for room for those grads beside the
 two chunks in flight (``KEPT_BYTES`` an element more); without it every grad comes down as before.
 A kept chunk the verdict does not take after all (its ``choose`` saw less room, or a chunk
