@@ -265,3 +265,62 @@ def test_kept_grads_need_room_for_themselves_too(monkeypatch):
     room["free"] = 14 * (400 + 300) + int(0.05 * total)  # the verdict, the grads kept: 14 bytes in flight
     assert leg.choose([0, 1, 2, 3], lambda c: True, kept={3, 2, 1}) == [3, 2, 1]
     assert leg.choose([0, 1, 2, 3], lambda c: True) == []  # not kept: 18 bytes would not fit
+
+
+def _resume_job(rank, world, out):
+    import os
+
+    from transformers import Trainer, TrainingArguments
+
+    import hf_zero.trainer as zt
+    from hf_zero.trainer import session as S
+    from tests.trainer import tiny
+
+    class WorkerFirst(Trainer):
+        def _clip_grad_norm(self, model):
+            let_the_worker_start(S.session_of(self).engine, every_chunk=True)
+            return super()._clip_grad_norm(model)
+
+    runs = {}
+    for share in (0.0, 1.0):
+        for name in ("full", "resumed"):
+            run_dir = os.path.join(out, f"share{share}")
+            resume = os.path.join(run_dir, "checkpoint-2") if name == "resumed" else None
+            model, data = tiny.offload_job()
+            args = TrainingArguments(output_dir=run_dir, use_cpu=True, report_to="none", max_steps=4,
+                                     per_device_train_batch_size=2, per_device_eval_batch_size=2,
+                                     gradient_accumulation_steps=2, learning_rate=1e-2, max_grad_norm=1e-3,
+                                     logging_steps=1, disable_tqdm=True, seed=0, save_strategy="steps", save_steps=2,
+                                     eval_strategy="steps", eval_steps=2)
+            zt.activate({"zero_optimization": {"stage": 3, "offload_optimizer": {"device": "cpu", "device_share": share}}})
+            try:
+                trainer = WorkerFirst(model=model, args=args, train_dataset=data, eval_dataset=data[:8])
+                trainer.train(resume_from_checkpoint=resume)
+                engine = S.session_of(trainer).engine
+                engine.settle()
+                with engine.gathered():
+                    params = {n: _bits(p) for n, p in model.named_parameters()}
+            finally:
+                zt.deactivate()
+            leg = run_report(run_dir)["ranks"][rank]["device_leg"]
+            history = trainer.state.log_history
+            runs[(share, name)] = {"train": [(h["step"], h["loss"], h["grad_norm"]) for h in history if "loss" in h],
+                                   "eval": [(h["step"], h["eval_loss"]) for h in history if "eval_loss" in h],
+                                   "params": params, "kept": None if leg is None else leg["kept_grad_elements"]}
+    return runs
+
+
+def test_kept_grads_through_the_trainer_with_eval_save_and_resume(tmp_path):
+    """[Note: kept leg grads] at W = 2, stage 3, the Trainer clipping at every step with an
+    evaluation and a checkpoint at step 2 and a resume from it: the leg (share 1: every waiting
+    chunk) steps kept grads, and the runs, full and resumed, end bit for bit as the host step's."""
+    for runs in run_on_ranks(_resume_job, 2, str(tmp_path), timeout=300):
+        host, leg = runs[(0.0, "full")], runs[(1.0, "full")]
+        assert len(host["train"]) == 4 and leg["train"] == host["train"] and leg["eval"] == host["eval"]
+        assert leg["params"] == host["params"]
+        assert host["kept"] is None and leg["kept"] > 0
+        for share in (0.0, 1.0):
+            full, resumed = runs[(share, "full")], runs[(share, "resumed")]
+            assert resumed["params"] == full["params"], share
+            assert [t for t in resumed["train"] if t[0] > 2] == [t for t in full["train"] if t[0] > 2], share
+        assert runs[(1.0, "resumed")]["kept"] > 0  # the resumed run's waiting steps kept theirs too
