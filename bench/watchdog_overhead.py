@@ -16,6 +16,7 @@ import torch
 import torch.distributed as dist
 
 from hf_zero.engine import collectives as C
+from hf_zero.engine.diagnostics import flight_recorder as FR
 from hf_zero.engine.diagnostics import watchdog as W
 
 
@@ -30,7 +31,7 @@ def best_per_call(fn, n: int, rounds: int = 5) -> float:
 
 
 def recorder_alone(device: str) -> float:
-    recorder = W.FlightRecorder()
+    recorder = FR.FlightRecorder()
     recorder.watched, recorder.device_events = True, device == "cuda"
     tensor = torch.empty(1024, device=device)
 

@@ -7,7 +7,7 @@ one rank is a copy, and that is not counted.
 
 ``wait_*`` is idempotent: waiting on a finished handle again does nothing.
 
-Every collective started here is also noted in the flight recorder (``watchdog.RECORDER``: a
+Every collective started here is also noted in the flight recorder (``flight_recorder.RECORDER``: a
 sequence number, the kind, an optional ``label`` such as a stage-3 unit's name, the bytes, the
 start time; ``wait`` marks it done), in local memory only. The watchdog thread reads it to stop a
 job whose ranks disagree on the next collective; see ``watchdog.py``.
@@ -22,7 +22,7 @@ import torch
 import torch.distributed as dist
 
 from hf_zero.engine.diagnostics import watchdog
-from hf_zero.engine.diagnostics.watchdog import RECORDER
+from hf_zero.engine.diagnostics.flight_recorder import RECORDER
 
 # torch >= 2.13 names the tensor-to-tensor collectives *_single; older releases only have the
 # *_into_tensor / *_tensor spellings. Same semantics.

@@ -1,7 +1,7 @@
 """What this rank is doing, for the hang watchdog: one label and since when.
 
 [Note: phases]
-The flight recorder (``watchdog.RECORDER``) sees hf_zero's own collectives only. The Trainer runs
+The flight recorder (``flight_recorder.RECORDER``) sees hf_zero's own collectives only. The Trainer runs
 collectives of its own (the token count and logged loss all-gathers between steps, the flops
 broadcast and barriers of a checkpoint save), and a rank can stall anywhere (a slow filesystem,
 a data loader, a callback). A rank that waits in such a collective has nothing pending in the

@@ -22,7 +22,7 @@ from hf_zero.config import ConfigError
 from hf_zero.config.schema import ZeroConfig
 from hf_zero.engine import ZeroEngine, ZeroModule
 from hf_zero.engine.stage3.units import UnitState
-from hf_zero.engine.diagnostics.watchdog import RECORDER
+from hf_zero.engine.diagnostics.flight_recorder import RECORDER
 from hf_zero.testing.multiprocess import run_on_ranks
 from tests.engine.models import add_frozen_and_unused, batch, tiny_llama
 from tests.engine.test_parity import _optimizer, _rel

@@ -17,6 +17,7 @@ import pytest
 import torch
 
 from hf_zero.config import HfZeroConfig, load_config
+from hf_zero.engine.diagnostics import flight_recorder as FR
 from hf_zero.engine.diagnostics import watchdog as W
 from hf_zero.testing.multiprocess import run_rank_processes
 
@@ -114,7 +115,7 @@ def test_a_clean_run_prints_nothing_and_stops_its_watchdog(tmp_path):
 
 def test_recorder_cost_per_collective():
     """start + done of one collective, as collectives.py calls them while a watchdog runs."""
-    recorder = W.FlightRecorder()
+    recorder = FR.FlightRecorder()
     recorder.watched = True
     tensor = torch.empty(1024)
     per_pair = float("inf")
@@ -127,11 +128,11 @@ def test_recorder_cost_per_collective():
         per_pair = min(per_pair, (time.perf_counter() - t0) / 10_000)
     print(f"flight recorder: {per_pair * 1e6:.2f} us per start/done pair")
     assert per_pair < 20e-6
-    assert not recorder.pending and len(recorder.ring) == W.RING and recorder.seq == 50_000
+    assert not recorder.pending and len(recorder.ring) == FR.RING and recorder.seq == 50_000
 
 
 def test_pending_until_waited_or_completed():
-    recorder = W.FlightRecorder()
+    recorder = FR.FlightRecorder()
     recorder.watched = True
     t = torch.zeros(3)
     a = recorder.start("all_reduce", "a", t)
