@@ -154,23 +154,31 @@ def test_device_share_reaches_the_engine_setting():
 # ---- through the Trainer: clipping at every step, the run report ------------------------------------
 
 
+def _worker_first():
+    """A Trainer that lets the worker start the chunk queued before the norm is taken
+    (test_speculation_trainer): which steps speculate is then the policy's choice, not the timing's."""
+    from transformers import Trainer
+
+    from hf_zero.trainer import session as S
+
+    class WorkerFirst(Trainer):
+        def _clip_grad_norm(self, model):
+            let_the_worker_start(S.session_of(self).engine, every_chunk=True)
+            return super()._clip_grad_norm(model)
+
+    return WorkerFirst
+
+
 def _trainer_job(rank, world, out):
     import os
 
-    from transformers import Trainer, TrainingArguments
+    from transformers import TrainingArguments
 
     import hf_zero.trainer as zt
     from hf_zero.trainer import session as S
     from tests.trainer import tiny
 
-    class WorkerFirst(Trainer):
-        """Lets the worker start the chunk queued before the norm is taken (test_speculation_trainer):
-        which steps speculate is then the policy's choice, not the timing's."""
-
-        def _clip_grad_norm(self, model):
-            let_the_worker_start(S.session_of(self).engine, every_chunk=True)
-            return super()._clip_grad_norm(model)
-
+    WorkerFirst = _worker_first()
     runs = {}
     for share in (0.0, 1.0):  # (the tiny model is one chunk: share 1 sends it to the leg)
         name = f"share{share}"
@@ -247,7 +255,6 @@ def test_kept_grads_need_room_for_themselves_too(monkeypatch):
     element each: their grads are there already) and the margin; otherwise none. ``choose`` at the
     verdict counts a kept chunk in flight at 14 bytes."""
     from hf_zero.engine.offload import device_room
-    from hf_zero.engine.offload.device_leg import DeviceLeg
     from hf_zero.engine.offload.host_memory import HostMemory
 
     numel = [100, 300, 200, 400]
@@ -270,17 +277,13 @@ def test_kept_grads_need_room_for_themselves_too(monkeypatch):
 def _resume_job(rank, world, out):
     import os
 
-    from transformers import Trainer, TrainingArguments
+    from transformers import TrainingArguments
 
     import hf_zero.trainer as zt
     from hf_zero.trainer import session as S
     from tests.trainer import tiny
 
-    class WorkerFirst(Trainer):
-        def _clip_grad_norm(self, model):
-            let_the_worker_start(S.session_of(self).engine, every_chunk=True)
-            return super()._clip_grad_norm(model)
-
+    WorkerFirst = _worker_first()
     runs = {}
     for share in (0.0, 1.0):
         for name in ("full", "resumed"):
