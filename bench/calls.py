@@ -50,6 +50,15 @@ class Recipe:
     commands: tuple[tuple[str, ...], ...]  # ([@COMMIT,] script or "pytest", its arguments); "{name}": the results stem
 
 
+def _then_and_now(commit: str, mode: str) -> tuple[tuple[str, ...], ...]:
+    """The offload-7b job in one ``mode``, 8 steps (3 not timed), at an older ``commit`` (``@COMMIT``)
+    and then at this one: the same machine for both."""
+    job = ("bench/run.py", "--preset", "7b", "--world_size", "1", "--micro_batch", "2", "--grad_accum", "8",
+           "--max_steps", "8", "--warmup_steps", "3", "--init_device", "cuda", "--extra=--gradient_checkpointing",
+           "--timeout", "240", "--exit_grace", "10", "--min_mode_s", "140", "--budget_s", "270", "--modes", mode)
+    return (("@" + commit, *job, "--name", "{name}_" + commit), (*job, "--name", "{name}"))
+
+
 RECIPES: dict[str, Recipe] = {
     "offload": Recipe(18, "1.1B stage 2 and stage 3 CPU offload beside DeepSpeed ZeRO-Offload, clip 1.0 (target 2.0x)", (
         ("bench/run.py", "--preset", "1b1", "--world_size", "1", "--max_steps", "24", "--warmup_steps", "8",
@@ -74,28 +83,12 @@ RECIPES: dict[str, Recipe] = {
     )),
     "offload-7b-then": Recipe(18, "the offload-7b job at ratio 0.7 without the leg, at 37308e2 (6,004 tok/s on another "
                                   "H100, h100_7b_w1_offload) and at this commit (5,392 and 5,664 in sessions 17-18), "
-                                  "on one machine: a regression or the machine? (needs .gpu/at_37308e2.tar.gz)", (
-        ("@37308e2", "bench/run.py", "--preset", "7b", "--world_size", "1", "--micro_batch", "2", "--grad_accum", "8",
-               "--max_steps", "8", "--warmup_steps", "3", "--init_device", "cuda", "--extra=--gradient_checkpointing",
-               "--timeout", "240", "--exit_grace", "10", "--min_mode_s", "140", "--budget_s", "270",
-               "--modes", "hfzero-s2-offload-r70", "--name", "{name}_37308e2"),
-        ("bench/run.py", "--preset", "7b", "--world_size", "1", "--micro_batch", "2", "--grad_accum", "8",
-               "--max_steps", "8", "--warmup_steps", "3", "--init_device", "cuda", "--extra=--gradient_checkpointing",
-               "--timeout", "240", "--exit_grace", "10", "--min_mode_s", "140", "--budget_s", "270",
-               "--modes", "hfzero-s2-offload-r70", "--name", "{name}"),
-    )),
+                                  "on one machine: a regression or the machine? (needs .gpu/at_37308e2.tar.gz)",
+                              _then_and_now("37308e2", "hfzero-s2-offload-r70")),
     "offload-7b-kept": Recipe(18, "the offload-7b job at ratio 0.7 with the leg (share 0.3), before (0ed9146) and with "
                                   "the leg's grads kept on the device ([Note: kept leg grads]), on one machine "
-                                  "(needs .gpu/at_0ed9146.tar.gz)", (
-        ("@0ed9146", "bench/run.py", "--preset", "7b", "--world_size", "1", "--micro_batch", "2", "--grad_accum", "8",
-               "--max_steps", "8", "--warmup_steps", "3", "--init_device", "cuda", "--extra=--gradient_checkpointing",
-               "--timeout", "240", "--exit_grace", "10", "--min_mode_s", "140", "--budget_s", "270",
-               "--modes", "hfzero-s2-offload-r70-leg30", "--name", "{name}_0ed9146"),
-        ("bench/run.py", "--preset", "7b", "--world_size", "1", "--micro_batch", "2", "--grad_accum", "8",
-               "--max_steps", "8", "--warmup_steps", "3", "--init_device", "cuda", "--extra=--gradient_checkpointing",
-               "--timeout", "240", "--exit_grace", "10", "--min_mode_s", "140", "--budget_s", "270",
-               "--modes", "hfzero-s2-offload-r70-leg30", "--name", "{name}"),
-    )),
+                                  "(needs .gpu/at_0ed9146.tar.gz)",
+                              _then_and_now("0ed9146", "hfzero-s2-offload-r70-leg30")),
     "offload-7b-noclip": Recipe(18, "the offload-7b job with clipping that never fires (max_grad_norm 1e9: "
                                     "speculation stands, the host step overlaps backward), reported apart from the "
                                     "target: how much of the 7B tail clipping at every step costs", (

@@ -143,8 +143,8 @@ class DeviceLeg:
         whose grads stay on the device: what ``choose`` takes at the verdict, where the device has
         room for their grads as well (none: every grad comes down)."""
         chosen = self._within_share(chunks, ready)
-        room = device_room.headroom(self.device)
-        if not chosen or room is None:
+        room = device_room.headroom(self.device) if chosen else None
+        if room is None:
             return chosen
         free, total = room
         need = self._flight_bytes(chosen, set(chosen)) + self.KEPT_BYTES * sum(self._chunk_numel[c] for c in chosen)

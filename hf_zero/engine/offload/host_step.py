@@ -226,7 +226,7 @@ class HostStep:
                 f"bucket {i} got gradients again after its optimizer step ran in backward "
                 "(ZeroEngine.set_step_in_backward): gradients were accumulated without telling the engine "
                 "which backward ends the accumulation (set_boundary_source, or ZeroModule.no_sync)")
-        self.grads.download(i, grad, keep=first and self._keeps(i))
+        self.grads.download(i, grad, keep=self._keeps(i))  # (a second part is never kept)
 
     def _keeps(self, i: int) -> bool:
         """[Note: kept leg grads]: whether bucket ``i``'s grad stays on the device this step for the
@@ -462,8 +462,7 @@ class HostStep:
             unused = skip(i)
             items += [(piece, i, local) for piece, local, param in self._pieces.get(i, []) if param not in unused]
         scale = None if scale is None or scale == 1.0 else scale
-        host = self.grads.host
-        grads = {i: kept[i] if i in kept else host[i] for i in chunk if i in kept or i in host}
+        grads = {i: self.grads.host[i] for i in chunk if i in self.grads.host} | kept
         written = self.leg.step(_chunk_view(self._optimizer), groups, items, {i: resident[i] for i in chunk},
                                 grads, {i: self._shard_of(i) for i in chunk}, scale,
                                 _scales_grads_itself(self._optimizer), after, self._settle_params, frozenset(kept))
